@@ -1,0 +1,37 @@
+# Sluice: `make demo` runs the sidecar on the embedded example, `make test` runs the suite.
+# Both set up what they need first (virtualenv, Python packages, redis-server).
+SHELL := /bin/bash
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo test test-fast lint typecheck bench clean
+
+$(STAMP): pyproject.toml hack/bootstrap.sh
+	@hack/bootstrap.sh $(VENV)
+
+setup: $(STAMP)
+
+demo: $(STAMP)
+	@hack/ensure-redis.sh --optional
+	$(BIN)/sluice demo
+
+test: $(STAMP)
+	@hack/ensure-redis.sh
+	$(BIN)/pytest -q -p no:cacheprovider
+
+test-fast: $(STAMP)
+	$(BIN)/pytest -q -x -m "not slow and not cluster"
+
+lint: $(STAMP)
+	$(BIN)/ruff check core sidecar operator tests
+	$(BIN)/mypy
+	$(BIN)/lint-imports
+
+bench: $(STAMP)
+	@hack/ensure-redis.sh
+	@command -v wrk >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get install -y -qq wrk >/dev/null; } || { echo "error: wrk is not installed (Debian: apt-get install wrk)" >&2; exit 1; }
+	$(BIN)/python -m bench.run --out docs/benchmarks.md
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

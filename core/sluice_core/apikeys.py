@@ -1,0 +1,68 @@
+"""API keys → tiers. Keys are only ever held as SHA-256 hex digests.
+
+In standalone mode the grants come from a YAML file (``--api-keys-file``)::
+
+    keys:
+      "sk_pro_4Jx...": pro                      # plaintext key -> tier
+      "sha256:9f86d08...": {tier: enterprise}    # or its digest, so the file holds no secret
+      "sk_free_7Qa...": {tier: free, limit: {requests: 10, period: 1m}}
+
+In a cluster the operator builds the same grants from Kubernetes Secrets.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from sluice_core.errors import PolicyError, PolicyErrors
+from sluice_core.keyschema import hash_api_key
+from sluice_core.model import CompiledPolicy, KeyGrant
+from sluice_core.parse import _Checker, parse_limit
+
+_DIGEST = re.compile(r"sha256:([0-9a-f]{64})")
+MAX_KEY_LENGTH = 512
+
+
+def parse_grants(doc: Any, policy: CompiledPolicy, *, source: str = "") -> dict[str, KeyGrant]:
+    """Validate a keys document against the policy's tiers; return ``{sha256 hex: grant}``."""
+    c = _Checker(source)
+    grants: dict[str, KeyGrant] = {}
+    top = c.mapping(doc, "(keys file)", required=True)
+    keys = c.mapping(top.get("keys") if top else None, "keys", required=True) if top else None
+    for i, (raw_key, value) in enumerate((keys or {}).items()):
+        p = f"keys[{i}]"  # never echo the key itself: the file may hold plaintext secrets
+        if not isinstance(raw_key, str) or not raw_key or len(raw_key) > MAX_KEY_LENGTH:
+            c.fail(p, f"key must be a non-empty string of at most {MAX_KEY_LENGTH} characters")
+            continue
+        m = _DIGEST.fullmatch(raw_key)
+        digest = m.group(1) if m else hash_api_key(raw_key)
+        spec: Mapping[str, Any] = {"tier": value} if isinstance(value, str) else (c.mapping(value, p, required=True) or {})
+        c.unknown(spec, p, {"tier", "limit"})
+        tier = spec.get("tier")
+        if tier not in policy.tiers:
+            c.fail(f"{p}.tier", f"must name a tier of policy {policy.name} ({', '.join(policy.tiers)}), got {tier!r}")
+            continue
+        limit = None
+        lm = c.mapping(spec.get("limit"), f"{p}.limit")
+        if lm is not None:
+            c.unknown(lm, f"{p}.limit", {"requests", "period", "burst"})
+            limit = parse_limit(c, lm, f"{p}.limit")
+        if digest in grants:
+            c.fail(p, "the same key is listed twice")
+        grants[digest] = KeyGrant(tier=str(tier), limit=limit)
+    if c.errors:
+        raise PolicyErrors(c.errors)
+    return grants
+
+
+def load_grants_file(path: str | Path, policy: CompiledPolicy) -> dict[str, KeyGrant]:
+    try:
+        doc = yaml.safe_load(Path(path).read_text("utf-8"))
+    except (OSError, yaml.YAMLError) as exc:
+        raise PolicyErrors([PolicyError("(keys file)", f"cannot be read: {exc}", str(path))]) from exc
+    return parse_grants(doc, policy, source=str(path))

@@ -1,0 +1,102 @@
+"""The ``sluice`` command.
+
+``check`` and ``apply`` live here (they only need the policy core). The sidecar, the demo and
+the operator bring their own arguments; they are looked up by module name only when asked for,
+so the core never imports them and each starts without loading the others.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+from sluice_core import configdoc, configstore
+from sluice_core.apikeys import load_grants_file
+from sluice_core.errors import PolicyErrors
+from sluice_core.model import KeyGrant
+from sluice_core.policyfile import load_policies
+
+# name -> (module with add_arguments(parser) and run(args) -> int, one-line help)
+PLUGINS: dict[str, tuple[str, str]] = {
+    "sidecar": ("sluice_sidecar.cli", "run the enforcing reverse proxy in front of one app"),
+    "demo": ("sluice_sidecar.demo", "run a demo upstream behind the sidecar with the example policy"),
+}
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    failed = False
+    for path in args.files:
+        try:
+            policies = load_policies(path, default_namespace=args.namespace)
+        except PolicyErrors as exc:
+            failed = True
+            for e in exc.errors:
+                print(f"error: {e}", file=sys.stderr)
+            continue
+        for p in policies:
+            print(f"ok: {path}: {p.ref} ({len(p.tiers)} tiers, {len(p.rules)} rules, mode {p.mode.value})")
+    return 1 if failed else 0
+
+
+def _cmd_apply(args: argparse.Namespace) -> int:
+    try:
+        policies = load_policies(args.file, default_namespace=args.namespace)
+        grants: dict[str, dict[str, KeyGrant]] = {}
+        if args.api_keys_file:
+            if len(policies) != 1:
+                print("error: --api-keys-file needs exactly one policy in -f", file=sys.stderr)
+                return 1
+            grants[policies[0].name] = load_grants_file(args.api_keys_file, policies[0])
+    except PolicyErrors as exc:
+        for e in exc.errors:
+            print(f"error: {e}", file=sys.stderr)
+        return 1
+    by_ns: dict[str, list] = {}  # type: ignore[type-arg]
+    for p in policies:
+        by_ns.setdefault(p.namespace, []).append(p)
+    try:
+        client = configstore.connect(args.redis)
+        for ns, items in sorted(by_ns.items()):
+            doc = configdoc.build_doc(ns, items, {k: v for k, v in grants.items() if any(p.name == k for p in items)})
+            version = configstore.publish(client, ns, doc)
+            names = ", ".join(p.name for p in items)
+            print(f"applied: namespace {ns}: {names} (config version {version})")
+    except (configstore.ConfigStoreError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sluice", description="Sluice: distributed API rate limiting for Kubernetes")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    check = sub.add_parser("check", help="validate policy files offline (exit 1 on any error)")
+    check.add_argument("files", nargs="+", metavar="FILE", help="policy YAML files or directories")
+    check.add_argument("--namespace", default="default", help="namespace for policies that name none")
+    check.set_defaults(func=_cmd_check)
+    apply = sub.add_parser("apply", help="compile policies and write them to Redis, exactly as the operator does")
+    apply.add_argument("-f", "--file", required=True, help="policy YAML file or directory")
+    apply.add_argument("--redis", required=True, help="Redis URL (see README: redis://, rediss://, redis+sentinel://, redis+cluster://)")
+    apply.add_argument("--api-keys-file", help="YAML of API key -> tier for the policy")
+    apply.add_argument("--namespace", default="default", help="namespace for policies that name none")
+    apply.set_defaults(func=_cmd_apply)
+    for name, (_, help_text) in PLUGINS.items():
+        sub.add_parser(name, help=help_text, add_help=False)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in PLUGINS:
+        module = importlib.import_module(PLUGINS[argv[0]][0])
+        sub = argparse.ArgumentParser(prog=f"sluice {argv[0]}", description=PLUGINS[argv[0]][1])
+        module.add_arguments(sub)
+        return int(module.run(sub.parse_args(argv[1:])))
+    args = build_parser().parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,86 @@
+"""The per-namespace config document: what the operator (or ``sluice apply``) writes to Redis
+and every sidecar of that namespace reads.
+
+Shape (JSON, ``schema`` 1)::
+
+    {"schema": 1, "namespace": "shop",
+     "policies": [<normalized RateLimitPolicy manifest>, ...],
+     "apiKeys": {"<policy name>": {"<sha256 hex>": {"tier": "pro", "limit": {...}?}}}}
+
+The version lives beside the document in the same Redis hash, assigned atomically when it is
+written (see ``scripts/publish_config.lua``).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from sluice_core.errors import PolicyError, PolicyErrors
+from sluice_core.manifest import limit_to_dict, to_manifest
+from sluice_core.model import CompiledPolicy, KeyGrant
+from sluice_core.parse import _Checker, parse_limit, parse_policy
+
+SCHEMA = 1
+
+
+@dataclass(frozen=True)
+class NamespaceConfig:
+    namespace: str
+    version: int
+    policies: tuple[CompiledPolicy, ...]
+    grants: Mapping[str, Mapping[str, KeyGrant]] = field(default_factory=dict)  # policy -> digest -> grant
+
+
+def build_doc(namespace: str, policies: list[CompiledPolicy],
+              grants: Mapping[str, Mapping[str, KeyGrant]] | None = None) -> str:
+    keys: dict[str, dict[str, Any]] = {}
+    for policy_name, table in (grants or {}).items():
+        keys[policy_name] = {
+            digest: {"tier": g.tier, **({"limit": limit_to_dict(g.limit)} if g.limit else {})}
+            for digest, g in sorted(table.items())
+        }
+    doc = {
+        "schema": SCHEMA,
+        "namespace": namespace,
+        "policies": [to_manifest(p) for p in sorted(policies, key=lambda p: p.name)],
+        "apiKeys": keys,
+    }
+    return json.dumps(doc, separators=(",", ":"), sort_keys=True)
+
+
+def load_doc(text: str | bytes, version: int) -> NamespaceConfig:
+    """Parse a stored document; raise :class:`PolicyErrors` if any part of it is unusable."""
+    src = f"config v{version}"
+    try:
+        doc = json.loads(text)
+    except ValueError as exc:
+        raise PolicyErrors([PolicyError("(document)", f"is not valid JSON: {exc}", src)]) from exc
+    if not isinstance(doc, dict) or doc.get("schema") != SCHEMA:
+        got = doc.get("schema") if isinstance(doc, dict) else None
+        raise PolicyErrors([PolicyError("schema", f"must be {SCHEMA}, got {got!r}", src)])
+    namespace = str(doc.get("namespace", ""))
+    policies = [parse_policy(m, source=src, default_namespace=namespace)
+                for m in doc.get("policies") or []]
+    by_name = {p.name: p for p in policies}
+    c = _Checker(src)
+    grants: dict[str, dict[str, KeyGrant]] = {}
+    for policy_name, table in (c.mapping(doc.get("apiKeys"), "apiKeys") or {}).items():
+        policy = by_name.get(policy_name)
+        if policy is None:
+            c.fail(f"apiKeys.{policy_name}", "names no policy in this document")
+            continue
+        out: dict[str, KeyGrant] = {}
+        for digest, g in (c.mapping(table, f"apiKeys.{policy_name}") or {}).items():
+            p = f"apiKeys.{policy_name}.{digest[:12]}"
+            if not isinstance(g, dict) or g.get("tier") not in policy.tiers:
+                c.fail(f"{p}.tier", "must name a tier of the policy")
+                continue
+            limit = parse_limit(c, g["limit"], f"{p}.limit") if isinstance(g.get("limit"), dict) else None
+            out[digest] = KeyGrant(tier=g["tier"], limit=limit)
+        grants[policy_name] = out
+    if c.errors:
+        raise PolicyErrors(c.errors)
+    return NamespaceConfig(namespace=namespace, version=version, policies=tuple(policies), grants=grants)

@@ -1,0 +1,198 @@
+"""The compiled, immutable form of a ``RateLimitPolicy``.
+
+Everything here is already validated: the sidecar's hot path reads these objects and never
+re-checks them. ``sluice_core.parse`` builds them from the YAML a user applies, and
+``sluice_core.configdoc`` round-trips them through the JSON document kept in Redis.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+API_VERSION = "sluice.dev/v1alpha1"
+KIND = "RateLimitPolicy"
+CLUSTER_KIND = "ClusterRateLimitPolicy"
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+class FailureMode(StrEnum):
+    """What to do with a request when Redis cannot answer in time."""
+
+    OPEN = "open"  # let it through (availability first)
+    CLOSED = "closed"  # refuse it with 503 (protection first)
+
+
+class Mode(StrEnum):
+    ENFORCE = "enforce"  # refuse over-limit requests with 429
+    SHADOW = "shadow"  # never refuse; count what would have been refused
+
+
+class HeaderStyle(StrEnum):
+    DRAFT = "draft"  # RateLimit-Policy / RateLimit (IETF httpapi draft)
+    LEGACY = "legacy"  # X-RateLimit-Limit / -Remaining / -Reset
+    BOTH = "both"
+    NONE = "none"  # Retry-After on 429 only
+
+
+class Source(StrEnum):
+    """Where a client's identity comes from; ``Identify.order`` lists them by preference."""
+
+    API_KEY = "apiKey"
+    HEADER = "header"
+    IP = "ip"
+
+
+@dataclass(frozen=True, slots=True)
+class Limit:
+    """A token bucket: ``requests`` tokens per ``period_us``, holding at most ``burst`` tokens."""
+
+    requests: int
+    period_us: int
+    burst: int
+
+    @property
+    def emission_us(self) -> int:
+        """Whole microseconds to earn one token: ``period / requests`` rounded up.
+
+        Rounding up keeps every bucket integer-exact (no drift from fractions) and can only
+        make the limit stricter, by at most one microsecond per token."""
+        return -(-self.period_us // self.requests)
+
+    @property
+    def capacity_us(self) -> int:
+        """The bucket's depth in microseconds of refill (GCRA's tolerance): ``burst`` tokens."""
+        return self.burst * self.emission_us
+
+    @property
+    def period_s(self) -> int:
+        """Period in whole seconds for the ``w=`` header parameter (at least 1)."""
+        return max(1, round(self.period_us / 1_000_000))
+
+
+@dataclass(frozen=True, slots=True)
+class Tier:
+    name: str
+    limit: Limit
+
+
+@dataclass(frozen=True, slots=True)
+class PathMatch:
+    """Exactly one of the three is set."""
+
+    exact: str | None = None
+    prefix: str | None = None
+    regex: str | None = None
+
+    def pattern(self) -> re.Pattern[str] | None:
+        return re.compile(self.regex) if self.regex is not None else None
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    """A per-route rule: the first rule whose path and method match a request decides it."""
+
+    name: str
+    path: PathMatch | None
+    methods: frozenset[str] | None  # None: any method
+    limit: Limit | None  # its own bucket per client, checked with the tier bucket
+    cost: int  # tokens taken from every bucket the request checks
+    skip: bool  # not limited at all
+    _regex: re.Pattern[str] | None = field(default=None, compare=False, repr=False)
+
+    def matches(self, method: str, path: str) -> bool:
+        if self.methods is not None and method not in self.methods:
+            return False
+        p = self.path
+        if p is None:
+            return True
+        if p.exact is not None:
+            return path == p.exact
+        if p.prefix is not None:
+            return path.startswith(p.prefix)
+        assert self._regex is not None
+        return self._regex.fullmatch(path) is not None
+
+
+@dataclass(frozen=True, slots=True)
+class LabelRequirement:
+    key: str
+    operator: str  # In, NotIn, Exists, DoesNotExist
+    values: frozenset[str]
+
+
+@dataclass(frozen=True, slots=True)
+class Selector:
+    """A Kubernetes label selector; the empty selector matches every pod."""
+
+    match_labels: tuple[tuple[str, str], ...] = ()
+    match_expressions: tuple[LabelRequirement, ...] = ()
+
+    def matches(self, labels: dict[str, str]) -> bool:
+        for k, v in self.match_labels:
+            if labels.get(k) != v:
+                return False
+        for req in self.match_expressions:
+            present = req.key in labels
+            if req.operator == "In" and (not present or labels[req.key] not in req.values):
+                return False
+            if req.operator == "NotIn" and present and labels[req.key] in req.values:
+                return False
+            if req.operator == "Exists" and not present:
+                return False
+            if req.operator == "DoesNotExist" and present:
+                return False
+        return True
+
+
+@dataclass(frozen=True, slots=True)
+class Identify:
+    """How a client is told apart; the first source in ``order`` that is present wins."""
+
+    order: tuple[Source, ...] = (Source.API_KEY, Source.IP)
+    header: str | None = None  # header name for Source.HEADER
+    trusted_proxies: tuple[IPNetwork, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class ApiKeys:
+    header: str = "X-API-Key"
+    required: bool = False  # unknown or missing key -> 401 when True
+
+
+@dataclass(frozen=True, slots=True)
+class CompiledPolicy:
+    namespace: str
+    name: str
+    selector: Selector
+    identify: Identify
+    api_keys: ApiKeys
+    tiers: dict[str, Tier]  # insertion order = declaration order
+    default_tier: str
+    rules: tuple[Rule, ...]
+    failure_mode: FailureMode
+    mode: Mode
+    headers: HeaderStyle
+    cluster_scoped: bool = False
+
+    @property
+    def ref(self) -> str:
+        """``namespace/name``: unique per policy, used in bucket keys and messages."""
+        return f"{self.namespace}/{self.name}"
+
+    def match_rule(self, method: str, path: str) -> Rule | None:
+        for rule in self.rules:
+            if rule.matches(method, path):
+                return rule
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class KeyGrant:
+    """What an API key (known only by its SHA-256 hash) is entitled to."""
+
+    tier: str
+    limit: Limit | None = None  # per-key override of the tier's bucket

@@ -1,0 +1,33 @@
+"""The Lua scripts, shipped as package data and loaded by name."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from functools import cache
+from importlib import resources
+
+
+@dataclass(frozen=True)
+class Script:
+    name: str
+    source: str
+    sha1: str
+
+
+@cache
+def load(name: str) -> Script:
+    text = resources.files("sluice_core").joinpath("scripts", f"{name}.lua").read_text("utf-8")
+    return Script(name, text, hashlib.sha1(text.encode()).hexdigest())
+
+
+def decide() -> Script:
+    return load("decide")
+
+
+def publish_config() -> Script:
+    return load("publish_config")
+
+
+def delete_config() -> Script:
+    return load("delete_config")

@@ -1,0 +1,243 @@
+"""Where the sidecar's policy comes from, and how it keeps the last good one.
+
+- :class:`FileSource`: a policy file (+ optional API-keys file), re-read when it changes.
+- :class:`RedisSource`: the namespace's compiled config written by the operator or
+  ``sluice apply``; reloaded within a second of a change notice (pub/sub) and polled as a
+  fallback. The policy whose selector matches this pod's labels is enforced.
+
+Either way a broken or missing config never replaces a good one: the error is logged and
+counted, and the previous :class:`Enforcement` keeps serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from collections.abc import Callable
+
+from typing import Any
+
+from sluice_core import keyschema
+from sluice_core.apikeys import load_grants_file
+from sluice_core.configdoc import load_doc
+from sluice_core.errors import PolicyErrors
+from sluice_core.model import CompiledPolicy
+from sluice_core.policyfile import load_policies
+from sluice_sidecar.labels import read_labels
+from sluice_sidecar.limiter import Enforcement
+from sluice_sidecar.metrics import Metrics
+from sluice_sidecar.resp import ConnectionClosed, RedisReplyError, RespConnection, encode, open_connection
+from sluice_sidecar.stores.base import StoreUnavailable
+from sluice_sidecar.stores.redis import RedisNodes
+
+log = logging.getLogger("sluice.config")
+Apply = Callable[[Enforcement | None], None]
+
+
+def select_policy(policies: list[CompiledPolicy] | tuple[CompiledPolicy, ...],
+                  labels: dict[str, str] | None) -> CompiledPolicy | None:
+    """The policy for this pod: the first by name whose selector matches (one policy per pod;
+    several matching is a configuration mistake, reported in the log)."""
+    matching = sorted((p for p in policies if labels is None or p.selector.matches(labels)),
+                      key=lambda p: p.name)
+    if len(matching) > 1:
+        log.warning("several policies select this pod (%s); enforcing %s",
+                    ", ".join(p.name for p in matching), matching[0].name)
+    return matching[0] if matching else None
+
+
+class FileSource:
+    def __init__(self, policy_path: str, keys_path: str | None, metrics: Metrics, apply: Apply,
+                 *, labels_path: str | None = None, poll_interval: float = 2.0) -> None:
+        self.policy_path = policy_path
+        self.keys_path = keys_path
+        self.labels_path = labels_path
+        self.metrics = metrics
+        self.apply = apply
+        self.poll_interval = poll_interval
+        self.version = 0
+        self._stamp: tuple[float, ...] = ()
+        self._task: asyncio.Task[None] | None = None
+
+    def _stamps(self) -> tuple[float, ...]:
+        paths = [p for p in (self.policy_path, self.keys_path, self.labels_path) if p]
+        out = []
+        for p in paths:
+            try:
+                out.append(os.stat(p).st_mtime)
+            except OSError:
+                out.append(-1.0)
+        return tuple(out)
+
+    def load(self) -> bool:
+        """(Re)load; return True when a new config was applied."""
+        self._stamp = self._stamps()
+        try:
+            labels = read_labels(self.labels_path) if self.labels_path else None
+            policies = load_policies(self.policy_path)
+            policy = select_policy(policies, labels) if labels is not None else (policies[0] if policies else None)
+            if policy is None:
+                raise PolicyErrors([])
+            grants = load_grants_file(self.keys_path, policy) if self.keys_path else {}
+        except (PolicyErrors, OSError, ValueError) as exc:
+            self.metrics.config_reloads.labels("invalid").inc()
+            reason = str(exc) or "no policy in the file selects this pod"
+            log.error("policy file not loaded (keeping the last good config): %s", reason)
+            return False
+        self.version += 1
+        self.apply(Enforcement(policy, grants, self.version))
+        self.metrics.config_reloads.labels("ok").inc()
+        self.metrics.config_version.labels(policy.namespace).set(self.version)
+        log.info("loaded policy %s from %s", policy.ref, self.policy_path)
+        return True
+
+    async def start(self) -> None:
+        self.load()
+        self._task = asyncio.create_task(self._watch())
+
+    async def _watch(self) -> None:
+        while True:
+            await asyncio.sleep(self.poll_interval)
+            if self._stamps() != self._stamp:
+                self.load()
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+
+class RedisSource:
+    def __init__(self, nodes: RedisNodes, namespace: str, metrics: Metrics, apply: Apply, *,
+                 labels_path: str | None, pod_name: str | None = None,
+                 poll_interval: float = 5.0, heartbeat_interval: float = 10.0) -> None:
+        self.nodes = nodes
+        self.namespace = namespace
+        self.metrics = metrics
+        self.apply = apply
+        self.labels_path = labels_path
+        self.pod_name = pod_name
+        self.poll_interval = poll_interval
+        self.heartbeat_interval = heartbeat_interval
+        self.version = 0  # version of the doc last seen (applied or found broken)
+        self.enforced_version = 0
+        self._key = keyschema.config_key(namespace)
+        self._wake = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._sub: RespConnection | None = None
+
+    async def _command(self, *args: Any) -> Any:
+        """Run one command on the node that owns the config key (cluster-aware)."""
+        conn = await self.nodes.for_key(self._key)
+        return await conn.call(*args)
+
+    async def check(self) -> bool:
+        """Load the config if its version changed; return True when a new one was applied."""
+        try:
+            version_raw = await self._command("HGET", self._key, "version")
+            version = int(version_raw) if version_raw is not None else 0
+            if version == self.version:
+                return False
+            if version == 0:
+                # Missing: Redis lost it or the policy was deleted. Keep enforcing what we have;
+                # the operator re-pushes lost config on its timer.
+                if self.version:
+                    log.warning("config for namespace %s is gone from Redis; keeping version %s",
+                                self.namespace, self.enforced_version)
+                self.version = 0
+                return False
+            ver_raw, doc = await self._command("HMGET", self._key, "version", "doc")
+            version = int(ver_raw) if ver_raw is not None else 0
+            if doc is None:
+                return False
+            self.version = version
+            config = load_doc(doc, version)
+            labels = read_labels(self.labels_path) if self.labels_path else None
+            policy = select_policy(config.policies, labels)
+        except (OSError, TimeoutError, ConnectionClosed, RedisReplyError, StoreUnavailable) as exc:
+            self.metrics.config_reloads.labels("unreachable").inc()
+            log.warning("cannot read config from Redis (keeping the last good one): %s", exc)
+            return False
+        except (PolicyErrors, ValueError) as exc:
+            self.metrics.config_reloads.labels("invalid").inc()
+            log.error("config version %s is invalid (keeping the last good one): %s", self.version, exc)
+            return False
+        if policy is None:
+            self.metrics.config_reloads.labels("no_policy").inc()
+            log.warning("no policy in namespace %s selects this pod (config version %s)", self.namespace, version)
+            self.apply(None)
+            self.enforced_version = version
+            return True
+        self.apply(Enforcement(policy, config.grants.get(policy.name, {}), version))
+        self.enforced_version = version
+        self.metrics.config_reloads.labels("ok").inc()
+        self.metrics.config_version.labels(self.namespace).set(version)
+        log.info("enforcing policy %s (config version %s)", policy.ref, version)
+        return True
+
+    async def start(self) -> None:
+        await self.check()
+        self._tasks = [asyncio.create_task(self._subscribe()), asyncio.create_task(self._poll())]
+        if self.pod_name:
+            self._tasks.append(asyncio.create_task(self._heartbeat()))
+
+    async def _poll(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.poll_interval):
+                    await self._wake.wait()
+            self._wake.clear()
+            await self.check()
+
+    def _on_message(self, reply: Any) -> None:
+        # ["message", channel, "<namespace> <version>"]
+        if isinstance(reply, list) and len(reply) == 3 and reply[0] == b"message":
+            ns, _, _ = reply[2].decode(errors="replace").partition(" ")
+            if ns == self.namespace:
+                self._wake.set()
+
+    async def _subscribe(self) -> None:
+        t = self.nodes.target
+        backoff = 0.1
+        while True:
+            try:
+                addr = t.hosts[0] if t.topology.value == "cluster" else await self.nodes.primary()
+                conn = await open_connection(
+                    addr[0], addr[1], timeout=5.0, connect_timeout=self.nodes.connect_timeout,
+                    username=t.username, password=t.password, ssl_context=t.ssl_context(),
+                    on_push=self._on_message)
+                self._sub = conn
+                await conn.send(encode("SUBSCRIBE", keyschema.CONFIG_CHANNEL))
+                backoff = 0.1
+                self._wake.set()  # anything published while we were away: check now
+                await conn.lost
+            except (OSError, TimeoutError, ConnectionClosed, RedisReplyError, StoreUnavailable) as exc:
+                log.debug("config subscription failed: %s", exc)
+            except Exception:  # never let the subscription loop die
+                log.exception("config subscription crashed")
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 5.0)
+
+    async def _heartbeat(self) -> None:
+        assert self.pod_name
+        key = keyschema.heartbeat_key(self.namespace, self.pod_name)
+        while True:
+            with contextlib.suppress(OSError, TimeoutError, ConnectionClosed, RedisReplyError, StoreUnavailable):
+                conn = await self.nodes.for_key(key)
+                await conn.call("SET", key, str(self.enforced_version), "EX",
+                                int(self.heartbeat_interval * 3))
+            await asyncio.sleep(self.heartbeat_interval)
+
+    async def close(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
+        if self._sub is not None:
+            self._sub.close()
+
+

@@ -1,0 +1,49 @@
+"""Rate-limit response headers.
+
+``RateLimit-Policy`` / ``RateLimit`` follow draft-ietf-httpapi-ratelimit-headers (-08 and
+later): Structured Field Lists whose members are the quoted policy name with parameters
+``q`` (quota, tokens), ``w`` (window, seconds) and ``r`` (remaining), ``t`` (seconds until the
+quota is back). Legacy ``X-RateLimit-*`` report the most constrained bucket.
+"""
+
+from __future__ import annotations
+
+from sluice_core.model import HeaderStyle, Limit
+
+
+def policy_item(name: str, limit: Limit) -> str:
+    """One ``RateLimit-Policy`` member; static per bucket, so callers cache it."""
+    return f'"{name}";q={limit.requests};w={limit.period_s}'
+
+
+def seconds_up(us: int) -> int:
+    """Whole seconds, rounded up: never tell a client to come back too early."""
+    return -(-us // 1_000_000) if us > 0 else 0
+
+
+def build(style: HeaderStyle, names: tuple[str, ...], limits: tuple[Limit, ...],
+          policy_value: str, reply: list[int]) -> list[tuple[str, str]]:
+    """Headers for one decision; ``reply`` is the decision script's reply."""
+    if style is HeaderStyle.NONE:
+        return []
+    out: list[tuple[str, str]] = []
+    if style is not HeaderStyle.LEGACY:
+        items = []
+        for i, name in enumerate(names):
+            remaining, nxt = reply[2 + 3 * i], reply[3 + 3 * i]
+            # t: when the next token is due if the bucket is empty, else 0 (quota available now)
+            items.append(f'"{name}";r={remaining};t={seconds_up(nxt) if remaining == 0 else 0}')
+        out.append(("RateLimit-Policy", policy_value))
+        out.append(("RateLimit", ", ".join(items)))
+    if style is not HeaderStyle.DRAFT:
+        # The bucket with the fewest tokens left is the one a client must respect.
+        i = min(range(len(names)), key=lambda j: reply[2 + 3 * j])
+        out.append(("X-RateLimit-Limit", str(limits[i].requests)))
+        out.append(("X-RateLimit-Remaining", str(reply[2 + 3 * i])))
+        out.append(("X-RateLimit-Reset", str(seconds_up(reply[4 + 3 * i]))))
+    return out
+
+
+def retry_after(reply: list[int]) -> str:
+    """``Retry-After`` in whole seconds, at least 1."""
+    return str(max(1, seconds_up(reply[1])))

@@ -1,0 +1,191 @@
+"""Per-request decisions: identify the client, pick the rule and the tier, ask the store once.
+
+Everything that depends only on the config is computed when the config is loaded
+(:class:`Enforcement`), so a request does string joins and dictionary look-ups, one hash of the
+API key, and one store call.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from sluice_core import keyschema
+from sluice_core.model import CompiledPolicy, FailureMode, HeaderStyle, KeyGrant, Limit, Mode, Source
+from sluice_sidecar import headers as hdr
+from sluice_sidecar.breaker import CircuitBreaker
+from sluice_sidecar.identify import api_key_from, client_ip, identity
+from sluice_sidecar.metrics import Metrics
+from sluice_sidecar.stores.base import DecisionStore, StoreUnavailable
+
+log = logging.getLogger("sluice.limiter")
+
+
+@dataclass(frozen=True, slots=True)
+class Bucket:
+    """A bucket kind of the loaded policy: a tier (or a key's own limit) or a rule."""
+
+    name: str
+    suffix: str  # appended to the client's hash tag
+    limit: Limit
+    params: tuple[int, int]  # (em_us, cap_us) for the decision script
+    policy_item: str  # its RateLimit-Policy member
+
+
+def _bucket(name: str, suffix: str, limit: Limit) -> Bucket:
+    return Bucket(name, suffix, limit, (limit.emission_us, limit.capacity_us), hdr.policy_item(name, limit))
+
+
+@dataclass
+class Enforcement:
+    """One loaded policy with its API-key grants, ready for the hot path."""
+
+    policy: CompiledPolicy
+    grants: Mapping[str, KeyGrant]
+    version: int
+    tiers: dict[str, Bucket] = field(init=False)
+    rules: dict[str, Bucket] = field(init=False)
+    _key_buckets: dict[str, Bucket] = field(init=False, default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.tiers = {t.name: _bucket(t.name, f":t:{t.name}", t.limit) for t in self.policy.tiers.values()}
+        self.rules = {r.name: _bucket(r.name, f":r:{r.name}", r.limit)
+                      for r in self.policy.rules if r.limit is not None}
+
+    def key_bucket(self, digest: str, grant: KeyGrant) -> Bucket:
+        """A per-key limit override: the tier's bucket name, the key's own numbers."""
+        b = self._key_buckets.get(digest)
+        if b is None:
+            assert grant.limit is not None
+            b = self._key_buckets[digest] = _bucket(grant.tier, f":t:{grant.tier}", grant.limit)
+        return b
+
+
+@dataclass(slots=True)
+class Outcome:
+    """What to do with a request: forward it (``status`` 0) or answer ``status`` now."""
+
+    status: int
+    headers: list[tuple[str, str]]
+    policy: str = ""
+    tier: str = ""
+    rule: str = ""
+    detail: str = ""
+
+
+FORWARD_PLAIN = Outcome(0, [])
+
+
+class Limiter:
+    def __init__(self, store: DecisionStore, metrics: Metrics, breaker: CircuitBreaker) -> None:
+        self.store = store
+        self.metrics = metrics
+        self.breaker = breaker
+        self.active: Enforcement | None = None
+        self._hist = metrics.decision_seconds.labels(store.name)
+
+    async def decide(self, method: str, path: str, headers: Mapping[str, str], peer: str) -> Outcome:
+        act = self.active
+        if act is None:
+            self.metrics.decision("", "", "", "unconfigured")
+            return FORWARD_PLAIN
+        started = time.perf_counter()
+        policy = act.policy
+        rule = policy.match_rule(method, path)
+        rule_name = rule.name if rule is not None else ""
+        if rule is not None and rule.skip:
+            self.metrics.decision(policy.name, "", rule_name, "skipped")
+            return FORWARD_PLAIN
+
+        ident = policy.identify
+        digest = b64 = None
+        grant: KeyGrant | None = None
+        if Source.API_KEY in ident.order:
+            key = api_key_from(headers, policy.api_keys.header)
+            if key is not None:
+                raw = hashlib.sha256(key.encode("utf-8", "surrogateescape")).digest()
+                digest = raw.hex()
+                grant = act.grants.get(digest)
+                if grant is not None:
+                    b64 = base64.urlsafe_b64encode(raw[:16]).rstrip(b"=").decode()
+        if grant is None and policy.api_keys.required:
+            self.metrics.decision(policy.name, "", rule_name, "unauthorized")
+            return Outcome(401, [("WWW-Authenticate", f'ApiKey header="{policy.api_keys.header}"')],
+                           policy.name, detail="a valid API key is required" if digest is None
+                           else "the API key is not known")
+        if grant is not None and b64 is not None:
+            client = "k:" + b64
+            tier_b = act.key_bucket(digest or "", grant) if grant.limit is not None else act.tiers[grant.tier]
+        else:
+            # Unknown keys are not identities: an attacker rotating random keys would otherwise
+            # get a fresh bucket per key (and flood Redis with keys).
+            ip = client_ip(peer, headers.get("X-Forwarded-For"), ident.trusted_proxies)
+            hv = headers.get(ident.header) if ident.header else None
+            client = identity(ident.order, has_key=False, header_value=hv, ip=ip)
+            tier_b = act.tiers[policy.default_tier]
+
+        tag = keyschema.client_tag(policy.ref, client)
+        cost = rule.cost if rule is not None else 1
+        rule_b = act.rules.get(rule_name) if rule is not None else None
+        if rule_b is None:
+            keys: tuple[str, ...] = (tag + tier_b.suffix,)
+            params: tuple[int, ...] = tier_b.params
+            names: tuple[str, ...] = (tier_b.name,)
+            limits: tuple[Limit, ...] = (tier_b.limit,)
+            policy_value = tier_b.policy_item
+        else:
+            keys = (tag + tier_b.suffix, tag + rule_b.suffix)
+            params = tier_b.params + rule_b.params
+            names = (tier_b.name, rule_b.name)
+            limits = (tier_b.limit, rule_b.limit)
+            policy_value = f"{tier_b.policy_item}, {rule_b.policy_item}"
+
+        reply = await self._ask(keys, cost, params)
+        self._hist.observe(time.perf_counter() - started)
+        if reply is None:  # store unavailable
+            if policy.failure_mode is FailureMode.CLOSED and policy.mode is Mode.ENFORCE:
+                self.metrics.decision(policy.name, tier_b.name, rule_name, "failed_closed")
+                return Outcome(503, [("Retry-After", "1")], policy.name, tier_b.name, rule_name,
+                               "the rate limiter cannot decide right now")
+            self.metrics.decision(policy.name, tier_b.name, rule_name, "failed_open")
+            return FORWARD_PLAIN
+        out_headers = hdr.build(policy.headers, names, limits, policy_value, reply)
+        if reply[0] == 1:
+            self.metrics.decision(policy.name, tier_b.name, rule_name, "allowed")
+            return Outcome(0, out_headers)
+        if policy.mode is Mode.SHADOW:
+            self.metrics.decision(policy.name, tier_b.name, rule_name, "shadow_limited")
+            return Outcome(0, out_headers if policy.headers is not HeaderStyle.NONE else [])
+        self.metrics.decision(policy.name, tier_b.name, rule_name, "limited")
+        out_headers.append(("Retry-After", hdr.retry_after(reply)))
+        limiting = _limiting_bucket(names, reply, cost)
+        return Outcome(429, out_headers, policy.name, tier_b.name, rule_name,
+                       f"the {limiting} limit is used up; retry after {hdr.retry_after(reply)} s")
+
+    async def _ask(self, keys: tuple[str, ...], cost: int, params: tuple[int, ...]) -> list[int] | None:
+        breaker = self.breaker
+        if not breaker.allow():
+            self.metrics.store_errors.labels(self.store.name, "circuit_open").inc()
+            return None
+        try:
+            reply = await self.store.decide(keys, cost, params)
+        except StoreUnavailable as exc:
+            breaker.failure()
+            reason = "timeout" if isinstance(exc.__cause__, TimeoutError) else "unavailable"
+            self.metrics.store_errors.labels(self.store.name, reason).inc()
+            log.debug("decision store failed: %s", exc)
+            return None
+        breaker.success()
+        return reply
+
+
+def _limiting_bucket(names: tuple[str, ...], reply: list[int], cost: int) -> str:
+    """The first bucket that did not hold ``cost`` tokens: the one that refused."""
+    for i, name in enumerate(names):
+        if reply[2 + 3 * i] < cost:
+            return name
+    return names[0]

@@ -1,0 +1,42 @@
+"""Prometheus metrics of one sidecar. Labels are bounded by the config (policy, tier, rule) or by
+code (decision, reason); a client id is never a label. Per-client views belong to the admin API."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+DECISIONS = ("allowed", "limited", "shadow_limited", "failed_open", "failed_closed",
+             "unauthorized", "skipped", "unconfigured")
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.decisions = Counter("sluice_decisions", "Rate-limit decisions by outcome",
+                                 ["policy", "tier", "rule", "decision"], registry=r)
+        self.decision_seconds = Histogram(
+            "sluice_decision_seconds", "Time to decide one request (identify, match, store)",
+            ["store"], registry=r,
+            buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1))
+        self.store_errors = Counter("sluice_store_errors", "Decision-store failures",
+                                    ["store", "reason"], registry=r)
+        self.circuit_state = Gauge("sluice_circuit_state",
+                                   "Decision-store circuit breaker: 0 closed, 1 open, 2 half-open",
+                                   registry=r)
+        self.config_version = Gauge("sluice_config_version", "Version of the config being enforced",
+                                    ["namespace"], registry=r)
+        self.config_loaded = Gauge("sluice_config_loaded", "1 once a valid config is loaded", registry=r)
+        self.config_reloads = Counter("sluice_config_reloads", "Config load attempts by result",
+                                      ["result"], registry=r)
+        self.upstream_errors = Counter("sluice_upstream_errors", "Requests the upstream failed",
+                                       ["kind"], registry=r)
+        self.inflight = Gauge("sluice_inflight_requests", "Requests being proxied", registry=r)
+        self._children: dict[tuple[str, str, str, str], object] = {}
+
+    def decision(self, policy: str, tier: str, rule: str, decision: str) -> None:
+        key = (policy, tier, rule, decision)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = self.decisions.labels(policy, tier, rule, decision)
+        child.inc()  # type: ignore[attr-defined]

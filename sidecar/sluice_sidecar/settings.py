@@ -1,0 +1,99 @@
+"""Sidecar settings: every flag also reads an environment variable (``SLUICE_<FLAG>``)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass, fields
+from typing import Any
+
+
+@dataclass(frozen=True)
+class SidecarSettings:
+    """Documented in README.md ("Sidecar flags"); the help text below is the reference."""
+
+    upstream: str
+    listen: str = "0.0.0.0:8080"
+    admin_listen: str = "0.0.0.0:9090"
+    redis: str | None = None
+    policy_file: str | None = None
+    api_keys_file: str | None = None
+    namespace: str | None = None
+    pod_labels: str | None = None
+    pod_name: str | None = None
+    redis_timeout_ms: int = 50
+    redis_connect_timeout_ms: int = 500
+    breaker_threshold: int = 5
+    breaker_cooldown_s: float = 2.0
+    upstream_connect_timeout_s: float = 2.0
+    upstream_timeout_s: float = 60.0
+    upstream_max_connections: int = 1024
+    poll_interval_s: float = 5.0
+    drain_s: float = 5.0
+    shutdown_timeout_s: float = 30.0
+    max_header_bytes: int = 8190
+    memory_max_buckets: int = 1_000_000
+    log_level: str = "info"
+
+
+_HELP: dict[str, str] = {
+    "upstream": "the app to protect, e.g. http://127.0.0.1:8000 (the only address ever contacted)",
+    "listen": "HOST:PORT for client traffic",
+    "admin_listen": "HOST:PORT for /metrics, /healthz, /readyz, /admin/config",
+    "redis": "Redis URL shared by all replicas (redis://, rediss://, redis+sentinel://, redis+cluster://); "
+             "without it buckets live in this process's memory",
+    "policy_file": "standalone mode: a RateLimitPolicy YAML file (re-read when it changes)",
+    "api_keys_file": "standalone mode: YAML of API key -> tier for the policy",
+    "namespace": "cluster mode: read this namespace's compiled config from Redis",
+    "pod_labels": "cluster mode: downward-API labels file used to pick the policy whose selector matches",
+    "pod_name": "cluster mode: this pod's name, for the heartbeat the operator aggregates",
+    "redis_timeout_ms": "give up on a Redis decision after this long (then the failure mode applies)",
+    "redis_connect_timeout_ms": "give up connecting to Redis after this long",
+    "breaker_threshold": "consecutive Redis failures that open the circuit breaker",
+    "breaker_cooldown_s": "seconds the breaker stays open before one probe is let through",
+    "upstream_connect_timeout_s": "connect timeout to the upstream (then 502)",
+    "upstream_timeout_s": "read timeout between upstream bytes (then 504)",
+    "upstream_max_connections": "pooled upstream connections at most",
+    "poll_interval_s": "cluster mode: poll Redis for config changes this often (pub/sub is the fast path)",
+    "drain_s": "after SIGTERM, report not-ready and keep serving this long before closing",
+    "shutdown_timeout_s": "then wait at most this long for in-flight requests",
+    "max_header_bytes": "largest request line / header field accepted (larger -> 400)",
+    "memory_max_buckets": "in-memory store: most buckets kept (least recently used dropped past it)",
+    "log_level": "debug, info, warning or error",
+}
+
+
+def env_name(field: str) -> str:
+    return "SLUICE_" + field.upper()
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    for f in fields(SidecarSettings):
+        flag = "--" + f.name.replace("_", "-")
+        default = os.environ.get(env_name(f.name))
+        kind: Any = {"int": int, "float": float}.get(str(f.type).replace(" | None", ""), str)
+        help_text = f"{_HELP[f.name]} [env {env_name(f.name)}]"
+        if f.name == "upstream":
+            parser.add_argument(flag, default=default, required=default is None, help=help_text)
+        else:
+            d = kind(default) if default is not None else f.default
+            parser.add_argument(flag, type=kind, default=d, help=f"{help_text} (default: {f.default})")
+
+
+def from_args(args: argparse.Namespace) -> SidecarSettings:
+    values = {f.name: getattr(args, f.name) for f in fields(SidecarSettings)}
+    s = SidecarSettings(**values)
+    if bool(s.policy_file) == bool(s.namespace):
+        raise ValueError("give exactly one of --policy-file (standalone) or --namespace (cluster mode)")
+    if s.namespace and not s.redis:
+        raise ValueError("--namespace (cluster mode) needs --redis")
+    if s.api_keys_file and not s.policy_file:
+        raise ValueError("--api-keys-file is for standalone mode (--policy-file)")
+    return s
+
+
+def split_hostport(value: str, flag: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"--{flag} must be HOST:PORT, got {value!r}")
+    return host.strip("[]") or "0.0.0.0", int(port)

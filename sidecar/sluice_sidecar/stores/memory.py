@@ -1,0 +1,77 @@
+"""In-memory decision store: the decision script's exact arithmetic in Python.
+
+For the embedded demo and single-replica use (it is per process: replicas would each have their
+own limit). Memory is bounded: expired buckets are swept incrementally, and past ``max_buckets``
+the least recently written bucket is dropped (that client then starts with a full bucket)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+
+def _now_us() -> int:
+    return time.time_ns() // 1_000
+
+
+class MemoryStore:
+    name = "memory"
+
+    def __init__(self, *, max_buckets: int = 1_000_000, clock_us: Callable[[], int] = _now_us) -> None:
+        self._tat: dict[str, int] = {}
+        self._max = max_buckets
+        self._clock = clock_us
+        self._sweep_every = 1024
+        self._writes = 0
+
+    def __len__(self) -> int:
+        return len(self._tat)
+
+    async def decide(self, keys: tuple[str, ...], cost: int, params: tuple[int, ...]) -> list[int]:
+        return self.decide_now(keys, cost, params)
+
+    def decide_now(self, keys: tuple[str, ...], cost: int, params: tuple[int, ...]) -> list[int]:
+        now = self._clock()
+        tats: list[int] = []
+        news: list[int] = []
+        allowed = 1
+        retry = 0
+        for i, key in enumerate(keys):
+            tat = self._tat.get(key, now)
+            if tat < now:
+                tat = now
+            new = tat + cost * params[2 * i]
+            over = new - now - params[2 * i + 1]
+            if over > 0:
+                allowed = 0
+                retry = max(retry, over)
+            tats.append(tat)
+            news.append(new)
+        out = [allowed, retry]
+        for i in range(len(keys)):
+            em, cap = params[2 * i], params[2 * i + 1]
+            debt = (news[i] if allowed else tats[i]) - now
+            room = cap - debt
+            out += [max(0, room // em), em - room % em if debt > 0 else 0, debt]
+        if allowed and cost > 0:
+            tat_map = self._tat
+            for key, new in zip(keys, news, strict=True):
+                tat_map.pop(key, None)  # re-insert: dict order is write order (oldest first)
+                tat_map[key] = new
+            self._writes += 1
+            if self._writes % self._sweep_every == 0 or len(tat_map) > self._max:
+                self._sweep(now)
+        return out
+
+    def _sweep(self, now: int) -> None:
+        # Oldest writes come first; a bucket whose TAT has passed is full again, so dropping it
+        # changes nothing. Then enforce the size cap.
+        tat_map = self._tat
+        for key in list(tat_map)[: 4 * self._sweep_every]:
+            if tat_map[key] <= now:
+                del tat_map[key]
+        while len(tat_map) > self._max:
+            del tat_map[next(iter(tat_map))]
+
+    async def close(self) -> None:
+        self._tat.clear()
