@@ -28,13 +28,13 @@ def connect(url: str | RedisTarget, *, timeout: float = 5.0) -> Any:
         common.update(ssl=True, ssl_ca_certs=t.ssl_ca_certs, ssl_certfile=t.ssl_certfile,
                       ssl_keyfile=t.ssl_keyfile, ssl_cert_reqs="required" if t.ssl_verify else "none")
     if t.topology is Topology.CLUSTER:
-        nodes = [redis.cluster.ClusterNode(h, p) for h, p in t.hosts]
+        nodes = [redis.cluster.ClusterNode(h, p) for h, p in t.hosts]  # type: ignore[no-untyped-call]
         return redis.cluster.RedisCluster(startup_nodes=nodes, **common)
     if t.topology is Topology.SENTINEL:
-        sentinel = redis.sentinel.Sentinel(
+        sentinel = redis.sentinel.Sentinel(  # type: ignore[no-untyped-call]
             list(t.hosts), sentinel_kwargs={"password": t.sentinel_password, "socket_timeout": timeout},
             **common)
-        return sentinel.master_for(t.master_name or "", db=t.db)
+        return sentinel.master_for(t.master_name or "", db=t.db)  # type: ignore[no-untyped-call]
     host, port = t.hosts[0]
     return redis.Redis(host=host, port=port, db=t.db, **common)
 

@@ -16,7 +16,6 @@ import contextlib
 import logging
 import os
 from collections.abc import Callable
-
 from typing import Any
 
 from sluice_core import keyschema
@@ -25,10 +24,17 @@ from sluice_core.configdoc import load_doc
 from sluice_core.errors import PolicyErrors
 from sluice_core.model import CompiledPolicy
 from sluice_core.policyfile import load_policies
+
 from sluice_sidecar.labels import read_labels
 from sluice_sidecar.limiter import Enforcement
 from sluice_sidecar.metrics import Metrics
-from sluice_sidecar.resp import ConnectionClosed, RedisReplyError, RespConnection, encode, open_connection
+from sluice_sidecar.resp import (
+    ConnectionClosed,
+    RedisReplyError,
+    RespConnection,
+    encode,
+    open_connection,
+)
 from sluice_sidecar.stores.base import StoreUnavailable
 from sluice_sidecar.stores.redis import RedisNodes
 

@@ -15,7 +15,16 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from sluice_core import keyschema
-from sluice_core.model import CompiledPolicy, FailureMode, HeaderStyle, KeyGrant, Limit, Mode, Source
+from sluice_core.model import (
+    CompiledPolicy,
+    FailureMode,
+    HeaderStyle,
+    KeyGrant,
+    Limit,
+    Mode,
+    Source,
+)
+
 from sluice_sidecar import headers as hdr
 from sluice_sidecar.breaker import CircuitBreaker
 from sluice_sidecar.identify import api_key_from, client_ip, identity

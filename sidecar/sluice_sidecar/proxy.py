@@ -8,7 +8,6 @@ request target is used as a path, never as a URL, so this is not an open proxy.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 
 import aiohttp
@@ -82,7 +81,7 @@ class Proxy:
             async with self._session.request(request.method, url, headers=headers, data=data,
                                              allow_redirects=False) as up:
                 return await self._relay(request, up, rate_headers)
-        except (asyncio.TimeoutError, aiohttp.ServerTimeoutError):
+        except (TimeoutError, aiohttp.ServerTimeoutError):
             self.metrics.upstream_errors.labels("timeout").inc()
             return problem(504, "Gateway Timeout", "the upstream did not answer in time",
                            headers=rate_headers)
@@ -106,10 +105,10 @@ class Proxy:
         if request.method == "HEAD" or up.status in (204, 304) or (length is not None and length <= SMALL_BODY):
             body = await up.read()
             headers.popall("Content-Length", None)
-            resp = web.Response(status=up.status, reason=up.reason, headers=headers, body=body or None)
+            whole = web.Response(status=up.status, reason=up.reason, headers=headers, body=body or None)
             if request.method == "HEAD" and length is not None:
-                resp.headers["Content-Length"] = str(length)
-            return resp
+                whole.headers["Content-Length"] = str(length)
+            return whole
         headers.popall("Content-Length", None)
         resp = web.StreamResponse(status=up.status, reason=up.reason, headers=headers)
         if length is not None:

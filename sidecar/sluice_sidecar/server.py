@@ -10,8 +10,8 @@ from typing import Any
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-
 from sluice_core.redisurl import parse_redis_url
+
 from sluice_sidecar.breaker import CircuitBreaker, State
 from sluice_sidecar.configsource import FileSource, RedisSource
 from sluice_sidecar.limiter import Enforcement, Limiter, Outcome

@@ -10,9 +10,17 @@ from __future__ import annotations
 import asyncio
 import binascii
 import logging
+
 from sluice_core import scripts
 from sluice_core.redisurl import RedisTarget, Topology
-from sluice_sidecar.resp import ConnectionClosed, RedisReplyError, RespConnection, encode, open_connection
+
+from sluice_sidecar.resp import (
+    ConnectionClosed,
+    RedisReplyError,
+    RespConnection,
+    encode,
+    open_connection,
+)
 from sluice_sidecar.stores.base import StoreUnavailable
 
 log = logging.getLogger("sluice.redis")

@@ -1,0 +1,38 @@
+"""`sluice check`: offline validation with exit codes, as a user runs it."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def sluice(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "sluice_core.cli", *args], capture_output=True,
+                          text=True, timeout=60, cwd=ROOT)
+
+
+def test_check_good_examples_exit_0() -> None:
+    r = sluice("check", "crds/examples/public-api.yaml", "crds/examples/internal-service.yaml",
+               "crds/examples/keys-required.yaml")
+    assert r.returncode == 0, r.stderr
+    assert "ok: crds/examples/public-api.yaml: default/public-api (3 tiers, 2 rules, mode enforce)" in r.stdout
+
+
+def test_check_bad_examples_exit_1_naming_file_field_and_reason() -> None:
+    r = sluice("check", "crds/examples/bad")
+    assert r.returncode == 1
+    assert ("error: crds/examples/bad/negative-requests.yaml: spec.tiers[1].requests: "
+            "must be a positive integer, got -5") in r.stderr
+    assert len(r.stderr.strip().splitlines()) == len(list((ROOT / "crds/examples/bad").glob("*.yaml")))
+
+
+def test_check_multi_document_and_unreadable(tmp_path: Path) -> None:
+    f = tmp_path / "two.yaml"
+    f.write_text((ROOT / "crds/examples/public-api.yaml").read_text() + "\n---\nnot: [a policy\n")
+    r = sluice("check", str(f))
+    assert r.returncode == 1 and "is not valid YAML" in r.stderr
+    r = sluice("check", str(tmp_path / "missing.yaml"))
+    assert r.returncode == 1 and "cannot be read" in r.stderr
