@@ -1,0 +1,130 @@
+"""Cluster mode across processes: `sluice apply` writes what the operator will write, and a real
+sidecar process reading its namespace's config from Redis enforces it, reloads it on a change
+notice (pub/sub) or by polling, and keeps the last good config when the config or Redis breaks."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sluice_core import keyschema
+from support.processes import SidecarProcess, UpstreamProcess, http_get, wait_until
+
+
+@pytest.fixture(scope="module")
+def upstream() -> Iterator[UpstreamProcess]:
+    up = UpstreamProcess()
+    yield up
+    up.close()
+
+
+def policy_yaml(ns: str, *, requests: int = 3, mode: str = "enforce", app: str = "web") -> str:
+    return f"""
+apiVersion: sluice.dev/v1alpha1
+kind: RateLimitPolicy
+metadata: {{name: api, namespace: {ns}}}
+spec:
+  selector: {{matchLabels: {{app: {app}}}}}
+  tiers:
+    - {{name: free, requests: {requests}, period: 1h}}
+  mode: {mode}
+"""
+
+
+def apply(tmp_path: Path, url: str, text: str) -> str:
+    f = tmp_path / f"policy-{uuid.uuid4().hex[:6]}.yaml"
+    f.write_text(text)
+    r = subprocess.run([sys.executable, "-m", "sluice_core.cli", "apply", "-f", str(f), "--redis", url],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    return r.stdout
+
+
+def statuses(url: str, n: int) -> list[int]:
+    return [http_get(url + "/api")[0] for _ in range(n)]
+
+
+def config_version(sidecar: SidecarProcess) -> int:
+    return int(json.loads(http_get(sidecar.admin + "/admin/config")[1])["config"]["version"])
+
+
+@pytest.fixture
+def labels(tmp_path: Path) -> Path:
+    f = tmp_path / "labels"
+    f.write_text('app="web"\npod-template-hash="abc123"\n')
+    return f
+
+
+@pytest.mark.parametrize("topology", ["single", "cluster"])
+def test_apply_enforce_and_reload_on_change_notice(request: pytest.FixtureRequest, topology: str,
+                                                   upstream: UpstreamProcess, labels: Path,
+                                                   tmp_path: Path) -> None:
+    server = request.getfixturevalue("redis_server" if topology == "single" else "redis_cluster")
+    ns = "cm-" + uuid.uuid4().hex[:8]
+    out = apply(tmp_path, server.url, policy_yaml(ns))
+    assert f"applied: namespace {ns}: api (config version 1)" in out
+    # Polling is slowed to 60 s: only the change notice can make the reload below happen in time.
+    sidecar = SidecarProcess(upstream.url, "--redis", server.url, "--namespace", ns,
+                             "--pod-labels", str(labels), "--poll-interval-s", "60")
+    try:
+        assert statuses(sidecar.url, 4) == [200, 200, 200, 429]
+        started = time.monotonic()
+        apply(tmp_path, server.url, policy_yaml(ns, mode="shadow"))
+        wait_until(lambda: config_version(sidecar) == 2, 10, what="reload after change notice")
+        reload_s = time.monotonic() - started
+        assert statuses(sidecar.url, 3) == [200, 200, 200]  # shadow: over the limit, not refused
+        assert sidecar.metric("sluice_decisions_total", decision="shadow_limited") == 3
+        print(f"reload after apply took {reload_s * 1000:.0f} ms ({topology})")
+    finally:
+        sidecar.close()
+
+
+def test_polling_fallback_and_last_good_config(redis_server: object, upstream: UpstreamProcess,
+                                               labels: Path, tmp_path: Path) -> None:
+    url = redis_server.url  # type: ignore[attr-defined]
+    ns = "pf-" + uuid.uuid4().hex[:8]
+    apply(tmp_path, url, policy_yaml(ns, requests=2))
+    sidecar = SidecarProcess(upstream.url, "--redis", url, "--namespace", ns,
+                             "--pod-labels", str(labels), "--poll-interval-s", "0.2")
+    try:
+        assert statuses(sidecar.url, 3) == [200, 200, 429]
+        client = redis_server.client()  # type: ignore[attr-defined]
+        key = keyschema.config_key(ns)
+        # A broken document with a new version, written without a change notice: the poller
+        # finds it, refuses it, and the last good config keeps serving.
+        client.hset(key, mapping={"version": 5, "doc": '{"schema": 1, "policies": [{"kind": "nope"}]}'})
+        wait_until(lambda: sidecar.metric("sluice_config_reloads_total", result="invalid") >= 1, 10,
+                   what="invalid config noticed by polling")
+        assert statuses(sidecar.url, 1) == [429]
+        assert config_version(sidecar) == 1
+        # Config deleted from Redis (e.g. FLUSHALL): still the last good config.
+        client.delete(key)
+        wait_until(lambda: sidecar.metric("sluice_config_reloads_total", result="invalid") >= 1, 1)
+        assert statuses(sidecar.url, 1) == [429]
+        # A good config again: applied (its notice arrives too, polling would also find it).
+        apply(tmp_path, url, policy_yaml(ns, mode="shadow"))
+        wait_until(lambda: config_version(sidecar) >= 1 and json.loads(
+            http_get(sidecar.admin + "/admin/config")[1])["policy"]["spec"]["mode"] == "shadow", 10,
+            what="good config picked up")
+        assert statuses(sidecar.url, 2) == [200, 200]
+    finally:
+        sidecar.close()
+
+
+def test_no_matching_policy_means_not_limited(redis_server: object, upstream: UpstreamProcess,
+                                              labels: Path, tmp_path: Path) -> None:
+    url = redis_server.url  # type: ignore[attr-defined]
+    ns = "nm-" + uuid.uuid4().hex[:8]
+    apply(tmp_path, url, policy_yaml(ns, requests=1, app="other"))
+    sidecar = SidecarProcess(upstream.url, "--redis", url, "--namespace", ns, "--pod-labels", str(labels))
+    try:
+        assert statuses(sidecar.url, 3) == [200, 200, 200]
+        assert sidecar.metric("sluice_decisions_total", decision="unconfigured") == 3
+    finally:
+        sidecar.close()
