@@ -24,7 +24,7 @@ test-fast: $(STAMP)
 	$(BIN)/pytest -q -x -m "not slow and not cluster"
 
 lint: $(STAMP)
-	$(BIN)/ruff check core sidecar operator tests
+	$(BIN)/ruff check core sidecar operator tests bench
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 

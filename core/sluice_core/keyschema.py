@@ -1,9 +1,13 @@
 """The Redis key schema: every key Sluice reads or writes is spelled here and nowhere else.
 
-Bucket keys carry one hash tag per decision, ``{<namespace>/<policy>:<client>}``, so the tier
-bucket and the route bucket of one request always live in the same Redis Cluster slot and the
-decision script runs unchanged on a single Redis, Sentinel or Cluster. The client part never
-contains ``{`` or ``}``: API keys and header values are hashed, IP addresses cannot contain them.
+Bucket keys carry one hash tag per decision, ``{<policy id>:<client>}``, so the tier bucket and
+the route bucket of one request always live in the same Redis Cluster slot and the decision
+script runs unchanged on a single Redis, Sentinel or Cluster. The client part never contains
+``{`` or ``}``: API keys and header values are hashed, IP addresses cannot contain them.
+
+Bucket keys are kept short on purpose (``sl:{Ab3dE_:kQWERTYUIOPASDFGH}:t:pro``, 35 bytes): with
+millions of clients the key bytes are most of Redis's memory per bucket. The policy id is 36 bits
+of SHA-256 of ``namespace/name``; a client's key or header value contributes 96 bits.
 """
 
 from __future__ import annotations
@@ -32,15 +36,41 @@ def hash_api_key(key: str) -> str:
     return hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()
 
 
+def _b64(raw: bytes) -> str:
+    return base64.urlsafe_b64encode(raw).decode("ascii")
+
+
 def short_digest(value: str) -> str:
-    """16 bytes of SHA-256, base64url (22 characters): a compact, brace-free client id."""
-    raw = hashlib.sha256(value.encode("utf-8", "surrogateescape")).digest()[:16]
-    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
+    """12 bytes of SHA-256, base64url (16 characters): a compact, brace-free id."""
+    return _b64(hashlib.sha256(value.encode("utf-8", "surrogateescape")).digest()[:12])
+
+
+def policy_id(policy_ref: str) -> str:
+    """6 characters naming a policy (``namespace/name``) inside bucket keys."""
+    return _b64(hashlib.sha256(policy_ref.encode()).digest()[:6])[:6]
+
+
+def client_for_api_key(key_sha256: bytes) -> str:
+    """Client id of a known API key, from its SHA-256 digest (raw bytes)."""
+    return "k" + _b64(key_sha256[:12])
+
+
+def client_for_header(value: str) -> str:
+    return "h" + short_digest(value)
+
+
+def client_for_ip(ip: str) -> str:
+    return "i" + ip
 
 
 def client_tag(policy_ref: str, client_id: str) -> str:
     """The hash-tagged prefix shared by every bucket of one client under one policy."""
-    return f"{PREFIX}:b:{{{policy_ref}:{client_id}}}"
+    return f"sl:{{{policy_id(policy_ref)}:{client_id}}}"
+
+
+def client_tag_for(policy_id_: str, client_id: str) -> str:
+    """:func:`client_tag` with the policy id already computed (the sidecar's hot path)."""
+    return f"sl:{{{policy_id_}:{client_id}}}"
 
 
 def tier_bucket_key(tag: str, tier: str) -> str:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Mapping
 
-from sluice_core.keyschema import short_digest
+from sluice_core.keyschema import client_for_header, client_for_ip
 from sluice_core.model import IPNetwork, Source
 
 MAX_XFF_HOPS = 32  # a longer chain is not walked further (header tricks stay cheap)
@@ -66,7 +66,7 @@ def identity(order: tuple[Source, ...], *, has_key: bool, header_value: str | No
         if source is Source.API_KEY:
             continue  # only known keys identify a client; see Limiter
         if source is Source.HEADER and header_value and len(header_value) <= MAX_IDENTITY_LENGTH:
-            return "h:" + short_digest(header_value)
+            return client_for_header(header_value)
         if source is Source.IP:
-            return "i:" + ip
-    return "i:" + ip  # a policy listing only apiKey still needs a bucket for keyless clients
+            return client_for_ip(ip)
+    return client_for_ip(ip)  # a policy listing only apiKey still needs a bucket for keyless clients

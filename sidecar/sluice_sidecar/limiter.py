@@ -7,7 +7,6 @@ API key, and one store call.
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import logging
 import time
@@ -56,11 +55,13 @@ class Enforcement:
     policy: CompiledPolicy
     grants: Mapping[str, KeyGrant]
     version: int
+    policy_id: str = field(init=False)
     tiers: dict[str, Bucket] = field(init=False)
     rules: dict[str, Bucket] = field(init=False)
     _key_buckets: dict[str, Bucket] = field(init=False, default_factory=dict)
 
     def __post_init__(self) -> None:
+        self.policy_id = keyschema.policy_id(self.policy.ref)
         self.tiers = {t.name: _bucket(t.name, f":t:{t.name}", t.limit) for t in self.policy.tiers.values()}
         self.rules = {r.name: _bucket(r.name, f":r:{r.name}", r.limit)
                       for r in self.policy.rules if r.limit is not None}
@@ -111,7 +112,7 @@ class Limiter:
             return FORWARD_PLAIN
 
         ident = policy.identify
-        digest = b64 = None
+        digest = client = None
         grant: KeyGrant | None = None
         if Source.API_KEY in ident.order:
             key = api_key_from(headers, policy.api_keys.header)
@@ -120,14 +121,13 @@ class Limiter:
                 digest = raw.hex()
                 grant = act.grants.get(digest)
                 if grant is not None:
-                    b64 = base64.urlsafe_b64encode(raw[:16]).rstrip(b"=").decode()
+                    client = keyschema.client_for_api_key(raw)
         if grant is None and policy.api_keys.required:
             self.metrics.decision(policy.name, "", rule_name, "unauthorized")
             return Outcome(401, [("WWW-Authenticate", f'ApiKey header="{policy.api_keys.header}"')],
                            policy.name, detail="a valid API key is required" if digest is None
                            else "the API key is not known")
-        if grant is not None and b64 is not None:
-            client = "k:" + b64
+        if grant is not None and client is not None:
             tier_b = act.key_bucket(digest or "", grant) if grant.limit is not None else act.tiers[grant.tier]
         else:
             # Unknown keys are not identities: an attacker rotating random keys would otherwise
@@ -137,7 +137,7 @@ class Limiter:
             client = identity(ident.order, has_key=False, header_value=hv, ip=ip)
             tier_b = act.tiers[policy.default_tier]
 
-        tag = keyschema.client_tag(policy.ref, client)
+        tag = keyschema.client_tag_for(act.policy_id, client)
         cost = rule.cost if rule is not None else 1
         rule_b = act.rules.get(rule_name) if rule is not None else None
         if rule_b is None:

@@ -1,22 +1,23 @@
 """The streaming reverse proxy to the one configured upstream.
 
-Bodies stream both ways without a size cap (small upstream replies are read whole, which is
-cheaper). Hop-by-hop headers are dropped in both directions, ``X-Forwarded-For`` is appended
-and ``X-Forwarded-Proto`` set when absent. Only the configured upstream is ever contacted: the
-request target is used as a path, never as a URL, so this is not an open proxy.
+Bodies stream both ways without a size cap, with back-pressure (small upstream replies that
+arrive whole are answered in one piece, which is cheaper). Hop-by-hop headers are dropped in
+both directions, ``X-Forwarded-For`` is appended and ``X-Forwarded-Proto`` set when absent.
+Only the configured upstream is ever contacted: the request target is used as a path, never as
+a URL, so this is not an open proxy.
 """
 
 from __future__ import annotations
 
 import logging
 
-import aiohttp
 from aiohttp import web
-from multidict import CIMultiDict, CIMultiDictProxy
+from multidict import CIMultiDict
 from yarl import URL
 
 from sluice_sidecar.metrics import Metrics
 from sluice_sidecar.problem import problem
+from sluice_sidecar.upstream import CHUNK, UpstreamError, UpstreamPool
 
 log = logging.getLogger("sluice.proxy")
 
@@ -24,97 +25,111 @@ HOP_BY_HOP = frozenset({
     "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection",
     "te", "trailer", "transfer-encoding", "upgrade",
 })
-SMALL_BODY = 64 * 1024  # upstream bodies up to this size are read whole, not streamed
-CHUNK = 64 * 1024
+# Not forwarded upstream: hop-by-hop, plus Expect (the sidecar already accepted the body) and
+# Content-Length (set again from what is actually sent).
+_DROP_REQUEST = HOP_BY_HOP | {"expect", "content-length"}
+_DROP_RESPONSE = HOP_BY_HOP | {"content-length"}
 
 
-def _strip_hop_by_hop(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> CIMultiDict[str]:
-    extra = {t.strip().lower() for t in headers.get("Connection", "").split(",") if t.strip()}
-    out: CIMultiDict[str] = CIMultiDict()
-    for k, v in headers.items():
-        lk = k.lower()
-        if lk not in HOP_BY_HOP and lk not in extra:
-            out.add(k, v)
-    return out
+def _connection_tokens(value: str | None) -> set[str]:
+    return {t.strip().lower() for t in value.split(",") if t.strip()} if value else set()
 
 
 class Proxy:
     def __init__(self, upstream: str, metrics: Metrics, *, connect_timeout: float = 2.0,
                  read_timeout: float = 60.0, max_connections: int = 1024) -> None:
         base = URL(upstream)
-        if base.scheme not in ("http", "https") or not base.host:
-            raise ValueError(f"--upstream must be an http(s)://host:port URL, got {upstream!r}")
-        self.base = str(base.with_path("").with_query(None)).rstrip("/")
+        if base.scheme != "http" or not base.host or base.path not in ("", "/") or base.query_string:
+            raise ValueError(f"--upstream must be http://HOST:PORT (the app in the same pod), got {upstream!r}")
         self.metrics = metrics
-        self._connect_timeout = connect_timeout
-        self._read_timeout = read_timeout
-        self._max_connections = max_connections
-        self._session: aiohttp.ClientSession | None = None
+        self.read_timeout = read_timeout
+        self._pool_args = (base.host, base.port or 80, connect_timeout, read_timeout, max_connections)
+        self.pool: UpstreamPool | None = None
 
     async def start(self) -> None:
-        connector = aiohttp.TCPConnector(limit=self._max_connections, limit_per_host=0,
-                                         keepalive_timeout=30, ttl_dns_cache=30)
-        self._session = aiohttp.ClientSession(
-            connector=connector, auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar(),
-            timeout=aiohttp.ClientTimeout(total=None, sock_connect=self._connect_timeout,
-                                          sock_read=self._read_timeout),
-            skip_auto_headers=("User-Agent", "Accept-Encoding", "Accept", "Content-Type"))
+        host, port, connect_timeout, read_timeout, max_connections = self._pool_args
+        self.pool = UpstreamPool(host, port, connect_timeout=connect_timeout,
+                                 read_timeout=read_timeout, max_connections=max_connections)
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
+        if self.pool is not None:
+            await self.pool.close()
+
+    def _request_head(self, request: web.BaseRequest, peer: str, chunked: bool, length: int | None) -> bytes:
+        assert self.pool is not None
+        drop = _DROP_REQUEST | _connection_tokens(request.headers.get("Connection"))
+        lines = [f"{request.method} {request.raw_path} HTTP/1.1"]
+        xff = None
+        proto_seen = host_seen = False
+        for k, v in request.headers.items():
+            lk = k.lower()
+            if lk in drop:
+                continue
+            if lk == "x-forwarded-for":
+                xff = f"{xff}, {v}" if xff else v
+                continue
+            proto_seen = proto_seen or lk == "x-forwarded-proto"
+            host_seen = host_seen or lk == "host"
+            lines.append(f"{k}: {v}")
+        lines.append(f"X-Forwarded-For: {xff}, {peer}" if xff else f"X-Forwarded-For: {peer}")
+        if not proto_seen:
+            lines.append(f"X-Forwarded-Proto: {request.scheme}")
+        if not host_seen:
+            lines.append(f"Host: {self.pool.host_header}")
+        if chunked:
+            lines.append("Transfer-Encoding: chunked")
+        elif length is not None:
+            lines.append(f"Content-Length: {length}")
+        lines.append("\r\n")
+        return "\r\n".join(lines).encode("latin-1")
 
     async def forward(self, request: web.BaseRequest, peer: str,
                       rate_headers: list[tuple[str, str]]) -> web.StreamResponse:
-        assert self._session is not None
-        raw_path = request.raw_path
-        if not raw_path.startswith("/"):
+        assert self.pool is not None
+        if not request.raw_path.startswith("/"):
             return problem(400, "Bad Request", "the request target must be a path (origin-form)")
-        headers = _strip_hop_by_hop(request.headers)
-        xff = headers.get("X-Forwarded-For")
-        headers["X-Forwarded-For"] = f"{xff}, {peer}" if xff else peer
-        headers.setdefault("X-Forwarded-Proto", request.scheme)
-        data = request.content if request.body_exists else None
-        url = URL(self.base + raw_path, encoded=True)
+        length = request.content_length
+        has_body = request.body_exists
+        chunked = has_body and length is None
+        head = self._request_head(request, peer, chunked, length if has_body else None)
+        body = request.content.iter_chunked(CHUNK) if has_body else None
         self.metrics.inflight.inc()
         try:
-            async with self._session.request(request.method, url, headers=headers, data=data,
-                                             allow_redirects=False) as up:
-                return await self._relay(request, up, rate_headers)
-        except (TimeoutError, aiohttp.ServerTimeoutError):
-            self.metrics.upstream_errors.labels("timeout").inc()
-            return problem(504, "Gateway Timeout", "the upstream did not answer in time",
-                           headers=rate_headers)
-        except aiohttp.ClientConnectorError:
-            self.metrics.upstream_errors.labels("refused").inc()
-            return problem(502, "Bad Gateway", "the upstream refused the connection",
-                           headers=rate_headers)
-        except aiohttp.ClientError as exc:
-            self.metrics.upstream_errors.labels("protocol").inc()
-            log.info("upstream error on %s %s: %s", request.method, request.path, type(exc).__name__)
+            up = await self.pool.request(request.method, head, body, chunked)
+            drop = _DROP_RESPONSE | _connection_tokens(
+                next((v for k, v in up.headers if k.lower() == "connection"), None))
+            headers: CIMultiDict[str] = CIMultiDict(
+                [(k, v) for k, v in up.headers if k.lower() not in drop])
+            for k, v in rate_headers:
+                headers.add(k, v)
+            if up.complete and request.method != "HEAD":
+                data = up.body_now()
+                return web.Response(status=up.status, reason=up.reason, headers=headers, body=data or None)
+            stream = web.StreamResponse(status=up.status, reason=up.reason, headers=headers)
+            if up.content_length is not None:
+                stream.content_length = up.content_length
+            await stream.prepare(request)
+            if request.method == "HEAD":
+                up.body_now()  # nothing follows a HEAD response; frees the connection
+                await stream.write_eof()
+                return stream
+            try:
+                async for chunk in up.iter_body(self.read_timeout):
+                    await stream.write(chunk)
+            except BaseException:
+                up.discard()
+                raise
+            await stream.write_eof()
+            return stream
+        except UpstreamError as exc:
+            self.metrics.upstream_errors.labels(exc.kind).inc()
+            if exc.kind == "timeout":
+                return problem(504, "Gateway Timeout", "the upstream did not answer in time",
+                               headers=rate_headers)
+            if exc.kind == "refused":
+                return problem(502, "Bad Gateway", "the upstream refused the connection",
+                               headers=rate_headers)
+            log.info("upstream error on %s %s: %s", request.method, request.path, exc)
             return problem(502, "Bad Gateway", "the upstream connection failed", headers=rate_headers)
         finally:
             self.metrics.inflight.dec()
-
-    async def _relay(self, request: web.BaseRequest, up: aiohttp.ClientResponse,
-                     rate_headers: list[tuple[str, str]]) -> web.StreamResponse:
-        headers = _strip_hop_by_hop(up.headers)
-        for k, v in rate_headers:
-            headers.add(k, v)
-        length = up.content_length
-        if request.method == "HEAD" or up.status in (204, 304) or (length is not None and length <= SMALL_BODY):
-            body = await up.read()
-            headers.popall("Content-Length", None)
-            whole = web.Response(status=up.status, reason=up.reason, headers=headers, body=body or None)
-            if request.method == "HEAD" and length is not None:
-                whole.headers["Content-Length"] = str(length)
-            return whole
-        headers.popall("Content-Length", None)
-        resp = web.StreamResponse(status=up.status, reason=up.reason, headers=headers)
-        if length is not None:
-            resp.content_length = length
-        await resp.prepare(request)
-        async for chunk in up.content.iter_chunked(CHUNK):
-            await resp.write(chunk)
-        await resp.write_eof()
-        return resp
