@@ -1,0 +1,148 @@
+"""The same decisions and config reads over every supported Redis URL: TLS with a password
+(``rediss://``) and Sentinel (``redis+sentinel://``). Single and Cluster are covered by the
+store and cluster-mode tests."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import ssl
+import subprocess
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sluice_core import configdoc, configstore, keyschema
+from sluice_core.model import Limit
+from sluice_core.parse import parse_policy
+from sluice_core.redisurl import parse_redis_url
+from sluice_sidecar.stores.redis import RedisStore
+from support.redis_servers import RedisServer, pick_port
+
+LIMIT = Limit(requests=2, period_us=3_600_000_000, burst=2)
+PARAMS = (LIMIT.emission_us, LIMIT.capacity_us)
+POLICY = parse_policy({"apiVersion": "sluice.dev/v1alpha1", "kind": "RateLimitPolicy",
+                       "metadata": {"name": "p", "namespace": "topo"},
+                       "spec": {"tiers": [{"name": "free", "requests": 1, "period": "1m"}]}})
+
+
+def _wait(predicate: object, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():  # type: ignore[operator]
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+async def exercise(url: str) -> None:
+    """Two admitted, one refused, on one fresh bucket; then a config round trip."""
+    store = RedisStore(parse_redis_url(url), timeout=2.0, connect_timeout=2.0)
+    key = keyschema.tier_bucket_key(keyschema.client_tag("topo/p", "i" + uuid.uuid4().hex), "free")
+    try:
+        allowed = [(await store.decide((key,), 1, PARAMS))[0] for _ in range(3)]
+    finally:
+        await store.close()
+    assert allowed == [1, 1, 0]
+    client = configstore.connect(url)
+    ns = "topo-" + uuid.uuid4().hex[:6]
+    version = configstore.publish(client, ns, configdoc.build_doc(ns, [POLICY]))
+    assert version == 1
+    cfg = configstore.read(client, ns)
+    assert cfg is not None
+    assert cfg.version == 1
+    assert cfg.policies[0].name == "p"
+
+
+@pytest.fixture
+def tls_redis() -> Iterator[tuple[str, int]]:
+    if not shutil.which("openssl"):
+        pytest.fail("openssl is needed to make test certificates (Debian: apt-get install openssl)")
+    d = Path(tempfile.mkdtemp(prefix="sluice-tls-"))
+    def run(*cmd: str) -> None:
+        subprocess.run(cmd, cwd=d, check=True, capture_output=True)
+    run("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out",
+        "ca.pem", "-days", "1", "-subj", "/CN=sluice-test-ca")
+    run("openssl", "req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out",
+        "server.csr", "-subj", "/CN=127.0.0.1")
+    (d / "ext").write_text("subjectAltName=IP:127.0.0.1\n")
+    run("openssl", "x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+        "-CAcreateserial", "-out", "server.pem", "-days", "1", "-extfile", "ext")
+    port = pick_port()
+    proc = subprocess.Popen(
+        ["redis-server", "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1",
+         "--tls-cert-file", "server.pem", "--tls-key-file", "server.key",
+         "--tls-ca-cert-file", "ca.pem", "--tls-auth-clients", "no", "--requirepass", "s3cret",
+         "--save", "", "--appendonly", "no"], cwd=d, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ctx = ssl.create_default_context(cafile=str(d / "ca.pem"))
+
+    def up() -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", port), 0.5) as raw, \
+                    ctx.wrap_socket(raw, server_hostname="127.0.0.1") as s:
+                s.sendall(b"PING\r\n")
+                return s.recv(64).startswith(b"-NOAUTH")
+        except OSError:
+            return False
+    try:
+        _wait(up, 15, "TLS redis-server")
+        yield str(d / "ca.pem"), port
+    finally:
+        proc.kill()
+        proc.wait(5)
+        shutil.rmtree(d, ignore_errors=True)
+
+
+async def test_tls_with_password(tls_redis: tuple[str, int]) -> None:
+    ca, port = tls_redis
+    await exercise(f"rediss://:s3cret@127.0.0.1:{port}?ssl_ca_certs={ca}")
+
+
+async def test_tls_wrong_password_is_unavailable_and_secret_free(tls_redis: tuple[str, int]) -> None:
+    from sluice_sidecar.stores.base import StoreUnavailable
+
+    ca, port = tls_redis
+    target = parse_redis_url(f"rediss://:wrong-secret@127.0.0.1:{port}?ssl_ca_certs={ca}")
+    assert "wrong-secret" not in repr(target) + str(target)
+    store = RedisStore(target, timeout=2.0, connect_timeout=2.0)
+    with pytest.raises(StoreUnavailable) as info:
+        await store.decide(("sl:{x:y}:t:free",), 1, PARAMS)
+    await store.close()
+    assert "wrong-secret" not in str(info.value)
+
+
+@pytest.fixture
+def sentinel() -> Iterator[tuple[RedisServer, int]]:
+    master = RedisServer()
+    d = Path(tempfile.mkdtemp(prefix="sluice-sentinel-"))
+    port = pick_port()
+    conf = d / "sentinel.conf"
+    conf.write_text(f"port {port}\nbind 127.0.0.1\nsentinel monitor sluicemaster 127.0.0.1 {master.port} 1\n"
+                    "sentinel down-after-milliseconds sluicemaster 5000\n")
+    proc = subprocess.Popen(["redis-server", str(conf), "--sentinel"], cwd=d,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def knows_master() -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", port), 0.5) as s:
+                s.sendall(b"SENTINEL get-master-addr-by-name sluicemaster\r\n")
+                return str(master.port).encode() in s.recv(256)
+        except OSError:
+            return False
+    try:
+        _wait(knows_master, 15, "sentinel")
+        yield master, port
+    finally:
+        proc.kill()
+        proc.wait(5)
+        master.close()
+        shutil.rmtree(d, ignore_errors=True)
+
+
+async def test_sentinel(sentinel: tuple[RedisServer, int]) -> None:
+    master, port = sentinel
+    await exercise(f"redis+sentinel://127.0.0.1:{port}/sluicemaster")
+    assert master.execute("DBSIZE") >= 2  # the bucket and the config landed on the master
