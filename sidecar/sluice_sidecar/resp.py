@@ -35,6 +35,11 @@ def encode(*args: bytes | str | int) -> bytes:
     return b"".join(out)
 
 
+def _expire_one(fut: asyncio.Future[Any]) -> None:
+    if not fut.done():
+        fut.set_exception(TimeoutError("redis did not answer in time"))
+
+
 class RespConnection(asyncio.Protocol):
     """One connection; ``send()`` returns a future for the reply. In push mode (pub/sub) every
     reply after the subscription goes to ``on_push`` instead."""
@@ -108,10 +113,17 @@ class RespConnection(asyncio.Protocol):
             return fut
         self._waiters.append(fut)
         self._out.append(payload)
-        deadline = self._loop.time() + (self._timeout if timeout is None else timeout)
-        self._deadlines.append((deadline, fut))
-        if self._timer is None:
-            self._timer = self._loop.call_at(deadline, self._expire)
+        if timeout is None or timeout == self._timeout:
+            # Same timeout for all: send order is deadline order, one timer serves the batch.
+            deadline = self._loop.time() + self._timeout
+            self._deadlines.append((deadline, fut))
+            if self._timer is None:
+                self._timer = self._loop.call_at(deadline, self._expire)
+        else:
+            # Another timeout would break that order (a short one queued behind a long one
+            # would wait for the long one): it gets a timer of its own.
+            handle = self._loop.call_later(timeout, _expire_one, fut)
+            fut.add_done_callback(lambda _: handle.cancel())
         if not self._flush_scheduled:
             self._flush_scheduled = True
             self._loop.call_soon(self._flush)

@@ -6,7 +6,9 @@ the least recently written bucket is dropped (that client then starts with a ful
 
 from __future__ import annotations
 
+import itertools
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 
 
@@ -18,7 +20,9 @@ class MemoryStore:
     name = "memory"
 
     def __init__(self, *, max_buckets: int = 1_000_000, clock_us: Callable[[], int] = _now_us) -> None:
-        self._tat: dict[str, int] = {}
+        # Write order, oldest first; OrderedDict drops its oldest entry in O(1) (a plain dict
+        # scans the holes left at its front by earlier deletions: O(n) per write at the cap).
+        self._tat: OrderedDict[str, int] = OrderedDict()
         self._max = max_buckets
         self._clock = clock_us
         self._sweep_every = 1024
@@ -56,22 +60,24 @@ class MemoryStore:
         if allowed and cost > 0:
             tat_map = self._tat
             for key, new in zip(keys, news, strict=True):
-                tat_map.pop(key, None)  # re-insert: dict order is write order (oldest first)
                 tat_map[key] = new
+                tat_map.move_to_end(key)  # order is write order (oldest first)
             self._writes += 1
-            if self._writes % self._sweep_every == 0 or len(tat_map) > self._max:
+            if self._writes % self._sweep_every == 0:
                 self._sweep(now)
+            while len(tat_map) > self._max:  # at the cap: drop the oldest, O(1), no sweep
+                tat_map.popitem(last=False)
         return out
 
     def _sweep(self, now: int) -> None:
         # Oldest writes come first; a bucket whose TAT has passed is full again, so dropping it
         # changes nothing. Then enforce the size cap.
         tat_map = self._tat
-        for key in list(tat_map)[: 4 * self._sweep_every]:
+        for key in list(itertools.islice(tat_map, 4 * self._sweep_every)):
             if tat_map[key] <= now:
                 del tat_map[key]
         while len(tat_map) > self._max:
-            del tat_map[next(iter(tat_map))]
+            tat_map.popitem(last=False)
 
     async def close(self) -> None:
         self._tat.clear()

@@ -138,8 +138,20 @@ class RedisNodes:
     def moved(self, slot: int, addr: Addr) -> None:
         if self._slots is not None:
             self._slots[slot] = addr
+        self.schedule_refresh()
+
+    def schedule_refresh(self) -> None:
+        """Reload the slot map in the background (one refresh at a time): after MOVED, and
+        after a node could not be reached (a failed-over master's address stays dead and
+        never answers MOVED)."""
         if self._refreshing is None or self._refreshing.done():
-            self._refreshing = asyncio.ensure_future(self.refresh_slots())
+            self._refreshing = asyncio.ensure_future(self._refresh_quietly())
+
+    async def _refresh_quietly(self) -> None:
+        try:
+            await self.refresh_slots()
+        except StoreUnavailable as exc:  # the next failed decision schedules another try
+            log.warning("cluster slot map refresh failed: %s", exc)
 
     async def close(self) -> None:
         for conn in self._conns.values():
@@ -169,7 +181,9 @@ class RedisStore:
             raise StoreUnavailable(f"redis refused the decision: {str(exc)[:120]}") from exc
         except (OSError, TimeoutError, ConnectionClosed) as exc:
             self._conn = None
-            if not self._cluster:
+            if self._cluster:
+                self.nodes.schedule_refresh()
+            else:
                 self.nodes.forget_master()
             raise StoreUnavailable(f"redis unavailable: {exc or type(exc).__name__}") from exc
 
