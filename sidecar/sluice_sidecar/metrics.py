@@ -3,7 +3,11 @@ code (decision, reason); a client id is never a label. Per-client views belong t
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
 
 DECISIONS = ("allowed", "limited", "shadow_limited", "failed_open", "failed_closed",
              "unauthorized", "skipped", "unconfigured")
@@ -40,3 +44,17 @@ class Metrics:
         if child is None:
             child = self._children[key] = self.decisions.labels(policy, tier, rule, decision)
         child.inc()  # type: ignore[attr-defined]
+
+
+class BatchCollector(Collector):
+    """``sluice_redis_decisions_total`` / ``sluice_redis_batches_total``: their ratio is the mean
+    number of decisions per script run (how much coalescing happens under load)."""
+
+    def __init__(self, read: Callable[[], tuple[int, int]]) -> None:
+        self._read = read
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        decisions, batches = self._read()
+        yield CounterMetricFamily("sluice_redis_decisions", "Decisions sent to Redis", value=decisions)
+        yield CounterMetricFamily("sluice_redis_batches", "Decision script runs sent to Redis (batches)",
+                                  value=batches)

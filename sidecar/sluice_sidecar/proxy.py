@@ -81,7 +81,9 @@ class Proxy:
         elif length is not None:
             lines.append(f"Content-Length: {length}")
         lines.append("\r\n")
-        return "\r\n".join(lines).encode("latin-1")
+        # aiohttp decoded the client's header bytes as UTF-8 with surrogateescape: encoding the
+        # same way forwards them byte for byte (latin-1 would garble UTF-8 and raise on the rest).
+        return "\r\n".join(lines).encode("utf-8", "surrogateescape")
 
     async def forward(self, request: web.BaseRequest, peer: str,
                       rate_headers: list[tuple[str, str]]) -> web.StreamResponse:

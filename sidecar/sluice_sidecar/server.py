@@ -15,7 +15,7 @@ from sluice_core.redisurl import parse_redis_url
 from sluice_sidecar.breaker import CircuitBreaker, State
 from sluice_sidecar.configsource import FileSource, RedisSource
 from sluice_sidecar.limiter import Enforcement, Limiter, Outcome
-from sluice_sidecar.metrics import Metrics
+from sluice_sidecar.metrics import BatchCollector, Metrics
 from sluice_sidecar.problem import problem
 from sluice_sidecar.proxy import Proxy
 from sluice_sidecar.settings import SidecarSettings, split_hostport
@@ -50,6 +50,9 @@ class Sidecar:
                                     connect_timeout=settings.redis_connect_timeout_ms / 1000)
         else:
             self.store = MemoryStore(max_buckets=settings.memory_max_buckets)
+        if isinstance(self.store, RedisStore):
+            store = self.store
+            self.metrics.registry.register(BatchCollector(lambda: (store.decisions, store.batches)))
         self.breaker = CircuitBreaker(threshold=settings.breaker_threshold,
                                       cooldown=settings.breaker_cooldown_s,
                                       on_change=self._breaker_changed)

@@ -189,8 +189,12 @@ class _Connection(asyncio.Protocol):
             self._reading_paused = False
             self.transport.resume_reading()
 
-    async def drain(self) -> None:
-        await self._can_write.wait()
+    async def drain(self, timeout: float) -> None:
+        if not self._can_write.is_set():
+            # An upstream that stopped reading the body is as stuck as one that stopped
+            # answering: the read timeout applies (TimeoutError -> 504).
+            async with asyncio.timeout(timeout):
+                await self._can_write.wait()
         if self.closed:
             raise _Reset()
 
@@ -204,6 +208,8 @@ class _Connection(asyncio.Protocol):
             self.close()
 
     def close(self) -> None:
+        if self.head is not None and not self.head.done():
+            self.head.cancel()  # nobody awaits it any more: no "exception never retrieved"
         if not self.closed and self.transport is not None:
             self.closed = True
             self.transport.close()
@@ -275,7 +281,7 @@ class UpstreamPool:
                         if not chunk:
                             continue
                         conn.transport.write(b"%x\r\n%b\r\n" % (len(chunk), chunk) if chunked else chunk)
-                        await conn.drain()
+                        await conn.drain(self.read_timeout)
                     if chunked:
                         conn.transport.write(b"0\r\n\r\n")
                 # One timer per request (cheaper than asyncio.timeout's context machinery).

@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import binascii
 import logging
+from collections.abc import Coroutine
+from typing import Any
 
 from sluice_core import scripts
 from sluice_core.redisurl import RedisTarget, Topology
@@ -161,33 +163,134 @@ class RedisNodes:
             self._refreshing.cancel()
 
 
+Pending = tuple[tuple[str, ...], int, tuple[int, ...], "asyncio.Future[list[int]]"]
+
+
 class RedisStore:
+    """Decisions asked for during one event-loop turn go to Redis as one script run (per slot
+    on a Cluster), so the script's fixed cost (call, ``TIME``, reply) is paid once per batch;
+    batches themselves are pipelined on one connection per node."""
+
     name = "redis"
 
-    def __init__(self, target: RedisTarget, *, timeout: float = 0.05, connect_timeout: float = 0.5) -> None:
+    def __init__(self, target: RedisTarget, *, timeout: float = 0.05, connect_timeout: float = 0.5,
+                 max_batch: int = 64) -> None:
         self.nodes = RedisNodes(target, timeout=timeout, connect_timeout=connect_timeout)
         self._script = scripts.decide()
         self._sha = self._script.sha1.encode()
         self._cluster = target.topology is Topology.CLUSTER
         self._conn: RespConnection | None = None  # single/sentinel fast path
+        self._pending: list[Pending] = []
+        self._flush_scheduled = False
+        self.max_batch = max_batch
+        self._tasks: set[asyncio.Future[None]] = set()
+        self.batches = 0  # script runs sent (decisions / batches = mean batch size)
+        self.decisions = 0
 
     async def decide(self, keys: tuple[str, ...], cost: int, params: tuple[int, ...]) -> list[int]:
-        payload = encode(b"EVALSHA", self._sha, len(keys), *keys, cost, *params)
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[list[int]] = loop.create_future()
+        self._pending.append((keys, cost, params, fut))
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            loop.call_soon(self._flush)
+        return await fut
+
+    # Batching -------------------------------------------------------------------------------
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        pending, self._pending = self._pending, []
+        if self._cluster:
+            by_slot: dict[int, list[Pending]] = {}
+            for item in pending:
+                by_slot.setdefault(key_slot(item[0][0]), []).append(item)
+            groups = list(by_slot.values())
+        else:
+            groups = [pending]
+        for group in groups:
+            for i in range(0, len(group), self.max_batch):
+                self._send(group[i:i + self.max_batch])
+
+    def _payload(self, group: list[Pending]) -> bytes:
+        keys: list[str] = []
+        argv: list[int] = [len(group)]
+        for k, cost, params, _ in group:
+            keys.extend(k)
+            argv.append(len(k))
+            argv.append(cost)
+            argv.extend(params)
+        return encode(b"EVALSHA", self._sha, len(keys), *keys, *argv)
+
+    def _send(self, group: list[Pending]) -> None:
+        group = [g for g in group if not g[3].done()]  # callers that went away
+        if not group:
+            return
+        self.batches += 1
+        self.decisions += len(group)
+        payload = self._payload(group)
+        conn = self._conn
+        if not self._cluster and conn is not None and not conn.closed:
+            conn.send(payload).add_done_callback(lambda f: self._sent(group, payload, f))
+        else:
+            self._spawn(self._send_slowly(group, payload))
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)  # keep a reference until it is done
+        task.add_done_callback(self._tasks.discard)
+
+    def _sent(self, group: list[Pending], payload: bytes, f: asyncio.Future[Any]) -> None:
+        exc = f.exception() if not f.cancelled() else ConnectionClosed("cancelled")
+        if exc is None:
+            self._distribute(group, f.result())
+        elif isinstance(exc, RedisReplyError):  # NOSCRIPT, READONLY...: the careful path
+            self._spawn(self._send_slowly(group, payload))
+        else:
+            self._fail(group, exc)
+
+    async def _send_slowly(self, group: list[Pending], payload: bytes) -> None:
         try:
-            return await self._run(payload, keys, cost, params)
-        except StoreUnavailable:
-            raise
-        except RedisReplyError as exc:
-            raise StoreUnavailable(f"redis refused the decision: {str(exc)[:120]}") from exc
-        except (OSError, TimeoutError, ConnectionClosed) as exc:
+            reply = await self._execute(payload, group[0][0][0])
+        except BaseException as exc:  # every caller must hear back, whatever happened
+            self._fail(group, exc)
+            if not isinstance(exc, Exception):
+                raise
+            return
+        self._distribute(group, reply)
+
+    @staticmethod
+    def _distribute(group: list[Pending], reply: list[int]) -> None:
+        at = 0
+        for keys, _, _, fut in group:
+            size = 2 + 3 * len(keys)
+            if not fut.done():
+                fut.set_result(reply[at:at + size])
+            at += size
+
+    def _fail(self, group: list[Pending], exc: BaseException) -> None:
+        err = self._wrap(exc)
+        for _, _, _, fut in group:
+            if not fut.done():
+                fut.set_exception(err)
+
+    def _wrap(self, exc: BaseException) -> StoreUnavailable:
+        """Every failure leaves the store as one StoreUnavailable (the cause kept for metrics)."""
+        if isinstance(exc, StoreUnavailable):
+            return exc
+        if isinstance(exc, RedisReplyError):
+            err = StoreUnavailable(f"redis refused the decision: {str(exc)[:120]}")
+        else:
             self._conn = None
             if self._cluster:
                 self.nodes.schedule_refresh()
             else:
                 self.nodes.forget_master()
-            raise StoreUnavailable(f"redis unavailable: {exc or type(exc).__name__}") from exc
+            err = StoreUnavailable(f"redis unavailable: {exc or type(exc).__name__}")
+        err.__cause__ = exc
+        return err
 
-    async def _run(self, payload: bytes, keys: tuple[str, ...], cost: int, params: tuple[int, ...]) -> list[int]:
+    # One script run, with reconnects, NOSCRIPT and cluster redirections -----------------------
+    async def _execute(self, payload: bytes, first_key: str) -> list[int]:
         if not self._cluster:
             conn = self._conn
             if conn is None or conn.closed:
@@ -202,7 +305,7 @@ class RedisStore:
                     self._conn = None
                     self.nodes.forget_master()
                 raise
-        slot = key_slot(keys[0])
+        slot = key_slot(first_key)
         if self.nodes._slots is None:
             await self.nodes.refresh_slots()
         for _ in range(3):
@@ -222,20 +325,25 @@ class RedisStore:
                 if msg.startswith("ASK"):
                     _, _, where = msg.split(" ")
                     host, _, port = where.rpartition(":")
-                    target = await self.nodes.connect((host, int(port)))
-                    target.send(encode("ASKING"))
-                    try:
-                        reply = await target.send(payload)
-                        return reply
-                    except RedisReplyError as exc2:
-                        if str(exc2).startswith("NOSCRIPT"):
-                            await target.call("SCRIPT", "LOAD", self._script.source)
-                            target.send(encode("ASKING"))
-                            reply = await target.send(payload)
-                            return reply
-                        raise
+                    return await self._ask(await self.nodes.connect((host, int(port))), payload)
                 raise
         raise StoreUnavailable("cluster kept redirecting the decision")
+
+    async def _ask(self, target: RespConnection, payload: bytes) -> list[int]:
+        """A slot being migrated: ASKING, then the script, on the importing node."""
+        for attempt in (0, 1):
+            asking = target.send(encode("ASKING"))
+            run = target.send(payload)
+            try:
+                await asking
+                reply: list[int] = await run
+                return reply
+            except RedisReplyError as exc:
+                if attempt == 0 and str(exc).startswith("NOSCRIPT"):
+                    await target.call("SCRIPT", "LOAD", self._script.source)
+                    continue
+                raise
+        raise StoreUnavailable("unreachable")  # pragma: no cover
 
     async def _load_and_retry(self, conn: RespConnection, payload: bytes) -> list[int]:
         # Redis restarted or SCRIPT FLUSH: load once, then the cached SHA works again.
@@ -244,4 +352,6 @@ class RedisStore:
         return result
 
     async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
         await self.nodes.close()
