@@ -108,6 +108,9 @@ def test_all_errors_are_reported_at_once() -> None:
     ({"apiKeys": {"header": "X Bad"}}, "spec.apiKeys.header: must be an HTTP header name, got 'X Bad'"),
     ({"selector": {"matchExpressions": [{"key": "app", "operator": "In"}]}},
      "spec.selector.matchExpressions[0].values: must be a non-empty list for operator In"),
+    ({"tiers": [{"name": "free", "requests": 3, "period": "1s"}, {"name": "pro", "requests": 9, "period": "1s"}],
+      "rules": [{"name": "r", "match": {"methods": ["GET"]}, "cost": 5}]},
+     "spec.rules[0].cost: is 5, more than the burst of tier free (3): those clients could never pass"),
     ({"tiers": [{"name": "free", "requests": 2_000_000, "period": "1s"}]},
      "spec.tiers[0].requests: 2000000 per 1s is more than 1000000 per second"),
 ])

@@ -52,6 +52,10 @@ def parse_grants(doc: Any, policy: CompiledPolicy, *, source: str = "") -> dict[
         if lm is not None:
             c.unknown(lm, f"{p}.limit", {"requests", "period", "burst"})
             limit = parse_limit(c, lm, f"{p}.limit")
+            top_cost = max((r.cost for r in policy.rules if not r.skip), default=1)
+            if limit is not None and limit.burst < top_cost:
+                c.fail(f"{p}.limit.burst", f"is {limit.burst}, less than the cost {top_cost} of a "
+                       "rule of the policy: that request could never pass")
         if digest in grants:
             c.fail(p, "the same key is listed twice")
         grants[digest] = KeyGrant(tier=str(tier), limit=limit)

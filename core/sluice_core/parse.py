@@ -181,6 +181,11 @@ def _parse(c: _Checker, doc: Any, default_namespace: str) -> CompiledPolicy | No
     if default_tier is not None and tiers and default_tier not in tiers:
         c.fail("spec.defaultTier", f"must name a declared tier ({', '.join(tiers)}), got {default_tier!r}")
     rules = _rules(c, spec.get("rules"))
+    for i, rule in enumerate(rules):
+        short = [f"{t.name} ({t.limit.burst})" for t in tiers.values() if t.limit.burst < rule.cost]
+        if short and not rule.skip:
+            c.fail(f"spec.rules[{i}].cost", f"is {rule.cost}, more than the burst of tier "
+                   f"{', '.join(short)}: those clients could never pass")
     failure_mode = c.enum(spec.get("failureMode"), "spec.failureMode", FailureMode, FailureMode.OPEN)
     mode = c.enum(spec.get("mode"), "spec.mode", Mode, Mode.ENFORCE)
     headers = c.enum(spec.get("headers"), "spec.headers", HeaderStyle, HeaderStyle.DRAFT)

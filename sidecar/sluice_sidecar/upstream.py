@@ -208,12 +208,20 @@ class _Connection(asyncio.Protocol):
             self.close()
 
     def close(self) -> None:
-        if self.head is not None and not self.head.done():
-            self.head.cancel()  # nobody awaits it any more: no "exception never retrieved"
         if not self.closed and self.transport is not None:
             self.closed = True
             self.transport.close()
         self.pool.forget(self)
+
+
+def _abandon(head: asyncio.Future[UpstreamResponse] | None) -> None:
+    """Nobody will await ``head`` any more: settle it, so that an error the closing connection
+    sets on it later is not reported as "Future exception was never retrieved"."""
+    if head is not None:
+        if not head.done():
+            head.cancel()
+        elif not head.cancelled():
+            head.exception()
 
 
 def _expire_head(head: asyncio.Future[UpstreamResponse]) -> None:
@@ -292,14 +300,17 @@ class UpstreamPool:
                 finally:
                     timer.cancel()
             except _Reset:
+                _abandon(conn.head)
                 conn.close()
                 if reused and body is None and attempt == 0:
                     continue
                 raise UpstreamError("protocol", "the upstream closed the connection") from None
             except TimeoutError:
+                _abandon(conn.head)
                 conn.close()
                 raise UpstreamError("timeout", "the upstream did not answer in time") from None
             except BaseException:
+                _abandon(conn.head)
                 conn.close()
                 raise
         raise UpstreamError("protocol", "the upstream closed the connection")

@@ -15,14 +15,11 @@
 --        one run share a hash tag: the sidecar only batches decisions of the same slot there)
 -- ARGV:  [1] number of decisions D; then per decision: n (its bucket count), cost, and for
 --        each of its buckets EM, CAP (integers, microseconds)
--- Reply: per decision, concatenated: allowed (1/0), retry_us, then per bucket:
---        remaining, next_token_us, full_us
---   allowed        1 when every bucket had room; a refused decision takes nothing
---   retry_us       when refused: wait until the same request could pass (0 when allowed)
---   remaining      whole tokens left (after this request when allowed; when refused, what
---                  every bucket holds now, as nothing was taken)
---   next_token_us  until the bucket holds one more whole token (0 when full)
---   full_us        until the bucket is full again
+-- Reply: per decision, concatenated: allowed (1/0), then per bucket its debt in microseconds
+--        (TAT - now: after this request when allowed; when refused, before it, as a refused
+--        decision takes nothing). Everything else follows from debt, EM and CAP, which the
+--        caller knows, so it is computed there (sluice_core.gcra.expand) rather than here:
+--        every reply element costs Redis time to convert.
 -- A cost of 0 only reads (admin "peek").
 
 local t = redis.call('TIME')
@@ -37,7 +34,7 @@ for _ = 1, tonumber(ARGV[1]) do
   local n = tonumber(ARGV[a])
   local cost = tonumber(ARGV[a + 1])
   a = a + 2
-  local allowed, retry = 1, 0
+  local allowed = 1
   local olds, news = {}, {}
   for i = 0, n - 1 do
     local key = KEYS[k + i]
@@ -48,32 +45,23 @@ for _ = 1, tonumber(ARGV[1]) do
     end
     if cur < now then cur = now end
     local new = cur + cost * tonumber(ARGV[a + 2 * i])
-    local over = new - now - tonumber(ARGV[a + 2 * i + 1])
-    if over > 0 then
-      allowed = 0
-      if over > retry then retry = over end
-    end
+    if new - now > tonumber(ARGV[a + 2 * i + 1]) then allowed = 0 end
     olds[i], news[i] = cur, new
   end
   out[#out + 1] = allowed
-  out[#out + 1] = retry
   for i = 0, n - 1 do
-    local em = tonumber(ARGV[a + 2 * i])
-    local debt = olds[i] - now
-    if allowed == 1 then debt = news[i] - now end
-    local room = tonumber(ARGV[a + 2 * i + 1]) - debt
-    local nxt = 0
-    if debt > 0 then nxt = em - room % em end
-    out[#out + 1] = math.max(0, math.floor(room / em))
-    out[#out + 1] = nxt
-    out[#out + 1] = debt
-    if allowed == 1 and cost > 0 then
-      local key = KEYS[k + i]
-      if not queued[key] then
-        queued[key] = true
-        order[#order + 1] = key
+    if allowed == 1 then
+      out[#out + 1] = news[i] - now
+      if cost > 0 then
+        local key = KEYS[k + i]
+        if not queued[key] then
+          queued[key] = true
+          order[#order + 1] = key
+        end
+        tat[key] = news[i]
       end
-      tat[key] = news[i]
+    else
+      out[#out + 1] = olds[i] - now
     end
   end
   k = k + n

@@ -11,6 +11,8 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 
+from sluice_core.gcra import expand
+
 
 def _now_us() -> int:
     return time.time_ns() // 1_000
@@ -39,24 +41,17 @@ class MemoryStore:
         tats: list[int] = []
         news: list[int] = []
         allowed = 1
-        retry = 0
         for i, key in enumerate(keys):
             tat = self._tat.get(key, now)
             if tat < now:
                 tat = now
             new = tat + cost * params[2 * i]
-            over = new - now - params[2 * i + 1]
-            if over > 0:
+            if new - now > params[2 * i + 1]:
                 allowed = 0
-                retry = max(retry, over)
             tats.append(tat)
             news.append(new)
-        out = [allowed, retry]
-        for i in range(len(keys)):
-            em, cap = params[2 * i], params[2 * i + 1]
-            debt = (news[i] if allowed else tats[i]) - now
-            room = cap - debt
-            out += [max(0, room // em), em - room % em if debt > 0 else 0, debt]
+        debts = [(new if allowed else tat) - now for tat, new in zip(tats, news, strict=True)]
+        out = expand(allowed, debts, cost, params)
         if allowed and cost > 0:
             tat_map = self._tat
             for key, new in zip(keys, news, strict=True):

@@ -14,6 +14,7 @@ from collections.abc import Coroutine
 from typing import Any
 
 from sluice_core import scripts
+from sluice_core.gcra import expand
 from sluice_core.redisurl import RedisTarget, Topology
 
 from sluice_sidecar.resp import (
@@ -54,6 +55,7 @@ class RedisNodes:
         self._master: Addr | None = None
         self._ssl = target.ssl_context()
         self._refreshing: asyncio.Task[None] | None = None
+        self._initial: asyncio.Future[None] | None = None
 
     async def connect(self, addr: Addr) -> RespConnection:
         conn = self._conns.get(addr)
@@ -104,10 +106,16 @@ class RedisNodes:
     async def for_key(self, key: str) -> RespConnection:
         """The connection to the node that serves ``key`` (cluster-aware)."""
         if self.target.topology is Topology.CLUSTER:
-            if self._slots is None:
-                await self.refresh_slots()
+            await self.ensure_slots()
             return await self.connect(self.node_for_slot(key_slot(key)))
         return await self.connect(await self.primary())
+
+    def ready_for(self, key: str) -> RespConnection | None:
+        """The open connection to ``key``'s node if the slot map and connection exist (the
+        cluster fast path: no await), else None."""
+        if self._slots is None:
+            return None
+        return self._conns.get(self._slots[key_slot(key)])
 
     def forget_master(self) -> None:
         self._master = None
@@ -115,6 +123,14 @@ class RedisNodes:
     def node_for_slot(self, slot: int) -> Addr:
         assert self._slots is not None
         return self._slots[slot]
+
+    async def ensure_slots(self) -> None:
+        """Load the slot map once; concurrent callers wait for the same CLUSTER SLOTS."""
+        if self._slots is not None:
+            return
+        if self._initial is None or self._initial.done():
+            self._initial = asyncio.ensure_future(self.refresh_slots())
+        await asyncio.shield(self._initial)
 
     async def refresh_slots(self) -> None:
         """Load the slot map with CLUSTER SLOTS from the first node that answers."""
@@ -228,8 +244,8 @@ class RedisStore:
         self.batches += 1
         self.decisions += len(group)
         payload = self._payload(group)
-        conn = self._conn
-        if not self._cluster and conn is not None and not conn.closed:
+        conn = self._conn if not self._cluster else self.nodes.ready_for(group[0][0][0])
+        if conn is not None and not conn.closed:
             conn.send(payload).add_done_callback(lambda f: self._sent(group, payload, f))
         else:
             self._spawn(self._send_slowly(group, payload))
@@ -261,11 +277,11 @@ class RedisStore:
     @staticmethod
     def _distribute(group: list[Pending], reply: list[int]) -> None:
         at = 0
-        for keys, _, _, fut in group:
-            size = 2 + 3 * len(keys)
+        for keys, cost, params, fut in group:
+            n = len(keys)
             if not fut.done():
-                fut.set_result(reply[at:at + size])
-            at += size
+                fut.set_result(expand(reply[at], reply[at + 1:at + 1 + n], cost, params))
+            at += 1 + n
 
     def _fail(self, group: list[Pending], exc: BaseException) -> None:
         err = self._wrap(exc)
@@ -306,8 +322,7 @@ class RedisStore:
                     self.nodes.forget_master()
                 raise
         slot = key_slot(first_key)
-        if self.nodes._slots is None:
-            await self.nodes.refresh_slots()
+        await self.nodes.ensure_slots()
         for _ in range(3):
             conn = await self.nodes.connect(self.nodes.node_for_slot(slot))
             try:
