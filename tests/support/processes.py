@@ -20,10 +20,12 @@ from typing import Any
 from support.redis_servers import pick_port
 
 UPSTREAM_SOURCE = """
-import sys
+import asyncio, sys
 from aiohttp import web
 async def ok(request):
     await request.read()
+    if request.path == "/slow":  # for drain tests: answers after ?s= seconds
+        await asyncio.sleep(float(request.query.get("s", "1")))
     return web.Response(text="ok")
 app = web.Application()
 app.router.add_route("*", "/{tail:.*}", ok)
