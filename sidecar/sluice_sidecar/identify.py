@@ -20,7 +20,7 @@ MAX_IDENTITY_LENGTH = 512  # longer API keys or identity headers are treated as 
 
 def client_ip(peer: str, xff: str | None, trusted: tuple[IPNetwork, ...]) -> str:
     """The client address: ``peer`` unless it is a trusted proxy, then walk X-Forwarded-For."""
-    if not trusted or not xff or not _is_trusted(peer, trusted):
+    if not trusted or not xff or not is_trusted(peer, trusted):
         return peer
     hops = xff.split(",")
     current = peer
@@ -31,12 +31,12 @@ def client_ip(peer: str, xff: str | None, trusted: tuple[IPNetwork, ...]) -> str
         except ValueError:
             return current  # garbage written by an untrusted hop: stop at the last good one
         current = str(addr)
-        if not _is_trusted(current, trusted):
+        if not is_trusted(current, trusted):
             return current
     return current
 
 
-def _is_trusted(ip: str, trusted: tuple[IPNetwork, ...]) -> bool:
+def is_trusted(ip: str, trusted: tuple[IPNetwork, ...]) -> bool:
     try:
         addr = ipaddress.ip_address(ip)
     except ValueError:

@@ -26,7 +26,7 @@ from sluice_core.model import (
 
 from sluice_sidecar import headers as hdr
 from sluice_sidecar.breaker import CircuitBreaker
-from sluice_sidecar.identify import api_key_from, client_ip, identity
+from sluice_sidecar.identify import api_key_from, client_ip, identity, is_trusted
 from sluice_sidecar.metrics import Metrics
 from sluice_sidecar.stores.base import DecisionStore, StoreUnavailable
 
@@ -97,6 +97,11 @@ class Limiter:
         self.breaker = breaker
         self.active: Enforcement | None = None
         self._hist = metrics.decision_seconds.labels(store.name)
+
+    def trusts(self, peer: str) -> bool:
+        """Is ``peer`` one of the active policy's trusted proxies?"""
+        act = self.active
+        return act is not None and is_trusted(peer, act.policy.identify.trusted_proxies)
 
     async def decide(self, method: str, path: str, headers: Mapping[str, str], peer: str) -> Outcome:
         act = self.active

@@ -35,6 +35,8 @@ class Metrics:
                                       ["result"], registry=r)
         self.upstream_errors = Counter("sluice_upstream_errors", "Requests the upstream failed",
                                        ["kind"], registry=r)
+        self.bad_requests = Counter("sluice_bad_requests", "Requests refused as unparseable (400/431)",
+                                    registry=r)
         self.inflight = Gauge("sluice_inflight_requests", "Requests being proxied", registry=r)
         self._children: dict[tuple[str, str, str, str], object] = {}
 

@@ -2,7 +2,8 @@
 
 Bodies stream both ways without a size cap, with back-pressure (small upstream replies that
 arrive whole are answered in one piece, which is cheaper). Hop-by-hop headers are dropped in
-both directions, ``X-Forwarded-For`` is appended and ``X-Forwarded-Proto`` set when absent.
+both directions, ``X-Forwarded-For`` is appended, and ``X-Forwarded-Proto`` is kept only from
+a trusted proxy (otherwise set to the scheme the sidecar saw: a client cannot claim https).
 Only the configured upstream is ever contacted: the request target is used as a path, never as
 a URL, so this is not an open proxy.
 """
@@ -35,6 +36,12 @@ def _connection_tokens(value: str | None) -> set[str]:
     return {t.strip().lower() for t in value.split(",") if t.strip()} if value else set()
 
 
+def origin_form(request: web.BaseRequest) -> bool:
+    """Only ``/path?query`` targets are proxied: absolute-form (``http://evil/``), authority-form
+    (``CONNECT``) and asterisk-form are refused, so the sidecar is never an open proxy."""
+    return request.raw_path.startswith("/") and request.method != "CONNECT"
+
+
 class Proxy:
     def __init__(self, upstream: str, metrics: Metrics, *, connect_timeout: float = 2.0,
                  read_timeout: float = 60.0, max_connections: int = 1024) -> None:
@@ -55,7 +62,8 @@ class Proxy:
         if self.pool is not None:
             await self.pool.close()
 
-    def _request_head(self, request: web.BaseRequest, peer: str, chunked: bool, length: int | None) -> bytes:
+    def _request_head(self, request: web.BaseRequest, peer: str, chunked: bool, length: int | None,
+                      trusted_peer: bool) -> bytes:
         assert self.pool is not None
         drop = _DROP_REQUEST | _connection_tokens(request.headers.get("Connection"))
         lines = [f"{request.method} {request.raw_path} HTTP/1.1"]
@@ -68,7 +76,10 @@ class Proxy:
             if lk == "x-forwarded-for":
                 xff = f"{xff}, {v}" if xff else v
                 continue
-            proto_seen = proto_seen or lk == "x-forwarded-proto"
+            if lk == "x-forwarded-proto":
+                if not trusted_peer:
+                    continue
+                proto_seen = True
             host_seen = host_seen or lk == "host"
             lines.append(f"{k}: {v}")
         lines.append(f"X-Forwarded-For: {xff}, {peer}" if xff else f"X-Forwarded-For: {peer}")
@@ -86,14 +97,17 @@ class Proxy:
         return "\r\n".join(lines).encode("utf-8", "surrogateescape")
 
     async def forward(self, request: web.BaseRequest, peer: str,
-                      rate_headers: list[tuple[str, str]]) -> web.StreamResponse:
+                      rate_headers: list[tuple[str, str]], *, trusted_peer: bool = False) -> web.StreamResponse:
+        """Send ``request`` to the upstream and relay the answer. The caller has checked that
+        the target is origin-form (:func:`origin_form`)."""
         assert self.pool is not None
-        if not request.raw_path.startswith("/"):
-            return problem(400, "Bad Request", "the request target must be a path (origin-form)")
         length = request.content_length
         has_body = request.body_exists
         chunked = has_body and length is None
-        head = self._request_head(request, peer, chunked, length if has_body else None)
+        head = self._request_head(request, peer, chunked, length if has_body else None, trusted_peer)
+        if has_body and request.headers.get("Expect", "").lower() == "100-continue" and request.version >= (1, 1):
+            # The limiter said yes: now invite the body (a refused client never sends it).
+            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         body = request.content.iter_chunked(CHUNK) if has_body else None
         self.metrics.inflight.inc()
         try:

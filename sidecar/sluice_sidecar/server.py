@@ -6,9 +6,11 @@ import asyncio
 import json
 import logging
 import posixpath
+from http import HTTPStatus
 from typing import Any
 
 from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sluice_core.redisurl import parse_redis_url
 
@@ -17,7 +19,7 @@ from sluice_sidecar.configsource import FileSource, RedisSource
 from sluice_sidecar.limiter import Enforcement, Limiter, Outcome
 from sluice_sidecar.metrics import BatchCollector, Metrics
 from sluice_sidecar.problem import problem
-from sluice_sidecar.proxy import Proxy
+from sluice_sidecar.proxy import Proxy, origin_form
 from sluice_sidecar.settings import SidecarSettings, split_hostport
 from sluice_sidecar.stores.base import DecisionStore
 from sluice_sidecar.stores.memory import MemoryStore
@@ -88,9 +90,12 @@ class Sidecar:
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         peername = request.transport.get_extra_info("peername") if request.transport else None
         peer = peername[0] if peername else "0.0.0.0"
+        if not origin_form(request):  # checked first: a refused target takes no token
+            return problem(400, "Bad Request", "the request target must be a path (origin-form)")
         outcome = await self.limiter.decide(request.method, match_path(request.path), request.headers, peer)
         if outcome.status == 0:
-            return await self.proxy.forward(request, peer, outcome.headers)
+            trusted = "X-Forwarded-Proto" in request.headers and self.limiter.trusts(peer)
+            return await self.proxy.forward(request, peer, outcome.headers, trusted_peer=trusted)
         return refusal(outcome)
 
     # Admin ------------------------------------------------------------------------------
@@ -128,7 +133,7 @@ class Sidecar:
         s = self.settings
         await self.proxy.start()
         await self.source.start()
-        data = web.Server(self.handle, max_line_size=s.max_header_bytes, max_field_size=s.max_header_bytes,
+        data = _DataServer(self.metrics, self.handle, max_line_size=s.max_header_bytes, max_field_size=s.max_header_bytes,
                           handler_cancellation=True, access_log=None)
         runner = web.ServerRunner(data, shutdown_timeout=s.shutdown_timeout_s, access_log=None)
         await runner.setup()
@@ -165,6 +170,35 @@ class Sidecar:
         await self.source.close()
         await self.proxy.close()
         await self.store.close()
+
+
+class _QuietHandler(RequestHandler):
+    """aiohttp answers unparseable requests with a text page that echoes part of the request and
+    logs a traceback at ERROR for each: a log-flooding lever for anyone. Here they get a terse
+    problem+json, a debug log line and a counter."""
+
+    metrics: Metrics
+
+    def handle_error(self, request: web.BaseRequest, status: int = 500,
+                     exc: BaseException | None = None, message: str | None = None) -> web.StreamResponse:
+        if status >= 500:
+            return super().handle_error(request, status, exc, message)
+        self.metrics.bad_requests.inc()
+        log.debug("unparseable request from %s: %s", request.remote, type(exc).__name__)
+        resp = problem(status, HTTPStatus(status).phrase, "the request could not be parsed")
+        resp.force_close()
+        return resp
+
+
+class _DataServer(web.Server):
+    def __init__(self, metrics: Metrics, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._metrics = metrics
+
+    def __call__(self) -> RequestHandler:
+        handler = _QuietHandler(self, loop=self._loop, **self._kwargs)
+        handler.metrics = self._metrics
+        return handler
 
 
 def _bound_port(runner: web.BaseRunner) -> int:

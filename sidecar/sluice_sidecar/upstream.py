@@ -138,7 +138,10 @@ class _Connection(asyncio.Protocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         assert self.resp is not None
-        self.resp.headers.append((name.decode("latin-1"), value.decode("latin-1")))
+        # aiohttp writes header values back as UTF-8 (surrogates dropped): decoding the same
+        # way relays UTF-8 values unchanged; other non-ASCII bytes are lost, not garbled.
+        self.resp.headers.append((name.decode("latin-1"),
+                                  value.decode("utf-8", "surrogateescape")))
 
     def on_headers_complete(self) -> None:
         resp = self.resp

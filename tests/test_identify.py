@@ -1,0 +1,153 @@
+"""Unit tests for ``sluice_sidecar.identify.client_ip``: who the client is, given the TCP peer,
+X-Forwarded-For and the trusted proxies. Whoever is not a trusted proxy cannot choose its
+identity by sending headers."""
+
+from __future__ import annotations
+
+import ipaddress
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from sluice_sidecar.identify import MAX_XFF_HOPS, client_ip
+
+TRUSTED = (ipaddress.ip_network("10.0.0.0/8"), ipaddress.ip_network("fd00::/8"),
+           ipaddress.ip_network("127.0.0.1/32"))
+
+
+def trusted(ip: str) -> bool:
+    return any(ipaddress.ip_address(ip) in net for net in TRUSTED)
+
+
+def canon(ip: str) -> str:
+    return str(ipaddress.ip_address(ip))
+
+
+any_ip = st.ip_addresses().map(str)
+untrusted_ip = any_ip.filter(lambda ip: not trusted(ip))
+trusted_ip = st.one_of(
+    st.integers(0, 2**24 - 1).map(lambda n: str(ipaddress.IPv4Address(0x0A000000 + n))),
+    st.integers(0, 2**120 - 1).map(lambda n: str(ipaddress.IPv6Address((0xFD << 120) + n))),
+    st.just("127.0.0.1"),
+)
+# What a client may write into X-Forwarded-For: anything but a comma is one entry.
+xff_entry = st.one_of(any_ip, trusted_ip, st.text(st.characters(blacklist_characters=",\r\n"), max_size=40))
+GARBAGE = ["garbage", "unknown", "", " ", "1.2.3.4:80", "[2001:db8::1]", "1.2.3", "999.1.1.1",
+           "_hidden", "10.0.0.1/8", "0x0a000001", "1.2.3.4 5.6.7.8", "for=1.2.3.4", "::g"]
+
+
+# The peer is not a trusted proxy -----------------------------------------------------------------
+@given(peer=untrusted_ip, xff=st.lists(xff_entry, max_size=10).map(", ".join))
+def test_untrusted_peer_is_the_client_whatever_xff_says(peer: str, xff: str) -> None:
+    assert client_ip(peer, xff, TRUSTED) == peer
+
+
+@given(peer=any_ip, xff=st.lists(xff_entry, max_size=10).map(", ".join))
+def test_no_trusted_proxies_means_the_peer(peer: str, xff: str) -> None:
+    assert client_ip(peer, xff, ()) == peer
+
+
+@pytest.mark.parametrize("xff", [None, ""])
+def test_trusted_peer_without_xff_is_the_client(xff: str | None) -> None:
+    assert client_ip("10.0.0.1", xff, TRUSTED) == "10.0.0.1"
+
+
+# Walking a trusted chain ---------------------------------------------------------------------
+@pytest.mark.parametrize(("peer", "xff", "expected"), [
+    ("10.0.0.1", "198.51.100.7", "198.51.100.7"),
+    ("10.0.0.1", "198.51.100.7, 10.0.0.2, 10.0.0.3", "198.51.100.7"),
+    # the client prepends a spoofed address: the rightmost untrusted entry wins
+    ("10.0.0.1", "203.0.113.66, 198.51.100.7, 10.0.0.2", "198.51.100.7"),
+    ("10.0.0.1", "10.9.9.9, 203.0.113.66, 198.51.100.7", "198.51.100.7"),
+    ("127.0.0.1", "198.51.100.7,10.0.0.2", "198.51.100.7"),  # no spaces
+    ("127.0.0.1", "  198.51.100.7 ,\t10.0.0.2  ", "198.51.100.7"),
+    # every hop trusted: the leftmost one walked is the client
+    ("10.0.0.1", "10.0.0.5, 10.0.0.2", "10.0.0.5"),
+])
+def test_trusted_chain_is_walked_right_to_left(peer: str, xff: str, expected: str) -> None:
+    assert client_ip(peer, xff, TRUSTED) == expected
+
+
+@given(spoofed=st.lists(xff_entry, max_size=5), client=untrusted_ip,
+       proxies=st.lists(trusted_ip, min_size=1, max_size=MAX_XFF_HOPS))
+def test_the_address_seen_by_the_first_trusted_proxy_is_the_client(
+        spoofed: list[str], client: str, proxies: list[str]) -> None:
+    """client -> proxies[0] -> ... -> proxies[-1] -> sidecar: each proxy appends the address it
+    saw, so X-Forwarded-For is ``spoofed..., client, proxies[0..-2]`` and the peer is proxies[-1].
+    Whatever the client wrote (``spoofed``) is to the left and never read."""
+    xff = ", ".join([*spoofed, client, *proxies[:-1]])
+    assert client_ip(proxies[-1], xff, TRUSTED) == canon(client)
+
+
+# Garbage --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("garbage", GARBAGE)
+def test_garbage_entry_stops_the_walk_at_the_last_good_hop(garbage: str) -> None:
+    assert client_ip("10.0.0.1", f"198.51.100.7, {garbage}, 10.0.0.2", TRUSTED) == "10.0.0.2"
+    assert client_ip("10.0.0.1", f"198.51.100.7, {garbage}", TRUSTED) == "10.0.0.1"
+    assert client_ip("10.0.0.1", garbage, TRUSTED) == "10.0.0.1"
+
+
+@given(peer=st.one_of(any_ip, trusted_ip), entries=st.lists(xff_entry, max_size=50))
+def test_the_answer_is_always_the_peer_or_a_canonical_recent_hop(peer: str, entries: list[str]) -> None:
+    got = client_ip(peer, ", ".join(entries), TRUSTED)
+    recent = {canon(e.strip()) for e in entries[-MAX_XFF_HOPS:] if _is_ip(e.strip())}
+    assert got == peer or got in recent
+    if got != peer:
+        assert got == canon(got)  # one client, one spelling: no fresh bucket per spelling
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def test_peer_that_is_not_an_ip_is_never_trusted() -> None:
+    assert client_ip("not-an-ip", "198.51.100.7", TRUSTED) == "not-an-ip"
+
+
+# IPv6 -----------------------------------------------------------------------------------------
+@pytest.mark.parametrize(("peer", "xff", "expected"), [
+    ("fd00::1", "2001:db8::1", "2001:db8::1"),
+    ("fd00::1", "2001:db8::1, fd00::2, 10.0.0.3", "2001:db8::1"),
+    ("10.0.0.1", "2001:DB8:0:0:0:0:0:1, fd00::2", "2001:db8::1"),  # canonical spelling
+    ("fd00::1", "198.51.100.7", "198.51.100.7"),
+    ("2001:db8::99", "2001:db8::1", "2001:db8::99"),  # untrusted v6 peer
+])
+def test_ipv6(peer: str, xff: str, expected: str) -> None:
+    assert client_ip(peer, xff, TRUSTED) == expected
+
+
+@given(v6=st.ip_addresses(v=6).filter(lambda a: not trusted(str(a))))
+def test_ipv6_spellings_are_one_client(v6: ipaddress.IPv6Address) -> None:
+    spellings = {str(v6), v6.exploded, v6.exploded.upper()}
+    assert {client_ip("fd00::1", s, TRUSTED) for s in spellings} == {str(v6)}
+
+
+# Long headers ---------------------------------------------------------------------------------
+def test_long_xff_is_walked_at_most_max_hops() -> None:
+    chain = [f"10.0.{i // 256}.{i % 256}" for i in range(10_000)]
+    # the untrusted client lies beyond the bound: the walk stops at the last hop it may read
+    got = client_ip("10.255.255.255", ", ".join(["198.51.100.7", *chain]), TRUSTED)
+    assert got == chain[-MAX_XFF_HOPS]
+    # exactly at the bound it is still found
+    got = client_ip("10.255.255.255", ", ".join(["198.51.100.7", *chain[-(MAX_XFF_HOPS - 1):]]), TRUSTED)
+    assert got == "198.51.100.7"
+
+
+def test_long_xff_is_not_parsed_entry_by_entry(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only the last MAX_XFF_HOPS entries are looked at, however long the header."""
+    calls = 0
+    real = ipaddress.ip_address
+
+    def counting(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+        nonlocal calls
+        calls += 1
+        return real(text)
+
+    monkeypatch.setattr(ipaddress, "ip_address", counting)  # the module identify uses
+    xff = ", ".join(["10.1.1.1"] * 100_000)
+    assert client_ip("10.0.0.1", xff, TRUSTED) == "10.1.1.1"
+    assert calls <= 3 * MAX_XFF_HOPS, calls
