@@ -19,7 +19,8 @@
 #   GOTOOLCHAIN        default "local": use the installed go, never download one
 #   GOPROXY/GONOSUMDB  honoured as usual
 #
-# Nothing outside $SLUICE_CACHE (or the two overrides above) is written.
+# Nothing outside $SLUICE_CACHE (or the two overrides above) is written, except
+# the Go compiler's temporary work dirs in $TMPDIR (removed by go itself).
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -27,6 +28,8 @@ HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 source "${HERE}/versions.env"
 
 SLUICE_CACHE="${SLUICE_CACHE:-${HOME}/.cache/sluice}"
+mkdir -p "${SLUICE_CACHE}"
+SLUICE_CACHE="$(cd "${SLUICE_CACHE}" && pwd)"   # absolute: we cd around
 BIN="${SLUICE_CACHE}/bin"
 SRC="${SLUICE_CACHE}/src"
 STAMPS="${BIN}/.stamps"
@@ -51,6 +54,9 @@ command -v go >/dev/null 2>&1 || {
 }
 
 mkdir -p "${BIN}" "${SRC}" "${STAMPS}" "${LOGS}" "${GOMODCACHE}" "${GOCACHE}"
+# Never run go commands inside the caller's module (e.g. the repo, if it ever
+# gets a go.mod): its go.mod/replaces would leak into "go mod download".
+cd "${SRC}"
 
 # Internal: "build.sh __step FUNC ARGS..." runs one step function in a child
 # process so /usr/bin/time can measure it (see timed()); the parent holds the lock.
@@ -72,6 +78,15 @@ IFS=. read -r KUBE_MAJOR KUBE_MINOR KUBE_PATCH <<<"${KUBERNETES_VERSION#v}"
 STAGING_VERSION="v0.${KUBE_MINOR}.${KUBE_PATCH}"
 
 KUBE_TAGS="selinux,notest,grpcnotrace"   # same tags as upstream hack/lib/golang.sh (non-debug)
+
+gomod_file() { # module@version -> path of its go.mod in the module cache
+  local out
+  if ! out="$(go mod download -json "$1" 2>&1)"; then
+    printf 'go mod download %s failed:\n%s\n' "$1" "${out}" >&2
+    return 1
+  fi
+  sed -n 's/^[[:space:]]*"GoMod": "\([^"]*\)".*/\1/p' <<<"${out}"
+}
 
 # Reproducible build date: the release's commit time as served by the proxy.
 module_time() { # module@version -> RFC3339 time
@@ -142,8 +157,7 @@ timed() {
 prepare_k8s_module() {
   local dir="${SRC}/k8s" upstream_mod
   mkdir -p "${dir}"
-  upstream_mod="$(go mod download -json "k8s.io/kubernetes@${KUBERNETES_VERSION}" |
-    sed -n 's/^[[:space:]]*"GoMod": "\([^"]*\)".*/\1/p')"
+  upstream_mod="$(gomod_file "k8s.io/kubernetes@${KUBERNETES_VERSION}")"
   [[ -f "${upstream_mod}" ]] || die "could not download go.mod of k8s.io/kubernetes@${KUBERNETES_VERSION}"
 
   local staging
@@ -211,8 +225,7 @@ build_etcd() {
 # --- helm --------------------------------------------------------------------
 build_helm() {
   local helm_mod cg minor ld tmpbin="${BIN}/.helm-tmp"
-  helm_mod="$(go mod download -json "helm.sh/helm/v3@${HELM_VERSION}" |
-    sed -n 's/^[[:space:]]*"GoMod": "\([^"]*\)".*/\1/p')"
+  helm_mod="$(gomod_file "helm.sh/helm/v3@${HELM_VERSION}")"
   # Like helm's Makefile: default .Capabilities.KubeVersion = the client-go it uses.
   cg="$(awk '$1 == "k8s.io/client-go" {print $2; exit}' "${helm_mod}")"   # v0.37.0
   minor="$(cut -d. -f2 <<<"${cg}")"

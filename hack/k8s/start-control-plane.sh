@@ -35,21 +35,33 @@ log() { printf '[cp %6.2fs] %s\n' "$(awk -v a="$(date +%s.%N)" -v b="${T0}" 'BEG
 
 WORK="$(mktemp -d "${TMPDIR:-/tmp}/sluice-k8s.XXXXXX")"
 CERTS="${WORK}/pki"; LOGS="${WORK}/logs"
-mkdir -p "${CERTS}" "${LOGS}" "${WORK}/etcd-data"
+mkdir -p "${CERTS}" "${LOGS}"
+mkdir -m 700 "${WORK}/etcd-data"   # etcd warns about anything wider than 0700
 chmod 700 "${WORK}"
 
 PIDS=()        # processes we started, in start order
+NAMES=()
 OK=0
+start_bg() { # name cmd...: start cmd in the background, logging to $LOGS/name.log
+  local name="$1"; shift
+  "$@" >"${LOGS}/${name}.log" 2>&1 &
+  PIDS+=($!); NAMES+=("${name}")
+}
 cleanup() {
   local rc=$?
-  local i
+  local i t0
+  # Stop in reverse start order (controller-manager, apiserver, etcd), each
+  # with SIGTERM and up to 15s grace before SIGKILL.
   for ((i = ${#PIDS[@]} - 1; i >= 0; i--)); do
+    t0=${SECONDS}
     kill "${PIDS[i]}" 2>/dev/null || true
-  done
-  for ((i = ${#PIDS[@]} - 1; i >= 0; i--)); do
-    # up to 10s for a clean exit, then SIGKILL
-    for _ in $(seq 1 100); do kill -0 "${PIDS[i]}" 2>/dev/null || break; sleep 0.1; done
-    kill -9 "${PIDS[i]}" 2>/dev/null || true
+    for _ in $(seq 1 150); do kill -0 "${PIDS[i]}" 2>/dev/null || break; sleep 0.1; done
+    if kill -0 "${PIDS[i]}" 2>/dev/null; then
+      kill -9 "${PIDS[i]}" 2>/dev/null || true
+      log "stopped ${NAMES[i]} with SIGKILL after $((SECONDS - t0))s"
+    else
+      log "stopped ${NAMES[i]} (SIGTERM) in ~$((SECONDS - t0))s"
+    fi
     wait "${PIDS[i]}" 2>/dev/null || true
   done
   if [[ ${OK} == 1 && "${SLUICE_KEEP:-0}" != 1 ]]; then
@@ -140,7 +152,7 @@ wait_for() { # description timeout_seconds command...
 
 # ---- etcd -------------------------------------------------------------------
 ETCD_URL="http://127.0.0.1:${ETCD_PORT}"
-"${BIN}/etcd" \
+start_bg etcd "${BIN}/etcd" \
   --name=sluice \
   --data-dir="${WORK}/etcd-data" \
   --listen-client-urls="${ETCD_URL}" \
@@ -149,17 +161,16 @@ ETCD_URL="http://127.0.0.1:${ETCD_PORT}"
   --initial-advertise-peer-urls="http://127.0.0.1:${ETCD_PEER_PORT}" \
   --initial-cluster="sluice=http://127.0.0.1:${ETCD_PEER_PORT}" \
   --unsafe-no-fsync=true \
-  --log-level=warn \
-  >"${LOGS}/etcd.log" 2>&1 &
-PIDS+=($!)
+  --log-level=warn
 etcd_healthy() { curl -fsS "${ETCD_URL}/health" | grep -q '"health":"true"'; }
 wait_for "etcd /health" 30 etcd_healthy
 
 # ---- kube-apiserver -------------------------------------------------------------
-"${BIN}/kube-apiserver" \
+start_bg kube-apiserver "${BIN}/kube-apiserver" \
   --etcd-servers="${ETCD_URL}" \
   --bind-address=127.0.0.1 \
   --advertise-address=127.0.0.1 \
+  --endpoint-reconciler-type=none \
   --secure-port="${API_PORT}" \
   --cert-dir="${WORK}/apiserver-certs" \
   --tls-cert-file="${CERTS}/apiserver.crt" \
@@ -170,9 +181,7 @@ wait_for "etcd /health" 30 etcd_healthy
   --service-account-issuer="https://kubernetes.default.svc.cluster.local" \
   --service-account-key-file="${CERTS}/sa.pub" \
   --service-account-signing-key-file="${CERTS}/sa.key" \
-  --v=1 \
-  >"${LOGS}/kube-apiserver.log" 2>&1 &
-PIDS+=($!)
+  --v=1
 api_ready() {
   [[ "$(curl -sS --cacert "${CERTS}/ca.crt" --cert "${CERTS}/admin.crt" --key "${CERTS}/admin.key" \
     "${API_URL}/readyz")" == ok ]]
@@ -180,10 +189,8 @@ api_ready() {
 wait_for "kube-apiserver /readyz" 90 api_ready
 
 # ---- kube-controller-manager -------------------------------------------------------
-"${BIN}/kube-controller-manager" \
+start_bg kube-controller-manager "${BIN}/kube-controller-manager" \
   --kubeconfig="${KCM_KC}" \
-  --authentication-kubeconfig="${KCM_KC}" \
-  --authorization-kubeconfig="${KCM_KC}" \
   --bind-address=127.0.0.1 \
   --secure-port="${KCM_PORT}" \
   --cert-dir="${WORK}/kcm-certs" \
@@ -194,9 +201,7 @@ wait_for "kube-apiserver /readyz" 90 api_ready
   --cluster-signing-cert-file="${CERTS}/ca.crt" \
   --cluster-signing-key-file="${CERTS}/ca.key" \
   --service-cluster-ip-range="${SERVICE_CIDR}" \
-  --v=1 \
-  >"${LOGS}/kube-controller-manager.log" 2>&1 &
-PIDS+=($!)
+  --v=1
 kcm_healthy() { [[ "$(curl -sk "https://127.0.0.1:${KCM_PORT}/healthz")" == ok ]]; }
 wait_for "kube-controller-manager /healthz" 60 kcm_healthy
 
