@@ -99,7 +99,8 @@ class Result:
     requests: int = 0
     non2xx: int = 0
     cpu_us: float | None = None
-    redis_us: float | None = None
+    redis_us: float | None = None  # INFO commandstats: wall time in the script, per decision
+    redis_cpu_us: float | None = None  # redis-server's CPU time (all of it), per decision
     rss: float | None = None
     notes: list[str] = field(default_factory=list)
 
@@ -134,11 +135,14 @@ class Procs:
 
 def measure(name: str, url: str, pid: int | None, redis: RedisServer | None, seconds: float,
             script: Path, connections: int = 50) -> Result:
-    wrk(url, 2, connections, script)  # warm-up: connections, JIT-free but caches and pools
+    wrk(url, 2, connections, script)  # warm-up: connections, pools, caches
     if redis is not None:
         redis.execute("CONFIG", "RESETSTAT")
     before = cpu_ns(pid) if pid else 0
+    redis_before = cpu_ns(redis.proc.pid) if redis is not None and redis.proc else 0
     r = wrk(url, seconds, connections, script)
+    if redis is not None and redis.proc:
+        r.redis_cpu_us = (cpu_ns(redis.proc.pid) - redis_before) / 1000 / max(1, r.requests)
     r.name = name
     if pid:
         r.cpu_us = (cpu_ns(pid) - before) / 1000 / max(1, r.requests)
@@ -274,11 +278,11 @@ def main() -> int:
              f"({_cpu_model()}), Python {platform.python_version()}, "
              f"{_version('redis-server')}, wrk -t1 -c50 -d{args.seconds:.0f}s with 16 API keys, "
              "limits high enough that nothing is refused. Command: `make bench`.", "",
-             "| target | req/s | ratio to direct | p50 ms | p99 ms | proxy CPU µs/req | Redis µs/decision | RSS MB | non-2xx | notes |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+             "| target | req/s | ratio to direct | p50 ms | p99 ms | proxy CPU µs/req | Redis script µs/decision | Redis CPU µs/decision | RSS MB | non-2xx | notes |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in results:
         lines.append(f"| {r.name} | {r.rps:.0f} | {r.rps / base:.2f}× | {fmt(r.p50, '.2f')} | "
-                     f"{fmt(r.p99, '.2f')} | {fmt(r.cpu_us)} | {fmt(r.redis_us, '.1f')} | "
+                     f"{fmt(r.p99, '.2f')} | {fmt(r.cpu_us)} | {fmt(r.redis_us, '.1f')} | {fmt(r.redis_cpu_us, '.1f')} | "
                      f"{fmt(r.rss, '.0f')} | {r.non2xx} | {'; '.join(r.notes)} |")
     added50 = paced_sidecar.p50 - paced_direct.p50
     added99 = paced_sidecar.p99 - paced_direct.p99
@@ -293,7 +297,8 @@ def main() -> int:
               "| target (issue #2) | goal | measured | met |", "|---|---|---|---|",
               _row("proxy CPU per request, Redis store", "≤ 200 µs", sluice.cpu_us, 200, "µs"),
               _row("throughput vs direct", "≥ 0.6×", sluice.rps / base, 0.6, "×", higher=True),
-              _row("Redis server time per decision", "≤ 6 µs", sluice.redis_us, 6, "µs"),
+              _row("Redis server time per decision (commandstats)", "≤ 6 µs", sluice.redis_us, 6, "µs"),
+              _row("Redis CPU per decision (whole server)", "≤ 6 µs", sluice.redis_cpu_us, 6, "µs"),
               _row("added latency p50", "≤ 0.5 ms", added50, 0.5, "ms"),
               _row("added latency p99", "≤ 2 ms", added99, 2, "ms"),
               _row("Redis memory per idle bucket", "≤ 150 B", per_bucket, 150, "B"),

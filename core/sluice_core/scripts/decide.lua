@@ -4,7 +4,8 @@
 -- "theoretical arrival time" (TAT), an integer in microseconds of Redis's own clock. A bucket
 -- with emission interval EM (microseconds per token) and capacity CAP = burst * EM admits a
 -- request of COST tokens iff max(TAT, now) + COST * EM - now <= CAP. All numbers are integers
--- below 2^53, so the arithmetic is exact in Lua's doubles.
+-- below 2^53, so the arithmetic is exact in Lua's doubles (and Redis writes them in full: it
+-- converts numbers with 17 significant digits).
 --
 -- One run may carry several decisions (the sidecar batches the requests that arrive in the
 -- same event-loop turn, which amortises the script's fixed cost). They are decided in order,
@@ -24,52 +25,56 @@
 
 local t = redis.call('TIME')
 local now = t[1] * 1000000 + t[2]
-local tat = {}     -- key -> TAT as known in this run
-local order = {}   -- keys to write, in first-write order
-local queued = {}  -- key -> true once in order
-local out = {}
-local a = 2        -- ARGV cursor
-local k = 1        -- KEYS cursor
+local tat = {}                -- key -> TAT as known in this run (read once, then updated here)
+local stored = redis.call('MGET', unpack(KEYS))   -- one call for all reads (fixed cost per call)
+for i = 1, #KEYS do tat[KEYS[i]] = tonumber(stored[i]) or 0 end
+local order, queued, nw = {}, {}, 0   -- keys to write, once each, in first-write order
+local out, no = {}, 0
+local a, k = 2, 1             -- ARGV and KEYS cursors
+-- Hot path: no tables per decision and no string formatting (numbers passed to redis.call
+-- are converted with 17 significant digits, exact for these integers).
 for _ = 1, tonumber(ARGV[1]) do
   local n = tonumber(ARGV[a])
   local cost = tonumber(ARGV[a + 1])
   a = a + 2
   local allowed = 1
-  local olds, news = {}, {}
   for i = 0, n - 1 do
     local key = KEYS[k + i]
     local cur = tat[key]
-    if cur == nil then
-      cur = tonumber(redis.call('GET', key)) or 0
-      tat[key] = cur
-    end
     if cur < now then cur = now end
-    local new = cur + cost * tonumber(ARGV[a + 2 * i])
-    if new - now > tonumber(ARGV[a + 2 * i + 1]) then allowed = 0 end
-    olds[i], news[i] = cur, new
+    if cur + cost * tonumber(ARGV[a + 2 * i]) - now > tonumber(ARGV[a + 2 * i + 1]) then
+      allowed = 0
+    end
   end
-  out[#out + 1] = allowed
+  no = no + 1
+  out[no] = allowed
   for i = 0, n - 1 do
+    local key = KEYS[k + i]
+    local cur = tat[key]
+    if cur < now then cur = now end
+    no = no + 1
     if allowed == 1 then
-      out[#out + 1] = news[i] - now
+      local new = cur + cost * tonumber(ARGV[a + 2 * i])
+      out[no] = new - now
       if cost > 0 then
-        local key = KEYS[k + i]
+        tat[key] = new
         if not queued[key] then
           queued[key] = true
-          order[#order + 1] = key
+          nw = nw + 1
+          order[nw] = key
         end
-        tat[key] = news[i]
       end
     else
-      out[#out + 1] = olds[i] - now
+      out[no] = cur - now
     end
   end
   k = k + n
   a = a + 2 * n
 end
-for _, key in ipairs(order) do
+for i = 1, nw do
+  local key = order[i]
+  local v = tat[key]
   -- The key lives until the bucket is full again (then it equals a missing key), plus 1 s.
-  redis.call('SET', key, string.format('%.0f', tat[key]),
-             'PX', math.floor((tat[key] - now) / 1000) + 1000)
+  redis.call('SET', key, v, 'PX', math.floor((v - now) / 1000) + 1000)
 end
 return out
