@@ -22,6 +22,7 @@ from sluice_core.policyfile import load_policies
 PLUGINS: dict[str, tuple[str, str]] = {
     "sidecar": ("sluice_sidecar.cli", "run the enforcing reverse proxy in front of one app"),
     "demo": ("sluice_sidecar.demo", "run a demo upstream behind the sidecar with the example policy"),
+    "operator": ("sluice_operator.cli", "reconcile RateLimitPolicies and key Secrets into Redis (kopf)"),
 }
 
 

@@ -26,9 +26,21 @@ def config_key(namespace: str) -> str:
     return f"{PREFIX}:cfg:{{{namespace}}}"
 
 
-def heartbeat_key(namespace: str, pod: str) -> str:
-    """Sidecar heartbeat (the config version it runs), with a TTL; aggregated by the operator."""
-    return f"{PREFIX}:hb:{{{namespace}}}:{pod}"
+def heartbeat_key(namespace: str) -> str:
+    """Hash of sidecar heartbeats for one namespace: field = pod name, value =
+    ``"<config version> <unix seconds>"``. The operator counts fresh entries per version (the
+    ``Enforced`` condition) and prunes stale ones; the key itself has a TTL."""
+    return f"{PREFIX}:hb:{{{namespace}}}"
+
+
+def parse_heartbeat(value: bytes | str) -> tuple[int, float]:
+    """``(version, unix seconds)`` from a heartbeat value; ``(0, 0.0)`` if malformed."""
+    text = value.decode() if isinstance(value, bytes) else value
+    version, _, ts = text.partition(" ")
+    try:
+        return int(version), float(ts)
+    except ValueError:
+        return 0, 0.0
 
 
 def hash_api_key(key: str) -> str:

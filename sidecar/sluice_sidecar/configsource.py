@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -228,13 +229,16 @@ class RedisSource:
             backoff = min(backoff * 2, 5.0)
 
     async def _heartbeat(self) -> None:
+        """Report the config version this pod enforces (field = pod name in the namespace's
+        heartbeat hash), so the operator can say how many sidecars run each version."""
         assert self.pod_name
-        key = keyschema.heartbeat_key(self.namespace, self.pod_name)
+        key = keyschema.heartbeat_key(self.namespace)
+        ttl_ms = int(self.heartbeat_interval * 3 * 1000)
         while True:
             with contextlib.suppress(OSError, TimeoutError, ConnectionClosed, RedisReplyError, StoreUnavailable):
                 conn = await self.nodes.for_key(key)
-                await conn.call("SET", key, str(self.enforced_version), "EX",
-                                int(self.heartbeat_interval * 3))
+                conn.send(encode("HSET", key, self.pod_name, f"{self.enforced_version} {time.time():.0f}"))
+                await conn.call("PEXPIRE", key, ttl_ms)
             await asyncio.sleep(self.heartbeat_interval)
 
     async def close(self) -> None:

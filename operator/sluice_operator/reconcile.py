@@ -1,0 +1,184 @@
+"""The reconcile loop's core, free of kopf: policies and key Secrets of one namespace in, the
+namespace's config document in Redis out, plus what each policy's status should say.
+
+Rules it keeps:
+- Validation is :func:`sluice_core.parse.parse_policy`, the same code as ``sluice check`` and the
+  admission webhook.
+- An invalid policy never replaces a good one: the last good compiled version of that policy
+  stays in the document (also after an operator restart: it is recovered from Redis).
+- Versions only rise: a re-push after Redis lost the config continues from the last version.
+- Redis is written only when the document changed or is missing, so the timer is cheap.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from sluice_core import configdoc, configstore, keyschema
+from sluice_core.errors import PolicyError, PolicyErrors
+from sluice_core.model import CompiledPolicy, KeyGrant
+from sluice_core.parse import parse_policy
+
+from sluice_operator.keysecrets import KeyProblem, grants_for
+
+log = logging.getLogger("sluice.operator")
+
+
+@dataclass
+class PolicyResult:
+    name: str
+    accepted: bool
+    errors: list[PolicyError] = field(default_factory=list)
+    serving: bool = False  # a compiled version of this policy is in the config
+    tiers: int = 0
+    key_problems: list[KeyProblem] = field(default_factory=list)
+    keys: int = 0
+
+    @property
+    def message(self) -> str:
+        return "; ".join(f"{e.path}: {e.reason}" for e in self.errors)
+
+
+@dataclass
+class NamespaceOutcome:
+    namespace: str
+    version: int = 0
+    programmed: bool = False
+    redis_error: str | None = None
+    results: dict[str, PolicyResult] = field(default_factory=dict)
+    next_expiry: dt.datetime | None = None
+    pushed: bool = False
+
+
+class Reconciler:
+    def __init__(self, redis_client: Any) -> None:
+        self.redis = redis_client
+        self._last_good: dict[str, dict[str, CompiledPolicy]] = {}
+        self._known_version: dict[str, int] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    async def reconcile(self, namespace: str, policies: Sequence[Mapping[str, Any]],
+                        secrets: Sequence[Mapping[str, Any]]) -> NamespaceOutcome:
+        async with self._locks.setdefault(namespace, asyncio.Lock()):
+            return await self._reconcile(namespace, policies, secrets)
+
+    async def _reconcile(self, namespace: str, policies: Sequence[Mapping[str, Any]],
+                         secrets: Sequence[Mapping[str, Any]]) -> NamespaceOutcome:
+        out = NamespaceOutcome(namespace)
+        try:
+            stored = await asyncio.to_thread(self._read_raw, namespace)
+        except configstore.ConfigStoreError as exc:
+            out.redis_error = str(exc)
+            return out
+        last_good = self._last_good.setdefault(namespace, {})
+        if not last_good and stored is not None:
+            self._recover(namespace, stored)
+        live: dict[str, CompiledPolicy] = {}
+        for body in policies:
+            meta = body.get("metadata", {})
+            name = str(meta.get("name", ""))
+            if meta.get("deletionTimestamp"):
+                continue  # being deleted: leaves the config now
+            result = PolicyResult(name, accepted=True)
+            try:
+                compiled = parse_policy(_as_document(body), source=f"{namespace}/{name}",
+                                        default_namespace=namespace)
+                last_good[name] = compiled
+            except PolicyErrors as exc:
+                result.accepted = False
+                result.errors = exc.errors
+            if name in last_good:
+                live[name] = last_good[name]
+                result.serving = True
+                result.tiers = len(last_good[name].tiers)
+            out.results[name] = result
+        for gone in set(last_good) - set(live):
+            del last_good[gone]
+        grants: dict[str, Mapping[str, KeyGrant]] = {}
+        for name, policy in live.items():
+            table, problems, expiry = grants_for(policy, secrets)
+            grants[name] = table
+            out.results[name].key_problems = problems
+            out.results[name].keys = len(table)
+            if expiry is not None and (out.next_expiry is None or expiry < out.next_expiry):
+                out.next_expiry = expiry
+        try:
+            if not live:
+                if stored is not None:
+                    await asyncio.to_thread(configstore.delete, self.redis, namespace)
+                    out.pushed = True
+                out.programmed = True
+                return out
+            doc = configdoc.build_doc(namespace, list(live.values()), grants)
+            if stored is not None and stored[1] == doc:
+                out.version = stored[0]
+            else:
+                floor = max(self._known_version.get(namespace, 0), stored[0] if stored else 0) + 1
+                out.version = await asyncio.to_thread(configstore.publish, self.redis, namespace, doc,
+                                                      min_version=floor)
+                out.pushed = True
+                log.info("namespace %s: config version %s (%s)", namespace, out.version,
+                         ", ".join(sorted(live)))
+            self._known_version[namespace] = out.version
+            out.programmed = True
+        except configstore.ConfigStoreError as exc:
+            out.redis_error = str(exc)
+        return out
+
+    def _read_raw(self, namespace: str) -> tuple[int, str] | None:
+        try:
+            version, doc = self.redis.hmget(keyschema.config_key(namespace), ["version", "doc"])
+        except Exception as exc:  # redis-py errors, wrapped once here
+            raise configstore.ConfigStoreError(f"cannot read config of {namespace}: {exc}") from exc
+        if version is None or doc is None:
+            return None
+        return int(version), doc.decode() if isinstance(doc, bytes) else str(doc)
+
+    def _recover(self, namespace: str, stored: tuple[int, str]) -> None:
+        """After a restart: what Redis serves is the last good config of every policy."""
+        try:
+            cfg = configdoc.load_doc(stored[1], stored[0])
+        except PolicyErrors:
+            return
+        self._last_good[namespace] = {p.name: p for p in cfg.policies}
+        self._known_version[namespace] = stored[0]
+
+    async def enforced(self, namespace: str, version: int, *, stale_s: float) -> int:
+        """How many sidecars reported running ``version`` recently; stale entries are pruned."""
+        key = keyschema.heartbeat_key(namespace)
+        try:
+            entries = await asyncio.to_thread(self.redis.hgetall, key)
+        except Exception as exc:
+            log.warning("cannot read heartbeats of %s: %s", namespace, exc)
+            return 0
+        now = time.time()
+        stale = []
+        count = 0
+        for pod, value in entries.items():
+            v, ts = keyschema.parse_heartbeat(value)
+            if now - ts > stale_s:
+                stale.append(pod)
+            elif v == version:
+                count += 1
+        if stale:
+            try:
+                await asyncio.to_thread(self.redis.hdel, key, *stale)
+            except Exception as exc:
+                log.debug("cannot prune heartbeats of %s: %s", namespace, exc)
+        return count
+
+
+def _as_document(body: Mapping[str, Any]) -> dict[str, Any]:
+    """The parts of a Kubernetes object that are the policy (no status, no managed fields)."""
+    meta = body.get("metadata", {})
+    doc_meta = {"name": meta.get("name")}
+    if meta.get("namespace"):
+        doc_meta["namespace"] = meta["namespace"]
+    return {"apiVersion": body.get("apiVersion"), "kind": body.get("kind"), "metadata": doc_meta,
+            "spec": body.get("spec")}

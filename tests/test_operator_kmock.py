@@ -1,0 +1,190 @@
+"""The operator (kopf) against kmock's Kubernetes emulator and a real Redis: policies and key
+Secrets in, the namespace's config in Redis out, status conditions, last good config kept."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import threading
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import kmock
+import kopf
+import pytest
+from sluice_core import configstore, keyschema
+from sluice_operator.handlers import build_registry
+from sluice_operator.reconcile import Reconciler
+from sluice_operator.settings import OperatorSettings
+
+RLP = "sluice.dev/v1alpha1/ratelimitpolicies"
+
+
+def policy(name: str, ns: str, *, requests: Any = 10, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {
+        "apiVersion": "sluice.dev/v1alpha1", "kind": "RateLimitPolicy",
+        "metadata": {"name": name, "namespace": ns, "resourceVersion": "1", "generation": 1,
+                     "uid": str(uuid.uuid4())},
+        "spec": {"tiers": [{"name": "free", "requests": requests, "period": "1m"},
+                           {"name": "pro", "requests": 100, "period": "1m"}], **(extra or {})},
+    }
+
+
+def key_secret(name: str, ns: str, policy_name: str, key: str, tier: str, **more: str) -> dict[str, Any]:
+    data = {"key": key, "tier": tier, **more}
+    return {"apiVersion": "v1", "kind": "Secret",
+            "metadata": {"name": name, "namespace": ns, "resourceVersion": "1", "uid": str(uuid.uuid4()),
+                         "labels": {"sluice.dev/policy": policy_name}},
+            "data": {k: base64.b64encode(v.encode()).decode() for k, v in data.items()}}
+
+
+@dataclass
+class Env:
+    k8s: Any
+    redis: Any
+    ns: str
+
+    async def create(self, path: str, obj: dict[str, Any]) -> None:
+        async with self.k8s.post(path, json=obj) as r:
+            assert r.status < 300, await r.text()
+
+    async def patch(self, path: str, obj: dict[str, Any]) -> None:
+        async with self.k8s.patch(path, json=obj, headers={"Content-Type": "application/merge-patch+json"}) as r:
+            assert r.status < 300, await r.text()
+
+    async def delete(self, path: str) -> None:
+        async with self.k8s.delete(path) as r:
+            assert r.status < 300, await r.text()
+
+    def rlp_path(self, name: str = "") -> str:
+        base = f"/apis/sluice.dev/v1alpha1/namespaces/{self.ns}/ratelimitpolicies"
+        return f"{base}/{name}" if name else base
+
+    def secret_path(self, name: str = "") -> str:
+        base = f"/api/v1/namespaces/{self.ns}/secrets"
+        return f"{base}/{name}" if name else base
+
+    def config(self) -> Any:
+        return configstore.read(self.redis, self.ns)
+
+    def status(self, name: str) -> dict[str, Any]:
+        obj = self.k8s.objects[RLP, self.ns, name]
+        return dict(obj.get("status") or {})
+
+
+async def eventually(probe: Callable[[], Any], what: str, timeout: float = 15.0) -> Any:
+    deadline = asyncio.get_running_loop().time() + timeout
+    last: Any = None
+    while asyncio.get_running_loop().time() < deadline:
+        try:
+            last = probe()
+        except (KeyError, LookupError) as exc:
+            last = exc
+        else:
+            if last:
+                return last
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}; last: {last!r}")
+
+
+def condition(status: dict[str, Any], type_: str) -> dict[str, Any] | None:
+    return next((c for c in status.get("conditions", []) if c["type"] == type_), None)
+
+
+@pytest.fixture
+async def env(kmock: Any, redis_server: Any) -> AsyncIterator[Env]:
+    kmock.resources.load_bundled()
+    kmock.resources[RLP] = kmock_info()
+    client = configstore.connect(redis_server.url)
+    settings = OperatorSettings(redis=redis_server.url, resync_interval_s=1.0, heartbeat_stale_s=30)
+    registry = build_registry(settings, Reconciler(client))
+    url = str(kmock.url).rstrip("/")
+
+    @kopf.on.login(registry=registry)
+    def login(**_: Any) -> kopf.ConnectionInfo:
+        return kopf.ConnectionInfo(server=url)
+
+    stop, ready = threading.Event(), threading.Event()
+
+    def run() -> None:
+        asyncio.run(kopf.operator(registry=registry, clusterwide=True, standalone=True,
+                                  stop_flag=stop, ready_flag=ready))
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    await eventually(ready.is_set, "operator ready")
+    try:
+        yield Env(kmock, client, "ns-" + uuid.uuid4().hex[:8])
+    finally:
+        stop.set()
+        await asyncio.to_thread(thread.join, 20)
+
+
+def kmock_info() -> Any:
+    return kmock.ResourceInfo(namespaced=True, kind="RateLimitPolicy", singular="ratelimitpolicy",
+                              verbs={"list", "watch", "get", "patch", "create", "delete", "update"},
+                              shortnames={"rlp"}, subresources={"status"})
+
+
+async def test_policy_lifecycle_create_update_delete(env: Env) -> None:
+    await env.create(env.rlp_path(), policy("api", env.ns))
+    cfg = await eventually(env.config, "config in Redis")
+    assert [p.name for p in cfg.policies] == ["api"]
+    assert cfg.policies[0].tiers["free"].limit.requests == 10
+    first = cfg.version
+    status = await eventually(lambda: condition(env.status("api"), "Programmed"), "status")
+    assert status["status"] == "True"
+    assert condition(env.status("api"), "Accepted")["status"] == "True"
+
+    await env.patch(env.rlp_path("api"), {"metadata": {"generation": 2},
+                                          "spec": {"tiers": [{"name": "free", "requests": 20, "period": "1m"}]}})
+    cfg = await eventually(lambda: (c := env.config()) and c.version > first and c, "new version")
+    assert cfg.policies[0].tiers["free"].limit.requests == 20
+
+    await env.delete(env.rlp_path("api"))
+    await eventually(lambda: env.config() is None, "config removed on delete")
+
+
+async def test_invalid_update_keeps_last_good_config(env: Env) -> None:
+    await env.create(env.rlp_path(), policy("api", env.ns))
+    cfg = await eventually(env.config, "config in Redis")
+    await env.patch(env.rlp_path("api"), {"metadata": {"generation": 2},
+                                          "spec": {"tiers": [{"name": "free", "requests": -5, "period": "1m"}]}})
+    accepted = await eventually(
+        lambda: (c := condition(env.status("api"), "Accepted")) and c["status"] == "False" and c, "refusal")
+    assert "spec.tiers[0].requests: must be a positive integer, got -5" in accepted["message"]
+    assert "last good version keeps serving" in accepted["message"]
+    still = env.config()
+    assert still.version == cfg.version  # nothing new was written
+    assert still.policies[0].tiers["free"].limit.requests == 10
+
+
+async def test_flushall_config_is_back_with_a_higher_version(env: Env) -> None:
+    await env.create(env.rlp_path(), policy("api", env.ns))
+    cfg = await eventually(env.config, "config in Redis")
+    env.redis.delete(keyschema.config_key(env.ns))  # what FLUSHALL does to this namespace
+    back = await eventually(env.config, "config re-pushed by the resync timer")
+    assert back.version > cfg.version
+    assert [p.name for p in back.policies] == ["api"]
+
+
+async def test_key_secret_lifecycle(env: Env) -> None:
+    await env.create(env.rlp_path(), policy("api", env.ns))
+    await eventually(env.config, "config in Redis")
+    digest = keyschema.hash_api_key("sk-live-123")
+    await env.create(env.secret_path(), key_secret("k1", env.ns, "api", "sk-live-123", "pro"))
+    cfg = await eventually(lambda: (c := env.config()) and digest in c.grants.get("api", {}) and c, "grant")
+    assert cfg.grants["api"][digest].tier == "pro"
+    assert "sk-live-123" not in env.redis.hget(keyschema.config_key(env.ns), "doc").decode()
+    # revoke without deleting
+    await env.patch(env.secret_path("k1"), {"data": {"disabled": base64.b64encode(b"true").decode()}})
+    await eventually(lambda: digest not in env.config().grants.get("api", {}), "revocation")
+    # an expiring key disappears when it expires
+    soon = __import__("datetime").datetime.now(__import__("datetime").UTC) + __import__("datetime").timedelta(seconds=2)
+    d2 = keyschema.hash_api_key("sk-temp")
+    await env.create(env.secret_path(), key_secret("k2", env.ns, "api", "sk-temp", "free",
+                                                   expiresAt=soon.isoformat()))
+    await eventually(lambda: d2 in env.config().grants.get("api", {}), "temporary grant")
+    await eventually(lambda: d2 not in env.config().grants.get("api", {}), "expiry", timeout=10)
