@@ -188,3 +188,29 @@ async def test_key_secret_lifecycle(env: Env) -> None:
                                                    expiresAt=soon.isoformat()))
     await eventually(lambda: d2 in env.config().grants.get("api", {}), "temporary grant")
     await eventually(lambda: d2 not in env.config().grants.get("api", {}), "expiry", timeout=10)
+
+
+async def test_contract_operator_to_sidecar_process_to_status(env: Env, tmp_path: Any) -> None:
+    """The operator writes config -> a real sidecar process in cluster mode enforces it ->
+    the policy's status shows one sidecar enforcing that version."""
+    from support.processes import SidecarProcess, UpstreamProcess, http_get
+
+    await env.create(env.rlp_path(), policy("api", env.ns, requests=2))
+    cfg = await eventually(env.config, "config in Redis")
+    labels = tmp_path / "labels"
+    labels.write_text('app="web"\n')
+    up = await asyncio.to_thread(UpstreamProcess)
+    url = env.redis.connection_pool.connection_kwargs
+    sidecar = await asyncio.to_thread(
+        SidecarProcess, up.url, "--redis", f"redis://{url['host']}:{url['port']}",
+        "--namespace", env.ns, "--pod-labels", str(labels), "--pod-name", "web-0")
+    try:
+        codes = [(await asyncio.to_thread(http_get, sidecar.url + "/"))[0] for _ in range(3)]
+        assert codes == [200, 200, 429]
+        status = await eventually(
+            lambda: (s := env.status("api")).get("enforcedSidecars") == 1 and s, "Enforced: 1")
+        assert status["configVersion"] == cfg.version
+        assert condition(status, "Enforced")["status"] == "True"
+    finally:
+        await asyncio.to_thread(sidecar.close)
+        await asyncio.to_thread(up.close)
