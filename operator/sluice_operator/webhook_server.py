@@ -1,0 +1,182 @@
+"""The admission webhooks' HTTPS server (aiohttp).
+
+Routes: ``POST /validate-policy`` (:func:`admission.review_policy`), ``POST /mutate-pod``
+(:func:`admission.mutate_pod`), ``GET /healthz``. Every answer to a well-formed
+AdmissionReview is an AdmissionReview v1; a body that is not JSON or not an AdmissionReview
+gets 400, a body larger than ``max_body_bytes`` 413 (the API server sends at most a few MB).
+
+    server = WebhookServer(cert_file, key_file, injection=InjectionSettings(), port=8443)
+    await server.start()          # or: async with server: ...
+    ...
+    await server.stop()
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+import ssl
+from collections.abc import Awaitable, Callable, Mapping
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from aiohttp import web
+
+from sluice_operator.admission import (
+    InjectionSettings,
+    ReviewError,
+    error_review,
+    mutate_pod,
+    review_policy,
+)
+
+log = logging.getLogger(__name__)
+
+MAX_BODY_BYTES = 4 * 1024 * 1024
+NamespaceLookup = Callable[[str], Mapping[str, str] | Awaitable[Mapping[str, str] | None] | None]
+"""Namespace name -> its labels (sync or async; the operator's kopf/kubernetes client)."""
+
+
+class WebhookServer:
+    def __init__(
+        self,
+        cert_file: str | Path | None,
+        key_file: str | Path | None,
+        *,
+        injection: InjectionSettings | None = None,
+        namespace_labels: NamespaceLookup | None = None,
+        host: str = "0.0.0.0",
+        port: int = 8443,
+        max_body_bytes: int = MAX_BODY_BYTES,
+    ) -> None:
+        """``cert_file``/``key_file`` None serves plain HTTP (tests and local debugging only:
+        the API server only calls webhooks over HTTPS)."""
+        self.cert_file = cert_file
+        self.key_file = key_file
+        self.injection = injection or InjectionSettings()
+        self.namespace_labels = namespace_labels
+        self.host = host
+        self.port = port
+        self.max_body_bytes = max_body_bytes
+        self._runner: web.AppRunner | None = None
+        self._ssl: ssl.SSLContext | None = None
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=self.max_body_bytes)
+        app.router.add_post("/validate-policy", self._validate)
+        app.router.add_post("/mutate-pod", self._mutate)
+        app.router.add_get("/healthz", self._healthz)
+        return app
+
+    def ssl_context(self) -> ssl.SSLContext | None:
+        if self.cert_file is None or self.key_file is None:
+            return None
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        ctx.load_cert_chain(str(self.cert_file), str(self.key_file))
+        return ctx
+
+    def reload_certificates(self) -> None:
+        """Pick up renewed files (cert-manager rotates them in place); new connections use them."""
+        if self._ssl is not None and self.cert_file is not None and self.key_file is not None:
+            self._ssl.load_cert_chain(str(self.cert_file), str(self.key_file))
+
+    async def start(self) -> None:
+        self._ssl = self.ssl_context()
+        self._runner = web.AppRunner(self.app(), access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.host, self.port, ssl_context=self._ssl)
+        await site.start()
+        server = site._server  # the bound port when port=0
+        sockets = getattr(server, "sockets", None) or []
+        if sockets:
+            self.port = sockets[0].getsockname()[1]
+        log.info("admission webhooks listening on %s:%s (%s)", self.host, self.port,
+                 "https" if self._ssl else "http")
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    async def __aenter__(self) -> WebhookServer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        await self.stop()
+
+    @property
+    def url(self) -> str:
+        scheme = "https" if self.cert_file is not None else "http"
+        return f"{scheme}://{self.host}:{self.port}"
+
+    # -- handlers --------------------------------------------------------------------------
+
+    async def _read_review(self, request: web.Request) -> Any:
+        if request.content_length is not None and request.content_length > self.max_body_bytes:
+            raise web.HTTPRequestEntityTooLarge(max_size=self.max_body_bytes,
+                                                actual_size=request.content_length)
+        body = await request.read()  # aiohttp enforces client_max_size while reading (413)
+        try:
+            return json.loads(body)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise web.HTTPBadRequest(text=f"body is not JSON: {exc}") from None
+
+    async def _validate(self, request: web.Request) -> web.Response:
+        review = await self._read_review(request)
+        try:
+            answer = review_policy(review)
+        except ReviewError as exc:
+            raise web.HTTPBadRequest(text=str(exc)) from None
+        return web.json_response(answer)
+
+    async def _mutate(self, request: web.Request) -> web.Response:
+        review = await self._read_review(request)
+        labels: Mapping[str, str] | None = None
+        lookup_error: Exception | None = None
+        namespace = _namespace_of(review)
+        if self.namespace_labels is not None and namespace:
+            try:
+                result = self.namespace_labels(namespace)
+                labels = await result if inspect.isawaitable(result) else result
+            except Exception as exc:
+                lookup_error = exc
+                log.warning("cannot read labels of namespace %s: %s", namespace, exc)
+
+        def lookup(_: str) -> Mapping[str, str] | None:
+            if lookup_error is not None:
+                raise lookup_error
+            return labels
+
+        try:
+            answer = mutate_pod(review, self.injection,
+                                lookup if self.namespace_labels is not None else None)
+        except ReviewError as exc:
+            raise web.HTTPBadRequest(text=str(exc)) from None
+        except Exception as exc:  # the mutating webhook never blocks a pod
+            log.exception("sidecar injection failed")
+            uid = review["request"]["uid"]
+            return web.json_response(error_review(uid, f"sluice: sidecar not injected: {exc!r}"))
+        return web.json_response(answer)
+
+    async def _healthz(self, request: web.Request) -> web.Response:
+        return web.Response(text="ok\n")
+
+
+def _namespace_of(review: Any) -> str | None:
+    if not isinstance(review, Mapping):
+        return None
+    req = review.get("request")
+    if not isinstance(req, Mapping):
+        return None
+    ns = req.get("namespace")
+    if isinstance(ns, str) and ns:
+        return ns
+    obj = req.get("object")
+    meta = obj.get("metadata") if isinstance(obj, Mapping) else None
+    value = meta.get("namespace") if isinstance(meta, Mapping) else None
+    return value if isinstance(value, str) else None
