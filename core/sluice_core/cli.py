@@ -23,6 +23,7 @@ PLUGINS: dict[str, tuple[str, str]] = {
     "sidecar": ("sluice_sidecar.cli", "run the enforcing reverse proxy in front of one app"),
     "demo": ("sluice_sidecar.demo", "run a demo upstream behind the sidecar with the example policy"),
     "operator": ("sluice_operator.cli", "reconcile RateLimitPolicies and key Secrets into Redis (kopf)"),
+    "keys": ("sluice_operator.keys_cli", "create, list, revoke and rotate API keys kept in Secrets"),
 }
 
 

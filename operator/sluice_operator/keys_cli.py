@@ -1,0 +1,131 @@
+"""``sluice keys``: API keys as Kubernetes Secrets (see :mod:`sluice_operator.keysecrets`).
+
+- ``create --policy P --tier T [-n NS] [--limit 100/1m] [--expires-at RFC3339]``: a Secret with a
+  fresh key (256 bits from the OS CSPRNG, ``sk_<tier>_`` prefix), printed once and never again.
+- ``list [--policy P] [-n NS]``: names, tiers, state — never the keys.
+- ``revoke NAME [-n NS]``: ``disabled: "true"``; the Secret (the audit trail) stays.
+- ``rotate NAME [-n NS] [--grace 1h]``: a new key for the same policy and tier; the old one is
+  revoked at once, or expires after the grace period.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import datetime as dt
+import secrets
+import sys
+from typing import Any
+
+from sluice_core.duration import parse_duration_us
+
+from sluice_operator.keysecrets import POLICY_LABEL, parse_limit
+
+KEY_LABEL = "sluice.dev/api-key"
+
+
+def new_key(tier: str) -> str:
+    return f"sk_{tier}_{secrets.token_urlsafe(32)}"
+
+
+def _b64(text: str) -> str:
+    return base64.b64encode(text.encode()).decode()
+
+
+def _unb64(data: dict[str, str] | None, name: str) -> str | None:
+    raw = (data or {}).get(name)
+    return base64.b64decode(raw).decode() if raw else None
+
+
+def secret_manifest(namespace: str, policy: str, tier: str, key: str, *, limit: str | None = None,
+                    expires_at: str | None = None, name: str | None = None) -> dict[str, Any]:
+    data = {"key": key, "tier": tier}
+    if limit:
+        parse_limit(limit)  # refuse a bad limit before anything is created
+        data["limit"] = limit
+    if expires_at:
+        data["expiresAt"] = expires_at
+    meta: dict[str, Any] = {"namespace": namespace, "labels": {POLICY_LABEL: policy, KEY_LABEL: "true"}}
+    meta["name"] = name or f"{policy}-{tier}-{secrets.token_hex(3)}"
+    return {"apiVersion": "v1", "kind": "Secret", "type": "Opaque", "metadata": meta,
+            "data": {k: _b64(v) for k, v in data.items()}}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="action", required=True)
+    c = sub.add_parser("create", help="create a key Secret and print the key once")
+    c.add_argument("--policy", required=True)
+    c.add_argument("--tier", required=True)
+    c.add_argument("--limit", help="this key's own limit, <requests>/<period>[/<burst>]")
+    c.add_argument("--expires-at", help="RFC 3339 time the key stops working")
+    ls = sub.add_parser("list", help="list key Secrets (never the keys)")
+    ls.add_argument("--policy")
+    r = sub.add_parser("revoke", help="disable a key, keeping its Secret")
+    r.add_argument("name")
+    ro = sub.add_parser("rotate", help="issue a new key for the same policy and tier")
+    ro.add_argument("name")
+    ro.add_argument("--grace", help="keep the old key working this long (e.g. 1h); default: revoke now")
+    for p in (c, ls, r, ro):
+        p.add_argument("-n", "--namespace", default="default")
+
+
+def _api() -> Any:
+    from kubernetes import client, config
+
+    try:
+        config.load_incluster_config()
+    except config.ConfigException:
+        config.load_kube_config()
+    return client.CoreV1Api()
+
+
+def run(args: argparse.Namespace, api: Any = None) -> int:
+    from kubernetes.client.exceptions import ApiException
+
+    api = api or _api()
+    ns = args.namespace
+    try:
+        if args.action == "create":
+            key = new_key(args.tier)
+            body = secret_manifest(ns, args.policy, args.tier, key, limit=args.limit,
+                                   expires_at=args.expires_at)
+            made = api.create_namespaced_secret(ns, body)
+            print(f"created secret {ns}/{made.metadata.name} for policy {args.policy}, tier {args.tier}")
+            print(f"API key (shown once, store it now): {key}")
+        elif args.action == "list":
+            selector = f"{POLICY_LABEL}={args.policy}" if args.policy else POLICY_LABEL
+            items = api.list_namespaced_secret(ns, label_selector=selector).items
+            print(f"{'NAME':40} {'POLICY':20} {'TIER':12} {'STATE':10} EXPIRES")
+            for s in items:
+                data = s.data or {}
+                state = "revoked" if (_unb64(data, "disabled") or "").lower() == "true" else "active"
+                print(f"{s.metadata.name:40} {s.metadata.labels.get(POLICY_LABEL, ''):20} "
+                      f"{_unb64(data, 'tier') or '?':12} {state:10} {_unb64(data, 'expiresAt') or '-'}")
+        elif args.action == "revoke":
+            api.patch_namespaced_secret(args.name, ns, {"data": {"disabled": _b64("true")}})
+            print(f"revoked {ns}/{args.name} (the Secret is kept)")
+        elif args.action == "rotate":
+            old = api.read_namespaced_secret(args.name, ns)
+            policy = old.metadata.labels[POLICY_LABEL]
+            tier = _unb64(old.data, "tier") or ""
+            key = new_key(tier)
+            made = api.create_namespaced_secret(ns, secret_manifest(
+                ns, policy, tier, key, limit=_unb64(old.data, "limit"),
+                expires_at=_unb64(old.data, "expiresAt")))
+            if args.grace:
+                until = dt.datetime.now(dt.UTC) + dt.timedelta(microseconds=parse_duration_us(args.grace))
+                patch = {"data": {"expiresAt": _b64(until.strftime("%Y-%m-%dT%H:%M:%SZ"))}}
+                note = f"the old key works until {until:%Y-%m-%d %H:%M:%S} UTC"
+            else:
+                patch = {"data": {"disabled": _b64("true")}}
+                note = "the old key is revoked"
+            api.patch_namespaced_secret(args.name, ns, patch)
+            print(f"created secret {ns}/{made.metadata.name}; {note}")
+            print(f"API key (shown once, store it now): {key}")
+    except ApiException as exc:
+        print(f"error: Kubernetes API: {exc.status} {exc.reason}", file=sys.stderr)
+        return 1
+    except (KeyError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0

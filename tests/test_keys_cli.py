@@ -1,0 +1,90 @@
+"""`sluice keys` against kmock's Kubernetes emulator: the Secrets it writes are the ones the
+operator reads, the key is printed once and only its hash ever leaves the Secret."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+from typing import Any
+
+import pytest
+from kubernetes import client
+from sluice_core.model import API_VERSION, KIND
+from sluice_core.parse import parse_policy
+from sluice_operator import keys_cli
+from sluice_operator.keysecrets import grants_for
+
+
+def run(api: Any, *argv: str) -> tuple[int, str]:
+    parser = argparse.ArgumentParser()
+    keys_cli.add_arguments(parser)
+    import contextlib
+    import io
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = keys_cli.run(parser.parse_args(list(argv)), api=api)
+    return code, out.getvalue()
+
+
+def stored_secrets(kmock: Any) -> list[dict[str, Any]]:
+    out = []
+    for key in kmock.objects:
+        obj = kmock.objects[key]
+        if key[0].plural == "secrets" and not obj.deleted:
+            out.append(obj.raw)
+    return out
+
+
+@pytest.fixture
+def api(kmock: Any) -> Any:
+    kmock.resources.load_bundled()
+    cfg = client.Configuration(host=str(kmock.url).rstrip("/"))
+    return client.CoreV1Api(client.ApiClient(cfg))
+
+
+async def test_create_list_revoke_rotate(api: Any, kmock: Any) -> None:
+    policy = parse_policy({"apiVersion": API_VERSION, "kind": KIND, "metadata": {"name": "api"},
+                           "spec": {"tiers": [{"name": "free", "requests": 1, "period": "1m"},
+                                              {"name": "pro", "requests": 9, "period": "1m"}]}})
+    code, out = await asyncio.to_thread(run, api, "create", "--policy", "api", "--tier", "pro",
+                                        "--limit", "50/1m")
+    assert code == 0
+    key = out.split("store it now): ")[1].strip()
+    assert key.startswith("sk_pro_")
+    assert len(base64.urlsafe_b64decode(key.removeprefix("sk_pro_") + "=")) == 32  # 256 bits
+    name = out.split("created secret default/")[1].split(" ")[0]
+
+    secrets = stored_secrets(kmock)
+    grants, problems, _ = grants_for(policy, secrets)
+    assert not problems
+    assert [g.tier for g in grants.values()] == ["pro"]
+    assert next(iter(grants.values())).limit.requests == 50
+
+    code, out = await asyncio.to_thread(run, api, "list", "--policy", "api")
+    assert code == 0
+    assert name in out
+    assert "active" in out
+    assert key not in out
+
+    code, out = await asyncio.to_thread(run, api, "rotate", name)
+    assert code == 0
+    new_key = out.split("store it now): ")[1].strip()
+    assert new_key != key
+    secrets = stored_secrets(kmock)
+    grants, _, _ = grants_for(policy, secrets)
+    assert len(grants) == 1  # the old key is revoked, the new one works
+
+    code, _ = await asyncio.to_thread(run, api, "revoke", name)
+    assert code == 0
+    code, out = await asyncio.to_thread(run, api, "list")
+    assert out.count("revoked") == 1
+    assert new_key not in out
+
+
+async def test_bad_limit_creates_nothing(api: Any, kmock: Any) -> None:
+    code, _ = await asyncio.to_thread(run, api, "create", "--policy", "api", "--tier", "pro",
+                                      "--limit", "lots")
+    assert code == 1
+    assert not stored_secrets(kmock)
