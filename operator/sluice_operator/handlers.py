@@ -31,13 +31,13 @@ def build_registry(settings: OperatorSettings, reconciler: Reconciler) -> kopf.O
         settings.posting.level = logging.WARNING
 
     @kopf.index(GROUP, VERSION, PLURAL, id="policies_by_ns", registry=registry)
-    def policies_by_ns(namespace: str, body: kopf.Body, **_: Any) -> dict[str, Any]:
-        return {namespace: dict(body)}
+    def policies_by_ns(namespace: str | None, body: kopf.Body, **_: Any) -> dict[str, Any]:
+        return {namespace or "": dict(body)}
 
     @kopf.index("v1", "secrets", labels={POLICY_LABEL: kopf.PRESENT}, id="key_secrets_by_ns",
                 registry=registry)
-    def key_secrets_by_ns(namespace: str, body: kopf.Body, **_: Any) -> dict[str, Any]:
-        return {namespace: dict(body)}
+    def key_secrets_by_ns(namespace: str | None, body: kopf.Body, **_: Any) -> dict[str, Any]:
+        return {namespace or "": dict(body)}
 
     async def reconcile(namespace: str, policies: kopf.Index[str, Any],
                         secrets: kopf.Index[str, Any]) -> NamespaceOutcome:
@@ -73,36 +73,36 @@ def build_registry(settings: OperatorSettings, reconciler: Reconciler) -> kopf.O
     @kopf.on.resume(GROUP, VERSION, PLURAL, id="policy", registry=registry)
     @kopf.on.create(GROUP, VERSION, PLURAL, id="policy", registry=registry)
     @kopf.on.update(GROUP, VERSION, PLURAL, id="policy", field="spec", registry=registry)
-    async def policy_changed(namespace: str, name: str, body: kopf.Body, patch: kopf.Patch,
-                             policies_by_ns: kopf.Index[str, Any],
-                             key_secrets_by_ns: kopf.Index[str, Any], **_: Any) -> None:
-        outcome = await reconcile(namespace, policies_by_ns, key_secrets_by_ns)
+    async def policy_changed(namespace: str | None, name: str, body: kopf.Body, patch: kopf.Patch,
+                             **kwargs: Any) -> None:
+        policies_by_ns, key_secrets_by_ns = kwargs["policies_by_ns"], kwargs["key_secrets_by_ns"]
+        outcome = await reconcile(namespace or "", policies_by_ns, key_secrets_by_ns)
         report(body, name, outcome, patch, None)
 
     @kopf.on.delete(GROUP, VERSION, PLURAL, id="policy-delete", registry=registry)
-    async def policy_deleted(namespace: str, policies_by_ns: kopf.Index[str, Any],
-                             key_secrets_by_ns: kopf.Index[str, Any], **_: Any) -> None:
-        outcome = await reconcile(namespace, policies_by_ns, key_secrets_by_ns)
+    async def policy_deleted(namespace: str | None, **kwargs: Any) -> None:
+        policies_by_ns, key_secrets_by_ns = kwargs["policies_by_ns"], kwargs["key_secrets_by_ns"]
+        outcome = await reconcile(namespace or "", policies_by_ns, key_secrets_by_ns)
         if outcome.redis_error:  # keep the finalizer until Redis no longer serves the policy
             raise kopf.TemporaryError(f"Redis: {outcome.redis_error}", delay=5)
 
     @kopf.on.event("v1", "secrets", labels={POLICY_LABEL: kopf.PRESENT}, id="key-secret",
                    registry=registry)
-    async def key_secret_changed(namespace: str, policies_by_ns: kopf.Index[str, Any],
-                                 key_secrets_by_ns: kopf.Index[str, Any], **_: Any) -> None:
-        if policies_by_ns.get(namespace):
+    async def key_secret_changed(namespace: str | None, **kwargs: Any) -> None:
+        policies_by_ns, key_secrets_by_ns = kwargs["policies_by_ns"], kwargs["key_secrets_by_ns"]
+        if namespace and policies_by_ns.get(namespace):
             await reconcile(namespace, policies_by_ns, key_secrets_by_ns)
 
     @kopf.timer(GROUP, VERSION, PLURAL, id="resync", interval=settings.resync_interval_s,
                 registry=registry)
-    async def resync(namespace: str, name: str, body: kopf.Body, patch: kopf.Patch,
-                     policies_by_ns: kopf.Index[str, Any],
-                     key_secrets_by_ns: kopf.Index[str, Any], **_: Any) -> None:
+    async def resync(namespace: str | None, name: str, body: kopf.Body, patch: kopf.Patch,
+                     **kwargs: Any) -> None:
+        policies_by_ns, key_secrets_by_ns = kwargs["policies_by_ns"], kwargs["key_secrets_by_ns"]
         """Redis is volatile: put back lost config, and report how many sidecars enforce it."""
-        outcome = await reconcile(namespace, policies_by_ns, key_secrets_by_ns)
+        outcome = await reconcile(namespace or "", policies_by_ns, key_secrets_by_ns)
         enforced = None
         if outcome.programmed and outcome.version:
-            enforced = await reconciler.enforced(namespace, outcome.version,
+            enforced = await reconciler.enforced(namespace or "", outcome.version,
                                                  stale_s=settings.heartbeat_stale_s)
         report(body, name, outcome, patch, enforced)
 
