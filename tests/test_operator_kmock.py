@@ -14,8 +14,10 @@ from typing import Any
 import kmock
 import kopf
 import pytest
+from prometheus_client import generate_latest
 from sluice_core import configstore, keyschema
 from sluice_operator.handlers import build_registry
+from sluice_operator.metrics import OperatorMetrics
 from sluice_operator.reconcile import Reconciler
 from sluice_operator.settings import OperatorSettings
 
@@ -45,6 +47,7 @@ class Env:
     k8s: Any
     redis: Any
     ns: str
+    metrics: OperatorMetrics
 
     async def create(self, path: str, obj: dict[str, Any]) -> None:
         async with self.k8s.post(path, json=obj) as r:
@@ -99,7 +102,8 @@ async def env(kmock: Any, redis_server: Any) -> AsyncIterator[Env]:
     kmock.resources[RLP] = kmock_info()
     client = configstore.connect(redis_server.url)
     settings = OperatorSettings(redis=redis_server.url, resync_interval_s=1.0, heartbeat_stale_s=30)
-    registry = build_registry(settings, Reconciler(client))
+    metrics = OperatorMetrics()
+    registry = build_registry(settings, Reconciler(client, metrics))
     url = str(kmock.url).rstrip("/")
 
     @kopf.on.login(registry=registry)
@@ -116,7 +120,7 @@ async def env(kmock: Any, redis_server: Any) -> AsyncIterator[Env]:
     thread.start()
     await eventually(ready.is_set, "operator ready")
     try:
-        yield Env(kmock, client, "ns-" + uuid.uuid4().hex[:8])
+        yield Env(kmock, client, "ns-" + uuid.uuid4().hex[:8], metrics)
     finally:
         stop.set()
         await asyncio.to_thread(thread.join, 20)
@@ -145,6 +149,9 @@ async def test_policy_lifecycle_create_update_delete(env: Env) -> None:
 
     await env.delete(env.rlp_path("api"))
     await eventually(lambda: env.config() is None, "config removed on delete")
+    text = generate_latest(env.metrics.registry).decode()
+    assert 'sluice_operator_reconciles_total{result="ok"}' in text
+    assert "sluice_operator_config_pushes_total" in text
 
 
 async def test_invalid_update_keeps_last_good_config(env: Env) -> None:
@@ -154,6 +161,8 @@ async def test_invalid_update_keeps_last_good_config(env: Env) -> None:
                                           "spec": {"tiers": [{"name": "free", "requests": -5, "period": "1m"}]}})
     accepted = await eventually(
         lambda: (c := condition(env.status("api"), "Accepted")) and c["status"] == "False" and c, "refusal")
+    policies = generate_latest(env.metrics.registry).decode()
+    assert 'sluice_operator_policies{condition="Accepted",status="False"} 1.0' in policies
     assert "spec.tiers[0].requests: must be a positive integer, got -5" in accepted["message"]
     assert "last good version keeps serving" in accepted["message"]
     still = env.config()

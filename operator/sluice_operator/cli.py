@@ -25,6 +25,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "without it the operator runs standalone [env SLUICE_OPERATOR_PEERING]")
     parser.add_argument("--liveness", default=env("SLUICE_OPERATOR_LIVENESS", "http://0.0.0.0:8080/healthz"),
                         help="kopf liveness endpoint [env SLUICE_OPERATOR_LIVENESS]")
+    parser.add_argument("--metrics-listen", default=env("SLUICE_OPERATOR_METRICS_LISTEN", "0.0.0.0:9091"),
+                        help="HOST:PORT for the operator's /metrics [env SLUICE_OPERATOR_METRICS_LISTEN]")
     parser.add_argument("--log-level", default=env("SLUICE_OPERATOR_LOG_LEVEL", "info"))
 
 
@@ -38,7 +40,14 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = OperatorSettings(redis=args.redis, resync_interval_s=args.resync_interval_s,
                                 namespaces=tuple(args.namespace or ()))
-    registry = build_registry(settings, Reconciler(configstore.connect(settings.redis)))
+    from prometheus_client import start_http_server
+
+    from sluice_operator.metrics import OperatorMetrics
+
+    metrics = OperatorMetrics()
+    host, _, port = args.metrics_listen.rpartition(":")
+    start_http_server(int(port), addr=host or "0.0.0.0", registry=metrics.registry)
+    registry = build_registry(settings, Reconciler(configstore.connect(settings.redis), metrics))
     asyncio.run(kopf.operator(
         registry=registry, clusterwide=not settings.namespaces, namespaces=list(settings.namespaces),
         standalone=args.peering is None, peering_name=args.peering, liveness_endpoint=args.liveness))

@@ -26,6 +26,7 @@ from sluice_core.model import CompiledPolicy, KeyGrant
 from sluice_core.parse import parse_policy
 
 from sluice_operator.keysecrets import KeyProblem, grants_for
+from sluice_operator.metrics import OperatorMetrics
 
 log = logging.getLogger("sluice.operator")
 
@@ -57,8 +58,9 @@ class NamespaceOutcome:
 
 
 class Reconciler:
-    def __init__(self, redis_client: Any) -> None:
+    def __init__(self, redis_client: Any, metrics: OperatorMetrics | None = None) -> None:
         self.redis = redis_client
+        self.metrics = metrics or OperatorMetrics()
         self._last_good: dict[str, dict[str, CompiledPolicy]] = {}
         self._known_version: dict[str, int] = {}
         self._locks: dict[str, asyncio.Lock] = {}
@@ -66,7 +68,21 @@ class Reconciler:
     async def reconcile(self, namespace: str, policies: Sequence[Mapping[str, Any]],
                         secrets: Sequence[Mapping[str, Any]]) -> NamespaceOutcome:
         async with self._locks.setdefault(namespace, asyncio.Lock()):
-            return await self._reconcile(namespace, policies, secrets)
+            started = time.perf_counter()
+            out = await self._reconcile(namespace, policies, secrets)
+            m = self.metrics
+            m.reconcile_seconds.observe(time.perf_counter() - started)
+            if out.redis_error:
+                m.redis_errors.inc()
+            m.reconciles.labels("redis_error" if out.redis_error else
+                                "invalid" if any(not r.accepted for r in out.results.values()) else "ok").inc()
+            if out.pushed:
+                m.pushes.inc()
+            for key in [k for k in m.states if k[0] == namespace]:
+                del m.states[key]
+            for name, r in out.results.items():
+                m.states[(namespace, name)] = (r.accepted, r.serving and out.programmed)
+            return out
 
     async def _reconcile(self, namespace: str, policies: Sequence[Mapping[str, Any]],
                          secrets: Sequence[Mapping[str, Any]]) -> NamespaceOutcome:

@@ -1,0 +1,41 @@
+"""The operator's own Prometheus metrics (served on ``--metrics-listen``)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+
+class OperatorMetrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.reconciles = Counter("sluice_operator_reconciles", "Namespace reconciles by result",
+                                  ["result"], registry=r)
+        self.reconcile_seconds = Histogram("sluice_operator_reconcile_seconds",
+                                           "Time to reconcile one namespace", registry=r)
+        self.redis_errors = Counter("sluice_operator_redis_errors", "Redis operations that failed",
+                                    registry=r)
+        self.pushes = Counter("sluice_operator_config_pushes", "Config documents written to Redis",
+                              registry=r)
+        # (namespace, policy) -> (accepted, programmed): the policies-by-condition gauge
+        self.states: dict[tuple[str, str], tuple[bool, bool]] = {}
+        r.register(_PolicyStates(self))
+
+
+class _PolicyStates(Collector):
+    def __init__(self, metrics: OperatorMetrics) -> None:
+        self._m = metrics
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        g = GaugeMetricFamily("sluice_operator_policies", "Policies by condition and status",
+                              labels=["condition", "status"])
+        states = list(self._m.states.values())
+        for cond, idx in (("Accepted", 0), ("Programmed", 1)):
+            true = sum(1 for s in states if s[idx])
+            g.add_metric([cond, "True"], true)
+            g.add_metric([cond, "False"], len(states) - true)
+        yield g
