@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import threading
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -14,6 +15,7 @@ from typing import Any
 import kmock
 import kopf
 import pytest
+from kubernetes import client as k8s_client
 from prometheus_client import generate_latest
 from sluice_core import configstore, keyschema
 from sluice_operator.handlers import build_registry
@@ -96,15 +98,19 @@ def condition(status: dict[str, Any], type_: str) -> dict[str, Any] | None:
     return next((c for c in status.get("conditions", []) if c["type"] == type_), None)
 
 
-@pytest.fixture
-async def env(kmock: Any, redis_server: Any) -> AsyncIterator[Env]:
+@contextlib.asynccontextmanager
+async def running_operator(kmock: Any, redis_server: Any, **settings_kw: Any) -> AsyncIterator[Env]:
+    """kopf in its own thread and loop (it cancels every task of its loop when it stops),
+    logged in to kmock; see ../shared/TESTING.md."""
     kmock.resources.load_bundled()
     kmock.resources[RLP] = kmock_info()
     client = configstore.connect(redis_server.url)
-    settings = OperatorSettings(redis=redis_server.url, resync_interval_s=1.0, heartbeat_stale_s=30)
+    settings = OperatorSettings(redis=redis_server.url, resync_interval_s=1.0, heartbeat_stale_s=30,
+                                **settings_kw)
     metrics = OperatorMetrics()
-    registry = build_registry(settings, Reconciler(client, metrics))
     url = str(kmock.url).rstrip("/")
+    registry = build_registry(settings, Reconciler(client, metrics),
+                              api_client=lambda: k8s_client.ApiClient(k8s_client.Configuration(host=url)))
 
     @kopf.on.login(registry=registry)
     def login(**_: Any) -> kopf.ConnectionInfo:
@@ -124,6 +130,12 @@ async def env(kmock: Any, redis_server: Any) -> AsyncIterator[Env]:
     finally:
         stop.set()
         await asyncio.to_thread(thread.join, 20)
+
+
+@pytest.fixture
+async def env(kmock: Any, redis_server: Any) -> AsyncIterator[Env]:
+    async with running_operator(kmock, redis_server) as e:
+        yield e
 
 
 def kmock_info() -> Any:
@@ -223,3 +235,41 @@ async def test_contract_operator_to_sidecar_process_to_status(env: Env, tmp_path
     finally:
         await asyncio.to_thread(sidecar.close)
         await asyncio.to_thread(up.close)
+
+
+async def test_webhooks_served_and_registered_with_their_ca(kmock: Any, redis_server: Any,
+                                                             tmp_path: Any) -> None:
+    import json
+    import ssl
+
+    import aiohttp
+    from sluice_operator.webhook_config import Endpoint
+    from support.redis_servers import pick_port
+
+    port = pick_port()
+    endpoint = Endpoint(url=f"https://127.0.0.1:{port}")
+    async with running_operator(kmock, redis_server, webhook_listen=f"127.0.0.1:{port}",
+                                webhook_cert_dir=str(tmp_path / "certs"), webhook_provided_cert_dir=None,
+                                webhook_dns_names=("localhost",), webhook_ips=("127.0.0.1",),
+                                webhook_endpoint=endpoint):
+        key = ("admissionregistration.k8s.io/v1/validatingwebhookconfigurations", None, "sluice-policies")
+        vwc = await eventually(lambda: kmock.objects[key].raw, "validating configuration")
+        hook = vwc["webhooks"][0]
+        assert hook["clientConfig"]["url"] == f"https://127.0.0.1:{port}/validate-policy"
+        assert hook["failurePolicy"] == "Fail"
+        ca = base64.b64decode(hook["clientConfig"]["caBundle"])
+        mkey = ("admissionregistration.k8s.io/v1/mutatingwebhookconfigurations", None, "sluice-injector")
+        mwc = await eventually(lambda: kmock.objects[mkey].raw, "mutating configuration")
+        assert mwc["webhooks"][0]["failurePolicy"] == "Ignore"
+        # The API server's view: call the configured URL trusting only the configured CA.
+        ctx = ssl.create_default_context(cadata=ca.decode())
+        review = {"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "request": {
+            "uid": "u-1", "operation": "CREATE", "namespace": "ns",
+            "kind": {"group": "sluice.dev", "version": "v1alpha1", "kind": "RateLimitPolicy"},
+            "object": policy("bad", "ns", requests=-5)}}
+        async with aiohttp.ClientSession() as http, http.post(
+                hook["clientConfig"]["url"], json=review, ssl=ctx) as r:
+            answer = json.loads(await r.text())
+        assert answer["response"]["uid"] == "u-1"
+        assert answer["response"]["allowed"] is False
+        assert "spec.tiers[0].requests: must be a positive integer, got -5" in answer["response"]["status"]["message"]

@@ -27,6 +27,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="kopf liveness endpoint [env SLUICE_OPERATOR_LIVENESS]")
     parser.add_argument("--metrics-listen", default=env("SLUICE_OPERATOR_METRICS_LISTEN", "0.0.0.0:9091"),
                         help="HOST:PORT for the operator's /metrics [env SLUICE_OPERATOR_METRICS_LISTEN]")
+    w = parser.add_argument_group("admission webhooks (policy validation, sidecar injection)")
+    w.add_argument("--webhook-listen", default=env("SLUICE_OPERATOR_WEBHOOK_LISTEN"),
+                   help="HOST:PORT to serve the webhooks on (HTTPS); unset: no webhooks "
+                        "[env SLUICE_OPERATOR_WEBHOOK_LISTEN]")
+    w.add_argument("--webhook-service", default=env("SLUICE_OPERATOR_WEBHOOK_SERVICE"),
+                   help="NAMESPACE/NAME[:PORT] of the Service in front of the webhooks: the operator "
+                        "then keeps the webhook configurations (with the CA bundle) up to date "
+                        "[env SLUICE_OPERATOR_WEBHOOK_SERVICE]")
+    w.add_argument("--webhook-url", default=env("SLUICE_OPERATOR_WEBHOOK_URL"),
+                   help="instead of a Service: the https:// URL the API server calls (local runs)")
+    w.add_argument("--webhook-cert-dir", default=env("SLUICE_OPERATOR_WEBHOOK_CERT_DIR", "/tmp/sluice-webhook-certs"),
+                   help="where the self-signed certificate is kept when none is provided")
+    w.add_argument("--webhook-provided-cert-dir",
+                   default=env("SLUICE_OPERATOR_WEBHOOK_PROVIDED_CERT_DIR", "/etc/sluice/webhook-certs"),
+                   help="cert-manager's mounted Secret (tls.crt, tls.key, ca.crt), used when present")
+    w.add_argument("--sidecar-image", default=env("SLUICE_OPERATOR_SIDECAR_IMAGE", "sluice:0.1.0"),
+                   help="image of the injected sidecar [env SLUICE_OPERATOR_SIDECAR_IMAGE]")
+    w.add_argument("--sidecar-redis", default=env("SLUICE_OPERATOR_SIDECAR_REDIS"),
+                   help="Redis URL given to injected sidecars (default: --redis)")
     parser.add_argument("--log-level", default=env("SLUICE_OPERATOR_LOG_LEVEL", "info"))
 
 
@@ -38,8 +57,24 @@ def run(args: argparse.Namespace) -> int:
     from sluice_operator.reconcile import Reconciler
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    settings = OperatorSettings(redis=args.redis, resync_interval_s=args.resync_interval_s,
-                                namespaces=tuple(args.namespace or ()))
+    from sluice_operator.admission import InjectionSettings
+    from sluice_operator.webhook_config import Endpoint
+
+    endpoint = None
+    dns: tuple[str, ...] = ()
+    if args.webhook_service:
+        ns, _, rest = args.webhook_service.partition("/")
+        name, _, port = rest.partition(":")
+        endpoint = Endpoint(service_namespace=ns, service_name=name, service_port=int(port or 443))
+        dns = (name, f"{name}.{ns}", f"{name}.{ns}.svc", f"{name}.{ns}.svc.cluster.local")
+    elif args.webhook_url:
+        endpoint = Endpoint(url=args.webhook_url)
+    settings = OperatorSettings(
+        redis=args.redis, resync_interval_s=args.resync_interval_s,
+        namespaces=tuple(args.namespace or ()), webhook_listen=args.webhook_listen,
+        webhook_cert_dir=args.webhook_cert_dir, webhook_provided_cert_dir=args.webhook_provided_cert_dir,
+        webhook_dns_names=dns or ("localhost",), webhook_ips=("127.0.0.1",), webhook_endpoint=endpoint,
+        injection=InjectionSettings(image=args.sidecar_image, redis_url=args.sidecar_redis or args.redis))
     from prometheus_client import start_http_server
 
     from sluice_operator.metrics import OperatorMetrics

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from sluice_operator.admission import InjectionSettings
+from sluice_operator.webhook_config import Endpoint
 
 
 @dataclass(frozen=True)
@@ -15,3 +18,18 @@ class OperatorSettings:
     """A sidecar heartbeat older than this no longer counts as enforcing."""
     namespaces: tuple[str, ...] = ()
     """Watch only these namespaces (empty: the whole cluster)."""
+    webhook_listen: str | None = None
+    """HOST:PORT for the admission webhooks (HTTPS); None: no webhooks are served."""
+    webhook_cert_dir: str = "/tmp/sluice-webhook-certs"
+    """Where a self-signed serving certificate (and its CA) is kept when none is provided."""
+    webhook_provided_cert_dir: str | None = "/etc/sluice/webhook-certs"
+    """cert-manager's mounted Secret (tls.crt, tls.key, ca.crt): used when present."""
+    webhook_dns_names: tuple[str, ...] = ()
+    """Names the serving certificate covers (the webhook Service's DNS names)."""
+    webhook_ips: tuple[str, ...] = ()
+    webhook_endpoint: Endpoint | None = None
+    """How the API server reaches the webhooks; when set, the operator creates or updates the
+    Validating/MutatingWebhookConfigurations with the CA bundle."""
+    skip_namespaces: tuple[str, ...] = ("kube-system", "kube-public", "kube-node-lease")
+    """Pods in these namespaces are never sent to the injector."""
+    injection: InjectionSettings = field(default_factory=InjectionSettings)
