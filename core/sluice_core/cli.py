@@ -24,6 +24,7 @@ PLUGINS: dict[str, tuple[str, str]] = {
     "demo": ("sluice_sidecar.demo", "run a demo upstream behind the sidecar with the example policy"),
     "operator": ("sluice_operator.cli", "reconcile RateLimitPolicies and key Secrets into Redis (kopf)"),
     "keys": ("sluice_operator.keys_cli", "create, list, revoke and rotate API keys kept in Secrets"),
+    "services": ("sluice_operator.bypass", "list the Services that reach a policy's pods without the sidecar"),
 }
 
 
