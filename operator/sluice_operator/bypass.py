@@ -64,7 +64,7 @@ def run(args: argparse.Namespace, api_client: Any = None) -> int:
     from kubernetes import client
 
     if api_client is None:
-        from sluice_operator.handlers import default_api_client
+        from sluice_operator.kube import default_api_client
 
         api_client = default_api_client()
     custom = client.CustomObjectsApi(api_client)

@@ -15,6 +15,7 @@ import kopf
 from sluice_operator import webhook_config
 from sluice_operator.certs import ensure_certificates
 from sluice_operator.keysecrets import POLICY_LABEL
+from sluice_operator.kube import default_api_client
 from sluice_operator.reconcile import NamespaceOutcome, Reconciler
 from sluice_operator.settings import OperatorSettings
 from sluice_operator.status import policy_status
@@ -135,16 +136,6 @@ def build_registry(settings: OperatorSettings, reconciler: Reconciler,
                 await task
 
     return registry
-
-
-def default_api_client() -> Any:
-    from kubernetes import client, config
-
-    try:
-        config.load_incluster_config()  # type: ignore[no-untyped-call]
-    except config.ConfigException:
-        config.load_kube_config()  # type: ignore[no-untyped-call]
-    return client.ApiClient()
 
 
 async def serve_webhooks(settings: OperatorSettings, api_client: Any) -> WebhookServer:

@@ -20,6 +20,7 @@ from typing import Any
 from sluice_core.duration import parse_duration_us
 
 from sluice_operator.keysecrets import POLICY_LABEL, parse_limit
+from sluice_operator.kube import default_api_client
 
 KEY_LABEL = "sluice.dev/api-key"
 
@@ -70,13 +71,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _api() -> Any:
-    from kubernetes import client, config
+    from kubernetes import client
 
-    try:
-        config.load_incluster_config()  # type: ignore[no-untyped-call]
-    except config.ConfigException:
-        config.load_kube_config()  # type: ignore[no-untyped-call]
-    return client.CoreV1Api()
+    return client.CoreV1Api(default_api_client())
 
 
 def run(args: argparse.Namespace, api: Any = None) -> int:
