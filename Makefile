@@ -5,23 +5,28 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-fast lint typecheck bench clean
+.PHONY: setup setup-k8s demo test test-fast lint typecheck bench clean
 
 $(STAMP): pyproject.toml hack/bootstrap.sh
 	@hack/bootstrap.sh $(VENV)
 
 setup: $(STAMP)
 
+# etcd, kube-apiserver, kube-controller-manager, kubectl, helm built from Go modules into
+# ${SLUICE_CACHE:-~/.cache/sluice}/bin for the k8s tests; a no-op once built (hack/k8s/NOTES.md).
+setup-k8s:
+	@hack/k8s/build.sh
+
 demo: $(STAMP)
 	@hack/ensure-redis.sh --optional
 	$(BIN)/sluice demo
 
-test: $(STAMP)
+test: $(STAMP) setup-k8s
 	@hack/ensure-redis.sh
 	$(BIN)/pytest -q -p no:cacheprovider
 
 test-fast: $(STAMP)
-	$(BIN)/pytest -q -x -m "not slow and not cluster"
+	$(BIN)/pytest -q -x -m "not slow and not cluster and not k8s"
 
 lint: $(STAMP)
 	$(BIN)/ruff check core sidecar operator tests bench

@@ -17,6 +17,11 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from support.control_plane import (
+    ControlPlane,
+    ControlPlaneNotInstalled,
+    ControlPlaneStartError,
+)
 from support.redis_servers import (
     RedisClusterProcs,
     RedisNotInstalled,
@@ -40,6 +45,9 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if "redis_cluster" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.cluster)
+        # ... and tests using the real Kubernetes control plane the ``k8s`` marker.
+        if "control_plane" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.k8s)
 
 
 @pytest.fixture(scope="session")
@@ -71,3 +79,48 @@ def redis_cluster() -> Iterator[RedisClusterProcs]:
         yield cluster
     finally:
         cluster.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# A real Kubernetes control plane (etcd + kube-apiserver + kube-controller-manager), see
+# tests/support/control_plane.py. Binaries come from `make setup-k8s` (hack/k8s/build.sh).
+
+_CONTROL_PLANE: list[ControlPlane] = []  # the running one, for failure reports
+_K8S_FAILED: list[str] = []  # nodeids of failed tests that used it: keep its logs then
+
+
+@pytest.fixture(scope="session")
+def control_plane() -> Iterator[ControlPlane]:
+    """etcd + kube-apiserver + kube-controller-manager on loopback for the whole session.
+
+    ``.kubectl(*args, input=None, check=True)``, ``.kubeconfig``, ``.server``, ``.ca_cert``,
+    ``.client_cert``/``.client_key``. Shared: use a namespace (or object names) of your own and
+    delete what you create. A failing test gets the tails of the component logs in its report
+    and the log directory is then kept."""
+    cp: ControlPlane | None = None
+    try:
+        cp = ControlPlane()
+    except ControlPlaneNotInstalled as exc:
+        message = str(exc)
+    except ControlPlaneStartError as exc:
+        message = f"the Kubernetes control plane did not start: {exc}"
+    if cp is None:
+        pytest.fail(message, pytrace=False)
+    _CONTROL_PLANE.append(cp)
+    try:
+        yield cp
+    finally:
+        _CONTROL_PLANE.remove(cp)
+        cp.close(keep=bool(_K8S_FAILED))
+        if _K8S_FAILED:
+            sys.stderr.write(f"\ncontrol plane logs kept in {cp.log_dir}\n")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    outcome = yield
+    report = outcome.get_result()  # type: ignore[attr-defined]
+    if (report.failed and _CONTROL_PLANE
+            and "control_plane" in getattr(item, "fixturenames", ())):
+        _K8S_FAILED.append(item.nodeid)
+        report.sections.append(("Kubernetes control plane logs", _CONTROL_PLANE[0].log_report()))

@@ -92,7 +92,7 @@ def pick_port(*, with_bus: bool = False) -> int:
     raise RuntimeError(f"no free port found in {PORT_RANGE}")
 
 
-def _death_signal_preexec() -> Callable[[], None] | None:
+def death_signal_preexec() -> Callable[[], None] | None:
     """A ``preexec_fn`` asking Linux to SIGKILL the child when this thread dies, or None.
 
     Only from the main thread: PDEATHSIG fires when the *thread* that forked exits."""
@@ -200,7 +200,7 @@ class RedisServer:
         self._log_file = open(self.log_path, "ab")  # noqa: SIM115 - closed in _reap
         self.proc = subprocess.Popen(
             self._argv(), stdin=subprocess.DEVNULL, stdout=self._log_file,
-            stderr=subprocess.STDOUT, cwd=self.dir, preexec_fn=_death_signal_preexec())
+            stderr=subprocess.STDOUT, cwd=self.dir, preexec_fn=death_signal_preexec())
         self.paused = False
         with _LIVE_LOCK:
             _LIVE.add(self)
