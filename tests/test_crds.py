@@ -380,7 +380,7 @@ def test_printer_columns(kind: str) -> None:
     status = schema["properties"]["status"]["properties"]
     assert {k: status[k]["type"] for k in status} == {
         "conditions": "array", "observedGeneration": "integer", "configVersion": "integer",
-        "enforcedSidecars": "integer", "tiers": "integer"}
+        "enforcedSidecars": "integer", "tiers": "integer", "keys": "integer"}
     condition = status["conditions"]["items"]
     assert set(condition["properties"]) == {"type", "status", "reason", "message",
                                             "lastTransitionTime", "observedGeneration"}

@@ -83,6 +83,9 @@ def run(args: argparse.Namespace) -> int:
     host, _, port = args.metrics_listen.rpartition(":")
     start_http_server(int(port), addr=host or "0.0.0.0", registry=metrics.registry)
     registry = build_registry(settings, Reconciler(configstore.connect(settings.redis), metrics))
+    # A registry of our own has no login handler: use the kubernetes client's credentials
+    # (in-cluster ServiceAccount, else the kubeconfig).
+    kopf.on.login(registry=registry)(kopf.login_via_client)
     asyncio.run(kopf.operator(
         registry=registry, clusterwide=not settings.namespaces, namespaces=list(settings.namespaces),
         standalone=args.peering is None, peering_name=args.peering, liveness_endpoint=args.liveness))

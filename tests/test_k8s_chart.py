@@ -1,0 +1,534 @@
+"""The Helm chart in charts/sluice: lint, render, install into the real control plane, and the
+operator running under the chart's RBAC (tests/support/control_plane.py).
+
+- ``helm lint --strict`` passes, the values schema refuses bad values, and every manifest
+  ``helm template`` renders (CRDs included) validates with ``kubernetes-validate`` at the
+  Kubernetes version of hack/k8s/versions.env; the chart's CRD copies are the repo's crds/.
+- ``helm install`` (``--wait=false``: there is no kubelet) creates the ServiceAccount,
+  ClusterRole(Binding), Deployment, webhook Service and CRDs.
+- RBAC: with a token minted for the chart's ServiceAccount, SelfSubjectAccessReviews show the
+  verbs the operator needs are allowed and the dangerous ones (secret get/writes, pod creation,
+  RBAC escalation, deleting policies or CRDs, ...) are denied.
+- ``sluice operator`` runs as a local process authenticated with that token only (a kubeconfig
+  with the token, the server and the CA), against a real Redis: a policy reaches Redis and its
+  status, a key Secret's hash reaches Redis, an invalid policy gets an Event, the webhooks are
+  registered (create, then patch on restart) and refuse a bad policy, sidecar injection reads the
+  namespace's labels, deletion clears the finalizer. Any ``Forbidden`` in its log fails the test.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+from support.control_plane import ControlPlane, bin_dir, require_binaries
+from support.redis_servers import pick_port
+
+pytestmark = pytest.mark.k8s
+
+ROOT = Path(__file__).resolve().parents[1]
+CHART = ROOT / "charts" / "sluice"
+WAIT = 30.0  # seconds: every poll below has this deadline
+WEBHOOK_CONFIGS = (("validatingwebhookconfiguration", "sluice-policies"),
+                   ("mutatingwebhookconfiguration", "sluice-injector"))
+
+
+def k8s_version() -> str:
+    text = (ROOT / "hack" / "k8s" / "versions.env").read_text()
+    m = re.search(r"^KUBERNETES_VERSION=v(\d+)\.(\d+)", text, re.M)
+    assert m, "KUBERNETES_VERSION not found in hack/k8s/versions.env"
+    return f"{m[1]}.{m[2]}.0"
+
+
+def helm(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    exe = require_binaries(names=("helm",)) / "helm"
+    env = {**os.environ, "HELM_CACHE_HOME": str(ROOT / ".pytest_cache" / "helm"),
+           "HELM_CONFIG_HOME": str(ROOT / ".pytest_cache" / "helm"),
+           "HELM_DATA_HOME": str(ROOT / ".pytest_cache" / "helm")}
+    res = subprocess.run([str(exe), *args], capture_output=True, text=True, timeout=120,
+                         env=env, check=False, stdin=subprocess.DEVNULL)
+    if check and res.returncode != 0:
+        pytest.fail(f"helm {' '.join(args)} exited {res.returncode}\n--- stdout\n{res.stdout}"
+                    f"--- stderr\n{res.stderr}")
+    return res
+
+
+def render(*set_args: str, namespace: str = "sluice-system") -> list[dict[str, Any]]:
+    out = helm("template", "sluice", str(CHART), "--namespace", namespace, "--include-crds",
+               *set_args).stdout
+    return [d for d in yaml.safe_load_all(out) if d]
+
+
+def poll(predicate: Callable[[], Any], what: str, timeout: float = WAIT,
+         diagnose: Callable[[], str] = lambda: "") -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        last = predicate()
+        if last:
+            return last
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout:.0f}s waiting for {what} (last: {last!r})"
+                        f"\n{diagnose()}")
+        time.sleep(0.1)
+
+
+# ---------------------------------------------------------------------------------------------
+# offline: lint, schema, render + kubernetes-validate
+
+
+def test_chart_crds_are_the_repo_crds() -> None:
+    repo = {p.name: p.read_text() for p in (ROOT / "crds").glob("*.yaml")}
+    chart = {p.name: p.read_text() for p in (CHART / "crds").glob("*.yaml")}
+    assert repo, "no CRDs in crds/"
+    assert chart == repo, "charts/sluice/crds/ must be exact copies of crds/*.yaml (cp them)"
+
+
+@pytest.mark.parametrize("values", [[], ["--set", "webhook.enabled=false"]],
+                         ids=["default", "no-webhook"])
+def test_helm_lint(values: list[str]) -> None:
+    res = helm("lint", "--strict", str(CHART), *values)
+    assert "0 chart(s) failed" in res.stdout, res.stdout
+
+
+@pytest.mark.parametrize(("setting", "complaint"), [
+    ("redis.url=http://redis:6379", "/redis/url"),
+    ("operator.resyncIntervalSeconds=0", "/operator/resyncIntervalSeconds"),
+    ("image.pullPolicy=Sometimes", "/image/pullPolicy"),
+    ("webhook.enabld=true", "enabld"),
+])
+def test_values_schema_refuses_bad_values(setting: str, complaint: str) -> None:
+    res = helm("template", "sluice", str(CHART), "--set", setting, check=False)
+    assert res.returncode != 0, f"--set {setting} was accepted"
+    assert "schema" in res.stderr and complaint in res.stderr, res.stderr
+
+
+@pytest.mark.parametrize("values", [[], ["--set", "webhook.enabled=false"],
+                                    ["--set", "redis.existingSecret=redis-url",
+                                     "--set", "sidecar.image=reg/sidecar:1",
+                                     "--set", "sidecar.redisUrl=redis://other:6379"]],
+                         ids=["default", "no-webhook", "secret-url"])
+def test_rendered_manifests_validate(values: list[str]) -> None:
+    docs = render(*values)
+    version = k8s_version()
+    for doc in docs:
+        try:
+            kubernetes_validate.validate(doc, version, strict=True)
+        except kubernetes_validate.ValidationError as exc:
+            pytest.fail(f"{doc['kind']} {doc['metadata']['name']} is invalid for Kubernetes "
+                        f"{version}: {exc}")
+    kinds = sorted(d["kind"] for d in docs)
+    expected = ["ClusterRole", "ClusterRoleBinding", "CustomResourceDefinition",
+                "CustomResourceDefinition", "Deployment", "ServiceAccount"]
+    if "webhook.enabled=false" not in values:
+        expected.append("Service")
+    assert kinds == sorted(expected)
+
+
+def test_deployment_wiring() -> None:
+    docs = render("--set", "redis.url=redis://r.example:6379", "--set",
+                  "operator.resyncIntervalSeconds=7", namespace="ops")
+    by_kind = {d["kind"]: d for d in docs}
+    dep, svc = by_kind["Deployment"], by_kind["Service"]
+    pod = dep["spec"]["template"]["spec"]
+    (c,) = pod["containers"]
+    assert c["args"][0] == "operator"
+    assert "--resync-interval-s=7" in c["args"]
+    assert "--webhook-listen=0.0.0.0:8443" in c["args"]
+    assert f"--webhook-service=ops/{svc['metadata']['name']}:443" in c["args"]
+    assert "--metrics-listen=0.0.0.0:9091" in c["args"]
+    assert "--liveness=http://0.0.0.0:8080/healthz" in c["args"]
+    assert {"name": "SLUICE_OPERATOR_REDIS", "value": "redis://r.example:6379"} in c["env"]
+    assert {p["name"]: p["containerPort"] for p in c["ports"]} == {
+        "healthz": 8080, "metrics": 9091, "webhook": 8443}
+    assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "healthz"}
+    assert c["securityContext"]["readOnlyRootFilesystem"] is True
+    assert pod["securityContext"]["runAsUser"] == 65532 and pod["securityContext"]["runAsNonRoot"]
+    mounts = {m["mountPath"] for m in c["volumeMounts"]}
+    assert "/var/run/sluice/webhook-certs" in mounts
+    cert_dir = next(a for a in c["args"] if a.startswith("--webhook-cert-dir="))
+    assert cert_dir.split("=", 1)[1] in mounts
+    assert svc["spec"]["ports"] == [{"name": "https-webhook", "port": 443,
+                                     "targetPort": "webhook", "protocol": "TCP"}]
+    assert svc["spec"]["selector"] == dep["spec"]["selector"]["matchLabels"]
+    assert pod["serviceAccountName"] == by_kind["ServiceAccount"]["metadata"]["name"]
+    role = by_kind["ClusterRole"]
+    for rule in role["rules"]:
+        for field in ("apiGroups", "resources", "verbs"):
+            assert "*" not in rule[field], f"wildcard in {rule}"
+
+
+# ---------------------------------------------------------------------------------------------
+# installed into the control plane
+
+
+@dataclass
+class Release:
+    name: str
+    namespace: str
+    fullname: str
+    service_account: str
+    kubeconfig: Path  # the service account's token, server and CA: nothing else
+    cp: ControlPlane
+
+    def as_operator(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        """kubectl authenticated as the chart's ServiceAccount."""
+        res = subprocess.run([str(bin_dir() / "kubectl"), f"--kubeconfig={self.kubeconfig}",
+                              f"--cache-dir={self.kubeconfig.parent / 'sa-cache'}", *args],
+                             capture_output=True, text=True, timeout=60, check=False,
+                             stdin=subprocess.DEVNULL)
+        if check and res.returncode != 0:
+            pytest.fail(f"kubectl (as the operator) {' '.join(args)}: {res.stderr}")
+        return res
+
+
+@pytest.fixture(scope="module")
+def release(control_plane: ControlPlane, tmp_path_factory: pytest.TempPathFactory
+            ) -> Iterator[Release]:
+    cp = control_plane
+    suffix = uuid.uuid4().hex[:6]
+    name, ns = f"sl-{suffix}", f"sluice-chart-{suffix}"
+    cp.kubectl("create", "namespace", ns)
+    helm("install", name, str(CHART), "--kubeconfig", str(cp.kubeconfig), "--namespace", ns,
+         "--wait=false", "--set", "redis.url=redis://redis.example:6379")
+    fullname = f"{name}-sluice"
+    try:
+        token = cp.kubectl("create", "token", fullname, "-n", ns, "--duration=1h").stdout.strip()
+        kubeconfig = tmp_path_factory.mktemp("sa") / "operator.kubeconfig"
+        kubeconfig.write_text(yaml.safe_dump({
+            "apiVersion": "v1", "kind": "Config",
+            "clusters": [{"name": "sluice", "cluster": {
+                "server": cp.server, "certificate-authority": str(cp.ca_cert)}}],
+            "users": [{"name": "operator", "user": {"token": token}}],
+            "contexts": [{"name": "sluice", "context": {"cluster": "sluice", "user": "operator"}}],
+            "current-context": "sluice"}))
+        kubeconfig.chmod(0o600)
+        yield Release(name, ns, fullname, fullname, kubeconfig, cp)
+    finally:
+        helm("uninstall", name, "--kubeconfig", str(cp.kubeconfig), "--namespace", ns,
+             check=False)
+        cp.kubectl("delete", "namespace", ns, "--wait=false", "--ignore-not-found")
+
+
+def test_install_creates_the_objects(release: Release) -> None:
+    cp, ns, full = release.cp, release.namespace, release.fullname
+    status = json.loads(helm("status", release.name, "--kubeconfig", str(cp.kubeconfig),
+                             "--namespace", ns, "-o", "json").stdout)
+    assert status["info"]["status"] == "deployed"
+    assert cp.kubectl_json("get", "serviceaccount", full, "-n", ns)["metadata"]["name"] == full
+    role = cp.kubectl_json("get", "clusterrole", f"{full}-operator")
+    binding = cp.kubectl_json("get", "clusterrolebinding", f"{full}-operator")
+    assert binding["roleRef"]["name"] == role["metadata"]["name"]
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": full, "namespace": ns}]
+    dep = cp.kubectl_json("get", "deployment", f"{full}-operator", "-n", ns)
+    (c,) = dep["spec"]["template"]["spec"]["containers"]
+    assert f"--webhook-service={ns}/{full}-webhook:443" in c["args"]
+    svc = cp.kubectl_json("get", "service", f"{full}-webhook", "-n", ns)
+    assert svc["spec"]["ports"][0]["port"] == 443 and svc["spec"]["clusterIP"]
+    for crd in ("ratelimitpolicies.sluice.dev", "clusterratelimitpolicies.sluice.dev"):
+        poll(lambda crd=crd: any(
+            c["type"] == "Established" and c["status"] == "True"
+            for c in cp.kubectl_json("get", "crd", crd).get("status", {}).get("conditions", [])),
+            f"CRD {crd} Established")
+    # the controller-manager turns the Deployment into a ReplicaSet and a (Pending) Pod that
+    # runs as the chart's ServiceAccount
+    pods = poll(lambda: cp.kubectl_json("get", "pods", "-n", ns)["items"], "the operator pod")
+    assert pods[0]["spec"]["serviceAccountName"] == full
+
+
+# (verb, group, resource, subresource, namespace, name)
+Access = tuple[str, str, str, str, str, str]
+ALLOWED: list[Access] = [
+    ("list", "sluice.dev", "ratelimitpolicies", "", "", ""),
+    ("watch", "sluice.dev", "ratelimitpolicies", "", "", ""),
+    ("patch", "sluice.dev", "ratelimitpolicies", "", "team-a", "p"),
+    ("patch", "sluice.dev", "ratelimitpolicies", "status", "team-a", "p"),
+    ("list", "", "secrets", "", "", ""),
+    ("watch", "", "secrets", "", "", ""),
+    ("create", "", "events", "", "team-a", ""),
+    ("list", "apiextensions.k8s.io", "customresourcedefinitions", "", "", ""),
+    ("watch", "apiextensions.k8s.io", "customresourcedefinitions", "", "", ""),
+    ("get", "", "namespaces", "", "", "team-a"),
+    ("create", "admissionregistration.k8s.io", "validatingwebhookconfigurations", "", "", ""),
+    ("create", "admissionregistration.k8s.io", "mutatingwebhookconfigurations", "", "", ""),
+    ("patch", "admissionregistration.k8s.io", "validatingwebhookconfigurations", "", "",
+     "sluice-policies"),
+    ("patch", "admissionregistration.k8s.io", "mutatingwebhookconfigurations", "", "",
+     "sluice-injector"),
+]
+DENIED: list[Access] = [
+    ("*", "*", "*", "", "", ""),  # not cluster-admin
+    ("get", "", "secrets", "", "team-a", "db-password"),  # list/watch only, see the ClusterRole
+    ("create", "", "secrets", "", "team-a", ""),
+    ("update", "", "secrets", "", "team-a", "k"),
+    ("patch", "", "secrets", "", "team-a", "k"),
+    ("delete", "", "secrets", "", "team-a", "k"),
+    ("deletecollection", "", "secrets", "", "team-a", ""),
+    ("create", "", "pods", "", "team-a", ""),
+    ("create", "", "pods", "exec", "team-a", "p"),
+    ("delete", "", "pods", "", "team-a", "p"),
+    ("list", "", "pods", "", "", ""),
+    ("create", "apps", "deployments", "", "team-a", ""),
+    ("create", "", "serviceaccounts", "token", "team-a", "default"),
+    ("list", "", "configmaps", "", "", ""),
+    ("list", "", "namespaces", "", "", ""),
+    ("update", "", "namespaces", "", "", "team-a"),
+    ("create", "sluice.dev", "ratelimitpolicies", "", "team-a", ""),
+    ("update", "sluice.dev", "ratelimitpolicies", "", "team-a", "p"),
+    ("delete", "sluice.dev", "ratelimitpolicies", "", "team-a", "p"),
+    ("get", "sluice.dev", "ratelimitpolicies", "", "team-a", "p"),
+    ("create", "apiextensions.k8s.io", "customresourcedefinitions", "", "", ""),
+    ("update", "apiextensions.k8s.io", "customresourcedefinitions", "", "",
+     "ratelimitpolicies.sluice.dev"),
+    ("delete", "apiextensions.k8s.io", "customresourcedefinitions", "", "",
+     "ratelimitpolicies.sluice.dev"),
+    ("patch", "admissionregistration.k8s.io", "validatingwebhookconfigurations", "", "",
+     "someone-elses"),
+    ("delete", "admissionregistration.k8s.io", "validatingwebhookconfigurations", "", "",
+     "sluice-policies"),
+    ("update", "admissionregistration.k8s.io", "mutatingwebhookconfigurations", "", "",
+     "sluice-injector"),
+    ("create", "rbac.authorization.k8s.io", "clusterrolebindings", "", "", ""),
+    ("create", "rbac.authorization.k8s.io", "rolebindings", "", "team-a", ""),
+    ("escalate", "rbac.authorization.k8s.io", "clusterroles", "", "", ""),
+    ("bind", "rbac.authorization.k8s.io", "clusterroles", "", "", "cluster-admin"),
+    ("impersonate", "", "users", "", "", "admin"),
+    ("create", "kopf.dev", "clusterkopfpeerings", "", "", ""),  # standalone: no peering
+]
+
+
+def access_reviews(release: Release, accesses: list[Access]) -> list[bool]:
+    """One ``kubectl create`` of a List of SelfSubjectAccessReviews, as the ServiceAccount."""
+    items = []
+    for verb, group, resource, sub, ns, name in accesses:
+        attrs = {"verb": verb, "group": group, "resource": resource}
+        attrs.update({k: v for k, v in (("subresource", sub), ("namespace", ns), ("name", name))
+                      if v})
+        items.append({"apiVersion": "authorization.k8s.io/v1",
+                      "kind": "SelfSubjectAccessReview", "spec": {"resourceAttributes": attrs}})
+    path = release.kubeconfig.parent / f"ssar-{uuid.uuid4().hex[:6]}.json"
+    path.write_text(json.dumps({"apiVersion": "v1", "kind": "List", "items": items}))
+    text = release.as_operator("create", "-f", str(path), "-o", "json").stdout
+    results: list[dict[str, Any]] = []  # kubectl prints one JSON object per review
+    decoder, pos = json.JSONDecoder(), 0
+    while pos < len(text.rstrip()):
+        obj, end = decoder.raw_decode(text, pos)
+        results.extend(obj["items"] if obj.get("kind") == "List" else [obj])
+        pos = end + len(text[end:]) - len(text[end:].lstrip())
+    assert len(results) == len(accesses)
+    return [bool(r["status"].get("allowed")) for r in results]
+
+
+def test_token_is_the_chart_service_account(release: Release) -> None:
+    who = json.loads(release.as_operator("auth", "whoami", "-o", "json").stdout)
+    assert who["status"]["userInfo"]["username"] == (
+        f"system:serviceaccount:{release.namespace}:{release.service_account}")
+
+
+def test_rbac_allows_what_the_operator_needs(release: Release) -> None:
+    results = access_reviews(release, ALLOWED)
+    missing = [a for a, ok in zip(ALLOWED, results, strict=True) if not ok]
+    assert not missing, f"the chart's ServiceAccount lacks: {missing}"
+
+
+def test_rbac_denies_the_dangerous(release: Release) -> None:
+    results = access_reviews(release, DENIED)
+    granted = [a for a, ok in zip(DENIED, results, strict=True) if ok]
+    assert not granted, f"the chart's ServiceAccount may: {granted}"
+    # and kubectl says the same for the headline ones
+    assert release.as_operator("auth", "can-i", "delete", "secrets", "-A",
+                               check=False).stdout.strip() == "no"
+    assert release.as_operator("auth", "can-i", "create", "pods", "-n", "default",
+                               check=False).stdout.strip() == "no"
+    assert release.as_operator("auth", "can-i", "watch", "secrets", "-A").stdout.strip() == "yes"
+
+
+# ---------------------------------------------------------------------------------------------
+# the operator itself, under the chart's RBAC
+
+
+class OperatorProcess:
+    def __init__(self, release: Release, redis_url: str, workdir: Path, tag: str) -> None:
+        self.log_path = workdir / f"operator-{tag}.log"
+        self.webhook_port = pick_port()
+        self.liveness_port, self.metrics_port = pick_port(), pick_port()
+        env = {k: v for k, v in os.environ.items()
+               if not k.startswith(("KUBERNETES_", "SLUICE_OPERATOR_"))}
+        env["KUBECONFIG"] = str(release.kubeconfig)  # the token: nothing else
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "sluice_core.cli", "operator", "--redis", redis_url, "--resync-interval-s", "2",
+             "--liveness", f"http://127.0.0.1:{self.liveness_port}/healthz",
+             "--metrics-listen", f"127.0.0.1:{self.metrics_port}",
+             "--webhook-listen", f"127.0.0.1:{self.webhook_port}",
+             "--webhook-url", f"https://127.0.0.1:{self.webhook_port}",
+             "--webhook-cert-dir", str(workdir / f"certs-{tag}"),
+             "--webhook-provided-cert-dir", str(workdir / "no-cert-manager")],
+            stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT, env=env)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def report(self) -> str:
+        return f"--- operator log ({self.log_path})\n" + "\n".join(self.log().splitlines()[-60:])
+
+    def check_alive(self) -> None:
+        if self.proc.poll() is not None:
+            pytest.fail(f"the operator exited with {self.proc.returncode}\n{self.report()}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+        self._log.close()
+
+
+FORBIDDEN = re.compile(r"forbidden|\b403\b|unauthorized|\b401\b", re.I)
+
+
+def assert_no_permission_errors(op: OperatorProcess) -> None:
+    bad = [line for line in op.log().splitlines() if FORBIDDEN.search(line)]
+    assert not bad, "the operator hit missing permissions:\n" + "\n".join(bad[:20])
+
+
+def policy_manifest(name: str, ns: str) -> str:
+    return yaml.safe_dump({
+        "apiVersion": "sluice.dev/v1alpha1", "kind": "RateLimitPolicy",
+        "metadata": {"name": name, "namespace": ns},
+        "spec": {"tiers": [{"name": "free", "requests": 10, "period": "1m"},
+                           {"name": "pro", "requests": 100, "period": "1m"}]}})
+
+
+def test_operator_runs_under_the_chart_rbac(release: Release, redis_server: Any,
+                                            tmp_path: Path) -> None:
+    from sluice_core import configstore, keyschema
+
+    cp = release.cp
+    redis = configstore.connect(redis_server.url)
+    suffix = uuid.uuid4().hex[:6]
+    ns, bad_ns = f"chart-op-{suffix}", f"chart-op-bad-{suffix}"
+    cp.kubectl("create", "namespace", ns)
+    cp.kubectl("create", "namespace", bad_ns)
+    cp.kubectl("label", "namespace", ns, "sluice.dev/inject=true")
+    # an invalid policy (only the webhook could refuse it) that exists before the operator starts
+    bad = (ROOT / "crds" / "examples" / "bad" / "bad-regex.yaml").read_text()
+    cp.kubectl("apply", "-n", bad_ns, "-f", "-", input=bad)
+    ops: list[OperatorProcess] = []
+
+    def diagnose() -> str:
+        return ops[-1].report() if ops else ""
+
+    def wait(predicate: Callable[[], Any], what: str) -> Any:
+        def probe() -> Any:
+            ops[-1].check_alive()
+            return predicate()
+        return poll(probe, what, diagnose=diagnose)
+
+    def rlp(name: str, namespace: str) -> dict[str, Any] | None:
+        res = cp.kubectl("get", "rlp", name, "-n", namespace, "-o", "json", check=False)
+        return json.loads(res.stdout) if res.returncode == 0 else None
+
+    def programmed(name: str) -> bool:
+        obj = rlp(name, ns) or {}
+        return any(c.get("type") == "Programmed" and c.get("status") == "True"
+                   for c in obj.get("status", {}).get("conditions", []))
+
+    def ca_bundle(kind: str, name: str) -> str | None:
+        res = cp.kubectl("get", kind, name, "-o", "json", check=False)
+        if res.returncode != 0:
+            return None
+        hooks = json.loads(res.stdout)["webhooks"]
+        return str(hooks[0]["clientConfig"].get("caBundle") or "") or None
+
+    try:
+        ops.append(OperatorProcess(release, redis_server.url, tmp_path, "first"))
+        # webhook configurations created with the operator's CA (create under the chart's RBAC)
+        first_ca = wait(lambda: ca_bundle(*WEBHOOK_CONFIGS[0]), "sluice-policies registered")
+        wait(lambda: ca_bundle(*WEBHOOK_CONFIGS[1]), "sluice-injector registered")
+
+        # policy -> Redis (list/watch + finalizer patch) -> status (status patch)
+        cp.kubectl("apply", "-f", "-", input=policy_manifest("api", ns))
+        wait(lambda: configstore.read(redis, ns), f"config of {ns} in Redis")
+        wait(lambda: programmed("api"), "status Programmed=True")
+        assert "sluice.dev/config" in (rlp("api", ns) or {})["metadata"]["finalizers"]
+
+        # API-key Secret (list/watch secrets) -> its hash in Redis, never the key
+        key = f"sk-chart-{uuid.uuid4().hex}"
+        cp.kubectl("apply", "-f", "-", input=yaml.safe_dump({
+            "apiVersion": "v1", "kind": "Secret",
+            "metadata": {"name": "client-1", "namespace": ns,
+                         "labels": {"sluice.dev/policy": "api"}},
+            "data": {"key": base64.b64encode(key.encode()).decode(),
+                     "tier": base64.b64encode(b"pro").decode()}}))
+        digest = keyschema.hash_api_key(key)
+
+        def doc() -> str:
+            raw = redis.hget(keyschema.config_key(ns), "doc")
+            return raw.decode() if raw else ""
+        wait(lambda: digest in doc(), "the key's hash in Redis")
+        assert key not in doc()
+
+        # the invalid policy: an InvalidPolicy Event (events create)
+        wait(lambda: cp.kubectl_json("get", "events", "-n", bad_ns,
+                                     "--field-selector", "reason=InvalidPolicy")["items"],
+             "the InvalidPolicy Event")
+
+        # the validating webhook, served by the operator, refuses a bad policy
+        res = cp.kubectl("apply", "-n", ns, "-f", "-", input=bad, check=False)
+        assert res.returncode != 0 and "is not a valid regular expression" in res.stderr, res
+
+        # injection into a pod of a namespace labelled sluice.dev/inject=true (namespaces get)
+        wait(lambda: cp.kubectl("get", "serviceaccount", "default", "-n", ns,
+                                check=False).returncode == 0, "default ServiceAccount")
+        pod = json.loads(cp.kubectl("create", "-o", "json", "-f", "-", input=yaml.safe_dump({
+            "apiVersion": "v1", "kind": "Pod", "metadata": {"name": "app", "namespace": ns},
+            "spec": {"containers": [{"name": "app", "image": "app:1",
+                                     "ports": [{"name": "http", "containerPort": 8000}]}]}
+        })).stdout)
+        names = [c["name"] for c in pod["spec"]["containers"]]
+        assert "sluice-sidecar" in names, f"not injected: {names}\n{diagnose()}"
+
+        # restart with a new CA: the configurations are patched (patch by resourceName)
+        ops[-1].stop()
+        ops.append(OperatorProcess(release, redis_server.url, tmp_path, "second"))
+        wait(lambda: ca_bundle(*WEBHOOK_CONFIGS[0]) not in (None, first_ca),
+             "sluice-policies patched with the new CA")
+
+        # deletion: the operator removes the config and its finalizer
+        cp.kubectl("delete", "rlp", "api", "-n", ns, "--wait=false")
+        cp.kubectl("delete", "rlp", "bad-regex", "-n", bad_ns, "--wait=false")
+        wait(lambda: rlp("api", ns) is None and rlp("bad-regex", bad_ns) is None,
+             "the policies deleted (finalizers removed)")
+        wait(lambda: configstore.read(redis, ns) is None, "config removed from Redis")
+        ops[-1].check_alive()
+        for op in ops:
+            assert_no_permission_errors(op)
+    finally:
+        for op in ops:
+            op.stop()
+        for kind, name in WEBHOOK_CONFIGS:  # failurePolicy Fail on a dead URL: never leave it
+            cp.kubectl("delete", kind, name, "--ignore-not-found")
+        for n in (ns, bad_ns):  # a failed test may leave finalizers nobody will remove
+            with contextlib.suppress(Exception):
+                for obj in cp.kubectl_json("get", "rlp", "-n", n)["items"]:
+                    cp.kubectl("patch", "rlp", obj["metadata"]["name"], "-n", n, "--type=merge",
+                               "-p", '{"metadata":{"finalizers":null}}', check=False)
+            cp.kubectl("delete", "namespace", n, "--wait=false", "--ignore-not-found")
