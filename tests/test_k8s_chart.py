@@ -401,7 +401,8 @@ class OperatorProcess:
         self._log.close()
 
 
-FORBIDDEN = re.compile(r"forbidden|\b403\b|unauthorized|\b401\b", re.I)
+# HTTP status codes only where they stand as codes (not inside a log timestamp's milliseconds).
+FORBIDDEN = re.compile(r"forbidden|unauthorized|(?<![\d,.:])\b40[13]\b(?![\d,.])", re.I)
 
 
 def assert_no_permission_errors(op: OperatorProcess) -> None:

@@ -166,7 +166,7 @@ def review_policy(review: Any) -> dict[str, Any]:
         return _answer(uid, False, status={
             "status": "Failure", "code": 422, "reason": "Invalid", "message": message,
             "details": {"name": name, "group": "sluice.dev",
-                        "kind": "rlp" if kind == KIND else "crlp", "causes": causes},
+                        "kind": kind, "causes": causes},
         })
     spec = obj.get("spec") if isinstance(obj, Mapping) else None
     return _answer(uid, True, warnings=policy_warnings(policy, spec if isinstance(spec, Mapping) else {}))

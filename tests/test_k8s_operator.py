@@ -1,0 +1,447 @@
+"""The operator (kopf) against a real kube-apiserver (tests/support/control_plane.py) and a real
+Redis: what a user sees with ``kubectl``.
+
+- Policy lifecycle: ``kubectl apply`` -> config in Redis, status conditions, the PROGRAMMED printer
+  column, the ``sluice.dev/config`` finalizer; ``kubectl delete`` -> config removed, object gone.
+- Without webhooks, a policy the CRD admits but the parser refuses is stored; the operator keeps
+  the last good config, says why in ``Accepted=False`` and posts a Warning Event.
+- With the webhooks registered (URL client config to the operator on loopback, CA bundle of its
+  self-signed certificate), the API server calls them: ``kubectl apply`` of a bad policy is refused
+  with the parser's message, a suspicious one is admitted with warnings, and Pods created by the
+  real controller-manager from a labelled Deployment carry the injected sidecar.
+
+The operator only serves namespaces named ``sluice-op-*`` (kopf namespace patterns), so policies
+of other test files in the same session are left alone. The webhook configurations are
+cluster-wide (the validating one with ``failurePolicy: Fail``): they are deleted at teardown,
+before the operator stops, or every later policy write in the session would be refused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import re
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import kopf
+import pytest
+import yaml
+from kubernetes import config as k8s_config
+from sluice_core import configstore
+from sluice_operator.admission import INJECTED_ANNOTATION, SIDECAR_NAME
+from sluice_operator.handlers import FINALIZER, build_registry
+from sluice_operator.metrics import OperatorMetrics
+from sluice_operator.reconcile import Reconciler
+from sluice_operator.settings import OperatorSettings
+from sluice_operator.webhook_config import MUTATING_NAME, VALIDATING_NAME, Endpoint
+from support.control_plane import ControlPlane
+from support.redis_servers import pick_port
+
+pytestmark = pytest.mark.k8s
+
+ROOT = Path(__file__).resolve().parents[1]
+CRD_DIR = ROOT / "crds"
+BAD_REGEX = CRD_DIR / "examples" / "bad" / "bad-regex.yaml"
+CRD_NAMES = ("ratelimitpolicies.sluice.dev", "clusterratelimitpolicies.sluice.dev")
+NS_PREFIX = "sluice-op"
+WAIT = 30.0  # seconds: every poll below has this deadline
+
+
+def poll(predicate: Callable[[], Any], what: str, timeout: float = WAIT) -> Any:
+    """Poll until ``predicate()`` is truthy; fail with the last value after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        last = predicate()
+        if last:
+            return last
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout:.0f}s waiting for {what} (last: {last!r})")
+        time.sleep(0.1)
+
+
+def expected_error(path: Path) -> str:
+    for line in path.read_text().splitlines():
+        if line.startswith("# expect:"):
+            return line.removeprefix("# expect:").strip()
+    raise AssertionError(f"{path} has no '# expect:' line")
+
+
+def table(out: str) -> list[dict[str, str]]:
+    """Rows of ``kubectl get`` output as {HEADER: cell}; empty cells stay (as '')."""
+    lines = [line for line in out.splitlines() if line.strip()]
+    starts = [m.start() for m in re.finditer(r"\S+", lines[0])]
+    names = lines[0].split()
+    ends = [*starts[1:], None]
+    return [{n: line[a:b].strip() for n, a, b in zip(names, starts, ends, strict=True)}
+            for line in lines[1:]]
+
+
+def condition(obj: dict[str, Any], type_: str) -> dict[str, Any] | None:
+    conds = (obj.get("status") or {}).get("conditions") or []
+    return next((c for c in conds if c.get("type") == type_), None)
+
+
+def policy_yaml(name: str, ns: str, *, requests: int = 10, mode: str = "enforce",
+                rule_path: str = "/search") -> str:
+    return yaml.safe_dump({
+        "apiVersion": "sluice.dev/v1alpha1", "kind": "RateLimitPolicy",
+        "metadata": {"name": name, "namespace": ns},
+        "spec": {"mode": mode, "selector": {"matchLabels": {"app": "demo"}},
+                 "tiers": [{"name": "free", "requests": requests, "period": "1m"}],
+                 "rules": [{"name": "search", "match": {"path": {"prefix": rule_path}},
+                            "cost": 2}]},
+    })
+
+
+# ---------------------------------------------------------------------------------------------
+# the operator in a thread, logged in to the real API server
+
+
+@dataclass
+class Operator:
+    cp: ControlPlane
+    redis: Any
+    settings: OperatorSettings
+    thread: threading.Thread
+
+    def config(self, ns: str) -> Any:
+        return configstore.read(self.redis, ns)
+
+    def rlp(self, ns: str, name: str) -> dict[str, Any] | None:
+        res = self.cp.kubectl("get", "rlp", name, "-n", ns, "-o", "json", check=False)
+        if res.returncode != 0:
+            assert "NotFound" in res.stderr, res.stderr
+            return None
+        return dict(json.loads(res.stdout))
+
+
+@contextlib.contextmanager
+def running_operator(cp: ControlPlane, redis_server: Any, **settings_kw: Any) -> Iterator[Operator]:
+    """kopf in its own thread and loop (see ../shared/TESTING.md), logged in to the real API
+    server with the admin client certificate, serving the ``sluice-op-*`` namespaces."""
+    client = configstore.connect(redis_server.url)
+    settings = OperatorSettings(redis=redis_server.url, resync_interval_s=2.0,
+                                heartbeat_stale_s=30, **settings_kw)
+    registry = build_registry(
+        settings, Reconciler(client, OperatorMetrics()),
+        api_client=lambda: k8s_config.new_client_from_config(  # type: ignore[no-untyped-call]
+            config_file=str(cp.kubeconfig)))
+
+    @kopf.on.login(registry=registry)
+    def login(**_: Any) -> kopf.ConnectionInfo:
+        return kopf.ConnectionInfo(server=cp.server, ca_path=str(cp.ca_cert),
+                                   certificate_path=str(cp.client_cert),
+                                   private_key_path=str(cp.client_key))
+
+    stop, ready = threading.Event(), threading.Event()
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            asyncio.run(kopf.operator(registry=registry, namespaces=[f"{NS_PREFIX}-*"],
+                                      standalone=True, stop_flag=stop, ready_flag=ready))
+        except BaseException as exc:  # reported by the fixture, not lost in the thread
+            errors.append(exc)
+
+    thread = threading.Thread(target=run, name="sluice-operator", daemon=True)
+    thread.start()
+    try:
+        poll(lambda: ready.is_set() or errors, "operator ready")
+        assert not errors, f"the operator failed to start: {errors[0]!r}"
+        yield Operator(cp, client, settings, thread)
+    finally:
+        stop.set()
+        thread.join(20)
+        assert not thread.is_alive(), "the operator thread did not stop within 20 s"
+
+
+@pytest.fixture(scope="module")
+def k8s(control_plane: ControlPlane) -> ControlPlane:
+    """The control plane with the CRDs applied and Established."""
+    control_plane.kubectl("apply", "-f", str(CRD_DIR))
+    for name in CRD_NAMES:
+        poll(lambda n=name: established(control_plane, n),  # type: ignore[misc]
+             f"CRD {name} Established")
+    poll(lambda: control_plane.kubectl("get", "rlp", "-A", check=False).returncode == 0,
+         "rlp discoverable")
+    return control_plane
+
+
+def established(cp: ControlPlane, name: str) -> bool:
+    crd = cp.kubectl_json("get", "crd", name)
+    conds = {c["type"]: c["status"] for c in crd.get("status", {}).get("conditions", [])}
+    return conds.get("Established") == "True" and conds.get("NamesAccepted") == "True"
+
+
+@pytest.fixture
+def namespace(k8s: ControlPlane) -> Iterator[str]:
+    """A namespace the operator serves. Its policies are deleted while the operator still runs
+    (so their finalizers are removed), then the namespace goes, without waiting."""
+    ns = f"{NS_PREFIX}-{uuid.uuid4().hex[:6]}"
+    k8s.kubectl("create", "namespace", ns)
+    try:
+        yield ns
+    finally:
+        k8s.kubectl("delete", "rlp", "--all", "-n", ns, "--timeout=30s", check=False)
+        k8s.kubectl("delete", "namespace", ns, "--wait=false", "--ignore-not-found")
+
+
+@pytest.fixture(scope="class")
+def operator(k8s: ControlPlane, redis_server: Any) -> Iterator[Operator]:
+    """The operator without webhooks."""
+    with running_operator(k8s, redis_server) as op:
+        yield op
+
+
+@pytest.fixture(scope="class")
+def webhook_operator(k8s: ControlPlane, redis_server: Any,
+                     tmp_path_factory: pytest.TempPathFactory) -> Iterator[Operator]:
+    """The operator serving its webhooks on 127.0.0.1 and registering them with the API server."""
+    port = pick_port()
+    try:
+        with running_operator(
+                k8s, redis_server, webhook_listen=f"127.0.0.1:{port}",
+                webhook_endpoint=Endpoint(url=f"https://127.0.0.1:{port}"),
+                webhook_dns_names=("localhost",), webhook_ips=("127.0.0.1",),
+                webhook_cert_dir=str(tmp_path_factory.mktemp("webhook-certs")),
+                webhook_provided_cert_dir=None) as op:
+            poll(lambda: k8s.kubectl("get", "validatingwebhookconfiguration", VALIDATING_NAME,
+                                     check=False).returncode == 0, "validating configuration")
+            poll(lambda: k8s.kubectl("get", "mutatingwebhookconfiguration", MUTATING_NAME,
+                                     check=False).returncode == 0, "mutating configuration")
+            wait_webhooks_active(k8s)
+            try:
+                yield op
+            finally:  # before the operator stops: a Fail webhook nobody serves blocks policies
+                k8s.kubectl("delete", "validatingwebhookconfiguration", VALIDATING_NAME,
+                            "--ignore-not-found")
+                k8s.kubectl("delete", "mutatingwebhookconfiguration", MUTATING_NAME,
+                            "--ignore-not-found")
+    finally:  # also when start-up failed after the configurations were written
+        k8s.kubectl("delete", "validatingwebhookconfiguration", VALIDATING_NAME,
+                    "--ignore-not-found", check=False)
+        k8s.kubectl("delete", "mutatingwebhookconfiguration", MUTATING_NAME,
+                    "--ignore-not-found", check=False)
+
+
+def wait_webhooks_active(cp: ControlPlane) -> None:
+    """The API server picks webhook configurations up from an informer, a moment after they
+    are written. Server-side dry runs (admission runs, nothing is stored) in ``default`` show
+    when it calls both: the bad example is refused with the parser's message, a labelled pod
+    comes back with the sidecar."""
+    expected = expected_error(BAD_REGEX)
+
+    def validating() -> bool:
+        res = cp.kubectl("create", "--dry-run=server", "-n", "default", "-f", str(BAD_REGEX),
+                         check=False)
+        return res.returncode != 0 and expected in res.stderr
+
+    def mutating() -> bool:
+        pod = yaml.safe_load(deployment("probe", "default", inject=True))["spec"]["template"]
+        pod.update(apiVersion="v1", kind="Pod")
+        pod["metadata"]["name"] = "sluice-webhook-probe"
+        res = cp.kubectl("create", "--dry-run=server", "-o", "json", "-f", "-",
+                         input=json.dumps(pod), check=False)
+        return res.returncode == 0 and any(
+            c["name"] == SIDECAR_NAME for c in json.loads(res.stdout)["spec"]["containers"])
+
+    poll(validating, "the API server calling the validating webhook")
+    poll(mutating, "the API server calling the mutating webhook")
+
+
+def wait_programmed(op: Operator, ns: str, name: str) -> dict[str, Any]:
+    def programmed() -> dict[str, Any] | None:
+        obj = op.rlp(ns, name)
+        cond = condition(obj or {}, "Programmed")
+        return obj if cond and cond["status"] == "True" else None
+
+    return dict(poll(programmed, f"rlp {ns}/{name} Programmed=True"))
+
+
+# ---------------------------------------------------------------------------------------------
+# without webhooks
+
+
+class TestWithoutWebhooks:
+    def test_policy_lifecycle(self, operator: Operator, namespace: str) -> None:
+        ns, cp = namespace, operator.cp
+        res = cp.kubectl("apply", "-f", "-", input=policy_yaml("api", ns))
+        assert "created" in res.stdout, res
+
+        cfg = poll(lambda: operator.config(ns), "config in Redis")
+        assert [p.name for p in cfg.policies] == ["api"]
+        assert cfg.policies[0].tiers["free"].limit.requests == 10
+
+        obj = wait_programmed(operator, ns, "api")
+        accepted = condition(obj, "Accepted")
+        assert accepted is not None and accepted["status"] == "True", obj["status"]
+        assert obj["status"]["configVersion"] == operator.config(ns).version
+        assert obj["status"]["observedGeneration"] == obj["metadata"]["generation"] == 1
+        assert FINALIZER in obj["metadata"]["finalizers"]
+
+        rows = {r["NAME"]: r for r in table(cp.kubectl("get", "rlp", "-n", ns).stdout)}
+        assert rows["api"]["PROGRAMMED"] == "True", rows
+        assert rows["api"]["MODE"] == "enforce", rows
+        assert rows["api"]["TIERS"] == "1", rows
+
+        # an update that the parser accepts: a new version, the new limit
+        cp.kubectl("apply", "-f", "-", input=policy_yaml("api", ns, requests=20))
+        cfg2 = poll(lambda: (c := operator.config(ns)) and c.version > cfg.version and c,
+                    "new config version")
+        assert cfg2.policies[0].tiers["free"].limit.requests == 20
+
+        # delete: kubectl waits until the finalizer is removed and the object is gone
+        res = cp.kubectl("delete", "rlp", "api", "-n", ns, "--timeout=30s")
+        assert "deleted" in res.stdout, res
+        assert operator.rlp(ns, "api") is None
+        poll(lambda: operator.config(ns) is None, "config removed from Redis")
+
+    def test_invalid_update_keeps_last_good_config_and_posts_event(
+            self, operator: Operator, namespace: str) -> None:
+        ns, cp = namespace, operator.cp
+        cp.kubectl("apply", "-f", "-", input=policy_yaml("bad-regex", ns))
+        wait_programmed(operator, ns, "bad-regex")
+        good = operator.config(ns)
+        assert good is not None
+
+        # the CRD admits it (only the parser/webhook can refuse a Python regex), no webhook runs
+        res = cp.kubectl("apply", "-n", ns, "-f", str(BAD_REGEX))
+        assert "configured" in res.stdout, res
+        stored = operator.rlp(ns, "bad-regex")
+        assert stored is not None and stored["metadata"]["generation"] == 2
+        assert stored["spec"]["rules"][0]["match"]["path"] == {"regex": "/search/(["}
+
+        expected = expected_error(BAD_REGEX)
+
+        def refused() -> dict[str, Any] | None:
+            cond = condition(operator.rlp(ns, "bad-regex") or {}, "Accepted")
+            return cond if cond and cond["status"] == "False" else None
+
+        accepted = poll(refused, "Accepted=False")
+        assert expected in accepted["message"], accepted
+        assert "last good version keeps serving" in accepted["message"], accepted
+        assert accepted["observedGeneration"] == 2
+
+        still = operator.config(ns)
+        assert still.version == good.version  # nothing was written
+        assert still.policies[0].rules[0].path.prefix == "/search"
+        obj = operator.rlp(ns, "bad-regex")
+        assert obj is not None
+        programmed = condition(obj, "Programmed")
+        assert programmed is not None and programmed["status"] == "True", obj["status"]
+        assert obj["status"]["observedGeneration"] == 1  # the generation that is serving
+
+        def event() -> dict[str, Any] | None:
+            events = cp.kubectl_json("get", "events", "-n", ns)["items"]
+            return next((e for e in events if e.get("reason") == "InvalidPolicy"
+                         and e["involvedObject"]["name"] == "bad-regex"), None)
+
+        ev = poll(event, "InvalidPolicy Event")
+        assert ev["type"] == "Warning"
+        assert ev["involvedObject"]["kind"] == "RateLimitPolicy"
+        assert expected in ev["message"], ev
+        out = cp.kubectl("get", "events", "-n", ns).stdout
+        assert "InvalidPolicy" in out and expected in out, out
+
+
+# ---------------------------------------------------------------------------------------------
+# with webhooks registered with the API server
+
+
+class TestWithWebhooks:
+    def test_bad_policy_refused_by_the_api_server(self, webhook_operator: Operator,
+                                                  namespace: str) -> None:
+        ns, cp = namespace, webhook_operator.cp
+        res = cp.kubectl("apply", "-n", ns, "-f", str(BAD_REGEX), check=False)
+        assert res.returncode != 0, res
+        # kubectl prints the webhook's Status (422, with causes) as it prints a schema error;
+        # the CRD alone admits this object (TestWithoutWebhooks), so the webhook refused it
+        assert f'The RateLimitPolicy "bad-regex" is invalid: {expected_error(BAD_REGEX)}' in res.stderr, res
+        assert webhook_operator.rlp(ns, "bad-regex") is None  # never stored
+
+    def test_good_policy_admitted_with_warnings(self, webhook_operator: Operator,
+                                                namespace: str) -> None:
+        ns, cp = namespace, webhook_operator.cp
+        res = cp.kubectl("apply", "-f", "-", input=policy_yaml("quiet", ns))
+        assert "created" in res.stdout, res
+        assert "Warning:" not in res.stderr, res
+
+        res = cp.kubectl("apply", "-f", "-", input=policy_yaml("watcher", ns, mode="shadow"))
+        assert "created" in res.stdout, res
+        assert "Warning: spec.mode: shadow never refuses a request" in res.stderr, res
+
+        obj = wait_programmed(webhook_operator, ns, "watcher")
+        assert obj["spec"]["mode"] == "shadow"
+        cfg = webhook_operator.config(ns)
+        assert {p.name for p in cfg.policies} == {"quiet", "watcher"}
+
+        # an update to something invalid is refused as well: the stored spec stays
+        res = cp.kubectl("apply", "-f", "-", check=False,
+                         input=policy_yaml("quiet", ns).replace("prefix: /search", "regex: '/a/(['"))
+        assert res.returncode != 0, res
+        assert 'The RateLimitPolicy "quiet" is invalid: spec.rules[0].match.path.regex: is not a valid' \
+            in res.stderr, res
+        stored = webhook_operator.rlp(ns, "quiet")
+        assert stored is not None
+        assert stored["spec"]["rules"][0]["match"]["path"] == {"prefix": "/search"}
+
+    def test_sidecar_injected_into_pods_of_a_labelled_deployment(
+            self, webhook_operator: Operator, namespace: str) -> None:
+        ns, cp = namespace, webhook_operator.cp
+        cp.kubectl("apply", "-f", "-", input=deployment("web", ns, inject=True))
+        cp.kubectl("apply", "-f", "-", input=deployment("plain", ns, inject=False))
+
+        def pods(app: str) -> list[dict[str, Any]]:
+            return list(cp.kubectl_json("get", "pods", "-n", ns, "-l", f"app={app}")["items"])
+
+        injected = poll(lambda: len(p := pods("web")) == 2 and p, "2 Pods of web")
+        for pod in injected:
+            spec = pod["spec"]
+            names = [c["name"] for c in spec["containers"]]
+            assert SIDECAR_NAME in names, names
+            assert pod["metadata"]["annotations"].get(INJECTED_ANNOTATION) == "true", pod["metadata"]
+            app = next(c for c in spec["containers"] if c["name"] == "app")
+            sidecar = next(c for c in spec["containers"] if c["name"] == SIDECAR_NAME)
+            app_ports = {p["containerPort"]: p.get("name") for p in app["ports"]}
+            assert app_ports == {8080: "http-app"}, app_ports  # renamed: the sidecar has "http"
+            sidecar_ports = {p.get("name"): p["containerPort"] for p in sidecar["ports"]}
+            assert sidecar_ports["http"] == webhook_operator.settings.injection.sidecar_port
+            assert sidecar_ports["http"] != 8080, sidecar_ports
+            assert app["readinessProbe"]["httpGet"]["port"] == 8080, app["readinessProbe"]
+            assert pod["status"]["phase"] == "Pending"  # no scheduler, no kubelet
+            owner = pod["metadata"]["ownerReferences"][0]
+            assert owner["kind"] == "ReplicaSet" and owner["name"].startswith("web-")
+
+        plain = poll(lambda: len(p := pods("plain")) == 1 and p, "1 Pod of plain")
+        spec = plain[0]["spec"]
+        assert [c["name"] for c in spec["containers"]] == ["app"]
+        assert spec["containers"][0]["ports"][0]["name"] == "http"
+        assert spec["containers"][0]["readinessProbe"]["httpGet"]["port"] == "http"
+        assert INJECTED_ANNOTATION not in (plain[0]["metadata"].get("annotations") or {})
+
+
+def deployment(name: str, ns: str, *, inject: bool, replicas: int | None = None) -> str:
+    labels = {"app": name, **({"sluice.dev/inject": "true"} if inject else {})}
+    return yaml.safe_dump({
+        "apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": {"name": name, "namespace": ns},
+        "spec": {
+            "replicas": replicas if replicas is not None else (2 if inject else 1),
+            "selector": {"matchLabels": {"app": name}},
+            "template": {
+                "metadata": {"labels": labels},
+                "spec": {"containers": [{
+                    "name": "app", "image": "registry.invalid/demo:1",
+                    "ports": [{"name": "http", "containerPort": 8080}],
+                    "readinessProbe": {"httpGet": {"path": "/healthz", "port": "http"}},
+                }]},
+            },
+        },
+    })
