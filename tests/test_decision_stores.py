@@ -70,18 +70,21 @@ def cluster_node_for(cluster: RedisClusterProcs) -> Callable[[str], RedisServer]
     return lambda key: cluster.node_by_port(owners[key_slot(key)])
 
 
+def make_case(request: pytest.FixtureRequest, kind: str) -> Case:
+    if kind == "memory":
+        return Case("memory", MemoryStore())
+    if kind == "redis":
+        server: RedisServer = request.getfixturevalue("redis_server")
+        return Case("redis", RedisStore(parse_redis_url(server.url), timeout=1.0),
+                    node_for=lambda _key: server, nodes=[server])
+    cluster: RedisClusterProcs = request.getfixturevalue("redis_cluster")
+    return Case("cluster", RedisStore(parse_redis_url(cluster.url), timeout=1.0),
+                node_for=cluster_node_for(cluster), nodes=list(cluster.nodes))
+
+
 @pytest.fixture(params=["memory", "redis", pytest.param("cluster", marks=pytest.mark.cluster)])
 async def case(request: pytest.FixtureRequest) -> AsyncIterator[Case]:
-    if request.param == "memory":
-        c = Case("memory", MemoryStore())
-    elif request.param == "redis":
-        server: RedisServer = request.getfixturevalue("redis_server")
-        c = Case("redis", RedisStore(parse_redis_url(server.url), timeout=1.0),
-                 node_for=lambda _key: server, nodes=[server])
-    else:
-        cluster: RedisClusterProcs = request.getfixturevalue("redis_cluster")
-        c = Case("cluster", RedisStore(parse_redis_url(cluster.url), timeout=1.0),
-                 node_for=cluster_node_for(cluster), nodes=list(cluster.nodes))
+    c = make_case(request, request.param)
     try:
         yield c
     finally:
@@ -91,14 +94,7 @@ async def case(request: pytest.FixtureRequest) -> AsyncIterator[Case]:
 @pytest.fixture(params=["redis", pytest.param("cluster", marks=pytest.mark.cluster)])
 async def redis_case(request: pytest.FixtureRequest) -> AsyncIterator[Case]:
     """Only the Redis-backed stores (TTL, scripts, server-side memory)."""
-    if request.param == "redis":
-        server: RedisServer = request.getfixturevalue("redis_server")
-        c = Case("redis", RedisStore(parse_redis_url(server.url), timeout=1.0),
-                 node_for=lambda _key: server, nodes=[server])
-    else:
-        cluster: RedisClusterProcs = request.getfixturevalue("redis_cluster")
-        c = Case("cluster", RedisStore(parse_redis_url(cluster.url), timeout=1.0),
-                 node_for=cluster_node_for(cluster), nodes=list(cluster.nodes))
+    c = make_case(request, request.param)
     try:
         yield c
     finally:

@@ -26,7 +26,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -37,13 +36,13 @@ import kubernetes_validate
 import pytest
 import yaml
 from support.control_plane import ControlPlane, bin_dir, require_binaries
+from support.polling import poll
 from support.redis_servers import pick_port
 
 pytestmark = pytest.mark.k8s
 
 ROOT = Path(__file__).resolve().parents[1]
 CHART = ROOT / "charts" / "sluice"
-WAIT = 30.0  # seconds: every poll below has this deadline
 WEBHOOK_CONFIGS = (("validatingwebhookconfiguration", "sluice-policies"),
                    ("mutatingwebhookconfiguration", "sluice-injector"))
 
@@ -72,19 +71,6 @@ def render(*set_args: str, namespace: str = "sluice-system") -> list[dict[str, A
     out = helm("template", "sluice", str(CHART), "--namespace", namespace, "--include-crds",
                *set_args).stdout
     return [d for d in yaml.safe_load_all(out) if d]
-
-
-def poll(predicate: Callable[[], Any], what: str, timeout: float = WAIT,
-         diagnose: Callable[[], str] = lambda: "") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        last = predicate()
-        if last:
-            return last
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout:.0f}s waiting for {what} (last: {last!r})"
-                        f"\n{diagnose()}")
-        time.sleep(0.1)
 
 
 # ---------------------------------------------------------------------------------------------

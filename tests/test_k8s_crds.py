@@ -13,15 +13,16 @@ from __future__ import annotations
 
 import json
 import re
-import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 from support.control_plane import ControlPlane
+from support.examples import expectation
+from support.polling import poll
 
 pytestmark = pytest.mark.k8s
 
@@ -32,26 +33,6 @@ EXAMPLES = CRD_DIR / "examples"
 GOOD = sorted(EXAMPLES.glob("*.yaml"))
 BAD = sorted((EXAMPLES / "bad").glob("*.yaml"))
 CRD_NAMES = ("ratelimitpolicies.sluice.dev", "clusterratelimitpolicies.sluice.dev")
-WAIT = 30.0  # seconds: every poll below has this deadline
-
-
-def poll(predicate: Callable[[], Any], what: str, timeout: float = WAIT) -> Any:
-    """Poll until ``predicate()`` is truthy; fail with the last value after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        last = predicate()
-        if last:
-            return last
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout:.0f}s waiting for {what} (last: {last!r})")
-        time.sleep(0.1)
-
-
-def expect_crd(path: Path) -> str:
-    for line in path.read_text().splitlines():
-        if line.startswith("# expect-crd:"):
-            return line.removeprefix("# expect-crd:").strip()
-    raise AssertionError(f"{path} has no '# expect-crd:' line")
 
 
 def squash(text: str) -> str:
@@ -233,7 +214,7 @@ def bad_namespace(k8s: ControlPlane) -> Iterator[str]:
 
 @pytest.mark.parametrize("path", BAD, ids=[p.name for p in BAD])
 def test_bad_example(k8s: ControlPlane, bad_namespace: str, path: Path) -> None:
-    expected = expect_crd(path)
+    expected = expectation(path, "expect-crd")
     doc = yaml.safe_load(path.read_text())
     kind = "rlp" if doc["kind"] == "RateLimitPolicy" else "crlp"
     name = doc["metadata"]["name"]

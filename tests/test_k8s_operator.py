@@ -23,9 +23,8 @@ import contextlib
 import json
 import re
 import threading
-import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,6 +41,8 @@ from sluice_operator.reconcile import Reconciler
 from sluice_operator.settings import OperatorSettings
 from sluice_operator.webhook_config import MUTATING_NAME, VALIDATING_NAME, Endpoint
 from support.control_plane import ControlPlane
+from support.examples import expectation
+from support.polling import poll
 from support.redis_servers import pick_port
 
 pytestmark = pytest.mark.k8s
@@ -51,26 +52,6 @@ CRD_DIR = ROOT / "crds"
 BAD_REGEX = CRD_DIR / "examples" / "bad" / "bad-regex.yaml"
 CRD_NAMES = ("ratelimitpolicies.sluice.dev", "clusterratelimitpolicies.sluice.dev")
 NS_PREFIX = "sluice-op"
-WAIT = 30.0  # seconds: every poll below has this deadline
-
-
-def poll(predicate: Callable[[], Any], what: str, timeout: float = WAIT) -> Any:
-    """Poll until ``predicate()`` is truthy; fail with the last value after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        last = predicate()
-        if last:
-            return last
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout:.0f}s waiting for {what} (last: {last!r})")
-        time.sleep(0.1)
-
-
-def expected_error(path: Path) -> str:
-    for line in path.read_text().splitlines():
-        if line.startswith("# expect:"):
-            return line.removeprefix("# expect:").strip()
-    raise AssertionError(f"{path} has no '# expect:' line")
 
 
 def table(out: str) -> list[dict[str, str]]:
@@ -236,7 +217,7 @@ def wait_webhooks_active(cp: ControlPlane) -> None:
     are written. Server-side dry runs (admission runs, nothing is stored) in ``default`` show
     when it calls both: the bad example is refused with the parser's message, a labelled pod
     comes back with the sidecar."""
-    expected = expected_error(BAD_REGEX)
+    expected = expectation(BAD_REGEX)
 
     def validating() -> bool:
         res = cp.kubectl("create", "--dry-run=server", "-n", "default", "-f", str(BAD_REGEX),
@@ -318,7 +299,7 @@ class TestWithoutWebhooks:
         assert stored is not None and stored["metadata"]["generation"] == 2
         assert stored["spec"]["rules"][0]["match"]["path"] == {"regex": "/search/(["}
 
-        expected = expected_error(BAD_REGEX)
+        expected = expectation(BAD_REGEX)
 
         def refused() -> dict[str, Any] | None:
             cond = condition(operator.rlp(ns, "bad-regex") or {}, "Accepted")
@@ -363,7 +344,7 @@ class TestWithWebhooks:
         assert res.returncode != 0, res
         # kubectl prints the webhook's Status (422, with causes) as it prints a schema error;
         # the CRD alone admits this object (TestWithoutWebhooks), so the webhook refused it
-        assert f'The RateLimitPolicy "bad-regex" is invalid: {expected_error(BAD_REGEX)}' in res.stderr, res
+        assert f'The RateLimitPolicy "bad-regex" is invalid: {expectation(BAD_REGEX)}' in res.stderr, res
         assert webhook_operator.rlp(ns, "bad-regex") is None  # never stored
 
     def test_good_policy_admitted_with_warnings(self, webhook_operator: Operator,

@@ -9,7 +9,6 @@ import socket
 import ssl
 import subprocess
 import tempfile
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,6 +19,7 @@ from sluice_core.model import Limit
 from sluice_core.parse import parse_policy
 from sluice_core.redisurl import parse_redis_url
 from sluice_sidecar.stores.redis import RedisStore
+from support.polling import poll
 from support.redis_servers import RedisServer, pick_port
 
 LIMIT = Limit(requests=2, period_us=3_600_000_000, burst=2)
@@ -27,15 +27,6 @@ PARAMS = (LIMIT.emission_us, LIMIT.capacity_us)
 POLICY = parse_policy({"apiVersion": "sluice.dev/v1alpha1", "kind": "RateLimitPolicy",
                        "metadata": {"name": "p", "namespace": "topo"},
                        "spec": {"tiers": [{"name": "free", "requests": 1, "period": "1m"}]}})
-
-
-def _wait(predicate: object, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():  # type: ignore[operator]
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 async def exercise(url: str) -> None:
@@ -88,7 +79,7 @@ def tls_redis() -> Iterator[tuple[str, int]]:
         except OSError:
             return False
     try:
-        _wait(up, 15, "TLS redis-server")
+        poll(up, "TLS redis-server", 15, interval=0.02)
         yield str(d / "ca.pem"), port
     finally:
         proc.kill()
@@ -133,7 +124,7 @@ def sentinel() -> Iterator[tuple[RedisServer, int]]:
         except OSError:
             return False
     try:
-        _wait(knows_master, 15, "sentinel")
+        poll(knows_master, "sentinel", 15, interval=0.02)
         yield master, port
     finally:
         proc.kill()

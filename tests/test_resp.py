@@ -183,7 +183,11 @@ async def test_server_closing_the_connection_fails_pending_futures(
         my_id = await conn.call("CLIENT", "ID")
         blocked = conn.send(encode("BLPOP", f"test:resp:{uuid.uuid4().hex}", 0))
         behind = conn.send(encode("PING"))
-        await asyncio.sleep(0.05)
+        # Wait until the server is really blocked in BLPOP (not a fixed sleep).
+        deadline = time.monotonic() + 5
+        while b"cmd=blpop" not in redis_server.execute("CLIENT", "LIST", "ID", my_id):
+            assert time.monotonic() < deadline, "BLPOP never reached the server"
+            await asyncio.sleep(0.01)
         assert not blocked.done()
         assert redis_server.execute("CLIENT", "KILL", "ID", my_id) == 1
         with pytest.raises(ConnectionClosed):

@@ -59,11 +59,17 @@ def delete(client: Any, namespace: str) -> bool:
         raise ConfigStoreError(f"cannot delete config for namespace {namespace!r}: {exc}") from exc
 
 
-def read(client: Any, namespace: str) -> NamespaceConfig | None:
+def read_raw(client: Any, namespace: str) -> tuple[int, str] | None:
+    """The stored ``(version, JSON document)``, unparsed; None when there is none."""
     try:
         version, doc = client.hmget(keyschema.config_key(namespace), ["version", "doc"])
     except redis.RedisError as exc:
         raise ConfigStoreError(f"cannot read config for namespace {namespace!r}: {exc}") from exc
     if version is None or doc is None:
         return None
-    return load_doc(doc, int(version))
+    return int(version), doc.decode() if isinstance(doc, bytes) else str(doc)
+
+
+def read(client: Any, namespace: str) -> NamespaceConfig | None:
+    raw = read_raw(client, namespace)
+    return load_doc(raw[1], raw[0]) if raw is not None else None

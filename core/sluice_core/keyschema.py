@@ -77,7 +77,7 @@ def client_for_ip(ip: str) -> str:
 
 def client_tag(policy_ref: str, client_id: str) -> str:
     """The hash-tagged prefix shared by every bucket of one client under one policy."""
-    return f"sl:{{{policy_id(policy_ref)}:{client_id}}}"
+    return client_tag_for(policy_id(policy_ref), client_id)
 
 
 def client_tag_for(policy_id_: str, client_id: str) -> str:
@@ -85,9 +85,18 @@ def client_tag_for(policy_id_: str, client_id: str) -> str:
     return f"sl:{{{policy_id_}:{client_id}}}"
 
 
+def tier_suffix(tier: str) -> str:
+    """Appended to a client tag: the tier bucket (precomputed once per config load)."""
+    return f":t:{tier}"
+
+
+def rule_suffix(rule: str) -> str:
+    return f":r:{rule}"
+
+
 def tier_bucket_key(tag: str, tier: str) -> str:
-    return f"{tag}:t:{tier}"
+    return tag + tier_suffix(tier)
 
 
 def rule_bucket_key(tag: str, rule: str) -> str:
-    return f"{tag}:r:{rule}"
+    return tag + rule_suffix(rule)

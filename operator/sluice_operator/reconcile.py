@@ -88,7 +88,7 @@ class Reconciler:
                          secrets: Sequence[Mapping[str, Any]]) -> NamespaceOutcome:
         out = NamespaceOutcome(namespace)
         try:
-            stored = await asyncio.to_thread(self._read_raw, namespace)
+            stored = await asyncio.to_thread(configstore.read_raw, self.redis, namespace)
         except configstore.ConfigStoreError as exc:
             out.redis_error = str(exc)
             return out
@@ -146,15 +146,6 @@ class Reconciler:
         except configstore.ConfigStoreError as exc:
             out.redis_error = str(exc)
         return out
-
-    def _read_raw(self, namespace: str) -> tuple[int, str] | None:
-        try:
-            version, doc = self.redis.hmget(keyschema.config_key(namespace), ["version", "doc"])
-        except Exception as exc:  # redis-py errors, wrapped once here
-            raise configstore.ConfigStoreError(f"cannot read config of {namespace}: {exc}") from exc
-        if version is None or doc is None:
-            return None
-        return int(version), doc.decode() if isinstance(doc, bytes) else str(doc)
 
     def _recover(self, namespace: str, stored: tuple[int, str]) -> None:
         """After a restart: what Redis serves is the last good config of every policy."""

@@ -156,8 +156,7 @@ Serving {f'for {args.duration:.0f} s' if args.duration else 'until Ctrl-C'}.""",
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(args.duration or None):
                 await stop.wait()
-        summary = {k: v for k, v in sidecar.components().items()}
-        print("\nstopping:", json.dumps(summary))
+        print("\nstopping:", json.dumps(sidecar.components()))
     finally:
         await sidecar.stop()
         await up.cleanup()

@@ -58,7 +58,7 @@ def api_key_from(headers: Mapping[str, str], header: str) -> str | None:
     return value or None
 
 
-def identity(order: tuple[Source, ...], *, has_key: bool, header_value: str | None,
+def identity(order: tuple[Source, ...], *, header_value: str | None,
              ip: str) -> str:
     """The client id used in bucket keys (brace-free, bounded length), for sources other than
     a known API key (which the caller handles: its id is the key's digest)."""

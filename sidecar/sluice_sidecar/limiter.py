@@ -62,8 +62,9 @@ class Enforcement:
 
     def __post_init__(self) -> None:
         self.policy_id = keyschema.policy_id(self.policy.ref)
-        self.tiers = {t.name: _bucket(t.name, f":t:{t.name}", t.limit) for t in self.policy.tiers.values()}
-        self.rules = {r.name: _bucket(r.name, f":r:{r.name}", r.limit)
+        self.tiers = {t.name: _bucket(t.name, keyschema.tier_suffix(t.name), t.limit)
+                      for t in self.policy.tiers.values()}
+        self.rules = {r.name: _bucket(r.name, keyschema.rule_suffix(r.name), r.limit)
                       for r in self.policy.rules if r.limit is not None}
 
     def key_bucket(self, digest: str, grant: KeyGrant) -> Bucket:
@@ -71,7 +72,8 @@ class Enforcement:
         b = self._key_buckets.get(digest)
         if b is None:
             assert grant.limit is not None
-            b = self._key_buckets[digest] = _bucket(grant.tier, f":t:{grant.tier}", grant.limit)
+            b = self._key_buckets[digest] = _bucket(grant.tier, keyschema.tier_suffix(grant.tier),
+                                                    grant.limit)
         return b
 
 
@@ -139,7 +141,7 @@ class Limiter:
             # get a fresh bucket per key (and flood Redis with keys).
             ip = client_ip(peer, headers.get("X-Forwarded-For"), ident.trusted_proxies)
             hv = headers.get(ident.header) if ident.header else None
-            client = identity(ident.order, has_key=False, header_value=hv, ip=ip)
+            client = identity(ident.order, header_value=hv, ip=ip)
             tier_b = act.tiers[policy.default_tier]
 
         tag = keyschema.client_tag_for(act.policy_id, client)

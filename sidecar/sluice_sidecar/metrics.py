@@ -9,14 +9,13 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
 
-DECISIONS = ("allowed", "limited", "shadow_limited", "failed_open", "failed_closed",
-             "unauthorized", "skipped", "unconfigured")
-
 
 class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         r = self.registry
+        # decision: allowed, limited, shadow_limited, failed_open, failed_closed, unauthorized,
+        # skipped, unconfigured
         self.decisions = Counter("sluice_decisions", "Rate-limit decisions by outcome",
                                  ["policy", "tier", "rule", "decision"], registry=r)
         self.decision_seconds = Histogram(
