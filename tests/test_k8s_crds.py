@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 import yaml
 from support.control_plane import ControlPlane
+from support.crds import apply_crds
 from support.examples import expectation
 from support.polling import poll
 
@@ -32,7 +33,6 @@ CRD_FILES = sorted(CRD_DIR.glob("*.yaml"))
 EXAMPLES = CRD_DIR / "examples"
 GOOD = sorted(EXAMPLES.glob("*.yaml"))
 BAD = sorted((EXAMPLES / "bad").glob("*.yaml"))
-CRD_NAMES = ("ratelimitpolicies.sluice.dev", "clusterratelimitpolicies.sluice.dev")
 
 
 def squash(text: str) -> str:
@@ -81,20 +81,7 @@ def policy(name: str, ns: str, requests: int = 10) -> str:
 @pytest.fixture(scope="module")
 def k8s(control_plane: ControlPlane) -> ControlPlane:
     """The control plane with the CRDs applied and Established."""
-    control_plane.kubectl("apply", "-f", str(CRD_DIR))  # the directory: not examples/ (no -R)
-    for name in CRD_NAMES:
-        poll(lambda name=name: established(control_plane, name), f"CRD {name} Established")
-    # Discovery and the OpenAPI document follow Established by a fraction of a second.
-    for short in ("rlp", "crlp"):
-        poll(lambda short=short: control_plane.kubectl("explain", short, check=False)
-             .returncode == 0, f"kubectl explain {short} (discovery, OpenAPI)")
-    return control_plane
-
-
-def established(cp: ControlPlane, name: str) -> bool:
-    crd = cp.kubectl_json("get", "crd", name)
-    conds = {c["type"]: c["status"] for c in crd.get("status", {}).get("conditions", [])}
-    return conds.get("Established") == "True" and conds.get("NamesAccepted") == "True"
+    return apply_crds(control_plane)
 
 
 @pytest.fixture

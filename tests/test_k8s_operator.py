@@ -41,6 +41,7 @@ from sluice_operator.reconcile import Reconciler
 from sluice_operator.settings import OperatorSettings
 from sluice_operator.webhook_config import MUTATING_NAME, VALIDATING_NAME, Endpoint
 from support.control_plane import ControlPlane
+from support.crds import apply_crds
 from support.examples import expectation
 from support.polling import poll
 from support.redis_servers import pick_port
@@ -50,7 +51,6 @@ pytestmark = pytest.mark.k8s
 ROOT = Path(__file__).resolve().parents[1]
 CRD_DIR = ROOT / "crds"
 BAD_REGEX = CRD_DIR / "examples" / "bad" / "bad-regex.yaml"
-CRD_NAMES = ("ratelimitpolicies.sluice.dev", "clusterratelimitpolicies.sluice.dev")
 NS_PREFIX = "sluice-op"
 
 
@@ -146,19 +146,7 @@ def running_operator(cp: ControlPlane, redis_server: Any, **settings_kw: Any) ->
 @pytest.fixture(scope="module")
 def k8s(control_plane: ControlPlane) -> ControlPlane:
     """The control plane with the CRDs applied and Established."""
-    control_plane.kubectl("apply", "-f", str(CRD_DIR))
-    for name in CRD_NAMES:
-        poll(lambda n=name: established(control_plane, n),  # type: ignore[misc]
-             f"CRD {name} Established")
-    poll(lambda: control_plane.kubectl("get", "rlp", "-A", check=False).returncode == 0,
-         "rlp discoverable")
-    return control_plane
-
-
-def established(cp: ControlPlane, name: str) -> bool:
-    crd = cp.kubectl_json("get", "crd", name)
-    conds = {c["type"]: c["status"] for c in crd.get("status", {}).get("conditions", [])}
-    return conds.get("Established") == "True" and conds.get("NamesAccepted") == "True"
+    return apply_crds(control_plane)
 
 
 @pytest.fixture
