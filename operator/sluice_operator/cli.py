@@ -20,6 +20,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "[env SLUICE_OPERATOR_RESYNC_INTERVAL_S] (default: 30)")
     parser.add_argument("--namespace", action="append", default=None,
                         help="watch only this namespace (repeatable; default: the whole cluster)")
+    parser.add_argument("--cluster-keys-namespace",
+                        default=env("SLUICE_OPERATOR_CLUSTER_KEYS_NAMESPACE", "sluice-system"),
+                        help="namespace holding the key Secrets of ClusterRateLimitPolicies "
+                             "[env SLUICE_OPERATOR_CLUSTER_KEYS_NAMESPACE] (default: sluice-system)")
     parser.add_argument("--peering", default=env("SLUICE_OPERATOR_PEERING"),
                         help="kopf peering name for running several replicas (leader election); "
                              "without it the operator runs standalone [env SLUICE_OPERATOR_PEERING]")
@@ -71,7 +75,8 @@ def run(args: argparse.Namespace) -> int:
         endpoint = Endpoint(url=args.webhook_url)
     settings = OperatorSettings(
         redis=args.redis, resync_interval_s=args.resync_interval_s,
-        namespaces=tuple(args.namespace or ()), webhook_listen=args.webhook_listen,
+        namespaces=tuple(args.namespace or ()), cluster_keys_namespace=args.cluster_keys_namespace,
+        webhook_listen=args.webhook_listen,
         webhook_cert_dir=args.webhook_cert_dir, webhook_provided_cert_dir=args.webhook_provided_cert_dir,
         webhook_dns_names=dns or ("localhost",), webhook_ips=("127.0.0.1",), webhook_endpoint=endpoint,
         injection=InjectionSettings(image=args.sidecar_image, redis_url=args.sidecar_redis or args.redis))

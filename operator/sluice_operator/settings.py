@@ -18,6 +18,9 @@ class OperatorSettings:
     """A sidecar heartbeat older than this no longer counts as enforcing."""
     namespaces: tuple[str, ...] = ()
     """Watch only these namespaces (empty: the whole cluster)."""
+    cluster_keys_namespace: str = "sluice-system"
+    """Where the key Secrets of ClusterRateLimitPolicies live (label ``sluice.dev/cluster-policy``):
+    a cluster-wide key is granted only by those who may write Secrets in this namespace."""
     webhook_listen: str | None = None
     """HOST:PORT for the admission webhooks (HTTPS); None: no webhooks are served."""
     webhook_cert_dir: str = "/tmp/sluice-webhook-certs"
