@@ -179,7 +179,7 @@ async def bucket_memory(redis: RedisServer, n: int = 30000) -> tuple[float, int]
             for j in range(i, min(stop, i + 500)):
                 digest = hashlib.sha256(f"key-{j}".encode()).digest()
                 tag = keyschema.client_tag("shop/public-api", keyschema.client_for_api_key(digest))
-                key = keyschema.tier_bucket_key(tag, "pro")
+                key = keyschema.tier_bucket_key(tag, "pro", *params)
                 batch.append(store.decide((key,), 1, params))
             await asyncio.gather(*batch)
 
@@ -213,7 +213,7 @@ def script_cost(redis: RedisServer, batch: int) -> float:
     s = scripts.decide()
     sha = redis.execute("SCRIPT", "LOAD", s.source)
     sha = sha.decode() if isinstance(sha, bytes) else sha
-    keys = [f"sl:{{bench{i}:k{i:015d}}}:t:pro" for i in range(batch)]
+    keys = [f"sl:{{bench{i}:k{i:015d}}}:t:pro:x7Q" for i in range(batch)]
     argv = [str(batch)] + ["1", "1", "60000", "60000000"] * batch
     if redis.proc is None:
         return float("nan")

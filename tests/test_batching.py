@@ -19,7 +19,7 @@ HOUR = 3_600_000_000
 
 def bucket(limit: Limit, client: str | None = None) -> tuple[tuple[str, ...], tuple[int, int]]:
     tag = keyschema.client_tag("batch/p", client or ("i" + uuid.uuid4().hex))
-    return (keyschema.tier_bucket_key(tag, "t"),), (limit.emission_us, limit.capacity_us)
+    return (keyschema.tier_bucket_key(tag, "t", limit.emission_us, limit.capacity_us),), (limit.emission_us, limit.capacity_us)
 
 
 @pytest.fixture(params=["single", "cluster"])
@@ -55,7 +55,7 @@ async def test_mixed_clients_and_bucket_counts_in_one_batch(store: RedisStore) -
     limit = Limit(requests=2, period_us=HOUR, burst=2)
     one = bucket(limit)
     tag = keyschema.client_tag("batch/p", "i" + uuid.uuid4().hex)
-    two = ((keyschema.tier_bucket_key(tag, "t"), keyschema.rule_bucket_key(tag, "r")),
+    two = ((keyschema.tier_bucket_key(tag, "t", 0, 0), keyschema.rule_bucket_key(tag, "r", 0, 0)),
            (limit.emission_us, limit.capacity_us, limit.emission_us, limit.capacity_us))
     await store.decide(*one[:1], 0, one[1])
     calls = [store.decide(one[0], 1, one[1]), store.decide(two[0], 1, two[1]),

@@ -32,7 +32,7 @@ POLICY = parse_policy({"apiVersion": "sluice.dev/v1alpha1", "kind": "RateLimitPo
 async def exercise(url: str) -> None:
     """Two admitted, one refused, on one fresh bucket; then a config round trip."""
     store = RedisStore(parse_redis_url(url), timeout=2.0, connect_timeout=2.0)
-    key = keyschema.tier_bucket_key(keyschema.client_tag("topo/p", "i" + uuid.uuid4().hex), "free")
+    key = keyschema.tier_bucket_key(keyschema.client_tag("topo/p", "i" + uuid.uuid4().hex), "free", *PARAMS)
     try:
         allowed = [(await store.decide((key,), 1, PARAMS))[0] for _ in range(3)]
     finally:

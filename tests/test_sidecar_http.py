@@ -1086,6 +1086,33 @@ async def test_hot_reload_applies_a_new_limit(sidecars: Factory, http: aiohttp.C
     assert metric(text, "sluice_config_reloads_total", result="ok") == 2
 
 
+async def test_buckets_reset_only_when_their_limit_changes(sidecars: Factory, http: aiohttp.ClientSession) -> None:
+    """A config change keeps every bucket, except the buckets whose limit changed: those start
+    full under the new limit (nothing used or refused under the old one carries over)."""
+    tiers = [{"name": "free", "requests": 3, "period": "1m"}]
+    sc = await sidecars(policy_doc(tiers=tiers, identify=TRUST_LOCAL))
+    assert await _client_quota(http, sc, "198.51.100.1") == [200] * 3 + [429]
+    # Same limit, other changes (header style, a new rule): the used-up bucket stays used up.
+    sc.write_policy(policy_doc(tiers=tiers, identify=TRUST_LOCAL, headers="both",
+                               rules=[{"name": "other", "match": {"path": {"prefix": "/other"}}, "cost": 2}]))
+
+    async def legacy_headers() -> bool:
+        r = await call(http, "GET", sc.url + "/", headers={"X-Forwarded-For": "198.51.100.250"})
+        return "X-RateLimit-Limit" in r.headers
+
+    await wait_for(legacy_headers, timeout=10, interval=0.1, what="the header change to apply")
+    assert await _client_quota(http, sc, "198.51.100.1") == [429]
+    # The tier's limit changes: a full bucket of the new size, for this client too.
+    sc.write_policy(policy_doc(tiers=[{"name": "free", "requests": 5, "period": "1m"}], identify=TRUST_LOCAL))
+
+    async def reloaded() -> bool:
+        r = await call(http, "GET", sc.url + "/", headers={"X-Forwarded-For": "198.51.100.251"})
+        return check_ratelimit_headers(r.headers)["free"]["q"] == 5
+
+    await wait_for(reloaded, timeout=10, interval=0.1, what="the new limit to apply")
+    assert await _client_quota(http, sc, "198.51.100.1") == [200] * 5 + [429]
+
+
 async def test_invalid_policy_keeps_the_last_good_one(sidecars: Factory, http: aiohttp.ClientSession) -> None:
     good = policy_doc(tiers=[{"name": "free", "requests": 3, "period": "1m"}], identify=TRUST_LOCAL)
     sc = await sidecars(good)

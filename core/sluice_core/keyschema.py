@@ -5,7 +5,7 @@ the route bucket of one request always live in the same Redis Cluster slot and t
 script runs unchanged on a single Redis, Sentinel or Cluster. The client part never contains
 ``{`` or ``}``: API keys and header values are hashed, IP addresses cannot contain them.
 
-Bucket keys are kept short on purpose (``sl:{Ab3dE_:kQWERTYUIOPASDFGH}:t:pro``, 35 bytes): with
+Bucket keys are kept short on purpose (``sl:{Ab3dE_:kQWERTYUIOPASDFGH}:t:pro:x7Q``, 39 bytes): with
 millions of clients the key bytes are most of Redis's memory per bucket. The policy id is 36 bits
 of SHA-256 of ``namespace/name``; a client's key or header value contributes 96 bits.
 """
@@ -85,18 +85,28 @@ def client_tag_for(policy_id_: str, client_id: str) -> str:
     return f"sl:{{{policy_id_}:{client_id}}}"
 
 
-def tier_suffix(tier: str) -> str:
+def limit_tag(em_us: int, cap_us: int) -> str:
+    """3 characters naming a bucket's numbers (EM, CAP), part of its key.
+
+    A tier's or rule's bucket is kept across config changes, except when its limit changes:
+    then the key changes and every client starts with a full bucket under the new limit, rather
+    than carrying a debt measured by the old one. (One change in 2^18 maps to the same tag and
+    keeps its debt, which the new limit then refills: harmless.) The old keys expire on their own."""
+    return _b64(hashlib.sha256(f"{em_us}/{cap_us}".encode()).digest()[:3])[:3]
+
+
+def tier_suffix(tier: str, em_us: int, cap_us: int) -> str:
     """Appended to a client tag: the tier bucket (precomputed once per config load)."""
-    return f":t:{tier}"
+    return f":t:{tier}:{limit_tag(em_us, cap_us)}"
 
 
-def rule_suffix(rule: str) -> str:
-    return f":r:{rule}"
+def rule_suffix(rule: str, em_us: int, cap_us: int) -> str:
+    return f":r:{rule}:{limit_tag(em_us, cap_us)}"
 
 
-def tier_bucket_key(tag: str, tier: str) -> str:
-    return tag + tier_suffix(tier)
+def tier_bucket_key(tag: str, tier: str, em_us: int, cap_us: int) -> str:
+    return tag + tier_suffix(tier, em_us, cap_us)
 
 
-def rule_bucket_key(tag: str, rule: str) -> str:
-    return tag + rule_suffix(rule)
+def rule_bucket_key(tag: str, rule: str, em_us: int, cap_us: int) -> str:
+    return tag + rule_suffix(rule, em_us, cap_us)

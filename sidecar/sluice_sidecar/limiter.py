@@ -44,8 +44,14 @@ class Bucket:
     policy_item: str  # its RateLimit-Policy member
 
 
-def _bucket(name: str, suffix: str, limit: Limit) -> Bucket:
-    return Bucket(name, suffix, limit, (limit.emission_us, limit.capacity_us), hdr.policy_item(name, limit))
+def _tier_bucket(name: str, limit: Limit) -> Bucket:
+    em, cap = limit.emission_us, limit.capacity_us
+    return Bucket(name, keyschema.tier_suffix(name, em, cap), limit, (em, cap), hdr.policy_item(name, limit))
+
+
+def _rule_bucket(name: str, limit: Limit) -> Bucket:
+    em, cap = limit.emission_us, limit.capacity_us
+    return Bucket(name, keyschema.rule_suffix(name, em, cap), limit, (em, cap), hdr.policy_item(name, limit))
 
 
 @dataclass
@@ -62,9 +68,9 @@ class Enforcement:
 
     def __post_init__(self) -> None:
         self.policy_id = keyschema.policy_id(self.policy.ref)
-        self.tiers = {t.name: _bucket(t.name, keyschema.tier_suffix(t.name), t.limit)
+        self.tiers = {t.name: _tier_bucket(t.name, t.limit)
                       for t in self.policy.tiers.values()}
-        self.rules = {r.name: _bucket(r.name, keyschema.rule_suffix(r.name), r.limit)
+        self.rules = {r.name: _rule_bucket(r.name, r.limit)
                       for r in self.policy.rules if r.limit is not None}
 
     def key_bucket(self, digest: str, grant: KeyGrant) -> Bucket:
@@ -72,8 +78,7 @@ class Enforcement:
         b = self._key_buckets.get(digest)
         if b is None:
             assert grant.limit is not None
-            b = self._key_buckets[digest] = _bucket(grant.tier, keyschema.tier_suffix(grant.tier),
-                                                    grant.limit)
+            b = self._key_buckets[digest] = _tier_bucket(grant.tier, grant.limit)
         return b
 
 
