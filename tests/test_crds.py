@@ -366,9 +366,11 @@ def test_names_scope_and_versions() -> None:
 def test_printer_columns(kind: str) -> None:
     (version,) = load_crd(kind)["spec"]["versions"]
     columns = [(c["name"], c["type"], c["jsonPath"]) for c in version["additionalPrinterColumns"]]
+    cluster = kind == "ClusterRateLimitPolicy"
     assert columns == [
         ("Mode", "string", ".spec.mode"),
         ("Tiers", "integer", ".status.tiers"),
+        *([("Namespaces", "integer", ".status.namespaces")] if cluster else []),
         ("Programmed", "string", '.status.conditions[?(@.type=="Programmed")].status'),
         ("Enforced", "integer", ".status.enforcedSidecars"),
         ("Age", "date", ".metadata.creationTimestamp"),
@@ -380,7 +382,8 @@ def test_printer_columns(kind: str) -> None:
     status = schema["properties"]["status"]["properties"]
     assert {k: status[k]["type"] for k in status} == {
         "conditions": "array", "observedGeneration": "integer", "configVersion": "integer",
-        "enforcedSidecars": "integer", "tiers": "integer", "keys": "integer"}
+        "enforcedSidecars": "integer", "tiers": "integer", "keys": "integer",
+        **({"namespaces": "integer"} if cluster else {})}
     condition = status["conditions"]["items"]
     assert set(condition["properties"]) == {"type", "status", "reason", "message",
                                             "lastTransitionTime", "observedGeneration"}

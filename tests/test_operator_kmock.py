@@ -105,6 +105,10 @@ async def running_operator(kmock: Any, redis_server: Any, **settings_kw: Any) ->
     kmock.resources.load_bundled()
     kmock.resources[RLP] = kmock_info()
     client = configstore.connect(redis_server.url)
+    # kmock cannot list cluster-scoped Namespaces (its path parser wants a namespace after
+    # /namespaces), which ClusterRateLimitPolicies watch: they are tested against the real API
+    # server (tests/test_k8s_cluster_policy.py).
+    settings_kw.setdefault("cluster_policies", False)
     settings = OperatorSettings(redis=redis_server.url, resync_interval_s=1.0, heartbeat_stale_s=30,
                                 **settings_kw)
     metrics = OperatorMetrics()

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from sluice_core import configdoc, configstore
 from sluice_core.apikeys import load_grants_file
 from sluice_core.errors import PolicyErrors
-from sluice_core.model import KeyGrant
+from sluice_core.model import CLUSTER_SCOPE, CompiledPolicy, KeyGrant
 from sluice_core.policyfile import load_policies
 
 # name -> (module with add_arguments(parser) and run(args) -> int, one-line help)
@@ -56,13 +56,21 @@ def _cmd_apply(args: argparse.Namespace) -> int:
         for e in exc.errors:
             print(f"error: {e}", file=sys.stderr)
         return 1
-    by_ns: dict[str, list] = {}  # type: ignore[type-arg]
+    by_ns: dict[str, list[CompiledPolicy]] = {}
     for p in policies:
         by_ns.setdefault(p.namespace, []).append(p)
+    scope = [n for n in (args.cluster_namespaces or "").split(",") if n]
+    if CLUSTER_SCOPE in by_ns and not scope:
+        print("error: a ClusterRateLimitPolicy needs --cluster-namespaces NS[,NS...]: the namespaces "
+              "its namespaceSelector selects (the operator resolves it from namespace labels)",
+              file=sys.stderr)
+        return 1
     try:
         client = configstore.connect(args.redis)
         for ns, items in sorted(by_ns.items()):
-            doc = configdoc.build_doc(ns, items, {k: v for k, v in grants.items() if any(p.name == k for p in items)})
+            scopes = {p.name: scope for p in items} if ns == CLUSTER_SCOPE else None
+            doc = configdoc.build_doc(ns, items, {k: v for k, v in grants.items() if any(p.name == k for p in items)},
+                                      scopes)
             version = configstore.publish(client, ns, doc)
             names = ", ".join(p.name for p in items)
             print(f"applied: namespace {ns}: {names} (config version {version})")
@@ -84,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     apply.add_argument("--redis", required=True, help="Redis URL (see README: redis://, rediss://, redis+sentinel://, redis+cluster://)")
     apply.add_argument("--api-keys-file", help="YAML of API key -> tier for the policy")
     apply.add_argument("--namespace", default="default", help="namespace for policies that name none")
+    apply.add_argument("--cluster-namespaces", metavar="NS[,NS...]",
+                       help="the namespaces the ClusterRateLimitPolicies in -f apply to (what the "
+                            "operator resolves their namespaceSelector to)")
     apply.set_defaults(func=_cmd_apply)
     for name, (_, help_text) in PLUGINS.items():
         sub.add_parser(name, help=help_text, add_help=False)

@@ -7,6 +7,10 @@ Shape (JSON, ``schema`` 1)::
      "policies": [<normalized RateLimitPolicy manifest>, ...],
      "apiKeys": {"<policy name>": {"<sha256 hex>": {"tier": "pro", "limit": {...}?}}}}
 
+The cluster document (namespace ``_cluster``) holds the ClusterRateLimitPolicies and, since a
+sidecar cannot read namespace labels, the namespaces each one's ``namespaceSelector`` resolved
+to when the operator wrote it: ``"namespaces": {"<policy name>": ["shop", "billing"]}``.
+
 The version lives beside the document in the same Redis hash, assigned atomically when it is
 written (see ``scripts/publish_config.lua``).
 """
@@ -14,7 +18,7 @@ written (see ``scripts/publish_config.lua``).
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,10 +36,12 @@ class NamespaceConfig:
     version: int
     policies: tuple[CompiledPolicy, ...]
     grants: Mapping[str, Mapping[str, KeyGrant]] = field(default_factory=dict)  # policy -> digest -> grant
+    scopes: Mapping[str, frozenset[str]] = field(default_factory=dict)  # cluster policy -> namespaces
 
 
 def build_doc(namespace: str, policies: list[CompiledPolicy],
-              grants: Mapping[str, Mapping[str, KeyGrant]] | None = None) -> str:
+              grants: Mapping[str, Mapping[str, KeyGrant]] | None = None,
+              scopes: Mapping[str, Iterable[str]] | None = None) -> str:
     keys: dict[str, dict[str, Any]] = {}
     for policy_name, table in (grants or {}).items():
         keys[policy_name] = {
@@ -48,6 +54,8 @@ def build_doc(namespace: str, policies: list[CompiledPolicy],
         "policies": [to_manifest(p) for p in sorted(policies, key=lambda p: p.name)],
         "apiKeys": keys,
     }
+    if scopes is not None:
+        doc["namespaces"] = {name: sorted(set(ns)) for name, ns in sorted(scopes.items())}
     return json.dumps(doc, separators=(",", ":"), sort_keys=True)
 
 
@@ -81,6 +89,15 @@ def load_doc(text: str | bytes, version: int) -> NamespaceConfig:
             limit = parse_limit(c, g["limit"], f"{p}.limit") if isinstance(g.get("limit"), dict) else None
             out[digest] = KeyGrant(tier=g["tier"], limit=limit)
         grants[policy_name] = out
+    scopes: dict[str, frozenset[str]] = {}
+    for policy_name, names in (c.mapping(doc.get("namespaces"), "namespaces") or {}).items():
+        if policy_name not in by_name:
+            c.fail(f"namespaces.{policy_name}", "names no policy in this document")
+        elif not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            c.fail(f"namespaces.{policy_name}", "must be a list of namespace names")
+        else:
+            scopes[policy_name] = frozenset(names)
     if c.errors:
         raise PolicyErrors(c.errors)
-    return NamespaceConfig(namespace=namespace, version=version, policies=tuple(policies), grants=grants)
+    return NamespaceConfig(namespace=namespace, version=version, policies=tuple(policies),
+                           grants=grants, scopes=scopes)

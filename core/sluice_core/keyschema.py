@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+from dataclasses import dataclass
 
 PREFIX = "sluice"
 CONFIG_CHANNEL = f"{PREFIX}:config-changed"
@@ -22,25 +23,50 @@ CONFIG_CHANNEL = f"{PREFIX}:config-changed"
 def config_key(namespace: str) -> str:
     """Hash with fields ``version`` (integer) and ``doc`` (JSON), one per namespace.
 
-    The hash tag keeps both fields in one slot; ``_cluster`` holds cluster-scoped policies."""
+    The hash tag keeps both fields in one slot; ``_cluster`` (:data:`~sluice_core.model.CLUSTER_SCOPE`)
+    holds the cluster-scoped policies."""
     return f"{PREFIX}:cfg:{{{namespace}}}"
 
 
 def heartbeat_key(namespace: str) -> str:
-    """Hash of sidecar heartbeats for one namespace: field = pod name, value =
-    ``"<config version> <unix seconds>"``. The operator counts fresh entries per version (the
+    """Hash of sidecar heartbeats for one namespace: field = pod name, value = a
+    :class:`Heartbeat`. The operator counts fresh entries per version and policy (the
     ``Enforced`` condition) and prunes stale ones; the key itself has a TTL."""
     return f"{PREFIX}:hb:{{{namespace}}}"
 
 
-def parse_heartbeat(value: bytes | str) -> tuple[int, float]:
-    """``(version, unix seconds)`` from a heartbeat value; ``(0, 0.0)`` if malformed."""
-    text = value.decode() if isinstance(value, bytes) else value
-    version, _, ts = text.partition(" ")
+@dataclass(frozen=True, slots=True)
+class Heartbeat:
+    """What one sidecar enforces: the namespace document's version and the policy it selected
+    there, the cluster document's version and the cluster policy it selected (``-``: none).
+
+    Stored as ``"<version> <unix s> <policy> <cluster version> <cluster policy>"``; policy names
+    are Kubernetes names, so never contain spaces."""
+
+    version: int
+    at: float
+    policy: str | None = None
+    cluster_version: int = 0
+    cluster_policy: str | None = None
+
+    def encode(self) -> str:
+        return (f"{self.version} {self.at:.0f} {self.policy or '-'} "
+                f"{self.cluster_version} {self.cluster_policy or '-'}")
+
+
+def parse_heartbeat(value: bytes | str) -> Heartbeat:
+    """A stored heartbeat; ``Heartbeat(0, 0.0)`` (stale, enforcing nothing) if malformed."""
+    parts = (value.decode(errors="replace") if isinstance(value, bytes) else value).split(" ")
     try:
-        return int(version), float(ts)
-    except ValueError:
-        return 0, 0.0
+        version, at = int(parts[0]), float(parts[1])
+        cluster_version = int(parts[3]) if len(parts) > 3 else 0
+    except (ValueError, IndexError):
+        return Heartbeat(0, 0.0)
+
+    def name(i: int) -> str | None:
+        return parts[i] if len(parts) > i and parts[i] != "-" else None
+
+    return Heartbeat(version, at, name(2), cluster_version, name(4))
 
 
 def hash_api_key(key: str) -> str:

@@ -52,11 +52,15 @@ def to_manifest(p: CompiledPolicy) -> dict[str, Any]:
     metadata: dict[str, Any] = {"name": p.name}
     if not p.cluster_scoped:
         metadata["namespace"] = p.namespace
+    spec: dict[str, Any] = {}
+    if p.namespace_selector is not None:
+        spec["namespaceSelector"] = selector_to_dict(p.namespace_selector)
     return {
         "apiVersion": API_VERSION,
         "kind": CLUSTER_KIND if p.cluster_scoped else KIND,
         "metadata": metadata,
         "spec": {
+            **spec,
             "selector": selector_to_dict(p.selector),
             "identify": identify,
             "apiKeys": {"header": p.api_keys.header, "required": p.api_keys.required},

@@ -15,6 +15,9 @@ from enum import StrEnum
 API_VERSION = "sluice.dev/v1alpha1"
 KIND = "RateLimitPolicy"
 CLUSTER_KIND = "ClusterRateLimitPolicy"
+CLUSTER_SCOPE = "_cluster"
+"""The pseudo-namespace of cluster-scoped policies (no Kubernetes namespace can have this name):
+their ``ref`` is ``_cluster/<name>`` and their config document is stored under it."""
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -177,6 +180,7 @@ class CompiledPolicy:
     mode: Mode
     headers: HeaderStyle
     cluster_scoped: bool = False
+    namespace_selector: Selector | None = None  # cluster-scoped only: which namespaces' pods
 
     @property
     def ref(self) -> str:

@@ -17,6 +17,7 @@ from sluice_core.errors import PolicyError, PolicyErrors
 from sluice_core.model import (
     API_VERSION,
     CLUSTER_KIND,
+    CLUSTER_SCOPE,
     KIND,
     ApiKeys,
     CompiledPolicy,
@@ -156,7 +157,7 @@ def _parse(c: _Checker, doc: Any, default_namespace: str) -> CompiledPolicy | No
     if name is not None and len(name) > 253:
         c.fail("metadata.name", "must be at most 253 characters")
     if cluster_scoped:
-        namespace = "_cluster"  # a name no Kubernetes namespace can have
+        namespace = CLUSTER_SCOPE
     else:
         ns = meta.get("namespace", default_namespace) if meta else default_namespace
         namespace = c.string(ns, "metadata.namespace", pattern=_NAME,
@@ -170,8 +171,8 @@ def _parse(c: _Checker, doc: Any, default_namespace: str) -> CompiledPolicy | No
         c.fail("spec.namespaceSelector", f"is only allowed on {CLUSTER_KIND}")
 
     selector = _selector(c, spec.get("selector"), "spec.selector")
-    if cluster_scoped:
-        _selector(c, spec.get("namespaceSelector"), "spec.namespaceSelector")
+    namespace_selector = (_selector(c, spec.get("namespaceSelector"), "spec.namespaceSelector")
+                          if cluster_scoped else None)
     api_keys = _api_keys(c, spec.get("apiKeys"))
     identify = _identify(c, spec.get("identify"), api_keys)
     tiers = _tiers(c, spec.get("tiers"))
@@ -194,7 +195,7 @@ def _parse(c: _Checker, doc: Any, default_namespace: str) -> CompiledPolicy | No
     return CompiledPolicy(
         namespace=namespace, name=name, selector=selector, identify=identify, api_keys=api_keys,
         tiers=tiers, default_tier=default_tier, rules=rules, failure_mode=failure_mode, mode=mode,
-        headers=headers, cluster_scoped=cluster_scoped,
+        headers=headers, cluster_scoped=cluster_scoped, namespace_selector=namespace_selector,
     )
 
 

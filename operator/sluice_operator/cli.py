@@ -24,6 +24,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         default=env("SLUICE_OPERATOR_CLUSTER_KEYS_NAMESPACE", "sluice-system"),
                         help="namespace holding the key Secrets of ClusterRateLimitPolicies "
                              "[env SLUICE_OPERATOR_CLUSTER_KEYS_NAMESPACE] (default: sluice-system)")
+    parser.add_argument("--cluster-policies", choices=("auto", "on", "off"),
+                        default=env("SLUICE_OPERATOR_CLUSTER_POLICIES", "auto"),
+                        help="serve ClusterRateLimitPolicies; auto: only when watching the whole "
+                             "cluster [env SLUICE_OPERATOR_CLUSTER_POLICIES] (default: auto)")
     parser.add_argument("--peering", default=env("SLUICE_OPERATOR_PEERING"),
                         help="kopf peering name for running several replicas (leader election); "
                              "without it the operator runs standalone [env SLUICE_OPERATOR_PEERING]")
@@ -76,6 +80,7 @@ def run(args: argparse.Namespace) -> int:
     settings = OperatorSettings(
         redis=args.redis, resync_interval_s=args.resync_interval_s,
         namespaces=tuple(args.namespace or ()), cluster_keys_namespace=args.cluster_keys_namespace,
+        cluster_policies={"auto": None, "on": True, "off": False}[args.cluster_policies],
         webhook_listen=args.webhook_listen,
         webhook_cert_dir=args.webhook_cert_dir, webhook_provided_cert_dir=args.webhook_provided_cert_dir,
         webhook_dns_names=dns or ("localhost",), webhook_ips=("127.0.0.1",), webhook_endpoint=endpoint,

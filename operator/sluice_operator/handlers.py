@@ -7,12 +7,13 @@ import asyncio
 import contextlib
 import datetime as dt
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import kopf
+from sluice_core.model import CLUSTER_SCOPE
 
-from sluice_operator.keysecrets import POLICY_LABEL
+from sluice_operator.keysecrets import CLUSTER_POLICY_LABEL, POLICY_LABEL
 from sluice_operator.kube import default_api_client
 from sluice_operator.reconcile import NamespaceOutcome, Reconciler
 from sluice_operator.settings import OperatorSettings
@@ -20,6 +21,7 @@ from sluice_operator.status import policy_status
 from sluice_operator.webhooks import serve_webhooks
 
 GROUP, VERSION, PLURAL = "sluice.dev", "v1alpha1", "ratelimitpolicies"
+CLUSTER_PLURAL = "clusterratelimitpolicies"
 FINALIZER = "sluice.dev/config"
 log = logging.getLogger("sluice.operator")
 
@@ -58,16 +60,23 @@ def build_registry(settings: OperatorSettings, reconciler: Reconciler,
     def key_secrets_by_ns(namespace: str | None, body: kopf.Body, **_: Any) -> dict[str, Any]:
         return {namespace or "": dict(body)}
 
-    async def reconcile(namespace: str, policies: kopf.Index[str, Any],
-                        secrets: kopf.Index[str, Any]) -> NamespaceOutcome:
-        outcome = await reconciler.reconcile(namespace, list(policies.get(namespace, [])),
-                                             list(secrets.get(namespace, [])))
+    async def reconcile(namespace: str, idx: Mapping[str, Any]) -> NamespaceOutcome:
+        """Reconcile one namespace's document (or ``_cluster``'s) from kopf's indexes, which
+        every handler receives among its keyword arguments."""
+        if namespace == CLUSTER_SCOPE:
+            labels: dict[str, Mapping[str, str]] = {
+                name: next(iter(store), {}) for name, store in idx["namespace_labels"].items()}
+            outcome = await reconciler.reconcile(
+                CLUSTER_SCOPE, list(idx["cluster_policies"].get(CLUSTER_SCOPE, [])),
+                list(idx["cluster_key_secrets"].get(CLUSTER_SCOPE, [])), labels)
+        else:
+            outcome = await reconciler.reconcile(namespace, list(idx["policies_by_ns"].get(namespace, [])),
+                                                 list(idx["key_secrets_by_ns"].get(namespace, [])))
         if outcome.next_expiry is not None:
-            schedule_expiry(namespace, outcome.next_expiry, policies, secrets)
+            schedule_expiry(namespace, outcome.next_expiry, idx)
         return outcome
 
-    def schedule_expiry(namespace: str, when: dt.datetime, policies: kopf.Index[str, Any],
-                        secrets: kopf.Index[str, Any]) -> None:
+    def schedule_expiry(namespace: str, when: dt.datetime, idx: Mapping[str, Any]) -> None:
         """Expired keys must stop working within seconds, not at the next resync."""
         old = expiry_tasks.get(namespace)
         if old is not None and not old.done():
@@ -76,7 +85,7 @@ def build_registry(settings: OperatorSettings, reconciler: Reconciler,
         async def later() -> None:
             delay = (when - dt.datetime.now(dt.UTC)).total_seconds()
             await asyncio.sleep(max(0.0, delay) + 0.05)
-            await reconcile(namespace, policies, secrets)
+            await reconcile(namespace, idx)
 
         expiry_tasks[namespace] = asyncio.create_task(later())
 
@@ -89,41 +98,86 @@ def build_registry(settings: OperatorSettings, reconciler: Reconciler,
         if outcome.redis_error:
             raise kopf.TemporaryError(f"Redis: {outcome.redis_error}", delay=5)
 
-    @kopf.on.resume(GROUP, VERSION, PLURAL, id="policy", registry=registry)
-    @kopf.on.create(GROUP, VERSION, PLURAL, id="policy", registry=registry)
-    @kopf.on.update(GROUP, VERSION, PLURAL, id="policy", field="spec", registry=registry)
-    async def policy_changed(namespace: str | None, name: str, body: kopf.Body, patch: kopf.Patch,
-                             **kwargs: Any) -> None:
-        policies_by_ns, key_secrets_by_ns = kwargs["policies_by_ns"], kwargs["key_secrets_by_ns"]
-        outcome = await reconcile(namespace or "", policies_by_ns, key_secrets_by_ns)
-        report(body, name, outcome, patch, None)
+    async def enforced(namespace: str, name: str, outcome: NamespaceOutcome) -> int | None:
+        """How many sidecars enforce this policy at the version just programmed."""
+        if not (outcome.programmed and outcome.version):
+            return None
+        if namespace != CLUSTER_SCOPE:
+            return await reconciler.enforced([namespace], name, outcome.version,
+                                             stale_s=settings.heartbeat_stale_s)
+        result = outcome.results.get(name)
+        return await reconciler.enforced(result.scope or [] if result else [], name, outcome.version,
+                                         cluster=True, stale_s=settings.heartbeat_stale_s)
 
-    @kopf.on.delete(GROUP, VERSION, PLURAL, id="policy-delete", registry=registry)
-    async def policy_deleted(namespace: str | None, **kwargs: Any) -> None:
-        policies_by_ns, key_secrets_by_ns = kwargs["policies_by_ns"], kwargs["key_secrets_by_ns"]
-        outcome = await reconcile(namespace or "", policies_by_ns, key_secrets_by_ns)
-        if outcome.redis_error:  # keep the finalizer until Redis no longer serves the policy
-            raise kopf.TemporaryError(f"Redis: {outcome.redis_error}", delay=5)
+    def policy_handlers(plural: str, suffix: str) -> None:
+        """Handlers of one policy kind: namespaced policies go to their namespace's document,
+        cluster policies (no namespace) to ``_cluster``'s."""
+
+        @kopf.on.resume(GROUP, VERSION, plural, id="policy" + suffix, registry=registry)
+        @kopf.on.create(GROUP, VERSION, plural, id="policy" + suffix, registry=registry)
+        @kopf.on.update(GROUP, VERSION, plural, id="policy" + suffix, field="spec", registry=registry)
+        async def policy_changed(namespace: str | None, name: str, body: kopf.Body, patch: kopf.Patch,
+                                 **kwargs: Any) -> None:
+            outcome = await reconcile(namespace or CLUSTER_SCOPE, kwargs)
+            report(body, name, outcome, patch, None)
+
+        @kopf.on.delete(GROUP, VERSION, plural, id="policy-delete" + suffix, registry=registry)
+        async def policy_deleted(namespace: str | None, **kwargs: Any) -> None:
+            outcome = await reconcile(namespace or CLUSTER_SCOPE, kwargs)
+            if outcome.redis_error:  # keep the finalizer until Redis no longer serves the policy
+                raise kopf.TemporaryError(f"Redis: {outcome.redis_error}", delay=5)
+
+        @kopf.timer(GROUP, VERSION, plural, id="resync" + suffix, interval=settings.resync_interval_s,
+                    registry=registry)
+        async def resync(namespace: str | None, name: str, body: kopf.Body, patch: kopf.Patch,
+                         **kwargs: Any) -> None:
+            """Redis is volatile: put back lost config, and report how many sidecars enforce it."""
+            scope = namespace or CLUSTER_SCOPE
+            outcome = await reconcile(scope, kwargs)
+            report(body, name, outcome, patch, await enforced(scope, name, outcome))
+
+    policy_handlers(PLURAL, "")
 
     @kopf.on.event("v1", "secrets", labels={POLICY_LABEL: kopf.PRESENT}, id="key-secret",
                    registry=registry)
     async def key_secret_changed(namespace: str | None, **kwargs: Any) -> None:
-        policies_by_ns, key_secrets_by_ns = kwargs["policies_by_ns"], kwargs["key_secrets_by_ns"]
-        if namespace and policies_by_ns.get(namespace):
-            await reconcile(namespace, policies_by_ns, key_secrets_by_ns)
+        if namespace and kwargs["policies_by_ns"].get(namespace):
+            await reconcile(namespace, kwargs)
 
-    @kopf.timer(GROUP, VERSION, PLURAL, id="resync", interval=settings.resync_interval_s,
-                registry=registry)
-    async def resync(namespace: str | None, name: str, body: kopf.Body, patch: kopf.Patch,
-                     **kwargs: Any) -> None:
-        policies_by_ns, key_secrets_by_ns = kwargs["policies_by_ns"], kwargs["key_secrets_by_ns"]
-        """Redis is volatile: put back lost config, and report how many sidecars enforce it."""
-        outcome = await reconcile(namespace or "", policies_by_ns, key_secrets_by_ns)
-        enforced = None
-        if outcome.programmed and outcome.version:
-            enforced = await reconciler.enforced(namespace or "", outcome.version,
-                                                 stale_s=settings.heartbeat_stale_s)
-        report(body, name, outcome, patch, enforced)
+    if settings.cluster_policies or (settings.cluster_policies is None and not settings.namespaces):
+        # ClusterRateLimitPolicies need every namespace's labels (their namespaceSelector); by
+        # default only a cluster-wide operator serves them, so that operators restricted to some
+        # namespaces never fight over them (or their finalizers).
+        @kopf.index(GROUP, VERSION, CLUSTER_PLURAL, id="cluster_policies", registry=registry)
+        def cluster_policies(body: kopf.Body, **_: Any) -> dict[str, Any]:
+            return {CLUSTER_SCOPE: dict(body)}
+
+        def in_keys_namespace(namespace: str | None, **_: Any) -> bool:
+            return namespace == settings.cluster_keys_namespace
+
+        @kopf.index("v1", "secrets", labels={CLUSTER_POLICY_LABEL: kopf.PRESENT}, when=in_keys_namespace,
+                    id="cluster_key_secrets", registry=registry)
+        def cluster_key_secrets(body: kopf.Body, **_: Any) -> dict[str, Any]:
+            return {CLUSTER_SCOPE: dict(body)}
+
+        @kopf.index("v1", "namespaces", id="namespace_labels", registry=registry)
+        def namespace_labels(name: str, labels: kopf.Labels, **_: Any) -> dict[str, Any]:
+            return {name: dict(labels)}
+
+        policy_handlers(CLUSTER_PLURAL, "-cluster")
+
+        @kopf.on.event("v1", "secrets", labels={CLUSTER_POLICY_LABEL: kopf.PRESENT}, when=in_keys_namespace,
+                       id="cluster-key-secret", registry=registry)
+        async def cluster_key_secret_changed(**kwargs: Any) -> None:
+            if kwargs["cluster_policies"].get(CLUSTER_SCOPE):
+                await reconcile(CLUSTER_SCOPE, kwargs)
+
+        @kopf.on.event("v1", "namespaces", id="namespace", registry=registry)
+        async def namespace_changed(**kwargs: Any) -> None:
+            """A namespace created, deleted or relabelled may join or leave a cluster policy's
+            scope (the reconcile writes only if a document really changed)."""
+            if kwargs["cluster_policies"].get(CLUSTER_SCOPE):
+                await reconcile(CLUSTER_SCOPE, kwargs)
 
     @kopf.on.cleanup(registry=registry)
     async def stop_expiry_tasks(**_: Any) -> None:

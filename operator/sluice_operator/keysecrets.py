@@ -1,6 +1,8 @@
 """API keys kept in Kubernetes Secrets, turned into the SHA-256 grants the sidecars read.
 
-A key Secret is labelled ``sluice.dev/policy: <policy name>`` and holds, in ``data``:
+A key Secret is labelled ``sluice.dev/policy: <policy name>`` (in the policy's namespace) or
+``sluice.dev/cluster-policy: <name>`` (for a ClusterRateLimitPolicy, in the operator's
+cluster-keys namespace) and holds, in ``data``:
 
 | field | required | meaning |
 |---|---|---|
@@ -25,6 +27,13 @@ from sluice_core.keyschema import hash_api_key
 from sluice_core.model import CompiledPolicy, KeyGrant, Limit
 
 POLICY_LABEL = "sluice.dev/policy"
+CLUSTER_POLICY_LABEL = "sluice.dev/cluster-policy"
+"""Keys of a ClusterRateLimitPolicy: Secrets so labelled, in the operator's cluster-keys namespace
+only (anyone who may write Secrets in some namespace must not be able to grant cluster keys)."""
+
+
+def label_for(policy: CompiledPolicy) -> str:
+    return CLUSTER_POLICY_LABEL if policy.cluster_scoped else POLICY_LABEL
 
 
 @dataclass(frozen=True)
@@ -62,10 +71,11 @@ def grants_for(policy: CompiledPolicy, secrets: Iterable[Mapping[str, Any]], *,
     grants: dict[str, KeyGrant] = {}
     problems: list[KeyProblem] = []
     next_expiry: dt.datetime | None = None
+    label = label_for(policy)
     for secret in secrets:
         meta = secret.get("metadata", {})
         name = str(meta.get("name", "?"))
-        if meta.get("labels", {}).get(POLICY_LABEL) != policy.name or meta.get("deletionTimestamp"):
+        if meta.get("labels", {}).get(label) != policy.name or meta.get("deletionTimestamp"):
             continue
         data = secret.get("data") or {}
         if (_field(data, "disabled") or "").strip().lower() == "true":

@@ -8,6 +8,10 @@ Rules it keeps:
   stays in the document (also after an operator restart: it is recovered from Redis).
 - Versions only rise: a re-push after Redis lost the config continues from the last version.
 - Redis is written only when the document changed or is missing, so the timer is cheap.
+
+ClusterRateLimitPolicies are reconciled the same way into the document of the pseudo-namespace
+``_cluster``, with each policy's namespaceSelector resolved to the namespaces it selects now
+(sidecars cannot read namespace labels).
 """
 
 from __future__ import annotations
@@ -16,13 +20,13 @@ import asyncio
 import datetime as dt
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from sluice_core import configdoc, configstore, keyschema
 from sluice_core.errors import PolicyError, PolicyErrors
-from sluice_core.model import CompiledPolicy, KeyGrant
+from sluice_core.model import CLUSTER_SCOPE, CompiledPolicy, KeyGrant, Selector
 from sluice_core.parse import parse_policy
 
 from sluice_operator.keysecrets import KeyProblem, grants_for
@@ -40,6 +44,7 @@ class PolicyResult:
     tiers: int = 0
     key_problems: list[KeyProblem] = field(default_factory=list)
     keys: int = 0
+    scope: list[str] | None = None  # cluster policies: the namespaces it selects now
 
     @property
     def message(self) -> str:
@@ -66,10 +71,12 @@ class Reconciler:
         self._locks: dict[str, asyncio.Lock] = {}
 
     async def reconcile(self, namespace: str, policies: Sequence[Mapping[str, Any]],
-                        secrets: Sequence[Mapping[str, Any]]) -> NamespaceOutcome:
+                        secrets: Sequence[Mapping[str, Any]],
+                        namespace_labels: Mapping[str, Mapping[str, str]] | None = None) -> NamespaceOutcome:
+        """``namespace_labels`` (name -> labels of every namespace) is needed for ``_cluster``."""
         async with self._locks.setdefault(namespace, asyncio.Lock()):
             started = time.perf_counter()
-            out = await self._reconcile(namespace, policies, secrets)
+            out = await self._reconcile(namespace, policies, secrets, namespace_labels or {})
             m = self.metrics
             m.reconcile_seconds.observe(time.perf_counter() - started)
             if out.redis_error:
@@ -85,7 +92,8 @@ class Reconciler:
             return out
 
     async def _reconcile(self, namespace: str, policies: Sequence[Mapping[str, Any]],
-                         secrets: Sequence[Mapping[str, Any]]) -> NamespaceOutcome:
+                         secrets: Sequence[Mapping[str, Any]],
+                         namespace_labels: Mapping[str, Mapping[str, str]]) -> NamespaceOutcome:
         out = NamespaceOutcome(namespace)
         try:
             stored = await asyncio.to_thread(configstore.read_raw, self.redis, namespace)
@@ -124,6 +132,11 @@ class Reconciler:
             out.results[name].keys = len(table)
             if expiry is not None and (out.next_expiry is None or expiry < out.next_expiry):
                 out.next_expiry = expiry
+        scopes: dict[str, list[str]] | None = None
+        if namespace == CLUSTER_SCOPE:
+            scopes = {name: resolve_namespaces(policy, namespace_labels) for name, policy in live.items()}
+            for name, names in scopes.items():
+                out.results[name].scope = names
         try:
             if not live:
                 if stored is not None:
@@ -131,7 +144,7 @@ class Reconciler:
                     out.pushed = True
                 out.programmed = True
                 return out
-            doc = configdoc.build_doc(namespace, list(live.values()), grants)
+            doc = configdoc.build_doc(namespace, list(live.values()), grants, scopes)
             if stored is not None and stored[1] == doc:
                 out.version = stored[0]
             else:
@@ -156,29 +169,46 @@ class Reconciler:
         self._last_good[namespace] = {p.name: p for p in cfg.policies}
         self._known_version[namespace] = stored[0]
 
-    async def enforced(self, namespace: str, version: int, *, stale_s: float) -> int:
-        """How many sidecars reported running ``version`` recently; stale entries are pruned."""
+    async def enforced(self, namespaces: Iterable[str], policy: str, version: int, *,
+                       cluster: bool = False, stale_s: float) -> int:
+        """How many sidecars of ``namespaces`` recently reported enforcing ``policy`` at
+        ``version`` (of their namespace's document, or of the cluster document)."""
+        count = 0
+        for ns in namespaces:
+            for beat in await self._heartbeats(ns, stale_s):
+                if (cluster and beat.cluster_version == version and beat.cluster_policy == policy) or (not cluster and beat.version == version and beat.policy == policy):
+                    count += 1
+        return count
+
+    async def _heartbeats(self, namespace: str, stale_s: float) -> list[keyschema.Heartbeat]:
+        """The fresh heartbeats of one namespace; stale entries are pruned."""
         key = keyschema.heartbeat_key(namespace)
         try:
             entries = await asyncio.to_thread(self.redis.hgetall, key)
         except Exception as exc:
             log.warning("cannot read heartbeats of %s: %s", namespace, exc)
-            return 0
+            return []
         now = time.time()
         stale = []
-        count = 0
+        fresh = []
         for pod, value in entries.items():
-            v, ts = keyschema.parse_heartbeat(value)
-            if now - ts > stale_s:
+            beat = keyschema.parse_heartbeat(value)
+            if now - beat.at > stale_s:
                 stale.append(pod)
-            elif v == version:
-                count += 1
+            else:
+                fresh.append(beat)
         if stale:
             try:
                 await asyncio.to_thread(self.redis.hdel, key, *stale)
             except Exception as exc:
                 log.debug("cannot prune heartbeats of %s: %s", namespace, exc)
-        return count
+        return fresh
+
+
+def resolve_namespaces(policy: CompiledPolicy, namespace_labels: Mapping[str, Mapping[str, str]]) -> list[str]:
+    """The namespaces a cluster policy's namespaceSelector selects (sorted)."""
+    selector = policy.namespace_selector or Selector()
+    return sorted(ns for ns, labels in namespace_labels.items() if selector.matches(dict(labels)))
 
 
 def _as_document(body: Mapping[str, Any]) -> dict[str, Any]:

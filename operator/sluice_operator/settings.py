@@ -21,6 +21,10 @@ class OperatorSettings:
     cluster_keys_namespace: str = "sluice-system"
     """Where the key Secrets of ClusterRateLimitPolicies live (label ``sluice.dev/cluster-policy``):
     a cluster-wide key is granted only by those who may write Secrets in this namespace."""
+    cluster_policies: bool | None = None
+    """Serve ClusterRateLimitPolicies (watches Namespaces for their namespaceSelector). None: only
+    when the operator is cluster-wide, so that operators restricted to some namespaces never
+    fight over the cluster-scoped objects."""
     webhook_listen: str | None = None
     """HOST:PORT for the admission webhooks (HTTPS); None: no webhooks are served."""
     webhook_cert_dir: str = "/tmp/sluice-webhook-certs"

@@ -47,6 +47,8 @@ def policy_status(body: Mapping[str, Any], result: PolicyResult | None, outcome:
         conds.append(condition(previous, "Programmed", False, "NotProgrammed",
                                "no valid version of this policy has been written", generation))
     status: dict[str, Any] = {"conditions": conds, "tiers": result.tiers, "keys": result.keys}
+    if result.scope is not None:
+        status["namespaces"] = len(result.scope)
     if result.accepted:
         status["observedGeneration"] = generation
     if outcome.programmed and outcome.version:
@@ -54,5 +56,5 @@ def policy_status(body: Mapping[str, Any], result: PolicyResult | None, outcome:
     if enforced is not None:
         status["enforcedSidecars"] = enforced
         conds.append(condition(previous, "Enforced", enforced > 0, "SidecarsReporting" if enforced else "NoSidecars",
-                               f"{enforced} sidecar(s) run config version {outcome.version}", generation))
+                               f"{enforced} sidecar(s) enforce it at config version {outcome.version}", generation))
     return status

@@ -2,8 +2,10 @@
 
 - :class:`FileSource`: a policy file (+ optional API-keys file), re-read when it changes.
 - :class:`RedisSource`: the namespace's compiled config written by the operator or
-  ``sluice apply``; reloaded within a second of a change notice (pub/sub) and polled as a
-  fallback. The policy whose selector matches this pod's labels is enforced.
+  ``sluice apply``, and the cluster document (ClusterRateLimitPolicies); reloaded within a
+  second of a change notice (pub/sub) and polled as a fallback. The namespace policy whose
+  selector matches this pod's labels is enforced, and with it a cluster policy that selects
+  this pod's namespace and labels.
 
 Either way a broken or missing config never replaces a good one: the error is logged and
 counted, and the previous :class:`Enforcement` keeps serving.
@@ -13,17 +15,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from sluice_core import keyschema
 from sluice_core.apikeys import load_grants_file
-from sluice_core.configdoc import load_doc
+from sluice_core.configdoc import NamespaceConfig, load_doc
 from sluice_core.errors import PolicyErrors
-from sluice_core.model import CompiledPolicy
+from sluice_core.model import CLUSTER_SCOPE, CompiledPolicy
 from sluice_core.policyfile import load_policies
 
 from sluice_sidecar.labels import read_labels
@@ -40,7 +44,8 @@ from sluice_sidecar.stores.base import StoreUnavailable
 from sluice_sidecar.stores.redis import RedisNodes
 
 log = logging.getLogger("sluice.config")
-Apply = Callable[[Enforcement | None], None]
+Apply = Callable[[Enforcement | None, Enforcement | None], None]
+"""Called with the pod's namespaced policy and its cluster policy (either may be None)."""
 
 
 def select_policy(policies: list[CompiledPolicy] | tuple[CompiledPolicy, ...],
@@ -94,7 +99,7 @@ class FileSource:
             log.error("policy file not loaded (keeping the last good config): %s", reason)
             return False
         self.version += 1
-        self.apply(Enforcement(policy, grants, self.version))
+        self.apply(Enforcement(policy, grants, self.version), None)
         self.metrics.config_reloads.labels("ok").inc()
         self.metrics.config_version.labels(policy.namespace).set(self.version)
         log.info("loaded policy %s from %s", policy.ref, self.policy_path)
@@ -117,6 +122,30 @@ class FileSource:
                 await self._task
 
 
+@dataclass
+class _Doc:
+    """One config document in Redis, as this sidecar last saw it."""
+
+    namespace: str
+    key: str = ""
+    version: int = 0  # version last seen (applied or found broken); 0: missing
+    config: NamespaceConfig | None = None  # the last good one
+
+    def __post_init__(self) -> None:
+        self.key = keyschema.config_key(self.namespace)
+
+
+def select_cluster_policy(config: NamespaceConfig | None, namespace: str,
+                          labels: dict[str, str] | None) -> CompiledPolicy | None:
+    """The cluster policy for this pod: its namespace is one the policy's namespaceSelector
+    resolved to (the operator resolves it: a sidecar cannot read namespace labels) and its
+    selector matches the pod's labels."""
+    if config is None:
+        return None
+    return select_policy([p for p in config.policies if namespace in config.scopes.get(p.name, ())],
+                         labels)
+
+
 class RedisSource:
     def __init__(self, nodes: RedisNodes, namespace: str, metrics: Metrics, apply: Apply, *,
                  labels_path: str | None, pod_name: str | None = None,
@@ -129,60 +158,84 @@ class RedisSource:
         self.pod_name = pod_name
         self.poll_interval = poll_interval
         self.heartbeat_interval = heartbeat_interval
-        self.version = 0  # version of the doc last seen (applied or found broken)
-        self.enforced_version = 0
-        self._key = keyschema.config_key(namespace)
+        self._own = _Doc(namespace)
+        self._cluster = _Doc(CLUSTER_SCOPE)
+        self.enforcing = keyschema.Heartbeat(0, 0.0)  # what the heartbeat reports
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._sub: RespConnection | None = None
 
-    async def _command(self, *args: Any) -> Any:
-        """Run one command on the node that owns the config key (cluster-aware)."""
-        conn = await self.nodes.for_key(self._key)
+    async def _command(self, key: str, *args: Any) -> Any:
+        """Run one command on the node that owns ``key`` (cluster-aware)."""
+        conn = await self.nodes.for_key(key)
         return await conn.call(*args)
 
+    async def _refresh(self, doc: _Doc) -> bool:
+        """Read ``doc`` if its version changed; True when a new good config was loaded.
+        Raises on Redis trouble and on an invalid document (its version then counts as seen)."""
+        version_raw = await self._command(doc.key, "HGET", doc.key, "version")
+        version = int(version_raw) if version_raw is not None else 0
+        if version == doc.version:
+            return False
+        if version == 0:
+            # Missing: Redis lost it or the policy was deleted. Keep enforcing what we have;
+            # the operator re-pushes lost config on its timer.
+            if doc.version:
+                log.warning("config %s is gone from Redis; keeping version %s", doc.namespace, doc.version)
+            doc.version = 0
+            return False
+        ver_raw, text = await self._command(doc.key, "HMGET", doc.key, "version", "doc")
+        if text is None:
+            return False
+        doc.version = int(ver_raw) if ver_raw is not None else 0
+        doc.config = load_doc(text, doc.version)
+        return True
+
     async def check(self) -> bool:
-        """Load the config if its version changed; return True when a new one was applied."""
+        """Load the config if either document changed; return True when a new one was applied."""
+        changed = False
+        for doc in (self._own, self._cluster):
+            try:
+                changed = await self._refresh(doc) or changed
+            except (OSError, TimeoutError, ConnectionClosed, RedisReplyError, StoreUnavailable) as exc:
+                self.metrics.config_reloads.labels("unreachable").inc()
+                log.warning("cannot read config from Redis (keeping the last good one): %s", exc)
+                return False
+            except (PolicyErrors, ValueError) as exc:
+                self.metrics.config_reloads.labels("invalid").inc()
+                log.error("config %s version %s is invalid (keeping the last good one): %s",
+                          doc.namespace, doc.version, exc)
+        if not changed:
+            return False
         try:
-            version_raw = await self._command("HGET", self._key, "version")
-            version = int(version_raw) if version_raw is not None else 0
-            if version == self.version:
-                return False
-            if version == 0:
-                # Missing: Redis lost it or the policy was deleted. Keep enforcing what we have;
-                # the operator re-pushes lost config on its timer.
-                if self.version:
-                    log.warning("config for namespace %s is gone from Redis; keeping version %s",
-                                self.namespace, self.enforced_version)
-                self.version = 0
-                return False
-            ver_raw, doc = await self._command("HMGET", self._key, "version", "doc")
-            version = int(ver_raw) if ver_raw is not None else 0
-            if doc is None:
-                return False
-            self.version = version
-            config = load_doc(doc, version)
             labels = read_labels(self.labels_path) if self.labels_path else None
-            policy = select_policy(config.policies, labels)
-        except (OSError, TimeoutError, ConnectionClosed, RedisReplyError, StoreUnavailable) as exc:
-            self.metrics.config_reloads.labels("unreachable").inc()
-            log.warning("cannot read config from Redis (keeping the last good one): %s", exc)
-            return False
-        except (PolicyErrors, ValueError) as exc:
+        except (OSError, ValueError) as exc:
             self.metrics.config_reloads.labels("invalid").inc()
-            log.error("config version %s is invalid (keeping the last good one): %s", self.version, exc)
+            log.error("cannot read this pod's labels (keeping the last good config): %s", exc)
             return False
-        if policy is None:
+        own, cluster = self._own.config, self._cluster.config
+        policy = select_policy(own.policies, labels) if own is not None else None
+        shared = select_cluster_policy(cluster, self.namespace, labels)
+        self.enforcing = keyschema.Heartbeat(
+            self._own.version, 0.0, policy.name if policy else None,
+            self._cluster.version, shared.name if shared else None)
+        if policy is None and shared is None:
             self.metrics.config_reloads.labels("no_policy").inc()
-            log.warning("no policy in namespace %s selects this pod (config version %s)", self.namespace, version)
-            self.apply(None)
-            self.enforced_version = version
+            log.warning("no policy selects this pod (namespace %s, config version %s, cluster "
+                        "config version %s)", self.namespace, self._own.version, self._cluster.version)
+            self.apply(None, None)
             return True
-        self.apply(Enforcement(policy, config.grants.get(policy.name, {}), version))
-        self.enforced_version = version
+        self.apply(
+            Enforcement(policy, own.grants.get(policy.name, {}), self._own.version) if policy and own else None,
+            Enforcement(shared, cluster.grants.get(shared.name, {}), self._cluster.version)
+            if shared and cluster else None)
         self.metrics.config_reloads.labels("ok").inc()
-        self.metrics.config_version.labels(self.namespace).set(version)
-        log.info("enforcing policy %s (config version %s)", policy.ref, version)
+        for doc in (self._own, self._cluster):
+            if doc.version:
+                self.metrics.config_version.labels(doc.namespace).set(doc.version)
+        log.info("enforcing %s", " and ".join(
+            f"{p.ref} (config version {v})" for p, v in ((policy, self._own.version),
+                                                        (shared, self._cluster.version)) if p))
         return True
 
     async def start(self) -> None:
@@ -203,7 +256,7 @@ class RedisSource:
         # ["message", channel, "<namespace> <version>"]
         if isinstance(reply, list) and len(reply) == 3 and reply[0] == b"message":
             ns, _, _ = reply[2].decode(errors="replace").partition(" ")
-            if ns == self.namespace:
+            if ns in (self.namespace, CLUSTER_SCOPE):
                 self._wake.set()
 
     async def _subscribe(self) -> None:
@@ -237,7 +290,8 @@ class RedisSource:
         while True:
             with contextlib.suppress(OSError, TimeoutError, ConnectionClosed, RedisReplyError, StoreUnavailable):
                 conn = await self.nodes.for_key(key)
-                conn.send(encode("HSET", key, self.pod_name, f"{self.enforced_version} {time.time():.0f}"))
+                beat = dataclasses.replace(self.enforcing, at=time.time())
+                conn.send(encode("HSET", key, self.pod_name, beat.encode()))
                 await conn.call("PEXPIRE", key, ttl_ms)
             await asyncio.sleep(self.heartbeat_interval)
 

@@ -44,6 +44,24 @@ def build(style: HeaderStyle, names: tuple[str, ...], limits: tuple[Limit, ...],
     return out
 
 
+LEGACY = ("X-RateLimit-Limit", "X-RateLimit-Remaining", "X-RateLimit-Reset")
+
+
+def merge(a: list[tuple[str, str]], b: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """Headers of a request two policies admitted: the draft fields are lists, so their members
+    are joined; the legacy fields name one bucket, the one with the fewest tokens left."""
+    if not a or not b:
+        return a or b
+    da, db = dict(a), dict(b)
+    out: list[tuple[str, str]] = [(name, ", ".join(h[name] for h in (da, db) if name in h))
+           for name in ("RateLimit-Policy", "RateLimit") if name in da or name in db]
+    legacy = [h for h in (da, db) if "X-RateLimit-Remaining" in h]
+    if legacy:
+        tightest = min(legacy, key=lambda h: int(h["X-RateLimit-Remaining"]))
+        out += [(name, tightest[name]) for name in LEGACY]
+    return out
+
+
 def retry_after(reply: list[int]) -> str:
     """``Retry-After`` in whole seconds, at least 1."""
     return str(max(1, seconds_up(reply[1])))

@@ -3,6 +3,14 @@
 Everything that depends only on the config is computed when the config is loaded
 (:class:`Enforcement`), so a request does string joins and dictionary look-ups, one hash of the
 API key, and one store call.
+
+A pod may be under two policies: its namespace's ``RateLimitPolicy`` (``active``) and a
+``ClusterRateLimitPolicy`` whose budget is shared across namespaces (``shared``). A request must
+then pass both. They have their own clients and hash tags (different Redis Cluster slots), so
+they are two store calls, made in order: the namespace's policy first, the shared budget only if
+it admitted, so a client refused locally never drains the budget it shares with other services.
+(The other way round is not exact: a request the shared budget refuses has still taken its
+namespace-policy tokens; the stricter of the two limits governs either way.)
 """
 
 from __future__ import annotations
@@ -37,21 +45,24 @@ log = logging.getLogger("sluice.limiter")
 class Bucket:
     """A bucket kind of the loaded policy: a tier (or a key's own limit) or a rule."""
 
-    name: str
+    name: str  # tier or rule name (metrics)
+    shown: str  # its name in headers and messages (cluster policies: "<policy>/<name>")
     suffix: str  # appended to the client's hash tag
     limit: Limit
     params: tuple[int, int]  # (em_us, cap_us) for the decision script
     policy_item: str  # its RateLimit-Policy member
 
 
-def _tier_bucket(name: str, limit: Limit) -> Bucket:
+def _tier_bucket(name: str, limit: Limit, prefix: str) -> Bucket:
     em, cap = limit.emission_us, limit.capacity_us
-    return Bucket(name, keyschema.tier_suffix(name, em, cap), limit, (em, cap), hdr.policy_item(name, limit))
+    return Bucket(name, prefix + name, keyschema.tier_suffix(name, em, cap), limit, (em, cap),
+                  hdr.policy_item(prefix + name, limit))
 
 
-def _rule_bucket(name: str, limit: Limit) -> Bucket:
+def _rule_bucket(name: str, limit: Limit, prefix: str) -> Bucket:
     em, cap = limit.emission_us, limit.capacity_us
-    return Bucket(name, keyschema.rule_suffix(name, em, cap), limit, (em, cap), hdr.policy_item(name, limit))
+    return Bucket(name, prefix + name, keyschema.rule_suffix(name, em, cap), limit, (em, cap),
+                  hdr.policy_item(prefix + name, limit))
 
 
 @dataclass
@@ -62,23 +73,29 @@ class Enforcement:
     grants: Mapping[str, KeyGrant]
     version: int
     policy_id: str = field(init=False)
+    label: str = field(init=False)  # the policy label of its metrics
+    _prefix: str = field(init=False, default="")
     tiers: dict[str, Bucket] = field(init=False)
     rules: dict[str, Bucket] = field(init=False)
     _key_buckets: dict[str, Bucket] = field(init=False, default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.policy_id = keyschema.policy_id(self.policy.ref)
-        self.tiers = {t.name: _tier_bucket(t.name, t.limit)
-                      for t in self.policy.tiers.values()}
-        self.rules = {r.name: _rule_bucket(r.name, r.limit)
-                      for r in self.policy.rules if r.limit is not None}
+        p = self.policy
+        self.policy_id = keyschema.policy_id(p.ref)
+        # A cluster policy's buckets are named after it, so that a pod under two policies sends
+        # distinct names in its headers even when both have a "free" tier.
+        self._prefix = f"{p.name}/" if p.cluster_scoped else ""
+        self.label = p.ref if p.cluster_scoped else p.name
+        self.tiers = {t.name: _tier_bucket(t.name, t.limit, self._prefix) for t in p.tiers.values()}
+        self.rules = {r.name: _rule_bucket(r.name, r.limit, self._prefix)
+                      for r in p.rules if r.limit is not None}
 
     def key_bucket(self, digest: str, grant: KeyGrant) -> Bucket:
         """A per-key limit override: the tier's bucket name, the key's own numbers."""
         b = self._key_buckets.get(digest)
         if b is None:
             assert grant.limit is not None
-            b = self._key_buckets[digest] = _tier_bucket(grant.tier, grant.limit)
+            b = self._key_buckets[digest] = _tier_bucket(grant.tier, grant.limit, self._prefix)
         return b
 
 
@@ -102,25 +119,39 @@ class Limiter:
         self.store = store
         self.metrics = metrics
         self.breaker = breaker
-        self.active: Enforcement | None = None
+        self.active: Enforcement | None = None  # the namespace's policy
+        self.shared: Enforcement | None = None  # a cluster policy's shared budget
         self._hist = metrics.decision_seconds.labels(store.name)
 
     def trusts(self, peer: str) -> bool:
-        """Is ``peer`` one of the active policy's trusted proxies?"""
-        act = self.active
+        """Is ``peer`` one of the trusted proxies of the pod's own (first) policy?"""
+        act = self.active or self.shared
         return act is not None and is_trusted(peer, act.policy.identify.trusted_proxies)
 
     async def decide(self, method: str, path: str, headers: Mapping[str, str], peer: str) -> Outcome:
-        act = self.active
-        if act is None:
-            self.metrics.decision("", "", "", "unconfigured")
-            return FORWARD_PLAIN
+        act, shared = self.active, self.shared
+        if shared is None or act is None:
+            one = act or shared
+            if one is None:
+                self.metrics.decision("", "", "", "unconfigured")
+                return FORWARD_PLAIN
+            return await self._decide(one, method, path, headers, peer)
+        first = await self._decide(act, method, path, headers, peer)
+        if first.status:
+            return first
+        second = await self._decide(shared, method, path, headers, peer)
+        if second.status:
+            return second
+        return Outcome(0, hdr.merge(first.headers, second.headers))
+
+    async def _decide(self, act: Enforcement, method: str, path: str, headers: Mapping[str, str],
+                      peer: str) -> Outcome:
         started = time.perf_counter()
         policy = act.policy
         rule = policy.match_rule(method, path)
         rule_name = rule.name if rule is not None else ""
         if rule is not None and rule.skip:
-            self.metrics.decision(policy.name, "", rule_name, "skipped")
+            self.metrics.decision(act.label, "", rule_name, "skipped")
             return FORWARD_PLAIN
 
         ident = policy.identify
@@ -135,7 +166,7 @@ class Limiter:
                 if grant is not None:
                     client = keyschema.client_for_api_key(raw)
         if grant is None and policy.api_keys.required:
-            self.metrics.decision(policy.name, "", rule_name, "unauthorized")
+            self.metrics.decision(act.label, "", rule_name, "unauthorized")
             return Outcome(401, [("WWW-Authenticate", f'ApiKey header="{policy.api_keys.header}"')],
                            policy.name, detail="a valid API key is required" if digest is None
                            else "the API key is not known")
@@ -155,13 +186,13 @@ class Limiter:
         if rule_b is None:
             keys: tuple[str, ...] = (tag + tier_b.suffix,)
             params: tuple[int, ...] = tier_b.params
-            names: tuple[str, ...] = (tier_b.name,)
+            names: tuple[str, ...] = (tier_b.shown,)
             limits: tuple[Limit, ...] = (tier_b.limit,)
             policy_value = tier_b.policy_item
         else:
             keys = (tag + tier_b.suffix, tag + rule_b.suffix)
             params = tier_b.params + rule_b.params
-            names = (tier_b.name, rule_b.name)
+            names = (tier_b.shown, rule_b.shown)
             limits = (tier_b.limit, rule_b.limit)
             policy_value = f"{tier_b.policy_item}, {rule_b.policy_item}"
 
@@ -169,19 +200,19 @@ class Limiter:
         self._hist.observe(time.perf_counter() - started)
         if reply is None:  # store unavailable
             if policy.failure_mode is FailureMode.CLOSED and policy.mode is Mode.ENFORCE:
-                self.metrics.decision(policy.name, tier_b.name, rule_name, "failed_closed")
+                self.metrics.decision(act.label, tier_b.name, rule_name, "failed_closed")
                 return Outcome(503, [("Retry-After", "1")], policy.name, tier_b.name, rule_name,
                                "the rate limiter cannot decide right now")
-            self.metrics.decision(policy.name, tier_b.name, rule_name, "failed_open")
+            self.metrics.decision(act.label, tier_b.name, rule_name, "failed_open")
             return FORWARD_PLAIN
         out_headers = hdr.build(policy.headers, names, limits, policy_value, reply)
         if reply[0] == 1:
-            self.metrics.decision(policy.name, tier_b.name, rule_name, "allowed")
+            self.metrics.decision(act.label, tier_b.name, rule_name, "allowed")
             return Outcome(0, out_headers)
         if policy.mode is Mode.SHADOW:
-            self.metrics.decision(policy.name, tier_b.name, rule_name, "shadow_limited")
+            self.metrics.decision(act.label, tier_b.name, rule_name, "shadow_limited")
             return Outcome(0, out_headers if policy.headers is not HeaderStyle.NONE else [])
-        self.metrics.decision(policy.name, tier_b.name, rule_name, "limited")
+        self.metrics.decision(act.label, tier_b.name, rule_name, "limited")
         out_headers.append(("Retry-After", hdr.retry_after(reply)))
         limiting = _limiting_bucket(names, reply, cost)
         return Outcome(429, out_headers, policy.name, tier_b.name, rule_name,

@@ -77,8 +77,9 @@ class Sidecar:
         self.data_port = 0
         self.admin_port = 0
 
-    def _apply(self, enforcement: Enforcement | None) -> None:
+    def _apply(self, enforcement: Enforcement | None, shared: Enforcement | None) -> None:
         self.limiter.active = enforcement
+        self.limiter.shared = shared
         self.loaded = True
         self.metrics.config_loaded.set(1)
 
@@ -107,10 +108,12 @@ class Sidecar:
         return web.json_response({"status": "ok"})
 
     def components(self) -> dict[str, Any]:
-        act = self.limiter.active
+        act, shared = self.limiter.active, self.limiter.shared
         return {
             "config": {"loaded": self.loaded, "version": act.version if act else 0,
-                       "policy": act.policy.ref if act else None},
+                       "policy": act.policy.ref if act else None,
+                       "clusterVersion": shared.version if shared else 0,
+                       "clusterPolicy": shared.policy.name if shared else None},
             "store": {"kind": self.store.name, "circuit": self.breaker.state.name.lower()},
             "draining": self.draining,
         }
@@ -120,12 +123,16 @@ class Sidecar:
         return web.json_response({"ready": ready, **self.components()}, status=200 if ready else 503)
 
     async def _config(self, request: web.Request) -> web.Response:
-        act = self.limiter.active
+        act, shared = self.limiter.active, self.limiter.shared
         body: dict[str, Any] = self.components()
+        from sluice_core.manifest import to_manifest
+
         if act is not None:
-            from sluice_core.manifest import to_manifest
             body["policy"] = to_manifest(act.policy)
             body["apiKeys"] = len(act.grants)  # how many, never which
+        if shared is not None:
+            body["clusterPolicy"] = to_manifest(shared.policy)
+            body["clusterApiKeys"] = len(shared.grants)
         return web.json_response(body, dumps=lambda o: json.dumps(o, indent=2))
 
     # Lifecycle --------------------------------------------------------------------------
