@@ -18,31 +18,21 @@ before the operator stops, or every later policy write in the session would be r
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
-import re
-import threading
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import kopf
 import pytest
 import yaml
-from kubernetes import config as k8s_config
-from sluice_core import configstore
 from sluice_operator.admission import INJECTED_ANNOTATION, SIDECAR_NAME
-from sluice_operator.handlers import FINALIZER, build_registry
-from sluice_operator.metrics import OperatorMetrics
-from sluice_operator.reconcile import Reconciler
-from sluice_operator.settings import OperatorSettings
+from sluice_operator.handlers import FINALIZER
 from sluice_operator.webhook_config import MUTATING_NAME, VALIDATING_NAME, Endpoint
 from support.control_plane import ControlPlane
 from support.crds import apply_crds
 from support.examples import expectation
+from support.operator_thread import Operator, condition, running_operator, table
 from support.polling import poll
 from support.redis_servers import pick_port
 
@@ -52,21 +42,6 @@ ROOT = Path(__file__).resolve().parents[1]
 CRD_DIR = ROOT / "crds"
 BAD_REGEX = CRD_DIR / "examples" / "bad" / "bad-regex.yaml"
 NS_PREFIX = "sluice-op"
-
-
-def table(out: str) -> list[dict[str, str]]:
-    """Rows of ``kubectl get`` output as {HEADER: cell}; empty cells stay (as '')."""
-    lines = [line for line in out.splitlines() if line.strip()]
-    starts = [m.start() for m in re.finditer(r"\S+", lines[0])]
-    names = lines[0].split()
-    ends = [*starts[1:], None]
-    return [{n: line[a:b].strip() for n, a, b in zip(names, starts, ends, strict=True)}
-            for line in lines[1:]]
-
-
-def condition(obj: dict[str, Any], type_: str) -> dict[str, Any] | None:
-    conds = (obj.get("status") or {}).get("conditions") or []
-    return next((c for c in conds if c.get("type") == type_), None)
 
 
 def policy_yaml(name: str, ns: str, *, requests: int = 10, mode: str = "enforce",
@@ -79,68 +54,6 @@ def policy_yaml(name: str, ns: str, *, requests: int = 10, mode: str = "enforce"
                  "rules": [{"name": "search", "match": {"path": {"prefix": rule_path}},
                             "cost": 2}]},
     })
-
-
-# ---------------------------------------------------------------------------------------------
-# the operator in a thread, logged in to the real API server
-
-
-@dataclass
-class Operator:
-    cp: ControlPlane
-    redis: Any
-    settings: OperatorSettings
-    thread: threading.Thread
-
-    def config(self, ns: str) -> Any:
-        return configstore.read(self.redis, ns)
-
-    def rlp(self, ns: str, name: str) -> dict[str, Any] | None:
-        res = self.cp.kubectl("get", "rlp", name, "-n", ns, "-o", "json", check=False)
-        if res.returncode != 0:
-            assert "NotFound" in res.stderr, res.stderr
-            return None
-        return dict(json.loads(res.stdout))
-
-
-@contextlib.contextmanager
-def running_operator(cp: ControlPlane, redis_server: Any, **settings_kw: Any) -> Iterator[Operator]:
-    """kopf in its own thread and loop (see ../shared/TESTING.md), logged in to the real API
-    server with the admin client certificate, serving the ``sluice-op-*`` namespaces."""
-    client = configstore.connect(redis_server.url)
-    settings = OperatorSettings(redis=redis_server.url, resync_interval_s=2.0,
-                                heartbeat_stale_s=30, **settings_kw)
-    registry = build_registry(
-        settings, Reconciler(client, OperatorMetrics()),
-        api_client=lambda: k8s_config.new_client_from_config(  # type: ignore[no-untyped-call]
-            config_file=str(cp.kubeconfig)))
-
-    @kopf.on.login(registry=registry)
-    def login(**_: Any) -> kopf.ConnectionInfo:
-        return kopf.ConnectionInfo(server=cp.server, ca_path=str(cp.ca_cert),
-                                   certificate_path=str(cp.client_cert),
-                                   private_key_path=str(cp.client_key))
-
-    stop, ready = threading.Event(), threading.Event()
-    errors: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            asyncio.run(kopf.operator(registry=registry, namespaces=[f"{NS_PREFIX}-*"],
-                                      standalone=True, stop_flag=stop, ready_flag=ready))
-        except BaseException as exc:  # reported by the fixture, not lost in the thread
-            errors.append(exc)
-
-    thread = threading.Thread(target=run, name="sluice-operator", daemon=True)
-    thread.start()
-    try:
-        poll(lambda: ready.is_set() or errors, "operator ready")
-        assert not errors, f"the operator failed to start: {errors[0]!r}"
-        yield Operator(cp, client, settings, thread)
-    finally:
-        stop.set()
-        thread.join(20)
-        assert not thread.is_alive(), "the operator thread did not stop within 20 s"
 
 
 @pytest.fixture(scope="module")
@@ -165,7 +78,7 @@ def namespace(k8s: ControlPlane) -> Iterator[str]:
 @pytest.fixture(scope="class")
 def operator(k8s: ControlPlane, redis_server: Any) -> Iterator[Operator]:
     """The operator without webhooks."""
-    with running_operator(k8s, redis_server) as op:
+    with running_operator(k8s, redis_server, f"{NS_PREFIX}-*") as op:
         yield op
 
 
@@ -176,7 +89,7 @@ def webhook_operator(k8s: ControlPlane, redis_server: Any,
     port = pick_port()
     try:
         with running_operator(
-                k8s, redis_server, webhook_listen=f"127.0.0.1:{port}",
+                k8s, redis_server, f"{NS_PREFIX}-*", webhook_listen=f"127.0.0.1:{port}",
                 webhook_endpoint=Endpoint(url=f"https://127.0.0.1:{port}"),
                 webhook_dns_names=("localhost",), webhook_ips=("127.0.0.1",),
                 webhook_cert_dir=str(tmp_path_factory.mktemp("webhook-certs")),

@@ -1,0 +1,105 @@
+"""The operator (kopf) in a thread of the test process, logged in to the real API server
+(tests/support/control_plane.py) with the admin client certificate; helpers to read what
+``kubectl`` shows."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import re
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import kopf
+from kubernetes import config as k8s_config
+from sluice_core import configstore
+from sluice_operator.handlers import build_registry
+from sluice_operator.metrics import OperatorMetrics
+from sluice_operator.reconcile import Reconciler
+from sluice_operator.settings import OperatorSettings
+
+from support.control_plane import ControlPlane
+from support.polling import poll
+
+
+def table(out: str) -> list[dict[str, str]]:
+    """Rows of ``kubectl get`` output as {HEADER: cell}; empty cells stay (as '')."""
+    lines = [line for line in out.splitlines() if line.strip()]
+    starts = [m.start() for m in re.finditer(r"\S+", lines[0])]
+    names = lines[0].split()
+    ends = [*starts[1:], None]
+    return [{n: line[a:b].strip() for n, a, b in zip(names, starts, ends, strict=True)}
+            for line in lines[1:]]
+
+
+def condition(obj: dict[str, Any], type_: str) -> dict[str, Any] | None:
+    conds = (obj.get("status") or {}).get("conditions") or []
+    return next((c for c in conds if c.get("type") == type_), None)
+
+
+
+@dataclass
+class Operator:
+    cp: ControlPlane
+    redis: Any
+    settings: OperatorSettings
+    thread: threading.Thread
+
+    def config(self, ns: str) -> Any:
+        return configstore.read(self.redis, ns)
+
+    def get(self, kind: str, name: str, ns: str | None = None) -> dict[str, Any] | None:
+        where = ["-n", ns] if ns else []
+        res = self.cp.kubectl("get", kind, name, *where, "-o", "json", check=False)
+        if res.returncode != 0:
+            assert "NotFound" in res.stderr, res.stderr
+            return None
+        return dict(json.loads(res.stdout))
+
+    def rlp(self, ns: str, name: str) -> dict[str, Any] | None:
+        return self.get("rlp", name, ns)
+
+
+@contextlib.contextmanager
+def running_operator(cp: ControlPlane, redis_server: Any, namespaces: str,
+                     **settings_kw: Any) -> Iterator[Operator]:
+    """kopf in its own thread and loop (see ../shared/TESTING.md), serving the namespaced
+    policies of the namespaces matching the kopf pattern ``namespaces`` only, so that other
+    test files' policies are left alone."""
+    client = configstore.connect(redis_server.url)
+    settings = OperatorSettings(redis=redis_server.url, resync_interval_s=2.0,
+                                heartbeat_stale_s=30, **settings_kw)
+    registry = build_registry(
+        settings, Reconciler(client, OperatorMetrics()),
+        api_client=lambda: k8s_config.new_client_from_config(  # type: ignore[no-untyped-call]
+            config_file=str(cp.kubeconfig)))
+
+    @kopf.on.login(registry=registry)
+    def login(**_: Any) -> kopf.ConnectionInfo:
+        return kopf.ConnectionInfo(server=cp.server, ca_path=str(cp.ca_cert),
+                                   certificate_path=str(cp.client_cert),
+                                   private_key_path=str(cp.client_key))
+
+    stop, ready = threading.Event(), threading.Event()
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            asyncio.run(kopf.operator(registry=registry, namespaces=[namespaces],
+                                      standalone=True, stop_flag=stop, ready_flag=ready))
+        except BaseException as exc:  # reported by the fixture, not lost in the thread
+            errors.append(exc)
+
+    thread = threading.Thread(target=run, name="sluice-operator", daemon=True)
+    thread.start()
+    try:
+        poll(lambda: ready.is_set() or errors, "operator ready")
+        assert not errors, f"the operator failed to start: {errors[0]!r}"
+        yield Operator(cp, client, settings, thread)
+    finally:
+        stop.set()
+        thread.join(20)
+        assert not thread.is_alive(), "the operator thread did not stop within 20 s"
