@@ -10,7 +10,8 @@ from typing import Any
 
 import pytest
 from kubernetes import client
-from sluice_core.model import API_VERSION, KIND
+from sluice_core.keyschema import hash_api_key
+from sluice_core.model import API_VERSION, CLUSTER_KIND, KIND
 from sluice_core.parse import parse_policy
 from sluice_operator import keys_cli
 from sluice_operator.keysecrets import grants_for
@@ -88,3 +89,26 @@ async def test_bad_limit_creates_nothing(api: Any, kmock: Any) -> None:
                                       "--limit", "lots")
     assert code == 1
     assert not stored_secrets(kmock)
+
+
+async def test_cluster_policy_keys_live_in_the_cluster_keys_namespace(api: Any, kmock: Any) -> None:
+    policy = parse_policy({"apiVersion": API_VERSION, "kind": CLUSTER_KIND, "metadata": {"name": "partners"},
+                           "spec": {"tiers": [{"name": "partner", "requests": 5, "period": "1m"}]}})
+    code, out = await asyncio.to_thread(run, api, "create", "--cluster-policy", "partners",
+                                        "--tier", "partner")
+    assert code == 0, out
+    assert "created secret sluice-system/" in out and "for cluster policy partners" in out
+    key = out.split("store it now): ")[1].strip()
+    (secret,) = stored_secrets(kmock)
+    assert secret["metadata"]["namespace"] == "sluice-system"
+    assert secret["metadata"]["labels"]["sluice.dev/cluster-policy"] == "partners"
+    assert "sluice.dev/policy" not in secret["metadata"]["labels"]
+    grants, problems, _ = grants_for(policy, [secret])
+    assert list(grants) == [hash_api_key(key)] and not problems
+    name = secret["metadata"]["name"]
+    code, out = await asyncio.to_thread(run, api, "rotate", name, "-n", "sluice-system")
+    assert code == 0, out
+    new = [s for s in stored_secrets(kmock) if s["metadata"]["name"] != name]
+    assert [s["metadata"]["labels"]["sluice.dev/cluster-policy"] for s in new] == ["partners"]
+    code, out = await asyncio.to_thread(run, api, "list", "-n", "sluice-system")
+    assert code == 0 and out.count("cluster/partners") == 2, out

@@ -2,7 +2,9 @@
 
 - ``create --policy P --tier T [-n NS] [--limit 100/1m] [--expires-at RFC3339]``: a Secret with a
   fresh key (256 bits from the OS CSPRNG, ``sk_<tier>_`` prefix), printed once and never again.
-- ``list [--policy P] [-n NS]``: names, tiers, state — never the keys.
+  ``--cluster-policy P`` instead: a key of a ClusterRateLimitPolicy, kept in the operator's
+  cluster-keys namespace (``-n``, default ``sluice-system``).
+- ``list [--policy P | --cluster-policy P] [-n NS]``: names, tiers, state — never the keys.
 - ``revoke NAME [-n NS]``: ``disabled: "true"``; the Secret (the audit trail) stays.
 - ``rotate NAME [-n NS] [--grace 1h]``: a new key for the same policy and tier; the old one is
   revoked at once, or expires after the grace period.
@@ -19,7 +21,7 @@ from typing import Any
 
 from sluice_core.duration import parse_duration_us
 
-from sluice_operator.keysecrets import POLICY_LABEL, parse_limit
+from sluice_operator.keysecrets import CLUSTER_POLICY_LABEL, POLICY_LABEL, parse_limit
 from sluice_operator.kube import default_api_client
 
 KEY_LABEL = "sluice.dev/api-key"
@@ -39,14 +41,15 @@ def _unb64(data: dict[str, str] | None, name: str) -> str | None:
 
 
 def secret_manifest(namespace: str, policy: str, tier: str, key: str, *, limit: str | None = None,
-                    expires_at: str | None = None, name: str | None = None) -> dict[str, Any]:
+                    expires_at: str | None = None, name: str | None = None,
+                    label: str = POLICY_LABEL) -> dict[str, Any]:
     data = {"key": key, "tier": tier}
     if limit:
         parse_limit(limit)  # refuse a bad limit before anything is created
         data["limit"] = limit
     if expires_at:
         data["expiresAt"] = expires_at
-    meta: dict[str, Any] = {"namespace": namespace, "labels": {POLICY_LABEL: policy, KEY_LABEL: "true"}}
+    meta: dict[str, Any] = {"namespace": namespace, "labels": {label: policy, KEY_LABEL: "true"}}
     meta["name"] = name or f"{policy}-{tier}-{secrets.token_hex(3)}"
     return {"apiVersion": "v1", "kind": "Secret", "type": "Opaque", "metadata": meta,
             "data": {k: _b64(v) for k, v in data.items()}}
@@ -55,19 +58,24 @@ def secret_manifest(namespace: str, policy: str, tier: str, key: str, *, limit: 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="action", required=True)
     c = sub.add_parser("create", help="create a key Secret and print the key once")
-    c.add_argument("--policy", required=True)
+    which = c.add_mutually_exclusive_group(required=True)
+    which.add_argument("--policy", help="a RateLimitPolicy in -n")
+    which.add_argument("--cluster-policy", help="a ClusterRateLimitPolicy (-n: the operator's "
+                                                "cluster-keys namespace, default sluice-system)")
     c.add_argument("--tier", required=True)
     c.add_argument("--limit", help="this key's own limit, <requests>/<period>[/<burst>]")
     c.add_argument("--expires-at", help="RFC 3339 time the key stops working")
     ls = sub.add_parser("list", help="list key Secrets (never the keys)")
-    ls.add_argument("--policy")
+    lwhich = ls.add_mutually_exclusive_group()
+    lwhich.add_argument("--policy")
+    lwhich.add_argument("--cluster-policy")
     r = sub.add_parser("revoke", help="disable a key, keeping its Secret")
     r.add_argument("name")
     ro = sub.add_parser("rotate", help="issue a new key for the same policy and tier")
     ro.add_argument("name")
     ro.add_argument("--grace", help="keep the old key working this long (e.g. 1h); default: revoke now")
     for p in (c, ls, r, ro):
-        p.add_argument("-n", "--namespace", default="default")
+        p.add_argument("-n", "--namespace", help="default: default (sluice-system with --cluster-policy)")
 
 
 def _api() -> Any:
@@ -80,35 +88,46 @@ def run(args: argparse.Namespace, api: Any = None) -> int:
     from kubernetes.client.exceptions import ApiException
 
     api = api or _api()
-    ns = args.namespace
+    cluster_policy = getattr(args, "cluster_policy", None)
+    ns = args.namespace or ("sluice-system" if cluster_policy else "default")
+    label = CLUSTER_POLICY_LABEL if cluster_policy else POLICY_LABEL
+    policy: str = cluster_policy or getattr(args, "policy", None) or ""
     try:
         if args.action == "create":
             key = new_key(args.tier)
-            body = secret_manifest(ns, args.policy, args.tier, key, limit=args.limit,
-                                   expires_at=args.expires_at)
+            body = secret_manifest(ns, policy, args.tier, key, limit=args.limit,
+                                   expires_at=args.expires_at, label=label)
             made = api.create_namespaced_secret(ns, body)
-            print(f"created secret {ns}/{made.metadata.name} for policy {args.policy}, tier {args.tier}")
+            kind = "cluster policy" if cluster_policy else "policy"
+            print(f"created secret {ns}/{made.metadata.name} for {kind} {policy}, tier {args.tier}")
             print(f"API key (shown once, store it now): {key}")
         elif args.action == "list":
-            selector = f"{POLICY_LABEL}={args.policy}" if args.policy else POLICY_LABEL
-            items = api.list_namespaced_secret(ns, label_selector=selector).items
-            print(f"{'NAME':40} {'POLICY':20} {'TIER':12} {'STATE':10} EXPIRES")
+            # Label selectors cannot OR: without a policy, list both kinds of key Secret.
+            selectors = ([f"{label}={policy}"] if policy else [POLICY_LABEL, CLUSTER_POLICY_LABEL])
+            found = {s.metadata.name: s for sel in selectors
+                     for s in api.list_namespaced_secret(ns, label_selector=sel).items}
+            items = [found[n] for n in sorted(found)]
+            print(f"{'NAME':40} {'POLICY':28} {'TIER':12} {'STATE':10} EXPIRES")
             for s in items:
                 data = s.data or {}
                 state = "revoked" if (_unb64(data, "disabled") or "").lower() == "true" else "active"
-                print(f"{s.metadata.name:40} {s.metadata.labels.get(POLICY_LABEL, ''):20} "
+                labels = s.metadata.labels or {}
+                owner = labels.get(POLICY_LABEL) or f"cluster/{labels.get(CLUSTER_POLICY_LABEL, '')}"
+                print(f"{s.metadata.name:40} {owner:28} "
                       f"{_unb64(data, 'tier') or '?':12} {state:10} {_unb64(data, 'expiresAt') or '-'}")
         elif args.action == "revoke":
             api.patch_namespaced_secret(args.name, ns, {"data": {"disabled": _b64("true")}})
             print(f"revoked {ns}/{args.name} (the Secret is kept)")
         elif args.action == "rotate":
             old = api.read_namespaced_secret(args.name, ns)
-            policy = old.metadata.labels[POLICY_LABEL]
+            old_labels = old.metadata.labels or {}
+            label = CLUSTER_POLICY_LABEL if CLUSTER_POLICY_LABEL in old_labels else POLICY_LABEL
+            policy = old_labels[label]
             tier = _unb64(old.data, "tier") or ""
             key = new_key(tier)
             made = api.create_namespaced_secret(ns, secret_manifest(
                 ns, policy, tier, key, limit=_unb64(old.data, "limit"),
-                expires_at=_unb64(old.data, "expiresAt")))
+                expires_at=_unb64(old.data, "expiresAt"), label=label))
             if args.grace:
                 until = dt.datetime.now(dt.UTC) + dt.timedelta(microseconds=parse_duration_us(args.grace))
                 patch = {"data": {"expiresAt": _b64(until.strftime("%Y-%m-%dT%H:%M:%SZ"))}}
