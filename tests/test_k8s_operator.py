@@ -183,7 +183,8 @@ class TestWithoutWebhooks:
         res = cp.kubectl("delete", "rlp", "api", "-n", ns, "--timeout=30s")
         assert "deleted" in res.stdout, res
         assert operator.rlp(ns, "api") is None
-        poll(lambda: operator.config(ns) is None, "config removed from Redis")
+        poll(lambda: (c := operator.config(ns)) is not None and not c.policies,
+             "an empty config (sidecars stop limiting) in Redis")
 
     def test_invalid_update_keeps_last_good_config_and_posts_event(
             self, operator: Operator, namespace: str) -> None:

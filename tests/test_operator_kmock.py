@@ -94,6 +94,18 @@ async def eventually(probe: Callable[[], Any], what: str, timeout: float = 15.0)
     raise AssertionError(f"timed out waiting for {what}; last: {last!r}")
 
 
+async def eventually_async(probe: Callable[[], Any], what: str, timeout: float = 15.0) -> Any:
+    """:func:`eventually` for a coroutine ``probe``."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    last: Any = None
+    while asyncio.get_running_loop().time() < deadline:
+        last = await probe()
+        if last:
+            return last
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}; last: {last!r}")
+
+
 def condition(status: dict[str, Any], type_: str) -> dict[str, Any] | None:
     return next((c for c in status.get("conditions", []) if c["type"] == type_), None)
 
@@ -164,7 +176,8 @@ async def test_policy_lifecycle_create_update_delete(env: Env) -> None:
     assert cfg.policies[0].tiers["free"].limit.requests == 20
 
     await env.delete(env.rlp_path("api"))
-    await eventually(lambda: env.config() is None, "config removed on delete")
+    await eventually(lambda: (c := env.config()) is not None and not c.policies,
+                     "an empty config (sidecars stop limiting) on delete")
     text = generate_latest(env.metrics.registry).decode()
     assert 'sluice_operator_reconciles_total{result="ok"}' in text
     assert "sluice_operator_config_pushes_total" in text
@@ -236,6 +249,15 @@ async def test_contract_operator_to_sidecar_process_to_status(env: Env, tmp_path
             lambda: (s := env.status("api")).get("enforcedSidecars") == 1 and s, "Enforced: 1")
         assert status["configVersion"] == cfg.version
         assert condition(status, "Enforced")["status"] == "True"
+        # The policy deleted: the sidecar stops limiting (it would keep its last good config
+        # if the document were merely missing, as after a Redis restart).
+        await env.delete(env.rlp_path("api"))
+
+        async def unlimited() -> bool:
+            replies = [await asyncio.to_thread(http_get, sidecar.url + "/") for _ in range(3)]
+            return all(code == 200 for code, _ in replies)
+
+        await eventually_async(unlimited, "the sidecar to stop limiting")
     finally:
         await asyncio.to_thread(sidecar.close)
         await asyncio.to_thread(up.close)

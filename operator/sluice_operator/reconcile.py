@@ -138,13 +138,13 @@ class Reconciler:
             for name, names in scopes.items():
                 out.results[name].scope = names
         try:
-            if not live:
-                if stored is not None:
-                    await asyncio.to_thread(configstore.delete, self.redis, namespace)
-                    out.pushed = True
+            # The last policy gone leaves an empty document, not none: a missing document means
+            # Redis lost it (sidecars then keep their last good config), an empty one means
+            # "enforce nothing here" and they stop limiting.
+            doc = configdoc.build_doc(namespace, list(live.values()), grants, scopes)
+            if stored is None and not live:
                 out.programmed = True
                 return out
-            doc = configdoc.build_doc(namespace, list(live.values()), grants, scopes)
             if stored is not None and stored[1] == doc:
                 out.version = stored[0]
             else:
@@ -153,7 +153,7 @@ class Reconciler:
                                                       min_version=floor)
                 out.pushed = True
                 log.info("namespace %s: config version %s (%s)", namespace, out.version,
-                         ", ".join(sorted(live)))
+                         ", ".join(sorted(live)) or "no policies")
             self._known_version[namespace] = out.version
             out.programmed = True
         except configstore.ConfigStoreError as exc:
