@@ -573,6 +573,18 @@ def test_warnings_for_a_suspicious_but_valid_policy() -> None:
     assert all(len(w) <= 256 for w in warnings)
 
 
+def test_cluster_policy_for_every_pod_of_every_namespace_is_warned_about() -> None:
+    crlp = {"apiVersion": "sluice.dev/v1alpha1", "kind": "ClusterRateLimitPolicy",
+            "metadata": {"name": "everything"},
+            "spec": {"tiers": [{"name": "free", "requests": 100, "period": "1m"}]}}
+    response = review_policy(policy_review(crlp))["response"]
+    assert response["allowed"] is True
+    assert response["warnings"] == ["spec.namespaceSelector and spec.selector are empty: every "
+                                    "injected pod of every namespace shares this one budget"]
+    crlp["spec"]["namespaceSelector"] = {"matchLabels": {"team": "partners"}}
+    assert "warnings" not in review_policy(policy_review(crlp))["response"]
+
+
 def test_sensible_policy_has_no_warnings() -> None:
     response = review_policy(policy_review(yaml.safe_load((EXAMPLES / "public-api.yaml").read_text())))
     assert "warnings" not in response["response"]

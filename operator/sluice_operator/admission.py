@@ -225,6 +225,9 @@ def policy_warnings(policy: CompiledPolicy, spec: Mapping[str, Any]) -> list[str
     if not policy.cluster_scoped and not spec.get("selector"):
         warnings.append(f"spec.selector is empty: this policy applies to every injected pod in "
                         f"namespace {policy.namespace!r}")
+    if policy.cluster_scoped and not spec.get("namespaceSelector") and not spec.get("selector"):
+        warnings.append("spec.namespaceSelector and spec.selector are empty: every injected pod of "
+                        "every namespace shares this one budget")
     return warnings
 
 
