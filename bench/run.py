@@ -281,6 +281,7 @@ def main() -> int:
         express = _start_express(procs, upstream, redis.url)
         s_redis_url, s_redis_pid = sidecar("redis")
         s_mem_url, s_mem_pid = sidecar("memory")
+        layered_url, layered_pid = _layered_sidecar(procs, tmp, upstream, redis)
 
         print("measuring (wrk -t1 -c50, 16 API keys, nothing refused) ...", flush=True)
         direct = measure("upstream directly", upstream + "/", up.pid, None, args.seconds, load_script)
@@ -295,6 +296,10 @@ def main() -> int:
                                args.seconds, load_script))
         results.append(measure("Sluice sidecar, in-memory store", s_mem_url, s_mem_pid, None,
                                args.seconds, load_script))
+        results.append(measure("Sluice sidecar, namespace + cluster policy (2 decisions)", layered_url,
+                               layered_pid, redis, args.seconds, load_script))
+        results[-1].notes.append("2 decisions per request: Redis columns are per request, "
+                                 "runs carry decisions")
         print("measuring added latency at a moderate fixed load (wrk -c10, 10 ms pause per request) ...", flush=True)
         paced_direct = wrk(upstream + "/", args.seconds, 10, paced_script)
         paced_sidecar = wrk(s_redis_url, args.seconds, 10, paced_script)
@@ -357,6 +362,34 @@ def main() -> int:
     out.write_text(text)
     print(f"\nwritten to {out}")
     return 0
+
+
+def _layered_sidecar(procs: Procs, tmp: Path, upstream: str, redis: RedisServer) -> tuple[str, int]:
+    """A sidecar in cluster mode whose pod is under the bench policy and a ClusterRateLimitPolicy
+    with the same keys: every request is two decisions (two script calls, in order)."""
+    from sluice_core import configdoc, configstore, keyschema
+    from sluice_core.model import CLUSTER_SCOPE, KeyGrant
+    from sluice_core.policyfile import load_policies
+
+    policy_file = tmp / "layered.yaml"
+    policy_file.write_text(POLICY.replace("metadata: {name: bench}", "metadata: {name: bench, namespace: bench}")
+                           + "---\n" + POLICY.replace("kind: RateLimitPolicy", "kind: ClusterRateLimitPolicy")
+                           .replace("metadata: {name: bench}", "metadata: {name: shared}"))
+    own, shared = load_policies(str(policy_file))
+    grants = {keyschema.hash_api_key(k): KeyGrant(tier="pro") for k in KEYS}
+    client = configstore.connect(redis.url)
+    configstore.publish(client, "bench", configdoc.build_doc("bench", [own], {own.name: grants}))
+    configstore.publish(client, CLUSTER_SCOPE, configdoc.build_doc(
+        CLUSTER_SCOPE, [shared], {shared.name: grants}, {shared.name: ["bench"]}))
+    labels = tmp / "labels"
+    labels.write_text('app="bench"\n')
+    port, admin = pick_port(), pick_port()
+    p = procs.start(sys.executable, "-m", "sluice_core.cli", "sidecar", "--upstream", upstream,
+                    "--listen", f"127.0.0.1:{port}", "--admin-listen", f"127.0.0.1:{admin}",
+                    "--redis", redis.url, "--namespace", "bench", "--pod-labels", str(labels),
+                    "--log-level", "warning", "--redis-timeout-ms", "1000")
+    wait_http(f"http://127.0.0.1:{admin}/readyz")
+    return f"http://127.0.0.1:{port}/", p.pid
 
 
 def _start_express(procs: Procs, upstream: str, redis_url: str) -> tuple[str, int] | None:
