@@ -24,9 +24,9 @@ import yaml
 from sluice_core import keyschema
 from sluice_core.model import CLUSTER_SCOPE
 from sluice_operator.handlers import FINALIZER
-from support.control_plane import ControlPlane
+from support.control_plane import ControlPlane, table
 from support.crds import apply_crds
-from support.operator_thread import Operator, condition, running_operator, table
+from support.operator_thread import Operator, condition, running_operator
 from support.polling import poll
 from support.processes import SidecarProcess, UpstreamProcess, http_get
 

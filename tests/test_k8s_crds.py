@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 import yaml
-from support.control_plane import ControlPlane
+from support.control_plane import ControlPlane, table
 from support.crds import apply_crds
 from support.examples import expectation
 from support.polling import poll
@@ -37,16 +37,6 @@ BAD = sorted((EXAMPLES / "bad").glob("*.yaml"))
 
 def squash(text: str) -> str:
     return " ".join(text.split())
-
-
-def table(out: str) -> list[dict[str, str]]:
-    """Rows of ``kubectl get`` output as {HEADER: cell}; empty cells stay (as '')."""
-    lines = [line for line in out.splitlines() if line.strip()]
-    starts = [m.start() for m in re.finditer(r"\S+", lines[0])]
-    names = lines[0].split()
-    ends = [*starts[1:], None]
-    return [{n: line[a:b].strip() for n, a, b in zip(names, starts, ends, strict=True)}
-            for line in lines[1:]]
 
 
 def new_namespace(cp: ControlPlane, prefix: str) -> str:
@@ -168,7 +158,7 @@ def test_good_examples_apply_and_print_columns(k8s: ControlPlane) -> None:
         assert rows["orders-internal"]["NAMESPACE"] == "shop"
 
         crlp = k8s.kubectl("get", "crlp").stdout
-        assert crlp.splitlines()[0].split() == ["NAME", "MODE", "TIERS", "PROGRAMMED",
+        assert crlp.splitlines()[0].split() == ["NAME", "MODE", "TIERS", "NAMESPACES", "PROGRAMMED",
                                                 "ENFORCED", "AGE"], crlp
         assert [r["NAME"] for r in table(crlp)] == ["shared-partner-budget"]
 

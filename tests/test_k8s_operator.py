@@ -29,10 +29,10 @@ import yaml
 from sluice_operator.admission import INJECTED_ANNOTATION, SIDECAR_NAME
 from sluice_operator.handlers import FINALIZER
 from sluice_operator.webhook_config import MUTATING_NAME, VALIDATING_NAME, Endpoint
-from support.control_plane import ControlPlane
+from support.control_plane import ControlPlane, table
 from support.crds import apply_crds
 from support.examples import expectation
-from support.operator_thread import Operator, condition, running_operator, table
+from support.operator_thread import Operator, condition, running_operator
 from support.polling import poll
 from support.redis_servers import pick_port
 

@@ -30,6 +30,7 @@ import datetime
 import ipaddress
 import json
 import os
+import re
 import shutil
 import signal
 import ssl
@@ -500,3 +501,13 @@ if __name__ == "__main__":  # manual smoke test: cd tests && python -m support.c
     with ControlPlane() as cp:
         print(cp, cp.timings)
         print(cp.kubectl("get", "ns").stdout)
+
+
+def table(out: str) -> list[dict[str, str]]:
+    """Rows of ``kubectl get`` output as {HEADER: cell}; empty cells stay (as '')."""
+    lines = [line for line in out.splitlines() if line.strip()]
+    starts = [m.start() for m in re.finditer(r"\S+", lines[0])]
+    names = lines[0].split()
+    ends = [*starts[1:], None]
+    return [{n: line[a:b].strip() for n, a, b in zip(names, starts, ends, strict=True)}
+            for line in lines[1:]]

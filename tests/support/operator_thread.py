@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import re
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -23,16 +22,6 @@ from sluice_operator.settings import OperatorSettings
 
 from support.control_plane import ControlPlane
 from support.polling import poll
-
-
-def table(out: str) -> list[dict[str, str]]:
-    """Rows of ``kubectl get`` output as {HEADER: cell}; empty cells stay (as '')."""
-    lines = [line for line in out.splitlines() if line.strip()]
-    starts = [m.start() for m in re.finditer(r"\S+", lines[0])]
-    names = lines[0].split()
-    ends = [*starts[1:], None]
-    return [{n: line[a:b].strip() for n, a, b in zip(names, starts, ends, strict=True)}
-            for line in lines[1:]]
 
 
 def condition(obj: dict[str, Any], type_: str) -> dict[str, Any] | None:
