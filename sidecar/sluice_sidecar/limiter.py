@@ -6,11 +6,13 @@ API key, and one store call.
 
 A pod may be under two policies: its namespace's ``RateLimitPolicy`` (``active``) and a
 ``ClusterRateLimitPolicy`` whose budget is shared across namespaces (``shared``). A request must
-then pass both. They have their own clients and hash tags (different Redis Cluster slots), so
-they are two store calls, made in order: the namespace's policy first, the shared budget only if
-it admitted, so a client refused locally never drains the budget it shares with other services.
-(The other way round is not exact: a request the shared budget refuses has still taken its
-namespace-policy tokens; the stricter of the two limits governs either way.)
+then pass both. Where one store call can hold both policies' buckets (a single Redis or
+Sentinel, the in-memory store) it is one call, all-or-nothing across both. On a Redis Cluster
+their hash tags (clients, policy ids) land in different slots, so they are two calls in order:
+the namespace's policy first, the shared budget only if it admitted, so a client refused
+locally never drains the budget it shares with other services; a request the shared budget then
+refuses has still taken its namespace-policy tokens (the stricter limit governs either way).
+A shadow policy is always asked on its own, so that it never holds the other back.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from sluice_core import keyschema
+from sluice_core.gcra import expand
 from sluice_core.model import (
     CompiledPolicy,
     FailureMode,
@@ -99,6 +102,31 @@ class Enforcement:
         return b
 
 
+@dataclass(frozen=True, slots=True)
+class _Plan:
+    """One policy's part of a request: the buckets to take ``cost`` tokens from."""
+
+    act: Enforcement
+    rule_name: str
+    tier_b: Bucket
+    cost: int
+    keys: tuple[str, ...]
+    params: tuple[int, ...]
+    names: tuple[str, ...]
+    limits: tuple[Limit, ...]
+    policy_value: str
+
+
+def _scaled(plan: _Plan) -> tuple[int, ...]:
+    """``(cost x EM, CAP)`` per bucket: the plan's buckets as a cost-1 decision."""
+    p = plan.params
+    return tuple(x for i in range(0, len(p), 2) for x in (plan.cost * p[i], p[i + 1]))
+
+
+def _has_room(reply: list[int], cost: int) -> bool:
+    return all(reply[2 + 3 * i] >= cost for i in range((len(reply) - 2) // 3))
+
+
 @dataclass(slots=True)
 class Outcome:
     """What to do with a request: forward it (``status`` 0) or answer ``status`` now."""
@@ -135,18 +163,61 @@ class Limiter:
             if one is None:
                 self.metrics.decision("", "", "", "unconfigured")
                 return FORWARD_PLAIN
-            return await self._decide(one, method, path, headers, peer)
-        first = await self._decide(act, method, path, headers, peer)
-        if first.status:
-            return first
-        second = await self._decide(shared, method, path, headers, peer)
-        if second.status:
-            return second
-        return Outcome(0, hdr.merge(first.headers, second.headers))
+            plan = self._plan(one, method, path, headers, peer)
+            if isinstance(plan, Outcome):
+                return plan
+            return self._finish(plan, await self._ask(plan.keys, plan.cost, plan.params))
+        return await self._decide_both(self._plan(act, method, path, headers, peer),
+                                       self._plan(shared, method, path, headers, peer))
 
-    async def _decide(self, act: Enforcement, method: str, path: str, headers: Mapping[str, str],
-                      peer: str) -> Outcome:
-        started = time.perf_counter()
+    async def _decide_both(self, first: _Plan | Outcome, second: _Plan | Outcome) -> Outcome:
+        """A pod under its namespace's policy and a cluster policy: the request must pass both."""
+        if isinstance(first, Outcome) or isinstance(second, Outcome):
+            if isinstance(first, Outcome) and first.status:
+                return first  # 401 by the namespace's policy
+            if isinstance(second, Outcome) and second.status:
+                return second  # 401 by the cluster policy: nothing was taken
+            plan = first if isinstance(first, _Plan) else second
+            if not isinstance(plan, _Plan):
+                return FORWARD_PLAIN  # both skip
+            return self._finish(plan, await self._ask(plan.keys, plan.cost, plan.params))
+        keys = first.keys + second.keys
+        shadow = Mode.SHADOW in (first.act.policy.mode, second.act.policy.mode)
+        if not shadow and self.store.atomic(keys):
+            return await self._decide_atomically(first, second, keys)
+        # Two calls (different Redis Cluster slots, or a shadow policy, which must not hold the
+        # other back): the namespace's policy first, the shared budget only if it admitted.
+        one = self._finish(first, await self._ask(first.keys, first.cost, first.params))
+        if one.status:
+            return one
+        two = self._finish(second, await self._ask(second.keys, second.cost, second.params))
+        if two.status:
+            return two
+        return Outcome(0, hdr.merge(one.headers, two.headers))
+
+    async def _decide_atomically(self, first: _Plan, second: _Plan, keys: tuple[str, ...]) -> Outcome:
+        """Both policies' buckets in one script call, all-or-nothing. Each bucket's cost is
+        folded into its EM (the script only ever uses cost x EM), so one call serves two costs;
+        each policy's reply is then rebuilt from the debts with its own cost and EM."""
+        params = _scaled(first) + _scaled(second)
+        reply = await self._ask(keys, 1, params)
+        if reply is None:
+            one, two = self._finish(first, None), self._finish(second, None)
+            return one if one.status else two if two.status else FORWARD_PLAIN
+        allowed, n = reply[0], len(first.keys)
+        debts = reply[4::3]
+        r1 = expand(allowed, debts[:n], first.cost, first.params)
+        r2 = expand(allowed, debts[n:], second.cost, second.params)
+        if allowed:
+            one, two = self._finish(first, r1), self._finish(second, r2)
+            return Outcome(0, hdr.merge(one.headers, two.headers))
+        # Refused: by the first policy whose buckets lack room (the other took nothing either).
+        return self._finish(first, r1) if not _has_room(r1, first.cost) else self._finish(second, r2)
+
+    def _plan(self, act: Enforcement, method: str, path: str, headers: Mapping[str, str],
+              peer: str) -> _Plan | Outcome:
+        """Who the client is and which buckets the request takes from; or the answer already
+        (a skipped route, a missing or unknown required key)."""
         policy = act.policy
         rule = policy.match_rule(method, path)
         rule_name = rule.name if rule is not None else ""
@@ -184,20 +255,16 @@ class Limiter:
         cost = rule.cost if rule is not None else 1
         rule_b = act.rules.get(rule_name) if rule is not None else None
         if rule_b is None:
-            keys: tuple[str, ...] = (tag + tier_b.suffix,)
-            params: tuple[int, ...] = tier_b.params
-            names: tuple[str, ...] = (tier_b.shown,)
-            limits: tuple[Limit, ...] = (tier_b.limit,)
-            policy_value = tier_b.policy_item
-        else:
-            keys = (tag + tier_b.suffix, tag + rule_b.suffix)
-            params = tier_b.params + rule_b.params
-            names = (tier_b.shown, rule_b.shown)
-            limits = (tier_b.limit, rule_b.limit)
-            policy_value = f"{tier_b.policy_item}, {rule_b.policy_item}"
+            return _Plan(act, rule_name, tier_b, cost, (tag + tier_b.suffix,), tier_b.params,
+                         (tier_b.shown,), (tier_b.limit,), tier_b.policy_item)
+        return _Plan(act, rule_name, tier_b, cost, (tag + tier_b.suffix, tag + rule_b.suffix),
+                     tier_b.params + rule_b.params, (tier_b.shown, rule_b.shown),
+                     (tier_b.limit, rule_b.limit), f"{tier_b.policy_item}, {rule_b.policy_item}")
 
-        reply = await self._ask(keys, cost, params)
-        self._hist.observe(time.perf_counter() - started)
+    def _finish(self, plan: _Plan, reply: list[int] | None) -> Outcome:
+        """The answer for one policy from the store's reply (None: the store could not decide)."""
+        act, tier_b, rule_name = plan.act, plan.tier_b, plan.rule_name
+        policy = act.policy
         if reply is None:  # store unavailable
             if policy.failure_mode is FailureMode.CLOSED and policy.mode is Mode.ENFORCE:
                 self.metrics.decision(act.label, tier_b.name, rule_name, "failed_closed")
@@ -205,7 +272,7 @@ class Limiter:
                                "the rate limiter cannot decide right now")
             self.metrics.decision(act.label, tier_b.name, rule_name, "failed_open")
             return FORWARD_PLAIN
-        out_headers = hdr.build(policy.headers, names, limits, policy_value, reply)
+        out_headers = hdr.build(policy.headers, plan.names, plan.limits, plan.policy_value, reply)
         if reply[0] == 1:
             self.metrics.decision(act.label, tier_b.name, rule_name, "allowed")
             return Outcome(0, out_headers)
@@ -214,7 +281,7 @@ class Limiter:
             return Outcome(0, out_headers if policy.headers is not HeaderStyle.NONE else [])
         self.metrics.decision(act.label, tier_b.name, rule_name, "limited")
         out_headers.append(("Retry-After", hdr.retry_after(reply)))
-        limiting = _limiting_bucket(names, reply, cost)
+        limiting = _limiting_bucket(plan.names, reply, plan.cost)
         return Outcome(429, out_headers, policy.name, tier_b.name, rule_name,
                        f"the {limiting} limit is used up; retry after {hdr.retry_after(reply)} s")
 
@@ -223,6 +290,7 @@ class Limiter:
         if not breaker.allow():
             self.metrics.store_errors.labels(self.store.name, "circuit_open").inc()
             return None
+        started = time.perf_counter()
         try:
             reply = await self.store.decide(keys, cost, params)
         except StoreUnavailable as exc:
@@ -232,6 +300,7 @@ class Limiter:
             log.debug("decision store failed: %s", exc)
             return None
         breaker.success()
+        self._hist.observe(time.perf_counter() - started)
         return reply
 
 

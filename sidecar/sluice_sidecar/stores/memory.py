@@ -36,6 +36,9 @@ class MemoryStore:
     async def decide(self, keys: tuple[str, ...], cost: int, params: tuple[int, ...]) -> list[int]:
         return self.decide_now(keys, cost, params)
 
+    def atomic(self, keys: tuple[str, ...]) -> bool:
+        return True
+
     def decide_now(self, keys: tuple[str, ...], cost: int, params: tuple[int, ...]) -> list[int]:
         now = self._clock()
         tats: list[int] = []

@@ -212,6 +212,10 @@ class RedisStore:
             loop.call_soon(self._flush)
         return await fut
 
+    def atomic(self, keys: tuple[str, ...]) -> bool:
+        """One script call can take keys of any hash tags, except on a Cluster (one slot)."""
+        return not self._cluster or len({key_slot(k) for k in keys}) == 1
+
     # Batching -------------------------------------------------------------------------------
     def _flush(self) -> None:
         self._flush_scheduled = False
