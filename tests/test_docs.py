@@ -39,3 +39,17 @@ def test_every_metric_is_documented() -> None:
         assert f"`{suffixed}`" in README, name
     documented = set(re.findall(r"^\| `(sluice_[a-z_]+)`", README, re.M))
     assert documented, "the metrics table is missing"
+
+
+def test_every_operator_flag_and_env_var_is_documented() -> None:
+    from sluice_operator import cli as operator_cli
+
+    parser = argparse.ArgumentParser()
+    operator_cli.add_arguments(parser)
+    flags = [o for a in parser._actions for o in a.option_strings if o.startswith("--") and o != "--help"]
+    assert "--redis" in flags
+    for flag in flags:
+        assert f"`{flag}" in README, flag
+    source = Path(operator_cli.__file__).read_text()
+    for env in set(re.findall(r"SLUICE_OPERATOR_[A-Z_]+", source)):
+        assert f"`{env}`" in README, env

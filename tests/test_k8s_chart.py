@@ -3,17 +3,22 @@ operator running under the chart's RBAC (tests/support/control_plane.py).
 
 - ``helm lint --strict`` passes, the values schema refuses bad values, and every manifest
   ``helm template`` renders (CRDs included) validates with ``kubernetes-validate`` at the
-  Kubernetes version of hack/k8s/versions.env; the chart's CRD copies are the repo's crds/.
+  Kubernetes version of hack/k8s/versions.env; the chart's CRD copies are the repo's crds/
+  (plus kopf's ClusterKopfPeering CRD, which is not Sluice's API).
 - ``helm install`` (``--wait=false``: there is no kubelet) creates the ServiceAccount,
-  ClusterRole(Binding), Deployment, webhook Service and CRDs.
+  ClusterRole(Binding), Role(Binding) for the webhook certificate Secret, Deployment (two
+  replicas, peering), PodDisruptionBudget, ClusterKopfPeering, webhook Service and CRDs.
 - RBAC: with a token minted for the chart's ServiceAccount, SelfSubjectAccessReviews show the
   verbs the operator needs are allowed and the dangerous ones (secret get/writes, pod creation,
   RBAC escalation, deleting policies or CRDs, ...) are denied.
 - ``sluice operator`` runs as a local process authenticated with that token only (a kubeconfig
-  with the token, the server and the CA), against a real Redis: a policy reaches Redis and its
-  status, a key Secret's hash reaches Redis, an invalid policy gets an Event, the webhooks are
-  registered (create, then patch on restart) and refuse a bad policy, sidecar injection reads the
-  namespace's labels, deletion clears the finalizer. Any ``Forbidden`` in its log fails the test.
+  with the token, the server and the CA), with the chart's peering and certificate Secret,
+  against a real Redis: it keeps its entry in the release's ClusterKopfPeering, a policy reaches
+  Redis and its status, a key Secret's hash reaches Redis, an invalid policy gets an Event, the
+  webhook certificate Secret is created, the webhooks are registered (create, then patch on
+  restart) and refuse a bad policy, sidecar injection reads the namespace's labels, a restart
+  renews a damaged certificate Secret (update) with the same CA, deletion clears the finalizer.
+  Any ``Forbidden`` in its log fails the test.
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CHART = ROOT / "charts" / "sluice"
 WEBHOOK_CONFIGS = (("validatingwebhookconfiguration", "sluice-policies"),
                    ("mutatingwebhookconfiguration", "sluice-injector"))
+KOPF_CRD = "kopf.dev_clusterkopfpeerings.yaml"  # kopf's, not Sluice's: only in the chart
 
 
 def k8s_version() -> str:
@@ -79,13 +85,18 @@ def render(*set_args: str, namespace: str = "sluice-system") -> list[dict[str, A
 
 def test_chart_crds_are_the_repo_crds() -> None:
     repo = {p.name: p.read_text() for p in (ROOT / "crds").glob("*.yaml")}
-    chart = {p.name: p.read_text() for p in (CHART / "crds").glob("*.yaml")}
+    chart = {p.name: p.read_text() for p in (CHART / "crds").glob("*.yaml") if p.name != KOPF_CRD}
     assert repo, "no CRDs in crds/"
     assert chart == repo, "charts/sluice/crds/ must be exact copies of crds/*.yaml (cp them)"
+    kopf = yaml.safe_load((CHART / "crds" / KOPF_CRD).read_text())
+    assert kopf["metadata"]["name"] == "clusterkopfpeerings.kopf.dev"
+    assert kopf["spec"]["scope"] == "Cluster"
+    assert kopf["spec"]["names"]["kind"] == "ClusterKopfPeering"
 
 
-@pytest.mark.parametrize("values", [[], ["--set", "webhook.enabled=false"]],
-                         ids=["default", "no-webhook"])
+@pytest.mark.parametrize("values", [[], ["--set", "webhook.enabled=false"],
+                                    ["--set", "replicaCount=1"]],
+                         ids=["default", "no-webhook", "one-replica"])
 def test_helm_lint(values: list[str]) -> None:
     res = helm("lint", "--strict", str(CHART), *values)
     assert "0 chart(s) failed" in res.stdout, res.stdout
@@ -96,6 +107,9 @@ def test_helm_lint(values: list[str]) -> None:
     ("operator.resyncIntervalSeconds=0", "/operator/resyncIntervalSeconds"),
     ("image.pullPolicy=Sometimes", "/image/pullPolicy"),
     ("webhook.enabld=true", "enabld"),
+    ("replicaCount=0", "/replicaCount"),
+    ("peering.lifetimeSeconds=0", "/peering/lifetimeSeconds"),
+    ("peering.name=Not_A_Name", "/peering/name"),
 ])
 def test_values_schema_refuses_bad_values(setting: str, complaint: str) -> None:
     res = helm("template", "sluice", str(CHART), "--set", setting, check=False)
@@ -106,12 +120,17 @@ def test_values_schema_refuses_bad_values(setting: str, complaint: str) -> None:
 @pytest.mark.parametrize("values", [[], ["--set", "webhook.enabled=false"],
                                     ["--set", "redis.existingSecret=redis-url",
                                      "--set", "sidecar.image=reg/sidecar:1",
-                                     "--set", "sidecar.redisUrl=redis://other:6379"]],
-                         ids=["default", "no-webhook", "secret-url"])
+                                     "--set", "sidecar.redisUrl=redis://other:6379"],
+                                    ["--set", "replicaCount=1"]],
+                         ids=["default", "no-webhook", "secret-url", "one-replica"])
 def test_rendered_manifests_validate(values: list[str]) -> None:
     docs = render(*values)
     version = k8s_version()
     for doc in docs:
+        if doc["apiVersion"] == "kopf.dev/v1":  # a custom resource: its CRD's schema is open
+            assert doc["kind"] == "ClusterKopfPeering" and set(doc) == {
+                "apiVersion", "kind", "metadata"}, doc
+            continue
         try:
             kubernetes_validate.validate(doc, version, strict=True)
         except kubernetes_validate.ValidationError as exc:
@@ -119,9 +138,12 @@ def test_rendered_manifests_validate(values: list[str]) -> None:
                         f"{version}: {exc}")
     kinds = sorted(d["kind"] for d in docs)
     expected = ["ClusterRole", "ClusterRoleBinding", "CustomResourceDefinition",
-                "CustomResourceDefinition", "Deployment", "ServiceAccount"]
+                "CustomResourceDefinition", "CustomResourceDefinition", "Deployment",
+                "ServiceAccount", "ClusterKopfPeering"]
     if "webhook.enabled=false" not in values:
-        expected.append("Service")
+        expected += ["Service", "Role", "RoleBinding"]  # the webhook certificate Secret
+    if "replicaCount=1" not in values:
+        expected.append("PodDisruptionBudget")
     assert kinds == sorted(expected)
 
 
@@ -138,6 +160,7 @@ def test_deployment_wiring() -> None:
     assert f"--webhook-service=ops/{svc['metadata']['name']}:443" in c["args"]
     assert "--metrics-listen=0.0.0.0:9091" in c["args"]
     assert "--liveness=http://0.0.0.0:8080/healthz" in c["args"]
+    assert "--cluster-keys-namespace=ops" in c["args"]
     assert {"name": "SLUICE_OPERATOR_REDIS", "value": "redis://r.example:6379"} in c["env"]
     assert {p["name"]: p["containerPort"] for p in c["ports"]} == {
         "healthz": 8080, "metrics": 9091, "webhook": 8443}
@@ -153,9 +176,65 @@ def test_deployment_wiring() -> None:
     assert svc["spec"]["selector"] == dep["spec"]["selector"]["matchLabels"]
     assert pod["serviceAccountName"] == by_kind["ServiceAccount"]["metadata"]["name"]
     role = by_kind["ClusterRole"]
-    for rule in role["rules"]:
+    for rule in [*role["rules"], *by_kind["Role"]["rules"]]:
         for field in ("apiGroups", "resources", "verbs"):
             assert "*" not in rule[field], f"wildcard in {rule}"
+
+
+def test_high_availability_wiring() -> None:
+    """Two replicas peering through the chart's ClusterKopfPeering, sharing the certificate
+    Secret, spread over nodes, a PodDisruptionBudget; RBAC names the same objects."""
+    docs = render("--set", "peering.lifetimeSeconds=15", namespace="ops")
+    by_kind = {d["kind"]: d for d in docs}
+    dep, full = by_kind["Deployment"], "sluice"  # release "sluice" contains the chart name
+    pod = dep["spec"]["template"]["spec"]
+    (c,) = pod["containers"]
+    assert dep["spec"]["replicas"] == 2
+    assert dep["spec"]["strategy"] == {"type": "RollingUpdate",
+                                       "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}}
+    peering = by_kind["ClusterKopfPeering"]["metadata"]["name"]
+    assert peering == full
+    assert f"--peering={peering}" in c["args"]
+    assert "--peering-lifetime-s=15" in c["args"]
+    secret = f"{full}-webhook-tls"
+    assert f"--webhook-cert-secret=ops/{secret}" in c["args"]
+    assert {"name": "POD_ID", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}} in c["env"]
+    (term,) = pod["affinity"]["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"]
+    assert term["podAffinityTerm"]["topologyKey"] == "kubernetes.io/hostname"
+    selector = dep["spec"]["selector"]["matchLabels"]
+    assert term["podAffinityTerm"]["labelSelector"]["matchLabels"] == selector
+    pdb = by_kind["PodDisruptionBudget"]
+    assert pdb["spec"] == {"maxUnavailable": 1, "selector": {"matchLabels": selector}}
+    assert pdb["metadata"]["namespace"] == "ops"
+
+    peering_rules = [r for r in by_kind["ClusterRole"]["rules"] if r["apiGroups"] == ["kopf.dev"]]
+    assert peering_rules == [
+        {"apiGroups": ["kopf.dev"], "resources": ["clusterkopfpeerings"],
+         "verbs": ["list", "watch"]},
+        {"apiGroups": ["kopf.dev"], "resources": ["clusterkopfpeerings"],
+         "resourceNames": [peering], "verbs": ["patch"]}]
+    role, binding = by_kind["Role"], by_kind["RoleBinding"]
+    assert role["metadata"]["namespace"] == binding["metadata"]["namespace"] == "ops"
+    assert role["rules"] == [
+        {"apiGroups": [""], "resources": ["secrets"], "verbs": ["create"]},
+        {"apiGroups": [""], "resources": ["secrets"], "resourceNames": [secret],
+         "verbs": ["get", "update"]}]
+    assert binding["roleRef"]["name"] == role["metadata"]["name"]
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "namespace": "ops",
+                                    "name": by_kind["ServiceAccount"]["metadata"]["name"]}]
+
+    # a name of one's own; an affinity of one's own replaces the default one
+    docs = render("--set", "peering.name=team-sluice", "--set", "replicaCount=1",
+                  "--set", "affinity.nodeAffinity.requiredDuringSchedulingIgnoredDuringExecution"
+                  ".nodeSelectorTerms[0].matchExpressions[0].key=pool",
+                  "--set", "affinity.nodeAffinity.requiredDuringSchedulingIgnoredDuringExecution"
+                  ".nodeSelectorTerms[0].matchExpressions[0].operator=Exists")
+    by_kind = {d["kind"]: d for d in docs}
+    pod = by_kind["Deployment"]["spec"]["template"]["spec"]
+    assert "--peering=team-sluice" in pod["containers"][0]["args"]
+    assert by_kind["ClusterKopfPeering"]["metadata"]["name"] == "team-sluice"
+    assert set(pod["affinity"]) == {"nodeAffinity"}
+    assert "PodDisruptionBudget" not in by_kind
 
 
 # ---------------------------------------------------------------------------------------------
@@ -225,7 +304,18 @@ def test_install_creates_the_objects(release: Release) -> None:
     assert f"--webhook-service={ns}/{full}-webhook:443" in c["args"]
     svc = cp.kubectl_json("get", "service", f"{full}-webhook", "-n", ns)
     assert svc["spec"]["ports"][0]["port"] == 443 and svc["spec"]["clusterIP"]
-    for crd in ("ratelimitpolicies.sluice.dev", "clusterratelimitpolicies.sluice.dev"):
+    # high availability: the peering object, the certificate Secret's Role, the PDB
+    assert dep["spec"]["replicas"] == 2
+    assert f"--peering={full}" in c["args"]
+    assert cp.kubectl_json("get", "clusterkopfpeering", full)["metadata"]["name"] == full
+    role = cp.kubectl_json("get", "role", f"{full}-operator", "-n", ns)
+    assert role["rules"][1]["resourceNames"] == [f"{full}-webhook-tls"]
+    assert cp.kubectl_json("get", "rolebinding", f"{full}-operator", "-n", ns)["subjects"] == [
+        {"kind": "ServiceAccount", "name": full, "namespace": ns}]
+    pdb = cp.kubectl_json("get", "poddisruptionbudget", f"{full}-operator", "-n", ns)
+    assert pdb["spec"]["maxUnavailable"] == 1
+    for crd in ("ratelimitpolicies.sluice.dev", "clusterratelimitpolicies.sluice.dev",
+                "clusterkopfpeerings.kopf.dev"):
         poll(lambda crd=crd: any(
             c["type"] == "Established" and c["status"] == "True"
             for c in cp.kubectl_json("get", "crd", crd).get("status", {}).get("conditions", [])),
@@ -246,9 +336,17 @@ ALLOWED: list[Access] = [
     ("list", "", "secrets", "", "", ""),
     ("watch", "", "secrets", "", "", ""),
     ("create", "", "events", "", "team-a", ""),
+    ("list", "sluice.dev", "clusterratelimitpolicies", "", "", ""),
+    ("watch", "sluice.dev", "clusterratelimitpolicies", "", "", ""),
+    ("patch", "sluice.dev", "clusterratelimitpolicies", "", "", "shared"),
+    ("patch", "sluice.dev", "clusterratelimitpolicies", "status", "", "shared"),
     ("list", "apiextensions.k8s.io", "customresourcedefinitions", "", "", ""),
     ("watch", "apiextensions.k8s.io", "customresourcedefinitions", "", "", ""),
     ("get", "", "namespaces", "", "", "team-a"),
+    ("list", "", "namespaces", "", "", ""),
+    ("watch", "", "namespaces", "", "", ""),
+    ("list", "kopf.dev", "clusterkopfpeerings", "", "", ""),
+    ("watch", "kopf.dev", "clusterkopfpeerings", "", "", ""),
     ("create", "admissionregistration.k8s.io", "validatingwebhookconfigurations", "", "", ""),
     ("create", "admissionregistration.k8s.io", "mutatingwebhookconfigurations", "", "", ""),
     ("patch", "admissionregistration.k8s.io", "validatingwebhookconfigurations", "", "",
@@ -271,12 +369,16 @@ DENIED: list[Access] = [
     ("create", "apps", "deployments", "", "team-a", ""),
     ("create", "", "serviceaccounts", "token", "team-a", "default"),
     ("list", "", "configmaps", "", "", ""),
-    ("list", "", "namespaces", "", "", ""),
     ("update", "", "namespaces", "", "", "team-a"),
+    ("create", "", "namespaces", "", "", ""),
     ("create", "sluice.dev", "ratelimitpolicies", "", "team-a", ""),
     ("update", "sluice.dev", "ratelimitpolicies", "", "team-a", "p"),
     ("delete", "sluice.dev", "ratelimitpolicies", "", "team-a", "p"),
     ("get", "sluice.dev", "ratelimitpolicies", "", "team-a", "p"),
+    ("create", "sluice.dev", "clusterratelimitpolicies", "", "", ""),
+    ("update", "sluice.dev", "clusterratelimitpolicies", "", "", "shared"),
+    ("delete", "sluice.dev", "clusterratelimitpolicies", "", "", "shared"),
+    ("update", "sluice.dev", "clusterratelimitpolicies", "status", "", "shared"),
     ("create", "apiextensions.k8s.io", "customresourcedefinitions", "", "", ""),
     ("update", "apiextensions.k8s.io", "customresourcedefinitions", "", "",
      "ratelimitpolicies.sluice.dev"),
@@ -293,8 +395,43 @@ DENIED: list[Access] = [
     ("escalate", "rbac.authorization.k8s.io", "clusterroles", "", "", ""),
     ("bind", "rbac.authorization.k8s.io", "clusterroles", "", "", "cluster-admin"),
     ("impersonate", "", "users", "", "", "admin"),
-    ("create", "kopf.dev", "clusterkopfpeerings", "", "", ""),  # standalone: no peering
+    # kopf peering: list/watch, and patch of the release's own object only (release_accesses)
+    ("create", "kopf.dev", "clusterkopfpeerings", "", "", ""),
+    ("get", "kopf.dev", "clusterkopfpeerings", "", "", "default"),
+    ("patch", "kopf.dev", "clusterkopfpeerings", "", "", "default"),
+    ("update", "kopf.dev", "clusterkopfpeerings", "", "", "default"),
+    ("delete", "kopf.dev", "clusterkopfpeerings", "", "", "default"),
+    ("create", "kopf.dev", "kopfpeerings", "", "team-a", ""),
+    ("patch", "kopf.dev", "kopfpeerings", "", "team-a", "default"),
 ]
+
+
+def release_accesses(release: Release) -> tuple[list[Access], list[Access]]:
+    """(allowed, denied) for the objects named after the release: its peering object and the
+    webhook certificate Secret in its namespace (a Role there, nowhere else)."""
+    ns, peering, secret = release.namespace, release.fullname, f"{release.fullname}-webhook-tls"
+    allowed: list[Access] = [
+        ("patch", "kopf.dev", "clusterkopfpeerings", "", "", peering),
+        ("create", "", "secrets", "", ns, ""),
+        ("get", "", "secrets", "", ns, secret),
+        ("update", "", "secrets", "", ns, secret),
+    ]
+    denied: list[Access] = [
+        ("get", "kopf.dev", "clusterkopfpeerings", "", "", peering),
+        ("delete", "kopf.dev", "clusterkopfpeerings", "", "", peering),
+        ("patch", "", "secrets", "", ns, secret),
+        ("delete", "", "secrets", "", ns, secret),
+        ("get", "", "secrets", "", ns, "other"),
+        ("update", "", "secrets", "", ns, "other"),
+        ("delete", "", "secrets", "", ns, "other"),
+        ("get", "", "secrets", "", "team-a", secret),  # same name, another namespace
+        ("update", "", "secrets", "", "team-a", secret),
+        ("create", "", "secrets", "", "team-a", ""),
+        ("create", "", "configmaps", "", ns, ""),
+        ("create", "", "pods", "", ns, ""),
+        ("create", "rbac.authorization.k8s.io", "rolebindings", "", ns, ""),
+    ]
+    return allowed, denied
 
 
 def access_reviews(release: Release, accesses: list[Access]) -> list[bool]:
@@ -326,14 +463,16 @@ def test_token_is_the_chart_service_account(release: Release) -> None:
 
 
 def test_rbac_allows_what_the_operator_needs(release: Release) -> None:
-    results = access_reviews(release, ALLOWED)
-    missing = [a for a, ok in zip(ALLOWED, results, strict=True) if not ok]
+    allowed = ALLOWED + release_accesses(release)[0]
+    results = access_reviews(release, allowed)
+    missing = [a for a, ok in zip(allowed, results, strict=True) if not ok]
     assert not missing, f"the chart's ServiceAccount lacks: {missing}"
 
 
 def test_rbac_denies_the_dangerous(release: Release) -> None:
-    results = access_reviews(release, DENIED)
-    granted = [a for a, ok in zip(DENIED, results, strict=True) if ok]
+    denied = DENIED + release_accesses(release)[1]
+    results = access_reviews(release, denied)
+    granted = [a for a, ok in zip(denied, results, strict=True) if ok]
     assert not granted, f"the chart's ServiceAccount may: {granted}"
     # and kubectl says the same for the headline ones
     assert release.as_operator("auth", "can-i", "delete", "secrets", "-A",
@@ -363,7 +502,11 @@ class OperatorProcess:
              "--webhook-listen", f"127.0.0.1:{self.webhook_port}",
              "--webhook-url", f"https://127.0.0.1:{self.webhook_port}",
              "--webhook-cert-dir", str(workdir / f"certs-{tag}"),
-             "--webhook-provided-cert-dir", str(workdir / "no-cert-manager")],
+             "--webhook-provided-cert-dir", str(workdir / "no-cert-manager"),
+             # as the chart runs it: peering, the shared certificate Secret, cluster keys
+             "--peering", release.fullname,
+             "--webhook-cert-secret", f"{release.namespace}/{release.fullname}-webhook-tls",
+             "--cluster-keys-namespace", release.namespace],
             stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT, env=env)
 
     def log(self) -> str:
@@ -445,11 +588,24 @@ def test_operator_runs_under_the_chart_rbac(release: Release, redis_server: Any,
         hooks = json.loads(res.stdout)["webhooks"]
         return str(hooks[0]["clientConfig"].get("caBundle") or "") or None
 
+    def peers() -> dict[str, Any]:
+        obj = cp.kubectl_json("get", "clusterkopfpeering", release.fullname)
+        return dict(obj.get("status") or {})
+
+    def cert_secret() -> dict[str, str]:
+        res = cp.kubectl("get", "secret", f"{release.fullname}-webhook-tls", "-n",
+                         release.namespace, "-o", "json", check=False)
+        return dict(json.loads(res.stdout)["data"]) if res.returncode == 0 else {}
+
     try:
         ops.append(OperatorProcess(release, redis_server.url, tmp_path, "first"))
-        # webhook configurations created with the operator's CA (create under the chart's RBAC)
+        # its keep-alive in the release's peering object (list/watch/patch under the chart RBAC)
+        wait(lambda: len(peers()) == 1, "the operator's entry in the ClusterKopfPeering")
+        # webhook configurations created with the CA of the certificate Secret it created
         first_ca = wait(lambda: ca_bundle(*WEBHOOK_CONFIGS[0]), "sluice-policies registered")
         wait(lambda: ca_bundle(*WEBHOOK_CONFIGS[1]), "sluice-injector registered")
+        first_secret = cert_secret()
+        assert first_secret["ca.crt"] == first_ca, "caBundle is not the Secret's CA"
 
         # policy -> Redis (list/watch + finalizer patch) -> status (status patch)
         cp.kubectl("apply", "-f", "-", input=policy_manifest("api", ns))
@@ -493,18 +649,34 @@ def test_operator_runs_under_the_chart_rbac(release: Release, redis_server: Any,
         names = [c["name"] for c in pod["spec"]["containers"]]
         assert "sluice-sidecar" in names, f"not injected: {names}\n{diagnose()}"
 
-        # restart with a new CA: the configurations are patched (patch by resourceName)
+        # a graceful stop hands over: the replica removes its entry from the peering object
         ops[-1].stop()
+        poll(lambda: not peers(), "the stopped operator's entry removed")
+        # restart after damage: a Secret whose certificate is unreadable is renewed (update by
+        # name, with its resourceVersion) from the same CA, and the configurations' caBundle,
+        # removed meanwhile, is patched back (patch by resourceName)
+        garbage = base64.b64encode(b"not a certificate").decode()
+        cp.kubectl("patch", "secret", f"{release.fullname}-webhook-tls", "-n", release.namespace,
+                   "--type=json", "-p", json.dumps(
+                       [{"op": "replace", "path": "/data/tls.crt", "value": garbage}]))
+        cp.kubectl("patch", *WEBHOOK_CONFIGS[0], "--type=json",
+                   "-p", '[{"op": "remove", "path": "/webhooks/0/clientConfig/caBundle"}]')
+        assert ca_bundle(*WEBHOOK_CONFIGS[0]) is None
         ops.append(OperatorProcess(release, redis_server.url, tmp_path, "second"))
-        wait(lambda: ca_bundle(*WEBHOOK_CONFIGS[0]) not in (None, first_ca),
-             "sluice-policies patched with the new CA")
+        wait(lambda: ca_bundle(*WEBHOOK_CONFIGS[0]) == first_ca,
+             "sluice-policies patched with the Secret's CA again")
+        renewed = cert_secret()
+        assert renewed["ca.crt"] == first_secret["ca.crt"]
+        assert renewed["tls.crt"] not in (garbage, first_secret["tls.crt"])
+        wait(lambda: len(peers()) == 1, "the new operator's entry in the ClusterKopfPeering")
 
         # deletion: the operator removes the config and its finalizer
         cp.kubectl("delete", "rlp", "api", "-n", ns, "--wait=false")
         cp.kubectl("delete", "rlp", "bad-regex", "-n", bad_ns, "--wait=false")
         wait(lambda: rlp("api", ns) is None and rlp("bad-regex", bad_ns) is None,
              "the policies deleted (finalizers removed)")
-        wait(lambda: configstore.read(redis, ns) is None, "config removed from Redis")
+        wait(lambda: (c := configstore.read(redis, ns)) is not None and not c.policies,
+             "an empty config (the policy gone) in Redis")
         ops[-1].check_alive()
         for op in ops:
             assert_no_permission_errors(op)

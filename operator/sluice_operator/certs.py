@@ -1,6 +1,7 @@
 """TLS for the webhook server.
 
-Two modes, decided by :func:`ensure_certificates` at start-up:
+Three modes, decided at start-up (:func:`ensure_certificates` here, or
+:func:`sluice_operator.certstore.ensure_shared_certificates` when a Secret is configured):
 
 ``provided`` (cert-manager, the recommended setup): when ``tls.crt`` and ``tls.key`` exist in
 ``provided_dir`` (a cert-manager Certificate's Secret mounted into the operator pod), they are
@@ -8,13 +9,18 @@ used as they are. ``ca_pem`` is that directory's ``ca.crt`` (empty when absent).
 cert-manager's CA injector annotating the webhook configurations, the operator need not
 patch ``caBundle`` at all; otherwise it patches ``ca_pem`` in.
 
-``self-signed`` (no cert-manager): the operator manages its own CA. A CA (ECDSA P-256, 10
-years) and a serving certificate for the given DNS names / IPs (1 year) are generated into
-``directory`` and reused on the next start while they still cover those names and are not
-within ``renew_before`` of expiry. ``ca_pem`` must be patched into the webhook
-configurations' ``caBundle`` (by the reconcile loop). Each replica generating its own CA is
-only safe with one replica: run cert-manager, or share ``directory`` (e.g. from a Secret),
-when the operator runs highly available.
+``self-signed`` (no cert-manager, one replica): the operator manages its own CA. A CA (ECDSA
+P-256, 10 years) and a serving certificate for the given DNS names / IPs (1 year) are generated
+into ``directory`` and reused on the next start while they still cover those names and are not
+within ``renew_before`` of expiry. ``ca_pem`` must be patched into the webhook configurations'
+``caBundle``. Each replica generating its own CA is only safe with one replica.
+
+``secret`` (no cert-manager, several replicas): the same material, kept in a Kubernetes Secret
+that every replica reads (see :mod:`sluice_operator.certstore`), so that all replicas serve one
+certificate and patch one ``caBundle``.
+
+:class:`CertMaterial`, :func:`issue` and :func:`reusable` are the PEM-level pieces both the
+directory and the Secret modes use.
 """
 
 from __future__ import annotations
@@ -22,11 +28,12 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -35,6 +42,8 @@ CERT_FILE = "tls.crt"
 KEY_FILE = "tls.key"
 CA_FILE = "ca.crt"
 CA_KEY_FILE = "ca.key"
+VALIDITY = dt.timedelta(days=365)
+RENEW_BEFORE = dt.timedelta(days=30)
 
 
 @dataclass(frozen=True)
@@ -42,7 +51,29 @@ class CertBundle:
     cert_path: Path
     key_path: Path
     ca_pem: bytes  # PEM CA bundle for the webhook configurations' caBundle (may be empty)
-    mode: str  # "provided" (cert-manager / mounted) or "self-signed" (operator-managed)
+    mode: str  # "provided" (cert-manager / mounted), "self-signed" (local dir) or "secret"
+
+
+@dataclass(frozen=True)
+class CertMaterial:
+    """A self-signed setup in PEM: the CA (certificate and key) and the serving pair."""
+
+    ca_cert: bytes
+    ca_key: bytes
+    cert: bytes
+    key: bytes
+
+
+def provided_bundle(provided_dir: str | Path | None) -> CertBundle | None:
+    """cert-manager's mounted files, when they are there."""
+    if provided_dir is None:
+        return None
+    p = Path(provided_dir)
+    if not ((p / CERT_FILE).is_file() and (p / KEY_FILE).is_file()):
+        return None
+    ca = p / CA_FILE
+    return CertBundle(p / CERT_FILE, p / KEY_FILE, ca.read_bytes() if ca.is_file() else b"",
+                      "provided")
 
 
 def ensure_certificates(
@@ -51,31 +82,49 @@ def ensure_certificates(
     ips: Sequence[str] = (),
     *,
     provided_dir: str | Path | None = None,
-    validity: dt.timedelta = dt.timedelta(days=365),
-    renew_before: dt.timedelta = dt.timedelta(days=30),
+    validity: dt.timedelta = VALIDITY,
+    renew_before: dt.timedelta = RENEW_BEFORE,
 ) -> CertBundle:
     """Return the serving certificate to use, generating a self-signed one when needed."""
-    if provided_dir is not None:
-        p = Path(provided_dir)
-        if (p / CERT_FILE).is_file() and (p / KEY_FILE).is_file():
-            ca = p / CA_FILE
-            return CertBundle(p / CERT_FILE, p / KEY_FILE,
-                              ca.read_bytes() if ca.is_file() else b"", "provided")
+    provided = provided_bundle(provided_dir)
+    if provided is not None:
+        return provided
     if not dns_names and not ips:
         raise ValueError("a self-signed webhook certificate needs at least one DNS name or IP")
     d = Path(directory)
-    d.mkdir(parents=True, exist_ok=True)
     now = dt.datetime.now(dt.UTC)
-    if _reusable(d, dns_names, ips, now + renew_before):
-        return CertBundle(d / CERT_FILE, d / KEY_FILE, (d / CA_FILE).read_bytes(), "self-signed")
-    ca_key, ca_cert = _load_ca(d, now + renew_before) or _new_ca(now)
+    current = read_material(d)
+    if current is not None and reusable(current, dns_names, ips, now + renew_before):
+        return bundle_in(d, current, "self-signed")
+    material = issue(dns_names, ips, previous=current, now=now, validity=validity,
+                     renew_before=renew_before)
+    return write_material(d, material, "self-signed")
+
+
+def issue(
+    dns_names: Iterable[str],
+    ips: Iterable[str] = (),
+    *,
+    previous: CertMaterial | None = None,
+    now: dt.datetime | None = None,
+    validity: dt.timedelta = VALIDITY,
+    renew_before: dt.timedelta = RENEW_BEFORE,
+) -> CertMaterial:
+    """A new serving certificate for exactly these names, signed by ``previous``'s CA while that
+    CA stays valid beyond ``renew_before`` (so ``caBundle`` does not change), else by a new CA."""
+    dns_names, ips = list(dns_names), list(ips)
+    if not dns_names and not ips:
+        raise ValueError("a self-signed webhook certificate needs at least one DNS name or IP")
+    now = now or dt.datetime.now(dt.UTC)
+    ca = _load_ca(previous, now + renew_before) if previous is not None else None
+    ca_key, ca_cert = ca or _new_ca(now)
     key = ec.generate_private_key(ec.SECP256R1())
     sans: list[x509.GeneralName] = [x509.DNSName(n) for n in dns_names]
     sans += [x509.IPAddress(ipaddress.ip_address(i)) for i in ips]
     cert = (
         x509.CertificateBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME,
-                                                    (list(dns_names) or list(ips))[0][:64])]))
+                                                    (dns_names or ips)[0][:64])]))
         .issuer_name(ca_cert.subject)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
@@ -92,12 +141,65 @@ def ensure_certificates(
                        critical=False)
         .sign(ca_key, hashes.SHA256())
     )
-    ca_pem = ca_cert.public_bytes(serialization.Encoding.PEM)
-    _write(d / CA_KEY_FILE, _key_pem(ca_key), private=True)
-    _write(d / CA_FILE, ca_pem)
-    _write(d / KEY_FILE, _key_pem(key), private=True)
-    _write(d / CERT_FILE, cert.public_bytes(serialization.Encoding.PEM))
-    return CertBundle(d / CERT_FILE, d / KEY_FILE, ca_pem, "self-signed")
+    return CertMaterial(ca_cert=ca_cert.public_bytes(serialization.Encoding.PEM),
+                        ca_key=_key_pem(ca_key),
+                        cert=cert.public_bytes(serialization.Encoding.PEM), key=_key_pem(key))
+
+
+def reusable(material: CertMaterial, dns_names: Iterable[str], ips: Iterable[str],
+             valid_until: dt.datetime) -> bool:
+    """The serving certificate covers the names, is valid until ``valid_until``, is signed by
+    the CA and matches its key (anything unreadable: not reusable)."""
+    try:
+        cert = x509.load_pem_x509_certificate(material.cert)
+        ca = x509.load_pem_x509_certificate(material.ca_cert)
+        key = serialization.load_pem_private_key(material.key, password=None)
+        cert.verify_directly_issued_by(ca)
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    have_dns, have_ips = certificate_names(material)
+    return (cert.not_valid_after_utc >= valid_until
+            and key.public_key() == cert.public_key()
+            and set(dns_names) <= have_dns
+            and {str(ipaddress.ip_address(i)) for i in ips} <= have_ips)
+
+
+def certificate_names(material: CertMaterial) -> tuple[set[str], set[str]]:
+    """The DNS names and IPs the serving certificate covers (empty when unreadable)."""
+    try:
+        cert = x509.load_pem_x509_certificate(material.cert)
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except (ValueError, x509.ExtensionNotFound):
+        return set(), set()
+    return (set(san.get_values_for_type(x509.DNSName)),
+            {str(i) for i in san.get_values_for_type(x509.IPAddress)})
+
+
+def read_material(d: Path) -> CertMaterial | None:
+    """What ``d`` holds; a missing file reads as empty (a CA without a serving pair is kept)."""
+    def read(name: str) -> bytes:
+        try:
+            return (d / name).read_bytes()
+        except OSError:
+            return b""
+
+    material = CertMaterial(ca_cert=read(CA_FILE), ca_key=read(CA_KEY_FILE), cert=read(CERT_FILE),
+                            key=read(KEY_FILE))
+    return material if any((material.ca_cert, material.ca_key, material.cert, material.key)) else None
+
+
+def write_material(d: Path, material: CertMaterial, mode: str) -> CertBundle:
+    """Write the files the TLS server loads (private keys 0600), each atomically."""
+    d.mkdir(parents=True, exist_ok=True)
+    _write(d / CA_KEY_FILE, material.ca_key, private=True)
+    _write(d / CA_FILE, material.ca_cert)
+    _write(d / KEY_FILE, material.key, private=True)
+    _write(d / CERT_FILE, material.cert)
+    return bundle_in(d, material, mode)
+
+
+def bundle_in(d: Path, material: CertMaterial, mode: str) -> CertBundle:
+    return CertBundle(d / CERT_FILE, d / KEY_FILE, material.ca_cert, mode)
 
 
 def _new_ca(now: dt.datetime) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
@@ -122,33 +224,18 @@ def _new_ca(now: dt.datetime) -> tuple[ec.EllipticCurvePrivateKey, x509.Certific
     return key, cert
 
 
-def _load_ca(d: Path, valid_until: dt.datetime
+def _load_ca(material: CertMaterial, valid_until: dt.datetime
              ) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate] | None:
     """Keep an existing CA (so caBundle stays the same) while it is valid long enough."""
     try:
-        cert = x509.load_pem_x509_certificate((d / CA_FILE).read_bytes())
-        key = serialization.load_pem_private_key((d / CA_KEY_FILE).read_bytes(), password=None)
-    except (OSError, ValueError):
+        cert = x509.load_pem_x509_certificate(material.ca_cert)
+        key = serialization.load_pem_private_key(material.ca_key, password=None)
+    except (ValueError, TypeError):
         return None
-    if not isinstance(key, ec.EllipticCurvePrivateKey) or cert.not_valid_after_utc < valid_until:
+    if (not isinstance(key, ec.EllipticCurvePrivateKey) or key.public_key() != cert.public_key()
+            or cert.not_valid_after_utc < valid_until):
         return None
     return key, cert
-
-
-def _reusable(d: Path, dns_names: Sequence[str], ips: Sequence[str],
-              valid_until: dt.datetime) -> bool:
-    try:
-        cert = x509.load_pem_x509_certificate((d / CERT_FILE).read_bytes())
-        ca = x509.load_pem_x509_certificate((d / CA_FILE).read_bytes())
-        serialization.load_pem_private_key((d / KEY_FILE).read_bytes(), password=None)
-        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    except (OSError, ValueError, x509.ExtensionNotFound):
-        return False
-    have_dns = set(san.get_values_for_type(x509.DNSName))
-    have_ips = {str(i) for i in san.get_values_for_type(x509.IPAddress)}
-    return (cert.issuer == ca.subject and cert.not_valid_after_utc >= valid_until
-            and set(dns_names) <= have_dns
-            and {str(ipaddress.ip_address(i)) for i in ips} <= have_ips)
 
 
 def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:

@@ -31,6 +31,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--peering", default=env("SLUICE_OPERATOR_PEERING"),
                         help="kopf peering name for running several replicas (leader election); "
                              "without it the operator runs standalone [env SLUICE_OPERATOR_PEERING]")
+    parser.add_argument("--peering-lifetime-s", type=int,
+                        default=int(env("SLUICE_OPERATOR_PEERING_LIFETIME_S", "60")),
+                        help="with --peering: how long a replica's keep-alive counts; a replica that "
+                             "dies without saying so is taken over after at most this long "
+                             "[env SLUICE_OPERATOR_PEERING_LIFETIME_S] (default: 60)")
     parser.add_argument("--liveness", default=env("SLUICE_OPERATOR_LIVENESS", "http://0.0.0.0:8080/healthz"),
                         help="kopf liveness endpoint [env SLUICE_OPERATOR_LIVENESS]")
     parser.add_argument("--metrics-listen", default=env("SLUICE_OPERATOR_METRICS_LISTEN", "0.0.0.0:9091"),
@@ -50,6 +55,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     w.add_argument("--webhook-provided-cert-dir",
                    default=env("SLUICE_OPERATOR_WEBHOOK_PROVIDED_CERT_DIR", "/etc/sluice/webhook-certs"),
                    help="cert-manager's mounted Secret (tls.crt, tls.key, ca.crt), used when present")
+    w.add_argument("--webhook-cert-secret", default=env("SLUICE_OPERATOR_WEBHOOK_CERT_SECRET"),
+                   help="NAMESPACE/NAME of a Secret through which all replicas share the "
+                        "self-signed certificate (the first creates it); unset: each replica "
+                        "keeps its own in --webhook-cert-dir [env SLUICE_OPERATOR_WEBHOOK_CERT_SECRET]")
     w.add_argument("--sidecar-image", default=env("SLUICE_OPERATOR_SIDECAR_IMAGE", "sluice:0.1.0"),
                    help="image of the injected sidecar [env SLUICE_OPERATOR_SIDECAR_IMAGE]")
     w.add_argument("--sidecar-redis", default=env("SLUICE_OPERATOR_SIDECAR_REDIS"),
@@ -68,6 +77,15 @@ def run(args: argparse.Namespace) -> int:
     from sluice_operator.admission import InjectionSettings
     from sluice_operator.webhook_config import Endpoint
 
+    if args.webhook_cert_secret:
+        from sluice_operator.certstore import parse_secret_ref
+
+        try:
+            parse_secret_ref(args.webhook_cert_secret)
+        except ValueError as exc:
+            raise SystemExit(f"sluice operator: --webhook-cert-secret: {exc}") from None
+    if args.peering_lifetime_s < 1:
+        raise SystemExit("sluice operator: --peering-lifetime-s must be at least 1")
     endpoint = None
     dns: tuple[str, ...] = ()
     if args.webhook_service:
@@ -83,6 +101,7 @@ def run(args: argparse.Namespace) -> int:
         cluster_policies={"auto": None, "on": True, "off": False}[args.cluster_policies],
         webhook_listen=args.webhook_listen,
         webhook_cert_dir=args.webhook_cert_dir, webhook_provided_cert_dir=args.webhook_provided_cert_dir,
+        webhook_cert_secret=args.webhook_cert_secret,
         webhook_dns_names=dns or ("localhost",), webhook_ips=("127.0.0.1",), webhook_endpoint=endpoint,
         injection=InjectionSettings(image=args.sidecar_image, redis_url=args.sidecar_redis or args.redis))
     from prometheus_client import start_http_server
@@ -96,7 +115,12 @@ def run(args: argparse.Namespace) -> int:
     # A registry of our own has no login handler: use the kubernetes client's credentials
     # (in-cluster ServiceAccount, else the kubeconfig).
     kopf.on.login(registry=registry)(kopf.login_via_client)
+    if args.peering:
+        from sluice_operator.peering import configure_peering, peering_priority
+
+        configure_peering(registry, args.peering, args.peering_lifetime_s)
     asyncio.run(kopf.operator(
         registry=registry, clusterwide=not settings.namespaces, namespaces=list(settings.namespaces),
-        standalone=args.peering is None, peering_name=args.peering, liveness_endpoint=args.liveness))
+        standalone=args.peering is None, peering_name=args.peering,
+        priority=peering_priority() if args.peering else None, liveness_endpoint=args.liveness))
     return 0

@@ -31,6 +31,9 @@ class OperatorSettings:
     """Where a self-signed serving certificate (and its CA) is kept when none is provided."""
     webhook_provided_cert_dir: str | None = "/etc/sluice/webhook-certs"
     """cert-manager's mounted Secret (tls.crt, tls.key, ca.crt): used when present."""
+    webhook_cert_secret: str | None = None
+    """NAMESPACE/NAME of the Secret through which all replicas share the self-signed certificate
+    (the first creates it); None: each process keeps its own in ``webhook_cert_dir``."""
     webhook_dns_names: tuple[str, ...] = ()
     """Names the serving certificate covers (the webhook Service's DNS names)."""
     webhook_ips: tuple[str, ...] = ()

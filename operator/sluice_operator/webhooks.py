@@ -1,5 +1,7 @@
-"""Admission webhooks at operator start-up: the serving certificate (cert-manager's or
-self-signed), the HTTPS server, and the webhook configurations carrying its CA bundle."""
+"""Admission webhooks at operator start-up: the serving certificate (cert-manager's, or
+self-signed: shared by all replicas through a Secret, or in a local directory), the HTTPS
+server, and the webhook configurations carrying its CA bundle. Every replica serves the
+webhooks, the paused ones (kopf peering) included: admission does not wait for a leader."""
 
 from __future__ import annotations
 
@@ -9,7 +11,8 @@ from collections.abc import Mapping
 from typing import Any
 
 from sluice_operator import webhook_config
-from sluice_operator.certs import ensure_certificates
+from sluice_operator.certs import ensure_certificates, provided_bundle
+from sluice_operator.certstore import ensure_shared_certificates
 from sluice_operator.settings import OperatorSettings
 from sluice_operator.webhook_server import WebhookServer
 
@@ -17,11 +20,18 @@ log = logging.getLogger("sluice.operator")
 
 
 async def serve_webhooks(settings: OperatorSettings, api_client: Any) -> WebhookServer:
-    """Certificates (cert-manager's or self-signed), the HTTPS server, and the webhook
-    configurations carrying its CA bundle."""
-    bundle = await asyncio.to_thread(
-        ensure_certificates, settings.webhook_cert_dir, list(settings.webhook_dns_names),
-        list(settings.webhook_ips), provided_dir=settings.webhook_provided_cert_dir)
+    """Certificates (cert-manager's, the shared Secret's, or a local self-signed one), the HTTPS
+    server, and the webhook configurations carrying its CA bundle."""
+    dns, ips = list(settings.webhook_dns_names), list(settings.webhook_ips)
+    if settings.webhook_cert_secret and provided_bundle(settings.webhook_provided_cert_dir) is None:
+        # several replicas: one certificate (and caBundle) for all, kept in a Secret
+        bundle = await asyncio.to_thread(
+            ensure_shared_certificates, api_client, settings.webhook_cert_secret,
+            settings.webhook_cert_dir, dns, ips)
+    else:
+        bundle = await asyncio.to_thread(
+            ensure_certificates, settings.webhook_cert_dir, dns, ips,
+            provided_dir=settings.webhook_provided_cert_dir)
     log.info("webhook certificate: %s (%s)", bundle.cert_path, bundle.mode)
 
     def namespace_labels(namespace: str) -> Mapping[str, str] | None:

@@ -39,3 +39,13 @@ app.kubernetes.io/part-of: sluice
 {{- define "sluice.image" -}}
 {{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) -}}
 {{- end -}}
+
+{{/* The ClusterKopfPeering the replicas coordinate through: peering.name, else "<fullname>". */}}
+{{- define "sluice.peeringName" -}}
+{{- default (include "sluice.fullname" .) .Values.peering.name -}}
+{{- end -}}
+
+{{/* The Secret holding the self-signed webhook certificate shared by the replicas. */}}
+{{- define "sluice.webhookCertSecretName" -}}
+{{- printf "%s-webhook-tls" (include "sluice.fullname" .) -}}
+{{- end -}}

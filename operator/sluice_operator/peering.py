@@ -1,0 +1,61 @@
+"""Several operator replicas (kopf peering): which one leads, and a clear error when the
+peering object kopf waits for is missing."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from typing import Any
+
+
+def peering_priority() -> int:
+    """kopf runs only the replica with the highest priority and pauses all of them when two are
+    equal. The oldest replica leads: the priority falls with the start time (ms), so a new
+    replica (a rollout, a replacement) waits instead of taking over from a working one; three
+    random digits keep replicas started in the same millisecond apart."""
+    return -(time.time_ns() // 1_000_000 * 1000 + random.randrange(1000))
+
+
+def configure_peering(registry: Any, name: str, lifetime_s: int) -> None:
+    import kopf
+
+    @kopf.on.startup(registry=registry)
+    async def peering(settings: kopf.OperatorSettings, **_: Any) -> None:
+        # One ClusterKopfPeering for the whole operator, also when --namespace restricts it:
+        # namespaced peering would need a KopfPeering in every served namespace, and a replica
+        # stays paused in any namespace that lacks one.
+        settings.peering.clusterwide = True
+        settings.peering.lifetime = lifetime_s
+        # kopf waits (paused, silently) for a peering object that does not exist: say so.
+        await asyncio.to_thread(_check_peering_object, name)
+
+
+def _check_peering_object(name: str) -> None:
+    """Log an error when the ClusterKopfPeering ``name`` or its CRD is missing (list: a verb
+    the operator has for kopf anyway)."""
+    from kubernetes import client
+    from kubernetes.client.exceptions import ApiException
+
+    from sluice_operator.kube import default_api_client
+
+    log = logging.getLogger("sluice.operator")
+    try:
+        found: dict[str, Any] = client.CustomObjectsApi(  # type: ignore[assignment]
+            default_api_client()).list_cluster_custom_object(
+            "kopf.dev", "v1", "clusterkopfpeerings", field_selector=f"metadata.name={name}")
+    except ApiException as exc:
+        if exc.status != 404:
+            log.warning("cannot check the ClusterKopfPeering %r: %s", name, exc.reason)
+            return
+        missing = "the ClusterKopfPeering CRD (clusterkopfpeerings.kopf.dev) is not installed"
+    except Exception as exc:  # a check only: kopf reports connection problems itself
+        log.warning("cannot check the ClusterKopfPeering %r: %s", name, exc)
+        return
+    else:
+        if found.get("items"):
+            return
+        missing = "the ClusterKopfPeering object does not exist"
+    log.error("peering %r: %s; this replica stays paused until it exists (apiVersion: "
+              "kopf.dev/v1, kind: ClusterKopfPeering, metadata.name: %s)", name, missing, name)
