@@ -6,6 +6,7 @@ mounted, otherwise a self-signed CA that is reused across restarts).
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import ssl
@@ -18,6 +19,7 @@ import aiohttp
 import pytest
 import yaml
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from sluice_operator.admission import InjectionSettings
 from sluice_operator.certs import CertBundle, ensure_certificates
 from sluice_operator.webhook_server import WebhookServer
@@ -239,3 +241,56 @@ def test_mounted_cert_manager_files_win(tmp_path: Path) -> None:
     empty = tmp_path / "empty"
     empty.mkdir()
     assert ensure_certificates(tmp_path / "own", ["x.svc"], provided_dir=empty).mode == "self-signed"
+
+
+async def test_rotated_certificate_files_are_served_without_a_restart(tmp_path: Path) -> None:
+    """cert-manager rewrites its mounted Secret well before expiry: the operator must serve the
+    new certificate to new connections without being restarted."""
+    from sluice_operator.settings import OperatorSettings
+    from sluice_operator.webhooks import serve_webhooks
+    from support.redis_servers import pick_port
+    from support.sidecar_harness import wait_for
+
+    mounted = tmp_path / "mounted"
+    mounted.mkdir()
+
+    def mount(b: CertBundle) -> None:
+        for name, data in (("tls.key", b.key_path.read_bytes()), ("tls.crt", b.cert_path.read_bytes()),
+                           ("ca.crt", b.ca_pem)):
+            (mounted / (name + ".new")).write_bytes(data)
+            (mounted / (name + ".new")).replace(mounted / name)
+
+    def der(b: CertBundle) -> bytes:
+        return x509.load_pem_x509_certificate(b.cert_path.read_bytes()).public_bytes(
+            serialization.Encoding.DER)
+
+    async def served(port: int) -> bytes:
+        ctx = ssl.create_default_context()
+        ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE  # only to look at it
+        _, writer = await asyncio.open_connection("127.0.0.1", port, ssl=ctx)
+        cert = writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
+        writer.close()
+        return bytes(cert)
+
+    first = ensure_certificates(tmp_path / "one", ["localhost"], ["127.0.0.1"])
+    second = ensure_certificates(tmp_path / "two", ["localhost"], ["127.0.0.1"])  # another CA
+    assert first.ca_pem != second.ca_pem
+    mount(first)
+    port = pick_port()
+    settings = OperatorSettings(redis="redis://127.0.0.1:1", webhook_listen=f"127.0.0.1:{port}",
+                                webhook_provided_cert_dir=str(mounted), webhook_cert_dir=str(tmp_path / "own"),
+                                webhook_cert_check_s=0.1)
+    server = await serve_webhooks(settings, api_client=None)
+    try:
+        assert await served(port) == der(first)
+        mount(second)
+
+        async def rotated() -> bool:
+            return await served(port) == der(second)
+
+        await wait_for(rotated, timeout=10, what="the rotated certificate to be served")
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=client_ssl(second))) as http, \
+                http.get(f"https://127.0.0.1:{port}/healthz") as r:
+            assert r.status == 200
+    finally:
+        await server.stop()

@@ -34,6 +34,9 @@ class OperatorSettings:
     webhook_cert_secret: str | None = None
     """NAMESPACE/NAME of the Secret through which all replicas share the self-signed certificate
     (the first creates it); None: each process keeps its own in ``webhook_cert_dir``."""
+    webhook_cert_check_s: float = 3600.0
+    """How often the served certificate is looked at again (renewed or rotated files are then
+    served to new connections without a restart)."""
     webhook_dns_names: tuple[str, ...] = ()
     """Names the serving certificate covers (the webhook Service's DNS names)."""
     webhook_ips: tuple[str, ...] = ()

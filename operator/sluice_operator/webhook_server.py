@@ -13,11 +13,13 @@ gets 400, a body larger than ``max_body_bytes`` 413 (the API server sends at mos
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import inspect
 import json
 import logging
 import ssl
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -62,6 +64,7 @@ class WebhookServer:
         self.max_body_bytes = max_body_bytes
         self._runner: web.AppRunner | None = None
         self._ssl: ssl.SSLContext | None = None
+        self._tasks: list[asyncio.Task[None]] = []
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=self.max_body_bytes)
@@ -79,8 +82,11 @@ class WebhookServer:
         return ctx
 
     def reload_certificates(self) -> None:
-        """Pick up renewed files (cert-manager rotates them in place); new connections use them."""
+        """Pick up renewed files (cert-manager rotates them in place); new connections use them.
+        The pair is loaded into a scratch context first: files caught half-written raise here
+        and leave the serving context as it was."""
         if self._ssl is not None and self.cert_file is not None and self.key_file is not None:
+            self.ssl_context()
             self._ssl.load_cert_chain(str(self.cert_file), str(self.key_file))
 
     async def start(self) -> None:
@@ -96,7 +102,17 @@ class WebhookServer:
         log.info("admission webhooks listening on %s:%s (%s)", self.host, self.port,
                  "https" if self._ssl else "http")
 
+    def run_while_serving(self, coro: Coroutine[Any, Any, None]) -> None:
+        """A background task that ends when the server stops (certificate refresh)."""
+        self._tasks.append(asyncio.create_task(coro))
+
     async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks.clear()
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from sluice_operator import webhook_config
-from sluice_operator.certs import ensure_certificates, provided_bundle
+from sluice_operator.certs import CertBundle, ensure_certificates, provided_bundle
 from sluice_operator.certstore import ensure_shared_certificates
 from sluice_operator.settings import OperatorSettings
 from sluice_operator.webhook_server import WebhookServer
@@ -19,19 +19,24 @@ from sluice_operator.webhook_server import WebhookServer
 log = logging.getLogger("sluice.operator")
 
 
-async def serve_webhooks(settings: OperatorSettings, api_client: Any) -> WebhookServer:
-    """Certificates (cert-manager's, the shared Secret's, or a local self-signed one), the HTTPS
-    server, and the webhook configurations carrying its CA bundle."""
+async def current_certificates(settings: OperatorSettings, api_client: Any) -> CertBundle:
+    """The certificate to serve now: cert-manager's files when mounted; else self-signed,
+    shared through the Secret (several replicas) or kept locally; renewed when stale."""
     dns, ips = list(settings.webhook_dns_names), list(settings.webhook_ips)
     if settings.webhook_cert_secret and provided_bundle(settings.webhook_provided_cert_dir) is None:
         # several replicas: one certificate (and caBundle) for all, kept in a Secret
-        bundle = await asyncio.to_thread(
+        return await asyncio.to_thread(
             ensure_shared_certificates, api_client, settings.webhook_cert_secret,
             settings.webhook_cert_dir, dns, ips)
-    else:
-        bundle = await asyncio.to_thread(
-            ensure_certificates, settings.webhook_cert_dir, dns, ips,
-            provided_dir=settings.webhook_provided_cert_dir)
+    return await asyncio.to_thread(
+        ensure_certificates, settings.webhook_cert_dir, dns, ips,
+        provided_dir=settings.webhook_provided_cert_dir)
+
+
+async def serve_webhooks(settings: OperatorSettings, api_client: Any) -> WebhookServer:
+    """Certificates, the HTTPS server, the webhook configurations carrying the CA bundle, and a
+    task that keeps the served certificate current (see :func:`keep_certificates_current`)."""
+    bundle = await current_certificates(settings, api_client)
     log.info("webhook certificate: %s (%s)", bundle.cert_path, bundle.mode)
 
     def namespace_labels(namespace: str) -> Mapping[str, str] | None:
@@ -52,11 +57,45 @@ async def serve_webhooks(settings: OperatorSettings, api_client: Any) -> Webhook
                            namespace_labels=namespace_labels_async, host=host or "0.0.0.0",
                            port=int(port))
     await server.start()
-    if settings.webhook_endpoint is not None:
-        manifests = [webhook_config.validating(settings.webhook_endpoint, bundle.ca_pem),
-                     webhook_config.mutating(settings.webhook_endpoint, bundle.ca_pem,
-                                             skip_namespaces=settings.skip_namespaces)]
-        await asyncio.to_thread(webhook_config.apply, api_client, manifests)
-        log.info("webhook configurations %s and %s point at the operator",
-                 webhook_config.VALIDATING_NAME, webhook_config.MUTATING_NAME)
+    await register(settings, api_client, bundle.ca_pem)
+    server.run_while_serving(keep_certificates_current(settings, api_client, server, bundle))
     return server
+
+
+async def register(settings: OperatorSettings, api_client: Any, ca_pem: bytes) -> None:
+    """Create or update the webhook configurations with ``ca_pem`` as their caBundle."""
+    if settings.webhook_endpoint is None:
+        return
+    manifests = [webhook_config.validating(settings.webhook_endpoint, ca_pem),
+                 webhook_config.mutating(settings.webhook_endpoint, ca_pem,
+                                         skip_namespaces=settings.skip_namespaces)]
+    await asyncio.to_thread(webhook_config.apply, api_client, manifests)
+    log.info("webhook configurations %s and %s point at the operator",
+             webhook_config.VALIDATING_NAME, webhook_config.MUTATING_NAME)
+
+
+async def keep_certificates_current(settings: OperatorSettings, api_client: Any, server: WebhookServer,
+                                    served: CertBundle) -> None:
+    """Every ``webhook_cert_check_s``: look at the certificate again and serve a new one to new
+    connections without a restart. cert-manager rotates its mounted files in place (well before
+    expiry); a self-signed certificate is renewed 30 days ahead, by this replica or, through the
+    shared Secret, by another. When the CA changes, the configurations first get both CAs, then
+    the server switches: the API server never meets a certificate it does not trust."""
+    while True:
+        await asyncio.sleep(settings.webhook_cert_check_s)
+        try:
+            bundle = await current_certificates(settings, api_client)
+            if _fingerprint(bundle) == _fingerprint(served):
+                continue
+            if bundle.ca_pem != served.ca_pem:
+                await register(settings, api_client, bundle.ca_pem + served.ca_pem)
+            server.cert_file, server.key_file = bundle.cert_path, bundle.key_path
+            server.reload_certificates()
+            served = bundle
+            log.info("webhook certificate reloaded: %s (%s)", bundle.cert_path, bundle.mode)
+        except Exception as exc:  # keep serving the current one; try again next time
+            log.warning("cannot refresh the webhook certificate (keeping the current one): %s", exc)
+
+
+def _fingerprint(bundle: CertBundle) -> tuple[bytes, bytes, bytes]:
+    return bundle.cert_path.read_bytes(), bundle.key_path.read_bytes(), bundle.ca_pem
