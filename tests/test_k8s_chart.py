@@ -28,9 +28,7 @@ import contextlib
 import json
 import os
 import re
-import signal
 import subprocess
-import sys
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -41,6 +39,7 @@ import kubernetes_validate
 import pytest
 import yaml
 from support.control_plane import ControlPlane, bin_dir, require_binaries
+from support.operator_process import OperatorProcess
 from support.polling import poll
 from support.redis_servers import pick_port
 
@@ -486,48 +485,20 @@ def test_rbac_denies_the_dangerous(release: Release) -> None:
 # the operator itself, under the chart's RBAC
 
 
-class OperatorProcess:
-    def __init__(self, release: Release, redis_url: str, workdir: Path, tag: str) -> None:
-        self.log_path = workdir / f"operator-{tag}.log"
-        self.webhook_port = pick_port()
-        self.liveness_port, self.metrics_port = pick_port(), pick_port()
-        env = {k: v for k, v in os.environ.items()
-               if not k.startswith(("KUBERNETES_", "SLUICE_OPERATOR_"))}
-        env["KUBECONFIG"] = str(release.kubeconfig)  # the token: nothing else
-        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "sluice_core.cli", "operator", "--redis", redis_url, "--resync-interval-s", "2",
-             "--liveness", f"http://127.0.0.1:{self.liveness_port}/healthz",
-             "--metrics-listen", f"127.0.0.1:{self.metrics_port}",
-             "--webhook-listen", f"127.0.0.1:{self.webhook_port}",
-             "--webhook-url", f"https://127.0.0.1:{self.webhook_port}",
-             "--webhook-cert-dir", str(workdir / f"certs-{tag}"),
-             "--webhook-provided-cert-dir", str(workdir / "no-cert-manager"),
-             # as the chart runs it: peering, the shared certificate Secret, cluster keys
-             "--peering", release.fullname,
-             "--webhook-cert-secret", f"{release.namespace}/{release.fullname}-webhook-tls",
-             "--cluster-keys-namespace", release.namespace],
-            stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT, env=env)
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def report(self) -> str:
-        return f"--- operator log ({self.log_path})\n" + "\n".join(self.log().splitlines()[-60:])
-
-    def check_alive(self) -> None:
-        if self.proc.poll() is not None:
-            pytest.fail(f"the operator exited with {self.proc.returncode}\n{self.report()}")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
-        self._log.close()
+def chart_operator(release: Release, redis_url: str, workdir: Path, tag: str) -> OperatorProcess:
+    """``sluice operator`` with the release's token as its only credentials, run as the chart
+    runs it: peering, the shared certificate Secret, cluster keys."""
+    port = pick_port()
+    return OperatorProcess(
+        f"operator-{tag}", release.kubeconfig, redis_url, workdir,
+        ["--resync-interval-s", "2",
+         "--webhook-listen", f"127.0.0.1:{port}",
+         "--webhook-url", f"https://127.0.0.1:{port}",
+         "--webhook-cert-dir", str(workdir / f"certs-{tag}"),
+         "--webhook-provided-cert-dir", str(workdir / "no-cert-manager"),
+         "--peering", release.fullname,
+         "--webhook-cert-secret", f"{release.namespace}/{release.fullname}-webhook-tls",
+         "--cluster-keys-namespace", release.namespace], webhook_port=port)
 
 
 # HTTP status codes only where they stand as codes (not inside a log timestamp's milliseconds).
@@ -598,7 +569,7 @@ def test_operator_runs_under_the_chart_rbac(release: Release, redis_server: Any,
         return dict(json.loads(res.stdout)["data"]) if res.returncode == 0 else {}
 
     try:
-        ops.append(OperatorProcess(release, redis_server.url, tmp_path, "first"))
+        ops.append(chart_operator(release, redis_server.url, tmp_path, "first"))
         # its keep-alive in the release's peering object (list/watch/patch under the chart RBAC)
         wait(lambda: len(peers()) == 1, "the operator's entry in the ClusterKopfPeering")
         # webhook configurations created with the CA of the certificate Secret it created
@@ -662,7 +633,7 @@ def test_operator_runs_under_the_chart_rbac(release: Release, redis_server: Any,
         cp.kubectl("patch", *WEBHOOK_CONFIGS[0], "--type=json",
                    "-p", '[{"op": "remove", "path": "/webhooks/0/clientConfig/caBundle"}]')
         assert ca_bundle(*WEBHOOK_CONFIGS[0]) is None
-        ops.append(OperatorProcess(release, redis_server.url, tmp_path, "second"))
+        ops.append(chart_operator(release, redis_server.url, tmp_path, "second"))
         wait(lambda: ca_bundle(*WEBHOOK_CONFIGS[0]) == first_ca,
              "sluice-policies patched with the Secret's CA again")
         renewed = cert_secret()

@@ -29,11 +29,7 @@ import datetime as dt
 import http.client
 import json
 import logging
-import os
-import re
-import signal
 import ssl
-import subprocess
 import sys
 import threading
 import time
@@ -55,6 +51,7 @@ from sluice_operator.webhook_config import MUTATING_NAME, VALIDATING_NAME
 from support.control_plane import ControlPlane
 from support.crds import apply_crds
 from support.examples import expectation
+from support.operator_process import OperatorProcess
 from support.polling import poll
 from support.redis_servers import pick_port
 
@@ -74,69 +71,21 @@ RESUMING = "Resuming operations after the pause"  # kopf's log line when a repli
 # two operator processes
 
 
-class Replica:
-    """``sluice operator --peering ...`` as a subprocess; ``POD_ID`` is its kopf identity."""
-
-    def __init__(self, identity: str, cp: ControlPlane, redis_url: str, workdir: Path,
-                 peering: str, secret: str | None) -> None:
-        """``secret`` None: no webhooks (they would re-register the configurations)."""
-        self.identity = identity
-        self.log_path = workdir / f"{identity}.log"
-        self.webhook_port, self.liveness_port, self.metrics_port = (
-            pick_port(), pick_port(), pick_port())
-        env = {k: v for k, v in os.environ.items()
-               if not k.startswith(("KUBERNETES_", "SLUICE_OPERATOR_"))}
-        env.update(KUBECONFIG=str(cp.kubeconfig), POD_ID=identity)
-        webhooks = [] if secret is None else [
-            "--webhook-listen", f"127.0.0.1:{self.webhook_port}",
-            "--webhook-url", f"https://127.0.0.1:{self.webhook_port}",
-            "--webhook-cert-dir", str(workdir / f"certs-{identity}"),
-            "--webhook-provided-cert-dir", str(workdir / "no-cert-manager"),
-            "--webhook-cert-secret", secret]
-        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "sluice_core.cli", "operator", "--redis", redis_url,
-             "--resync-interval-s", "1", "--namespace", f"{NS_PREFIX}-*",
-             "--peering", peering, "--peering-lifetime-s", str(LIFETIME_S),
-             "--liveness", f"http://127.0.0.1:{self.liveness_port}/healthz",
-             "--metrics-listen", f"127.0.0.1:{self.metrics_port}", *webhooks],
-            stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT, env=env)
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def report(self) -> str:
-        lines = [ln for ln in self.log().splitlines() if "Keep-alive" not in ln]
-        return f"--- {self.identity} ({self.log_path})\n" + "\n".join(lines[-40:])
-
-    def check_alive(self) -> None:
-        if self.proc.poll() is not None:
-            pytest.fail(f"{self.identity} exited with {self.proc.returncode}\n{self.report()}")
-
-    def counter(self, name: str) -> float:
-        """The sum of a counter over its labels, from the replica's /metrics."""
-        conn = http.client.HTTPConnection("127.0.0.1", self.metrics_port, timeout=5)
-        try:
-            conn.request("GET", "/metrics")
-            text = conn.getresponse().read().decode()
-        finally:
-            conn.close()
-        return sum(float(m[1]) for m in re.finditer(
-            rf"^{name}_total(?:{{[^}}]*}})? (\S+)$", text, re.M))
-
-    def kill(self) -> None:
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(timeout=10)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
-        self._log.close()
+def start_replica(identity: str, cp: ControlPlane, redis_url: str, workdir: Path, peering: str,
+            secret: str | None) -> OperatorProcess:
+    """``sluice operator --peering ...``; ``secret`` None: no webhooks (they would re-register
+    the configurations)."""
+    port = pick_port()
+    webhooks = [] if secret is None else [
+        "--webhook-listen", f"127.0.0.1:{port}",
+        "--webhook-url", f"https://127.0.0.1:{port}",
+        "--webhook-cert-dir", str(workdir / f"certs-{identity}"),
+        "--webhook-provided-cert-dir", str(workdir / "no-cert-manager"),
+        "--webhook-cert-secret", secret]
+    return OperatorProcess(
+        identity, cp.kubeconfig, redis_url, workdir,
+        ["--resync-interval-s", "1", "--namespace", f"{NS_PREFIX}-*", "--peering", peering,
+         "--peering-lifetime-s", str(LIFETIME_S), *webhooks], webhook_port=port)
 
 
 @dataclass
@@ -147,12 +96,12 @@ class Pair:
     peering: str
     secret_ns: str
     secret_name: str
-    older: Replica
-    younger: Replica
+    older: OperatorProcess
+    younger: OperatorProcess
     namespaces: list[str] = field(default_factory=list)  # created here: deleted at teardown
 
     @property
-    def replicas(self) -> list[Replica]:
+    def replicas(self) -> list[OperatorProcess]:
         return [self.older, self.younger]
 
     def diagnose(self) -> str:
@@ -220,22 +169,22 @@ def pair(k8s: ControlPlane, redis_server: Any, tmp_path_factory: pytest.TempPath
     cp.kubectl("apply", "-f", "-", input=yaml.safe_dump({
         "apiVersion": "kopf.dev/v1", "kind": "ClusterKopfPeering",
         "metadata": {"name": peering}}))
-    started: list[Replica] = []
+    started: list[OperatorProcess] = []
     namespaces: list[str] = []
     # kopf starts peering (and watching) per served namespace: with a pattern and no namespace
     # that matches it yet, a replica has nothing to do and no keep-alive to send
     new_namespace(cp, namespaces)
 
-    def start(identity: str) -> Replica:
-        replica = Replica(f"{identity}-{suffix}", cp, redis_server.url, workdir, peering,
-                          f"{secret_ns}/{secret_name}")
+    def start(identity: str) -> OperatorProcess:
+        replica = start_replica(f"{identity}-{suffix}", cp, redis_server.url, workdir, peering,
+                                f"{secret_ns}/{secret_name}")
         started.append(replica)
         return replica
 
     def diagnose() -> str:
         return "\n".join(r.report() for r in started)
 
-    def active(replica: Replica) -> bool:
+    def active(replica: OperatorProcess) -> bool:
         replica.check_alive()
         return RESUMING in replica.log()
 
@@ -385,7 +334,7 @@ def test_missing_peering_object_is_reported(pair: Pair, tmp_path: Path) -> None:
     """kopf waits paused, logging nothing above DEBUG, for a peering object that does not
     exist: the operator says so."""
     name = f"sluice-ha-missing-{uuid.uuid4().hex[:6]}"
-    replica = Replica(f"lost-{name}", pair.cp, pair.redis_url, tmp_path, name, None)
+    replica = start_replica(f"lost-{name}", pair.cp, pair.redis_url, tmp_path, name, None)
     try:
         poll(lambda: replica.check_alive() or "the ClusterKopfPeering object does not exist"
              in replica.log(), "the error about the missing peering object",
