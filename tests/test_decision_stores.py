@@ -141,6 +141,28 @@ async def test_refusal_consumes_nothing(case: Case) -> None:
     assert (await decide(case.store, [(key, lim)], 1))[0] == 0
 
 
+async def test_a_refund_gives_back_exactly_what_was_taken(case: Case) -> None:
+    """A negative cost (a request one policy admitted and another refused, on Redis Cluster)
+    returns the tokens: always allowed, never more than a full bucket, and a bucket it makes
+    full again is no key at all."""
+    tier, rule = hourly(burst=5), hourly(burst=2)
+    c = new_client()
+    both = [(c.tier_key, tier), (c.rule_key, rule)]
+    assert (await decide(case.store, both, 2))[:3] == [1, 0, 3]
+    assert (await decide(case.store, [(c.tier_key, tier)], 1))[:3] == [1, 0, 2]
+    assert (await decide(case.store, both, -2))[0] == 1
+    assert (await decide(case.store, [(c.tier_key, tier)], 0))[2] == 4  # the other request's token stays taken
+    assert (await decide(case.store, [(c.rule_key, rule)], 0))[2] == 2
+    assert (await decide(case.store, both, -3))[0] == 1  # more than was taken: a full bucket, no more
+    assert (await decide(case.store, [(c.tier_key, tier)], 0))[2] == 5
+    assert (await decide(case.store, both, 2))[:3] == [1, 0, 3]  # and the bucket works as before
+    if case.is_redis:
+        assert case.node_for is not None
+        assert case.node_for(c.tier_key).execute("EXISTS", c.tier_key) == 1
+        await decide(case.store, both, -2)
+        assert case.node_for(c.tier_key).execute("EXISTS", c.tier_key, c.rule_key) == 0
+
+
 async def test_cost_takes_that_many_tokens(case: Case) -> None:
     lim = hourly(burst=10)
     key = new_client().tier_key

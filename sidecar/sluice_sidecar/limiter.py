@@ -10,8 +10,9 @@ then pass both. Where one store call can hold both policies' buckets (a single R
 Sentinel, the in-memory store) it is one call, all-or-nothing across both. On a Redis Cluster
 their hash tags (clients, policy ids) land in different slots, so they are two calls in order:
 the namespace's policy first, the shared budget only if it admitted, so a client refused
-locally never drains the budget it shares with other services; a request the shared budget then
-refuses has still taken its namespace-policy tokens (the stricter limit governs either way).
+locally never drains the budget it shares with other services; when the shared budget then
+refuses, a third call gives the namespace policy its tokens back (a refund: exact once it has
+run; in between, the client's own budget is held for one round trip).
 A shadow policy is always asked on its own, so that it never holds the other back.
 """
 
@@ -187,11 +188,16 @@ class Limiter:
             return await self._decide_atomically(first, second, keys)
         # Two calls (different Redis Cluster slots, or a shadow policy, which must not hold the
         # other back): the namespace's policy first, the shared budget only if it admitted.
-        one = self._finish(first, await self._ask(first.keys, first.cost, first.params))
+        reply = await self._ask(first.keys, first.cost, first.params)
+        one = self._finish(first, reply)
         if one.status:
             return one
         two = self._finish(second, await self._ask(second.keys, second.cost, second.params))
         if two.status:
+            if reply is not None and reply[0] == 1:
+                # Refused after all: give the first policy its tokens back (a refund cannot be
+                # refused; if Redis cannot take it, those tokens stay spent).
+                await self._ask(first.keys, -first.cost, first.params)
             return two
         return Outcome(0, hdr.merge(one.headers, two.headers))
 

@@ -21,7 +21,10 @@
 --        decision takes nothing). Everything else follows from debt, EM and CAP, which the
 --        caller knows, so it is computed there (sluice_core.gcra.expand) rather than here:
 --        every reply element costs Redis time to convert.
--- A cost of 0 only reads (admin "peek").
+-- A cost of 0 only reads (admin "peek"). A negative cost gives tokens back (a refund: a request
+-- taken by one policy and then refused by another, on Redis Cluster where the two are two calls):
+-- always allowed; a bucket it makes full again is deleted, as a missing key is a full bucket.
+-- (Its reply is not meant to be read: debts may come out negative.)
 
 local t = redis.call('TIME')
 local now = t[1] * 1000000 + t[2]
@@ -42,7 +45,7 @@ for _ = 1, tonumber(ARGV[1]) do
     local key = KEYS[k + i]
     local cur = tat[key]
     if cur < now then cur = now end
-    if cur + cost * tonumber(ARGV[a + 2 * i]) - now > tonumber(ARGV[a + 2 * i + 1]) then
+    if cost > 0 and cur + cost * tonumber(ARGV[a + 2 * i]) - now > tonumber(ARGV[a + 2 * i + 1]) then
       allowed = 0
     end
   end
@@ -56,7 +59,7 @@ for _ = 1, tonumber(ARGV[1]) do
     if allowed == 1 then
       local new = cur + cost * tonumber(ARGV[a + 2 * i])
       out[no] = new - now
-      if cost > 0 then
+      if cost ~= 0 then
         tat[key] = new
         if not queued[key] then
           queued[key] = true
@@ -75,6 +78,10 @@ for i = 1, nw do
   local key = order[i]
   local v = tat[key]
   -- The key lives until the bucket is full again (then it equals a missing key), plus 1 s.
-  redis.call('SET', key, v, 'PX', math.floor((v - now) / 1000) + 1000)
+  if v > now then
+    redis.call('SET', key, v, 'PX', math.floor((v - now) / 1000) + 1000)
+  else
+    redis.call('DEL', key)
+  end
 end
 return out

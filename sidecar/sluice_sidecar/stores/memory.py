@@ -49,13 +49,20 @@ class MemoryStore:
             if tat < now:
                 tat = now
             new = tat + cost * params[2 * i]
-            if new - now > params[2 * i + 1]:
+            if cost > 0 and new - now > params[2 * i + 1]:
                 allowed = 0
             tats.append(tat)
             news.append(new)
         debts = [(new if allowed else tat) - now for tat, new in zip(tats, news, strict=True)]
         out = expand(allowed, debts, cost, params)
-        if allowed and cost > 0:
+        if allowed and cost < 0:  # a refund; a bucket full again is no bucket (as in the script)
+            for key, new in zip(keys, news, strict=True):
+                if new <= now:
+                    self._tat.pop(key, None)
+                else:
+                    self._tat[key] = new
+                    self._tat.move_to_end(key)
+        elif allowed and cost > 0:
             tat_map = self._tat
             for key, new in zip(keys, news, strict=True):
                 tat_map[key] = new
