@@ -127,12 +127,12 @@ class _Doc:
     """One config document in Redis, as this sidecar last saw it."""
 
     namespace: str
-    key: str = ""
     version: int = 0  # version last seen (applied or found broken); 0: missing
     config: NamespaceConfig | None = None  # the last good one
 
-    def __post_init__(self) -> None:
-        self.key = keyschema.config_key(self.namespace)
+    @property
+    def key(self) -> str:
+        return keyschema.config_key(self.namespace)
 
 
 def select_cluster_policy(config: NamespaceConfig | None, namespace: str,

@@ -124,10 +124,6 @@ def _scaled(plan: _Plan) -> tuple[int, ...]:
     return tuple(x for i in range(0, len(p), 2) for x in (plan.cost * p[i], p[i + 1]))
 
 
-def _has_room(reply: list[int], cost: int) -> bool:
-    return all(reply[2 + 3 * i] >= cost for i in range((len(reply) - 2) // 3))
-
-
 @dataclass(slots=True)
 class Outcome:
     """What to do with a request: forward it (``status`` 0) or answer ``status`` now."""
@@ -165,9 +161,7 @@ class Limiter:
                 self.metrics.decision("", "", "", "unconfigured")
                 return FORWARD_PLAIN
             plan = self._plan(one, method, path, headers, peer)
-            if isinstance(plan, Outcome):
-                return plan
-            return self._finish(plan, await self._ask(plan.keys, plan.cost, plan.params))
+            return plan if isinstance(plan, Outcome) else await self._decide_one(plan)
         return await self._decide_both(self._plan(act, method, path, headers, peer),
                                        self._plan(shared, method, path, headers, peer))
 
@@ -181,7 +175,7 @@ class Limiter:
             plan = first if isinstance(first, _Plan) else second
             if not isinstance(plan, _Plan):
                 return FORWARD_PLAIN  # both skip
-            return self._finish(plan, await self._ask(plan.keys, plan.cost, plan.params))
+            return await self._decide_one(plan)
         keys = first.keys + second.keys
         shadow = Mode.SHADOW in (first.act.policy.mode, second.act.policy.mode)
         if not shadow and self.store.atomic(keys):
@@ -192,7 +186,7 @@ class Limiter:
         one = self._finish(first, reply)
         if one.status:
             return one
-        two = self._finish(second, await self._ask(second.keys, second.cost, second.params))
+        two = await self._decide_one(second)
         if two.status:
             if reply is not None and reply[0] == 1:
                 # Refused after all: give the first policy its tokens back (a refund cannot be
@@ -218,7 +212,10 @@ class Limiter:
             one, two = self._finish(first, r1), self._finish(second, r2)
             return Outcome(0, hdr.merge(one.headers, two.headers))
         # Refused: by the first policy whose buckets lack room (the other took nothing either).
-        return self._finish(first, r1) if not _has_room(r1, first.cost) else self._finish(second, r2)
+        return self._finish(first, r1) if _short_bucket(r1, first.cost) is not None else self._finish(second, r2)
+
+    async def _decide_one(self, plan: _Plan) -> Outcome:
+        return self._finish(plan, await self._ask(plan.keys, plan.cost, plan.params))
 
     def _plan(self, act: Enforcement, method: str, path: str, headers: Mapping[str, str],
               peer: str) -> _Plan | Outcome:
@@ -287,7 +284,7 @@ class Limiter:
             return Outcome(0, out_headers if policy.headers is not HeaderStyle.NONE else [])
         self.metrics.decision(act.label, tier_b.name, rule_name, "limited")
         out_headers.append(("Retry-After", hdr.retry_after(reply)))
-        limiting = _limiting_bucket(plan.names, reply, plan.cost)
+        limiting = plan.names[_short_bucket(reply, plan.cost) or 0]
         return Outcome(429, out_headers, policy.name, tier_b.name, rule_name,
                        f"the {limiting} limit is used up; retry after {hdr.retry_after(reply)} s")
 
@@ -310,9 +307,10 @@ class Limiter:
         return reply
 
 
-def _limiting_bucket(names: tuple[str, ...], reply: list[int], cost: int) -> str:
-    """The first bucket that did not hold ``cost`` tokens: the one that refused."""
-    for i, name in enumerate(names):
+def _short_bucket(reply: list[int], cost: int) -> int | None:
+    """The index of the first bucket that does not hold ``cost`` tokens (the one that refuses),
+    or None when every bucket has room."""
+    for i in range((len(reply) - 2) // 3):
         if reply[2 + 3 * i] < cost:
-            return name
-    return names[0]
+            return i
+    return None
