@@ -50,15 +50,6 @@ def publish(client: Any, namespace: str, doc: str, *, min_version: int = 0) -> i
     return int(v)
 
 
-def delete(client: Any, namespace: str) -> bool:
-    s = scripts.delete_config()
-    try:
-        return bool(client.eval(s.source, 1, keyschema.config_key(namespace),
-                                keyschema.CONFIG_CHANNEL, namespace))
-    except redis.RedisError as exc:
-        raise ConfigStoreError(f"cannot delete config for namespace {namespace!r}: {exc}") from exc
-
-
 def read_raw(client: Any, namespace: str) -> tuple[int, str] | None:
     """The stored ``(version, JSON document)``, unparsed; None when there is none."""
     try:

@@ -28,6 +28,3 @@ def decide() -> Script:
 def publish_config() -> Script:
     return load("publish_config")
 
-
-def delete_config() -> Script:
-    return load("delete_config")
