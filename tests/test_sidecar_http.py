@@ -682,7 +682,7 @@ async def test_upstream_down_is_502(sidecars: Factory, http: aiohttp.ClientSessi
         port = s.getsockname()[1]
         sc = await sidecars(policy_doc(), upstream=f"http://127.0.0.1:{port}")
         r = await call(http, "GET", sc.url + "/x")
-    assert "502" in json.dumps(assert_problem(r, 502))
+    assert_problem(r, 502)
     assert (await call(http, "GET", sc.admin_url + "/healthz")).status == 200
 
 
