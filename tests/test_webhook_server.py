@@ -21,7 +21,13 @@ import yaml
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from sluice_operator.admission import InjectionSettings
-from sluice_operator.certs import CertBundle, ensure_certificates
+from sluice_operator.certs import (
+    CertBundle,
+    ensure_certificates,
+    issue,
+    read_material,
+    write_material,
+)
 from sluice_operator.webhook_server import WebhookServer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -292,5 +298,17 @@ async def test_rotated_certificate_files_are_served_without_a_restart(tmp_path: 
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=client_ssl(second))) as http, \
                 http.get(f"https://127.0.0.1:{port}/healthz") as r:
             assert r.status == 200
+        # The usual rotation: a new certificate from the same CA (only tls.crt/tls.key change).
+        material = read_material(tmp_path / "two")
+        assert material is not None
+        renewed = write_material(tmp_path / "renewed", issue(["localhost"], ["127.0.0.1"], previous=material),
+                                 "self-signed")
+        assert renewed.ca_pem == second.ca_pem and der(renewed) != der(second)
+        mount(renewed)
+
+        async def renewed_served() -> bool:
+            return await served(port) == der(renewed)
+
+        await wait_for(renewed_served, timeout=10, what="the renewed certificate to be served")
     finally:
         await server.stop()

@@ -81,17 +81,20 @@ async def keep_certificates_current(settings: OperatorSettings, api_client: Any,
     expiry); a self-signed certificate is renewed 30 days ahead, by this replica or, through the
     shared Secret, by another. When the CA changes, the configurations first get both CAs, then
     the server switches: the API server never meets a certificate it does not trust."""
+    # What is served, as read when it was loaded: the files may be rewritten in place.
+    served_fp = _fingerprint(served)
     while True:
         await asyncio.sleep(settings.webhook_cert_check_s)
         try:
             bundle = await current_certificates(settings, api_client)
-            if _fingerprint(bundle) == _fingerprint(served):
+            fp = _fingerprint(bundle)
+            if fp == served_fp:
                 continue
             if bundle.ca_pem != served.ca_pem:
                 await register(settings, api_client, bundle.ca_pem + served.ca_pem)
             server.cert_file, server.key_file = bundle.cert_path, bundle.key_path
             server.reload_certificates()
-            served = bundle
+            served, served_fp = bundle, fp
             log.info("webhook certificate reloaded: %s (%s)", bundle.cert_path, bundle.mode)
         except Exception as exc:  # keep serving the current one; try again next time
             log.warning("cannot refresh the webhook certificate (keeping the current one): %s", exc)
