@@ -112,3 +112,25 @@ async def test_cluster_policy_keys_live_in_the_cluster_keys_namespace(api: Any, 
     assert [s["metadata"]["labels"]["sluice.dev/cluster-policy"] for s in new] == ["partners"]
     code, out = await asyncio.to_thread(run, api, "list", "-n", "sluice-system")
     assert code == 0 and out.count("cluster/partners") == 2, out
+
+
+def test_a_key_limit_is_checked_like_a_policy_limit() -> None:
+    """A key Secret's limit goes through the policy parser's checks: one the sidecars would refuse
+    (over 1,000,000 per second) is reported on that Secret, not written into the document where
+    it would make the whole namespace's config unreadable."""
+    policy = parse_policy({"apiVersion": API_VERSION, "kind": KIND, "metadata": {"name": "api"},
+                           "spec": {"tiers": [{"name": "pro", "requests": 9, "period": "1m"}]}})
+
+    def secret(limit: str) -> dict[str, Any]:
+        data = {"key": "k-" + limit, "tier": "pro", "limit": limit}
+        return {"metadata": {"name": "s", "labels": {"sluice.dev/policy": "api"}},
+                "data": {k: base64.b64encode(v.encode()).decode() for k, v in data.items()}}
+
+    grants, problems, _ = grants_for(policy, [secret("2000000/1s")])
+    assert not grants
+    assert [p.reason for p in problems] == [
+        "data.limit: limit.requests: 2000000 per 1s is more than 1000000 per second"]
+    grants, problems, _ = grants_for(policy, [secret("x/1m")])
+    assert [p.reason for p in problems] == ["data.limit: limit.requests: must be a positive integer, got 'x'"]
+    grants, problems, _ = grants_for(policy, [secret("50/1m/5")])
+    assert not problems and [g.limit.burst for g in grants.values() if g.limit] == [5]

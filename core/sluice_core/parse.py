@@ -306,6 +306,26 @@ def parse_limit(c: _Checker, m: Mapping[str, Any], path: str) -> Limit | None:
     return limit
 
 
+def parse_limit_text(text: str) -> Limit:
+    """A limit in its compact form, ``<requests>/<period>[/<burst>]`` (key Secrets, ``sluice
+    keys``), checked exactly like a limit in a policy; ValueError says what is wrong."""
+    parts = text.strip().split("/")
+    if len(parts) not in (2, 3):
+        raise ValueError(f"must be <requests>/<period>[/<burst>], got {text!r}")
+    m: dict[str, Any] = {"requests": _int_or_text(parts[0]), "period": parts[1]}
+    if len(parts) == 3:
+        m["burst"] = _int_or_text(parts[2])
+    c = _Checker("limit")
+    limit = parse_limit(c, m, "limit")
+    if limit is None:
+        raise ValueError("; ".join(f"{e.path}: {e.reason}" for e in c.errors))
+    return limit
+
+
+def _int_or_text(text: str) -> int | str:
+    return int(text) if text.strip().lstrip("-").isdigit() else text
+
+
 def _tiers(c: _Checker, value: Any) -> dict[str, Tier]:
     items = c.seq(value, "spec.tiers")
     if items is None:

@@ -20,8 +20,9 @@ import sys
 from typing import Any
 
 from sluice_core.duration import parse_duration_us
+from sluice_core.parse import parse_limit_text
 
-from sluice_operator.keysecrets import CLUSTER_POLICY_LABEL, POLICY_LABEL, parse_limit
+from sluice_operator.keysecrets import CLUSTER_POLICY_LABEL, POLICY_LABEL
 from sluice_operator.kube import default_api_client
 
 KEY_LABEL = "sluice.dev/api-key"
@@ -45,7 +46,7 @@ def secret_manifest(namespace: str, policy: str, tier: str, key: str, *, limit: 
                     label: str = POLICY_LABEL) -> dict[str, Any]:
     data = {"key": key, "tier": tier}
     if limit:
-        parse_limit(limit)  # refuse a bad limit before anything is created
+        parse_limit_text(limit)  # refuse a bad limit before anything is created
         data["limit"] = limit
     if expires_at:
         data["expiresAt"] = expires_at

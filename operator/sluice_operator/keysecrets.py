@@ -22,9 +22,9 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from sluice_core.duration import parse_duration_us
 from sluice_core.keyschema import hash_api_key
-from sluice_core.model import CompiledPolicy, KeyGrant, Limit
+from sluice_core.model import CompiledPolicy, KeyGrant
+from sluice_core.parse import parse_limit_text
 
 POLICY_LABEL = "sluice.dev/policy"
 CLUSTER_POLICY_LABEL = "sluice.dev/cluster-policy"
@@ -50,17 +50,6 @@ def _field(data: Mapping[str, Any], name: str) -> str | None:
         return base64.b64decode(raw, validate=True).decode("utf-8")
     except (binascii.Error, UnicodeDecodeError):
         return None
-
-
-def parse_limit(text: str) -> Limit:
-    parts = text.strip().split("/")
-    if len(parts) not in (2, 3):
-        raise ValueError(f"limit must be <requests>/<period>[/<burst>], got {text!r}")
-    requests = int(parts[0])
-    burst = int(parts[2]) if len(parts) == 3 else requests
-    if requests < 1 or burst < 1:
-        raise ValueError("limit requests and burst must be positive")
-    return Limit(requests=requests, period_us=parse_duration_us(parts[1]), burst=burst)
 
 
 def grants_for(policy: CompiledPolicy, secrets: Iterable[Mapping[str, Any]], *,
@@ -104,7 +93,7 @@ def grants_for(policy: CompiledPolicy, secrets: Iterable[Mapping[str, Any]], *,
         limit_text = _field(data, "limit")
         if limit_text:
             try:
-                limit = parse_limit(limit_text)
+                limit = parse_limit_text(limit_text)
             except ValueError as exc:
                 problems.append(KeyProblem(name, f"data.limit: {exc}"))
                 continue
