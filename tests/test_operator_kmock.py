@@ -299,3 +299,29 @@ async def test_webhooks_served_and_registered_with_their_ca(kmock: Any, redis_se
         assert answer["response"]["uid"] == "u-1"
         assert answer["response"]["allowed"] is False
         assert "spec.tiers[0].requests: must be a positive integer, got -5" in answer["response"]["status"]["message"]
+
+
+# The reconcile loop itself (no kopf): restarts and an unreachable Redis ----------------------
+async def test_a_restarted_operator_keeps_the_last_good_version_of_an_invalid_policy(redis_server: Any) -> None:
+    ns = "rs-" + uuid.uuid4().hex[:8]
+    client = configstore.connect(redis_server.url)
+    first = await Reconciler(client).reconcile(ns, [policy("api", ns, requests=10)], [])
+    assert first.programmed and first.version
+    # A new operator process (nothing in memory) meets an invalid update of the same policy.
+    again = await Reconciler(client).reconcile(ns, [policy("api", ns, requests=-5)], [])
+    result = again.results["api"]
+    assert not result.accepted and result.serving, result
+    assert again.version == first.version and not again.pushed
+    cfg = configstore.read(client, ns)
+    assert cfg.version == first.version and cfg.policies[0].tiers["free"].limit.requests == 10
+
+
+async def test_with_redis_unreachable_status_still_says_what_is_valid() -> None:
+    from support.redis_servers import pick_port
+
+    client = configstore.connect(f"redis://127.0.0.1:{pick_port()}", timeout=0.5)  # nobody listens
+    ns = "down-" + uuid.uuid4().hex[:8]
+    out = await Reconciler(client).reconcile(ns, [policy("good", ns), policy("bad", ns, requests=-5)], [])
+    assert out.redis_error and not out.programmed
+    assert out.results["good"].accepted and not out.results["bad"].accepted
+    assert "spec.tiers[0].requests" in out.results["bad"].message

@@ -95,14 +95,16 @@ class Reconciler:
                          secrets: Sequence[Mapping[str, Any]],
                          namespace_labels: Mapping[str, Mapping[str, str]]) -> NamespaceOutcome:
         out = NamespaceOutcome(namespace)
+        stored: tuple[int, str] | None = None
         try:
             stored = await asyncio.to_thread(configstore.read_raw, self.redis, namespace)
         except configstore.ConfigStoreError as exc:
+            # Still validate, so that status says what is wrong with a policy; write nothing
+            # and remember nothing (a later read may still recover the last good config).
             out.redis_error = str(exc)
-            return out
-        last_good = self._last_good.setdefault(namespace, {})
-        if not last_good and stored is not None:
+        if namespace not in self._last_good and stored is not None:
             self._recover(namespace, stored)
+        last_good = dict(self._last_good.get(namespace, {}))  # this reconcile's working copy
         live: dict[str, CompiledPolicy] = {}
         for body in policies:
             meta = body.get("metadata", {})
@@ -122,8 +124,9 @@ class Reconciler:
                 result.serving = True
                 result.tiers = len(last_good[name].tiers)
             out.results[name] = result
-        for gone in set(last_good) - set(live):
-            del last_good[gone]
+        if out.redis_error:
+            return out
+        self._last_good[namespace] = live
         grants: dict[str, Mapping[str, KeyGrant]] = {}
         for name, policy in live.items():
             table, problems, expiry = grants_for(policy, secrets)
