@@ -40,13 +40,10 @@ async def serve_webhooks(settings: OperatorSettings, api_client: Any) -> Webhook
     log.info("webhook certificate: %s (%s)", bundle.cert_path, bundle.mode)
 
     def namespace_labels(namespace: str) -> Mapping[str, str] | None:
+        """Errors reach the server, which logs them and admits the pod with a warning."""
         from kubernetes import client
 
-        try:
-            ns = client.CoreV1Api(api_client).read_namespace(namespace)
-        except Exception as exc:  # the injector then decides on the pod's own labels
-            log.warning("cannot read labels of namespace %s: %s", namespace, exc)
-            return None
+        ns = client.CoreV1Api(api_client).read_namespace(namespace)
         return dict((ns.metadata.labels if ns.metadata else None) or {})
 
     async def namespace_labels_async(namespace: str) -> Mapping[str, str] | None:
