@@ -162,6 +162,8 @@ def test_cluster_policy_lifecycle(operator: Operator, namespaces: dict[str, str]
     poll(lambda: (cfg := operator.config(CLUSTER_SCOPE)) and cfg.scopes.get(name) == frozenset({a, b, c}),
          "c in the scope")
     poll(lambda: crlp_status(operator, name).get("namespaces") == 3, "status.namespaces 3")
+    # Reconciled again since both Secrets exist: still only the keys namespace's key.
+    assert set(operator.config(CLUSTER_SCOPE).grants[name]) == {digest}
 
     # An update only the parser refuses (a Python regex): the last good version keeps serving.
     good = operator.config(CLUSTER_SCOPE)

@@ -77,10 +77,13 @@ async def test_create_list_revoke_rotate(api: Any, kmock: Any) -> None:
     grants, _, _ = grants_for(policy, secrets)
     assert len(grants) == 1  # the old key is revoked, the new one works
 
-    code, _ = await asyncio.to_thread(run, api, "revoke", name)
+    new_name = out.split("created secret default/")[1].split(";")[0]
+    code, _ = await asyncio.to_thread(run, api, "revoke", new_name)
     assert code == 0
+    grants, _, _ = grants_for(policy, stored_secrets(kmock))
+    assert not grants  # both keys revoked now
     code, out = await asyncio.to_thread(run, api, "list")
-    assert out.count("revoked") == 1
+    assert out.count("revoked") == 2
     assert new_key not in out
 
 

@@ -22,6 +22,7 @@ from sluice_operator.handlers import build_registry
 from sluice_operator.metrics import OperatorMetrics
 from sluice_operator.reconcile import Reconciler
 from sluice_operator.settings import OperatorSettings
+from support.sidecar_harness import wait_for
 
 RLP = "sluice.dev/v1alpha1/ratelimitpolicies"
 
@@ -90,18 +91,6 @@ async def eventually(probe: Callable[[], Any], what: str, timeout: float = 15.0)
         else:
             if last:
                 return last
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}; last: {last!r}")
-
-
-async def eventually_async(probe: Callable[[], Any], what: str, timeout: float = 15.0) -> Any:
-    """:func:`eventually` for a coroutine ``probe``."""
-    deadline = asyncio.get_running_loop().time() + timeout
-    last: Any = None
-    while asyncio.get_running_loop().time() < deadline:
-        last = await probe()
-        if last:
-            return last
         await asyncio.sleep(0.05)
     raise AssertionError(f"timed out waiting for {what}; last: {last!r}")
 
@@ -257,7 +246,7 @@ async def test_contract_operator_to_sidecar_process_to_status(env: Env, tmp_path
             replies = [await asyncio.to_thread(http_get, sidecar.url + "/") for _ in range(3)]
             return all(code == 200 for code, _ in replies)
 
-        await eventually_async(unlimited, "the sidecar to stop limiting")
+        await wait_for(unlimited, timeout=15, what="the sidecar to stop limiting")
     finally:
         await asyncio.to_thread(sidecar.close)
         await asyncio.to_thread(up.close)
