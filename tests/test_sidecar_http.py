@@ -26,10 +26,10 @@ import psutil  # type: ignore[import-untyped]
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from sluice_sidecar.stores.memory import MemoryStore
+from support.processes import SidecarProcess
 from support.sidecar_harness import (
     UTF8_VALUE,
     RunningSidecar,
-    SidecarProcess,
     Upstream,
     policy_doc,
     raw_request,
@@ -824,69 +824,70 @@ async def _transfer(http: aiohttp.ClientSession, url: str, size: int) -> None:
         assert got == size
 
 
-async def test_fifty_mib_both_ways_with_flat_memory(tmp_path: Path, upstream: Upstream,
-                                                    http: aiohttp.ClientSession) -> None:
+@pytest.fixture
+async def sidecar_process(tmp_path: Path, upstream: Upstream) -> AsyncIterator[SidecarProcess]:
+    """The sidecar as a process of its own (so its RSS is its own), limits that never bind."""
     policy = tmp_path / "policy.yaml"
     write_file(policy, policy_doc(tiers=[{"name": "free", "requests": 1000, "period": "1s"}]))
-    proc = SidecarProcess(policy, upstream.url, tmp_path / "sidecar.log")
-    await proc.start()
+    proc = await asyncio.to_thread(SidecarProcess, upstream.url, "--policy-file", str(policy),
+                                   "--drain-s", "0", "--shutdown-timeout-s", "2")
     try:
-        await _transfer(http, proc.url, 2 * MiB)  # warm up buffers and connection pools
-        sampler = RssSampler(proc.pid)
-        baseline = sampler.rss()
-        with sampler:
-            await _transfer(http, proc.url, 50 * MiB)
-        growth = sampler.peak - baseline
-        assert growth < 20 * MiB, f"sidecar RSS grew by {growth / MiB:.1f} MiB for a 50 MiB body"
-        assert upstream.seen[-3].body_length == 50 * MiB
-        r = await call(http, "GET", proc.admin_url + "/healthz")
-        assert r.status == 200
+        yield proc
     finally:
-        await proc.stop()
+        await asyncio.to_thread(proc.close)
 
 
-async def test_slow_client_and_slow_app_get_back_pressure(tmp_path: Path, upstream: Upstream,
+async def test_fifty_mib_both_ways_with_flat_memory(sidecar_process: SidecarProcess, upstream: Upstream,
+                                                    http: aiohttp.ClientSession) -> None:
+    proc = sidecar_process
+    await _transfer(http, proc.url, 2 * MiB)  # warm up buffers and connection pools
+    sampler = RssSampler(proc.proc.pid)
+    baseline = sampler.rss()
+    with sampler:
+        await _transfer(http, proc.url, 50 * MiB)
+    growth = sampler.peak - baseline
+    assert growth < 20 * MiB, f"sidecar RSS grew by {growth / MiB:.1f} MiB for a 50 MiB body"
+    assert upstream.seen[-3].body_length == 50 * MiB
+    r = await call(http, "GET", proc.admin + "/healthz")
+    assert r.status == 200
+
+
+async def test_slow_client_and_slow_app_get_back_pressure(sidecar_process: SidecarProcess, upstream: Upstream,
                                                          http: aiohttp.ClientSession) -> None:
     """A client that stops reading stops the app's writes; an app that stops reading stops the
     client's upload: the sidecar holds neither body in memory meanwhile."""
-    policy = tmp_path / "policy.yaml"
-    write_file(policy, policy_doc(tiers=[{"name": "free", "requests": 1000, "period": "1s"}]))
-    proc = SidecarProcess(policy, upstream.url, tmp_path / "sidecar.log")
-    await proc.start()
+    proc = sidecar_process
     total = 256 * MiB
-    try:
-        await _transfer(http, proc.url, 2 * MiB)
-        sampler = RssSampler(proc.pid)
-        baseline = sampler.rss()
-        with sampler:
-            async with http.get(f"{proc.url}/__stream/{total}") as r:
-                got = len(await r.content.readexactly(MiB))
-                written = await wait_stable(lambda: upstream.stream_sent, what="bytes the app wrote")
-                async for chunk in r.content.iter_chunked(256 * 1024):
-                    got += len(chunk)
-            assert got == total
+    await _transfer(http, proc.url, 2 * MiB)
+    sampler = RssSampler(proc.proc.pid)
+    baseline = sampler.rss()
+    with sampler:
+        async with http.get(f"{proc.url}/__stream/{total}") as r:
+            got = len(await r.content.readexactly(MiB))
+            written = await wait_stable(lambda: upstream.stream_sent, what="bytes the app wrote")
+            async for chunk in r.content.iter_chunked(256 * 1024):
+                got += len(chunk)
+        assert got == total
 
-            sent = 0
+        sent = 0
 
-            async def body() -> AsyncIterator[bytes]:
-                nonlocal sent
-                block = b"u" * (256 * 1024)
-                while sent < total:
-                    sent += len(block)
-                    yield block
+        async def body() -> AsyncIterator[bytes]:
+            nonlocal sent
+            block = b"u" * (256 * 1024)
+            while sent < total:
+                sent += len(block)
+                yield block
 
-            post = asyncio.create_task(call(http, "POST", proc.url + "/__gated", data=body()))
-            accepted = await wait_stable(lambda: sent, what="bytes the client could send")
-            upstream.gate.set()
-            reply = await post
-            assert reply.status == 200 and reply.json()["body_length"] == total
-        # what is in flight is socket buffers (and the sidecar's bounded ones), not the body
-        assert written < 64 * MiB, f"the app wrote {written / MiB:.0f} MiB to a client that read 1 MiB"
-        assert accepted < 64 * MiB, f"the client sent {accepted / MiB:.0f} MiB to an app that read one chunk"
-        growth = sampler.peak - baseline
-        assert growth < 20 * MiB, f"sidecar RSS grew by {growth / MiB:.1f} MiB"
-    finally:
-        await proc.stop()
+        post = asyncio.create_task(call(http, "POST", proc.url + "/__gated", data=body()))
+        accepted = await wait_stable(lambda: sent, what="bytes the client could send")
+        upstream.gate.set()
+        reply = await post
+        assert reply.status == 200 and reply.json()["body_length"] == total
+    # what is in flight is socket buffers (and the sidecar's bounded ones), not the body
+    assert written < 64 * MiB, f"the app wrote {written / MiB:.0f} MiB to a client that read 1 MiB"
+    assert accepted < 64 * MiB, f"the client sent {accepted / MiB:.0f} MiB to an app that read one chunk"
+    growth = sampler.peak - baseline
+    assert growth < 20 * MiB, f"sidecar RSS grew by {growth / MiB:.1f} MiB"
 
 
 # Bad input ------------------------------------------------------------------------------------

@@ -34,9 +34,6 @@ import contextlib
 import json
 import os
 import re
-import signal
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -51,7 +48,6 @@ from sluice_sidecar.settings import SidecarSettings
 
 T = TypeVar("T")
 CHUNK = 64 * 1024
-REPO = Path(__file__).resolve().parents[2]
 UTF8_VALUE = "caf\u00e9 \u20ac"
 
 
@@ -200,10 +196,6 @@ def policy_doc(name: str = "test-api", namespace: str = "default", *,
             "metadata": {"name": name, "namespace": namespace}, "spec": body}
 
 
-def unique_namespace() -> str:
-    return "t" + uuid.uuid4().hex[:12]
-
-
 def write_file(path: Path, content: str | dict[str, Any]) -> None:
     """Write atomically (rename) and make sure the mtime differs from the previous file's, so a
     poller comparing mtimes sees the change even on a coarse-timestamp filesystem."""
@@ -284,80 +276,6 @@ def _write_config(directory: Path, policy: str | dict[str, Any] | None,
         keys_path = directory / f"keys-{tag}.yaml"
         write_file(keys_path, {"keys": keys})
     return policy_path, keys_path
-
-
-# The sidecar as a child process ----------------------------------------------------------------
-_STARTED = re.compile(r"sluice sidecar on [^ ]+:(\d+) -> .* \(admin [^ ]+:(\d+),")
-
-
-class SidecarProcess:
-    """``sluice sidecar --policy-file ...`` on 127.0.0.1 with OS-chosen ports (read back from
-    its start-up log line, so no port can be taken in between)."""
-
-    def __init__(self, policy_path: Path, upstream: str, log_path: Path, *extra: str) -> None:
-        self.policy_path = policy_path
-        self.upstream = upstream
-        self.log_path = log_path
-        self.extra = extra
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.data_port = 0
-        self.admin_port = 0
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.data_port}"
-
-    @property
-    def admin_url(self) -> str:
-        return f"http://127.0.0.1:{self.admin_port}"
-
-    def log(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
-
-    def _spawn(self) -> None:
-        exe = Path(sys.executable).with_name("sluice")
-        argv = [str(exe) if exe.exists() else sys.executable, *([] if exe.exists() else ["-m", "sluice_core.cli"]),
-                "sidecar", "--upstream", self.upstream, "--listen", "127.0.0.1:0",
-                "--admin-listen", "127.0.0.1:0", "--policy-file", str(self.policy_path),
-                "--drain-s", "0", "--shutdown-timeout-s", "2", *self.extra]
-        with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                         cwd=REPO)
-
-    async def start(self, timeout: float = 20.0) -> SidecarProcess:
-        self._spawn()
-
-        async def started() -> bool:
-            assert self.proc is not None
-            if self.proc.poll() is not None:
-                raise AssertionError(f"sluice sidecar exited with {self.proc.returncode}:\n{self.log()}")
-            m = _STARTED.search(self.log())
-            if m:
-                self.data_port, self.admin_port = int(m.group(1)), int(m.group(2))
-            return m is not None
-
-        await wait_for(started, timeout=timeout, what="the sidecar process to start")
-        return self
-
-    async def stop(self, timeout: float = 10.0) -> None:
-        proc, self.proc = self.proc, None
-        if proc is None:
-            return
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                await asyncio.to_thread(proc.wait, timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                await asyncio.to_thread(proc.wait)
 
 
 # Raw HTTP --------------------------------------------------------------------------------------
