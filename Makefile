@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 
 .PHONY: setup setup-k8s demo test test-fast lint typecheck bench clean
 
-$(STAMP): pyproject.toml hack/bootstrap.sh
+$(STAMP): pyproject.toml hack/bootstrap.sh hack/constraints.txt
 	@hack/bootstrap.sh $(VENV)
 
 setup: $(STAMP)

@@ -17,5 +17,5 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 echo "==> installing Sluice and its tools into $VENV"
 "$VENV/bin/python" -m pip install -q --disable-pip-version-check -U pip
-"$VENV/bin/python" -m pip install -q --disable-pip-version-check -e ".[dev,bench]"
+"$VENV/bin/python" -m pip install -q --disable-pip-version-check -c hack/constraints.txt -e ".[dev,bench]"
 touch "$VENV/.installed"
