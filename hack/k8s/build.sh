@@ -70,6 +70,10 @@ fi
 
 GO_VERSION="$(go env GOVERSION)"
 GO_PLATFORM="$(go env GOOS)/$(go env GOARCH)"
+# etcd's module needs Go 1.26 (GOTOOLCHAIN=local: no toolchain download); say so up front
+# rather than in the tail of a step log.
+GO_MINOR="$(sed -E 's/^go1\.([0-9]+).*/\1/' <<<"${GO_VERSION}")"
+[[ "${GO_MINOR}" =~ ^[0-9]+$ && "${GO_MINOR}" -ge 26 ]] || die "need Go >= 1.26, found ${GO_VERSION} ($(command -v go))"
 
 # --- helpers ---------------------------------------------------------------
 
