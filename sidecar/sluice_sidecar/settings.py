@@ -58,7 +58,7 @@ _HELP: dict[str, str] = {
     "drain_s": "after SIGTERM, report not-ready and keep serving this long before closing",
     "shutdown_timeout_s": "then wait at most this long for in-flight requests",
     "max_header_bytes": "largest request line / header field accepted (larger -> 400)",
-    "memory_max_buckets": "in-memory store: most buckets kept (least recently used dropped past it)",
+    "memory_max_buckets": "in-memory store: most buckets kept (least recently written dropped past it)",
     "log_level": "debug, info, warning or error",
 }
 
