@@ -116,6 +116,19 @@ def test_values_schema_refuses_bad_values(setting: str, complaint: str) -> None:
     assert "schema" in res.stderr and complaint in res.stderr, res.stderr
 
 
+def test_a_redis_password_never_lands_in_injected_pod_specs() -> None:
+    """With the operator's URL from a Secret, the chart will not hand that URL (password and all)
+    to the injector, which would write it into every pod spec: it asks for a Secret of the
+    sidecars' own, or an explicit URL."""
+    res = helm("template", "sluice", str(CHART), "--set", "redis.existingSecret=redis-url", check=False)
+    assert res.returncode != 0 and "sidecar.redisSecret.name" in res.stderr, res.stderr
+    docs = render("--set", "redis.existingSecret=redis-url", "--set", "sidecar.redisSecret.name=sluice-redis")
+    (dep,) = [d for d in docs if d["kind"] == "Deployment"]
+    args = dep["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert "--sidecar-redis-secret=sluice-redis/url" in args
+    assert not any(a.startswith("--sidecar-redis=") for a in args)
+
+
 @pytest.mark.parametrize("values", [[], ["--set", "webhook.enabled=false"],
                                     ["--set", "redis.existingSecret=redis-url",
                                      "--set", "sidecar.image=reg/sidecar:1",

@@ -63,6 +63,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="image of the injected sidecar [env SLUICE_OPERATOR_SIDECAR_IMAGE]")
     w.add_argument("--sidecar-redis", default=env("SLUICE_OPERATOR_SIDECAR_REDIS"),
                    help="Redis URL given to injected sidecars (default: --redis)")
+    w.add_argument("--sidecar-redis-secret", metavar="NAME/KEY", default=env("SLUICE_OPERATOR_SIDECAR_REDIS_SECRET"),
+                   help="injected sidecars read their Redis URL from key KEY of Secret NAME in their own "
+                        "namespace, so a password never appears in a pod spec; takes precedence over "
+                        "--sidecar-redis [env SLUICE_OPERATOR_SIDECAR_REDIS_SECRET]")
     parser.add_argument("--log-level", default=env("SLUICE_OPERATOR_LOG_LEVEL", "info"))
 
 
@@ -103,7 +107,8 @@ def run(args: argparse.Namespace) -> int:
         webhook_cert_dir=args.webhook_cert_dir, webhook_provided_cert_dir=args.webhook_provided_cert_dir,
         webhook_cert_secret=args.webhook_cert_secret,
         webhook_dns_names=dns or ("localhost",), webhook_ips=("127.0.0.1",), webhook_endpoint=endpoint,
-        injection=InjectionSettings(image=args.sidecar_image, redis_url=args.sidecar_redis or args.redis))
+        injection=InjectionSettings(image=args.sidecar_image, redis_url=args.sidecar_redis or args.redis,
+                                    redis_url_secret=_secret_key_ref(args.sidecar_redis_secret)))
     from prometheus_client import start_http_server
 
     from sluice_operator.metrics import OperatorMetrics
@@ -124,3 +129,13 @@ def run(args: argparse.Namespace) -> int:
         standalone=args.peering is None, peering_name=args.peering,
         priority=peering_priority() if args.peering else None, liveness_endpoint=args.liveness))
     return 0
+
+
+def _secret_key_ref(ref: str | None) -> tuple[str, str] | None:
+    """``NAME/KEY`` of --sidecar-redis-secret."""
+    if not ref:
+        return None
+    name, sep, key = ref.partition("/")
+    if not (sep and name and key):
+        raise SystemExit(f"sluice operator: --sidecar-redis-secret: expected NAME/KEY, got {ref!r}")
+    return name, key
