@@ -31,6 +31,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from sluice_core.duration import format_duration_us
 from sluice_core.errors import PolicyErrors
 from sluice_core.model import CLUSTER_KIND, KIND, CompiledPolicy, Limit, Mode, Rule, Source
 from sluice_core.parse import parse_policy
@@ -173,15 +174,7 @@ def review_policy(review: Any) -> dict[str, Any]:
 
 
 def _rate(limit: Limit) -> str:
-    return f"{limit.requests}/{_period(limit.period_us)} (burst {limit.burst})"
-
-
-def _period(us: int) -> str:
-    for unit, size in (("d", 86_400_000_000), ("h", 3_600_000_000), ("m", 60_000_000),
-                       ("s", 1_000_000), ("ms", 1_000)):
-        if us % size == 0:
-            return f"{us // size}{unit}"
-    return f"{us}us"
+    return f"{limit.requests}/{format_duration_us(limit.period_us)} (burst {limit.burst})"
 
 
 def _at_least_as_generous(a: Limit, b: Limit) -> bool:

@@ -13,7 +13,7 @@ from typing import Any
 
 from sluice_core.parse import parse_policy
 
-SIDECAR = "sluice-sidecar"
+from sluice_operator.admission import SIDECAR_NAME
 
 
 @dataclass(frozen=True)
@@ -46,9 +46,9 @@ def check_services(policy_obj: Mapping[str, Any], pods: list[Mapping[str, Any]],
                 continue
             owners = {c.get("name") for p in targets for c in p.get("spec", {}).get("containers") or []
                       for cp in c.get("ports") or [] if cp.get("name") == target}
-            if SIDECAR in owners:
+            if SIDECAR_NAME in owners:
                 findings.append(Finding(name, label, "ok"))
-            elif not any(c.get("name") == SIDECAR for p in targets for c in p.get("spec", {}).get("containers") or []):
+            elif not any(c.get("name") == SIDECAR_NAME for p in targets for c in p.get("spec", {}).get("containers") or []):
                 findings.append(Finding(name, label, "pods are not injected (no sidecar)"))
             else:
                 findings.append(Finding(name, label, f"bypasses the sidecar: targetPort {target} is the app's port"))
