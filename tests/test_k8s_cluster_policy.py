@@ -33,7 +33,9 @@ from support.processes import SidecarProcess, UpstreamProcess, http_get
 pytestmark = pytest.mark.k8s
 
 NS_PREFIX = "sluice-cp"
-RUN = uuid.uuid4().hex[:6]
+# a letter first: a bare hex run such as "784e59" is a number to kubectl's YAML (not to
+# PyYAML, which leaves it unquoted), and label values must be strings
+RUN = "r" + uuid.uuid4().hex[:6]
 LABEL = "sluice.test/partner"
 
 
