@@ -152,7 +152,7 @@ async def test_mutate_pod_injects_via_namespace_label(server: WebhookServer,
 
 async def test_namespace_lookup_failure_still_admits(bundle: CertBundle,
                                                      http: aiohttp.ClientSession) -> None:
-    def broken(ns: str) -> Mapping[str, str]:
+    async def broken(ns: str) -> Mapping[str, str]:
         raise RuntimeError("forbidden: namespaces is not allowed")
 
     async with WebhookServer(bundle.cert_path, bundle.key_path, host="127.0.0.1", port=0,
@@ -162,6 +162,32 @@ async def test_namespace_lookup_failure_still_admits(bundle: CertBundle,
             response = (await r.json())["response"]
     assert response["allowed"] is True and "patch" not in response
     assert "forbidden" in response["warnings"][0]
+
+
+async def test_pod_label_decides_without_reading_the_namespace(bundle: CertBundle,
+                                                                http: aiohttp.ClientSession) -> None:
+    """The namespace is read only when the pod's own label leaves the choice to it: one API
+    server read less per labelled pod."""
+    lookups: list[str] = []
+
+    async def namespace_labels(ns: str) -> Mapping[str, str] | None:
+        lookups.append(ns)
+        return {}
+
+    async with WebhookServer(bundle.cert_path, bundle.key_path, host="127.0.0.1", port=0,
+                             namespace_labels=namespace_labels) as srv:
+        async def mutate(inject: str | None) -> dict[str, Any]:
+            pod = yaml.safe_load(POD)
+            if inject is not None:
+                pod["metadata"]["labels"]["sluice.dev/inject"] = inject
+            async with http.post(f"{srv.url}/mutate-pod", json=review(pod, "Pod")) as r:
+                return dict((await r.json())["response"])
+
+        assert "patch" in await mutate("true")
+        assert "patch" not in await mutate("false")
+        assert lookups == []
+        assert "patch" not in await mutate(None)
+        assert lookups == ["shop"]
 
 
 @pytest.mark.parametrize("path", ["/validate-policy", "/mutate-pod"])

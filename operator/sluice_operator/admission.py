@@ -252,7 +252,7 @@ def mutate_pod(review: Any, settings: InjectionSettings,
     pod = request.get("object")
     if request.get("operation") != "CREATE" or not isinstance(pod, Mapping):
         return _answer(uid, True)
-    namespace = request.get("namespace") or _get(pod, "metadata", "namespace") or "default"
+    namespace = _pod_namespace(request, pod)
     try:
         wanted, why_not = _wants_injection(pod, namespace, namespace_labels)
         if not wanted:
@@ -274,14 +274,37 @@ def _get(obj: Any, *keys: str) -> Any:
     return obj
 
 
+def _pod_choice(pod: Any) -> bool | None:
+    """The pod's own ``sluice.dev/inject`` label: True, False (an opt-out wins over the
+    namespace's label), or None when its namespace decides."""
+    labels = _get(pod, "metadata", "labels")
+    own = labels.get(INJECT_LABEL) if isinstance(labels, Mapping) else None
+    return {"true": True, "false": False}.get(own) if isinstance(own, str) else None
+
+
+def namespace_to_look_up(review: Any) -> str | None:
+    """The namespace whose labels decide injection for this review, or None when there is no
+    need to read them (not a pod CREATE, or the pod's own label decides): spares the API
+    server a namespace read per pod."""
+    request = review.get("request") if isinstance(review, Mapping) else None
+    if not isinstance(request, Mapping) or request.get("operation") != "CREATE":
+        return None
+    pod = request.get("object")
+    if not isinstance(pod, Mapping) or _pod_choice(pod) is not None:
+        return None
+    return _pod_namespace(request, pod)
+
+
+def _pod_namespace(request: Mapping[str, Any], pod: Mapping[str, Any]) -> str:
+    ns = request.get("namespace") or _get(pod, "metadata", "namespace")
+    return ns if isinstance(ns, str) and ns else "default"
+
+
 def _wants_injection(pod: Mapping[str, Any], namespace: str,
                      namespace_labels: NamespaceLabels | None) -> tuple[bool, str | None]:
-    labels = _get(pod, "metadata", "labels") or {}
-    own = labels.get(INJECT_LABEL) if isinstance(labels, Mapping) else None
-    if own == "false":
-        return False, None  # opt-out wins over the namespace label
-    if own == "true":
-        return True, None
+    own = _pod_choice(pod)
+    if own is not None:
+        return own, None
     if namespace_labels is None:
         return False, None
     try:

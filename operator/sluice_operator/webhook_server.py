@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
 import json
 import logging
 import ssl
@@ -31,14 +30,15 @@ from sluice_operator.admission import (
     ReviewError,
     error_review,
     mutate_pod,
+    namespace_to_look_up,
     review_policy,
 )
 
 log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 4 * 1024 * 1024
-NamespaceLookup = Callable[[str], Mapping[str, str] | Awaitable[Mapping[str, str] | None] | None]
-"""Namespace name -> its labels (sync or async; the operator's kopf/kubernetes client)."""
+NamespaceLookup = Callable[[str], Awaitable[Mapping[str, str] | None]]
+"""Namespace name -> its labels (the operator reads them with the kubernetes client)."""
 
 
 class WebhookServer:
@@ -154,11 +154,10 @@ class WebhookServer:
         review = await self._read_review(request)
         labels: Mapping[str, str] | None = None
         lookup_error: Exception | None = None
-        namespace = _namespace_of(review)
+        namespace = namespace_to_look_up(review)
         if self.namespace_labels is not None and namespace:
             try:
-                result = self.namespace_labels(namespace)
-                labels = await result if inspect.isawaitable(result) else result
+                labels = await self.namespace_labels(namespace)
             except Exception as exc:
                 lookup_error = exc
                 log.warning("cannot read labels of namespace %s: %s", namespace, exc)
@@ -181,18 +180,3 @@ class WebhookServer:
 
     async def _healthz(self, request: web.Request) -> web.Response:
         return web.Response(text="ok\n")
-
-
-def _namespace_of(review: Any) -> str | None:
-    if not isinstance(review, Mapping):
-        return None
-    req = review.get("request")
-    if not isinstance(req, Mapping):
-        return None
-    ns = req.get("namespace")
-    if isinstance(ns, str) and ns:
-        return ns
-    obj = req.get("object")
-    meta = obj.get("metadata") if isinstance(obj, Mapping) else None
-    value = meta.get("namespace") if isinstance(meta, Mapping) else None
-    return value if isinstance(value, str) else None
