@@ -24,55 +24,13 @@ from sluice_operator.admission import (
     mutate_pod,
     review_policy,
 )
+from support.jsonpatch import apply_patch
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "crds" / "examples"
 
 # ------------------------------------------------------------------------------------------
-# A minimal RFC 6902 applier (add / replace / remove / test): enough for the webhook's patches.
-
-
-def _unescape(token: str) -> str:
-    return token.replace("~1", "/").replace("~0", "~")
-
-
-def apply_patch(doc: Any, patch: list[dict[str, Any]]) -> Any:
-    doc = copy.deepcopy(doc)
-    for op in patch:
-        tokens = [_unescape(t) for t in op["path"].split("/")[1:]]
-        parent = doc
-        for t in tokens[:-1]:
-            parent = parent[int(t)] if isinstance(parent, list) else parent[t]
-        last = tokens[-1]
-        kind = op["op"]
-        if isinstance(parent, list):
-            if kind == "add":
-                index = len(parent) if last == "-" else int(last)
-                assert 0 <= index <= len(parent), op
-                parent.insert(index, copy.deepcopy(op["value"]))
-            elif kind == "replace":
-                assert 0 <= int(last) < len(parent), op
-                parent[int(last)] = copy.deepcopy(op["value"])
-            elif kind == "remove":
-                del parent[int(last)]
-            elif kind == "test":
-                assert parent[int(last)] == op["value"], op
-            else:
-                raise AssertionError(f"unsupported op {op}")
-        else:
-            assert isinstance(parent, dict), op
-            if kind == "add":
-                parent[last] = copy.deepcopy(op["value"])
-            elif kind == "replace":
-                assert last in parent, f"replace of a missing member: {op}"
-                parent[last] = copy.deepcopy(op["value"])
-            elif kind == "remove":
-                del parent[last]
-            elif kind == "test":
-                assert parent[last] == op["value"], op
-            else:
-                raise AssertionError(f"unsupported op {op}")
-    return doc
+# The suite's RFC 6902 applier (tests/support/jsonpatch.py) applies the webhook's patches.
 
 
 def test_patch_applier_follows_rfc6902() -> None:

@@ -51,5 +51,9 @@ def test_every_operator_flag_and_env_var_is_documented() -> None:
     for flag in flags:
         assert f"`{flag}" in README, flag
     source = Path(operator_cli.__file__).read_text()
-    for env in set(re.findall(r"SLUICE_OPERATOR_[A-Z_]+", source)):
+    helps = " ".join(a.help or "" for a in parser._actions)
+    envs = set(re.findall(r"SLUICE_OPERATOR_[A-Z_]+", source)) | set(
+        re.findall(r"\[env (SLUICE_OPERATOR_[A-Z_]+)", helps))
+    assert {"SLUICE_OPERATOR_SIDECAR_RESOURCES", "SLUICE_OPERATOR_SIDECAR_ENV"} <= envs  # help texts too
+    for env in envs:
         assert f"`{env}`" in README, env

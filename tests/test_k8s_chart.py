@@ -5,6 +5,8 @@ operator running under the chart's RBAC (tests/support/control_plane.py).
   ``helm template`` renders (CRDs included) validates with ``kubernetes-validate`` at the
   Kubernetes version of hack/k8s/versions.env; the chart's CRD copies are the repo's crds/
   (plus kopf's ClusterKopfPeering CRD, which is not Sluice's API).
+- ``sidecar.*`` values render as ``--sidecar-*`` operator args that the operator's own parser
+  turns into the InjectionSettings they describe; the chart's defaults are the operator's.
 - ``helm install`` (``--wait=false``: there is no kubelet) creates the ServiceAccount,
   ClusterRole(Binding), Role(Binding) for the webhook certificate Secret, Deployment (two
   replicas, peering), PodDisruptionBudget, ClusterKopfPeering, webhook Service and CRDs.
@@ -109,6 +111,18 @@ def test_helm_lint(values: list[str]) -> None:
     ("replicaCount=0", "/replicaCount"),
     ("peering.lifetimeSeconds=0", "/peering/lifetimeSeconds"),
     ("peering.name=Not_A_Name", "/peering/name"),
+    ("sidecar.imagePullPolicy=Sometimes", "/sidecar/imagePullPolicy"),
+    ("sidecar.resources.requests.cpu=lots", "/sidecar/resources/requests/cpu"),
+    ("sidecar.resources.claims[0].name=x", "claims"),
+    ("sidecar.redisTimeoutMs=0", "/sidecar/redisTimeoutMs"),
+    ("sidecar.breakerThreshold=-1", "/sidecar/breakerThreshold"),
+    ("sidecar.logLevel=trace", "/sidecar/logLevel"),
+    ("sidecar.port=65536", "/sidecar/port"),
+    ("sidecar.defaultPortName=Web", "/sidecar/defaultPortName"),
+    ("sidecar.runAsUser=0", "/sidecar/runAsUser"),
+    ("sidecar.env.1BAD=x", "1BAD"),
+    ("sidecar.env.SLUICE_LOG_LEVEL=debug", "SLUICE_LOG_LEVEL"),
+    ("sidecar.env.POD_NAME=x", "POD_NAME"),
 ])
 def test_values_schema_refuses_bad_values(setting: str, complaint: str) -> None:
     res = helm("template", "sluice", str(CHART), "--set", setting, check=False)
@@ -127,6 +141,129 @@ def test_a_redis_password_never_lands_in_injected_pod_specs() -> None:
     args = dep["spec"]["template"]["spec"]["containers"][0]["args"]
     assert "--sidecar-redis-secret=sluice-redis/url" in args
     assert not any(a.startswith("--sidecar-redis=") for a in args)
+
+
+# ---------------------------------------------------------------------------------------------
+# sidecar.* values -> --sidecar-* operator args -> the operator's own parser
+
+
+def operator_container(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    (dep,) = [d for d in docs if d["kind"] == "Deployment"]
+    (c,) = dep["spec"]["template"]["spec"]["containers"]
+    return dict(c)
+
+
+def injection_from_chart(docs: list[dict[str, Any]], monkeypatch: pytest.MonkeyPatch) -> Any:
+    """What the operator makes of the rendered args: the real ``sluice operator`` parser, with
+    the container's env (and nothing from this process's) -> InjectionSettings."""
+    import argparse
+
+    from sluice_operator import cli as operator_cli
+    from sluice_operator import injection_flags
+
+    c = operator_container(docs)
+    for name in list(os.environ):
+        if name.startswith("SLUICE_OPERATOR_"):
+            monkeypatch.delenv(name)
+    for e in c["env"]:
+        if "value" in e:
+            monkeypatch.setenv(e["name"], e["value"])
+    assert c["args"][0] == "operator"
+    parser = argparse.ArgumentParser()
+    operator_cli.add_arguments(parser)
+    return injection_flags.injection_settings(parser.parse_args(c["args"][1:]))
+
+
+def test_sidecar_values_reach_the_operator_as_flags_it_accepts(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from sluice_operator.admission import InjectionSettings, sidecar_container
+
+    tricky = 'http://proxy:3128, "quoted" # not a comment: {x}\n\'single\' é'
+    values = {"sidecar": {
+        "image": "reg.example/sluice-sidecar:2", "imagePullPolicy": "Always",
+        "resources": {"requests": {"cpu": "100m", "memory": "96Mi"},
+                      "limits": {"cpu": "1", "memory": "256Mi"}},
+        "redisTimeoutMs": 20, "redisConnectTimeoutMs": 1_000_000,  # not 1e+06
+        "breakerThreshold": 3, "breakerCooldownSeconds": 0.5, "logLevel": "warning",
+        "port": 16080, "adminPort": 16090, "defaultPortName": "web", "runAsUser": 1_000_000_000,
+        "env": {"SLUICE_UPSTREAM_TIMEOUT_S": "30", "HTTP_PROXY": tricky}}}
+    path = tmp_path / "values.yaml"
+    path.write_text(yaml.safe_dump(values))
+    docs = render("-f", str(path))
+    args = operator_container(docs)["args"]
+    sidecar_args = [a for a in args if a.startswith("--sidecar-")]
+    assert sidecar_args == [
+        "--sidecar-image=reg.example/sluice-sidecar:2",
+        "--sidecar-image-pull-policy=Always",
+        '--sidecar-resources={"limits":{"cpu":"1","memory":"256Mi"},'
+        '"requests":{"cpu":"100m","memory":"96Mi"}}',
+        "--sidecar-redis-timeout-ms=20",
+        "--sidecar-redis-connect-timeout-ms=1000000",
+        "--sidecar-breaker-threshold=3",
+        "--sidecar-breaker-cooldown-s=0.5",
+        "--sidecar-log-level=warning",
+        "--sidecar-port=16080",
+        "--sidecar-admin-port=16090",
+        "--sidecar-default-port-name=web",
+        "--sidecar-run-as-user=1000000000",
+        f"--sidecar-env=HTTP_PROXY={tricky}",
+        "--sidecar-env=SLUICE_UPSTREAM_TIMEOUT_S=30",
+    ]
+    settings = injection_from_chart(docs, monkeypatch)
+    assert settings == InjectionSettings(
+        image="reg.example/sluice-sidecar:2", image_pull_policy="Always",
+        redis_url="redis://redis:6379", redis_timeout_ms=20, redis_connect_timeout_ms=1_000_000,
+        breaker_threshold=3, breaker_cooldown_s=0.5, log_level="warning",
+        extra_env={"HTTP_PROXY": tricky, "SLUICE_UPSTREAM_TIMEOUT_S": "30"},
+        sidecar_port=16080, admin_port=16090, default_port_name="web",
+        resources=values["sidecar"]["resources"], run_as_user=1_000_000_000)
+    c = sidecar_container(settings, "web", 16080, 16090, 8000)
+    assert c["resources"] == values["sidecar"]["resources"]
+    env = {e["name"]: e.get("value") for e in c["env"]}
+    assert env["SLUICE_REDIS_CONNECT_TIMEOUT_MS"] == "1000000"
+    assert env["HTTP_PROXY"] == tricky
+
+
+def test_default_sidecar_values_are_the_operator_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The chart's defaults (resources etc.) are InjectionSettings' defaults; and a value set to
+    null leaves its flag out, so the operator's default applies."""
+    from dataclasses import replace
+
+    from sluice_operator.admission import InjectionSettings
+
+    image = yaml.safe_load((CHART / "Chart.yaml").read_text())["appVersion"]
+    expected = replace(InjectionSettings(), image=f"sluice:{image}", redis_url="redis://redis:6379")
+    assert injection_from_chart(render(), monkeypatch) == expected
+    keys = ("imagePullPolicy", "resources", "redisTimeoutMs", "port", "adminPort",
+            "defaultPortName", "runAsUser")
+    docs = render(*[a for k in keys for a in ("--set", f"sidecar.{k}=null")])
+    sidecar_args = [a for a in operator_container(docs)["args"] if a.startswith("--sidecar-")]
+    assert sidecar_args == [f"--sidecar-image=sluice:{image}"]
+    assert injection_from_chart(docs, monkeypatch) == expected
+    # requests and limits dropped: an explicit "no resources"
+    docs = render("--set", "sidecar.resources.requests=null", "--set", "sidecar.resources.limits=null",
+                  "--set", "sidecar.runAsUser=image")
+    assert "--sidecar-resources={}" in operator_container(docs)["args"]
+    settings = injection_from_chart(docs, monkeypatch)
+    assert settings.resources == {} and settings.run_as_user is None
+
+
+def test_a_value_the_schema_passes_but_the_operator_refuses_fails_at_start(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A request above its limit passes the schema (it has no arithmetic); the operator then
+    exits at start naming the flag, before it injects a single pod."""
+    docs = render("--set", "sidecar.resources.limits.memory=32Mi")
+    with pytest.raises(SystemExit, match=r"^sluice operator: --sidecar-resources: requests.memory "
+                                         r"\(64Mi\) is above limits.memory \(32Mi\)"):
+        injection_from_chart(docs, monkeypatch)
+
+
+def test_the_schema_refuses_the_env_vars_the_operator_refuses() -> None:
+    from sluice_operator import injection_flags
+
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    names = schema["properties"]["sidecar"]["properties"]["env"]["propertyNames"]
+    assert sorted(names["not"]["enum"]) == sorted(injection_flags.RESERVED_ENV)
 
 
 @pytest.mark.parametrize("values", [[], ["--set", "webhook.enabled=false"],

@@ -49,7 +49,7 @@ ADMIN_PORT_NAME = "sluice-admin"
 
 # Kubernetes' IANA_SVC_NAME: at most 15 characters, lowercase letters, digits and '-', at
 # least one letter, no leading, trailing or doubled '-'.
-_PORT_NAME = re.compile(r"(?=.*[a-z])[a-z0-9]([a-z0-9]|-(?=[a-z0-9]))*")
+PORT_NAME_RE = re.compile(r"(?=.*[a-z])[a-z0-9]([a-z0-9]|-(?=[a-z0-9]))*")
 MAX_PORT_NAME = 15
 _PROBES = ("livenessProbe", "readinessProbe", "startupProbe")
 _WARNING_MAX = 256  # the API server truncates longer warnings
@@ -329,7 +329,7 @@ def app_port_name(base: str, taken: set[str]) -> str:
         suffix = f"-app{n}"
         stem = base[: MAX_PORT_NAME - len(suffix)].rstrip("-")
         candidate = stem + suffix
-        if candidate not in taken and _PORT_NAME.fullmatch(candidate):
+        if candidate not in taken and PORT_NAME_RE.fullmatch(candidate):
             return candidate
     raise ValueError(f"no free name for the app's port {base!r}")
 

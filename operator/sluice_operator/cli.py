@@ -7,6 +7,7 @@ import asyncio
 import logging
 import os
 
+from sluice_operator import injection_flags
 from sluice_operator.settings import OperatorSettings
 
 
@@ -59,14 +60,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="NAMESPACE/NAME of a Secret through which all replicas share the "
                         "self-signed certificate (the first creates it); unset: each replica "
                         "keeps its own in --webhook-cert-dir [env SLUICE_OPERATOR_WEBHOOK_CERT_SECRET]")
-    w.add_argument("--sidecar-image", default=env("SLUICE_OPERATOR_SIDECAR_IMAGE", "sluice:0.1.0"),
-                   help="image of the injected sidecar [env SLUICE_OPERATOR_SIDECAR_IMAGE]")
-    w.add_argument("--sidecar-redis", default=env("SLUICE_OPERATOR_SIDECAR_REDIS"),
-                   help="Redis URL given to injected sidecars (default: --redis)")
-    w.add_argument("--sidecar-redis-secret", metavar="NAME/KEY", default=env("SLUICE_OPERATOR_SIDECAR_REDIS_SECRET"),
-                   help="injected sidecars read their Redis URL from key KEY of Secret NAME in their own "
-                        "namespace, so a password never appears in a pod spec; takes precedence over "
-                        "--sidecar-redis [env SLUICE_OPERATOR_SIDECAR_REDIS_SECRET]")
+    injection_flags.add_arguments(parser.add_argument_group(
+        "injected sidecar (the mutating webhook's container; an empty value means the default)"))
     parser.add_argument("--log-level", default=env("SLUICE_OPERATOR_LOG_LEVEL", "info"))
 
 
@@ -78,8 +73,9 @@ def run(args: argparse.Namespace) -> int:
     from sluice_operator.reconcile import Reconciler
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from sluice_operator.admission import InjectionSettings
     from sluice_operator.webhook_config import Endpoint
+
+    injection = injection_flags.injection_settings(args)  # SystemExit naming a bad --sidecar-* flag
 
     if args.webhook_cert_secret:
         from sluice_operator.certstore import parse_secret_ref
@@ -107,8 +103,7 @@ def run(args: argparse.Namespace) -> int:
         webhook_cert_dir=args.webhook_cert_dir, webhook_provided_cert_dir=args.webhook_provided_cert_dir,
         webhook_cert_secret=args.webhook_cert_secret,
         webhook_dns_names=dns or ("localhost",), webhook_ips=("127.0.0.1",), webhook_endpoint=endpoint,
-        injection=InjectionSettings(image=args.sidecar_image, redis_url=args.sidecar_redis or args.redis,
-                                    redis_url_secret=_secret_key_ref(args.sidecar_redis_secret)))
+        injection=injection)
     from prometheus_client import start_http_server
 
     from sluice_operator.metrics import OperatorMetrics
@@ -129,13 +124,3 @@ def run(args: argparse.Namespace) -> int:
         standalone=args.peering is None, peering_name=args.peering,
         priority=peering_priority() if args.peering else None, liveness_endpoint=args.liveness))
     return 0
-
-
-def _secret_key_ref(ref: str | None) -> tuple[str, str] | None:
-    """``NAME/KEY`` of --sidecar-redis-secret."""
-    if not ref:
-        return None
-    name, sep, key = ref.partition("/")
-    if not (sep and name and key):
-        raise SystemExit(f"sluice operator: --sidecar-redis-secret: expected NAME/KEY, got {ref!r}")
-    return name, key

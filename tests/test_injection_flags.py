@@ -1,0 +1,367 @@
+"""The operator flags that shape the injected sidecar (operator/sluice_operator/injection_flags.py):
+argv (or ``SLUICE_OPERATOR_*`` env vars) -> the real ``sluice operator`` parser ->
+:class:`InjectionSettings` -> the container the mutating webhook injects. Every bad value stops
+the operator with ``sluice operator: --flag: reason``. No cluster, no Redis."""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import os
+import re
+import subprocess
+import sys
+from dataclasses import replace
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+from sluice_operator import cli as operator_cli
+from sluice_operator import injection_flags
+from sluice_operator.admission import (
+    ADMIN_PORT_NAME,
+    SIDECAR_NAME,
+    InjectionSettings,
+    mutate_pod,
+    sidecar_container,
+)
+from support.jsonpatch import apply_patch
+
+ROOT = Path(__file__).resolve().parents[1]
+REDIS = "redis://redis.sluice-system:6379"
+
+FULL_ARGV = [
+    "--sidecar-image", "registry.example/sluice:1.2.3",
+    "--sidecar-image-pull-policy", "Always",
+    "--sidecar-resources", '{"requests": {"cpu": "100m", "memory": "96Mi"}, '
+                           '"limits": {"cpu": "1", "memory": "0.25Gi"}}',
+    "--sidecar-redis-timeout-ms", "20",
+    "--sidecar-redis-connect-timeout-ms", "250",
+    "--sidecar-breaker-threshold", "3",
+    "--sidecar-breaker-cooldown-s", "0.5",
+    "--sidecar-log-level", "DEBUG",
+    "--sidecar-port", "16080",
+    "--sidecar-admin-port", "16090",
+    "--sidecar-default-port-name", "web",
+    "--sidecar-run-as-user", "1001",
+    "--sidecar-env", "SLUICE_UPSTREAM_TIMEOUT_S=30",
+    "--sidecar-env", "HTTP_PROXY=http://proxy:3128,with=commas",
+]
+
+
+@pytest.fixture(autouse=True)
+def _no_operator_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The tests set the env vars they mean; none leak in from the outside."""
+    for name in list(os.environ):
+        if name.startswith("SLUICE_OPERATOR_"):
+            monkeypatch.delenv(name)
+
+
+def parse(*argv: str) -> argparse.Namespace:
+    """The real ``sluice operator`` parser (env vars are read now, as at start-up)."""
+    parser = argparse.ArgumentParser()
+    operator_cli.add_arguments(parser)
+    return parser.parse_args(["--redis", REDIS, *argv])
+
+
+def settings(*argv: str) -> InjectionSettings:
+    return injection_flags.injection_settings(parse(*argv))
+
+
+def refusal(*argv: str) -> str:
+    with pytest.raises(SystemExit) as info:
+        settings(*argv)
+    return str(info.value.code)
+
+
+def env_of(container: dict[str, Any]) -> dict[str, Any]:
+    return {e["name"]: e.get("value", e.get("valueFrom")) for e in container["env"]}
+
+
+def k8s_version() -> str:
+    text = (ROOT / "hack" / "k8s" / "versions.env").read_text()
+    m = re.search(r"^KUBERNETES_VERSION=v(\d+)\.(\d+)", text, re.M)
+    assert m, "KUBERNETES_VERSION not found in hack/k8s/versions.env"
+    return f"{m[1]}.{m[2]}.0"
+
+
+def app_pod(port_name: str = "http") -> dict[str, Any]:
+    return {"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": "app", "namespace": "shop",
+                         "labels": {"app": "shop", "sluice.dev/inject": "true"}},
+            "spec": {"containers": [{"name": "app", "image": "app:1",
+                                     "ports": [{"name": port_name, "containerPort": 8000}]}]}}
+
+
+def injected(pod: dict[str, Any], s: InjectionSettings) -> dict[str, Any]:
+    """The pod after the mutating webhook's JSONPatch (the real webhook function)."""
+    review = {"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+              "request": {"uid": "u1", "operation": "CREATE", "namespace": "shop", "object": pod}}
+    response = mutate_pod(review, s)["response"]
+    assert response["allowed"] and "patch" in response, response
+    return dict(apply_patch(pod, json.loads(base64.b64decode(response["patch"]))))
+
+
+# ---------------------------------------------------------------------------------------------
+# from flags to the injected container
+
+
+def test_no_flags_give_the_injection_settings_defaults() -> None:
+    assert settings() == replace(InjectionSettings(), redis_url=REDIS)
+
+
+def test_every_flag_reaches_the_injected_container() -> None:
+    s = settings(*FULL_ARGV)
+    assert s.image == "registry.example/sluice:1.2.3"
+    assert s.log_level == "debug"  # folded to the sidecar's spelling
+    pod = injected(app_pod("web"), s)  # --sidecar-default-port-name web
+    (c,) = [c for c in pod["spec"]["containers"] if c["name"] == SIDECAR_NAME]
+    assert c["image"] == "registry.example/sluice:1.2.3"
+    assert c["imagePullPolicy"] == "Always"
+    assert c["resources"] == {"requests": {"cpu": "100m", "memory": "96Mi"},
+                              "limits": {"cpu": "1", "memory": "0.25Gi"}}
+    env = env_of(c)
+    assert {k: env[k] for k in ("SLUICE_REDIS_TIMEOUT_MS", "SLUICE_REDIS_CONNECT_TIMEOUT_MS",
+                                "SLUICE_BREAKER_THRESHOLD", "SLUICE_BREAKER_COOLDOWN_S",
+                                "SLUICE_LOG_LEVEL")} == {
+        "SLUICE_REDIS_TIMEOUT_MS": "20", "SLUICE_REDIS_CONNECT_TIMEOUT_MS": "250",
+        "SLUICE_BREAKER_THRESHOLD": "3", "SLUICE_BREAKER_COOLDOWN_S": "0.5",
+        "SLUICE_LOG_LEVEL": "debug"}
+    assert env["SLUICE_UPSTREAM_TIMEOUT_S"] == "30"
+    assert env["HTTP_PROXY"] == "http://proxy:3128,with=commas"  # only the first '=' splits
+    assert c["ports"] == [{"name": "web", "containerPort": 16080, "protocol": "TCP"},
+                          {"name": ADMIN_PORT_NAME, "containerPort": 16090, "protocol": "TCP"}]
+    assert "--listen" in c["args"] and "0.0.0.0:16080" in c["args"]
+    assert "0.0.0.0:16090" in c["args"]
+    assert c["securityContext"]["runAsUser"] == c["securityContext"]["runAsGroup"] == 1001
+    assert c["securityContext"]["runAsNonRoot"] is True
+    app = pod["spec"]["containers"][0]
+    assert app["ports"][0]["name"] == "web-app"  # the sidecar took the port over
+    # and the API server's schema takes the pod as it is
+    kubernetes_validate.validate(pod, k8s_version(), strict=True)
+
+
+def test_run_as_user_image_leaves_the_user_to_the_image() -> None:
+    c = sidecar_container(settings("--sidecar-run-as-user", "image"), "http", 15080, 15090, 8000)
+    assert "runAsUser" not in c["securityContext"] and "runAsGroup" not in c["securityContext"]
+    assert c["securityContext"]["runAsNonRoot"] is True
+
+
+def test_empty_resources_object_means_none() -> None:
+    s = settings("--sidecar-resources", "{}")
+    assert sidecar_container(s, "http", 15080, 15090, 8000)["resources"] == {}
+    s = settings("--sidecar-resources", '{"requests": {"memory": "64Mi"}, "limits": {}}')
+    assert s.resources == {"requests": {"memory": "64Mi"}}  # no empty maps in the pod spec
+
+
+def test_sidecar_defaults_left_unset_pass_no_env_var() -> None:
+    """Unset tuning flags leave the sidecar's own defaults: no env var at all."""
+    env = env_of(sidecar_container(settings(), "http", 15080, 15090, 8000))
+    assert env["SLUICE_REDIS_TIMEOUT_MS"] == "50"
+    for name in ("SLUICE_REDIS_CONNECT_TIMEOUT_MS", "SLUICE_BREAKER_THRESHOLD",
+                 "SLUICE_BREAKER_COOLDOWN_S", "SLUICE_LOG_LEVEL"):
+        assert name not in env
+
+
+# ---------------------------------------------------------------------------------------------
+# environment variables
+
+
+def flag_env_pairs() -> list[tuple[str, str]]:
+    """(--flag, value) of FULL_ARGV, --sidecar-env excepted (a list of its own)."""
+    pairs = list(zip(FULL_ARGV[::2], FULL_ARGV[1::2], strict=True))
+    return [(f, v) for f, v in pairs if f != "--sidecar-env"]
+
+
+def test_every_flag_falls_back_to_its_env_var(monkeypatch: pytest.MonkeyPatch) -> None:
+    for flag, value in flag_env_pairs():
+        monkeypatch.setenv(injection_flags.env_name(flag), value)
+    monkeypatch.setenv("SLUICE_OPERATOR_SIDECAR_ENV",
+                       "SLUICE_UPSTREAM_TIMEOUT_S=30\n\nHTTP_PROXY=http://proxy:3128,with=commas\n")
+    assert settings() == settings(*FULL_ARGV)
+
+
+def test_the_command_line_wins_over_the_env_var(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SLUICE_OPERATOR_SIDECAR_PORT", "17000")
+    monkeypatch.setenv("SLUICE_OPERATOR_SIDECAR_ENV", "A=1\nB=2")
+    s = settings("--sidecar-port", "18000", "--sidecar-env", "C=3")
+    assert s.sidecar_port == 18000
+    assert s.extra_env == {"C": "3"}  # the flags replace the env var's list
+    assert settings().extra_env == {"A": "1", "B": "2"}
+
+
+def test_an_empty_value_means_the_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    for flag, _ in flag_env_pairs():
+        monkeypatch.setenv(injection_flags.env_name(flag), "")
+    monkeypatch.setenv("SLUICE_OPERATOR_SIDECAR_ENV", "")
+    assert settings() == replace(InjectionSettings(), redis_url=REDIS)
+
+
+def test_an_env_var_with_a_bad_value_names_the_flag(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SLUICE_OPERATOR_SIDECAR_BREAKER_THRESHOLD", "many")
+    assert refusal() == ("sluice operator: --sidecar-breaker-threshold: expected a positive "
+                         "integer, got 'many'")
+    monkeypatch.delenv("SLUICE_OPERATOR_SIDECAR_BREAKER_THRESHOLD")
+    monkeypatch.setenv("SLUICE_OPERATOR_SIDECAR_ENV", "OK=1\nSLUICE_LISTEN=0.0.0.0:1")
+    assert refusal() == ("sluice operator: --sidecar-env: SLUICE_LISTEN cannot be set here: "
+                         "use --sidecar-port")
+
+
+def test_redis_flags_moved_with_their_behaviour(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert settings("--sidecar-redis", "redis://other:6379").redis_url == "redis://other:6379"
+    s = settings("--sidecar-redis-secret", "sluice-redis/url")
+    assert s.redis_url_secret == ("sluice-redis", "url")
+    env = env_of(sidecar_container(s, "http", 15080, 15090, 8000))
+    assert env["SLUICE_REDIS"] == {"secretKeyRef": {"name": "sluice-redis", "key": "url"}}
+    monkeypatch.setenv("SLUICE_OPERATOR_SIDECAR_REDIS_SECRET", "s/k")
+    assert settings().redis_url_secret == ("s", "k")
+
+
+# ---------------------------------------------------------------------------------------------
+# bad values: SystemExit naming the flag and the reason
+
+
+@pytest.mark.parametrize(("argv", "flag", "reason"), [
+    (["--sidecar-image-pull-policy", "Sometimes"], "--sidecar-image-pull-policy",
+     "expected one of Always, IfNotPresent, Never, got 'Sometimes'"),
+    (["--sidecar-resources", "{cpu: 1}"], "--sidecar-resources", "not valid JSON"),
+    (["--sidecar-resources", '["requests"]'], "--sidecar-resources", "expected a JSON object"),
+    (["--sidecar-resources", '{"claims": []}'], "--sidecar-resources",
+     "unknown key 'claims' (only requests and limits)"),
+    (["--sidecar-resources", '{"requests": "100m"}'], "--sidecar-resources",
+     "requests: expected an object of resource name -> quantity"),
+    (["--sidecar-resources", '{"requests": {"cpu": 1}}'], "--sidecar-resources",
+     'requests.cpu: expected a quantity string such as "100m" or "64Mi", got 1'),
+    (["--sidecar-resources", '{"limits": {"memory": "128MB"}}'], "--sidecar-resources",
+     "limits.memory: '128MB' is not a Kubernetes quantity"),
+    (["--sidecar-resources", '{"limits": {"memory": "-1Mi"}}'], "--sidecar-resources",
+     "limits.memory: must not be negative"),
+    (["--sidecar-resources", '{"limits": {"c p u": "1"}}'], "--sidecar-resources",
+     "limits: 'c p u' is not a resource name"),
+    (["--sidecar-resources", '{"requests": {"memory": "256Mi"}, "limits": {"memory": "0.25Gi"}}'],
+     None, None),  # equal is fine
+    (["--sidecar-resources", '{"requests": {"memory": "257Mi"}, "limits": {"memory": "0.25Gi"}}'],
+     "--sidecar-resources", "requests.memory (257Mi) is above limits.memory (0.25Gi)"),
+    (["--sidecar-redis-timeout-ms", "0"], "--sidecar-redis-timeout-ms", "must be greater than 0, got 0"),
+    (["--sidecar-redis-timeout-ms", "1.5"], "--sidecar-redis-timeout-ms",
+     "expected a positive integer, got '1.5'"),
+    (["--sidecar-redis-connect-timeout-ms", "-5"], "--sidecar-redis-connect-timeout-ms",
+     "must be greater than 0, got -5"),
+    (["--sidecar-breaker-threshold", "0"], "--sidecar-breaker-threshold", "must be greater than 0"),
+    (["--sidecar-breaker-cooldown-s", "0"], "--sidecar-breaker-cooldown-s", "must be greater than 0"),
+    (["--sidecar-breaker-cooldown-s", "nan"], "--sidecar-breaker-cooldown-s", "must be greater than 0"),
+    (["--sidecar-breaker-cooldown-s", "soon"], "--sidecar-breaker-cooldown-s",
+     "expected a positive number, got 'soon'"),
+    (["--sidecar-log-level", "trace"], "--sidecar-log-level",
+     "expected one of debug, info, warning, error, got 'trace'"),
+    (["--sidecar-port", "0"], "--sidecar-port", "expected a port number 1..65535, got '0'"),
+    (["--sidecar-port", "65536"], "--sidecar-port", "expected a port number 1..65535"),
+    (["--sidecar-admin-port", "http"], "--sidecar-admin-port", "expected a port number 1..65535"),
+    (["--sidecar-port", "15090"], "--sidecar-admin-port", "must differ from --sidecar-port (15090)"),
+    (["--sidecar-default-port-name", "HTTP"], "--sidecar-default-port-name", "is not a port name"),
+    (["--sidecar-default-port-name", "a-very-long-port-name"], "--sidecar-default-port-name",
+     "is not a port name"),
+    (["--sidecar-default-port-name", "8080"], "--sidecar-default-port-name", "is not a port name"),
+    (["--sidecar-run-as-user", "0"], "--sidecar-run-as-user", "0 is root"),
+    (["--sidecar-run-as-user", "nobody"], "--sidecar-run-as-user",
+     "expected a user id or 'image', got 'nobody'"),
+    (["--sidecar-run-as-user", "-1"], "--sidecar-run-as-user", "expected a user id"),
+    (["--sidecar-env", "NOEQUALS"], "--sidecar-env", "expected NAME=VALUE, got 'NOEQUALS'"),
+    (["--sidecar-env", "1X=a"], "--sidecar-env", "'1X' is not an environment variable name"),
+    (["--sidecar-env", "A-B=a"], "--sidecar-env", "'A-B' is not an environment variable name"),
+    (["--sidecar-env", "A=1", "--sidecar-env", "A=2"], "--sidecar-env", "A is given twice"),
+    (["--sidecar-redis-secret", "no-key"], "--sidecar-redis-secret",
+     "expected NAME/KEY, got 'no-key'"),
+], ids=lambda v: v if isinstance(v, str) else None)
+def test_bad_values_name_the_flag_and_the_reason(argv: list[str], flag: str | None,
+                                                 reason: str | None) -> None:
+    if flag is None:
+        settings(*argv)
+        return
+    message = refusal(*argv)
+    assert message.startswith(f"sluice operator: {flag}: "), message
+    assert reason is not None and reason in message, message
+
+
+@pytest.mark.parametrize("name", sorted(injection_flags.RESERVED_ENV))
+def test_env_vars_the_injector_sets_are_refused(name: str) -> None:
+    message = refusal("--sidecar-env", f"{name}=x")
+    assert message.startswith(f"sluice operator: --sidecar-env: {name} cannot be set here: ")
+    hint = injection_flags.RESERVED_ENV[name]
+    assert hint.startswith(("use --sidecar-", "it is set by the injector",
+                            "an injected sidecar runs in cluster mode")), hint
+
+
+def test_the_refused_names_are_exactly_what_the_injector_sets() -> None:
+    """Every env var the injected container gets from the settings is refused in --sidecar-env,
+    and nothing else is."""
+    full = replace(settings(*FULL_ARGV), extra_env={}, redis_url_secret=("s", "k"))
+    env = set(env_of(sidecar_container(full, "http", 15080, 15090, 8000)))
+    # wiring passed as arguments: their SLUICE_* env var would be a second, conflicting source
+    args = {"SLUICE_UPSTREAM", "SLUICE_LISTEN", "SLUICE_ADMIN_LISTEN", "SLUICE_NAMESPACE",
+            "SLUICE_POD_LABELS", "SLUICE_POD_NAME", "SLUICE_REDIS"}
+    # standalone mode's files: the sidecar refuses them together with --namespace
+    standalone = {"SLUICE_POLICY_FILE", "SLUICE_API_KEYS_FILE"}
+    assert set(injection_flags.RESERVED_ENV) == env | args | standalone
+
+
+def test_quantities() -> None:
+    q = injection_flags.quantity
+    assert q("50m") == Decimal("0.05")
+    assert q("64Mi") == 64 * 2**20
+    assert q("1e3") == 1000 == q("1k")
+    assert q(".5") == Decimal("0.5") == q("500m")
+    assert q("1.5G") == Decimal("1.5e9")
+    assert q("2E") == 2 * 10**18 and q("2Ei") == 2 * 2**60
+    for bad in ("", "1x", "1mi", "1KB", "e3", "1.5e", "1 Mi", "Mi"):
+        with pytest.raises(ValueError, match="is not a Kubernetes quantity"):
+            q(bad)
+
+
+# ---------------------------------------------------------------------------------------------
+# help text, and the real command
+
+
+def test_every_flag_says_its_env_var_and_its_default() -> None:
+    parser = argparse.ArgumentParser()
+    injection_flags.add_arguments(parser)
+    flags = [a for a in parser._actions if a.option_strings and a.dest != "help"]
+    assert len(flags) == 15
+    for action in flags:
+        (flag,) = action.option_strings
+        assert flag.startswith("--sidecar-")
+        assert f"[env {injection_flags.env_name(flag)}" in (action.help or ""), flag
+        assert "(default: " in (action.help or ""), flag
+
+
+def test_the_sidecar_defaults_quoted_in_the_help_are_the_sidecars() -> None:
+    """Help and README quote the sidecar's own defaults for the flags left unset."""
+    from sluice_sidecar.settings import SidecarSettings
+
+    sidecar = SidecarSettings(upstream="http://127.0.0.1:1")
+    parser = argparse.ArgumentParser()
+    injection_flags.add_arguments(parser)
+    helps = {a.option_strings[0]: a.help or "" for a in parser._actions if a.option_strings}
+    for flag, value in (("--sidecar-redis-connect-timeout-ms", sidecar.redis_connect_timeout_ms),
+                        ("--sidecar-breaker-threshold", sidecar.breaker_threshold),
+                        ("--sidecar-breaker-cooldown-s", sidecar.breaker_cooldown_s),
+                        ("--sidecar-log-level", sidecar.log_level)):
+        assert f"(default: the sidecar's, {value})" in helps[flag], flag
+    assert InjectionSettings().redis_timeout_ms == sidecar.redis_timeout_ms
+
+
+def test_sluice_operator_exits_with_the_message_before_starting() -> None:
+    """The real command: a bad flag stops it at once, with the message on stderr, exit 1."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLUICE_OPERATOR_")}
+    res = subprocess.run(
+        [sys.executable, "-m", "sluice_core.cli", "operator", "--redis", "redis://127.0.0.1:1",
+         "--sidecar-resources", '{"requests": {"cpu": "2"}, "limits": {"cpu": "1"}}'],
+        capture_output=True, text=True, timeout=60, env=env, check=False,
+        stdin=subprocess.DEVNULL)
+    assert res.returncode == 1, res
+    assert res.stderr.strip().endswith(
+        "sluice operator: --sidecar-resources: requests.cpu (2) is above limits.cpu (1): the "
+        "API server would refuse every injected pod"), res.stderr
