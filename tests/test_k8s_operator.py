@@ -19,6 +19,7 @@ before the operator stops, or every later policy write in the session would be r
 from __future__ import annotations
 
 import json
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -328,3 +329,34 @@ def deployment(name: str, ns: str, *, inject: bool, replicas: int | None = None)
             },
         },
     })
+
+
+def test_a_namespaces_policies_share_their_resyncs(k8s: ControlPlane, fresh_redis: Any,
+                                                   namespace: str) -> None:
+    """Every policy has its own resync timer (2 s here) and each reconcile covers the whole
+    namespace, so what one timer reconciled or read less than half an interval ago stands for
+    the others': eight policies cost about one reconcile and one heartbeat read a second, not
+    four (Redis is still checked at least once an interval)."""
+    names = [f"p{i}" for i in range(8)]
+    with running_operator(k8s, fresh_redis, namespace) as op:
+        for name in names:
+            k8s.kubectl("apply", "-f", "-", input=policy_yaml(name, namespace))
+        poll(lambda: all(condition(op.rlp(namespace, n) or {}, "Enforced") for n in names),
+             "every policy's timer ran once", timeout=30)
+
+        def counts() -> tuple[float, int]:
+            reconciles = sum(s.value for m in op.metrics.registry.collect()
+                             if m.name == "sluice_operator_reconciles"
+                             for s in m.samples if s.name.endswith("_total"))
+            stats = op.redis.info("commandstats").get("cmdstat_hgetall", {})
+            return reconciles, int(stats.get("calls", 0))
+
+        (r0, h0), started = counts(), time.monotonic()
+        time.sleep(6.0)  # a measuring window, not a synchronisation
+        (r1, h1), window = counts(), time.monotonic() - started
+        k8s.kubectl("delete", "rlp", "--all", "-n", namespace, "--timeout=30s")
+    interval = op.settings.resync_interval_s
+    # eight timers would be 8 per interval (24 here); sharing allows 2 per interval, +1 at the edges
+    bound = 2 * window / interval + 1
+    assert 1 <= r1 - r0 <= bound, (r1 - r0, window)
+    assert 1 <= h1 - h0 <= bound, (h1 - h0, window)

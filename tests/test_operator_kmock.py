@@ -314,3 +314,15 @@ async def test_with_redis_unreachable_status_still_says_what_is_valid() -> None:
     assert out.redis_error and not out.programmed
     assert out.results["good"].accepted and not out.results["bad"].accepted
     assert "spec.tiers[0].requests" in out.results["bad"].message
+
+
+def test_only_namespace_label_changes_re_resolve_cluster_policies() -> None:
+    from sluice_operator.handlers import LabelChanges
+
+    changes = LabelChanges()
+    assert changes.changed(None, "shop", {"team": "a"})  # first seen (initial listing)
+    assert not changes.changed("MODIFIED", "shop", {"team": "a"})  # annotations, status...
+    assert changes.changed("MODIFIED", "shop", {"team": "b"})
+    assert not changes.changed(None, "shop", {"team": "b"})  # a re-list after a watch gap
+    assert changes.changed("DELETED", "shop", {"team": "b"})
+    assert changes.changed("ADDED", "shop", {"team": "b"})  # re-created: scopes may change

@@ -98,16 +98,21 @@ def build_registry(settings: OperatorSettings, reconciler: Reconciler,
         if outcome.redis_error:
             raise kopf.TemporaryError(f"Redis: {outcome.redis_error}", delay=5)
 
+    # A namespace's policies each have a resync timer; what one of them reconciled or read less
+    # than half an interval ago stands for the others (Redis is still checked every interval).
+    shared_s = settings.resync_interval_s / 2
+
     async def enforced(namespace: str, name: str, outcome: NamespaceOutcome) -> int | None:
         """How many sidecars enforce this policy at the version just programmed."""
         if not (outcome.programmed and outcome.version):
             return None
         if namespace != CLUSTER_SCOPE:
             return await reconciler.enforced([namespace], name, outcome.version,
-                                             stale_s=settings.heartbeat_stale_s)
+                                             stale_s=settings.heartbeat_stale_s, max_age=shared_s)
         result = outcome.results.get(name)
         return await reconciler.enforced(result.scope or [] if result else [], name, outcome.version,
-                                         cluster=True, stale_s=settings.heartbeat_stale_s)
+                                         cluster=True, stale_s=settings.heartbeat_stale_s,
+                                         max_age=shared_s)
 
     def policy_handlers(plural: str, suffix: str) -> None:
         """Handlers of one policy kind: namespaced policies go to their namespace's document,
@@ -133,7 +138,10 @@ def build_registry(settings: OperatorSettings, reconciler: Reconciler,
                          **kwargs: Any) -> None:
             """Redis is volatile: put back lost config, and report how many sidecars enforce it."""
             scope = namespace or CLUSTER_SCOPE
-            outcome = await reconcile(scope, kwargs)
+            outcome = reconciler.latest(scope, max_age=shared_s)
+            result = outcome.results.get(name) if outcome else None
+            if outcome is None or result is None or result.generation != body.metadata.get("generation"):
+                outcome = await reconcile(scope, kwargs)
             report(body, name, outcome, patch, await enforced(scope, name, outcome))
 
     policy_handlers(PLURAL, "")
@@ -172,11 +180,13 @@ def build_registry(settings: OperatorSettings, reconciler: Reconciler,
             if kwargs["cluster_policies"].get(CLUSTER_SCOPE):
                 await reconcile(CLUSTER_SCOPE, kwargs)
 
+        label_changes = LabelChanges()
+
         @kopf.on.event("v1", "namespaces", id="namespace", registry=registry)
-        async def namespace_changed(**kwargs: Any) -> None:
-            """A namespace created, deleted or relabelled may join or leave a cluster policy's
-            scope (the reconcile writes only if a document really changed)."""
-            if kwargs["cluster_policies"].get(CLUSTER_SCOPE):
+        async def namespace_changed(type: str | None, name: str, labels: kopf.Labels, **kwargs: Any) -> None:
+            if label_changes.changed(type, name, labels) and kwargs["cluster_policies"].get(CLUSTER_SCOPE):
+                log.info("namespace %s: %s, re-resolving cluster policies", name,
+                         "deleted" if type == "DELETED" else "labels changed")
                 await reconcile(CLUSTER_SCOPE, kwargs)
 
     @kopf.on.cleanup(registry=registry)
@@ -188,3 +198,19 @@ def build_registry(settings: OperatorSettings, reconciler: Reconciler,
                 await task
 
     return registry
+
+
+class LabelChanges:
+    """Which namespace events can change a cluster policy's scope: a namespace created,
+    deleted or relabelled. Annotations, status and finalizers cannot; kopf reports those too."""
+
+    def __init__(self) -> None:
+        self._seen: dict[str, dict[str, str]] = {}
+
+    def changed(self, event_type: str | None, name: str, labels: Mapping[str, str]) -> bool:
+        if event_type == "DELETED":
+            self._seen.pop(name, None)
+            return True
+        now = dict(labels)
+        before, self._seen[name] = self._seen.get(name), now
+        return now != before

@@ -45,6 +45,7 @@ class PolicyResult:
     key_problems: list[KeyProblem] = field(default_factory=list)
     keys: int = 0
     scope: list[str] | None = None  # cluster policies: the namespaces it selects now
+    generation: int | None = None  # metadata.generation of the spec this result is about
 
     @property
     def message(self) -> str:
@@ -69,6 +70,8 @@ class Reconciler:
         self._last_good: dict[str, dict[str, CompiledPolicy]] = {}
         self._known_version: dict[str, int] = {}
         self._locks: dict[str, asyncio.Lock] = {}
+        self._latest: dict[str, tuple[float, NamespaceOutcome]] = {}  # namespace -> (when, outcome)
+        self._beats: dict[str, tuple[float, list[keyschema.Heartbeat]]] = {}
 
     async def reconcile(self, namespace: str, policies: Sequence[Mapping[str, Any]],
                         secrets: Sequence[Mapping[str, Any]],
@@ -89,7 +92,20 @@ class Reconciler:
                 del m.states[key]
             for name, r in out.results.items():
                 m.states[(namespace, name)] = (r.accepted, r.serving and out.programmed)
+            if out.redis_error:
+                self._latest.pop(namespace, None)
+            else:
+                self._latest[namespace] = (time.monotonic(), out)
             return out
+
+    def latest(self, namespace: str, *, max_age: float) -> NamespaceOutcome | None:
+        """The outcome of the namespace's last reconcile if it succeeded less than ``max_age``
+        seconds ago. Every policy of a namespace has its own resync timer, and each reconcile
+        covers them all: one reconcile can stand for the others' timers."""
+        entry = self._latest.get(namespace)
+        if entry is None or time.monotonic() - entry[0] > max_age:
+            return None
+        return entry[1]
 
     async def _reconcile(self, namespace: str, policies: Sequence[Mapping[str, Any]],
                          secrets: Sequence[Mapping[str, Any]],
@@ -111,7 +127,9 @@ class Reconciler:
             name = str(meta.get("name", ""))
             if meta.get("deletionTimestamp"):
                 continue  # being deleted: leaves the config now
-            result = PolicyResult(name, accepted=True)
+            generation = meta.get("generation")
+            result = PolicyResult(name, accepted=True,
+                                  generation=generation if isinstance(generation, int) else None)
             try:
                 compiled = parse_policy(_as_document(body), source=f"{namespace}/{name}",
                                         default_namespace=namespace)
@@ -173,18 +191,22 @@ class Reconciler:
         self._known_version[namespace] = stored[0]
 
     async def enforced(self, namespaces: Iterable[str], policy: str, version: int, *,
-                       cluster: bool = False, stale_s: float) -> int:
+                       cluster: bool = False, stale_s: float, max_age: float = 0.0) -> int:
         """How many sidecars of ``namespaces`` recently reported enforcing ``policy`` at
-        ``version`` (of their namespace's document, or of the cluster document)."""
+        ``version`` (of their namespace's document, or of the cluster document). A namespace's
+        heartbeats read less than ``max_age`` seconds ago are not read again."""
         count = 0
         for ns in namespaces:
-            for beat in await self._heartbeats(ns, stale_s):
+            for beat in await self._heartbeats(ns, stale_s, max_age):
                 if (cluster and beat.cluster_version == version and beat.cluster_policy == policy) or (not cluster and beat.version == version and beat.policy == policy):
                     count += 1
         return count
 
-    async def _heartbeats(self, namespace: str, stale_s: float) -> list[keyschema.Heartbeat]:
+    async def _heartbeats(self, namespace: str, stale_s: float, max_age: float) -> list[keyschema.Heartbeat]:
         """The fresh heartbeats of one namespace; stale entries are pruned."""
+        read = self._beats.get(namespace)
+        if read is not None and time.monotonic() - read[0] <= max_age:
+            return read[1]
         key = keyschema.heartbeat_key(namespace)
         try:
             entries = await asyncio.to_thread(self.redis.hgetall, key)
@@ -205,6 +227,7 @@ class Reconciler:
                 await asyncio.to_thread(self.redis.hdel, key, *stale)
             except Exception as exc:
                 log.debug("cannot prune heartbeats of %s: %s", namespace, exc)
+        self._beats[namespace] = (time.monotonic(), fresh)
         return fresh
 
 

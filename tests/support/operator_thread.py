@@ -36,6 +36,7 @@ class Operator:
     redis: Any
     settings: OperatorSettings
     thread: threading.Thread
+    metrics: OperatorMetrics
 
     def config(self, ns: str) -> Any:
         return configstore.read(self.redis, ns)
@@ -61,8 +62,9 @@ def running_operator(cp: ControlPlane, redis_server: Any, namespaces: str,
     client = configstore.connect(redis_server.url)
     settings = OperatorSettings(redis=redis_server.url, resync_interval_s=2.0,
                                 heartbeat_stale_s=30, **settings_kw)
+    metrics = OperatorMetrics()
     registry = build_registry(
-        settings, Reconciler(client, OperatorMetrics()),
+        settings, Reconciler(client, metrics),
         api_client=lambda: k8s_config.new_client_from_config(  # type: ignore[no-untyped-call]
             config_file=str(cp.kubeconfig)))
 
@@ -87,7 +89,7 @@ def running_operator(cp: ControlPlane, redis_server: Any, namespaces: str,
     try:
         poll(lambda: ready.is_set() or errors, "operator ready")
         assert not errors, f"the operator failed to start: {errors[0]!r}"
-        yield Operator(cp, client, settings, thread)
+        yield Operator(cp, client, settings, thread, metrics)
     finally:
         stop.set()
         thread.join(20)
