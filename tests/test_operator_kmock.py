@@ -110,8 +110,8 @@ async def running_operator(kmock: Any, redis_server: Any, **settings_kw: Any) ->
     # /namespaces), which ClusterRateLimitPolicies watch: they are tested against the real API
     # server (tests/test_k8s_cluster_policy.py).
     settings_kw.setdefault("cluster_policies", False)
-    settings = OperatorSettings(redis=redis_server.url, resync_interval_s=1.0, heartbeat_stale_s=30,
-                                **settings_kw)
+    settings_kw.setdefault("resync_interval_s", 1.0)
+    settings = OperatorSettings(redis=redis_server.url, heartbeat_stale_s=30, **settings_kw)
     metrics = OperatorMetrics()
     url = str(kmock.url).rstrip("/")
     registry = build_registry(settings, Reconciler(client, metrics),
@@ -215,6 +215,31 @@ async def test_key_secret_lifecycle(env: Env) -> None:
                                                    expiresAt=soon.isoformat()))
     await eventually(lambda: d2 in env.config().grants.get("api", {}), "temporary grant")
     await eventually(lambda: d2 not in env.config().grants.get("api", {}), "expiry", timeout=10)
+
+
+async def test_an_expiring_key_goes_when_it_expires_not_at_the_resync(kmock: Any, redis_server: Any) -> None:
+    """A key-expiry daemon per policy wakes when its first key expires (here the resync timer
+    is 5 minutes away), and again when a reconcile finds an earlier one."""
+    import datetime as dt
+
+    async with running_operator(kmock, redis_server, resync_interval_s=300.0) as env:
+        await env.create(env.rlp_path(), policy("api", env.ns))
+        await eventually(env.config, "config in Redis")
+        now = dt.datetime.now(dt.UTC)
+        later, sooner = now + dt.timedelta(seconds=60), now + dt.timedelta(seconds=3)
+        d_later, d_sooner = keyschema.hash_api_key("sk-later"), keyschema.hash_api_key("sk-sooner")
+        await env.create(env.secret_path(), key_secret("later", env.ns, "api", "sk-later", "free",
+                                                       expiresAt=later.isoformat()))
+        await eventually(lambda: d_later in env.config().grants.get("api", {}), "the later key")
+        # a second key that expires sooner: the daemon, asleep until `later`, must wake for it
+        await env.create(env.secret_path(), key_secret("sooner", env.ns, "api", "sk-sooner", "free",
+                                                       expiresAt=sooner.isoformat()))
+        await eventually(lambda: d_sooner in env.config().grants.get("api", {}), "the sooner key")
+        await eventually(lambda: d_sooner not in env.config().grants.get("api", {}), "expiry",
+                         timeout=10)
+        gone = dt.datetime.now(dt.UTC)
+        assert sooner <= gone < sooner + dt.timedelta(seconds=5), (sooner, gone)
+        assert d_later in env.config().grants["api"]
 
 
 async def test_contract_operator_to_sidecar_process_to_status(env: Env, tmp_path: Any) -> None:

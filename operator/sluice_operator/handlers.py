@@ -4,10 +4,9 @@ namespace through :class:`~sluice_operator.reconcile.Reconciler`, a resync timer
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import datetime as dt
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import kopf
@@ -31,7 +30,6 @@ def build_registry(settings: OperatorSettings, reconciler: Reconciler,
     """``api_client``: a factory of kubernetes ``ApiClient`` for what kopf does not do itself
     (webhook configurations, namespace labels); default: in-cluster config, else kubeconfig."""
     registry = kopf.OperatorRegistry()
-    expiry_tasks: dict[str, asyncio.Task[None]] = {}
     make_api = api_client or default_api_client
 
     @kopf.on.startup(registry=registry)
@@ -72,22 +70,7 @@ def build_registry(settings: OperatorSettings, reconciler: Reconciler,
         else:
             outcome = await reconciler.reconcile(namespace, list(idx["policies_by_ns"].get(namespace, [])),
                                                  list(idx["key_secrets_by_ns"].get(namespace, [])))
-        if outcome.next_expiry is not None:
-            schedule_expiry(namespace, outcome.next_expiry, idx)
         return outcome
-
-    def schedule_expiry(namespace: str, when: dt.datetime, idx: Mapping[str, Any]) -> None:
-        """Expired keys must stop working within seconds, not at the next resync."""
-        old = expiry_tasks.get(namespace)
-        if old is not None and not old.done():
-            old.cancel()
-
-        async def later() -> None:
-            delay = (when - dt.datetime.now(dt.UTC)).total_seconds()
-            await asyncio.sleep(max(0.0, delay) + 0.05)
-            await reconcile(namespace, idx)
-
-        expiry_tasks[namespace] = asyncio.create_task(later())
 
     def report(body: kopf.Body, name: str, outcome: NamespaceOutcome, patch: kopf.Patch,
                enforced: int | None) -> None:
@@ -144,6 +127,26 @@ def build_registry(settings: OperatorSettings, reconciler: Reconciler,
                 outcome = await reconcile(scope, kwargs)
             report(body, name, outcome, patch, await enforced(scope, name, outcome))
 
+        @kopf.daemon(GROUP, VERSION, plural, id="key-expiry" + suffix, cancellation_timeout=1.0,
+                     registry=registry)
+        async def key_expiry(namespace: str | None, name: str, stopped: kopf.DaemonStopped,
+                             **kwargs: Any) -> None:
+            """Expired keys stop working within a second, not at the next resync: wake up when
+            the policy's first key expires (or a reconcile finds a new first one) and reconcile.
+            A kopf daemon rather than a task of our own, so that kopf stops it while peering
+            pauses this replica: a paused replica must not write from its frozen view."""
+            scope = namespace or CLUSTER_SCOPE
+            while not stopped:
+                reconciled = reconciler.reconciled(scope)
+                outcome = reconciler.latest(scope)
+                result = outcome.results.get(name) if outcome else None
+                when = result.next_expiry if result else None
+                delay = None if when is None else (when - dt.datetime.now(dt.UTC)).total_seconds()
+                if delay is not None and delay <= 0:
+                    await reconcile(scope, kwargs)
+                    delay = 1.0  # the key is gone now, or Redis failed: then try again shortly
+                await _first_of(reconciled.wait(), stopped.wait(), timeout=delay)
+
     policy_handlers(PLURAL, "")
 
     @kopf.on.event("v1", "secrets", labels={POLICY_LABEL: kopf.PRESENT}, id="key-secret",
@@ -189,14 +192,6 @@ def build_registry(settings: OperatorSettings, reconciler: Reconciler,
                          "deleted" if type == "DELETED" else "labels changed")
                 await reconcile(CLUSTER_SCOPE, kwargs)
 
-    @kopf.on.cleanup(registry=registry)
-    async def stop_expiry_tasks(**_: Any) -> None:
-        for task in expiry_tasks.values():
-            task.cancel()
-        for task in expiry_tasks.values():
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-
     return registry
 
 
@@ -214,3 +209,13 @@ class LabelChanges:
         now = dict(labels)
         before, self._seen[name] = self._seen.get(name), now
         return now != before
+
+
+async def _first_of(*waits: Awaitable[Any], timeout: float | None) -> None:
+    """Until one of ``waits`` is done or ``timeout`` seconds have passed."""
+    tasks = [asyncio.ensure_future(w) for w in waits]
+    try:
+        await asyncio.wait(tasks, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
+import math
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -46,6 +47,7 @@ class PolicyResult:
     keys: int = 0
     scope: list[str] | None = None  # cluster policies: the namespaces it selects now
     generation: int | None = None  # metadata.generation of the spec this result is about
+    next_expiry: dt.datetime | None = None  # when the first of its keys expires
 
     @property
     def message(self) -> str:
@@ -59,7 +61,6 @@ class NamespaceOutcome:
     programmed: bool = False
     redis_error: str | None = None
     results: dict[str, PolicyResult] = field(default_factory=dict)
-    next_expiry: dt.datetime | None = None
     pushed: bool = False
 
 
@@ -72,6 +73,7 @@ class Reconciler:
         self._locks: dict[str, asyncio.Lock] = {}
         self._latest: dict[str, tuple[float, NamespaceOutcome]] = {}  # namespace -> (when, outcome)
         self._beats: dict[str, tuple[float, list[keyschema.Heartbeat]]] = {}
+        self._notices: dict[str, asyncio.Event] = {}
 
     async def reconcile(self, namespace: str, policies: Sequence[Mapping[str, Any]],
                         secrets: Sequence[Mapping[str, Any]],
@@ -96,9 +98,17 @@ class Reconciler:
                 self._latest.pop(namespace, None)
             else:
                 self._latest[namespace] = (time.monotonic(), out)
+                notice = self._notices.pop(namespace, None)
+                if notice is not None:
+                    notice.set()
             return out
 
-    def latest(self, namespace: str, *, max_age: float) -> NamespaceOutcome | None:
+    def reconciled(self, namespace: str) -> asyncio.Event:
+        """An event set by the namespace's next successful reconcile (for waiters on what it
+        finds, e.g. when keys expire)."""
+        return self._notices.setdefault(namespace, asyncio.Event())
+
+    def latest(self, namespace: str, *, max_age: float = math.inf) -> NamespaceOutcome | None:
         """The outcome of the namespace's last reconcile if it succeeded less than ``max_age``
         seconds ago. Every policy of a namespace has its own resync timer, and each reconcile
         covers them all: one reconcile can stand for the others' timers."""
@@ -151,8 +161,7 @@ class Reconciler:
             grants[name] = table
             out.results[name].key_problems = problems
             out.results[name].keys = len(table)
-            if expiry is not None and (out.next_expiry is None or expiry < out.next_expiry):
-                out.next_expiry = expiry
+            out.results[name].next_expiry = expiry
         scopes: dict[str, list[str]] | None = None
         if namespace == CLUSTER_SCOPE:
             scopes = {name: resolve_namespaces(policy, namespace_labels) for name, policy in live.items()}
