@@ -197,7 +197,12 @@ def build_registry(settings: OperatorSettings, reconciler: Reconciler,
 
 class LabelChanges:
     """Which namespace events can change a cluster policy's scope: a namespace created,
-    deleted or relabelled. Annotations, status and finalizers cannot; kopf reports those too."""
+    deleted or relabelled. Annotations, status and finalizers cannot; kopf reports those too.
+
+    A namespace first seen in a listing (event type None) is not a change: at start-up kopf
+    fills the namespace index before any handler runs, so the cluster policies' resume handlers
+    already resolve against every namespace (one reconcile, not one per namespace); after a
+    watch gap, a namespace created meanwhile joins at its cluster policies' next resync."""
 
     def __init__(self) -> None:
         self._seen: dict[str, dict[str, str]] = {}
@@ -208,6 +213,8 @@ class LabelChanges:
             return True
         now = dict(labels)
         before, self._seen[name] = self._seen.get(name), now
+        if before is None and event_type is None:
+            return False
         return now != before
 
 
