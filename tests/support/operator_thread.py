@@ -60,8 +60,8 @@ def running_operator(cp: ControlPlane, redis_server: Any, namespaces: str,
     policies of the namespaces matching the kopf pattern ``namespaces`` only, so that other
     test files' policies are left alone."""
     client = configstore.connect(redis_server.url)
-    settings = OperatorSettings(redis=redis_server.url, resync_interval_s=2.0,
-                                heartbeat_stale_s=30, **settings_kw)
+    settings_kw.setdefault("resync_interval_s", 2.0)
+    settings = OperatorSettings(redis=redis_server.url, heartbeat_stale_s=30, **settings_kw)
     metrics = OperatorMetrics()
     registry = build_registry(
         settings, Reconciler(client, metrics),
