@@ -44,13 +44,18 @@ from support.control_plane import ControlPlane, bin_dir, require_binaries
 from support.operator_process import OperatorProcess
 from support.polling import poll
 from support.redis_servers import pick_port
+from support.sluice_objects import (
+    WEBHOOK_CONFIGS,
+    delete_webhook_configurations,
+    peers,
+    policy_manifest,
+    programmed,
+)
 
 pytestmark = pytest.mark.k8s
 
 ROOT = Path(__file__).resolve().parents[1]
 CHART = ROOT / "charts" / "sluice"
-WEBHOOK_CONFIGS = (("validatingwebhookconfiguration", "sluice-policies"),
-                   ("mutatingwebhookconfiguration", "sluice-injector"))
 KOPF_CRD = "kopf.dev_clusterkopfpeerings.yaml"  # kopf's, not Sluice's: only in the chart
 
 
@@ -660,14 +665,6 @@ def assert_no_permission_errors(op: OperatorProcess) -> None:
     assert not bad, "the operator hit missing permissions:\n" + "\n".join(bad[:20])
 
 
-def policy_manifest(name: str, ns: str) -> str:
-    return yaml.safe_dump({
-        "apiVersion": "sluice.dev/v1alpha1", "kind": "RateLimitPolicy",
-        "metadata": {"name": name, "namespace": ns},
-        "spec": {"tiers": [{"name": "free", "requests": 10, "period": "1m"},
-                           {"name": "pro", "requests": 100, "period": "1m"}]}})
-
-
 def test_operator_runs_under_the_chart_rbac(release: Release, redis_server: Any,
                                             tmp_path: Path) -> None:
     from sluice_core import configstore, keyschema
@@ -697,21 +694,12 @@ def test_operator_runs_under_the_chart_rbac(release: Release, redis_server: Any,
         res = cp.kubectl("get", "rlp", name, "-n", namespace, "-o", "json", check=False)
         return json.loads(res.stdout) if res.returncode == 0 else None
 
-    def programmed(name: str) -> bool:
-        obj = rlp(name, ns) or {}
-        return any(c.get("type") == "Programmed" and c.get("status") == "True"
-                   for c in obj.get("status", {}).get("conditions", []))
-
     def ca_bundle(kind: str, name: str) -> str | None:
         res = cp.kubectl("get", kind, name, "-o", "json", check=False)
         if res.returncode != 0:
             return None
         hooks = json.loads(res.stdout)["webhooks"]
         return str(hooks[0]["clientConfig"].get("caBundle") or "") or None
-
-    def peers() -> dict[str, Any]:
-        obj = cp.kubectl_json("get", "clusterkopfpeering", release.fullname)
-        return dict(obj.get("status") or {})
 
     def cert_secret() -> dict[str, str]:
         res = cp.kubectl("get", "secret", f"{release.fullname}-webhook-tls", "-n",
@@ -721,7 +709,8 @@ def test_operator_runs_under_the_chart_rbac(release: Release, redis_server: Any,
     try:
         ops.append(chart_operator(release, redis_server.url, tmp_path, "first"))
         # its keep-alive in the release's peering object (list/watch/patch under the chart RBAC)
-        wait(lambda: len(peers()) == 1, "the operator's entry in the ClusterKopfPeering")
+        wait(lambda: len(peers(cp, release.fullname)) == 1,
+             "the operator's entry in the ClusterKopfPeering")
         # webhook configurations created with the CA of the certificate Secret it created
         first_ca = wait(lambda: ca_bundle(*WEBHOOK_CONFIGS[0]), "sluice-policies registered")
         wait(lambda: ca_bundle(*WEBHOOK_CONFIGS[1]), "sluice-injector registered")
@@ -729,9 +718,9 @@ def test_operator_runs_under_the_chart_rbac(release: Release, redis_server: Any,
         assert first_secret["ca.crt"] == first_ca, "caBundle is not the Secret's CA"
 
         # policy -> Redis (list/watch + finalizer patch) -> status (status patch)
-        cp.kubectl("apply", "-f", "-", input=policy_manifest("api", ns))
+        cp.kubectl("apply", "-f", "-", input=policy_manifest("api", ns, tiers=("free", "pro")))
         wait(lambda: configstore.read(redis, ns), f"config of {ns} in Redis")
-        wait(lambda: programmed("api"), "status Programmed=True")
+        wait(lambda: programmed(cp, "rlp", "api", ns), "status Programmed=True")
         assert "sluice.dev/config" in (rlp("api", ns) or {})["metadata"]["finalizers"]
 
         # API-key Secret (list/watch secrets) -> its hash in Redis, never the key
@@ -772,7 +761,7 @@ def test_operator_runs_under_the_chart_rbac(release: Release, redis_server: Any,
 
         # a graceful stop hands over: the replica removes its entry from the peering object
         ops[-1].stop()
-        poll(lambda: not peers(), "the stopped operator's entry removed")
+        poll(lambda: not peers(cp, release.fullname), "the stopped operator's entry removed")
         # restart after damage: a Secret whose certificate is unreadable is renewed (update by
         # name, with its resourceVersion) from the same CA, and the configurations' caBundle,
         # removed meanwhile, is patched back (patch by resourceName)
@@ -789,7 +778,8 @@ def test_operator_runs_under_the_chart_rbac(release: Release, redis_server: Any,
         renewed = cert_secret()
         assert renewed["ca.crt"] == first_secret["ca.crt"]
         assert renewed["tls.crt"] not in (garbage, first_secret["tls.crt"])
-        wait(lambda: len(peers()) == 1, "the new operator's entry in the ClusterKopfPeering")
+        wait(lambda: len(peers(cp, release.fullname)) == 1,
+             "the new operator's entry in the ClusterKopfPeering")
 
         # deletion: the operator removes the config and its finalizer
         cp.kubectl("delete", "rlp", "api", "-n", ns, "--wait=false")
@@ -804,8 +794,7 @@ def test_operator_runs_under_the_chart_rbac(release: Release, redis_server: Any,
     finally:
         for op in ops:
             op.stop()
-        for kind, name in WEBHOOK_CONFIGS:  # failurePolicy Fail on a dead URL: never leave it
-            cp.kubectl("delete", kind, name, "--ignore-not-found")
+        delete_webhook_configurations(cp)  # failurePolicy Fail on a dead URL: never leave it
         for n in (ns, bad_ns):  # a failed test may leave finalizers nobody will remove
             with contextlib.suppress(Exception):
                 for obj in cp.kubectl_json("get", "rlp", "-n", n)["items"]:

@@ -26,9 +26,10 @@ from sluice_core.model import CLUSTER_SCOPE
 from sluice_operator.handlers import FINALIZER
 from support.control_plane import ControlPlane, table
 from support.crds import apply_crds
-from support.operator_thread import Operator, condition, running_operator
+from support.operator_thread import Operator, running_operator
 from support.polling import poll
 from support.processes import SidecarProcess, UpstreamProcess, http_get
+from support.sluice_objects import condition, programmed
 
 pytestmark = pytest.mark.k8s
 
@@ -118,8 +119,7 @@ def test_cluster_policy_lifecycle(operator: Operator, namespaces: dict[str, str]
     cfg = poll(lambda: (cfg := operator.config(CLUSTER_SCOPE)) and name in cfg.scopes and cfg,
                "the _cluster document")
     assert cfg.scopes[name] == frozenset({a, b})
-    obj = poll(lambda: (o := operator.get("crlp", name)) and condition(o, "Programmed")
-               and condition(o, "Programmed")["status"] == "True" and o, "Programmed=True")
+    obj = poll(lambda: programmed(cp, "crlp", name), "Programmed=True")
     assert obj["status"]["namespaces"] == 2 and obj["status"]["configVersion"] == cfg.version
     assert FINALIZER in obj["metadata"]["finalizers"]
     row = {r["NAME"]: r for r in table(cp.kubectl("get", "crlp").stdout)}[name]

@@ -33,9 +33,10 @@ from sluice_operator.webhook_config import MUTATING_NAME, VALIDATING_NAME, Endpo
 from support.control_plane import ControlPlane, table
 from support.crds import apply_crds
 from support.examples import expectation
-from support.operator_thread import Operator, condition, running_operator
+from support.operator_thread import Operator, running_operator
 from support.polling import poll
 from support.redis_servers import pick_port
+from support.sluice_objects import condition, delete_webhook_configurations, programmed
 
 pytestmark = pytest.mark.k8s
 
@@ -103,15 +104,9 @@ def webhook_operator(k8s: ControlPlane, redis_server: Any,
             try:
                 yield op
             finally:  # before the operator stops: a Fail webhook nobody serves blocks policies
-                k8s.kubectl("delete", "validatingwebhookconfiguration", VALIDATING_NAME,
-                            "--ignore-not-found")
-                k8s.kubectl("delete", "mutatingwebhookconfiguration", MUTATING_NAME,
-                            "--ignore-not-found")
+                delete_webhook_configurations(k8s)
     finally:  # also when start-up failed after the configurations were written
-        k8s.kubectl("delete", "validatingwebhookconfiguration", VALIDATING_NAME,
-                    "--ignore-not-found", check=False)
-        k8s.kubectl("delete", "mutatingwebhookconfiguration", MUTATING_NAME,
-                    "--ignore-not-found", check=False)
+        delete_webhook_configurations(k8s, check=False)
 
 
 def wait_webhooks_active(cp: ControlPlane) -> None:
@@ -140,12 +135,8 @@ def wait_webhooks_active(cp: ControlPlane) -> None:
 
 
 def wait_programmed(op: Operator, ns: str, name: str) -> dict[str, Any]:
-    def programmed() -> dict[str, Any] | None:
-        obj = op.rlp(ns, name)
-        cond = condition(obj or {}, "Programmed")
-        return obj if cond and cond["status"] == "True" else None
-
-    return dict(poll(programmed, f"rlp {ns}/{name} Programmed=True"))
+    return dict(poll(lambda: programmed(op.cp, "rlp", name, ns),
+                     f"rlp {ns}/{name} Programmed=True"))
 
 
 # ---------------------------------------------------------------------------------------------

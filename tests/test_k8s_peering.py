@@ -47,13 +47,19 @@ from kubernetes import config as k8s_config
 from sluice_core import configstore
 from sluice_operator import certstore
 from sluice_operator.certstore import ensure_shared_certificates
-from sluice_operator.webhook_config import MUTATING_NAME, VALIDATING_NAME
 from support.control_plane import ControlPlane
 from support.crds import apply_crds
 from support.examples import expectation
 from support.operator_process import OperatorProcess
 from support.polling import poll
 from support.redis_servers import pick_port
+from support.sluice_objects import (
+    WEBHOOK_CONFIGS,
+    delete_webhook_configurations,
+    peers,
+    policy_manifest,
+    programmed,
+)
 
 pytestmark = pytest.mark.k8s
 
@@ -62,8 +68,6 @@ PEERING_CRD = ROOT / "charts" / "sluice" / "crds" / "kopf.dev_clusterkopfpeering
 BAD_REGEX = ROOT / "crds" / "examples" / "bad" / "bad-regex.yaml"
 NS_PREFIX = "sluice-ha"
 LIFETIME_S = 6  # peering lifetime: how long a killed replica blocks the other one at most
-WEBHOOK_CONFIGS = (("validatingwebhookconfiguration", VALIDATING_NAME),
-                   ("mutatingwebhookconfiguration", MUTATING_NAME))
 RESUMING = "Resuming operations after the pause"  # kopf's log line when a replica goes active
 
 
@@ -110,10 +114,6 @@ class Pair:
     def wait(self, predicate: Callable[[], Any], what: str, timeout: float = 30.0) -> Any:
         return poll(predicate, what, timeout, diagnose=self.diagnose)
 
-    def peers(self) -> dict[str, Any]:
-        obj = self.cp.kubectl_json("get", "clusterkopfpeering", self.peering)
-        return dict(obj.get("status") or {})
-
     def secret(self) -> dict[str, bytes]:
         obj = self.cp.kubectl_json("get", "secret", self.secret_name, "-n", self.secret_ns)
         return {k: base64.b64decode(v) for k, v in obj["data"].items()}
@@ -121,30 +121,12 @@ class Pair:
     def namespace(self) -> str:
         return new_namespace(self.cp, self.namespaces)
 
-    def programmed(self, ns: str, name: str) -> bool:
-        res = self.cp.kubectl("get", "rlp", name, "-n", ns, "-o", "json", check=False)
-        obj = json.loads(res.stdout) if res.returncode == 0 else {}
-        return any(c.get("type") == "Programmed" and c.get("status") == "True"
-                   for c in (obj.get("status") or {}).get("conditions") or [])
-
-
-def policy_manifest(name: str, ns: str) -> str:
-    return yaml.safe_dump({
-        "apiVersion": "sluice.dev/v1alpha1", "kind": "RateLimitPolicy",
-        "metadata": {"name": name, "namespace": ns},
-        "spec": {"tiers": [{"name": "free", "requests": 10, "period": "1m"}]}})
-
 
 def new_namespace(cp: ControlPlane, created: list[str]) -> str:
     ns = f"{NS_PREFIX}-{uuid.uuid4().hex[:6]}"
     cp.kubectl("create", "namespace", ns)
     created.append(ns)
     return ns
-
-
-def delete_webhook_configurations(cp: ControlPlane) -> None:
-    for kind, name in WEBHOOK_CONFIGS:
-        cp.kubectl("delete", kind, name, "--ignore-not-found", check=False)
 
 
 @pytest.fixture(scope="module")
@@ -196,12 +178,13 @@ def pair(k8s: ControlPlane, redis_server: Any, tmp_path_factory: pytest.TempPath
         younger = start("younger")
         pair_ = Pair(cp, configstore.connect(redis_server.url), redis_server.url, peering,
                      secret_ns, secret_name, older, younger, namespaces)
-        pair_.wait(lambda: younger.check_alive() or set(pair_.peers()) == {
+        pair_.wait(lambda: younger.check_alive() or set(peers(cp, peering)) == {
             older.identity, younger.identity}, "both replicas in the ClusterKopfPeering")
         wait_webhooks_called(pair_)
         yield pair_
     finally:
-        delete_webhook_configurations(cp)  # before the operators stop (failurePolicy Fail)
+        # before the operators stop (failurePolicy Fail)
+        delete_webhook_configurations(cp, check=False)
         for ns in namespaces:  # policies go while an operator can remove their finalizers
             cp.kubectl("delete", "rlp", "--all", "-n", ns, "--timeout=20s", check=False)
         for replica in started:
@@ -243,16 +226,16 @@ def wait_webhooks_called(pair: Pair) -> None:
 
 def test_one_replica_reconciles_the_other_waits(pair: Pair) -> None:
     older, younger = pair.older, pair.younger
-    peers = pair.peers()
-    assert set(peers) == {older.identity, younger.identity}, peers
+    entries = peers(pair.cp, pair.peering)
+    assert set(entries) == {older.identity, younger.identity}, entries
     # the older replica leads: a higher priority; both announce the same lifetime
-    assert peers[older.identity]["priority"] > peers[younger.identity]["priority"], peers
-    assert {p["lifetime"] for p in peers.values()} == {LIFETIME_S}, peers
+    assert entries[older.identity]["priority"] > entries[younger.identity]["priority"], entries
+    assert {p["lifetime"] for p in entries.values()} == {LIFETIME_S}, entries
     assert RESUMING in older.log()
 
     ns = pair.namespace()
     pair.cp.kubectl("apply", "-f", "-", input=policy_manifest("api", ns))
-    pair.wait(lambda: pair.programmed(ns, "api"), f"rlp {ns}/api Programmed")
+    pair.wait(lambda: programmed(pair.cp, "rlp", "api", ns), f"rlp {ns}/api Programmed")
     # programmed once: one config version in Redis, written by the older replica only; the
     # resync timer (1 s) keeps reconciling in the older replica and never in the younger one
     start = older.counter("sluice_operator_reconciles")
@@ -319,14 +302,14 @@ def test_takeover_after_sigkill(pair: Pair) -> None:
     resumed = time.monotonic() - t0
     ns = pair.namespace()
     pair.cp.kubectl("apply", "-f", "-", input=policy_manifest("after", ns))  # webhook: younger
-    pair.wait(lambda: pair.programmed(ns, "after"), f"rlp {ns}/after Programmed")
-    programmed = time.monotonic() - t0
+    pair.wait(lambda: programmed(pair.cp, "rlp", "after", ns), f"rlp {ns}/after Programmed")
+    programmed_after = time.monotonic() - t0
     assert configstore.read(pair.redis, ns) is not None
     assert younger.counter("sluice_operator_reconciles") > 0
-    pair.wait(lambda: set(pair.peers()) == {younger.identity},
+    pair.wait(lambda: set(peers(pair.cp, pair.peering)) == {younger.identity},
               "the dead replica removed from the ClusterKopfPeering")
     sys.stderr.write(f"\ntakeover: resumed {resumed:.1f} s after SIGKILL, new policy "
-                     f"programmed after {programmed:.1f} s (lifetime {LIFETIME_S} s)\n")
+                     f"programmed after {programmed_after:.1f} s (lifetime {LIFETIME_S} s)\n")
     assert resumed <= LIFETIME_S + 3, f"took over after {resumed:.1f} s"
 
 

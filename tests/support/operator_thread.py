@@ -24,12 +24,6 @@ from support.control_plane import ControlPlane
 from support.polling import poll
 
 
-def condition(obj: dict[str, Any], type_: str) -> dict[str, Any] | None:
-    conds = (obj.get("status") or {}).get("conditions") or []
-    return next((c for c in conds if c.get("type") == type_), None)
-
-
-
 @dataclass
 class Operator:
     cp: ControlPlane
