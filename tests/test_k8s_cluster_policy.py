@@ -29,7 +29,7 @@ from support.crds import apply_crds
 from support.operator_thread import Operator, running_operator
 from support.polling import poll
 from support.processes import SidecarProcess, UpstreamProcess, http_get
-from support.sluice_objects import condition, programmed
+from support.sluice_objects import condition, policy_manifest, programmed
 
 pytestmark = pytest.mark.k8s
 
@@ -180,3 +180,21 @@ def test_cluster_policy_lifecycle(operator: Operator, namespaces: dict[str, str]
     assert operator.get("crlp", name) is None
     poll(lambda: (cfg := operator.config(CLUSTER_SCOPE)) is None or name not in {p.name for p in cfg.policies},
          "the policy gone from the _cluster document")
+
+
+def test_a_deleted_namespace_leaves_no_config_behind(operator: Operator) -> None:
+    """Kubernetes deletes the namespace's policy (the operator writes the empty document and
+    lets the finalizer go), then the namespace; the operator, which watches namespaces for its
+    cluster policies, then removes that empty document."""
+    cp, ns = operator.cp, f"{NS_PREFIX}-gone-{RUN}"
+    cp.kubectl("create", "namespace", ns)
+    try:
+        cp.kubectl("apply", "-f", "-", input=policy_manifest("api", ns))
+        poll(lambda: programmed(cp, "rlp", "api", ns), f"rlp {ns}/api Programmed")
+        assert operator.redis.exists(keyschema.config_key(ns))
+        cp.kubectl("delete", "namespace", ns, "--wait=false")
+        poll(lambda: not operator.redis.exists(keyschema.config_key(ns)),
+             "the namespace's config gone from Redis", timeout=90)
+        assert cp.kubectl("get", "namespace", ns, check=False).returncode != 0
+    finally:
+        cp.kubectl("delete", "namespace", ns, "--ignore-not-found", "--wait=false")

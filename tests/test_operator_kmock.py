@@ -353,3 +353,22 @@ def test_only_namespace_label_changes_re_resolve_cluster_policies() -> None:
     assert changes.changed("DELETED", "shop", {"team": "b"})
     assert changes.changed("ADDED", "shop", {"team": "b"})  # re-created: scopes may change
     assert changes.changed("ADDED", "new", {})  # created while watching
+
+
+async def test_a_deleted_namespace_leaves_nothing_behind(redis_server: Any) -> None:
+    """Its empty config document goes from Redis; one written since (the namespace re-created,
+    a new policy) stays."""
+    client = configstore.connect(redis_server.url)
+    ns = "gone-" + uuid.uuid4().hex[:8]
+    reconciler = Reconciler(client)
+    await reconciler.reconcile(ns, [policy("api", ns)], [])
+    await reconciler.reconcile(ns, [], [])  # its last policy deleted: an empty document
+    assert not configstore.read(client, ns).policies
+    await reconciler.forget(ns)
+    assert not client.exists(keyschema.config_key(ns))
+    assert reconciler.latest(ns) is None
+
+    # re-created under the same name by another operator replica: its policy stays
+    await Reconciler(client).reconcile(ns, [policy("api", ns)], [])
+    await reconciler.forget(ns)
+    assert [p.name for p in configstore.read(client, ns).policies] == ["api"]

@@ -11,7 +11,7 @@ import redis.cluster
 import redis.sentinel
 
 from sluice_core import keyschema, scripts
-from sluice_core.configdoc import NamespaceConfig, load_doc
+from sluice_core.configdoc import NamespaceConfig, build_doc, load_doc
 from sluice_core.redisurl import RedisTarget, Topology, parse_redis_url
 
 
@@ -48,6 +48,16 @@ def publish(client: Any, namespace: str, doc: str, *, min_version: int = 0) -> i
     except redis.RedisError as exc:
         raise ConfigStoreError(f"cannot write config for namespace {namespace!r}: {exc}") from exc
     return int(v)
+
+
+def drop_if_empty(client: Any, namespace: str) -> bool:
+    """Remove the namespace's config if it is the empty document its last policy left (for a
+    namespace gone for good); True when it was removed."""
+    s = scripts.drop_empty_config()
+    try:
+        return bool(client.eval(s.source, 1, keyschema.config_key(namespace), build_doc(namespace, [])))
+    except redis.RedisError as exc:
+        raise ConfigStoreError(f"cannot remove config of namespace {namespace!r}: {exc}") from exc
 
 
 def read_raw(client: Any, namespace: str) -> tuple[int, str] | None:

@@ -28,3 +28,6 @@ def decide() -> Script:
 def publish_config() -> Script:
     return load("publish_config")
 
+
+def drop_empty_config() -> Script:
+    return load("drop_empty_config")

@@ -187,6 +187,10 @@ def build_registry(settings: OperatorSettings, reconciler: Reconciler,
 
         @kopf.on.event("v1", "namespaces", id="namespace", registry=registry)
         async def namespace_changed(type: str | None, name: str, labels: kopf.Labels, **kwargs: Any) -> None:
+            """A namespace deleted: forget it. Created, deleted or relabelled: it may join or
+            leave a cluster policy's scope."""
+            if type == "DELETED":
+                await reconciler.forget(name)
             if label_changes.changed(type, name, labels) and kwargs["cluster_policies"].get(CLUSTER_SCOPE):
                 log.info("namespace %s: %s, re-resolving cluster policies", name,
                          "deleted" if type == "DELETED" else "labels changed")

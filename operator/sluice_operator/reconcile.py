@@ -103,6 +103,23 @@ class Reconciler:
                     notice.set()
             return out
 
+    async def forget(self, namespace: str) -> None:
+        """The namespace is gone: drop what is kept of it here, and its config document from
+        Redis if that is still the empty one its last policy left (namespaces come and go,
+        e.g. one per preview environment; their leftovers would only accumulate)."""
+        async with self._locks.setdefault(namespace, asyncio.Lock()):
+            if self._last_good.get(namespace):
+                return  # still serving policies: not for us to drop (a re-created namespace)
+            try:
+                dropped = await asyncio.to_thread(configstore.drop_if_empty, self.redis, namespace)
+            except configstore.ConfigStoreError as exc:
+                log.warning("namespace %s deleted; its empty config stays in Redis: %s", namespace, exc)
+                dropped = False
+            if dropped:
+                log.info("namespace %s deleted: its empty config document removed", namespace)
+            for kept in (self._last_good, self._known_version, self._latest, self._beats, self._notices):
+                kept.pop(namespace, None)
+
     def reconciled(self, namespace: str) -> asyncio.Event:
         """An event set by the namespace's next successful reconcile (for waiters on what it
         finds, e.g. when keys expire)."""
