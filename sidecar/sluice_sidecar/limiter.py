@@ -21,7 +21,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from sluice_core import keyschema
@@ -57,15 +57,10 @@ class Bucket:
     policy_item: str  # its RateLimit-Policy member
 
 
-def _tier_bucket(name: str, limit: Limit, prefix: str) -> Bucket:
+def _bucket(name: str, limit: Limit, prefix: str, suffix: Callable[[str, int, int], str]) -> Bucket:
+    """``suffix``: :func:`keyschema.tier_suffix` or :func:`keyschema.rule_suffix`."""
     em, cap = limit.emission_us, limit.capacity_us
-    return Bucket(name, prefix + name, keyschema.tier_suffix(name, em, cap), limit, (em, cap),
-                  hdr.policy_item(prefix + name, limit))
-
-
-def _rule_bucket(name: str, limit: Limit, prefix: str) -> Bucket:
-    em, cap = limit.emission_us, limit.capacity_us
-    return Bucket(name, prefix + name, keyschema.rule_suffix(name, em, cap), limit, (em, cap),
+    return Bucket(name, prefix + name, suffix(name, em, cap), limit, (em, cap),
                   hdr.policy_item(prefix + name, limit))
 
 
@@ -90,8 +85,9 @@ class Enforcement:
         # distinct names in its headers even when both have a "free" tier.
         self._prefix = f"{p.name}/" if p.cluster_scoped else ""
         self.label = p.ref if p.cluster_scoped else p.name
-        self.tiers = {t.name: _tier_bucket(t.name, t.limit, self._prefix) for t in p.tiers.values()}
-        self.rules = {r.name: _rule_bucket(r.name, r.limit, self._prefix)
+        self.tiers = {t.name: _bucket(t.name, t.limit, self._prefix, keyschema.tier_suffix)
+                      for t in p.tiers.values()}
+        self.rules = {r.name: _bucket(r.name, r.limit, self._prefix, keyschema.rule_suffix)
                       for r in p.rules if r.limit is not None}
 
     def key_bucket(self, digest: str, grant: KeyGrant) -> Bucket:
@@ -99,7 +95,8 @@ class Enforcement:
         b = self._key_buckets.get(digest)
         if b is None:
             assert grant.limit is not None
-            b = self._key_buckets[digest] = _tier_bucket(grant.tier, grant.limit, self._prefix)
+            b = self._key_buckets[digest] = _bucket(grant.tier, grant.limit, self._prefix,
+                                                    keyschema.tier_suffix)
         return b
 
 
