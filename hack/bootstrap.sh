@@ -11,9 +11,23 @@ if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
   echo "error: Sluice needs Python >= 3.11, $PYTHON is $("$PYTHON" -V 2>&1)" >&2
   exit 1
 fi
-if [ ! -x "$VENV/bin/python" ]; then
+# A venv needs ensurepip: Debian ships it in python3-venv (installed here when root).
+if ! "$PYTHON" -c 'import ensurepip, venv' 2>/dev/null; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "==> installing python3-venv from Debian's packages"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq python3-venv >/dev/null
+  else
+    echo "error: the Python venv module is missing (Debian: sudo apt-get install python3-venv)" >&2
+    exit 1
+  fi
+fi
+# A venv without a working pip (an earlier creation that failed half-way) is made again.
+if ! "$VENV/bin/python" -m pip --version >/dev/null 2>&1; then
   echo "==> creating virtualenv $VENV"
-  "$PYTHON" -m venv "$VENV" || { echo "error: python venv module missing (Debian: apt-get install python3-venv)" >&2; exit 1; }
+  rm -rf "$VENV"
+  "$PYTHON" -m venv "$VENV"
 fi
 echo "==> installing Sluice and its tools into $VENV"
 "$VENV/bin/python" -m pip install -q --disable-pip-version-check -U pip
