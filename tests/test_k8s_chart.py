@@ -7,9 +7,12 @@ operator running under the chart's RBAC (tests/support/control_plane.py).
   (plus kopf's ClusterKopfPeering CRD, which is not Sluice's API).
 - ``sidecar.*`` values render as ``--sidecar-*`` operator args that the operator's own parser
   turns into the InjectionSettings they describe; the chart's defaults are the operator's.
+- The rendered webhook configurations are ``webhook_config.validating()``/``mutating()`` for the
+  chart's Service, without the caBundle (they cannot drift apart).
 - ``helm install`` (``--wait=false``: there is no kubelet) creates the ServiceAccount,
   ClusterRole(Binding), Role(Binding) for the webhook certificate Secret, Deployment (two
-  replicas, peering), PodDisruptionBudget, ClusterKopfPeering, webhook Service and CRDs.
+  replicas, peering), PodDisruptionBudget, ClusterKopfPeering, webhook Service, the webhook
+  configurations (Helm's, no caBundle) and CRDs.
 - RBAC: with a token minted for the chart's ServiceAccount, SelfSubjectAccessReviews show the
   verbs the operator needs are allowed and the dangerous ones (secret get/writes, pod creation,
   RBAC escalation, deleting policies or CRDs, ...) are denied.
@@ -17,16 +20,22 @@ operator running under the chart's RBAC (tests/support/control_plane.py).
   with the token, the server and the CA), with the chart's peering and certificate Secret,
   against a real Redis: it keeps its entry in the release's ClusterKopfPeering, a policy reaches
   Redis and its status, a key Secret's hash reaches Redis, an invalid policy gets an Event, the
-  webhook certificate Secret is created, the webhooks are registered (create, then patch on
+  webhook certificate Secret is created, the chart's webhook configurations (refusing policies
+  until then) get its CA and URL by a merge patch that keeps Helm's ownership (again on
   restart) and refuse a bad policy, sidecar injection reads the namespace's labels, a restart
-  renews a damaged certificate Secret (update) with the same CA, deletion clears the finalizer.
+  renews a damaged certificate Secret (update) with the same CA, deletion clears the finalizer,
+  and ``webhook.enabled=false`` then removes the patched configurations.
   Any ``Forbidden`` in its log fails the test.
+- A release of its own: the operator's create-or-patch keeps Helm's ownership, ``helm upgrade``
+  keeps the caBundle, ``helm uninstall`` removes both configurations; ones an operator created
+  without the chart are refused by ``helm install`` until adopted (charts/sluice/README.md).
 """
 
 from __future__ import annotations
 
 import base64
 import contextlib
+import dataclasses
 import json
 import os
 import re
@@ -40,7 +49,9 @@ from typing import Any
 import kubernetes_validate
 import pytest
 import yaml
+from sluice_operator.webhook_config import Endpoint
 from support.control_plane import ControlPlane, bin_dir, require_binaries
+from support.examples import k8s_version
 from support.operator_process import OperatorProcess
 from support.polling import poll
 from support.redis_servers import pick_port
@@ -57,13 +68,6 @@ pytestmark = pytest.mark.k8s
 ROOT = Path(__file__).resolve().parents[1]
 CHART = ROOT / "charts" / "sluice"
 KOPF_CRD = "kopf.dev_clusterkopfpeerings.yaml"  # kopf's, not Sluice's: only in the chart
-
-
-def k8s_version() -> str:
-    text = (ROOT / "hack" / "k8s" / "versions.env").read_text()
-    m = re.search(r"^KUBERNETES_VERSION=v(\d+)\.(\d+)", text, re.M)
-    assert m, "KUBERNETES_VERSION not found in hack/k8s/versions.env"
-    return f"{m[1]}.{m[2]}.0"
 
 
 def helm(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -295,7 +299,8 @@ def test_rendered_manifests_validate(values: list[str]) -> None:
                 "CustomResourceDefinition", "CustomResourceDefinition", "Deployment",
                 "ServiceAccount", "ClusterKopfPeering"]
     if "webhook.enabled=false" not in values:
-        expected += ["Service", "Role", "RoleBinding"]  # the webhook certificate Secret
+        expected += ["Service", "Role", "RoleBinding",  # the webhook certificate Secret
+                     "ValidatingWebhookConfiguration", "MutatingWebhookConfiguration"]
     if "replicaCount=1" not in values:
         expected.append("PodDisruptionBudget")
     assert kinds == sorted(expected)
@@ -333,6 +338,51 @@ def test_deployment_wiring() -> None:
     for rule in [*role["rules"], *by_kind["Role"]["rules"]]:
         for field in ("apiGroups", "resources", "verbs"):
             assert "*" not in rule[field], f"wildcard in {rule}"
+
+
+WEBHOOK_KINDS = ("ValidatingWebhookConfiguration", "MutatingWebhookConfiguration")
+
+
+def operator_webhook_configurations(endpoint: Endpoint, ca_pem: bytes) -> dict[str, dict[str, Any]]:
+    """What the operator writes for ``endpoint`` (webhook_config), by kind."""
+    from sluice_operator import webhook_config
+    from sluice_operator.settings import OperatorSettings
+
+    skip = next(f.default for f in dataclasses.fields(OperatorSettings) if f.name == "skip_namespaces")
+    return {"ValidatingWebhookConfiguration": webhook_config.validating(endpoint, ca_pem),
+            "MutatingWebhookConfiguration": webhook_config.mutating(endpoint, ca_pem,
+                                                                    skip_namespaces=skip)}
+
+
+def without_labels(doc: dict[str, Any]) -> dict[str, Any]:
+    return {**doc, "metadata": {k: v for k, v in doc["metadata"].items() if k != "labels"}}
+
+
+def test_rendered_webhook_configurations_are_the_operators() -> None:
+    """The chart owns the webhook configurations (so ``helm uninstall`` removes them); they are
+    exactly what the operator builds for the chart's Service (webhook_config.validating() and
+    mutating()), but for the caBundle the operator fills in and the labels: they cannot drift."""
+    docs = render(namespace="ops")
+    by_kind = {d["kind"]: d for d in docs}
+    svc = by_kind["Service"]
+    name, (port,) = svc["metadata"]["name"], svc["spec"]["ports"]
+    # the Service the operator is told about (--webhook-service NS/NAME:PORT) is this one
+    assert f"--webhook-service=ops/{name}:{port['port']}" in operator_container(docs)["args"]
+    endpoint = Endpoint(service_namespace="ops", service_name=name, service_port=port["port"])
+    for kind, want in operator_webhook_configurations(endpoint, b"").items():
+        got = by_kind[kind]
+        assert without_labels(got) == without_labels(want), kind
+        assert "caBundle" not in got["webhooks"][0]["clientConfig"]
+        # Helm's labels; the operator's own label key is not Helm's managed-by
+        assert got["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "Helm"
+        assert "app.kubernetes.io/managed-by" not in want["metadata"]["labels"]
+    # with the operator's CA, its manifests differ from the chart's in the caBundle only
+    ca = b"-----BEGIN CERTIFICATE-----\n"
+    for kind, want in operator_webhook_configurations(endpoint, ca).items():
+        (hook,) = want["webhooks"]
+        assert base64.b64decode(hook["clientConfig"].pop("caBundle")) == ca
+        assert without_labels(by_kind[kind]) == without_labels(want)
+    assert not set(WEBHOOK_KINDS) & {d["kind"] for d in render("--set", "webhook.enabled=false")}
 
 
 def test_high_availability_wiring() -> None:
@@ -415,6 +465,53 @@ class Release:
         return res
 
 
+def helm_on(cp: ControlPlane, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    """helm against the control plane (admin credentials)."""
+    return helm(*args, "--kubeconfig", str(cp.kubeconfig), check=check)
+
+
+def set_webhooks(release: Release, enabled: bool, *, check: bool = True) -> None:
+    helm_on(release.cp, "upgrade", release.name, str(CHART), "--namespace", release.namespace,
+            "--reuse-values", "--wait=false", "--set", f"webhook.enabled={str(enabled).lower()}",
+            check=check)
+
+
+def webhook_configuration(cp: ControlPlane, kind: str, name: str) -> dict[str, Any] | None:
+    res = cp.kubectl("get", kind, name, "-o", "json", check=False)
+    if res.returncode != 0:
+        assert "NotFound" in res.stderr, res.stderr
+        return None
+    return dict(json.loads(res.stdout))
+
+
+def assert_helm_owned(obj: dict[str, Any] | None, release_name: str, namespace: str) -> None:
+    """Helm's ownership metadata: without it ``helm upgrade`` refuses the object ("invalid
+    ownership metadata") and the release no longer removes it."""
+    assert obj is not None, "no such object"
+    meta = obj["metadata"]
+    assert meta["labels"].get("app.kubernetes.io/managed-by") == "Helm", meta
+    assert meta.get("annotations", {}).get("meta.helm.sh/release-name") == release_name, meta
+    assert meta["annotations"].get("meta.helm.sh/release-namespace") == namespace, meta
+
+
+def assert_the_charts(cp: ControlPlane, release_name: str, namespace: str, fullname: str) -> None:
+    """Both configurations as the chart creates them: Helm's, the release's webhook Service,
+    no caBundle (until the operator patches it in)."""
+    for kind, name in WEBHOOK_CONFIGS:
+        obj = webhook_configuration(cp, kind, name)
+        assert obj is not None, f"{kind} {name} missing"
+        assert_helm_owned(obj, release_name, namespace)
+        (hook,) = obj["webhooks"]
+        assert "caBundle" not in hook["clientConfig"], name
+        assert hook["clientConfig"]["service"]["namespace"] == namespace
+        assert hook["clientConfig"]["service"]["name"] == f"{fullname}-webhook"
+
+
+def assert_gone(cp: ControlPlane, what: str) -> None:
+    left = [name for kind, name in WEBHOOK_CONFIGS if webhook_configuration(cp, kind, name)]
+    assert not left, f"{what} left {left} behind"
+
+
 @pytest.fixture(scope="module")
 def release(control_plane: ControlPlane, tmp_path_factory: pytest.TempPathFactory
             ) -> Iterator[Release]:
@@ -440,6 +537,9 @@ def release(control_plane: ControlPlane, tmp_path_factory: pytest.TempPathFactor
     finally:
         helm("uninstall", name, "--kubeconfig", str(cp.kubeconfig), "--namespace", ns,
              check=False)
+        # the release's sluice-policies (failurePolicy Fail, a Service nobody serves) must not
+        # outlive this module, whatever happened to the release
+        delete_webhook_configurations(cp, check=False)
         cp.kubectl("delete", "namespace", ns, "--wait=false", "--ignore-not-found")
 
 
@@ -468,6 +568,8 @@ def test_install_creates_the_objects(release: Release) -> None:
         {"kind": "ServiceAccount", "name": full, "namespace": ns}]
     pdb = cp.kubectl_json("get", "poddisruptionbudget", f"{full}-operator", "-n", ns)
     assert pdb["spec"]["maxUnavailable"] == 1
+    # the webhook configurations are the release's (no caBundle until the operator runs)
+    assert_the_charts(cp, release.name, ns, full)
     for crd in ("ratelimitpolicies.sluice.dev", "clusterratelimitpolicies.sluice.dev",
                 "clusterkopfpeerings.kopf.dev"):
         poll(lambda crd=crd: any(
@@ -676,9 +778,7 @@ def test_operator_runs_under_the_chart_rbac(release: Release, redis_server: Any,
     cp.kubectl("create", "namespace", ns)
     cp.kubectl("create", "namespace", bad_ns)
     cp.kubectl("label", "namespace", ns, "sluice.dev/inject=true")
-    # an invalid policy (only the webhook could refuse it) that exists before the operator starts
     bad = (ROOT / "crds" / "examples" / "bad" / "bad-regex.yaml").read_text()
-    cp.kubectl("apply", "-n", bad_ns, "-f", "-", input=bad)
     ops: list[OperatorProcess] = []
 
     def diagnose() -> str:
@@ -706,7 +806,39 @@ def test_operator_runs_under_the_chart_rbac(release: Release, redis_server: Any,
                          release.namespace, "-o", "json", check=False)
         return dict(json.loads(res.stdout)["data"]) if res.returncode == 0 else {}
 
+    def assert_patched_by_the_operator(op: OperatorProcess, ca_b64: str) -> None:
+        """The chart's objects, merge patched: still Helm's, the operator's label added, and
+        the webhooks exactly the operator's (its URL replacing the chart's Service, the CA)."""
+        ca = base64.b64decode(ca_b64)
+        want = operator_webhook_configurations(
+            Endpoint(url=f"https://127.0.0.1:{op.webhook_port}"), ca)
+        for (kind, name), manifest in zip(WEBHOOK_CONFIGS, want.values(), strict=True):
+            obj = webhook_configuration(cp, kind, name)
+            assert obj is not None and obj["kind"] == manifest["kind"], (kind, name)
+            assert_helm_owned(obj, release.name, release.namespace)
+            assert obj["metadata"]["labels"]["sluice.dev/managed-by"] == "operator"
+            (hook,), (wanted,) = obj["webhooks"], manifest["webhooks"]
+            # the API server's defaults for what the operator leaves out: empty selectors
+            assert {k: v for k, v in hook.items() if k not in wanted} == {
+                k: {} for k in ("namespaceSelector", "objectSelector") if k not in wanted}, hook
+            assert {k: hook.get(k) for k in wanted} == wanted
+
     try:
+        # before any operator: the chart's configurations, without a caBundle, are live: the
+        # API server cannot call the validating webhook, so policies are refused (fail closed)
+        assert_the_charts(cp, release.name, release.namespace, release.fullname)
+        res = cp.kubectl("apply", "-n", bad_ns, "-f", "-", input=bad, check=False)
+        assert res.returncode != 0 and "policies.sluice.dev" in res.stderr, res
+        # an invalid policy (only the webhook could refuse it) that exists before the operator
+        # starts: let it in past a namespaceSelector added by hand (the operator's merge patch
+        # replaces the webhooks: the selector goes again)
+        cp.kubectl("patch", *WEBHOOK_CONFIGS[0], "--type=json", "-p", json.dumps([{
+            "op": "add", "path": "/webhooks/0/namespaceSelector", "value": {"matchExpressions": [
+                {"key": "kubernetes.io/metadata.name", "operator": "NotIn", "values": [bad_ns]}]}}]))
+        poll(lambda: cp.kubectl("apply", "-n", bad_ns, "-f", "-", input=bad,
+                                check=False).returncode == 0,
+             "the invalid policy admitted past the narrowed webhook")
+
         ops.append(chart_operator(release, redis_server.url, tmp_path, "first"))
         # its keep-alive in the release's peering object (list/watch/patch under the chart RBAC)
         wait(lambda: len(peers(cp, release.fullname)) == 1,
@@ -716,6 +848,7 @@ def test_operator_runs_under_the_chart_rbac(release: Release, redis_server: Any,
         wait(lambda: ca_bundle(*WEBHOOK_CONFIGS[1]), "sluice-injector registered")
         first_secret = cert_secret()
         assert first_secret["ca.crt"] == first_ca, "caBundle is not the Secret's CA"
+        assert_patched_by_the_operator(ops[-1], first_ca)
 
         # policy -> Redis (list/watch + finalizer patch) -> status (status patch)
         cp.kubectl("apply", "-f", "-", input=policy_manifest("api", ns, tiers=("free", "pro")))
@@ -775,6 +908,7 @@ def test_operator_runs_under_the_chart_rbac(release: Release, redis_server: Any,
         ops.append(chart_operator(release, redis_server.url, tmp_path, "second"))
         wait(lambda: ca_bundle(*WEBHOOK_CONFIGS[0]) == first_ca,
              "sluice-policies patched with the Secret's CA again")
+        assert_patched_by_the_operator(ops[-1], first_ca)
         renewed = cert_secret()
         assert renewed["ca.crt"] == first_secret["ca.crt"]
         assert renewed["tls.crt"] not in (garbage, first_secret["tls.crt"])
@@ -791,6 +925,12 @@ def test_operator_runs_under_the_chart_rbac(release: Release, redis_server: Any,
         ops[-1].check_alive()
         for op in ops:
             assert_no_permission_errors(op)
+
+        # the patched configurations are still the release's: webhook.enabled=false (an
+        # upgrade) removes them
+        ops[-1].stop()
+        set_webhooks(release, False)
+        assert_gone(cp, "helm upgrade --set webhook.enabled=false")
     finally:
         for op in ops:
             op.stop()
@@ -801,3 +941,86 @@ def test_operator_runs_under_the_chart_rbac(release: Release, redis_server: Any,
                     cp.kubectl("patch", "rlp", obj["metadata"]["name"], "-n", n, "--type=merge",
                                "-p", '{"metadata":{"finalizers":null}}', check=False)
             cp.kubectl("delete", "namespace", n, "--wait=false", "--ignore-not-found")
+
+
+# ---------------------------------------------------------------------------------------------
+# the release owns the webhook configurations
+
+
+def test_helm_owns_the_webhook_configurations(release: Release) -> None:
+    """A release of its own (the module's disables its webhooks meanwhile: the names are
+    cluster-wide): the operator's create-or-patch (webhook_config.apply, the admin's client)
+    leaves Helm's ownership alone, ``helm upgrade`` keeps the caBundle, and ``helm uninstall``
+    removes both configurations. Configurations an operator created without the chart (an
+    install from before the chart owned them) are refused by ``helm install`` until adopted as
+    charts/sluice/README.md says."""
+    from kubernetes import config as k8s_config
+    from sluice_operator import webhook_config
+
+    cp = release.cp
+    suffix = uuid.uuid4().hex[:6]
+    name, ns = f"own-{suffix}", f"sluice-own-{suffix}"
+    full = f"{name}-sluice"
+    endpoint = Endpoint(service_namespace=ns, service_name=f"{full}-webhook", service_port=443)
+    api = k8s_config.new_client_from_config(  # type: ignore[no-untyped-call]
+        config_file=str(cp.kubeconfig))
+    install = ("install", name, str(CHART), "--namespace", ns, "--wait=false")
+
+    def operator_apply(ca: bytes) -> None:
+        webhook_config.apply(api, list(operator_webhook_configurations(endpoint, ca).values()))
+
+    def ca_bundles() -> list[str | None]:
+        objs = [webhook_configuration(cp, kind, n) for kind, n in WEBHOOK_CONFIGS]
+        return [o["webhooks"][0]["clientConfig"].get("caBundle") if o else None for o in objs]
+
+    cp.kubectl("create", "namespace", ns)
+    try:
+        set_webhooks(release, False)
+        assert_gone(cp, "the module's release with webhook.enabled=false")
+        helm_on(cp, *install)
+        assert_the_charts(cp, name, ns, full)
+
+        # the operator's start-up: create -> 409 -> merge patch with the CA
+        operator_apply(b"first CA")
+        ca = base64.b64encode(b"first CA").decode()
+        assert ca_bundles() == [ca, ca]
+        for kind, n in WEBHOOK_CONFIGS:
+            obj = webhook_configuration(cp, kind, n)
+            assert_helm_owned(obj, name, ns)
+            assert obj is not None
+            assert obj["metadata"]["labels"]["sluice.dev/managed-by"] == "operator"
+            assert obj["metadata"]["labels"]["app.kubernetes.io/instance"] == name  # Helm's kept
+
+        # an upgrade neither fights the operator's patch nor drops the caBundle Helm never set
+        helm_on(cp, "upgrade", name, str(CHART), "--namespace", ns, "--reuse-values",
+                "--wait=false", "--set", "operator.logLevel=debug")
+        assert ca_bundles() == [ca, ca]
+        assert_helm_owned(webhook_configuration(cp, *WEBHOOK_CONFIGS[0]), name, ns)
+
+        helm_on(cp, "uninstall", name, "--namespace", ns)
+        assert_gone(cp, "helm uninstall")
+
+        # configurations an operator created without the chart (as earlier versions did, with
+        # their managed-by label): helm install refuses to take them over
+        operator_apply(b"old CA")
+        for kind, n in WEBHOOK_CONFIGS:
+            cp.kubectl("label", kind, n, "app.kubernetes.io/managed-by=sluice-operator")
+        res = helm_on(cp, *install, check=False)
+        assert res.returncode != 0 and "invalid ownership metadata" in res.stderr, res.stderr
+        # ... until adopted (charts/sluice/README.md): then they are the release's
+        for kind, n in WEBHOOK_CONFIGS:
+            cp.kubectl("label", kind, n, "app.kubernetes.io/managed-by=Helm", "--overwrite")
+            cp.kubectl("annotate", kind, n, f"meta.helm.sh/release-name={name}",
+                       f"meta.helm.sh/release-namespace={ns}", "--overwrite")
+        helm_on(cp, "uninstall", name, "--namespace", ns, check=False)  # the failed attempt
+        helm_on(cp, *install)
+        for kind, n in WEBHOOK_CONFIGS:
+            assert_helm_owned(webhook_configuration(cp, kind, n), name, ns)
+        helm_on(cp, "uninstall", name, "--namespace", ns)
+        assert_gone(cp, "helm uninstall of the adopting release")
+    finally:
+        helm_on(cp, "uninstall", name, "--namespace", ns, check=False)
+        delete_webhook_configurations(cp, check=False)
+        cp.kubectl("delete", "namespace", ns, "--wait=false", "--ignore-not-found")
+        set_webhooks(release, True, check=False)  # the module's release as installed
+        api.close()

@@ -7,6 +7,15 @@
   ``sluice.dev/inject: "false"`` and the system namespaces are not even sent.
 
 Both carry the CA bundle of the serving certificate (see :mod:`sluice_operator.certs`).
+
+The Helm chart owns both objects (charts/sluice/templates/webhookconfigurations.yaml, the same
+webhooks without a caBundle; a test keeps them equal to what this module builds), so
+``helm uninstall`` removes them. The operator creates them when they are missing (chart-less and
+local runs) and otherwise patches them: a JSON merge patch, which replaces ``webhooks`` as a
+whole (a strategic merge would merge ``clientConfig`` field by field, keeping a stale
+``service`` next to a new ``url``) and merges ``metadata.labels`` key by key, leaving Helm's
+ownership label and annotations alone. Hence the operator's own label key: it must never be
+``app.kubernetes.io/managed-by``, which is Helm's (``Helm``) on the chart's objects.
 """
 
 from __future__ import annotations
@@ -17,6 +26,8 @@ from typing import Any
 
 VALIDATING_NAME = "sluice-policies"
 MUTATING_NAME = "sluice-injector"
+# The operator's mark on the configurations it keeps current (not Helm's managed-by label).
+LABELS = {"sluice.dev/managed-by": "operator"}
 
 
 @dataclass(frozen=True)
@@ -43,7 +54,7 @@ class Endpoint:
 def validating(endpoint: Endpoint, ca_pem: bytes) -> dict[str, Any]:
     return {
         "apiVersion": "admissionregistration.k8s.io/v1", "kind": "ValidatingWebhookConfiguration",
-        "metadata": {"name": VALIDATING_NAME, "labels": {"app.kubernetes.io/managed-by": "sluice-operator"}},
+        "metadata": {"name": VALIDATING_NAME, "labels": dict(LABELS)},
         "webhooks": [{
             "name": "policies.sluice.dev",
             "admissionReviewVersions": ["v1"], "sideEffects": "None", "failurePolicy": "Fail",
@@ -59,7 +70,7 @@ def validating(endpoint: Endpoint, ca_pem: bytes) -> dict[str, Any]:
 def mutating(endpoint: Endpoint, ca_pem: bytes, *, skip_namespaces: tuple[str, ...]) -> dict[str, Any]:
     return {
         "apiVersion": "admissionregistration.k8s.io/v1", "kind": "MutatingWebhookConfiguration",
-        "metadata": {"name": MUTATING_NAME, "labels": {"app.kubernetes.io/managed-by": "sluice-operator"}},
+        "metadata": {"name": MUTATING_NAME, "labels": dict(LABELS)},
         "webhooks": [{
             "name": "inject.sluice.dev",
             "admissionReviewVersions": ["v1"], "sideEffects": "None", "failurePolicy": "Ignore",
@@ -76,7 +87,9 @@ def mutating(endpoint: Endpoint, ca_pem: bytes, *, skip_namespaces: tuple[str, .
 
 
 def apply(api_client: Any, manifests: list[dict[str, Any]]) -> None:
-    """Create or replace the configurations (blocking: run it in a thread)."""
+    """Create the configurations, or, when they exist (the chart's, or an earlier run's), merge
+    patch them: ``webhooks`` replaced, labels added, every other label and annotation kept
+    (blocking: run it in a thread)."""
     from kubernetes import client
     from kubernetes.client.exceptions import ApiException
 
@@ -94,4 +107,4 @@ def apply(api_client: Any, manifests: list[dict[str, Any]]) -> None:
         except ApiException as exc:
             if exc.status != 409:
                 raise
-            patch(name, m)
+            patch(name, m, _content_type="application/merge-patch+json")

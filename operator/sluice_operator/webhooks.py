@@ -74,21 +74,26 @@ async def register(settings: OperatorSettings, api_client: Any, ca_pem: bytes) -
 async def keep_certificates_current(settings: OperatorSettings, api_client: Any, server: WebhookServer,
                                     served: CertBundle) -> None:
     """Every ``webhook_cert_check_s``: look at the certificate again and serve a new one to new
-    connections without a restart. cert-manager rotates its mounted files in place (well before
+    connections without a restart; re-apply the webhook configurations with their CA bundle. cert-manager rotates its mounted files in place (well before
     expiry); a self-signed certificate is renewed 30 days ahead, by this replica or, through the
     shared Secret, by another. When the CA changes, the configurations first get both CAs, then
     the server switches: the API server never meets a certificate it does not trust."""
     # What is served, as read when it was loaded: the files may be rewritten in place.
     served_fp = _fingerprint(served)
+    registered = served.ca_pem  # the CA bundle the configurations carry (serve_webhooks set it)
     while True:
         await asyncio.sleep(settings.webhook_cert_check_s)
         try:
             bundle = await current_certificates(settings, api_client)
             fp = _fingerprint(bundle)
             if fp == served_fp:
+                # Put the bundle back should something have dropped it (kubectl replace, helm
+                # upgrade --force on the chart's configurations): policies are refused without it.
+                await register(settings, api_client, registered)
                 continue
             if bundle.ca_pem != served.ca_pem:
-                await register(settings, api_client, bundle.ca_pem + served.ca_pem)
+                registered = bundle.ca_pem + served.ca_pem
+                await register(settings, api_client, registered)
             server.cert_file, server.key_file = bundle.cert_path, bundle.key_path
             server.reload_certificates()
             served, served_fp = bundle, fp
