@@ -4,10 +4,12 @@
 FROM python:3.11-slim-bookworm AS build
 WORKDIR /src
 COPY pyproject.toml README.md ./
+COPY hack/constraints.txt hack/constraints.txt
 COPY core core
 COPY sidecar sidecar
 COPY operator operator
-RUN pip wheel --no-cache-dir --wheel-dir /wheels .
+# the exact versions CI tested (hack/constraints.txt), not whatever is newest today
+RUN pip wheel --no-cache-dir --wheel-dir /wheels -c hack/constraints.txt .
 
 FROM python:3.11-slim-bookworm
 RUN useradd --uid 65532 --no-create-home --shell /usr/sbin/nologin sluice

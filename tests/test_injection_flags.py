@@ -9,12 +9,10 @@ import argparse
 import base64
 import json
 import os
-import re
 import subprocess
 import sys
 from dataclasses import replace
 from decimal import Decimal
-from pathlib import Path
 from typing import Any
 
 import kubernetes_validate
@@ -28,9 +26,9 @@ from sluice_operator.admission import (
     mutate_pod,
     sidecar_container,
 )
+from support.examples import k8s_version
 from support.jsonpatch import apply_patch
 
-ROOT = Path(__file__).resolve().parents[1]
 REDIS = "redis://redis.sluice-system:6379"
 
 FULL_ARGV = [
@@ -79,13 +77,6 @@ def refusal(*argv: str) -> str:
 
 def env_of(container: dict[str, Any]) -> dict[str, Any]:
     return {e["name"]: e.get("value", e.get("valueFrom")) for e in container["env"]}
-
-
-def k8s_version() -> str:
-    text = (ROOT / "hack" / "k8s" / "versions.env").read_text()
-    m = re.search(r"^KUBERNETES_VERSION=v(\d+)\.(\d+)", text, re.M)
-    assert m, "KUBERNETES_VERSION not found in hack/k8s/versions.env"
-    return f"{m[1]}.{m[2]}.0"
 
 
 def app_pod(port_name: str = "http") -> dict[str, Any]:
@@ -275,6 +266,9 @@ def test_redis_flags_moved_with_their_behaviour(monkeypatch: pytest.MonkeyPatch)
     (["--sidecar-env", "A=1", "--sidecar-env", "A=2"], "--sidecar-env", "A is given twice"),
     (["--sidecar-redis-secret", "no-key"], "--sidecar-redis-secret",
      "expected NAME/KEY, got 'no-key'"),
+    (["--sidecar-redis-secret", "redis/a/b"], "--sidecar-redis-secret", "'a/b' is not a Secret key"),
+    (["--sidecar-redis-secret", "Redis_URL/url"], "--sidecar-redis-secret",
+     "'Redis_URL' is not a Secret name"),
 ], ids=lambda v: v if isinstance(v, str) else None)
 def test_bad_values_name_the_flag_and_the_reason(argv: list[str], flag: str | None,
                                                  reason: str | None) -> None:
@@ -365,3 +359,18 @@ def test_sluice_operator_exits_with_the_message_before_starting() -> None:
     assert res.stderr.strip().endswith(
         "sluice operator: --sidecar-resources: requests.cpu (2) is above limits.cpu (1): the "
         "API server would refuse every injected pod"), res.stderr
+
+
+@pytest.mark.parametrize(("argv", "refused"), [
+    (["--cluster-policies", "on", "--namespace", "team-*"], True),
+    (["--cluster-policies", "on", "--namespace", "team-*", "--namespace", "sluice-*"], False),
+    (["--cluster-policies", "on"], False),  # the whole cluster
+    (["--cluster-policies", "auto", "--namespace", "team-*"], False),  # then none served
+])
+def test_cluster_keys_must_be_in_a_watched_namespace(argv: list[str], refused: bool) -> None:
+    args = parse(*argv)
+    if refused:
+        with pytest.raises(SystemExit, match="--cluster-keys-namespace: sluice-system is not among"):
+            operator_cli.check_cluster_keys_namespace(args)
+    else:
+        operator_cli.check_cluster_keys_namespace(args)

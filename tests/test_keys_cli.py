@@ -94,7 +94,9 @@ async def test_bad_limit_creates_nothing(api: Any, kmock: Any) -> None:
     assert not stored_secrets(kmock)
 
 
-async def test_cluster_policy_keys_live_in_the_cluster_keys_namespace(api: Any, kmock: Any) -> None:
+async def test_cluster_policy_keys_live_in_the_cluster_keys_namespace(
+        api: Any, kmock: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("SLUICE_OPERATOR_CLUSTER_KEYS_NAMESPACE", raising=False)
     policy = parse_policy({"apiVersion": API_VERSION, "kind": CLUSTER_KIND, "metadata": {"name": "partners"},
                            "spec": {"tiers": [{"name": "partner", "requests": 5, "period": "1m"}]}})
     code, out = await asyncio.to_thread(run, api, "create", "--cluster-policy", "partners",
@@ -115,6 +117,18 @@ async def test_cluster_policy_keys_live_in_the_cluster_keys_namespace(api: Any, 
     assert [s["metadata"]["labels"]["sluice.dev/cluster-policy"] for s in new] == ["partners"]
     code, out = await asyncio.to_thread(run, api, "list", "-n", "sluice-system")
     assert code == 0 and out.count("cluster/partners") == 2, out
+
+
+async def test_cluster_keys_follow_the_operators_cluster_keys_namespace(
+        api: Any, kmock: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The operator only reads cluster keys in its --cluster-keys-namespace; with its env var
+    set, `sluice keys` writes them there too."""
+    monkeypatch.setenv("SLUICE_OPERATOR_CLUSTER_KEYS_NAMESPACE", "platform-keys")
+    code, out = await asyncio.to_thread(run, api, "create", "--cluster-policy", "partners",
+                                        "--tier", "partner")
+    assert code == 0, out
+    (secret,) = stored_secrets(kmock)
+    assert secret["metadata"]["namespace"] == "platform-keys"
 
 
 def test_a_key_limit_is_checked_like_a_policy_limit() -> None:

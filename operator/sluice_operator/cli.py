@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import fnmatch
 import logging
 import os
 
 from sluice_operator import injection_flags
-from sluice_operator.settings import OperatorSettings
+from sluice_operator.settings import CLUSTER_KEYS_NAMESPACE, OperatorSettings
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -22,7 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--namespace", action="append", default=None,
                         help="watch only this namespace (repeatable; default: the whole cluster)")
     parser.add_argument("--cluster-keys-namespace",
-                        default=env("SLUICE_OPERATOR_CLUSTER_KEYS_NAMESPACE", "sluice-system"),
+                        default=env("SLUICE_OPERATOR_CLUSTER_KEYS_NAMESPACE", CLUSTER_KEYS_NAMESPACE),
                         help="namespace holding the key Secrets of ClusterRateLimitPolicies "
                              "[env SLUICE_OPERATOR_CLUSTER_KEYS_NAMESPACE] (default: sluice-system)")
     parser.add_argument("--cluster-policies", choices=("auto", "on", "off"),
@@ -86,6 +87,7 @@ def run(args: argparse.Namespace) -> int:
             raise SystemExit(f"sluice operator: --webhook-cert-secret: {exc}") from None
     if args.peering_lifetime_s < 1:
         raise SystemExit("sluice operator: --peering-lifetime-s must be at least 1")
+    check_cluster_keys_namespace(args)
     endpoint = None
     dns: tuple[str, ...] = ()
     if args.webhook_service:
@@ -124,3 +126,14 @@ def run(args: argparse.Namespace) -> int:
         standalone=args.peering is None, peering_name=args.peering,
         priority=peering_priority() if args.peering else None, liveness_endpoint=args.liveness))
     return 0
+
+
+def check_cluster_keys_namespace(args: argparse.Namespace) -> None:
+    """An operator watching only some namespaces sees Secrets only there: with cluster policies
+    on, their keys' namespace must be one of them, or every cluster key would go unseen."""
+    patterns = [p for p in args.namespace or () if not p.startswith("!")]
+    ns = args.cluster_keys_namespace
+    if args.cluster_policies == "on" and patterns and not any(fnmatch.fnmatchcase(ns, p) for p in patterns):
+        raise SystemExit(f"sluice operator: --cluster-keys-namespace: {ns} is not among the watched "
+                         f"namespaces (--namespace {' '.join(patterns)}), so the keys of cluster "
+                         "policies there would never be seen; watch it too")

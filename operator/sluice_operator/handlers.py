@@ -14,7 +14,7 @@ from sluice_core.model import CLUSTER_SCOPE
 
 from sluice_operator.keysecrets import CLUSTER_POLICY_LABEL, POLICY_LABEL
 from sluice_operator.kube import default_api_client
-from sluice_operator.reconcile import NamespaceOutcome, Reconciler
+from sluice_operator.reconcile import NamespaceOutcome, Reconciler, Reuse
 from sluice_operator.settings import OperatorSettings
 from sluice_operator.status import policy_status
 from sluice_operator.webhooks import serve_webhooks
@@ -58,19 +58,17 @@ def build_registry(settings: OperatorSettings, reconciler: Reconciler,
     def key_secrets_by_ns(namespace: str | None, body: kopf.Body, **_: Any) -> dict[str, Any]:
         return {namespace or "": dict(body)}
 
-    async def reconcile(namespace: str, idx: Mapping[str, Any]) -> NamespaceOutcome:
+    async def reconcile(namespace: str, idx: Mapping[str, Any], reuse: Reuse | None = None) -> NamespaceOutcome:
         """Reconcile one namespace's document (or ``_cluster``'s) from kopf's indexes, which
         every handler receives among its keyword arguments."""
         if namespace == CLUSTER_SCOPE:
             labels: dict[str, Mapping[str, str]] = {
                 name: next(iter(store), {}) for name, store in idx["namespace_labels"].items()}
-            outcome = await reconciler.reconcile(
+            return await reconciler.reconcile(
                 CLUSTER_SCOPE, list(idx["cluster_policies"].get(CLUSTER_SCOPE, [])),
-                list(idx["cluster_key_secrets"].get(CLUSTER_SCOPE, [])), labels)
-        else:
-            outcome = await reconciler.reconcile(namespace, list(idx["policies_by_ns"].get(namespace, [])),
-                                                 list(idx["key_secrets_by_ns"].get(namespace, [])))
-        return outcome
+                list(idx["cluster_key_secrets"].get(CLUSTER_SCOPE, [])), labels, reuse=reuse)
+        return await reconciler.reconcile(namespace, list(idx["policies_by_ns"].get(namespace, [])),
+                                          list(idx["key_secrets_by_ns"].get(namespace, [])), reuse=reuse)
 
     def report(body: kopf.Body, name: str, outcome: NamespaceOutcome, patch: kopf.Patch,
                enforced: int | None) -> None:
@@ -105,8 +103,11 @@ def build_registry(settings: OperatorSettings, reconciler: Reconciler,
         @kopf.on.create(GROUP, VERSION, plural, id="policy" + suffix, registry=registry)
         @kopf.on.update(GROUP, VERSION, plural, id="policy" + suffix, field="spec", registry=registry)
         async def policy_changed(namespace: str | None, name: str, body: kopf.Body, patch: kopf.Patch,
-                                 **kwargs: Any) -> None:
-            outcome = await reconcile(namespace or CLUSTER_SCOPE, kwargs)
+                                 reason: str, **kwargs: Any) -> None:
+            # At start-up every policy resumes (and its timer fires) at once: one reconcile of
+            # the namespace serves them all. A create or update always reconciles.
+            reuse = Reuse(name, body.metadata.get("generation"), shared_s) if reason == "resume" else None
+            outcome = await reconcile(namespace or CLUSTER_SCOPE, kwargs, reuse)
             report(body, name, outcome, patch, None)
 
         @kopf.on.delete(GROUP, VERSION, plural, id="policy-delete" + suffix, registry=registry)
@@ -121,10 +122,7 @@ def build_registry(settings: OperatorSettings, reconciler: Reconciler,
                          **kwargs: Any) -> None:
             """Redis is volatile: put back lost config, and report how many sidecars enforce it."""
             scope = namespace or CLUSTER_SCOPE
-            outcome = reconciler.latest(scope, max_age=shared_s)
-            result = outcome.results.get(name) if outcome else None
-            if outcome is None or result is None or result.generation != body.metadata.get("generation"):
-                outcome = await reconcile(scope, kwargs)
+            outcome = await reconcile(scope, kwargs, Reuse(name, body.metadata.get("generation"), shared_s))
             report(body, name, outcome, patch, await enforced(scope, name, outcome))
 
         @kopf.daemon(GROUP, VERSION, plural, id="key-expiry" + suffix, cancellation_timeout=1.0,
@@ -136,11 +134,13 @@ def build_registry(settings: OperatorSettings, reconciler: Reconciler,
             A kopf daemon rather than a task of our own, so that kopf stops it while peering
             pauses this replica: a paused replica must not write from its frozen view."""
             scope = namespace or CLUSTER_SCOPE
+            when: dt.datetime | None = None
             while not stopped:
                 reconciled = reconciler.reconciled(scope)
                 outcome = reconciler.latest(scope)
-                result = outcome.results.get(name) if outcome else None
-                when = result.next_expiry if result else None
+                if outcome is not None:  # None after a failed reconcile: the last deadline holds
+                    result = outcome.results.get(name)
+                    when = result.next_expiry if result else None
                 delay = None if when is None else (when - dt.datetime.now(dt.UTC)).total_seconds()
                 if delay is not None and delay <= 0:
                     await reconcile(scope, kwargs)
@@ -183,12 +183,12 @@ def build_registry(settings: OperatorSettings, reconciler: Reconciler,
             if kwargs["cluster_policies"].get(CLUSTER_SCOPE):
                 await reconcile(CLUSTER_SCOPE, kwargs)
 
+        # Namespaces are watched only here (an operator serving cluster policies needs their
+        # labels): a deleted one is forgotten, a relabelled one may change a policy's scope.
         label_changes = LabelChanges()
 
         @kopf.on.event("v1", "namespaces", id="namespace", registry=registry)
         async def namespace_changed(type: str | None, name: str, labels: kopf.Labels, **kwargs: Any) -> None:
-            """A namespace deleted: forget it. Created, deleted or relabelled: it may join or
-            leave a cluster policy's scope."""
             if type == "DELETED":
                 await reconciler.forget(name)
             if label_changes.changed(type, name, labels) and kwargs["cluster_policies"].get(CLUSTER_SCOPE):

@@ -36,6 +36,9 @@ _SUFFIXES = {"": Decimal(1), "m": Decimal("0.001"), "k": Decimal(10) ** 3,
 # A resource name: cpu, memory, ephemeral-storage, hugepages-2Mi, nvidia.com/gpu, ...
 _RESOURCE_NAME = re.compile(r"(?:[a-z0-9](?:[-a-z0-9.]*[a-z0-9])?/)?[A-Za-z0-9](?:[-A-Za-z0-9_.]*[A-Za-z0-9])?")
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+# Kubernetes: a Secret's name is a DNS-1123 subdomain; a key in its data is [-._a-zA-Z0-9]+.
+_SECRET_NAME = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
+_SECRET_KEY = re.compile(r"[-._a-zA-Z0-9]+")
 
 # Environment variables of the sidecar that the injector sets itself: not for --sidecar-env.
 RESERVED_ENV: dict[str, str] = {
@@ -270,12 +273,18 @@ def _extra_env(args: argparse.Namespace) -> dict[str, str]:
 
 
 def _secret_key_ref(ref: str | None) -> tuple[str, str] | None:
-    """``NAME/KEY`` of --sidecar-redis-secret."""
+    """``NAME/KEY`` of --sidecar-redis-secret, checked as the API server checks a pod's
+    secretKeyRef (else it would refuse every injected pod)."""
     if not ref:
         return None
     name, sep, key = ref.partition("/")
     if not (sep and name and key):
         _fail("--sidecar-redis-secret", f"expected NAME/KEY, got {ref!r}")
+    if len(name) > 253 or not _SECRET_NAME.fullmatch(name):
+        _fail("--sidecar-redis-secret", f"{name!r} is not a Secret name (lowercase letters, digits, "
+                                        "'-' and '.', starting and ending with a letter or digit)")
+    if len(key) > 253 or not _SECRET_KEY.fullmatch(key):
+        _fail("--sidecar-redis-secret", f"{key!r} is not a Secret key (letters, digits, '-', '_', '.')")
     return name, key
 
 

@@ -3,7 +3,8 @@
 - ``create --policy P --tier T [-n NS] [--limit 100/1m] [--expires-at RFC3339]``: a Secret with a
   fresh key (256 bits from the OS CSPRNG, ``sk_<tier>_`` prefix), printed once and never again.
   ``--cluster-policy P`` instead: a key of a ClusterRateLimitPolicy, kept in the operator's
-  cluster-keys namespace (``-n``, default ``sluice-system``).
+  cluster-keys namespace (``-n``, default ``$SLUICE_OPERATOR_CLUSTER_KEYS_NAMESPACE``, else
+  ``sluice-system``: the operator's own default).
 - ``list [--policy P | --cluster-policy P] [-n NS]``: names, tiers, state — never the keys.
 - ``revoke NAME [-n NS]``: ``disabled: "true"``; the Secret (the audit trail) stays.
 - ``rotate NAME [-n NS] [--grace 1h]``: a new key for the same policy and tier; the old one is
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import base64
 import datetime as dt
+import os
 import secrets
 import sys
 from typing import Any
@@ -24,6 +26,7 @@ from sluice_core.parse import parse_limit_text
 
 from sluice_operator.keysecrets import CLUSTER_POLICY_LABEL, POLICY_LABEL
 from sluice_operator.kube import default_api_client
+from sluice_operator.settings import CLUSTER_KEYS_NAMESPACE
 
 KEY_LABEL = "sluice.dev/api-key"
 
@@ -62,7 +65,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     which = c.add_mutually_exclusive_group(required=True)
     which.add_argument("--policy", help="a RateLimitPolicy in -n")
     which.add_argument("--cluster-policy", help="a ClusterRateLimitPolicy (-n: the operator's "
-                                                "cluster-keys namespace, default sluice-system)")
+                                                "cluster-keys namespace, default "
+                                                "$SLUICE_OPERATOR_CLUSTER_KEYS_NAMESPACE or "
+                                                f"{CLUSTER_KEYS_NAMESPACE})")
     c.add_argument("--tier", required=True)
     c.add_argument("--limit", help="this key's own limit, <requests>/<period>[/<burst>]")
     c.add_argument("--expires-at", help="RFC 3339 time the key stops working")
@@ -76,7 +81,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     ro.add_argument("name")
     ro.add_argument("--grace", help="keep the old key working this long (e.g. 1h); default: revoke now")
     for p in (c, ls, r, ro):
-        p.add_argument("-n", "--namespace", help="default: default (sluice-system with --cluster-policy)")
+        p.add_argument("-n", "--namespace", help="default: default (the cluster-keys namespace "
+                                                 "with --cluster-policy)")
+
+
+def cluster_keys_namespace() -> str:
+    """Where the operator looks for cluster keys: its env var when set here too, else its default."""
+    return os.environ.get("SLUICE_OPERATOR_CLUSTER_KEYS_NAMESPACE") or CLUSTER_KEYS_NAMESPACE
 
 
 def _api() -> Any:
@@ -90,7 +101,7 @@ def run(args: argparse.Namespace, api: Any = None) -> int:
 
     api = api or _api()
     cluster_policy = getattr(args, "cluster_policy", None)
-    ns = args.namespace or ("sluice-system" if cluster_policy else "default")
+    ns = args.namespace or (cluster_keys_namespace() if cluster_policy else "default")
     label = CLUSTER_POLICY_LABEL if cluster_policy else POLICY_LABEL
     policy: str = cluster_policy or getattr(args, "policy", None) or ""
     try:

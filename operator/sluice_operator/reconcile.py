@@ -64,6 +64,17 @@ class NamespaceOutcome:
     pushed: bool = False
 
 
+@dataclass(frozen=True)
+class Reuse:
+    """A recent outcome will do (what a resync timer asks for): one less than ``max_age``
+    seconds old that covers ``policy`` at ``generation``. Every policy of a namespace has its
+    own timer and each reconcile covers them all, so one reconcile stands for the others'."""
+
+    policy: str
+    generation: int | None
+    max_age: float
+
+
 class Reconciler:
     def __init__(self, redis_client: Any, metrics: OperatorMetrics | None = None) -> None:
         self.redis = redis_client
@@ -77,9 +88,17 @@ class Reconciler:
 
     async def reconcile(self, namespace: str, policies: Sequence[Mapping[str, Any]],
                         secrets: Sequence[Mapping[str, Any]],
-                        namespace_labels: Mapping[str, Mapping[str, str]] | None = None) -> NamespaceOutcome:
-        """``namespace_labels`` (name -> labels of every namespace) is needed for ``_cluster``."""
+                        namespace_labels: Mapping[str, Mapping[str, str]] | None = None, *,
+                        reuse: Reuse | None = None) -> NamespaceOutcome:
+        """``namespace_labels`` (name -> labels of every namespace) is needed for ``_cluster``.
+        With ``reuse``, a recent enough outcome is returned instead; checked under the lock, so
+        timers queued behind one reconcile (all of them fire at start-up) take its outcome."""
         async with self._locks.setdefault(namespace, asyncio.Lock()):
+            if reuse is not None:
+                recent = self.latest(namespace, max_age=reuse.max_age)
+                result = recent.results.get(reuse.policy) if recent else None
+                if recent is not None and result is not None and result.generation == reuse.generation:
+                    return recent
             started = time.perf_counter()
             out = await self._reconcile(namespace, policies, secrets, namespace_labels or {})
             m = self.metrics
@@ -127,8 +146,7 @@ class Reconciler:
 
     def latest(self, namespace: str, *, max_age: float = math.inf) -> NamespaceOutcome | None:
         """The outcome of the namespace's last reconcile if it succeeded less than ``max_age``
-        seconds ago. Every policy of a namespace has its own resync timer, and each reconcile
-        covers them all: one reconcile can stand for the others' timers."""
+        seconds ago."""
         entry = self._latest.get(namespace)
         if entry is None or time.monotonic() - entry[0] > max_age:
             return None

@@ -7,6 +7,10 @@ from dataclasses import dataclass, field
 from sluice_operator.admission import InjectionSettings
 from sluice_operator.webhook_config import Endpoint
 
+CLUSTER_KEYS_NAMESPACE = "sluice-system"
+"""Default namespace of the key Secrets of ClusterRateLimitPolicies (``--cluster-keys-namespace``,
+``SLUICE_OPERATOR_CLUSTER_KEYS_NAMESPACE``); ``sluice keys --cluster-policy`` follows it."""
+
 
 @dataclass(frozen=True)
 class OperatorSettings:
@@ -18,7 +22,7 @@ class OperatorSettings:
     """A sidecar heartbeat older than this no longer counts as enforcing."""
     namespaces: tuple[str, ...] = ()
     """Watch only these namespaces (empty: the whole cluster)."""
-    cluster_keys_namespace: str = "sluice-system"
+    cluster_keys_namespace: str = CLUSTER_KEYS_NAMESPACE
     """Where the key Secrets of ClusterRateLimitPolicies live (label ``sluice.dev/cluster-policy``):
     a cluster-wide key is granted only by those who may write Secrets in this namespace."""
     cluster_policies: bool | None = None
