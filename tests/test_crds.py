@@ -35,6 +35,7 @@ from sluice_core import parse as parse_module
 from sluice_core.duration import parse_duration_us
 from sluice_core.errors import PolicyErrors
 from sluice_core.parse import parse_policy
+from support.examples import k8s_version
 
 ROOT = Path(__file__).resolve().parents[1]
 CRDS = {
@@ -285,18 +286,10 @@ def cel_failures(kind: str, doc: Json) -> set[tuple[str, str]]:
 # (a) the CRDs themselves
 
 
-def _k8s_version() -> str:
-    """The Kubernetes minor our local control plane runs (hack/k8s/versions.env)."""
-    text = (ROOT / "hack" / "k8s" / "versions.env").read_text()
-    m = re.search(r"^KUBERNETES_VERSION=v(\d+)\.(\d+)", text, re.M)
-    assert m, "KUBERNETES_VERSION not found in hack/k8s/versions.env"
-    return f"{m[1]}.{m[2]}.0"
-
-
 @pytest.mark.parametrize("kind", CRDS)
 def test_crd_passes_kubernetes_validate(kind: str) -> None:
     doc = load_crd(kind)
-    for version in (_k8s_version(), kubernetes_validate.latest_version()):
+    for version in (k8s_version(), kubernetes_validate.latest_version()):
         kubernetes_validate.validate(doc, version, strict=True)  # raises on any problem
 
 

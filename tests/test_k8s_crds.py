@@ -21,18 +21,13 @@ from typing import Any
 import pytest
 import yaml
 from support.control_plane import ControlPlane, table
-from support.crds import apply_crds
-from support.examples import expectation
+from support.crds import CRD_DIR, apply_crds
+from support.examples import BAD, GOOD, expectation
 from support.polling import poll
 
 pytestmark = pytest.mark.k8s
 
-ROOT = Path(__file__).resolve().parents[1]
-CRD_DIR = ROOT / "crds"
 CRD_FILES = sorted(CRD_DIR.glob("*.yaml"))
-EXAMPLES = CRD_DIR / "examples"
-GOOD = sorted(EXAMPLES.glob("*.yaml"))
-BAD = sorted((EXAMPLES / "bad").glob("*.yaml"))
 
 
 def squash(text: str) -> str:
@@ -56,12 +51,12 @@ metadata: {name: %(name)s, namespace: %(ns)s}
 spec:
   selector: {matchLabels: {app: demo}}
   tiers:
-    - {name: free, requests: %(requests)d, period: 1m}
+    - {name: free, requests: 10, period: 1m}
 """
 
 
-def policy(name: str, ns: str, requests: int = 10) -> str:
-    return POLICY % {"name": name, "ns": ns, "requests": requests}
+def policy(name: str, ns: str) -> str:
+    return POLICY % {"name": name, "ns": ns}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -142,7 +137,8 @@ def test_good_examples_apply_and_print_columns(k8s: ControlPlane) -> None:
             kind = "rlp" if doc["kind"] == "RateLimitPolicy" else "crlp"
             where = ["-n", doc["metadata"]["namespace"]] if kind == "rlp" else []
             live = k8s.kubectl_json("get", kind, doc["metadata"]["name"], *where)
-            assert live["spec"]["mode"] in ("enforce", "shadow")  # the schema's default applies
+            # an example's own mode, or the schema's default when it sets none
+            assert live["spec"]["mode"] == doc["spec"].get("mode", "enforce"), path.name
             assert live["metadata"]["generation"] == 1
 
         out = k8s.kubectl("get", "rlp", "-A").stdout
@@ -151,11 +147,15 @@ def test_good_examples_apply_and_print_columns(k8s: ControlPlane) -> None:
         rows = {r["NAME"]: r for r in table(out)}
         assert {d["metadata"]["name"] for _, d in docs if d["kind"] == "RateLimitPolicy"} <= set(
             rows), out
-        # MODE comes from the schema's default; no operator runs, so no status columns yet
+        # no operator runs, so no status columns yet
         assert rows["public-api"] == {"NAMESPACE": "default", "NAME": "public-api",
                                       "MODE": "enforce", "TIERS": "", "PROGRAMMED": "",
                                       "ENFORCED": "", "AGE": rows["public-api"]["AGE"]}, out
         assert rows["orders-internal"]["NAMESPACE"] == "shop"
+        # partner-api (keys-required.yaml) sets no mode: MODE comes from the schema's default
+        assert "mode" not in next(d for _, d in docs if d["metadata"]["name"] == "partner-api")[
+            "spec"]
+        assert rows["partner-api"]["MODE"] == "enforce", out
 
         crlp = k8s.kubectl("get", "crlp").stdout
         assert crlp.splitlines()[0].split() == ["NAME", "MODE", "TIERS", "NAMESPACES", "PROGRAMMED",

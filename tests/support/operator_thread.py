@@ -29,7 +29,6 @@ class Operator:
     cp: ControlPlane
     redis: Any
     settings: OperatorSettings
-    thread: threading.Thread
     metrics: OperatorMetrics
 
     def config(self, ns: str) -> Any:
@@ -83,7 +82,7 @@ def running_operator(cp: ControlPlane, redis_server: Any, namespaces: str,
     try:
         poll(lambda: ready.is_set() or errors, "operator ready")
         assert not errors, f"the operator failed to start: {errors[0]!r}"
-        yield Operator(cp, client, settings, thread, metrics)
+        yield Operator(cp, client, settings, metrics)
     finally:
         stop.set()
         thread.join(20)

@@ -18,8 +18,6 @@
   to a directory, starts a :class:`~sluice_sidecar.server.Sidecar` in this process on
   ``127.0.0.1:0`` against an upstream (memory store unless ``redis=`` is given) and returns a
   :class:`RunningSidecar` with its base URLs; ``await running.stop()`` stops it.
-- :class:`SidecarProcess`: the ``sluice sidecar`` command as a child process (for measuring its
-  memory on its own), ports read from its start-up log line.
 - :func:`raw_request`: write bytes on a raw socket and parse the HTTP/1.1 answer, for what an
   HTTP client library would refuse to send (garbage, absolute-form targets, ``..`` paths).
 - :func:`policy_doc`: a RateLimitPolicy document with sensible defaults.
