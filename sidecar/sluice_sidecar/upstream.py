@@ -32,8 +32,8 @@ class _Reset(Exception):
 
 
 class UpstreamResponse:
-    __slots__ = ("_body", "_conn", "_error", "_event", "_size", "complete", "content_length",
-                 "headers", "keep_alive", "reason", "status")
+    __slots__ = ("_body", "_conn", "_error", "_event", "_size", "close_delimited", "complete",
+                 "content_length", "headers", "keep_alive", "reason", "status")
 
     def __init__(self, conn: _Connection) -> None:
         self._conn = conn
@@ -41,6 +41,7 @@ class UpstreamResponse:
         self.reason = ""
         self.headers: list[tuple[str, str]] = []
         self.content_length: int | None = None
+        self.close_delimited = False  # neither Content-Length nor chunked: the body ends at EOF
         self.complete = False
         self.keep_alive = True
         self._body: collections.deque[bytes] = collections.deque()
@@ -77,8 +78,9 @@ class UpstreamResponse:
                 raise UpstreamError("timeout", "the upstream stopped sending the body") from None
 
     def discard(self) -> None:
-        """The client went away mid-body: this connection cannot be reused."""
-        if not self.complete:
+        """The relay stopped before handing the connection back (client gone, upstream failed):
+        whatever is left of this response is unread, so the connection cannot be reused."""
+        if self._conn.resp is self:
             self._conn.close()
 
 
@@ -119,11 +121,13 @@ class _Connection(asyncio.Protocol):
             if not self.got_bytes:
                 self._fail(_Reset())
             else:
-                # Without a Content-Length, close-delimited bodies end at EOF.
-                with contextlib.suppress(httptools.HttpParserError):
-                    self.parser.feed_data(b"")
+                # A close-delimited body ends at a clean close (FIN); a reset is an error, which
+                # leaves it incomplete (RFC 9112, section 8). httptools cannot be told about EOF.
+                if exc is None and resp.close_delimited:
+                    self.on_message_complete()
                 if not resp.complete:
-                    self._fail(UpstreamError("protocol", "the upstream closed the connection mid-response"))
+                    self._fail(UpstreamError("protocol", "the upstream closed the connection mid-response"
+                                             if exc is None else "the upstream reset the connection mid-response"))
 
     def pause_writing(self) -> None:
         self._can_write.clear()
@@ -151,9 +155,14 @@ class _Connection(asyncio.Protocol):
             resp.headers = []
             return
         resp.keep_alive = self.parser.should_keep_alive()
+        chunked = False
         for k, v in resp.headers:
-            if k.lower() == "content-length" and v.isdigit():
+            lk = k.lower()
+            if lk == "content-length" and v.isdigit():
                 resp.content_length = int(v)
+            elif lk == "transfer-encoding":
+                chunked = v.rsplit(",", 1)[-1].strip().lower() == "chunked"
+        resp.close_delimited = resp.content_length is None and not chunked
         if self.head_only:  # HEAD: no body follows, whatever Content-Length says
             resp.complete = True
             resp.keep_alive = False
