@@ -27,7 +27,7 @@ class ScriptedUpstream:
     ``/chunked-reset`` (three chunks, then a reset), ``/chunked-garbage`` (a chunk, then bytes
     that are not chunked encoding), ``/cl-stall`` (1,000 of 100,000 bytes, then silence),
     ``/close-delimited`` and ``/close-delimited-reset`` (no length: 1,000 bytes, then a clean
-    close or a reset), ``/silent`` (no answer), ``/endless`` (chunks until the connection breaks); anything else: ``ok``
+    close or a reset), ``/two-answers`` (a second, unasked-for response right behind the first), ``/silent`` (no answer), ``/endless`` (chunks until the connection breaks); anything else: ``ok``
     on a keep-alive connection."""
 
     def __init__(self) -> None:
@@ -103,6 +103,10 @@ class ScriptedUpstream:
             else:
                 await writer.drain()
                 writer.close()
+        elif path == "/two-answers":
+            writer.write(ok + b"Content-Length: 2\r\n\r\nok" + ok + b"Content-Length: 5\r\n\r\nEVIL!")
+            await writer.drain()
+            return True
         elif path == "/silent":
             await self._stop.wait()
         elif path == "/endless":
@@ -226,6 +230,18 @@ async def test_client_gone_mid_body_drops_the_upstream_connection(
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING], \
         [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert sidecar.sidecar.metrics.registry.get_sample_value("sluice_inflight_requests") == 0
+
+
+async def test_a_response_nobody_asked_for_is_never_relayed(sidecar: RunningSidecar,
+                                                             upstream: ScriptedUpstream) -> None:
+    """Bytes behind a complete response would land in its body (or answer the next request):
+    the connection they came on is closed instead."""
+    r = await raw_request(sidecar.data_port, get("/two-answers"))
+    assert r is not None and r.status == 200 and r.body == b"ok"
+    for _ in range(3):
+        after = await raw_request(sidecar.data_port, get("/fine"))
+        assert after is not None and after.status == 200 and after.body == b"ok"
+    assert upstream.connections == 2  # the connection that carried the extra response was dropped
 
 
 # Refused request targets -------------------------------------------------------------------------

@@ -31,6 +31,10 @@ class _Reset(Exception):
     """The connection closed before any byte of the response: safe to retry on a new one."""
 
 
+class _Unsolicited(Exception):
+    """The upstream sent a response before it was sent a request."""
+
+
 class UpstreamResponse:
     __slots__ = ("_body", "_conn", "_error", "_event", "_size", "close_delimited", "complete",
                  "content_length", "headers", "keep_alive", "reason", "status")
@@ -110,7 +114,8 @@ class _Connection(asyncio.Protocol):
         except httptools.HttpParserUpgrade:
             self._fail(UpstreamError("protocol", "the upstream switched protocols (not supported)"))
         except httptools.HttpParserError as exc:
-            self._fail(UpstreamError("protocol", f"malformed upstream response: {exc}"))
+            why = "a response nobody asked for" if isinstance(exc.__context__, _Unsolicited) else exc
+            self._fail(UpstreamError("protocol", f"malformed upstream response: {why}"))
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -136,6 +141,13 @@ class _Connection(asyncio.Protocol):
         self._can_write.set()
 
     # httptools callbacks ------------------------------------------------------------------
+    def on_message_begin(self) -> None:
+        resp = self.resp
+        if resp is None or resp.complete:
+            # A response nobody asked for (bytes after a complete one): relayed, it would end up
+            # in the previous body or answer the next request. The connection is closed.
+            raise _Unsolicited()
+
     def on_status(self, status: bytes) -> None:
         assert self.resp is not None
         self.resp.reason = status.decode("latin-1")
