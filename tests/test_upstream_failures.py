@@ -25,7 +25,8 @@ PLENTY: dict[str, object] = {"tiers": [{"name": "free", "requests": 1000, "perio
 class ScriptedUpstream:
     """Answers by path: ``/cl-reset`` (Content-Length 100000, 1,000 bytes, then a TCP reset),
     ``/chunked-reset`` (three chunks, then a reset), ``/chunked-garbage`` (a chunk, then bytes
-    that are not chunked encoding), ``/cl-stall`` (1,000 of 100,000 bytes, then silence),
+    that are not chunked encoding), ``/cl-stall`` (1,000 of 100,000 bytes, then silence), ``/head-then-reset`` and
+    ``/head-then-silence`` (a head announcing 100,000 bytes, then not one),
     ``/close-delimited`` and ``/close-delimited-reset`` (no length: 1,000 bytes, then a clean
     close or a reset), ``/two-answers`` (a second, unasked-for response right behind the first), ``/silent`` (no answer), ``/endless`` (chunks until the connection breaks); anything else: ``ok``
     on a keep-alive connection."""
@@ -91,6 +92,13 @@ class ScriptedUpstream:
             writer.write(ok + b"Transfer-Encoding: chunked\r\n\r\n%x\r\n%b\r\n" % (len(BODY), BODY))
             await writer.drain()
             writer.write(b"this is not a chunk size\r\n\r\n")
+            await self._stop.wait()
+        elif path == "/head-then-reset":
+            writer.write(ok + b"Content-Length: 100000\r\n\r\n")
+            await _reset(writer)
+        elif path == "/head-then-silence":
+            writer.write(ok + b"Content-Length: 100000\r\n\r\n")
+            await writer.drain()
             await self._stop.wait()
         elif path == "/cl-stall":
             writer.write(ok + b"Content-Length: 100000\r\n\r\n" + BODY)
@@ -202,6 +210,20 @@ async def test_upstream_failing_mid_body_aborts_the_client_connection(
     # The sidecar (and its pool) carry on.
     after = await raw_request(sidecar.data_port, get("/fine"))
     assert after is not None and after.status == 200 and after.body == b"ok"
+
+
+@pytest.mark.parametrize(("path", "status", "kind"), [("/head-then-reset", 502, "protocol"),
+                                                      ("/head-then-silence", 504, "timeout")])
+async def test_upstream_failing_before_the_first_body_byte_is_a_clean_error(
+        path: str, status: int, kind: str, sidecar: RunningSidecar) -> None:
+    """No byte has reached the client yet (the head waits for the body's first bytes), so the
+    failure can still be answered properly."""
+    r = await raw_request(sidecar.data_port, get(path))
+    assert r is not None and r.status == status, r
+    assert r.header("Content-Type") == "application/problem+json"
+    value = sidecar.sidecar.metrics.registry.get_sample_value("sluice_upstream_errors_total", {"kind": kind})
+    assert value == 1
+    assert aborted(sidecar) == 0
 
 
 async def test_close_delimited_body_ends_at_a_clean_close(sidecar: RunningSidecar) -> None:

@@ -123,13 +123,23 @@ class Proxy:
             if up.complete and request.method != "HEAD":
                 data = up.body_now()
                 return web.Response(status=up.status, reason=up.reason, headers=headers, body=data or None)
-            return await self._stream(request, up, headers)
+            return await self._stream(request, up, headers, rate_headers)
         finally:
             self.metrics.inflight.dec()
 
-    async def _stream(self, request: web.BaseRequest, up: UpstreamResponse,
-                      headers: CIMultiDict[str]) -> web.StreamResponse:
+    async def _stream(self, request: web.BaseRequest, up: UpstreamResponse, headers: CIMultiDict[str],
+                      rate_headers: list[tuple[str, str]]) -> web.StreamResponse:
         """Relay a response whose body is still arriving (or a HEAD answer)."""
+        chunks = up.iter_body(self.read_timeout)
+        first: bytes | None = None
+        if request.method != "HEAD":
+            # Nothing reaches the client before the first body byte (aiohttp holds the head
+            # until then anyway): an upstream that fails before it still gets a clean 502/504.
+            try:
+                first = await anext(chunks, None)
+            except UpstreamError as exc:
+                up.discard()
+                return self._failed(request, exc, rate_headers)
         stream = web.StreamResponse(status=up.status, reason=up.reason, headers=headers)
         if up.content_length is not None:
             stream.content_length = up.content_length
@@ -137,8 +147,9 @@ class Proxy:
             await stream.prepare(request)
             if request.method == "HEAD":
                 up.body_now()  # nothing follows a HEAD response; frees the connection
-            else:
-                async for chunk in up.iter_body(self.read_timeout):
+            elif first is not None:
+                await stream.write(first)
+                async for chunk in chunks:
                     await stream.write(chunk)
             await stream.write_eof()
         except UpstreamError as exc:
