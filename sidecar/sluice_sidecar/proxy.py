@@ -154,9 +154,9 @@ class Proxy:
             await stream.write_eof()
         except UpstreamError as exc:
             # The head and part of the body are out: a 502 now would land inside the body. Cut
-            # the client off instead,
-            # so it sees a truncated response (short of Content-Length, or a chunked
-            # stream without its last chunk), as HTTP intends, and nothing more is written.
+            # the client off instead, so it sees a truncated response (short of Content-Length,
+            # or a chunked stream without its last chunk), as HTTP intends; nothing more is
+            # written.
             up.discard()
             self.metrics.upstream_errors.labels("aborted_midbody").inc()
             log.warning("upstream failed mid-body on %s %s (%s): client connection aborted",
