@@ -18,7 +18,7 @@ from yarl import URL
 
 from sluice_sidecar.metrics import Metrics
 from sluice_sidecar.problem import problem
-from sluice_sidecar.upstream import CHUNK, UpstreamError, UpstreamPool
+from sluice_sidecar.upstream import CHUNK, UpstreamError, UpstreamPool, UpstreamResponse
 
 log = logging.getLogger("sluice.proxy")
 
@@ -111,41 +111,84 @@ class Proxy:
         body = request.content.iter_chunked(CHUNK) if has_body else None
         self.metrics.inflight.inc()
         try:
-            up = await self.pool.request(request.method, head, body, chunked)
+            try:
+                up = await self.pool.request(request.method, head, body, chunked)
+            except UpstreamError as exc:
+                return self._failed(request, exc, rate_headers)
             drop = _DROP_RESPONSE | _connection_tokens(
                 next((v for k, v in up.headers if k.lower() == "connection"), None))
-            headers: CIMultiDict[str] = CIMultiDict(
-                [(k, v) for k, v in up.headers if k.lower() not in drop])
+            headers: CIMultiDict[str] = CIMultiDict([(k, v) for k, v in up.headers if k.lower() not in drop])
             for k, v in rate_headers:
                 headers.add(k, v)
             if up.complete and request.method != "HEAD":
                 data = up.body_now()
                 return web.Response(status=up.status, reason=up.reason, headers=headers, body=data or None)
-            stream = web.StreamResponse(status=up.status, reason=up.reason, headers=headers)
-            if up.content_length is not None:
-                stream.content_length = up.content_length
+            return await self._stream(request, up, headers, rate_headers)
+        finally:
+            self.metrics.inflight.dec()
+
+    async def _stream(self, request: web.BaseRequest, up: UpstreamResponse, headers: CIMultiDict[str],
+                      rate_headers: list[tuple[str, str]]) -> web.StreamResponse:
+        """Relay a response whose body is still arriving (or a HEAD answer)."""
+        chunks = up.iter_body(self.read_timeout)
+        first: bytes | None = None
+        if request.method != "HEAD":
+            # Nothing reaches the client before the first body byte (aiohttp holds the head
+            # until then anyway): an upstream that fails before it still gets a clean 502/504.
+            try:
+                first = await anext(chunks, None)
+            except UpstreamError as exc:
+                up.discard()
+                return self._failed(request, exc, rate_headers)
+        stream = web.StreamResponse(status=up.status, reason=up.reason, headers=headers)
+        if up.content_length is not None:
+            stream.content_length = up.content_length
+        try:
             await stream.prepare(request)
             if request.method == "HEAD":
                 up.body_now()  # nothing follows a HEAD response; frees the connection
-                await stream.write_eof()
-                return stream
-            try:
-                async for chunk in up.iter_body(self.read_timeout):
+            elif first is not None:
+                await stream.write(first)
+                async for chunk in chunks:
                     await stream.write(chunk)
-            except BaseException:
-                up.discard()
-                raise
             await stream.write_eof()
-            return stream
         except UpstreamError as exc:
-            self.metrics.upstream_errors.labels(exc.kind).inc()
-            if exc.kind == "timeout":
-                return problem(504, "Gateway Timeout", "the upstream did not answer in time",
-                               headers=rate_headers)
-            if exc.kind == "refused":
-                return problem(502, "Bad Gateway", "the upstream refused the connection",
-                               headers=rate_headers)
-            log.info("upstream error on %s %s: %s", request.method, request.path, exc)
-            return problem(502, "Bad Gateway", "the upstream connection failed", headers=rate_headers)
-        finally:
-            self.metrics.inflight.dec()
+            # The head and part of the body are out: a 502 now would land inside the body. Cut
+            # the client off instead, so it sees a truncated response (short of Content-Length,
+            # or a chunked stream without its last chunk), as HTTP intends; nothing more is
+            # written.
+            up.discard()
+            self.metrics.upstream_errors.labels("aborted_midbody").inc()
+            log.warning("upstream failed mid-body on %s %s (%s): client connection aborted",
+                        request.method, request.path, exc)
+            _drop_client(request)
+        except ConnectionError:
+            # The client went away (or its connection broke) mid-response: the rest of this
+            # upstream response will never be read, so that connection is closed, not pooled.
+            up.discard()
+            log.debug("client went away mid-response on %s %s", request.method, request.path)
+            _drop_client(request)
+        except BaseException:
+            up.discard()
+            raise
+        return stream
+
+    def _failed(self, request: web.BaseRequest, exc: UpstreamError,
+                rate_headers: list[tuple[str, str]]) -> web.Response:
+        """No byte of the response has been relayed yet: answer with a problem."""
+        self.metrics.upstream_errors.labels(exc.kind).inc()
+        if exc.kind == "timeout":
+            return problem(504, "Gateway Timeout", "the upstream did not answer in time", headers=rate_headers)
+        if exc.kind == "refused":
+            return problem(502, "Bad Gateway", "the upstream refused the connection", headers=rate_headers)
+        log.info("upstream error on %s %s: %s", request.method, request.path, exc)
+        return problem(502, "Bad Gateway", "the upstream connection failed", headers=rate_headers)
+
+
+def _drop_client(request: web.BaseRequest) -> None:
+    """Abort the client connection at once (unsent bytes discarded) and tell aiohttp it is gone,
+    so that nothing else (an error page, a last chunk) is written onto it."""
+    transport = request.transport
+    if transport is not None:
+        transport.abort()
+    request.protocol.force_close()

@@ -92,7 +92,11 @@ class Sidecar:
         peername = request.transport.get_extra_info("peername") if request.transport else None
         peer = peername[0] if peername else "0.0.0.0"
         if not origin_form(request):  # checked first: a refused target takes no token
-            return problem(400, "Bad Request", "the request target must be a path (origin-form)")
+            # and closes the connection: what follows it (tunnel bytes after a CONNECT) cannot
+            # be trusted to be a request.
+            refused = problem(400, "Bad Request", "the request target must be a path (origin-form)")
+            refused.force_close()
+            return refused
         outcome = await self.limiter.decide(request.method, match_path(request.path), request.headers, peer)
         if outcome.status == 0:
             trusted = "X-Forwarded-Proto" in request.headers and self.limiter.trusts(peer)

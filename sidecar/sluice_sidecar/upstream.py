@@ -31,9 +31,13 @@ class _Reset(Exception):
     """The connection closed before any byte of the response: safe to retry on a new one."""
 
 
+class _Unsolicited(Exception):
+    """The upstream sent a response before it was sent a request."""
+
+
 class UpstreamResponse:
-    __slots__ = ("_body", "_conn", "_error", "_event", "_size", "complete", "content_length",
-                 "headers", "keep_alive", "reason", "status")
+    __slots__ = ("_body", "_conn", "_error", "_event", "_size", "close_delimited", "complete",
+                 "content_length", "headers", "keep_alive", "reason", "status")
 
     def __init__(self, conn: _Connection) -> None:
         self._conn = conn
@@ -41,6 +45,7 @@ class UpstreamResponse:
         self.reason = ""
         self.headers: list[tuple[str, str]] = []
         self.content_length: int | None = None
+        self.close_delimited = False  # neither Content-Length nor chunked: the body ends at EOF
         self.complete = False
         self.keep_alive = True
         self._body: collections.deque[bytes] = collections.deque()
@@ -77,8 +82,9 @@ class UpstreamResponse:
                 raise UpstreamError("timeout", "the upstream stopped sending the body") from None
 
     def discard(self) -> None:
-        """The client went away mid-body: this connection cannot be reused."""
-        if not self.complete:
+        """The relay stopped before handing the connection back (client gone, upstream failed):
+        whatever is left of this response is unread, so the connection cannot be reused."""
+        if self._conn.resp is self:
             self._conn.close()
 
 
@@ -108,7 +114,8 @@ class _Connection(asyncio.Protocol):
         except httptools.HttpParserUpgrade:
             self._fail(UpstreamError("protocol", "the upstream switched protocols (not supported)"))
         except httptools.HttpParserError as exc:
-            self._fail(UpstreamError("protocol", f"malformed upstream response: {exc}"))
+            why = "a response nobody asked for" if isinstance(exc.__context__, _Unsolicited) else exc
+            self._fail(UpstreamError("protocol", f"malformed upstream response: {why}"))
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -119,11 +126,13 @@ class _Connection(asyncio.Protocol):
             if not self.got_bytes:
                 self._fail(_Reset())
             else:
-                # Without a Content-Length, close-delimited bodies end at EOF.
-                with contextlib.suppress(httptools.HttpParserError):
-                    self.parser.feed_data(b"")
+                # A close-delimited body ends at a clean close (FIN); a reset is an error, which
+                # leaves it incomplete (RFC 9112, section 8). httptools cannot be told about EOF.
+                if exc is None and resp.close_delimited:
+                    self.on_message_complete()
                 if not resp.complete:
-                    self._fail(UpstreamError("protocol", "the upstream closed the connection mid-response"))
+                    self._fail(UpstreamError("protocol", "the upstream closed the connection mid-response"
+                                             if exc is None else "the upstream reset the connection mid-response"))
 
     def pause_writing(self) -> None:
         self._can_write.clear()
@@ -132,6 +141,13 @@ class _Connection(asyncio.Protocol):
         self._can_write.set()
 
     # httptools callbacks ------------------------------------------------------------------
+    def on_message_begin(self) -> None:
+        resp = self.resp
+        if resp is None or resp.complete:
+            # A response nobody asked for (bytes after a complete one): relayed, it would end up
+            # in the previous body or answer the next request. The connection is closed.
+            raise _Unsolicited()
+
     def on_status(self, status: bytes) -> None:
         assert self.resp is not None
         self.resp.reason = status.decode("latin-1")
@@ -151,9 +167,14 @@ class _Connection(asyncio.Protocol):
             resp.headers = []
             return
         resp.keep_alive = self.parser.should_keep_alive()
+        chunked = False
         for k, v in resp.headers:
-            if k.lower() == "content-length" and v.isdigit():
+            lk = k.lower()
+            if lk == "content-length" and v.isdigit():
                 resp.content_length = int(v)
+            elif lk == "transfer-encoding":
+                chunked = v.rsplit(",", 1)[-1].strip().lower() == "chunked"
+        resp.close_delimited = resp.content_length is None and not chunked
         if self.head_only:  # HEAD: no body follows, whatever Content-Length says
             resp.complete = True
             resp.keep_alive = False
