@@ -3,16 +3,25 @@
 ``X-Forwarded-For`` is honoured only hop by hop from trusted proxies: starting at the TCP peer,
 while the current hop is a trusted proxy, step one entry left in X-Forwarded-For. The first
 untrusted address is the client. A peer that is not a trusted proxy is the client, whatever
-headers it sends.
+headers it sends. The identity header is believed only from the peers ``identify.headerFrom``
+names (trusted proxies, and the pod's loopback when the policy says so).
+
+A header may arrive as several field lines. X-Forwarded-For is a list: its lines are combined
+exactly as the proxy forwards them (comma-joined in order, RFC 9110 §5.3), so the trusted proxy's
+own appended line is the one walked first. The API key, ``Authorization`` and the identity header
+hold one value: sent as several lines they are ambiguous and count as absent (the client falls
+to the next identity source, or gets a 401 when a key is required); picking one line would let
+the client choose what Sluice counts while the app may read another. ``Forwarded`` (RFC 7239) is
+not read.
 """
 
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Mapping
 
+from multidict import MultiMapping
 from sluice_core.keyschema import client_for_header, client_for_ip
-from sluice_core.model import IPNetwork, Source
+from sluice_core.model import HeaderFrom, Identify, IPNetwork, Source
 
 MAX_XFF_HOPS = 32  # a longer chain is not walked further (header tricks stay cheap)
 MAX_IDENTITY_LENGTH = 512  # longer API keys or identity headers are treated as absent
@@ -44,9 +53,48 @@ def is_trusted(ip: str, trusted: tuple[IPNetwork, ...]) -> bool:
     return any(addr in net for net in trusted)
 
 
-def api_key_from(headers: Mapping[str, str], header: str) -> str | None:
+def list_field(headers: MultiMapping[str], name: str) -> str | None:
+    """A list-valued header's field lines combined as the proxy forwards them (comma-joined in
+    order); one line is returned as is, at no extra cost."""
+    values = headers.getall(name, ())
+    if not values:
+        return None
+    return values[0] if len(values) == 1 else ", ".join(values)
+
+
+def single_field(headers: MultiMapping[str], name: str) -> str | None:
+    """A header that holds one value: None when absent or sent as several field lines."""
+    values = headers.getall(name, ())
+    return values[0] if len(values) == 1 else None
+
+
+def header_trusted(peer: str, ident: Identify) -> bool:
+    """May ``peer`` name the client with the identity header? Only a trusted proxy, or a
+    process in the pod itself (loopback) when ``headerFrom`` says the pod's own auth layer
+    sets it."""
+    if is_trusted(peer, ident.trusted_proxies):
+        return True
+    if ident.header_from is not HeaderFrom.TRUSTED_PROXIES_OR_LOOPBACK:
+        return False
+    try:
+        addr = ipaddress.ip_address(peer)
+    except ValueError:
+        return False
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped  # a dual-stack listener reports 127.0.0.1 as ::ffff:127.0.0.1
+    return addr.is_loopback
+
+
+def header_identity(headers: MultiMapping[str], peer: str, ident: Identify) -> str | None:
+    """The identity header's value, when the policy uses one and ``peer`` may set it."""
+    if ident.header is None or not header_trusted(peer, ident):
+        return None
+    return single_field(headers, ident.header)
+
+
+def api_key_from(headers: MultiMapping[str], header: str) -> str | None:
     """The API key sent in ``header``; ``Authorization: Bearer <key>`` is understood."""
-    value = headers.get(header)
+    value = single_field(headers, header)
     if not value or len(value) > MAX_IDENTITY_LENGTH:
         return None
     value = value.strip()

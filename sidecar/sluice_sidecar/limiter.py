@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
+from multidict import MultiMapping
 from sluice_core import keyschema
 from sluice_core.gcra import expand
 from sluice_core.model import (
@@ -38,7 +39,14 @@ from sluice_core.model import (
 
 from sluice_sidecar import headers as hdr
 from sluice_sidecar.breaker import CircuitBreaker
-from sluice_sidecar.identify import api_key_from, client_ip, identity, is_trusted
+from sluice_sidecar.identify import (
+    api_key_from,
+    client_ip,
+    header_identity,
+    identity,
+    is_trusted,
+    list_field,
+)
 from sluice_sidecar.metrics import Metrics
 from sluice_sidecar.stores.base import DecisionStore, StoreUnavailable
 
@@ -150,7 +158,7 @@ class Limiter:
         act = self.active or self.shared
         return act is not None and is_trusted(peer, act.policy.identify.trusted_proxies)
 
-    async def decide(self, method: str, path: str, headers: Mapping[str, str], peer: str) -> Outcome:
+    async def decide(self, method: str, path: str, headers: MultiMapping[str], peer: str) -> Outcome:
         act, shared = self.active, self.shared
         if shared is None or act is None:
             one = act or shared
@@ -214,7 +222,7 @@ class Limiter:
     async def _decide_one(self, plan: _Plan) -> Outcome:
         return self._finish(plan, await self._ask(plan.keys, plan.cost, plan.params))
 
-    def _plan(self, act: Enforcement, method: str, path: str, headers: Mapping[str, str],
+    def _plan(self, act: Enforcement, method: str, path: str, headers: MultiMapping[str],
               peer: str) -> _Plan | Outcome:
         """Who the client is and which buckets the request takes from; or the answer already
         (a skipped route, a missing or unknown required key)."""
@@ -246,9 +254,12 @@ class Limiter:
         else:
             # Unknown keys are not identities: an attacker rotating random keys would otherwise
             # get a fresh bucket per key (and flood Redis with keys).
-            ip = client_ip(peer, headers.get("X-Forwarded-For"), ident.trusted_proxies)
-            hv = headers.get(ident.header) if ident.header else None
-            client = identity(ident.order, header_value=hv, ip=ip)
+            # X-Forwarded-For is read only when some proxy is trusted (all its field lines, as
+            # the proxy forwards them); the identity header only from a peer allowed to set it.
+            trusted = ident.trusted_proxies
+            xff = list_field(headers, "X-Forwarded-For") if trusted else None
+            hv = header_identity(headers, peer, ident)
+            client = identity(ident.order, header_value=hv, ip=client_ip(peer, xff, trusted))
             tier_b = act.tiers[policy.default_tier]
 
         tag = keyschema.client_tag_for(act.policy_id, client)
