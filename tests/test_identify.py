@@ -1,6 +1,6 @@
 """Unit tests for ``sluice_sidecar.identify``: who the client is, given the TCP peer,
-X-Forwarded-For and the trusted proxies; which peers may set the identity header. Whoever is not a trusted proxy cannot choose its
-identity by sending headers."""
+X-Forwarded-For and the trusted proxies, and which peers may set the identity header. Whoever
+is not a trusted proxy cannot choose its identity by sending headers."""
 
 from __future__ import annotations
 
