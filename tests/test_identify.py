@@ -10,11 +10,13 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from multidict import CIMultiDict, CIMultiDictProxy
+from sluice_core.keyschema import client_for_header, client_for_ip
 from sluice_core.model import HeaderFrom, Identify, Source
 from sluice_sidecar.identify import (
     MAX_XFF_HOPS,
+    PeerTrust,
+    anonymous_client,
     client_ip,
-    header_identity,
     header_trusted,
     list_field,
     single_field,
@@ -195,5 +197,18 @@ def test_who_may_set_the_identity_header(peer: str, header_from: str, trusted_pr
                      trusted_proxies=tuple(ipaddress.ip_network(n) for n in trusted_proxies),
                      header_from=HeaderFrom(header_from))
     assert header_trusted(peer, ident) is believed
-    h = CIMultiDictProxy(CIMultiDict([("X-User-Id", "alice")]))
-    assert header_identity(h, peer, ident) == ("alice" if believed else None)
+    trust = PeerTrust(ident)
+    for _ in range(2):  # computed, then cached
+        assert trust.verdict(peer)[1] is believed
+        h = CIMultiDictProxy(CIMultiDict([("X-User-Id", "alice")]))
+        assert anonymous_client(h, peer, trust) == (client_for_header("alice") if believed else client_for_ip(peer))
+
+
+def test_peer_verdicts_are_cached_within_a_bound() -> None:
+    ident = Identify(order=(Source.HEADER, Source.IP), header="X-User-Id",
+                     trusted_proxies=(ipaddress.ip_network("10.0.0.0/8"),))
+    trust = PeerTrust(ident)
+    peers = [str(ipaddress.IPv6Address(0x20010DB8 << 96) + i) for i in range(3 * PeerTrust.MAX_PEERS)]
+    for peer in [*peers, "10.1.2.3"]:
+        assert trust.verdict(peer) == (peer == "10.1.2.3",) * 2
+        assert len(trust._verdicts) <= PeerTrust.MAX_PEERS

@@ -27,9 +27,13 @@ MAX_XFF_HOPS = 32  # a longer chain is not walked further (header tricks stay ch
 MAX_IDENTITY_LENGTH = 512  # longer API keys or identity headers are treated as absent
 
 
-def client_ip(peer: str, xff: str | None, trusted: tuple[IPNetwork, ...]) -> str:
-    """The client address: ``peer`` unless it is a trusted proxy, then walk X-Forwarded-For."""
-    if not trusted or not xff or not is_trusted(peer, trusted):
+def client_ip(peer: str, xff: str | None, trusted: tuple[IPNetwork, ...], *,
+              peer_trusted: bool | None = None) -> str:
+    """The client address: ``peer`` unless it is a trusted proxy, then walk X-Forwarded-For
+    while the hop is trusted too. ``peer_trusted``: the verdict on ``peer`` when already known."""
+    if not trusted or not xff:
+        return peer
+    if not (is_trusted(peer, trusted) if peer_trusted is None else peer_trusted):
         return peer
     hops = xff.split(",")
     current = peer
@@ -40,7 +44,7 @@ def client_ip(peer: str, xff: str | None, trusted: tuple[IPNetwork, ...]) -> str
         except ValueError:
             return current  # garbage written by an untrusted hop: stop at the last good one
         current = str(addr)
-        if not is_trusted(current, trusted):
+        if not any(addr in net for net in trusted):
             return current
     return current
 
@@ -85,11 +89,42 @@ def header_trusted(peer: str, ident: Identify) -> bool:
     return addr.is_loopback
 
 
-def header_identity(headers: MultiMapping[str], peer: str, ident: Identify) -> str | None:
-    """The identity header's value, when the policy uses one and ``peer`` may set it."""
-    if ident.header is None or not header_trusted(peer, ident):
-        return None
-    return single_field(headers, ident.header)
+class PeerTrust:
+    """One policy's verdicts on TCP peers: is it a trusted proxy, may it set the identity header.
+    Cached by address (parsing one costs microseconds and a peer sends many requests), and
+    bounded: when full the cache starts over, so many addresses cost time, never memory."""
+
+    MAX_PEERS = 4096
+    __slots__ = ("_never", "_verdicts", "ident")
+
+    def __init__(self, ident: Identify) -> None:
+        self.ident = ident
+        self._never = not ident.trusted_proxies and ident.header_from is HeaderFrom.TRUSTED_PROXIES
+        self._verdicts: dict[str, tuple[bool, bool]] = {}
+
+    def verdict(self, peer: str) -> tuple[bool, bool]:
+        """(``peer`` is a trusted proxy, ``peer`` may set the identity header)."""
+        if self._never:
+            return False, False
+        v = self._verdicts.get(peer)
+        if v is None:
+            if len(self._verdicts) >= self.MAX_PEERS:
+                self._verdicts.clear()
+            v = self._verdicts[peer] = (is_trusted(peer, self.ident.trusted_proxies),
+                                        header_trusted(peer, self.ident))
+        return v
+
+
+def anonymous_client(headers: MultiMapping[str], peer: str, trust: PeerTrust) -> str:
+    """The client id of a request without a known API key: the identity header when the peer
+    may set it, else the client address (X-Forwarded-For walked only from a trusted proxy, and
+    read only then), in ``identify.order``."""
+    ident = trust.ident
+    proxy, header_ok = trust.verdict(peer)
+    hv = single_field(headers, ident.header) if header_ok and ident.header is not None else None
+    xff = list_field(headers, "X-Forwarded-For") if proxy else None
+    ip = client_ip(peer, xff, ident.trusted_proxies, peer_trusted=proxy)
+    return identity(ident.order, header_value=hv, ip=ip)
 
 
 def api_key_from(headers: MultiMapping[str], header: str) -> str | None:

@@ -39,14 +39,7 @@ from sluice_core.model import (
 
 from sluice_sidecar import headers as hdr
 from sluice_sidecar.breaker import CircuitBreaker
-from sluice_sidecar.identify import (
-    api_key_from,
-    client_ip,
-    header_identity,
-    identity,
-    is_trusted,
-    list_field,
-)
+from sluice_sidecar.identify import PeerTrust, anonymous_client, api_key_from
 from sluice_sidecar.metrics import Metrics
 from sluice_sidecar.stores.base import DecisionStore, StoreUnavailable
 
@@ -85,9 +78,11 @@ class Enforcement:
     tiers: dict[str, Bucket] = field(init=False)
     rules: dict[str, Bucket] = field(init=False)
     _key_buckets: dict[str, Bucket] = field(init=False, default_factory=dict)
+    peers: PeerTrust = field(init=False)
 
     def __post_init__(self) -> None:
         p = self.policy
+        self.peers = PeerTrust(p.identify)
         self.policy_id = keyschema.policy_id(p.ref)
         # A cluster policy's buckets are named after it, so that a pod under two policies sends
         # distinct names in its headers even when both have a "free" tier.
@@ -156,7 +151,7 @@ class Limiter:
     def trusts(self, peer: str) -> bool:
         """Is ``peer`` one of the trusted proxies of the pod's own (first) policy?"""
         act = self.active or self.shared
-        return act is not None and is_trusted(peer, act.policy.identify.trusted_proxies)
+        return act is not None and act.peers.verdict(peer)[0]
 
     async def decide(self, method: str, path: str, headers: MultiMapping[str], peer: str) -> Outcome:
         act, shared = self.active, self.shared
@@ -254,12 +249,7 @@ class Limiter:
         else:
             # Unknown keys are not identities: an attacker rotating random keys would otherwise
             # get a fresh bucket per key (and flood Redis with keys).
-            # X-Forwarded-For is read only when some proxy is trusted (all its field lines, as
-            # the proxy forwards them); the identity header only from a peer allowed to set it.
-            trusted = ident.trusted_proxies
-            xff = list_field(headers, "X-Forwarded-For") if trusted else None
-            hv = header_identity(headers, peer, ident)
-            client = identity(ident.order, header_value=hv, ip=client_ip(peer, xff, trusted))
+            client = anonymous_client(headers, peer, act.peers)
             tier_b = act.tiers[policy.default_tier]
 
         tag = keyschema.client_tag_for(act.policy_id, client)
