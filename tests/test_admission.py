@@ -543,6 +543,19 @@ def test_cluster_policy_for_every_pod_of_every_namespace_is_warned_about() -> No
     assert "warnings" not in review_policy(policy_review(crlp))["response"]
 
 
+def test_a_header_source_nobody_may_set_is_warned_about() -> None:
+    doc = yaml.safe_load((EXAMPLES / "internal-service.yaml").read_text())
+    assert not any(w.startswith("spec.identify") for w in review_policy(policy_review(doc))["response"]["warnings"])
+    del doc["spec"]["identify"]["headerFrom"]  # the default: only trusted proxies, and there are none
+    warnings = review_policy(policy_review(doc))["response"]["warnings"]
+    assert ("spec.identify.headerFrom: no peer may set X-Caller-Service (spec.identify.trustedProxies is "
+            "empty), so the header source never applies; list the proxy that sets it, or use "
+            "trustedProxiesOrLoopback") in warnings
+    assert all(len(w) <= 256 for w in warnings)
+    doc["spec"]["identify"]["trustedProxies"] = ["10.0.0.0/8"]
+    assert not any(w.startswith("spec.identify") for w in review_policy(policy_review(doc))["response"]["warnings"])
+
+
 def test_sensible_policy_has_no_warnings() -> None:
     response = review_policy(policy_review(yaml.safe_load((EXAMPLES / "public-api.yaml").read_text())))
     assert "warnings" not in response["response"]

@@ -537,6 +537,7 @@ MAXIMAL: Json = {
         "namespaceSelector": {"matchLabels": {"team": "t"},
                               "matchExpressions": [{"key": "env", "operator": "Exists"}]},
         "identify": {"order": ["apiKey", "header", "ip"], "header": "X-Caller",
+                     "headerFrom": "trustedProxiesOrLoopback",
                      "trustedProxies": ["10.0.0.0/8"]},
         "apiKeys": {"header": "X-API-Key", "required": True},
         "tiers": [{"name": "free", "requests": 10, "period": "1m", "burst": 10}],

@@ -1,6 +1,6 @@
-"""Unit tests for ``sluice_sidecar.identify.client_ip``: who the client is, given the TCP peer,
-X-Forwarded-For and the trusted proxies. Whoever is not a trusted proxy cannot choose its
-identity by sending headers."""
+"""Unit tests for ``sluice_sidecar.identify``: who the client is, given the TCP peer,
+X-Forwarded-For and the trusted proxies, and which peers may set the identity header. Whoever
+is not a trusted proxy cannot choose its identity by sending headers."""
 
 from __future__ import annotations
 
@@ -9,7 +9,18 @@ import ipaddress
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from sluice_sidecar.identify import MAX_XFF_HOPS, client_ip
+from multidict import CIMultiDict, CIMultiDictProxy
+from sluice_core.keyschema import client_for_header, client_for_ip
+from sluice_core.model import HeaderFrom, Identify, Source
+from sluice_sidecar.identify import (
+    MAX_XFF_HOPS,
+    PeerTrust,
+    anonymous_client,
+    client_ip,
+    header_trusted,
+    list_field,
+    single_field,
+)
 
 TRUSTED = (ipaddress.ip_network("10.0.0.0/8"), ipaddress.ip_network("fd00::/8"),
            ipaddress.ip_network("127.0.0.1/32"))
@@ -151,3 +162,53 @@ def test_long_xff_is_not_parsed_entry_by_entry(monkeypatch: pytest.MonkeyPatch) 
     xff = ", ".join(["10.1.1.1"] * 100_000)
     assert client_ip("10.0.0.1", xff, TRUSTED) == "10.1.1.1"
     assert 0 < calls <= 3 * MAX_XFF_HOPS, calls
+
+
+# Field lines and who may set the identity header ---------------------------------------------------
+def test_list_field_joins_every_line_in_order_and_single_field_refuses_repeats() -> None:
+
+    h = CIMultiDictProxy(CIMultiDict([("X-Forwarded-For", "203.0.113.5"), ("x-api-key", "k"),
+                                      ("x-forwarded-for", "198.51.100.7, 10.0.0.2")]))
+    assert list_field(h, "X-Forwarded-For") == "203.0.113.5, 198.51.100.7, 10.0.0.2"
+    assert client_ip("10.0.0.1", list_field(h, "X-Forwarded-For"), TRUSTED) == "198.51.100.7"
+    assert list_field(h, "Forwarded") is None
+    assert single_field(h, "X-API-Key") == "k"
+    assert single_field(h, "X-Forwarded-For") is None  # two lines: ambiguous
+    assert single_field(h, "X-User-Id") is None
+
+
+@pytest.mark.parametrize(("peer", "header_from", "trusted_proxies", "believed"), [
+    ("127.0.0.1", "trustedProxies", (), False),
+    ("127.0.0.1", "trustedProxies", ("127.0.0.1/32",), True),
+    ("10.1.2.3", "trustedProxies", ("10.0.0.0/8",), True),
+    ("198.51.100.7", "trustedProxies", ("10.0.0.0/8",), False),
+    ("127.0.0.1", "trustedProxiesOrLoopback", (), True),
+    ("127.0.0.6", "trustedProxiesOrLoopback", (), True),  # a mesh proxy's inbound source
+    ("::1", "trustedProxiesOrLoopback", (), True),
+    ("::ffff:127.0.0.1", "trustedProxiesOrLoopback", (), True),  # a dual-stack listener
+    ("10.1.2.3", "trustedProxiesOrLoopback", (), False),
+    ("10.1.2.3", "trustedProxiesOrLoopback", ("10.0.0.0/8",), True),
+    ("not-an-ip", "trustedProxiesOrLoopback", ("10.0.0.0/8",), False),
+])
+def test_who_may_set_the_identity_header(peer: str, header_from: str, trusted_proxies: tuple[str, ...],
+                                         believed: bool) -> None:
+
+    ident = Identify(order=(Source.HEADER, Source.IP), header="X-User-Id",
+                     trusted_proxies=tuple(ipaddress.ip_network(n) for n in trusted_proxies),
+                     header_from=HeaderFrom(header_from))
+    assert header_trusted(peer, ident) is believed
+    trust = PeerTrust(ident)
+    for _ in range(2):  # computed, then cached
+        assert trust.verdict(peer)[1] is believed
+        h = CIMultiDictProxy(CIMultiDict([("X-User-Id", "alice")]))
+        assert anonymous_client(h, peer, trust) == (client_for_header("alice") if believed else client_for_ip(peer))
+
+
+def test_peer_verdicts_are_cached_within_a_bound() -> None:
+    ident = Identify(order=(Source.HEADER, Source.IP), header="X-User-Id",
+                     trusted_proxies=(ipaddress.ip_network("10.0.0.0/8"),))
+    trust = PeerTrust(ident)
+    peers = [str(ipaddress.IPv6Address(0x20010DB8 << 96) + i) for i in range(3 * PeerTrust.MAX_PEERS)]
+    for peer in [*peers, "10.1.2.3"]:
+        assert trust.verdict(peer) == (peer == "10.1.2.3",) * 2
+        assert len(trust._verdicts) <= PeerTrust.MAX_PEERS

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,7 @@ from sluice_core.configdoc import build_doc, load_doc
 from sluice_core.duration import format_duration_us, parse_duration_us
 from sluice_core.errors import PolicyErrors
 from sluice_core.manifest import to_manifest
-from sluice_core.model import FailureMode, HeaderStyle, Mode, Source
+from sluice_core.model import FailureMode, HeaderFrom, HeaderStyle, Mode, Source
 from sluice_core.parse import parse_policy
 from sluice_core.policyfile import load_policies
 
@@ -43,6 +44,7 @@ def test_minimal_policy_gets_documented_defaults() -> None:
     assert p.default_tier == "free"
     assert p.tiers["free"].limit.burst == 10  # burst defaults to requests
     assert p.identify.order == (Source.API_KEY, Source.IP)
+    assert p.identify.header_from is HeaderFrom.TRUSTED_PROXIES and not p.identify.trusted_proxies
     assert p.api_keys.header == "X-API-Key" and not p.api_keys.required
     assert (p.failure_mode, p.mode, p.headers) == (FailureMode.OPEN, Mode.ENFORCE, HeaderStyle.DRAFT)
     assert p.selector.matches({"anything": "x"})
@@ -103,6 +105,8 @@ def test_all_errors_are_reported_at_once() -> None:
     ({"identify": {"order": ["ip", "ip"]}}, "spec.identify.order[1]: 'ip' is listed twice"),
     ({"identify": {"order": ["cookie"]}}, "spec.identify.order[0]: must be one of apiKey, header, ip, got 'cookie'"),
     ({"identify": {"order": ["header"]}}, "spec.identify.header: must be a non-empty string, got None"),
+    ({"identify": {"order": ["header", "ip"], "header": "X-User-Id", "headerFrom": "anyone"}},
+     "spec.identify.headerFrom: must be one of trustedProxies, trustedProxiesOrLoopback, got 'anyone'"),
     ({"identify": {"trustedProxies": ["10.0.0.0/33"]}},
      "spec.identify.trustedProxies[0]: must be an IP address or CIDR, got '10.0.0.0/33'"),
     ({"apiKeys": {"header": "X Bad"}}, "spec.apiKeys.header: must be an HTTP header name, got 'X Bad'"),
@@ -186,6 +190,31 @@ def test_examples_validate_and_round_trip() -> None:
         again = parse_policy(to_manifest(p))
         assert again == p, p.name
         assert to_manifest(again) == to_manifest(p)
+
+
+def test_cluster_examples_trust_no_proxy_and_the_demo_differs_only_there() -> None:
+    """A cluster example that trusts a proxy would teach users to let anyone in that range
+    choose their identity; the demo's copy trusts its own 127.0.0.1 (see its comment)."""
+    for path in sorted(EXAMPLES.glob("*.yaml")):
+        for p in load_policies(path):
+            assert not p.identify.trusted_proxies, path.name
+    demo = load_policies(ROOT / "core" / "sluice_core" / "examples" / "public-api.yaml")[0]
+    cluster = load_policies(EXAMPLES / "public-api.yaml")[0]
+    assert [str(n) for n in demo.identify.trusted_proxies] == ["127.0.0.1/32"]
+    assert demo == replace(cluster, identify=replace(cluster.identify,
+                                                     trusted_proxies=demo.identify.trusted_proxies))
+
+
+def test_header_from_round_trips_and_is_stored_only_when_not_the_default() -> None:
+    loopback = parse_policy(minimal(identify={"order": ["header", "ip"], "header": "X-User-Id",
+                                              "headerFrom": "trustedProxiesOrLoopback"}))
+    assert loopback.identify.header_from is HeaderFrom.TRUSTED_PROXIES_OR_LOOPBACK
+    assert to_manifest(loopback)["spec"]["identify"]["headerFrom"] == "trustedProxiesOrLoopback"
+    assert parse_policy(to_manifest(loopback)) == loopback
+    # the default is left out, so that a sidecar older than the field still reads the document
+    default = parse_policy(minimal(identify={"order": ["header", "ip"], "header": "X-User-Id"}))
+    assert "headerFrom" not in to_manifest(default)["spec"]["identify"]
+    assert parse_policy(to_manifest(default)) == default
 
 
 @pytest.mark.parametrize("path", sorted((EXAMPLES / "bad").glob("*.yaml")), ids=lambda p: p.name)

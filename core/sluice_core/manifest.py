@@ -7,7 +7,15 @@ from __future__ import annotations
 from typing import Any
 
 from sluice_core.duration import format_duration_us
-from sluice_core.model import API_VERSION, CLUSTER_KIND, KIND, CompiledPolicy, Limit, Selector
+from sluice_core.model import (
+    API_VERSION,
+    CLUSTER_KIND,
+    KIND,
+    CompiledPolicy,
+    HeaderFrom,
+    Limit,
+    Selector,
+)
 
 
 def limit_to_dict(limit: Limit) -> dict[str, Any]:
@@ -47,6 +55,9 @@ def to_manifest(p: CompiledPolicy) -> dict[str, Any]:
     identify: dict[str, Any] = {"order": [s.value for s in p.identify.order]}
     if p.identify.header is not None:
         identify["header"] = p.identify.header
+    if p.identify.header_from is not HeaderFrom.TRUSTED_PROXIES:
+        # only when not the default: a sidecar older than the field still reads the others
+        identify["headerFrom"] = p.identify.header_from.value
     if p.identify.trusted_proxies:
         identify["trustedProxies"] = [str(n) for n in p.identify.trusted_proxies]
     metadata: dict[str, Any] = {"name": p.name}

@@ -49,6 +49,14 @@ class Source(StrEnum):
     IP = "ip"
 
 
+class HeaderFrom(StrEnum):
+    """Which TCP peers may name the client with the identity header (``Source.HEADER``)."""
+
+    TRUSTED_PROXIES = "trustedProxies"  # only peers in trustedProxies
+    # ... and the pod's own loopback: an auth layer in the pod, in front of Sluice, sets it
+    TRUSTED_PROXIES_OR_LOOPBACK = "trustedProxiesOrLoopback"
+
+
 @dataclass(frozen=True, slots=True)
 class Limit:
     """A token bucket: ``requests`` tokens per ``period_us``, holding at most ``burst`` tokens."""
@@ -158,6 +166,8 @@ class Identify:
     order: tuple[Source, ...] = (Source.API_KEY, Source.IP)
     header: str | None = None  # header name for Source.HEADER
     trusted_proxies: tuple[IPNetwork, ...] = ()
+    # From any other peer the header is ignored (the next source decides): anyone could send it.
+    header_from: HeaderFrom = HeaderFrom.TRUSTED_PROXIES
 
 
 @dataclass(frozen=True, slots=True)

@@ -22,6 +22,7 @@ from sluice_core.model import (
     ApiKeys,
     CompiledPolicy,
     FailureMode,
+    HeaderFrom,
     HeaderStyle,
     Identify,
     IPNetwork,
@@ -252,7 +253,7 @@ def _identify(c: _Checker, value: Any, api_keys: ApiKeys) -> Identify:
     m = c.mapping(value, "spec.identify")
     if m is None:
         return Identify()
-    c.unknown(m, "spec.identify", {"order", "header", "trustedProxies"})
+    c.unknown(m, "spec.identify", {"order", "header", "headerFrom", "trustedProxies"})
     order: list[Source] = []
     raw_order = c.seq(m.get("order"), "spec.identify.order")
     for i, s in enumerate(raw_order if raw_order is not None else ["apiKey", "ip"]):
@@ -270,6 +271,8 @@ def _identify(c: _Checker, value: Any, api_keys: ApiKeys) -> Identify:
                           what="an HTTP header name")
         if header is not None and Source.HEADER not in order:
             c.fail("spec.identify.header", "is set but 'header' is not in spec.identify.order")
+    header_from = c.enum(m.get("headerFrom"), "spec.identify.headerFrom", HeaderFrom,
+                         HeaderFrom.TRUSTED_PROXIES)
     proxies: list[IPNetwork] = []
     for i, cidr in enumerate(c.seq(m.get("trustedProxies"), "spec.identify.trustedProxies") or []):
         try:
@@ -278,7 +281,8 @@ def _identify(c: _Checker, value: Any, api_keys: ApiKeys) -> Identify:
             c.fail(f"spec.identify.trustedProxies[{i}]", f"must be an IP address or CIDR, got {cidr!r} ({exc})")
     if api_keys.required and Source.API_KEY not in order:
         c.fail("spec.apiKeys.required", "is true but 'apiKey' is not in spec.identify.order")
-    return Identify(order=tuple(order), header=header, trusted_proxies=tuple(proxies))
+    return Identify(order=tuple(order), header=header, trusted_proxies=tuple(proxies),
+                    header_from=header_from)
 
 
 def parse_limit(c: _Checker, m: Mapping[str, Any], path: str) -> Limit | None:

@@ -33,7 +33,16 @@ from typing import Any
 
 from sluice_core.duration import format_duration_us
 from sluice_core.errors import PolicyErrors
-from sluice_core.model import CLUSTER_KIND, KIND, CompiledPolicy, Limit, Mode, Rule, Source
+from sluice_core.model import (
+    CLUSTER_KIND,
+    KIND,
+    CompiledPolicy,
+    HeaderFrom,
+    Limit,
+    Mode,
+    Rule,
+    Source,
+)
 from sluice_core.parse import parse_policy
 
 ADMISSION_API_VERSION = "admission.k8s.io/v1"
@@ -209,6 +218,12 @@ def policy_warnings(policy: CompiledPolicy, spec: Mapping[str, Any]) -> list[str
         warnings.append(f"spec.tiers: {len(tiers)} tiers but 'apiKey' is not in "
                         f"spec.identify.order: every client gets the default tier "
                         f"{policy.default_tier!r}")
+    ident = policy.identify
+    if (Source.HEADER in ident.order and not ident.trusted_proxies
+            and ident.header_from is HeaderFrom.TRUSTED_PROXIES):
+        warnings.append(f"spec.identify.headerFrom: no peer may set {ident.header} "
+                        f"(spec.identify.trustedProxies is empty), so the header source never "
+                        f"applies; list the proxy that sets it, or use trustedProxiesOrLoopback")
     if policy.mode is Mode.SHADOW:
         warnings.append("spec.mode: shadow never refuses a request; over-limit requests are "
                         "only counted (shadow_limited). Set enforce to limit")

@@ -141,6 +141,7 @@ async def _main(args: argparse.Namespace) -> int:
         print(f"""
 Try it yourself (buckets refill: free 1 token / 2 s, pro 100 / min, enterprise 1000 / min):
   curl -i {base}/api/items                                        # free tier, by IP
+  curl -i -H 'X-Forwarded-For: 198.51.100.7' {base}/api/items     # another client (the demo trusts 127.0.0.1 as a proxy)
   curl -i -H 'X-API-Key: demo-pro-key' {base}/api/items           # pro tier
   curl -i -H 'X-API-Key: demo-enterprise-key' {base}/api/items    # enterprise tier
   curl -i -X POST -H 'X-API-Key: demo-pro-key' {base}/api/expensive   # strict rule, cost 2

@@ -3,24 +3,37 @@
 ``X-Forwarded-For`` is honoured only hop by hop from trusted proxies: starting at the TCP peer,
 while the current hop is a trusted proxy, step one entry left in X-Forwarded-For. The first
 untrusted address is the client. A peer that is not a trusted proxy is the client, whatever
-headers it sends.
+headers it sends. The identity header is believed only from the peers ``identify.headerFrom``
+names (trusted proxies, and the pod's loopback when the policy says so).
+
+A header may arrive as several field lines. X-Forwarded-For is a list: its lines are combined
+exactly as the proxy forwards them (comma-joined in order, RFC 9110 §5.3), so the trusted proxy's
+own appended line is the one walked first. The API key, ``Authorization`` and the identity header
+hold one value: sent as several lines they are ambiguous and count as absent (the client falls
+to the next identity source, or gets a 401 when a key is required); picking one line would let
+the client choose what Sluice counts while the app may read another. ``Forwarded`` (RFC 7239) is
+not read.
 """
 
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Mapping
 
+from multidict import MultiMapping
 from sluice_core.keyschema import client_for_header, client_for_ip
-from sluice_core.model import IPNetwork, Source
+from sluice_core.model import HeaderFrom, Identify, IPNetwork, Source
 
 MAX_XFF_HOPS = 32  # a longer chain is not walked further (header tricks stay cheap)
 MAX_IDENTITY_LENGTH = 512  # longer API keys or identity headers are treated as absent
 
 
-def client_ip(peer: str, xff: str | None, trusted: tuple[IPNetwork, ...]) -> str:
-    """The client address: ``peer`` unless it is a trusted proxy, then walk X-Forwarded-For."""
-    if not trusted or not xff or not is_trusted(peer, trusted):
+def client_ip(peer: str, xff: str | None, trusted: tuple[IPNetwork, ...], *,
+              peer_trusted: bool | None = None) -> str:
+    """The client address: ``peer`` unless it is a trusted proxy, then walk X-Forwarded-For
+    while the hop is trusted too. ``peer_trusted``: the verdict on ``peer`` when already known."""
+    if not trusted or not xff:
+        return peer
+    if not (is_trusted(peer, trusted) if peer_trusted is None else peer_trusted):
         return peer
     hops = xff.split(",")
     current = peer
@@ -31,7 +44,7 @@ def client_ip(peer: str, xff: str | None, trusted: tuple[IPNetwork, ...]) -> str
         except ValueError:
             return current  # garbage written by an untrusted hop: stop at the last good one
         current = str(addr)
-        if not is_trusted(current, trusted):
+        if not any(addr in net for net in trusted):
             return current
     return current
 
@@ -44,9 +57,79 @@ def is_trusted(ip: str, trusted: tuple[IPNetwork, ...]) -> bool:
     return any(addr in net for net in trusted)
 
 
-def api_key_from(headers: Mapping[str, str], header: str) -> str | None:
+def list_field(headers: MultiMapping[str], name: str) -> str | None:
+    """A list-valued header's field lines combined as the proxy forwards them (comma-joined in
+    order); one line is returned as is, at no extra cost."""
+    values = headers.getall(name, ())
+    if not values:
+        return None
+    return values[0] if len(values) == 1 else ", ".join(values)
+
+
+def single_field(headers: MultiMapping[str], name: str) -> str | None:
+    """A header that holds one value: None when absent or sent as several field lines."""
+    values = headers.getall(name, ())
+    return values[0] if len(values) == 1 else None
+
+
+def header_trusted(peer: str, ident: Identify) -> bool:
+    """May ``peer`` name the client with the identity header? Only a trusted proxy, or a
+    process in the pod itself (loopback) when ``headerFrom`` says the pod's own auth layer
+    sets it."""
+    if is_trusted(peer, ident.trusted_proxies):
+        return True
+    if ident.header_from is not HeaderFrom.TRUSTED_PROXIES_OR_LOOPBACK:
+        return False
+    try:
+        addr = ipaddress.ip_address(peer)
+    except ValueError:
+        return False
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped  # a dual-stack listener reports 127.0.0.1 as ::ffff:127.0.0.1
+    return addr.is_loopback
+
+
+class PeerTrust:
+    """One policy's verdicts on TCP peers: is it a trusted proxy, may it set the identity header.
+    Cached by address (parsing one costs microseconds and a peer sends many requests), and
+    bounded: when full the cache starts over, so many addresses cost time, never memory."""
+
+    MAX_PEERS = 4096
+    __slots__ = ("_never", "_verdicts", "ident")
+
+    def __init__(self, ident: Identify) -> None:
+        self.ident = ident
+        self._never = not ident.trusted_proxies and ident.header_from is HeaderFrom.TRUSTED_PROXIES
+        self._verdicts: dict[str, tuple[bool, bool]] = {}
+
+    def verdict(self, peer: str) -> tuple[bool, bool]:
+        """(``peer`` is a trusted proxy, ``peer`` may set the identity header)."""
+        if self._never:
+            return False, False
+        v = self._verdicts.get(peer)
+        if v is None:
+            if len(self._verdicts) >= self.MAX_PEERS:
+                self._verdicts.clear()
+            v = self._verdicts[peer] = (is_trusted(peer, self.ident.trusted_proxies),
+                                        header_trusted(peer, self.ident))
+        return v
+
+
+def anonymous_client(headers: MultiMapping[str], peer: str, trust: PeerTrust) -> str:
+    """The client id of a request without a known API key: the identity header when the peer
+    may set it, else the client address (X-Forwarded-For walked only from a trusted proxy, and
+    read only then), in ``identify.order``."""
+    ident = trust.ident
+    proxy, header_ok = trust.verdict(peer)
+    hv = single_field(headers, ident.header) if header_ok and ident.header is not None else None
+    xff = list_field(headers, "X-Forwarded-For") if proxy else None
+    ip = client_ip(peer, xff, ident.trusted_proxies, peer_trusted=proxy)
+    return identity(ident.order, header_value=hv, ip=ip)
+
+
+def api_key_from(headers: MultiMapping[str], header: str) -> str | None:
     """The API key sent in ``header``; ``Authorization: Bearer <key>`` is understood."""
-    value = headers.get(header)
+    value = single_field(headers, header)
     if not value or len(value) > MAX_IDENTITY_LENGTH:
         return None
     value = value.strip()

@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
+from multidict import MultiMapping
 from sluice_core import keyschema
 from sluice_core.gcra import expand
 from sluice_core.model import (
@@ -38,7 +39,7 @@ from sluice_core.model import (
 
 from sluice_sidecar import headers as hdr
 from sluice_sidecar.breaker import CircuitBreaker
-from sluice_sidecar.identify import api_key_from, client_ip, identity, is_trusted
+from sluice_sidecar.identify import PeerTrust, anonymous_client, api_key_from
 from sluice_sidecar.metrics import Metrics
 from sluice_sidecar.stores.base import DecisionStore, StoreUnavailable
 
@@ -77,9 +78,11 @@ class Enforcement:
     tiers: dict[str, Bucket] = field(init=False)
     rules: dict[str, Bucket] = field(init=False)
     _key_buckets: dict[str, Bucket] = field(init=False, default_factory=dict)
+    peers: PeerTrust = field(init=False)
 
     def __post_init__(self) -> None:
         p = self.policy
+        self.peers = PeerTrust(p.identify)
         self.policy_id = keyschema.policy_id(p.ref)
         # A cluster policy's buckets are named after it, so that a pod under two policies sends
         # distinct names in its headers even when both have a "free" tier.
@@ -148,9 +151,9 @@ class Limiter:
     def trusts(self, peer: str) -> bool:
         """Is ``peer`` one of the trusted proxies of the pod's own (first) policy?"""
         act = self.active or self.shared
-        return act is not None and is_trusted(peer, act.policy.identify.trusted_proxies)
+        return act is not None and act.peers.verdict(peer)[0]
 
-    async def decide(self, method: str, path: str, headers: Mapping[str, str], peer: str) -> Outcome:
+    async def decide(self, method: str, path: str, headers: MultiMapping[str], peer: str) -> Outcome:
         act, shared = self.active, self.shared
         if shared is None or act is None:
             one = act or shared
@@ -214,7 +217,7 @@ class Limiter:
     async def _decide_one(self, plan: _Plan) -> Outcome:
         return self._finish(plan, await self._ask(plan.keys, plan.cost, plan.params))
 
-    def _plan(self, act: Enforcement, method: str, path: str, headers: Mapping[str, str],
+    def _plan(self, act: Enforcement, method: str, path: str, headers: MultiMapping[str],
               peer: str) -> _Plan | Outcome:
         """Who the client is and which buckets the request takes from; or the answer already
         (a skipped route, a missing or unknown required key)."""
@@ -246,9 +249,7 @@ class Limiter:
         else:
             # Unknown keys are not identities: an attacker rotating random keys would otherwise
             # get a fresh bucket per key (and flood Redis with keys).
-            ip = client_ip(peer, headers.get("X-Forwarded-For"), ident.trusted_proxies)
-            hv = headers.get(ident.header) if ident.header else None
-            client = identity(ident.order, header_value=hv, ip=ip)
+            client = anonymous_client(headers, peer, act.peers)
             tier_b = act.tiers[policy.default_tier]
 
         tag = keyschema.client_tag_for(act.policy_id, client)
