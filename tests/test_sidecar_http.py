@@ -443,6 +443,70 @@ async def test_retry_after_is_honest(sidecars: Factory, http: aiohttp.ClientSess
     assert retry_after - 1 - 0.05 <= waited <= retry_after + 0.25
 
 
+def _window_s(limit: dict[str, Any]) -> int:
+    """The refill time of a bucket from empty to full, whole seconds rounded up."""
+    period = {"s": 1, "m": 60}[limit["period"][-1]] * int(limit["period"][:-1])
+    burst = limit.get("burst", limit["requests"])
+    return -(-burst * period // limit["requests"])
+
+
+@pytest.mark.parametrize("tier", [
+    {"name": "free", "requests": 2, "period": "1s", "burst": 7},  # burst above requests
+    {"name": "free", "requests": 12, "period": "1m", "burst": 3},  # burst below requests
+    {"name": "free", "requests": 3, "period": "1s"},  # burst = requests; EM not whole in µs
+], ids=["burst>requests", "burst<requests", "burst=requests"])
+async def test_ratelimit_never_reports_more_than_the_quota(tier: dict[str, Any], sidecars: Factory,
+                                                           http: aiohttp.ClientSession) -> None:
+    """Property-style: a seeded random walk over routes of cost 1, 2 and 3 (one with its own
+    limit, burst above its rate). On every response each bucket's r <= q (q = its burst, w = the
+    time it takes to refill from empty), t is 0 exactly when the bucket holds this request's
+    cost, and on a 429 Retry-After is the largest t (the refusing bucket's wait); the legacy
+    X-RateLimit-Limit is that q too."""
+    own = {"requests": 1, "period": "1s", "burst": 3}
+    rules = [{"name": "two", "match": {"path": {"exact": "/two"}}, "cost": 2},
+             {"name": "three", "match": {"path": {"exact": "/three"}}, "cost": 3, "limit": own}]
+    sc = await sidecars(policy_doc(tiers=[tier], rules=rules, headers="both"))
+    cost = {"/one": 1, "/two": 2, "/three": 3}
+    expected = {"free": (tier.get("burst", tier["requests"]), _window_s(tier)), "three": (3, 3)}
+    rng = random.Random(8)
+    seen: set[int] = set()
+    deadline = time.monotonic() + 5  # bounded; the invariants hold at any instant
+    for _ in range(120):
+        if time.monotonic() > deadline:
+            break
+        path = rng.choice(list(cost))
+        r = await call(http, "GET", sc.url + path)
+        seen.add(r.status)
+        got = check_ratelimit_headers(r.headers)
+        for name, b in got.items():
+            assert (b["q"], b["w"]) == expected[name], (path, got)
+            assert b["r"] <= b["q"], (path, got)
+            assert (b["t"] == 0) == (b["r"] >= cost[path]), (path, r.status, got)
+        tightest = min(got.values(), key=lambda b: b["r"])
+        assert r.headers["X-RateLimit-Limit"] == str(tightest["q"])
+        assert int(r.headers["X-RateLimit-Remaining"]) <= tightest["q"]
+        if r.status == 429:
+            assert int(r.headers["Retry-After"]) == max(b["t"] for b in got.values()), (path, got)
+            refusing = [b for b in got.values() if b["r"] < cost[path]]
+            assert refusing and max(b["t"] for b in refusing) == int(r.headers["Retry-After"])
+        else:
+            assert r.status == 200 and "Retry-After" not in r.headers
+    assert seen == {200, 429}
+
+
+async def test_cost_two_refusal_t_is_retry_after(sidecars: Factory, http: aiohttp.ClientSession) -> None:
+    """The reported case: a cost-2 rule refused while one token is left said t=0 (or the next
+    token's time) but Retry-After: the time for two. Waiting t seconds must be enough."""
+    sc = await sidecars(policy_doc(tiers=[{"name": "free", "requests": 1, "period": "1s", "burst": 3}],
+                                   rules=[{"name": "two", "match": {"path": {"exact": "/two"}}, "cost": 2}]))
+    assert (await call(http, "GET", sc.url + "/two")).status == 200
+    r = await call(http, "GET", sc.url + "/two")
+    assert r.status == 429
+    got = check_ratelimit_headers(r.headers)["free"]
+    assert got["q"] == 3 and got["w"] == 3 and got["r"] == 1
+    assert got["t"] == int(r.headers["Retry-After"]) == 1
+
+
 async def test_429_problem_names_policy_tier_and_rule(sidecars: Factory, http: aiohttp.ClientSession) -> None:
     sc = await sidecars(policy_doc(
         tiers=[{"name": "free", "requests": 100, "period": "1m"}],
