@@ -25,6 +25,7 @@ import aiohttp
 import psutil  # type: ignore[import-untyped]
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from sluice_sidecar.server import StartupError
 from sluice_sidecar.stores.memory import MemoryStore
 from support.processes import SidecarProcess
 from support.sidecar_harness import (
@@ -1062,10 +1063,14 @@ async def test_random_unknown_keys_share_the_anonymous_bucket(sidecars: Factory,
 
 # Readiness and admin ------------------------------------------------------------------------------
 async def test_readyz_before_config_then_loaded(sidecars: Factory, http: aiohttp.ClientSession) -> None:
-    sc = await sidecars(None)  # no policy file yet
+    # No policy file yet: only an explicit --without-config unlimited starts like this, and then
+    # proxies unlimited (counted) while not ready.
+    sc = await sidecars(None, without_config="unlimited")
     r = await call(http, "GET", sc.admin_url + "/readyz")
     assert r.status == 503 and r.json()["ready"] is False
     assert (await call(http, "GET", sc.admin_url + "/healthz")).status == 200
+    assert [(await call(http, "GET", sc.url + "/x")).status for _ in range(7)] == [200] * 7
+    assert metric(await metrics_text(http, sc), "sluice_decisions_total", decision="unconfigured") == 7
     sc.write_policy(policy_doc())
 
     async def ready() -> bool:
@@ -1076,9 +1081,12 @@ async def test_readyz_before_config_then_loaded(sidecars: Factory, http: aiohttp
     assert body["ready"] is True and body["config"]["loaded"] is True
 
 
-async def test_readyz_503_with_invalid_policy_at_start(sidecars: Factory, http: aiohttp.ClientSession) -> None:
+async def test_invalid_policy_at_start_refuses_to_start_or_serves_unready(
+        sidecars: Factory, http: aiohttp.ClientSession) -> None:
     bad = policy_doc(tiers=[{"name": "free", "requests": -5, "period": "1m"}])
-    sc = await sidecars(bad)
+    with pytest.raises(StartupError, match=r"^--policy-file: .*spec\.tiers\[0\]\.requests"):
+        await sidecars(bad)
+    sc = await sidecars(bad, without_config="unlimited")
     r = await call(http, "GET", sc.admin_url + "/readyz")
     assert r.status == 503 and r.json()["config"]["loaded"] is False
 
