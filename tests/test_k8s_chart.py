@@ -871,6 +871,9 @@ def test_operator_runs_under_the_chart_rbac(release: Release, redis_server: Any,
             return raw.decode() if raw else ""
         wait(lambda: digest in doc(), "the key's hash in Redis")
         assert key not in doc()
+        # ... and the policy's status follows through the operator's own client (status patch
+        # under the chart RBAC; a 403 would be logged and fail assert_no_permission_errors)
+        wait(lambda: ((rlp("api", ns) or {}).get("status") or {}).get("keys") == 1, "status keys: 1")
 
         # the invalid policy: an InvalidPolicy Event (events create)
         wait(lambda: cp.kubectl_json("get", "events", "-n", bad_ns,

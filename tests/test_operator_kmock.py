@@ -244,6 +244,41 @@ async def test_an_expiring_key_goes_when_it_expires_not_at_the_resync(kmock: Any
         assert d_later in env.config().grants["api"]
 
 
+async def test_key_secret_changes_reach_the_policy_status_before_the_resync(kmock: Any, redis_server: Any) -> None:
+    """A key Secret added, unusable, revoked or expired: the policy's status (keys, key
+    problems, config version) follows within seconds, not at the resync 5 minutes away."""
+    import datetime as dt
+
+    async with running_operator(kmock, redis_server, resync_interval_s=300.0) as env:
+        await env.create(env.rlp_path(), policy("api", env.ns))
+        await eventually(lambda: condition(env.status("api"), "Programmed"), "first status")
+        assert env.status("api")["keys"] == 0
+
+        def status_at(version: int, keys: int) -> dict[str, Any] | None:
+            s = env.status("api")
+            return s if s.get("configVersion") == version and s.get("keys") == keys else None
+
+        await env.create(env.secret_path(), key_secret("k1", env.ns, "api", "sk-status-1", "pro"))
+        cfg = await eventually(lambda: (c := env.config()) and c.grants.get("api") and c, "grant in Redis")
+        await eventually(lambda: status_at(cfg.version, 1), "status keys: 1", timeout=5)
+
+        await env.create(env.secret_path(), key_secret("k2", env.ns, "api", "sk-status-2", "platinum"))
+        await eventually(lambda: "k2" in condition(env.status("api"), "Accepted")["message"],
+                         "the unusable Secret named in Accepted", timeout=5)
+        assert "platinum" in condition(env.status("api"), "Accepted")["message"]
+
+        soon = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=3)
+        await env.create(env.secret_path(), key_secret("k3", env.ns, "api", "sk-status-3", "free",
+                                                       expiresAt=soon.isoformat()))
+        await eventually(lambda: env.status("api").get("keys") == 2, "status keys: 2", timeout=5)
+        await eventually(lambda: env.status("api").get("keys") == 1, "status keys: 1 after expiry",
+                         timeout=15)
+
+        await env.patch(env.secret_path("k1"), {"data": {"disabled": base64.b64encode(b"true").decode()}})
+        cfg = await eventually(lambda: (c := env.config()) and not c.grants.get("api") and c, "revocation")
+        await eventually(lambda: status_at(cfg.version, 0), "status keys: 0", timeout=5)
+
+
 async def test_contract_operator_to_sidecar_process_to_status(env: Env, tmp_path: Any) -> None:
     """The operator writes config -> a real sidecar process in cluster mode enforces it ->
     the policy's status shows one sidecar enforcing that version."""

@@ -25,6 +25,7 @@ import aiohttp
 import psutil  # type: ignore[import-untyped]
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from sluice_sidecar.server import StartupError
 from sluice_sidecar.stores.memory import MemoryStore
 from support.processes import SidecarProcess
 from support.sidecar_harness import (
@@ -441,6 +442,70 @@ async def test_retry_after_is_honest(sidecars: Factory, http: aiohttp.ClientSess
     # Waiting Retry-After seconds is enough (a little slack for polling and scheduling), and it
     # is whole seconds rounded up, not more.
     assert retry_after - 1 - 0.05 <= waited <= retry_after + 0.25
+
+
+def _window_s(limit: dict[str, Any]) -> int:
+    """The refill time of a bucket from empty to full, whole seconds rounded up."""
+    period = {"s": 1, "m": 60}[limit["period"][-1]] * int(limit["period"][:-1])
+    burst = limit.get("burst", limit["requests"])
+    return -(-burst * period // limit["requests"])
+
+
+@pytest.mark.parametrize("tier", [
+    {"name": "free", "requests": 2, "period": "1s", "burst": 7},  # burst above requests
+    {"name": "free", "requests": 12, "period": "1m", "burst": 3},  # burst below requests
+    {"name": "free", "requests": 3, "period": "1s"},  # burst = requests; EM not whole in µs
+], ids=["burst>requests", "burst<requests", "burst=requests"])
+async def test_ratelimit_never_reports_more_than_the_quota(tier: dict[str, Any], sidecars: Factory,
+                                                           http: aiohttp.ClientSession) -> None:
+    """Property-style: a seeded random walk over routes of cost 1, 2 and 3 (one with its own
+    limit, burst above its rate). On every response each bucket's r <= q (q = its burst, w = the
+    time it takes to refill from empty), t is 0 exactly when the bucket holds this request's
+    cost, and on a 429 Retry-After is the largest t (the refusing bucket's wait); the legacy
+    X-RateLimit-Limit is that q too."""
+    own = {"requests": 1, "period": "1s", "burst": 3}
+    rules = [{"name": "two", "match": {"path": {"exact": "/two"}}, "cost": 2},
+             {"name": "three", "match": {"path": {"exact": "/three"}}, "cost": 3, "limit": own}]
+    sc = await sidecars(policy_doc(tiers=[tier], rules=rules, headers="both"))
+    cost = {"/one": 1, "/two": 2, "/three": 3}
+    expected = {"free": (tier.get("burst", tier["requests"]), _window_s(tier)), "three": (3, 3)}
+    rng = random.Random(8)
+    seen: set[int] = set()
+    deadline = time.monotonic() + 5  # bounded; the invariants hold at any instant
+    for _ in range(120):
+        if time.monotonic() > deadline:
+            break
+        path = rng.choice(list(cost))
+        r = await call(http, "GET", sc.url + path)
+        seen.add(r.status)
+        got = check_ratelimit_headers(r.headers)
+        for name, b in got.items():
+            assert (b["q"], b["w"]) == expected[name], (path, got)
+            assert b["r"] <= b["q"], (path, got)
+            assert (b["t"] == 0) == (b["r"] >= cost[path]), (path, r.status, got)
+        tightest = min(got.values(), key=lambda b: b["r"])
+        assert r.headers["X-RateLimit-Limit"] == str(tightest["q"])
+        assert int(r.headers["X-RateLimit-Remaining"]) <= tightest["q"]
+        if r.status == 429:
+            assert int(r.headers["Retry-After"]) == max(b["t"] for b in got.values()), (path, got)
+            refusing = [b for b in got.values() if b["r"] < cost[path]]
+            assert refusing and max(b["t"] for b in refusing) == int(r.headers["Retry-After"])
+        else:
+            assert r.status == 200 and "Retry-After" not in r.headers
+    assert seen == {200, 429}
+
+
+async def test_cost_two_refusal_t_is_retry_after(sidecars: Factory, http: aiohttp.ClientSession) -> None:
+    """The reported case: a cost-2 rule refused while one token is left said t=0 (or the next
+    token's time) but Retry-After: the time for two. Waiting t seconds must be enough."""
+    sc = await sidecars(policy_doc(tiers=[{"name": "free", "requests": 1, "period": "1s", "burst": 3}],
+                                   rules=[{"name": "two", "match": {"path": {"exact": "/two"}}, "cost": 2}]))
+    assert (await call(http, "GET", sc.url + "/two")).status == 200
+    r = await call(http, "GET", sc.url + "/two")
+    assert r.status == 429
+    got = check_ratelimit_headers(r.headers)["free"]
+    assert got["q"] == 3 and got["w"] == 3 and got["r"] == 1
+    assert got["t"] == int(r.headers["Retry-After"]) == 1
 
 
 async def test_429_problem_names_policy_tier_and_rule(sidecars: Factory, http: aiohttp.ClientSession) -> None:
@@ -998,10 +1063,14 @@ async def test_random_unknown_keys_share_the_anonymous_bucket(sidecars: Factory,
 
 # Readiness and admin ------------------------------------------------------------------------------
 async def test_readyz_before_config_then_loaded(sidecars: Factory, http: aiohttp.ClientSession) -> None:
-    sc = await sidecars(None)  # no policy file yet
+    # No policy file yet: only an explicit --without-config unlimited starts like this, and then
+    # proxies unlimited (counted) while not ready.
+    sc = await sidecars(None, without_config="unlimited")
     r = await call(http, "GET", sc.admin_url + "/readyz")
     assert r.status == 503 and r.json()["ready"] is False
     assert (await call(http, "GET", sc.admin_url + "/healthz")).status == 200
+    assert [(await call(http, "GET", sc.url + "/x")).status for _ in range(7)] == [200] * 7
+    assert metric(await metrics_text(http, sc), "sluice_decisions_total", decision="unconfigured") == 7
     sc.write_policy(policy_doc())
 
     async def ready() -> bool:
@@ -1012,9 +1081,12 @@ async def test_readyz_before_config_then_loaded(sidecars: Factory, http: aiohttp
     assert body["ready"] is True and body["config"]["loaded"] is True
 
 
-async def test_readyz_503_with_invalid_policy_at_start(sidecars: Factory, http: aiohttp.ClientSession) -> None:
+async def test_invalid_policy_at_start_refuses_to_start_or_serves_unready(
+        sidecars: Factory, http: aiohttp.ClientSession) -> None:
     bad = policy_doc(tiers=[{"name": "free", "requests": -5, "period": "1m"}])
-    sc = await sidecars(bad)
+    with pytest.raises(StartupError, match=r"^--policy-file: .*spec\.tiers\[0\]\.requests"):
+        await sidecars(bad)
+    sc = await sidecars(bad, without_config="unlimited")
     r = await call(http, "GET", sc.admin_url + "/readyz")
     assert r.status == 503 and r.json()["config"]["loaded"] is False
 

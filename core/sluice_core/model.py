@@ -79,9 +79,11 @@ class Limit:
         return self.burst * self.emission_us
 
     @property
-    def period_s(self) -> int:
-        """Period in whole seconds for the ``w=`` header parameter (at least 1)."""
-        return max(1, round(self.period_us / 1_000_000))
+    def window_s(self) -> int:
+        """The time the bucket takes to refill from empty to full (``burst x period /
+        requests``), in whole seconds rounded up: the ``w=`` of its ``RateLimit-Policy``, whose
+        ``q=`` is ``burst``, so the announced rate is never above the real one."""
+        return -(-self.burst * self.period_us // (self.requests * 1_000_000))
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,7 +16,7 @@ from sluice_operator.keysecrets import CLUSTER_POLICY_LABEL, POLICY_LABEL
 from sluice_operator.kube import default_api_client
 from sluice_operator.reconcile import NamespaceOutcome, Reconciler, Reuse
 from sluice_operator.settings import OperatorSettings
-from sluice_operator.status import policy_status
+from sluice_operator.status import policy_status, status_update
 from sluice_operator.webhooks import serve_webhooks
 
 GROUP, VERSION, PLURAL = "sluice.dev", "v1alpha1", "ratelimitpolicies"
@@ -79,6 +79,43 @@ def build_registry(settings: OperatorSettings, reconciler: Reconciler,
         if outcome.redis_error:
             raise kopf.TemporaryError(f"Redis: {outcome.redis_error}", delay=5)
 
+    custom_api: list[Any] = []  # one client, made when first needed
+
+    def patch_status(scope: str, name: str, status: dict[str, Any]) -> None:
+        from kubernetes import client
+
+        if not custom_api:
+            custom_api.append(client.CustomObjectsApi(make_api()))
+        api, body = custom_api[0], {"status": status}
+        if scope == CLUSTER_SCOPE:
+            api.patch_cluster_custom_object_status(GROUP, VERSION, CLUSTER_PLURAL, name, body,
+                                                   _content_type="application/merge-patch+json")
+        else:
+            api.patch_namespaced_custom_object_status(GROUP, VERSION, scope, PLURAL, name, body,
+                                                      _content_type="application/merge-patch+json")
+
+    async def refresh_statuses(scope: str, outcome: NamespaceOutcome, idx: Mapping[str, Any],
+                               skip: str | None = None) -> None:
+        """Patch the status of the scope's policies that a reconcile none of their own handlers
+        ran for has changed (keys, key problems, config version, namespaces), now rather than at
+        their next resync. A failed write is logged; that resync still corrects it."""
+        if outcome.redis_error:
+            return  # their own handlers report it, with a retry
+        index = idx["cluster_policies"] if scope == CLUSTER_SCOPE else idx["policies_by_ns"]
+        for body in list(index.get(scope, [])):
+            meta = body.get("metadata", {})
+            name = meta.get("name")
+            result = outcome.results.get(name)
+            if name == skip or result is None or meta.get("deletionTimestamp"):
+                continue
+            status = status_update(body, result, outcome)
+            if status is None:
+                continue
+            try:
+                await asyncio.to_thread(patch_status, scope, name, status)
+            except Exception as exc:  # gone meanwhile, API server unreachable: the resync fixes it
+                log.warning("cannot update the status of %s/%s: %s", scope, name, exc)
+
     # A namespace's policies each have a resync timer; what one of them reconciled or read less
     # than half an interval ago stands for the others (Redis is still checked every interval).
     shared_s = settings.resync_interval_s / 2
@@ -108,6 +145,8 @@ def build_registry(settings: OperatorSettings, reconciler: Reconciler,
             # the namespace serves them all. A create or update always reconciles.
             reuse = Reuse(name, body.metadata.get("generation"), shared_s) if reason == "resume" else None
             outcome = await reconcile(namespace or CLUSTER_SCOPE, kwargs, reuse)
+            if outcome.pushed:  # a new config version: the namespace's other policies show it
+                await refresh_statuses(namespace or CLUSTER_SCOPE, outcome, kwargs, skip=name)
             report(body, name, outcome, patch, None)
 
         @kopf.on.delete(GROUP, VERSION, plural, id="policy-delete" + suffix, registry=registry)
@@ -115,6 +154,8 @@ def build_registry(settings: OperatorSettings, reconciler: Reconciler,
             outcome = await reconcile(namespace or CLUSTER_SCOPE, kwargs)
             if outcome.redis_error:  # keep the finalizer until Redis no longer serves the policy
                 raise kopf.TemporaryError(f"Redis: {outcome.redis_error}", delay=5)
+            if outcome.pushed:
+                await refresh_statuses(namespace or CLUSTER_SCOPE, outcome, kwargs)
 
         @kopf.timer(GROUP, VERSION, plural, id="resync" + suffix, interval=settings.resync_interval_s,
                     registry=registry)
@@ -143,7 +184,7 @@ def build_registry(settings: OperatorSettings, reconciler: Reconciler,
                     when = result.next_expiry if result else None
                 delay = None if when is None else (when - dt.datetime.now(dt.UTC)).total_seconds()
                 if delay is not None and delay <= 0:
-                    await reconcile(scope, kwargs)
+                    await refresh_statuses(scope, await reconcile(scope, kwargs), kwargs)
                     delay = 1.0  # the key is gone now, or Redis failed: then try again shortly
                 await _first_of(reconciled.wait(), stopped.wait(), timeout=delay)
 
@@ -153,7 +194,9 @@ def build_registry(settings: OperatorSettings, reconciler: Reconciler,
                    registry=registry)
     async def key_secret_changed(namespace: str | None, **kwargs: Any) -> None:
         if namespace and kwargs["policies_by_ns"].get(namespace):
-            await reconcile(namespace, kwargs)
+            # The config reaches Redis now; so must the policies' status (keys, key problems,
+            # config version), not one resync interval later.
+            await refresh_statuses(namespace, await reconcile(namespace, kwargs), kwargs)
 
     if settings.cluster_policies or (settings.cluster_policies is None and not settings.namespaces):
         # ClusterRateLimitPolicies need every namespace's labels (their namespaceSelector); by
@@ -181,7 +224,7 @@ def build_registry(settings: OperatorSettings, reconciler: Reconciler,
                        id="cluster-key-secret", registry=registry)
         async def cluster_key_secret_changed(**kwargs: Any) -> None:
             if kwargs["cluster_policies"].get(CLUSTER_SCOPE):
-                await reconcile(CLUSTER_SCOPE, kwargs)
+                await refresh_statuses(CLUSTER_SCOPE, await reconcile(CLUSTER_SCOPE, kwargs), kwargs)
 
         # Namespaces are watched only here (an operator serving cluster policies needs their
         # labels): a deleted one is forgotten, a relabelled one may change a policy's scope.
@@ -194,7 +237,7 @@ def build_registry(settings: OperatorSettings, reconciler: Reconciler,
             if label_changes.changed(type, name, labels) and kwargs["cluster_policies"].get(CLUSTER_SCOPE):
                 log.info("namespace %s: %s, re-resolving cluster policies", name,
                          "deleted" if type == "DELETED" else "labels changed")
-                await reconcile(CLUSTER_SCOPE, kwargs)
+                await refresh_statuses(CLUSTER_SCOPE, await reconcile(CLUSTER_SCOPE, kwargs), kwargs)
 
     return registry
 

@@ -58,3 +58,15 @@ def policy_status(body: Mapping[str, Any], result: PolicyResult | None, outcome:
         conds.append(condition(previous, "Enforced", enforced > 0, "SidecarsReporting" if enforced else "NoSidecars",
                                f"{enforced} sidecar(s) enforce it at config version {outcome.version}", generation))
     return status
+
+
+def status_update(body: Mapping[str, Any], result: PolicyResult, outcome: NamespaceOutcome) -> dict[str, Any] | None:
+    """The status a reconcile calls for when none of the policy's own handlers ran for it (a key
+    Secret changed or expired, a namespace was relabelled, another policy of the namespace
+    changed), or None when the status already says so. The count of enforcing sidecars carries
+    over while the config version stays; a new version has none confirmed yet (its next resync
+    counts them), as after a spec update."""
+    old = dict(body.get("status") or {})
+    kept = old.get("enforcedSidecars") if old.get("configVersion") == outcome.version else None
+    new = policy_status(body, result, outcome, kept if isinstance(kept, int) else None)
+    return None if all(old.get(k) == v for k, v in new.items()) else new

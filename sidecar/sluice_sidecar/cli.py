@@ -29,7 +29,11 @@ async def serve(settings_args: argparse.Namespace) -> int:
 
     settings = from_args(settings_args)
     sidecar = Sidecar(settings)
-    await sidecar.start()
+    try:
+        await sidecar.start()
+    except BaseException:
+        await sidecar.stop()  # release the ports and connections already opened
+        raise
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -40,10 +44,17 @@ async def serve(settings_args: argparse.Namespace) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Start-up errors are one line on stderr, ``sluice sidecar: <what>: <reason>``, and a
+    non-zero exit: 2 for flags that contradict each other, 1 for what cannot be started."""
+    from sluice_sidecar.server import StartupError
+
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     setup_event_loop()
     try:
         return asyncio.run(serve(args))
+    except StartupError as exc:
+        print(f"sluice sidecar: {exc}", file=sys.stderr)
+        return 1
     except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"sluice sidecar: {exc}", file=sys.stderr)
         return 2

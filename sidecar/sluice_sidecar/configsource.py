@@ -27,7 +27,7 @@ from sluice_core import keyschema
 from sluice_core.apikeys import load_grants_file
 from sluice_core.configdoc import NamespaceConfig, load_doc
 from sluice_core.errors import PolicyErrors
-from sluice_core.model import CLUSTER_SCOPE, CompiledPolicy
+from sluice_core.model import CLUSTER_SCOPE, CompiledPolicy, KeyGrant
 from sluice_core.policyfile import load_policies
 
 from sluice_sidecar.labels import read_labels
@@ -46,6 +46,19 @@ from sluice_sidecar.stores.redis import RedisNodes
 log = logging.getLogger("sluice.config")
 Apply = Callable[[Enforcement | None, Enforcement | None], None]
 """Called with the pod's namespaced policy and its cluster policy (either may be None)."""
+
+
+class NoConfig(Exception):
+    """A config could not be loaded: ``what`` names the flag, the message the file and why."""
+
+    def __init__(self, what: str, reason: str) -> None:
+        super().__init__(reason)
+        self.what = what
+
+
+def one_line(exc: Exception) -> str:
+    """A reason on one line (a policy with several errors lists them all, joined)."""
+    return "; ".join(line for line in str(exc).splitlines() if line) or type(exc).__name__
 
 
 def select_policy(policies: list[CompiledPolicy] | tuple[CompiledPolicy, ...],
@@ -83,30 +96,59 @@ class FileSource:
                 out.append(-1.0)
         return tuple(out)
 
+    def _read(self) -> Enforcement:
+        """The config the files describe now; raises :class:`NoConfig` naming the file at fault."""
+        self._stamp = self._stamps()
+        labels = None
+        if self.labels_path:
+            try:
+                labels = read_labels(self.labels_path)
+            except (OSError, ValueError) as exc:
+                raise NoConfig("--pod-labels", one_line(exc)) from exc
+        what = "--policy-file"  # the reasons below name the file
+        try:
+            policies = load_policies(self.policy_path)
+        except (PolicyErrors, OSError, ValueError) as exc:
+            raise NoConfig(what, one_line(exc)) from exc
+        policy = select_policy(policies, labels) if labels is not None else (policies[0] if policies else None)
+        if policy is None:
+            raise NoConfig(what, f"{self.policy_path}: " + (
+                "no policy in the file selects this pod" if policies else "no policy in the file"))
+        grants: dict[str, KeyGrant] = {}
+        if self.keys_path:
+            try:
+                grants = load_grants_file(self.keys_path, policy)
+            except (PolicyErrors, OSError, ValueError) as exc:
+                raise NoConfig("--api-keys-file", one_line(exc)) from exc
+        return Enforcement(policy, grants, self.version + 1)
+
+    def _use(self, enforcement: Enforcement) -> None:
+        self.version = enforcement.version
+        self.apply(enforcement, None)
+        self.metrics.config_reloads.labels("ok").inc()
+        self.metrics.config_version.labels(enforcement.policy.namespace).set(self.version)
+        log.info("loaded policy %s from %s", enforcement.policy.ref, self.policy_path)
+
     def load(self) -> bool:
         """(Re)load; return True when a new config was applied."""
-        self._stamp = self._stamps()
         try:
-            labels = read_labels(self.labels_path) if self.labels_path else None
-            policies = load_policies(self.policy_path)
-            policy = select_policy(policies, labels) if labels is not None else (policies[0] if policies else None)
-            if policy is None:
-                raise PolicyErrors([])
-            grants = load_grants_file(self.keys_path, policy) if self.keys_path else {}
-        except (PolicyErrors, OSError, ValueError) as exc:
+            enforcement = self._read()
+        except NoConfig as exc:
             self.metrics.config_reloads.labels("invalid").inc()
-            reason = str(exc) or "no policy in the file selects this pod"
-            log.error("policy file not loaded (keeping the last good config): %s", reason)
+            keeping = "keeping the last good config" if self.version else "no config loaded yet"
+            log.error("policy not loaded (%s): %s: %s", keeping, exc.what, exc)
             return False
-        self.version += 1
-        self.apply(Enforcement(policy, grants, self.version), None)
-        self.metrics.config_reloads.labels("ok").inc()
-        self.metrics.config_version.labels(policy.namespace).set(self.version)
-        log.info("loaded policy %s from %s", policy.ref, self.policy_path)
+        self._use(enforcement)
         return True
 
-    async def start(self) -> None:
-        self.load()
+    async def start(self, *, required: bool = False) -> None:
+        """Load the files and watch them. ``required``: a config that cannot be loaded now raises
+        :class:`NoConfig` (logging nothing: the caller reports it, once) instead of starting
+        without one."""
+        if required:
+            self._use(self._read())
+        else:
+            self.load()
         self._task = asyncio.create_task(self._watch())
 
     async def _watch(self) -> None:

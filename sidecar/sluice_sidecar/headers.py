@@ -2,8 +2,14 @@
 
 ``RateLimit-Policy`` / ``RateLimit`` follow draft-ietf-httpapi-ratelimit-headers (-08 and
 later): Structured Field Lists whose members are the quoted policy name with parameters
-``q`` (quota, tokens), ``w`` (window, seconds) and ``r`` (remaining), ``t`` (seconds until the
-quota is back). Legacy ``X-RateLimit-*`` report the most constrained bucket.
+``q`` (quota, tokens), ``w`` (window, seconds) and ``r`` (remaining), ``t`` (seconds until more
+quota is available). Legacy ``X-RateLimit-*`` report the most constrained bucket.
+
+A token bucket maps onto the draft's quota over a window as: ``q`` = the bucket's capacity
+(``burst`` tokens), ``w`` = the time it takes to refill from empty to full. So ``r`` (tokens in
+the bucket) is never above ``q``, and ``q / w`` is the bucket's rate (``w`` rounded up, so never
+faster). ``t`` is the wait until the bucket holds this request's ``cost`` again (0: it does
+now), so on a 429 the refusing bucket's ``t`` is ``Retry-After``.
 """
 
 from __future__ import annotations
@@ -13,7 +19,7 @@ from sluice_core.model import HeaderStyle, Limit
 
 def policy_item(name: str, limit: Limit) -> str:
     """One ``RateLimit-Policy`` member; static per bucket, so callers cache it."""
-    return f'"{name}";q={limit.requests};w={limit.period_s}'
+    return f'"{name}";q={limit.burst};w={limit.window_s}'
 
 
 def seconds_up(us: int) -> int:
@@ -21,24 +27,32 @@ def seconds_up(us: int) -> int:
     return -(-us // 1_000_000) if us > 0 else 0
 
 
+def wait_us(limit: Limit, debt_us: int, cost: int) -> int:
+    """Microseconds until a bucket with this debt holds ``cost`` tokens (0: it does now); the
+    same sum :func:`sluice_core.gcra.expand` makes for a refused request's retry time."""
+    return max(0, debt_us + cost * limit.emission_us - limit.capacity_us)
+
+
 def build(style: HeaderStyle, names: tuple[str, ...], limits: tuple[Limit, ...],
-          policy_value: str, reply: list[int]) -> list[tuple[str, str]]:
-    """Headers for one decision; ``reply`` is the decision script's reply."""
+          policy_value: str, reply: list[int], cost: int) -> list[tuple[str, str]]:
+    """Headers for one decision of ``cost`` tokens; ``reply`` is the decision script's reply."""
     if style is HeaderStyle.NONE:
         return []
     out: list[tuple[str, str]] = []
     if style is not HeaderStyle.LEGACY:
         items = []
         for i, name in enumerate(names):
-            remaining, nxt = reply[2 + 3 * i], reply[3 + 3 * i]
-            # t: when the next token is due if the bucket is empty, else 0 (quota available now)
-            items.append(f'"{name}";r={remaining};t={seconds_up(nxt) if remaining == 0 else 0}')
+            remaining, debt = reply[2 + 3 * i], reply[4 + 3 * i]
+            # t: until this bucket can take a request like this one again (0: now); on a 429 the
+            # refusing bucket's t is Retry-After, as both come from the same sum.
+            t = seconds_up(wait_us(limits[i], debt, cost))
+            items.append(f'"{name}";r={remaining};t={t}')
         out.append(("RateLimit-Policy", policy_value))
         out.append(("RateLimit", ", ".join(items)))
     if style is not HeaderStyle.DRAFT:
         # The bucket with the fewest tokens left is the one a client must respect.
         i = min(range(len(names)), key=lambda j: reply[2 + 3 * j])
-        out.append(("X-RateLimit-Limit", str(limits[i].requests)))
+        out.append(("X-RateLimit-Limit", str(limits[i].burst)))
         out.append(("X-RateLimit-Remaining", str(reply[2 + 3 * i])))
         out.append(("X-RateLimit-Reset", str(seconds_up(reply[4 + 3 * i]))))
     return out

@@ -273,7 +273,8 @@ class Limiter:
                                "the rate limiter cannot decide right now")
             self.metrics.decision(act.label, tier_b.name, rule_name, "failed_open")
             return FORWARD_PLAIN
-        out_headers = hdr.build(policy.headers, plan.names, plan.limits, plan.policy_value, reply)
+        out_headers = hdr.build(policy.headers, plan.names, plan.limits, plan.policy_value, reply,
+                                plan.cost)
         if reply[0] == 1:
             self.metrics.decision(act.label, tier_b.name, rule_name, "allowed")
             return Outcome(0, out_headers)

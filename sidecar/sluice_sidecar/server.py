@@ -15,7 +15,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sluice_core.redisurl import parse_redis_url
 
 from sluice_sidecar.breaker import CircuitBreaker, State
-from sluice_sidecar.configsource import FileSource, RedisSource
+from sluice_sidecar.configsource import FileSource, NoConfig, RedisSource, one_line
+from sluice_sidecar.labels import read_labels
 from sluice_sidecar.limiter import Enforcement, Limiter, Outcome
 from sluice_sidecar.metrics import BatchCollector, Metrics
 from sluice_sidecar.problem import problem
@@ -27,6 +28,16 @@ from sluice_sidecar.stores.redis import RedisStore
 
 log = logging.getLogger("sluice.sidecar")
 PROBLEM_BASE = "https://sluice.dev/problems/"
+
+
+WITHOUT_CONFIG = ("refuse", "unlimited")
+
+
+class StartupError(Exception):
+    """The sidecar cannot start: ``sluice sidecar: <what>: <reason>``, one line, no traceback."""
+
+    def __init__(self, what: str, reason: str) -> None:
+        super().__init__(f"{what}: {reason}")
 
 
 def match_path(path: str) -> str:
@@ -45,10 +56,16 @@ class Sidecar:
         self.settings = settings
         self.metrics = Metrics()
         self.draining = False
+        if settings.without_config not in WITHOUT_CONFIG:
+            raise StartupError("--without-config", f"must be {' or '.join(WITHOUT_CONFIG)}, "
+                               f"got {settings.without_config!r}")
         self.store: DecisionStore
         if settings.redis:
-            self.store = RedisStore(parse_redis_url(settings.redis),
-                                    timeout=settings.redis_timeout_ms / 1000,
+            try:
+                target = parse_redis_url(settings.redis)
+            except ValueError as exc:  # the message never echoes a password
+                raise StartupError("--redis", str(exc)) from None
+            self.store = RedisStore(target, timeout=settings.redis_timeout_ms / 1000,
                                     connect_timeout=settings.redis_connect_timeout_ms / 1000)
         else:
             self.store = MemoryStore(max_buckets=settings.memory_max_buckets)
@@ -97,6 +114,12 @@ class Sidecar:
             refused = problem(400, "Bad Request", "the request target must be a path (origin-form)")
             refused.force_close()
             return refused
+        if not self.loaded and self.settings.without_config == "refuse":
+            # Cluster mode before its first config (standalone mode does not start without one):
+            # fail safe, as the limits this pod must enforce are not known yet.
+            self.metrics.decision("", "", "", "no_config")
+            return problem(503, "Service Unavailable", "no rate-limit policy is loaded yet",
+                           type_=PROBLEM_BASE + "limiter-unavailable", headers=[("Retry-After", "1")])
         outcome = await self.limiter.decide(request.method, match_path(request.path), request.headers, peer)
         if outcome.status == 0:
             trusted = "X-Forwarded-Proto" in request.headers and self.limiter.trusts(peer)
@@ -141,30 +164,48 @@ class Sidecar:
 
     # Lifecycle --------------------------------------------------------------------------
     async def start(self) -> None:
+        """Bind both ports, then load the config. Raises :class:`StartupError` (after which
+        :meth:`stop` releases what was started): a port that cannot be bound, a policy file that
+        cannot be loaded (unless ``--without-config unlimited``), an unreadable labels file."""
         s = self.settings
+        host, port = split_hostport(s.listen, "listen")
+        ahost, aport = split_hostport(s.admin_listen, "admin-listen")
         await self.proxy.start()
-        await self.source.start()
         data = _DataServer(self.metrics, self.handle, max_line_size=s.max_header_bytes, max_field_size=s.max_header_bytes,
                           handler_cancellation=True, access_log=None)
         runner = web.ServerRunner(data, shutdown_timeout=s.shutdown_timeout_s, access_log=None)
-        await runner.setup()
-        host, port = split_hostport(s.listen, "listen")
-        site = web.TCPSite(runner, host, port, backlog=1024, reuse_address=True)
-        await site.start()
-        self.data_port = _bound_port(runner)
+        self.data_port = await self._bind(runner, f"--listen {s.listen}", host, port, backlog=1024)
         admin = web.Application()
         admin.router.add_get("/metrics", self._metrics)
         admin.router.add_get("/healthz", self._healthz)
         admin.router.add_get("/readyz", self._readyz)
         admin.router.add_get("/admin/config", self._config)
         admin_runner = web.AppRunner(admin, access_log=None)
-        await admin_runner.setup()
-        ahost, aport = split_hostport(s.admin_listen, "admin-listen")
-        await web.TCPSite(admin_runner, ahost, aport, reuse_address=True).start()
-        self.admin_port = _bound_port(admin_runner)
-        self._runners = [runner, admin_runner]
+        self.admin_port = await self._bind(admin_runner, f"--admin-listen {s.admin_listen}", ahost, aport)
+        if isinstance(self.source, FileSource):
+            try:
+                await self.source.start(required=s.without_config == "refuse")
+            except NoConfig as exc:
+                raise StartupError(exc.what, str(exc)) from None
+        else:
+            if s.pod_labels:  # cluster mode: a labels file that cannot be read never will be
+                try:
+                    read_labels(s.pod_labels)
+                except (OSError, ValueError) as exc:
+                    raise StartupError("--pod-labels", one_line(exc)) from None
+            await self.source.start()
         log.info("sluice sidecar on %s:%s -> %s (admin %s:%s, store %s)", host, self.data_port,
                  s.upstream, ahost, self.admin_port, self.store.name)
+
+    async def _bind(self, runner: web.BaseRunner, what: str, host: str, port: int, **kw: Any) -> int:
+        """Set up ``runner`` and listen on host:port; the bound port (for port 0)."""
+        await runner.setup()
+        self._runners.append(runner)
+        try:
+            await web.TCPSite(runner, host, port, reuse_address=True, **kw).start()
+        except OSError as exc:  # in use, not an address of this host, no such host, no permission
+            raise StartupError(what, exc.strerror or str(exc)) from None
+        return _bound_port(runner)
 
     async def drain(self) -> None:
         """SIGTERM: report not ready so the endpoint is removed, keep serving for ``drain_s``,

@@ -18,6 +18,7 @@ class SidecarSettings:
     redis: str | None = None
     policy_file: str | None = None
     api_keys_file: str | None = None
+    without_config: str = "refuse"
     namespace: str | None = None
     pod_labels: str | None = None
     pod_name: str | None = None
@@ -44,6 +45,8 @@ _HELP: dict[str, str] = {
              "without it buckets live in this process's memory",
     "policy_file": "standalone mode: a RateLimitPolicy YAML file (re-read when it changes)",
     "api_keys_file": "standalone mode: YAML of API key -> tier for the policy",
+    "without_config": "before a config has ever loaded: refuse (standalone: exit at start; cluster mode: "
+                      "answer 503) or unlimited (proxy every request unlimited, /readyz 503 until one loads)",
     "namespace": "cluster mode: read this namespace's compiled config from Redis",
     "pod_labels": "cluster mode: downward-API labels file used to pick the policy whose selector matches",
     "pod_name": "cluster mode: this pod's name, for the heartbeat the operator aggregates",
