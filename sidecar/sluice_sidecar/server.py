@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import posixpath
 from http import HTTPStatus
 from typing import Any
 
@@ -27,17 +26,6 @@ from sluice_sidecar.stores.redis import RedisStore
 
 log = logging.getLogger("sluice.sidecar")
 PROBLEM_BASE = "https://sluice.dev/problems/"
-
-
-def match_path(path: str) -> str:
-    """The path rules are matched against: ``//a/./b/../c`` -> ``/a/c``, so spelling a path
-    differently cannot slip past a rule. The request itself is forwarded unchanged."""
-    if "//" not in path and "/." not in path:
-        return path
-    norm = posixpath.normpath(path)
-    if norm.startswith("//"):
-        norm = "/" + norm.lstrip("/")
-    return norm + "/" if path.endswith("/") and norm != "/" else norm
 
 
 class Sidecar:
@@ -93,7 +81,9 @@ class Sidecar:
         peer = peername[0] if peername else "0.0.0.0"
         if not origin_form(request):  # checked first: a refused target takes no token
             return problem(400, "Bad Request", "the request target must be a path (origin-form)")
-        outcome = await self.limiter.decide(request.method, match_path(request.path), request.headers, peer)
+        # Rules see the path as sent and normalise it themselves (sluice_core.paths); the
+        # request is forwarded unchanged.
+        outcome = await self.limiter.decide(request.method, request.rel_url.raw_path, request.headers, peer)
         if outcome.status == 0:
             trusted = "X-Forwarded-Proto" in request.headers and self.limiter.trusts(peer)
             return await self.proxy.forward(request, peer, outcome.headers, trusted_peer=trusted)
