@@ -89,7 +89,7 @@ class FileSource:
         try:
             labels = read_labels(self.labels_path) if self.labels_path else None
             policies = load_policies(self.policy_path)
-            policy = select_policy(policies, labels) if labels is not None else (policies[0] if policies else None)
+            policy = select_policy(policies, labels)  # without labels every policy selects the pod
             if policy is None:
                 raise PolicyErrors([])
             grants = load_grants_file(self.keys_path, policy) if self.keys_path else {}
