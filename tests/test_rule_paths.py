@@ -118,6 +118,15 @@ def test_prefix_and_regex_limiting_rules_match_every_spelling(spelling: str, rul
     assert rule_of(parse_policy(policy()), spelling) == rule
 
 
+def test_an_anchored_regex_matches_with_and_without_the_trailing_slash() -> None:
+    p = parse_policy(policy([
+        {"name": "end", "match": {"path": {"regex": "^/items/[0-9]+$"}}, "cost": 1},
+        {"name": "slash", "match": {"path": {"regex": "/dirs/[a-z]+/"}}, "cost": 1},
+    ]))
+    assert [rule_of(p, x) for x in ("/items/7", "/items/7/", "/Items/7;v=2")] == ["end"] * 3
+    assert [rule_of(p, x) for x in ("/dirs/a", "/dirs/a/", "/DIRS/a//")] == ["slash"] * 3
+
+
 def test_a_skip_rule_matches_only_the_plain_canonical_spelling() -> None:
     p = parse_policy(policy())
     assert rule_of(p, "/healthz") == "health"

@@ -120,7 +120,7 @@ class Rule:
         if p is None:
             return
         if p.regex is not None:
-            object.__setattr__(self, "_regex", compile_regex(p.regex, case_sensitive=self.skip))
+            object.__setattr__(self, "_regex", compile_regex(p.regex, skip=self.skip))
         elif self.skip:
             object.__setattr__(self, "_text", p.exact if p.exact is not None else p.prefix)
         elif p.exact is not None:
@@ -142,15 +142,16 @@ class Rule:
             if p.prefix is not None:
                 return path.plain.startswith(self._text)
             assert self._regex is not None
-            return self._regex.fullmatch(path.plain) is not None
+            return self._regex.fullmatch(path.plain)
         # A limiting rule: every spelling of the path (normalised, any case, trailing slash or not).
         if p.exact is not None:
             return path.folded == self._text
         if p.prefix is not None:
             return path.folded.startswith(self._text) or (path.folded + "/").startswith(self._text)
         assert self._regex is not None
-        return (self._regex.fullmatch(path.norm) is not None
-                or self._regex.fullmatch(path.slashed) is not None)
+        # Two calls, not "(?:regex)/?": a pattern ending in "$" must still match without the slash.
+        return self._regex.fullmatch(path.norm) or (path.slashed != path.norm
+                                                    and self._regex.fullmatch(path.slashed))
 
 
 @dataclass(frozen=True, slots=True)

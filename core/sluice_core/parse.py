@@ -412,7 +412,7 @@ def _match(c: _Checker, value: Any, path: str) -> tuple[PathMatch | None, frozen
                     c.fail(f"{path}.path.{kind}", f"must start with '/', got {text!r}")
                 elif kind == "regex":
                     try:
-                        compile_regex(text, case_sensitive=True)
+                        compile_regex(text)
                     except RegexError as exc:
                         c.fail(f"{path}.path.regex", "is not a valid regular expression for RE2, "
                                "the linear-time engine rules run on (no backreferences, "
