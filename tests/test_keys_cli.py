@@ -8,6 +8,7 @@ import asyncio
 import base64
 from typing import Any
 
+import kmock as kmock_lib
 import pytest
 from kubernetes import client
 from sluice_core.keyschema import hash_api_key
@@ -39,10 +40,31 @@ def stored_secrets(kmock: Any) -> list[dict[str, Any]]:
 
 
 @pytest.fixture
-def api(kmock: Any) -> Any:
+async def api(kmock: Any) -> Any:
     kmock.resources.load_bundled()
+    verbs = {"list", "watch", "get", "patch", "create", "delete", "update"}
+    kmock.resources["sluice.dev/v1alpha1/ratelimitpolicies"] = kmock_lib.ResourceInfo(
+        namespaced=True, kind=KIND, singular="ratelimitpolicy", verbs=verbs)
+    kmock.resources["sluice.dev/v1alpha1/clusterratelimitpolicies"] = kmock_lib.ResourceInfo(
+        namespaced=False, kind=CLUSTER_KIND, singular="clusterratelimitpolicy", verbs=verbs)
     cfg = client.Configuration(host=str(kmock.url).rstrip("/"))
-    return client.CoreV1Api(client.ApiClient(cfg))
+    core = client.CoreV1Api(client.ApiClient(cfg))
+    # The policies the keys below are for, as the API server would hold them.
+    # (in a thread: kmock answers in this test's event loop)
+    await asyncio.to_thread(store_policy, core, KIND, "api", ["free", "pro"], namespace="default")
+    await asyncio.to_thread(store_policy, core, CLUSTER_KIND, "partners", ["partner"])
+    return core
+
+
+def store_policy(api: Any, kind: str, name: str, tiers: list[str], *, namespace: str | None = None) -> None:
+    custom = client.CustomObjectsApi(api.api_client)
+    body = {"apiVersion": API_VERSION, "kind": kind, "metadata": {"name": name},
+            "spec": {"tiers": [{"name": t, "requests": 5, "period": "1m"} for t in tiers]}}
+    if namespace is None:
+        custom.create_cluster_custom_object("sluice.dev", "v1alpha1", "clusterratelimitpolicies", body)
+    else:
+        body["metadata"]["namespace"] = namespace
+        custom.create_namespaced_custom_object("sluice.dev", "v1alpha1", namespace, "ratelimitpolicies", body)
 
 
 async def test_create_list_revoke_rotate(api: Any, kmock: Any) -> None:
@@ -129,6 +151,29 @@ async def test_cluster_keys_follow_the_operators_cluster_keys_namespace(
     assert code == 0, out
     (secret,) = stored_secrets(kmock)
     assert secret["metadata"]["namespace"] == "platform-keys"
+
+
+@pytest.mark.parametrize("argv,error", [
+    (("--policy", "api", "--tier", "gold"),
+     "error: --tier: RateLimitPolicy 'api' has no tier 'gold' (its tiers: free, pro); nothing created"),
+    (("--policy", "nope", "--tier", "pro"),
+     "error: --policy: no RateLimitPolicy in namespace default named 'nope'; nothing created"),
+    (("--policy", "api", "--tier", "pro", "-n", "shop"),
+     "error: --policy: no RateLimitPolicy in namespace shop named 'api'; nothing created"),
+    (("--cluster-policy", "partners", "--tier", "pro"),
+     "error: --tier: ClusterRateLimitPolicy 'partners' has no tier 'pro' (its tiers: partner); nothing created"),
+    (("--cluster-policy", "nope", "--tier", "partner"),
+     "error: --cluster-policy: no ClusterRateLimitPolicy named 'nope'; nothing created"),
+], ids=["unknown-tier", "unknown-policy", "policy-in-another-namespace", "unknown-cluster-tier",
+        "unknown-cluster-policy"])
+async def test_create_refuses_a_policy_or_tier_the_api_server_does_not_have(
+        api: Any, kmock: Any, argv: tuple[str, ...], error: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """A key for a missing policy or tier would be created, printed, and then never work."""
+    code, out = await asyncio.to_thread(run, api, "create", *argv)
+    assert code == 1
+    assert "API key" not in out
+    assert capsys.readouterr().err.strip() == error
+    assert not stored_secrets(kmock)
 
 
 def test_a_key_limit_is_checked_like_a_policy_limit() -> None:

@@ -19,6 +19,7 @@ from typing import Any
 
 import yaml
 
+from sluice_core import yamltext
 from sluice_core.errors import PolicyError, PolicyErrors
 from sluice_core.keyschema import hash_api_key
 from sluice_core.model import CompiledPolicy, KeyGrant
@@ -66,7 +67,10 @@ def parse_grants(doc: Any, policy: CompiledPolicy, *, source: str = "") -> dict[
 
 def load_grants_file(path: str | Path, policy: CompiledPolicy) -> dict[str, KeyGrant]:
     try:
-        doc = yaml.safe_load(Path(path).read_text("utf-8"))
-    except (OSError, yaml.YAMLError) as exc:
-        raise PolicyErrors([PolicyError("(keys file)", f"cannot be read: {exc}", str(path))]) from exc
+        doc = yamltext.load(Path(path).read_text("utf-8"))
+    except OSError as exc:
+        raise PolicyErrors([PolicyError("(keys file)", f"cannot be read: {exc.strerror}", str(path))]) from exc
+    except yaml.YAMLError as exc:  # described without quoting the file: it may hold keys
+        raise PolicyErrors([PolicyError("(keys file)", f"is not valid YAML: {yamltext.describe(exc)}",
+                                        str(path))]) from None
     return parse_grants(doc, policy, source=str(path))

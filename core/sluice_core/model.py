@@ -8,9 +8,16 @@ re-checks them. ``sluice_core.parse`` builds them from the YAML a user applies, 
 from __future__ import annotations
 
 import ipaddress
-import re
 from dataclasses import dataclass, field
 from enum import StrEnum
+
+from sluice_core.paths import (
+    PathRegex,
+    RequestPath,
+    compile_regex,
+    normalise_rule_path,
+    request_path,
+)
 
 API_VERSION = "sluice.dev/v1alpha1"
 KIND = "RateLimitPolicy"
@@ -94,14 +101,12 @@ class Tier:
 
 @dataclass(frozen=True, slots=True)
 class PathMatch:
-    """Exactly one of the three is set."""
+    """Exactly one of the three is set, as the policy spells it (see :mod:`sluice_core.paths`
+    for how each is compared)."""
 
     exact: str | None = None
     prefix: str | None = None
     regex: str | None = None
-
-    def pattern(self) -> re.Pattern[str] | None:
-        return re.compile(self.regex) if self.regex is not None else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,20 +119,49 @@ class Rule:
     limit: Limit | None  # its own bucket per client, checked with the tier bucket
     cost: int  # tokens taken from every bucket the request checks
     skip: bool  # not limited at all
-    _regex: re.Pattern[str] | None = field(default=None, compare=False, repr=False)
+    # How the path is compared, prepared once: a limiting rule's exact path normalised and its
+    # exact or prefix lower-cased; the regex compiled by RE2 (case-insensitive for a limiting
+    # rule). ``parse`` has already refused a regex RE2 cannot compile.
+    _text: str = field(default="", init=False, compare=False, repr=False)
+    _regex: PathRegex | None = field(default=None, init=False, compare=False, repr=False)
 
-    def matches(self, method: str, path: str) -> bool:
+    def __post_init__(self) -> None:
+        p = self.path
+        if p is None:
+            return
+        if p.regex is not None:
+            object.__setattr__(self, "_regex", compile_regex(p.regex, skip=self.skip))
+        elif self.skip:
+            object.__setattr__(self, "_text", p.exact if p.exact is not None else p.prefix)
+        elif p.exact is not None:
+            object.__setattr__(self, "_text", normalise_rule_path(p.exact))
+        else:
+            object.__setattr__(self, "_text", (p.prefix or "").lower())
+
+    def matches(self, method: str, path: RequestPath) -> bool:
         if self.methods is not None and method not in self.methods:
             return False
         p = self.path
         if p is None:
             return True
+        if self.skip:  # only the plain canonical spelling, compared exactly
+            if not path.canonical:
+                return False
+            if p.exact is not None:
+                return path.plain == self._text
+            if p.prefix is not None:
+                return path.plain.startswith(self._text)
+            assert self._regex is not None
+            return self._regex.fullmatch(path.plain)
+        # A limiting rule: every spelling of the path (normalised, any case, trailing slash or not).
         if p.exact is not None:
-            return path == p.exact
+            return path.folded == self._text
         if p.prefix is not None:
-            return path.startswith(p.prefix)
+            return path.folded.startswith(self._text) or (path.folded + "/").startswith(self._text)
         assert self._regex is not None
-        return self._regex.fullmatch(path) is not None
+        # Two calls, not "(?:regex)/?": a pattern ending in "$" must still match without the slash.
+        return self._regex.fullmatch(path.norm) or (path.slashed != path.norm
+                                                    and self._regex.fullmatch(path.slashed))
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,8 +234,13 @@ class CompiledPolicy:
         return f"{self.namespace}/{self.name}"
 
     def match_rule(self, method: str, path: str) -> Rule | None:
+        """The first rule matching ``path``, the request's path as sent (percent-encoded, no
+        query): see :mod:`sluice_core.paths` for how spellings of a path are compared."""
+        if not self.rules:
+            return None
+        rp = request_path(path)
         for rule in self.rules:
-            if rule.matches(method, path):
+            if rule.matches(method, rp):
                 return rule
         return None
 

@@ -35,6 +35,7 @@ from sluice_core.model import (
     Source,
     Tier,
 )
+from sluice_core.paths import RegexError, compile_regex
 
 # Kubernetes object names (RFC 1123 subdomain), tier and rule names (RFC 1123 label).
 _DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
@@ -387,12 +388,9 @@ def _rules(c: _Checker, value: Any) -> tuple[Rule, ...]:
             c.fail(p, "must set at least one of limit, cost or skip")
         if cost is not None and limit is not None and cost > limit.burst:
             c.fail(f"{p}.cost", f"is {cost}, more than the rule's burst {limit.burst}: no request could ever pass")
-        regex = None
-        if path is not None and path.regex is not None:
-            regex = path.pattern()
         if name is not None and cost is not None:
             rules.append(Rule(name=name, path=path, methods=methods, limit=limit, cost=cost,
-                              skip=skip, _regex=regex))
+                              skip=skip))
     return tuple(rules)
 
 
@@ -418,9 +416,11 @@ def _match(c: _Checker, value: Any, path: str) -> tuple[PathMatch | None, frozen
                     c.fail(f"{path}.path.{kind}", f"must start with '/', got {text!r}")
                 elif kind == "regex":
                     try:
-                        re.compile(text)
-                    except re.error as exc:
-                        c.fail(f"{path}.path.regex", f"is not a valid regular expression: {exc}")
+                        compile_regex(text)
+                    except RegexError as exc:
+                        c.fail(f"{path}.path.regex", "is not a valid regular expression for RE2, "
+                               "the linear-time engine rules run on (no backreferences, "
+                               f"lookaround or possessive repeats): {exc}")
                     else:
                         pm = PathMatch(regex=text)
                 else:

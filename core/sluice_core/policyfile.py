@@ -8,6 +8,7 @@ from typing import Any
 
 import yaml
 
+from sluice_core import yamltext
 from sluice_core.errors import PolicyError, PolicyErrors
 from sluice_core.model import CompiledPolicy
 from sluice_core.parse import parse_policy
@@ -24,11 +25,12 @@ def iter_documents(path: str | Path) -> Iterator[tuple[str, Any]]:
         try:
             if f.stat().st_size > MAX_FILE_BYTES:
                 raise PolicyErrors([PolicyError("(file)", f"is larger than {MAX_FILE_BYTES} bytes", str(f))])
-            docs = [d for d in yaml.safe_load_all(f.read_text("utf-8")) if d is not None]
+            docs = [d for d in yamltext.load_all(f.read_text("utf-8")) if d is not None]
         except OSError as exc:
             raise PolicyErrors([PolicyError("(file)", f"cannot be read: {exc.strerror}", str(f))]) from exc
         except yaml.YAMLError as exc:
-            raise PolicyErrors([PolicyError("(file)", f"is not valid YAML: {exc}", str(f))]) from exc
+            raise PolicyErrors([PolicyError("(file)", f"is not valid YAML: {yamltext.describe(exc)}",
+                                            str(f))]) from exc
         for i, doc in enumerate(docs):
             yield (f"{f}#{i + 1}" if len(docs) > 1 else str(f)), doc
 

@@ -246,6 +246,8 @@ def _covers(earlier: Rule, later: Rule) -> bool:
     ep, lp = earlier.path, later.path
     if ep is None:
         return True
+    if earlier.skip and not later.skip:  # a skip rule matches fewer spellings (sluice_core.paths)
+        return False
     if ep.regex is not None or lp is None or lp.regex is not None:
         return False
     if ep.exact is not None:

@@ -2,6 +2,8 @@
 
 - ``create --policy P --tier T [-n NS] [--limit 100/1m] [--expires-at RFC3339]``: a Secret with a
   fresh key (256 bits from the OS CSPRNG, ``sk_<tier>_`` prefix), printed once and never again.
+  The policy must exist and have the tier (read from the API server): a key for a missing policy
+  or tier would be created and then silently never work.
   ``--cluster-policy P`` instead: a key of a ClusterRateLimitPolicy, kept in the operator's
   cluster-keys namespace (``-n``, default ``$SLUICE_OPERATOR_CLUSTER_KEYS_NAMESPACE``, else
   ``sluice-system``: the operator's own default).
@@ -22,6 +24,7 @@ import sys
 from typing import Any
 
 from sluice_core.duration import parse_duration_us
+from sluice_core.model import API_VERSION
 from sluice_core.parse import parse_limit_text
 
 from sluice_operator.keysecrets import CLUSTER_POLICY_LABEL, POLICY_LABEL
@@ -96,6 +99,33 @@ def _api() -> Any:
     return client.CoreV1Api(default_api_client())
 
 
+def check_tier(api: Any, policy: str, tier: str, *, namespace: str, cluster: bool) -> None:
+    """Refuse (ValueError) a key for a policy the API server does not have, or a tier it lacks."""
+    from kubernetes import client
+    from kubernetes.client.exceptions import ApiException
+
+    group, version = API_VERSION.split("/")
+    custom = client.CustomObjectsApi(api.api_client)
+    kind = "ClusterRateLimitPolicy" if cluster else "RateLimitPolicy"
+    where = "" if cluster else f" in namespace {namespace}"
+    obj: Any
+    try:
+        if cluster:
+            obj = custom.get_cluster_custom_object(group, version, "clusterratelimitpolicies", policy)
+        else:
+            obj = custom.get_namespaced_custom_object(group, version, namespace, "ratelimitpolicies", policy)
+    except ApiException as exc:
+        if exc.status == 404:
+            raise ValueError(f"--{'cluster-' if cluster else ''}policy: no {kind}{where} named {policy!r}"
+                             "; nothing created") from None
+        raise
+    items = ((obj or {}).get("spec") or {}).get("tiers") or []
+    tiers = [t.get("name") for t in items if isinstance(t, dict)]
+    if tier not in tiers:
+        raise ValueError(f"--tier: {kind} {policy!r} has no tier {tier!r} "
+                         f"(its tiers: {', '.join(map(str, tiers)) or 'none'}); nothing created")
+
+
 def run(args: argparse.Namespace, api: Any = None) -> int:
     from kubernetes.client.exceptions import ApiException
 
@@ -109,6 +139,7 @@ def run(args: argparse.Namespace, api: Any = None) -> int:
             key = new_key(args.tier)
             body = secret_manifest(ns, policy, args.tier, key, limit=args.limit,
                                    expires_at=args.expires_at, label=label)
+            check_tier(api, policy, args.tier, namespace=ns, cluster=bool(cluster_policy))
             made = api.create_namespaced_secret(ns, body)
             kind = "cluster policy" if cluster_policy else "policy"
             print(f"created secret {ns}/{made.metadata.name} for {kind} {policy}, tier {args.tier}")

@@ -110,7 +110,7 @@ class FileSource:
             policies = load_policies(self.policy_path)
         except (PolicyErrors, OSError, ValueError) as exc:
             raise NoConfig(what, one_line(exc)) from exc
-        policy = select_policy(policies, labels) if labels is not None else (policies[0] if policies else None)
+        policy = select_policy(policies, labels)  # without labels every policy selects the pod
         if policy is None:
             raise NoConfig(what, f"{self.policy_path}: " + (
                 "no policy in the file selects this pod" if policies else "no policy in the file"))

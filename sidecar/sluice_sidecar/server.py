@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import posixpath
 from http import HTTPStatus
 from typing import Any
 
@@ -38,17 +37,6 @@ class StartupError(Exception):
 
     def __init__(self, what: str, reason: str) -> None:
         super().__init__(f"{what}: {reason}")
-
-
-def match_path(path: str) -> str:
-    """The path rules are matched against: ``//a/./b/../c`` -> ``/a/c``, so spelling a path
-    differently cannot slip past a rule. The request itself is forwarded unchanged."""
-    if "//" not in path and "/." not in path:
-        return path
-    norm = posixpath.normpath(path)
-    if norm.startswith("//"):
-        norm = "/" + norm.lstrip("/")
-    return norm + "/" if path.endswith("/") and norm != "/" else norm
 
 
 class Sidecar:
@@ -120,7 +108,9 @@ class Sidecar:
             self.metrics.decision("", "", "", "no_config")
             return problem(503, "Service Unavailable", "no rate-limit policy is loaded yet",
                            type_=PROBLEM_BASE + "limiter-unavailable", headers=[("Retry-After", "1")])
-        outcome = await self.limiter.decide(request.method, match_path(request.path), request.headers, peer)
+        # Rules see the path as sent and normalise it themselves (sluice_core.paths); the
+        # request is forwarded unchanged.
+        outcome = await self.limiter.decide(request.method, request.rel_url.raw_path, request.headers, peer)
         if outcome.status == 0:
             trusted = "X-Forwarded-Proto" in request.headers and self.limiter.trusts(peer)
             return await self.proxy.forward(request, peer, outcome.headers, trusted_peer=trusted)
