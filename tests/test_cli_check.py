@@ -18,7 +18,7 @@ def test_check_good_examples_exit_0() -> None:
     r = sluice("check", "crds/examples/public-api.yaml", "crds/examples/internal-service.yaml",
                "crds/examples/keys-required.yaml")
     assert r.returncode == 0, r.stderr
-    assert "ok: crds/examples/public-api.yaml: default/public-api (3 tiers, 2 rules, mode enforce)" in r.stdout
+    assert "ok: crds/examples/public-api.yaml: shop/public-api (3 tiers, 2 rules, mode enforce)" in r.stdout
 
 
 def test_check_bad_examples_exit_1_naming_file_field_and_reason() -> None:

@@ -148,7 +148,7 @@ def test_good_examples_apply_and_print_columns(k8s: ControlPlane) -> None:
         assert {d["metadata"]["name"] for _, d in docs if d["kind"] == "RateLimitPolicy"} <= set(
             rows), out
         # no operator runs, so no status columns yet
-        assert rows["public-api"] == {"NAMESPACE": "default", "NAME": "public-api",
+        assert rows["public-api"] == {"NAMESPACE": "shop", "NAME": "public-api",
                                       "MODE": "enforce", "TIERS": "", "PROGRAMMED": "",
                                       "ENFORCED": "", "AGE": rows["public-api"]["AGE"]}, out
         assert rows["orders-internal"]["NAMESPACE"] == "shop"

@@ -194,15 +194,16 @@ def test_examples_validate_and_round_trip() -> None:
 
 def test_cluster_examples_trust_no_proxy_and_the_demo_differs_only_there() -> None:
     """A cluster example that trusts a proxy would teach users to let anyone in that range
-    choose their identity; the demo's copy trusts its own 127.0.0.1 (see its comment)."""
+    choose their identity; the demo's copy trusts its own 127.0.0.1 (see its comment) and runs
+    in the demo's namespace rather than the install example's."""
     for path in sorted(EXAMPLES.glob("*.yaml")):
         for p in load_policies(path):
             assert not p.identify.trusted_proxies, path.name
     demo = load_policies(ROOT / "core" / "sluice_core" / "examples" / "public-api.yaml")[0]
     cluster = load_policies(EXAMPLES / "public-api.yaml")[0]
     assert [str(n) for n in demo.identify.trusted_proxies] == ["127.0.0.1/32"]
-    assert demo == replace(cluster, identify=replace(cluster.identify,
-                                                     trusted_proxies=demo.identify.trusted_proxies))
+    assert demo == replace(cluster, namespace=demo.namespace,
+                           identify=replace(cluster.identify, trusted_proxies=demo.identify.trusted_proxies))
 
 
 def test_header_from_round_trips_and_is_stored_only_when_not_the_default() -> None:
