@@ -55,7 +55,7 @@ class Sidecar:
         if isinstance(self.store, RedisStore):
             store = self.store
             self.metrics.registry.register(BatchCollector(lambda: (store.decisions, store.batches)))
-        self.breaker = CircuitBreaker(threshold=settings.breaker_threshold,
+        self.breaker = CircuitBreaker(probe=self.store.probe, threshold=settings.breaker_threshold,
                                       cooldown=settings.breaker_cooldown_s,
                                       on_change=self._breaker_changed)
         self.limiter = Limiter(self.store, self.metrics, self.breaker)
@@ -85,7 +85,7 @@ class Sidecar:
 
     def _breaker_changed(self, state: State) -> None:
         self.metrics.circuit_state.set(int(state))
-        log.warning("decision store circuit %s", state.name.lower().replace("_", "-"))
+        log.warning("decision store circuit %s", state.name.lower())
 
     # Data path ----------------------------------------------------------------------------
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
@@ -114,7 +114,9 @@ class Sidecar:
                        "policy": act.policy.ref if act else None,
                        "clusterVersion": shared.version if shared else 0,
                        "clusterPolicy": shared.policy.name if shared else None},
-            "store": {"kind": self.store.name, "circuit": self.breaker.state.name.lower()},
+            # error: why decisions fail now (timeout, unavailable, auth, oom, refused), or None.
+            "store": {"kind": self.store.name, "circuit": self.breaker.state.name.lower(),
+                      "error": self.breaker.reason},
             "draining": self.draining,
         }
 
@@ -176,6 +178,7 @@ class Sidecar:
         self._runners = []
         await self.source.close()
         await self.proxy.close()
+        await self.breaker.close()
         await self.store.close()
 
 
