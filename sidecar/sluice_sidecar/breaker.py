@@ -42,7 +42,8 @@ class CircuitBreaker:
     def __init__(self, *, probe: Callable[[], Awaitable[None]], threshold: int = 5,
                  cooldown: float = 2.0, probe_interval: float = PROBE_INTERVAL_S,
                  clock: Callable[[], float] = time.monotonic,
-                 on_change: Callable[[State], None] | None = None) -> None:
+                 on_change: Callable[[State], None] | None = None,
+                 on_probe: Callable[[bool], None] | None = None) -> None:
         self.threshold = threshold
         self.cooldown = cooldown
         self.probe_interval = probe_interval
@@ -53,6 +54,7 @@ class CircuitBreaker:
         self.reason: str | None = None  # why the store is failing now; None while it decides
         self._logged: dict[str | None, float] = {}  # reason (None: recovery) -> last logged at
         self._on_change = on_change
+        self._on_probe = on_probe
         self._task: asyncio.Task[None] | None = None
 
     def allow(self) -> bool:
@@ -88,13 +90,20 @@ class CircuitBreaker:
             try:
                 await self._probe()
             except StoreUnavailable as exc:
+                self._probed(False)
                 self.failure(exc)
             except Exception:  # never let the prober die with the breaker open
+                self._probed(False)
                 log.exception("decision store probe crashed")
             else:
+                self._probed(True)
                 self.success()
                 return
             await asyncio.sleep(self.probe_interval)
+
+    def _probed(self, ok: bool) -> None:
+        if self._on_probe is not None:
+            self._on_probe(ok)
 
     def _report(self, exc: StoreUnavailable) -> None:
         if exc.reason == self.reason:

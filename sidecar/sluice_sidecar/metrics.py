@@ -28,6 +28,9 @@ class Metrics:
         self.circuit_state = Gauge("sluice_circuit_state",
                                    "Decision-store circuit breaker: 0 closed, 1 open (probing Redis "
                                    "in the background)", registry=r)
+        self.store_probes = Counter("sluice_store_probes",
+                                    "Background probes of the decision store while the breaker is open",
+                                    ["result"], registry=r)
         self.config_version = Gauge("sluice_config_version", "Version of the config being enforced",
                                     ["namespace"], registry=r)
         self.config_loaded = Gauge("sluice_config_loaded", "1 once a valid config is loaded", registry=r)

@@ -57,7 +57,9 @@ class Sidecar:
             self.metrics.registry.register(BatchCollector(lambda: (store.decisions, store.batches)))
         self.breaker = CircuitBreaker(probe=self.store.probe, threshold=settings.breaker_threshold,
                                       cooldown=settings.breaker_cooldown_s,
-                                      on_change=self._breaker_changed)
+                                      on_change=self._breaker_changed,
+                                      on_probe=lambda ok: self.metrics.store_probes.labels(
+                                          "ok" if ok else "failed").inc())
         self.limiter = Limiter(self.store, self.metrics, self.breaker)
         self.proxy = Proxy(settings.upstream, self.metrics,
                            connect_timeout=settings.upstream_connect_timeout_s,
