@@ -92,16 +92,22 @@ class RedisNodes:
             if conn is not None and not conn.closed:
                 return conn
             t = self.target
-            conn = await open_connection(
-                addr[0], addr[1], timeout=self.timeout, connect_timeout=self.connect_timeout,
-                username=t.username, password=t.password,
-                db=t.db if t.topology is not Topology.CLUSTER else 0, ssl_context=self._ssl)
             try:
-                for source in self.preload:
-                    await conn.call("SCRIPT", "LOAD", source, timeout=self.connect_timeout)
-            except BaseException:
-                conn.close()
-                raise
+                conn = await open_connection(
+                    addr[0], addr[1], timeout=self.timeout, connect_timeout=self.connect_timeout,
+                    username=t.username, password=t.password,
+                    db=t.db if t.topology is not Topology.CLUSTER else 0, ssl_context=self._ssl)
+                try:
+                    for source in self.preload:
+                        await conn.call("SCRIPT", "LOAD", source, timeout=self.connect_timeout)
+                except BaseException:
+                    conn.close()
+                    raise
+            except RedisReplyError as exc:
+                # Refused while connecting (AUTH, SELECT, SCRIPT LOAD; a Redis still LOADING):
+                # every retry costs a new connection, so it is never an instant reason.
+                reason = AUTH if reason_of(exc) == AUTH else UNAVAILABLE
+                raise StoreUnavailable(f"redis refused the connection: {str(exc)[:120]}", reason) from exc
             self._conns[addr] = conn
             return conn
 
@@ -176,7 +182,7 @@ class RedisNodes:
             try:
                 conn = await self.connect(addr)
                 reply = await conn.call("CLUSTER", "SLOTS")
-            except (OSError, TimeoutError, RedisReplyError, ConnectionClosed) as exc:
+            except (OSError, TimeoutError, RedisReplyError, ConnectionClosed, StoreUnavailable) as exc:
                 last = exc
                 continue
             slots: list[Addr] = [self.target.hosts[0]] * SLOTS
