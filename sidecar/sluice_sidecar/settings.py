@@ -52,7 +52,7 @@ _HELP: dict[str, str] = {
     "breaker_threshold": "consecutive Redis failures (timeouts, lost connections, failed "
                          "authentication) that open the circuit breaker",
     "breaker_cooldown_s": "seconds after the breaker opens before it probes Redis in the background "
-                          "(then every 0.25 s until Redis answers and it closes)",
+                          "(then every 0.1 s until Redis answers and it closes)",
     "upstream_connect_timeout_s": "connect timeout to the upstream (then 502)",
     "upstream_timeout_s": "read timeout between upstream bytes (then 504)",
     "upstream_max_connections": "pooled upstream connections at most",
