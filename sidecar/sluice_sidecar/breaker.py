@@ -4,9 +4,10 @@ Closed: every decision asks the store. After ``threshold`` consecutive failures 
 waiting (timeouts, refused or lost connections, failed authentication) it opens: no decision
 waits on the store (the policy's failure mode answers at once). While it is open a background
 task probes the store (reconnect, authenticate, load the decision script), first ``cooldown``
-seconds after it opened, then every ``probe_interval`` seconds (0.1), and closes it as soon as one
-probe succeeds. No client request is spent on probing: once the store is back, the next request
-is decided by it.
+seconds after it opened, then every ``probe_interval`` seconds (0.1) while Redis is unreachable
+(every ``cooldown`` while it answers but refuses, e.g. a wrong password), and closes it as soon
+as one probe succeeds. No client request is spent on probing: once the store is back, the next
+request is decided by it.
 
 Error replies that come back at once (``OOM``, other refusals) are failures for the metrics and
 the log but do not open the breaker: they cost no waiting, and the first decision after Redis
@@ -26,7 +27,7 @@ import time
 from collections.abc import Awaitable, Callable
 from enum import IntEnum
 
-from sluice_sidecar.stores.base import FAST_REASONS, StoreUnavailable
+from sluice_sidecar.stores.base import FAST_REASONS, TIMEOUT, UNAVAILABLE, StoreUnavailable
 
 log = logging.getLogger("sluice.store")
 PROBE_INTERVAL_S = 0.1  # a refused connect costs next to nothing: Redis back, served within ~0.1 s
@@ -87,11 +88,17 @@ class CircuitBreaker:
     async def _probe_until_closed(self) -> None:
         await asyncio.sleep(self.cooldown)
         while self.state is State.OPEN:
+            pause = self.cooldown
             try:
                 await self._probe()
             except StoreUnavailable as exc:
                 self._probed(False)
                 self.failure(exc)
+                if exc.reason in (UNAVAILABLE, TIMEOUT):
+                    # Gone or stalled: a refused connect costs nothing, a stalled one waited its
+                    # timeout already; probe again soon. A Redis that answers and refuses (a
+                    # wrong password) is asked once per cooldown: retrying will not fix it.
+                    pause = self.probe_interval
             except Exception:  # never let the prober die with the breaker open
                 self._probed(False)
                 log.exception("decision store probe crashed")
@@ -99,7 +106,7 @@ class CircuitBreaker:
                 self._probed(True)
                 self.success()
                 return
-            await asyncio.sleep(self.probe_interval)
+            await asyncio.sleep(pause)
 
     def _probed(self, ok: bool) -> None:
         if self._on_probe is not None:
