@@ -45,6 +45,11 @@ def build_registry(settings: OperatorSettings, reconciler: Reconciler,
             await server.stop()
 
     @kopf.on.startup(registry=registry)
+    async def check_redis(**_: Any) -> None:
+        """Warn at once when Redis would refuse decisions or evict config once full."""
+        await reconciler.memory_check.run()
+
+    @kopf.on.startup(registry=registry)
     def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
         settings.persistence.finalizer = FINALIZER
         settings.posting.level = logging.WARNING
@@ -163,6 +168,7 @@ def build_registry(settings: OperatorSettings, reconciler: Reconciler,
                          **kwargs: Any) -> None:
             """Redis is volatile: put back lost config, and report how many sidecars enforce it."""
             scope = namespace or CLUSTER_SCOPE
+            await reconciler.memory_check.run(max_age=shared_s)  # once per interval, all policies
             outcome = await reconcile(scope, kwargs, Reuse(name, body.metadata.get("generation"), shared_s))
             report(body, name, outcome, patch, await enforced(scope, name, outcome))
 

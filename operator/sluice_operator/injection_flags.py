@@ -103,8 +103,8 @@ def add_arguments(group: argparse._ActionsContainer) -> None:
          "SLUICE_BREAKER_THRESHOLD of the sidecar: consecutive Redis failures that open its "
          "circuit breaker", shown="the sidecar's, 5", metavar="N")
     flag("--sidecar-breaker-cooldown-s", _text(d.breaker_cooldown_s),
-         "SLUICE_BREAKER_COOLDOWN_S of the sidecar: seconds the breaker stays open before one "
-         "probe", shown="the sidecar's, 2.0", metavar="SECONDS")
+         "SLUICE_BREAKER_COOLDOWN_S of the sidecar: seconds after the breaker opens before it "
+         "probes Redis in the background", shown="the sidecar's, 2.0", metavar="SECONDS")
     flag("--sidecar-log-level", _text(d.log_level),
          "SLUICE_LOG_LEVEL of the sidecar: " + ", ".join(LOG_LEVELS),
          shown="the sidecar's, info", metavar="LEVEL")

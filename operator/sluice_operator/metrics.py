@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -19,6 +19,10 @@ class OperatorMetrics:
                                            "Time to reconcile one namespace", registry=r)
         self.redis_errors = Counter("sluice_operator_redis_errors", "Redis operations that failed",
                                     registry=r)
+        self.redis_eviction_unsafe = Gauge(
+            "sluice_operator_redis_eviction_unsafe",
+            "1 when the Redis written to has a maxmemory under noeviction or allkeys-* (see the log)",
+            registry=r)
         self.pushes = Counter("sluice_operator_config_pushes", "Config documents written to Redis",
                               registry=r)
         # (namespace, policy) -> (accepted, programmed): the policies-by-condition gauge

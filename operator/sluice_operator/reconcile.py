@@ -32,6 +32,7 @@ from sluice_core.parse import parse_policy
 
 from sluice_operator.keysecrets import KeyProblem, grants_for
 from sluice_operator.metrics import OperatorMetrics
+from sluice_operator.redischeck import MemoryPolicyCheck
 
 log = logging.getLogger("sluice.operator")
 
@@ -79,6 +80,7 @@ class Reconciler:
     def __init__(self, redis_client: Any, metrics: OperatorMetrics | None = None) -> None:
         self.redis = redis_client
         self.metrics = metrics or OperatorMetrics()
+        self.memory_check = MemoryPolicyCheck(redis_client, self.metrics)  # Redis's eviction policy
         self._last_good: dict[str, dict[str, CompiledPolicy]] = {}
         self._known_version: dict[str, int] = {}
         self._locks: dict[str, asyncio.Lock] = {}

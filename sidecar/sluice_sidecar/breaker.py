@@ -1,64 +1,143 @@
-"""A circuit breaker around the decision store.
+"""A circuit breaker around the decision store, and the store's failure reason as operators see it.
 
-Closed: every decision asks Redis. After ``threshold`` consecutive failures it opens: for
-``cooldown`` seconds no decision waits on Redis (the policy's failure mode answers at once).
-Then it half-opens: one probe decision goes through; success closes it, failure re-opens it.
-This bounds the latency Redis trouble can add to ``timeout`` for a handful of requests."""
+Closed: every decision asks the store. After ``threshold`` consecutive failures that cost
+waiting (timeouts, refused or lost connections, failed authentication) it opens: no decision
+waits on the store (the policy's failure mode answers at once). While it is open a background
+task probes the store (reconnect, authenticate, load the decision script), first ``cooldown``
+seconds after it opened, then every ``probe_interval`` seconds (0.1) while Redis is unreachable
+(every ``cooldown`` while it answers but refuses, e.g. a wrong password), and closes it as soon
+as one probe succeeds. No client request is spent on probing: once the store is back, the next
+request is decided by it.
+
+Error replies that come back at once (``OOM``, other refusals) are failures for the metrics and
+the log but do not open the breaker: they cost no waiting, and the first decision after Redis
+recovers is served.
+
+Failures that switch limiting off (or to 503, per each policy's ``failureMode``) are logged at
+ERROR with their reason once per change of reason (an open breaker, or a fast refusal), and the
+recovery once at WARNING; a reason flapping on and off is not logged again within
+``LOG_REPEAT_S``. Isolated timeouts that do not open the breaker are only counted."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from enum import IntEnum
+
+from sluice_sidecar.stores.base import FAST_REASONS, TIMEOUT, UNAVAILABLE, StoreUnavailable
+
+log = logging.getLogger("sluice.store")
+PROBE_INTERVAL_S = 0.1  # a refused connect costs next to nothing: Redis back, served within ~0.1 s
+LOG_REPEAT_S = 60.0
 
 
 class State(IntEnum):
     CLOSED = 0
     OPEN = 1
-    HALF_OPEN = 2
 
 
 class CircuitBreaker:
-    def __init__(self, *, threshold: int = 5, cooldown: float = 2.0,
+    def __init__(self, *, probe: Callable[[], Awaitable[None]], threshold: int = 5,
+                 cooldown: float = 2.0, probe_interval: float = PROBE_INTERVAL_S,
                  clock: Callable[[], float] = time.monotonic,
-                 on_change: Callable[[State], None] | None = None) -> None:
+                 on_change: Callable[[State], None] | None = None,
+                 on_probe: Callable[[bool], None] | None = None) -> None:
         self.threshold = threshold
         self.cooldown = cooldown
+        self.probe_interval = probe_interval
+        self._probe = probe
         self._clock = clock
         self._failures = 0
-        self._opened_at = 0.0
-        self._probing = False
         self.state = State.CLOSED
+        self.reason: str | None = None  # why the store is failing now; None while it decides
+        self._logged: dict[str | None, float] = {}  # reason (None: recovery) -> last logged at
         self._on_change = on_change
+        self._on_probe = on_probe
+        self._task: asyncio.Task[None] | None = None
 
     def allow(self) -> bool:
         """May this decision ask the store?"""
-        if self.state is State.CLOSED:
-            return True
-        if self.state is State.OPEN:
-            if self._clock() - self._opened_at < self.cooldown:
-                return False
-            self._set(State.HALF_OPEN)
-        if self._probing:
-            return False
-        self._probing = True
-        return True
+        return self.state is State.CLOSED
 
     def success(self) -> None:
         self._failures = 0
         if self.state is not State.CLOSED:
-            self._probing = False
             self._set(State.CLOSED)
+        if self.reason is not None:
+            was, self.reason = self.reason, None
+            if self._may_log(None):
+                log.warning("decision store deciding again (it was failing: %s)", was)
 
-    def failure(self) -> None:
+    def failure(self, exc: StoreUnavailable) -> None:
+        if exc.reason in FAST_REASONS:  # answered at once: nothing to protect clients from
+            self._report(exc)
+            return
         self._failures += 1
-        if self.state is State.HALF_OPEN or self._failures >= self.threshold:
-            self._probing = False
-            self._opened_at = self._clock()
+        if self.state is State.OPEN:  # a failed probe: the reason may have changed
+            self._report(exc)
+        elif self._failures >= self.threshold:
+            self._report(exc)
             self._set(State.OPEN)
+            if self._task is not None:
+                self._task.cancel()
+            self._task = asyncio.ensure_future(self._probe_until_closed())
+
+    async def _probe_until_closed(self) -> None:
+        await asyncio.sleep(self.cooldown)
+        while self.state is State.OPEN:
+            pause = self.cooldown
+            try:
+                await self._probe()
+            except StoreUnavailable as exc:
+                self._probed(False)
+                self.failure(exc)
+                if exc.reason in (UNAVAILABLE, TIMEOUT):
+                    # Gone or stalled: a refused connect costs nothing, a stalled one waited its
+                    # timeout already; probe again soon. A Redis that answers and refuses (a
+                    # wrong password) is asked once per cooldown: retrying will not fix it.
+                    pause = self.probe_interval
+            except Exception:  # never let the prober die with the breaker open
+                self._probed(False)
+                log.exception("decision store probe crashed")
+            else:
+                self._probed(True)
+                self.success()
+                return
+            await asyncio.sleep(pause)
+
+    def _probed(self, ok: bool) -> None:
+        if self._on_probe is not None:
+            self._on_probe(ok)
+
+    def _report(self, exc: StoreUnavailable) -> None:
+        if exc.reason == self.reason:
+            return
+        self.reason = exc.reason
+        if self._may_log(exc.reason):
+            log.error("decision store failing (%s): %s; until it recovers each policy's "
+                      "failureMode decides (open: not limited, closed: 503)", exc.reason, exc)
+
+    def _may_log(self, reason: str | None) -> bool:
+        """Once per change, but a reason flapping on and off is said once per LOG_REPEAT_S."""
+        now = self._clock()
+        last = self._logged.get(reason)
+        if last is not None and now - last < LOG_REPEAT_S:
+            return False
+        self._logged[reason] = now
+        return True
 
     def _set(self, state: State) -> None:
         if state is not self.state:
             self.state = state
             if self._on_change is not None:
                 self._on_change(state)
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None

@@ -67,7 +67,9 @@ class _RedisProcess:
         self.port = _free_port(0)
         self.proc = subprocess.Popen(
             ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", self.dir],
+             "--appendonly", "no", "--dir", self.dir,
+             # What Sluice needs of any Redis (README, Redis requirements): full evicts buckets.
+             "--maxmemory", "64mb", "--maxmemory-policy", "volatile-ttl"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
     def wait_ready(self, timeout: float = 10.0) -> None:

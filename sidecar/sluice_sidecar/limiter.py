@@ -296,9 +296,9 @@ class Limiter:
         try:
             reply = await self.store.decide(keys, cost, params)
         except StoreUnavailable as exc:
-            breaker.failure()
-            reason = "timeout" if isinstance(exc.__cause__, TimeoutError) else "unavailable"
-            self.metrics.store_errors.labels(self.store.name, reason).inc()
+            # The breaker logs (at ERROR, once per change of reason) what switches limiting off.
+            breaker.failure(exc)
+            self.metrics.store_errors.labels(self.store.name, exc.reason).inc()
             log.debug("decision store failed: %s", exc)
             return None
         breaker.success()

@@ -22,11 +22,15 @@ class Metrics:
             "sluice_decision_seconds", "Time to decide one request (identify, match, store)",
             ["store"], registry=r,
             buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1))
+        # reason: timeout, unavailable, auth, oom, refused (stores/base.py), circuit_open
         self.store_errors = Counter("sluice_store_errors", "Decision-store failures",
                                     ["store", "reason"], registry=r)
         self.circuit_state = Gauge("sluice_circuit_state",
-                                   "Decision-store circuit breaker: 0 closed, 1 open, 2 half-open",
-                                   registry=r)
+                                   "Decision-store circuit breaker: 0 closed, 1 open (probing Redis "
+                                   "in the background)", registry=r)
+        self.store_probes = Counter("sluice_store_probes",
+                                    "Background probes of the decision store while the breaker is open",
+                                    ["result"], registry=r)
         self.config_version = Gauge("sluice_config_version", "Version of the config being enforced",
                                     ["namespace"], registry=r)
         self.config_loaded = Gauge("sluice_config_loaded", "1 once a valid config is loaded", registry=r)

@@ -60,9 +60,11 @@ class Sidecar:
         if isinstance(self.store, RedisStore):
             store = self.store
             self.metrics.registry.register(BatchCollector(lambda: (store.decisions, store.batches)))
-        self.breaker = CircuitBreaker(threshold=settings.breaker_threshold,
+        self.breaker = CircuitBreaker(probe=self.store.probe, threshold=settings.breaker_threshold,
                                       cooldown=settings.breaker_cooldown_s,
-                                      on_change=self._breaker_changed)
+                                      on_change=self._breaker_changed,
+                                      on_probe=lambda ok: self.metrics.store_probes.labels(
+                                          "ok" if ok else "failed").inc())
         self.limiter = Limiter(self.store, self.metrics, self.breaker)
         self.proxy = Proxy(settings.upstream, self.metrics,
                            connect_timeout=settings.upstream_connect_timeout_s,
@@ -90,7 +92,7 @@ class Sidecar:
 
     def _breaker_changed(self, state: State) -> None:
         self.metrics.circuit_state.set(int(state))
-        log.warning("decision store circuit %s", state.name.lower().replace("_", "-"))
+        log.warning("decision store circuit %s", state.name.lower())
 
     # Data path ----------------------------------------------------------------------------
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
@@ -131,7 +133,9 @@ class Sidecar:
                        "policy": act.policy.ref if act else None,
                        "clusterVersion": shared.version if shared else 0,
                        "clusterPolicy": shared.policy.name if shared else None},
-            "store": {"kind": self.store.name, "circuit": self.breaker.state.name.lower()},
+            # error: why decisions fail now (timeout, unavailable, auth, oom, refused), or None.
+            "store": {"kind": self.store.name, "circuit": self.breaker.state.name.lower(),
+                      "error": self.breaker.reason},
             "draining": self.draining,
         }
 
@@ -211,6 +215,7 @@ class Sidecar:
         self._runners = []
         await self.source.close()
         await self.proxy.close()
+        await self.breaker.close()
         await self.store.close()
 
 

@@ -52,8 +52,10 @@ _HELP: dict[str, str] = {
     "pod_name": "cluster mode: this pod's name, for the heartbeat the operator aggregates",
     "redis_timeout_ms": "give up on a Redis decision after this long (then the failure mode applies)",
     "redis_connect_timeout_ms": "give up connecting to Redis after this long",
-    "breaker_threshold": "consecutive Redis failures that open the circuit breaker",
-    "breaker_cooldown_s": "seconds the breaker stays open before one probe is let through",
+    "breaker_threshold": "consecutive Redis failures (timeouts, lost connections, failed "
+                         "authentication) that open the circuit breaker",
+    "breaker_cooldown_s": "seconds after the breaker opens before it probes Redis in the background "
+                          "(then every 0.1 s until Redis answers and it closes)",
     "upstream_connect_timeout_s": "connect timeout to the upstream (then 502)",
     "upstream_timeout_s": "read timeout between upstream bytes (then 504)",
     "upstream_max_connections": "pooled upstream connections at most",

@@ -39,6 +39,9 @@ class MemoryStore:
     def atomic(self, keys: tuple[str, ...]) -> bool:
         return True
 
+    async def probe(self) -> None:
+        return None  # memory never goes away
+
     def decide_now(self, keys: tuple[str, ...], cost: int, params: tuple[int, ...]) -> list[int]:
         now = self._clock()
         tats: list[int] = []

@@ -2,7 +2,12 @@
 
 Works unchanged on a single Redis, behind Sentinel and on Redis Cluster: every key of one
 decision shares a hash tag, so a decision goes to the node owning that tag's slot. Errors of
-any kind surface here once, as :class:`StoreUnavailable`.
+any kind surface here once, as :class:`StoreUnavailable` with a reason (:func:`reason_of`).
+
+Every new connection loads the decision script before it carries anything else, so a Redis that
+restarted (its script cache empty) never answers ``NOSCRIPT`` to the decisions pipelined on the
+connection that replaced the lost one; ``NOSCRIPT`` is still handled (``SCRIPT FLUSH``) by
+loading the script and sending the batch again, for every batch that met it.
 """
 
 from __future__ import annotations
@@ -24,11 +29,30 @@ from sluice_sidecar.resp import (
     encode,
     open_connection,
 )
-from sluice_sidecar.stores.base import StoreUnavailable
+from sluice_sidecar.stores.base import AUTH, OOM, REFUSED, TIMEOUT, UNAVAILABLE, StoreUnavailable
 
 log = logging.getLogger("sluice.redis")
 SLOTS = 16384
 Addr = tuple[str, int]
+# Error replies a second try can cure (script cache emptied, cluster redirection, failover):
+# a batch that meets one is sent again on the careful path; any other error reply fails it.
+RETRYABLE = ("NOSCRIPT", "MOVED", "ASK", "READONLY")
+
+
+def reason_of(exc: BaseException) -> str:
+    """The ``reason`` of a failure (metrics label, ERROR log line, /readyz)."""
+    if isinstance(exc, StoreUnavailable):
+        return exc.reason
+    if isinstance(exc, TimeoutError):
+        return TIMEOUT
+    if isinstance(exc, RedisReplyError):
+        msg = str(exc)
+        if msg.startswith("OOM"):
+            return OOM
+        if msg.startswith(("WRONGPASS", "NOAUTH", "NOPERM", "ERR AUTH", "ERR invalid password")):
+            return AUTH
+        return REFUSED
+    return UNAVAILABLE
 
 
 def key_slot(key: str) -> int:
@@ -56,6 +80,7 @@ class RedisNodes:
         self._ssl = target.ssl_context()
         self._refreshing: asyncio.Task[None] | None = None
         self._initial: asyncio.Future[None] | None = None
+        self.preload: list[str] = []  # Lua sources loaded on every new connection
 
     async def connect(self, addr: Addr) -> RespConnection:
         conn = self._conns.get(addr)
@@ -67,12 +92,29 @@ class RedisNodes:
             if conn is not None and not conn.closed:
                 return conn
             t = self.target
-            conn = await open_connection(
-                addr[0], addr[1], timeout=self.timeout, connect_timeout=self.connect_timeout,
-                username=t.username, password=t.password,
-                db=t.db if t.topology is not Topology.CLUSTER else 0, ssl_context=self._ssl)
+            try:
+                conn = await open_connection(
+                    addr[0], addr[1], timeout=self.timeout, connect_timeout=self.connect_timeout,
+                    username=t.username, password=t.password,
+                    db=t.db if t.topology is not Topology.CLUSTER else 0, ssl_context=self._ssl)
+                try:
+                    for source in self.preload:
+                        await conn.call("SCRIPT", "LOAD", source, timeout=self.connect_timeout)
+                except BaseException:
+                    conn.close()
+                    raise
+            except RedisReplyError as exc:
+                # Refused while connecting (AUTH, SELECT, SCRIPT LOAD; a Redis still LOADING):
+                # every retry costs a new connection, so it is never an instant reason.
+                reason = AUTH if reason_of(exc) == AUTH else UNAVAILABLE
+                raise StoreUnavailable(f"redis refused the connection: {str(exc)[:120]}", reason) from exc
             self._conns[addr] = conn
             return conn
+
+    def addresses(self) -> list[Addr]:
+        """The nodes decisions go to now: the slot map's masters (Cluster), else none known
+        (the caller asks :meth:`primary`)."""
+        return list(dict.fromkeys(self._slots)) if self._slots is not None else []
 
     # Topology ---------------------------------------------------------------------------
     async def primary(self) -> Addr:
@@ -140,7 +182,7 @@ class RedisNodes:
             try:
                 conn = await self.connect(addr)
                 reply = await conn.call("CLUSTER", "SLOTS")
-            except (OSError, TimeoutError, RedisReplyError, ConnectionClosed) as exc:
+            except (OSError, TimeoutError, RedisReplyError, ConnectionClosed, StoreUnavailable) as exc:
                 last = exc
                 continue
             slots: list[Addr] = [self.target.hosts[0]] * SLOTS
@@ -193,6 +235,7 @@ class RedisStore:
                  max_batch: int = 64) -> None:
         self.nodes = RedisNodes(target, timeout=timeout, connect_timeout=connect_timeout)
         self._script = scripts.decide()
+        self.nodes.preload.append(self._script.source)
         self._sha = self._script.sha1.encode()
         self._cluster = target.topology is Topology.CLUSTER
         self._conn: RespConnection | None = None  # single/sentinel fast path
@@ -263,7 +306,9 @@ class RedisStore:
         exc = f.exception() if not f.cancelled() else ConnectionClosed("cancelled")
         if exc is None:
             self._distribute(group, f.result())
-        elif isinstance(exc, RedisReplyError):  # NOSCRIPT, READONLY...: the careful path
+        elif isinstance(exc, RedisReplyError) and str(exc).startswith(RETRYABLE):
+            # The careful path: e.g. every batch pipelined behind the first NOSCRIPT met it too,
+            # and each is sent again (after the script is loaded), none failed.
             self._spawn(self._send_slowly(group, payload))
         else:
             self._fail(group, exc)
@@ -294,20 +339,39 @@ class RedisStore:
                 fut.set_exception(err)
 
     def _wrap(self, exc: BaseException) -> StoreUnavailable:
-        """Every failure leaves the store as one StoreUnavailable (the cause kept for metrics)."""
+        """Every failure leaves the store as one StoreUnavailable (the cause kept too)."""
         if isinstance(exc, StoreUnavailable):
             return exc
+        reason = reason_of(exc)
         if isinstance(exc, RedisReplyError):
-            err = StoreUnavailable(f"redis refused the decision: {str(exc)[:120]}")
+            # Redis's own words: they name the condition (WRONGPASS, OOM ...), never a secret.
+            err = StoreUnavailable(f"redis refused: {str(exc)[:120]}", reason)
         else:
             self._conn = None
             if self._cluster:
                 self.nodes.schedule_refresh()
             else:
                 self.nodes.forget_master()
-            err = StoreUnavailable(f"redis unavailable: {exc or type(exc).__name__}")
+            err = StoreUnavailable(f"redis unavailable: {exc or type(exc).__name__}", reason)
         err.__cause__ = exc
         return err
+
+    async def probe(self) -> None:
+        """Can decisions go through now? Connect (and authenticate) to every node decisions go
+        to and load the decision script there; the circuit breaker calls this while open."""
+        try:
+            if self._cluster:
+                await self.nodes.refresh_slots()
+                addrs = self.nodes.addresses()
+            else:
+                addrs = [await self.nodes.primary()]
+            for addr in addrs:
+                conn = await self.nodes.connect(addr)
+                await conn.call("SCRIPT", "LOAD", self._script.source, timeout=self.nodes.connect_timeout)
+                if not self._cluster:
+                    self._conn = conn
+        except (OSError, TimeoutError, RedisReplyError, ConnectionClosed, StoreUnavailable) as exc:
+            raise self._wrap(exc)  # noqa: B904 - the cause is kept in __cause__
 
     # One script run, with reconnects, NOSCRIPT and cluster redirections -----------------------
     async def _execute(self, payload: bytes, first_key: str) -> list[int]:
