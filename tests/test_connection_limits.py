@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -15,6 +16,9 @@ from pathlib import Path
 
 import psutil
 import pytest
+from sluice_core import keyschema
+from sluice_sidecar.settings import SidecarSettings
+from sluice_sidecar.stores.memory import MemoryStore
 from support.processes import SidecarProcess, UpstreamProcess
 from support.sidecar_harness import wait_for
 
@@ -139,7 +143,7 @@ async def test_header_flood_is_refused_431_and_memory_stays_bounded(
         assert sc.metric("sluice_overload_refusals_total", reason="header_size") == 150
         # Too many small fields is refused the same way; a large head under the limit passes.
         assert status_of(await exchange(sc.port, head("/", 101, 10))) == 431
-        ok = await exchange(sc.port, head("/", 60, 400).replace(b"HTTP/1.1\r\n", b"HTTP/1.0\r\n", 1))
+        ok = await exchange(sc.port, head("/", 30, 400).replace(b"HTTP/1.1\r\n", b"HTTP/1.0\r\n", 1))
         assert status_of(ok) == 200, ok[:200]
 
 
@@ -249,3 +253,21 @@ async def test_requests_in_flight_are_capped_without_taking_a_token(
         await poll(lambda: sc.metric("sluice_inflight_requests"), lambda v: v == 0,
                    "held requests cancelled")
         assert status_of(await exchange(sc.port, b"GET / HTTP/1.0\r\n\r\n")) == 200
+
+
+def test_memory_store_default_cap_fits_the_memory_limit() -> None:
+    """The in-memory store filled to its default cap (and past it: the oldest are dropped)
+    stays a small part of the 128 MiB limit; the old default (1,000,000) took about 240 MB."""
+    cap = SidecarSettings(upstream="http://127.0.0.1:1").memory_max_buckets
+    store = MemoryStore(max_buckets=cap)
+    gc.collect()
+    before = psutil.Process().memory_info().rss
+    params = (10**9, 10**10)  # buckets that stay for the whole test
+    for i in range(cap + 1000):
+        ip = f"i2001:db8::{i >> 16:x}:{i & 0xFFFF:x}"
+        store.decide_now((keyschema.tier_bucket_key(keyschema.client_tag("default/api", ip),
+                                                    "free", 10**6, 10**7),), 1, params)
+    gc.collect()
+    grown = psutil.Process().memory_info().rss - before
+    assert len(store) == cap
+    assert grown < 16 * 2**20, f"{cap} buckets took {grown / 2**20:.0f} MiB"

@@ -7,6 +7,8 @@ import os
 from dataclasses import dataclass, fields
 from typing import Any
 
+from sluice_sidecar.stores.memory import DEFAULT_MAX_BUCKETS
+
 
 @dataclass(frozen=True)
 class SidecarSettings:
@@ -32,13 +34,13 @@ class SidecarSettings:
     drain_s: float = 5.0
     shutdown_timeout_s: float = 30.0
     max_header_bytes: int = 8190
-    max_request_header_bytes: int = 32768
+    max_request_header_bytes: int = 16384
     max_headers: int = 100
     header_timeout_s: float = 10.0
     keepalive_timeout_s: float = 75.0
     max_connections: int = 1024
     max_inflight_requests: int = 256
-    memory_max_buckets: int = 100_000
+    memory_max_buckets: int = DEFAULT_MAX_BUCKETS
     log_level: str = "info"
 
 
@@ -74,7 +76,7 @@ _HELP: dict[str, str] = {
     "max_inflight_requests": "requests being decided or proxied at once at most; one more is "
                              "answered 503 at once (no token taken)",
     "memory_max_buckets": "in-memory store: most buckets kept (least recently written dropped past it; "
-                          "about 250 bytes each)",
+                          "about 240 bytes each: 50,000 is ~12 MiB)",
     "log_level": "debug, info, warning or error",
 }
 
