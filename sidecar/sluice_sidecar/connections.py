@@ -2,8 +2,8 @@
 
 aiohttp caps each request line and header field (``max_line_size``, ``max_field_size``) and the
 number of fields (``max_headers``), and closes idle keep-alive connections
-(``keepalive_timeout``). What it lacks is added here, per connection and at no per-request cost
-beyond a clock read and a few integer operations:
+(``keepalive_timeout``). What it lacks is added here, per connection; a request costs a clock
+read, a few integer operations and one pass over its parsed header list (no allocation):
 
 - a limit on the whole request head (request line and all fields): 100 fields of 8 KB each
   passed aiohttp's checks, and 150 such requests held against a slow upstream took 400 MB;
@@ -11,10 +11,12 @@ beyond a clock read and a few integer operations:
   be complete, within ``header_timeout`` of its first byte (slowloris), else the connection is
   closed without an answer (the client is not reading one; nothing has been forwarded);
 - a cap on open connections: one past it is answered ``503`` (problem+json,
-  ``Connection: close``) and closed at once, before any of its bytes is read.
+  ``Connection: close``) and closed, none of its bytes parsed.
 
 A head over the limit, or with too many fields, or a field over ``max_field_size``, is answered
-``431`` and the connection closed. Refusals are counted in ``sluice_overload_refusals_total``.
+``431`` and the connection closed. Both refusals half-close and wait briefly for the client to
+close first (:data:`LINGER_S`): closing on unread bytes would reset the connection and can
+destroy the answer. Refusals are counted in ``sluice_overload_refusals_total``.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ log = logging.getLogger("sluice.sidecar")
 
 OVERLOADED = "https://sluice.dev/problems/overloaded"  # problem type of the 503s that shed load
 _TOO_MANY_HEADERS = "Too many headers received"  # aiohttp's BadHttpMessage text for max_headers
+_SLACK = 256  # bytes of a read left unattributed before they count as the next head's
 
 
 def _refusal_bytes(status: int, detail: str) -> bytes:
@@ -57,9 +60,9 @@ def _refusal_bytes(status: int, detail: str) -> bytes:
 
 CONNECTIONS_FULL = _refusal_bytes(503, "too many open connections; retry shortly")
 LINGER_S = 2.0
-"""After a 431 the client may still be sending its head: the sidecar half-closes and reads (and
-drops) until the client closes, at most this long. Closing with unread bytes would reset the
-connection, and the reset can destroy the 431 before the client reads it."""
+"""After a 431 or 503 refusal the client may still be sending: the sidecar half-closes and reads
+(and drops) until the client closes, at most this long. Closing with unread bytes would reset
+the connection, and the reset can destroy the answer before the client reads it."""
 
 
 class HeadTooLarge(BadHttpMessage):
@@ -167,40 +170,56 @@ class GuardedHandler(RequestHandler):
     def data_received(self, data: bytes) -> None:
         if self._shed:
             return
-        if not self._head_open:
-            if not self._last_payload.is_eof():  # body bytes of the request being read
-                return super().data_received(data)
+        body = self._last_payload
+        if self._head_open:
+            if not self._head_bytes:  # the first byte on a new connection: the head's clock starts
+                self._head_deadline = self._loop.time() + self._guard.header_timeout
+            self._head_bytes += len(data)
+        elif body.is_eof():
             self._open_head()  # the first byte of the next request
-        elif not self._head_bytes:  # the first byte on a new connection: the head's clock starts
-            self._head_deadline = self._loop.time() + self._guard.header_timeout
-        self._head_bytes += len(data)
+            self._head_bytes = len(data)
+        # else: body bytes of the request being read, bounded by the payload's flow control
+        body_before = body.total_bytes
         messages = self._messages
         queued = len(messages)
         super().data_received(data)
-        if len(messages) > queued:  # the head is complete (and maybe more pipelined ones)
+        if len(messages) > queued:  # a head is complete (maybe more: pipelining)
+            unread = self._head_bytes if self._head_open else len(data) - (body.total_bytes - body_before)
             self._head_open = False
-            self._check_heads(queued)
-        elif self._head_bytes > self._guard.max_head_bytes:
-            # Still incomplete and already too large. (Bytes that followed a completed head
-            # in the same read were not counted: at most one read more is ever parsed.)
-            self._refuse_head(HeadTooLarge("request head too large"), len(messages))
+            self._check_heads(queued, unread)
+        elif self._head_open and self._head_bytes > self._guard.max_head_bytes:
+            self._refuse_head(len(messages))  # still incomplete and already too large
 
-    def _check_heads(self, first: int) -> None:
-        """The heads parsed by the last read, measured exactly (a read can hold the end of one
-        head and the start of the next: counting bytes alone cannot tell)."""
+    def _check_heads(self, first: int, unread: int) -> None:
+        """The requests parsed by the last read: each head measured exactly (a read can hold
+        the end of one head and the start of the next, which counting bytes cannot tell apart).
+        Of the ``unread`` bytes (the head's so far, or this read's beyond a body), what the
+        requests do not account for is the start of the next head, counted towards it."""
         messages = self._messages
         limit = self._guard.max_head_bytes
         for i in range(first, len(messages)):
             message, payload = messages[i]
-            if isinstance(message, RawRequestMessage) and head_size(message) > limit:
-                while len(messages) > i:  # it and what follows are dropped unanswered
-                    messages.pop()
-                self._refuse_head(HeadTooLarge("request head too large"), i)
-                return
+            if isinstance(message, RawRequestMessage):
+                size = head_size(message)
+                if size > limit:
+                    while len(messages) > i:  # it and what follows are dropped unanswered
+                        messages.pop()
+                    self._refuse_head(i)
+                    return
+                unread -= size + payload.total_bytes
             self._last_payload = payload
+        # The slack absorbs the few bytes head_size cannot see (trailing spaces, a missing space
+        # after ':'); chunk framing is not in total_bytes, so a chunked body overcounts here,
+        # which only starts the next head's count early.
+        if unread > _SLACK and self._last_payload.is_eof():
+            self._open_head()
+            self._head_bytes = unread
+            if unread > limit:
+                self._refuse_head(len(messages))
 
-    def _refuse_head(self, exc: HeadTooLarge, at: int) -> None:
+    def _refuse_head(self, at: int) -> None:
         """Answer 431 after the responses already owed, then close; parse nothing more."""
+        exc = HeadTooLarge("request head too large")
         self._shed = True
         self._head_open = False
         self._messages.insert(at, (_ErrInfo(status=431, exc=exc, message=exc.message), EMPTY_PAYLOAD))
