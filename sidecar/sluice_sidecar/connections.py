@@ -222,6 +222,10 @@ class GuardedHandler(RequestHandler):
         exc = HeadTooLarge("request head too large")
         self._shed = True
         self._head_open = False
+        # The parser holds the partial head (up to the limit and one read); nothing will be
+        # parsed again, so let it go now rather than after the answer and the linger. (aiohttp
+        # checks for None, as after connection_lost; only feeding a body would need it.)
+        self._parser = None
         self._messages.insert(at, (_ErrInfo(status=431, exc=exc, message=exc.message), EMPTY_PAYLOAD))
         waiter = self._waiter
         if waiter is not None and not waiter.done():
