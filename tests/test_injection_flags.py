@@ -41,6 +41,12 @@ FULL_ARGV = [
     "--sidecar-breaker-threshold", "3",
     "--sidecar-breaker-cooldown-s", "0.5",
     "--sidecar-log-level", "DEBUG",
+    "--sidecar-max-request-header-bytes", "32768",
+    "--sidecar-max-headers", "50",
+    "--sidecar-header-timeout-s", "2.5",
+    "--sidecar-keepalive-timeout-s", "30",
+    "--sidecar-max-connections", "4096",
+    "--sidecar-max-inflight-requests", "64",
     "--sidecar-port", "16080",
     "--sidecar-admin-port", "16090",
     "--sidecar-default-port-name", "web",
@@ -121,6 +127,10 @@ def test_every_flag_reaches_the_injected_container() -> None:
         "SLUICE_REDIS_TIMEOUT_MS": "20", "SLUICE_REDIS_CONNECT_TIMEOUT_MS": "250",
         "SLUICE_BREAKER_THRESHOLD": "3", "SLUICE_BREAKER_COOLDOWN_S": "0.5",
         "SLUICE_LOG_LEVEL": "debug"}
+    assert {k: env[k] for k in env if k.startswith(("SLUICE_MAX_", "SLUICE_HEADER_", "SLUICE_KEEPALIVE_"))
+            } == {"SLUICE_MAX_REQUEST_HEADER_BYTES": "32768", "SLUICE_MAX_HEADERS": "50",
+                  "SLUICE_HEADER_TIMEOUT_S": "2.5", "SLUICE_KEEPALIVE_TIMEOUT_S": "30.0",
+                  "SLUICE_MAX_CONNECTIONS": "4096", "SLUICE_MAX_INFLIGHT_REQUESTS": "64"}
     assert env["SLUICE_UPSTREAM_TIMEOUT_S"] == "30"
     assert env["HTTP_PROXY"] == "http://proxy:3128,with=commas"  # only the first '=' splits
     assert c["ports"] == [{"name": "web", "containerPort": 16080, "protocol": "TCP"},
@@ -153,7 +163,9 @@ def test_sidecar_defaults_left_unset_pass_no_env_var() -> None:
     env = env_of(sidecar_container(settings(), "http", 15080, 15090, 8000))
     assert env["SLUICE_REDIS_TIMEOUT_MS"] == "50"
     for name in ("SLUICE_REDIS_CONNECT_TIMEOUT_MS", "SLUICE_BREAKER_THRESHOLD",
-                 "SLUICE_BREAKER_COOLDOWN_S", "SLUICE_LOG_LEVEL"):
+                 "SLUICE_BREAKER_COOLDOWN_S", "SLUICE_LOG_LEVEL", "SLUICE_MAX_CONNECTIONS",
+                 "SLUICE_MAX_INFLIGHT_REQUESTS", "SLUICE_MAX_REQUEST_HEADER_BYTES",
+                 "SLUICE_MAX_HEADERS", "SLUICE_HEADER_TIMEOUT_S", "SLUICE_KEEPALIVE_TIMEOUT_S"):
         assert name not in env
 
 
@@ -246,6 +258,12 @@ def test_redis_flags_moved_with_their_behaviour(monkeypatch: pytest.MonkeyPatch)
     (["--sidecar-breaker-cooldown-s", "nan"], "--sidecar-breaker-cooldown-s", "must be greater than 0"),
     (["--sidecar-breaker-cooldown-s", "soon"], "--sidecar-breaker-cooldown-s",
      "expected a positive number, got 'soon'"),
+    (["--sidecar-max-connections", "0"], "--sidecar-max-connections", "must be greater than 0"),
+    (["--sidecar-max-request-header-bytes", "16k"], "--sidecar-max-request-header-bytes",
+     "expected a positive integer, got '16k'"),
+    (["--sidecar-header-timeout-s", "-1"], "--sidecar-header-timeout-s", "must be greater than 0"),
+    (["--sidecar-env", "SLUICE_MAX_CONNECTIONS=5"], "--sidecar-env",
+     "SLUICE_MAX_CONNECTIONS cannot be set here: use --sidecar-max-connections"),
     (["--sidecar-log-level", "trace"], "--sidecar-log-level",
      "expected one of debug, info, warning, error, got 'trace'"),
     (["--sidecar-port", "0"], "--sidecar-port", "expected a port number 1..65535, got '0'"),
@@ -323,7 +341,7 @@ def test_every_flag_says_its_env_var_and_its_default() -> None:
     parser = argparse.ArgumentParser()
     injection_flags.add_arguments(parser)
     flags = [a for a in parser._actions if a.option_strings and a.dest != "help"]
-    assert len(flags) == 15
+    assert len(flags) == 21
     for action in flags:
         (flag,) = action.option_strings
         assert flag.startswith("--sidecar-")
@@ -342,7 +360,9 @@ def test_the_sidecar_defaults_quoted_in_the_help_are_the_sidecars() -> None:
     for flag, value in (("--sidecar-redis-connect-timeout-ms", sidecar.redis_connect_timeout_ms),
                         ("--sidecar-breaker-threshold", sidecar.breaker_threshold),
                         ("--sidecar-breaker-cooldown-s", sidecar.breaker_cooldown_s),
-                        ("--sidecar-log-level", sidecar.log_level)):
+                        ("--sidecar-log-level", sidecar.log_level),
+                        *((f"--sidecar-{name}", getattr(sidecar, name.replace("-", "_")))
+                          for name, *_ in injection_flags.CLIENT_LIMITS)):
         assert f"(default: the sidecar's, {value})" in helps[flag], flag
     assert InjectionSettings().redis_timeout_ms == sidecar.redis_timeout_ms
 

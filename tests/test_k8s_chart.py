@@ -194,6 +194,8 @@ def test_sidecar_values_reach_the_operator_as_flags_it_accepts(
                       "limits": {"cpu": "1", "memory": "256Mi"}},
         "redisTimeoutMs": 20, "redisConnectTimeoutMs": 1_000_000,  # not 1e+06
         "breakerThreshold": 3, "breakerCooldownSeconds": 0.5, "logLevel": "warning",
+        "maxRequestHeaderBytes": 32768, "maxHeaders": 50, "headerTimeoutSeconds": 2.5,
+        "keepaliveTimeoutSeconds": 30, "maxConnections": 4096, "maxInflightRequests": 1_000_000,
         "port": 16080, "adminPort": 16090, "defaultPortName": "web", "runAsUser": 1_000_000_000,
         "env": {"SLUICE_UPSTREAM_TIMEOUT_S": "30", "HTTP_PROXY": tricky}}}
     path = tmp_path / "values.yaml"
@@ -211,6 +213,12 @@ def test_sidecar_values_reach_the_operator_as_flags_it_accepts(
         "--sidecar-breaker-threshold=3",
         "--sidecar-breaker-cooldown-s=0.5",
         "--sidecar-log-level=warning",
+        "--sidecar-max-request-header-bytes=32768",
+        "--sidecar-max-headers=50",
+        "--sidecar-header-timeout-s=2.5",
+        "--sidecar-keepalive-timeout-s=30",
+        "--sidecar-max-connections=4096",
+        "--sidecar-max-inflight-requests=1000000",
         "--sidecar-port=16080",
         "--sidecar-admin-port=16090",
         "--sidecar-default-port-name=web",
@@ -223,6 +231,9 @@ def test_sidecar_values_reach_the_operator_as_flags_it_accepts(
         image="reg.example/sluice-sidecar:2", image_pull_policy="Always",
         redis_url="redis://redis:6379", redis_timeout_ms=20, redis_connect_timeout_ms=1_000_000,
         breaker_threshold=3, breaker_cooldown_s=0.5, log_level="warning",
+        client_limits={"max_request_header_bytes": 32768, "max_headers": 50,
+                       "header_timeout_s": 2.5, "keepalive_timeout_s": 30.0,
+                       "max_connections": 4096, "max_inflight_requests": 1_000_000},
         extra_env={"HTTP_PROXY": tricky, "SLUICE_UPSTREAM_TIMEOUT_S": "30"},
         sidecar_port=16080, admin_port=16090, default_port_name="web",
         resources=values["sidecar"]["resources"], run_as_user=1_000_000_000)
@@ -230,6 +241,8 @@ def test_sidecar_values_reach_the_operator_as_flags_it_accepts(
     assert c["resources"] == values["sidecar"]["resources"]
     env = {e["name"]: e.get("value") for e in c["env"]}
     assert env["SLUICE_REDIS_CONNECT_TIMEOUT_MS"] == "1000000"
+    assert env["SLUICE_MAX_INFLIGHT_REQUESTS"] == "1000000"
+    assert env["SLUICE_HEADER_TIMEOUT_S"] == "2.5"
     assert env["HTTP_PROXY"] == tricky
 
 

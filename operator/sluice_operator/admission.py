@@ -92,6 +92,9 @@ class InjectionSettings:
     breaker_threshold: int | None = None
     breaker_cooldown_s: float | None = None
     log_level: str | None = None
+    client_limits: Mapping[str, int | float] = field(default_factory=dict)
+    """The sidecar's client-side limits by setting name (``max_connections`` ->
+    ``SLUICE_MAX_CONNECTIONS``); one left out keeps the sidecar's default."""
     extra_env: Mapping[str, str] = field(default_factory=dict)
     """More ``SLUICE_*`` (or any) environment variables for the sidecar."""
     sidecar_port: int = 15080
@@ -489,7 +492,8 @@ def sidecar_container(settings: InjectionSettings, port_name: str, port: int, ad
               "SLUICE_REDIS_CONNECT_TIMEOUT_MS": settings.redis_connect_timeout_ms,
               "SLUICE_BREAKER_THRESHOLD": settings.breaker_threshold,
               "SLUICE_BREAKER_COOLDOWN_S": settings.breaker_cooldown_s,
-              "SLUICE_LOG_LEVEL": settings.log_level}
+              "SLUICE_LOG_LEVEL": settings.log_level,
+              **{"SLUICE_" + name.upper(): value for name, value in settings.client_limits.items()}}
     env += [{"name": k, "value": str(v)} for k, v in tuning.items() if v is not None]
     env += [{"name": k, "value": v} for k, v in settings.extra_env.items()]
     security: dict[str, Any] = {

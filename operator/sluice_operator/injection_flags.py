@@ -40,6 +40,27 @@ _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _SECRET_NAME = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
 _SECRET_KEY = re.compile(r"[-._a-zA-Z0-9]+")
 
+# The sidecar's client-side limits (they bound its memory under hostile clients): flag
+# ``--sidecar-<name>`` -> setting ``<name>`` -> ``SLUICE_<NAME>``, its kind, the sidecar's default
+# (quoted in the help; unset, the flag passes nothing and that default applies) and what it is.
+CLIENT_LIMITS: tuple[tuple[str, type[int] | type[float], str, str], ...] = (
+    ("max-request-header-bytes", int, "16384",
+     "largest request head, request line and all header fields (431 past it)"),
+    ("max-headers", int, "100", "most header fields in one request (431 past it)"),
+    ("header-timeout-s", float, "10.0",
+     "seconds a new connection has for its first byte, and each request head once begun"),
+    ("keepalive-timeout-s", float, "75.0", "seconds an idle keep-alive client connection is kept"),
+    ("max-connections", int, "1024", "open client connections at most (503 past it)"),
+    ("max-inflight-requests", int, "256",
+     "requests being decided or proxied at once at most (503 past it)"),
+)
+
+
+def limit_env(name: str) -> str:
+    """``max-connections`` -> ``SLUICE_MAX_CONNECTIONS`` (the sidecar's env var)."""
+    return "SLUICE_" + name.replace("-", "_").upper()
+
+
 # Environment variables of the sidecar that the injector sets itself: not for --sidecar-env.
 RESERVED_ENV: dict[str, str] = {
     "POD_NAME": "it is set by the injector (the pod's name, downward API)",
@@ -56,6 +77,7 @@ RESERVED_ENV: dict[str, str] = {
     "SLUICE_BREAKER_THRESHOLD": "use --sidecar-breaker-threshold",
     "SLUICE_BREAKER_COOLDOWN_S": "use --sidecar-breaker-cooldown-s",
     "SLUICE_LOG_LEVEL": "use --sidecar-log-level",
+    **{limit_env(name): f"use --sidecar-{name}" for name, *_ in CLIENT_LIMITS},
     "SLUICE_POLICY_FILE": "an injected sidecar runs in cluster mode (its namespace's config from Redis)",
     "SLUICE_API_KEYS_FILE": "an injected sidecar runs in cluster mode (API keys from key Secrets)",
 }
@@ -108,6 +130,9 @@ def add_arguments(group: argparse._ActionsContainer) -> None:
     flag("--sidecar-log-level", _text(d.log_level),
          "SLUICE_LOG_LEVEL of the sidecar: " + ", ".join(LOG_LEVELS),
          shown="the sidecar's, info", metavar="LEVEL")
+    for name, _, default, what in CLIENT_LIMITS:
+        flag(f"--sidecar-{name}", None, f"{limit_env(name)} of the sidecar: {what}",
+             shown=f"the sidecar's, {default}", metavar="SECONDS" if name.endswith("-s") else "N")
     flag("--sidecar-port", str(d.sidecar_port),
          "port the sidecar listens on for client traffic (the next free one above it when a "
          "container already uses it; the pod annotation sluice.dev/sidecar-port overrides it)",
@@ -306,6 +331,8 @@ def injection_settings(args: argparse.Namespace) -> InjectionSettings:
     threshold = _number(args, "--sidecar-breaker-threshold", int)
     cooldown = _number(args, "--sidecar-breaker-cooldown-s", float)
     resources = _resources(args)
+    limits = {name.replace("-", "_"): _number(args, f"--sidecar-{name}", kind)
+              for name, kind, *_ in CLIENT_LIMITS}
     return InjectionSettings(
         image=_given(args, "--sidecar-image") or d.image,
         image_pull_policy=_choice(args, "--sidecar-image-pull-policy", PULL_POLICIES,
@@ -318,6 +345,7 @@ def injection_settings(args: argparse.Namespace) -> InjectionSettings:
         breaker_threshold=int(threshold) if threshold is not None else d.breaker_threshold,
         breaker_cooldown_s=float(cooldown) if cooldown is not None else d.breaker_cooldown_s,
         log_level=_choice(args, "--sidecar-log-level", LOG_LEVELS, d.log_level, fold=True),
+        client_limits={name: value for name, value in limits.items() if value is not None},
         extra_env=_extra_env(args),
         sidecar_port=port,
         admin_port=admin_port,

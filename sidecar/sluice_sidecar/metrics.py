@@ -41,6 +41,13 @@ class Metrics:
         self.bad_requests = Counter("sluice_bad_requests", "Requests refused as unparseable (400/431)",
                                     registry=r)
         self.inflight = Gauge("sluice_inflight_requests", "Requests being proxied", registry=r)
+        # reason: connections (over --max-connections, 503), inflight (over
+        # --max-inflight-requests, 503), header_size (431), header_timeout (closed)
+        self.overload_refusals = Counter(
+            "sluice_overload_refusals", "Connections and requests refused to bound the sidecar's memory",
+            ["reason"], registry=r)
+        self.client_connections = Gauge("sluice_client_connections", "Open client connections",
+                                        registry=r)
         self._children: dict[tuple[str, str, str, str], object] = {}
 
     def decision(self, policy: str, tier: str, rule: str, decision: str) -> None:

@@ -5,16 +5,15 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from http import HTTPStatus
 from typing import Any
 
 from aiohttp import web
-from aiohttp.web_protocol import RequestHandler
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sluice_core.redisurl import parse_redis_url
 
 from sluice_sidecar.breaker import CircuitBreaker, State
 from sluice_sidecar.configsource import FileSource, NoConfig, RedisSource, one_line
+from sluice_sidecar.connections import OVERLOADED, DataServer
 from sluice_sidecar.labels import read_labels
 from sluice_sidecar.limiter import Enforcement, Limiter, Outcome
 from sluice_sidecar.metrics import BatchCollector, Metrics
@@ -80,6 +79,8 @@ class Sidecar:
                                       labels_path=settings.pod_labels, pod_name=settings.pod_name,
                                       poll_interval=settings.poll_interval_s)
         self.loaded = False
+        self._inflight = 0
+        self._max_inflight = settings.max_inflight_requests
         self._runners: list[web.BaseRunner] = []
         self.data_port = 0
         self.admin_port = 0
@@ -110,13 +111,21 @@ class Sidecar:
             self.metrics.decision("", "", "", "no_config")
             return problem(503, "Service Unavailable", "no rate-limit policy is loaded yet",
                            type_=PROBLEM_BASE + "limiter-unavailable", headers=[("Retry-After", "1")])
-        # Rules see the path as sent and normalise it themselves (sluice_core.paths); the
-        # request is forwarded unchanged.
-        outcome = await self.limiter.decide(request.method, request.rel_url.raw_path, request.headers, peer)
-        if outcome.status == 0:
-            trusted = "X-Forwarded-Proto" in request.headers and self.limiter.trusts(peer)
-            return await self.proxy.forward(request, peer, outcome.headers, trusted_peer=trusted)
-        return refusal(outcome)
+        if self._inflight >= self._max_inflight:  # before deciding: no token is taken
+            self.metrics.overload_refusals.labels("inflight").inc()
+            return problem(503, "Service Unavailable", "too many requests in progress; retry shortly",
+                           type_=OVERLOADED, headers=[("Retry-After", "1")])
+        self._inflight += 1
+        try:
+            # Rules see the path as sent and normalise it themselves (sluice_core.paths); the
+            # request is forwarded unchanged.
+            outcome = await self.limiter.decide(request.method, request.rel_url.raw_path, request.headers, peer)
+            if outcome.status == 0:
+                trusted = "X-Forwarded-Proto" in request.headers and self.limiter.trusts(peer)
+                return await self.proxy.forward(request, peer, outcome.headers, trusted_peer=trusted)
+            return refusal(outcome)
+        finally:
+            self._inflight -= 1
 
     # Admin ------------------------------------------------------------------------------
     async def _metrics(self, request: web.Request) -> web.Response:
@@ -165,7 +174,10 @@ class Sidecar:
         host, port = split_hostport(s.listen, "listen")
         ahost, aport = split_hostport(s.admin_listen, "admin-listen")
         await self.proxy.start()
-        data = _DataServer(self.metrics, self.handle, max_line_size=s.max_header_bytes, max_field_size=s.max_header_bytes,
+        data = DataServer(self.handle, self.metrics, max_connections=s.max_connections,
+                          max_head_bytes=s.max_request_header_bytes, header_timeout=s.header_timeout_s,
+                          max_line_size=s.max_header_bytes, max_field_size=s.max_header_bytes,
+                          max_headers=s.max_headers, keepalive_timeout=s.keepalive_timeout_s,
                           handler_cancellation=True, access_log=None)
         runner = web.ServerRunner(data, shutdown_timeout=s.shutdown_timeout_s, access_log=None)
         self.data_port = await self._bind(runner, f"--listen {s.listen}", host, port, backlog=1024)
@@ -217,35 +229,6 @@ class Sidecar:
         await self.proxy.close()
         await self.breaker.close()
         await self.store.close()
-
-
-class _QuietHandler(RequestHandler):
-    """aiohttp answers unparseable requests with a text page that echoes part of the request and
-    logs a traceback at ERROR for each: a log-flooding lever for anyone. Here they get a terse
-    problem+json, a debug log line and a counter."""
-
-    metrics: Metrics
-
-    def handle_error(self, request: web.BaseRequest, status: int = 500,
-                     exc: BaseException | None = None, message: str | None = None) -> web.StreamResponse:
-        if status >= 500:
-            return super().handle_error(request, status, exc, message)
-        self.metrics.bad_requests.inc()
-        log.debug("unparseable request from %s: %s", request.remote, type(exc).__name__)
-        resp = problem(status, HTTPStatus(status).phrase, "the request could not be parsed")
-        resp.force_close()
-        return resp
-
-
-class _DataServer(web.Server):
-    def __init__(self, metrics: Metrics, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._metrics = metrics
-
-    def __call__(self) -> RequestHandler:
-        handler = _QuietHandler(self, loop=self._loop, **self._kwargs)
-        handler.metrics = self._metrics
-        return handler
 
 
 def _bound_port(runner: web.BaseRunner) -> int:

@@ -7,6 +7,8 @@ import os
 from dataclasses import dataclass, fields
 from typing import Any
 
+from sluice_sidecar.stores.memory import DEFAULT_MAX_BUCKETS
+
 
 @dataclass(frozen=True)
 class SidecarSettings:
@@ -33,7 +35,13 @@ class SidecarSettings:
     drain_s: float = 5.0
     shutdown_timeout_s: float = 30.0
     max_header_bytes: int = 8190
-    memory_max_buckets: int = 1_000_000
+    max_request_header_bytes: int = 16384
+    max_headers: int = 100
+    header_timeout_s: float = 10.0
+    keepalive_timeout_s: float = 75.0
+    max_connections: int = 1024
+    max_inflight_requests: int = 256
+    memory_max_buckets: int = DEFAULT_MAX_BUCKETS
     log_level: str = "info"
 
 
@@ -62,8 +70,18 @@ _HELP: dict[str, str] = {
     "poll_interval_s": "cluster mode: poll Redis for config changes this often (pub/sub is the fast path)",
     "drain_s": "after SIGTERM, report not-ready and keep serving this long before closing",
     "shutdown_timeout_s": "then wait at most this long for in-flight requests",
-    "max_header_bytes": "largest request line / header field accepted (larger -> 400)",
-    "memory_max_buckets": "in-memory store: most buckets kept (least recently written dropped past it)",
+    "max_header_bytes": "largest request line / header field accepted (larger -> 431)",
+    "max_request_header_bytes": "largest request head (request line and all header fields) accepted "
+                                "(larger -> 431, connection closed)",
+    "max_headers": "most header fields in one request (more -> 431, connection closed)",
+    "header_timeout_s": "a new connection's first byte, and every request head once its first byte "
+                        "arrived, must come within this long; else the connection is closed unanswered",
+    "keepalive_timeout_s": "close a keep-alive client connection idle this long",
+    "max_connections": "open client connections at most; one more is answered 503 and closed",
+    "max_inflight_requests": "requests being decided or proxied at once at most; one more is "
+                             "answered 503 at once (no token taken)",
+    "memory_max_buckets": "in-memory store: most buckets kept (least recently written dropped past it; "
+                          "about 240 bytes each: 50,000 is ~12 MiB)",
     "log_level": "debug, info, warning or error",
 }
 
@@ -85,9 +103,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(flag, type=kind, default=d, help=f"{help_text} (default: {f.default})")
 
 
+# Limits that protect the process: zero or less would refuse everything (or nothing).
+_POSITIVE = ("max_header_bytes", "max_request_header_bytes", "max_headers", "header_timeout_s",
+             "keepalive_timeout_s", "max_connections", "max_inflight_requests", "memory_max_buckets")
+
+
 def from_args(args: argparse.Namespace) -> SidecarSettings:
     values = {f.name: getattr(args, f.name) for f in fields(SidecarSettings)}
     s = SidecarSettings(**values)
+    for name in _POSITIVE:
+        if not getattr(s, name) > 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be greater than 0, got {getattr(s, name)}")
     if bool(s.policy_file) == bool(s.namespace):
         raise ValueError("give exactly one of --policy-file (standalone) or --namespace (cluster mode)")
     if s.namespace and not s.redis:

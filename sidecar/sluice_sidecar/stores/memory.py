@@ -13,6 +13,12 @@ from collections.abc import Callable
 
 from sluice_core.gcra import expand
 
+DEFAULT_MAX_BUCKETS = 50_000
+"""About 240 bytes a bucket (measured: CPython, a one-tier IPv4/IPv6 client key), so about
+12 MiB when full: well inside the sidecar's default 128 MiB limit together with the ~50 MiB
+process and its bounded client connections. Past it the least recently written bucket is
+dropped: that client starts again with a full bucket (limits loosen, nothing fails)."""
+
 
 def _now_us() -> int:
     return time.time_ns() // 1_000
@@ -21,7 +27,7 @@ def _now_us() -> int:
 class MemoryStore:
     name = "memory"
 
-    def __init__(self, *, max_buckets: int = 1_000_000, clock_us: Callable[[], int] = _now_us) -> None:
+    def __init__(self, *, max_buckets: int = DEFAULT_MAX_BUCKETS, clock_us: Callable[[], int] = _now_us) -> None:
         # Write order, oldest first; OrderedDict drops its oldest entry in O(1) (a plain dict
         # scans the holes left at its front by earlier deletions: O(n) per write at the cap).
         self._tat: OrderedDict[str, int] = OrderedDict()

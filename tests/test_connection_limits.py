@@ -1,0 +1,292 @@
+"""Memory exhaustion through the client side: huge heads, slowloris, idle floods, too many
+requests in flight. A real sidecar process (standalone, memory store) in front of a real slow
+upstream; its RSS and descriptors are read with psutil. Limits are set through SLUICE_*
+environment variables, so that a sidecar without them runs (and holds everything) rather than
+refusing an unknown flag."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import re
+import threading
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+from sluice_core import keyschema
+from sluice_sidecar.settings import SidecarSettings
+from sluice_sidecar.stores.memory import MemoryStore
+from support.processes import SidecarProcess, UpstreamProcess
+from support.sidecar_harness import wait_for
+
+MEMORY_LIMIT = 128 * 2**20  # the injected sidecar's default memory limit
+POLICY = """
+apiVersion: sluice.dev/v1alpha1
+kind: RateLimitPolicy
+metadata: {name: api}
+spec:
+  tiers: [{name: free, requests: 100000, period: 1s}]
+"""
+
+
+@pytest.fixture(scope="module")
+def upstream() -> Iterator[UpstreamProcess]:
+    up = UpstreamProcess()
+    yield up
+    up.close()
+
+
+@contextlib.contextmanager
+def sidecar(upstream: UpstreamProcess, tmp_path: Path, **env: str) -> Iterator[SidecarProcess]:
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(POLICY)
+    sc = SidecarProcess(upstream.url, "--policy-file", str(policy), env=env)
+    try:
+        yield sc
+    finally:
+        sc.close()
+
+
+class Peak:
+    """Samples ``value()`` in a thread (every 20 ms) while the block runs; keeps the largest."""
+
+    def __init__(self, value: Callable[[], float]) -> None:
+        self.value = value
+        self.start = self.peak = value()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.02):
+            with contextlib.suppress(psutil.Error, OSError):
+                self.peak = max(self.peak, self.value())
+
+    def __enter__(self) -> Peak:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+class PeakRss(Peak):
+    def __init__(self, pid: int) -> None:
+        proc = psutil.Process(pid)
+        super().__init__(lambda: proc.memory_info().rss)
+
+    def __str__(self) -> str:
+        return f"RSS {self.start / 2**20:.0f} MiB at start, {self.peak / 2**20:.0f} MiB at peak"
+
+
+async def exchange(port: int, request: bytes, timeout: float = 10.0) -> bytes:
+    """Send ``request`` (while reading, so a refusal mid-send is seen) and return all that
+    comes back until the sidecar closes; b"" if it closed or reset without an answer."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(request)
+        with contextlib.suppress(ConnectionError, TimeoutError):
+            async with asyncio.timeout(timeout):
+                return await reader.read(-1)
+        return b""
+    finally:
+        writer.close()
+
+
+def status_of(answer: bytes) -> int:
+    return int(answer.split(b" ", 2)[1]) if answer.startswith(b"HTTP/1.") else 0
+
+
+async def gather_bounded(coros: list[Awaitable[bytes]], limit: int = 200) -> list[bytes]:
+    sem = asyncio.Semaphore(limit)
+
+    async def one(c: Awaitable[bytes]) -> bytes:
+        async with sem:
+            return await c
+    return await asyncio.gather(*(one(c) for c in coros))
+
+
+async def poll(value: Callable[[], float], ok: Callable[[float], bool], what: str,
+               timeout: float = 20.0) -> float:
+    async def probe() -> list[float] | None:  # a list: 0 is a value, not "not yet"
+        v = await asyncio.to_thread(value)
+        return [v] if ok(v) else None
+    try:
+        return (await wait_for(probe, timeout=timeout, interval=0.1, what=what))[0]
+    except AssertionError:
+        raise AssertionError(f"{what}: still {value()} after {timeout} s") from None
+
+
+def client_sockets(sc: SidecarProcess) -> int:
+    """The sidecar's sockets on its data port other than the listener (what the kernel says,
+    independent of its own gauge)."""
+    conns = psutil.Process(sc.proc.pid).net_connections(kind="tcp")
+    return sum(1 for c in conns if c.laddr and c.laddr.port == sc.port and c.status != psutil.CONN_LISTEN)
+
+
+def head(target: str, fields: int, size: int) -> bytes:
+    lines = "".join(f"X-Pad-{i}: {'a' * size}\r\n" for i in range(fields))
+    return f"GET {target} HTTP/1.1\r\nHost: t\r\n{lines}\r\n".encode()
+
+
+# ---------------------------------------------------------------------------------------------
+async def test_header_flood_is_refused_431_and_memory_stays_bounded(
+        upstream: UpstreamProcess, tmp_path: Path) -> None:
+    """150 requests of 100 fields x 8,000 bytes each (under the per-field limit) against an
+    upstream that would hold them 30 s: each is answered 431 without reaching the upstream."""
+    with sidecar(upstream, tmp_path) as sc:  # the defaults
+        flood = head("/slow?s=30", 100, 8000)
+        with PeakRss(sc.proc.pid) as rss:
+            answers = await gather_bounded([exchange(sc.port, flood) for _ in range(150)])
+        statuses = [status_of(a) for a in answers]
+        assert statuses == [431] * 150, (sorted(set(statuses)), str(rss))
+        assert b"application/problem+json" in answers[0]  # and the connection was closed
+        assert rss.peak < MEMORY_LIMIT, str(rss)
+        assert sc.metric("sluice_overload_refusals_total", reason="header_size") == 150
+        # Too many small fields is refused the same way; a large head under the limit passes.
+        assert status_of(await exchange(sc.port, head("/", 101, 10))) == 431
+        ok = await exchange(sc.port, head("/", 30, 400).replace(b"HTTP/1.1\r\n", b"HTTP/1.0\r\n", 1))
+        assert status_of(ok) == 200, ok[:200]
+
+
+async def test_a_large_head_behind_another_request_in_the_same_read_is_refused(
+        upstream: UpstreamProcess, tmp_path: Path) -> None:
+    """Pipelined behind a small request (and behind one with a body), in one write: the large
+    head is measured on its own, whether complete or not: 200 for the first, then 431."""
+    big = head("/", 30, 8000)  # 240 KB, every field under the per-field limit
+    post = b"POST / HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\n\r\nhello"
+    with sidecar(upstream, tmp_path) as sc:
+        for first in (b"GET / HTTP/1.1\r\nHost: t\r\n\r\n", post):
+            for second in (big, big[:-2]):  # complete, and never completed
+                answer = await exchange(sc.port, first + second)
+                statuses = [int(code) for code in re.findall(rb"HTTP/1\.[01] (\d{3}) ", answer)]
+                assert statuses == [200, 431], (first[:4], len(second), answer[:400])
+        assert sc.metric("sluice_overload_refusals_total", reason="header_size") == 4
+
+
+async def test_slowloris_connections_are_closed_after_the_header_timeout(
+        upstream: UpstreamProcess, tmp_path: Path) -> None:
+    """300 connections trickling a head a byte at a time and 100 that send nothing: all closed
+    once the header timeout passes; an honest client is served meanwhile."""
+    with sidecar(upstream, tmp_path, SLUICE_HEADER_TIMEOUT_S="1") as sc:
+        stop_at = time.monotonic() + 20  # every trickle loop ends by then
+        closed_by_server = 0
+
+        async def trickle(silent: bool) -> None:
+            nonlocal closed_by_server
+            reader, writer = await asyncio.open_connection("127.0.0.1", sc.port)
+            data = b"GET / HTTP/1.1\r\nHost: t\r\nX-Slow: " + b"a" * 1000
+            try:
+                for byte in ([] if silent else data):
+                    if time.monotonic() > stop_at or reader.at_eof():
+                        break
+                    writer.write(bytes([byte]))
+                    await asyncio.sleep(0.2)  # the attack's pace, not synchronisation
+                answer = await asyncio.wait_for(reader.read(-1), max(0.1, stop_at - time.monotonic()))
+                assert answer == b"", answer[:100]  # closed without an answer
+                closed_by_server += 1
+            except ConnectionError:  # reset: closed while this client was writing
+                closed_by_server += 1
+            except TimeoutError:
+                pass
+            finally:
+                writer.close()
+
+        tasks = [asyncio.create_task(trickle(silent=i % 4 == 3)) for i in range(400)]
+        with PeakRss(sc.proc.pid) as rss:
+            await poll(lambda: client_sockets(sc), lambda v: v >= 100, "slowloris connections open")
+            assert status_of(await exchange(sc.port, b"GET / HTTP/1.0\r\n\r\n")) == 200
+            await poll(lambda: client_sockets(sc), lambda v: v == 0, "sidecar client sockets")
+            await asyncio.gather(*tasks)
+        assert closed_by_server == 400
+        assert sc.metric("sluice_overload_refusals_total", reason="header_timeout") == 400
+        assert sc.metric("sluice_client_connections") == 0
+        assert rss.peak < MEMORY_LIMIT, str(rss)
+
+
+async def test_idle_flood_is_capped_then_closed_after_the_keepalive_timeout(
+        upstream: UpstreamProcess, tmp_path: Path) -> None:
+    """2,000 keep-alive clients each make one request and stay idle: never more than 500 are
+    open (the cap), the others are refused 503 at once; the idle ones are closed after the
+    keep-alive timeout (some may be before the flood ends, freeing places for later ones)."""
+    with sidecar(upstream, tmp_path, SLUICE_MAX_CONNECTIONS="500",
+                 SLUICE_KEEPALIVE_TIMEOUT_S="3") as sc:
+        streams: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+        statuses: list[int] = []
+
+        async def idle_client() -> None:
+            reader, writer = await asyncio.open_connection("127.0.0.1", sc.port)
+            streams.append((reader, writer))
+            writer.write(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+            try:
+                async with asyncio.timeout(10):
+                    first = await reader.readuntil(b"\r\n\r\n")
+            except (ConnectionError, asyncio.IncompleteReadError, TimeoutError):
+                statuses.append(0)
+                return
+            statuses.append(status_of(first))
+            if statuses[-1] != 200:
+                writer.close()  # refused with Connection: close
+
+        try:
+            with PeakRss(sc.proc.pid) as rss, Peak(lambda: sc.metric("sluice_client_connections")) as open_:
+                for _ in range(20):  # waves of 100, each held open
+                    await asyncio.gather(*(idle_client() for _ in range(100)))
+                counts = {s: statuses.count(s) for s in set(statuses)}
+                assert set(counts) == {200, 503} and counts[200] >= 500, counts
+                assert sc.metric("sluice_overload_refusals_total", reason="connections") == counts[503]
+                await poll(lambda: client_sockets(sc), lambda v: v == 0,
+                           "idle connections closed by the keep-alive timeout")
+                assert sc.metric("sluice_client_connections") == 0
+            assert open_.peak == 500, open_.peak  # reached, never passed
+            assert rss.peak < MEMORY_LIMIT, str(rss)
+            # Below the cap again: served.
+            assert status_of(await exchange(sc.port, b"GET / HTTP/1.0\r\n\r\n")) == 200
+        finally:
+            for _, writer in streams:
+                writer.close()
+
+
+async def test_requests_in_flight_are_capped_without_taking_a_token(
+        upstream: UpstreamProcess, tmp_path: Path) -> None:
+    with sidecar(upstream, tmp_path, SLUICE_MAX_INFLIGHT_REQUESTS="4") as sc:
+        held = [await asyncio.open_connection("127.0.0.1", sc.port) for _ in range(4)]
+        try:
+            for _, writer in held:
+                writer.write(b"GET /slow?s=30 HTTP/1.1\r\nHost: t\r\n\r\n")
+            await poll(lambda: sc.metric("sluice_inflight_requests"), lambda v: v == 4,
+                       "4 requests held by the upstream")
+            decided = sc.metric("sluice_decisions_total")
+            answer = await exchange(sc.port, b"GET / HTTP/1.0\r\n\r\n")
+            assert status_of(answer) == 503 and b"Retry-After: 1" in answer, answer[:300]
+            assert b"overloaded" in answer
+            assert sc.metric("sluice_overload_refusals_total", reason="inflight") == 1
+            assert sc.metric("sluice_decisions_total") == decided  # refused before any decision
+        finally:
+            for _, writer in held:
+                writer.close()
+        await poll(lambda: sc.metric("sluice_inflight_requests"), lambda v: v == 0,
+                   "held requests cancelled")
+        assert status_of(await exchange(sc.port, b"GET / HTTP/1.0\r\n\r\n")) == 200
+
+
+def test_memory_store_default_cap_fits_the_memory_limit() -> None:
+    """The in-memory store filled to its default cap (and past it: the oldest are dropped)
+    stays a small part of the 128 MiB limit; the old default (1,000,000) took about 240 MB."""
+    cap = SidecarSettings(upstream="http://127.0.0.1:1").memory_max_buckets
+    store = MemoryStore(max_buckets=cap)
+    gc.collect()
+    before = psutil.Process().memory_info().rss
+    params = (10**9, 10**10)  # buckets that stay for the whole test
+    for i in range(cap + 1000):
+        ip = f"i2001:db8::{i >> 16:x}:{i & 0xFFFF:x}"
+        store.decide_now((keyschema.tier_bucket_key(keyschema.client_tag("default/api", ip),
+                                                    "free", 10**6, 10**7),), 1, params)
+    gc.collect()
+    grown = psutil.Process().memory_info().rss - before
+    assert len(store) == cap
+    assert grown < 16 * 2**20, f"{cap} buckets took {grown / 2**20:.0f} MiB"
