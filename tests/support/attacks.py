@@ -481,7 +481,7 @@ async def identity_churn_redis(sidecar: SidecarProcess, seconds: float, report: 
 
 
 # Flags shared by the scenarios: timeouts short enough for a test to see them act.
-QUICK_TIMEOUTS = ("--header-timeout-s", "2", "--idle-timeout-s", "2")
+QUICK_TIMEOUTS = ("--header-timeout-s", "2", "--keepalive-timeout-s", "2")
 
 
 def scenarios(quick_flags: tuple[str, ...] = QUICK_TIMEOUTS) -> list[Scenario]:
@@ -494,7 +494,7 @@ def scenarios(quick_flags: tuple[str, ...] = QUICK_TIMEOUTS) -> list[Scenario]:
         Scenario("idle-flood", "2,000 keep-alive connections left idle after one request",
                  idle_flood, policy(), quick_flags),
         Scenario("upstream-reset", "the app resets mid-body (Content-Length and chunked)",
-                 upstream_reset, policy()),
+                 upstream_reset, policy(burst=1000)),
         Scenario("regex-path", f"a rule regex {CATASTROPHIC_REGEX!r}, paths of 31 characters",
                  regex_path, policy(rules=[{"name": "export", "cost": 1,
                                             "match": {"path": {"regex": CATASTROPHIC_REGEX}}}])),
