@@ -556,6 +556,18 @@ def test_a_header_source_nobody_may_set_is_warned_about() -> None:
     assert not any(w.startswith("spec.identify") for w in review_policy(policy_review(doc))["response"]["warnings"])
 
 
+def test_an_api_key_listed_after_another_source_is_warned_about() -> None:
+    """A known key always identifies first (it carries the tier): an order that says otherwise
+    is a misunderstanding worth a warning."""
+    doc = yaml.safe_load((EXAMPLES / "public-api.yaml").read_text())
+    doc["spec"]["identify"]["order"] = ["ip", "apiKey"]
+    warnings = review_policy(policy_review(doc))["response"]["warnings"]
+    assert any(w.startswith("spec.identify.order: a known API key identifies its client before") for w in warnings)
+    assert all(len(w) <= 256 for w in warnings)
+    doc["spec"]["identify"]["order"] = ["apiKey", "ip"]
+    assert "warnings" not in review_policy(policy_review(doc))["response"]
+
+
 def test_sensible_policy_has_no_warnings() -> None:
     response = review_policy(policy_review(yaml.safe_load((EXAMPLES / "public-api.yaml").read_text())))
     assert "warnings" not in response["response"]

@@ -222,6 +222,11 @@ def policy_warnings(policy: CompiledPolicy, spec: Mapping[str, Any]) -> list[str
                         f"spec.identify.order: every client gets the default tier "
                         f"{policy.default_tier!r}")
     ident = policy.identify
+    if Source.API_KEY in ident.order and ident.order[0] is not Source.API_KEY:
+        # A known key carries the client's tier, so it always identifies first (limiter._plan).
+        warnings.append(f"spec.identify.order: a known API key identifies its client before any "
+                        f"other source, whatever its place in the list; list 'apiKey' first "
+                        f"to say so")
     if (Source.HEADER in ident.order and not ident.trusted_proxies
             and ident.header_from is HeaderFrom.TRUSTED_PROXIES):
         warnings.append(f"spec.identify.headerFrom: no peer may set {ident.header} "
