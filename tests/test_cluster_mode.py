@@ -13,7 +13,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from sluice_core import keyschema
+from sluice_core import configstore, keyschema
+from sluice_core.model import CLUSTER_SCOPE
 from support.processes import SidecarProcess, UpstreamProcess, http_get, wait_until
 
 
@@ -127,5 +128,83 @@ def test_no_matching_policy_means_not_limited(redis_server: object, upstream: Up
     try:
         assert statuses(sidecar.url, 3) == [200, 200, 200]
         assert sidecar.metric("sluice_decisions_total", decision="unconfigured") == 3
+    finally:
+        sidecar.close()
+
+
+def cluster_policy_yaml(requests: int) -> str:
+    return f"""
+apiVersion: sluice.dev/v1alpha1
+kind: ClusterRateLimitPolicy
+metadata: {{name: shared}}
+spec:
+  tiers: [{{name: free, requests: {requests}, period: 1h}}]
+"""
+
+
+def test_a_namespace_without_a_policy_passes_unlimited_and_is_ready(fresh_redis: object,
+                                                                     upstream: UpstreamProcess,
+                                                                     labels: Path, tmp_path: Path) -> None:
+    """A pod injected into a namespace that never had a policy, with no cluster policy either:
+    `sluice apply` (of another namespace) left the cluster document, empty, so the sidecar knows
+    Redis is initialised and no policy selects the pod: ready, requests pass, `unconfigured`."""
+    url = fresh_redis.url  # type: ignore[attr-defined]
+    apply(tmp_path, url, policy_yaml("elsewhere"))
+    stored = configstore.read(fresh_redis.client(), CLUSTER_SCOPE)  # type: ignore[attr-defined]
+    assert stored is not None and stored.policies == () and stored.placeholder
+    ns = "np-" + uuid.uuid4().hex[:8]
+    sidecar = SidecarProcess(upstream.url, "--redis", url, "--namespace", ns, "--pod-labels", str(labels))
+    try:  # ready: SidecarProcess waited for /readyz 200
+        assert statuses(sidecar.url, 3) == [200, 200, 200]
+        assert sidecar.metric("sluice_decisions_total", decision="unconfigured") == 3
+        assert sidecar.metric("sluice_decisions_total", decision="no_config") == 0
+    finally:
+        sidecar.close()
+
+
+def test_with_both_documents_missing_the_sidecar_waits_until_the_cluster_document_appears(
+        fresh_redis: object, upstream: UpstreamProcess, labels: Path, tmp_path: Path) -> None:
+    """Redis holds no config at all (lost, or nothing was ever written): fail safe, 503, until
+    the operator or `sluice apply` writes (here: a policy of another namespace), then ready."""
+    url = fresh_redis.url  # type: ignore[attr-defined]
+    ns = "nd-" + uuid.uuid4().hex[:8]
+    sidecar = SidecarProcess(upstream.url, "--redis", url, "--namespace", ns, "--pod-labels", str(labels),
+                             "--poll-interval-s", "0.2", wait_ready=False)
+    try:
+        wait_until(lambda: http_get(sidecar.admin + "/healthz")[0] == 200, 20, what="sidecar up")
+        assert http_get(sidecar.admin + "/readyz")[0] == 503
+        assert statuses(sidecar.url, 2) == [503, 503]
+        apply(tmp_path, url, policy_yaml("elsewhere"))
+        sidecar.wait_ready()
+        assert statuses(sidecar.url, 2) == [200, 200]
+        assert sidecar.metric("sluice_decisions_total", decision="unconfigured") == 2
+    finally:
+        sidecar.close()
+
+
+def test_a_placeholder_cluster_document_never_replaces_a_loaded_cluster_policy(
+        fresh_redis: object, upstream: UpstreamProcess, labels: Path, tmp_path: Path) -> None:
+    """Redis lost the cluster document and the empty placeholder was created in its place (by
+    an operator replica that serves no cluster policy, or start-up): a sidecar keeps enforcing
+    the cluster policy it holds (missing = lost), until a real document replaces it."""
+    url = fresh_redis.url  # type: ignore[attr-defined]
+    client = fresh_redis.client()  # type: ignore[attr-defined]
+    ns = "ph-" + uuid.uuid4().hex[:8]
+    f = tmp_path / "crlp.yaml"
+    f.write_text(cluster_policy_yaml(2))
+    r = subprocess.run([sys.executable, "-m", "sluice_core.cli", "apply", "-f", str(f), "--redis", url,
+                        "--cluster-namespaces", ns], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    sidecar = SidecarProcess(upstream.url, "--redis", url, "--namespace", ns, "--pod-labels", str(labels),
+                             "--poll-interval-s", "0.2")
+    try:
+        assert statuses(sidecar.url, 3) == [200, 200, 429]
+        client.delete(keyschema.config_key(CLUSTER_SCOPE))
+        version = configstore.ensure(client, CLUSTER_SCOPE, min_version=10)
+        assert version == 10
+        wait_until(lambda: "is a placeholder; keeping the last good one" in sidecar.output(), 10,
+                   what="placeholder noticed")
+        assert statuses(sidecar.url, 1) == [429]
+        assert configstore.ensure(client, CLUSTER_SCOPE) == 0  # never over a document
     finally:
         sidecar.close()

@@ -18,6 +18,7 @@ import pytest
 from kubernetes import client as k8s_client
 from prometheus_client import generate_latest
 from sluice_core import configstore, keyschema
+from sluice_core.model import CLUSTER_SCOPE
 from sluice_operator.handlers import build_registry
 from sluice_operator.metrics import OperatorMetrics
 from sluice_operator.reconcile import Reconciler
@@ -423,3 +424,36 @@ async def test_a_deleted_namespace_leaves_nothing_behind(redis_server: Any) -> N
     await Reconciler(client).reconcile(ns, [policy("api", ns)], [])
     await reconciler.forget(ns)
     assert [p.name for p in configstore.read(client, ns).policies] == ["api"]
+
+
+def cluster_doc(client: Any) -> Any:
+    return configstore.read(client, CLUSTER_SCOPE)
+
+
+async def test_the_cluster_document_exists_without_any_policy_and_comes_back_after_flushall(
+        kmock: Any, fresh_redis: Any) -> None:
+    """No policy anywhere, cluster policies off: the empty cluster document is written at
+    start-up (a sidecar of a namespace without a policy then knows it is under none) and written
+    again after Redis lost it, though no policy's resync timer runs."""
+    async with running_operator(kmock, fresh_redis) as env:
+        first = await eventually(lambda: cluster_doc(env.redis), "cluster document at start-up")
+        assert first.policies == () and first.placeholder
+        env.redis.flushall()
+        back = await eventually(lambda: cluster_doc(env.redis), "cluster document after FLUSHALL")
+        assert back.policies == () and back.placeholder
+        assert back.version > first.version  # versions keep rising
+
+
+async def test_after_flushall_a_namespace_policy_comes_back_and_then_the_cluster_document(
+        kmock: Any, fresh_redis: Any) -> None:
+    async with running_operator(kmock, fresh_redis) as env:
+        await env.create(env.rlp_path(), policy("api", env.ns))
+        before = await eventually(env.config, "config in Redis")
+        assert cluster_doc(env.redis) is not None
+        env.redis.flushall()
+        back = await eventually(lambda: cluster_doc(env.redis), "cluster document after FLUSHALL")
+        assert back.placeholder
+        # Written after every namespace's config (restore_all): the policy is back already.
+        cfg = env.config()
+        assert cfg is not None and [p.name for p in cfg.policies] == ["api"]
+        assert cfg.version > before.version

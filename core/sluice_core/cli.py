@@ -74,6 +74,10 @@ def _cmd_apply(args: argparse.Namespace) -> int:
             version = configstore.publish(client, ns, doc)
             names = ", ".join(p.name for p in items)
             print(f"applied: namespace {ns}: {names} (config version {version})")
+        # As the operator does: the cluster document always exists, so that a sidecar whose
+        # namespace has no document knows no policy selects it (rather than waiting for a
+        # config Redis might have lost).
+        configstore.ensure(client, CLUSTER_SCOPE)
     except (configstore.ConfigStoreError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -11,6 +11,12 @@ The cluster document (namespace ``_cluster``) holds the ClusterRateLimitPolicies
 sidecar cannot read namespace labels, the namespaces each one's ``namespaceSelector`` resolved
 to when the operator wrote it: ``"namespaces": {"<policy name>": ["shop", "billing"]}``.
 
+A *placeholder* (``"placeholder": true``, no policies) is what Sluice writes where there is no
+document at all, never over one (``scripts/ensure_config.lua``): the cluster document always
+exists once the operator or ``sluice apply`` ran, so a sidecar whose namespace has no document
+knows Redis is initialised and no namespace policy exists. A sidecar that already holds a config
+from that document keeps it (a placeholder after Redis lost everything says nothing new).
+
 The version lives beside the document in the same Redis hash, assigned atomically when it is
 written (see ``scripts/publish_config.lua``).
 """
@@ -37,6 +43,7 @@ class NamespaceConfig:
     policies: tuple[CompiledPolicy, ...]
     grants: Mapping[str, Mapping[str, KeyGrant]] = field(default_factory=dict)  # policy -> digest -> grant
     scopes: Mapping[str, frozenset[str]] = field(default_factory=dict)  # cluster policy -> namespaces
+    placeholder: bool = False  # written where there was no document: no policy, nothing lost
 
 
 def build_doc(namespace: str, policies: list[CompiledPolicy],
@@ -56,6 +63,13 @@ def build_doc(namespace: str, policies: list[CompiledPolicy],
     }
     if scopes is not None:
         doc["namespaces"] = {name: sorted(set(ns)) for name, ns in sorted(scopes.items())}
+    return json.dumps(doc, separators=(",", ":"), sort_keys=True)
+
+
+def placeholder_doc(namespace: str) -> str:
+    """The document created where there is none (see the module docstring)."""
+    doc = json.loads(build_doc(namespace, []))
+    doc["placeholder"] = True
     return json.dumps(doc, separators=(",", ":"), sort_keys=True)
 
 
@@ -100,4 +114,4 @@ def load_doc(text: str | bytes, version: int) -> NamespaceConfig:
     if c.errors:
         raise PolicyErrors(c.errors)
     return NamespaceConfig(namespace=namespace, version=version, policies=tuple(policies),
-                           grants=grants, scopes=scopes)
+                           grants=grants, scopes=scopes, placeholder=doc.get("placeholder") is True)

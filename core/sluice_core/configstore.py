@@ -11,7 +11,7 @@ import redis.cluster
 import redis.sentinel
 
 from sluice_core import keyschema, scripts
-from sluice_core.configdoc import NamespaceConfig, build_doc, load_doc
+from sluice_core.configdoc import NamespaceConfig, build_doc, load_doc, placeholder_doc
 from sluice_core.redisurl import RedisTarget, Topology, parse_redis_url
 
 
@@ -48,6 +48,26 @@ def publish(client: Any, namespace: str, doc: str, *, min_version: int = 0) -> i
     except redis.RedisError as exc:
         raise ConfigStoreError(f"cannot write config for namespace {namespace!r}: {exc}") from exc
     return int(v)
+
+
+def ensure(client: Any, namespace: str, *, min_version: int = 0) -> int:
+    """Create the namespace's placeholder document (no policies) if it has no document at all,
+    and announce it; return its version, or 0 when a document was there (it stays untouched)."""
+    s = scripts.ensure_config()
+    try:
+        v = client.eval(s.source, 1, keyschema.config_key(namespace), placeholder_doc(namespace),
+                        str(min_version), keyschema.CONFIG_CHANNEL, namespace)
+    except redis.RedisError as exc:
+        raise ConfigStoreError(f"cannot create config for namespace {namespace!r}: {exc}") from exc
+    return int(v)
+
+
+def exists(client: Any, namespace: str) -> bool:
+    """Does Redis hold a document for the namespace?"""
+    try:
+        return bool(client.hexists(keyschema.config_key(namespace), "doc"))
+    except redis.RedisError as exc:
+        raise ConfigStoreError(f"cannot read config for namespace {namespace!r}: {exc}") from exc
 
 
 def drop_if_empty(client: Any, namespace: str) -> bool:

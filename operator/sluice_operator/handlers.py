@@ -65,7 +65,47 @@ def build_registry(settings: OperatorSettings, reconciler: Reconciler,
 
     async def reconcile(namespace: str, idx: Mapping[str, Any], reuse: Reuse | None = None) -> NamespaceOutcome:
         """Reconcile one namespace's document (or ``_cluster``'s) from kopf's indexes, which
-        every handler receives among its keyword arguments."""
+        every handler receives among its keyword arguments; then, if Redis lost everything (no
+        cluster document), put everything back."""
+        outcome = await reconcile_scope(namespace, idx, reuse)
+        if not outcome.redis_error and not await reconciler.cluster_doc_exists():
+            await restore_all(idx)
+        return outcome
+
+    async def restore_all(idx: Mapping[str, Any]) -> None:
+        """Every namespace's config this replica serves, then the cluster document (its own, or
+        the empty placeholder): in that order, so that a pod started meanwhile finds its
+        namespace's policy before the placeholder that tells "no namespace policy" from "lost"."""
+        log.warning("Redis has no cluster config document (lost or new): writing every config")
+        for namespace in sorted(ns for ns, store in idx["policies_by_ns"].items() if ns and store):
+            await reconcile_scope(namespace, idx)
+        if "cluster_policies" in idx and idx["cluster_policies"].get(CLUSTER_SCOPE):
+            await reconcile_scope(CLUSTER_SCOPE, idx)
+        await reconciler.ensure_cluster_doc()
+
+    @kopf.on.startup(registry=registry)
+    async def cluster_document(memo: kopf.Memo, **idx: Any) -> None:
+        """The cluster document always exists (a sidecar whose namespace has no document then
+        knows it is under no namespace policy, not that Redis lost it): created now if missing,
+        and checked every resync interval while this replica knows no policy (no resync timer
+        runs then; with policies, their reconciles restore it, after the policies)."""
+        await reconciler.ensure_cluster_doc()
+
+        async def keep() -> None:
+            while True:
+                await asyncio.sleep(settings.resync_interval_s)
+                if not any(idx.get(name) for name in ("policies_by_ns", "cluster_policies")):
+                    await reconciler.ensure_cluster_doc()
+
+        memo["cluster_document"] = asyncio.create_task(keep())
+
+    @kopf.on.cleanup(registry=registry)
+    async def stop_cluster_document(memo: kopf.Memo, **_: Any) -> None:
+        task = memo.get("cluster_document")
+        if task is not None:
+            task.cancel()
+
+    async def reconcile_scope(namespace: str, idx: Mapping[str, Any], reuse: Reuse | None = None) -> NamespaceOutcome:
         if namespace == CLUSTER_SCOPE:
             labels: dict[str, Mapping[str, str]] = {
                 name: next(iter(store), {}) for name, store in idx["namespace_labels"].items()}

@@ -141,6 +141,31 @@ class Reconciler:
             for kept in (self._last_good, self._known_version, self._latest, self._beats, self._notices):
                 kept.pop(namespace, None)
 
+    async def cluster_doc_exists(self) -> bool:
+        """Does Redis hold the cluster document? Missing: Redis lost everything (or is new);
+        True when Redis cannot be read (nothing to restore that a read could not see)."""
+        try:
+            return await asyncio.to_thread(configstore.exists, self.redis, CLUSTER_SCOPE)
+        except configstore.ConfigStoreError as exc:
+            log.warning("cannot check the cluster config document: %s", exc)
+            return True
+
+    async def ensure_cluster_doc(self) -> bool:
+        """Create the cluster document, empty (a placeholder), if Redis has none; True when it
+        was created. Atomic and never over a document, so any replica may call it any time."""
+        async with self._locks.setdefault(CLUSTER_SCOPE, asyncio.Lock()):
+            floor = self._known_version.get(CLUSTER_SCOPE, 0) + 1
+            try:
+                version = await asyncio.to_thread(configstore.ensure, self.redis, CLUSTER_SCOPE,
+                                                  min_version=floor)
+            except configstore.ConfigStoreError as exc:
+                log.warning("cannot create the cluster config document: %s", exc)
+                return False
+            if version:
+                self._known_version[CLUSTER_SCOPE] = version
+                log.info("cluster config document was missing: created empty, version %s", version)
+            return bool(version)
+
     def reconciled(self, namespace: str) -> asyncio.Event:
         """An event set by the namespace's next successful reconcile (for waiters on what it
         finds, e.g. when keys expire)."""

@@ -220,8 +220,10 @@ class RedisSource:
         if version == doc.version:
             return False
         if version == 0:
-            # Missing: Redis lost it or the policy was deleted. Keep enforcing what we have;
-            # the operator re-pushes lost config on its timer.
+            # Missing: Redis lost it. Keep enforcing what we have (the operator re-pushes lost
+            # config on its timer). A namespace without a policy has no document either: the
+            # cluster document, which always exists once the operator or `sluice apply` ran,
+            # then tells that Redis is initialised and this pod is under no namespace policy.
             if doc.version:
                 log.warning("config %s is gone from Redis; keeping version %s", doc.namespace, doc.version)
             doc.version = 0
@@ -230,7 +232,13 @@ class RedisSource:
         if text is None:
             return False
         doc.version = int(ver_raw) if ver_raw is not None else 0
-        doc.config = load_doc(text, doc.version)
+        config = load_doc(text, doc.version)
+        if config.placeholder and doc.config is not None:
+            # Written where Redis had no document (it lost everything): nothing new to enforce.
+            log.warning("config %s version %s is a placeholder; keeping the last good one",
+                        doc.namespace, doc.version)
+            return False
+        doc.config = config
         return True
 
     async def check(self) -> bool:
