@@ -531,6 +531,40 @@ def test_warnings_for_a_suspicious_but_valid_policy() -> None:
     assert all(len(w) <= 256 for w in warnings)
 
 
+def test_a_regex_mentioning_what_no_matched_path_contains_is_warned_about() -> None:
+    rules = [{"name": "esc", "match": {"path": {"regex": "/files/%7E[a-z]+"}}, "cost": 1},
+             {"name": "params", "match": {"path": {"regex": "/a;v=[0-9]+//b"}}, "cost": 1},
+             {"name": "fine", "match": {"path": {"regex": "/users/[^/]+"}}, "cost": 1}]
+    doc = {"apiVersion": "sluice.dev/v1alpha1", "kind": "RateLimitPolicy",
+           "metadata": {"name": "p", "namespace": "default"},
+           "spec": {"selector": {"matchLabels": {"app": "web"}},
+                    "tiers": [{"name": "free", "requests": 100, "period": "1m"}], "rules": rules}}
+    warnings = review_policy(policy_review(doc))["response"]["warnings"]
+    assert warnings == [
+        "spec.rules[0].match.path.regex: mentions '%', which a path matched against it never "
+        "contains (';params' and '//' are dropped, escapes decoded: '~', not '%7E'): that part "
+        "never matches",
+        "spec.rules[1].match.path.regex: mentions ';' and '//', which a path matched against it "
+        "never contains (';params' and '//' are dropped, escapes decoded: '~', not '%7E'): that "
+        "part never matches"]
+    assert all(len(w) <= 256 for w in warnings)
+
+
+def test_a_head_request_is_not_covered_by_an_earlier_get_only_skip_rule() -> None:
+    """A limiting GET rule also matches HEAD, which an earlier skip rule for GET does not: the
+    later rule still matches something, so no "never matches" warning."""
+    rules = [{"name": "skip-get", "match": {"methods": ["GET"]}, "skip": True},
+             {"name": "get", "match": {"methods": ["GET"]}, "cost": 1},
+             {"name": "get-head", "match": {"methods": ["HEAD", "GET"]}, "cost": 1}]
+    doc = {"apiVersion": "sluice.dev/v1alpha1", "kind": "RateLimitPolicy",
+           "metadata": {"name": "p", "namespace": "default"},
+           "spec": {"selector": {"matchLabels": {"app": "web"}},
+                    "tiers": [{"name": "free", "requests": 100, "period": "1m"}], "rules": rules}}
+    warnings = review_policy(policy_review(doc))["response"]["warnings"]
+    assert warnings == ["spec.rules[2]: never matches, spec.rules[1] (get) comes first and "
+                        "matches every request it would"]
+
+
 def test_cluster_policy_for_every_pod_of_every_namespace_is_warned_about() -> None:
     crlp = {"apiVersion": "sluice.dev/v1alpha1", "kind": "ClusterRateLimitPolicy",
             "metadata": {"name": "everything"},

@@ -163,6 +163,23 @@ def test_rules_first_match_wins_and_match_kinds() -> None:
     assert m("DELETE", "/anything") == "writes"
 
 
+def test_a_limiting_rule_for_get_matches_head_and_a_skip_rule_does_not() -> None:
+    """Frameworks answer HEAD with the GET handler (same work): HEAD cannot dodge a GET rule's
+    cost or limit. A skip rule leans the other way and stays exact."""
+    p = parse_policy(minimal(rules=[
+        {"name": "ping", "match": {"path": {"exact": "/ping"}, "methods": ["GET"]}, "skip": True},
+        {"name": "export", "match": {"path": {"prefix": "/export"}, "methods": ["GET"]}, "cost": 5},
+        {"name": "any", "match": {"methods": ["GET", "POST"]}, "cost": 2},
+    ]))
+    def m(method: str, path: str) -> str | None:
+        r = p.match_rule(method, path)
+        return r.name if r else None
+    assert [m("GET", "/ping"), m("HEAD", "/ping")] == ["ping", "any"]
+    assert [m("GET", "/export/x"), m("HEAD", "/export/x"), m("POST", "/export/x")] == ["export", "export", "any"]
+    assert [m("HEAD", "/other"), m("PUT", "/other")] == ["any", None]
+    assert p.rules[1].methods == frozenset({"GET"})  # as spelled; matched_methods adds HEAD
+
+
 def test_label_selector_semantics() -> None:
     p = parse_policy(minimal(selector={
         "matchLabels": {"app": "web"},

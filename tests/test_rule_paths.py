@@ -3,15 +3,20 @@ dodge a limiting rule nor reach a limited route through a skip rule (sluice_core
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import tracemalloc
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+from sluice_core import paths
 from sluice_core.errors import PolicyErrors
 from sluice_core.model import CompiledPolicy
 from sluice_core.parse import parse_policy
+from sluice_core.paths import MAX_REGEX_RULES
 from support.processes import SidecarProcess, UpstreamProcess, http_get
 from support.sidecar_harness import RunningSidecar, Upstream, policy_doc, raw_request, start_sidecar
 
@@ -71,6 +76,41 @@ def test_regex_whose_program_is_too_large_is_refused() -> None:
     [err] = info.value.errors
     assert err.path == "spec.rules[0].match.path.regex"
     assert err.reason.endswith("pattern too large - compile failed"), err.reason
+
+
+def test_regex_rules_share_one_memory_budget_per_policy() -> None:
+    """RE2's memory is bounded per policy, not per pattern: the regexes of a policy share
+    POLICY_REGEX_MEMORY, so a pattern that fits alone is refused among many, and there are at
+    most MAX_REGEX_RULES of them (each keeps 256 KiB)."""
+    big = {"name": "big", "match": {"path": {"regex": r"/\pL{20}"}}, "cost": 1}  # needs 512 KiB
+    assert rule_of(parse_policy(policy([big])), "/" + "é" * 20) == "big"
+    small = [{"name": f"r{i}", "match": {"path": {"regex": f"/r{i}/[0-9]+"}}, "cost": 1}
+             for i in range(MAX_REGEX_RULES - 1)]
+    with pytest.raises(PolicyErrors) as info:
+        parse_policy(policy([big, *small]))
+    [err] = info.value.errors
+    assert err.path == "spec.rules[0].match.path.regex"
+    assert "(each of this policy's 32 regex rules may use 256 KiB)" in err.reason, err.reason
+    assert rule_of(parse_policy(policy(small)), "/r7/12") == "r7"
+    extra = {"name": "one-more", "match": {"path": {"regex": "/x"}}, "cost": 1}
+    with pytest.raises(PolicyErrors) as info:
+        parse_policy(policy([*small, extra, {**extra, "name": "two-more"}]))
+    [err] = info.value.errors
+    assert err.path == "spec.rules"
+    assert err.reason.startswith(f"must have at most {MAX_REGEX_RULES} regex rules, got 33"), err.reason
+
+
+def test_each_rule_regex_is_compiled_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    compiled: list[str] = []
+    real = paths._compile
+
+    def counting(pattern: str, **kw: Any) -> Any:
+        compiled.append(pattern)
+        return real(pattern, **kw)
+
+    monkeypatch.setattr(paths, "_compile", counting)
+    parse_policy(policy())
+    assert compiled == [CATASTROPHIC]
 
 
 @pytest.fixture
@@ -146,6 +186,72 @@ def test_a_skip_rule_cannot_be_used_to_reach_a_limited_route(escape: str) -> Non
     assert rule_of(parse_policy(policy()), escape) == "login"
 
 
+@pytest.mark.parametrize("kind,text,spellings", [
+    ("exact", "/files/%7Euser", ["/files/%7Euser", "/files/~user", "/FILES/%7eUSER/"]),
+    ("prefix", "/api//v2/", ["/api//v2/x", "/api/v2/x", "/api/v2"]),
+    ("prefix", "/x;v=1", ["/x;v=1/y", "/x/y", "/x;v=2"]),
+    ("prefix", "/docs/./internal", ["/docs/./internal/a", "/docs/internal/a", "/docs//internal"]),
+    ("exact", "/a\\b/../c", ["/a\\b/../c", "/a/c", "/a/b/../c"]),
+])
+def test_a_limiting_rule_text_is_read_like_a_request_target(kind: str, text: str,
+                                                            spellings: list[str]) -> None:
+    """The rule's text goes through the same normalisation as the request: a request spelled
+    like the rule, or any other spelling of the same path, matches it."""
+    p = parse_policy(policy([{"name": "r", "match": {"path": {kind: text}}, "cost": 1}]))
+    for spelling in spellings:
+        assert rule_of(p, spelling) == "r", spelling
+
+
+def test_a_limiting_prefix_keeps_its_trailing_slash() -> None:
+    p = parse_policy(policy([{"name": "r", "match": {"path": {"prefix": "/api%2Fv2/"}}, "cost": 1}]))
+    assert [rule_of(p, x) for x in ("/api/v2", "/api/v2/x", "/api/v2x")] == ["r", "r", None]
+
+
+@pytest.mark.parametrize("kind,text,instead", [
+    ("exact", "/health%7Az", None), ("exact", "//healthz", "/healthz"),
+    ("exact", "/./healthz", "/healthz"), ("exact", "/healthz;v=1", "/healthz"),
+    ("prefix", "/static\\img/", "/static/img/"), ("prefix", "/a/../public/", "/public/"),
+    ("prefix", "/public//", "/public/"),
+])
+def test_a_skip_rule_text_that_could_never_match_is_refused(kind: str, text: str,
+                                                             instead: str | None) -> None:
+    """A skip rule matches only a path sent in plain canonical form (compared exactly), so any
+    other text is a rule that silently never applies."""
+    doc = policy([{"name": "s", "match": {"path": {kind: text}}, "skip": True}])
+    with pytest.raises(PolicyErrors) as info:
+        parse_policy(doc)
+    [err] = info.value.errors
+    assert err.path == f"spec.rules[0].match.path.{kind}"
+    assert err.reason.startswith(f"{text!r} can never match: a skip rule matches only"), err.reason
+    assert err.reason.endswith(f"; write {instead!r}" if instead else ")"), err.reason
+
+
+def test_a_skip_prefix_may_end_in_a_partial_dot_segment() -> None:
+    p = parse_policy(policy([{"name": "s", "match": {"path": {"prefix": "/docs/."}}, "skip": True}]))
+    assert rule_of(p, "/docs/.well-known/x") == "s"
+
+
+def test_matching_a_cached_path_allocates_nothing() -> None:
+    """The forms a rule compares (slashed, UTF-8) are built once per distinct path, not once per
+    rule and request: matching a long path again allocates no copy of it."""
+    p = parse_policy(policy([
+        {"name": "pre", "match": {"path": {"prefix": "/zzz/"}}, "cost": 1},
+        {"name": "re", "match": {"path": {"regex": "/zzz/[0-9]+"}}, "cost": 1},
+    ]))
+    path = "/" + "a" * 50_000
+    assert rule_of(p, path) is None  # builds and caches its forms
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        before, _ = tracemalloc.get_traced_memory()
+        for _ in range(10):
+            p.match_rule("GET", path)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak - before < 10_000, peak - before
+
+
 @pytest.fixture
 async def sidecar(tmp_path: Path) -> AsyncIterator[tuple[RunningSidecar, Upstream]]:
     up = await Upstream().start()
@@ -180,3 +286,24 @@ async def test_sidecar_skips_the_canonical_path_and_limits_its_variants(
     variants = ("//healthz", "/x/../healthz", "/healthz;x", "/HEALTHZ")
     assert [(await get(sc, v))[0] for v in variants] == [200, 200, 200, 429]
     assert (await get(sc, "/healthz"))[0] == 200
+
+
+async def test_sidecar_refuses_a_fragment_instead_of_deciding_without_it(
+        sidecar: tuple[RunningSidecar, Upstream]) -> None:
+    """``/healthz#/../api/login`` would be decided as /healthz (skipped) but forwarded whole, to
+    an upstream that may read it as /api/login: a fragment is not origin-form, it is refused
+    (400, connection closed) and nothing reaches the upstream or takes a token."""
+    sc, up = sidecar
+    for target in ("/healthz#/../api/login", "/healthz#", "/api/login?x=1#y"):
+        reader, writer = await asyncio.open_connection("127.0.0.1", sc.data_port)
+        try:
+            writer.write(f"GET {target} HTTP/1.1\r\nHost: t\r\n\r\n".encode())
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+            assert head.startswith(b"HTTP/1.1 400 "), (target, head)
+            await asyncio.wait_for(reader.read(), 10)  # returns at EOF: the sidecar closed it
+        finally:
+            writer.close()
+            with contextlib.suppress(OSError, ConnectionError):
+                await writer.wait_closed()
+    assert up.seen == []
+    assert (await get(sc, "/api/login"))[0] == 200  # the rule's one token was still there

@@ -11,13 +11,7 @@ import ipaddress
 from dataclasses import dataclass, field
 from enum import StrEnum
 
-from sluice_core.paths import (
-    PathRegex,
-    RequestPath,
-    compile_regex,
-    normalise_rule_path,
-    request_path,
-)
+from sluice_core.paths import PathRegex, RequestPath, limiting_rule_text, request_path
 
 API_VERSION = "sluice.dev/v1alpha1"
 KIND = "RateLimitPolicy"
@@ -119,27 +113,36 @@ class Rule:
     limit: Limit | None  # its own bucket per client, checked with the tier bucket
     cost: int  # tokens taken from every bucket the request checks
     skip: bool  # not limited at all
-    # How the path is compared, prepared once: a limiting rule's exact path normalised and its
-    # exact or prefix lower-cased; the regex compiled by RE2 (case-insensitive for a limiting
-    # rule). ``parse`` has already refused a regex RE2 cannot compile.
+    # ``path.regex`` compiled once by ``parse`` (paths.compile_regex, with the policy's budget).
+    regex: PathRegex | None = field(default=None, compare=False, repr=False)
+    # The methods the rule matches: a limiting rule that lists GET matches HEAD too (frameworks
+    # answer HEAD with the GET handler, which does the same work); a skip rule only those listed.
+    matched_methods: frozenset[str] | None = field(default=None, init=False, compare=False,
+                                                   repr=False)
+    # How an exact or prefix path is compared, prepared once: a limiting rule's read like a
+    # request target (paths.limiting_rule_text), a skip rule's as written.
     _text: str = field(default="", init=False, compare=False, repr=False)
-    _regex: PathRegex | None = field(default=None, init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
+        methods = self.methods
+        if methods is not None and not self.skip and "GET" in methods:
+            methods = methods | {"HEAD"}
+        object.__setattr__(self, "matched_methods", methods)
         p = self.path
         if p is None:
             return
         if p.regex is not None:
-            object.__setattr__(self, "_regex", compile_regex(p.regex, skip=self.skip))
+            if self.regex is None:
+                raise ValueError(f"rule {self.name}: path.regex must come compiled (paths.compile_regex)")
         elif self.skip:
             object.__setattr__(self, "_text", p.exact if p.exact is not None else p.prefix)
-        elif p.exact is not None:
-            object.__setattr__(self, "_text", normalise_rule_path(p.exact))
         else:
-            object.__setattr__(self, "_text", (p.prefix or "").lower())
+            text = p.exact if p.exact is not None else p.prefix
+            assert text is not None
+            object.__setattr__(self, "_text", limiting_rule_text(text, prefix=p.exact is None))
 
     def matches(self, method: str, path: RequestPath) -> bool:
-        if self.methods is not None and method not in self.methods:
+        if self.matched_methods is not None and method not in self.matched_methods:
             return False
         p = self.path
         if p is None:
@@ -151,17 +154,17 @@ class Rule:
                 return path.plain == self._text
             if p.prefix is not None:
                 return path.plain.startswith(self._text)
-            assert self._regex is not None
-            return self._regex.fullmatch(path.plain)
+            assert self.regex is not None
+            return self.regex.fullmatch(path.plain_bytes)
         # A limiting rule: every spelling of the path (normalised, any case, trailing slash or not).
         if p.exact is not None:
             return path.folded == self._text
-        if p.prefix is not None:
-            return path.folded.startswith(self._text) or (path.folded + "/").startswith(self._text)
-        assert self._regex is not None
+        if p.prefix is not None:  # folded_slashed starts with the text whenever folded does
+            return path.folded_slashed.startswith(self._text)
+        assert self.regex is not None
         # Two calls, not "(?:regex)/?": a pattern ending in "$" must still match without the slash.
-        return self._regex.fullmatch(path.norm) or (path.slashed != path.norm
-                                                    and self._regex.fullmatch(path.slashed))
+        return self.regex.fullmatch(path.norm_bytes) or (path.slashed_bytes is not None
+                                                          and self.regex.fullmatch(path.slashed_bytes))
 
 
 @dataclass(frozen=True, slots=True)

@@ -35,7 +35,16 @@ from sluice_core.model import (
     Source,
     Tier,
 )
-from sluice_core.paths import RegexError, compile_regex
+from sluice_core.paths import (
+    MAX_REGEX_RULES,
+    POLICY_REGEX_MEMORY,
+    RegexError,
+    compile_regex,
+    is_canonical,
+    normalise,
+    regex_budget,
+    skip_rule_text_canonical,
+)
 
 # Kubernetes object names (RFC 1123 subdomain), tier and rule names (RFC 1123 label).
 _DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
@@ -361,7 +370,7 @@ def _rules(c: _Checker, value: Any) -> tuple[Rule, ...]:
     items = c.seq(value, "spec.rules") or []
     if len(items) > MAX_RULES:
         c.fail("spec.rules", f"must have at most {MAX_RULES} rules, got {len(items)}")
-    rules: list[Rule] = []
+    pending: list[tuple[str, dict[str, Any]]] = []  # (field path, the Rule's fields but its regex)
     names: set[str] = set()
     for i, item in enumerate(items):
         p = f"spec.rules[{i}]"
@@ -374,8 +383,8 @@ def _rules(c: _Checker, value: Any) -> tuple[Rule, ...]:
             c.fail(f"{p}.name", f"duplicate rule name {name!r}")
         if name is not None:
             names.add(name)
-        path, methods = _match(c, m.get("match"), f"{p}.match")
         skip = c.boolean(m.get("skip"), f"{p}.skip", False)
+        path, methods = _match(c, m.get("match"), f"{p}.match", skip)
         limit = None
         lm = c.mapping(m.get("limit"), f"{p}.limit")
         if lm is not None:
@@ -389,12 +398,42 @@ def _rules(c: _Checker, value: Any) -> tuple[Rule, ...]:
         if cost is not None and limit is not None and cost > limit.burst:
             c.fail(f"{p}.cost", f"is {cost}, more than the rule's burst {limit.burst}: no request could ever pass")
         if name is not None and cost is not None:
-            rules.append(Rule(name=name, path=path, methods=methods, limit=limit, cost=cost,
-                              skip=skip))
+            pending.append((p, {"name": name, "path": path, "methods": methods, "limit": limit,
+                                "cost": cost, "skip": skip}))
+    return _compile_regexes(c, pending)
+
+
+def _compile_regexes(c: _Checker, pending: list[tuple[str, dict[str, Any]]]) -> tuple[Rule, ...]:
+    """Compile every rule regex once, here, within the share of the policy's RE2 memory budget
+    that each gets (sluice_core.paths.regex_budget)."""
+    patterns = [r["path"].regex if r["path"] is not None else None for _, r in pending]
+    count = sum(1 for x in patterns if x is not None)
+    if count > MAX_REGEX_RULES:
+        c.fail("spec.rules", f"must have at most {MAX_REGEX_RULES} regex rules, got {count} "
+               f"(they share {POLICY_REGEX_MEMORY >> 20} MiB of RE2 memory): use exact or prefix "
+               f"paths, or one regex with alternatives")
+        return ()
+    budget = regex_budget(count)
+    rules: list[Rule] = []
+    for (p, fields), pattern in zip(pending, patterns, strict=True):
+        if pattern is None:
+            rules.append(Rule(**fields))
+            continue
+        try:
+            regex = compile_regex(pattern, skip=fields["skip"], max_mem=budget)
+        except RegexError as exc:
+            share = (f" (each of this policy's {count} regex rules may use {budget >> 10} KiB)"
+                     if "too large" in str(exc) else "")
+            c.fail(f"{p}.match.path.regex", "is not a valid regular expression for RE2, the "
+                   "linear-time engine rules run on (no backreferences, lookaround or "
+                   f"possessive repeats){share}: {exc}")
+            continue
+        rules.append(Rule(**fields, regex=regex))
     return tuple(rules)
 
 
-def _match(c: _Checker, value: Any, path: str) -> tuple[PathMatch | None, frozenset[str] | None]:
+def _match(c: _Checker, value: Any, path: str,
+           skip: bool) -> tuple[PathMatch | None, frozenset[str] | None]:
     m = c.mapping(value, path, required=True)
     if m is None:
         return None, None
@@ -414,15 +453,8 @@ def _match(c: _Checker, value: Any, path: str) -> tuple[PathMatch | None, frozen
                     c.fail(f"{path}.path.{kind}", f"must be at most {MAX_PATH} characters")
                 elif kind != "regex" and not text.startswith("/"):
                     c.fail(f"{path}.path.{kind}", f"must start with '/', got {text!r}")
-                elif kind == "regex":
-                    try:
-                        compile_regex(text)
-                    except RegexError as exc:
-                        c.fail(f"{path}.path.regex", "is not a valid regular expression for RE2, "
-                               "the linear-time engine rules run on (no backreferences, "
-                               f"lookaround or possessive repeats): {exc}")
-                    else:
-                        pm = PathMatch(regex=text)
+                elif skip and kind != "regex" and not skip_rule_text_canonical(text, prefix=kind == "prefix"):
+                    c.fail(f"{path}.path.{kind}", _not_canonical(text))
                 else:
                     pm = PathMatch(**{kind: text})
     methods = None
@@ -436,3 +468,13 @@ def _match(c: _Checker, value: Any, path: str) -> tuple[PathMatch | None, frozen
     if pv is None and mv is None:
         c.fail(path, "must set path, methods or both")
     return pm, methods
+
+
+def _not_canonical(text: str) -> str:
+    """Why a skip rule's text is refused, and what to write instead when there is a plain form."""
+    reason = (f"{text!r} can never match: a skip rule matches only a path sent in plain canonical "
+              f"form (no percent-escape, ';', '\\', '//', '.' or '..' segment)")
+    suggestion = normalise(text) + ("/" if text.endswith("/") and normalise(text) != "/" else "")
+    if is_canonical(suggestion):
+        reason += f"; write {suggestion!r}"
+    return reason

@@ -44,6 +44,7 @@ from sluice_core.model import (
     Source,
 )
 from sluice_core.parse import parse_policy
+from sluice_core.paths import regex_never_matched
 
 ADMISSION_API_VERSION = "admission.k8s.io/v1"
 
@@ -212,6 +213,13 @@ def policy_warnings(policy: CompiledPolicy, spec: Mapping[str, Any]) -> list[str
                 warnings.append(
                     f"spec.rules[{i}].limit: {_rate(rule.limit)} is at least as generous as "
                     f"{whom}: the tier's bucket always runs out first, this limit never binds")
+        regex = rule.path.regex if rule.path is not None else None
+        never = regex_never_matched(regex) if regex is not None else []
+        if never:
+            warnings.append(
+                f"spec.rules[{i}].match.path.regex: mentions {' and '.join(map(repr, never))}, "
+                "which a path matched against it never contains (';params' and '//' are "
+                "dropped, escapes decoded: '~', not '%7E'): that part never matches")
         for j, earlier in enumerate(policy.rules[:i]):
             if _covers(earlier, rule):
                 warnings.append(f"spec.rules[{i}]: never matches, spec.rules[{j}] "
@@ -224,9 +232,9 @@ def policy_warnings(policy: CompiledPolicy, spec: Mapping[str, Any]) -> list[str
     ident = policy.identify
     if Source.API_KEY in ident.order and ident.order[0] is not Source.API_KEY:
         # A known key carries the client's tier, so it always identifies first (limiter._plan).
-        warnings.append(f"spec.identify.order: a known API key identifies its client before any "
-                        f"other source, whatever its place in the list; list 'apiKey' first "
-                        f"to say so")
+        warnings.append("spec.identify.order: a known API key identifies its client before any "
+                        "other source, whatever its place in the list; list 'apiKey' first "
+                        "to say so")
     if (Source.HEADER in ident.order and not ident.trusted_proxies
             and ident.header_from is HeaderFrom.TRUSTED_PROXIES):
         warnings.append(f"spec.identify.headerFrom: no peer may set {ident.header} "
@@ -249,7 +257,8 @@ def policy_warnings(policy: CompiledPolicy, spec: Mapping[str, Any]) -> list[str
 
 def _covers(earlier: Rule, later: Rule) -> bool:
     """Conservative: True only when ``earlier`` surely matches every request ``later`` does."""
-    if earlier.methods is not None and (later.methods is None or not later.methods <= earlier.methods):
+    em, lm = earlier.matched_methods, later.matched_methods
+    if em is not None and (lm is None or not lm <= em):
         return False
     ep, lp = earlier.path, later.path
     if ep is None:

@@ -38,8 +38,12 @@ def _connection_tokens(value: str | None) -> set[str]:
 
 def origin_form(request: web.BaseRequest) -> bool:
     """Only ``/path?query`` targets are proxied: absolute-form (``http://evil/``), authority-form
-    (``CONNECT``) and asterisk-form are refused, so the sidecar is never an open proxy."""
-    return request.raw_path.startswith("/") and request.method != "CONNECT"
+    (``CONNECT``) and asterisk-form are refused, so the sidecar is never an open proxy. So is a
+    ``#fragment``, which origin-form does not allow (RFC 9112 §3.2.1): the limiter decides on
+    the path without it, and the target is forwarded as sent, so ``/healthz#/../admin`` would be
+    skipped as ``/healthz`` and reach an upstream that reads it as ``/admin``."""
+    target = request.raw_path
+    return target.startswith("/") and "#" not in target and request.method != "CONNECT"
 
 
 class Proxy:
