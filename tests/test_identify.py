@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from multidict import CIMultiDict, CIMultiDictProxy
-from sluice_core.keyschema import client_for_header, client_for_ip
+from sluice_core.keyschema import client_for_header, client_for_ip, ip_group
 from sluice_core.model import HeaderFrom, Identify, Source
 from sluice_sidecar.identify import (
     MAX_XFF_HOPS,
@@ -18,6 +18,7 @@ from sluice_sidecar.identify import (
     anonymous_client,
     client_ip,
     header_trusted,
+    is_trusted,
     list_field,
     single_field,
 )
@@ -134,7 +135,8 @@ def test_ipv6(peer: str, xff: str, expected: str) -> None:
 @given(v6=st.ip_addresses(v=6).filter(lambda a: not trusted(str(a))))
 def test_ipv6_spellings_are_one_client(v6: ipaddress.IPv6Address) -> None:
     spellings = {str(v6), v6.exploded, v6.exploded.upper()}
-    assert {client_ip("fd00::1", s, TRUSTED) for s in spellings} == {str(v6)}
+    # an IPv4-mapped address is its IPv4 address
+    assert {client_ip("fd00::1", s, TRUSTED) for s in spellings} == {str(v6.ipv4_mapped or v6)}
 
 
 # Long headers ---------------------------------------------------------------------------------
@@ -212,3 +214,37 @@ def test_peer_verdicts_are_cached_within_a_bound() -> None:
     for peer in [*peers, "10.1.2.3"]:
         assert trust.verdict(peer) == (peer == "10.1.2.3",) * 2
         assert len(trust._verdicts) <= PeerTrust.MAX_PEERS
+
+
+# IPv4-mapped peers and IPv6 clients -------------------------------------------------------------
+def test_an_ipv4_mapped_peer_is_its_ipv4_address() -> None:
+    """A dual-stack listener reports the IPv4 peer 10.1.2.3 as ``::ffff:10.1.2.3``: it is the
+    trusted proxy ``10.0.0.0/8`` names, so X-Forwarded-For is walked, and as a client it is
+    keyed as the IPv4 address (the same bucket on either kind of listener)."""
+    ten = (ipaddress.ip_network("10.0.0.0/8"),)
+    assert is_trusted("::ffff:10.1.2.3", ten)
+    assert not is_trusted("::ffff:11.1.2.3", ten)
+    assert client_ip("::ffff:10.1.2.3", "203.0.113.9", ten) == "203.0.113.9"
+    assert client_ip("10.1.2.3", "::ffff:203.0.113.9", ten) == "203.0.113.9"
+    assert client_for_ip("::ffff:203.0.113.9") == client_for_ip("203.0.113.9")
+    trust = PeerTrust(Identify(trusted_proxies=ten))
+    assert trust.verdict("::ffff:10.1.2.3")[0]
+
+
+def test_an_ipv6_client_is_its_slash_64() -> None:
+    """Every address of one /64 is one client (one bucket); another /64 is another client."""
+    one = client_for_ip("2001:db8:1:2::5")
+    assert client_for_ip("2001:db8:1:2:ffff:ffff:ffff:ffff") == one
+    assert client_for_ip("2001:0db8:0001:0002:0000:0000:0000:0001") == one  # any spelling
+    assert client_for_ip("2001:db8:1:3::5") != one
+    assert client_for_ip("203.0.113.9") == "i203.0.113.9"  # IPv4: the address itself
+    assert ip_group("2001:db8:1:2::5") == "2001:db8:1:2::/64"
+
+
+@given(st.ip_addresses(v=6))
+def test_ipv6_clients_are_keyed_by_their_prefix(addr: ipaddress.IPv6Address) -> None:
+    if addr.ipv4_mapped is not None:
+        assert client_for_ip(str(addr)) == "i" + str(addr.ipv4_mapped)
+    else:
+        net = ipaddress.IPv6Network((addr, 64), strict=False)
+        assert client_for_ip(str(addr)) == client_for_ip(str(net.network_address)) == f"i{net}"

@@ -39,9 +39,8 @@ def client_ip(peer: str, xff: str | None, trusted: tuple[IPNetwork, ...], *,
     current = peer
     for raw in reversed(hops[-MAX_XFF_HOPS:]):
         hop = raw.strip()
-        try:
-            addr = ipaddress.ip_address(hop)
-        except ValueError:
+        addr = parse_ip(hop)
+        if addr is None:
             return current  # garbage written by an untrusted hop: stop at the last good one
         current = str(addr)
         if not any(addr in net for net in trusted):
@@ -49,12 +48,22 @@ def client_ip(peer: str, xff: str | None, trusted: tuple[IPNetwork, ...], *,
     return current
 
 
-def is_trusted(ip: str, trusted: tuple[IPNetwork, ...]) -> bool:
+def parse_ip(ip: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """``ip`` parsed, an IPv4-mapped IPv6 address unwrapped: a dual-stack listener reports the
+    IPv4 peer 10.1.2.3 as ``::ffff:10.1.2.3``, which must match ``10.0.0.0/8`` as it is. None
+    when it is not an address."""
     try:
         addr = ipaddress.ip_address(ip)
     except ValueError:
-        return False
-    return any(addr in net for net in trusted)
+        return None
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        return addr.ipv4_mapped
+    return addr
+
+
+def is_trusted(ip: str, trusted: tuple[IPNetwork, ...]) -> bool:
+    addr = parse_ip(ip)
+    return addr is not None and any(addr in net for net in trusted)
 
 
 def list_field(headers: MultiMapping[str], name: str) -> str | None:
@@ -80,13 +89,8 @@ def header_trusted(peer: str, ident: Identify) -> bool:
         return True
     if ident.header_from is not HeaderFrom.TRUSTED_PROXIES_OR_LOOPBACK:
         return False
-    try:
-        addr = ipaddress.ip_address(peer)
-    except ValueError:
-        return False
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-        addr = addr.ipv4_mapped  # a dual-stack listener reports 127.0.0.1 as ::ffff:127.0.0.1
-    return addr.is_loopback
+    addr = parse_ip(peer)
+    return addr is not None and addr.is_loopback
 
 
 class PeerTrust:
