@@ -1233,7 +1233,7 @@ async def test_proxy_headers_reach_the_app_only_from_trusted_proxies(
     untrusted = await sidecars(policy_doc(tiers=tiers))
     await call(http, "GET", untrusted.url + "/a", headers=PROXY_HEADERS)
     seen = upstream.seen[-1]
-    assert {name: seen.header(name) for name in PROXY_HEADERS} == dict.fromkeys(PROXY_HEADERS, [])
+    assert {name: seen.header(name) for name in PROXY_HEADERS} == {name: [] for name in PROXY_HEADERS}
     assert seen.header("X-Forwarded-For") == ["127.0.0.1"]
     trusted = await sidecars(policy_doc(tiers=tiers, identify={"order": ["ip"],
                                                                "trustedProxies": ["127.0.0.1/32"]}))
