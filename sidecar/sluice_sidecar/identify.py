@@ -13,6 +13,10 @@ hold one value: sent as several lines they are ambiguous and count as absent (th
 to the next identity source, or gets a 401 when a key is required); picking one line would let
 the client choose what Sluice counts while the app may read another. ``Forwarded`` (RFC 7239) is
 not read.
+
+Addresses are compared and keyed as one client stands for them: an IPv4-mapped IPv6 address (a
+dual-stack listener's ``::ffff:10.1.2.3``) is its IPv4 address, and an IPv6 client is its /64
+(:func:`~sluice_core.keyschema.ip_group`).
 """
 
 from __future__ import annotations
