@@ -10,8 +10,11 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from multidict import CIMultiDict, CIMultiDictProxy
+from sluice_core.errors import PolicyErrors
 from sluice_core.keyschema import client_for_header, client_for_ip, ip_group
+from sluice_core.manifest import to_manifest
 from sluice_core.model import HeaderFrom, Identify, Source
+from sluice_core.parse import parse_policy
 from sluice_sidecar.identify import (
     MAX_XFF_HOPS,
     PeerTrust,
@@ -32,7 +35,10 @@ def trusted(ip: str) -> bool:
 
 
 def canon(ip: str) -> str:
-    return str(ipaddress.ip_address(ip))
+    """The one spelling of an address; an IPv4-mapped IPv6 address is its IPv4 address."""
+    addr = ipaddress.ip_address(ip)
+    mapped = addr.ipv4_mapped if isinstance(addr, ipaddress.IPv6Address) else None
+    return str(mapped or addr)
 
 
 any_ip = st.ip_addresses().map(str)
@@ -248,3 +254,31 @@ def test_ipv6_clients_are_keyed_by_their_prefix(addr: ipaddress.IPv6Address) -> 
     else:
         net = ipaddress.IPv6Network((addr, 64), strict=False)
         assert client_for_ip(str(addr)) == client_for_ip(str(net.network_address)) == f"i{net}"
+
+
+@pytest.mark.parametrize(("prefix", "same", "other"), [
+    (64, "2001:db8:1:2:ffff::9", "2001:db8:1:3::1"),
+    (48, "2001:db8:1:ffff::9", "2001:db8:2::1"),  # another /64 of the same /48: one client
+    (128, "2001:db8:1:2::1", "2001:db8:1:2::2"),  # each address its own client
+])
+def test_the_policy_chooses_the_ipv6_prefix(prefix: int, same: str, other: str) -> None:
+    trust = PeerTrust(Identify(order=(Source.IP,), ipv6_prefix_length=prefix))
+    no_headers: CIMultiDictProxy[str] = CIMultiDictProxy(CIMultiDict())
+    first = anonymous_client(no_headers, "2001:db8:1:2::1", trust)
+    assert anonymous_client(no_headers, same, trust) == first
+    assert anonymous_client(no_headers, other, trust) != first
+
+
+@pytest.mark.parametrize("value", [47, 129, 0, "64", True, 64.0])
+def test_ipv6_prefix_length_is_checked(value: object) -> None:
+    doc = {"apiVersion": "sluice.dev/v1alpha1", "kind": "RateLimitPolicy", "metadata": {"name": "p"},
+           "spec": {"identify": {"ipv6PrefixLength": value},
+                    "tiers": [{"name": "free", "requests": 5, "period": "1m"}]}}
+    with pytest.raises(PolicyErrors, match=r"spec\.identify\.ipv6PrefixLength: must be an integer from 48 to 128"):
+        parse_policy(doc)
+    doc["spec"]["identify"] = {"ipv6PrefixLength": 56}  # type: ignore[index]
+    policy = parse_policy(doc)
+    assert policy.identify.ipv6_prefix_length == 56
+    assert parse_policy(to_manifest(policy)).identify.ipv6_prefix_length == 56  # kept through Redis
+    del doc["spec"]["identify"]  # type: ignore[attr-defined]
+    assert "ipv6PrefixLength" not in to_manifest(parse_policy(doc)).get("spec", {}).get("identify", {})

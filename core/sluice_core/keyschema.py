@@ -100,16 +100,17 @@ def client_for_header(value: str) -> str:
 
 
 IPV6_CLIENT_PREFIX = 64
-"""An IPv6 client is its /64: the smallest network a host or site is normally given (SLAAC,
-RFC 6177), so one subscriber cannot take 2^64 fresh buckets by rotating its addresses."""
+"""By default an IPv6 client is its /64: the smallest network a host or site is normally given
+(SLAAC, RFC 6177), so one subscriber cannot take 2^64 fresh buckets by rotating its addresses.
+A policy may choose another length (``identify.ipv6PrefixLength``)."""
 
 
-def client_for_ip(ip: str) -> str:
-    return "i" + ip_group(ip)
+def client_for_ip(ip: str, ipv6_prefix: int = IPV6_CLIENT_PREFIX) -> str:
+    return "i" + ip_group(ip, ipv6_prefix)
 
 
 @functools.lru_cache(maxsize=4096)
-def _ipv6_group(ip: str) -> str:
+def _ipv6_group(ip: str, prefix: int) -> str:
     try:
         addr = ipaddress.ip_address(ip)
     except ValueError:
@@ -117,15 +118,18 @@ def _ipv6_group(ip: str) -> str:
     if isinstance(addr, ipaddress.IPv6Address):
         if addr.ipv4_mapped is not None:
             return str(addr.ipv4_mapped)
-        return str(ipaddress.IPv6Network((addr, IPV6_CLIENT_PREFIX), strict=False))
+        if prefix >= 128:
+            return str(addr)
+        return str(ipaddress.IPv6Network((addr, prefix), strict=False))
     return ip
 
 
-def ip_group(ip: str) -> str:
+def ip_group(ip: str, ipv6_prefix: int = IPV6_CLIENT_PREFIX) -> str:
     """The address one client stands for: an IPv4 address itself, an IPv4-mapped IPv6 address
     (``::ffff:10.1.2.3``, from a dual-stack listener) its IPv4 address, any other IPv6 address
-    its /64 network (``2001:db8:1:2::/64``). Text that is not an address is returned as is."""
-    return _ipv6_group(ip) if ":" in ip else ip  # IPv4, the common case, is not parsed
+    its network of ``ipv6_prefix`` bits (``2001:db8:1:2::/64``; at 128 the address itself).
+    Text that is not an address is returned as is."""
+    return _ipv6_group(ip, ipv6_prefix) if ":" in ip else ip  # IPv4, the common case, is not parsed
 
 
 def client_tag(policy_ref: str, client_id: str) -> str:

@@ -15,8 +15,8 @@ the client choose what Sluice counts while the app may read another. ``Forwarded
 not read.
 
 Addresses are compared and keyed as one client stands for them: an IPv4-mapped IPv6 address (a
-dual-stack listener's ``::ffff:10.1.2.3``) is its IPv4 address, and an IPv6 client is its /64
-(:func:`~sluice_core.keyschema.ip_group`).
+dual-stack listener's ``::ffff:10.1.2.3``) is its IPv4 address, and an IPv6 client is its
+network of ``identify.ipv6PrefixLength`` bits, /64 by default (:func:`~sluice_core.keyschema.ip_group`).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from __future__ import annotations
 import ipaddress
 
 from multidict import MultiMapping
-from sluice_core.keyschema import client_for_header, client_for_ip
+from sluice_core.keyschema import IPV6_CLIENT_PREFIX, client_for_header, client_for_ip
 from sluice_core.model import HeaderFrom, Identify, IPNetwork, Source
 
 MAX_XFF_HOPS = 32  # a longer chain is not walked further (header tricks stay cheap)
@@ -132,7 +132,7 @@ def anonymous_client(headers: MultiMapping[str], peer: str, trust: PeerTrust) ->
     hv = single_field(headers, ident.header) if header_ok and ident.header is not None else None
     xff = list_field(headers, "X-Forwarded-For") if proxy else None
     ip = client_ip(peer, xff, ident.trusted_proxies, peer_trusted=proxy)
-    return identity(ident.order, header_value=hv, ip=ip)
+    return identity(ident.order, header_value=hv, ip=ip, ipv6_prefix=ident.ipv6_prefix_length)
 
 
 def api_key_from(headers: MultiMapping[str], header: str) -> str | None:
@@ -150,7 +150,7 @@ def api_key_from(headers: MultiMapping[str], header: str) -> str | None:
 
 
 def identity(order: tuple[Source, ...], *, header_value: str | None,
-             ip: str) -> str:
+             ip: str, ipv6_prefix: int = IPV6_CLIENT_PREFIX) -> str:
     """The client id used in bucket keys (brace-free, bounded length), for sources other than
     a known API key (which the caller handles: its id is the key's digest)."""
     for source in order:
@@ -159,5 +159,5 @@ def identity(order: tuple[Source, ...], *, header_value: str | None,
         if source is Source.HEADER and header_value and len(header_value) <= MAX_IDENTITY_LENGTH:
             return client_for_header(header_value)
         if source is Source.IP:
-            return client_for_ip(ip)
-    return client_for_ip(ip)  # a policy listing only apiKey still needs a bucket for keyless clients
+            return client_for_ip(ip, ipv6_prefix)
+    return client_for_ip(ip, ipv6_prefix)  # a policy listing only apiKey still needs a bucket for keyless clients
