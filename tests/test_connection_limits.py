@@ -21,6 +21,7 @@ from sluice_core import keyschema
 from sluice_sidecar.settings import SidecarSettings
 from sluice_sidecar.stores.memory import MemoryStore
 from support.processes import SidecarProcess, UpstreamProcess
+from support.redis_servers import RedisServer
 from support.sidecar_harness import wait_for
 
 MEMORY_LIMIT = 128 * 2**20  # the injected sidecar's default memory limit
@@ -41,9 +42,10 @@ def upstream() -> Iterator[UpstreamProcess]:
 
 
 @contextlib.contextmanager
-def sidecar(upstream: UpstreamProcess, tmp_path: Path, **env: str) -> Iterator[SidecarProcess]:
+def sidecar(upstream: UpstreamProcess, tmp_path: Path, policy_text: str = POLICY,
+            **env: str) -> Iterator[SidecarProcess]:
     policy = tmp_path / "policy.yaml"
-    policy.write_text(POLICY)
+    policy.write_text(policy_text)
     sc = SidecarProcess(upstream.url, "--policy-file", str(policy), env=env)
     try:
         yield sc
@@ -83,10 +85,10 @@ class PeakRss(Peak):
         return f"RSS {self.start / 2**20:.0f} MiB at start, {self.peak / 2**20:.0f} MiB at peak"
 
 
-async def exchange(port: int, request: bytes, timeout: float = 10.0) -> bytes:
-    """Send ``request`` (while reading, so a refusal mid-send is seen) and return all that
-    comes back until the sidecar closes; b"" if it closed or reset without an answer."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+async def exchange(port: int, request: bytes, timeout: float = 10.0, source: str = "127.0.0.1") -> bytes:
+    """Send ``request`` from ``source`` (while reading, so a refusal mid-send is seen) and return
+    all that comes back until the sidecar closes; b"" if it closed or reset without an answer."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=(source, 0))
     try:
         writer.write(request)
         with contextlib.suppress(ConnectionError, TimeoutError):
@@ -138,7 +140,8 @@ async def test_header_flood_is_refused_431_and_memory_stays_bounded(
         upstream: UpstreamProcess, tmp_path: Path) -> None:
     """150 requests of 100 fields x 8,000 bytes each (under the per-field limit) against an
     upstream that would hold them 30 s: each is answered 431 without reaching the upstream."""
-    with sidecar(upstream, tmp_path) as sc:  # the defaults
+    # the defaults, but one host plays every client
+    with sidecar(upstream, tmp_path, SLUICE_MAX_CONNECTIONS_PER_CLIENT="1000") as sc:
         flood = head("/slow?s=30", 100, 8000)
         with PeakRss(sc.proc.pid) as rss:
             answers = await gather_bounded([exchange(sc.port, flood) for _ in range(150)])
@@ -172,7 +175,8 @@ async def test_slowloris_connections_are_closed_after_the_header_timeout(
         upstream: UpstreamProcess, tmp_path: Path) -> None:
     """300 connections trickling a head a byte at a time and 100 that send nothing: all closed
     once the header timeout passes; an honest client is served meanwhile."""
-    with sidecar(upstream, tmp_path, SLUICE_HEADER_TIMEOUT_S="1") as sc:
+    with sidecar(upstream, tmp_path, SLUICE_HEADER_TIMEOUT_S="1",
+                 SLUICE_MAX_CONNECTIONS_PER_CLIENT="1000") as sc:  # one host plays every client
         stop_at = time.monotonic() + 20  # every trickle loop ends by then
         closed_by_server = 0
 
@@ -213,8 +217,8 @@ async def test_idle_flood_is_capped_then_closed_after_the_keepalive_timeout(
     """2,000 keep-alive clients each make one request and stay idle: never more than 500 are
     open (the cap), the others are refused 503 at once; the idle ones are closed after the
     keep-alive timeout (some may be before the flood ends, freeing places for later ones)."""
-    with sidecar(upstream, tmp_path, SLUICE_MAX_CONNECTIONS="500",
-                 SLUICE_KEEPALIVE_TIMEOUT_S="3") as sc:
+    with sidecar(upstream, tmp_path, SLUICE_MAX_CONNECTIONS="500", SLUICE_KEEPALIVE_TIMEOUT_S="3",
+                 SLUICE_MAX_CONNECTIONS_PER_CLIENT="5000") as sc:  # one host plays every client
         streams: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
         statuses: list[int] = []
 
@@ -251,6 +255,87 @@ async def test_idle_flood_is_capped_then_closed_after_the_keepalive_timeout(
                 writer.close()
 
 
+async def hold_one_byte(port: int, n: int, source: str) -> list[asyncio.StreamWriter]:
+    """``n`` connections from ``source`` that each send one byte of a request head, then wait."""
+    held = []
+    for _ in range(n):
+        _, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=(source, 0))
+        writer.write(b"G")
+        held.append(writer)
+    return held
+
+
+def refusals(sc: SidecarProcess) -> float:
+    return sc.metric("sluice_overload_refusals_total")
+
+
+async def test_one_host_cannot_take_every_connection(upstream: UpstreamProcess, tmp_path: Path) -> None:
+    """150 one-byte connections from 127.0.0.1 (no request completes, no token is taken): 20
+    are held (the per-client cap), the rest refused 503, so the global cap of 100 is never
+    reached and a client at 127.0.0.2 is served."""
+    with sidecar(upstream, tmp_path, SLUICE_MAX_CONNECTIONS="100", SLUICE_MAX_CONNECTIONS_PER_CLIENT="20",
+                 SLUICE_HEADER_TIMEOUT_S="60") as sc:
+        held = await hold_one_byte(sc.port, 150, "127.0.0.1")
+        try:
+            # every attacking connection is either open or refused
+            await poll(lambda: sc.metric("sluice_client_connections") + refusals(sc), lambda v: v == 150,
+                       "150 connections accepted or refused")
+            answer = await exchange(sc.port, b"GET / HTTP/1.0\r\n\r\n", source="127.0.0.2")
+            assert status_of(answer) == 200, answer[:300]
+            assert sc.metric("sluice_overload_refusals_total", reason="client_connections") == 130
+            assert sc.metric("sluice_overload_refusals_total", reason="connections") == 0
+            assert sc.metric("sluice_decisions_total") == 1  # the honest request only
+            # the same host's own request is refused while it holds its 20 (answered once the
+            # refused connections have stopped lingering: past that cap one is closed at once)
+            async def refused() -> bytes:
+                answer = await exchange(sc.port, b"GET / HTTP/1.0\r\n\r\n")
+                return answer if status_of(answer) == 503 else b""
+            answer = await wait_for(refused, timeout=20, interval=0.2, what="a 503 for the same host")
+            assert b"overloaded" in answer and b"from this client" in answer, answer[:300]
+        finally:
+            for writer in held:
+                writer.close()
+        await poll(lambda: sc.metric("sluice_client_connections"), lambda v: v == 0, "attack connections closed")
+        assert status_of(await exchange(sc.port, b"GET / HTTP/1.0\r\n\r\n")) == 200
+
+
+async def test_trusted_proxies_are_exempt_from_the_per_client_cap(upstream: UpstreamProcess,
+                                                                  tmp_path: Path) -> None:
+    """Behind an ingress every connection comes from the ingress: the policy's trusted proxies
+    (127.0.0.1 here) are not capped per client; another address (127.0.0.2) is."""
+    trusting = POLICY + "  identify: {order: [ip], trustedProxies: [127.0.0.1/32]}\n"
+    with sidecar(upstream, tmp_path, trusting, SLUICE_MAX_CONNECTIONS_PER_CLIENT="5",
+                 SLUICE_HEADER_TIMEOUT_S="60") as sc:
+        held = await hold_one_byte(sc.port, 12, "127.0.0.1")
+        held += await hold_one_byte(sc.port, 12, "127.0.0.2")
+        try:
+            await poll(lambda: sc.metric("sluice_client_connections") + refusals(sc), lambda v: v == 24,
+                       "24 connections accepted or refused")
+            assert sc.metric("sluice_client_connections") == 17  # 12 from the proxy, 5 from the client
+            assert sc.metric("sluice_overload_refusals_total", reason="client_connections") == 7
+        finally:
+            for writer in held:
+                writer.close()
+
+
+async def test_the_first_byte_does_not_restart_the_head_clock(upstream: UpstreamProcess,
+                                                             tmp_path: Path) -> None:
+    """A connection that sends one byte just before the header timeout is closed when the
+    timeout passes from the connection's opening (4 s), not a full timeout after that byte
+    (7.5 s): one byte cannot hold a place twice as long."""
+    with sidecar(upstream, tmp_path, SLUICE_HEADER_TIMEOUT_S="4") as sc:
+        reader, writer = await asyncio.open_connection("127.0.0.1", sc.port)
+        try:
+            await asyncio.sleep(3.5)  # the attack's pace: the byte comes late
+            writer.write(b"G")
+            with contextlib.suppress(ConnectionError):
+                # 6.5 s after connecting: closed by now (at 4 s), and without an answer
+                assert await asyncio.wait_for(reader.read(-1), 3.0) == b""
+        finally:
+            writer.close()
+        assert sc.metric("sluice_overload_refusals_total", reason="header_timeout") == 1
+
+
 async def test_requests_in_flight_are_capped_without_taking_a_token(
         upstream: UpstreamProcess, tmp_path: Path) -> None:
     with sidecar(upstream, tmp_path, SLUICE_MAX_INFLIGHT_REQUESTS="4") as sc:
@@ -272,6 +357,34 @@ async def test_requests_in_flight_are_capped_without_taking_a_token(
         await poll(lambda: sc.metric("sluice_inflight_requests"), lambda v: v == 0,
                    "held requests cancelled")
         assert status_of(await exchange(sc.port, b"GET / HTTP/1.0\r\n\r\n")) == 200
+
+
+async def test_the_inflight_gauge_counts_what_the_cap_counts(upstream: UpstreamProcess, tmp_path: Path,
+                                                            fresh_redis: RedisServer) -> None:
+    """Requests waiting for their decision (Redis paused) are in flight as much as requests at
+    the upstream: ``sluice_inflight_requests`` shows them, and the cap refuses the next one."""
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(POLICY)
+    sc = SidecarProcess(upstream.url, "--policy-file", str(policy), "--redis", fresh_redis.url,
+                        env={"SLUICE_MAX_INFLIGHT_REQUESTS": "3", "SLUICE_REDIS_TIMEOUT_MS": "30000"})
+    held = []
+    try:
+        assert status_of(await exchange(sc.port, b"GET / HTTP/1.0\r\n\r\n")) == 200
+        fresh_redis.pause()
+        for _ in range(3):
+            _, writer = await asyncio.open_connection("127.0.0.1", sc.port)
+            writer.write(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+            held.append(writer)
+        await poll(lambda: sc.metric("sluice_inflight_requests"), lambda v: v == 3,
+                   "3 requests waiting for their decision")
+        answer = await exchange(sc.port, b"GET / HTTP/1.0\r\n\r\n")
+        assert status_of(answer) == 503 and b"overloaded" in answer, answer[:300]
+        assert sc.metric("sluice_overload_refusals_total", reason="inflight") == 1
+    finally:
+        fresh_redis.resume()
+        for writer in held:
+            writer.close()
+        sc.close()
 
 
 def test_memory_store_default_cap_fits_the_memory_limit() -> None:

@@ -538,7 +538,7 @@ MAXIMAL: Json = {
                               "matchExpressions": [{"key": "env", "operator": "Exists"}]},
         "identify": {"order": ["apiKey", "header", "ip"], "header": "X-Caller",
                      "headerFrom": "trustedProxiesOrLoopback",
-                     "trustedProxies": ["10.0.0.0/8"]},
+                     "trustedProxies": ["10.0.0.0/8"], "ipv6PrefixLength": 56},
         "apiKeys": {"header": "X-API-Key", "required": True},
         "tiers": [{"name": "free", "requests": 10, "period": "1m", "burst": 10}],
         "defaultTier": "free",

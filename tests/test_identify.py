@@ -10,14 +10,18 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from multidict import CIMultiDict, CIMultiDictProxy
-from sluice_core.keyschema import client_for_header, client_for_ip
+from sluice_core.errors import PolicyErrors
+from sluice_core.keyschema import client_for_header, client_for_ip, ip_group
+from sluice_core.manifest import to_manifest
 from sluice_core.model import HeaderFrom, Identify, Source
+from sluice_core.parse import parse_policy
 from sluice_sidecar.identify import (
     MAX_XFF_HOPS,
     PeerTrust,
     anonymous_client,
     client_ip,
     header_trusted,
+    is_trusted,
     list_field,
     single_field,
 )
@@ -31,7 +35,10 @@ def trusted(ip: str) -> bool:
 
 
 def canon(ip: str) -> str:
-    return str(ipaddress.ip_address(ip))
+    """The one spelling of an address; an IPv4-mapped IPv6 address is its IPv4 address."""
+    addr = ipaddress.ip_address(ip)
+    mapped = addr.ipv4_mapped if isinstance(addr, ipaddress.IPv6Address) else None
+    return str(mapped or addr)
 
 
 any_ip = st.ip_addresses().map(str)
@@ -134,7 +141,8 @@ def test_ipv6(peer: str, xff: str, expected: str) -> None:
 @given(v6=st.ip_addresses(v=6).filter(lambda a: not trusted(str(a))))
 def test_ipv6_spellings_are_one_client(v6: ipaddress.IPv6Address) -> None:
     spellings = {str(v6), v6.exploded, v6.exploded.upper()}
-    assert {client_ip("fd00::1", s, TRUSTED) for s in spellings} == {str(v6)}
+    # an IPv4-mapped address is its IPv4 address
+    assert {client_ip("fd00::1", s, TRUSTED) for s in spellings} == {str(v6.ipv4_mapped or v6)}
 
 
 # Long headers ---------------------------------------------------------------------------------
@@ -212,3 +220,65 @@ def test_peer_verdicts_are_cached_within_a_bound() -> None:
     for peer in [*peers, "10.1.2.3"]:
         assert trust.verdict(peer) == (peer == "10.1.2.3",) * 2
         assert len(trust._verdicts) <= PeerTrust.MAX_PEERS
+
+
+# IPv4-mapped peers and IPv6 clients -------------------------------------------------------------
+def test_an_ipv4_mapped_peer_is_its_ipv4_address() -> None:
+    """A dual-stack listener reports the IPv4 peer 10.1.2.3 as ``::ffff:10.1.2.3``: it is the
+    trusted proxy ``10.0.0.0/8`` names, so X-Forwarded-For is walked, and as a client it is
+    keyed as the IPv4 address (the same bucket on either kind of listener)."""
+    ten = (ipaddress.ip_network("10.0.0.0/8"),)
+    assert is_trusted("::ffff:10.1.2.3", ten)
+    assert not is_trusted("::ffff:11.1.2.3", ten)
+    assert client_ip("::ffff:10.1.2.3", "203.0.113.9", ten) == "203.0.113.9"
+    assert client_ip("10.1.2.3", "::ffff:203.0.113.9", ten) == "203.0.113.9"
+    assert client_for_ip("::ffff:203.0.113.9") == client_for_ip("203.0.113.9")
+    trust = PeerTrust(Identify(trusted_proxies=ten))
+    assert trust.verdict("::ffff:10.1.2.3")[0]
+
+
+def test_an_ipv6_client_is_its_slash_64() -> None:
+    """Every address of one /64 is one client (one bucket); another /64 is another client."""
+    one = client_for_ip("2001:db8:1:2::5")
+    assert client_for_ip("2001:db8:1:2:ffff:ffff:ffff:ffff") == one
+    assert client_for_ip("2001:0db8:0001:0002:0000:0000:0000:0001") == one  # any spelling
+    assert client_for_ip("2001:db8:1:3::5") != one
+    assert client_for_ip("203.0.113.9") == "i203.0.113.9"  # IPv4: the address itself
+    assert ip_group("2001:db8:1:2::5") == "2001:db8:1:2::/64"
+
+
+@given(st.ip_addresses(v=6))
+def test_ipv6_clients_are_keyed_by_their_prefix(addr: ipaddress.IPv6Address) -> None:
+    if addr.ipv4_mapped is not None:
+        assert client_for_ip(str(addr)) == "i" + str(addr.ipv4_mapped)
+    else:
+        net = ipaddress.IPv6Network((addr, 64), strict=False)
+        assert client_for_ip(str(addr)) == client_for_ip(str(net.network_address)) == f"i{net}"
+
+
+@pytest.mark.parametrize(("prefix", "same", "other"), [
+    (64, "2001:db8:1:2:ffff::9", "2001:db8:1:3::1"),
+    (48, "2001:db8:1:ffff::9", "2001:db8:2::1"),  # another /64 of the same /48: one client
+    (128, "2001:db8:1:2::1", "2001:db8:1:2::2"),  # each address its own client
+])
+def test_the_policy_chooses_the_ipv6_prefix(prefix: int, same: str, other: str) -> None:
+    trust = PeerTrust(Identify(order=(Source.IP,), ipv6_prefix_length=prefix))
+    no_headers: CIMultiDictProxy[str] = CIMultiDictProxy(CIMultiDict())
+    first = anonymous_client(no_headers, "2001:db8:1:2::1", trust)
+    assert anonymous_client(no_headers, same, trust) == first
+    assert anonymous_client(no_headers, other, trust) != first
+
+
+@pytest.mark.parametrize("value", [47, 129, 0, "64", True, 64.0])
+def test_ipv6_prefix_length_is_checked(value: object) -> None:
+    doc = {"apiVersion": "sluice.dev/v1alpha1", "kind": "RateLimitPolicy", "metadata": {"name": "p"},
+           "spec": {"identify": {"ipv6PrefixLength": value},
+                    "tiers": [{"name": "free", "requests": 5, "period": "1m"}]}}
+    with pytest.raises(PolicyErrors, match=r"spec\.identify\.ipv6PrefixLength: must be an integer from 48 to 128"):
+        parse_policy(doc)
+    doc["spec"]["identify"] = {"ipv6PrefixLength": 56}  # type: ignore[index]
+    policy = parse_policy(doc)
+    assert policy.identify.ipv6_prefix_length == 56
+    assert parse_policy(to_manifest(policy)).identify.ipv6_prefix_length == 56  # kept through Redis
+    del doc["spec"]["identify"]  # type: ignore[attr-defined]
+    assert "ipv6PrefixLength" not in to_manifest(parse_policy(doc)).get("spec", {}).get("identify", {})

@@ -161,3 +161,14 @@ async def test_a_repeated_identity_header_counts_as_absent(sidecars: Factory) ->
     sc = await sidecars(header_policy(trustedProxies=TRUST_LOCAL))
     assert await statuses_with_rotating_ids(sc, 6, "X-User-Id: set-by-the-proxy") == [200] * 5 + [429]
     assert buckets(sc) == 1
+
+
+# IPv6 clients ----------------------------------------------------------------------------------
+async def test_addresses_of_one_ipv6_slash_64_share_one_bucket(sidecars: Factory) -> None:
+    """Behind a trusted proxy, a client that rotates through its /64 (2^64 addresses) is one
+    client: its sixth request is refused; a client of another /64 has a bucket of its own."""
+    sc = await sidecars(policy_doc(tiers=FREE_5, identify={"order": ["ip"], "trustedProxies": TRUST_LOCAL}))
+    statuses = [(await get(sc, f"X-Forwarded-For: 2001:db8:1:2:{i:x}::{i + 1:x}")).status for i in range(6)]
+    assert statuses == [200] * 5 + [429]
+    assert (await get(sc, "X-Forwarded-For: 2001:db8:1:3::1")).status == 200
+    assert buckets(sc) == 2

@@ -1220,6 +1220,28 @@ async def test_forwarded_proto_only_from_trusted_proxies(sidecars: Factory, http
     assert upstream.seen[-1].header("X-Forwarded-Proto") == ["https"]  # a trusted ingress can
 
 
+PROXY_HEADERS = {"Forwarded": "for=203.0.113.9;host=evil.example;proto=https",
+                 "X-Real-IP": "203.0.113.9", "X-Forwarded-Host": "evil.example"}
+
+
+async def test_proxy_headers_reach_the_app_only_from_trusted_proxies(
+        sidecars: Factory, http: aiohttp.ClientSession, upstream: Upstream) -> None:
+    """``Forwarded``, ``X-Real-IP`` and ``X-Forwarded-Host`` name the client, its host and
+    scheme: a client could forge them to an app that reads them. They are dropped unless the
+    peer is a trusted proxy of the policy, which may set them."""
+    tiers = [{"name": "free", "requests": 50, "period": "1m"}]
+    untrusted = await sidecars(policy_doc(tiers=tiers))
+    await call(http, "GET", untrusted.url + "/a", headers=PROXY_HEADERS)
+    seen = upstream.seen[-1]
+    assert {name: seen.header(name) for name in PROXY_HEADERS} == {name: [] for name in PROXY_HEADERS}
+    assert seen.header("X-Forwarded-For") == ["127.0.0.1"]
+    trusted = await sidecars(policy_doc(tiers=tiers, identify={"order": ["ip"],
+                                                               "trustedProxies": ["127.0.0.1/32"]}))
+    await call(http, "GET", trusted.url + "/b", headers=PROXY_HEADERS)
+    seen = upstream.seen[-1]
+    assert {name: seen.header(name) for name in PROXY_HEADERS} == {k: [v] for k, v in PROXY_HEADERS.items()}
+
+
 async def test_expect_100_continue_is_answered_only_when_allowed(sidecars: Factory) -> None:
     sc = await sidecars(policy_doc(tiers=[{"name": "free", "requests": 1, "period": "1h"}]))
     head = (b"POST /upload HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\n"

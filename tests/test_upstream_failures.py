@@ -67,7 +67,8 @@ class ScriptedUpstream:
         try:
             while True:
                 head = await reader.readuntil(b"\r\n\r\n")
-                path = head.split(b" ", 2)[1].decode()
+                # The script is chosen by the path up to its first percent-escape.
+                path = head.split(b" ", 2)[1].decode().partition("%")[0]
                 if not await self._answer(path, writer):
                     return
         except (asyncio.IncompleteReadError, ConnectionError):
@@ -210,6 +211,22 @@ async def test_upstream_failing_mid_body_aborts_the_client_connection(
     # The sidecar (and its pool) carry on.
     after = await raw_request(sidecar.data_port, get("/fine"))
     assert after is not None and after.status == 200 and after.body == b"ok"
+
+
+@pytest.mark.parametrize(("path", "level"), [("/cl-reset", logging.WARNING),
+                                              ("/head-then-reset", logging.INFO)])
+async def test_a_path_with_encoded_newlines_cannot_forge_log_lines(
+        path: str, level: int, sidecar: RunningSidecar, caplog: pytest.LogCaptureFixture) -> None:
+    """The path is logged as sent (escapes kept), quoted and truncated: ``%0d%0a`` decoded would
+    start a forged line of the operator's log."""
+    forged = path + "%0d%0aERROR%20sluice.sidecar%20forged" + "x" * 1000
+    with caplog.at_level(logging.DEBUG, logger="sluice.proxy"):
+        await read_to_end(sidecar.data_port, get(forged).replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n"))
+    logged = [r.getMessage() for r in caplog.records if r.name == "sluice.proxy" and r.levelno == level]
+    assert len(logged) == 1, logged
+    assert "\r" not in logged[0] and "\n" not in logged[0], logged[0]
+    assert path + "%0d%0aERROR" in logged[0]
+    assert len(logged[0]) < 500, len(logged[0])  # the target is truncated
 
 
 @pytest.mark.parametrize(("path", "status", "kind"), [("/head-then-reset", 502, "protocol"),

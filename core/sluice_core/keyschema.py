@@ -13,7 +13,9 @@ of SHA-256 of ``namespace/name``; a client's key or header value contributes 96 
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
+import ipaddress
 from dataclasses import dataclass
 
 PREFIX = "sluice"
@@ -97,8 +99,37 @@ def client_for_header(value: str) -> str:
     return "h" + short_digest(value)
 
 
-def client_for_ip(ip: str) -> str:
-    return "i" + ip
+IPV6_CLIENT_PREFIX = 64
+"""By default an IPv6 client is its /64: the smallest network a host or site is normally given
+(SLAAC, RFC 6177), so one subscriber cannot take 2^64 fresh buckets by rotating its addresses.
+A policy may choose another length (``identify.ipv6PrefixLength``)."""
+
+
+def client_for_ip(ip: str, ipv6_prefix: int = IPV6_CLIENT_PREFIX) -> str:
+    return "i" + ip_group(ip, ipv6_prefix)
+
+
+@functools.lru_cache(maxsize=4096)
+def _ipv6_group(ip: str, prefix: int) -> str:
+    try:
+        addr = ipaddress.ip_address(ip)
+    except ValueError:
+        return ip
+    if isinstance(addr, ipaddress.IPv6Address):
+        if addr.ipv4_mapped is not None:
+            return str(addr.ipv4_mapped)
+        if prefix >= 128:
+            return str(addr)
+        return str(ipaddress.IPv6Network((addr, prefix), strict=False))
+    return ip
+
+
+def ip_group(ip: str, ipv6_prefix: int = IPV6_CLIENT_PREFIX) -> str:
+    """The address one client stands for: an IPv4 address itself, an IPv4-mapped IPv6 address
+    (``::ffff:10.1.2.3``, from a dual-stack listener) its IPv4 address, any other IPv6 address
+    its network of ``ipv6_prefix`` bits (``2001:db8:1:2::/64``; at 128 the address itself).
+    Text that is not an address is returned as is."""
+    return _ipv6_group(ip, ipv6_prefix) if ":" in ip else ip  # IPv4, the common case, is not parsed
 
 
 def client_tag(policy_ref: str, client_id: str) -> str:

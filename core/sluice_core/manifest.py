@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from sluice_core.duration import format_duration_us
+from sluice_core.keyschema import IPV6_CLIENT_PREFIX
 from sluice_core.model import (
     API_VERSION,
     CLUSTER_KIND,
@@ -60,6 +61,8 @@ def to_manifest(p: CompiledPolicy) -> dict[str, Any]:
         identify["headerFrom"] = p.identify.header_from.value
     if p.identify.trusted_proxies:
         identify["trustedProxies"] = [str(n) for n in p.identify.trusted_proxies]
+    if p.identify.ipv6_prefix_length != IPV6_CLIENT_PREFIX:  # as headerFrom: only when set
+        identify["ipv6PrefixLength"] = p.identify.ipv6_prefix_length
     metadata: dict[str, Any] = {"name": p.name}
     if not p.cluster_scoped:
         metadata["namespace"] = p.namespace

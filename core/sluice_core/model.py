@@ -11,6 +11,7 @@ import ipaddress
 from dataclasses import dataclass, field
 from enum import StrEnum
 
+from sluice_core.keyschema import IPV6_CLIENT_PREFIX
 from sluice_core.paths import PathRegex, RequestPath, limiting_rule_text, request_path
 
 API_VERSION = "sluice.dev/v1alpha1"
@@ -198,6 +199,9 @@ class Selector:
         return True
 
 
+IPV6_PREFIX_MIN = 48  # shorter would put unrelated sites (a /48 each, RFC 6177) in one bucket
+
+
 @dataclass(frozen=True, slots=True)
 class Identify:
     """How a client is told apart; the first source in ``order`` that is present wins."""
@@ -207,6 +211,8 @@ class Identify:
     trusted_proxies: tuple[IPNetwork, ...] = ()
     # From any other peer the header is ignored (the next source decides): anyone could send it.
     header_from: HeaderFrom = HeaderFrom.TRUSTED_PROXIES
+    # An IPv6 client is its network of this many bits (every address of it shares its buckets).
+    ipv6_prefix_length: int = IPV6_CLIENT_PREFIX
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,10 +14,12 @@ from typing import Any
 
 from sluice_core.duration import parse_duration_us
 from sluice_core.errors import PolicyError, PolicyErrors
+from sluice_core.keyschema import IPV6_CLIENT_PREFIX
 from sluice_core.model import (
     API_VERSION,
     CLUSTER_KIND,
     CLUSTER_SCOPE,
+    IPV6_PREFIX_MIN,
     KIND,
     ApiKeys,
     CompiledPolicy,
@@ -263,7 +265,7 @@ def _identify(c: _Checker, value: Any, api_keys: ApiKeys) -> Identify:
     m = c.mapping(value, "spec.identify")
     if m is None:
         return Identify()
-    c.unknown(m, "spec.identify", {"order", "header", "headerFrom", "trustedProxies"})
+    c.unknown(m, "spec.identify", {"order", "header", "headerFrom", "trustedProxies", "ipv6PrefixLength"})
     order: list[Source] = []
     raw_order = c.seq(m.get("order"), "spec.identify.order")
     for i, s in enumerate(raw_order if raw_order is not None else ["apiKey", "ip"]):
@@ -291,8 +293,13 @@ def _identify(c: _Checker, value: Any, api_keys: ApiKeys) -> Identify:
             c.fail(f"spec.identify.trustedProxies[{i}]", f"must be an IP address or CIDR, got {cidr!r} ({exc})")
     if api_keys.required and Source.API_KEY not in order:
         c.fail("spec.apiKeys.required", "is true but 'apiKey' is not in spec.identify.order")
+    prefix = m.get("ipv6PrefixLength", IPV6_CLIENT_PREFIX)
+    if isinstance(prefix, bool) or not isinstance(prefix, int) or not IPV6_PREFIX_MIN <= prefix <= 128:
+        c.fail("spec.identify.ipv6PrefixLength",
+               f"must be an integer from {IPV6_PREFIX_MIN} to 128, got {prefix!r}")
+        prefix = IPV6_CLIENT_PREFIX
     return Identify(order=tuple(order), header=header, trusted_proxies=tuple(proxies),
-                    header_from=header_from)
+                    header_from=header_from, ipv6_prefix_length=prefix)
 
 
 def parse_limit(c: _Checker, m: Mapping[str, Any], path: str) -> Limit | None:

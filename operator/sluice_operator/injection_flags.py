@@ -48,9 +48,12 @@ CLIENT_LIMITS: tuple[tuple[str, type[int] | type[float], str, str], ...] = (
      "largest request head, request line and all header fields (431 past it)"),
     ("max-headers", int, "100", "most header fields in one request (431 past it)"),
     ("header-timeout-s", float, "10.0",
-     "seconds a new connection has for its first byte, and each request head once begun"),
+     "seconds a new connection has for its first request head, and each later head once begun"),
     ("keepalive-timeout-s", float, "75.0", "seconds an idle keep-alive client connection is kept"),
     ("max-connections", int, "1024", "open client connections at most (503 past it)"),
+    ("max-connections-per-client", int, "64",
+     "open connections from one client address (IPv6: its /64) at most, trusted proxies exempt "
+     "(503 past it)"),
     ("max-inflight-requests", int, "256",
      "requests being decided or proxied at once at most (503 past it)"),
 )

@@ -7,11 +7,20 @@ read, a few integer operations and one pass over its parsed header list (no allo
 
 - a limit on the whole request head (request line and all fields): 100 fields of 8 KB each
   passed aiohttp's checks, and 150 such requests held against a slow upstream took 400 MB;
-- a head-read timeout: a new connection must send its first byte, and every request head must
-  be complete, within ``header_timeout`` of its first byte (slowloris), else the connection is
-  closed without an answer (the client is not reading one; nothing has been forwarded);
-- a cap on open connections: one past it is answered ``503`` (problem+json,
-  ``Connection: close``) and closed, none of its bytes parsed.
+- a head-read timeout (slowloris): a new connection's first request head must be complete
+  within ``header_timeout`` of the connection opening (its first byte does not restart the
+  clock, so one byte cannot hold a place twice as long), and every later head within
+  ``header_timeout`` of its first byte; else the connection is closed without an answer (the
+  client is not reading one; nothing has been forwarded);
+- a cap on open connections, and a cap per client address (an IPv6 client by its /64,
+  :func:`~sluice_core.keyschema.ip_group`) so that one host cannot take every place: one past
+  either is answered ``503`` (problem+json, ``Connection: close``) and closed, none of its
+  bytes parsed. The trusted proxies of the loaded policy are exempt from the per-client cap
+  (behind an ingress every connection comes from it). At the global cap a new connection is
+  refused rather than an idle keep-alive one closed for it (as nginx does): telling "idle"
+  apart needs aiohttp's private request state, and a close that crosses a request the client
+  just sent on that connection loses it; the per-client cap already keeps one host from
+  filling the table.
 
 A head over the limit, or with too many fields, or a field over ``max_field_size``, is answered
 ``431`` and the connection closed. Both refusals half-close and wait briefly for the client to
@@ -24,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from collections.abc import Callable
 from http import HTTPStatus
 from typing import Any, cast
 
@@ -35,13 +45,13 @@ from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
 # aiohttp's own record of a request that failed to parse (answered through handle_error); a
 # private name, stable in the pinned aiohttp (hack/constraints.txt).
 from aiohttp.web_protocol import RequestHandler, _ErrInfo
+from sluice_core.keyschema import ip_group
 
 from sluice_sidecar.metrics import Metrics
-from sluice_sidecar.problem import CONTENT_TYPE, problem
+from sluice_sidecar.problem import CONTENT_TYPE, OVERLOADED, problem
 
 log = logging.getLogger("sluice.sidecar")
 
-OVERLOADED = "https://sluice.dev/problems/overloaded"  # problem type of the 503s that shed load
 _TOO_MANY_HEADERS = "Too many headers received"  # aiohttp's BadHttpMessage text for max_headers
 _SLACK = 256  # bytes of a read left unattributed before they count as the next head's
 
@@ -59,6 +69,8 @@ def _refusal_bytes(status: int, detail: str) -> bytes:
 
 
 CONNECTIONS_FULL = _refusal_bytes(503, "too many open connections; retry shortly")
+CLIENT_CONNECTIONS_FULL = _refusal_bytes(503, "too many open connections from this client; "
+                                              "retry shortly")
 LINGER_S = 2.0
 """After a 431 or 503 refusal the client may still be sending: the sidecar half-closes and reads
 (and drops) until the client closes, at most this long. Closing with unread bytes would reset
@@ -91,13 +103,14 @@ class GuardedHandler(RequestHandler):
     logs a traceback at ERROR for each: a log-flooding lever for anyone. Here they get a terse
     problem+json, a debug log line and a counter."""
 
-    __slots__ = ("_guard", "_head_bytes", "_head_deadline", "_head_open", "_head_timer",
+    __slots__ = ("_client", "_guard", "_head_bytes", "_head_deadline", "_head_open", "_head_timer",
                  "_last_payload", "_refused", "_shed")
 
     def __init__(self, guard: DataServer, **kwargs: Any) -> None:
         super().__init__(guard, loop=guard.loop, **kwargs)
         self._guard = guard
         self._refused = False  # over the connection cap: never set up
+        self._client: str | None = None  # counted against the per-client cap under this key
         self._shed = False  # refused mid-stream: further bytes are dropped unparsed
         self._head_open = False  # a request head is expected or being read
         self._head_bytes = 0
@@ -111,20 +124,31 @@ class GuardedHandler(RequestHandler):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         guard = self._guard
         if guard.open >= guard.max_connections:
-            self._refuse_connection(transport)
+            self._refuse_connection(transport, "connections", CONNECTIONS_FULL)
             return
+        peername = transport.get_extra_info("peername")
+        peer = peername[0] if isinstance(peername, tuple) else ""
+        if not guard.trusts(peer):
+            client = ip_group(peer)
+            count = guard.clients.get(client, 0)
+            if count >= guard.max_client_connections:
+                self._refuse_connection(transport, "client_connections", CLIENT_CONNECTIONS_FULL)
+                return
+            # One entry per client with an open connection: at most max_connections entries.
+            guard.clients[client] = count + 1
+            self._client = client
         super().connection_made(transport)
-        self._open_head()  # the first byte must come within header_timeout
+        self._open_head()  # the first head must be complete within header_timeout from now
 
-    def _refuse_connection(self, transport: asyncio.BaseTransport) -> None:
-        """Over the cap: answer 503 and close, never parsing a byte. The close waits (at most
+    def _refuse_connection(self, transport: asyncio.BaseTransport, reason: str, answer: bytes) -> None:
+        """Over a cap: answer 503 and close, never parsing a byte. The close waits (at most
         LINGER_S) for the client to close first, as after a 431, unless as many refused
         connections are already lingering as the cap allows: then it is immediate."""
         guard = self._guard
         self._refused = self._shed = True
-        guard.metrics.overload_refusals.labels("connections").inc()
+        guard.metrics.overload_refusals.labels(reason).inc()
         transport = cast(asyncio.Transport, transport)  # uvloop's is not an asyncio subclass
-        transport.write(CONNECTIONS_FULL)
+        transport.write(answer)
         if guard.lingering >= guard.max_connections or not transport.can_write_eof():
             transport.close()  # sends what was written, then closes
             return
@@ -140,6 +164,14 @@ class GuardedHandler(RequestHandler):
             if timer is not None:  # it was lingering
                 self._guard.lingering -= 1
             return  # never counted, never set up
+        client, self._client = self._client, None
+        if client is not None:
+            clients = self._guard.clients
+            left = clients[client] - 1
+            if left:
+                clients[client] = left
+            else:
+                del clients[client]
         super().connection_lost(exc)
 
     # Head limits --------------------------------------------------------------------------
@@ -171,9 +203,7 @@ class GuardedHandler(RequestHandler):
         if self._shed:
             return
         body = self._last_payload
-        if self._head_open:
-            if not self._head_bytes:  # the first byte on a new connection: the head's clock starts
-                self._head_deadline = self._loop.time() + self._guard.header_timeout
+        if self._head_open:  # on a new connection the clock runs from connection_made
             self._head_bytes += len(data)
         elif body.is_eof():
             self._open_head()  # the first byte of the next request
@@ -271,11 +301,15 @@ class DataServer(web.Server):
     """aiohttp's low-level server with :class:`GuardedHandler` connections, counted."""
 
     def __init__(self, handler: Any, metrics: Metrics, *, max_connections: int,
+                 max_client_connections: int, trusts: Callable[[str], bool],
                  max_head_bytes: int, header_timeout: float, **kwargs: Any) -> None:
         super().__init__(handler, **kwargs)
         self.loop = self._loop
         self.metrics = metrics
         self.max_connections = max_connections
+        self.max_client_connections = max_client_connections
+        self.trusts = trusts  # is the peer a trusted proxy of the loaded policy (exempt)?
+        self.clients: dict[str, int] = {}  # open connections per client (ip_group), none at 0
         self.max_head_bytes = max_head_bytes
         self.header_timeout = header_timeout
         self.open = 0

@@ -13,6 +13,10 @@ hold one value: sent as several lines they are ambiguous and count as absent (th
 to the next identity source, or gets a 401 when a key is required); picking one line would let
 the client choose what Sluice counts while the app may read another. ``Forwarded`` (RFC 7239) is
 not read.
+
+Addresses are compared and keyed as one client stands for them: an IPv4-mapped IPv6 address (a
+dual-stack listener's ``::ffff:10.1.2.3``) is its IPv4 address, and an IPv6 client is its
+network of ``identify.ipv6PrefixLength`` bits, /64 by default (:func:`~sluice_core.keyschema.ip_group`).
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from __future__ import annotations
 import ipaddress
 
 from multidict import MultiMapping
-from sluice_core.keyschema import client_for_header, client_for_ip
+from sluice_core.keyschema import IPV6_CLIENT_PREFIX, client_for_header, client_for_ip
 from sluice_core.model import HeaderFrom, Identify, IPNetwork, Source
 
 MAX_XFF_HOPS = 32  # a longer chain is not walked further (header tricks stay cheap)
@@ -39,9 +43,8 @@ def client_ip(peer: str, xff: str | None, trusted: tuple[IPNetwork, ...], *,
     current = peer
     for raw in reversed(hops[-MAX_XFF_HOPS:]):
         hop = raw.strip()
-        try:
-            addr = ipaddress.ip_address(hop)
-        except ValueError:
+        addr = parse_ip(hop)
+        if addr is None:
             return current  # garbage written by an untrusted hop: stop at the last good one
         current = str(addr)
         if not any(addr in net for net in trusted):
@@ -49,12 +52,22 @@ def client_ip(peer: str, xff: str | None, trusted: tuple[IPNetwork, ...], *,
     return current
 
 
-def is_trusted(ip: str, trusted: tuple[IPNetwork, ...]) -> bool:
+def parse_ip(ip: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """``ip`` parsed, an IPv4-mapped IPv6 address unwrapped: a dual-stack listener reports the
+    IPv4 peer 10.1.2.3 as ``::ffff:10.1.2.3``, which must match ``10.0.0.0/8`` as it is. None
+    when it is not an address."""
     try:
         addr = ipaddress.ip_address(ip)
     except ValueError:
-        return False
-    return any(addr in net for net in trusted)
+        return None
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        return addr.ipv4_mapped
+    return addr
+
+
+def is_trusted(ip: str, trusted: tuple[IPNetwork, ...]) -> bool:
+    addr = parse_ip(ip)
+    return addr is not None and any(addr in net for net in trusted)
 
 
 def list_field(headers: MultiMapping[str], name: str) -> str | None:
@@ -80,13 +93,8 @@ def header_trusted(peer: str, ident: Identify) -> bool:
         return True
     if ident.header_from is not HeaderFrom.TRUSTED_PROXIES_OR_LOOPBACK:
         return False
-    try:
-        addr = ipaddress.ip_address(peer)
-    except ValueError:
-        return False
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-        addr = addr.ipv4_mapped  # a dual-stack listener reports 127.0.0.1 as ::ffff:127.0.0.1
-    return addr.is_loopback
+    addr = parse_ip(peer)
+    return addr is not None and addr.is_loopback
 
 
 class PeerTrust:
@@ -124,7 +132,7 @@ def anonymous_client(headers: MultiMapping[str], peer: str, trust: PeerTrust) ->
     hv = single_field(headers, ident.header) if header_ok and ident.header is not None else None
     xff = list_field(headers, "X-Forwarded-For") if proxy else None
     ip = client_ip(peer, xff, ident.trusted_proxies, peer_trusted=proxy)
-    return identity(ident.order, header_value=hv, ip=ip)
+    return identity(ident.order, header_value=hv, ip=ip, ipv6_prefix=ident.ipv6_prefix_length)
 
 
 def api_key_from(headers: MultiMapping[str], header: str) -> str | None:
@@ -142,7 +150,7 @@ def api_key_from(headers: MultiMapping[str], header: str) -> str | None:
 
 
 def identity(order: tuple[Source, ...], *, header_value: str | None,
-             ip: str) -> str:
+             ip: str, ipv6_prefix: int = IPV6_CLIENT_PREFIX) -> str:
     """The client id used in bucket keys (brace-free, bounded length), for sources other than
     a known API key (which the caller handles: its id is the key's digest)."""
     for source in order:
@@ -151,5 +159,5 @@ def identity(order: tuple[Source, ...], *, header_value: str | None,
         if source is Source.HEADER and header_value and len(header_value) <= MAX_IDENTITY_LENGTH:
             return client_for_header(header_value)
         if source is Source.IP:
-            return client_for_ip(ip)
-    return client_for_ip(ip)  # a policy listing only apiKey still needs a bucket for keyless clients
+            return client_for_ip(ip, ipv6_prefix)
+    return client_for_ip(ip, ipv6_prefix)  # a policy listing only apiKey still needs a bucket for keyless clients

@@ -38,11 +38,14 @@ class Metrics:
                                       ["result"], registry=r)
         self.upstream_errors = Counter("sluice_upstream_errors", "Requests the upstream failed",
                                        ["kind"], registry=r)
-        self.bad_requests = Counter("sluice_bad_requests", "Requests refused as unparseable (400/431)",
+        self.bad_requests = Counter("sluice_bad_requests", "Requests refused as unparseable (400)",
                                     registry=r)
-        self.inflight = Gauge("sluice_inflight_requests", "Requests being proxied", registry=r)
-        # reason: connections (over --max-connections, 503), inflight (over
-        # --max-inflight-requests, 503), header_size (431), header_timeout (closed)
+        self.inflight = Gauge("sluice_inflight_requests",
+                              "Requests being decided or proxied (what --max-inflight-requests caps)",
+                              registry=r)
+        # reason: connections (over --max-connections, 503), client_connections (over
+        # --max-connections-per-client, 503), inflight (over --max-inflight-requests, 503),
+        # header_size (431), header_timeout (closed)
         self.overload_refusals = Counter(
             "sluice_overload_refusals", "Connections and requests refused to bound the sidecar's memory",
             ["reason"], registry=r)

@@ -2,8 +2,10 @@
 
 Bodies stream both ways without a size cap, with back-pressure (small upstream replies that
 arrive whole are answered in one piece, which is cheaper). Hop-by-hop headers are dropped in
-both directions, ``X-Forwarded-For`` is appended, and ``X-Forwarded-Proto`` is kept only from
-a trusted proxy (otherwise set to the scheme the sidecar saw: a client cannot claim https).
+both directions, ``X-Forwarded-For`` is appended, and the headers by which a proxy describes the
+client (``Forwarded``, ``X-Real-IP``, ``X-Forwarded-Host``, ``X-Forwarded-Proto``) are kept only
+from a trusted proxy, dropped otherwise (``X-Forwarded-Proto`` is then set to the scheme the
+sidecar saw): a client cannot claim another address, host or https.
 Only the configured upstream is ever contacted: the request target is used as a path, never as
 a URL, so this is not an open proxy.
 """
@@ -11,6 +13,7 @@ a URL, so this is not an open proxy.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 
 from aiohttp import web
 from multidict import CIMultiDict
@@ -30,6 +33,20 @@ HOP_BY_HOP = frozenset({
 # Content-Length (set again from what is actually sent).
 _DROP_REQUEST = HOP_BY_HOP | {"expect", "content-length"}
 _DROP_RESPONSE = HOP_BY_HOP | {"content-length"}
+# Believed from a trusted proxy of the policy only; from anyone else they are forged.
+FROM_PROXIES = frozenset({"forwarded", "x-real-ip", "x-forwarded-host", "x-forwarded-proto"})
+_MAX_LOGGED_TARGET = 200
+
+
+def proxy_headers_in(headers: Mapping[str, str]) -> bool:
+    """Does the request carry a header of :data:`FROM_PROXIES` (so the peer's trust matters)?"""
+    return any(name in headers for name in FROM_PROXIES)
+
+
+def loggable_target(request: web.BaseRequest) -> str:
+    """The request target for a log line: as sent (percent-escapes kept: decoded, ``%0d%0a``
+    would forge log lines), truncated; log it with ``%r``."""
+    return request.rel_url.raw_path[:_MAX_LOGGED_TARGET]
 
 
 def _connection_tokens(value: str | None) -> set[str]:
@@ -80,10 +97,10 @@ class Proxy:
             if lk == "x-forwarded-for":
                 xff = f"{xff}, {v}" if xff else v
                 continue
-            if lk == "x-forwarded-proto":
+            if lk in FROM_PROXIES:
                 if not trusted_peer:
                     continue
-                proto_seen = True
+                proto_seen = proto_seen or lk == "x-forwarded-proto"
             host_seen = host_seen or lk == "host"
             lines.append(f"{k}: {v}")
         lines.append(f"X-Forwarded-For: {xff}, {peer}" if xff else f"X-Forwarded-For: {peer}")
@@ -113,23 +130,19 @@ class Proxy:
             # The limiter said yes: now invite the body (a refused client never sends it).
             await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         body = request.content.iter_chunked(CHUNK) if has_body else None
-        self.metrics.inflight.inc()
         try:
-            try:
-                up = await self.pool.request(request.method, head, body, chunked)
-            except UpstreamError as exc:
-                return self._failed(request, exc, rate_headers)
-            drop = _DROP_RESPONSE | _connection_tokens(
-                next((v for k, v in up.headers if k.lower() == "connection"), None))
-            headers: CIMultiDict[str] = CIMultiDict([(k, v) for k, v in up.headers if k.lower() not in drop])
-            for k, v in rate_headers:
-                headers.add(k, v)
-            if up.complete and request.method != "HEAD":
-                data = up.body_now()
-                return web.Response(status=up.status, reason=up.reason, headers=headers, body=data or None)
-            return await self._stream(request, up, headers, rate_headers)
-        finally:
-            self.metrics.inflight.dec()
+            up = await self.pool.request(request.method, head, body, chunked)
+        except UpstreamError as exc:
+            return self._failed(request, exc, rate_headers)
+        drop = _DROP_RESPONSE | _connection_tokens(
+            next((v for k, v in up.headers if k.lower() == "connection"), None))
+        headers: CIMultiDict[str] = CIMultiDict([(k, v) for k, v in up.headers if k.lower() not in drop])
+        for k, v in rate_headers:
+            headers.add(k, v)
+        if up.complete and request.method != "HEAD":
+            data = up.body_now()
+            return web.Response(status=up.status, reason=up.reason, headers=headers, body=data or None)
+        return await self._stream(request, up, headers, rate_headers)
 
     async def _stream(self, request: web.BaseRequest, up: UpstreamResponse, headers: CIMultiDict[str],
                       rate_headers: list[tuple[str, str]]) -> web.StreamResponse:
@@ -163,14 +176,14 @@ class Proxy:
             # written.
             up.discard()
             self.metrics.upstream_errors.labels("aborted_midbody").inc()
-            log.warning("upstream failed mid-body on %s %s (%s): client connection aborted",
-                        request.method, request.path, exc)
+            log.warning("upstream failed mid-body on %s %r (%s): client connection aborted",
+                        request.method, loggable_target(request), exc)
             _drop_client(request)
         except ConnectionError:
             # The client went away (or its connection broke) mid-response: the rest of this
             # upstream response will never be read, so that connection is closed, not pooled.
             up.discard()
-            log.debug("client went away mid-response on %s %s", request.method, request.path)
+            log.debug("client went away mid-response on %s %r", request.method, loggable_target(request))
             _drop_client(request)
         except BaseException:
             up.discard()
@@ -185,7 +198,7 @@ class Proxy:
             return problem(504, "Gateway Timeout", "the upstream did not answer in time", headers=rate_headers)
         if exc.kind == "refused":
             return problem(502, "Bad Gateway", "the upstream refused the connection", headers=rate_headers)
-        log.info("upstream error on %s %s: %s", request.method, request.path, exc)
+        log.info("upstream error on %s %r: %s", request.method, loggable_target(request), exc)
         return problem(502, "Bad Gateway", "the upstream connection failed", headers=rate_headers)
 
 

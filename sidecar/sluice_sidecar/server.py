@@ -13,19 +13,24 @@ from sluice_core.redisurl import parse_redis_url
 
 from sluice_sidecar.breaker import CircuitBreaker, State
 from sluice_sidecar.configsource import FileSource, NoConfig, RedisSource, one_line
-from sluice_sidecar.connections import OVERLOADED, DataServer
+from sluice_sidecar.connections import DataServer
 from sluice_sidecar.labels import read_labels
 from sluice_sidecar.limiter import Enforcement, Limiter, Outcome
 from sluice_sidecar.metrics import BatchCollector, Metrics
-from sluice_sidecar.problem import problem
-from sluice_sidecar.proxy import Proxy, origin_form
+from sluice_sidecar.problem import (
+    API_KEY_REQUIRED,
+    LIMITER_UNAVAILABLE,
+    OVERLOADED,
+    RATE_LIMITED,
+    problem,
+)
+from sluice_sidecar.proxy import Proxy, origin_form, proxy_headers_in
 from sluice_sidecar.settings import SidecarSettings, split_hostport
 from sluice_sidecar.stores.base import DecisionStore
 from sluice_sidecar.stores.memory import MemoryStore
 from sluice_sidecar.stores.redis import RedisStore
 
 log = logging.getLogger("sluice.sidecar")
-PROBLEM_BASE = "https://sluice.dev/problems/"
 
 
 WITHOUT_CONFIG = ("refuse", "unlimited")
@@ -79,8 +84,11 @@ class Sidecar:
                                       labels_path=settings.pod_labels, pod_name=settings.pod_name,
                                       poll_interval=settings.poll_interval_s)
         self.loaded = False
+        # Requests being decided or proxied: what --max-inflight-requests caps, and what
+        # sluice_inflight_requests shows (one counter, read at scrape time).
         self._inflight = 0
         self._max_inflight = settings.max_inflight_requests
+        self.metrics.inflight.set_function(lambda: self._inflight)
         self._runners: list[web.BaseRunner] = []
         self.data_port = 0
         self.admin_port = 0
@@ -110,7 +118,7 @@ class Sidecar:
             # fail safe, as the limits this pod must enforce are not known yet.
             self.metrics.decision("", "", "", "no_config")
             return problem(503, "Service Unavailable", "no rate-limit policy is loaded yet",
-                           type_=PROBLEM_BASE + "limiter-unavailable", headers=[("Retry-After", "1")])
+                           type_=LIMITER_UNAVAILABLE, headers=[("Retry-After", "1")])
         if self._inflight >= self._max_inflight:  # before deciding: no token is taken
             self.metrics.overload_refusals.labels("inflight").inc()
             return problem(503, "Service Unavailable", "too many requests in progress; retry shortly",
@@ -121,7 +129,8 @@ class Sidecar:
             # request is forwarded unchanged.
             outcome = await self.limiter.decide(request.method, request.rel_url.raw_path, request.headers, peer)
             if outcome.status == 0:
-                trusted = "X-Forwarded-Proto" in request.headers and self.limiter.trusts(peer)
+                # The verdict is looked up only when a header it governs is present (rare).
+                trusted = proxy_headers_in(request.headers) and self.limiter.trusts(peer)
                 return await self.proxy.forward(request, peer, outcome.headers, trusted_peer=trusted)
             return refusal(outcome)
         finally:
@@ -175,6 +184,8 @@ class Sidecar:
         ahost, aport = split_hostport(s.admin_listen, "admin-listen")
         await self.proxy.start()
         data = DataServer(self.handle, self.metrics, max_connections=s.max_connections,
+                          max_client_connections=s.max_connections_per_client,
+                          trusts=self.limiter.trusts,
                           max_head_bytes=s.max_request_header_bytes, header_timeout=s.header_timeout_s,
                           max_line_size=s.max_header_bytes, max_field_size=s.max_header_bytes,
                           max_headers=s.max_headers, keepalive_timeout=s.keepalive_timeout_s,
@@ -240,12 +251,12 @@ def _bound_port(runner: web.BaseRunner) -> int:
 
 def refusal(outcome: Outcome) -> web.Response:
     if outcome.status == 429:
-        return problem(429, "Too Many Requests", outcome.detail, type_=PROBLEM_BASE + "rate-limited",
+        return problem(429, "Too Many Requests", outcome.detail, type_=RATE_LIMITED,
                        headers=outcome.headers, policy=outcome.policy, tier=outcome.tier,
                        rule=outcome.rule or None)
     if outcome.status == 401:
-        return problem(401, "Unauthorized", outcome.detail, type_=PROBLEM_BASE + "api-key-required",
+        return problem(401, "Unauthorized", outcome.detail, type_=API_KEY_REQUIRED,
                        headers=outcome.headers, policy=outcome.policy)
     return problem(outcome.status, "Service Unavailable", outcome.detail,
-                   type_=PROBLEM_BASE + "limiter-unavailable", headers=outcome.headers,
+                   type_=LIMITER_UNAVAILABLE, headers=outcome.headers,
                    policy=outcome.policy)

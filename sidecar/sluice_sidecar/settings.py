@@ -40,6 +40,7 @@ class SidecarSettings:
     header_timeout_s: float = 10.0
     keepalive_timeout_s: float = 75.0
     max_connections: int = 1024
+    max_connections_per_client: int = 64
     max_inflight_requests: int = 256
     memory_max_buckets: int = DEFAULT_MAX_BUCKETS
     log_level: str = "info"
@@ -74,10 +75,14 @@ _HELP: dict[str, str] = {
     "max_request_header_bytes": "largest request head (request line and all header fields) accepted "
                                 "(larger -> 431, connection closed)",
     "max_headers": "most header fields in one request (more -> 431, connection closed)",
-    "header_timeout_s": "a new connection's first byte, and every request head once its first byte "
-                        "arrived, must come within this long; else the connection is closed unanswered",
+    "header_timeout_s": "a new connection's first request head must be complete this long after the "
+                        "connection opened, and every later head this long after its first byte; "
+                        "else the connection is closed unanswered",
     "keepalive_timeout_s": "close a keep-alive client connection idle this long",
     "max_connections": "open client connections at most; one more is answered 503 and closed",
+    "max_connections_per_client": "open connections from one client address (an IPv6 client: its /64) "
+                                  "at most; one more is answered 503 and closed. Trusted proxies of "
+                                  "the policy are exempt",
     "max_inflight_requests": "requests being decided or proxied at once at most; one more is "
                              "answered 503 at once (no token taken)",
     "memory_max_buckets": "in-memory store: most buckets kept (least recently written dropped past it; "
@@ -105,7 +110,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 # Limits that protect the process: zero or less would refuse everything (or nothing).
 _POSITIVE = ("max_header_bytes", "max_request_header_bytes", "max_headers", "header_timeout_s",
-             "keepalive_timeout_s", "max_connections", "max_inflight_requests", "memory_max_buckets")
+             "keepalive_timeout_s", "max_connections", "max_connections_per_client",
+             "max_inflight_requests", "memory_max_buckets")
 
 
 def from_args(args: argparse.Namespace) -> SidecarSettings:
