@@ -110,7 +110,7 @@ class Sidecar:
         if not origin_form(request):  # checked first: a refused target takes no token
             # and closes the connection: what follows it (tunnel bytes after a CONNECT) cannot
             # be trusted to be a request.
-            refused = problem(400, "Bad Request", "the request target must be a path (origin-form)")
+            refused = problem(400, "Bad Request", "the request target must be a path without a fragment (origin-form)")
             refused.force_close()
             return refused
         if not self.loaded and self.settings.without_config == "refuse":
