@@ -63,8 +63,8 @@ _HELP: dict[str, str] = {
     "breaker_threshold": "consecutive Redis failures (timeouts, lost connections, failed "
                          "authentication) that open the circuit breaker",
     "breaker_cooldown_s": "seconds after the breaker opens before it probes Redis in the background; "
-                          "then every 0.1 s while Redis is unreachable or too slow, once per cooldown "
-                          "while it answers with an error (e.g. a wrong password), until a probe "
+                          "then every 0.1 s while Redis is unreachable or slow, once per cooldown "
+                          "while it answers with an error (a wrong password), until a probe "
                           "passes and it closes",
     "upstream_connect_timeout_s": "connect timeout to the upstream (then 502)",
     "upstream_timeout_s": "read timeout between upstream bytes (then 504)",
