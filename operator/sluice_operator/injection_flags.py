@@ -128,7 +128,9 @@ def add_arguments(group: argparse._ActionsContainer) -> None:
          "circuit breaker", shown="the sidecar's, 5", metavar="N")
     flag("--sidecar-breaker-cooldown-s", _text(d.breaker_cooldown_s),
          "SLUICE_BREAKER_COOLDOWN_S of the sidecar: seconds after the breaker opens before it "
-         "probes Redis in the background", shown="the sidecar's, 2.0", metavar="SECONDS")
+         "probes Redis in the background; then every 0.1 s while Redis is unreachable or slow, "
+         "once per cooldown while it answers with an error (a wrong password)",
+         shown="the sidecar's, 2.0", metavar="SECONDS")
     flag("--sidecar-log-level", _text(d.log_level),
          "SLUICE_LOG_LEVEL of the sidecar: " + ", ".join(LOG_LEVELS),
          shown="the sidecar's, info", metavar="LEVEL")
