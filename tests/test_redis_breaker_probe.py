@@ -18,12 +18,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from sluice_core import keyschema, scripts
 from sluice_core.redisurl import parse_redis_url
 from sluice_sidecar.breaker import PROBE_INTERVAL_S, CircuitBreaker, State
 from sluice_sidecar.stores.base import AUTH, StoreUnavailable
 from sluice_sidecar.stores.redis import RedisStore
 from support.processes import SidecarProcess, UpstreamProcess, http_get, wait_until
-from support.redis_servers import RedisServer
+from support.redis_servers import RedisClusterProcs, RedisServer
 from support.sidecar_harness import policy_doc
 
 
@@ -203,4 +204,19 @@ async def test_the_pause_between_probes_is_floored(fresh_redis: RedisServer) -> 
         assert all(g >= PROBE_INTERVAL_S * 0.9 for g in gaps), gaps
     finally:
         await breaker.close()
+        await store.close()
+
+
+@pytest.mark.cluster
+async def test_the_probe_runs_the_script_on_every_master_and_writes_nothing(
+        redis_cluster: RedisClusterProcs) -> None:
+    # A MOVED reply (a probe key on the wrong node) would fail the probe.
+    store = RedisStore(parse_redis_url(redis_cluster.url), timeout=1.0, connect_timeout=1.0)
+    try:
+        await store.probe()
+        sha = scripts.decide().sha1
+        for node in redis_cluster.nodes:  # each master ran it (so has it), none holds a probe key
+            assert node.execute("SCRIPT", "EXISTS", sha) == [1]
+            assert not node.execute("KEYS", f"{keyschema.PREFIX}:probe*")
+    finally:
         await store.close()
