@@ -13,6 +13,7 @@ import subprocess
 import sys
 from dataclasses import replace
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import kubernetes_validate
@@ -397,3 +398,31 @@ def test_cluster_keys_must_be_in_a_watched_namespace(argv: list[str], refused: b
             operator_cli.check_cluster_keys_namespace(args)
     else:
         operator_cli.check_cluster_keys_namespace(args)
+
+
+def test_every_description_of_the_cooldown_gives_the_breakers_probe_periods() -> None:
+    """The sidecar's help, the operator's, the chart's values, schema and README all say how
+    often the open breaker probes, as breaker.py does: every PROBE_INTERVAL_S while Redis is
+    unreachable or slow, once per cooldown while it answers with an error."""
+    from sluice_sidecar.breaker import PROBE_INTERVAL_S
+    from sluice_sidecar.settings import _HELP
+
+    said = (f"then every {PROBE_INTERVAL_S} s while Redis is unreachable or slow, once per cooldown "
+            "while it answers with an error (a wrong password)")
+    parser = argparse.ArgumentParser()
+    injection_flags.add_arguments(parser)
+    helps = {a.option_strings[0]: a.help or "" for a in parser._actions if a.option_strings}
+    root = Path(__file__).resolve().parent.parent
+    values = (root / "charts/sluice/values.yaml").read_text()
+    values_comment = " ".join(line.strip().lstrip("#").strip() for line in values.splitlines()
+                              if line.strip().startswith("#"))
+    texts = {
+        "--breaker-cooldown-s help": _HELP["breaker_cooldown_s"],
+        "--sidecar-breaker-cooldown-s help": helps["--sidecar-breaker-cooldown-s"],
+        "values.yaml": values_comment,
+        "values.schema.json": (root / "charts/sluice/values.schema.json").read_text(),
+        "charts/sluice/README.md": (root / "charts/sluice/README.md").read_text(),
+        "README.md": (root / "README.md").read_text(),
+    }
+    for where, text in texts.items():
+        assert said in " ".join(text.split()), where

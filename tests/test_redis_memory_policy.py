@@ -52,7 +52,11 @@ async def test_config_disabled_falls_back_to_info_and_warns_once_per_change(
         assert "noeviction" in (await check.run() or "")
         client.execute_command("sluice-test-config", "SET", "maxmemory-policy", "volatile-ttl")
         assert await check.run() is None
-        assert await check.run(max_age=3600) is None  # read recently: not read again
+        # Unsafe again, but read recently: not read again, so the (stale) safe answer stays ...
+        client.execute_command("sluice-test-config", "SET", "maxmemory-policy", "allkeys-lru")
+        assert await check.run(max_age=3600) is None
+        # ... until it is due: then the change is seen (a re-read above would have seen it too).
+        assert "allkeys-lru" in (await check.run() or "")
     messages = [(r.levelno, r.getMessage()) for r in caplog.records]
-    assert [lvl for lvl, _ in messages] == [logging.WARNING, logging.INFO], messages
-    assert "noeviction" in messages[0][1] and "safe" in messages[1][1]
+    assert [lvl for lvl, _ in messages] == [logging.WARNING, logging.INFO, logging.WARNING], messages
+    assert "noeviction" in messages[0][1] and "safe" in messages[1][1] and "allkeys-lru" in messages[2][1]

@@ -90,14 +90,34 @@ def test_admin_port_in_use_is_one_line(listening: int, good_policy: Path) -> Non
 @pytest.mark.parametrize(("args", "code", "starts", "needle"), [
     (("--listen", "8080"), 2, "--listen must be HOST:PORT", "'8080'"),
     (("--listen", "192.0.2.1:8080"), 1, "--listen 192.0.2.1:8080: ", "assign requested address"),
-    (("--redis", "redis://user:s3cret@127.0.0.1:notaport"), 1, "--redis: ", "port must be a number"),
-    (("--without-config", "sometimes"), 1, "--without-config: ", "refuse or unlimited"),
-], ids=["listen-not-hostport", "listen-bad-address", "redis-url", "without-config-value"])
+    (("--redis", "redis://user:s3cret@127.0.0.1:notaport"), 1, "--redis: ", "port of host #1 is not a number"),
+    (("--without-config", "sometimes"), 2, "--without-config must be refuse or unlimited", "'sometimes'"),
+    (("--breaker-cooldown-s", "0"), 2, "--breaker-cooldown-s must be greater than 0", "got 0.0"),
+    (("--breaker-cooldown-s", "-1"), 2, "--breaker-cooldown-s must be greater than 0", "got -1.0"),
+    (("--redis-timeout-ms", "0"), 2, "--redis-timeout-ms must be greater than 0", "got 0"),
+    (("--redis-connect-timeout-ms", "-5"), 2, "--redis-connect-timeout-ms must be greater than 0", "got -5"),
+    (("--upstream-timeout-s", "0"), 2, "--upstream-timeout-s must be greater than 0", "got 0.0"),
+    (("--upstream-connect-timeout-s", "nan"), 2, "--upstream-connect-timeout-s must be greater than 0",
+     "got nan"),
+], ids=["listen-not-hostport", "listen-bad-address", "redis-url", "without-config-value",
+        "cooldown-zero", "cooldown-negative", "redis-timeout-zero", "redis-connect-timeout-negative",
+        "upstream-timeout-zero", "upstream-connect-timeout-nan"])
 def test_bad_flags_are_one_line(args: tuple[str, ...], code: int, starts: str, needle: str,
                                 good_policy: Path) -> None:
     res = run_sidecar("--policy-file", str(good_policy), *args)
     assert_one_line(res, code, starts, needle)
     assert "s3cret" not in res.stderr
+
+
+def test_a_bad_value_from_the_environment_is_checked_as_a_flag(good_policy: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLUICE_")}
+    env["SLUICE_WITHOUT_CONFIG"] = "sometimes"  # argparse checks no choices of a default
+    res = subprocess.run([sys.executable, "-m", "sluice_core.cli", "sidecar", "--upstream", "http://127.0.0.1:1",
+                          "--listen", f"127.0.0.1:{pick_port()}", "--admin-listen", f"127.0.0.1:{pick_port()}",
+                          "--policy-file", str(good_policy)],
+                         capture_output=True, text=True, timeout=20, env=env, check=False,
+                         stdin=subprocess.DEVNULL)
+    assert_one_line(res, 2, "--without-config must be refuse or unlimited", "'sometimes'")
 
 
 def test_cluster_mode_unreadable_labels_refuses_to_start(tmp_path: Path) -> None:

@@ -7,7 +7,10 @@
 
 Query parameters: ``ssl_ca_certs``, ``ssl_certfile``, ``ssl_keyfile``,
 ``ssl_cert_reqs=required|none``, ``sentinel_password``. The password never appears in
-``str()``/``repr()`` of the parsed target, so it cannot reach a log line through it.
+``str()``/``repr()`` of the parsed target, so it cannot reach a log line through it, and an
+error never echoes any part of the host list or the path: a password holding an unencoded
+``/``, ``?``, ``#`` or ``@`` is split there by the URL grammar, so either part may hold a
+piece of it. Errors name the position and the rule instead.
 """
 
 from __future__ import annotations
@@ -58,13 +61,24 @@ class RedisTarget:
         return ctx
 
 
+ENCODE_HINT = "a password containing / ? # @ must be percent-encoded (%2F %3F %23 %40)"
+
+
 def parse_redis_url(url: str) -> RedisTarget:
     """Parse a URL; raise ``ValueError`` naming what is wrong (never echoing a password)."""
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # e.g. an unbalanced "[" in the host list; its message quotes the URL
+        raise ValueError(f"redis URL: the host list cannot be parsed; {ENCODE_HINT}") from None
     scheme = parts.scheme.lower()
     base, _, topo = scheme.partition("+")
     if base not in ("redis", "rediss") or topo not in ("", "sentinel", "cluster"):
-        raise ValueError(f"redis URL scheme must be redis, rediss, redis+sentinel or redis+cluster, got {scheme!r}")
+        # Only a well-formed scheme is quoted: an unusual "scheme" may be a password's head.
+        shown = repr(scheme) if scheme.replace("+", "").isalpha() and len(scheme) <= 20 else "another"
+        raise ValueError(f"redis URL scheme must be redis, rediss, redis+sentinel or redis+cluster, got {shown}")
+    if "@" in parts.path or "@" in parts.query or "@" in parts.fragment:
+        # The user-info ended early: at a "/", "?" or "#" of the password.
+        raise ValueError(f"redis URL: an '@' follows the host list; {ENCODE_HINT}")
     topology = Topology(topo or "single")
     netloc = parts.netloc
     username = password = None
@@ -77,7 +91,7 @@ def parse_redis_url(url: str) -> RedisTarget:
             username, password = None, unquote(user)
     hosts: list[tuple[str, int]] = []
     default_port = 26379 if topology is Topology.SENTINEL else 6379
-    for item in netloc.split(","):
+    for n, item in enumerate(netloc.split(","), 1):
         if not item:
             continue
         if item.startswith("["):
@@ -87,8 +101,10 @@ def parse_redis_url(url: str) -> RedisTarget:
             host, _, port_s = item.rpartition(":") if ":" in item else (item, "", "")
         try:
             port = int(port_s) if port_s else default_port
+            if not (port_s.isdigit() or not port_s) or not 0 < port < 65536:
+                raise ValueError
         except ValueError:
-            raise ValueError(f"redis URL: port must be a number in {item!r}") from None
+            raise ValueError(f"redis URL: the port of host #{n} is not a number from 1 to 65535; {ENCODE_HINT}") from None
         hosts.append((host or "127.0.0.1", port))
     if not hosts:
         raise ValueError("redis URL: no host given")
@@ -105,7 +121,8 @@ def parse_redis_url(url: str) -> RedisTarget:
         try:
             db = int(path[0])
         except ValueError:
-            raise ValueError(f"redis URL: database must be a number, got {path[0]!r}") from None
+            raise ValueError(f"redis URL: the database (the path after the hosts) is not a number; "
+                             f"{ENCODE_HINT}") from None
     if db and topology is Topology.CLUSTER:
         raise ValueError("redis+cluster URL: Redis Cluster has only database 0")
     q = {k: v[-1] for k, v in parse_qs(parts.query).items()}

@@ -8,6 +8,8 @@ import fnmatch
 import logging
 import os
 
+from sluice_core.redisurl import parse_redis_url
+
 from sluice_operator import injection_flags
 from sluice_operator.settings import CLUSTER_KEYS_NAMESPACE, OperatorSettings
 
@@ -77,6 +79,10 @@ def run(args: argparse.Namespace) -> int:
     from sluice_operator.webhook_config import Endpoint
 
     injection = injection_flags.injection_settings(args)  # SystemExit naming a bad --sidecar-* flag
+    try:  # before anything connects; the message never echoes the URL (it may hold a password)
+        parse_redis_url(args.redis)
+    except ValueError as exc:
+        raise SystemExit(f"sluice operator: --redis: {exc}") from None
 
     if args.webhook_cert_secret:
         from sluice_operator.certstore import parse_secret_ref

@@ -18,6 +18,8 @@ import re
 from decimal import Decimal
 from typing import Any, NoReturn
 
+from sluice_core.redisurl import parse_redis_url
+
 from sluice_operator.admission import MAX_PORT_NAME, PORT_NAME_RE, InjectionSettings
 
 DEFAULTS = InjectionSettings()
@@ -129,7 +131,9 @@ def add_arguments(group: argparse._ActionsContainer) -> None:
          "circuit breaker", shown="the sidecar's, 5", metavar="N")
     flag("--sidecar-breaker-cooldown-s", _text(d.breaker_cooldown_s),
          "SLUICE_BREAKER_COOLDOWN_S of the sidecar: seconds after the breaker opens before it "
-         "probes Redis in the background", shown="the sidecar's, 2.0", metavar="SECONDS")
+         "probes Redis in the background; then every 0.1 s while Redis is unreachable or slow, "
+         "once per cooldown while it answers with an error (a wrong password)",
+         shown="the sidecar's, 2.0", metavar="SECONDS")
     flag("--sidecar-log-level", _text(d.log_level),
          "SLUICE_LOG_LEVEL of the sidecar: " + ", ".join(LOG_LEVELS),
          shown="the sidecar's, info", metavar="LEVEL")
@@ -334,13 +338,19 @@ def injection_settings(args: argparse.Namespace) -> InjectionSettings:
     threshold = _number(args, "--sidecar-breaker-threshold", int)
     cooldown = _number(args, "--sidecar-breaker-cooldown-s", float)
     resources = _resources(args)
+    sidecar_redis = _given(args, "--sidecar-redis")
+    if sidecar_redis:  # injected sidecars would crash-loop on it; never echo it (a password)
+        try:
+            parse_redis_url(sidecar_redis)
+        except ValueError as exc:
+            _fail("--sidecar-redis", str(exc))
     limits = {name.replace("-", "_"): _number(args, f"--sidecar-{name}", kind)
               for name, kind, *_ in CLIENT_LIMITS}
     return InjectionSettings(
         image=_given(args, "--sidecar-image") or d.image,
         image_pull_policy=_choice(args, "--sidecar-image-pull-policy", PULL_POLICIES,
                                   d.image_pull_policy) or d.image_pull_policy,
-        redis_url=_given(args, "--sidecar-redis") or args.redis,
+        redis_url=sidecar_redis or args.redis,
         redis_url_secret=_secret_key_ref(_given(args, "--sidecar-redis-secret")),
         redis_timeout_ms=int(timeout) if timeout is not None else d.redis_timeout_ms,
         redis_connect_timeout_ms=int(connect_timeout) if connect_timeout is not None

@@ -3,11 +3,14 @@
 Closed: every decision asks the store. After ``threshold`` consecutive failures that cost
 waiting (timeouts, refused or lost connections, failed authentication) it opens: no decision
 waits on the store (the policy's failure mode answers at once). While it is open a background
-task probes the store (reconnect, authenticate, load the decision script), first ``cooldown``
-seconds after it opened, then every ``probe_interval`` seconds (0.1) while Redis is unreachable
-(every ``cooldown`` while it answers but refuses, e.g. a wrong password), and closes it as soon
-as one probe succeeds. No client request is spent on probing: once the store is back, the next
-request is decided by it.
+task probes the store with what a decision does, under the decision timeout (reconnect,
+authenticate, run the decision script once on a key no bucket uses), first ``cooldown`` seconds
+after it opened, then every ``probe_interval`` seconds (0.1) while Redis is unreachable or
+slower than the decision timeout (every ``cooldown`` while it answers with an error, e.g. a
+wrong password), and closes it as soon as one probe succeeds. No client request is spent on
+probing: once the store is back, the next request is decided by it. The pauses are never
+shorter than ``probe_interval``. The store is also probed once at start (:meth:`start`): a
+failure there is logged and opens the breaker at once.
 
 Error replies that come back at once (``OOM``, other refusals) are failures for the metrics and
 the log but do not open the breaker: they cost no waiting, and the first decision after Redis
@@ -57,6 +60,7 @@ class CircuitBreaker:
         self._on_change = on_change
         self._on_probe = on_probe
         self._task: asyncio.Task[None] | None = None
+        self._first: asyncio.Task[None] | None = None  # the probe at start
 
     def allow(self) -> bool:
         """May this decision ask the store?"""
@@ -79,16 +83,39 @@ class CircuitBreaker:
         if self.state is State.OPEN:  # a failed probe: the reason may have changed
             self._report(exc)
         elif self._failures >= self.threshold:
-            self._report(exc)
-            self._set(State.OPEN)
-            if self._task is not None:
-                self._task.cancel()
-            self._task = asyncio.ensure_future(self._probe_until_closed())
+            self._open(exc)
+
+    def _open(self, exc: StoreUnavailable) -> None:
+        self._report(exc)
+        self._set(State.OPEN)
+        if self._task is not None:
+            self._task.cancel()
+        self._task = asyncio.ensure_future(self._probe_until_closed())
+
+    def start(self) -> None:
+        """Probe the store once, in the background (start-up never waits for Redis, nor refuses
+        to start without it: it may come later). On failure the reason is logged at ERROR and
+        the breaker opens, so a wrong password is said at start, not after client requests
+        failed, and the background probe takes over."""
+        if self._first is None:
+            self._first = asyncio.ensure_future(self._probe_at_start())
+
+    async def _probe_at_start(self) -> None:
+        try:
+            await self._probe()
+        except StoreUnavailable as exc:
+            if exc.reason in FAST_REASONS:  # answered at once: decisions will say it themselves
+                self._report(exc)
+            elif self.state is State.CLOSED:  # not opened by client requests meanwhile
+                self._open(exc)
+        except Exception:  # a probe bug must not stop the sidecar; decisions still report
+            log.exception("decision store probe crashed")
 
     async def _probe_until_closed(self) -> None:
-        await asyncio.sleep(self.cooldown)
+        await asyncio.sleep(max(self.cooldown, self.probe_interval))
         while self.state is State.OPEN:
-            pause = self.cooldown
+            # Floored: a cooldown of 0 would re-authenticate a wrong password back to back.
+            pause = max(self.cooldown, self.probe_interval)
             try:
                 await self._probe()
             except StoreUnavailable as exc:
@@ -136,8 +163,9 @@ class CircuitBreaker:
                 self._on_change(state)
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        for task in (self._first, self._task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._first = self._task = None

@@ -45,7 +45,8 @@ async def serve(settings_args: argparse.Namespace) -> int:
 
 def run(args: argparse.Namespace) -> int:
     """Start-up errors are one line on stderr, ``sluice sidecar: <what>: <reason>``, and a
-    non-zero exit: 2 for flags that contradict each other, 1 for what cannot be started."""
+    non-zero exit: 2 for a refused flag value or flags that contradict each other, 1 for what
+    cannot be started."""
     from sluice_sidecar.server import StartupError
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")

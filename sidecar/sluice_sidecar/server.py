@@ -33,9 +33,6 @@ from sluice_sidecar.stores.redis import RedisStore
 log = logging.getLogger("sluice.sidecar")
 
 
-WITHOUT_CONFIG = ("refuse", "unlimited")
-
-
 class StartupError(Exception):
     """The sidecar cannot start: ``sluice sidecar: <what>: <reason>``, one line, no traceback."""
 
@@ -48,14 +45,11 @@ class Sidecar:
         self.settings = settings
         self.metrics = Metrics()
         self.draining = False
-        if settings.without_config not in WITHOUT_CONFIG:
-            raise StartupError("--without-config", f"must be {' or '.join(WITHOUT_CONFIG)}, "
-                               f"got {settings.without_config!r}")
         self.store: DecisionStore
         if settings.redis:
             try:
                 target = parse_redis_url(settings.redis)
-            except ValueError as exc:  # the message never echoes a password
+            except ValueError as exc:  # the message never echoes any part of the URL
                 raise StartupError("--redis", str(exc)) from None
             self.store = RedisStore(target, timeout=settings.redis_timeout_ms / 1000,
                                     connect_timeout=settings.redis_connect_timeout_ms / 1000)
@@ -100,8 +94,8 @@ class Sidecar:
         self.metrics.config_loaded.set(1)
 
     def _breaker_changed(self, state: State) -> None:
+        # The gauge only: the breaker logs each change itself (rate-limited, with the reason).
         self.metrics.circuit_state.set(int(state))
-        log.warning("decision store circuit %s", state.name.lower())
 
     # Data path ----------------------------------------------------------------------------
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
@@ -213,6 +207,8 @@ class Sidecar:
             await self.source.start()
         log.info("sluice sidecar on %s:%s -> %s (admin %s:%s, store %s)", host, self.data_port,
                  s.upstream, ahost, self.admin_port, self.store.name)
+        if isinstance(self.store, RedisStore):  # say a wrong password now, not at the first request
+            self.breaker.start()
 
     async def _bind(self, runner: web.BaseRunner, what: str, host: str, port: int, **kw: Any) -> int:
         """Set up ``runner`` and listen on host:port; the bound port (for port 0)."""

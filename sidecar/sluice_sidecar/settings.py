@@ -63,8 +63,10 @@ _HELP: dict[str, str] = {
     "redis_connect_timeout_ms": "give up connecting to Redis after this long",
     "breaker_threshold": "consecutive Redis failures (timeouts, lost connections, failed "
                          "authentication) that open the circuit breaker",
-    "breaker_cooldown_s": "seconds after the breaker opens before it probes Redis in the background "
-                          "(then every 0.1 s until Redis answers and it closes)",
+    "breaker_cooldown_s": "seconds after the breaker opens before it probes Redis in the background; "
+                          "then every 0.1 s while Redis is unreachable or slow, once per cooldown "
+                          "while it answers with an error (a wrong password), until a probe "
+                          "passes and it closes",
     "upstream_connect_timeout_s": "connect timeout to the upstream (then 502)",
     "upstream_timeout_s": "read timeout between upstream bytes (then 504)",
     "upstream_max_connections": "pooled upstream connections at most",
@@ -105,13 +107,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(flag, default=default, required=default is None, help=help_text)
         else:
             d = kind(default) if default is not None else f.default
-            parser.add_argument(flag, type=kind, default=d, help=f"{help_text} (default: {f.default})")
+            parser.add_argument(flag, type=kind, default=d, help=f"{help_text} (default: {f.default})",
+                                metavar="{" + ",".join(CHOICES[f.name]) + "}" if f.name in CHOICES else None)
 
 
-# Limits that protect the process: zero or less would refuse everything (or nothing).
+# Limits that protect the process: zero or less would refuse everything (or nothing). Timings:
+# zero or less would make a loop spin (a breaker cooldown of 0 re-authenticates a wrong password
+# back to back, a poll interval of 0 polls Redis without pause) or give up before trying.
 _POSITIVE = ("max_header_bytes", "max_request_header_bytes", "max_headers", "header_timeout_s",
              "keepalive_timeout_s", "max_connections", "max_connections_per_client",
-             "max_inflight_requests", "memory_max_buckets")
+             "max_inflight_requests", "memory_max_buckets",
+             "redis_timeout_ms", "redis_connect_timeout_ms", "breaker_threshold", "breaker_cooldown_s",
+             "upstream_connect_timeout_s", "upstream_timeout_s", "poll_interval_s")
+# Flags with a closed set of values, checked here with the others (an env var is not checked
+# by argparse's ``choices``).
+CHOICES: dict[str, tuple[str, ...]] = {"without_config": ("refuse", "unlimited")}
 
 
 def from_args(args: argparse.Namespace) -> SidecarSettings:
@@ -120,6 +130,10 @@ def from_args(args: argparse.Namespace) -> SidecarSettings:
     for name in _POSITIVE:
         if not getattr(s, name) > 0:
             raise ValueError(f"--{name.replace('_', '-')} must be greater than 0, got {getattr(s, name)}")
+    for name, allowed in CHOICES.items():
+        if getattr(s, name) not in allowed:
+            raise ValueError(f"--{name.replace('_', '-')} must be {' or '.join(allowed)}, "
+                             f"got {getattr(s, name)!r}")
     if bool(s.policy_file) == bool(s.namespace):
         raise ValueError("give exactly one of --policy-file (standalone) or --namespace (cluster mode)")
     if s.namespace and not s.redis:

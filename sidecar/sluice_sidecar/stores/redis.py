@@ -18,7 +18,7 @@ import logging
 from collections.abc import Coroutine
 from typing import Any
 
-from sluice_core import scripts
+from sluice_core import keyschema, scripts
 from sluice_core.gcra import expand
 from sluice_core.redisurl import RedisTarget, Topology
 
@@ -37,6 +37,8 @@ Addr = tuple[str, int]
 # Error replies a second try can cure (script cache emptied, cluster redirection, failover):
 # a batch that meets one is sent again on the careful path; any other error reply fails it.
 RETRYABLE = ("NOSCRIPT", "MOVED", "ASK", "READONLY")
+PROBE_KEY = f"{keyschema.PREFIX}:probe"  # read by the probe (cost 0), never written; no bucket's name
+PROBE_EM_US = 1_000_000
 
 
 def reason_of(exc: BaseException) -> str:
@@ -357,8 +359,12 @@ class RedisStore:
         return err
 
     async def probe(self) -> None:
-        """Can decisions go through now? Connect (and authenticate) to every node decisions go
-        to and load the decision script there; the circuit breaker calls this while open."""
+        """Can decisions go through now? Do what a decision does, under the decision timeout:
+        on every node decisions go to, connect (authenticate; a new connection loads the
+        decision script) and run the script once, reading one bucket (cost 0: nothing is
+        written). A Redis that answers, but slower than ``--redis-timeout-ms``, fails the probe
+        as it fails decisions, so the breaker stays open instead of closing for requests that
+        would time out. The circuit breaker calls this while open, and once at start."""
         try:
             if self._cluster:
                 await self.nodes.refresh_slots()
@@ -367,11 +373,29 @@ class RedisStore:
                 addrs = [await self.nodes.primary()]
             for addr in addrs:
                 conn = await self.nodes.connect(addr)
-                await conn.call("SCRIPT", "LOAD", self._script.source, timeout=self.nodes.connect_timeout)
+                payload = encode(b"EVALSHA", self._sha, 1, self._probe_key(addr), 1, 1, 0,
+                                 PROBE_EM_US, PROBE_EM_US)
+                try:
+                    await conn.send(payload, self.nodes.timeout)
+                except RedisReplyError as exc:
+                    if not str(exc).startswith("NOSCRIPT"):  # a cached connection, then SCRIPT FLUSH
+                        raise
+                    await conn.call("SCRIPT", "LOAD", self._script.source, timeout=self.nodes.connect_timeout)
+                    await conn.send(payload, self.nodes.timeout)
                 if not self._cluster:
                     self._conn = conn
         except (OSError, TimeoutError, RedisReplyError, ConnectionClosed, StoreUnavailable) as exc:
             raise self._wrap(exc)  # noqa: B904 - the cause is kept in __cause__
+
+    def _probe_key(self, addr: Addr) -> str:
+        """A key no bucket uses, on ``addr``'s slots (Cluster: the first hash tag found there)."""
+        if not self._cluster:
+            return PROBE_KEY
+        for i in range(SLOTS * 8):
+            key = f"{{{PROBE_KEY}-{i}}}"
+            if self.nodes.node_for_slot(key_slot(key)) == addr:
+                return key
+        return PROBE_KEY  # pragma: no cover - every master in the slot map owns a slot
 
     # One script run, with reconnects, NOSCRIPT and cluster redirections -----------------------
     async def _execute(self, payload: bytes, first_key: str) -> list[int]:
