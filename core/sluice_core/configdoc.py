@@ -12,7 +12,7 @@ sidecar cannot read namespace labels, the namespaces each one's ``namespaceSelec
 to when the operator wrote it: ``"namespaces": {"<policy name>": ["shop", "billing"]}``.
 
 A *placeholder* (``"placeholder": true``, no policies) is what Sluice writes where there is no
-document at all, never over one (``scripts/ensure_config.lua``): the cluster document always
+document at all, never over one (``scripts/publish_config.lua`` with ``missing``): the cluster document always
 exists once the operator or ``sluice apply`` ran, so a sidecar whose namespace has no document
 knows Redis is initialised and no namespace policy exists. A sidecar that already holds a config
 from that document keeps it (a placeholder after Redis lost everything says nothing new).

@@ -53,10 +53,10 @@ def publish(client: Any, namespace: str, doc: str, *, min_version: int = 0) -> i
 def ensure(client: Any, namespace: str, *, min_version: int = 0) -> int:
     """Create the namespace's placeholder document (no policies) if it has no document at all,
     and announce it; return its version, or 0 when a document was there (it stays untouched)."""
-    s = scripts.ensure_config()
+    s = scripts.publish_config()
     try:
         v = client.eval(s.source, 1, keyschema.config_key(namespace), placeholder_doc(namespace),
-                        str(min_version), keyschema.CONFIG_CHANNEL, namespace)
+                        str(min_version), keyschema.CONFIG_CHANNEL, namespace, "missing")
     except redis.RedisError as exc:
         raise ConfigStoreError(f"cannot create config for namespace {namespace!r}: {exc}") from exc
     return int(v)

@@ -31,7 +31,3 @@ def publish_config() -> Script:
 
 def drop_empty_config() -> Script:
     return load("drop_empty_config")
-
-
-def ensure_config() -> Script:
-    return load("ensure_config")
