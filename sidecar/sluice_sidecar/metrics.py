@@ -42,7 +42,9 @@ class Metrics:
                                     registry=r)
         self.inflight = Gauge("sluice_inflight_requests", "Requests being proxied", registry=r)
         # reason: connections (over --max-connections, 503), inflight (over
-        # --max-inflight-requests, 503), header_size (431), header_timeout (closed)
+        # --max-inflight-requests, 503), header_size (431), header_timeout (closed),
+        # send_timeout (a client that stopped reading its response: aborted), body_timeout (a
+        # request body that stopped arriving: 408) -- both after --client-timeout-s
         self.overload_refusals = Counter(
             "sluice_overload_refusals", "Connections and requests refused to bound the sidecar's memory",
             ["reason"], registry=r)

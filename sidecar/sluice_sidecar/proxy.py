@@ -16,6 +16,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
 
+from sluice_sidecar.connections import BodyTimeout, client_body
 from sluice_sidecar.metrics import Metrics
 from sluice_sidecar.problem import problem
 from sluice_sidecar.upstream import CHUNK, UpstreamError, UpstreamPool, UpstreamResponse
@@ -44,12 +45,14 @@ def origin_form(request: web.BaseRequest) -> bool:
 
 class Proxy:
     def __init__(self, upstream: str, metrics: Metrics, *, connect_timeout: float = 2.0,
-                 read_timeout: float = 60.0, max_connections: int = 1024) -> None:
+                 read_timeout: float = 60.0, max_connections: int = 1024,
+                 client_timeout: float = 30.0) -> None:
         base = URL(upstream)
         if base.scheme != "http" or not base.host or base.path not in ("", "/") or base.query_string:
             raise ValueError(f"--upstream must be http://HOST:PORT (the app in the same pod), got {upstream!r}")
         self.metrics = metrics
         self.read_timeout = read_timeout
+        self.client_timeout = client_timeout
         self._pool_args = (base.host, base.port or 80, connect_timeout, read_timeout, max_connections)
         self.pool: UpstreamPool | None = None
 
@@ -108,13 +111,23 @@ class Proxy:
         if has_body and request.headers.get("Expect", "").lower() == "100-continue" and request.version >= (1, 1):
             # The limiter said yes: now invite the body (a refused client never sends it).
             await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        body = request.content.iter_chunked(CHUNK) if has_body else None
+        body = client_body(request.content, CHUNK, self.client_timeout) if has_body else None
         self.metrics.inflight.inc()
         try:
             try:
                 up = await self.pool.request(request.method, head, body, chunked)
             except UpstreamError as exc:
                 return self._failed(request, exc, rate_headers)
+            except BodyTimeout as exc:
+                # Nothing was relayed yet (the body is sent before the answer is read): the
+                # request ends here, and the connection with it (the rest of the body may yet
+                # come; it cannot be told from a next request). The upstream connection, with
+                # its request half sent, was closed by the pool.
+                self.metrics.overload_refusals.labels("body_timeout").inc()
+                log.debug("request body stalled on %s %s: %s", request.method, request.path, exc)
+                refused = problem(408, "Request Timeout", "the request body stopped arriving")
+                refused.force_close()
+                return refused
             drop = _DROP_RESPONSE | _connection_tokens(
                 next((v for k, v in up.headers if k.lower() == "connection"), None))
             headers: CIMultiDict[str] = CIMultiDict([(k, v) for k, v in up.headers if k.lower() not in drop])

@@ -39,6 +39,7 @@ class SidecarSettings:
     max_headers: int = 100
     header_timeout_s: float = 10.0
     keepalive_timeout_s: float = 75.0
+    client_timeout_s: float = 30.0
     max_connections: int = 1024
     max_inflight_requests: int = 256
     memory_max_buckets: int = DEFAULT_MAX_BUCKETS
@@ -77,6 +78,8 @@ _HELP: dict[str, str] = {
     "header_timeout_s": "a new connection's first byte, and every request head once its first byte "
                         "arrived, must come within this long; else the connection is closed unanswered",
     "keepalive_timeout_s": "close a keep-alive client connection idle this long",
+    "client_timeout_s": "a client that takes no byte of a response for this long is aborted; one "
+                        "that sends no byte of its request body for this long gets 408 (connection closed)",
     "max_connections": "open client connections at most; one more is answered 503 and closed",
     "max_inflight_requests": "requests being decided or proxied at once at most; one more is "
                              "answered 503 at once (no token taken)",
@@ -105,7 +108,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 # Limits that protect the process: zero or less would refuse everything (or nothing).
 _POSITIVE = ("max_header_bytes", "max_request_header_bytes", "max_headers", "header_timeout_s",
-             "keepalive_timeout_s", "max_connections", "max_inflight_requests", "memory_max_buckets")
+             "keepalive_timeout_s", "client_timeout_s", "max_connections", "max_inflight_requests",
+             "memory_max_buckets")
 
 
 def from_args(args: argparse.Namespace) -> SidecarSettings:
