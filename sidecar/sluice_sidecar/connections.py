@@ -73,6 +73,12 @@ LINGER_S = 2.0
 the connection, and the reset can destroy the answer before the client reads it."""
 
 
+WRITE_HIGH_WATER = 16 * 1024
+"""Response bytes the transport holds before the relay waits for the client (the kernel's
+socket buffer, outside the process, holds far more): a stalled client then holds this plus one
+chunk here, not 64 KiB plus two (uvloop's default, aiohttp draining every 64 KiB)."""
+
+
 class BodyTimeout(Exception):
     """The client sent no byte of its request body for ``client_timeout`` seconds."""
 
@@ -148,6 +154,7 @@ class GuardedHandler(RequestHandler):
             self._refuse_connection(transport)
             return
         super().connection_made(transport)
+        cast(asyncio.Transport, transport).set_write_buffer_limits(high=WRITE_HIGH_WATER)
         self._open_head()  # the first byte must come within header_timeout
 
     def _refuse_connection(self, transport: asyncio.BaseTransport) -> None:

@@ -162,8 +162,15 @@ class Proxy:
                 up.body_now()  # nothing follows a HEAD response; frees the connection
             elif first is not None:
                 await stream.write(first)
+                first = None  # not held while the client is slow (the transport has it)
+                protocol, writer = request.protocol, request.writer
                 async for chunk in chunks:
                     await stream.write(chunk)
+                    # aiohttp drains only every 64 KiB it has written, so a stalled client
+                    # would hold two chunks past the transport's high-water mark; waiting here
+                    # holds at most one (the send timeout applies while it waits).
+                    if protocol.writing_paused:
+                        await writer.drain()
             await stream.write_eof()
         except UpstreamError as exc:
             # The head and part of the body are out: a 502 now would land inside the body. Cut
