@@ -14,7 +14,7 @@ from support.attacks import Report, Scenario, run_scenario, scenarios
 pytestmark = pytest.mark.slow
 
 MEMORY_LIMIT = 128 * 1024 * 1024  # the injected sidecar's default limit (--sidecar-resources)
-SECONDS = 5.0  # longer than the quick header and idle timeouts the scenarios set (2 s)
+SECONDS = 5.0  # longer than the quick header, idle and client timeouts the scenarios set (2 s)
 
 SCENARIOS = {s.name: s for s in scenarios()}
 
@@ -40,6 +40,11 @@ async def test_attack_is_contained(name: str) -> None:
         assert out["statuses"] == {"431": out["requests"]}, out["statuses"]
     elif name == "idle-flood":
         assert out["still_open_at_end"] == 0, out
+    elif name == "slow-read":
+        assert out["aborted"] == out["connections"], out
+    elif name == "slow-body":
+        assert out["statuses"] == {"408": out["connections"]}, out
+        assert out["timed_out"] == out["connections"], out
     elif name == "upstream-reset":
         assert out["requests"] > 0, out
         assert out["extra_bytes_after_truncation"] == 0 and out["left_open"] == 0, out

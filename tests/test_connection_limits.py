@@ -1,5 +1,5 @@
 """Memory exhaustion through the client side: huge heads, slowloris, idle floods, too many
-requests in flight. A real sidecar process (standalone, memory store) in front of a real slow
+requests in flight, clients that stop reading a response or sending a body. A real sidecar process (standalone, memory store) in front of a real slow
 upstream; its RSS and descriptors are read with psutil. Limits are set through SLUICE_*
 environment variables, so that a sidecar without them runs (and holds everything) rather than
 refusing an unknown flag."""
@@ -10,9 +10,10 @@ import asyncio
 import contextlib
 import gc
 import re
+import socket
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
 import psutil
@@ -22,7 +23,7 @@ from sluice_sidecar.settings import SidecarSettings
 from sluice_sidecar.stores.memory import MemoryStore
 from support.processes import SidecarProcess, UpstreamProcess
 from support.redis_servers import RedisServer
-from support.sidecar_harness import wait_for
+from support.sidecar_harness import Upstream, wait_for
 
 MEMORY_LIMIT = 128 * 2**20  # the injected sidecar's default memory limit
 POLICY = """
@@ -41,8 +42,16 @@ def upstream() -> Iterator[UpstreamProcess]:
     up.close()
 
 
+@pytest.fixture
+async def stream_upstream() -> AsyncIterator[Upstream]:
+    """The harness's upstream (in this process), for ``/__stream/<n>`` and a body it waits for."""
+    up = await Upstream().start()
+    yield up
+    await up.close()
+
+
 @contextlib.contextmanager
-def sidecar(upstream: UpstreamProcess, tmp_path: Path, policy_text: str = POLICY,
+def sidecar(upstream: UpstreamProcess | Upstream, tmp_path: Path, policy_text: str = POLICY,
             **env: str) -> Iterator[SidecarProcess]:
     policy = tmp_path / "policy.yaml"
     policy.write_text(policy_text)
@@ -403,3 +412,99 @@ def test_memory_store_default_cap_fits_the_memory_limit() -> None:
     grown = psutil.Process().memory_info().rss - before
     assert len(store) == cap
     assert grown < 16 * 2**20, f"{cap} buckets took {grown / 2**20:.0f} MiB"
+
+
+# Slow clients --------------------------------------------------------------------------------
+def stalled_reader(port: int, target: str) -> socket.socket:
+    """A client that sends one request and never reads: a small receive buffer, so that the
+    kernel absorbs little of the response and the sidecar's own buffers fill."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", port))
+    sock.sendall(f"GET {target} HTTP/1.1\r\nHost: t\r\n\r\n".encode())
+    return sock
+
+
+async def test_clients_that_stop_reading_are_aborted_and_their_slots_freed(
+        stream_upstream: Upstream, tmp_path: Path) -> None:
+    """Two clients ask for 50 MiB each and read nothing, with an in-flight cap of 2: both
+    slots are held until the client timeout passes, then both connections are aborted and a
+    third client is served."""
+    with sidecar(stream_upstream, tmp_path, SLUICE_MAX_INFLIGHT_REQUESTS="2",
+                 SLUICE_CLIENT_TIMEOUT_S="1") as sc:
+        held = [stalled_reader(sc.port, f"/__stream/{50 * 2**20}") for _ in range(2)]
+        try:
+            with PeakRss(sc.proc.pid) as rss:
+                await poll(lambda: sc.metric("sluice_inflight_requests"), lambda v: v == 2,
+                           "2 responses in flight")
+                await poll(lambda: client_sockets(sc), lambda v: v == 0,
+                           "stalled readers aborted by the sidecar")
+            answer = await exchange(sc.port, b"GET / HTTP/1.0\r\n\r\n")
+            assert status_of(answer) == 200, answer[:300]
+            assert sc.metric("sluice_overload_refusals_total", reason="send_timeout") == 2
+            assert sc.metric("sluice_inflight_requests") == 0
+            assert rss.peak < MEMORY_LIMIT, str(rss)
+            assert stream_upstream.stream_sent < 2 * 50 * 2**20  # relaying stopped with them
+        finally:
+            for sock in held:
+                sock.close()
+
+
+async def test_a_slow_reader_that_keeps_reading_gets_the_whole_response(
+        stream_upstream: Upstream, tmp_path: Path) -> None:
+    """The timeout is between bytes, not for the whole response: a client that takes 4 MiB
+    in 64 KiB reads over several client timeouts gets all of it."""
+    size = 4 * 2**20
+    with sidecar(stream_upstream, tmp_path, SLUICE_CLIENT_TIMEOUT_S="1") as sc:
+        reader, writer = await asyncio.open_connection("127.0.0.1", sc.port, limit=2**16)
+        try:
+            writer.write(f"GET /__stream/{size} HTTP/1.0\r\n\r\n".encode())
+            head_ = await reader.readuntil(b"\r\n\r\n")
+            assert status_of(head_) == 200, head_
+            got = 0
+            async with asyncio.timeout(60):
+                while chunk := await reader.read(2**16):
+                    got += len(chunk)
+                    await asyncio.sleep(0.02)  # a slow client's pace (~3 MiB/s), not synchronisation
+            assert got == size
+        finally:
+            writer.close()
+        assert sc.metric("sluice_overload_refusals_total", reason="send_timeout") == 0
+
+
+async def test_request_bodies_that_stop_arriving_get_408_and_their_slots_freed(
+        stream_upstream: Upstream, tmp_path: Path) -> None:
+    """Two clients declare a 1 MiB body, send 10 bytes and then nothing, with an in-flight cap
+    of 2: after the client timeout each is answered 408 (problem+json) and closed, the
+    upstream connection is dropped, and a third client is served."""
+    stalled = b"POST /upload HTTP/1.1\r\nHost: t\r\nContent-Length: 1048576\r\n\r\n" + b"0123456789"
+    with sidecar(stream_upstream, tmp_path, SLUICE_MAX_INFLIGHT_REQUESTS="2",
+                 SLUICE_CLIENT_TIMEOUT_S="1") as sc:
+        tasks = [asyncio.create_task(exchange(sc.port, stalled, timeout=20)) for _ in range(2)]
+        answers = await asyncio.gather(*tasks)
+        for answer in answers:  # exchange returns once the sidecar closed the connection
+            assert status_of(answer) == 408, answer[:300]
+            assert b"application/problem+json" in answer and b"Connection: close" in answer
+        assert sc.metric("sluice_overload_refusals_total", reason="body_timeout") == 2
+        await poll(lambda: sc.metric("sluice_inflight_requests"), lambda v: v == 0, "slots freed")
+        answer = await exchange(sc.port, b"POST / HTTP/1.0\r\nContent-Length: 2\r\n\r\nok")
+        assert status_of(answer) == 200, answer[:300]
+        assert sc.metric("sluice_upstream_errors_total") == 0  # the client's fault, not the app's
+
+
+async def test_a_slow_body_that_keeps_arriving_is_forwarded(
+        stream_upstream: Upstream, tmp_path: Path) -> None:
+    """Between bytes, not for the whole body: 10 pieces over about 3 client timeouts arrive."""
+    with sidecar(stream_upstream, tmp_path, SLUICE_CLIENT_TIMEOUT_S="1") as sc:
+        reader, writer = await asyncio.open_connection("127.0.0.1", sc.port)
+        try:
+            writer.write(b"POST /upload HTTP/1.0\r\nContent-Length: 100\r\n\r\n")
+            for _ in range(10):
+                await asyncio.sleep(0.3)  # the client's pace, not synchronisation
+                writer.write(b"x" * 10)
+            async with asyncio.timeout(20):
+                answer = await reader.read(-1)
+        finally:
+            writer.close()
+        assert status_of(answer) == 200, answer[:300]
+        assert b'"body_length": 100' in answer

@@ -46,6 +46,7 @@ FULL_ARGV = [
     "--sidecar-max-headers", "50",
     "--sidecar-header-timeout-s", "2.5",
     "--sidecar-keepalive-timeout-s", "30",
+    "--sidecar-client-timeout-s", "20",
     "--sidecar-max-connections", "4096",
     "--sidecar-max-connections-per-client", "128",
     "--sidecar-max-inflight-requests", "64",
@@ -129,9 +130,11 @@ def test_every_flag_reaches_the_injected_container() -> None:
         "SLUICE_REDIS_TIMEOUT_MS": "20", "SLUICE_REDIS_CONNECT_TIMEOUT_MS": "250",
         "SLUICE_BREAKER_THRESHOLD": "3", "SLUICE_BREAKER_COOLDOWN_S": "0.5",
         "SLUICE_LOG_LEVEL": "debug"}
-    assert {k: env[k] for k in env if k.startswith(("SLUICE_MAX_", "SLUICE_HEADER_", "SLUICE_KEEPALIVE_"))
+    assert {k: env[k] for k in env if k.startswith(("SLUICE_MAX_", "SLUICE_HEADER_", "SLUICE_KEEPALIVE_",
+                                                    "SLUICE_CLIENT_"))
             } == {"SLUICE_MAX_REQUEST_HEADER_BYTES": "32768", "SLUICE_MAX_HEADERS": "50",
                   "SLUICE_HEADER_TIMEOUT_S": "2.5", "SLUICE_KEEPALIVE_TIMEOUT_S": "30.0",
+                  "SLUICE_CLIENT_TIMEOUT_S": "20.0",
                   "SLUICE_MAX_CONNECTIONS": "4096", "SLUICE_MAX_CONNECTIONS_PER_CLIENT": "128",
                   "SLUICE_MAX_INFLIGHT_REQUESTS": "64"}
     assert env["SLUICE_UPSTREAM_TIMEOUT_S"] == "30"
@@ -169,7 +172,8 @@ def test_sidecar_defaults_left_unset_pass_no_env_var() -> None:
                  "SLUICE_BREAKER_COOLDOWN_S", "SLUICE_LOG_LEVEL", "SLUICE_MAX_CONNECTIONS",
                  "SLUICE_MAX_CONNECTIONS_PER_CLIENT",
                  "SLUICE_MAX_INFLIGHT_REQUESTS", "SLUICE_MAX_REQUEST_HEADER_BYTES",
-                 "SLUICE_MAX_HEADERS", "SLUICE_HEADER_TIMEOUT_S", "SLUICE_KEEPALIVE_TIMEOUT_S"):
+                 "SLUICE_MAX_HEADERS", "SLUICE_HEADER_TIMEOUT_S", "SLUICE_KEEPALIVE_TIMEOUT_S",
+                 "SLUICE_CLIENT_TIMEOUT_S"):
         assert name not in env
 
 

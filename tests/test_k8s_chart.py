@@ -195,8 +195,8 @@ def test_sidecar_values_reach_the_operator_as_flags_it_accepts(
         "redisTimeoutMs": 20, "redisConnectTimeoutMs": 1_000_000,  # not 1e+06
         "breakerThreshold": 3, "breakerCooldownSeconds": 0.5, "logLevel": "warning",
         "maxRequestHeaderBytes": 32768, "maxHeaders": 50, "headerTimeoutSeconds": 2.5,
-        "keepaliveTimeoutSeconds": 30, "maxConnections": 4096, "maxConnectionsPerClient": 128,
-        "maxInflightRequests": 1_000_000,
+        "keepaliveTimeoutSeconds": 30, "clientTimeoutSeconds": 20, "maxConnections": 4096,
+        "maxConnectionsPerClient": 128, "maxInflightRequests": 1_000_000,
         "port": 16080, "adminPort": 16090, "defaultPortName": "web", "runAsUser": 1_000_000_000,
         "env": {"SLUICE_UPSTREAM_TIMEOUT_S": "30", "HTTP_PROXY": tricky}}}
     path = tmp_path / "values.yaml"
@@ -218,6 +218,7 @@ def test_sidecar_values_reach_the_operator_as_flags_it_accepts(
         "--sidecar-max-headers=50",
         "--sidecar-header-timeout-s=2.5",
         "--sidecar-keepalive-timeout-s=30",
+        "--sidecar-client-timeout-s=20",
         "--sidecar-max-connections=4096",
         "--sidecar-max-connections-per-client=128",
         "--sidecar-max-inflight-requests=1000000",
@@ -234,7 +235,7 @@ def test_sidecar_values_reach_the_operator_as_flags_it_accepts(
         redis_url="redis://redis:6379", redis_timeout_ms=20, redis_connect_timeout_ms=1_000_000,
         breaker_threshold=3, breaker_cooldown_s=0.5, log_level="warning",
         client_limits={"max_request_header_bytes": 32768, "max_headers": 50,
-                       "header_timeout_s": 2.5, "keepalive_timeout_s": 30.0,
+                       "header_timeout_s": 2.5, "keepalive_timeout_s": 30.0, "client_timeout_s": 20.0,
                        "max_connections": 4096, "max_connections_per_client": 128,
                        "max_inflight_requests": 1_000_000},
         extra_env={"HTTP_PROXY": tricky, "SLUICE_UPSTREAM_TIMEOUT_S": "30"},

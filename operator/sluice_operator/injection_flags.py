@@ -52,6 +52,8 @@ CLIENT_LIMITS: tuple[tuple[str, type[int] | type[float], str, str], ...] = (
     ("header-timeout-s", float, "10.0",
      "seconds a new connection has for its first request head, and each later head once begun"),
     ("keepalive-timeout-s", float, "75.0", "seconds an idle keep-alive client connection is kept"),
+    ("client-timeout-s", float, "30.0",
+     "seconds a client may take no response byte (then aborted) or send no body byte (then 408)"),
     ("max-connections", int, "1024", "open client connections at most (503 past it)"),
     ("max-connections-per-client", int, "64",
      "open connections from one client address (IPv6: its /64) at most, trusted proxies exempt "

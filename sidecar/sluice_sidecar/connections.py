@@ -21,11 +21,18 @@ read, a few integer operations and one pass over its parsed header list (no allo
   apart needs aiohttp's private request state, and a close that crosses a request the client
   just sent on that connection loses it; the per-client cap already keeps one host from
   filling the table.
+- a send timeout (nginx's ``send_timeout``): a client that takes no byte of a response for
+  ``client_timeout`` while the sidecar has more for it than the transport's high-water mark is
+  aborted (the head is out: a truncated response is all HTTP allows), so a client that stops
+  reading cannot hold an in-flight slot and its buffers for ever. The timer runs only while
+  writing is paused, so a response the client keeps up with costs nothing;
+- a body timeout (nginx's ``client_body_timeout``, :func:`client_body`): a request body that
+  stops arriving for ``client_timeout`` ends the request with ``408`` and closes the connection.
 
 A head over the limit, or with too many fields, or a field over ``max_field_size``, is answered
 ``431`` and the connection closed. Both refusals half-close and wait briefly for the client to
 close first (:data:`LINGER_S`): closing on unread bytes would reset the connection and can
-destroy the answer. Refusals are counted in ``sluice_overload_refusals_total``.
+destroy the answer. Refusals and timeouts are counted in ``sluice_overload_refusals_total``.
 """
 
 from __future__ import annotations
@@ -33,7 +40,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from http import HTTPStatus
 from typing import Any, cast
 
@@ -77,6 +84,36 @@ LINGER_S = 2.0
 the connection, and the reset can destroy the answer before the client reads it."""
 
 
+WRITE_HIGH_WATER = 16 * 1024
+"""Response bytes the transport holds before the relay waits for the client (the kernel's
+socket buffer, outside the process, holds far more): a stalled client then holds this plus one
+chunk here, not 64 KiB plus two (uvloop's default, aiohttp draining every 64 KiB)."""
+
+
+class BodyTimeout(Exception):
+    """The client sent no byte of its request body for ``client_timeout`` seconds."""
+
+
+async def client_body(content: StreamReader, chunk_size: int, timeout: float) -> AsyncIterator[bytes]:
+    """The request body in chunks of at most ``chunk_size`` (what has arrived), raising
+    :class:`BodyTimeout` when the client sends nothing for ``timeout`` seconds. The timer exists
+    only while waiting on an empty buffer: a body that came with its head costs none, and a body
+    held back by a slow upstream (flow control stops reading the client) never times out."""
+    while True:
+        chunk = content.read_nowait(chunk_size)
+        if not chunk:
+            if content.at_eof():
+                return
+            try:
+                async with asyncio.timeout(timeout):
+                    chunk = await content.readany()
+            except TimeoutError:
+                raise BodyTimeout(f"no request body bytes for {timeout:g} s") from None
+            if not chunk:
+                return
+        yield chunk
+
+
 class HeadTooLarge(BadHttpMessage):
     """The request head went over ``max_request_header_bytes``."""
 
@@ -104,7 +141,7 @@ class GuardedHandler(RequestHandler):
     problem+json, a debug log line and a counter."""
 
     __slots__ = ("_client", "_guard", "_head_bytes", "_head_deadline", "_head_open", "_head_timer",
-                 "_last_payload", "_refused", "_shed")
+                 "_last_payload", "_refused", "_send_left", "_send_timer", "_shed")
 
     def __init__(self, guard: DataServer, **kwargs: Any) -> None:
         super().__init__(guard, loop=guard.loop, **kwargs)
@@ -119,6 +156,8 @@ class GuardedHandler(RequestHandler):
         # The body of the last parsed request: while it is incomplete, bytes are body bytes
         # (bounded by the payload's own flow control), not a head.
         self._last_payload: StreamReader = EMPTY_PAYLOAD
+        self._send_timer: asyncio.TimerHandle | None = None  # armed while writing is paused
+        self._send_left = 0  # bytes the transport held when the send timer was (re)armed
 
     # Connection cap -----------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -138,6 +177,7 @@ class GuardedHandler(RequestHandler):
             guard.clients[client] = count + 1
             self._client = client
         super().connection_made(transport)
+        cast(asyncio.Transport, transport).set_write_buffer_limits(high=WRITE_HIGH_WATER)
         self._open_head()  # the first head must be complete within header_timeout from now
 
     def _refuse_connection(self, transport: asyncio.BaseTransport, reason: str, answer: bytes) -> None:
@@ -157,6 +197,7 @@ class GuardedHandler(RequestHandler):
         self._head_timer = self._loop.call_later(LINGER_S, transport.close)
 
     def connection_lost(self, exc: BaseException | None) -> None:
+        self._stop_send_timer()
         timer, self._head_timer = self._head_timer, None
         if timer is not None:
             timer.cancel()
@@ -173,6 +214,42 @@ class GuardedHandler(RequestHandler):
             else:
                 del clients[client]
         super().connection_lost(exc)
+
+    # Send timeout -------------------------------------------------------------------------
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        transport = self.transport
+        if transport is not None and self._send_timer is None:
+            self._send_left = transport.get_write_buffer_size()
+            self._send_timer = self._loop.call_later(self._guard.client_timeout, self._send_expired)
+
+    def resume_writing(self) -> None:
+        self._stop_send_timer()
+        super().resume_writing()
+
+    def _stop_send_timer(self) -> None:
+        timer, self._send_timer = self._send_timer, None
+        if timer is not None:
+            timer.cancel()
+
+    def _send_expired(self) -> None:
+        self._send_timer = None
+        transport = self.transport
+        if transport is None or not self._paused:
+            return
+        left = transport.get_write_buffer_size()
+        if left < self._send_left:  # the client took some bytes: slow, not stalled
+            self._send_left = left
+            self._send_timer = self._loop.call_later(self._guard.client_timeout, self._send_expired)
+            return
+        # The handler is waiting to write more (a drain), holding an in-flight slot and the
+        # response's buffers. Abort, as after an upstream failure mid-body: unsent bytes are
+        # dropped and the handler is cancelled (handler_cancellation), freeing both.
+        self._guard.metrics.overload_refusals.labels("send_timeout").inc()
+        log.debug("aborting a client connection that took no response bytes for %.1f s",
+                  self._guard.client_timeout)
+        transport.abort()
+        self.force_close()
 
     # Head limits --------------------------------------------------------------------------
     def _open_head(self) -> None:
@@ -302,7 +379,8 @@ class DataServer(web.Server):
 
     def __init__(self, handler: Any, metrics: Metrics, *, max_connections: int,
                  max_client_connections: int, trusts: Callable[[str], bool],
-                 max_head_bytes: int, header_timeout: float, **kwargs: Any) -> None:
+                 max_head_bytes: int, header_timeout: float, client_timeout: float,
+                 **kwargs: Any) -> None:
         super().__init__(handler, **kwargs)
         self.loop = self._loop
         self.metrics = metrics
@@ -312,6 +390,7 @@ class DataServer(web.Server):
         self.clients: dict[str, int] = {}  # open connections per client (ip_group), none at 0
         self.max_head_bytes = max_head_bytes
         self.header_timeout = header_timeout
+        self.client_timeout = client_timeout
         self.open = 0
         self.lingering = 0  # refused connections waiting for their client to close
         metrics.client_connections.set_function(lambda: self.open)

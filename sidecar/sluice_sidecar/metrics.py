@@ -45,7 +45,9 @@ class Metrics:
                               registry=r)
         # reason: connections (over --max-connections, 503), client_connections (over
         # --max-connections-per-client, 503), inflight (over --max-inflight-requests, 503),
-        # header_size (431), header_timeout (closed)
+        # header_size (431), header_timeout (closed), send_timeout (a client that stopped reading
+        # its response: aborted), body_timeout (a request body that stopped arriving: 408) -- both
+        # after --client-timeout-s
         self.overload_refusals = Counter(
             "sluice_overload_refusals", "Connections and requests refused to bound the sidecar's memory",
             ["reason"], registry=r)

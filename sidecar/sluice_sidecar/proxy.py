@@ -19,6 +19,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
 
+from sluice_sidecar.connections import BodyTimeout, client_body
 from sluice_sidecar.metrics import Metrics
 from sluice_sidecar.problem import problem
 from sluice_sidecar.upstream import CHUNK, UpstreamError, UpstreamPool, UpstreamResponse
@@ -65,12 +66,14 @@ def origin_form(request: web.BaseRequest) -> bool:
 
 class Proxy:
     def __init__(self, upstream: str, metrics: Metrics, *, connect_timeout: float = 2.0,
-                 read_timeout: float = 60.0, max_connections: int = 1024) -> None:
+                 read_timeout: float = 60.0, max_connections: int = 1024,
+                 client_timeout: float = 30.0) -> None:
         base = URL(upstream)
         if base.scheme != "http" or not base.host or base.path not in ("", "/") or base.query_string:
             raise ValueError(f"--upstream must be http://HOST:PORT (the app in the same pod), got {upstream!r}")
         self.metrics = metrics
         self.read_timeout = read_timeout
+        self.client_timeout = client_timeout
         self._pool_args = (base.host, base.port or 80, connect_timeout, read_timeout, max_connections)
         self.pool: UpstreamPool | None = None
 
@@ -129,11 +132,21 @@ class Proxy:
         if has_body and request.headers.get("Expect", "").lower() == "100-continue" and request.version >= (1, 1):
             # The limiter said yes: now invite the body (a refused client never sends it).
             await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        body = request.content.iter_chunked(CHUNK) if has_body else None
+        body = client_body(request.content, CHUNK, self.client_timeout) if has_body else None
         try:
             up = await self.pool.request(request.method, head, body, chunked)
         except UpstreamError as exc:
             return self._failed(request, exc, rate_headers)
+        except BodyTimeout as exc:
+            # Nothing was relayed yet (the body is sent before the answer is read): the request
+            # ends here, and the connection with it (the rest of the body may yet come; it cannot
+            # be told from a next request). The upstream connection, with its request half sent,
+            # was closed by the pool.
+            self.metrics.overload_refusals.labels("body_timeout").inc()
+            log.debug("request body stalled on %s %r: %s", request.method, loggable_target(request), exc)
+            refused = problem(408, "Request Timeout", "the request body stopped arriving")
+            refused.force_close()
+            return refused
         drop = _DROP_RESPONSE | _connection_tokens(
             next((v for k, v in up.headers if k.lower() == "connection"), None))
         headers: CIMultiDict[str] = CIMultiDict([(k, v) for k, v in up.headers if k.lower() not in drop])
@@ -166,8 +179,15 @@ class Proxy:
                 up.body_now()  # nothing follows a HEAD response; frees the connection
             elif first is not None:
                 await stream.write(first)
+                first = None  # not held while the client is slow (the transport has it)
+                protocol, writer = request.protocol, request.writer
                 async for chunk in chunks:
                     await stream.write(chunk)
+                    # aiohttp drains only every 64 KiB it has written, so a stalled client
+                    # would hold two chunks past the transport's high-water mark; waiting here
+                    # holds at most one (the send timeout applies while it waits).
+                    if protocol.writing_paused:
+                        await writer.drain()
             await stream.write_eof()
         except UpstreamError as exc:
             # The head and part of the body are out: a 502 now would land inside the body. Cut

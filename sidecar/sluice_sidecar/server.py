@@ -67,7 +67,8 @@ class Sidecar:
         self.proxy = Proxy(settings.upstream, self.metrics,
                            connect_timeout=settings.upstream_connect_timeout_s,
                            read_timeout=settings.upstream_timeout_s,
-                           max_connections=settings.upstream_max_connections)
+                           max_connections=settings.upstream_max_connections,
+                           client_timeout=settings.client_timeout_s)
         self.source: FileSource | RedisSource
         if settings.policy_file:
             self.source = FileSource(settings.policy_file, settings.api_keys_file, self.metrics,
@@ -181,6 +182,7 @@ class Sidecar:
                           max_client_connections=s.max_connections_per_client,
                           trusts=self.limiter.trusts,
                           max_head_bytes=s.max_request_header_bytes, header_timeout=s.header_timeout_s,
+                          client_timeout=s.client_timeout_s,
                           max_line_size=s.max_header_bytes, max_field_size=s.max_header_bytes,
                           max_headers=s.max_headers, keepalive_timeout=s.keepalive_timeout_s,
                           handler_cancellation=True, access_log=None)

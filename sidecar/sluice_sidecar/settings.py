@@ -39,6 +39,7 @@ class SidecarSettings:
     max_headers: int = 100
     header_timeout_s: float = 10.0
     keepalive_timeout_s: float = 75.0
+    client_timeout_s: float = 30.0
     max_connections: int = 1024
     max_connections_per_client: int = 64
     max_inflight_requests: int = 256
@@ -81,6 +82,8 @@ _HELP: dict[str, str] = {
                         "connection opened, and every later head this long after its first byte; "
                         "else the connection is closed unanswered",
     "keepalive_timeout_s": "close a keep-alive client connection idle this long",
+    "client_timeout_s": "a client that takes no byte of a response for this long is aborted; one "
+                        "that sends no byte of its request body for this long gets 408 (connection closed)",
     "max_connections": "open client connections at most; one more is answered 503 and closed",
     "max_connections_per_client": "open connections from one client address (an IPv6 client: its /64) "
                                   "at most; one more is answered 503 and closed. Trusted proxies of "
@@ -115,7 +118,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 # zero or less would make a loop spin (a breaker cooldown of 0 re-authenticates a wrong password
 # back to back, a poll interval of 0 polls Redis without pause) or give up before trying.
 _POSITIVE = ("max_header_bytes", "max_request_header_bytes", "max_headers", "header_timeout_s",
-             "keepalive_timeout_s", "max_connections", "max_connections_per_client",
+             "keepalive_timeout_s", "client_timeout_s", "max_connections", "max_connections_per_client",
              "max_inflight_requests", "memory_max_buckets",
              "redis_timeout_ms", "redis_connect_timeout_ms", "breaker_threshold", "breaker_cooldown_s",
              "upstream_connect_timeout_s", "upstream_timeout_s", "poll_interval_s")

@@ -16,7 +16,11 @@ from collections.abc import AsyncIterator
 import httptools
 
 CHUNK = 64 * 1024
-MAX_BUFFERED = 256 * 1024  # response bytes buffered before reading from the upstream pauses
+# Response bytes buffered here before reading from the upstream pauses (the check is after
+# each read of at most CHUNK). The kernel's socket buffer reads ahead far more, outside the
+# process: 16 KiB streamed as fast as 256 KiB did, and a client that stops reading holds
+# 80 KiB here at most instead of 512 KiB (bench: docs/security.md, slow-read).
+MAX_BUFFERED = 16 * 1024
 
 
 class UpstreamError(Exception):
@@ -88,7 +92,7 @@ class UpstreamResponse:
             self._conn.close()
 
 
-class _Connection(asyncio.Protocol):
+class _Connection(asyncio.BufferedProtocol):
     def __init__(self, pool: UpstreamPool) -> None:
         self.pool = pool
         self.transport: asyncio.Transport | None = None
@@ -102,12 +106,19 @@ class _Connection(asyncio.Protocol):
         self._can_write.set()
         self._reading_paused = False
         self._header_name = b""
+        self._buffer = pool.read_buffer
 
     # asyncio.Protocol ---------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
 
-    def data_received(self, data: bytes) -> None:
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._buffer
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.data_received(self._buffer[:nbytes])
+
+    def data_received(self, data: bytes | memoryview) -> None:
         self.got_bytes = True
         try:
             self.parser.feed_data(data)
@@ -264,6 +275,9 @@ class UpstreamPool:
         self._all: set[_Connection] = set()
         self._slots = asyncio.Semaphore(max_connections)
         self.host_header = f"{host}:{port}"
+        # One read buffer for every connection: each read is parsed before the next, and the
+        # parser copies out what it keeps (head fields, body pieces).
+        self.read_buffer = memoryview(bytearray(CHUNK))
 
     def forget(self, conn: _Connection) -> None:
         if conn in self._all:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import socket
 import statistics
 import sys
 import tempfile
@@ -38,11 +39,13 @@ CATASTROPHIC_REGEX = "/v1/([a-z0-9-]+/?)*export"
 
 # A raw asyncio upstream, so that it can misbehave exactly: ``/slow`` answers after 30 s (or
 # when the connection closes), ``/reset`` and ``/reset-chunked`` send a head and part of the
-# body and then reset the connection; anything else is a small keep-alive 200.
+# body and then reset the connection, ``/big`` answers 4 MiB (written as the sidecar reads it);
+# anything else reads its body (Content-Length) and is a small keep-alive 200.
 UPSTREAM_SOURCE = r"""
 import asyncio, socket, struct, sys
 
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Type: text/plain\r\n\r\nok"
+BIG = 4 * 1024 * 1024
 
 def reset(writer):
     sock = writer.get_extra_info("socket")
@@ -73,6 +76,16 @@ async def serve(reader, writer):
                 await asyncio.sleep(0.05)
                 reset(writer)
                 return
+            if path.startswith(b"/big"):
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % BIG)
+                block = b"x" * 65536
+                for _ in range(BIG // len(block)):
+                    writer.write(block)
+                    await writer.drain()
+                continue
+            for line in head.lower().split(b"\r\n"):
+                if line.startswith(b"content-length:"):
+                    await reader.readexactly(int(line.split(b":", 1)[1]))
             writer.write(OK)
             await writer.drain()
     except (asyncio.IncompleteReadError, ConnectionError, asyncio.LimitOverrunError):
@@ -484,8 +497,95 @@ async def identity_churn_redis(sidecar: SidecarProcess, seconds: float, report: 
                           failed_open=sidecar.metric("sluice_decisions_total", decision="failed_open"))
 
 
+async def slow_read(sidecar: SidecarProcess, seconds: float, report: Report, n: int = 200) -> None:
+    """``n`` connections each ask for a 4 MiB response and read it a byte a second (a small
+    receive buffer, so the sidecar's own buffers fill)."""
+    deadline = time.monotonic() + seconds
+    loop = asyncio.get_running_loop()
+    cut_off = 0  # the client saw its connection end (a reset, or an end before 4 MiB)
+
+    async def one() -> None:
+        nonlocal cut_off
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.setblocking(False)
+        try:
+            await loop.sock_connect(sock, ("127.0.0.1", sidecar.port))
+            reader, writer = await asyncio.open_connection(sock=sock, limit=1)
+        except OSError:
+            sock.close()
+            return
+        try:
+            writer.write(b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n")
+            while time.monotonic() < deadline:
+                if await asyncio.wait_for(reader.read(1), max(0.1, deadline - time.monotonic())) == b"":
+                    cut_off += 1
+                    return
+                await _until(min(deadline, time.monotonic() + 1.0))  # the attack's pace
+        except TimeoutError:
+            pass
+        except (ConnectionError, OSError):
+            cut_off += 1
+        finally:
+            writer.close()
+
+    await asyncio.gather(*(one() for _ in range(n)))
+    # What the sidecar did: an aborted connection may still have response bytes in flight to
+    # a client reading this slowly, so its own count is the measure. Connections opened late
+    # in the attack get their client timeout after it: waited for, at most 10 s.
+    aborted = await _settled(lambda: sidecar.metric("sluice_overload_refusals_total", reason="send_timeout"),
+                             n, 10.0)
+    report.outcome.update(connections=n, cut_off_seen_by_client=cut_off, aborted=aborted)
+
+
+async def _settled(value: Callable[[], float], target: float, seconds: float) -> float:
+    """``value()`` once it reaches ``target``, or what it is after ``seconds``."""
+    deadline = time.monotonic() + seconds
+    current = await asyncio.to_thread(value)
+    while current < target and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)  # polling another process
+        current = await asyncio.to_thread(value)
+    return current
+
+
+async def slow_body(sidecar: SidecarProcess, seconds: float, report: Report, n: int = 200) -> None:
+    """``n`` connections each declare a 1 MiB body and send a byte of it every 3 s (longer
+    than the client timeout the scenario sets)."""
+    deadline = time.monotonic() + seconds
+    statuses: dict[str, int] = {}
+
+    async def one() -> None:
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", sidecar.port)
+        except OSError as exc:
+            statuses[type(exc).__name__] = statuses.get(type(exc).__name__, 0) + 1
+            return
+        key = "held"
+        try:
+            writer.write(b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 1048576\r\n\r\nx")
+            while time.monotonic() < deadline:
+                with contextlib.suppress(asyncio.TimeoutError):
+                    line = await asyncio.wait_for(reader.readline(), min(3.0, max(0.0, deadline - time.monotonic())))
+                    key = line.split(b" ")[1].decode() if line else "closed"
+                    break
+                writer.write(b"x")
+            if key == "held":  # a connection opened late gets its answer after the attack: 10 s at most
+                with contextlib.suppress(asyncio.TimeoutError):
+                    line = await asyncio.wait_for(reader.readline(), 10.0)
+                    key = line.split(b" ")[1].decode() if line else "closed"
+        except (ConnectionError, OSError, IndexError):
+            key = "reset"
+        finally:
+            writer.close()
+        statuses[key] = statuses.get(key, 0) + 1
+
+    await asyncio.gather(*(one() for _ in range(n)))
+    report.outcome.update(connections=n, statuses=statuses, timed_out=await asyncio.to_thread(
+        sidecar.metric, "sluice_overload_refusals_total", reason="body_timeout"))
+
+
 # Flags shared by the scenarios: timeouts short enough for a test to see them act.
-QUICK_TIMEOUTS = ("--header-timeout-s", "2", "--keepalive-timeout-s", "2")
+QUICK_TIMEOUTS = ("--header-timeout-s", "2", "--keepalive-timeout-s", "2", "--client-timeout-s", "2")
 # The floods stand for many clients but all come from 127.0.0.1: the per-client connection cap
 # (tests/test_connection_limits.py shows it) is lifted for them, so that what is measured is
 # the sidecar under that many connections. The bystander is another host (127.0.0.2).
@@ -501,6 +601,10 @@ def scenarios(quick_flags: tuple[str, ...] = QUICK_TIMEOUTS) -> list[Scenario]:
                  header_flood, policy(burst=1000), (*quick_flags, *MANY_CLIENTS)),
         Scenario("idle-flood", "2,000 keep-alive connections left idle after one request",
                  idle_flood, policy(), (*quick_flags, *MANY_CLIENTS)),
+        Scenario("slow-read", "200 connections reading a 4 MiB response a byte a second",
+                 slow_read, policy(burst=1000), (*quick_flags, *MANY_CLIENTS)),
+        Scenario("slow-body", "200 connections sending a 1 MiB body a byte every 3 s",
+                 slow_body, policy(burst=1000), (*quick_flags, *MANY_CLIENTS)),
         Scenario("upstream-reset", "the app resets mid-body (Content-Length and chunked)",
                  upstream_reset, policy(burst=1000)),
         Scenario("regex-path", f"a rule regex {CATASTROPHIC_REGEX!r}, paths of 31 characters",
