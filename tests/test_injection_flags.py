@@ -349,7 +349,7 @@ def test_every_flag_says_its_env_var_and_its_default() -> None:
     parser = argparse.ArgumentParser()
     injection_flags.add_arguments(parser)
     flags = [a for a in parser._actions if a.option_strings and a.dest != "help"]
-    assert len(flags) == 22
+    assert len(flags) == 23
     for action in flags:
         (flag,) = action.option_strings
         assert flag.startswith("--sidecar-")
