@@ -34,10 +34,14 @@ def _outcome(report: Report) -> str:
 def table(reports: list[Report], seconds: float) -> str:
     rows = [
         BEGIN, "",
-        f"Run {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC, {seconds:.0f} s per attack, "
-        "`python -m bench.attacks` (part of `make bench`). RSS in MiB and file descriptors of the "
-        "sidecar process: before / peak / after; the bystander (one keep-alive client with its own "
-        "key, one request every 20 ms) during the attack.", "",
+        f"Run {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC, `python -m bench.attacks` (part of "
+        f"`make bench`). Each attack runs for at most {seconds:.0f} s and ends early once the "
+        "sidecar has closed every connection it opened. The sidecar runs with its defaults except "
+        "2 s header, keep-alive and client timeouts (so that they act within the run) and, for the "
+        "floods, the per-client connection cap lifted (every attacker is 127.0.0.1; the cap is "
+        "tested on its own in tests/test_connection_limits.py). RSS in MiB and file descriptors of "
+        "the sidecar process: before / peak / after; the bystander (one keep-alive client from "
+        "127.0.0.2 with its own key, one request every 20 ms) during the attack.", "",
         "| attack | what was sent | RSS MiB | fds | bystander 200s / failed | bystander p50 / p99 / max ms | what the attack got |",
         "|---|---|---|---|---|---|---|",
     ]
