@@ -157,6 +157,33 @@ def test_each_breaker_transition_is_one_log_line(upstream: UpstreamProcess, tmp_
             sidecar.close()
 
 
+def test_one_slow_answer_at_start_does_not_open_the_breaker(upstream: UpstreamProcess,
+                                                             tmp_path: Path) -> None:
+    """A slow first answer (a cold Redis) is one failure towards the threshold, as for a
+    decision; opening on it would answer every request by the failure mode for a cooldown."""
+    with RedisServer() as r:
+        relay = DelayingRelay(r.port)
+        relay.delay = 0.3  # slower than the decision timeout, faster than the connect timeout
+        sidecar = SidecarProcess(upstream.url, "--redis", f"redis://127.0.0.1:{relay.port}",
+                                 "--policy-file", str(policy(tmp_path)), "--redis-timeout-ms", "50",
+                                 "--redis-connect-timeout-ms", "2000", "--breaker-cooldown-s", "30")
+        try:
+            wait_until(lambda: "slow at start" in sidecar.output()
+                       or "decision store failing" in sidecar.output(), 10,
+                       what=f"the start probe's verdict\n{sidecar.output()}")
+            assert "decision store failing" not in sidecar.output(), sidecar.output()
+            assert sidecar.metric("sluice_circuit_state") == 0
+            relay.delay = 0.0  # Redis answers in time again: requests are decided by it (the
+            # relay may still be holding the slow first answer back for a moment)
+            wait_until(lambda: http_get(sidecar.url + "/a")[0] == 200
+                       and sidecar.metric("sluice_decisions_total", decision="allowed") >= 1, 10,
+                       what="a decision by Redis")
+            assert sidecar.metric("sluice_circuit_state") == 0
+        finally:
+            sidecar.close()
+            relay.close()
+
+
 def test_a_wrong_password_is_said_at_start(upstream: UpstreamProcess, tmp_path: Path) -> None:
     with RedisServer() as r:
         r.execute("CONFIG", "SET", "requirepass", "the-right-one")

@@ -99,9 +99,13 @@ def test_admin_port_in_use_is_one_line(listening: int, good_policy: Path) -> Non
     (("--upstream-timeout-s", "0"), 2, "--upstream-timeout-s must be greater than 0", "got 0.0"),
     (("--upstream-connect-timeout-s", "nan"), 2, "--upstream-connect-timeout-s must be greater than 0",
      "got nan"),
+    (("--breaker-cooldown-s", "inf"), 2, "--breaker-cooldown-s must be greater than 0 and finite", "got inf"),
+    (("--upstream-max-connections", "0"), 2, "--upstream-max-connections must be greater than 0", "got 0"),
+    (("--log-level", "loud"), 2, "--log-level must be debug or info or warning or error", "'loud'"),
 ], ids=["listen-not-hostport", "listen-bad-address", "redis-url", "without-config-value",
         "cooldown-zero", "cooldown-negative", "redis-timeout-zero", "redis-connect-timeout-negative",
-        "upstream-timeout-zero", "upstream-connect-timeout-nan"])
+        "upstream-timeout-zero", "upstream-connect-timeout-nan", "cooldown-inf",
+        "upstream-max-connections-zero", "log-level"])
 def test_bad_flags_are_one_line(args: tuple[str, ...], code: int, starts: str, needle: str,
                                 good_policy: Path) -> None:
     res = run_sidecar("--policy-file", str(good_policy), *args)

@@ -55,7 +55,7 @@ CLIENT_LIMITS: tuple[tuple[str, type[int] | type[float], str, str], ...] = (
     ("client-timeout-s", float, "30.0",
      "seconds a client may take no response byte (then aborted) or send no body byte (then 408)"),
     ("max-connections", int, "1024", "open client connections at most (503 past it)"),
-    ("max-connections-per-client", int, "64",
+    ("max-connections-per-client", int, "256",
      "open connections from one client address (IPv6: its /64) at most, trusted proxies exempt "
      "(503 past it)"),
     ("max-inflight-requests", int, "256",

@@ -94,9 +94,10 @@ class CircuitBreaker:
 
     def start(self) -> None:
         """Probe the store once, in the background (start-up never waits for Redis, nor refuses
-        to start without it: it may come later). On failure the reason is logged at ERROR and
-        the breaker opens, so a wrong password is said at start, not after client requests
-        failed, and the background probe takes over."""
+        to start without it: it may come later). When Redis is unreachable or refuses (a wrong
+        password) the reason is logged at ERROR and the breaker opens, so it is said at start,
+        not after client requests failed, and the background probe takes over; a slow answer
+        counts as one failure towards the threshold."""
         if self._first is None:
             self._first = asyncio.ensure_future(self._probe_at_start())
 
@@ -106,6 +107,12 @@ class CircuitBreaker:
         except StoreUnavailable as exc:
             if exc.reason in FAST_REASONS:  # answered at once: decisions will say it themselves
                 self._report(exc)
+            elif exc.reason == TIMEOUT:
+                # One slow first answer (a cold Redis, a TLS handshake) is one failure towards
+                # the threshold, as for a decision: opening on it would answer every request by
+                # the failure mode for a cooldown.
+                log.warning("decision store slow at start (%s); counted as one failure", exc.reason)
+                self.failure(exc)
             elif self.state is State.CLOSED:  # not opened by client requests meanwhile
                 self._open(exc)
         except Exception:  # a probe bug must not stop the sidecar; decisions still report

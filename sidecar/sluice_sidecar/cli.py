@@ -8,8 +8,8 @@ import logging
 import signal
 import sys
 
+from sluice_sidecar.settings import SidecarSettings, from_args
 from sluice_sidecar.settings import add_arguments as _add_settings
-from sluice_sidecar.settings import from_args
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -24,10 +24,9 @@ def setup_event_loop() -> None:
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 
-async def serve(settings_args: argparse.Namespace) -> int:
+async def serve(settings: SidecarSettings) -> int:
     from sluice_sidecar.server import Sidecar
 
-    settings = from_args(settings_args)
     sidecar = Sidecar(settings)
     try:
         await sidecar.start()
@@ -49,10 +48,15 @@ def run(args: argparse.Namespace) -> int:
     cannot be started."""
     from sluice_sidecar.server import StartupError
 
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        settings = from_args(args)  # every flag checked before anything starts, logging included
+    except ValueError as exc:
+        print(f"sluice sidecar: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     setup_event_loop()
     try:
-        return asyncio.run(serve(args))
+        return asyncio.run(serve(settings))
     except StartupError as exc:
         print(f"sluice sidecar: {exc}", file=sys.stderr)
         return 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 from dataclasses import dataclass, fields
 from typing import Any
@@ -41,7 +42,7 @@ class SidecarSettings:
     keepalive_timeout_s: float = 75.0
     client_timeout_s: float = 30.0
     max_connections: int = 1024
-    max_connections_per_client: int = 64
+    max_connections_per_client: int = 256
     max_inflight_requests: int = 256
     memory_max_buckets: int = DEFAULT_MAX_BUCKETS
     log_level: str = "info"
@@ -121,18 +122,23 @@ _POSITIVE = ("max_header_bytes", "max_request_header_bytes", "max_headers", "hea
              "keepalive_timeout_s", "client_timeout_s", "max_connections", "max_connections_per_client",
              "max_inflight_requests", "memory_max_buckets",
              "redis_timeout_ms", "redis_connect_timeout_ms", "breaker_threshold", "breaker_cooldown_s",
-             "upstream_connect_timeout_s", "upstream_timeout_s", "poll_interval_s")
+             "upstream_connect_timeout_s", "upstream_timeout_s", "poll_interval_s",
+             "upstream_max_connections")
 # Flags with a closed set of values, checked here with the others (an env var is not checked
 # by argparse's ``choices``).
-CHOICES: dict[str, tuple[str, ...]] = {"without_config": ("refuse", "unlimited")}
+CHOICES: dict[str, tuple[str, ...]] = {"without_config": ("refuse", "unlimited"),
+                                       "log_level": ("debug", "info", "warning", "error")}
 
 
 def from_args(args: argparse.Namespace) -> SidecarSettings:
     values = {f.name: getattr(args, f.name) for f in fields(SidecarSettings)}
     s = SidecarSettings(**values)
     for name in _POSITIVE:
-        if not getattr(s, name) > 0:
-            raise ValueError(f"--{name.replace('_', '-')} must be greater than 0, got {getattr(s, name)}")
+        value = getattr(s, name)
+        # inf passes "> 0" but means "never" (a breaker that never probes, a timeout that never
+        # fires); nan fails every comparison.
+        if not value > 0 or not math.isfinite(value):
+            raise ValueError(f"--{name.replace('_', '-')} must be greater than 0 and finite, got {value}")
     for name, allowed in CHOICES.items():
         if getattr(s, name) not in allowed:
             raise ValueError(f"--{name.replace('_', '-')} must be {' or '.join(allowed)}, "
