@@ -9,9 +9,9 @@ or pause Redis use ``fresh_redis``, a process of their own.
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import pytest
 
@@ -27,6 +27,7 @@ from support.redis_servers import (
     RedisNotInstalled,
     RedisServer,
 )
+from support.sidecar_harness import Factory, RunningSidecar, Upstream, start_sidecar
 
 T = TypeVar("T")
 
@@ -124,3 +125,30 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
             and "control_plane" in getattr(item, "fixturenames", ())):
         _K8S_FAILED.append(item.nodeid)
         report.sections.append(("Kubernetes control plane logs", _CONTROL_PLANE[0].log_report()))
+
+
+@pytest.fixture
+async def upstream() -> AsyncIterator[Upstream]:
+    """The harness's app (support/sidecar_harness.py), in this process. Files whose sidecars run
+    as processes, or that need a scripted upstream, define their own ``upstream``."""
+    up = await Upstream().start()
+    yield up
+    await up.close()
+
+
+@pytest.fixture
+async def sidecars(tmp_path: Path, upstream: Upstream) -> AsyncIterator[Factory]:
+    """``await sidecars(policy, keys=..., redis=..., upstream=..., **settings)``: in-process
+    sidecars in front of ``upstream`` (or another), stopped at the end."""
+    started: list[RunningSidecar] = []
+
+    async def make(policy: Any, *, keys: dict[str, Any] | None = None,
+                   upstream: Upstream | str | None = None, **kw: Any) -> RunningSidecar:
+        sc = await start_sidecar(tmp_path, policy, upstream=upstream or up, keys=keys, **kw)
+        started.append(sc)
+        return sc
+
+    up = upstream
+    yield make
+    for sc in reversed(started):
+        await sc.stop()

@@ -54,13 +54,6 @@ def publish(redis_url: str) -> Publish:
     return write
 
 
-@pytest.fixture
-async def upstream() -> AsyncIterator[Upstream]:
-    up = await Upstream().start()
-    yield up
-    await up.close()
-
-
 Start = Callable[[str], Awaitable[RunningSidecar]]
 
 

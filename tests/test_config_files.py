@@ -7,7 +7,6 @@ from __future__ import annotations
 import logging
 import subprocess
 import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
@@ -80,13 +79,6 @@ def test_a_field_given_twice_in_a_policy_file_is_refused(tmp_path: Path) -> None
 
 
 # Several policies in one standalone file -----------------------------------------------------
-@pytest.fixture
-async def upstream() -> AsyncIterator[Upstream]:
-    up = await Upstream().start()
-    yield up
-    await up.close()
-
-
 async def test_two_policies_in_a_standalone_file_warn_and_the_first_by_name_wins(
         tmp_path: Path, upstream: Upstream, caplog: pytest.LogCaptureFixture) -> None:
     """As the README promises for every pod several policies select: the first by name, with a

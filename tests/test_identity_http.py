@@ -9,46 +9,22 @@ Every client here connects from 127.0.0.1; whether that peer is trusted is the p
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
-from pathlib import Path
 from typing import Any
 
 import pytest
 from sluice_sidecar.stores.memory import MemoryStore
 from support.sidecar_harness import (
+    Factory,
     RawResponse,
     RunningSidecar,
     Upstream,
     policy_doc,
     raw_request,
-    start_sidecar,
 )
 
-Factory = Callable[..., Awaitable[RunningSidecar]]
 FREE_5 = [{"name": "free", "requests": 5, "period": "1m", "burst": 5}]
 TRUST_LOCAL = ["127.0.0.1/32"]
 TRUST_OTHER = ["10.0.0.0/8"]  # a real proxy range: 127.0.0.1 is then an untrusted client
-
-
-@pytest.fixture
-async def upstream() -> AsyncIterator[Upstream]:
-    up = await Upstream().start()
-    yield up
-    await up.close()
-
-
-@pytest.fixture
-async def sidecars(tmp_path: Path, upstream: Upstream) -> AsyncIterator[Factory]:
-    started: list[RunningSidecar] = []
-
-    async def make(policy: Any, *, keys: dict[str, Any] | None = None) -> RunningSidecar:
-        sc = await start_sidecar(tmp_path, policy, upstream=upstream, keys=keys)
-        started.append(sc)
-        return sc
-
-    yield make
-    for sc in reversed(started):
-        await sc.stop()
 
 
 async def get(sc: RunningSidecar, *lines: str, path: str = "/") -> RawResponse:

@@ -16,7 +16,7 @@ import socket
 import string
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,18 +30,17 @@ from sluice_sidecar.stores.memory import MemoryStore
 from support.processes import SidecarProcess
 from support.sidecar_harness import (
     UTF8_VALUE,
+    Factory,
     RunningSidecar,
     Upstream,
     policy_doc,
     raw_request,
-    start_sidecar,
     wait_for,
     wait_stable,
     write_file,
 )
 
 MiB = 1024 * 1024
-Factory = Callable[..., Awaitable[RunningSidecar]]
 
 
 # RFC 8941 (Structured Field Values), strictly ----------------------------------------------------
@@ -285,30 +284,6 @@ def test_sf_parser_is_strict() -> None:
 
 
 # Fixtures and helpers ------------------------------------------------------------------------
-@pytest.fixture
-async def upstream() -> AsyncIterator[Upstream]:
-    up = await Upstream().start()
-    yield up
-    await up.close()
-
-
-@pytest.fixture
-async def sidecars(tmp_path: Path, upstream: Upstream) -> AsyncIterator[Factory]:
-    """``await sidecars(policy, keys=..., redis=..., upstream=..., **settings)``."""
-    started: list[RunningSidecar] = []
-
-    async def make(policy: Any, *, keys: dict[str, Any] | None = None,
-                   upstream: Upstream | str | None = None, **kw: Any) -> RunningSidecar:
-        sc = await start_sidecar(tmp_path, policy, upstream=upstream or up, keys=keys, **kw)
-        started.append(sc)
-        return sc
-
-    up = upstream
-    yield make
-    for sc in reversed(started):
-        await sc.stop()
-
-
 @pytest.fixture
 async def http() -> AsyncIterator[aiohttp.ClientSession]:
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:

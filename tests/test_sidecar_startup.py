@@ -8,7 +8,7 @@ import socket
 import subprocess
 import sys
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import aiohttp
@@ -132,13 +132,6 @@ def test_cluster_mode_unreadable_labels_refuses_to_start(tmp_path: Path) -> None
 
 # --without-config in cluster mode: the config may arrive later, so the sidecar starts; until
 # then it refuses (default) or proxies unlimited (explicitly), and /readyz is 503 either way.
-@pytest.fixture
-async def upstream() -> AsyncIterator[Upstream]:
-    up = await Upstream().start()
-    yield up
-    await up.close()
-
-
 @pytest.mark.parametrize("without_config", ["refuse", "unlimited"])
 async def test_cluster_mode_before_its_first_config(without_config: str, tmp_path: Path,
                                                     upstream: Upstream, fresh_redis: object) -> None:

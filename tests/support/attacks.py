@@ -19,7 +19,6 @@ import contextlib
 import os
 import socket
 import statistics
-import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
@@ -30,8 +29,8 @@ from typing import Any
 import psutil
 import yaml
 
-from support.processes import SidecarProcess, wait_until
-from support.redis_servers import RedisServer, pick_port
+from support.processes import SidecarProcess, UpstreamProcess
+from support.redis_servers import RedisServer
 
 MIB = 1024 * 1024
 BYSTANDER_KEY = "bystander-key-0123456789"
@@ -100,30 +99,6 @@ async def main():
 
 asyncio.run(main())
 """
-
-
-class AttackUpstream:
-    def __init__(self) -> None:
-        import subprocess
-
-        self.port = pick_port()
-        self.proc = subprocess.Popen([sys.executable, "-c", UPSTREAM_SOURCE, str(self.port)])
-        wait_until(self._answers, 15, what="attack upstream")
-
-    def _answers(self) -> bool:
-        import socket
-
-        with socket.create_connection(("127.0.0.1", self.port), timeout=1) as s:
-            s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-            return s.recv(64).startswith(b"HTTP/1.1 200")
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def close(self) -> None:
-        self.proc.kill()
-        self.proc.wait(5)
 
 
 # Measuring -------------------------------------------------------------------------------------
@@ -264,7 +239,7 @@ async def run_scenario(scenario: Scenario, seconds: float, *, settle: float = 15
     workdir = Path(tempfile.mkdtemp(prefix="sluice-attack-"))
     (workdir / "policy.yaml").write_text(yaml.safe_dump(scenario.policy))
     (workdir / "keys.yaml").write_text(yaml.safe_dump({"keys": {BYSTANDER_KEY: "partner"}}))
-    upstream = AttackUpstream()
+    upstream = UpstreamProcess(UPSTREAM_SOURCE)
     redis = RedisServer(extra_args=scenario.redis_args) if scenario.redis_args is not None else None
     args = ["--policy-file", str(workdir / "policy.yaml"), "--api-keys-file", str(workdir / "keys.yaml"),
             *(("--redis", redis.url) if redis else ()), *scenario.flags]

@@ -58,9 +58,12 @@ def wait_until(predicate: Any, timeout: float, interval: float = 0.02, what: str
 
 
 class UpstreamProcess:
-    def __init__(self) -> None:
+    """``source``: a Python program taking its port as its argument that answers ``GET /`` with
+    200 (the default, :data:`UPSTREAM_SOURCE`, or a misbehaving one such as the attack suite's)."""
+
+    def __init__(self, source: str = UPSTREAM_SOURCE) -> None:
         self.port = pick_port()
-        self.proc = subprocess.Popen([sys.executable, "-c", UPSTREAM_SOURCE, str(self.port)])
+        self.proc = subprocess.Popen([sys.executable, "-c", source, str(self.port)])
         wait_until(lambda: http_get(f"{self.url}/")[0] == 200, 15, what="upstream")
 
     @property

@@ -45,6 +45,7 @@ from sluice_sidecar.server import Sidecar
 from sluice_sidecar.settings import SidecarSettings
 
 T = TypeVar("T")
+Factory = Callable[..., Awaitable["RunningSidecar"]]  # the ``sidecars`` fixture (tests/conftest.py)
 CHUNK = 64 * 1024
 UTF8_VALUE = "caf\u00e9 \u20ac"
 
