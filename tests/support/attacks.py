@@ -305,6 +305,16 @@ async def slowloris(sidecar: SidecarProcess, seconds: float, report: Report, n: 
     report.outcome.update(connections=n, closed_by_sidecar=closed_by_server)
 
 
+async def _open_counted(sidecar: SidecarProcess, statuses: dict[str, int],
+                        ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter] | None:
+    """A connection to the sidecar, or None with the refusal counted in ``statuses``."""
+    try:
+        return await asyncio.open_connection("127.0.0.1", sidecar.port)
+    except OSError as exc:
+        statuses[type(exc).__name__] = statuses.get(type(exc).__name__, 0) + 1
+        return None
+
+
 async def header_flood(sidecar: SidecarProcess, seconds: float, report: Report, n: int = 150) -> None:
     """``n`` concurrent requests to a slow app path, each with 100 headers of 8,000 bytes."""
     deadline = time.monotonic() + seconds
@@ -313,11 +323,10 @@ async def header_flood(sidecar: SidecarProcess, seconds: float, report: Report, 
     statuses: dict[str, int] = {}
 
     async def one() -> None:
-        try:
-            reader, writer = await asyncio.open_connection("127.0.0.1", sidecar.port)
-        except OSError as exc:
-            statuses[type(exc).__name__] = statuses.get(type(exc).__name__, 0) + 1
+        opened = await _open_counted(sidecar, statuses)
+        if opened is None:
             return
+        reader, writer = opened
         try:
             writer.write(request)
             await writer.drain()
@@ -530,11 +539,10 @@ async def slow_body(sidecar: SidecarProcess, seconds: float, report: Report, n: 
     statuses: dict[str, int] = {}
 
     async def one() -> None:
-        try:
-            reader, writer = await asyncio.open_connection("127.0.0.1", sidecar.port)
-        except OSError as exc:
-            statuses[type(exc).__name__] = statuses.get(type(exc).__name__, 0) + 1
+        opened = await _open_counted(sidecar, statuses)
+        if opened is None:
             return
+        reader, writer = opened
         key = "held"
         try:
             writer.write(b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 1048576\r\n\r\nx")
