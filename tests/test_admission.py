@@ -18,12 +18,12 @@ import yaml
 from sluice_operator.admission import (
     INJECTED_ANNOTATION,
     SIDECAR_NAME,
-    InjectionSettings,
     ReviewError,
     app_port_name,
     mutate_pod,
     review_policy,
 )
+from sluice_operator.injection.settings import InjectionSettings
 from support.jsonpatch import apply_patch
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -23,10 +23,10 @@ from sluice_operator import injection_flags
 from sluice_operator.admission import (
     ADMIN_PORT_NAME,
     SIDECAR_NAME,
-    InjectionSettings,
     mutate_pod,
     sidecar_container,
 )
+from sluice_operator.injection.settings import InjectionSettings
 from support.examples import k8s_version
 from support.jsonpatch import apply_patch
 

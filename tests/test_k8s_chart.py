@@ -185,7 +185,8 @@ def injection_from_chart(docs: list[dict[str, Any]], monkeypatch: pytest.MonkeyP
 
 def test_sidecar_values_reach_the_operator_as_flags_it_accepts(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from sluice_operator.admission import InjectionSettings, sidecar_container
+    from sluice_operator.admission import sidecar_container
+    from sluice_operator.injection.settings import InjectionSettings
 
     tricky = 'http://proxy:3128, "quoted" # not a comment: {x}\n\'single\' é'
     values = {"sidecar": {
@@ -255,7 +256,7 @@ def test_default_sidecar_values_are_the_operator_defaults(monkeypatch: pytest.Mo
     null leaves its flag out, so the operator's default applies."""
     from dataclasses import replace
 
-    from sluice_operator.admission import InjectionSettings
+    from sluice_operator.injection.settings import InjectionSettings
 
     image = yaml.safe_load((CHART / "Chart.yaml").read_text())["appVersion"]
     expected = replace(InjectionSettings(), image=f"sluice:{image}", redis_url="redis://redis:6379")

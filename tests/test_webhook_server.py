@@ -20,7 +20,6 @@ import pytest
 import yaml
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from sluice_operator.admission import InjectionSettings
 from sluice_operator.certs import (
     CertBundle,
     ensure_certificates,
@@ -28,6 +27,7 @@ from sluice_operator.certs import (
     read_material,
     write_material,
 )
+from sluice_operator.injection.settings import InjectionSettings
 from sluice_operator.webhook_server import WebhookServer
 
 ROOT = Path(__file__).resolve().parents[1]

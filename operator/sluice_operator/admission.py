@@ -26,9 +26,7 @@ from __future__ import annotations
 import base64
 import copy
 import json
-import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
 from sluice_core.duration import format_duration_us
@@ -46,6 +44,8 @@ from sluice_core.model import (
 from sluice_core.parse import parse_policy
 from sluice_core.paths import regex_never_matched
 
+from sluice_operator.injection.settings import MAX_PORT_NAME, PORT_NAME_RE, InjectionSettings
+
 ADMISSION_API_VERSION = "admission.k8s.io/v1"
 
 INJECT_LABEL = "sluice.dev/inject"  # "true" on a pod or its namespace; "false" on a pod opts out
@@ -57,59 +57,12 @@ PODINFO_VOLUME = "sluice-podinfo"
 PODINFO_MOUNT = "/etc/sluice/podinfo"
 ADMIN_PORT_NAME = "sluice-admin"
 
-# Kubernetes' IANA_SVC_NAME: at most 15 characters, lowercase letters, digits and '-', at
-# least one letter, no leading, trailing or doubled '-'.
-PORT_NAME_RE = re.compile(r"(?=.*[a-z])[a-z0-9]([a-z0-9]|-(?=[a-z0-9]))*")
-MAX_PORT_NAME = 15
 _PROBES = ("livenessProbe", "readinessProbe", "startupProbe")
 _WARNING_MAX = 256  # the API server truncates longer warnings
 
 
 class ReviewError(ValueError):
     """The request body is not an AdmissionReview the webhook can answer (HTTP 400)."""
-
-
-@dataclass(frozen=True)
-class InjectionSettings:
-    """What the injected sidecar container looks like (the operator's settings).
-
-    Every sidecar flag also reads ``SLUICE_<FLAG>``; the tuning fields below are passed as
-    those environment variables, the wiring (upstream, listen addresses, namespace, pod
-    name and labels, Redis) as arguments.
-    """
-
-    image: str = "sluice:0.1.0"
-    """Sidecar image (the project's one image; its entrypoint is ``sluice``)."""
-    image_pull_policy: str = "IfNotPresent"
-    redis_url: str | None = "redis://redis.sluice-system:6379"
-    """Passed as ``--redis``. Leave None and set ``redis_url_secret`` to keep a password out
-    of the pod spec."""
-    redis_url_secret: tuple[str, str] | None = None
-    """(Secret name, key) holding the Redis URL, read into ``SLUICE_REDIS``. The Secret must
-    exist in the pod's namespace. Takes precedence over ``redis_url``."""
-    redis_timeout_ms: int | None = 50
-    """``SLUICE_REDIS_TIMEOUT_MS``: per decision, then the policy's failure mode applies."""
-    redis_connect_timeout_ms: int | None = None
-    breaker_threshold: int | None = None
-    breaker_cooldown_s: float | None = None
-    log_level: str | None = None
-    client_limits: Mapping[str, int | float] = field(default_factory=dict)
-    """The sidecar's client-side limits by setting name (``max_connections`` ->
-    ``SLUICE_MAX_CONNECTIONS``); one left out keeps the sidecar's default."""
-    extra_env: Mapping[str, str] = field(default_factory=dict)
-    """More ``SLUICE_*`` (or any) environment variables for the sidecar."""
-    sidecar_port: int = 15080
-    """Client traffic; the next free port above it is used if a container already uses it."""
-    admin_port: int = 15090
-    """``/metrics``, ``/healthz``, ``/readyz``; next free port above it on a collision."""
-    default_port_name: str = "http"
-    """The app port taken over when the pod has no ``sluice.dev/port`` annotation."""
-    resources: Mapping[str, Any] = field(default_factory=lambda: {
-        "requests": {"cpu": "50m", "memory": "64Mi"},
-        "limits": {"memory": "128Mi"},  # no CPU limit: throttling would add latency to every request
-    })
-    run_as_user: int | None = 65532
-    """The image's ``sluice`` user; None leaves it to the image (it must still be non-root)."""
 
 
 NamespaceLabels = Callable[[str], Mapping[str, str] | None]

@@ -20,7 +20,7 @@ from typing import Any, NoReturn
 
 from sluice_core.redisurl import parse_redis_url
 
-from sluice_operator.admission import MAX_PORT_NAME, PORT_NAME_RE, InjectionSettings
+from sluice_operator.injection.settings import MAX_PORT_NAME, PORT_NAME_RE, InjectionSettings
 
 DEFAULTS = InjectionSettings()
 PULL_POLICIES = ("Always", "IfNotPresent", "Never")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from sluice_operator.admission import InjectionSettings
+from sluice_operator.injection.settings import InjectionSettings
 from sluice_operator.webhook_config import Endpoint
 
 CLUSTER_KEYS_NAMESPACE = "sluice-system"

@@ -26,13 +26,13 @@ from typing import Any
 from aiohttp import web
 
 from sluice_operator.admission import (
-    InjectionSettings,
     ReviewError,
     error_review,
     mutate_pod,
     namespace_to_look_up,
     review_policy,
 )
+from sluice_operator.injection.settings import InjectionSettings
 
 log = logging.getLogger(__name__)
 

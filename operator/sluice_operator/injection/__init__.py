@@ -1,0 +1,1 @@
+"""Sidecar injection: its settings, the plan of a pod's rewrite, the sidecar container."""
