@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import http_sfv
 import psutil  # type: ignore[import-untyped]
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -39,248 +40,27 @@ from support.sidecar_harness import (
     wait_stable,
     write_file,
 )
+from support.structured_fields import check_ratelimit_headers, members, parse_list
 
 MiB = 1024 * 1024
 
 
-# RFC 8941 (Structured Field Values), strictly ----------------------------------------------------
-class SFError(ValueError):
-    pass
-
-
-class Token(str):
-    """An sf-token (kept apart from an sf-string, which parses to a plain ``str``)."""
-
-
-@dataclass(frozen=True)
-class Item:
-    value: Any
-    params: tuple[tuple[str, Any], ...]
-
-
-@dataclass(frozen=True)
-class InnerList:
-    items: tuple[Item, ...]
-    params: tuple[tuple[str, Any], ...]
-
-
-_DIGITS = string.digits
-_LCALPHA = string.ascii_lowercase
-_ALPHA = string.ascii_letters
-_TCHAR = "!#$%&'*+-.^_`|~" + _DIGITS + _ALPHA
-_B64 = _ALPHA + _DIGITS + "+/="
-
-
-class _SF:
-    """RFC 8941 section 4.2 parsing algorithms, for Lists only."""
-
-    def __init__(self, text: str) -> None:
-        if any(ord(c) < 0x20 or ord(c) > 0x7E for c in text):
-            raise SFError(f"non-printable or non-ASCII character in {text!r}")
-        self.s = text
-        self.i = 0
-
-    def peek(self) -> str:
-        return self.s[self.i] if self.i < len(self.s) else ""
-
-    def take(self) -> str:
-        c = self.peek()
-        if not c:
-            raise SFError("unexpected end of input")
-        self.i += 1
-        return c
-
-    def skip(self, chars: str) -> None:
-        while self.peek() and self.peek() in chars:
-            self.i += 1
-
-    def parse_list(self) -> list[Item | InnerList]:
-        self.skip(" ")
-        members: list[Item | InnerList] = []
-        while self.peek():
-            members.append(self.inner_list() if self.peek() == "(" else self.item())
-            self.skip(" \t")
-            if not self.peek():
-                return members
-            if self.take() != ",":
-                raise SFError(f"expected ',' at {self.i - 1} in {self.s!r}")
-            self.skip(" \t")
-            if not self.peek():
-                raise SFError(f"trailing comma in {self.s!r}")
-        return members
-
-    def inner_list(self) -> InnerList:
-        assert self.take() == "("
-        items: list[Item] = []
-        while self.peek():
-            self.skip(" ")
-            if self.peek() == ")":
-                self.take()
-                return InnerList(tuple(items), self.params())
-            items.append(self.item())
-            if self.peek() not in (" ", ")"):
-                raise SFError(f"bad inner list in {self.s!r}")
-        raise SFError(f"unterminated inner list in {self.s!r}")
-
-    def item(self) -> Item:
-        return Item(self.bare_item(), self.params())
-
-    def params(self) -> tuple[tuple[str, Any], ...]:
-        out: list[tuple[str, Any]] = []
-        while self.peek() == ";":
-            self.take()
-            self.skip(" ")
-            key = self.key()
-            value: Any = True
-            if self.peek() == "=":
-                self.take()
-                value = self.bare_item()
-            out.append((key, value))
-        return tuple(out)
-
-    def key(self) -> str:
-        c = self.peek()
-        if not c or (c not in _LCALPHA and c != "*"):
-            raise SFError(f"bad parameter key at {self.i} in {self.s!r}")
-        start = self.i
-        while self.peek() and self.peek() in _LCALPHA + _DIGITS + "_-.*":
-            self.i += 1
-        return self.s[start:self.i]
-
-    def bare_item(self) -> Any:
-        c = self.peek()
-        if c == "-" or (c and c in _DIGITS):
-            return self.number()
-        if c == '"':
-            return self.string()
-        if c == ":":
-            return self.byte_sequence()
-        if c == "?":
-            self.take()
-            b = self.take()
-            if b not in "01":
-                raise SFError(f"bad boolean in {self.s!r}")
-            return b == "1"
-        if c and (c in _ALPHA or c == "*"):
-            start = self.i
-            self.i += 1
-            while self.peek() and self.peek() in _TCHAR + ":/":
-                self.i += 1
-            return Token(self.s[start:self.i])
-        raise SFError(f"bad item at {self.i} in {self.s!r}")
-
-    def number(self) -> int | float:
-        sign = 1
-        if self.peek() == "-":
-            self.take()
-            sign = -1
-        if not self.peek() or self.peek() not in _DIGITS:
-            raise SFError(f"bad number in {self.s!r}")
-        num = ""
-        decimal = False
-        while self.peek():
-            c = self.peek()
-            if c in _DIGITS:
-                num += c
-            elif c == "." and not decimal:
-                if len(num) > 12:
-                    raise SFError("decimal integer part too long")
-                num += c
-                decimal = True
-            else:
-                break
-            self.i += 1
-            if not decimal and len(num) > 15:
-                raise SFError("integer too long")
-            if decimal and len(num) > 16:
-                raise SFError("decimal too long")
-        if not decimal:
-            return sign * int(num)
-        if num.endswith(".") or len(num.split(".")[1]) > 3:
-            raise SFError("bad decimal")
-        return sign * float(num)
-
-    def string(self) -> str:
-        assert self.take() == '"'
-        out = ""
-        while self.peek():
-            c = self.take()
-            if c == "\\":
-                n = self.take()
-                if n not in '"\\':
-                    raise SFError(f"bad escape in {self.s!r}")
-                out += n
-            elif c == '"':
-                return out
-            else:
-                out += c
-        raise SFError(f"unterminated string in {self.s!r}")
-
-    def byte_sequence(self) -> bytes:
-        assert self.take() == ":"
-        start = self.i
-        while self.peek() and self.peek() != ":":
-            if self.peek() not in _B64:
-                raise SFError("bad base64")
-            self.i += 1
-        if self.take() != ":":
-            raise SFError("unterminated byte sequence")
-        return base64.b64decode(self.s[start:self.i - 1])
-
-
-def parse_sf_list(text: str) -> list[Item | InnerList]:
-    return _SF(text).parse_list()
-
-
-def _members(field: str, value: str, required: tuple[str, ...]) -> list[tuple[str, dict[str, int]]]:
-    out = []
-    for m in parse_sf_list(value):
-        assert isinstance(m, Item), f"{field}: inner list not allowed: {value!r}"
-        assert type(m.value) is str, f"{field}: member must be an sf-string (quoted), got {m.value!r} in {value!r}"
-        keys = [k for k, _ in m.params]
-        assert len(keys) == len(set(keys)), f"{field}: duplicate parameter in {value!r}"
-        params = dict(m.params)
-        for k in required:
-            assert k in params, f"{field}: parameter {k} missing in {value!r}"
-            assert type(params[k]) is int and params[k] >= 0, f"{field}: {k} must be a non-negative sf-integer in {value!r}"
-        out.append((m.value, params))
-    return out
-
-
-def check_ratelimit_headers(headers: Any) -> dict[str, dict[str, int]]:
-    """Assert that ``RateLimit-Policy`` and ``RateLimit`` are present once each, parse as
-    strict RFC 8941 Lists of quoted names with integer q, w / r, t, and name the same policies;
-    return ``{name: {q, w, r, t}}``."""
-    pol_lines = headers.getall("RateLimit-Policy", [])
-    rl_lines = headers.getall("RateLimit", [])
-    assert len(pol_lines) == 1 and len(rl_lines) == 1, (pol_lines, rl_lines)
-    policy = _members("RateLimit-Policy", pol_lines[0], ("q", "w"))
-    state = _members("RateLimit", rl_lines[0], ("r", "t"))
-    assert [n for n, _ in policy] == [n for n, _ in state], (pol_lines, rl_lines)
-    out: dict[str, dict[str, int]] = {}
-    for (name, p), (_, s) in zip(policy, state, strict=True):
-        assert p["q"] > 0 and p["w"] > 0
-        out[name] = {"q": p["q"], "w": p["w"], "r": s["r"], "t": s["t"]}
-    return out
-
-
 def test_sf_parser_is_strict() -> None:
-    ok = parse_sf_list('"free";q=5;w=60, "exp";q=1;w=60')
-    assert all(isinstance(m, Item) for m in ok)
-    assert [(m.value, dict(m.params)) for m in ok if isinstance(m, Item)] == [("free", {"q": 5, "w": 60}), ("exp", {"q": 1, "w": 60})]
-    token = parse_sf_list("free;q=5")[0]
-    assert isinstance(token, Item) and isinstance(token.value, Token)
+    ok = parse_list('"free";q=5;w=60, "exp";q=1;w=60')
+    assert [(m.value, dict(m.params)) for m in ok] == [("free", {"q": 5, "w": 60}), ("exp", {"q": 1, "w": 60})]
+    token = parse_list("free;q=5")[0]
+    assert isinstance(token, http_sfv.Item) and isinstance(token.value, http_sfv.Token)
     for bad in ['"free";q=5,', '"free";Q=5', '"free";q=5;;w=1', '"free" ;q=5', '"fr\\ee"',
                 '"free";q=1.', '"free";q=1234567890123456', '"free";q=5 "x"', '"free', ',"free"',
-                '"free";q=5,,"x"', '"free";q=--1', '"fr\xe9e"']:
-        with pytest.raises(SFError):
-            parse_sf_list(bad)
+                '"free";q=5,,"x"', '"free";q=--1', '"fr\xe9e"', '"free";q=5,"x"']:
+        with pytest.raises(ValueError):
+            parse_list(bad)
     with pytest.raises(AssertionError):
-        _members("RateLimit", "free;r=1;t=0", ("r", "t"))  # a token, not a string
+        members("RateLimit", "free;r=1;t=0", ("r", "t"))  # a token, not a string
+    with pytest.raises(ValueError):
+        members("RateLimit", '"free";r=1;r=2;t=0', ("r", "t"))  # a duplicate parameter
     with pytest.raises(AssertionError):
-        _members("RateLimit", '"free";r=1;r=2;t=0', ("r", "t"))
-    with pytest.raises(AssertionError):
-        _members("RateLimit", '"free";r=1;t=?1', ("r", "t"))
+        members("RateLimit", '"free";r=1;t=?0', ("r", "t"))  # a boolean, not an integer
 
 
 # Fixtures and helpers ------------------------------------------------------------------------
