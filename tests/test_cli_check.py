@@ -36,3 +36,21 @@ def test_check_multi_document_and_unreadable(tmp_path: Path) -> None:
     assert r.returncode == 1 and "is not valid YAML" in r.stderr
     r = sluice("check", str(tmp_path / "missing.yaml"))
     assert r.returncode == 1 and "cannot be read" in r.stderr
+
+
+def test_check_prints_the_webhooks_warnings_and_exits_0(tmp_path: Path) -> None:
+    """A valid but suspicious policy: `sluice check` warns as `kubectl apply` would (the same
+    lint), naming the file and the field; warnings alone keep exit 0."""
+    f = tmp_path / "shadow.yaml"
+    f.write_text("apiVersion: sluice.dev/v1alpha1\nkind: RateLimitPolicy\n"
+                 "metadata: {name: trial, namespace: shop}\n"
+                 "spec:\n  selector: {matchLabels: {app: shop}}\n  mode: shadow\n"
+                 "  failureMode: closed\n  tiers: [{name: free, requests: 10, period: 1m}]\n")
+    r = sluice("check", str(f))
+    assert r.returncode == 0, r.stderr
+    assert f"ok: {f}: shop/trial (1 tiers, 0 rules, mode shadow)" in r.stdout
+    assert r.stderr.splitlines() == [
+        f"warning: {f}: spec.mode: shadow never refuses a request; over-limit requests are only "
+        "counted (shadow_limited). Set enforce to limit",
+        f"warning: {f}: spec.failureMode: closed has no effect while spec.mode is shadow (a "
+        "shadow policy lets requests through when Redis is down)"]

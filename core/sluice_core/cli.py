@@ -15,8 +15,9 @@ from collections.abc import Sequence
 from sluice_core import configdoc, configstore
 from sluice_core.apikeys import load_grants_file
 from sluice_core.errors import PolicyErrors
+from sluice_core.lint import policy_warnings
 from sluice_core.model import CLUSTER_SCOPE, CompiledPolicy, KeyGrant
-from sluice_core.policyfile import load_policies
+from sluice_core.policyfile import load_documents, load_policies
 
 # name -> (module with add_arguments(parser) and run(args) -> int, one-line help)
 PLUGINS: dict[str, tuple[str, str]] = {
@@ -32,14 +33,17 @@ def _cmd_check(args: argparse.Namespace) -> int:
     failed = False
     for path in args.files:
         try:
-            policies = load_policies(path, default_namespace=args.namespace)
+            docs = load_documents(path, default_namespace=args.namespace)
         except PolicyErrors as exc:
             failed = True
             for e in exc.errors:
                 print(f"error: {e}", file=sys.stderr)
             continue
-        for p in policies:
+        for d in docs:
+            p = d.policy
             print(f"ok: {path}: {p.ref} ({len(p.tiers)} tiers, {len(p.rules)} rules, mode {p.mode.value})")
+            for warning in policy_warnings(p, d.spec):  # what the validating webhook warns about
+                print(f"warning: {d.source}: {warning}", file=sys.stderr)
     return 1 if failed else 0
 
 

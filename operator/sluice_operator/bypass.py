@@ -13,7 +13,7 @@ from typing import Any
 
 from sluice_core.parse import parse_policy
 
-from sluice_operator.admission import SIDECAR_NAME
+from sluice_operator.injection.names import SIDECAR_NAME
 
 
 @dataclass(frozen=True)
