@@ -91,10 +91,8 @@ class WebhookServer:
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.port, ssl_context=self._ssl)
         await site.start()
-        server = site._server  # the bound port when port=0
-        sockets = getattr(server, "sockets", None) or []
-        if sockets:
-            self.port = sockets[0].getsockname()[1]
+        if self._runner.addresses:  # the bound port when port=0
+            self.port = self._runner.addresses[0][1]
         log.info("admission webhooks listening on %s:%s (%s)", self.host, self.port,
                  "https" if self._ssl else "http")
 
