@@ -1,10 +1,14 @@
-"""`sluice check`: offline validation with exit codes, as a user runs it."""
+"""`sluice check`: offline validation with exit codes, as a user runs it; the subcommands other
+packages register as entry points."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
+
+from sluice_core.cli import COMMANDS_GROUP, installed_commands, load_command
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -54,3 +58,25 @@ def test_check_prints_the_webhooks_warnings_and_exits_0(tmp_path: Path) -> None:
         "counted (shadow_limited). Set enforce to limit",
         f"warning: {f}: spec.failureMode: closed has no effect while spec.mode is shadow (a "
         "shadow policy lets requests through when Redis is down)"]
+
+
+def test_the_installed_metadata_registers_the_commands_pyproject_declares() -> None:
+    """The registry is the installed metadata: an install older than pyproject.toml fails here
+    (make setup reinstalls) rather than as `invalid choice: 'sidecar'` in the sidecar tests."""
+    declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["entry-points"][COMMANDS_GROUP]
+    installed = installed_commands()
+    assert {name: ep.value for name, ep in installed.items()} == declared, "stale install: make setup"
+    assert set(declared) == {"sidecar", "demo", "operator", "keys", "services"}
+    for name, entry_point in installed.items():
+        command = load_command(entry_point)
+        assert command.HELP and "\n" not in command.HELP, name
+        assert callable(command.add_arguments) and callable(command.run), name
+
+
+def test_help_lists_every_registered_command_with_its_help() -> None:
+    r = sluice("--help")
+    assert r.returncode == 0, r.stderr
+    text = " ".join(r.stdout.split())  # argparse wraps long help lines
+    for name, entry_point in installed_commands().items():
+        assert f" {name} {load_command(entry_point).HELP} " in text, name
+    assert " check validate policy files offline" in text

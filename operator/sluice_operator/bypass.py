@@ -55,6 +55,9 @@ def check_services(policy_obj: Mapping[str, Any], pods: list[Mapping[str, Any]],
     return findings
 
 
+HELP = "list the Services that reach a policy's pods without the sidecar"  # one line in `sluice --help`
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--policy", required=True, help="RateLimitPolicy name")
     parser.add_argument("-n", "--namespace", default="default")
