@@ -15,15 +15,12 @@ from typing import Any
 
 import pytest
 import yaml
-from sluice_operator.admission import (
-    INJECTED_ANNOTATION,
-    SIDECAR_NAME,
-    ReviewError,
-    app_port_name,
-    mutate_pod,
-    review_policy,
-)
+from sluice_operator.admission_review import ReviewError
+from sluice_operator.injection.names import INJECTED_ANNOTATION, SIDECAR_NAME
+from sluice_operator.injection.ports import app_port_name
 from sluice_operator.injection.settings import InjectionSettings
+from sluice_operator.pod_admission import mutate_pod
+from sluice_operator.policy_admission import review_policy
 from support.jsonpatch import apply_patch
 
 ROOT = Path(__file__).resolve().parents[1]

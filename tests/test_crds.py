@@ -558,14 +558,14 @@ def _parse_fields(doc: Json, monkeypatch: pytest.MonkeyPatch) -> tuple[dict[str,
     """Fields parse.py allows at each path (from its `c.unknown(...)` calls) and the call lines."""
     seen: dict[str, set[str]] = {}
     lines: set[int] = set()
-    original = parse_module._Checker.unknown
+    original = parse_module.DocumentChecker.unknown
 
     def recording(self: Any, value: Any, path: str, allowed: set[str]) -> None:
         seen.setdefault(re.sub(r"\[\d+\]", "[]", path), set()).update(allowed)
         lines.add(sys._getframe(1).f_lineno)
         original(self, value, path, allowed)
 
-    monkeypatch.setattr(parse_module._Checker, "unknown", recording)
+    monkeypatch.setattr(parse_module.DocumentChecker, "unknown", recording)
     parse_policy(doc)
     monkeypatch.undo()
     return seen, lines

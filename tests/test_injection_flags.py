@@ -20,13 +20,10 @@ import kubernetes_validate
 import pytest
 from sluice_operator import cli as operator_cli
 from sluice_operator import injection_flags
-from sluice_operator.admission import (
-    ADMIN_PORT_NAME,
-    SIDECAR_NAME,
-    mutate_pod,
-    sidecar_container,
-)
+from sluice_operator.injection.container import sidecar_container
+from sluice_operator.injection.names import ADMIN_PORT_NAME, SIDECAR_NAME
 from sluice_operator.injection.settings import InjectionSettings
+from sluice_operator.pod_admission import mutate_pod
 from support.examples import k8s_version
 from support.jsonpatch import apply_patch
 

@@ -185,7 +185,7 @@ def injection_from_chart(docs: list[dict[str, Any]], monkeypatch: pytest.MonkeyP
 
 def test_sidecar_values_reach_the_operator_as_flags_it_accepts(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from sluice_operator.admission import sidecar_container
+    from sluice_operator.injection.container import sidecar_container
     from sluice_operator.injection.settings import InjectionSettings
 
     tricky = 'http://proxy:3128, "quoted" # not a comment: {x}\n\'single\' é'

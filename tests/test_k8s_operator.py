@@ -27,8 +27,8 @@ from typing import Any
 
 import pytest
 import yaml
-from sluice_operator.admission import INJECTED_ANNOTATION, SIDECAR_NAME
 from sluice_operator.handlers import FINALIZER
+from sluice_operator.injection.names import INJECTED_ANNOTATION, SIDECAR_NAME
 from sluice_operator.webhook_config import MUTATING_NAME, VALIDATING_NAME, Endpoint
 from support.control_plane import ControlPlane, table
 from support.crds import apply_crds

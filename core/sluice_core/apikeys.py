@@ -23,7 +23,7 @@ from sluice_core import yamltext
 from sluice_core.errors import PolicyError, PolicyErrors
 from sluice_core.keyschema import hash_api_key
 from sluice_core.model import CompiledPolicy, KeyGrant
-from sluice_core.parse import _Checker, parse_limit
+from sluice_core.parse import DocumentChecker, parse_limit
 
 _DIGEST = re.compile(r"sha256:([0-9a-f]{64})")
 MAX_KEY_LENGTH = 512
@@ -31,7 +31,7 @@ MAX_KEY_LENGTH = 512
 
 def parse_grants(doc: Any, policy: CompiledPolicy, *, source: str = "") -> dict[str, KeyGrant]:
     """Validate a keys document against the policy's tiers; return ``{sha256 hex: grant}``."""
-    c = _Checker(source)
+    c = DocumentChecker(source)
     grants: dict[str, KeyGrant] = {}
     top = c.mapping(doc, "(keys file)", required=True)
     keys = c.mapping(top.get("keys") if top else None, "keys", required=True) if top else None

@@ -1,45 +1,65 @@
 """The ``sluice`` command.
 
-``check`` and ``apply`` live here (they only need the policy core). The sidecar, the demo and
-the operator bring their own arguments; they are looked up by module name only when asked for,
-so the core never imports them and each starts without loading the others.
+``check`` and ``apply`` live here (they only need the policy core). The sidecar, the demo, the
+operator, ``keys`` and ``services`` register themselves as entry points of the
+``sluice.commands`` group (pyproject.toml); each names a module with ``HELP``,
+``add_arguments(parser)`` and ``run(args) -> int``. They are read from the installed package
+metadata and imported only when asked for, so the core never imports them and each starts
+without loading the others.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from importlib.metadata import EntryPoint, entry_points
+from typing import Protocol, cast
 
 from sluice_core import configdoc, configstore
 from sluice_core.apikeys import load_grants_file
 from sluice_core.errors import PolicyErrors
+from sluice_core.lint import policy_warnings
 from sluice_core.model import CLUSTER_SCOPE, CompiledPolicy, KeyGrant
-from sluice_core.policyfile import load_policies
+from sluice_core.policyfile import load_documents, load_policies
 
-# name -> (module with add_arguments(parser) and run(args) -> int, one-line help)
-PLUGINS: dict[str, tuple[str, str]] = {
-    "sidecar": ("sluice_sidecar.cli", "run the enforcing reverse proxy in front of one app"),
-    "demo": ("sluice_sidecar.demo", "run a demo upstream behind the sidecar with the example policy"),
-    "operator": ("sluice_operator.cli", "reconcile RateLimitPolicies and key Secrets into Redis (kopf)"),
-    "keys": ("sluice_operator.keys_cli", "create, list, revoke and rotate API keys kept in Secrets"),
-    "services": ("sluice_operator.bypass", "list the Services that reach a policy's pods without the sidecar"),
-}
+COMMANDS_GROUP = "sluice.commands"
+
+
+class Command(Protocol):
+    """What an entry point of :data:`COMMANDS_GROUP` loads (a module)."""
+
+    HELP: str
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None: ...
+
+    def run(self, args: argparse.Namespace) -> int: ...
+
+
+def installed_commands() -> dict[str, EntryPoint]:
+    """The registered subcommands, by name, from the installed metadata (nothing imported)."""
+    return {ep.name: ep for ep in entry_points(group=COMMANDS_GROUP)}
+
+
+def load_command(entry_point: EntryPoint) -> Command:
+    return cast(Command, entry_point.load())
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
     failed = False
     for path in args.files:
         try:
-            policies = load_policies(path, default_namespace=args.namespace)
+            docs = load_documents(path, default_namespace=args.namespace)
         except PolicyErrors as exc:
             failed = True
             for e in exc.errors:
                 print(f"error: {e}", file=sys.stderr)
             continue
-        for p in policies:
+        for d in docs:
+            p = d.policy
             print(f"ok: {path}: {p.ref} ({len(p.tiers)} tiers, {len(p.rules)} rules, mode {p.mode.value})")
+            for warning in policy_warnings(p, d.spec):  # what the validating webhook warns about
+                print(f"warning: {d.source}: {warning}", file=sys.stderr)
     return 1 if failed else 0
 
 
@@ -84,7 +104,9 @@ def _cmd_apply(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(commands: Mapping[str, EntryPoint], *, with_help: bool = True) -> argparse.ArgumentParser:
+    """The parser of ``check`` and ``apply``, listing ``commands`` too; ``with_help`` imports
+    them for their one-line help (only worth it when the help is printed)."""
     parser = argparse.ArgumentParser(prog="sluice", description="Sluice: distributed API rate limiting for Kubernetes")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     check = sub.add_parser("check", help="validate policy files offline (exit 1 on any error)")
@@ -100,19 +122,24 @@ def build_parser() -> argparse.ArgumentParser:
                        help="the namespaces the ClusterRateLimitPolicies in -f apply to (what the "
                             "operator resolves their namespaceSelector to)")
     apply.set_defaults(func=_cmd_apply)
-    for name, (_, help_text) in PLUGINS.items():
-        sub.add_parser(name, help=help_text, add_help=False)
+    for name, entry_point in commands.items():
+        sub.add_parser(name, help=load_command(entry_point).HELP if with_help else None, add_help=False)
+    if not commands:
+        parser.epilog = (f"No other command is registered under the {COMMANDS_GROUP} entry points: "
+                         "the package metadata is missing or stale (make setup, or pip install -e .)")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in PLUGINS:
-        module = importlib.import_module(PLUGINS[argv[0]][0])
-        sub = argparse.ArgumentParser(prog=f"sluice {argv[0]}", description=PLUGINS[argv[0]][1])
-        module.add_arguments(sub)
-        return int(module.run(sub.parse_args(argv[1:])))
-    args = build_parser().parse_args(argv)
+    commands = installed_commands()
+    if argv and argv[0] in commands:
+        command = load_command(commands[argv[0]])
+        sub = argparse.ArgumentParser(prog=f"sluice {argv[0]}", description=command.HELP)
+        command.add_arguments(sub)
+        return int(command.run(sub.parse_args(argv[1:])))
+    wants_help = "-h" in argv or "--help" in argv
+    args = build_parser(commands, with_help=wants_help).parse_args(argv)
     return int(args.func(args))
 
 

@@ -31,7 +31,7 @@ from typing import Any
 from sluice_core.errors import PolicyError, PolicyErrors
 from sluice_core.manifest import limit_to_dict, to_manifest
 from sluice_core.model import CompiledPolicy, KeyGrant
-from sluice_core.parse import _Checker, parse_limit, parse_policy
+from sluice_core.parse import DocumentChecker, parse_limit, parse_policy
 
 SCHEMA = 1
 
@@ -87,7 +87,7 @@ def load_doc(text: str | bytes, version: int) -> NamespaceConfig:
     policies = [parse_policy(m, source=src, default_namespace=namespace)
                 for m in doc.get("policies") or []]
     by_name = {p.name: p for p in policies}
-    c = _Checker(src)
+    c = DocumentChecker(src)
     grants: dict[str, dict[str, KeyGrant]] = {}
     for policy_name, table in (c.mapping(doc.get("apiKeys"), "apiKeys") or {}).items():
         policy = by_name.get(policy_name)

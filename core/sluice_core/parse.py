@@ -67,8 +67,10 @@ _SPEC_FIELDS = {
 }
 
 
-class _Checker:
-    """Collects errors while walking a document; each ``want_*`` returns None on failure."""
+class DocumentChecker:
+    """Collects every error (field path and reason) while walking a document; each check
+    returns None (or its default) on failure. Shared by the readers of policies, API-key
+    files (:mod:`apikeys`) and config documents (:mod:`configdoc`)."""
 
     def __init__(self, source: str) -> None:
         self.source = source
@@ -145,14 +147,14 @@ def _kind(value: Any) -> str:
 
 def parse_policy(doc: Any, *, source: str = "", default_namespace: str = "default") -> CompiledPolicy:
     """Validate one policy document and compile it; raise :class:`PolicyErrors` listing every problem."""
-    c = _Checker(source)
+    c = DocumentChecker(source)
     policy = _parse(c, doc, default_namespace)
     if c.errors or policy is None:
         raise PolicyErrors(c.errors or [PolicyError("", "invalid policy", source)])
     return policy
 
 
-def _parse(c: _Checker, doc: Any, default_namespace: str) -> CompiledPolicy | None:
+def _parse(c: DocumentChecker, doc: Any, default_namespace: str) -> CompiledPolicy | None:
     top = c.mapping(doc, "(document)", required=True)
     if top is None:
         return None
@@ -212,7 +214,7 @@ def _parse(c: _Checker, doc: Any, default_namespace: str) -> CompiledPolicy | No
     )
 
 
-def _selector(c: _Checker, value: Any, path: str) -> Selector:
+def _selector(c: DocumentChecker, value: Any, path: str) -> Selector:
     sel = c.mapping(value, path)
     if sel is None:
         return Selector()
@@ -251,7 +253,7 @@ def _selector(c: _Checker, value: Any, path: str) -> Selector:
     return Selector(tuple(sorted(labels)), tuple(exprs))
 
 
-def _api_keys(c: _Checker, value: Any) -> ApiKeys:
+def _api_keys(c: DocumentChecker, value: Any) -> ApiKeys:
     m = c.mapping(value, "spec.apiKeys")
     if m is None:
         return ApiKeys()
@@ -261,7 +263,7 @@ def _api_keys(c: _Checker, value: Any) -> ApiKeys:
     return ApiKeys(header=header or "X-API-Key", required=c.boolean(m.get("required"), "spec.apiKeys.required", False))
 
 
-def _identify(c: _Checker, value: Any, api_keys: ApiKeys) -> Identify:
+def _identify(c: DocumentChecker, value: Any, api_keys: ApiKeys) -> Identify:
     m = c.mapping(value, "spec.identify")
     if m is None:
         return Identify()
@@ -302,7 +304,7 @@ def _identify(c: _Checker, value: Any, api_keys: ApiKeys) -> Identify:
                     header_from=header_from, ipv6_prefix_length=prefix)
 
 
-def parse_limit(c: _Checker, m: Mapping[str, Any], path: str) -> Limit | None:
+def parse_limit(c: DocumentChecker, m: Mapping[str, Any], path: str) -> Limit | None:
     requests = c.positive_int(m.get("requests"), f"{path}.requests")
     period_raw = m.get("period")
     period_us: int | None = None
@@ -336,7 +338,7 @@ def parse_limit_text(text: str) -> Limit:
     m: dict[str, Any] = {"requests": _int_or_text(parts[0]), "period": parts[1]}
     if len(parts) == 3:
         m["burst"] = _int_or_text(parts[2])
-    c = _Checker("limit")
+    c = DocumentChecker("limit")
     limit = parse_limit(c, m, "limit")
     if limit is None:
         raise ValueError("; ".join(f"{e.path}: {e.reason}" for e in c.errors))
@@ -347,7 +349,7 @@ def _int_or_text(text: str) -> int | str:
     return int(text) if text.strip().lstrip("-").isdigit() else text
 
 
-def _tiers(c: _Checker, value: Any) -> dict[str, Tier]:
+def _tiers(c: DocumentChecker, value: Any) -> dict[str, Tier]:
     items = c.seq(value, "spec.tiers")
     if items is None:
         c.fail("spec.tiers", "is required: declare at least one tier")
@@ -373,7 +375,7 @@ def _tiers(c: _Checker, value: Any) -> dict[str, Tier]:
     return tiers
 
 
-def _rules(c: _Checker, value: Any) -> tuple[Rule, ...]:
+def _rules(c: DocumentChecker, value: Any) -> tuple[Rule, ...]:
     items = c.seq(value, "spec.rules") or []
     if len(items) > MAX_RULES:
         c.fail("spec.rules", f"must have at most {MAX_RULES} rules, got {len(items)}")
@@ -410,7 +412,7 @@ def _rules(c: _Checker, value: Any) -> tuple[Rule, ...]:
     return _compile_regexes(c, pending)
 
 
-def _compile_regexes(c: _Checker, pending: list[tuple[str, dict[str, Any]]]) -> tuple[Rule, ...]:
+def _compile_regexes(c: DocumentChecker, pending: list[tuple[str, dict[str, Any]]]) -> tuple[Rule, ...]:
     """Compile every rule regex once, here, within the share of the policy's RE2 memory budget
     that each gets (sluice_core.paths.regex_budget)."""
     patterns = [r["path"].regex if r["path"] is not None else None for _, r in pending]
@@ -439,7 +441,7 @@ def _compile_regexes(c: _Checker, pending: list[tuple[str, dict[str, Any]]]) -> 
     return tuple(rules)
 
 
-def _match(c: _Checker, value: Any, path: str,
+def _match(c: DocumentChecker, value: Any, path: str,
            skip: bool) -> tuple[PathMatch | None, frozenset[str] | None]:
     m = c.mapping(value, path, required=True)
     if m is None:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,15 +36,32 @@ def iter_documents(path: str | Path) -> Iterator[tuple[str, Any]]:
             yield (f"{f}#{i + 1}" if len(docs) > 1 else str(f)), doc
 
 
-def load_policies(path: str | Path, *, default_namespace: str = "default") -> list[CompiledPolicy]:
+@dataclass(frozen=True)
+class PolicyDocument:
+    """A valid policy as read from a file: where it was, what it compiles to, its spec as
+    written (what :func:`sluice_core.lint.policy_warnings` reads besides the policy)."""
+
+    source: str
+    policy: CompiledPolicy
+    spec: Mapping[str, Any]
+
+
+def load_documents(path: str | Path, *, default_namespace: str = "default") -> list[PolicyDocument]:
     """Parse every policy under ``path``; raise one :class:`PolicyErrors` with all problems."""
-    out: list[CompiledPolicy] = []
+    out: list[PolicyDocument] = []
     errors: list[PolicyError] = []
     for source, doc in iter_documents(path):
         try:
-            out.append(parse_policy(doc, source=source, default_namespace=default_namespace))
+            policy = parse_policy(doc, source=source, default_namespace=default_namespace)
         except PolicyErrors as exc:
             errors.extend(exc.errors)
+            continue
+        out.append(PolicyDocument(source, policy, doc["spec"]))  # parse_policy checked it is one
     if errors:
         raise PolicyErrors(errors)
     return out
+
+
+def load_policies(path: str | Path, *, default_namespace: str = "default") -> list[CompiledPolicy]:
+    """Parse every policy under ``path``; raise one :class:`PolicyErrors` with all problems."""
+    return [d.policy for d in load_documents(path, default_namespace=default_namespace)]

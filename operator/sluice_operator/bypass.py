@@ -13,7 +13,7 @@ from typing import Any
 
 from sluice_core.parse import parse_policy
 
-from sluice_operator.admission import SIDECAR_NAME
+from sluice_operator.injection.names import SIDECAR_NAME
 
 
 @dataclass(frozen=True)
@@ -53,6 +53,9 @@ def check_services(policy_obj: Mapping[str, Any], pods: list[Mapping[str, Any]],
             else:
                 findings.append(Finding(name, label, f"bypasses the sidecar: targetPort {target} is the app's port"))
     return findings
+
+
+HELP = "list the Services that reach a policy's pods without the sidecar"  # one line in `sluice --help`
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -13,6 +13,8 @@ from sluice_core.redisurl import parse_redis_url
 from sluice_operator import injection_flags
 from sluice_operator.settings import CLUSTER_KEYS_NAMESPACE, OperatorSettings
 
+HELP = "reconcile RateLimitPolicies and key Secrets into Redis (kopf)"  # one line in `sluice --help`
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     env = os.environ.get

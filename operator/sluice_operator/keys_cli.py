@@ -62,6 +62,9 @@ def secret_manifest(namespace: str, policy: str, tier: str, key: str, *, limit: 
             "data": {k: _b64(v) for k, v in data.items()}}
 
 
+HELP = "create, list, revoke and rotate API keys kept in Secrets"  # one line in `sluice --help`
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="action", required=True)
     c = sub.add_parser("create", help="create a key Secret and print the key once")

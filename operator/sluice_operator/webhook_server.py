@@ -1,7 +1,7 @@
 """The admission webhooks' HTTPS server (aiohttp).
 
-Routes: ``POST /validate-policy`` (:func:`admission.review_policy`), ``POST /mutate-pod``
-(:func:`admission.mutate_pod`), ``GET /healthz``. Every answer to a well-formed
+Routes: ``POST /validate-policy`` (:func:`policy_admission.review_policy`), ``POST /mutate-pod``
+(:func:`pod_admission.mutate_pod`), ``GET /healthz``. Every answer to a well-formed
 AdmissionReview is an AdmissionReview v1; a body that is not JSON or not an AdmissionReview
 gets 400, a body larger than ``max_body_bytes`` 413 (the API server sends at most a few MB).
 
@@ -25,14 +25,10 @@ from typing import Any
 
 from aiohttp import web
 
-from sluice_operator.admission import (
-    ReviewError,
-    error_review,
-    mutate_pod,
-    namespace_to_look_up,
-    review_policy,
-)
+from sluice_operator.admission_review import ReviewError, error_review
 from sluice_operator.injection.settings import InjectionSettings
+from sluice_operator.pod_admission import mutate_pod, namespace_to_look_up
+from sluice_operator.policy_admission import review_policy
 
 log = logging.getLogger(__name__)
 
@@ -95,10 +91,8 @@ class WebhookServer:
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.port, ssl_context=self._ssl)
         await site.start()
-        server = site._server  # the bound port when port=0
-        sockets = getattr(server, "sockets", None) or []
-        if sockets:
-            self.port = sockets[0].getsockname()[1]
+        if self._runner.addresses:  # the bound port when port=0
+            self.port = self._runner.addresses[0][1]
         log.info("admission webhooks listening on %s:%s (%s)", self.host, self.port,
                  "https" if self._ssl else "http")
 

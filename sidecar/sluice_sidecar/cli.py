@@ -11,6 +11,8 @@ import sys
 from sluice_sidecar.settings import SidecarSettings, from_args
 from sluice_sidecar.settings import add_arguments as _add_settings
 
+HELP = "run the enforcing reverse proxy in front of one app"  # one line in `sluice --help`
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     _add_settings(parser)

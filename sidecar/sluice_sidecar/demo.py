@@ -28,6 +28,8 @@ from sluice_sidecar.cli import setup_event_loop
 from sluice_sidecar.server import Sidecar
 from sluice_sidecar.settings import SidecarSettings
 
+HELP = "run a demo upstream behind the sidecar with the example policy"  # one line in `sluice --help`
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, default=8080, help="sidecar port (0: any free port)")

@@ -1,0 +1,73 @@
+"""The injected container: a cluster-mode sidecar in front of the app's port on 127.0.0.1."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from sluice_operator.injection.names import (
+    ADMIN_PORT_NAME,
+    PODINFO_MOUNT,
+    PODINFO_VOLUME,
+    SIDECAR_NAME,
+)
+from sluice_operator.injection.settings import InjectionSettings
+
+
+def sidecar_container(settings: InjectionSettings, port_name: str, port: int, admin_port: int,
+                      app_port: int) -> dict[str, Any]:
+    """The injected container: cluster-mode sidecar in front of ``127.0.0.1:<app_port>``."""
+    args = ["sidecar", "--upstream", f"http://127.0.0.1:{app_port}",
+            "--listen", f"0.0.0.0:{port}", "--admin-listen", f"0.0.0.0:{admin_port}"]
+    if settings.redis_url_secret is None and settings.redis_url:
+        args += ["--redis", settings.redis_url]
+    args += ["--namespace", "$(POD_NAMESPACE)", "--pod-labels", f"{PODINFO_MOUNT}/labels",
+             "--pod-name", "$(POD_NAME)"]
+    return {
+        "name": SIDECAR_NAME,
+        "image": settings.image,
+        "imagePullPolicy": settings.image_pull_policy,
+        "args": args,
+        "env": _env(settings),
+        "ports": [{"name": port_name, "containerPort": port, "protocol": "TCP"},
+                  {"name": ADMIN_PORT_NAME, "containerPort": admin_port, "protocol": "TCP"}],
+        "readinessProbe": {"httpGet": {"path": "/readyz", "port": ADMIN_PORT_NAME},
+                           "periodSeconds": 5, "failureThreshold": 2},
+        "livenessProbe": {"httpGet": {"path": "/healthz", "port": ADMIN_PORT_NAME},
+                          "periodSeconds": 10, "failureThreshold": 3},
+        "resources": copy.deepcopy(dict(settings.resources)),
+        "securityContext": _security_context(settings),
+        "volumeMounts": [{"name": PODINFO_VOLUME, "mountPath": PODINFO_MOUNT, "readOnly": True}],
+    }
+
+
+def _env(settings: InjectionSettings) -> list[dict[str, Any]]:
+    """The pod's identity, the Redis URL from a Secret, and the tuning as ``SLUICE_*``."""
+    env: list[dict[str, Any]] = [
+        {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+        {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+    ]
+    if settings.redis_url_secret is not None:
+        secret, key = settings.redis_url_secret
+        env.append({"name": "SLUICE_REDIS",
+                    "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}})
+    tuning = {"SLUICE_REDIS_TIMEOUT_MS": settings.redis_timeout_ms,
+              "SLUICE_REDIS_CONNECT_TIMEOUT_MS": settings.redis_connect_timeout_ms,
+              "SLUICE_BREAKER_THRESHOLD": settings.breaker_threshold,
+              "SLUICE_BREAKER_COOLDOWN_S": settings.breaker_cooldown_s,
+              "SLUICE_LOG_LEVEL": settings.log_level,
+              **{"SLUICE_" + name.upper(): value for name, value in settings.client_limits.items()}}
+    env += [{"name": k, "value": str(v)} for k, v in tuning.items() if v is not None]
+    env += [{"name": k, "value": v} for k, v in settings.extra_env.items()]
+    return env
+
+
+def _security_context(settings: InjectionSettings) -> dict[str, Any]:
+    security: dict[str, Any] = {
+        "runAsNonRoot": True, "readOnlyRootFilesystem": True, "allowPrivilegeEscalation": False,
+        "capabilities": {"drop": ["ALL"]}, "seccompProfile": {"type": "RuntimeDefault"},
+    }
+    if settings.run_as_user is not None:
+        security["runAsUser"] = settings.run_as_user
+        security["runAsGroup"] = settings.run_as_user
+    return security
