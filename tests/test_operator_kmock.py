@@ -54,6 +54,7 @@ class Env:
     store: configstore.Client  # the test loop's (the operator's client is in the operator's loop)
     ns: str
     metrics: OperatorMetrics
+    reconciler: Reconciler
 
     async def create(self, path: str, obj: dict[str, Any]) -> None:
         async with self.k8s.post(path, json=obj) as r:
@@ -125,7 +126,8 @@ async def running_operator(kmock: Any, redis_server: Any, **settings_kw: Any) ->
     metrics = OperatorMetrics()
     url = str(kmock.url).rstrip("/")
     # The operator's client is used and closed (kopf's cleanup) in the operator's loop.
-    registry = build_registry(settings, Reconciler(configstore.connect(redis_server.url), metrics),
+    reconciler = Reconciler(configstore.connect(redis_server.url), metrics)
+    registry = build_registry(settings, reconciler,
                               api_client=lambda: k8s_client.ApiClient(k8s_client.Configuration(host=url)))
 
     @kopf.on.login(registry=registry)
@@ -144,7 +146,7 @@ async def running_operator(kmock: Any, redis_server: Any, **settings_kw: Any) ->
     try:
         async with configstore.connect(redis_server.url) as store:
             with redis_server.client() as redis:
-                yield Env(kmock, redis, store, "ns-" + uuid.uuid4().hex[:8], metrics)
+                yield Env(kmock, redis, store, "ns-" + uuid.uuid4().hex[:8], metrics, reconciler)
     finally:
         stop.set()
         await asyncio.to_thread(thread.join, 20)
@@ -469,3 +471,15 @@ async def test_after_flushall_a_namespace_policy_comes_back_and_then_the_cluster
         cfg = await env.config()
         assert cfg is not None and [p.name for p in cfg.policies] == ["api"]
         assert cfg.version > before.version
+
+
+async def test_the_operator_closes_its_redis_connections_when_it_stops(kmock: Any, fresh_redis: Any) -> None:
+    """At exit, not whenever the garbage collector gets to its client (here still referenced)."""
+    async with running_operator(kmock, fresh_redis) as env:
+        await eventually(lambda: cluster_doc(env.store), "the operator's first write")
+
+    def connected() -> int:  # this probe's own connection included
+        return int(fresh_redis.execute("INFO", "clients")["connected_clients"])
+
+    await eventually(lambda: connected() == 1, "the operator's connections closed")
+    assert env.reconciler is not None
