@@ -105,7 +105,7 @@ async def test_one_budget_across_namespaces(publish: Publish, sidecar_in: Start,
                             apiKeys={"header": "X-Partner-Key", "required": True})
     digest = keyschema.hash_api_key(PARTNER_KEY)
     await publish(CLUSTER_SCOPE, [policy], scopes={policy.name: [a, b]},
-            grants={policy.name: {digest: KeyGrant(tier="free")}})
+                  grants={policy.name: {digest: KeyGrant(tier="free")}})
     in_a, in_b, in_c = await sidecar_in(a), await sidecar_in(b), await sidecar_in(c)
     statuses = []
     for sc in (in_a, in_b) * 3:
@@ -156,6 +156,7 @@ async def test_scope_changes_reload_and_heartbeat_reports_the_cluster_policy(
     v1 = await publish(CLUSTER_SCOPE, [budget], scopes={budget.name: [a]})
     sc = await sidecar_in(a)
     assert f'"{budget.name}/free"' in (await get(http, sc))[1]["RateLimit-Policy"]
+
     async def heartbeat() -> bytes | str | None:  # written by a background task of the sidecar
         async with configstore.connect(redis_url) as client:
             return (await configstore.heartbeats(client, a)).get(f"web-{a}".encode())
