@@ -55,9 +55,9 @@ class Client:
 def connect(url: str | RedisTarget, *, timeout: float = 5.0) -> Client:
     """A client for any supported URL (single, TLS, Sentinel, Cluster); ``ValueError`` for a bad
     URL. ``timeout`` bounds every connect and every reply, the Sentinels' too, so a hung Redis
-    ends a call with an error instead of holding the awaiting task forever: after at most about
-    11 × ``timeout`` (redis-py retries a timed-out command 10 times, as its synchronous client
-    did)."""
+    ends a call with an error instead of holding the awaiting task forever: after at most
+    11 × ``timeout`` and a few seconds of back-off (redis-py's default retries a timed-out
+    command 10 times, as its synchronous client did)."""
     t = parse_redis_url(url) if isinstance(url, str) else url
     common: dict[str, Any] = {"username": t.username, "password": t.password,
                               "socket_timeout": timeout, "socket_connect_timeout": timeout}
