@@ -377,10 +377,14 @@ def _layered_sidecar(procs: Procs, tmp: Path, upstream: str, redis: RedisServer)
                            .replace("metadata: {name: bench}", "metadata: {name: shared}"))
     own, shared = load_policies(str(policy_file))
     grants = {keyschema.hash_api_key(k): KeyGrant(tier="pro") for k in KEYS}
-    client = configstore.connect(redis.url)
-    configstore.publish(client, "bench", configdoc.build_doc("bench", [own], {own.name: grants}))
-    configstore.publish(client, CLUSTER_SCOPE, configdoc.build_doc(
-        CLUSTER_SCOPE, [shared], {shared.name: grants}, {shared.name: ["bench"]}))
+
+    async def publish() -> None:
+        async with configstore.connect(redis.url) as client:
+            await configstore.publish(client, "bench", configdoc.build_doc("bench", [own], {own.name: grants}))
+            await configstore.publish(client, CLUSTER_SCOPE, configdoc.build_doc(
+                CLUSTER_SCOPE, [shared], {shared.name: grants}, {shared.name: ["bench"]}))
+
+    asyncio.run(publish())
     labels = tmp / "labels"
     labels.write_text('app="bench"\n')
     port, admin = pick_port(), pick_port()

@@ -16,6 +16,7 @@ import pytest
 from sluice_core import configstore, keyschema
 from sluice_core.model import CLUSTER_SCOPE
 from support.processes import SidecarProcess, UpstreamProcess, http_get, wait_until
+from support.store_calls import store_call
 
 
 @pytest.fixture(scope="module")
@@ -150,7 +151,7 @@ def test_a_namespace_without_a_policy_passes_unlimited_and_is_ready(fresh_redis:
     Redis is initialised and no policy selects the pod: ready, requests pass, `unconfigured`."""
     url = fresh_redis.url  # type: ignore[attr-defined]
     apply(tmp_path, url, policy_yaml("elsewhere"))
-    stored = configstore.read(fresh_redis.client(), CLUSTER_SCOPE)  # type: ignore[attr-defined]
+    stored = store_call(url, configstore.read, CLUSTER_SCOPE)
     assert stored is not None and stored.policies == () and stored.placeholder
     ns = "np-" + uuid.uuid4().hex[:8]
     sidecar = SidecarProcess(upstream.url, "--redis", url, "--namespace", ns, "--pod-labels", str(labels))
@@ -200,11 +201,11 @@ def test_a_placeholder_cluster_document_never_replaces_a_loaded_cluster_policy(
     try:
         assert statuses(sidecar.url, 3) == [200, 200, 429]
         client.delete(keyschema.config_key(CLUSTER_SCOPE))
-        version = configstore.ensure(client, CLUSTER_SCOPE, min_version=10)
+        version = store_call(url, configstore.ensure, CLUSTER_SCOPE, min_version=10)
         assert version == 10
         wait_until(lambda: "is a placeholder; keeping the last good one" in sidecar.output(), 10,
                    what="placeholder noticed")
         assert statuses(sidecar.url, 1) == [429]
-        assert configstore.ensure(client, CLUSTER_SCOPE) == 0  # never over a document
+        assert store_call(url, configstore.ensure, CLUSTER_SCOPE) == 0  # never over a document
     finally:
         sidecar.close()

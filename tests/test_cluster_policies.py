@@ -18,6 +18,7 @@ from sluice_core import configdoc, configstore, keyschema
 from sluice_core.model import CLUSTER_SCOPE, CompiledPolicy, KeyGrant
 from sluice_core.parse import parse_policy
 from support.sidecar_harness import RunningSidecar, Upstream, start_sidecar, wait_for
+from support.store_calls import store_call
 
 PARTNER_KEY = "partner-" + uuid.uuid4().hex
 
@@ -34,7 +35,7 @@ def ns_policy(ns: str, name: str, requests: int) -> CompiledPolicy:
                          "spec": {"tiers": [{"name": "free", "requests": requests, "period": "1h"}]}})
 
 
-Publish = Callable[..., int]
+Publish = Callable[..., Awaitable[int]]
 
 
 @pytest.fixture(params=["single", "cluster"])
@@ -44,14 +45,14 @@ def redis_url(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture
-def publish(redis_url: str) -> Publish:
-    client = configstore.connect(redis_url)
+async def publish(redis_url: str) -> AsyncIterator[Publish]:
+    async with configstore.connect(redis_url) as client:
 
-    def write(ns: str, policies: list[CompiledPolicy], *, scopes: dict[str, list[str]] | None = None,
-              grants: dict[str, dict[str, KeyGrant]] | None = None) -> int:
-        return configstore.publish(client, ns, configdoc.build_doc(ns, policies, grants, scopes))
+        async def write(ns: str, policies: list[CompiledPolicy], *, scopes: dict[str, list[str]] | None = None,
+                        grants: dict[str, dict[str, KeyGrant]] | None = None) -> int:
+            return await configstore.publish(client, ns, configdoc.build_doc(ns, policies, grants, scopes))
 
-    return write
+        yield write
 
 
 Start = Callable[[str], Awaitable[RunningSidecar]]
@@ -103,8 +104,8 @@ async def test_one_budget_across_namespaces(publish: Publish, sidecar_in: Start,
     policy = cluster_policy("partners-" + a, 4, identify={"order": ["apiKey"]},
                             apiKeys={"header": "X-Partner-Key", "required": True})
     digest = keyschema.hash_api_key(PARTNER_KEY)
-    publish(CLUSTER_SCOPE, [policy], scopes={policy.name: [a, b]},
-            grants={policy.name: {digest: KeyGrant(tier="free")}})
+    await publish(CLUSTER_SCOPE, [policy], scopes={policy.name: [a, b]},
+                  grants={policy.name: {digest: KeyGrant(tier="free")}})
     in_a, in_b, in_c = await sidecar_in(a), await sidecar_in(b), await sidecar_in(c)
     statuses = []
     for sc in (in_a, in_b) * 3:
@@ -126,9 +127,9 @@ async def test_namespace_policy_first_then_the_shared_budget(publish: Publish, s
                                                              http: aiohttp.ClientSession) -> None:
     a, b, c = names()
     budget = cluster_policy("budget-" + a, 5)  # per client IP: every request here is 127.0.0.1
-    publish(CLUSTER_SCOPE, [budget], scopes={budget.name: [a, b, c]})
-    publish(a, [ns_policy(a, "local", 2)])
-    publish(c, [ns_policy(c, "local", 10)])
+    await publish(CLUSTER_SCOPE, [budget], scopes={budget.name: [a, b, c]})
+    await publish(a, [ns_policy(a, "local", 2)])
+    await publish(c, [ns_policy(c, "local", 10)])
     in_a, in_b, in_c = await sidecar_in(a), await sidecar_in(b), await sidecar_in(c)
 
     # a: its own limit (2) refuses first; both policies' buckets in the headers.
@@ -152,20 +153,19 @@ async def test_scope_changes_reload_and_heartbeat_reports_the_cluster_policy(
         publish: Publish, sidecar_in: Start, http: aiohttp.ClientSession, redis_url: str) -> None:
     a, b, _ = names()
     budget = cluster_policy("budget-" + a, 100)
-    v1 = publish(CLUSTER_SCOPE, [budget], scopes={budget.name: [a]})
+    v1 = await publish(CLUSTER_SCOPE, [budget], scopes={budget.name: [a]})
     sc = await sidecar_in(a)
     assert f'"{budget.name}/free"' in (await get(http, sc))[1]["RateLimit-Policy"]
-    client = configstore.connect(redis_url)
 
-    async def heartbeat() -> bytes | None:  # written by a background task of the sidecar
-        value: bytes | None = client.hget(keyschema.heartbeat_key(a), f"web-{a}")
-        return value
+    async def heartbeat() -> bytes | str | None:  # written by a background task of the sidecar
+        async with configstore.connect(redis_url) as client:
+            return (await configstore.heartbeats(client, a)).get(f"web-{a}".encode())
 
     beat = keyschema.parse_heartbeat(await wait_for(heartbeat, timeout=10, what="the heartbeat"))
     assert (beat.cluster_version, beat.cluster_policy, beat.policy) == (v1, budget.name, None)
 
     # The namespace leaves the policy's scope (its labels changed): the sidecar stops applying it.
-    publish(CLUSTER_SCOPE, [budget], scopes={budget.name: [b]})
+    await publish(CLUSTER_SCOPE, [budget], scopes={budget.name: [b]})
 
     async def unlimited() -> bool:
         return (await admin_config(http, sc))["clusterVersion"] == 0 and "RateLimit" not in (await get(http, sc))[1]
@@ -189,7 +189,7 @@ spec:
     r = subprocess.run([*cmd, "--cluster-namespaces", "shop,billing"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     assert "applied: namespace _cluster: shared" in r.stdout
-    cfg = configstore.read(configstore.connect(redis_url), CLUSTER_SCOPE)
+    cfg = store_call(redis_url, configstore.read, CLUSTER_SCOPE)
     assert cfg is not None and cfg.scopes == {"shared": frozenset({"shop", "billing"})}
 
 
@@ -200,15 +200,15 @@ async def test_a_refusal_by_the_shared_budget_leaves_the_own_budget_untouched(
     back when the shared budget refuses."""
     a, _, _ = names()
     spent = cluster_policy("spent-" + a, 1)
-    publish(CLUSTER_SCOPE, [spent], scopes={spent.name: [a]})
-    publish(a, [ns_policy(a, "local", 2)])
+    await publish(CLUSTER_SCOPE, [spent], scopes={spent.name: [a]})
+    await publish(a, [ns_policy(a, "local", 2)])
     sc = await sidecar_in(a)
     assert (await get(http, sc))[0] == 200  # the one shared token
     refusals = [await get(http, sc) for _ in range(3)]
     assert [(status, problem["policy"]) for status, _, problem in refusals] == [(429, spent.name)] * 3
     # A bigger shared budget (a changed limit: fresh buckets); the local one still has 1 of 2.
     bigger = cluster_policy("spent-" + a, 100)
-    version = publish(CLUSTER_SCOPE, [bigger], scopes={bigger.name: [a]})
+    version = await publish(CLUSTER_SCOPE, [bigger], scopes={bigger.name: [a]})
 
     async def reloaded() -> bool:
         return (await admin_config(http, sc))["clusterVersion"] == version

@@ -62,6 +62,7 @@ from support.sluice_objects import (
     policy_manifest,
     programmed,
 )
+from support.store_calls import store_call
 
 pytestmark = pytest.mark.k8s
 
@@ -790,7 +791,7 @@ def test_operator_runs_under_the_chart_rbac(release: Release, redis_server: Any,
     from sluice_core import configstore, keyschema
 
     cp = release.cp
-    redis = configstore.connect(redis_server.url)
+    redis = redis_server.client()
     suffix = uuid.uuid4().hex[:6]
     ns, bad_ns = f"chart-op-{suffix}", f"chart-op-bad-{suffix}"
     cp.kubectl("create", "namespace", ns)
@@ -870,7 +871,7 @@ def test_operator_runs_under_the_chart_rbac(release: Release, redis_server: Any,
 
         # policy -> Redis (list/watch + finalizer patch) -> status (status patch)
         cp.kubectl("apply", "-f", "-", input=policy_manifest("api", ns, tiers=("free", "pro")))
-        wait(lambda: configstore.read(redis, ns), f"config of {ns} in Redis")
+        wait(lambda: store_call(redis_server.url, configstore.read, ns), f"config of {ns} in Redis")
         wait(lambda: programmed(cp, "rlp", "api", ns), "status Programmed=True")
         assert "sluice.dev/config" in (rlp("api", ns) or {})["metadata"]["finalizers"]
 
@@ -941,7 +942,7 @@ def test_operator_runs_under_the_chart_rbac(release: Release, redis_server: Any,
         cp.kubectl("delete", "rlp", "bad-regex", "-n", bad_ns, "--wait=false")
         wait(lambda: rlp("api", ns) is None and rlp("bad-regex", bad_ns) is None,
              "the policies deleted (finalizers removed)")
-        wait(lambda: (c := configstore.read(redis, ns)) is not None and not c.policies,
+        wait(lambda: (c := store_call(redis_server.url, configstore.read, ns)) is not None and not c.policies,
              "an empty config (the policy gone) in Redis")
         ops[-1].check_alive()
         for op in ops:

@@ -60,6 +60,7 @@ from support.sluice_objects import (
     policy_manifest,
     programmed,
 )
+from support.store_calls import store_call
 
 pytestmark = pytest.mark.k8s
 
@@ -95,7 +96,6 @@ def start_replica(identity: str, cp: ControlPlane, redis_url: str, workdir: Path
 @dataclass
 class Pair:
     cp: ControlPlane
-    redis: Any
     redis_url: str
     peering: str
     secret_ns: str
@@ -175,7 +175,7 @@ def pair(k8s: ControlPlane, redis_server: Any, tmp_path_factory: pytest.TempPath
         # kopf peers only after the start-up handlers (webhooks registered) have run
         poll(lambda: active(older), "the first replica active", diagnose=diagnose)
         younger = start("younger")
-        pair_ = Pair(cp, configstore.connect(redis_server.url), redis_server.url, peering,
+        pair_ = Pair(cp, redis_server.url, peering,
                      secret_ns, secret_name, older, younger, namespaces)
         pair_.wait(lambda: younger.check_alive() or set(peers(cp, peering)) == {
             older.identity, younger.identity}, "both replicas in the ClusterKopfPeering")
@@ -239,7 +239,7 @@ def test_one_replica_reconciles_the_other_waits(pair: Pair) -> None:
     start = older.counter("sluice_operator_reconciles")
     pair.wait(lambda: older.counter("sluice_operator_reconciles") >= start + 2,
               "two more reconciles by the active replica (resync timer)")
-    cfg = configstore.read(pair.redis, ns)
+    cfg = store_call(pair.redis_url, configstore.read, ns)
     assert cfg is not None and cfg.version == 1, cfg
     assert older.counter("sluice_operator_config_pushes") >= 1
     for replica in pair.replicas:
@@ -302,7 +302,7 @@ def test_takeover_after_sigkill(pair: Pair) -> None:
     pair.cp.kubectl("apply", "-f", "-", input=policy_manifest("after", ns))  # webhook: younger
     pair.wait(lambda: programmed(pair.cp, "rlp", "after", ns), f"rlp {ns}/after Programmed")
     programmed_after = time.monotonic() - t0
-    assert configstore.read(pair.redis, ns) is not None
+    assert store_call(pair.redis_url, configstore.read, ns) is not None
     assert younger.counter("sluice_operator_reconciles") > 0
     pair.wait(lambda: set(peers(pair.cp, pair.peering)) == {younger.identity},
               "the dead replica removed from the ClusterKopfPeering")

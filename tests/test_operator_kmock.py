@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import inspect
 import threading
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -49,9 +50,11 @@ def key_secret(name: str, ns: str, policy_name: str, key: str, tier: str, **more
 @dataclass
 class Env:
     k8s: Any
-    redis: Any
+    redis: Any  # a redis-py client of the test's own, for raw commands
+    store: configstore.Client  # the test loop's (the operator's client is in the operator's loop)
     ns: str
     metrics: OperatorMetrics
+    reconciler: Reconciler
 
     async def create(self, path: str, obj: dict[str, Any]) -> None:
         async with self.k8s.post(path, json=obj) as r:
@@ -73,8 +76,13 @@ class Env:
         base = f"/api/v1/namespaces/{self.ns}/secrets"
         return f"{base}/{name}" if name else base
 
-    def config(self) -> Any:
-        return configstore.read(self.redis, self.ns)
+    async def config(self) -> Any:
+        return await configstore.read(self.store, self.ns)
+
+    async def config_that(self, ok: Callable[[Any], bool]) -> Any:
+        """The namespace's config if there is one and ``ok`` holds for it, else None."""
+        cfg = await self.config()
+        return cfg if cfg is not None and ok(cfg) else None
 
     def status(self, name: str) -> dict[str, Any]:
         obj = self.k8s.objects[RLP, self.ns, name]
@@ -82,11 +90,14 @@ class Env:
 
 
 async def eventually(probe: Callable[[], Any], what: str, timeout: float = 15.0) -> Any:
+    """Poll ``probe`` (which may return an awaitable) until it returns something true."""
     deadline = asyncio.get_running_loop().time() + timeout
     last: Any = None
     while asyncio.get_running_loop().time() < deadline:
         try:
             last = probe()
+            if inspect.isawaitable(last):
+                last = await last
         except (KeyError, LookupError) as exc:
             last = exc
         else:
@@ -106,7 +117,6 @@ async def running_operator(kmock: Any, redis_server: Any, **settings_kw: Any) ->
     logged in to kmock; see ../shared/TESTING.md."""
     kmock.resources.load_bundled()
     kmock.resources[RLP] = kmock_info()
-    client = configstore.connect(redis_server.url)
     # kmock cannot list cluster-scoped Namespaces (its path parser wants a namespace after
     # /namespaces), which ClusterRateLimitPolicies watch: they are tested against the real API
     # server (tests/test_k8s_cluster_policy.py).
@@ -115,7 +125,9 @@ async def running_operator(kmock: Any, redis_server: Any, **settings_kw: Any) ->
     settings = OperatorSettings(redis=redis_server.url, heartbeat_stale_s=30, **settings_kw)
     metrics = OperatorMetrics()
     url = str(kmock.url).rstrip("/")
-    registry = build_registry(settings, Reconciler(client, metrics),
+    # The operator's client is used and closed (kopf's cleanup) in the operator's loop.
+    reconciler = Reconciler(configstore.connect(redis_server.url), metrics)
+    registry = build_registry(settings, reconciler,
                               api_client=lambda: k8s_client.ApiClient(k8s_client.Configuration(host=url)))
 
     @kopf.on.login(registry=registry)
@@ -132,7 +144,9 @@ async def running_operator(kmock: Any, redis_server: Any, **settings_kw: Any) ->
     thread.start()
     await eventually(ready.is_set, "operator ready")
     try:
-        yield Env(kmock, client, "ns-" + uuid.uuid4().hex[:8], metrics)
+        async with configstore.connect(redis_server.url) as store:
+            with redis_server.client() as redis:
+                yield Env(kmock, redis, store, "ns-" + uuid.uuid4().hex[:8], metrics, reconciler)
     finally:
         stop.set()
         await asyncio.to_thread(thread.join, 20)
@@ -162,11 +176,11 @@ async def test_policy_lifecycle_create_update_delete(env: Env) -> None:
 
     await env.patch(env.rlp_path("api"), {"metadata": {"generation": 2},
                                           "spec": {"tiers": [{"name": "free", "requests": 20, "period": "1m"}]}})
-    cfg = await eventually(lambda: (c := env.config()) and c.version > first and c, "new version")
+    cfg = await eventually(lambda: env.config_that(lambda c: c.version > first), "new version")
     assert cfg.policies[0].tiers["free"].limit.requests == 20
 
     await env.delete(env.rlp_path("api"))
-    await eventually(lambda: (c := env.config()) is not None and not c.policies,
+    await eventually(lambda: env.config_that(lambda c: not c.policies),
                      "an empty config (sidecars stop limiting) on delete")
     text = generate_latest(env.metrics.registry).decode()
     assert 'sluice_operator_reconciles_total{result="ok"}' in text
@@ -184,7 +198,7 @@ async def test_invalid_update_keeps_last_good_config(env: Env) -> None:
     assert 'sluice_operator_policies{condition="Accepted",status="False"} 1.0' in policies
     assert "spec.tiers[0].requests: must be a positive integer, got -5" in accepted["message"]
     assert "last good version keeps serving" in accepted["message"]
-    still = env.config()
+    still = await env.config()
     assert still.version == cfg.version  # nothing new was written
     assert still.policies[0].tiers["free"].limit.requests == 10
 
@@ -203,19 +217,19 @@ async def test_key_secret_lifecycle(env: Env) -> None:
     await eventually(env.config, "config in Redis")
     digest = keyschema.hash_api_key("sk-live-123")
     await env.create(env.secret_path(), key_secret("k1", env.ns, "api", "sk-live-123", "pro"))
-    cfg = await eventually(lambda: (c := env.config()) and digest in c.grants.get("api", {}) and c, "grant")
+    cfg = await eventually(lambda: env.config_that(lambda c: digest in c.grants.get("api", {})), "grant")
     assert cfg.grants["api"][digest].tier == "pro"
     assert "sk-live-123" not in env.redis.hget(keyschema.config_key(env.ns), "doc").decode()
     # revoke without deleting
     await env.patch(env.secret_path("k1"), {"data": {"disabled": base64.b64encode(b"true").decode()}})
-    await eventually(lambda: digest not in env.config().grants.get("api", {}), "revocation")
+    await eventually(lambda: env.config_that(lambda c: digest not in c.grants.get("api", {})), "revocation")
     # an expiring key disappears when it expires
     soon = __import__("datetime").datetime.now(__import__("datetime").UTC) + __import__("datetime").timedelta(seconds=2)
     d2 = keyschema.hash_api_key("sk-temp")
     await env.create(env.secret_path(), key_secret("k2", env.ns, "api", "sk-temp", "free",
                                                    expiresAt=soon.isoformat()))
-    await eventually(lambda: d2 in env.config().grants.get("api", {}), "temporary grant")
-    await eventually(lambda: d2 not in env.config().grants.get("api", {}), "expiry", timeout=10)
+    await eventually(lambda: env.config_that(lambda c: d2 in c.grants.get("api", {})), "temporary grant")
+    await eventually(lambda: env.config_that(lambda c: d2 not in c.grants.get("api", {})), "expiry", timeout=10)
 
 
 async def test_an_expiring_key_goes_when_it_expires_not_at_the_resync(kmock: Any, redis_server: Any) -> None:
@@ -230,19 +244,19 @@ async def test_an_expiring_key_goes_when_it_expires_not_at_the_resync(kmock: Any
         d_later, d_sooner = keyschema.hash_api_key("sk-later"), keyschema.hash_api_key("sk-sooner")
         await env.create(env.secret_path(), key_secret("later", env.ns, "api", "sk-later", "free",
                                                        expiresAt=later.isoformat()))
-        await eventually(lambda: d_later in env.config().grants.get("api", {}), "the later key")
+        await eventually(lambda: env.config_that(lambda c: d_later in c.grants.get("api", {})), "the later key")
         # a second key that expires sooner: the daemon, asleep until `later`, must wake for it.
         # Its expiry is taken just before it is created (an expired key is skipped, never
         # granted); the upper bound is far below the 300 s resync, so only the daemon removes it.
         sooner = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=5)
         await env.create(env.secret_path(), key_secret("sooner", env.ns, "api", "sk-sooner", "free",
                                                        expiresAt=sooner.isoformat()))
-        await eventually(lambda: d_sooner in env.config().grants.get("api", {}), "the sooner key")
-        await eventually(lambda: d_sooner not in env.config().grants.get("api", {}), "expiry",
+        await eventually(lambda: env.config_that(lambda c: d_sooner in c.grants.get("api", {})), "the sooner key")
+        await eventually(lambda: env.config_that(lambda c: d_sooner not in c.grants.get("api", {})), "expiry",
                          timeout=35)
         gone = dt.datetime.now(dt.UTC)
         assert sooner <= gone < sooner + dt.timedelta(seconds=30), (sooner, gone)
-        assert d_later in env.config().grants["api"]
+        assert d_later in (await env.config()).grants["api"]
 
 
 async def test_key_secret_changes_reach_the_policy_status_before_the_resync(kmock: Any, redis_server: Any) -> None:
@@ -260,7 +274,7 @@ async def test_key_secret_changes_reach_the_policy_status_before_the_resync(kmoc
             return s if s.get("configVersion") == version and s.get("keys") == keys else None
 
         await env.create(env.secret_path(), key_secret("k1", env.ns, "api", "sk-status-1", "pro"))
-        cfg = await eventually(lambda: (c := env.config()) and c.grants.get("api") and c, "grant in Redis")
+        cfg = await eventually(lambda: env.config_that(lambda c: bool(c.grants.get("api"))), "grant in Redis")
         await eventually(lambda: status_at(cfg.version, 1), "status keys: 1", timeout=5)
 
         await env.create(env.secret_path(), key_secret("k2", env.ns, "api", "sk-status-2", "platinum"))
@@ -276,7 +290,7 @@ async def test_key_secret_changes_reach_the_policy_status_before_the_resync(kmoc
                          timeout=15)
 
         await env.patch(env.secret_path("k1"), {"data": {"disabled": base64.b64encode(b"true").decode()}})
-        cfg = await eventually(lambda: (c := env.config()) and not c.grants.get("api") and c, "revocation")
+        cfg = await eventually(lambda: env.config_that(lambda c: not c.grants.get("api")), "revocation")
         await eventually(lambda: status_at(cfg.version, 0), "status keys: 0", timeout=5)
 
 
@@ -370,24 +384,24 @@ async def test_webhooks_served_and_registered_with_their_ca(kmock: Any, redis_se
 # The reconcile loop itself (no kopf): restarts and an unreachable Redis ----------------------
 async def test_a_restarted_operator_keeps_the_last_good_version_of_an_invalid_policy(redis_server: Any) -> None:
     ns = "rs-" + uuid.uuid4().hex[:8]
-    client = configstore.connect(redis_server.url)
-    first = await Reconciler(client).reconcile(ns, [policy("api", ns, requests=10)], [])
-    assert first.programmed and first.version
-    # A new operator process (nothing in memory) meets an invalid update of the same policy.
-    again = await Reconciler(client).reconcile(ns, [policy("api", ns, requests=-5)], [])
-    result = again.results["api"]
-    assert not result.accepted and result.serving, result
-    assert again.version == first.version and not again.pushed
-    cfg = configstore.read(client, ns)
+    async with configstore.connect(redis_server.url) as client:
+        first = await Reconciler(client).reconcile(ns, [policy("api", ns, requests=10)], [])
+        assert first.programmed and first.version
+        # A new operator process (nothing in memory) meets an invalid update of the same policy.
+        again = await Reconciler(client).reconcile(ns, [policy("api", ns, requests=-5)], [])
+        result = again.results["api"]
+        assert not result.accepted and result.serving, result
+        assert again.version == first.version and not again.pushed
+        cfg = await configstore.read(client, ns)
     assert cfg.version == first.version and cfg.policies[0].tiers["free"].limit.requests == 10
 
 
 async def test_with_redis_unreachable_status_still_says_what_is_valid() -> None:
     from support.redis_servers import pick_port
 
-    client = configstore.connect(f"redis://127.0.0.1:{pick_port()}", timeout=0.5)  # nobody listens
     ns = "down-" + uuid.uuid4().hex[:8]
-    out = await Reconciler(client).reconcile(ns, [policy("good", ns), policy("bad", ns, requests=-5)], [])
+    async with configstore.connect(f"redis://127.0.0.1:{pick_port()}", timeout=0.5) as client:  # nobody listens
+        out = await Reconciler(client).reconcile(ns, [policy("good", ns), policy("bad", ns, requests=-5)], [])
     assert out.redis_error and not out.programmed
     assert out.results["good"].accepted and not out.results["bad"].accepted
     assert "spec.tiers[0].requests" in out.results["bad"].message
@@ -410,24 +424,24 @@ def test_only_namespace_label_changes_re_resolve_cluster_policies() -> None:
 async def test_a_deleted_namespace_leaves_nothing_behind(redis_server: Any) -> None:
     """Its empty config document goes from Redis; one written since (the namespace re-created,
     a new policy) stays."""
-    client = configstore.connect(redis_server.url)
     ns = "gone-" + uuid.uuid4().hex[:8]
-    reconciler = Reconciler(client)
-    await reconciler.reconcile(ns, [policy("api", ns)], [])
-    await reconciler.reconcile(ns, [], [])  # its last policy deleted: an empty document
-    assert not configstore.read(client, ns).policies
-    await reconciler.forget(ns)
-    assert not client.exists(keyschema.config_key(ns))
-    assert reconciler.latest(ns) is None
+    async with configstore.connect(redis_server.url) as client:
+        reconciler = Reconciler(client)
+        await reconciler.reconcile(ns, [policy("api", ns)], [])
+        await reconciler.reconcile(ns, [], [])  # its last policy deleted: an empty document
+        assert not (await configstore.read(client, ns)).policies
+        await reconciler.forget(ns)
+        assert not await client.redis.exists(keyschema.config_key(ns))
+        assert reconciler.latest(ns) is None
 
-    # re-created under the same name by another operator replica: its policy stays
-    await Reconciler(client).reconcile(ns, [policy("api", ns)], [])
-    await reconciler.forget(ns)
-    assert [p.name for p in configstore.read(client, ns).policies] == ["api"]
+        # re-created under the same name by another operator replica: its policy stays
+        await Reconciler(client).reconcile(ns, [policy("api", ns)], [])
+        await reconciler.forget(ns)
+        assert [p.name for p in (await configstore.read(client, ns)).policies] == ["api"]
 
 
-def cluster_doc(client: Any) -> Any:
-    return configstore.read(client, CLUSTER_SCOPE)
+async def cluster_doc(client: configstore.Client) -> Any:
+    return await configstore.read(client, CLUSTER_SCOPE)
 
 
 async def test_the_cluster_document_exists_without_any_policy_and_comes_back_after_flushall(
@@ -436,10 +450,10 @@ async def test_the_cluster_document_exists_without_any_policy_and_comes_back_aft
     start-up (a sidecar of a namespace without a policy then knows it is under none) and written
     again after Redis lost it, though no policy's resync timer runs."""
     async with running_operator(kmock, fresh_redis) as env:
-        first = await eventually(lambda: cluster_doc(env.redis), "cluster document at start-up")
+        first = await eventually(lambda: cluster_doc(env.store), "cluster document at start-up")
         assert first.policies == () and first.placeholder
         env.redis.flushall()
-        back = await eventually(lambda: cluster_doc(env.redis), "cluster document after FLUSHALL")
+        back = await eventually(lambda: cluster_doc(env.store), "cluster document after FLUSHALL")
         assert back.policies == () and back.placeholder
         assert back.version > first.version  # versions keep rising
 
@@ -449,11 +463,23 @@ async def test_after_flushall_a_namespace_policy_comes_back_and_then_the_cluster
     async with running_operator(kmock, fresh_redis) as env:
         await env.create(env.rlp_path(), policy("api", env.ns))
         before = await eventually(env.config, "config in Redis")
-        assert cluster_doc(env.redis) is not None
+        assert await cluster_doc(env.store) is not None
         env.redis.flushall()
-        back = await eventually(lambda: cluster_doc(env.redis), "cluster document after FLUSHALL")
+        back = await eventually(lambda: cluster_doc(env.store), "cluster document after FLUSHALL")
         assert back.placeholder
         # Written after every namespace's config (restore_all): the policy is back already.
-        cfg = env.config()
+        cfg = await env.config()
         assert cfg is not None and [p.name for p in cfg.policies] == ["api"]
         assert cfg.version > before.version
+
+
+async def test_the_operator_closes_its_redis_connections_when_it_stops(kmock: Any, fresh_redis: Any) -> None:
+    """At exit, not whenever the garbage collector gets to its client (here still referenced)."""
+    async with running_operator(kmock, fresh_redis) as env:
+        await eventually(lambda: cluster_doc(env.store), "the operator's first write")
+
+    def connected() -> int:  # this probe's own connection included
+        return int(fresh_redis.execute("INFO", "clients")["connected_clients"])
+
+    await eventually(lambda: connected() == 1, "the operator's connections closed")
+    assert env.reconciler is not None

@@ -26,10 +26,11 @@ async def test_each_policy(fresh_redis: RedisServer, maxmemory: str, policy: str
     fresh_redis.execute("CONFIG", "SET", "maxmemory", maxmemory)
     fresh_redis.execute("CONFIG", "SET", "maxmemory-policy", policy)
     metrics = OperatorMetrics()
-    check = MemoryPolicyCheck(configstore.connect(fresh_redis.url), metrics)
-    caplog.set_level(logging.INFO, logger="sluice")
-    found = await check.run()
-    assert await check.run() == found  # read again: the same, not logged again
+    async with configstore.connect(fresh_redis.url) as client:
+        check = MemoryPolicyCheck(client, metrics)
+        caplog.set_level(logging.INFO, logger="sluice")
+        found = await check.run()
+        assert await check.run() == found  # read again: the same, not logged again
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     gauge = metrics.registry.get_sample_value("sluice_operator_redis_eviction_unsafe")
     if warned is None:
@@ -45,18 +46,18 @@ async def test_config_disabled_falls_back_to_info_and_warns_once_per_change(
     # A managed Redis: CONFIG renamed away, the policy set at start.
     with RedisServer(extra_args=["--maxmemory", "100mb", "--maxmemory-policy", "noeviction",
                                  "--rename-command", "CONFIG", "sluice-test-config"]) as r:
-        client = configstore.connect(r.url)
-        check = MemoryPolicyCheck(client, OperatorMetrics())
-        caplog.set_level(logging.INFO, logger="sluice")
-        assert "noeviction" in (await check.run() or "")
-        assert "noeviction" in (await check.run() or "")
-        client.execute_command("sluice-test-config", "SET", "maxmemory-policy", "volatile-ttl")
-        assert await check.run() is None
-        # Unsafe again, but read recently: not read again, so the (stale) safe answer stays ...
-        client.execute_command("sluice-test-config", "SET", "maxmemory-policy", "allkeys-lru")
-        assert await check.run(max_age=3600) is None
-        # ... until it is due: then the change is seen (a re-read above would have seen it too).
-        assert "allkeys-lru" in (await check.run() or "")
+        async with configstore.connect(r.url) as client:
+            check = MemoryPolicyCheck(client, OperatorMetrics())
+            caplog.set_level(logging.INFO, logger="sluice")
+            assert "noeviction" in (await check.run() or "")
+            assert "noeviction" in (await check.run() or "")
+            r.execute("sluice-test-config", "SET", "maxmemory-policy", "volatile-ttl")
+            assert await check.run() is None
+            # Unsafe again, but read recently: not read again, so the (stale) safe answer stays ...
+            r.execute("sluice-test-config", "SET", "maxmemory-policy", "allkeys-lru")
+            assert await check.run(max_age=3600) is None
+            # ... until it is due: then the change is seen (a re-read above would have seen it too).
+            assert "allkeys-lru" in (await check.run() or "")
     messages = [(r.levelno, r.getMessage()) for r in caplog.records]
     assert [lvl for lvl, _ in messages] == [logging.WARNING, logging.INFO, logging.WARNING], messages
     assert "noeviction" in messages[0][1] and "safe" in messages[1][1] and "allkeys-lru" in messages[2][1]

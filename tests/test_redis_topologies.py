@@ -38,11 +38,11 @@ async def exercise(url: str) -> None:
     finally:
         await store.close()
     assert allowed == [1, 1, 0]
-    client = configstore.connect(url)
     ns = "topo-" + uuid.uuid4().hex[:6]
-    version = configstore.publish(client, ns, configdoc.build_doc(ns, [POLICY]))
+    async with configstore.connect(url) as client:
+        version = await configstore.publish(client, ns, configdoc.build_doc(ns, [POLICY]))
+        cfg = await configstore.read(client, ns)
     assert version == 1
-    cfg = configstore.read(client, ns)
     assert cfg is not None
     assert cfg.version == 1
     assert cfg.policies[0].name == "p"

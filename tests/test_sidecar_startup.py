@@ -156,7 +156,8 @@ async def test_cluster_mode_before_its_first_config(without_config: str, tmp_pat
             seen = len(upstream.seen)
             assert seen == (0 if without_config == "refuse" else 1)
             policy = parse_policy(policy_doc(namespace=ns, tiers=[{"name": "free", "requests": 1, "period": "1h"}]))
-            configstore.publish(configstore.connect(url), ns, configdoc.build_doc(ns, [policy], None, None))
+            async with configstore.connect(url) as client:
+                await configstore.publish(client, ns, configdoc.build_doc(ns, [policy], None, None))
 
             async def ready() -> bool:
                 return await status("/readyz", admin=True) == 200

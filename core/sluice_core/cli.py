@@ -11,6 +11,7 @@ without loading the others.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import sys
 from collections.abc import Mapping, Sequence
 from importlib.metadata import EntryPoint, entry_points
@@ -85,19 +86,23 @@ def _cmd_apply(args: argparse.Namespace) -> int:
               "its namespaceSelector selects (the operator resolves it from namespace labels)",
               file=sys.stderr)
         return 1
+
+    async def publish_all() -> None:
+        async with configstore.connect(args.redis) as client:
+            for ns, items in sorted(by_ns.items()):
+                scopes = {p.name: scope for p in items} if ns == CLUSTER_SCOPE else None
+                doc = configdoc.build_doc(ns, items, {k: v for k, v in grants.items() if any(p.name == k for p in items)},
+                                          scopes)
+                version = await configstore.publish(client, ns, doc)
+                names = ", ".join(p.name for p in items)
+                print(f"applied: namespace {ns}: {names} (config version {version})")
+            # As the operator does: the cluster document always exists, so that a sidecar whose
+            # namespace has no document knows no policy selects it (rather than waiting for a
+            # config Redis might have lost).
+            await configstore.ensure(client, CLUSTER_SCOPE)
+
     try:
-        client = configstore.connect(args.redis)
-        for ns, items in sorted(by_ns.items()):
-            scopes = {p.name: scope for p in items} if ns == CLUSTER_SCOPE else None
-            doc = configdoc.build_doc(ns, items, {k: v for k, v in grants.items() if any(p.name == k for p in items)},
-                                      scopes)
-            version = configstore.publish(client, ns, doc)
-            names = ", ".join(p.name for p in items)
-            print(f"applied: namespace {ns}: {names} (config version {version})")
-        # As the operator does: the cluster document always exists, so that a sidecar whose
-        # namespace has no document knows no policy selects it (rather than waiting for a
-        # config Redis might have lost).
-        configstore.ensure(client, CLUSTER_SCOPE)
+        asyncio.run(publish_all())
     except (configstore.ConfigStoreError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

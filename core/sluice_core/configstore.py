@@ -1,26 +1,63 @@
-"""Reading and writing the compiled config in Redis with redis-py (the control-plane side:
-``sluice apply``, the operator, admin commands). The sidecar reads the same keys with its own
-lean client; both follow :mod:`sluice_core.keyschema`."""
+"""The control plane's Redis boundary (``sluice apply``, the operator), on redis.asyncio: the
+config documents, the sidecars' heartbeats and the memory settings, read and written here only.
+Every redis-py error is wrapped here, once, in :class:`ConfigStoreError`; none of them holds
+the URL's password. The sidecar reads the same keys with its own lean client; both follow
+:mod:`sluice_core.keyschema`."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from types import TracebackType
 from typing import Any
 
-import redis
-import redis.cluster
-import redis.sentinel
+import redis.asyncio
+import redis.asyncio.cluster
+from redis.asyncio.sentinel import Sentinel
+from redis.exceptions import RedisClusterException, RedisError, ResponseError
 
 from sluice_core import keyschema, scripts
 from sluice_core.configdoc import NamespaceConfig, build_doc, load_doc, placeholder_doc
 from sluice_core.redisurl import RedisTarget, Topology, parse_redis_url
+
+# A Cluster client that cannot reach any node raises RedisClusterException, which is no
+# RedisError: both mean "Redis did not answer".
+_FAILURES = (RedisError, RedisClusterException)
 
 
 class ConfigStoreError(RuntimeError):
     """Redis could not be reached or refused a config operation (wrapped once, here)."""
 
 
-def connect(url: str | RedisTarget, *, timeout: float = 5.0) -> Any:
-    """A redis-py client for any supported URL (single, TLS, Sentinel, Cluster)."""
+@dataclass(eq=False)
+class Client:
+    """A Redis of any supported URL: ``redis`` sends the commands (a single node, Sentinel's
+    current master, or a Cluster); ``sentinel`` holds the connections to the Sentinels that
+    name the master, closed with it. Connects at its first command, so it may be made outside
+    the event loop that uses it; use it in one loop only and :meth:`aclose` it there."""
+
+    redis: redis.asyncio.Redis | redis.asyncio.RedisCluster
+    sentinel: Sentinel | None = None
+
+    async def aclose(self) -> None:
+        await self.redis.aclose()
+        if self.sentinel is not None:
+            await self.sentinel.aclose()
+
+    async def __aenter__(self) -> Client:
+        return self
+
+    async def __aexit__(self, et: type[BaseException] | None, e: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        await self.aclose()
+
+
+def connect(url: str | RedisTarget, *, timeout: float = 5.0) -> Client:
+    """A client for any supported URL (single, TLS, Sentinel, Cluster); ``ValueError`` for a bad
+    URL. ``timeout`` bounds every connect and every reply, the Sentinels' too, so a hung Redis
+    ends a call with an error instead of holding the awaiting task forever: after at most
+    11 × ``timeout`` and a few seconds of back-off (redis-py's default retries a timed-out
+    command 10 times, as its synchronous client did)."""
     t = parse_redis_url(url) if isinstance(url, str) else url
     common: dict[str, Any] = {"username": t.username, "password": t.password,
                               "socket_timeout": timeout, "socket_connect_timeout": timeout}
@@ -28,69 +65,117 @@ def connect(url: str | RedisTarget, *, timeout: float = 5.0) -> Any:
         common.update(ssl=True, ssl_ca_certs=t.ssl_ca_certs, ssl_certfile=t.ssl_certfile,
                       ssl_keyfile=t.ssl_keyfile, ssl_cert_reqs="required" if t.ssl_verify else "none")
     if t.topology is Topology.CLUSTER:
-        nodes = [redis.cluster.ClusterNode(h, p) for h, p in t.hosts]  # type: ignore[no-untyped-call]
-        return redis.cluster.RedisCluster(startup_nodes=nodes, **common)
+        nodes = [redis.asyncio.cluster.ClusterNode(h, p) for h, p in t.hosts]
+        return Client(redis.asyncio.RedisCluster(startup_nodes=nodes, **common))
     if t.topology is Topology.SENTINEL:
-        sentinel = redis.sentinel.Sentinel(  # type: ignore[no-untyped-call]
-            list(t.hosts), sentinel_kwargs={"password": t.sentinel_password, "socket_timeout": timeout},
+        sentinel = Sentinel(  # type: ignore[no-untyped-call]
+            list(t.hosts), sentinel_kwargs={"password": t.sentinel_password, "socket_timeout": timeout,
+                                            "socket_connect_timeout": timeout},
             **common)
-        return sentinel.master_for(t.master_name or "", db=t.db)  # type: ignore[no-untyped-call]
+        return Client(sentinel.master_for(t.master_name or "", db=t.db), sentinel)
     host, port = t.hosts[0]
-    return redis.Redis(host=host, port=port, db=t.db, **common)
+    return Client(redis.asyncio.Redis(host=host, port=port, db=t.db, **common))
 
 
-def publish(client: Any, namespace: str, doc: str, *, min_version: int = 0) -> int:
+async def publish(client: Client, namespace: str, doc: str, *, min_version: int = 0) -> int:
     """Write ``doc`` as the namespace's config and announce it; return the new version."""
     s = scripts.publish_config()
     try:
-        v = client.eval(s.source, 1, keyschema.config_key(namespace), doc, str(min_version),
-                        keyschema.CONFIG_CHANNEL, namespace)
-    except redis.RedisError as exc:
+        v = await client.redis.eval(s.source, 1, keyschema.config_key(namespace), doc,
+                                    str(min_version), keyschema.CONFIG_CHANNEL, namespace)
+    except _FAILURES as exc:
         raise ConfigStoreError(f"cannot write config for namespace {namespace!r}: {exc}") from exc
     return int(v)
 
 
-def ensure(client: Any, namespace: str, *, min_version: int = 0) -> int:
+async def ensure(client: Client, namespace: str, *, min_version: int = 0) -> int:
     """Create the namespace's placeholder document (no policies) if it has no document at all,
     and announce it; return its version, or 0 when a document was there (it stays untouched)."""
     s = scripts.publish_config()
     try:
-        v = client.eval(s.source, 1, keyschema.config_key(namespace), placeholder_doc(namespace),
-                        str(min_version), keyschema.CONFIG_CHANNEL, namespace, "missing")
-    except redis.RedisError as exc:
+        v = await client.redis.eval(s.source, 1, keyschema.config_key(namespace),
+                                    placeholder_doc(namespace), str(min_version),
+                                    keyschema.CONFIG_CHANNEL, namespace, "missing")
+    except _FAILURES as exc:
         raise ConfigStoreError(f"cannot create config for namespace {namespace!r}: {exc}") from exc
     return int(v)
 
 
-def exists(client: Any, namespace: str) -> bool:
+async def exists(client: Client, namespace: str) -> bool:
     """Does Redis hold a document for the namespace?"""
     try:
-        return bool(client.hexists(keyschema.config_key(namespace), "doc"))
-    except redis.RedisError as exc:
+        return bool(await client.redis.hexists(keyschema.config_key(namespace), "doc"))
+    except _FAILURES as exc:
         raise ConfigStoreError(f"cannot read config for namespace {namespace!r}: {exc}") from exc
 
 
-def drop_if_empty(client: Any, namespace: str) -> bool:
+async def drop_if_empty(client: Client, namespace: str) -> bool:
     """Remove the namespace's config if it is the empty document its last policy left (for a
     namespace gone for good); True when it was removed."""
     s = scripts.drop_empty_config()
     try:
-        return bool(client.eval(s.source, 1, keyschema.config_key(namespace), build_doc(namespace, [])))
-    except redis.RedisError as exc:
+        return bool(await client.redis.eval(s.source, 1, keyschema.config_key(namespace),
+                                            build_doc(namespace, [])))
+    except _FAILURES as exc:
         raise ConfigStoreError(f"cannot remove config of namespace {namespace!r}: {exc}") from exc
 
 
-def read_raw(client: Any, namespace: str) -> tuple[int, str] | None:
+async def read_raw(client: Client, namespace: str) -> tuple[int, str] | None:
     """The stored ``(version, JSON document)``, unparsed; None when there is none."""
     try:
-        version, doc = client.hmget(keyschema.config_key(namespace), ["version", "doc"])
-    except redis.RedisError as exc:
+        version, doc = await client.redis.hmget(keyschema.config_key(namespace), ["version", "doc"])
+    except _FAILURES as exc:
         raise ConfigStoreError(f"cannot read config for namespace {namespace!r}: {exc}") from exc
     if version is None or doc is None:
         return None
     return int(version), doc.decode() if isinstance(doc, bytes) else str(doc)
 
 
-def read(client: Any, namespace: str) -> NamespaceConfig | None:
-    raw = read_raw(client, namespace)
+async def read(client: Client, namespace: str) -> NamespaceConfig | None:
+    raw = await read_raw(client, namespace)
     return load_doc(raw[1], raw[0]) if raw is not None else None
+
+
+async def heartbeats(client: Client, namespace: str) -> dict[bytes | str, bytes | str]:
+    """The namespace's sidecar heartbeats: pod name -> value (:func:`keyschema.parse_heartbeat`)."""
+    try:
+        return await client.redis.hgetall(keyschema.heartbeat_key(namespace))
+    except _FAILURES as exc:
+        raise ConfigStoreError(f"cannot read heartbeats of namespace {namespace!r}: {exc}") from exc
+
+
+async def drop_heartbeats(client: Client, namespace: str, pods: Sequence[bytes | str]) -> None:
+    """Remove the heartbeats of these pods (stale ones: their sidecars are gone)."""
+    if not pods:
+        return
+    try:
+        await client.redis.hdel(keyschema.heartbeat_key(namespace), *pods)
+    except _FAILURES as exc:
+        raise ConfigStoreError(f"cannot prune heartbeats of namespace {namespace!r}: {exc}") from exc
+
+
+async def memory_settings(client: Client) -> list[tuple[int, str]]:
+    """``(maxmemory, maxmemory-policy)`` of each node the client writes to (one, or every primary
+    of a Cluster): from ``CONFIG GET``, else from ``INFO memory`` (managed Redis services often
+    disable CONFIG)."""
+    r = client.redis
+    kwargs: dict[str, Any] = {}
+    if isinstance(r, redis.asyncio.RedisCluster):  # ask every primary
+        kwargs["target_nodes"] = r.PRIMARIES
+    try:
+        try:
+            found = _per_node(await r.config_get("maxmemory*", **kwargs))
+            return [(int(c["maxmemory"]), str(c["maxmemory-policy"])) for c in found]
+        except (ResponseError, KeyError):
+            found = _per_node(await r.info("memory", **kwargs))
+            return [(int(i["maxmemory"]), str(i["maxmemory_policy"])) for i in found]
+    except (*_FAILURES, KeyError, ValueError) as exc:
+        raise ConfigStoreError(f"cannot read the memory settings: {exc}") from exc
+
+
+def _per_node(reply: Mapping[Any, Any]) -> list[Mapping[str, Any]]:
+    """A Cluster client answers ``{node: reply}``; a single node its reply."""
+    values = list(reply.values())
+    if values and all(isinstance(v, Mapping) for v in values):
+        return values
+    return [reply]

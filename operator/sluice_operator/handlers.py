@@ -285,6 +285,12 @@ def build_registry(settings: OperatorSettings, reconciler: Reconciler,
                          "deleted" if type == "DELETED" else "labels changed")
                 await refresh_statuses(CLUSTER_SCOPE, await reconcile(CLUSTER_SCOPE, kwargs), kwargs)
 
+    # Registered last, so it runs after the other cleanup handlers (kopf runs them in order,
+    # once every handler, timer and daemon has stopped): nothing uses Redis after it.
+    @kopf.on.cleanup(registry=registry)
+    async def close_redis(**_: Any) -> None:
+        await reconciler.close()
+
     return registry
 
 

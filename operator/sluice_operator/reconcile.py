@@ -77,8 +77,8 @@ class Reuse:
 
 
 class Reconciler:
-    def __init__(self, redis_client: Any, metrics: OperatorMetrics | None = None) -> None:
-        self.redis = redis_client
+    def __init__(self, redis_client: configstore.Client, metrics: OperatorMetrics | None = None) -> None:
+        self.redis = redis_client  # the Reconciler's own: close() closes it
         self.metrics = metrics or OperatorMetrics()
         self.memory_check = MemoryPolicyCheck(redis_client, self.metrics)  # Redis's eviction policy
         self._last_good: dict[str, dict[str, CompiledPolicy]] = {}
@@ -87,6 +87,10 @@ class Reconciler:
         self._latest: dict[str, tuple[float, NamespaceOutcome]] = {}  # namespace -> (when, outcome)
         self._beats: dict[str, tuple[float, list[keyschema.Heartbeat]]] = {}
         self._notices: dict[str, asyncio.Event] = {}
+
+    async def close(self) -> None:
+        """Close the Redis client (at the operator's exit, in the loop that used it)."""
+        await self.redis.aclose()
 
     async def reconcile(self, namespace: str, policies: Sequence[Mapping[str, Any]],
                         secrets: Sequence[Mapping[str, Any]],
@@ -132,7 +136,7 @@ class Reconciler:
             if self._last_good.get(namespace):
                 return  # still serving policies: not for us to drop (a re-created namespace)
             try:
-                dropped = await asyncio.to_thread(configstore.drop_if_empty, self.redis, namespace)
+                dropped = await configstore.drop_if_empty(self.redis, namespace)
             except configstore.ConfigStoreError as exc:
                 log.warning("namespace %s deleted; its empty config stays in Redis: %s", namespace, exc)
                 dropped = False
@@ -145,7 +149,7 @@ class Reconciler:
         """Does Redis hold the cluster document? Missing: Redis lost everything (or is new);
         True when Redis cannot be read (nothing to restore that a read could not see)."""
         try:
-            return await asyncio.to_thread(configstore.exists, self.redis, CLUSTER_SCOPE)
+            return await configstore.exists(self.redis, CLUSTER_SCOPE)
         except configstore.ConfigStoreError as exc:
             log.warning("cannot check the cluster config document: %s", exc)
             return True
@@ -156,8 +160,7 @@ class Reconciler:
         async with self._locks.setdefault(CLUSTER_SCOPE, asyncio.Lock()):
             floor = self._known_version.get(CLUSTER_SCOPE, 0) + 1
             try:
-                version = await asyncio.to_thread(configstore.ensure, self.redis, CLUSTER_SCOPE,
-                                                  min_version=floor)
+                version = await configstore.ensure(self.redis, CLUSTER_SCOPE, min_version=floor)
             except configstore.ConfigStoreError as exc:
                 log.warning("cannot create the cluster config document: %s", exc)
                 return False
@@ -185,7 +188,7 @@ class Reconciler:
         out = NamespaceOutcome(namespace)
         stored: tuple[int, str] | None = None
         try:
-            stored = await asyncio.to_thread(configstore.read_raw, self.redis, namespace)
+            stored = await configstore.read_raw(self.redis, namespace)
         except configstore.ConfigStoreError as exc:
             # Still validate, so that status says what is wrong with a policy; write nothing
             # and remember nothing (a later read may still recover the last good config).
@@ -241,8 +244,7 @@ class Reconciler:
                 out.version = stored[0]
             else:
                 floor = max(self._known_version.get(namespace, 0), stored[0] if stored else 0) + 1
-                out.version = await asyncio.to_thread(configstore.publish, self.redis, namespace, doc,
-                                                      min_version=floor)
+                out.version = await configstore.publish(self.redis, namespace, doc, min_version=floor)
                 out.pushed = True
                 log.info("namespace %s: config version %s (%s)", namespace, out.version,
                          ", ".join(sorted(live)) or "no policies")
@@ -278,10 +280,9 @@ class Reconciler:
         read = self._beats.get(namespace)
         if read is not None and time.monotonic() - read[0] <= max_age:
             return read[1]
-        key = keyschema.heartbeat_key(namespace)
         try:
-            entries = await asyncio.to_thread(self.redis.hgetall, key)
-        except Exception as exc:
+            entries = await configstore.heartbeats(self.redis, namespace)
+        except configstore.ConfigStoreError as exc:
             log.warning("cannot read heartbeats of %s: %s", namespace, exc)
             return []
         now = time.time()
@@ -295,8 +296,8 @@ class Reconciler:
                 fresh.append(beat)
         if stale:
             try:
-                await asyncio.to_thread(self.redis.hdel, key, *stale)
-            except Exception as exc:
+                await configstore.drop_heartbeats(self.redis, namespace, stale)
+            except configstore.ConfigStoreError as exc:
                 log.debug("cannot prune heartbeats of %s: %s", namespace, exc)
         self._beats[namespace] = (time.monotonic(), fresh)
         return fresh

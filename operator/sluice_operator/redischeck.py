@@ -18,41 +18,15 @@ changes, not at every read, and kept in ``sluice_operator_redis_eviction_unsafe`
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
-from collections.abc import Mapping
-from typing import Any
 
-import redis
+from sluice_core import configstore
 
 from sluice_operator.metrics import OperatorMetrics
 
 log = logging.getLogger("sluice.operator")
 RECOMMENDED = "volatile-ttl"
-
-
-def memory_settings(client: Any) -> list[tuple[int, str]]:
-    """``(maxmemory, maxmemory-policy)`` of each node the client writes to (one, or every primary
-    of a Cluster): from ``CONFIG GET``, else from ``INFO memory`` (managed Redis services often
-    disable CONFIG). Raises ``redis.RedisError`` when neither answers."""
-    kwargs: dict[str, Any] = {}
-    if hasattr(client, "get_primaries"):  # redis-py's RedisCluster: ask every primary
-        kwargs["target_nodes"] = client.PRIMARIES
-    try:
-        found = _per_node(client.config_get("maxmemory*", **kwargs))
-        return [(int(c["maxmemory"]), str(c["maxmemory-policy"])) for c in found]
-    except (redis.ResponseError, KeyError):
-        found = _per_node(client.info("memory", **kwargs))
-        return [(int(i["maxmemory"]), str(i["maxmemory_policy"])) for i in found]
-
-
-def _per_node(reply: Mapping[str, Any]) -> list[Mapping[str, Any]]:
-    """A Cluster client answers ``{node: reply}``; a single node its reply."""
-    values = list(reply.values())
-    if values and all(isinstance(v, Mapping) for v in values):
-        return values
-    return [reply]
 
 
 def problem(maxmemory: int, policy: str) -> str | None:
@@ -71,7 +45,7 @@ def problem(maxmemory: int, policy: str) -> str | None:
 class MemoryPolicyCheck:
     """Reads the setting and warns once per change of what it finds."""
 
-    def __init__(self, client: Any, metrics: OperatorMetrics) -> None:
+    def __init__(self, client: configstore.Client, metrics: OperatorMetrics) -> None:
         self._client = client
         self._metrics = metrics
         self._read_at: float | None = None
@@ -85,8 +59,8 @@ class MemoryPolicyCheck:
             return self.finding
         self._read_at = now
         try:
-            settings = await asyncio.to_thread(memory_settings, self._client)
-        except (redis.RedisError, ValueError) as exc:
+            settings = await configstore.memory_settings(self._client)
+        except configstore.ConfigStoreError as exc:
             log.info("cannot read Redis's maxmemory-policy (neither CONFIG GET nor INFO memory "
                      "answered): %s", exc)
             return self.finding

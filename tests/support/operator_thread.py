@@ -22,17 +22,18 @@ from sluice_operator.settings import OperatorSettings
 
 from support.control_plane import ControlPlane
 from support.polling import poll
+from support.store_calls import store_call
 
 
 @dataclass
 class Operator:
     cp: ControlPlane
-    redis: Any
+    redis: Any  # the test's own redis-py client (the operator's is in the operator's loop)
     settings: OperatorSettings
     metrics: OperatorMetrics
 
     def config(self, ns: str) -> Any:
-        return configstore.read(self.redis, ns)
+        return store_call(self.settings.redis, configstore.read, ns)
 
     def get(self, kind: str, name: str, ns: str | None = None) -> dict[str, Any] | None:
         where = ["-n", ns] if ns else []
@@ -52,12 +53,11 @@ def running_operator(cp: ControlPlane, redis_server: Any, namespaces: str,
     """kopf in its own thread and loop (see ../shared/TESTING.md), serving the namespaced
     policies of the namespaces matching the kopf pattern ``namespaces`` only, so that other
     test files' policies are left alone."""
-    client = configstore.connect(redis_server.url)
     settings_kw.setdefault("resync_interval_s", 2.0)
     settings = OperatorSettings(redis=redis_server.url, heartbeat_stale_s=30, **settings_kw)
     metrics = OperatorMetrics()
     registry = build_registry(
-        settings, Reconciler(client, metrics),
+        settings, Reconciler(configstore.connect(redis_server.url), metrics),  # closed at kopf's cleanup
         api_client=lambda: k8s_config.new_client_from_config(  # type: ignore[no-untyped-call]
             config_file=str(cp.kubeconfig)))
 
@@ -82,7 +82,8 @@ def running_operator(cp: ControlPlane, redis_server: Any, namespaces: str,
     try:
         poll(lambda: ready.is_set() or errors, "operator ready")
         assert not errors, f"the operator failed to start: {errors[0]!r}"
-        yield Operator(cp, client, settings, metrics)
+        with redis_server.client() as redis:
+            yield Operator(cp, redis, settings, metrics)
     finally:
         stop.set()
         thread.join(20)

@@ -1,0 +1,98 @@
+"""The control plane's Redis boundary (``sluice_core.configstore``) on asyncio: the operator's
+Redis calls run on its event loop, not in threads; a hung or unreachable Redis ends them with an
+error (the client's timeouts bound every wait) and the loop serves other tasks meanwhile.
+Real redis-servers; the operator's closing of its client at exit is in test_operator_kmock.py."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import pytest
+from sluice_core import configstore, keyschema
+from sluice_operator.reconcile import Reconciler
+from support.redis_servers import RedisServer, pick_port
+from support.sidecar_harness import policy_doc
+
+
+class NoThreads(concurrent.futures.ThreadPoolExecutor):
+    """An event loop's default executor that refuses work: ``asyncio.to_thread`` fails (asyncio
+    wants a ThreadPoolExecutor there; this one never starts a thread)."""
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> concurrent.futures.Future[Any]:
+        raise AssertionError(f"a thread was asked to run {fn!r}")
+
+
+@pytest.fixture
+async def no_threads() -> AsyncIterator[None]:
+    asyncio.get_running_loop().set_default_executor(NoThreads())
+    yield
+
+
+async def test_the_operator_reaches_redis_without_a_thread(fresh_redis: RedisServer, no_threads: None) -> None:
+    """Every Redis call of the reconcile loop: the cluster document, a namespace's config,
+    heartbeats read and pruned, the memory settings, a deleted namespace's document dropped."""
+    ns = "nt-" + uuid.uuid4().hex[:8]
+    async with configstore.connect(fresh_redis.url) as client:
+        reconciler = Reconciler(client)
+        assert await reconciler.ensure_cluster_doc()
+        assert await reconciler.cluster_doc_exists()
+        out = await reconciler.reconcile(ns, [policy_doc("api", ns)], [])
+        assert out.programmed and out.pushed and not out.redis_error, out
+        key = keyschema.heartbeat_key(ns)
+        fresh_redis.execute("HSET", key, "web-0", keyschema.Heartbeat(out.version, time.time(), "api").encode(),
+                            "web-1", keyschema.Heartbeat(out.version, 0.0, "api").encode())
+        assert await reconciler.enforced([ns], "api", out.version, stale_s=30) == 1
+        assert fresh_redis.execute("HKEYS", key) == [b"web-0"]  # the stale one pruned
+        assert await reconciler.memory_check.run() is None  # no maxmemory: safe
+        await reconciler.reconcile(ns, [], [])  # its last policy deleted: an empty document
+        await reconciler.forget(ns)
+        assert not fresh_redis.execute("EXISTS", keyschema.config_key(ns))
+
+
+@pytest.mark.slow
+async def test_a_hung_redis_ends_the_reconcile_with_an_error_and_the_loop_runs_on(
+        fresh_redis: RedisServer, no_threads: None) -> None:
+    """SIGSTOP: connections are accepted and nothing answers. Without a read timeout the
+    reconcile would wait forever; with it (and its retries) it ends with ``redis_error``, and
+    the event loop served other tasks all along."""
+    ns = "hung-" + uuid.uuid4().hex[:8]
+    ticks = 0
+
+    async def tick() -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await asyncio.sleep(0.01)
+
+    async with configstore.connect(fresh_redis.url, timeout=0.1) as client:
+        reconciler = Reconciler(client)
+        fresh_redis.pause()
+        ticker = asyncio.create_task(tick())
+        try:
+            out = await reconciler.reconcile(ns, [policy_doc("api", ns)], [])
+        finally:
+            ticker.cancel()
+            fresh_redis.resume()
+    assert out.redis_error and not out.programmed, out
+    assert out.results["api"].accepted  # validated all the same
+    assert ticks > 1
+
+
+async def test_an_unreachable_cluster_is_a_redis_error_not_a_crash(no_threads: None) -> None:
+    """A Cluster client meets its nodes at the first command; none answering is a Redis error
+    like any other (the operator reports it and retries), never an exception out of the loop."""
+    ns = "nocl-" + uuid.uuid4().hex[:8]
+    async with configstore.connect(f"redis+cluster://127.0.0.1:{pick_port()}", timeout=0.5) as client:
+        reconciler = Reconciler(client)
+        out = await reconciler.reconcile(ns, [policy_doc("api", ns)], [])
+        assert out.redis_error and "Redis Cluster cannot be connected" in out.redis_error, out
+        assert not await reconciler.ensure_cluster_doc()
+        assert await reconciler.enforced([ns], "api", 1, stale_s=30) == 0
+        assert await reconciler.memory_check.run() is None
+        with pytest.raises(configstore.ConfigStoreError):
+            await configstore.read(client, ns)
