@@ -44,7 +44,8 @@ from sluice_core.model import (
 from sluice_core.parse import parse_policy
 from sluice_core.paths import regex_never_matched
 
-from sluice_operator.injection.settings import MAX_PORT_NAME, PORT_NAME_RE, InjectionSettings
+from sluice_operator.injection.settings import InjectionSettings
+from sluice_operator.injection.values import MAX_PORT_NAME, PORT_NAME_RE
 
 ADMISSION_API_VERSION = "admission.k8s.io/v1"
 

@@ -23,10 +23,10 @@ from pathlib import Path
 
 import aiohttp
 from aiohttp import web
+from sluice_core.sidecar_settings import SidecarSettings
 
 from sluice_sidecar.cli import setup_event_loop
 from sluice_sidecar.server import Sidecar
-from sluice_sidecar.settings import SidecarSettings
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
