@@ -452,3 +452,46 @@ def test_every_description_of_the_cooldown_gives_the_breakers_probe_periods() ->
     }
     for where, text in texts.items():
         assert said in " ".join(text.split()), where
+
+
+# ---------------------------------------------------------------------------------------------
+# the operator's own flags: the same form (env var fallback, checked like a flag)
+
+
+def operator_refusal(*argv: str) -> str:
+    with pytest.raises(SystemExit) as info:
+        operator_cli.settings_from_args(parse(*argv))
+    return str(info.value.code)
+
+
+def test_the_operators_flags_read_their_env_vars(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SLUICE_OPERATOR_RESYNC_INTERVAL_S", "7.5")
+    monkeypatch.setenv("SLUICE_OPERATOR_NAMESPACE", "team-a\nteam-b\n")
+    monkeypatch.setenv("SLUICE_OPERATOR_CLUSTER_POLICIES", "off")
+    monkeypatch.setenv("SLUICE_OPERATOR_WEBHOOK_SERVICE", "ops/sluice-webhook:8443")
+    s = operator_cli.settings_from_args(parse())
+    assert (s.resync_interval_s, s.namespaces, s.cluster_policies) == (7.5, ("team-a", "team-b"), False)
+    assert s.webhook_endpoint is not None and s.webhook_endpoint.service_port == 8443
+    assert "sluice-webhook.ops.svc" in s.webhook_dns_names
+    s = operator_cli.settings_from_args(parse("--namespace", "shop", "--resync-interval-s", "2"))
+    assert (s.namespaces, s.resync_interval_s) == (("shop",), 2.0)  # the command line wins
+
+
+@pytest.mark.parametrize(("env", "value", "message"), [
+    ("SLUICE_OPERATOR_RESYNC_INTERVAL_S", "soon",
+     "sluice operator: --resync-interval-s: expected a positive number, got 'soon'"),
+    ("SLUICE_OPERATOR_RESYNC_INTERVAL_S", "0", "sluice operator: --resync-interval-s: must be greater than 0, got 0.0"),
+    ("SLUICE_OPERATOR_PEERING_LIFETIME_S", "0", "sluice operator: --peering-lifetime-s: must be greater than 0, got 0"),
+    ("SLUICE_OPERATOR_LOG_LEVEL", "loud",
+     "sluice operator: --log-level: expected one of debug, info, warning, error, got 'loud'"),
+    ("SLUICE_OPERATOR_CLUSTER_POLICIES", "sometimes",
+     "sluice operator: --cluster-policies: expected one of auto, on, off, got 'sometimes'"),
+    ("SLUICE_OPERATOR_WEBHOOK_CERT_SECRET", "no-namespace",
+     "sluice operator: --webhook-cert-secret: expected NAMESPACE/NAME, got 'no-namespace'"),
+], ids=["resync-not-a-number", "resync-zero", "lifetime-zero", "log-level", "cluster-policies", "cert-secret"])
+def test_an_operator_value_is_checked_alike_from_a_flag_or_its_env_var(
+        env: str, value: str, message: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    flag = "--" + env.removeprefix("SLUICE_OPERATOR_").lower().replace("_", "-")
+    assert operator_refusal(flag, value) == message
+    monkeypatch.setenv(env, value)
+    assert operator_refusal() == message

@@ -296,8 +296,8 @@ def check(flag: Flag, raw: Any, voice: Voice) -> Any:
         try:
             value = flag.kind(value)
         except ValueError:
-            what = {int: "integer", float: "number"}[flag.kind]
-            what = f"a positive {what}" if doc.positive else f"an {what}" if flag.kind is int else f"a {what}"
+            noun = "integer" if flag.kind is int else "number"
+            what = f"a positive {noun}" if doc.positive else f"{'an' if flag.kind is int else 'a'} {noun}"
             raise refuse(f"{voice.expected} {what}, got {raw!r}") from None
     if doc.fold_case and isinstance(value, str):
         value = value.lower()
@@ -332,10 +332,4 @@ def reference_rows(cls: type, columns: Sequence[str]) -> list[str]:
         }
         rows.append("| " + " | ".join(cells[c] for c in columns) + " |")
     return rows
-
-
-def given(args: argparse.Namespace, cls: type, name: str) -> Any:
-    """The raw value of field ``name``'s flag (None when unset): for checks across flags that
-    run before :func:`load`."""
-    return getattr(args, next(f.dest for f in flags(cls) if f.field == name), None)
 
