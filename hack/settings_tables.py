@@ -8,7 +8,6 @@ the row, while README.md differs from what the dataclasses give.
 from __future__ import annotations
 
 import re
-import sys
 from pathlib import Path
 
 from sluice_core.settingsform import reference_rows
@@ -45,4 +44,3 @@ def rewrite(text: str) -> str:
 
 if __name__ == "__main__":
     README.write_text(rewrite(README.read_text()))
-    sys.exit(0)

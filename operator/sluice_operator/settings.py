@@ -79,7 +79,7 @@ class OperatorSettings:
               "certificate (the first creates it); unset: each replica keeps its own in "
               "`--webhook-cert-dir`", parse=_secret_ref, metavar="NAMESPACE/NAME")
     log_level: str = setting(default="info", help="`debug`, `info`, `warning` or `error`", choices=LOG_LEVELS,
-                             chart="operator.logLevel")
+                             fold_case=True, chart="operator.logLevel")
     heartbeat_stale_s: float = 30.0
     """A sidecar heartbeat older than this no longer counts as enforcing."""
     webhook_cert_check_s: float = 3600.0
