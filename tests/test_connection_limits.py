@@ -19,7 +19,7 @@ from pathlib import Path
 import psutil
 import pytest
 from sluice_core import keyschema
-from sluice_sidecar.settings import SidecarSettings
+from sluice_core.sidecar_settings import SidecarSettings
 from sluice_sidecar.stores.memory import MemoryStore
 from support.processes import SidecarProcess, UpstreamProcess
 from support.redis_servers import RedisServer

@@ -1,4 +1,4 @@
-"""The operator flags that shape the injected sidecar (operator/sluice_operator/injection_flags.py):
+"""The operator flags that shape the injected sidecar (operator/sluice_operator/injection/settings.py):
 argv (or ``SLUICE_OPERATOR_*`` env vars) -> the real ``sluice operator`` parser ->
 :class:`InjectionSettings` -> the container the mutating webhook injects. Every bad value stops
 the operator with ``sluice operator: --flag: reason``. No cluster, no Redis."""
@@ -18,8 +18,11 @@ from typing import Any
 
 import kubernetes_validate
 import pytest
+from sluice_core import settingsform
+from sluice_core.sidecar_settings import SidecarSettings
 from sluice_operator import cli as operator_cli
-from sluice_operator import injection_flags
+from sluice_operator.injection import settings as injection
+from sluice_operator.injection import values
 from sluice_operator.injection.container import sidecar_container
 from sluice_operator.injection.names import ADMIN_PORT_NAME, SIDECAR_NAME
 from sluice_operator.injection.settings import InjectionSettings
@@ -72,13 +75,18 @@ def parse(*argv: str) -> argparse.Namespace:
 
 
 def settings(*argv: str) -> InjectionSettings:
-    return injection_flags.injection_settings(parse(*argv))
+    return operator_cli.settings_from_args(parse(*argv)).injection
 
 
 def refusal(*argv: str) -> str:
     with pytest.raises(SystemExit) as info:
         settings(*argv)
     return str(info.value.code)
+
+
+def env_name(flag: str) -> str:
+    """The environment variable of an injector flag (``--sidecar-port`` -> ``SLUICE_OPERATOR_SIDECAR_PORT``)."""
+    return next(f.env for f in settingsform.flags(InjectionSettings) if f.name == flag)
 
 
 def env_of(container: dict[str, Any]) -> dict[str, Any]:
@@ -186,7 +194,7 @@ def flag_env_pairs() -> list[tuple[str, str]]:
 
 def test_every_flag_falls_back_to_its_env_var(monkeypatch: pytest.MonkeyPatch) -> None:
     for flag, value in flag_env_pairs():
-        monkeypatch.setenv(injection_flags.env_name(flag), value)
+        monkeypatch.setenv(env_name(flag), value)
     monkeypatch.setenv("SLUICE_OPERATOR_SIDECAR_ENV",
                        "SLUICE_UPSTREAM_TIMEOUT_S=30\n\nHTTP_PROXY=http://proxy:3128,with=commas\n")
     assert settings() == settings(*FULL_ARGV)
@@ -203,7 +211,7 @@ def test_the_command_line_wins_over_the_env_var(monkeypatch: pytest.MonkeyPatch)
 
 def test_an_empty_value_means_the_default(monkeypatch: pytest.MonkeyPatch) -> None:
     for flag, _ in flag_env_pairs():
-        monkeypatch.setenv(injection_flags.env_name(flag), "")
+        monkeypatch.setenv(env_name(flag), "")
     monkeypatch.setenv("SLUICE_OPERATOR_SIDECAR_ENV", "")
     assert settings() == replace(InjectionSettings(), redis_url=REDIS)
 
@@ -303,11 +311,11 @@ def test_bad_values_name_the_flag_and_the_reason(argv: list[str], flag: str | No
     assert reason is not None and reason in message, message
 
 
-@pytest.mark.parametrize("name", sorted(injection_flags.RESERVED_ENV))
+@pytest.mark.parametrize("name", sorted(injection.RESERVED_ENV))
 def test_env_vars_the_injector_sets_are_refused(name: str) -> None:
     message = refusal("--sidecar-env", f"{name}=x")
     assert message.startswith(f"sluice operator: --sidecar-env: {name} cannot be set here: ")
-    hint = injection_flags.RESERVED_ENV[name]
+    hint = injection.RESERVED_ENV[name]
     assert hint.startswith(("use --sidecar-", "it is set by the injector",
                             "an injected sidecar runs in cluster mode")), hint
 
@@ -322,11 +330,27 @@ def test_the_refused_names_are_exactly_what_the_injector_sets() -> None:
             "SLUICE_POD_LABELS", "SLUICE_POD_NAME", "SLUICE_REDIS"}
     # standalone mode's files: the sidecar refuses them together with --namespace
     standalone = {"SLUICE_POLICY_FILE", "SLUICE_API_KEYS_FILE"}
-    assert set(injection_flags.RESERVED_ENV) == env | args | standalone
+    assert set(injection.RESERVED_ENV) == env | args | standalone
+
+
+def test_the_variables_written_into_the_pod_are_the_sidecar_schemas() -> None:
+    """The injector's tuning variables are named by the sidecar's schema in the core (what
+    ``sluice sidecar`` reads), and InjectionSettings.sidecar_env() gives what the container gets."""
+    from sluice_core.settingsform import flags
+
+    s = settings(*FULL_ARGV)
+    sidecar_envs = {f.env for f in flags(SidecarSettings)}
+    env = env_of(sidecar_container(s, "http", 15080, 15090, 8000))
+    tuning = {k: v for k, v in env.items() if k in sidecar_envs and k not in {
+        "SLUICE_UPSTREAM_TIMEOUT_S", "SLUICE_REDIS"}}  # the --sidecar-env entry; the Secret's URL
+    assert s.sidecar_env() == tuning
+    assert set(s.sidecar_env()) <= sidecar_envs
+    assert len(s.sidecar_env()) == len(injection.TUNED) + len(injection.CLIENT_LIMITS)
+    assert settings().sidecar_env() == {"SLUICE_REDIS_TIMEOUT_MS": "50"}  # the others: the sidecar's
 
 
 def test_quantities() -> None:
-    q = injection_flags.quantity
+    q = values.quantity
     assert q("50m") == Decimal("0.05")
     assert q("64Mi") == 64 * 2**20
     assert q("1e3") == 1000 == q("1k")
@@ -344,30 +368,28 @@ def test_quantities() -> None:
 
 def test_every_flag_says_its_env_var_and_its_default() -> None:
     parser = argparse.ArgumentParser()
-    injection_flags.add_arguments(parser)
+    settingsform.add_arguments(parser, InjectionSettings)
     flags = [a for a in parser._actions if a.option_strings and a.dest != "help"]
     assert len(flags) == 23
     for action in flags:
         (flag,) = action.option_strings
         assert flag.startswith("--sidecar-")
-        assert f"[env {injection_flags.env_name(flag)}" in (action.help or ""), flag
+        assert f"[env {env_name(flag)}" in (action.help or ""), flag
         assert "(default: " in (action.help or ""), flag
 
 
 def test_the_sidecar_defaults_quoted_in_the_help_are_the_sidecars() -> None:
     """Help and README quote the sidecar's own defaults for the flags left unset."""
-    from sluice_sidecar.settings import SidecarSettings
-
     sidecar = SidecarSettings(upstream="http://127.0.0.1:1")
     parser = argparse.ArgumentParser()
-    injection_flags.add_arguments(parser)
+    settingsform.add_arguments(parser, InjectionSettings)
     helps = {a.option_strings[0]: a.help or "" for a in parser._actions if a.option_strings}
     for flag, value in (("--sidecar-redis-connect-timeout-ms", sidecar.redis_connect_timeout_ms),
                         ("--sidecar-breaker-threshold", sidecar.breaker_threshold),
                         ("--sidecar-breaker-cooldown-s", sidecar.breaker_cooldown_s),
                         ("--sidecar-log-level", sidecar.log_level),
-                        *((f"--sidecar-{name}", getattr(sidecar, name.replace("-", "_")))
-                          for name, *_ in injection_flags.CLIENT_LIMITS)):
+                        *((f"--sidecar-{name.replace('_', '-')}", getattr(sidecar, name))
+                          for name in injection.CLIENT_LIMITS)):
         assert f"(default: the sidecar's, {value})" in helps[flag], flag
     assert InjectionSettings().redis_timeout_ms == sidecar.redis_timeout_ms
 
@@ -396,9 +418,9 @@ def test_cluster_keys_must_be_in_a_watched_namespace(argv: list[str], refused: b
     args = parse(*argv)
     if refused:
         with pytest.raises(SystemExit, match="--cluster-keys-namespace: sluice-system is not among"):
-            operator_cli.check_cluster_keys_namespace(args)
+            operator_cli.settings_from_args(args)
     else:
-        operator_cli.check_cluster_keys_namespace(args)
+        operator_cli.settings_from_args(args)
 
 
 def test_every_description_of_the_cooldown_gives_the_breakers_probe_periods() -> None:
@@ -406,19 +428,19 @@ def test_every_description_of_the_cooldown_gives_the_breakers_probe_periods() ->
     often the open breaker probes, as breaker.py does: every PROBE_INTERVAL_S while Redis is
     unreachable or slow, once per cooldown while it answers with an error."""
     from sluice_sidecar.breaker import PROBE_INTERVAL_S
-    from sluice_sidecar.settings import _HELP
 
     said = (f"then every {PROBE_INTERVAL_S} s while Redis is unreachable or slow, once per cooldown "
             "while it answers with an error (a wrong password)")
     parser = argparse.ArgumentParser()
-    injection_flags.add_arguments(parser)
+    settingsform.add_arguments(parser, InjectionSettings)
     helps = {a.option_strings[0]: a.help or "" for a in parser._actions if a.option_strings}
     root = Path(__file__).resolve().parent.parent
     values = (root / "charts/sluice/values.yaml").read_text()
     values_comment = " ".join(line.strip().lstrip("#").strip() for line in values.splitlines()
                               if line.strip().startswith("#"))
     texts = {
-        "--breaker-cooldown-s help": _HELP["breaker_cooldown_s"],
+        "--breaker-cooldown-s help": next(f.doc.help for f in settingsform.flags(SidecarSettings)
+                                          if f.field == "breaker_cooldown_s"),
         "--sidecar-breaker-cooldown-s help": helps["--sidecar-breaker-cooldown-s"],
         "values.yaml": values_comment,
         "values.schema.json": (root / "charts/sluice/values.schema.json").read_text(),
@@ -427,3 +449,46 @@ def test_every_description_of_the_cooldown_gives_the_breakers_probe_periods() ->
     }
     for where, text in texts.items():
         assert said in " ".join(text.split()), where
+
+
+# ---------------------------------------------------------------------------------------------
+# the operator's own flags: the same form (env var fallback, checked like a flag)
+
+
+def operator_refusal(*argv: str) -> str:
+    with pytest.raises(SystemExit) as info:
+        operator_cli.settings_from_args(parse(*argv))
+    return str(info.value.code)
+
+
+def test_the_operators_flags_read_their_env_vars(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SLUICE_OPERATOR_RESYNC_INTERVAL_S", "7.5")
+    monkeypatch.setenv("SLUICE_OPERATOR_NAMESPACE", "team-a\nteam-b\n")
+    monkeypatch.setenv("SLUICE_OPERATOR_CLUSTER_POLICIES", "off")
+    monkeypatch.setenv("SLUICE_OPERATOR_WEBHOOK_SERVICE", "ops/sluice-webhook:8443")
+    s = operator_cli.settings_from_args(parse())
+    assert (s.resync_interval_s, s.namespaces, s.cluster_policies) == (7.5, ("team-a", "team-b"), False)
+    assert s.webhook_endpoint is not None and s.webhook_endpoint.service_port == 8443
+    assert "sluice-webhook.ops.svc" in s.webhook_dns_names
+    s = operator_cli.settings_from_args(parse("--namespace", "shop", "--resync-interval-s", "2"))
+    assert (s.namespaces, s.resync_interval_s) == (("shop",), 2.0)  # the command line wins
+
+
+@pytest.mark.parametrize(("env", "value", "message"), [
+    ("SLUICE_OPERATOR_RESYNC_INTERVAL_S", "soon",
+     "sluice operator: --resync-interval-s: expected a positive number, got 'soon'"),
+    ("SLUICE_OPERATOR_RESYNC_INTERVAL_S", "0", "sluice operator: --resync-interval-s: must be greater than 0, got 0.0"),
+    ("SLUICE_OPERATOR_PEERING_LIFETIME_S", "0", "sluice operator: --peering-lifetime-s: must be greater than 0, got 0"),
+    ("SLUICE_OPERATOR_LOG_LEVEL", "loud",
+     "sluice operator: --log-level: expected one of debug, info, warning, error, got 'loud'"),
+    ("SLUICE_OPERATOR_CLUSTER_POLICIES", "sometimes",
+     "sluice operator: --cluster-policies: expected one of auto, on, off, got 'sometimes'"),
+    ("SLUICE_OPERATOR_WEBHOOK_CERT_SECRET", "no-namespace",
+     "sluice operator: --webhook-cert-secret: expected NAMESPACE/NAME, got 'no-namespace'"),
+], ids=["resync-not-a-number", "resync-zero", "lifetime-zero", "log-level", "cluster-policies", "cert-secret"])
+def test_an_operator_value_is_checked_alike_from_a_flag_or_its_env_var(
+        env: str, value: str, message: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    flag = "--" + env.removeprefix("SLUICE_OPERATOR_").lower().replace("_", "-")
+    assert operator_refusal(flag, value) == message
+    monkeypatch.setenv(env, value)
+    assert operator_refusal() == message

@@ -169,7 +169,6 @@ def injection_from_chart(docs: list[dict[str, Any]], monkeypatch: pytest.MonkeyP
     import argparse
 
     from sluice_operator import cli as operator_cli
-    from sluice_operator import injection_flags
 
     c = operator_container(docs)
     for name in list(os.environ):
@@ -181,7 +180,7 @@ def injection_from_chart(docs: list[dict[str, Any]], monkeypatch: pytest.MonkeyP
     assert c["args"][0] == "operator"
     parser = argparse.ArgumentParser()
     operator_cli.add_arguments(parser)
-    return injection_flags.injection_settings(parser.parse_args(c["args"][1:]))
+    return operator_cli.settings_from_args(parser.parse_args(c["args"][1:])).injection
 
 
 def test_sidecar_values_reach_the_operator_as_flags_it_accepts(
@@ -287,11 +286,11 @@ def test_a_value_the_schema_passes_but_the_operator_refuses_fails_at_start(
 
 
 def test_the_schema_refuses_the_env_vars_the_operator_refuses() -> None:
-    from sluice_operator import injection_flags
+    from sluice_operator.injection import settings as injection
 
     schema = json.loads((CHART / "values.schema.json").read_text())
     names = schema["properties"]["sidecar"]["properties"]["env"]["propertyNames"]
-    assert sorted(names["not"]["enum"]) == sorted(injection_flags.RESERVED_ENV)
+    assert sorted(names["not"]["enum"]) == sorted(injection.RESERVED_ENV)
 
 
 @pytest.mark.parametrize("values", [[], ["--set", "webhook.enabled=false"],

@@ -124,6 +124,30 @@ def test_a_bad_value_from_the_environment_is_checked_as_a_flag(good_policy: Path
     assert_one_line(res, 2, "--without-config must be refuse or unlimited", "'sometimes'")
 
 
+@pytest.mark.parametrize(("flag", "env", "value", "starts", "needle"), [
+    ("--max-headers", "SLUICE_MAX_HEADERS", "many", "--max-headers must be a positive integer", "'many'"),
+    ("--drain-s", "SLUICE_DRAIN_S", "soon", "--drain-s must be a number", "'soon'"),
+    ("--breaker-cooldown-s", "SLUICE_BREAKER_COOLDOWN_S", "0", "--breaker-cooldown-s must be greater than 0",
+     "got 0.0"),
+    ("--log-level", "SLUICE_LOG_LEVEL", "loud", "--log-level must be debug or info or warning or error", "'loud'"),
+], ids=["not-an-integer", "not-a-number", "not-positive", "not-a-choice"])
+@pytest.mark.parametrize("where", ["flag", "env"])
+def test_a_value_is_checked_alike_from_a_flag_or_the_environment(
+        flag: str, env: str, value: str, starts: str, needle: str, where: str, good_policy: Path) -> None:
+    """One line naming the flag, exit 2, whichever way the value came (a number argparse cannot
+    read was a usage message from a flag and a traceback from the environment)."""
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("SLUICE_")}
+    args = [flag, value] if where == "flag" else []
+    if where == "env":
+        environ[env] = value
+    res = subprocess.run([sys.executable, "-m", "sluice_core.cli", "sidecar", "--upstream", "http://127.0.0.1:1",
+                          "--listen", f"127.0.0.1:{pick_port()}", "--admin-listen", f"127.0.0.1:{pick_port()}",
+                          "--policy-file", str(good_policy), *args],
+                         capture_output=True, text=True, timeout=20, env=environ, check=False,
+                         stdin=subprocess.DEVNULL)
+    assert_one_line(res, 2, starts, needle)
+
+
 def test_cluster_mode_unreadable_labels_refuses_to_start(tmp_path: Path) -> None:
     res = run_sidecar("--redis", "redis://127.0.0.1:1", "--namespace", "shop",
                       "--pod-labels", str(tmp_path / "labels"))

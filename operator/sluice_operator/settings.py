@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import field
+
+from sluice_core.redisurl import parse_redis_url
+from sluice_core.settingsform import LOG_LEVELS, setting, settings_form
 
 from sluice_operator.injection.settings import InjectionSettings
 from sluice_operator.webhook_config import Endpoint
@@ -10,34 +13,75 @@ from sluice_operator.webhook_config import Endpoint
 CLUSTER_KEYS_NAMESPACE = "sluice-system"
 """Default namespace of the key Secrets of ClusterRateLimitPolicies (``--cluster-keys-namespace``,
 ``SLUICE_OPERATOR_CLUSTER_KEYS_NAMESPACE``); ``sluice keys --cluster-policy`` follows it."""
+CLUSTER_POLICIES = {"auto": None, "on": True, "off": False}
 
 
-@dataclass(frozen=True)
+def _redis_url(text: str) -> str:
+    parse_redis_url(text)  # the reason never echoes the URL (it may hold a password)
+    return text
+
+
+def _secret_ref(text: str) -> str:
+    from sluice_operator.certstore import parse_secret_ref
+
+    parse_secret_ref(text)
+    return text
+
+
+@settings_form(env_prefix="SLUICE_OPERATOR_")
 class OperatorSettings:
-    redis: str
-    """Redis URL the sidecars read (redis://, rediss://, redis+sentinel://, redis+cluster://)."""
-    resync_interval_s: float = 30.0
-    """Timer: re-push config that Redis lost or that differs, refresh status (Enforced)."""
+    """Documented in README.md ("Operator"), whose table is made from these fields. Fields
+    without ``setting`` are not flags: the command line derives them, tests set them."""
+
+    redis: str = setting(help="Redis URL the sidecars read (`redis://`, `rediss://`, `redis+sentinel://`, "
+                              "`redis+cluster://`)", parse=_redis_url, chart="redis.url")
+    resync_interval_s: float = setting(
+        default=30.0, help="timer: re-push config that Redis lost or that differs, refresh status (`Enforced`)",
+        positive=True, chart="operator.resyncIntervalSeconds")
+    namespaces: tuple[str, ...] = setting(
+        default=(), help="watch only this namespace (repeatable, shell patterns; `!PATTERN` excludes)",
+        flag="namespace", repeatable=True, parse=tuple, shown="the whole cluster")
+    cluster_keys_namespace: str = setting(
+        default=CLUSTER_KEYS_NAMESPACE, help="where the key Secrets of ClusterRateLimitPolicies live (label "
+                                "`sluice.dev/cluster-policy`): a cluster-wide key is granted only by "
+                                "those who may write Secrets in this namespace")
+    cluster_policies: bool | None = setting(
+        default=None, help="serve ClusterRateLimitPolicies (watches Namespaces for their namespaceSelector); "
+              "`auto`: only when watching the whole cluster, so that operators restricted with "
+              "`--namespace` never fight over the cluster-scoped objects",
+        choices=tuple(CLUSTER_POLICIES), parse=CLUSTER_POLICIES.__getitem__, kind=str, shown="`auto`")
+    peering: str | None = setting(
+        default=None, help="kopf peering through the `ClusterKopfPeering` NAME, for several replicas (one "
+              "reconciles, the oldest); without it the operator runs standalone",
+        metavar="NAME", chart="peering.name")
+    peering_lifetime_s: int = setting(
+        default=60, help="with `--peering`: how long a replica's keep-alive counts; a replica that dies without "
+            "handing over is taken over after at most this long", positive=True,
+        chart="peering.lifetimeSeconds")
+    liveness: str = setting(default="http://0.0.0.0:8080/healthz", help="kopf's liveness endpoint")
+    metrics_listen: str = setting(default="0.0.0.0:9091", help="HOST:PORT for the operator's `/metrics`")
+    webhook_listen: str | None = setting(
+        default=None, help="HOST:PORT to serve the admission webhooks on (HTTPS); unset: no webhooks")
+    webhook_service: str | None = setting(
+        default=None, help="NAMESPACE/NAME[:PORT] of the Service in front of the webhooks: the operator then "
+              "keeps the webhook configurations (with the CA bundle) up to date",
+        metavar="NS/NAME[:PORT]")
+    webhook_url: str | None = setting(
+        default=None, help="instead of a Service: the `https://` URL the API server calls (local runs)")
+    webhook_cert_dir: str = setting(
+        default="/tmp/sluice-webhook-certs", help="where a self-signed serving certificate (and its CA) is kept "
+                                     "when none is provided")
+    webhook_provided_cert_dir: str | None = setting(
+        default="/etc/sluice/webhook-certs", help="cert-manager's mounted Secret (`tls.crt`, `tls.key`, "
+                                     "`ca.crt`): used when present")
+    webhook_cert_secret: str | None = setting(
+        default=None, help="NAMESPACE/NAME of the Secret through which all replicas share the self-signed "
+              "certificate (the first creates it); unset: each replica keeps its own in "
+              "`--webhook-cert-dir`", parse=_secret_ref, metavar="NAMESPACE/NAME")
+    log_level: str = setting(default="info", help="`debug`, `info`, `warning` or `error`", choices=LOG_LEVELS,
+                             fold_case=True, chart="operator.logLevel")
     heartbeat_stale_s: float = 30.0
     """A sidecar heartbeat older than this no longer counts as enforcing."""
-    namespaces: tuple[str, ...] = ()
-    """Watch only these namespaces (empty: the whole cluster)."""
-    cluster_keys_namespace: str = CLUSTER_KEYS_NAMESPACE
-    """Where the key Secrets of ClusterRateLimitPolicies live (label ``sluice.dev/cluster-policy``):
-    a cluster-wide key is granted only by those who may write Secrets in this namespace."""
-    cluster_policies: bool | None = None
-    """Serve ClusterRateLimitPolicies (watches Namespaces for their namespaceSelector). None: only
-    when the operator is cluster-wide, so that operators restricted to some namespaces never
-    fight over the cluster-scoped objects."""
-    webhook_listen: str | None = None
-    """HOST:PORT for the admission webhooks (HTTPS); None: no webhooks are served."""
-    webhook_cert_dir: str = "/tmp/sluice-webhook-certs"
-    """Where a self-signed serving certificate (and its CA) is kept when none is provided."""
-    webhook_provided_cert_dir: str | None = "/etc/sluice/webhook-certs"
-    """cert-manager's mounted Secret (tls.crt, tls.key, ca.crt): used when present."""
-    webhook_cert_secret: str | None = None
-    """NAMESPACE/NAME of the Secret through which all replicas share the self-signed certificate
-    (the first creates it); None: each process keeps its own in ``webhook_cert_dir``."""
     webhook_cert_check_s: float = 3600.0
     """How often the served certificate is looked at again (renewed or rotated files are then
     served to new connections without a restart)."""
@@ -45,8 +89,9 @@ class OperatorSettings:
     """Names the serving certificate covers (the webhook Service's DNS names)."""
     webhook_ips: tuple[str, ...] = ()
     webhook_endpoint: Endpoint | None = None
-    """How the API server reaches the webhooks; when set, the operator creates or updates the
-    Validating/MutatingWebhookConfigurations with the CA bundle."""
+    """How the API server reaches the webhooks (from ``webhook_service`` or ``webhook_url``);
+    when set, the operator creates or updates the Validating/MutatingWebhookConfigurations with
+    the CA bundle."""
     skip_namespaces: tuple[str, ...] = ("kube-system", "kube-public", "kube-node-lease")
     """Pods in these namespaces are never sent to the injector."""
-    injection: InjectionSettings = field(default_factory=InjectionSettings)
+    injection: InjectionSettings = field(default_factory=lambda: InjectionSettings())

@@ -43,8 +43,8 @@ class State(IntEnum):
 
 
 class CircuitBreaker:
-    def __init__(self, *, probe: Callable[[], Awaitable[None]], threshold: int = 5,
-                 cooldown: float = 2.0, probe_interval: float = PROBE_INTERVAL_S,
+    def __init__(self, *, probe: Callable[[], Awaitable[None]], threshold: int,
+                 cooldown: float, probe_interval: float = PROBE_INTERVAL_S,
                  clock: Callable[[], float] = time.monotonic,
                  on_change: Callable[[State], None] | None = None,
                  on_probe: Callable[[bool], None] | None = None) -> None:

@@ -8,14 +8,17 @@ import logging
 import signal
 import sys
 
-from sluice_sidecar.settings import SidecarSettings, from_args
-from sluice_sidecar.settings import add_arguments as _add_settings
+from sluice_core import settingsform
+from sluice_core.sidecar_settings import SidecarSettings
+
+from sluice_sidecar.settings import from_args
 
 HELP = "run the enforcing reverse proxy in front of one app"  # one line in `sluice --help`
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    _add_settings(parser)
+    """Every setting of :class:`SidecarSettings` as a flag, also read from ``SLUICE_<FLAG>``."""
+    settingsform.add_arguments(parser, SidecarSettings)
 
 
 def setup_event_loop() -> None:

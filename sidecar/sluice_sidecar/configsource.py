@@ -191,7 +191,7 @@ def select_cluster_policy(config: NamespaceConfig | None, namespace: str,
 class RedisSource:
     def __init__(self, nodes: RedisNodes, namespace: str, metrics: Metrics, apply: Apply, *,
                  labels_path: str | None, pod_name: str | None = None,
-                 poll_interval: float = 5.0, heartbeat_interval: float = 10.0) -> None:
+                 poll_interval: float, heartbeat_interval: float = 10.0) -> None:
         self.nodes = nodes
         self.namespace = namespace
         self.metrics = metrics

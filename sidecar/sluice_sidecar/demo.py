@@ -23,10 +23,10 @@ from pathlib import Path
 
 import aiohttp
 from aiohttp import web
+from sluice_core.sidecar_settings import SidecarSettings
 
 from sluice_sidecar.cli import setup_event_loop
 from sluice_sidecar.server import Sidecar
-from sluice_sidecar.settings import SidecarSettings
 
 HELP = "run a demo upstream behind the sidecar with the example policy"  # one line in `sluice --help`
 

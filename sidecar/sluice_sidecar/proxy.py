@@ -65,9 +65,8 @@ def origin_form(request: web.BaseRequest) -> bool:
 
 
 class Proxy:
-    def __init__(self, upstream: str, metrics: Metrics, *, connect_timeout: float = 2.0,
-                 read_timeout: float = 60.0, max_connections: int = 1024,
-                 client_timeout: float = 30.0) -> None:
+    def __init__(self, upstream: str, metrics: Metrics, *, connect_timeout: float,
+                 read_timeout: float, max_connections: int, client_timeout: float) -> None:
         base = URL(upstream)
         if base.scheme != "http" or not base.host or base.path not in ("", "/") or base.query_string:
             raise ValueError(f"--upstream must be http://HOST:PORT (the app in the same pod), got {upstream!r}")

@@ -10,6 +10,7 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sluice_core.redisurl import parse_redis_url
+from sluice_core.sidecar_settings import SidecarSettings
 
 from sluice_sidecar.breaker import CircuitBreaker, State
 from sluice_sidecar.configsource import FileSource, NoConfig, RedisSource, one_line
@@ -25,7 +26,7 @@ from sluice_sidecar.problem import (
     problem,
 )
 from sluice_sidecar.proxy import Proxy, origin_form, proxy_headers_in
-from sluice_sidecar.settings import SidecarSettings, split_hostport
+from sluice_sidecar.settings import split_hostport
 from sluice_sidecar.stores.base import DecisionStore
 from sluice_sidecar.stores.memory import MemoryStore
 from sluice_sidecar.stores.redis import RedisStore

@@ -266,7 +266,7 @@ def _expire_head(head: asyncio.Future[UpstreamResponse]) -> None:
 
 class UpstreamPool:
     def __init__(self, host: str, port: int, *, connect_timeout: float, read_timeout: float,
-                 max_connections: int = 1024) -> None:
+                 max_connections: int) -> None:
         self.host = host
         self.port = port
         self.connect_timeout = connect_timeout

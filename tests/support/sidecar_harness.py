@@ -41,8 +41,8 @@ from typing import Any, TypeVar
 
 import yaml
 from aiohttp import web
+from sluice_core.sidecar_settings import SidecarSettings
 from sluice_sidecar.server import Sidecar
-from sluice_sidecar.settings import SidecarSettings
 
 T = TypeVar("T")
 Factory = Callable[..., Awaitable["RunningSidecar"]]  # the ``sidecars`` fixture (tests/conftest.py)

@@ -11,7 +11,7 @@ from sluice_operator.injection.names import (
     PODINFO_VOLUME,
     SIDECAR_NAME,
 )
-from sluice_operator.injection.settings import InjectionSettings
+from sluice_operator.injection.settings import SIDECAR_REDIS_ENV, InjectionSettings
 
 
 def sidecar_container(settings: InjectionSettings, port_name: str, port: int, admin_port: int,
@@ -49,15 +49,9 @@ def _env(settings: InjectionSettings) -> list[dict[str, Any]]:
     ]
     if settings.redis_url_secret is not None:
         secret, key = settings.redis_url_secret
-        env.append({"name": "SLUICE_REDIS",
+        env.append({"name": SIDECAR_REDIS_ENV,
                     "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}})
-    tuning = {"SLUICE_REDIS_TIMEOUT_MS": settings.redis_timeout_ms,
-              "SLUICE_REDIS_CONNECT_TIMEOUT_MS": settings.redis_connect_timeout_ms,
-              "SLUICE_BREAKER_THRESHOLD": settings.breaker_threshold,
-              "SLUICE_BREAKER_COOLDOWN_S": settings.breaker_cooldown_s,
-              "SLUICE_LOG_LEVEL": settings.log_level,
-              **{"SLUICE_" + name.upper(): value for name, value in settings.client_limits.items()}}
-    env += [{"name": k, "value": str(v)} for k, v in tuning.items() if v is not None]
+    env += [{"name": k, "value": v} for k, v in settings.sidecar_env().items()]
     env += [{"name": k, "value": v} for k, v in settings.extra_env.items()]
     return env
 

@@ -13,7 +13,8 @@ from sluice_operator.injection.names import (
     SIDECAR_PORT_ANNOTATION,
 )
 from sluice_operator.injection.pod import NotInjected, PodView
-from sluice_operator.injection.settings import MAX_PORT_NAME, PORT_NAME_RE, InjectionSettings
+from sluice_operator.injection.settings import InjectionSettings
+from sluice_operator.injection.values import MAX_PORT_NAME, PORT_NAME_RE
 
 
 @dataclass(frozen=True)

@@ -12,12 +12,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 
 from sluice_core.gcra import expand
-
-DEFAULT_MAX_BUCKETS = 50_000
-"""About 240 bytes a bucket (measured: CPython, a one-tier IPv4/IPv6 client key), so about
-12 MiB when full: well inside the sidecar's default 128 MiB limit together with the ~50 MiB
-process and its bounded client connections. Past it the least recently written bucket is
-dropped: that client starts again with a full bucket (limits loosen, nothing fails)."""
+from sluice_core.sidecar_settings import DEFAULT_MAX_BUCKETS
 
 
 def _now_us() -> int:
