@@ -96,3 +96,27 @@ async def test_an_unreachable_cluster_is_a_redis_error_not_a_crash(no_threads: N
         assert await reconciler.memory_check.run() is None
         with pytest.raises(configstore.ConfigStoreError):
             await configstore.read(client, ns)
+
+
+async def test_a_redis_that_never_answers_is_asked_twice_at_most() -> None:
+    """A hung Redis (it accepts connections, never replies) costs one attempt and one retry (a
+    dropped connection at a failover deserves one), not redis-py's default of ten retries: the
+    reconcile holds its namespace's lock meanwhile, so each attempt is a timeout of waiting."""
+    accepted: list[asyncio.StreamWriter] = []
+
+    async def swallow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.append(writer)
+        await reader.read()  # never answers
+
+    server = await asyncio.start_server(swallow, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        async with configstore.connect(f"redis://127.0.0.1:{port}", timeout=0.2) as client:
+            with pytest.raises(configstore.ConfigStoreError):
+                await configstore.read_raw(client, "hung")
+        assert 1 <= len(accepted) <= 2, f"{len(accepted)} connections to a Redis that never answers"
+    finally:
+        for w in accepted:
+            w.close()
+        server.close()
+        await server.wait_closed()
