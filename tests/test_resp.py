@@ -1,4 +1,4 @@
-"""The sidecar's pipelining Redis connection (:mod:`sluice_sidecar.resp`) against a real Redis."""
+"""The sidecar's pipelining Redis connection (:mod:`sluice_sidecar.transport.resp`) against a real Redis."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-from sluice_sidecar.resp import (
+from sluice_sidecar.transport.resp import (
     ConnectionClosed,
     RedisReplyError,
     RespConnection,
