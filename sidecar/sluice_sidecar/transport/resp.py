@@ -1,7 +1,8 @@
 """A lean, pipelining Redis connection for the sidecar's hot path.
 
-Why not redis-py: its asyncio client spends 125-160 µs of CPU per EVALSHA and takes one pooled
-connection per concurrent call (raising "Too many connections" past the pool size). Here every
+Why not redis-py: its asyncio client spends several times the CPU per EVALSHA (as do coredis and
+valkey-glide: bench/transport.py measures them) and takes one pooled connection per concurrent
+call (raising "Too many connections" past the pool size). Here every
 command issued during one event-loop iteration goes out in a single write on one connection,
 and replies are matched to callers in order, parsed by hiredis. Timeouts are per command and
 cost one timer per batch, not one per call.
