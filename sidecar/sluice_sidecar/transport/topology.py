@@ -117,6 +117,8 @@ class RedisNodes:
     # Where a key goes -------------------------------------------------------------------
     async def primary(self) -> Addr:
         """The address serving non-cluster commands (single Redis, or Sentinel's master)."""
+        if self.cluster:
+            return self.node_for_slot(0) if self._slots is not None else self.target.hosts[0]
         if self._master is None:
             self._master = await self._ask_sentinels()
         return self._master
