@@ -21,7 +21,8 @@ from sluice_core.model import Limit
 from sluice_core.redisurl import parse_redis_url
 from sluice_sidecar.stores.base import DecisionStore, StoreUnavailable
 from sluice_sidecar.stores.memory import MemoryStore
-from sluice_sidecar.stores.redis import RedisStore, key_slot
+from sluice_sidecar.stores.redis import RedisStore
+from sluice_sidecar.transport.topology import key_slot
 from support.redis_servers import RedisClusterProcs, RedisServer, pick_port
 
 HOUR_US = 3600 * 10**6

@@ -21,8 +21,9 @@ import pytest
 from sluice_core import keyschema, scripts
 from sluice_core.redisurl import parse_redis_url
 from sluice_sidecar.breaker import PROBE_INTERVAL_S, CircuitBreaker, State
-from sluice_sidecar.stores.base import AUTH, StoreUnavailable
+from sluice_sidecar.stores.base import StoreUnavailable
 from sluice_sidecar.stores.redis import RedisStore
+from sluice_sidecar.transport.errors import AUTH
 from support.processes import SidecarProcess, UpstreamProcess, http_get, wait_until
 from support.redis_servers import RedisClusterProcs, RedisServer
 from support.sidecar_harness import policy_doc

@@ -1,4 +1,4 @@
-"""The sidecar's pipelining Redis connection (:mod:`sluice_sidecar.resp`) against a real Redis."""
+"""The sidecar's pipelining Redis connection (:mod:`sluice_sidecar.transport.resp`) against a real Redis."""
 
 from __future__ import annotations
 
@@ -9,14 +9,22 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-from sluice_sidecar.resp import (
+from sluice_sidecar.transport.errors import (
+    AUTH,
+    OOM,
+    REFUSED,
+    TIMEOUT,
+    UNAVAILABLE,
+    TransportError,
+)
+from sluice_sidecar.transport.resp import (
     ConnectionClosed,
     RedisReplyError,
     RespConnection,
     encode,
     open_connection,
 )
-from support.redis_servers import RedisServer
+from support.redis_servers import RedisServer, pick_port
 
 
 class CountingTransport:
@@ -268,3 +276,38 @@ async def test_open_connection_authenticates_and_selects(fresh_redis: RedisServe
             assert r.get("k") == b"v"
     finally:
         conn.close()
+
+
+async def test_every_failure_is_one_error_type_with_its_reason(fresh_redis: RedisServer) -> None:
+    """Callers catch TransportError alone and branch on ``reason`` (the store's metric label)."""
+    with pytest.raises(TransportError) as refused:  # nothing listens there
+        await open_connection("127.0.0.1", pick_port(), timeout=1.0, connect_timeout=1.0)
+    assert refused.value.reason == UNAVAILABLE
+    blocked = await connect(fresh_redis, timeout=0.2)
+    try:
+        with pytest.raises(TransportError) as slow:
+            await blocked.call("BLPOP", f"test:resp:{uuid.uuid4().hex}", 0)
+        assert slow.value.reason == TIMEOUT and isinstance(slow.value, TimeoutError)
+    finally:
+        blocked.close()
+    conn = await connect(fresh_redis)
+    try:
+        await conn.call("SET", "s", "v")
+        with pytest.raises(TransportError) as wrong_type:
+            await conn.call("LPUSH", "s", "x")
+        assert wrong_type.value.reason == REFUSED
+        fresh_redis.execute("CONFIG", "SET", "maxmemory-policy", "noeviction")
+        fresh_redis.execute("CONFIG", "SET", "maxmemory", "1")
+        with pytest.raises(TransportError) as full:
+            await conn.call("SET", "k", "v")
+        assert full.value.reason == OOM
+        fresh_redis.execute("CONFIG", "SET", "maxmemory", "0")
+    finally:
+        conn.close()
+    with pytest.raises(TransportError) as lost:
+        await conn.call("PING")
+    assert lost.value.reason == UNAVAILABLE
+    fresh_redis.execute("CONFIG", "SET", "requirepass", "s3cret")
+    with pytest.raises(TransportError) as auth:
+        await connect(fresh_redis, password="wrong")
+    assert auth.value.reason == AUTH

@@ -30,7 +30,8 @@ import time
 from collections.abc import Awaitable, Callable
 from enum import IntEnum
 
-from sluice_sidecar.stores.base import FAST_REASONS, TIMEOUT, UNAVAILABLE, StoreUnavailable
+from sluice_sidecar.stores.base import FAST_REASONS, StoreUnavailable
+from sluice_sidecar.transport.errors import TIMEOUT, UNAVAILABLE
 
 log = logging.getLogger("sluice.store")
 PROBE_INTERVAL_S = 0.1  # a refused connect costs next to nothing: Redis back, served within ~0.1 s

@@ -33,15 +33,9 @@ from sluice_core.policyfile import load_policies
 from sluice_sidecar.labels import read_labels
 from sluice_sidecar.limiter import Enforcement
 from sluice_sidecar.metrics import Metrics
-from sluice_sidecar.resp import (
-    ConnectionClosed,
-    RedisReplyError,
-    RespConnection,
-    encode,
-    open_connection,
-)
-from sluice_sidecar.stores.base import StoreUnavailable
-from sluice_sidecar.stores.redis import RedisNodes
+from sluice_sidecar.transport.errors import TransportError
+from sluice_sidecar.transport.resp import RespConnection, encode
+from sluice_sidecar.transport.topology import RedisNodes
 
 log = logging.getLogger("sluice.config")
 Apply = Callable[[Enforcement | None, Enforcement | None], None]
@@ -247,7 +241,7 @@ class RedisSource:
         for doc in (self._own, self._cluster):
             try:
                 changed = await self._refresh(doc) or changed
-            except (OSError, TimeoutError, ConnectionClosed, RedisReplyError, StoreUnavailable) as exc:
+            except TransportError as exc:
                 self.metrics.config_reloads.labels("unreachable").inc()
                 log.warning("cannot read config from Redis (keeping the last good one): %s", exc)
                 return False
@@ -310,21 +304,14 @@ class RedisSource:
                 self._wake.set()
 
     async def _subscribe(self) -> None:
-        t = self.nodes.target
         backoff = 0.1
         while True:
             try:
-                addr = t.hosts[0] if t.topology.value == "cluster" else await self.nodes.primary()
-                conn = await open_connection(
-                    addr[0], addr[1], timeout=5.0, connect_timeout=self.nodes.connect_timeout,
-                    username=t.username, password=t.password, ssl_context=t.ssl_context(),
-                    on_push=self._on_message)
-                self._sub = conn
-                await conn.send(encode("SUBSCRIBE", keyschema.CONFIG_CHANNEL))
+                conn = self._sub = await self.nodes.subscribe(keyschema.CONFIG_CHANNEL, self._on_message)
                 backoff = 0.1
                 self._wake.set()  # anything published while we were away: check now
                 await conn.lost
-            except (OSError, TimeoutError, ConnectionClosed, RedisReplyError, StoreUnavailable) as exc:
+            except TransportError as exc:
                 log.debug("config subscription failed: %s", exc)
             except Exception:  # never let the subscription loop die
                 log.exception("config subscription crashed")
@@ -338,7 +325,7 @@ class RedisSource:
         key = keyschema.heartbeat_key(self.namespace)
         ttl_ms = int(self.heartbeat_interval * 3 * 1000)
         while True:
-            with contextlib.suppress(OSError, TimeoutError, ConnectionClosed, RedisReplyError, StoreUnavailable):
+            with contextlib.suppress(TransportError):
                 conn = await self.nodes.for_key(key)
                 beat = dataclasses.replace(self.enforcing, at=time.time())
                 conn.send(encode("HSET", key, self.pod_name, beat.encode()))

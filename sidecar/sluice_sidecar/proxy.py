@@ -22,7 +22,8 @@ from yarl import URL
 from sluice_sidecar.connections import BodyTimeout, client_body
 from sluice_sidecar.metrics import Metrics
 from sluice_sidecar.problem import problem
-from sluice_sidecar.upstream import CHUNK, UpstreamError, UpstreamPool, UpstreamResponse
+from sluice_sidecar.transport.errors import PROTOCOL, TIMEOUT, UNAVAILABLE, TransportError
+from sluice_sidecar.transport.httppool import CHUNK, UpstreamPool, UpstreamResponse
 
 log = logging.getLogger("sluice.proxy")
 
@@ -37,6 +38,8 @@ _DROP_RESPONSE = HOP_BY_HOP | {"content-length"}
 # Believed from a trusted proxy of the policy only; from anyone else they are forged.
 FROM_PROXIES = frozenset({"forwarded", "x-real-ip", "x-forwarded-host", "x-forwarded-proto"})
 _MAX_LOGGED_TARGET = 200
+# The transport's reason -> the ``kind`` label of sluice_upstream_errors_total.
+UPSTREAM_ERROR_KIND = {UNAVAILABLE: "refused", TIMEOUT: "timeout", PROTOCOL: "protocol"}
 
 
 def proxy_headers_in(headers: Mapping[str, str]) -> bool:
@@ -134,7 +137,7 @@ class Proxy:
         body = client_body(request.content, CHUNK, self.client_timeout) if has_body else None
         try:
             up = await self.pool.request(request.method, head, body, chunked)
-        except UpstreamError as exc:
+        except TransportError as exc:
             return self._failed(request, exc, rate_headers)
         except BodyTimeout as exc:
             # Nothing was relayed yet (the body is sent before the answer is read): the request
@@ -166,7 +169,7 @@ class Proxy:
             # until then anyway): an upstream that fails before it still gets a clean 502/504.
             try:
                 first = await anext(chunks, None)
-            except UpstreamError as exc:
+            except TransportError as exc:
                 up.discard()
                 return self._failed(request, exc, rate_headers)
         stream = web.StreamResponse(status=up.status, reason=up.reason, headers=headers)
@@ -188,7 +191,7 @@ class Proxy:
                     if protocol.writing_paused:
                         await writer.drain()
             await stream.write_eof()
-        except UpstreamError as exc:
+        except TransportError as exc:
             # The head and part of the body are out: a 502 now would land inside the body. Cut
             # the client off instead, so it sees a truncated response (short of Content-Length,
             # or a chunked stream without its last chunk), as HTTP intends; nothing more is
@@ -209,13 +212,13 @@ class Proxy:
             raise
         return stream
 
-    def _failed(self, request: web.BaseRequest, exc: UpstreamError,
+    def _failed(self, request: web.BaseRequest, exc: TransportError,
                 rate_headers: list[tuple[str, str]]) -> web.Response:
         """No byte of the response has been relayed yet: answer with a problem."""
-        self.metrics.upstream_errors.labels(exc.kind).inc()
-        if exc.kind == "timeout":
+        self.metrics.upstream_errors.labels(UPSTREAM_ERROR_KIND.get(exc.reason, "protocol")).inc()
+        if exc.reason == TIMEOUT:
             return problem(504, "Gateway Timeout", "the upstream did not answer in time", headers=rate_headers)
-        if exc.kind == "refused":
+        if exc.reason == UNAVAILABLE:
             return problem(502, "Bad Gateway", "the upstream refused the connection", headers=rate_headers)
         log.info("upstream error on %s %r: %s", request.method, loggable_target(request), exc)
         return problem(502, "Bad Gateway", "the upstream connection failed", headers=rate_headers)

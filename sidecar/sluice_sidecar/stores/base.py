@@ -4,14 +4,10 @@ from __future__ import annotations
 
 from typing import Protocol
 
-# Why the store could not decide: the ``reason`` label of ``sluice_store_errors_total`` (a
-# closed set, so the label stays bounded) and what the ERROR log line and /readyz name.
-TIMEOUT = "timeout"  # no answer within --redis-timeout-ms
-UNAVAILABLE = "unavailable"  # connection refused or lost, cluster trouble
-AUTH = "auth"  # WRONGPASS / NOAUTH / NOPERM: the credentials are wrong or lack a permission
-OOM = "oom"  # Redis at maxmemory refuses writes (maxmemory-policy noeviction, or nothing to evict)
-REFUSED = "refused"  # any other error reply
-# Reasons that mean Redis answered at once: they cost no waiting, so they do not open the breaker.
+from sluice_sidecar.transport.errors import OOM, REFUSED, UNAVAILABLE
+
+# Reasons (:mod:`sluice_sidecar.transport.errors`) that mean Redis answered at once: they cost
+# no waiting, so they do not open the breaker.
 FAST_REASONS = frozenset({OOM, REFUSED})
 
 
@@ -19,7 +15,8 @@ class StoreUnavailable(Exception):
     """The store could not decide in time (timeout, connection refused, cluster trouble).
 
     Raised once, at the storage boundary, whatever the underlying error was; the message says
-    what happened without echoing keys or credentials; ``reason`` is one of the names above."""
+    what happened without echoing keys or credentials; ``reason`` is the transport's
+    (:mod:`sluice_sidecar.transport.errors`: the ``reason`` label of ``sluice_store_errors_total``)."""
 
     def __init__(self, message: str, reason: str = UNAVAILABLE) -> None:
         super().__init__(message)

@@ -1,4 +1,5 @@
-"""A lean HTTP/1.1 client for the one upstream: pooled keep-alive connections, responses parsed
+"""A lean HTTP/1.1 client for the one upstream (bytes on the wire; what the sidecar forwards and
+relays is :mod:`sluice_sidecar.proxy`'s): pooled keep-alive connections, responses parsed
 by httptools (llhttp), bodies streamed both ways with flow control.
 
 Why not aiohttp's client: per request it builds a ClientRequest, a ClientResponse, timers and a
@@ -15,20 +16,14 @@ from collections.abc import AsyncIterator
 
 import httptools
 
+from sluice_sidecar.transport.errors import PROTOCOL, TIMEOUT, UNAVAILABLE, TransportError
+
 CHUNK = 64 * 1024
 # Response bytes buffered here before reading from the upstream pauses (the check is after
 # each read of at most CHUNK). The kernel's socket buffer reads ahead far more, outside the
 # process: 16 KiB streamed as fast as 256 KiB did, and a client that stops reading holds
 # 80 KiB here at most instead of 512 KiB (bench: docs/security.md, slow-read).
 MAX_BUFFERED = 16 * 1024
-
-
-class UpstreamError(Exception):
-    """``kind`` is ``refused`` (could not connect), ``timeout`` or ``protocol``."""
-
-    def __init__(self, kind: str, message: str) -> None:
-        super().__init__(message)
-        self.kind = kind
 
 
 class _Reset(Exception):
@@ -57,6 +52,24 @@ class UpstreamResponse:
         self._event = asyncio.Event()
         self._error: Exception | None = None
 
+    # Told by the connection as the response arrives -------------------------------------------
+    def feed(self, chunk: bytes) -> int:
+        """A piece of the body arrived; returns how many bytes wait unread now."""
+        self._body.append(chunk)
+        self._size += len(chunk)
+        self._event.set()
+        return self._size
+
+    def finish(self) -> None:
+        self.complete = True
+        self._event.set()
+
+    def fail(self, exc: Exception) -> None:
+        """The rest of the body will not come: the reader gets ``exc`` after what arrived."""
+        self._error = exc
+        self._event.set()
+
+    # Read by the relay ---------------------------------------------------------------------
     def body_now(self) -> bytes:
         """The whole body, when ``complete`` (small responses arrive in one read)."""
         data = b"".join(self._body)
@@ -83,7 +96,7 @@ class UpstreamResponse:
                     await self._event.wait()
             except TimeoutError:
                 self._conn.close()
-                raise UpstreamError("timeout", "the upstream stopped sending the body") from None
+                raise TransportError("the upstream stopped sending the body", TIMEOUT) from None
 
     def discard(self) -> None:
         """The relay stopped before handing the connection back (client gone, upstream failed):
@@ -123,10 +136,10 @@ class _Connection(asyncio.BufferedProtocol):
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
-            self._fail(UpstreamError("protocol", "the upstream switched protocols (not supported)"))
+            self._fail(TransportError("the upstream switched protocols (not supported)", PROTOCOL))
         except httptools.HttpParserError as exc:
             why = "a response nobody asked for" if isinstance(exc.__context__, _Unsolicited) else exc
-            self._fail(UpstreamError("protocol", f"malformed upstream response: {why}"))
+            self._fail(TransportError(f"malformed upstream response: {why}", PROTOCOL))
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -142,8 +155,8 @@ class _Connection(asyncio.BufferedProtocol):
                 if exc is None and resp.close_delimited:
                     self.on_message_complete()
                 if not resp.complete:
-                    self._fail(UpstreamError("protocol", "the upstream closed the connection mid-response"
-                                             if exc is None else "the upstream reset the connection mid-response"))
+                    self._fail(TransportError("the upstream closed the connection mid-response" if exc is None
+                                              else "the upstream reset the connection mid-response", PROTOCOL))
 
     def pause_writing(self) -> None:
         self._can_write.clear()
@@ -195,10 +208,7 @@ class _Connection(asyncio.BufferedProtocol):
     def on_body(self, body: bytes) -> None:
         resp = self.resp
         assert resp is not None
-        resp._body.append(body)
-        resp._size += len(body)
-        resp._event.set()
-        if resp._size > MAX_BUFFERED and not self._reading_paused and self.transport is not None:
+        if resp.feed(body) > MAX_BUFFERED and not self._reading_paused and self.transport is not None:
             self._reading_paused = True
             self.transport.pause_reading()
 
@@ -206,18 +216,24 @@ class _Connection(asyncio.BufferedProtocol):
         resp = self.resp
         if resp is None or resp.status < 200:
             return
-        resp.complete = True
-        resp._event.set()
+        resp.finish()
 
     # ------------------------------------------------------------------------------------
     def _fail(self, exc: Exception) -> None:
         if self.head is not None and not self.head.done():
             self.head.set_exception(exc)
         elif self.resp is not None:
-            self.resp._error = exc if not isinstance(exc, _Reset) else UpstreamError(
-                "protocol", "the upstream closed the connection")
-            self.resp._event.set()
+            self.resp.fail(exc if not isinstance(exc, _Reset) else TransportError(
+                "the upstream closed the connection", PROTOCOL))
         self.close()
+
+    def begin(self, head_only: bool) -> asyncio.Future[UpstreamResponse]:
+        """A request is going out: its response starts afresh; returns the future of its head."""
+        self.resp = UpstreamResponse(self)
+        self.head = head = asyncio.get_running_loop().create_future()
+        self.got_bytes = False
+        self.head_only = head_only
+        return head
 
     def resume_if_drained(self, size: int) -> None:
         if self._reading_paused and size < MAX_BUFFERED // 2 and self.transport is not None:
@@ -297,10 +313,10 @@ class UpstreamPool:
                 _, conn = await loop.create_connection(lambda: _Connection(self), self.host, self.port)
         except TimeoutError:
             self._slots.release()
-            raise UpstreamError("timeout", "connecting to the upstream timed out") from None
+            raise TransportError("connecting to the upstream timed out", TIMEOUT) from None
         except OSError as exc:
             self._slots.release()
-            raise UpstreamError("refused", f"cannot connect to the upstream: {exc.strerror or exc}") from None
+            raise TransportError(f"cannot connect to the upstream: {exc.strerror or exc}", UNAVAILABLE) from None
         self._all.add(conn)
         return conn
 
@@ -315,10 +331,7 @@ class UpstreamPool:
             if conn.closed:
                 continue
             loop = asyncio.get_running_loop()
-            conn.resp = UpstreamResponse(conn)
-            conn.head = loop.create_future()
-            conn.got_bytes = False
-            conn.head_only = method == "HEAD"
+            waiter = conn.begin(method == "HEAD")
             assert conn.transport is not None
             try:
                 conn.transport.write(head)
@@ -331,7 +344,6 @@ class UpstreamPool:
                     if chunked:
                         conn.transport.write(b"0\r\n\r\n")
                 # One timer per request (cheaper than asyncio.timeout's context machinery).
-                waiter = conn.head
                 timer = loop.call_later(self.read_timeout, _expire_head, waiter)
                 try:
                     return await waiter
@@ -342,16 +354,16 @@ class UpstreamPool:
                 conn.close()
                 if reused and body is None and attempt == 0:
                     continue
-                raise UpstreamError("protocol", "the upstream closed the connection") from None
+                raise TransportError("the upstream closed the connection", PROTOCOL) from None
             except TimeoutError:
                 _abandon(conn.head)
                 conn.close()
-                raise UpstreamError("timeout", "the upstream did not answer in time") from None
+                raise TransportError("the upstream did not answer in time", TIMEOUT) from None
             except BaseException:
                 _abandon(conn.head)
                 conn.close()
                 raise
-        raise UpstreamError("protocol", "the upstream closed the connection")
+        raise TransportError("the upstream closed the connection", PROTOCOL)
 
     async def close(self) -> None:
         for conn in list(self._all):

@@ -1,7 +1,8 @@
 """A lean, pipelining Redis connection for the sidecar's hot path.
 
-Why not redis-py: its asyncio client spends 125-160 µs of CPU per EVALSHA and takes one pooled
-connection per concurrent call (raising "Too many connections" past the pool size). Here every
+Why not redis-py: its asyncio client spends several times the CPU per EVALSHA (as do coredis and
+valkey-glide: bench/transport.py measures them) and takes one pooled connection per concurrent
+call (raising "Too many connections" past the pool size). Here every
 command issued during one event-loop iteration goes out in a single write on one connection,
 and replies are matched to callers in order, parsed by hiredis. Timeouts are per command and
 cost one timer per batch, not one per call.
@@ -17,13 +18,32 @@ from typing import Any
 
 import hiredis
 
+from sluice_sidecar.transport.errors import (
+    AUTH,
+    OOM,
+    REFUSED,
+    UNAVAILABLE,
+    TransportError,
+    TransportTimeout,
+)
 
-class RedisReplyError(Exception):
-    """An error reply from Redis (``-ERR ...``); the connection itself is fine."""
+_AUTH_REPLIES = ("WRONGPASS", "NOAUTH", "NOPERM", "ERR AUTH", "ERR invalid password")
 
 
-class ConnectionClosed(ConnectionError):
-    pass
+class RedisReplyError(TransportError):
+    """An error reply from Redis (``-ERR ...``); the connection itself is fine. Redis's own
+    words name the condition (WRONGPASS, OOM ...), never a secret; the reason follows them."""
+
+    def __init__(self, message: str) -> None:  # hiredis builds it from the reply's text alone
+        super().__init__(message, OOM if message.startswith("OOM")
+                         else AUTH if message.startswith(_AUTH_REPLIES) else REFUSED)
+
+
+class ConnectionClosed(TransportError):
+    """The connection is gone (or was never usable): nothing more will come on it."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, UNAVAILABLE)
 
 
 def encode(*args: bytes | str | int) -> bytes:
@@ -37,7 +57,7 @@ def encode(*args: bytes | str | int) -> bytes:
 
 def _expire_one(fut: asyncio.Future[Any]) -> None:
     if not fut.done():
-        fut.set_exception(TimeoutError("redis did not answer in time"))
+        fut.set_exception(TransportTimeout("redis did not answer in time"))
 
 
 class RespConnection(asyncio.Protocol):
@@ -103,7 +123,9 @@ class RespConnection(asyncio.Protocol):
     # commands ---------------------------------------------------------------------------
     def send(self, payload: bytes, timeout: float | None = None) -> asyncio.Future[Any]:
         """Queue one RESP-encoded command; all commands queued in this loop iteration are
-        written together. The future fails with ``TimeoutError`` after ``timeout`` seconds."""
+        written together. The future fails with :class:`TransportTimeout` after ``timeout`` seconds,
+        with :class:`RedisReplyError` on an error reply, :class:`ConnectionClosed` when the
+        connection goes."""
         fut: asyncio.Future[Any] = self._loop.create_future()
         if self.closed or self._transport is None:
             fut.set_exception(ConnectionClosed("connection closed"))
@@ -149,7 +171,7 @@ class RespConnection(asyncio.Protocol):
                 self._timer = self._loop.call_at(deadline, self._expire)
                 return
             deadlines.popleft()
-            fut.set_exception(TimeoutError("redis did not answer in time"))
+            fut.set_exception(TransportTimeout("redis did not answer in time"))
         # The reply may still come; it will be matched to the (done) future and dropped. A
         # connection whose oldest reply is far overdue is stalled: drop it so the next use
         # reconnects instead of queueing behind it.
@@ -173,20 +195,28 @@ async def open_connection(host: str, port: int, *, timeout: float, connect_timeo
                           username: str | None = None, password: str | None = None, db: int = 0,
                           ssl_context: ssl.SSLContext | None = None,
                           on_push: Callable[[Any], None] | None = None) -> RespConnection:
-    """Connect, authenticate and select the database; raise ``OSError``/``TimeoutError``/
-    ``RedisReplyError`` on failure."""
+    """Connect, authenticate and select the database; raise :class:`TransportError` on failure
+    (:class:`RedisReplyError` when Redis refused AUTH or SELECT)."""
     loop = asyncio.get_running_loop()
-    async with asyncio.timeout(connect_timeout):
-        _, conn = await loop.create_connection(
-            lambda: RespConnection(timeout=timeout, on_push=on_push), host, port, ssl=ssl_context,
-            server_hostname=host if ssl_context else None)
-        try:
-            if password is not None:
-                await conn.call(*(["AUTH", username, password] if username else ["AUTH", password]),
-                                timeout=connect_timeout)
-            if db:
-                await conn.call("SELECT", db, timeout=connect_timeout)
-        except BaseException:
-            conn.close()
-            raise
+    try:
+        async with asyncio.timeout(connect_timeout):
+            _, conn = await loop.create_connection(
+                lambda: RespConnection(timeout=timeout, on_push=on_push), host, port, ssl=ssl_context,
+                server_hostname=host if ssl_context else None)
+            try:
+                if password is not None:
+                    await conn.call(*(["AUTH", username, password] if username else ["AUTH", password]),
+                                    timeout=connect_timeout)
+                if db:
+                    await conn.call("SELECT", db, timeout=connect_timeout)
+            except BaseException:
+                conn.close()
+                raise
+    except TransportError:
+        raise
+    except TimeoutError:
+        raise TransportTimeout(f"connecting to redis at {host}:{port} timed out") from None
+    except OSError as exc:
+        raise TransportError(f"cannot connect to redis at {host}:{port}: {exc.strerror or exc}",
+                             UNAVAILABLE) from exc
     return conn

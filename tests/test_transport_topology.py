@@ -1,0 +1,53 @@
+"""The Redis topology (:mod:`sluice_sidecar.transport.topology`) as its users meet it, against a
+real Redis Cluster."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+
+import pytest
+from sluice_core import configdoc, configstore
+from sluice_core.parse import parse_policy
+from sluice_core.redisurl import parse_redis_url
+from sluice_core.yamltext import load
+from sluice_sidecar.configsource import RedisSource
+from sluice_sidecar.limiter import Enforcement
+from sluice_sidecar.metrics import Metrics
+from sluice_sidecar.stores.redis import RedisStore
+from support.redis_servers import RedisClusterProcs, pick_port
+
+POLICY = """
+apiVersion: sluice.dev/v1alpha1
+kind: RateLimitPolicy
+metadata: {name: api, namespace: %s}
+spec:
+  tiers: [{name: free, requests: 5, period: 1m}]
+"""
+
+
+@pytest.mark.cluster
+async def test_change_notices_reach_a_cluster_sidecar_whose_first_node_is_down(
+        redis_cluster: RedisClusterProcs) -> None:
+    """Any node of a Cluster serves the subscription: with the first node of the URL down (it
+    failed, or was replaced) the change notice still arrives, not only at the next poll."""
+    ns = f"t{uuid.uuid4().hex[:10]}"
+    url = f"redis+cluster://127.0.0.1:{pick_port()}," + redis_cluster.url.split("://", 1)[1]
+    store = RedisStore(parse_redis_url(url), timeout=1.0, connect_timeout=0.5)
+    applied: list[Enforcement | None] = []
+    source = RedisSource(store.nodes, ns, Metrics(), lambda own, _: applied.append(own),
+                         labels_path=None, poll_interval=3600)  # no poll within the test
+    client = configstore.connect(redis_cluster.url)
+    try:
+        await source.start()
+        policy = parse_policy(load(POLICY % ns))
+        version = configstore.publish(client, ns, configdoc.build_doc(ns, [policy]))
+        deadline = time.monotonic() + 10
+        while not any(e is not None and e.version == version for e in applied):
+            assert time.monotonic() < deadline, "the change notice never arrived"
+            await asyncio.sleep(0.02)
+    finally:
+        client.close()
+        await source.close()
+        await store.close()
