@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Protocol
 
+from sluice_core.gcra import Decision
+
 # Why the store could not decide: the ``reason`` label of ``sluice_store_errors_total`` (a
 # closed set, so the label stays bounded) and what the ERROR log line and /readyz name.
 TIMEOUT = "timeout"  # no answer within --redis-timeout-ms
@@ -30,13 +32,13 @@ class DecisionStore(Protocol):
     """Check and take tokens from every bucket of one request, atomically.
 
     ``keys``: bucket keys (one hash tag); ``params``: ``(em_us, cap_us)`` per key, flattened;
-    returns the decision script's reply: ``[allowed, retry_us, (remaining, next_us, full_us) * n]``.
+    returns the :class:`~sluice_core.gcra.Decision` (its buckets in the order of ``keys``).
     A ``cost`` of 0 only reads.
     """
 
     name: str
 
-    async def decide(self, keys: tuple[str, ...], cost: int, params: tuple[int, ...]) -> list[int]: ...
+    async def decide(self, keys: tuple[str, ...], cost: int, params: tuple[int, ...]) -> Decision: ...
 
     def atomic(self, keys: tuple[str, ...]) -> bool:
         """Can one :meth:`decide` take all of ``keys`` (whatever their hash tags)?"""

@@ -11,7 +11,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 
-from sluice_core.gcra import expand
+from sluice_core.gcra import Decision, expand
 
 DEFAULT_MAX_BUCKETS = 50_000
 """About 240 bytes a bucket (measured: CPython, a one-tier IPv4/IPv6 client key), so about
@@ -39,7 +39,7 @@ class MemoryStore:
     def __len__(self) -> int:
         return len(self._tat)
 
-    async def decide(self, keys: tuple[str, ...], cost: int, params: tuple[int, ...]) -> list[int]:
+    async def decide(self, keys: tuple[str, ...], cost: int, params: tuple[int, ...]) -> Decision:
         return self.decide_now(keys, cost, params)
 
     def atomic(self, keys: tuple[str, ...]) -> bool:
@@ -48,7 +48,7 @@ class MemoryStore:
     async def probe(self) -> None:
         return None  # memory never goes away
 
-    def decide_now(self, keys: tuple[str, ...], cost: int, params: tuple[int, ...]) -> list[int]:
+    def decide_now(self, keys: tuple[str, ...], cost: int, params: tuple[int, ...]) -> Decision:
         now = self._clock()
         tats: list[int] = []
         news: list[int] = []
