@@ -42,7 +42,8 @@ def build(style: HeaderStyle, names: tuple[str, ...], limits: tuple[Limit, ...],
     out: list[tuple[str, str]] = []
     if style is not HeaderStyle.LEGACY:
         items = []
-        for name, limit, bucket in zip(names, limits, decision.buckets, strict=True):
+        # One name, limit and state per bucket, by construction (strict would cost every request).
+        for name, limit, bucket in zip(names, limits, decision.buckets, strict=False):
             # t: until this bucket can take a request like this one again (0: now); on a 429 the
             # refusing bucket's t is Retry-After, as both come from the same sum.
             t = seconds_up(wait_us(limit, bucket.full_us, cost))
