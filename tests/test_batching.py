@@ -36,8 +36,8 @@ async def test_same_key_decisions_in_one_batch_admit_exactly_the_burst(store: Re
     await store.decide(keys, 0, params)  # connect first, so the next 20 go out together
     before = store.batches
     replies = await asyncio.gather(*(store.decide(keys, 1, params) for _ in range(20)))
-    assert [r[0] for r in replies] == [1] * 5 + [0] * 15
-    assert [r[2] for r in replies[:5]] == [4, 3, 2, 1, 0]  # each saw the ones before it
+    assert [r.allowed for r in replies] == [True] * 5 + [False] * 15
+    assert [r.buckets[0].remaining for r in replies[:5]] == [4, 3, 2, 1, 0]  # each saw the ones before it
     assert store.batches - before == 1
 
 
@@ -47,8 +47,8 @@ async def test_refused_decision_inside_a_batch_takes_nothing(store: RedisStore) 
     await store.decide(keys, 0, params)
     replies = await asyncio.gather(store.decide(keys, 3, params), store.decide(keys, 2, params),
                                    store.decide(keys, 1, params))
-    assert [r[0] for r in replies] == [1, 0, 1]  # the 2-token request did not fit, the 1 did
-    assert (await store.decide(keys, 0, params))[2] == 0
+    assert [r.allowed for r in replies] == [True, False, True]  # the 2-token request did not fit, the 1 did
+    assert (await store.decide(keys, 0, params)).buckets[0].remaining == 0
 
 
 async def test_mixed_clients_and_bucket_counts_in_one_batch(store: RedisStore) -> None:
@@ -62,8 +62,8 @@ async def test_mixed_clients_and_bucket_counts_in_one_batch(store: RedisStore) -
              store.decide(one[0], 1, one[1]), store.decide(two[0], 2, two[1]),
              store.decide(one[0], 1, one[1])]
     replies = await asyncio.gather(*calls)
-    assert [len(r) for r in replies] == [5, 8, 5, 8, 5]
-    assert [r[0] for r in replies] == [1, 1, 1, 0, 0]
+    assert [len(r.buckets) for r in replies] == [1, 2, 1, 2, 1]
+    assert [r.allowed for r in replies] == [True, True, True, False, False]
 
 
 async def test_batched_redis_agrees_with_memory_store(redis_server: object) -> None:
@@ -78,4 +78,6 @@ async def test_batched_redis_agrees_with_memory_store(redis_server: object) -> N
     finally:
         await s.close()
     want = [mem.decide_now(bucket(limit, c)[0], cost, bucket(limit, c)[1]) for c, cost in plan]
-    assert [(g[0], g[2]) for g in got] == [(w[0], w[2]) for w in want]  # retry_us: clocks differ
+    # retry_us: clocks differ
+    assert [(g.allowed, g.buckets[0].remaining) for g in got] == [
+        (w.allowed, w.buckets[0].remaining) for w in want]

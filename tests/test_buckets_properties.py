@@ -47,6 +47,8 @@ class Bucket:
 
 @dataclass(frozen=True)
 class Reply:
+    """A decision's fields, one tuple per field across its buckets (what the properties compare)."""
+
     allowed: bool
     retry_us: int
     remaining: tuple[int, ...]
@@ -59,11 +61,12 @@ def params(buckets: list[Bucket]) -> tuple[int, ...]:
 
 
 def decide(store: MemoryStore, buckets: list[Bucket], cost: int) -> Reply:
-    raw = store.decide_now(tuple(b.key for b in buckets), cost, params(buckets))
-    assert len(raw) == 2 + 3 * len(buckets)
-    assert all(type(x) is int for x in raw), raw
-    assert raw[0] in (0, 1)
-    return Reply(bool(raw[0]), raw[1], tuple(raw[2::3]), tuple(raw[3::3]), tuple(raw[4::3]))
+    d = store.decide_now(tuple(b.key for b in buckets), cost, params(buckets))
+    assert len(d.buckets) == len(buckets)
+    assert type(d.allowed) is bool and type(d.retry_us) is int, d
+    assert all(type(x) is int for b in d.buckets for x in b), d
+    return Reply(d.allowed, d.retry_us, tuple(b.remaining for b in d.buckets),
+                 tuple(b.next_us for b in d.buckets), tuple(b.full_us for b in d.buckets))
 
 
 def peek(store: MemoryStore, buckets: list[Bucket]) -> Reply:

@@ -120,7 +120,7 @@ async def test_one_budget_across_namespaces(publish: Publish, sidecar_in: Start,
     assert [s for s, _, _ in replies] == [200] * 6
     assert not any("RateLimit" in h for _, h, _ in replies)
     cfg = await admin_config(http, in_b)
-    assert cfg["clusterPolicy"] == policy.name and cfg["policy"] is None
+    assert cfg["clusterPolicyRef"] == policy.name and cfg["policyRef"] is None
 
 
 async def test_namespace_policy_first_then_the_shared_budget(publish: Publish, sidecar_in: Start,
@@ -149,6 +149,19 @@ async def test_namespace_policy_first_then_the_shared_budget(publish: Publish, s
     assert int(headers["Retry-After"]) >= 1
 
 
+def test_heartbeats_keep_their_stored_form_across_releases() -> None:
+    """During a rolling upgrade the operator reads heartbeats of sidecars of the previous
+    release (and the other way round): the stored form is positional, so renaming the fields
+    of :class:`keyschema.Heartbeat` must leave it as it was."""
+    beat = keyschema.Heartbeat(7, 1700000000.0, "web", 3, "budget")
+    assert beat.encode() == "7 1700000000 web 3 budget"
+    assert keyschema.parse_heartbeat(b"7 1700000000 web 3 budget") == beat
+    assert (keyschema.parse_heartbeat(b"7 1700000000 - 3 -")
+            == keyschema.Heartbeat(7, 1700000000.0, None, 3, None))
+    got = keyschema.parse_heartbeat(b"7 1700000000 web")  # no cluster fields
+    assert (got.policy_ref, got.cluster_version, got.cluster_policy_ref) == ("web", 0, None)
+
+
 async def test_scope_changes_reload_and_heartbeat_reports_the_cluster_policy(
         publish: Publish, sidecar_in: Start, http: aiohttp.ClientSession, redis_url: str) -> None:
     a, b, _ = names()
@@ -162,7 +175,7 @@ async def test_scope_changes_reload_and_heartbeat_reports_the_cluster_policy(
             return (await configstore.heartbeats(client, a)).get(f"web-{a}".encode())
 
     beat = keyschema.parse_heartbeat(await wait_for(heartbeat, timeout=10, what="the heartbeat"))
-    assert (beat.cluster_version, beat.cluster_policy, beat.policy) == (v1, budget.name, None)
+    assert (beat.cluster_version, beat.cluster_policy_ref, beat.policy_ref) == (v1, budget.name, None)
 
     # The namespace leaves the policy's scope (its labels changed): the sidecar stops applying it.
     await publish(CLUSTER_SCOPE, [budget], scopes={budget.name: [b]})

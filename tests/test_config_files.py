@@ -91,7 +91,7 @@ async def test_two_policies_in_a_standalone_file_warn_and_the_first_by_name_wins
     sc = await start_sidecar(tmp_path, text, upstream=upstream)
     try:
         async with aiohttp.ClientSession() as http, http.get(sc.admin_url + "/admin/config") as r:
-            assert (await r.json())["config"]["policy"] == "default/alpha"
+            assert (await r.json())["config"]["policyRef"] == "default/alpha"
     finally:
         await sc.stop()
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]

@@ -155,7 +155,7 @@ def test_cluster_policy_lifecycle(operator: Operator, namespaces: dict[str, str]
         enforced = next(c for c in status["conditions"] if c["type"] == "Enforced")
         assert enforced["status"] == "True", enforced
         admin = json.loads(http_get(sidecar.admin + "/admin/config")[1])
-        assert admin["config"]["clusterPolicy"] == name
+        assert admin["config"]["clusterPolicyRef"] == name
     finally:
         sidecar.close()
 

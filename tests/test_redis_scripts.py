@@ -31,7 +31,7 @@ def noscript_errors(server: RedisServer) -> int:
 async def test_a_reconnect_loads_the_script_before_any_decision(fresh_redis: RedisServer) -> None:
     store = RedisStore(parse_redis_url(fresh_redis.url), timeout=1.0, connect_timeout=1.0)
     try:
-        assert (await store.decide((bucket(),), 1, PARAMS))[0] == 1
+        assert (await store.decide((bucket(),), 1, PARAMS)).allowed
         fresh_redis.restart()  # empty script cache; the store's connection is gone
         replies = []
         for _ in range(100):  # the first decisions after the restart may meet the lost connection
@@ -40,7 +40,7 @@ async def test_a_reconnect_loads_the_script_before_any_decision(fresh_redis: Red
                 break
             except StoreUnavailable:  # the lost connection, noticed: retried until reconnected
                 await asyncio.sleep(0.02)
-        assert [r[0] for r in replies] == [1] * 200
+        assert [r.allowed for r in replies] == [True] * 200
         assert noscript_errors(fresh_redis) == 0
     finally:
         await store.close()
@@ -49,13 +49,13 @@ async def test_a_reconnect_loads_the_script_before_any_decision(fresh_redis: Red
 async def test_every_batch_pipelined_behind_noscript_is_retried(fresh_redis: RedisServer) -> None:
     store = RedisStore(parse_redis_url(fresh_redis.url), timeout=1.0, connect_timeout=1.0, max_batch=4)
     try:
-        assert (await store.decide((bucket(),), 1, PARAMS))[0] == 1
+        assert (await store.decide((bucket(),), 1, PARAMS)).allowed
         fresh_redis.execute("SCRIPT", "FLUSH")  # same connection, empty cache
         batches = store.batches
         replies = await asyncio.gather(*(store.decide((bucket(),), 1, PARAMS) for _ in range(64)),
                                        return_exceptions=True)
         assert store.batches - batches >= 16  # 16 batches of 4, pipelined on one connection
-        assert [r if isinstance(r, BaseException) else r[0] for r in replies] == [1] * 64
+        assert [r if isinstance(r, BaseException) else r.allowed for r in replies] == [True] * 64
         assert noscript_errors(fresh_redis) >= 1  # they did meet NOSCRIPT
     finally:
         await store.close()

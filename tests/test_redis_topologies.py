@@ -34,10 +34,10 @@ async def exercise(url: str) -> None:
     store = RedisStore(parse_redis_url(url), timeout=2.0, connect_timeout=2.0)
     key = keyschema.tier_bucket_key(keyschema.client_tag("topo/p", "i" + uuid.uuid4().hex), "free", *PARAMS)
     try:
-        allowed = [(await store.decide((key,), 1, PARAMS))[0] for _ in range(3)]
+        allowed = [(await store.decide((key,), 1, PARAMS)).allowed for _ in range(3)]
     finally:
         await store.close()
-    assert allowed == [1, 1, 0]
+    assert allowed == [True, True, False]
     ns = "topo-" + uuid.uuid4().hex[:6]
     async with configstore.connect(url) as client:
         version = await configstore.publish(client, ns, configdoc.build_doc(ns, [POLICY]))

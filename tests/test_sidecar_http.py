@@ -868,6 +868,19 @@ async def test_readyz_503_while_draining(sidecars: Factory, http: aiohttp.Client
         await call(http, "GET", sc.url + "/after-drain")
 
 
+async def test_readyz_names_policies_and_admin_config_adds_their_manifests(
+        sidecars: Factory, http: aiohttp.ClientSession) -> None:
+    """One key, one meaning: a policy's name is under ``policyRef`` / ``clusterPolicyRef``;
+    ``policy`` / ``clusterPolicy`` are always manifests (only /admin/config has them)."""
+    sc = await sidecars(policy_doc())
+    ready = (await call(http, "GET", sc.admin_url + "/readyz")).json()["config"]
+    assert ready["policyRef"] == "default/test-api" and ready["clusterPolicyRef"] is None
+    assert "policy" not in ready and "clusterPolicy" not in ready
+    body = (await call(http, "GET", sc.admin_url + "/admin/config")).json()
+    assert body["config"] == ready
+    assert body["policy"]["kind"] == "RateLimitPolicy" and "clusterPolicy" not in body
+
+
 async def test_admin_config_counts_keys_and_shows_no_key_material(sidecars: Factory, http: aiohttp.ClientSession) -> None:
     hashed = "sk-stored-as-digest"
     keys = {"sk-alpha-123": "pro", "sk-beta-456": "basic",

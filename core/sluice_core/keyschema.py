@@ -42,19 +42,23 @@ def heartbeat_key(namespace: str) -> str:
 class Heartbeat:
     """What one sidecar enforces: the namespace document's version and the policy it selected
     there, the cluster document's version and the cluster policy it selected (``-``: none).
+    Policies are named by reference (``*_ref``, as ``policyRef`` in ``/readyz``): the policy's
+    name, as the heartbeat's key names its namespace.
 
     Stored as ``"<version> <unix s> <policy> <cluster version> <cluster policy>"``; policy names
-    are Kubernetes names, so never contain spaces."""
+    are Kubernetes names, so never contain spaces. The fields are positional: renaming an
+    attribute here changes nothing stored, so sidecars and operators of different releases
+    read each other's heartbeats (a rolling upgrade)."""
 
     version: int
     at: float
-    policy: str | None = None
+    policy_ref: str | None = None
     cluster_version: int = 0
-    cluster_policy: str | None = None
+    cluster_policy_ref: str | None = None
 
     def encode(self) -> str:
-        return (f"{self.version} {self.at:.0f} {self.policy or '-'} "
-                f"{self.cluster_version} {self.cluster_policy or '-'}")
+        return (f"{self.version} {self.at:.0f} {self.policy_ref or '-'} "
+                f"{self.cluster_version} {self.cluster_policy_ref or '-'}")
 
 
 def parse_heartbeat(value: bytes | str) -> Heartbeat:

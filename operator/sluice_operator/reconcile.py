@@ -271,7 +271,7 @@ class Reconciler:
         count = 0
         for ns in namespaces:
             for beat in await self._heartbeats(ns, stale_s, max_age):
-                if (cluster and beat.cluster_version == version and beat.cluster_policy == policy) or (not cluster and beat.version == version and beat.policy == policy):
+                if (cluster and beat.cluster_version == version and beat.cluster_policy_ref == policy) or (not cluster and beat.version == version and beat.policy_ref == policy):
                     count += 1
         return count
 

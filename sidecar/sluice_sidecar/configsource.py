@@ -39,7 +39,7 @@ from sluice_sidecar.transport.topology import RedisNodes
 
 log = logging.getLogger("sluice.config")
 Apply = Callable[[Enforcement | None, Enforcement | None], None]
-"""Called with the pod's namespaced policy and its cluster policy (either may be None)."""
+"""Called with the pod's namespace policy and its cluster policy (either may be None)."""
 
 
 class NoConfig(Exception):
@@ -194,8 +194,8 @@ class RedisSource:
         self.pod_name = pod_name
         self.poll_interval = poll_interval
         self.heartbeat_interval = heartbeat_interval
-        self._own = _Doc(namespace)
-        self._cluster = _Doc(CLUSTER_SCOPE)
+        self._policy_doc = _Doc(namespace)  # the namespace's RateLimitPolicies
+        self._cluster_policy_doc = _Doc(CLUSTER_SCOPE)  # every ClusterRateLimitPolicy
         self.enforcing = keyschema.Heartbeat(0, 0.0)  # what the heartbeat reports
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
@@ -238,7 +238,7 @@ class RedisSource:
     async def check(self) -> bool:
         """Load the config if either document changed; return True when a new one was applied."""
         changed = False
-        for doc in (self._own, self._cluster):
+        for doc in (self._policy_doc, self._cluster_policy_doc):
             try:
                 changed = await self._refresh(doc) or changed
             except TransportError as exc:
@@ -257,29 +257,31 @@ class RedisSource:
             self.metrics.config_reloads.labels("invalid").inc()
             log.error("cannot read this pod's labels (keeping the last good config): %s", exc)
             return False
-        own, cluster = self._own.config, self._cluster.config
-        policy = select_policy(own.policies, labels) if own is not None else None
-        shared = select_cluster_policy(cluster, self.namespace, labels)
+        ns_config, cluster_config = self._policy_doc.config, self._cluster_policy_doc.config
+        ns_version, cluster_version = self._policy_doc.version, self._cluster_policy_doc.version
+        policy = select_policy(ns_config.policies, labels) if ns_config is not None else None
+        cluster_policy = select_cluster_policy(cluster_config, self.namespace, labels)
         self.enforcing = keyschema.Heartbeat(
-            self._own.version, 0.0, policy.name if policy else None,
-            self._cluster.version, shared.name if shared else None)
-        if policy is None and shared is None:
+            ns_version, 0.0, policy.name if policy else None,
+            cluster_version, cluster_policy.name if cluster_policy else None)
+        if policy is None and cluster_policy is None:
             self.metrics.config_reloads.labels("no_policy").inc()
             log.warning("no policy selects this pod (namespace %s, config version %s, cluster "
-                        "config version %s)", self.namespace, self._own.version, self._cluster.version)
+                        "config version %s)", self.namespace, ns_version, cluster_version)
             self.apply(None, None)
             return True
         self.apply(
-            Enforcement(policy, own.grants.get(policy.name, {}), self._own.version) if policy and own else None,
-            Enforcement(shared, cluster.grants.get(shared.name, {}), self._cluster.version)
-            if shared and cluster else None)
+            Enforcement(policy, ns_config.grants.get(policy.name, {}), ns_version)
+            if policy and ns_config else None,
+            Enforcement(cluster_policy, cluster_config.grants.get(cluster_policy.name, {}),
+                        cluster_version) if cluster_policy and cluster_config else None)
         self.metrics.config_reloads.labels("ok").inc()
-        for doc in (self._own, self._cluster):
+        for doc in (self._policy_doc, self._cluster_policy_doc):
             if doc.version:
                 self.metrics.config_version.labels(doc.namespace).set(doc.version)
         log.info("enforcing %s", " and ".join(
-            f"{p.ref} (config version {v})" for p, v in ((policy, self._own.version),
-                                                        (shared, self._cluster.version)) if p))
+            f"{p.ref} (config version {v})" for p, v in ((policy, ns_version),
+                                                        (cluster_policy, cluster_version)) if p))
         return True
 
     async def start(self) -> None:

@@ -14,6 +14,7 @@ now), so on a 429 the refusing bucket's ``t`` is ``Retry-After``.
 
 from __future__ import annotations
 
+from sluice_core.gcra import Decision
 from sluice_core.model import HeaderStyle, Limit
 
 
@@ -34,27 +35,28 @@ def wait_us(limit: Limit, debt_us: int, cost: int) -> int:
 
 
 def build(style: HeaderStyle, names: tuple[str, ...], limits: tuple[Limit, ...],
-          policy_value: str, reply: list[int], cost: int) -> list[tuple[str, str]]:
-    """Headers for one decision of ``cost`` tokens; ``reply`` is the decision script's reply."""
+          policy_value: str, decision: Decision, cost: int) -> list[tuple[str, str]]:
+    """Headers for one ``decision`` of ``cost`` tokens."""
     if style is HeaderStyle.NONE:
         return []
     out: list[tuple[str, str]] = []
     if style is not HeaderStyle.LEGACY:
         items = []
-        for i, name in enumerate(names):
-            remaining, debt = reply[2 + 3 * i], reply[4 + 3 * i]
+        # One name, limit and state per bucket, by construction (strict would cost every request).
+        for name, limit, bucket in zip(names, limits, decision.buckets, strict=False):
             # t: until this bucket can take a request like this one again (0: now); on a 429 the
             # refusing bucket's t is Retry-After, as both come from the same sum.
-            t = seconds_up(wait_us(limits[i], debt, cost))
-            items.append(f'"{name}";r={remaining};t={t}')
+            t = seconds_up(wait_us(limit, bucket.full_us, cost))
+            items.append(f'"{name}";r={bucket.remaining};t={t}')
         out.append(("RateLimit-Policy", policy_value))
         out.append(("RateLimit", ", ".join(items)))
     if style is not HeaderStyle.DRAFT:
         # The bucket with the fewest tokens left is the one a client must respect.
-        i = min(range(len(names)), key=lambda j: reply[2 + 3 * j])
+        buckets = decision.buckets
+        i = min(range(len(buckets)), key=lambda j: buckets[j].remaining)
         out.append(("X-RateLimit-Limit", str(limits[i].burst)))
-        out.append(("X-RateLimit-Remaining", str(reply[2 + 3 * i])))
-        out.append(("X-RateLimit-Reset", str(seconds_up(reply[4 + 3 * i]))))
+        out.append(("X-RateLimit-Remaining", str(buckets[i].remaining)))
+        out.append(("X-RateLimit-Reset", str(seconds_up(buckets[i].full_us))))
     return out
 
 
@@ -76,6 +78,6 @@ def merge(a: list[tuple[str, str]], b: list[tuple[str, str]]) -> list[tuple[str,
     return out
 
 
-def retry_after(reply: list[int]) -> str:
+def retry_after(decision: Decision) -> str:
     """``Retry-After`` in whole seconds, at least 1."""
-    return str(max(1, seconds_up(reply[1])))
+    return str(max(1, seconds_up(decision.retry_us)))

@@ -4,9 +4,9 @@ Everything that depends only on the config is computed when the config is loaded
 (:class:`Enforcement`), so a request does string joins and dictionary look-ups, one hash of the
 API key, and one store call.
 
-A pod may be under two policies: its namespace's ``RateLimitPolicy`` (``active``) and a
-``ClusterRateLimitPolicy`` whose budget is shared across namespaces (``shared``). A request must
-then pass both. Where one store call can hold both policies' buckets (a single Redis or
+A pod may be under two policies: its namespace's ``RateLimitPolicy`` (``policy``) and a
+``ClusterRateLimitPolicy`` whose budget is shared across namespaces (``cluster_policy``). A
+request must then pass both. Where one store call can hold both policies' buckets (a single Redis or
 Sentinel, the in-memory store) it is one call, all-or-nothing across both. On a Redis Cluster
 their hash tags (clients, policy ids) land in different slots, so they are two calls in order:
 the namespace's policy first, the shared budget only if it admitted, so a client refused
@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 from multidict import MultiMapping
 from sluice_core import keyschema
-from sluice_core.gcra import expand
+from sluice_core.gcra import Decision, expand
 from sluice_core.model import (
     CompiledPolicy,
     FailureMode,
@@ -126,17 +126,25 @@ def _scaled(plan: _Plan) -> tuple[int, ...]:
 
 @dataclass(slots=True)
 class Outcome:
-    """What to do with a request: forward it (``status`` 0) or answer ``status`` now."""
+    """What to do with a request: ``forward`` it (adding ``headers`` to the upstream's response)
+    or answer it now with ``status`` (a refusal: 401, 429, 503) and ``headers``."""
 
-    status: int
+    forward: bool
+    status: int  # 0 when forwarded: the upstream answers
     headers: list[tuple[str, str]]
-    policy: str = ""
+    # A refusal's problem details: who refused (names) and why.
+    policy_name: str = ""
     tier: str = ""
     rule: str = ""
     detail: str = ""
 
 
-FORWARD_PLAIN = Outcome(0, [])
+def forwarded(headers: list[tuple[str, str]]) -> Outcome:
+    """Forward the request; ``headers`` go on the upstream's response."""
+    return Outcome(True, 0, headers)
+
+
+FORWARD_PLAIN = forwarded([])
 
 
 class Limiter:
@@ -144,33 +152,33 @@ class Limiter:
         self.store = store
         self.metrics = metrics
         self.breaker = breaker
-        self.active: Enforcement | None = None  # the namespace's policy
-        self.shared: Enforcement | None = None  # a cluster policy's shared budget
+        self.policy: Enforcement | None = None  # the namespace's RateLimitPolicy
+        self.cluster_policy: Enforcement | None = None  # a ClusterRateLimitPolicy's shared budget
         self._hist = metrics.decision_seconds.labels(store.name)
 
     def trusts(self, peer: str) -> bool:
         """Is ``peer`` one of the trusted proxies of the pod's own (first) policy?"""
-        act = self.active or self.shared
-        return act is not None and act.peers.verdict(peer)[0]
+        first = self.policy or self.cluster_policy
+        return first is not None and first.peers.verdict(peer)[0]
 
     async def decide(self, method: str, path: str, headers: MultiMapping[str], peer: str) -> Outcome:
-        act, shared = self.active, self.shared
-        if shared is None or act is None:
-            one = act or shared
+        policy, cluster_policy = self.policy, self.cluster_policy
+        if cluster_policy is None or policy is None:
+            one = policy or cluster_policy
             if one is None:
                 self.metrics.decision("", "", "", "unconfigured")
                 return FORWARD_PLAIN
             plan = self._plan(one, method, path, headers, peer)
             return plan if isinstance(plan, Outcome) else await self._decide_one(plan)
-        return await self._decide_both(self._plan(act, method, path, headers, peer),
-                                       self._plan(shared, method, path, headers, peer))
+        return await self._decide_both(self._plan(policy, method, path, headers, peer),
+                                       self._plan(cluster_policy, method, path, headers, peer))
 
     async def _decide_both(self, first: _Plan | Outcome, second: _Plan | Outcome) -> Outcome:
         """A pod under its namespace's policy and a cluster policy: the request must pass both."""
         if isinstance(first, Outcome) or isinstance(second, Outcome):
-            if isinstance(first, Outcome) and first.status:
+            if isinstance(first, Outcome) and not first.forward:
                 return first  # 401 by the namespace's policy
-            if isinstance(second, Outcome) and second.status:
+            if isinstance(second, Outcome) and not second.forward:
                 return second  # 401 by the cluster policy: nothing was taken
             plan = first if isinstance(first, _Plan) else second
             if not isinstance(plan, _Plan):
@@ -182,37 +190,37 @@ class Limiter:
             return await self._decide_atomically(first, second, keys)
         # Two calls (different Redis Cluster slots, or a shadow policy, which must not hold the
         # other back): the namespace's policy first, the shared budget only if it admitted.
-        reply = await self._ask(first.keys, first.cost, first.params)
-        one = self._finish(first, reply)
-        if one.status:
+        decision = await self._ask(first.keys, first.cost, first.params)
+        one = self._finish(first, decision)
+        if not one.forward:
             return one
         two = await self._decide_one(second)
-        if two.status:
-            if reply is not None and reply[0] == 1:
+        if not two.forward:
+            if decision is not None and decision.allowed:
                 # Refused after all: give the first policy its tokens back (a refund cannot be
                 # refused; if Redis cannot take it, those tokens stay spent).
                 await self._ask(first.keys, -first.cost, first.params)
             return two
-        return Outcome(0, hdr.merge(one.headers, two.headers))
+        return forwarded(hdr.merge(one.headers, two.headers))
 
     async def _decide_atomically(self, first: _Plan, second: _Plan, keys: tuple[str, ...]) -> Outcome:
         """Both policies' buckets in one script call, all-or-nothing. Each bucket's cost is
         folded into its EM (the script only ever uses cost x EM), so one call serves two costs;
-        each policy's reply is then rebuilt from the debts with its own cost and EM."""
+        each policy's decision is then rebuilt from the debts with its own cost and EM."""
         params = _scaled(first) + _scaled(second)
-        reply = await self._ask(keys, 1, params)
-        if reply is None:
+        both = await self._ask(keys, 1, params)
+        if both is None:
             one, two = self._finish(first, None), self._finish(second, None)
-            return one if one.status else two if two.status else FORWARD_PLAIN
-        allowed, n = reply[0], len(first.keys)
-        debts = reply[4::3]
-        r1 = expand(allowed, debts[:n], first.cost, first.params)
-        r2 = expand(allowed, debts[n:], second.cost, second.params)
+            return one if not one.forward else two if not two.forward else FORWARD_PLAIN
+        allowed, n = both.allowed, len(first.keys)
+        debts = [b.full_us for b in both.buckets]
+        d1 = expand(allowed, debts[:n], first.cost, first.params)
+        d2 = expand(allowed, debts[n:], second.cost, second.params)
         if allowed:
-            one, two = self._finish(first, r1), self._finish(second, r2)
-            return Outcome(0, hdr.merge(one.headers, two.headers))
+            one, two = self._finish(first, d1), self._finish(second, d2)
+            return forwarded(hdr.merge(one.headers, two.headers))
         # Refused: by the first policy whose buckets lack room (the other took nothing either).
-        return self._finish(first, r1) if _short_bucket(r1, first.cost) is not None else self._finish(second, r2)
+        return self._finish(first, d1) if d1.short_bucket(first.cost) is not None else self._finish(second, d2)
 
     async def _decide_one(self, plan: _Plan) -> Outcome:
         return self._finish(plan, await self._ask(plan.keys, plan.cost, plan.params))
@@ -241,7 +249,7 @@ class Limiter:
                     client = keyschema.client_for_api_key(raw)
         if grant is None and policy.api_keys.required:
             self.metrics.decision(act.label, "", rule_name, "unauthorized")
-            return Outcome(401, [("WWW-Authenticate", f'ApiKey header="{policy.api_keys.header}"')],
+            return Outcome(False, 401, [("WWW-Authenticate", f'ApiKey header="{policy.api_keys.header}"')],
                            policy.name, detail="a valid API key is required" if digest is None
                            else "the API key is not known")
         if grant is not None and client is not None:
@@ -262,39 +270,40 @@ class Limiter:
                      tier_b.params + rule_b.params, (tier_b.shown, rule_b.shown),
                      (tier_b.limit, rule_b.limit), f"{tier_b.policy_item}, {rule_b.policy_item}")
 
-    def _finish(self, plan: _Plan, reply: list[int] | None) -> Outcome:
-        """The answer for one policy from the store's reply (None: the store could not decide)."""
+    def _finish(self, plan: _Plan, decision: Decision | None) -> Outcome:
+        """The answer for one policy from the store's decision (None: it could not decide)."""
         act, tier_b, rule_name = plan.act, plan.tier_b, plan.rule_name
         policy = act.policy
-        if reply is None:  # store unavailable
+        if decision is None:  # store unavailable
             if policy.failure_mode is FailureMode.CLOSED and policy.mode is Mode.ENFORCE:
                 self.metrics.decision(act.label, tier_b.name, rule_name, "failed_closed")
-                return Outcome(503, [("Retry-After", "1")], policy.name, tier_b.name, rule_name,
+                return Outcome(False, 503, [("Retry-After", "1")], policy.name, tier_b.name, rule_name,
                                "the rate limiter cannot decide right now")
             self.metrics.decision(act.label, tier_b.name, rule_name, "failed_open")
             return FORWARD_PLAIN
-        out_headers = hdr.build(policy.headers, plan.names, plan.limits, plan.policy_value, reply,
+        out_headers = hdr.build(policy.headers, plan.names, plan.limits, plan.policy_value, decision,
                                 plan.cost)
-        if reply[0] == 1:
+        if decision.allowed:
             self.metrics.decision(act.label, tier_b.name, rule_name, "allowed")
-            return Outcome(0, out_headers)
+            return forwarded(out_headers)
         if policy.mode is Mode.SHADOW:
             self.metrics.decision(act.label, tier_b.name, rule_name, "shadow_limited")
-            return Outcome(0, out_headers if policy.headers is not HeaderStyle.NONE else [])
+            return forwarded(out_headers if policy.headers is not HeaderStyle.NONE else [])
         self.metrics.decision(act.label, tier_b.name, rule_name, "limited")
-        out_headers.append(("Retry-After", hdr.retry_after(reply)))
-        limiting = plan.names[_short_bucket(reply, plan.cost) or 0]
-        return Outcome(429, out_headers, policy.name, tier_b.name, rule_name,
-                       f"the {limiting} limit is used up; retry after {hdr.retry_after(reply)} s")
+        retry_after = hdr.retry_after(decision)
+        out_headers.append(("Retry-After", retry_after))
+        limiting = plan.names[decision.short_bucket(plan.cost) or 0]
+        return Outcome(False, 429, out_headers, policy.name, tier_b.name, rule_name,
+                       f"the {limiting} limit is used up; retry after {retry_after} s")
 
-    async def _ask(self, keys: tuple[str, ...], cost: int, params: tuple[int, ...]) -> list[int] | None:
+    async def _ask(self, keys: tuple[str, ...], cost: int, params: tuple[int, ...]) -> Decision | None:
         breaker = self.breaker
         if not breaker.allow():
             self.metrics.store_errors.labels(self.store.name, "circuit_open").inc()
             return None
         started = time.perf_counter()
         try:
-            reply = await self.store.decide(keys, cost, params)
+            decision = await self.store.decide(keys, cost, params)
         except StoreUnavailable as exc:
             # The breaker logs (at ERROR, once per change of reason) what switches limiting off.
             breaker.failure(exc)
@@ -303,13 +312,5 @@ class Limiter:
             return None
         breaker.success()
         self._hist.observe(time.perf_counter() - started)
-        return reply
+        return decision
 
-
-def _short_bucket(reply: list[int], cost: int) -> int | None:
-    """The index of the first bucket that does not hold ``cost`` tokens (the one that refuses),
-    or None when every bucket has room."""
-    for i in range((len(reply) - 2) // 3):
-        if reply[2 + 3 * i] < cost:
-            return i
-    return None

@@ -89,9 +89,9 @@ class Sidecar:
         self.data_port = 0
         self.admin_port = 0
 
-    def _apply(self, enforcement: Enforcement | None, shared: Enforcement | None) -> None:
-        self.limiter.active = enforcement
-        self.limiter.shared = shared
+    def _apply(self, policy: Enforcement | None, cluster_policy: Enforcement | None) -> None:
+        self.limiter.policy = policy
+        self.limiter.cluster_policy = cluster_policy
         self.loaded = True
         self.metrics.config_loaded.set(1)
 
@@ -124,7 +124,7 @@ class Sidecar:
             # Rules see the path as sent and normalise it themselves (sluice_core.paths); the
             # request is forwarded unchanged.
             outcome = await self.limiter.decide(request.method, request.rel_url.raw_path, request.headers, peer)
-            if outcome.status == 0:
+            if outcome.forward:
                 # The verdict is looked up only when a header it governs is present (rare).
                 trusted = proxy_headers_in(request.headers) and self.limiter.trusts(peer)
                 return await self.proxy.forward(request, peer, outcome.headers, trusted_peer=trusted)
@@ -141,12 +141,13 @@ class Sidecar:
         return web.json_response({"status": "ok"})
 
     def components(self) -> dict[str, Any]:
-        act, shared = self.limiter.active, self.limiter.shared
+        policy, cluster_policy = self.limiter.policy, self.limiter.cluster_policy
         return {
-            "config": {"loaded": self.loaded, "version": act.version if act else 0,
-                       "policy": act.policy.ref if act else None,
-                       "clusterVersion": shared.version if shared else 0,
-                       "clusterPolicy": shared.policy.name if shared else None},
+            # Names only (*Ref); /admin/config adds the manifests as "policy" / "clusterPolicy".
+            "config": {"loaded": self.loaded, "version": policy.version if policy else 0,
+                       "policyRef": policy.policy.ref if policy else None,
+                       "clusterVersion": cluster_policy.version if cluster_policy else 0,
+                       "clusterPolicyRef": cluster_policy.policy.name if cluster_policy else None},
             # error: why decisions fail now (timeout, unavailable, auth, oom, refused), or None.
             "store": {"kind": self.store.name, "circuit": self.breaker.state.name.lower(),
                       "error": self.breaker.reason},
@@ -158,16 +159,16 @@ class Sidecar:
         return web.json_response({"ready": ready, **self.components()}, status=200 if ready else 503)
 
     async def _config(self, request: web.Request) -> web.Response:
-        act, shared = self.limiter.active, self.limiter.shared
+        policy, cluster_policy = self.limiter.policy, self.limiter.cluster_policy
         body: dict[str, Any] = self.components()
         from sluice_core.manifest import to_manifest
 
-        if act is not None:
-            body["policy"] = to_manifest(act.policy)
-            body["apiKeys"] = len(act.grants)  # how many, never which
-        if shared is not None:
-            body["clusterPolicy"] = to_manifest(shared.policy)
-            body["clusterApiKeys"] = len(shared.grants)
+        if policy is not None:
+            body["policy"] = to_manifest(policy.policy)
+            body["apiKeys"] = len(policy.grants)  # how many, never which
+        if cluster_policy is not None:
+            body["clusterPolicy"] = to_manifest(cluster_policy.policy)
+            body["clusterApiKeys"] = len(cluster_policy.grants)
         return web.json_response(body, dumps=lambda o: json.dumps(o, indent=2))
 
     # Lifecycle --------------------------------------------------------------------------
@@ -251,11 +252,11 @@ def _bound_port(runner: web.BaseRunner) -> int:
 def refusal(outcome: Outcome) -> web.Response:
     if outcome.status == 429:
         return problem(429, "Too Many Requests", outcome.detail, type_=RATE_LIMITED,
-                       headers=outcome.headers, policy=outcome.policy, tier=outcome.tier,
+                       headers=outcome.headers, policy=outcome.policy_name, tier=outcome.tier,
                        rule=outcome.rule or None)
     if outcome.status == 401:
         return problem(401, "Unauthorized", outcome.detail, type_=API_KEY_REQUIRED,
-                       headers=outcome.headers, policy=outcome.policy)
+                       headers=outcome.headers, policy=outcome.policy_name)
     return problem(outcome.status, "Service Unavailable", outcome.detail,
                    type_=LIMITER_UNAVAILABLE, headers=outcome.headers,
-                   policy=outcome.policy)
+                   policy=outcome.policy_name)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Protocol
 
+from sluice_core.gcra import Decision
+
 from sluice_sidecar.transport.errors import OOM, REFUSED, UNAVAILABLE
 
 # Reasons (:mod:`sluice_sidecar.transport.errors`) that mean Redis answered at once: they cost
@@ -27,13 +29,13 @@ class DecisionStore(Protocol):
     """Check and take tokens from every bucket of one request, atomically.
 
     ``keys``: bucket keys (one hash tag); ``params``: ``(em_us, cap_us)`` per key, flattened;
-    returns the decision script's reply: ``[allowed, retry_us, (remaining, next_us, full_us) * n]``.
+    returns the :class:`~sluice_core.gcra.Decision` (its buckets in the order of ``keys``).
     A ``cost`` of 0 only reads.
     """
 
     name: str
 
-    async def decide(self, keys: tuple[str, ...], cost: int, params: tuple[int, ...]) -> list[int]: ...
+    async def decide(self, keys: tuple[str, ...], cost: int, params: tuple[int, ...]) -> Decision: ...
 
     def atomic(self, keys: tuple[str, ...]) -> bool:
         """Can one :meth:`decide` take all of ``keys`` (whatever their hash tags)?"""

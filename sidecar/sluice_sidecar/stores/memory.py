@@ -11,7 +11,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 
-from sluice_core.gcra import expand
+from sluice_core.gcra import Decision, expand
 from sluice_core.sidecar_settings import DEFAULT_MAX_BUCKETS
 
 
@@ -34,7 +34,7 @@ class MemoryStore:
     def __len__(self) -> int:
         return len(self._tat)
 
-    async def decide(self, keys: tuple[str, ...], cost: int, params: tuple[int, ...]) -> list[int]:
+    async def decide(self, keys: tuple[str, ...], cost: int, params: tuple[int, ...]) -> Decision:
         return self.decide_now(keys, cost, params)
 
     def atomic(self, keys: tuple[str, ...]) -> bool:
@@ -43,7 +43,7 @@ class MemoryStore:
     async def probe(self) -> None:
         return None  # memory never goes away
 
-    def decide_now(self, keys: tuple[str, ...], cost: int, params: tuple[int, ...]) -> list[int]:
+    def decide_now(self, keys: tuple[str, ...], cost: int, params: tuple[int, ...]) -> Decision:
         now = self._clock()
         tats: list[int] = []
         news: list[int] = []

@@ -18,7 +18,7 @@ from collections.abc import Coroutine
 from typing import Any
 
 from sluice_core import keyschema, scripts
-from sluice_core.gcra import expand
+from sluice_core.gcra import Decision, expand
 from sluice_core.redisurl import RedisTarget
 
 from sluice_sidecar.stores.base import StoreUnavailable
@@ -31,7 +31,7 @@ PROBE_EM_US = 1_000_000
 SENDS = 4  # a batch's tries on the careful path: redirections and a script load, then it fails
 
 
-Pending = tuple[tuple[str, ...], int, tuple[int, ...], "asyncio.Future[list[int]]"]
+Pending = tuple[tuple[str, ...], int, tuple[int, ...], "asyncio.Future[Decision]"]
 
 
 class RedisStore:
@@ -55,9 +55,9 @@ class RedisStore:
         self.batches = 0  # script runs sent (decisions / batches = mean batch size)
         self.decisions = 0
 
-    async def decide(self, keys: tuple[str, ...], cost: int, params: tuple[int, ...]) -> list[int]:
+    async def decide(self, keys: tuple[str, ...], cost: int, params: tuple[int, ...]) -> Decision:
         loop = asyncio.get_running_loop()
-        fut: asyncio.Future[list[int]] = loop.create_future()
+        fut: asyncio.Future[Decision] = loop.create_future()
         self._pending.append((keys, cost, params, fut))
         if not self._flush_scheduled:
             self._flush_scheduled = True
