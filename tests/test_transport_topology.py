@@ -36,18 +36,18 @@ async def test_change_notices_reach_a_cluster_sidecar_whose_first_node_is_down(
     url = f"redis+cluster://127.0.0.1:{pick_port()}," + redis_cluster.url.split("://", 1)[1]
     store = RedisStore(parse_redis_url(url), timeout=1.0, connect_timeout=0.5)
     applied: list[Enforcement | None] = []
-    source = RedisSource(store.nodes, ns, Metrics(), lambda own, _: applied.append(own),
+    source = RedisSource(store.nodes, ns, Metrics(), lambda policy, _: applied.append(policy),
                          labels_path=None, poll_interval=3600)  # no poll within the test
     client = configstore.connect(redis_cluster.url)
     try:
         await source.start()
         policy = parse_policy(load(POLICY % ns))
-        version = configstore.publish(client, ns, configdoc.build_doc(ns, [policy]))
+        version = await configstore.publish(client, ns, configdoc.build_doc(ns, [policy]))
         deadline = time.monotonic() + 10
         while not any(e is not None and e.version == version for e in applied):
             assert time.monotonic() < deadline, "the change notice never arrived"
             await asyncio.sleep(0.02)
     finally:
-        client.close()
+        await client.aclose()
         await source.close()
         await store.close()
