@@ -4,6 +4,7 @@ real Redis Cluster."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import time
 import uuid
 
@@ -16,7 +17,7 @@ from sluice_sidecar.configsource import RedisSource
 from sluice_sidecar.limiter import Enforcement
 from sluice_sidecar.metrics import Metrics
 from sluice_sidecar.stores.redis import RedisStore
-from support.redis_servers import RedisClusterProcs, pick_port
+from support.redis_servers import RedisClusterProcs, RedisServer, pick_port
 
 POLICY = """
 apiVersion: sluice.dev/v1alpha1
@@ -51,3 +52,27 @@ async def test_change_notices_reach_a_cluster_sidecar_whose_first_node_is_down(
         await client.aclose()
         await source.close()
         await store.close()
+
+
+async def test_a_refused_heartbeat_leaves_no_unretrieved_error(
+        fresh_redis: RedisServer, caplog: pytest.LogCaptureFixture) -> None:
+    """The heartbeat's HSET and PEXPIRE go out together; a refused HSET (here an ACL that
+    forbids it) is an error the heartbeat handles, not a future nobody awaited (asyncio then
+    logs "Future exception was never retrieved" at garbage collection, as an ERROR)."""
+    fresh_redis.execute("ACL", "SETUSER", "default", "on", "nopass", "~*", "&*", "+@all", "-hset")
+    ns = f"t{uuid.uuid4().hex[:10]}"
+    store = RedisStore(parse_redis_url(fresh_redis.url), timeout=1.0, connect_timeout=0.5)
+    source = RedisSource(store.nodes, ns, Metrics(), lambda policy, _: None, labels_path=None,
+                         pod_name="web-0", poll_interval=3600, heartbeat_interval=0.01)
+    try:
+        await source.start()
+        deadline = time.monotonic() + 10
+        while fresh_redis.execute("INFO", "commandstats").get("cmdstat_pexpire", {}).get("calls", 0) < 5:
+            assert time.monotonic() < deadline, "the heartbeat never ran"
+            await asyncio.sleep(0.02)
+    finally:
+        await source.close()
+        await store.close()
+    gc.collect()
+    await asyncio.sleep(0)  # the loop's exception handler runs on the next turn
+    assert not [r for r in caplog.records if "never retrieved" in r.getMessage()]

@@ -330,8 +330,11 @@ class RedisSource:
             with contextlib.suppress(TransportError):
                 conn = await self.nodes.for_key(key)
                 beat = dataclasses.replace(self.enforcing, at=time.time())
-                conn.send(encode("HSET", key, self.pod_name, beat.encode()))
-                await conn.call("PEXPIRE", key, ttl_ms)
+                # Both written at once; both awaited, so a refused HSET (an ACL, OOM) is
+                # handled here rather than left in a future nobody reads.
+                hset = conn.send(encode("HSET", key, self.pod_name, beat.encode()))
+                pexpire = conn.send(encode("PEXPIRE", key, ttl_ms))
+                await asyncio.gather(hset, pexpire, return_exceptions=True)
             await asyncio.sleep(self.heartbeat_interval)
 
     async def close(self) -> None:
