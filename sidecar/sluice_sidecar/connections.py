@@ -140,12 +140,12 @@ class GuardedHandler(RequestHandler):
     logs a traceback at ERROR for each: a log-flooding lever for anyone. Here they get a terse
     problem+json, a debug log line and a counter."""
 
-    __slots__ = ("_client", "_guard", "_head_bytes", "_head_deadline", "_head_open", "_head_timer",
-                 "_last_payload", "_refused", "_send_left", "_send_timer", "_shed")
+    __slots__ = ("_client", "_head_bytes", "_head_deadline", "_head_open", "_head_timer",
+                 "_last_payload", "_refused", "_send_left", "_send_timer", "_shed", "guard")
 
     def __init__(self, guard: DataServer, **kwargs: Any) -> None:
         super().__init__(guard, loop=guard.loop, **kwargs)
-        self._guard = guard
+        self.guard = guard
         self._refused = False  # over the connection cap: never set up
         self._client: str | None = None  # counted against the per-client cap under this key
         self._shed = False  # refused mid-stream: further bytes are dropped unparsed
@@ -161,7 +161,7 @@ class GuardedHandler(RequestHandler):
 
     # Connection cap -----------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        guard = self._guard
+        guard = self.guard
         if guard.open >= guard.max_connections:
             self._refuse_connection(transport, "connections", CONNECTIONS_FULL)
             return
@@ -184,7 +184,7 @@ class GuardedHandler(RequestHandler):
         """Over a cap: answer 503 and close, never parsing a byte. The close waits (at most
         LINGER_S) for the client to close first, as after a 431, unless as many refused
         connections are already lingering as the cap allows: then it is immediate."""
-        guard = self._guard
+        guard = self.guard
         self._refused = self._shed = True
         guard.metrics.overload_refusals.labels(reason).inc()
         transport = cast(asyncio.Transport, transport)  # uvloop's is not an asyncio subclass
@@ -203,11 +203,11 @@ class GuardedHandler(RequestHandler):
             timer.cancel()
         if self._refused:
             if timer is not None:  # it was lingering
-                self._guard.lingering -= 1
+                self.guard.lingering -= 1
             return  # never counted, never set up
         client, self._client = self._client, None
         if client is not None:
-            clients = self._guard.clients
+            clients = self.guard.clients
             left = clients[client] - 1
             if left:
                 clients[client] = left
@@ -221,7 +221,7 @@ class GuardedHandler(RequestHandler):
         transport = self.transport
         if transport is not None and self._send_timer is None:
             self._send_left = transport.get_write_buffer_size()
-            self._send_timer = self._loop.call_later(self._guard.client_timeout, self._send_expired)
+            self._send_timer = self._loop.call_later(self.guard.client_timeout, self._send_expired)
 
     def resume_writing(self) -> None:
         self._stop_send_timer()
@@ -240,14 +240,14 @@ class GuardedHandler(RequestHandler):
         left = transport.get_write_buffer_size()
         if left < self._send_left:  # the client took some bytes: slow, not stalled
             self._send_left = left
-            self._send_timer = self._loop.call_later(self._guard.client_timeout, self._send_expired)
+            self._send_timer = self._loop.call_later(self.guard.client_timeout, self._send_expired)
             return
         # The handler is waiting to write more (a drain), holding an in-flight slot and the
         # response's buffers. Abort, as after an upstream failure mid-body: unsent bytes are
         # dropped and the handler is cancelled (handler_cancellation), freeing both.
-        self._guard.metrics.overload_refusals.labels("send_timeout").inc()
+        self.guard.metrics.overload_refusals.labels("send_timeout").inc()
         log.debug("aborting a client connection that took no response bytes for %.1f s",
-                  self._guard.client_timeout)
+                  self.guard.client_timeout)
         transport.abort()
         self.force_close()
 
@@ -256,7 +256,7 @@ class GuardedHandler(RequestHandler):
         self._head_open = True
         self._head_bytes = 0
         loop = self._loop
-        self._head_deadline = loop.time() + self._guard.header_timeout
+        self._head_deadline = loop.time() + self.guard.header_timeout
         if self._head_timer is None:  # else it fires early and re-arms (no allocation per request)
             self._head_timer = loop.call_at(self._head_deadline, self._head_expired)
 
@@ -267,9 +267,9 @@ class GuardedHandler(RequestHandler):
         if self._loop.time() < self._head_deadline:  # a later head moved the deadline
             self._head_timer = self._loop.call_at(self._head_deadline, self._head_expired)
             return
-        self._guard.metrics.overload_refusals.labels("header_timeout").inc()
+        self.guard.metrics.overload_refusals.labels("header_timeout").inc()
         log.debug("closing a connection whose request head took over %.1f s",
-                  self._guard.header_timeout)
+                  self.guard.header_timeout)
         self._shed = True
         if self._request_in_progress:
             self.close()  # a slow pipelined head: the response in progress is finished first
@@ -294,7 +294,7 @@ class GuardedHandler(RequestHandler):
             unread = self._head_bytes if self._head_open else len(data) - (body.total_bytes - body_before)
             self._head_open = False
             self._check_heads(queued, unread)
-        elif self._head_open and self._head_bytes > self._guard.max_head_bytes:
+        elif self._head_open and self._head_bytes > self.guard.max_head_bytes:
             self._refuse_head(len(messages))  # still incomplete and already too large
 
     def _check_heads(self, first: int, unread: int) -> None:
@@ -303,7 +303,7 @@ class GuardedHandler(RequestHandler):
         Of the ``unread`` bytes (the head's so far, or this read's beyond a body), what the
         requests do not account for is the start of the next head, counted towards it."""
         messages = self._messages
-        limit = self._guard.max_head_bytes
+        limit = self.guard.max_head_bytes
         for i in range(first, len(messages)):
             message, payload = messages[i]
             if isinstance(message, RawRequestMessage):
@@ -343,12 +343,12 @@ class GuardedHandler(RequestHandler):
         if status >= 500:
             return super().handle_error(request, status, exc, message)
         if is_header_limit(exc):
-            self._guard.metrics.overload_refusals.labels("header_size").inc()
+            self.guard.metrics.overload_refusals.labels("header_size").inc()
             log.debug("request head too large from %s: %s", request.remote, type(exc).__name__)
             self._shed = True  # the rest of the head is read and dropped, never parsed
             return _Lingering(problem(431, "Request Header Fields Too Large",
                                       "the request head is larger than this server accepts"), self)
-        self._guard.metrics.bad_requests.inc()
+        self.guard.metrics.bad_requests.inc()
         log.debug("unparseable request from %s: %s", request.remote, type(exc).__name__)
         resp = problem(status, HTTPStatus(status).phrase, "the request could not be parsed")
         resp.force_close()
@@ -371,7 +371,7 @@ class _Lingering(web.Response):
             return
         if transport.can_write_eof():
             transport.write_eof()
-        await asyncio.sleep(min(LINGER_S, self._handler._guard.header_timeout))
+        await asyncio.sleep(min(LINGER_S, self._handler.guard.header_timeout))
 
 
 class DataServer(web.Server):
