@@ -2,7 +2,7 @@
 sidecar process, longer than the tests run them, with what each cost; written into
 docs/security.md between the attack markers.
 
-The tests (``tests/test_attacks.py``) assert what must hold; this prints how much it cost: the
+The tests (``tests/sidecar/test_attacks.py``) assert what must hold; this prints how much it cost: the
 sidecar's RSS and file descriptors before, at the peak and after, and the latency of a
 well-behaved client (the bystander) while the attack ran.
 """
@@ -39,7 +39,7 @@ def table(reports: list[Report], seconds: float) -> str:
         "sidecar has closed every connection it opened. The sidecar runs with its defaults except "
         "2 s header, keep-alive and client timeouts (so that they act within the run) and, for the "
         "floods, the per-client connection cap lifted (every attacker is 127.0.0.1; the cap is "
-        "tested on its own in tests/test_connection_limits.py). RSS in MiB and file descriptors of "
+        "tested on its own in tests/sidecar/test_connection_limits.py). RSS in MiB and file descriptors of "
         "the sidecar process: before / peak / after; the bystander (one keep-alive client from "
         "127.0.0.2 with its own key, one request every 20 ms) during the attack.", "",
         "| attack | what was sent | RSS MiB | fds | bystander 200s / failed | bystander p50 / p99 / max ms | what the attack got |",

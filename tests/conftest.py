@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
+import aiohttp
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -152,3 +153,10 @@ async def sidecars(tmp_path: Path, upstream: Upstream) -> AsyncIterator[Factory]
     yield make
     for sc in reversed(started):
         await sc.stop()
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    """An HTTP client for the test's sidecars (30 s at most per request)."""
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
+        yield session

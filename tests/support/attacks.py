@@ -7,7 +7,7 @@ and open file descriptors are sampled every 50 ms. The :class:`Report` holds wha
 achieved (its own counters) and what it cost everyone else (RSS, file descriptors, the
 bystander's answers and latency).
 
-``tests/test_attacks.py`` runs every scenario briefly and asserts what must hold; ``make bench``
+``tests/sidecar/test_attacks.py`` runs every scenario briefly and asserts what must hold; ``make bench``
 (``bench/attacks.py``) runs them longer and writes the figures to ``docs/security.md``.
 Everything listens on 127.0.0.1 and every loop ends at its deadline.
 """
@@ -570,7 +570,7 @@ async def slow_body(sidecar: SidecarProcess, seconds: float, report: Report, n: 
 # Flags shared by the scenarios: timeouts short enough for a test to see them act.
 QUICK_TIMEOUTS = ("--header-timeout-s", "2", "--keepalive-timeout-s", "2", "--client-timeout-s", "2")
 # The floods stand for many clients but all come from 127.0.0.1: the per-client connection cap
-# (tests/test_connection_limits.py shows it) is lifted for them, so that what is measured is
+# (tests/sidecar/test_connection_limits.py shows it) is lifted for them, so that what is measured is
 # the sidecar under that many connections. The bystander is another host (127.0.0.2).
 MANY_CLIENTS = ("--max-connections-per-client", "100000")
 

@@ -53,7 +53,6 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from support.redis_servers import death_signal_preexec, pick_port
 
-ROOT = Path(__file__).resolve().parents[2]
 COMPONENTS = ("etcd", "kube-apiserver", "kube-controller-manager", "kubectl")
 SERVICE_CIDR = "10.0.0.0/24"  # its first address, 10.0.0.1, is the 'kubernetes' Service
 START_TIMEOUT = 90.0

@@ -6,7 +6,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+from support.paths import ROOT
+
 EXAMPLES = ROOT / "crds" / "examples"
 GOOD = sorted(EXAMPLES.glob("*.yaml"))
 BAD = sorted((EXAMPLES / "bad").glob("*.yaml"))

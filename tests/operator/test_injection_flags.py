@@ -13,7 +13,6 @@ import subprocess
 import sys
 from dataclasses import replace
 from decimal import Decimal
-from pathlib import Path
 from typing import Any
 
 import kubernetes_validate
@@ -29,6 +28,7 @@ from sluice_operator.injection.settings import InjectionSettings
 from sluice_operator.pod_admission import mutate_pod
 from support.examples import k8s_version
 from support.jsonpatch import apply_patch
+from support.paths import ROOT
 
 REDIS = "redis://redis.sluice-system:6379"
 
@@ -434,7 +434,7 @@ def test_every_description_of_the_cooldown_gives_the_breakers_probe_periods() ->
     parser = argparse.ArgumentParser()
     settingsform.add_arguments(parser, InjectionSettings)
     helps = {a.option_strings[0]: a.help or "" for a in parser._actions if a.option_strings}
-    root = Path(__file__).resolve().parent.parent
+    root = ROOT
     values = (root / "charts/sluice/values.yaml").read_text()
     values_comment = " ".join(line.strip().lstrip("#").strip() for line in values.splitlines()
                               if line.strip().startswith("#"))

@@ -29,8 +29,7 @@ from sluice_operator.certs import (
 )
 from sluice_operator.injection.settings import InjectionSettings
 from sluice_operator.webhook_server import WebhookServer
-
-ROOT = Path(__file__).resolve().parents[1]
+from support.paths import ROOT
 
 POD = """
 apiVersion: v1

@@ -9,8 +9,7 @@ import tomllib
 from pathlib import Path
 
 from sluice_core.cli import COMMANDS_GROUP, installed_commands, load_command
-
-ROOT = Path(__file__).resolve().parents[1]
+from support.paths import ROOT
 
 
 def sluice(*args: str) -> subprocess.CompletedProcess[str]:

@@ -119,7 +119,7 @@ async def running_operator(kmock: Any, redis_server: Any, **settings_kw: Any) ->
     kmock.resources[RLP] = kmock_info()
     # kmock cannot list cluster-scoped Namespaces (its path parser wants a namespace after
     # /namespaces), which ClusterRateLimitPolicies watch: they are tested against the real API
-    # server (tests/test_k8s_cluster_policy.py).
+    # server (tests/k8s/test_k8s_cluster_policy.py).
     settings_kw.setdefault("cluster_policies", False)
     settings_kw.setdefault("resync_interval_s", 1.0)
     settings = OperatorSettings(redis=redis_server.url, heartbeat_stale_s=30, **settings_kw)

@@ -51,6 +51,7 @@ from support.control_plane import ControlPlane
 from support.crds import apply_crds, established
 from support.examples import expectation
 from support.operator_process import OperatorProcess
+from support.paths import ROOT
 from support.polling import poll
 from support.redis_servers import pick_port
 from support.sluice_objects import (
@@ -64,7 +65,6 @@ from support.store_calls import store_call
 
 pytestmark = pytest.mark.k8s
 
-ROOT = Path(__file__).resolve().parents[1]
 PEERING_CRD = ROOT / "charts" / "sluice" / "crds" / "kopf.dev_clusterkopfpeerings.yaml"
 BAD_REGEX = ROOT / "crds" / "examples" / "bad" / "bad-regex.yaml"
 NS_PREFIX = "sluice-ha"

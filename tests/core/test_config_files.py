@@ -15,9 +15,9 @@ from sluice_core.apikeys import load_grants_file
 from sluice_core.errors import PolicyErrors
 from sluice_core.parse import parse_policy
 from sluice_core.policyfile import load_policies
+from support.paths import ROOT
 from support.sidecar_harness import Upstream, policy_doc, start_sidecar
 
-ROOT = Path(__file__).resolve().parents[1]
 POLICY = parse_policy(policy_doc(tiers=[{"name": "free", "requests": 5, "period": "1m"},
                                         {"name": "pro", "requests": 50, "period": "1m"}]))
 SECRET = "sk_live_PayingCustomer42"

@@ -17,8 +17,8 @@ from sluice_core.manifest import to_manifest
 from sluice_core.model import FailureMode, HeaderFrom, HeaderStyle, Mode, Source
 from sluice_core.parse import parse_policy
 from sluice_core.policyfile import load_policies
+from support.paths import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "crds" / "examples"
 
 

@@ -22,7 +22,6 @@ import json
 import time
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -34,13 +33,13 @@ from support.control_plane import ControlPlane, table
 from support.crds import apply_crds
 from support.examples import expectation
 from support.operator_thread import Operator, running_operator
+from support.paths import ROOT
 from support.polling import poll
 from support.redis_servers import pick_port
 from support.sluice_objects import condition, delete_webhook_configurations, programmed
 
 pytestmark = pytest.mark.k8s
 
-ROOT = Path(__file__).resolve().parents[1]
 CRD_DIR = ROOT / "crds"
 BAD_REGEX = CRD_DIR / "examples" / "bad" / "bad-regex.yaml"
 NS_PREFIX = "sluice-op"

@@ -22,8 +22,8 @@ from sluice_operator.injection.settings import InjectionSettings
 from sluice_operator.pod_admission import mutate_pod
 from sluice_operator.policy_admission import review_policy
 from support.jsonpatch import apply_patch
+from support.paths import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "crds" / "examples"
 
 # ------------------------------------------------------------------------------------------

@@ -36,8 +36,8 @@ from sluice_core.duration import parse_duration_us
 from sluice_core.errors import PolicyErrors
 from sluice_core.parse import parse_policy
 from support.examples import k8s_version
+from support.paths import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 CRDS = {
     "RateLimitPolicy": ROOT / "crds" / "sluice.dev_ratelimitpolicies.yaml",
     "ClusterRateLimitPolicy": ROOT / "crds" / "sluice.dev_clusterratelimitpolicies.yaml",
