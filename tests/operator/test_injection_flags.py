@@ -545,7 +545,7 @@ def test_the_injected_args_are_flags_the_sidecar_takes(secret: bool, monkeypatch
             monkeypatch.delenv(name)
     if secret:  # the kubelet fills it from the Secret
         monkeypatch.setenv(injection.SIDECAR_REDIS_ENV, "redis://from-the-secret:6379")
-    parser = argparse.ArgumentParser()
+    parser = argparse.ArgumentParser(allow_abbrev=False)  # a renamed flag must not pass as a prefix
     sidecar_cli.add_arguments(parser)
     s = from_args(parser.parse_args(args))
     assert (s.upstream, s.listen, s.admin_listen) == ("http://127.0.0.1:8000", "0.0.0.0:15081", "0.0.0.0:15091")
