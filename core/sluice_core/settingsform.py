@@ -6,8 +6,9 @@ README's reference tables) and what a value may be: one of some choices, greater
 finite, or whatever a parser of its own accepts. From that one class come
 
 - the argparse flags (:func:`add_arguments`): ``--<prefix><name>``, each also read from the
-  environment variable ``<ENV_PREFIX><NAME>`` (the command line wins; an empty value means the
-  default; a repeatable flag's variable holds one value per line);
+  environment variable ``<ENV_PREFIX><NAME>`` or ``<ENV_PREFIX><Doc.env>`` (the command line
+  wins; an empty value means the default, except for a required flag, where it is checked as
+  given; a repeatable flag's variable holds one value per line);
 - the check of every value, whether it came from a flag or a variable (:func:`load`): the first
   bad one is a :class:`SettingError`, one line naming the flag;
 - the rows of the README's reference tables (:func:`reference_rows`).

@@ -1,4 +1,5 @@
-"""Operator settings: every flag of ``sluice operator`` also reads ``SLUICE_OPERATOR_<FLAG>``."""
+"""Operator settings: every flag of ``sluice operator`` also reads ``SLUICE_OPERATOR_<FLAG>``
+(``--namespace``: ``SLUICE_OPERATOR_WATCH_NAMESPACES``)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,6 @@ from dataclasses import field
 
 from sluice_core.settingsform import LOG_LEVELS, setting, settings_form
 
-from sluice_operator.certstore import parse_secret_ref
 from sluice_operator.injection.settings import InjectionSettings
 from sluice_operator.injection.values import port, redis_url
 from sluice_operator.webhook_config import Endpoint
@@ -21,6 +21,10 @@ the sidecar has no ``critical``."""
 
 
 def _secret_ref(text: str) -> str:
+    # Imported here, not at the top: certstore loads cryptography (about 25 ms), and `sluice
+    # keys` imports this module (for CLUSTER_KEYS_NAMESPACE) without ever checking a Secret ref.
+    from sluice_operator.certstore import parse_secret_ref
+
     parse_secret_ref(text)
     return text
 
@@ -35,11 +39,11 @@ def host_port(text: str) -> str:
 
 def service_ref(text: str) -> str:
     """``NAMESPACE/NAME[:PORT]``, the webhook Service."""
-    ref, _, number = text.partition(":")
+    ref, colon, number = text.partition(":")
     ns, sep, name = ref.partition("/")
     if not (sep and ns and name) or "/" in name:
         raise ValueError(f"expected NAMESPACE/NAME[:PORT], got {text!r}")
-    if number or text.endswith(":"):
+    if colon:
         port(number)
     return text
 
