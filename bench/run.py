@@ -167,7 +167,7 @@ async def bucket_memory(redis: RedisServer, n: int = 30000) -> tuple[float, int]
     from sluice_sidecar.stores.redis import RedisStore
 
     redis.execute("FLUSHALL")
-    store = RedisStore(parse_redis_url(redis.url), timeout=5)
+    store = RedisStore(parse_redis_url(redis.url), timeout=5, connect_timeout=0.5)
     limit = Limit(requests=100, period_us=60_000_000, burst=100)
     params = (limit.emission_us, limit.capacity_us)
     key = ""

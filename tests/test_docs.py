@@ -7,24 +7,21 @@ import argparse
 import importlib.util
 import json
 import re
-from dataclasses import fields
-from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from sluice_core.settingsform import env_name
-from sluice_core.sidecar_settings import SidecarSettings
+import yaml
+from sluice_core.settingsform import Flag, flags
+from sluice_operator import cli as operator_cli
+from sluice_operator.injection.settings import RESERVED_ENV, InjectionSettings
+from sluice_operator.settings import OperatorSettings
 from sluice_sidecar.cli import add_arguments
 from sluice_sidecar.metrics import Metrics
+from support.chart import CHART
+from support.paths import ROOT
 
-README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-
-
-def test_every_flag_and_env_var_is_documented() -> None:
-    for f in fields(SidecarSettings):
-        flag = "--" + f.name.replace("_", "-")
-        assert f"`{flag}`" in README, flag
-        assert f"`{env_name(SidecarSettings, f.name)}`" in README, env_name(SidecarSettings, f.name)
+README = (ROOT / "README.md").read_text()
 
 
 def test_env_vars_set_flag_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -47,30 +44,20 @@ def test_every_metric_is_documented() -> None:
     assert documented, "the metrics table is missing"
 
 
-def test_every_operator_flag_and_env_var_is_documented() -> None:
-    from sluice_operator import cli as operator_cli
-
-    parser = argparse.ArgumentParser()
-    operator_cli.add_arguments(parser)
-    flags = [o for a in parser._actions for o in a.option_strings if o.startswith("--") and o != "--help"]
-    assert "--redis" in flags
-    for flag in flags:
-        assert f"`{flag}" in README, flag
-    source = Path(operator_cli.__file__).read_text()
-    helps = " ".join(a.help or "" for a in parser._actions)
-    envs = set(re.findall(r"SLUICE_OPERATOR_[A-Z_]+", source)) | set(
-        re.findall(r"\[env (SLUICE_OPERATOR_[A-Z_]+)", helps))
-    assert {"SLUICE_OPERATOR_SIDECAR_RESOURCES", "SLUICE_OPERATOR_SIDECAR_ENV"} <= envs  # help texts too
-    for env in envs:
-        assert f"`{env}`" in README, env
+def test_the_commands_take_only_flags_their_tables_document() -> None:
+    """The parsers of ``sluice sidecar`` and ``sluice operator`` add no flag beside the settings
+    forms (whose README tables the test below checks)."""
+    tables = settings_tables()
+    documented = {row.split("`")[1] for name in tables.TABLES for row in tables.table(name)[2:]}
+    for add in (add_arguments, operator_cli.add_arguments):
+        parser = argparse.ArgumentParser()
+        add(parser)
+        taken = {o for a in parser._actions for o in a.option_strings if o.startswith("--") and o != "--help"}
+        assert taken <= documented, taken - documented
 
 
 # ---------------------------------------------------------------------------------------------
 # the settings reference tables are made from the settings dataclasses (hack/settings_tables.py)
-
-ROOT = Path(__file__).resolve().parents[1]
-CHART = ROOT / "charts/sluice"
-
 
 def settings_tables() -> Any:
     """hack/settings_tables.py, the script that rewrites README.md's tables."""
@@ -114,10 +101,6 @@ def test_the_chart_documents_every_injector_and_operator_setting_it_sets() -> No
     (naming the flag, and the sidecar's default where unset leaves the sidecar's) and in
     values.schema.json, and passed by the Deployment template; so are the operator's flags with
     a chart value."""
-    from sluice_core.settingsform import flags
-    from sluice_operator.injection.settings import InjectionSettings
-    from sluice_operator.settings import OperatorSettings
-
     rows = chart_rows()
     schema = json.loads((CHART / "values.schema.json").read_text())
     template = (CHART / "templates/deployment.yaml").read_text()
@@ -142,3 +125,104 @@ def test_the_chart_documents_every_injector_and_operator_setting_it_sets() -> No
             row = rows[flag.doc.chart]
             assert f"`{flag.name}`" in row or f"`{flag.env}`" in row, \
                 f"charts/sluice/README.md's {flag.doc.chart} row names neither {flag.name} nor {flag.env}"
+
+
+# ---------------------------------------------------------------------------------------------
+# the chart's values: what they allow, their defaults and the comments beside them
+
+
+def chart_flags() -> Iterator[Flag]:
+    """The operator's and the injector's flags that a chart value sets."""
+    for cls in (OperatorSettings, InjectionSettings):
+        yield from (flag for flag in flags(cls) if flag.doc.chart)
+
+
+def schema_of(chart: str) -> dict[str, Any]:
+    node: dict[str, Any] = json.loads((CHART / "values.schema.json").read_text())
+    for key in chart.split("."):
+        node = node["properties"][key]
+    return node
+
+
+def value_of(chart: str) -> Any:
+    node: Any = yaml.safe_load((CHART / "values.yaml").read_text())
+    for key in chart.split("."):
+        node = node[key]
+    return node
+
+
+def values_comments() -> dict[str, str]:
+    """values.yaml's comment above each value (``sidecar.logLevel`` -> its words on one line)."""
+    comments: dict[str, str] = {}
+    path: list[tuple[int, str]] = []
+    above: list[str] = []
+    for line in (CHART / "values.yaml").read_text().splitlines():
+        text = line.strip()
+        if text.startswith("#"):
+            above.append(text.lstrip("#").strip())
+            continue
+        found = re.match(r"( *)([A-Za-z]+):", line)
+        if found:
+            indent = len(found[1])
+            path = [(i, k) for i, k in path if i < indent] + [(indent, found[2])]
+            comments[".".join(k for _, k in path)] = " ".join(above)
+        above = []
+    return comments
+
+
+def test_the_flags_take_every_value_the_chart_allows() -> None:
+    """Each enum value of a chart value is accepted by the flag the Deployment passes it to, and
+    each choice of the flag is allowed by the chart (the schema must not let `helm upgrade`
+    through with a value at which every replica exits)."""
+    for flag in chart_flags():
+        schema = schema_of(flag.doc.chart or "")
+        allowed = [v for v in schema.get("enum", ()) if v not in (None, "")]  # empty: the default
+        for value in allowed:
+            parser = argparse.ArgumentParser()
+            operator_cli.add_arguments(parser)
+            args = parser.parse_args(["--redis", "redis://redis:6379", f"{flag.name}={value}"])
+            try:
+                operator_cli.settings_from_args(args)
+            except SystemExit as exc:
+                pytest.fail(f"{flag.doc.chart} allows {value!r}, {flag.name} refuses it: {exc}")
+        if allowed:
+            assert set(flag.doc.choices) <= set(allowed), f"{flag.doc.chart} refuses a choice of {flag.name}"
+
+
+def test_the_charts_defaults_are_the_settings_defaults() -> None:
+    """A value values.yaml sets is the setting's own default (so `helm install` and the operator
+    agree; a changed default must change both), and its row in charts/sluice/README.md shows it;
+    a value left empty says the sidecar's default, as the setting does."""
+    comments = values_comments()
+    rows = chart_rows()
+    for flag in chart_flags():
+        chart = flag.doc.chart or ""
+        value, comment = value_of(chart), comments[chart]
+        default_cell = rows[chart].split("|")[2]
+        shown = flag.shown_default() or ""
+        sidecars = shown.startswith("the sidecar's, ")  # unset: the sidecar's default applies
+        default = shown.removeprefix("the sidecar's, ") if sidecars else str(flag.default)
+        for said in re.findall(r"default \(([-\w.]+)\)", comment):  # (500), not (the same as here)
+            assert said == default, f"values.yaml says {chart}'s default is {said}, the setting's is {default}"
+        if flag.required or (isinstance(value, dict) and not isinstance(flag.default, dict)):
+            continue  # redis.url: no default; sidecar.redisSecret: NAME/KEY made by the template
+        if value in (None, ""):
+            if sidecars:
+                assert f"default ({default})" in comment, f"values.yaml does not say {chart}'s default"
+            continue
+        assert value == flag.default, f"values.yaml's {chart} is {value!r}, {flag.name}'s default {flag.default!r}"
+        quantities = re.findall(r"[0-9]+[A-Za-z]*", json.dumps(value)) if isinstance(value, dict) else [f"`{value}`"]
+        for shown in quantities:
+            assert shown in default_cell, f"charts/sluice/README.md's {chart} default lacks {shown}"
+
+
+def test_the_reserved_env_names_are_listed_where_sidecar_env_is_described() -> None:
+    """README.md's list (made by hack/settings_tables.py) and values.yaml's comment on
+    ``sidecar.env`` name exactly the variables the injector refuses."""
+    tables = settings_tables()
+    found = tables.marked("reserved-env").search(README)
+    assert found, "README.md has no <!-- settings:reserved-env --> list"
+    assert found[2].splitlines() == tables.reserved_env(), \
+        "README.md's list of the variables --sidecar-env refuses is stale (run python hack/settings_tables.py)"
+    named = set(re.findall(r"\b(?:SLUICE_[A-Z_]+|POD_NAME(?:SPACE)?)\b", values_comments()["sidecar.env"]))
+    assert named == set(RESERVED_ENV), f"values.yaml's sidecar.env comment differs in {named ^ set(RESERVED_ENV)}"

@@ -6,8 +6,9 @@ README's reference tables) and what a value may be: one of some choices, greater
 finite, or whatever a parser of its own accepts. From that one class come
 
 - the argparse flags (:func:`add_arguments`): ``--<prefix><name>``, each also read from the
-  environment variable ``<ENV_PREFIX><NAME>`` (the command line wins; an empty value means the
-  default; a repeatable flag's variable holds one value per line);
+  environment variable ``<ENV_PREFIX><NAME>`` or ``<ENV_PREFIX><Doc.env>`` (the command line
+  wins; an empty value means the default, except for a required flag, where it is checked as
+  given; a repeatable flag's variable holds one value per line);
 - the check of every value, whether it came from a flag or a variable (:func:`load`): the first
   bad one is a :class:`SettingError`, one line naming the flag;
 - the rows of the README's reference tables (:func:`reference_rows`).
@@ -46,6 +47,9 @@ class Doc:
     """Text (a repeatable flag: the list of texts) -> value; raises ValueError with the reason."""
     flag: str | None = None
     """The flag's name after the prefix, when it is not the field's name with dashes."""
+    env: str | None = None
+    """The environment variable's name after the form's prefix, when it is not the flag's
+    (``WATCH_NAMESPACES``: ``<APP>_NAMESPACE`` is the usual name for one's own namespace)."""
     kind: type | None = None
     """int, float or str, when the field's type does not say (a part of a mapping)."""
     metavar: str | None = None
@@ -62,11 +66,11 @@ class Doc:
 def setting(*, default: Any = MISSING, help: str, default_factory: Any = MISSING,
             choices: tuple[str, ...] = (), positive: bool = False,
             parse: Callable[[Any], Any] | None = None, flag: str | None = None,
-            kind: type | None = None, metavar: str | None = None, shown: str | None = None,
+            env: str | None = None, kind: type | None = None, metavar: str | None = None, shown: str | None = None,
             repeatable: bool = False, fold_case: bool = False,
             parts: tuple[tuple[str, Doc], ...] = (), chart: str | None = None) -> Any:
     """A field of a :func:`settings_form` class that is a flag."""
-    doc = Doc(help=help, choices=choices, positive=positive, parse=parse, flag=flag, kind=kind,
+    doc = Doc(help=help, choices=choices, positive=positive, parse=parse, flag=flag, env=env, kind=kind,
               metavar=metavar, shown=shown, repeatable=repeatable, fold_case=fold_case,
               parts=parts, chart=chart)
     return documented(doc, default=default, default_factory=default_factory)
@@ -178,7 +182,8 @@ def flags(cls: type) -> Iterator[Flag]:
 def _flag(form: Form, name: str, field_name: str, key: str | None, doc: Doc, kind: type,
           default: Any, required: bool) -> Flag:
     suffix = form.flag_prefix + name.replace("_", "-")
-    return Flag(name="--" + suffix, env=form.env_prefix + suffix.replace("-", "_").upper(),
+    env = doc.env or suffix.replace("-", "_").upper()
+    return Flag(name="--" + suffix, env=form.env_prefix + env,
                 dest=suffix.replace("-", "_"), field=field_name, key=key, doc=doc, kind=kind,
                 default=default, required=required)
 
@@ -241,8 +246,12 @@ def add_arguments(parser: argparse._ActionsContainer, cls: type) -> None:
 @dataclass(frozen=True)
 class Voice:
     """How a refused value is put into words. The sidecar and the operator said it differently
-    before the form existed (``--x must be a or b`` / ``--x: expected one of a, b``); both are
-    kept, so that no message a user or a script knows changes."""
+    before the form existed (``--x must be a or b`` / ``--x: expected one of a, b``); both
+    voices are kept, so a refusal the old code gave keeps its wording. The form did change what
+    the operator refuses (README.md lists it under the operator's flags): ``--resync-interval-s``
+    <= 0 is refused, ``--peering-lifetime-s 0`` says ``must be greater than 0`` (was ``must be at
+    least 1``), ``--log-level`` takes its five names only (``WARN``, ``FATAL`` no more), and
+    every flag is read from an environment variable too."""
 
     between: str
     """Between the flag and the reason."""
@@ -268,11 +277,15 @@ class SettingError(ValueError):
 def load(cls: type[T], args: argparse.Namespace, voice: Voice, **defaults: Any) -> T:
     """``cls`` from the parsed flags: every value checked (the first bad one raises
     :class:`SettingError`); a flag left unset (or empty) keeps ``defaults[field]``, else the
-    field's default."""
+    field's default. A required flag has none: its empty value is checked like any other (its
+    parser, or the process, refuses it with the reason it gives a bad one)."""
     values: dict[str, Any] = dict(defaults)
     for flag in flags(cls):
         raw = getattr(args, flag.dest, None)
-        if raw is None or (isinstance(raw, str) and not raw.strip()):
+        if flag.required and flag.field not in values:
+            if raw is None:  # argparse requires it: only a Namespace made by hand gets here
+                raise SettingError(flag.name, f"is required (or {flag.env})", voice)
+        elif raw is None or (isinstance(raw, str) and not raw.strip()):
             if flag.key is not None:
                 values.setdefault(flag.field, {})
             continue

@@ -1,30 +1,50 @@
-"""Operator settings: every flag of ``sluice operator`` also reads ``SLUICE_OPERATOR_<FLAG>``."""
+"""Operator settings: every flag of ``sluice operator`` also reads ``SLUICE_OPERATOR_<FLAG>``
+(``--namespace``: ``SLUICE_OPERATOR_WATCH_NAMESPACES``)."""
 
 from __future__ import annotations
 
 from dataclasses import field
 
-from sluice_core.redisurl import parse_redis_url
 from sluice_core.settingsform import LOG_LEVELS, setting, settings_form
 
 from sluice_operator.injection.settings import InjectionSettings
+from sluice_operator.injection.values import port, redis_url
 from sluice_operator.webhook_config import Endpoint
 
 CLUSTER_KEYS_NAMESPACE = "sluice-system"
 """Default namespace of the key Secrets of ClusterRateLimitPolicies (``--cluster-keys-namespace``,
 ``SLUICE_OPERATOR_CLUSTER_KEYS_NAMESPACE``); ``sluice keys --cluster-policy`` follows it."""
 CLUSTER_POLICIES = {"auto": None, "on": True, "off": False}
-
-
-def _redis_url(text: str) -> str:
-    parse_redis_url(text)  # the reason never echoes the URL (it may hold a password)
-    return text
+OPERATOR_LOG_LEVELS = (*LOG_LEVELS, "critical")
+"""The operator's ``--log-level`` (the chart's ``operator.logLevel`` allows these, any case);
+the sidecar has no ``critical``."""
 
 
 def _secret_ref(text: str) -> str:
+    # Imported here, not at the top: certstore loads cryptography (about 25 ms), and `sluice
+    # keys` imports this module (for CLUSTER_KEYS_NAMESPACE) without ever checking a Secret ref.
     from sluice_operator.certstore import parse_secret_ref
 
     parse_secret_ref(text)
+    return text
+
+
+def host_port(text: str) -> str:
+    """``HOST:PORT`` to listen on (an empty HOST: every address; PORT 0: any free one)."""
+    _, sep, number = text.rpartition(":")
+    if not sep or not number.isdigit() or int(number) > 65535:
+        raise ValueError(f"expected HOST:PORT, got {text!r}")
+    return text
+
+
+def service_ref(text: str) -> str:
+    """``NAMESPACE/NAME[:PORT]``, the webhook Service."""
+    ref, colon, number = text.partition(":")
+    ns, sep, name = ref.partition("/")
+    if not (sep and ns and name) or "/" in name:
+        raise ValueError(f"expected NAMESPACE/NAME[:PORT], got {text!r}")
+    if colon:
+        port(number)
     return text
 
 
@@ -34,13 +54,13 @@ class OperatorSettings:
     without ``setting`` are not flags: the command line derives them, tests set them."""
 
     redis: str = setting(help="Redis URL the sidecars read (`redis://`, `rediss://`, `redis+sentinel://`, "
-                              "`redis+cluster://`)", parse=_redis_url, chart="redis.url")
+                              "`redis+cluster://`)", parse=redis_url, chart="redis.url")
     resync_interval_s: float = setting(
         default=30.0, help="timer: re-push config that Redis lost or that differs, refresh status (`Enforced`)",
         positive=True, chart="operator.resyncIntervalSeconds")
     namespaces: tuple[str, ...] = setting(
         default=(), help="watch only this namespace (repeatable, shell patterns; `!PATTERN` excludes)",
-        flag="namespace", repeatable=True, parse=tuple, shown="the whole cluster")
+        flag="namespace", env="WATCH_NAMESPACES", repeatable=True, parse=tuple, shown="the whole cluster")
     cluster_keys_namespace: str = setting(
         default=CLUSTER_KEYS_NAMESPACE, help="where the key Secrets of ClusterRateLimitPolicies live (label "
                                 "`sluice.dev/cluster-policy`): a cluster-wide key is granted only by "
@@ -59,13 +79,15 @@ class OperatorSettings:
             "handing over is taken over after at most this long", positive=True,
         chart="peering.lifetimeSeconds")
     liveness: str = setting(default="http://0.0.0.0:8080/healthz", help="kopf's liveness endpoint")
-    metrics_listen: str = setting(default="0.0.0.0:9091", help="HOST:PORT for the operator's `/metrics`")
+    metrics_listen: str = setting(default="0.0.0.0:9091", help="HOST:PORT for the operator's `/metrics`",
+                                  parse=host_port, metavar="HOST:PORT")
     webhook_listen: str | None = setting(
-        default=None, help="HOST:PORT to serve the admission webhooks on (HTTPS); unset: no webhooks")
+        default=None, help="HOST:PORT to serve the admission webhooks on (HTTPS); unset: no webhooks",
+        parse=host_port, metavar="HOST:PORT")
     webhook_service: str | None = setting(
         default=None, help="NAMESPACE/NAME[:PORT] of the Service in front of the webhooks: the operator then "
               "keeps the webhook configurations (with the CA bundle) up to date",
-        metavar="NS/NAME[:PORT]")
+        parse=service_ref, metavar="NS/NAME[:PORT]")
     webhook_url: str | None = setting(
         default=None, help="instead of a Service: the `https://` URL the API server calls (local runs)")
     webhook_cert_dir: str = setting(
@@ -78,7 +100,8 @@ class OperatorSettings:
         default=None, help="NAMESPACE/NAME of the Secret through which all replicas share the self-signed "
               "certificate (the first creates it); unset: each replica keeps its own in "
               "`--webhook-cert-dir`", parse=_secret_ref, metavar="NAMESPACE/NAME")
-    log_level: str = setting(default="info", help="`debug`, `info`, `warning` or `error`", choices=LOG_LEVELS,
+    log_level: str = setting(default="info", help="`debug`, `info`, `warning`, `error` or `critical`",
+                             choices=OPERATOR_LOG_LEVELS,
                              fold_case=True, chart="operator.logLevel")
     heartbeat_stale_s: float = 30.0
     """A sidecar heartbeat older than this no longer counts as enforcing."""

@@ -23,7 +23,7 @@ from sluice_operator import cli as operator_cli
 from sluice_operator.injection import settings as injection
 from sluice_operator.injection import values
 from sluice_operator.injection.container import sidecar_container
-from sluice_operator.injection.names import ADMIN_PORT_NAME, SIDECAR_NAME
+from sluice_operator.injection.names import ADMIN_PORT_NAME, PODINFO_MOUNT, SIDECAR_NAME
 from sluice_operator.injection.settings import InjectionSettings
 from sluice_operator.pod_admission import mutate_pod
 from support.examples import k8s_version
@@ -31,6 +31,8 @@ from support.jsonpatch import apply_patch
 from support.paths import ROOT
 
 REDIS = "redis://redis.sluice-system:6379"
+ENV_OF = {f.name: f.env for f in settingsform.flags(InjectionSettings)}
+"""The environment variable of each injector flag (``--sidecar-port`` -> ``SLUICE_OPERATOR_SIDECAR_PORT``)."""
 
 FULL_ARGV = [
     "--sidecar-image", "registry.example/sluice:1.2.3",
@@ -82,11 +84,6 @@ def refusal(*argv: str) -> str:
     with pytest.raises(SystemExit) as info:
         settings(*argv)
     return str(info.value.code)
-
-
-def env_name(flag: str) -> str:
-    """The environment variable of an injector flag (``--sidecar-port`` -> ``SLUICE_OPERATOR_SIDECAR_PORT``)."""
-    return next(f.env for f in settingsform.flags(InjectionSettings) if f.name == flag)
 
 
 def env_of(container: dict[str, Any]) -> dict[str, Any]:
@@ -194,7 +191,7 @@ def flag_env_pairs() -> list[tuple[str, str]]:
 
 def test_every_flag_falls_back_to_its_env_var(monkeypatch: pytest.MonkeyPatch) -> None:
     for flag, value in flag_env_pairs():
-        monkeypatch.setenv(env_name(flag), value)
+        monkeypatch.setenv(ENV_OF[flag], value)
     monkeypatch.setenv("SLUICE_OPERATOR_SIDECAR_ENV",
                        "SLUICE_UPSTREAM_TIMEOUT_S=30\n\nHTTP_PROXY=http://proxy:3128,with=commas\n")
     assert settings() == settings(*FULL_ARGV)
@@ -211,7 +208,7 @@ def test_the_command_line_wins_over_the_env_var(monkeypatch: pytest.MonkeyPatch)
 
 def test_an_empty_value_means_the_default(monkeypatch: pytest.MonkeyPatch) -> None:
     for flag, _ in flag_env_pairs():
-        monkeypatch.setenv(env_name(flag), "")
+        monkeypatch.setenv(ENV_OF[flag], "")
     monkeypatch.setenv("SLUICE_OPERATOR_SIDECAR_ENV", "")
     assert settings() == replace(InjectionSettings(), redis_url=REDIS)
 
@@ -374,7 +371,7 @@ def test_every_flag_says_its_env_var_and_its_default() -> None:
     for action in flags:
         (flag,) = action.option_strings
         assert flag.startswith("--sidecar-")
-        assert f"[env {env_name(flag)}" in (action.help or ""), flag
+        assert f"[env {ENV_OF[flag]}" in (action.help or ""), flag
         assert "(default: " in (action.help or ""), flag
 
 
@@ -463,7 +460,7 @@ def operator_refusal(*argv: str) -> str:
 
 def test_the_operators_flags_read_their_env_vars(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SLUICE_OPERATOR_RESYNC_INTERVAL_S", "7.5")
-    monkeypatch.setenv("SLUICE_OPERATOR_NAMESPACE", "team-a\nteam-b\n")
+    monkeypatch.setenv("SLUICE_OPERATOR_WATCH_NAMESPACES", "team-a\nteam-b\n")
     monkeypatch.setenv("SLUICE_OPERATOR_CLUSTER_POLICIES", "off")
     monkeypatch.setenv("SLUICE_OPERATOR_WEBHOOK_SERVICE", "ops/sluice-webhook:8443")
     s = operator_cli.settings_from_args(parse())
@@ -480,15 +477,79 @@ def test_the_operators_flags_read_their_env_vars(monkeypatch: pytest.MonkeyPatch
     ("SLUICE_OPERATOR_RESYNC_INTERVAL_S", "0", "sluice operator: --resync-interval-s: must be greater than 0, got 0.0"),
     ("SLUICE_OPERATOR_PEERING_LIFETIME_S", "0", "sluice operator: --peering-lifetime-s: must be greater than 0, got 0"),
     ("SLUICE_OPERATOR_LOG_LEVEL", "loud",
-     "sluice operator: --log-level: expected one of debug, info, warning, error, got 'loud'"),
+     "sluice operator: --log-level: expected one of debug, info, warning, error, critical, got 'loud'"),
     ("SLUICE_OPERATOR_CLUSTER_POLICIES", "sometimes",
      "sluice operator: --cluster-policies: expected one of auto, on, off, got 'sometimes'"),
     ("SLUICE_OPERATOR_WEBHOOK_CERT_SECRET", "no-namespace",
      "sluice operator: --webhook-cert-secret: expected NAMESPACE/NAME, got 'no-namespace'"),
-], ids=["resync-not-a-number", "resync-zero", "lifetime-zero", "log-level", "cluster-policies", "cert-secret"])
+    ("SLUICE_OPERATOR_METRICS_LISTEN", "9091", "sluice operator: --metrics-listen: expected HOST:PORT, got '9091'"),
+    ("SLUICE_OPERATOR_WEBHOOK_LISTEN", "0.0.0.0:https",
+     "sluice operator: --webhook-listen: expected HOST:PORT, got '0.0.0.0:https'"),
+    ("SLUICE_OPERATOR_WEBHOOK_SERVICE", "sluice-webhook",
+     "sluice operator: --webhook-service: expected NAMESPACE/NAME[:PORT], got 'sluice-webhook'"),
+    ("SLUICE_OPERATOR_WEBHOOK_SERVICE", "ops/sluice-webhook:https",
+     "sluice operator: --webhook-service: expected a port number 1..65535, got 'https'"),
+], ids=["resync-not-a-number", "resync-zero", "lifetime-zero", "log-level", "cluster-policies", "cert-secret",
+        "metrics-listen", "webhook-listen", "webhook-service", "webhook-service-port"])
 def test_an_operator_value_is_checked_alike_from_a_flag_or_its_env_var(
         env: str, value: str, message: str, monkeypatch: pytest.MonkeyPatch) -> None:
     flag = "--" + env.removeprefix("SLUICE_OPERATOR_").lower().replace("_", "-")
     assert operator_refusal(flag, value) == message
     monkeypatch.setenv(env, value)
     assert operator_refusal() == message
+
+
+@pytest.mark.parametrize("level", ["debug", "info", "warning", "error", "critical", "CRITICAL", "Warning"])
+def test_the_operator_takes_every_log_level_the_chart_allows(level: str) -> None:
+    """The chart's ``operator.logLevel`` allows ``critical`` (the old operator handed any name
+    to ``logging``); any case, stored as the lower-case name."""
+    assert operator_cli.settings_from_args(parse("--log-level", level)).log_level == level.lower()
+
+
+@pytest.mark.parametrize("where", ["flag", "env"])
+def test_an_empty_redis_url_is_refused_in_one_line(where: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--redis`` is required: empty (a Secret's empty key in the chart) is a bad URL, refused as
+    any bad one, not a TypeError."""
+    if where == "env":
+        monkeypatch.setenv("SLUICE_OPERATOR_REDIS", "")
+    parser = argparse.ArgumentParser()
+    operator_cli.add_arguments(parser)  # reads the variables now
+    with pytest.raises(SystemExit) as info:
+        operator_cli.settings_from_args(parser.parse_args(["--redis", ""] if where == "flag" else []))
+    assert str(info.value.code) == ("sluice operator: --redis: redis URL scheme must be redis, rediss, "
+                                    "redis+sentinel or redis+cluster, got another")
+
+
+def test_the_operators_own_namespace_variable_does_not_narrow_the_watch(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """``<APP>_NAMESPACE`` is the usual downward-API name of one's own namespace: setting it must
+    not restrict the watch (that is ``SLUICE_OPERATOR_WATCH_NAMESPACES``)."""
+    monkeypatch.setenv("SLUICE_OPERATOR_NAMESPACE", "sluice-system")
+    assert operator_cli.settings_from_args(parse()).namespaces == ()
+
+
+@pytest.mark.parametrize("secret", [False, True], ids=["redis-url", "redis-secret"])
+def test_the_injected_args_are_flags_the_sidecar_takes(secret: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The injected container's args, with the downward-API values the kubelet substitutes,
+    read by the sidecar's own parser and settings: cluster mode, every value where it belongs."""
+    from sluice_sidecar import cli as sidecar_cli
+    from sluice_sidecar.settings import from_args
+
+    argv = ("--sidecar-redis-secret", "sluice-redis/url") if secret else ()
+    c = sidecar_container(settings(*argv), "http", 15081, 15091, 8000)
+    assert c["args"][0] == "sidecar"
+    kubelet = {"$(POD_NAMESPACE)": "shop", "$(POD_NAME)": "app-7d9f"}
+    args = [kubelet.get(a, a) for a in c["args"][1:]]
+    for name in list(os.environ):
+        if name.startswith("SLUICE_"):
+            monkeypatch.delenv(name)
+    if secret:  # the kubelet fills it from the Secret
+        monkeypatch.setenv(injection.SIDECAR_REDIS_ENV, "redis://from-the-secret:6379")
+    parser = argparse.ArgumentParser(allow_abbrev=False)  # a renamed flag must not pass as a prefix
+    sidecar_cli.add_arguments(parser)
+    s = from_args(parser.parse_args(args))
+    assert (s.upstream, s.listen, s.admin_listen) == ("http://127.0.0.1:8000", "0.0.0.0:15081", "0.0.0.0:15091")
+    assert (s.namespace, s.pod_name) == ("shop", "app-7d9f")
+    assert s.pod_labels == f"{PODINFO_MOUNT}/labels"
+    assert s.redis == ("redis://from-the-secret:6379" if secret else REDIS)
+    assert s.policy_file is None

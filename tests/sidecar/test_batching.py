@@ -25,7 +25,7 @@ def bucket(limit: Limit, client: str | None = None) -> tuple[tuple[str, ...], tu
 @pytest.fixture(params=["single", "cluster"])
 async def store(request: pytest.FixtureRequest) -> RedisStore:
     server = request.getfixturevalue("redis_server" if request.param == "single" else "redis_cluster")
-    s = RedisStore(parse_redis_url(server.url), timeout=2.0)
+    s = RedisStore(parse_redis_url(server.url), timeout=2.0, connect_timeout=0.5)
     yield s  # type: ignore[misc]
     await s.close()
 
@@ -67,7 +67,7 @@ async def test_mixed_clients_and_bucket_counts_in_one_batch(store: RedisStore) -
 
 
 async def test_batched_redis_agrees_with_memory_store(redis_server: object) -> None:
-    s = RedisStore(parse_redis_url(redis_server.url), timeout=2.0)  # type: ignore[attr-defined]
+    s = RedisStore(parse_redis_url(redis_server.url), timeout=2.0, connect_timeout=0.5)  # type: ignore[attr-defined]
     mem = MemoryStore()
     limit = Limit(requests=7, period_us=HOUR, burst=7)
     clients = [f"i10.0.0.{i}-{uuid.uuid4().hex[:6]}" for i in range(4)]

@@ -88,10 +88,10 @@ def make_case(request: pytest.FixtureRequest, kind: str) -> Case:
         return Case("memory", MemoryStore())
     if kind == "redis":
         server: RedisServer = request.getfixturevalue("redis_server")
-        return Case("redis", RedisStore(parse_redis_url(server.url), timeout=1.0),
+        return Case("redis", RedisStore(parse_redis_url(server.url), timeout=1.0, connect_timeout=0.5),
                     node_for=lambda _key: server, nodes=[server])
     cluster: RedisClusterProcs = request.getfixturevalue("redis_cluster")
-    return Case("cluster", RedisStore(parse_redis_url(cluster.url), timeout=1.0),
+    return Case("cluster", RedisStore(parse_redis_url(cluster.url), timeout=1.0, connect_timeout=0.5),
                 node_for=cluster_node_for(cluster), nodes=list(cluster.nodes))
 
 
@@ -339,7 +339,7 @@ async def test_cluster_slots_and_spread(redis_cluster: RedisClusterProcs) -> Non
     assert not mismatches
 
     # Many clients' buckets spread over every master, and every decision works.
-    store = RedisStore(parse_redis_url(redis_cluster.url), timeout=1.0)
+    store = RedisStore(parse_redis_url(redis_cluster.url), timeout=1.0, connect_timeout=0.5)
     node_for = cluster_node_for(redis_cluster)
     lim = hourly(burst=2)
     try:
@@ -362,7 +362,7 @@ async def test_cluster_slots_and_spread(redis_cluster: RedisClusterProcs) -> Non
 @pytest.mark.cluster
 async def test_cluster_follows_moved_redirects(redis_cluster: RedisClusterProcs) -> None:
     """A stale slot map (every slot on one node) is corrected by MOVED replies."""
-    store = RedisStore(parse_redis_url(redis_cluster.url), timeout=1.0)
+    store = RedisStore(parse_redis_url(redis_cluster.url), timeout=1.0, connect_timeout=0.5)
     lim = hourly(burst=3)
     try:
         await store.nodes.refresh_slots()
@@ -406,7 +406,7 @@ async def test_cluster_recovers_when_a_slot_owner_address_dies(
 
 
 async def test_memory_per_idle_bucket(redis_server: RedisServer) -> None:
-    store = RedisStore(parse_redis_url(redis_server.url), timeout=1.0)
+    store = RedisStore(parse_redis_url(redis_server.url), timeout=1.0, connect_timeout=0.5)
     lim = hourly(burst=10)
     n = 2000
     policy = f"mem-{uuid.uuid4().hex[:8]}/policy"
@@ -492,7 +492,7 @@ async def test_memory_and_redis_make_the_same_decisions(redis_server: RedisServe
     """Same calls, same answers, when refill during the test cannot matter (hourly limits)."""
     rng = random.Random(seed)
     mem = MemoryStore()
-    red = RedisStore(parse_redis_url(redis_server.url), timeout=1.0)
+    red = RedisStore(parse_redis_url(redis_server.url), timeout=1.0, connect_timeout=0.5)
     clients = [new_client() for _ in range(4)]
     lims = {c.tier_key: hourly(burst=rng.randint(1, 8), requests=rng.randint(1, 3))
             for c in clients}

@@ -148,6 +148,21 @@ def test_a_value_is_checked_alike_from_a_flag_or_the_environment(
     assert_one_line(res, 2, starts, needle)
 
 
+@pytest.mark.parametrize("where", ["flag", "env"])
+def test_an_empty_upstream_is_refused_in_one_line(where: str, good_policy: Path) -> None:
+    """``--upstream`` is required: an empty one (flag or ``SLUICE_UPSTREAM=""``) is refused as
+    any bad upstream is, exit 2, not a traceback."""
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("SLUICE_")}
+    args = ["--upstream", ""] if where == "flag" else []
+    if where == "env":
+        environ["SLUICE_UPSTREAM"] = ""
+    res = subprocess.run([sys.executable, "-m", "sluice_core.cli", "sidecar", "--listen", f"127.0.0.1:{pick_port()}",
+                          "--admin-listen", f"127.0.0.1:{pick_port()}", "--policy-file", str(good_policy), *args],
+                         capture_output=True, text=True, timeout=20, env=environ, check=False,
+                         stdin=subprocess.DEVNULL)
+    assert_one_line(res, 2, "--upstream must be http://HOST:PORT", "got ''")
+
+
 def test_cluster_mode_unreadable_labels_refuses_to_start(tmp_path: Path) -> None:
     res = run_sidecar("--redis", "redis://127.0.0.1:1", "--namespace", "shop",
                       "--pod-labels", str(tmp_path / "labels"))

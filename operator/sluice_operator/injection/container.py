@@ -5,6 +5,9 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+from sluice_core.settingsform import flags
+from sluice_core.sidecar_settings import SidecarSettings
+
 from sluice_operator.injection.names import (
     ADMIN_PORT_NAME,
     PODINFO_MOUNT,
@@ -13,16 +16,22 @@ from sluice_operator.injection.names import (
 )
 from sluice_operator.injection.settings import SIDECAR_REDIS_ENV, InjectionSettings
 
+_FLAG = {f.field: f.name for f in flags(SidecarSettings) if f.key is None}
+"""The sidecar's flags by setting (``pod_labels`` -> ``--pod-labels``): its schema's names."""
+
 
 def sidecar_container(settings: InjectionSettings, port_name: str, port: int, admin_port: int,
                       app_port: int) -> dict[str, Any]:
     """The injected container: cluster-mode sidecar in front of ``127.0.0.1:<app_port>``."""
-    args = ["sidecar", "--upstream", f"http://127.0.0.1:{app_port}",
-            "--listen", f"0.0.0.0:{port}", "--admin-listen", f"0.0.0.0:{admin_port}"]
+    wiring = {"upstream": f"http://127.0.0.1:{app_port}", "listen": f"0.0.0.0:{port}",
+              "admin_listen": f"0.0.0.0:{admin_port}"}
     if settings.redis_url_secret is None and settings.redis_url:
-        args += ["--redis", settings.redis_url]
-    args += ["--namespace", "$(POD_NAMESPACE)", "--pod-labels", f"{PODINFO_MOUNT}/labels",
-             "--pod-name", "$(POD_NAME)"]
+        wiring["redis"] = settings.redis_url
+    wiring |= {"namespace": "$(POD_NAMESPACE)", "pod_labels": f"{PODINFO_MOUNT}/labels",
+               "pod_name": "$(POD_NAME)"}
+    args = ["sidecar"]
+    for name, value in wiring.items():
+        args += [_FLAG[name], value]
     return {
         "name": SIDECAR_NAME,
         "image": settings.image,

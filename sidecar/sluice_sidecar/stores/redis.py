@@ -41,7 +41,7 @@ class RedisStore:
 
     name = "redis"
 
-    def __init__(self, target: RedisTarget, *, timeout: float = 0.05, connect_timeout: float = 0.5,
+    def __init__(self, target: RedisTarget, *, timeout: float, connect_timeout: float,
                  max_batch: int = 64) -> None:
         self.nodes = RedisNodes(target, timeout=timeout, connect_timeout=connect_timeout)
         self._script = scripts.decide()
