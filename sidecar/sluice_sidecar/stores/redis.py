@@ -148,14 +148,20 @@ class RedisStore:
                 fut.set_exception(err)
 
     def _wrap(self, exc: BaseException) -> StoreUnavailable:
-        """Every failure leaves the store as one StoreUnavailable (the cause kept too)."""
+        """Every failure leaves the store as one StoreUnavailable (the cause kept too). Its
+        text is the breaker's ERROR line: Redis's own words for an error reply; the
+        topology's sentence as it stands (it says what happened: "redis refused the
+        connection: WRONGPASS ...", "no sentinel knows master ..."); a lost or silent
+        connection, or anything else, as "redis unavailable: ..."."""
         reason = exc.reason if isinstance(exc, TransportError) else UNAVAILABLE
+        if reason in (TIMEOUT, UNAVAILABLE):
+            self.nodes.rediscover()
         if isinstance(exc, RedisReplyError):
             # Redis's own words: they name the condition (WRONGPASS, OOM ...), never a secret.
             err = StoreUnavailable(f"redis refused: {str(exc)[:120]}", reason)
+        elif isinstance(exc, TransportError) and reason != TIMEOUT and not isinstance(exc, ConnectionClosed):
+            err = StoreUnavailable(str(exc), reason)
         else:
-            if reason in (TIMEOUT, UNAVAILABLE):
-                self.nodes.rediscover()
             err = StoreUnavailable(f"redis unavailable: {exc or type(exc).__name__}", reason)
         err.__cause__ = exc
         return err
