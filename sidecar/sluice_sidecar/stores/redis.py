@@ -228,6 +228,8 @@ class RedisStore:
         raise TransportError("cluster kept redirecting the decision")
 
     async def close(self) -> None:
-        for task in list(self._tasks):
+        tasks = list(self._tasks)
+        for task in tasks:
             task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)  # their callers have heard back
         await self.nodes.close()

@@ -265,8 +265,11 @@ class RedisNodes:
         raise last
 
     async def close(self) -> None:
+        # The slot map loads first: one finishing after this would open a connection again.
+        tasks = [t for t in (self._refreshing, self._initial) if t is not None and not t.done()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         for conn in self._conns.values():
             conn.close()
         self._conns.clear()
-        if self._refreshing is not None:
-            self._refreshing.cancel()
