@@ -7,8 +7,9 @@ once, as :class:`StoreUnavailable` with the transport's reason.
 
 Every new connection loads the decision script before it carries anything else, so a Redis that
 restarted (its script cache empty) never answers ``NOSCRIPT`` to the decisions pipelined on the
-connection that replaced the lost one; ``NOSCRIPT`` is still handled (``SCRIPT FLUSH``) by
-loading the script and sending the batch again, for every batch that met it.
+connection that replaced the lost one; a batch that still meets ``NOSCRIPT`` (``SCRIPT FLUSH``)
+or a cluster redirection goes to :meth:`RedisNodes.execute`, which loads the script or follows
+the redirection and sends it again.
 """
 
 from __future__ import annotations
@@ -24,11 +25,10 @@ from sluice_core.redisurl import RedisTarget
 from sluice_sidecar.stores.base import StoreUnavailable
 from sluice_sidecar.transport.errors import TIMEOUT, UNAVAILABLE, TransportError
 from sluice_sidecar.transport.resp import ConnectionClosed, RedisReplyError, encode
-from sluice_sidecar.transport.topology import RETRYABLE, SLOTS, Addr, RedisNodes, Retry, key_slot
+from sluice_sidecar.transport.topology import RETRYABLE, SLOTS, Addr, RedisNodes, key_slot
 
 PROBE_KEY = f"{keyschema.PREFIX}:probe"  # read by the probe (cost 0), never written; no bucket's name
 PROBE_EM_US = 1_000_000
-SENDS = 4  # a batch's tries on the careful path: redirections and a script load, then it fails
 
 
 Pending = tuple[tuple[str, ...], int, tuple[int, ...], "asyncio.Future[Decision]"]
@@ -124,7 +124,7 @@ class RedisStore:
 
     async def _send_slowly(self, group: list[Pending], payload: bytes) -> None:
         try:
-            reply = await self._execute(payload, group[0][0][0])
+            reply = await self.nodes.execute(payload, group[0][0][0], reload=self._script.source)
         except BaseException as exc:  # every caller must hear back, whatever happened
             self._fail(group, exc)
             if not isinstance(exc, Exception):
@@ -180,16 +180,9 @@ class RedisStore:
             else:
                 addrs = [await self.nodes.primary()]
             for addr in addrs:
-                conn = await self.nodes.connect(addr)
-                payload = encode(b"EVALSHA", self._sha, 1, self._probe_key(addr), 1, 1, 0,
-                                 PROBE_EM_US, PROBE_EM_US)
-                try:
-                    await conn.send(payload, self.nodes.timeout)
-                except RedisReplyError as exc:
-                    if not str(exc).startswith("NOSCRIPT"):  # a cached connection, then SCRIPT FLUSH
-                        raise
-                    await conn.call("SCRIPT", "LOAD", self._script.source, timeout=self.nodes.connect_timeout)
-                    await conn.send(payload, self.nodes.timeout)
+                key = self._probe_key(addr)  # on addr: the decision goes there
+                payload = encode(b"EVALSHA", self._sha, 1, key, 1, 1, 0, PROBE_EM_US, PROBE_EM_US)
+                await self.nodes.execute(payload, key, reload=self._script.source)
         except TransportError as exc:
             raise self._wrap(exc)  # noqa: B904 - the cause is kept in __cause__
 
@@ -202,30 +195,6 @@ class RedisStore:
             if self.nodes.node_for_slot(key_slot(key)) == addr:
                 return key
         return PROBE_KEY  # pragma: no cover - every master in the slot map owns a slot
-
-    # One script run, with reconnects, NOSCRIPT and cluster redirections -----------------------
-    async def _execute(self, payload: bytes, key: str) -> list[int]:
-        """Send one batch (``key``: its first key) until it is answered; the topology says
-        where, and what an error reply asks for."""
-        conn = await self.nodes.for_key(key)
-        asking = False
-        for _ in range(SENDS):
-            try:
-                reply: list[int] = await (self.nodes.ask(conn, payload) if asking else conn.send(payload))
-                return reply
-            except RedisReplyError as exc:
-                redirect = self.nodes.redirect(exc, key)
-                if redirect is None or redirect.retry is Retry.READONLY:
-                    raise  # READONLY: the next batch goes to the master found again
-                if redirect.retry is Retry.NOSCRIPT:
-                    # Redis restarted or SCRIPT FLUSH: load once, then the cached SHA works again.
-                    await conn.call("SCRIPT", "LOAD", self._script.source)
-                elif redirect.retry is Retry.MOVED:
-                    conn, asking = await self.nodes.for_key(key), False
-                else:
-                    assert redirect.addr is not None
-                    conn, asking = await self.nodes.connect(redirect.addr), True
-        raise TransportError("cluster kept redirecting the decision")
 
     async def close(self) -> None:
         tasks = list(self._tasks)
