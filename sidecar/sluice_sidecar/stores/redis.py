@@ -116,8 +116,9 @@ class RedisStore:
         if exc is None:
             self._distribute(group, f.result())
         elif isinstance(exc, RedisReplyError) and str(exc).startswith(RETRYABLE):
-            # A batch that met an error reply a second try cures goes the careful path: e.g. every batch pipelined behind the first NOSCRIPT met it too,
-            # and each is sent again (after the script is loaded), none failed.
+            # A batch that met an error reply a second try cures goes the careful path: e.g.
+            # every batch pipelined behind the first NOSCRIPT met it too, and each is sent
+            # again (after the script is loaded), none failed.
             self._spawn(self._send_slowly(group, payload))
         else:
             self._fail(group, exc)
