@@ -375,14 +375,15 @@ def _layered_sidecar(procs: Procs, tmp: Path, upstream: str, redis: RedisServer)
     policy_file.write_text(POLICY.replace("metadata: {name: bench}", "metadata: {name: bench, namespace: bench}")
                            + "---\n" + POLICY.replace("kind: RateLimitPolicy", "kind: ClusterRateLimitPolicy")
                            .replace("metadata: {name: bench}", "metadata: {name: shared}"))
-    own, shared = load_policies(str(policy_file))
+    policy, cluster_policy = load_policies(str(policy_file))
     grants = {keyschema.hash_api_key(k): KeyGrant(tier="pro") for k in KEYS}
 
     async def publish() -> None:
         async with configstore.connect(redis.url) as client:
-            await configstore.publish(client, "bench", configdoc.build_doc("bench", [own], {own.name: grants}))
+            await configstore.publish(client, "bench", configdoc.build_doc("bench", [policy], {policy.name: grants}))
             await configstore.publish(client, CLUSTER_SCOPE, configdoc.build_doc(
-                CLUSTER_SCOPE, [shared], {shared.name: grants}, {shared.name: ["bench"]}))
+                CLUSTER_SCOPE, [cluster_policy], {cluster_policy.name: grants},
+                {cluster_policy.name: ["bench"]}))
 
     asyncio.run(publish())
     labels = tmp / "labels"

@@ -40,9 +40,10 @@ class Decision(NamedTuple):
         return None
 
 
-def expand(allowed: int, debts: Sequence[int], cost: int, params: Sequence[int]) -> Decision:
-    """The decision the script's ``allowed`` and per-bucket ``debts`` mean, for a request of
-    ``cost`` tokens over buckets with ``params`` = ``(em_us, cap_us)`` per bucket, flattened."""
+def expand(allowed: bool | int, debts: Sequence[int], cost: int, params: Sequence[int]) -> Decision:
+    """The decision the script's ``allowed`` (its 1 or 0, or a :class:`Decision`'s bool) and
+    per-bucket ``debts`` mean, for a request of ``cost`` tokens over buckets with ``params`` =
+    ``(em_us, cap_us)`` per bucket, flattened."""
     retry = 0
     buckets = []
     new = tuple.__new__

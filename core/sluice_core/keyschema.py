@@ -42,8 +42,10 @@ def heartbeat_key(namespace: str) -> str:
 class Heartbeat:
     """What one sidecar enforces: the namespace document's version and the policy it selected
     there, the cluster document's version and the cluster policy it selected (``-``: none).
-    Policies are named by reference (``*_ref``, as ``policyRef`` in ``/readyz``): the policy's
-    name, as the heartbeat's key names its namespace.
+    Policies are named by reference (``*_ref``), as Kubernetes refers to objects: a namespaced
+    one by ``namespace/name``, a cluster-scoped one by its name (``/readyz``'s ``policyRef`` and
+    ``clusterPolicyRef``). Here the key names the namespace, so ``policy_ref`` holds the
+    namespace's policy's name alone.
 
     Stored as ``"<version> <unix s> <policy> <cluster version> <cluster policy>"``; policy names
     are Kubernetes names, so never contain spaces. The fields are positional: renaming an

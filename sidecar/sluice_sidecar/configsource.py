@@ -200,6 +200,7 @@ class RedisSource:
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._sub: RespConnection | None = None
+        self._heartbeat_error: str | None = None  # the reason the last heartbeat failed
 
     async def _command(self, key: str, *args: Any) -> Any:
         """Run one command on the node that owns ``key`` (cluster-aware)."""
@@ -327,15 +328,32 @@ class RedisSource:
         key = keyschema.heartbeat_key(self.namespace)
         ttl_ms = int(self.heartbeat_interval * 3 * 1000)
         while True:
-            with contextlib.suppress(TransportError):
+            try:
                 conn = await self.nodes.for_key(key)
                 beat = dataclasses.replace(self.enforcing, at=time.time())
-                # Both written at once; both awaited, so a refused HSET (an ACL, OOM) is
-                # handled here rather than left in a future nobody reads.
+                # Both written at once; both awaited, so a refused HSET (an ACL, OOM, a
+                # READONLY replica) is reported here rather than left in a future nobody reads.
                 hset = conn.send(encode("HSET", key, self.pod_name, beat.encode()))
                 pexpire = conn.send(encode("PEXPIRE", key, ttl_ms))
-                await asyncio.gather(hset, pexpire, return_exceptions=True)
+                for result in await asyncio.gather(hset, pexpire, return_exceptions=True):
+                    if isinstance(result, BaseException):
+                        raise result
+            except TransportError as exc:
+                self._heartbeat_failed(exc)
+            else:
+                if self._heartbeat_error is not None:
+                    log.info("heartbeat written again; the operator counts this pod")
+                    self._heartbeat_error = None
             await asyncio.sleep(self.heartbeat_interval)
+
+    def _heartbeat_failed(self, exc: TransportError) -> None:
+        """Counted every time; logged once per change of reason (as the breaker does): without
+        a heartbeat the operator counts no sidecar on this config, and this line says why."""
+        self.metrics.heartbeat_errors.labels(exc.reason).inc()
+        if exc.reason != self._heartbeat_error:
+            self._heartbeat_error = exc.reason
+            log.warning("heartbeat not written (%s): %s; the operator does not count this pod "
+                        "until it is", exc.reason, exc)
 
     async def close(self) -> None:
         for t in self._tasks:

@@ -107,7 +107,7 @@ class Enforcement:
 class _Plan:
     """One policy's part of a request: the buckets to take ``cost`` tokens from."""
 
-    act: Enforcement
+    enforcement: Enforcement
     rule_name: str
     tier_b: Bucket
     cost: int
@@ -142,6 +142,12 @@ class Outcome:
 def forwarded(headers: list[tuple[str, str]]) -> Outcome:
     """Forward the request; ``headers`` go on the upstream's response."""
     return Outcome(True, 0, headers)
+
+
+def refused(status: int, headers: list[tuple[str, str]], policy_name: str, tier: str = "",
+            rule: str = "", detail: str = "") -> Outcome:
+    """Answer the request now with ``status`` (401, 429, 503): who refused and why."""
+    return Outcome(False, status, headers, policy_name, tier, rule, detail)
 
 
 FORWARD_PLAIN = forwarded([])
@@ -185,7 +191,7 @@ class Limiter:
                 return FORWARD_PLAIN  # both skip
             return await self._decide_one(plan)
         keys = first.keys + second.keys
-        shadow = Mode.SHADOW in (first.act.policy.mode, second.act.policy.mode)
+        shadow = Mode.SHADOW in (first.enforcement.policy.mode, second.enforcement.policy.mode)
         if not shadow and self.store.atomic(keys):
             return await self._decide_atomically(first, second, keys)
         # Two calls (different Redis Cluster slots, or a shadow policy, which must not hold the
@@ -225,15 +231,15 @@ class Limiter:
     async def _decide_one(self, plan: _Plan) -> Outcome:
         return self._finish(plan, await self._ask(plan.keys, plan.cost, plan.params))
 
-    def _plan(self, act: Enforcement, method: str, path: str, headers: MultiMapping[str],
+    def _plan(self, enforcement: Enforcement, method: str, path: str, headers: MultiMapping[str],
               peer: str) -> _Plan | Outcome:
         """Who the client is and which buckets the request takes from; or the answer already
         (a skipped route, a missing or unknown required key)."""
-        policy = act.policy
+        policy = enforcement.policy
         rule = policy.match_rule(method, path)
         rule_name = rule.name if rule is not None else ""
         if rule is not None and rule.skip:
-            self.metrics.decision(act.label, "", rule_name, "skipped")
+            self.metrics.decision(enforcement.label, "", rule_name, "skipped")
             return FORWARD_PLAIN
 
         ident = policy.identify
@@ -244,56 +250,56 @@ class Limiter:
             if key is not None:
                 raw = hashlib.sha256(key.encode("utf-8", "surrogateescape")).digest()
                 digest = raw.hex()
-                grant = act.grants.get(digest)
+                grant = enforcement.grants.get(digest)
                 if grant is not None:
                     client = keyschema.client_for_api_key(raw)
         if grant is None and policy.api_keys.required:
-            self.metrics.decision(act.label, "", rule_name, "unauthorized")
-            return Outcome(False, 401, [("WWW-Authenticate", f'ApiKey header="{policy.api_keys.header}"')],
+            self.metrics.decision(enforcement.label, "", rule_name, "unauthorized")
+            return refused(401, [("WWW-Authenticate", f'ApiKey header="{policy.api_keys.header}"')],
                            policy.name, detail="a valid API key is required" if digest is None
                            else "the API key is not known")
         if grant is not None and client is not None:
-            tier_b = act.key_bucket(digest or "", grant) if grant.limit is not None else act.tiers[grant.tier]
+            tier_b = enforcement.key_bucket(digest or "", grant) if grant.limit is not None else enforcement.tiers[grant.tier]
         else:
             # Unknown keys are not identities: an attacker rotating random keys would otherwise
             # get a fresh bucket per key (and flood Redis with keys).
-            client = anonymous_client(headers, peer, act.peers)
-            tier_b = act.tiers[policy.default_tier]
+            client = anonymous_client(headers, peer, enforcement.peers)
+            tier_b = enforcement.tiers[policy.default_tier]
 
-        tag = keyschema.client_tag_for(act.policy_id, client)
+        tag = keyschema.client_tag_for(enforcement.policy_id, client)
         cost = rule.cost if rule is not None else 1
-        rule_b = act.rules.get(rule_name) if rule is not None else None
+        rule_b = enforcement.rules.get(rule_name) if rule is not None else None
         if rule_b is None:
-            return _Plan(act, rule_name, tier_b, cost, (tag + tier_b.suffix,), tier_b.params,
+            return _Plan(enforcement, rule_name, tier_b, cost, (tag + tier_b.suffix,), tier_b.params,
                          (tier_b.shown,), (tier_b.limit,), tier_b.policy_item)
-        return _Plan(act, rule_name, tier_b, cost, (tag + tier_b.suffix, tag + rule_b.suffix),
+        return _Plan(enforcement, rule_name, tier_b, cost, (tag + tier_b.suffix, tag + rule_b.suffix),
                      tier_b.params + rule_b.params, (tier_b.shown, rule_b.shown),
                      (tier_b.limit, rule_b.limit), f"{tier_b.policy_item}, {rule_b.policy_item}")
 
     def _finish(self, plan: _Plan, decision: Decision | None) -> Outcome:
         """The answer for one policy from the store's decision (None: it could not decide)."""
-        act, tier_b, rule_name = plan.act, plan.tier_b, plan.rule_name
-        policy = act.policy
+        enforcement, tier_b, rule_name = plan.enforcement, plan.tier_b, plan.rule_name
+        policy = enforcement.policy
         if decision is None:  # store unavailable
             if policy.failure_mode is FailureMode.CLOSED and policy.mode is Mode.ENFORCE:
-                self.metrics.decision(act.label, tier_b.name, rule_name, "failed_closed")
-                return Outcome(False, 503, [("Retry-After", "1")], policy.name, tier_b.name, rule_name,
+                self.metrics.decision(enforcement.label, tier_b.name, rule_name, "failed_closed")
+                return refused(503, [("Retry-After", "1")], policy.name, tier_b.name, rule_name,
                                "the rate limiter cannot decide right now")
-            self.metrics.decision(act.label, tier_b.name, rule_name, "failed_open")
+            self.metrics.decision(enforcement.label, tier_b.name, rule_name, "failed_open")
             return FORWARD_PLAIN
         out_headers = hdr.build(policy.headers, plan.names, plan.limits, plan.policy_value, decision,
                                 plan.cost)
         if decision.allowed:
-            self.metrics.decision(act.label, tier_b.name, rule_name, "allowed")
+            self.metrics.decision(enforcement.label, tier_b.name, rule_name, "allowed")
             return forwarded(out_headers)
         if policy.mode is Mode.SHADOW:
-            self.metrics.decision(act.label, tier_b.name, rule_name, "shadow_limited")
+            self.metrics.decision(enforcement.label, tier_b.name, rule_name, "shadow_limited")
             return forwarded(out_headers if policy.headers is not HeaderStyle.NONE else [])
-        self.metrics.decision(act.label, tier_b.name, rule_name, "limited")
+        self.metrics.decision(enforcement.label, tier_b.name, rule_name, "limited")
         retry_after = hdr.retry_after(decision)
         out_headers.append(("Retry-After", retry_after))
         limiting = plan.names[decision.short_bucket(plan.cost) or 0]
-        return Outcome(False, 429, out_headers, policy.name, tier_b.name, rule_name,
+        return refused(429, out_headers, policy.name, tier_b.name, rule_name,
                        f"the {limiting} limit is used up; retry after {retry_after} s")
 
     async def _ask(self, keys: tuple[str, ...], cost: int, params: tuple[int, ...]) -> Decision | None:

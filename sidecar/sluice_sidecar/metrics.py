@@ -36,6 +36,10 @@ class Metrics:
         self.config_loaded = Gauge("sluice_config_loaded", "1 once a valid config is loaded", registry=r)
         self.config_reloads = Counter("sluice_config_reloads", "Config load attempts by result",
                                       ["result"], registry=r)
+        # reason: the transport's (timeout, unavailable, auth, oom, refused)
+        self.heartbeat_errors = Counter("sluice_heartbeat_errors",
+                                        "Heartbeats Redis did not take (the operator does not "
+                                        "count this pod meanwhile)", ["reason"], registry=r)
         self.upstream_errors = Counter("sluice_upstream_errors", "Requests the upstream failed",
                                        ["kind"], registry=r)
         self.bad_requests = Counter("sluice_bad_requests", "Requests refused as unparseable (400)",

@@ -90,7 +90,8 @@ async def test_an_unreachable_cluster_is_a_redis_error_not_a_crash(no_threads: N
     async with configstore.connect(f"redis+cluster://127.0.0.1:{pick_port()}", timeout=0.5) as client:
         reconciler = Reconciler(client)
         out = await reconciler.reconcile(ns, [policy_doc("api", ns)], [])
-        assert out.redis_error and "Redis Cluster cannot be connected" in out.redis_error, out
+        # Our wording (configstore's), not redis-py's, which may change in any release.
+        assert out.redis_error and out.redis_error.startswith(f"cannot read config for namespace {ns!r}: "), out
         assert not await reconciler.ensure_cluster_doc()
         assert await reconciler.enforced([ns], "api", 1, stale_s=30) == 0
         assert await reconciler.memory_check.run() is None

@@ -122,7 +122,7 @@ async def test_timeout_on_a_paused_server(fresh_redis: RedisServer) -> None:
         fresh_redis.pause()
         try:
             t0 = time.monotonic()
-            with pytest.raises(TimeoutError):
+            with pytest.raises(TransportError, match="did not answer in time"):
                 await conn.call("ECHO", "late")
             elapsed = time.monotonic() - t0
             assert 0.04 <= elapsed < 0.5, elapsed
@@ -131,10 +131,10 @@ async def test_timeout_on_a_paused_server(fresh_redis: RedisServer) -> None:
             results = await asyncio.gather(*(conn.call("ECHO", f"x{i}") for i in range(100)),
                                            return_exceptions=True)
             assert time.monotonic() - t0 < 0.5
-            assert all(isinstance(r, TimeoutError) for r in results)
+            assert all(isinstance(r, TransportError) and r.reason == TIMEOUT for r in results)
             # A per-call timeout overrides the connection's.
             t0 = time.monotonic()
-            with pytest.raises(TimeoutError):
+            with pytest.raises(TransportError, match="did not answer in time"):
                 await conn.call("PING", timeout=0.01)
             assert time.monotonic() - t0 < 0.5
         finally:
@@ -156,7 +156,7 @@ async def test_short_timeout_behind_a_long_one_still_expires_in_time(
         try:
             slow = conn.send(encode("PING"), timeout=5.0)
             t0 = time.monotonic()
-            with pytest.raises(TimeoutError):
+            with pytest.raises(TransportError, match="did not answer in time"):
                 await asyncio.wait_for(conn.call("ECHO", "fast"), 2.0)
             assert time.monotonic() - t0 < 0.5
             assert not slow.done()
@@ -287,7 +287,7 @@ async def test_every_failure_is_one_error_type_with_its_reason(fresh_redis: Redi
     try:
         with pytest.raises(TransportError) as slow:
             await blocked.call("BLPOP", f"test:resp:{uuid.uuid4().hex}", 0)
-        assert slow.value.reason == TIMEOUT and isinstance(slow.value, TimeoutError)
+        assert slow.value.reason == TIMEOUT
     finally:
         blocked.close()
     conn = await connect(fresh_redis)

@@ -56,6 +56,8 @@ def test_wrong_password_is_one_error_line_with_the_reason(upstream_proc: Upstrea
             errors = [line for line in log.splitlines() if " ERROR " in line]
             assert len(errors) == 1, log
             assert "(auth)" in errors[0] and "WRONGPASS" in errors[0], errors[0]
+            # The topology's own sentence, as before the transport room: refused, not "unavailable".
+            assert "failing (auth): redis refused the connection: WRONGPASS" in errors[0], errors[0]
             assert PASSWORD not in log
         finally:
             sidecar.close()

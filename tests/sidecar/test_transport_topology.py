@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import logging
 import time
 import uuid
 
@@ -58,12 +59,15 @@ async def test_a_refused_heartbeat_leaves_no_unretrieved_error(
         fresh_redis: RedisServer, caplog: pytest.LogCaptureFixture) -> None:
     """The heartbeat's HSET and PEXPIRE go out together; a refused HSET (here an ACL that
     forbids it) is an error the heartbeat handles, not a future nobody awaited (asyncio then
-    logs "Future exception was never retrieved" at garbage collection, as an ERROR)."""
+    logs "Future exception was never retrieved" at garbage collection, as an ERROR). It is
+    said: counted every time, one WARNING line for the reason (not one per heartbeat)."""
     fresh_redis.execute("ACL", "SETUSER", "default", "on", "nopass", "~*", "&*", "+@all", "-hset")
     ns = f"t{uuid.uuid4().hex[:10]}"
     store = RedisStore(parse_redis_url(fresh_redis.url), timeout=1.0, connect_timeout=0.5)
-    source = RedisSource(store.nodes, ns, Metrics(), lambda policy, _: None, labels_path=None,
+    metrics = Metrics()
+    source = RedisSource(store.nodes, ns, metrics, lambda policy, _: None, labels_path=None,
                          pod_name="web-0", poll_interval=3600, heartbeat_interval=0.01)
+    caplog.set_level(logging.WARNING, logger="sluice")
     try:
         await source.start()
         deadline = time.monotonic() + 10
@@ -76,3 +80,7 @@ async def test_a_refused_heartbeat_leaves_no_unretrieved_error(
     gc.collect()
     await asyncio.sleep(0)  # the loop's exception handler runs on the next turn
     assert not [r for r in caplog.records if "never retrieved" in r.getMessage()]
+    warnings = [r.getMessage() for r in caplog.records if "heartbeat" in r.getMessage()]
+    assert len(warnings) == 1 and "(auth)" in warnings[0] and "NOPERM" in warnings[0], warnings
+    assert (metrics.registry.get_sample_value("sluice_heartbeat_errors_total", {"reason": "auth"})
+            or 0) >= 4  # each heartbeat before the fifth PEXPIRE was answered and counted

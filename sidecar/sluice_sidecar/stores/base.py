@@ -14,7 +14,8 @@ FAST_REASONS = frozenset({OOM, REFUSED})
 
 
 class StoreUnavailable(Exception):
-    """The store could not decide in time (timeout, connection refused, cluster trouble).
+    """The store could not decide: no answer in time, no connection, cluster trouble, or Redis
+    refused (a wrong password, ``OOM``, another error reply).
 
     Raised once, at the storage boundary, whatever the underlying error was; the message says
     what happened without echoing keys or credentials; ``reason`` is the transport's

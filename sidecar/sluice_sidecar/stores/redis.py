@@ -7,8 +7,9 @@ once, as :class:`StoreUnavailable` with the transport's reason.
 
 Every new connection loads the decision script before it carries anything else, so a Redis that
 restarted (its script cache empty) never answers ``NOSCRIPT`` to the decisions pipelined on the
-connection that replaced the lost one; ``NOSCRIPT`` is still handled (``SCRIPT FLUSH``) by
-loading the script and sending the batch again, for every batch that met it.
+connection that replaced the lost one; a batch that still meets ``NOSCRIPT`` (``SCRIPT FLUSH``)
+or a cluster redirection goes to :meth:`RedisNodes.execute`, which loads the script or follows
+the redirection and sends it again.
 """
 
 from __future__ import annotations
@@ -24,11 +25,10 @@ from sluice_core.redisurl import RedisTarget
 from sluice_sidecar.stores.base import StoreUnavailable
 from sluice_sidecar.transport.errors import TIMEOUT, UNAVAILABLE, TransportError
 from sluice_sidecar.transport.resp import ConnectionClosed, RedisReplyError, encode
-from sluice_sidecar.transport.topology import RETRYABLE, SLOTS, Addr, RedisNodes, Retry, key_slot
+from sluice_sidecar.transport.topology import RETRYABLE, SLOTS, Addr, RedisNodes, key_slot
 
 PROBE_KEY = f"{keyschema.PREFIX}:probe"  # read by the probe (cost 0), never written; no bucket's name
 PROBE_EM_US = 1_000_000
-SENDS = 4  # a batch's tries on the careful path: redirections and a script load, then it fails
 
 
 Pending = tuple[tuple[str, ...], int, tuple[int, ...], "asyncio.Future[Decision]"]
@@ -116,15 +116,16 @@ class RedisStore:
         if exc is None:
             self._distribute(group, f.result())
         elif isinstance(exc, RedisReplyError) and str(exc).startswith(RETRYABLE):
-            # A batch that met an error reply a second try cures goes the careful path: e.g. every batch pipelined behind the first NOSCRIPT met it too,
-            # and each is sent again (after the script is loaded), none failed.
+            # A batch that met an error reply a second try cures goes the careful path: e.g.
+            # every batch pipelined behind the first NOSCRIPT met it too, and each is sent
+            # again (after the script is loaded), none failed.
             self._spawn(self._send_slowly(group, payload))
         else:
             self._fail(group, exc)
 
     async def _send_slowly(self, group: list[Pending], payload: bytes) -> None:
         try:
-            reply = await self._execute(payload, group[0][0][0])
+            reply = await self.nodes.execute(payload, group[0][0][0], reload=self._script.source)
         except BaseException as exc:  # every caller must hear back, whatever happened
             self._fail(group, exc)
             if not isinstance(exc, Exception):
@@ -148,14 +149,20 @@ class RedisStore:
                 fut.set_exception(err)
 
     def _wrap(self, exc: BaseException) -> StoreUnavailable:
-        """Every failure leaves the store as one StoreUnavailable (the cause kept too)."""
+        """Every failure leaves the store as one StoreUnavailable (the cause kept too). Its
+        text is the breaker's ERROR line: Redis's own words for an error reply; the
+        topology's sentence as it stands (it says what happened: "redis refused the
+        connection: WRONGPASS ...", "no sentinel knows master ..."); a lost or silent
+        connection, or anything else, as "redis unavailable: ..."."""
         reason = exc.reason if isinstance(exc, TransportError) else UNAVAILABLE
+        if reason in (TIMEOUT, UNAVAILABLE):
+            self.nodes.rediscover()
         if isinstance(exc, RedisReplyError):
             # Redis's own words: they name the condition (WRONGPASS, OOM ...), never a secret.
             err = StoreUnavailable(f"redis refused: {str(exc)[:120]}", reason)
+        elif isinstance(exc, TransportError) and reason != TIMEOUT and not isinstance(exc, ConnectionClosed):
+            err = StoreUnavailable(str(exc), reason)
         else:
-            if reason in (TIMEOUT, UNAVAILABLE):
-                self.nodes.rediscover()
             err = StoreUnavailable(f"redis unavailable: {exc or type(exc).__name__}", reason)
         err.__cause__ = exc
         return err
@@ -174,16 +181,9 @@ class RedisStore:
             else:
                 addrs = [await self.nodes.primary()]
             for addr in addrs:
-                conn = await self.nodes.connect(addr)
-                payload = encode(b"EVALSHA", self._sha, 1, self._probe_key(addr), 1, 1, 0,
-                                 PROBE_EM_US, PROBE_EM_US)
-                try:
-                    await conn.send(payload, self.nodes.timeout)
-                except RedisReplyError as exc:
-                    if not str(exc).startswith("NOSCRIPT"):  # a cached connection, then SCRIPT FLUSH
-                        raise
-                    await conn.call("SCRIPT", "LOAD", self._script.source, timeout=self.nodes.connect_timeout)
-                    await conn.send(payload, self.nodes.timeout)
+                key = self._probe_key(addr)  # on addr: the decision goes there
+                payload = encode(b"EVALSHA", self._sha, 1, key, 1, 1, 0, PROBE_EM_US, PROBE_EM_US)
+                await self.nodes.execute(payload, key, reload=self._script.source)
         except TransportError as exc:
             raise self._wrap(exc)  # noqa: B904 - the cause is kept in __cause__
 
@@ -197,31 +197,9 @@ class RedisStore:
                 return key
         return PROBE_KEY  # pragma: no cover - every master in the slot map owns a slot
 
-    # One script run, with reconnects, NOSCRIPT and cluster redirections -----------------------
-    async def _execute(self, payload: bytes, key: str) -> list[int]:
-        """Send one batch (``key``: its first key) until it is answered; the topology says
-        where, and what an error reply asks for."""
-        conn = await self.nodes.for_key(key)
-        asking = False
-        for _ in range(SENDS):
-            try:
-                reply: list[int] = await (self.nodes.ask(conn, payload) if asking else conn.send(payload))
-                return reply
-            except RedisReplyError as exc:
-                redirect = self.nodes.redirect(exc, key)
-                if redirect is None or redirect.retry is Retry.READONLY:
-                    raise  # READONLY: the next batch goes to the master found again
-                if redirect.retry is Retry.NOSCRIPT:
-                    # Redis restarted or SCRIPT FLUSH: load once, then the cached SHA works again.
-                    await conn.call("SCRIPT", "LOAD", self._script.source)
-                elif redirect.retry is Retry.MOVED:
-                    conn, asking = await self.nodes.for_key(key), False
-                else:
-                    assert redirect.addr is not None
-                    conn, asking = await self.nodes.connect(redirect.addr), True
-        raise TransportError("cluster kept redirecting the decision")
-
     async def close(self) -> None:
-        for task in list(self._tasks):
+        tasks = list(self._tasks)
+        for task in tasks:
             task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)  # their callers have heard back
         await self.nodes.close()

@@ -22,9 +22,3 @@ class TransportError(Exception):
         super().__init__(message)
         self.reason = reason
 
-
-class TransportTimeout(TransportError, TimeoutError):
-    """No answer in time (also a ``TimeoutError``, as ``asyncio.timeout`` raises)."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message, TIMEOUT)

@@ -18,14 +18,7 @@ from typing import Any
 
 import hiredis
 
-from sluice_sidecar.transport.errors import (
-    AUTH,
-    OOM,
-    REFUSED,
-    UNAVAILABLE,
-    TransportError,
-    TransportTimeout,
-)
+from sluice_sidecar.transport.errors import AUTH, OOM, REFUSED, TIMEOUT, UNAVAILABLE, TransportError
 
 _AUTH_REPLIES = ("WRONGPASS", "NOAUTH", "NOPERM", "ERR AUTH", "ERR invalid password")
 
@@ -57,7 +50,7 @@ def encode(*args: bytes | str | int) -> bytes:
 
 def _expire_one(fut: asyncio.Future[Any]) -> None:
     if not fut.done():
-        fut.set_exception(TransportTimeout("redis did not answer in time"))
+        fut.set_exception(TransportError("redis did not answer in time", TIMEOUT))
 
 
 class RespConnection(asyncio.Protocol):
@@ -123,7 +116,7 @@ class RespConnection(asyncio.Protocol):
     # commands ---------------------------------------------------------------------------
     def send(self, payload: bytes, timeout: float | None = None) -> asyncio.Future[Any]:
         """Queue one RESP-encoded command; all commands queued in this loop iteration are
-        written together. The future fails with :class:`TransportTimeout` after ``timeout`` seconds,
+        written together. The future fails with a :class:`TransportError` (reason ``timeout``) after ``timeout`` seconds,
         with :class:`RedisReplyError` on an error reply, :class:`ConnectionClosed` when the
         connection goes."""
         fut: asyncio.Future[Any] = self._loop.create_future()
@@ -171,7 +164,7 @@ class RespConnection(asyncio.Protocol):
                 self._timer = self._loop.call_at(deadline, self._expire)
                 return
             deadlines.popleft()
-            fut.set_exception(TransportTimeout("redis did not answer in time"))
+            fut.set_exception(TransportError("redis did not answer in time", TIMEOUT))
         # The reply may still come; it will be matched to the (done) future and dropped. A
         # connection whose oldest reply is far overdue is stalled: drop it so the next use
         # reconnects instead of queueing behind it.
@@ -196,7 +189,8 @@ async def open_connection(host: str, port: int, *, timeout: float, connect_timeo
                           ssl_context: ssl.SSLContext | None = None,
                           on_push: Callable[[Any], None] | None = None) -> RespConnection:
     """Connect, authenticate and select the database; raise :class:`TransportError` on failure
-    (:class:`RedisReplyError` when Redis refused AUTH or SELECT)."""
+    (:class:`RedisReplyError` when Redis refused AUTH or SELECT, :class:`ConnectionClosed` when
+    no connection could be made, reason ``timeout`` when none was made in time)."""
     loop = asyncio.get_running_loop()
     try:
         async with asyncio.timeout(connect_timeout):
@@ -215,8 +209,7 @@ async def open_connection(host: str, port: int, *, timeout: float, connect_timeo
     except TransportError:
         raise
     except TimeoutError:
-        raise TransportTimeout(f"connecting to redis at {host}:{port} timed out") from None
+        raise TransportError(f"connecting to redis at {host}:{port} timed out", TIMEOUT) from None
     except OSError as exc:
-        raise TransportError(f"cannot connect to redis at {host}:{port}: {exc.strerror or exc}",
-                             UNAVAILABLE) from exc
+        raise ConnectionClosed(f"cannot connect to redis at {host}:{port}: {exc.strerror or exc}") from exc
     return conn

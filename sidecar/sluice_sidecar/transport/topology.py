@@ -4,8 +4,8 @@ config reader.
 
 A Cluster's slot map comes from ``CLUSTER SLOTS`` and follows ``MOVED``; a Sentinel's master
 comes from ``SENTINEL get-master-addr-by-name`` and is asked again after a command went
-unanswered or met ``READONLY``. Error replies that a second try cures are told to the caller as a
-:class:`Redirect` (the caller sends again: only it knows what it sent); every failure is a
+unanswered or met ``READONLY``. :meth:`RedisNodes.execute` sends a command until it is answered,
+following ``MOVED`` and ``ASK`` and loading its script again on ``NOSCRIPT``; every failure is a
 :class:`TransportError`.
 """
 
@@ -27,6 +27,7 @@ log = logging.getLogger("sluice.redis")
 SLOTS = 16384
 Addr = tuple[str, int]
 SUBSCRIBER_TIMEOUT_S = 5.0  # a pub/sub connection only waits for its SUBSCRIBE reply
+SENDS = 4  # a command's tries in execute(): redirections and a script load, then it fails
 
 
 def key_slot(key: str) -> int:
@@ -45,7 +46,7 @@ class Retry(Enum):
     MOVED = "MOVED"  # to the slot's owner (the slot map has been corrected)
     ASK = "ASK"  # once to a slot's importing node, after ASKING (:meth:`RedisNodes.ask`)
     NOSCRIPT = "NOSCRIPT"  # on the same connection, once the script is loaded again
-    READONLY = "READONLY"  # a master demoted under us: to the master found again
+    READONLY = "READONLY"  # a master demoted under us: the next command goes to the master found again
 
 
 class Redirect(NamedTuple):
@@ -53,7 +54,8 @@ class Redirect(NamedTuple):
     addr: Addr | None = None  # where to, for ASK
 
 
-# The error replies :meth:`RedisNodes.redirect` turns into a Redirect; any other fails the command.
+# The error replies :meth:`RedisNodes.execute` may cure by sending again (the decision store
+# sends a batch that met one there); any other fails the command.
 RETRYABLE = tuple(r.value for r in Retry)
 
 
@@ -167,7 +169,7 @@ class RedisNodes:
         elif self.target.topology is Topology.SENTINEL:
             self._master = None
 
-    def redirect(self, exc: RedisReplyError, key: str) -> Redirect | None:
+    def _redirect(self, exc: RedisReplyError, key: str) -> Redirect | None:
         """What the error reply ``exc`` to a command on ``key`` asks for, once noted here
         (MOVED corrects the slot map, READONLY forgets the demoted master); None when a second
         try would not cure it."""
@@ -186,6 +188,32 @@ class RedisNodes:
             self.rediscover()
             return Redirect(Retry.READONLY)
         return Redirect(Retry.NOSCRIPT)
+
+    async def execute(self, payload: bytes, key: str, *, reload: str | None = None) -> Any:
+        """Send ``payload``, a command on ``key`` (its first key), until it is answered: to the
+        slot's owner after ``MOVED``, once to the importing node after ``ASK``, on the same
+        connection after loading ``reload`` (the Lua source of an ``EVALSHA``) on ``NOSCRIPT``
+        (Redis restarted, or ``SCRIPT FLUSH``). Any other error reply fails it, ``READONLY``
+        too: the next command goes to the master found again."""
+        conn = await self.for_key(key)
+        asking = False
+        for _ in range(SENDS):
+            try:
+                return await (self.ask(conn, payload) if asking else conn.send(payload))
+            except RedisReplyError as exc:
+                redirect = self._redirect(exc, key)
+                if redirect is None or redirect.retry is Retry.READONLY:
+                    raise
+                if redirect.retry is Retry.NOSCRIPT:
+                    if reload is None:
+                        raise
+                    await conn.call("SCRIPT", "LOAD", reload, timeout=self.connect_timeout)
+                elif redirect.retry is Retry.MOVED:
+                    conn, asking = await self.for_key(key), False
+                else:
+                    assert redirect.addr is not None
+                    conn, asking = await self.connect(redirect.addr), True
+        raise TransportError("cluster kept redirecting the decision")
 
     @staticmethod
     async def ask(conn: RespConnection, payload: bytes) -> Any:
@@ -265,8 +293,11 @@ class RedisNodes:
         raise last
 
     async def close(self) -> None:
+        # The slot map loads first: one finishing after this would open a connection again.
+        tasks = [t for t in (self._refreshing, self._initial) if t is not None and not t.done()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         for conn in self._conns.values():
             conn.close()
         self._conns.clear()
-        if self._refreshing is not None:
-            self._refreshing.cancel()
