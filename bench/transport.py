@@ -115,9 +115,12 @@ REDIS_CLIENTS = {
 # HTTP clients: each yields one GET with its whole body read --------------------------------------
 @contextlib.asynccontextmanager
 async def sluice_pool(port: int) -> AsyncIterator[Call]:
+    from sluice_core.sidecar_settings import SidecarSettings
     from sluice_sidecar.transport.httppool import UpstreamPool
 
-    pool = UpstreamPool("127.0.0.1", port, connect_timeout=5, read_timeout=5)
+    # The sidecar's own pool size (its --upstream-max-connections default).
+    max_connections = SidecarSettings.__dataclass_fields__["upstream_max_connections"].default
+    pool = UpstreamPool("127.0.0.1", port, connect_timeout=5, read_timeout=5, max_connections=max_connections)
     head = f"GET / HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode()
 
     async def get() -> bytes:
@@ -150,7 +153,7 @@ HTTP_CLIENTS = {
 }
 
 
-async def measure_redis(redis: RedisServer) -> dict[str, tuple[float, float] | str]:
+async def measure_redis(redis: RedisServer, scale: int = 1) -> dict[str, tuple[float, float] | str]:
     from sluice_core import scripts
 
     sha = redis.execute("SCRIPT", "LOAD", scripts.decide().source)
@@ -163,15 +166,15 @@ async def measure_redis(redis: RedisServer) -> dict[str, tuple[float, float] | s
             out[name] = "not installed (pip install -e '.[bench]')"
             continue
         async with client(redis, sha) as call:
-            out[name] = await both(call, REDIS_CALLS)
+            out[name] = await both(call, REDIS_CALLS // scale)
     return out
 
 
-async def measure_http(port: int) -> dict[str, tuple[float, float] | str]:
+async def measure_http(port: int, scale: int = 1) -> dict[str, tuple[float, float] | str]:
     out: dict[str, tuple[float, float] | str] = {}
     for name, client in HTTP_CLIENTS.items():
         async with client(port) as call:
-            out[name] = await both(call, HTTP_CALLS)
+            out[name] = await both(call, HTTP_CALLS // scale)
     return out
 
 
@@ -191,6 +194,9 @@ def table(title: str, figures: dict[str, tuple[float, float] | str]) -> list[str
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", default=str(ROOT / "docs" / "benchmarks.md"))
+    ap.add_argument("--scale", type=int, default=1,
+                    help="divide the number of calls by this (the test suite runs it with 100 to "
+                         "check that the benchmark still runs; its figures are then meaningless)")
     args = ap.parse_args()
     started = time.monotonic()
     redis = RedisServer()
@@ -199,8 +205,8 @@ def main() -> int:
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         _wait_port(port)
-        redis_figures = uvloop.run(measure_redis(redis))
-        http_figures = uvloop.run(measure_http(port))
+        redis_figures = uvloop.run(measure_redis(redis, args.scale))
+        http_figures = uvloop.run(measure_http(port, args.scale))
     finally:
         upstream.kill()
         upstream.wait()
@@ -208,7 +214,7 @@ def main() -> int:
     lines = [BEGIN, "",
              f"Measured {time.strftime('%Y-%m-%d %H:%M', time.gmtime())} UTC on {os.cpu_count()} cores, "
              f"Python {platform.python_version()}, uvloop, {CALLERS} concurrent callers, "
-             f"{REDIS_CALLS} EVALSHA / {HTTP_CALLS} GET per client after a warm-up, "
+             f"{REDIS_CALLS // args.scale} EVALSHA / {HTTP_CALLS // args.scale} GET per client after a warm-up, "
              f"{time.monotonic() - started:.0f} s in all. Command: `make bench` "
              "(`python -m bench.transport`).", "",
              *table("Redis client, EVALSHA of decide.lua", redis_figures), "",

@@ -1,0 +1,22 @@
+"""The benchmarks still run: ``make bench`` is not part of the suite (its figures take minutes
+and a quiet machine), so the code it runs would otherwise rot unseen between benchmark runs.
+Each benchmark here runs briefly, its figures meaningless, into a scratch file."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from support.paths import ROOT
+
+
+def test_the_transport_micro_benchmark_runs(tmp_path: Path) -> None:
+    out = tmp_path / "benchmarks.md"
+    res = subprocess.run([sys.executable, "-m", "bench.transport", "--scale", "100", "--out", str(out)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
+    assert res.returncode == 0, res.stderr[-3000:]
+    text = out.read_text()
+    for row in ("| Sluice RESP client (transport/resp.py) |", "| redis-py asyncio |",
+                "| Sluice HTTP pool (transport/httppool.py) |", "| aiohttp ClientSession |"):
+        assert row in text, f"{row} missing from\n{text}"
