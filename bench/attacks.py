@@ -20,6 +20,8 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from support.attacks import Report, run_scenario, scenarios  # noqa: E402
 
+from bench.report import write_block  # noqa: E402
+
 BEGIN, END = "<!-- attacks:begin -->", "<!-- attacks:end -->"
 
 
@@ -72,10 +74,9 @@ def main() -> int:
     args = parser.parse_args()
     block = table(asyncio.run(run(args.seconds)), args.seconds)
     print(block)
-    text = args.out.read_text()
-    if BEGIN not in text or END not in text:
+    if BEGIN not in args.out.read_text():
         raise SystemExit(f"{args.out} has no {BEGIN} ... {END} markers")
-    args.out.write_text(text[:text.index(BEGIN)] + block + text[text.index(END) + len(END):])
+    write_block(args.out, BEGIN, END, block)
     return 0
 
 

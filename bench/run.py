@@ -30,6 +30,8 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from support.redis_servers import RedisServer, pick_port  # noqa: E402
 
+from bench.report import write_block  # noqa: E402
+
 KEYS = [f"bench-key-{i:02d}" for i in range(16)]
 POLICY = """
 apiVersion: sluice.dev/v1alpha1
@@ -352,14 +354,7 @@ def main() -> int:
               "", END]
     block = "\n".join(lines)
     print(block)
-    out = Path(args.out)
-    text = out.read_text() if out.exists() else f"# Benchmarks\n\n{BEGIN}\n{END}\n"
-    if BEGIN in text and END in text:
-        text = text[:text.index(BEGIN)] + block + text[text.index(END) + len(END):]
-    else:
-        text += "\n" + block + "\n"
-    out.write_text(text)
-    print(f"\nwritten to {out}")
+    write_block(Path(args.out), BEGIN, END, block)
     return 0
 
 

@@ -31,6 +31,8 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from support.redis_servers import RedisServer, pick_port  # noqa: E402
 
+from bench.report import write_block  # noqa: E402
+
 BEGIN, END = "<!-- bench-transport:begin -->", "<!-- bench-transport:end -->"
 CALLERS = 50
 REDIS_CALLS = 20_000
@@ -222,14 +224,7 @@ def main() -> int:
              f"Versions: {_versions()}.", "", END]
     block = "\n".join(lines)
     print(block)
-    out = Path(args.out)
-    text = out.read_text() if out.exists() else f"# Benchmarks\n\n{BEGIN}\n{END}\n"
-    if BEGIN in text and END in text:
-        text = text[:text.index(BEGIN)] + block + text[text.index(END) + len(END):]
-    else:
-        text += "\n" + block + "\n"
-    out.write_text(text)
-    print(f"\nwritten to {out}")
+    write_block(Path(args.out), BEGIN, END, block)
     return 0
 
 
