@@ -14,7 +14,6 @@ medians. Not part of ``make bench``; for measuring a change before it lands, e.g
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import statistics
 import subprocess
@@ -27,43 +26,20 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from support.redis_servers import RedisServer, pick_port  # noqa: E402
 
-from bench.run import KEYS, POLICY, WRK_SCRIPT, Procs, cpu_ns, wait_http, wrk  # noqa: E402
+from bench.run import KEYS, POLICY, WRK_SCRIPT, Procs, cpu_ns, publish_layered, wait_http, wrk  # noqa: E402
 
 SCENARIOS = ("layered", "redis", "memory")
 
 
-def _publish_layered(redis: RedisServer, tmp: Path) -> None:
-    """The namespace policy and a ClusterRateLimitPolicy over the same keys, as bench.run does."""
-    from sluice_core import configdoc, configstore, keyschema
-    from sluice_core.model import CLUSTER_SCOPE, KeyGrant
-    from sluice_core.policyfile import load_policies
-
-    f = tmp / "layered.yaml"
-    f.write_text(POLICY.replace("metadata: {name: bench}", "metadata: {name: bench, namespace: bench}")
-                 + "---\n" + POLICY.replace("kind: RateLimitPolicy", "kind: ClusterRateLimitPolicy")
-                 .replace("metadata: {name: bench}", "metadata: {name: shared}"))
-    policy, cluster_policy = load_policies(str(f))
-    grants = {keyschema.hash_api_key(k): KeyGrant(tier="pro") for k in KEYS}
-
-    async def publish() -> None:
-        async with configstore.connect(redis.url) as client:
-            await configstore.publish(client, "bench", configdoc.build_doc("bench", [policy], {policy.name: grants}))
-            await configstore.publish(client, CLUSTER_SCOPE, configdoc.build_doc(
-                CLUSTER_SCOPE, [cluster_policy], {cluster_policy.name: grants}, {cluster_policy.name: ["bench"]}))
-
-    asyncio.run(publish())
-    (tmp / "labels").write_text('app="bench"\n')
-
-
 def _sidecar(procs: Procs, tree: Path, scenario: str, upstream: int, redis: RedisServer,
-             tmp: Path) -> tuple[str, int]:
+             tmp: Path, labels: Path | None) -> tuple[str, int]:
     port, admin = pick_port(), pick_port()
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(str(tree / p) for p in ("core", "sidecar", "operator")))
     cmd = [sys.executable, "-m", "sluice_core.cli", "sidecar", "--upstream", f"http://127.0.0.1:{upstream}",
            "--listen", f"127.0.0.1:{port}", "--admin-listen", f"127.0.0.1:{admin}",
            "--log-level", "warning", "--redis-timeout-ms", "1000"]
-    if scenario == "layered":
-        cmd += ["--redis", redis.url, "--namespace", "bench", "--pod-labels", str(tmp / "labels")]
+    if labels is not None:  # layered: cluster mode, the config published in Redis
+        cmd += ["--redis", redis.url, "--namespace", "bench", "--pod-labels", str(labels)]
     else:
         cmd += ["--policy-file", str(tmp / "policy.yaml"), "--api-keys-file", str(tmp / "keys.yaml")]
         if scenario == "redis":
@@ -92,9 +68,8 @@ def main() -> int:
         upstream = pick_port()
         procs.start(sys.executable, str(ROOT / "bench" / "upstream_app.py"), str(upstream))
         wait_http(f"http://127.0.0.1:{upstream}/")
-        if args.scenario == "layered":
-            _publish_layered(redis, tmp)
-        sidecars = {name: _sidecar(procs, tree.resolve(), args.scenario, upstream, redis, tmp)
+        labels = publish_layered(redis.url, tmp) if args.scenario == "layered" else None
+        sidecars = {name: _sidecar(procs, tree.resolve(), args.scenario, upstream, redis, tmp, labels)
                     for name, tree in (("a", args.a), ("b", args.b))}
         for url, _ in sidecars.values():
             wrk(url, 2, 50, script)  # warm-up

@@ -358,10 +358,9 @@ def main() -> int:
     return 0
 
 
-def _layered_sidecar(procs: Procs, tmp: Path, upstream: str, redis: RedisServer) -> tuple[str, int]:
-    """A sidecar in cluster mode whose pod is under the bench policy and a ClusterRateLimitPolicy
-    with the same keys: every request takes both policies' buckets in one atomic script call
-    (single Redis; on a Cluster they would be two calls)."""
+def publish_layered(redis_url: str, tmp: Path) -> Path:
+    """Namespace ``bench``'s policy and a ClusterRateLimitPolicy over the same keys, written to
+    Redis as the operator would; returns the pod-labels file that selects them."""
     from sluice_core import configdoc, configstore, keyschema
     from sluice_core.model import CLUSTER_SCOPE, KeyGrant
     from sluice_core.policyfile import load_policies
@@ -374,15 +373,22 @@ def _layered_sidecar(procs: Procs, tmp: Path, upstream: str, redis: RedisServer)
     grants = {keyschema.hash_api_key(k): KeyGrant(tier="pro") for k in KEYS}
 
     async def publish() -> None:
-        async with configstore.connect(redis.url) as client:
+        async with configstore.connect(redis_url) as client:
             await configstore.publish(client, "bench", configdoc.build_doc("bench", [policy], {policy.name: grants}))
             await configstore.publish(client, CLUSTER_SCOPE, configdoc.build_doc(
-                CLUSTER_SCOPE, [cluster_policy], {cluster_policy.name: grants},
-                {cluster_policy.name: ["bench"]}))
+                CLUSTER_SCOPE, [cluster_policy], {cluster_policy.name: grants}, {cluster_policy.name: ["bench"]}))
 
     asyncio.run(publish())
     labels = tmp / "labels"
     labels.write_text('app="bench"\n')
+    return labels
+
+
+def _layered_sidecar(procs: Procs, tmp: Path, upstream: str, redis: RedisServer) -> tuple[str, int]:
+    """A sidecar in cluster mode whose pod is under the bench policy and a ClusterRateLimitPolicy
+    with the same keys: every request takes both policies' buckets in one atomic script call
+    (single Redis; on a Cluster they would be two calls)."""
+    labels = publish_layered(redis.url, tmp)
     port, admin = pick_port(), pick_port()
     p = procs.start(sys.executable, "-m", "sluice_core.cli", "sidecar", "--upstream", upstream,
                     "--listen", f"127.0.0.1:{port}", "--admin-listen", f"127.0.0.1:{admin}",

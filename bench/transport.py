@@ -117,11 +117,12 @@ REDIS_CLIENTS = {
 # HTTP clients: each yields one GET with its whole body read --------------------------------------
 @contextlib.asynccontextmanager
 async def sluice_pool(port: int) -> AsyncIterator[Call]:
+    from sluice_core.settingsform import default_of
     from sluice_core.sidecar_settings import SidecarSettings
     from sluice_sidecar.transport.httppool import UpstreamPool
 
     # The sidecar's own pool size (its --upstream-max-connections default).
-    max_connections = SidecarSettings.__dataclass_fields__["upstream_max_connections"].default
+    max_connections = default_of(SidecarSettings, "upstream_max_connections")
     pool = UpstreamPool("127.0.0.1", port, connect_timeout=5, read_timeout=5, max_connections=max_connections)
     head = f"GET / HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode()
 

@@ -151,6 +151,15 @@ def default_of(cls: type, name: str) -> Any:
     raise KeyError(name)
 
 
+def split_host_port(text: str) -> tuple[str, int]:
+    """``HOST:PORT`` to listen on -> ``(host, port)``: an empty HOST (or ``[]``) is every
+    address, ``0.0.0.0``; PORT 0 is any free port. ValueError otherwise."""
+    host, sep, number = text.rpartition(":")
+    if not sep or not number.isdigit() or int(number) > 65535:
+        raise ValueError(f"expected HOST:PORT, got {text!r}")
+    return host.strip("[]") or "0.0.0.0", int(number)
+
+
 def env_name(cls: type, name: str) -> str:
     """The environment variable of field ``name`` (``redis_timeout_ms`` -> ``SLUICE_REDIS_TIMEOUT_MS``)."""
     return next(f.env for f in flags(cls) if f.field == name and f.key is None)

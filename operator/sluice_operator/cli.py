@@ -67,8 +67,8 @@ def run(args: argparse.Namespace) -> int:
     from sluice_operator.metrics import OperatorMetrics
 
     metrics = OperatorMetrics()
-    host, _, port = settings.metrics_listen.rpartition(":")
-    start_http_server(int(port), addr=host or "0.0.0.0", registry=metrics.registry)
+    host, port = settingsform.split_host_port(settings.metrics_listen)
+    start_http_server(port, addr=host, registry=metrics.registry)
     registry = build_registry(settings, Reconciler(configstore.connect(settings.redis), metrics))
     # A registry of our own has no login handler: use the kubernetes client's credentials
     # (in-cluster ServiceAccount, else the kubeconfig).

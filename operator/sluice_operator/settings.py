@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import field
 
-from sluice_core.settingsform import LOG_LEVELS, setting, settings_form
+from sluice_core.settingsform import LOG_LEVELS, setting, settings_form, split_host_port
 
 from sluice_operator.injection.settings import InjectionSettings
 from sluice_operator.injection.values import port, redis_url
@@ -30,10 +30,8 @@ def _secret_ref(text: str) -> str:
 
 
 def host_port(text: str) -> str:
-    """``HOST:PORT`` to listen on (an empty HOST: every address; PORT 0: any free one)."""
-    _, sep, number = text.rpartition(":")
-    if not sep or not number.isdigit() or int(number) > 65535:
-        raise ValueError(f"expected HOST:PORT, got {text!r}")
+    """``HOST:PORT`` to listen on, checked (:func:`settingsform.split_host_port`), kept as text."""
+    split_host_port(text)
     return text
 
 

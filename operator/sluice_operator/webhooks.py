@@ -10,6 +10,8 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
+from sluice_core.settingsform import split_host_port
+
 from sluice_operator import webhook_config
 from sluice_operator.certs import CertBundle, ensure_certificates, provided_bundle
 from sluice_operator.certstore import ensure_shared_certificates
@@ -49,10 +51,10 @@ async def serve_webhooks(settings: OperatorSettings, api_client: Any) -> Webhook
     async def namespace_labels_async(namespace: str) -> Mapping[str, str] | None:
         return await asyncio.to_thread(namespace_labels, namespace)
 
-    host, _, port = (settings.webhook_listen or "").rpartition(":")
+    assert settings.webhook_listen  # the webhooks start only when it is set (handlers.py)
+    host, port = split_host_port(settings.webhook_listen)
     server = WebhookServer(bundle.cert_path, bundle.key_path, injection=settings.injection,
-                           namespace_labels=namespace_labels_async, host=host or "0.0.0.0",
-                           port=int(port))
+                           namespace_labels=namespace_labels_async, host=host, port=port)
     await server.start()
     await register(settings, api_client, bundle.ca_pem)
     server.run_while_serving(keep_certificates_current(settings, api_client, server, bundle))

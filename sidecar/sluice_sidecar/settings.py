@@ -23,7 +23,8 @@ def from_args(args: argparse.Namespace) -> SidecarSettings:
 
 
 def split_hostport(value: str, flag: str) -> tuple[str, int]:
-    host, sep, port = value.rpartition(":")
-    if not sep or not port.isdigit():
-        raise ValueError(f"--{flag} must be HOST:PORT, got {value!r}")
-    return host.strip("[]") or "0.0.0.0", int(port)
+    """:func:`settingsform.split_host_port`, refused in the sidecar's words."""
+    try:
+        return settingsform.split_host_port(value)
+    except ValueError:
+        raise ValueError(f"--{flag} must be HOST:PORT, got {value!r}") from None
