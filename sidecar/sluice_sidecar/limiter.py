@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 from multidict import MultiMapping
 from sluice_core import keyschema
-from sluice_core.gcra import Decision, expand
+from sluice_core.gcra import Reply, expand
 from sluice_core.model import (
     CompiledPolicy,
     FailureMode,
@@ -196,13 +196,13 @@ class Limiter:
             return await self._decide_atomically(first, second, keys)
         # Two calls (different Redis Cluster slots, or a shadow policy, which must not hold the
         # other back): the namespace's policy first, the shared budget only if it admitted.
-        decision = await self._ask(first.keys, first.cost, first.params)
-        one = self._finish(first, decision)
+        reply = await self._ask(first.keys, first.cost, first.params)
+        one = self._finish(first, reply)
         if not one.forward:
             return one
         two = await self._decide_one(second)
         if not two.forward:
-            if decision is not None and decision.allowed:
+            if reply is not None and reply.allowed:
                 # Refused after all: give the first policy its tokens back (a refund cannot be
                 # refused; if Redis cannot take it, those tokens stay spent).
                 await self._ask(first.keys, -first.cost, first.params)
@@ -212,21 +212,22 @@ class Limiter:
     async def _decide_atomically(self, first: _Plan, second: _Plan, keys: tuple[str, ...]) -> Outcome:
         """Both policies' buckets in one script call, all-or-nothing. Each bucket's cost is
         folded into its EM (the script only ever uses cost x EM), so one call serves two costs;
-        each policy's decision is then rebuilt from the debts with its own cost and EM."""
+        each policy's decision is then expanded from its debts with its own cost and EM."""
         params = _scaled(first) + _scaled(second)
         both = await self._ask(keys, 1, params)
         if both is None:
             one, two = self._finish(first, None), self._finish(second, None)
             return one if not one.forward else two if not two.forward else FORWARD_PLAIN
-        allowed, n = both.allowed, len(first.keys)
-        debts = [b.full_us for b in both.buckets]
-        d1 = expand(allowed, debts[:n], first.cost, first.params)
-        d2 = expand(allowed, debts[n:], second.cost, second.params)
+        allowed, debts = both
+        n = len(first.keys)
+        r1, r2 = Reply(allowed, debts[:n]), Reply(allowed, debts[n:])
         if allowed:
-            one, two = self._finish(first, d1), self._finish(second, d2)
+            one, two = self._finish(first, r1), self._finish(second, r2)
             return forwarded(hdr.merge(one.headers, two.headers))
         # Refused: by the first policy whose buckets lack room (the other took nothing either).
-        return self._finish(first, d1) if d1.short_bucket(first.cost) is not None else self._finish(second, d2)
+        if expand(r1, first.cost, first.params).short_bucket(first.cost) is not None:
+            return self._finish(first, r1)
+        return self._finish(second, r2)
 
     async def _decide_one(self, plan: _Plan) -> Outcome:
         return self._finish(plan, await self._ask(plan.keys, plan.cost, plan.params))
@@ -276,17 +277,18 @@ class Limiter:
                      tier_b.params + rule_b.params, (tier_b.shown, rule_b.shown),
                      (tier_b.limit, rule_b.limit), f"{tier_b.policy_item}, {rule_b.policy_item}")
 
-    def _finish(self, plan: _Plan, decision: Decision | None) -> Outcome:
-        """The answer for one policy from the store's decision (None: it could not decide)."""
+    def _finish(self, plan: _Plan, reply: Reply | None) -> Outcome:
+        """The answer for one policy from the store's reply (None: it could not decide)."""
         enforcement, tier_b, rule_name = plan.enforcement, plan.tier_b, plan.rule_name
         policy = enforcement.policy
-        if decision is None:  # store unavailable
+        if reply is None:  # store unavailable
             if policy.failure_mode is FailureMode.CLOSED and policy.mode is Mode.ENFORCE:
                 self.metrics.decision(enforcement.label, tier_b.name, rule_name, "failed_closed")
                 return refused(503, [("Retry-After", "1")], policy.name, tier_b.name, rule_name,
                                "the rate limiter cannot decide right now")
             self.metrics.decision(enforcement.label, tier_b.name, rule_name, "failed_open")
             return FORWARD_PLAIN
+        decision = expand(reply, plan.cost, plan.params)
         out_headers = hdr.build(policy.headers, plan.names, plan.limits, plan.policy_value, decision,
                                 plan.cost)
         if decision.allowed:
@@ -302,14 +304,14 @@ class Limiter:
         return refused(429, out_headers, policy.name, tier_b.name, rule_name,
                        f"the {limiting} limit is used up; retry after {retry_after} s")
 
-    async def _ask(self, keys: tuple[str, ...], cost: int, params: tuple[int, ...]) -> Decision | None:
+    async def _ask(self, keys: tuple[str, ...], cost: int, params: tuple[int, ...]) -> Reply | None:
         breaker = self.breaker
         if not breaker.allow():
             self.metrics.store_errors.labels(self.store.name, "circuit_open").inc()
             return None
         started = time.perf_counter()
         try:
-            decision = await self.store.decide(keys, cost, params)
+            reply = await self.store.decide(keys, cost, params)
         except StoreUnavailable as exc:
             # The breaker logs (at ERROR, once per change of reason) what switches limiting off.
             breaker.failure(exc)
@@ -318,5 +320,5 @@ class Limiter:
             return None
         breaker.success()
         self._hist.observe(time.perf_counter() - started)
-        return decision
+        return reply
 

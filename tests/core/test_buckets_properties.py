@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from sluice_core.gcra import expand
 from sluice_core.model import Limit
 from sluice_sidecar.stores.memory import MemoryStore
 
@@ -61,7 +62,7 @@ def params(buckets: list[Bucket]) -> tuple[int, ...]:
 
 
 def decide(store: MemoryStore, buckets: list[Bucket], cost: int) -> Reply:
-    d = store.decide_now(tuple(b.key for b in buckets), cost, params(buckets))
+    d = expand(store.decide_now(tuple(b.key for b in buckets), cost, params(buckets)), cost, params(buckets))
     assert len(d.buckets) == len(buckets)
     assert type(d.allowed) is bool and type(d.retry_us) is int, d
     assert all(type(x) is int for b in d.buckets for x in b), d

@@ -9,6 +9,7 @@ import uuid
 
 import pytest
 from sluice_core import keyschema
+from sluice_core.gcra import Reply, expand
 from sluice_core.model import Limit
 from sluice_core.redisurl import parse_redis_url
 from sluice_sidecar.stores.memory import MemoryStore
@@ -20,6 +21,11 @@ HOUR = 3_600_000_000
 def bucket(limit: Limit, client: str | None = None) -> tuple[tuple[str, ...], tuple[int, int]]:
     tag = keyschema.client_tag("batch/p", client or ("i" + uuid.uuid4().hex))
     return (keyschema.tier_bucket_key(tag, "t", limit.emission_us, limit.capacity_us),), (limit.emission_us, limit.capacity_us)
+
+
+def remaining(reply: Reply, cost: int, params: tuple[int, int]) -> int:
+    """Whole tokens left in a one-bucket decision's bucket."""
+    return expand(reply, cost, params).buckets[0].remaining
 
 
 @pytest.fixture(params=["single", "cluster"])
@@ -37,7 +43,7 @@ async def test_same_key_decisions_in_one_batch_admit_exactly_the_burst(store: Re
     before = store.batches
     replies = await asyncio.gather(*(store.decide(keys, 1, params) for _ in range(20)))
     assert [r.allowed for r in replies] == [True] * 5 + [False] * 15
-    assert [r.buckets[0].remaining for r in replies[:5]] == [4, 3, 2, 1, 0]  # each saw the ones before it
+    assert [remaining(r, 1, params) for r in replies[:5]] == [4, 3, 2, 1, 0]  # each saw the ones before it
     assert store.batches - before == 1
 
 
@@ -48,7 +54,7 @@ async def test_refused_decision_inside_a_batch_takes_nothing(store: RedisStore) 
     replies = await asyncio.gather(store.decide(keys, 3, params), store.decide(keys, 2, params),
                                    store.decide(keys, 1, params))
     assert [r.allowed for r in replies] == [True, False, True]  # the 2-token request did not fit, the 1 did
-    assert (await store.decide(keys, 0, params)).buckets[0].remaining == 0
+    assert remaining(await store.decide(keys, 0, params), 0, params) == 0
 
 
 async def test_mixed_clients_and_bucket_counts_in_one_batch(store: RedisStore) -> None:
@@ -62,7 +68,7 @@ async def test_mixed_clients_and_bucket_counts_in_one_batch(store: RedisStore) -
              store.decide(one[0], 1, one[1]), store.decide(two[0], 2, two[1]),
              store.decide(one[0], 1, one[1])]
     replies = await asyncio.gather(*calls)
-    assert [len(r.buckets) for r in replies] == [1, 2, 1, 2, 1]
+    assert [len(r.debts) for r in replies] == [1, 2, 1, 2, 1]
     assert [r.allowed for r in replies] == [True, True, True, False, False]
 
 
@@ -79,5 +85,7 @@ async def test_batched_redis_agrees_with_memory_store(redis_server: object) -> N
         await s.close()
     want = [mem.decide_now(bucket(limit, c)[0], cost, bucket(limit, c)[1]) for c, cost in plan]
     # retry_us: clocks differ
-    assert [(g.allowed, g.buckets[0].remaining) for g in got] == [
-        (w.allowed, w.buckets[0].remaining) for w in want]
+    costs = [cost for _, cost in plan]
+    params = bucket(limit)[1]
+    assert [(g.allowed, remaining(g, c, params)) for g, c in zip(got, costs, strict=True)] == [
+        (w.allowed, remaining(w, c, params)) for w, c in zip(want, costs, strict=True)]

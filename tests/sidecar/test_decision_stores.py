@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import pytest
 from sluice_core import keyschema, scripts
-from sluice_core.gcra import BucketState, Decision
+from sluice_core.gcra import BucketState, Decision, Reply, expand
 from sluice_core.model import Limit
 from sluice_core.redisurl import parse_redis_url
 from sluice_sidecar.stores.base import DecisionStore, StoreUnavailable
@@ -62,11 +62,11 @@ def new_client(policy: str | None = None) -> Client:
 async def decide(store: DecisionStore, buckets: list[tuple[str, Limit]], cost: int) -> Decision:
     params = tuple(x for _, lim in buckets for x in (lim.emission_us, lim.capacity_us))
     reply = await store.decide(tuple(k for k, _ in buckets), cost, params)
-    assert isinstance(reply, Decision)
-    assert len(reply.buckets) == len(buckets), reply
-    assert type(reply.allowed) is bool and type(reply.retry_us) is int, reply
-    assert all(type(x) is int for b in reply.buckets for x in b), reply
-    return reply
+    assert isinstance(reply, Reply) and type(reply.allowed) is bool, reply
+    assert len(reply.debts) == len(buckets) and all(type(x) is int for x in reply.debts), reply
+    decision = expand(reply, cost, params)
+    assert type(decision.retry_us) is int, decision
+    return decision
 
 
 def head(d: Decision) -> tuple[bool, int, int]:

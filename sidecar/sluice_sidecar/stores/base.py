@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from sluice_core.gcra import Decision
+from sluice_core.gcra import Reply
 
 from sluice_sidecar.transport.errors import OOM, REFUSED, UNAVAILABLE
 
@@ -30,13 +30,14 @@ class DecisionStore(Protocol):
     """Check and take tokens from every bucket of one request, atomically.
 
     ``keys``: bucket keys (one hash tag); ``params``: ``(em_us, cap_us)`` per key, flattened;
-    returns the :class:`~sluice_core.gcra.Decision` (its buckets in the order of ``keys``).
+    returns the script's :class:`~sluice_core.gcra.Reply` (its debts in the order of ``keys``),
+    which :func:`~sluice_core.gcra.expand` turns into a decision.
     A ``cost`` of 0 only reads.
     """
 
     name: str
 
-    async def decide(self, keys: tuple[str, ...], cost: int, params: tuple[int, ...]) -> Decision: ...
+    async def decide(self, keys: tuple[str, ...], cost: int, params: tuple[int, ...]) -> Reply: ...
 
     def atomic(self, keys: tuple[str, ...]) -> bool:
         """Can one :meth:`decide` take all of ``keys`` (whatever their hash tags)?"""

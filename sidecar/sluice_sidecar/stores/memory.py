@@ -11,7 +11,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 
-from sluice_core.gcra import Decision, expand
+from sluice_core.gcra import Reply
 from sluice_core.sidecar_settings import DEFAULT_MAX_BUCKETS
 
 
@@ -34,7 +34,7 @@ class MemoryStore:
     def __len__(self) -> int:
         return len(self._tat)
 
-    async def decide(self, keys: tuple[str, ...], cost: int, params: tuple[int, ...]) -> Decision:
+    async def decide(self, keys: tuple[str, ...], cost: int, params: tuple[int, ...]) -> Reply:
         return self.decide_now(keys, cost, params)
 
     def atomic(self, keys: tuple[str, ...]) -> bool:
@@ -43,7 +43,7 @@ class MemoryStore:
     async def probe(self) -> None:
         return None  # memory never goes away
 
-    def decide_now(self, keys: tuple[str, ...], cost: int, params: tuple[int, ...]) -> Decision:
+    def decide_now(self, keys: tuple[str, ...], cost: int, params: tuple[int, ...]) -> Reply:
         now = self._clock()
         tats: list[int] = []
         news: list[int] = []
@@ -58,7 +58,7 @@ class MemoryStore:
             tats.append(tat)
             news.append(new)
         debts = [(new if allowed else tat) - now for tat, new in zip(tats, news, strict=True)]
-        out = expand(allowed, debts, cost, params)
+        out = Reply(allowed == 1, debts)
         if allowed and cost < 0:  # a refund; a bucket full again is no bucket (as in the script)
             for key, new in zip(keys, news, strict=True):
                 if new <= now:

@@ -19,7 +19,7 @@ from collections.abc import Coroutine
 from typing import Any
 
 from sluice_core import keyschema, scripts
-from sluice_core.gcra import Decision, expand
+from sluice_core.gcra import Reply
 from sluice_core.redisurl import RedisTarget
 
 from sluice_sidecar.stores.base import StoreUnavailable
@@ -31,7 +31,7 @@ PROBE_KEY = f"{keyschema.PREFIX}:probe"  # read by the probe (cost 0), never wri
 PROBE_EM_US = 1_000_000
 
 
-Pending = tuple[tuple[str, ...], int, tuple[int, ...], "asyncio.Future[Decision]"]
+Pending = tuple[tuple[str, ...], int, tuple[int, ...], "asyncio.Future[Reply]"]
 
 
 class RedisStore:
@@ -55,9 +55,9 @@ class RedisStore:
         self.batches = 0  # script runs sent (decisions / batches = mean batch size)
         self.decisions = 0
 
-    async def decide(self, keys: tuple[str, ...], cost: int, params: tuple[int, ...]) -> Decision:
+    async def decide(self, keys: tuple[str, ...], cost: int, params: tuple[int, ...]) -> Reply:
         loop = asyncio.get_running_loop()
-        fut: asyncio.Future[Decision] = loop.create_future()
+        fut: asyncio.Future[Reply] = loop.create_future()
         self._pending.append((keys, cost, params, fut))
         if not self._flush_scheduled:
             self._flush_scheduled = True
@@ -136,10 +136,10 @@ class RedisStore:
     @staticmethod
     def _distribute(group: list[Pending], reply: list[int]) -> None:
         at = 0
-        for keys, cost, params, fut in group:
+        for keys, _, _, fut in group:
             n = len(keys)
             if not fut.done():
-                fut.set_result(expand(reply[at], reply[at + 1:at + 1 + n], cost, params))
+                fut.set_result(Reply(reply[at] == 1, reply[at + 1:at + 1 + n]))
             at += 1 + n
 
     def _fail(self, group: list[Pending], exc: BaseException) -> None:
