@@ -18,7 +18,7 @@ from redis.asyncio.sentinel import Sentinel
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import RedisClusterException, RedisError, ResponseError
 
-from sluice_core import keyschema, scripts
+from sluice_core import grants, keyschema, scripts
 from sluice_core.configdoc import NamespaceConfig, build_doc, load_doc, placeholder_doc
 from sluice_core.redisurl import RedisTarget, Topology, parse_redis_url
 
@@ -156,6 +156,41 @@ async def drop_heartbeats(client: Client, namespace: str, pods: Sequence[bytes |
         await client.redis.hdel(keyschema.heartbeat_key(namespace), *pods)
     except _FAILURES as exc:
         raise ConfigStoreError(f"cannot prune heartbeats of namespace {namespace!r}: {exc}") from exc
+
+
+async def put_grant(client: Client, policy_ref: str, key_sha256: bytes, stored: grants.StoredGrant) -> None:
+    """Write one API key's grant under one policy (``namespace/name``, or a cluster policy's
+    name) and announce it; with an expiry, Redis drops it then. The primitive every writer of
+    grants builds on: one key change is this one write and one notice."""
+    await _write_grant(client, policy_ref, key_sha256, grants.encode(stored), stored.expires_ms)
+
+
+async def revoke_grant(client: Client, policy_ref: str, key_sha256: bytes) -> None:
+    """Remove one API key's grant under one policy and announce it (a revoked key is refused
+    everywhere as soon as sidecars hear the notice)."""
+    await _write_grant(client, policy_ref, key_sha256, "", 0)
+
+
+async def _write_grant(client: Client, policy_ref: str, key_sha256: bytes, value: str, expires_ms: int) -> None:
+    pid = keyschema.policy_id(policy_ref)
+    client_id = keyschema.client_for_api_key(key_sha256)
+    s = scripts.write_grant()
+    try:
+        await client.redis.eval(s.source, 1, keyschema.grant_key(pid, client_id), value, str(expires_ms),
+                                keyschema.KEYS_CHANNEL, keyschema.keys_notice(pid, client_id))
+    except _FAILURES as exc:
+        what = "write" if value else "revoke"
+        raise ConfigStoreError(f"cannot {what} an API key grant of policy {policy_ref!r}: {exc}") from exc
+
+
+async def get_grant(client: Client, policy_ref: str, key_sha256: bytes) -> grants.StoredGrant | None:
+    """One API key's stored grant under one policy (None: no such key), for tools and tests."""
+    key = keyschema.grant_key(keyschema.policy_id(policy_ref), keyschema.client_for_api_key(key_sha256))
+    try:
+        value = await client.redis.get(key)
+    except _FAILURES as exc:
+        raise ConfigStoreError(f"cannot read an API key grant of policy {policy_ref!r}: {exc}") from exc
+    return grants.decode(value) if value is not None else None
 
 
 async def memory_settings(client: Client) -> list[tuple[int, str]]:

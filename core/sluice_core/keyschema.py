@@ -21,6 +21,11 @@ from dataclasses import dataclass
 
 PREFIX = "sluice"
 CONFIG_CHANNEL = f"{PREFIX}:config-changed"
+KEYS_CHANNEL = f"{PREFIX}:keys-changed"
+"""Change notices of API-key grants: ``"<policy id> <client id>"`` when one key's grant was
+written or removed, ``"<policy id> *"`` when many were (a bulk apply): a sidecar drops what it
+cached of that key, or of every key of that policy."""
+ALL_KEYS = "*"
 
 
 def config_key(namespace: str) -> str:
@@ -158,6 +163,17 @@ def client_tag(policy_ref: str, client_id: str) -> str:
 def client_tag_for(policy_id_: str, client_id: str) -> str:
     """:func:`client_tag` with the policy id already computed (the sidecar's hot path)."""
     return f"sl:{{{policy_id_}:{client_id}}}"
+
+
+def grant_key(policy_id_: str, client_id: str) -> str:
+    """An API key's grant under one policy (:mod:`sluice_core.grants`): beside the key's own
+    buckets, in their hash tag, so the decision script reads it in the same call."""
+    return client_tag_for(policy_id_, client_id) + ":g"
+
+
+def keys_notice(policy_id_: str, client_id: str = ALL_KEYS) -> str:
+    """The :data:`KEYS_CHANNEL` message for one key's grant (or, by default, all of a policy's)."""
+    return f"{policy_id_} {client_id}"
 
 
 def limit_tag(em_us: int, cap_us: int) -> str:

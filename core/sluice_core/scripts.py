@@ -31,3 +31,7 @@ def publish_config() -> Script:
 
 def drop_empty_config() -> Script:
     return load("drop_empty_config")
+
+
+def write_grant() -> Script:
+    return load("write_grant")
