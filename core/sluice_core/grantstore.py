@@ -10,7 +10,7 @@ re-apply could revoke.
 
 Grants are written without a per-key notice: the bulk writer announces ``"<policy id> *"``
 once per phase (:func:`announce`), where a per-key notice would wake every sidecar once per
-key. A Cluster pipeline cannot carry PUBLISH, so the notice is a command of its own. One key's
+key. A Cluster pipeline cannot carry PUBLISH, so the notice is a call of its own. One key's
 change stays :func:`sluice_core.configstore.put_grant`: O(1) writes and one notice.
 """
 
@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 
 import redis.asyncio
 
-from sluice_core import keyschema
+from sluice_core import keyschema, scripts
 from sluice_core.configstore import _FAILURES, Client, ConfigStoreError
 
 BATCH = 1000
@@ -101,9 +101,13 @@ async def revoke(client: Client, policy_ref: str, client_ids: Iterable[str], *, 
 
 async def announce(client: Client, policy_ref: str) -> None:
     """Tell the sidecars that many of the policy's grants changed (``"<policy id> *"``): they
-    drop what they cached of its keys. Any node of a Cluster forwards a PUBLISH to all."""
+    drop what they cached of its keys. Sent from the node of the policy's index
+    (``announce_keys.lua``), so a policy's bulk notices arrive in order."""
+    pid = keyschema.policy_id(policy_ref)
+    s = scripts.announce_keys()
     try:
-        await client.redis.publish(keyschema.KEYS_CHANNEL, keyschema.keys_notice(keyschema.policy_id(policy_ref)))
+        await client.redis.eval(s.source, 1, keyschema.grant_index_key(pid), keyschema.KEYS_CHANNEL,
+                                keyschema.keys_notice(pid))
     except _FAILURES as exc:
         raise ConfigStoreError(f"cannot announce the API key grants of policy {policy_ref!r}: {exc}") from exc
 
