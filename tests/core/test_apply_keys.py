@@ -15,7 +15,15 @@ import redis
 from sluice_core import grants, keyschema
 from sluice_core.keysfile import default_key_id
 from sluice_core.model import KeyGrant, Limit
-from support.keys_files import POLICY, Measured, entry, key, run_measured, sluice_apply, write_keys_file
+from support.keys_files import (
+    POLICY,
+    Measured,
+    entry,
+    key,
+    run_measured,
+    sluice_apply,
+    write_keys_file,
+)
 from support.redis_servers import RedisClusterProcs, RedisServer
 
 TOPOLOGIES = ["redis_server", pytest.param("redis_cluster", marks=pytest.mark.cluster)]
