@@ -161,13 +161,15 @@ async def drop_heartbeats(client: Client, namespace: str, pods: Sequence[bytes |
 async def put_grant(client: Client, policy_ref: str, key_sha256: bytes, stored: grants.StoredGrant) -> None:
     """Write one API key's grant under one policy (``namespace/name``, or a cluster policy's
     name) and announce it; with an expiry, Redis drops it then. The primitive every writer of
-    grants builds on: one key change is this one write and one notice."""
+    one grant builds on: one key change is this write, its entry in the policy's key index
+    (:func:`keyschema.grant_index_key`) and one notice, whatever the number of keys; many keys
+    at once: :mod:`sluice_core.grantstore`."""
     await _write_grant(client, policy_ref, key_sha256, grants.encode(stored), stored.expires_ms)
 
 
 async def revoke_grant(client: Client, policy_ref: str, key_sha256: bytes) -> None:
-    """Remove one API key's grant under one policy and announce it (a revoked key is refused
-    everywhere as soon as sidecars hear the notice)."""
+    """Remove one API key's grant under one policy (and its index entry, after it) and announce
+    it (a revoked key is refused everywhere as soon as sidecars hear the notice)."""
     await _write_grant(client, policy_ref, key_sha256, "", 0)
 
 
