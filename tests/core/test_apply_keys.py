@@ -12,9 +12,13 @@ from typing import Any
 
 import pytest
 import redis
+import yaml
 from sluice_core import grants, keyschema
-from sluice_core.keysfile import default_key_id
+from sluice_core.apikeys import parse_grants
+from sluice_core.errors import PolicyErrors
+from sluice_core.keysfile import MAX_ERRORS, KeyEntry, KeysFile, default_key_id
 from sluice_core.model import KeyGrant, Limit
+from sluice_core.parse import parse_policy
 from support.keys_files import (
     POLICY,
     Measured,
@@ -172,3 +176,64 @@ def test_apply_memory_does_not_grow_with_the_keys(fresh_redis: RedisServer, tmp_
     assert len(s.index()) == 1_000_000
     grown_mb = (big.peak_rss_kb - small.peak_rss_kb) / 1024
     assert grown_mb < 15, f"peak RSS {small.peak_rss_kb // 1024} MB at 10k keys, {big.peak_rss_kb // 1024} MB at 1M"
+
+
+# The reader alone (no Redis): what a keys file may hold, and how it is refused.
+
+def read(tmp_path: Path, text: str) -> tuple[list[KeyEntry], list[str]]:
+    path = tmp_path / "keys.yaml"
+    path.write_text(text)
+    reader = KeysFile(path, parse_policy(yaml.safe_load(POLICY.format(name="api", namespace="shop"))))
+    entries = list(reader)
+    return entries, [f"{e.path}: {e.reason}" for e in reader.all_errors()]
+
+
+def test_the_reader_grants_what_the_entries_say(tmp_path: Path) -> None:
+    entries, errors = read(tmp_path, 'keys:\n  "sk-1": pro\n  "sha256:' + "ab" * 32 + '": {tier: free, id: x-1}\n'
+                           '  "sk-3": {tier: pro, limit: {requests: 5, period: 1m, burst: 2}, '
+                           'expiresAt: 2030-01-01T00:00:00+01:00}\nother: [1, 2]\n')
+    assert errors == []
+    assert [(e.index, e.sha256.hex(), e.stored) for e in entries] == [
+        (0, keyschema.hash_api_key("sk-1"),
+         grants.StoredGrant(KeyGrant("pro"), default_key_id(keyschema.hash_api_key("sk-1")))),
+        (1, "ab" * 32, grants.StoredGrant(KeyGrant("free"), "x-1")),
+        (2, keyschema.hash_api_key("sk-3"), grants.StoredGrant(KeyGrant("pro", Limit(5, 60_000_000, 2)),
+                                                               default_key_id(keyschema.hash_api_key("sk-3")),
+                                                               1_893_452_400_000)),
+    ]
+
+
+@pytest.mark.parametrize(("text", "error"), [
+    ("", "keys: is required"),
+    ("keys:\n", "keys: is required"),
+    ("- a\n", "(keys file): must be an object with a `keys` field"),
+    ("keys: [a]\n", "keys: must be an object"),
+    ("keys: {}\n---\nkeys: {}\n", "(keys file): holds more than one YAML document"),
+    ("keys: {}\nkeys: {}\n", "keys: is given twice (line 2)"),
+    ('keys:\n  "sk-secret-1": {tier: pro, tier: free}\n', "keys[0]: a field is given twice (line 2)"),
+    ('keys:\n  "sk-secret-1": {tier: pro, x: [' + "1, " * 100 + "1]}\n", "keys[0]: is too large"),
+    ('keys:\n  "sk-secret-1": !!binary aGk=\n', "keys[0]: holds a YAML tag a keys file does not use (line 2)"),
+    ("keys:\n  12345: pro\n", "keys[0]: key must be a non-empty string"),
+    ('keys:\n  "sk-secret-1": {tier: pro, id: "a b"}\n', "keys[0].id: key id must be"),
+    ('keys:\n  "sk-secret-1": {tier: pro, expiresAt: "2030-01-01T00:00:00"}\n', "keys[0].expiresAt: must be"),
+    ('keys:\n  "sk-secret-1": {tier: pro, limit: {requests: 0, period: 1m}}\n', "keys[0].limit.requests"),
+])
+def test_the_reader_refuses_by_index_and_line(tmp_path: Path, text: str, error: str) -> None:
+    entries, errors = read(tmp_path, text)
+    assert entries == []
+    assert any(error in e for e in errors), errors
+    assert not any("sk-secret" in e for e in errors)
+
+
+def test_the_reader_keeps_the_first_errors_and_counts_the_rest(tmp_path: Path) -> None:
+    entries, errors = read(tmp_path, "keys:\n" + "".join(f'  "sk-{i}": gold\n' for i in range(250)))
+    assert entries == [] and len(errors) == MAX_ERRORS + 1
+    assert errors[-1] == f"(keys file): {250 - MAX_ERRORS} more errors not shown"
+
+
+def test_the_standalone_keys_file_refuses_an_expiry_it_would_not_enforce(tmp_path: Path) -> None:
+    policy = parse_policy(yaml.safe_load(POLICY.format(name="api", namespace="shop")))
+    with pytest.raises(PolicyErrors, match=r"keys\[0\]\.expiresAt: is not supported"):
+        parse_grants({"keys": {"sk-1": {"tier": "pro", "expiresAt": "2030-01-01T00:00:00Z"}}}, policy)
+    assert parse_grants({"keys": {"sk-1": {"tier": "pro", "id": "a"}}}, policy) == {
+        keyschema.hash_api_key("sk-1"): KeyGrant("pro")}
