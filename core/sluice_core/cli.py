@@ -109,11 +109,11 @@ async def _apply_keys(client: configstore.Client, policy: CompiledPolicy, path: 
     """The keys file becomes the policy's grants in Redis (the document carries no keys)."""
     staged = await keysapply.stage(client, policy, path)
     try:
-        written = await staged.write(client)
+        changed = await staged.write(client)
         revoked = await staged.revoke_unlisted(client)
     finally:
         await staged.discard(client)
-    print(f"keys: policy {policy.ref}: {written} granted, {revoked} revoked"
+    print(f"keys: policy {policy.ref}: {staged.listed} granted ({changed.count} new or changed), {revoked} revoked"
           + (f", {staged.expired} expired entries skipped" if staged.expired else ""))
 
 

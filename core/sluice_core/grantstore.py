@@ -8,17 +8,20 @@ removed after its grants are deleted. A run cut short therefore leaves at most i
 without a grant (the next run prunes them), never a grant the index does not list, which no
 re-apply could revoke.
 
-Grants are written without a per-key notice: the bulk writer announces ``"<policy id> *"``
-once per phase (:func:`announce`), where a per-key notice would wake every sidecar once per
-key. A Cluster pipeline cannot carry PUBLISH, so the notice is a call of its own. One key's
-change stays :func:`sluice_core.configstore.put_grant`: O(1) writes and one notice.
+The writes send no notice; :func:`announce` sends them once per phase, from what the writes
+found changed (``SET … GET`` returns the value it replaced, ``DEL`` whether there was one): a
+notice per changed key up to :data:`NOTICE_LIMIT`, so a re-apply that changes one key drops
+one key from the sidecars' caches, and beyond it one ``"<policy id> *"``, where a notice per
+key would wake every sidecar once per key. A Cluster pipeline cannot carry PUBLISH, so the
+notices are a call of their own. One key's change stays
+:func:`sluice_core.configstore.put_grant`: O(1) writes and one notice.
 """
 
 from __future__ import annotations
 
 import itertools
 from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import redis.asyncio
@@ -30,7 +33,24 @@ BATCH = 1000
 """Keys per pipeline: big enough that round trips do not dominate (1,000 grants are ~100 kB on
 the wire), small enough that a batch's replies and buffers stay a few hundred kB."""
 
+NOTICE_LIMIT = 100
+"""Up to this many changed keys, one notice each; more, one notice for the whole policy."""
+
 T = TypeVar("T")
+
+
+@dataclass
+class Changes:
+    """What a bulk write or revocation changed: how many keys, and the first of them (no more
+    than it takes to tell "a few" from "many": memory stays bounded)."""
+
+    count: int = 0
+    some: list[str] = field(default_factory=list)
+
+    def add(self, client_id: str) -> None:
+        self.count += 1
+        if len(self.some) <= NOTICE_LIMIT:
+            self.some.append(client_id)
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,9 +75,10 @@ def _pipeline(client: Client) -> Any:
     return r.pipeline() if isinstance(r, redis.asyncio.RedisCluster) else r.pipeline(transaction=False)
 
 
-async def write(client: Client, policy_ref: str, items: Iterable[GrantWrite], *, batch: int = BATCH) -> int:
-    """Write these grants (and their index entries), ``batch`` at a time; return how many. No
-    notice: call :func:`announce` once done."""
+async def write(client: Client, policy_ref: str, items: Iterable[GrantWrite], changes: Changes | None = None, *,
+                batch: int = BATCH) -> int:
+    """Write these grants (and their index entries), ``batch`` at a time; return how many, and
+    add to ``changes`` the keys whose grant is new or differs. No notice: :func:`announce`."""
     pid = keyschema.policy_id(policy_ref)
     index = keyschema.grant_index_key(pid)
     n = 0
@@ -66,22 +87,23 @@ async def write(client: Client, policy_ref: str, items: Iterable[GrantWrite], *,
             await client.redis.sadd(index, *(g.client_id for g in chunk))  # the index first
             pipe = _pipeline(client)
             for g in chunk:
-                key = keyschema.grant_key(pid, g.client_id)
-                if g.expires_ms:
-                    pipe.set(key, g.value, pxat=g.expires_ms)
-                else:
-                    pipe.set(key, g.value)
-            await pipe.execute()
+                pipe.set(keyschema.grant_key(pid, g.client_id), g.value, pxat=g.expires_ms or None, get=True)
+            replaced = await pipe.execute()
             n += len(chunk)
+            if changes is not None:
+                for g, old in zip(chunk, replaced, strict=True):
+                    if old is None or _text(old) != g.value:
+                        changes.add(g.client_id)
     except _FAILURES as exc:
         raise ConfigStoreError(f"cannot write API key grants of policy {policy_ref!r} "
                                f"({n} written): {exc}") from exc
     return n
 
 
-async def revoke(client: Client, policy_ref: str, client_ids: Iterable[str], *, batch: int = BATCH) -> int:
+async def revoke(client: Client, policy_ref: str, client_ids: Iterable[str], changes: Changes | None = None, *,
+                 batch: int = BATCH) -> int:
     """Remove these keys' grants (then their index entries), ``batch`` at a time; return how
-    many. No notice: call :func:`announce` once done."""
+    many, and add to ``changes`` the keys that had a grant. No notice: :func:`announce`."""
     pid = keyschema.policy_id(policy_ref)
     index = keyschema.grant_index_key(pid)
     n = 0
@@ -90,26 +112,38 @@ async def revoke(client: Client, policy_ref: str, client_ids: Iterable[str], *, 
             pipe = _pipeline(client)
             for cid in chunk:
                 pipe.delete(keyschema.grant_key(pid, cid))
-            await pipe.execute()
+            deleted = await pipe.execute()
             await client.redis.srem(index, *chunk)  # the grants are gone: now the index entries
             n += len(chunk)
+            if changes is not None:
+                for cid, there in zip(chunk, deleted, strict=True):
+                    if there:
+                        changes.add(cid)
     except _FAILURES as exc:
         raise ConfigStoreError(f"cannot revoke API key grants of policy {policy_ref!r} "
                                f"({n} revoked): {exc}") from exc
     return n
 
 
-async def announce(client: Client, policy_ref: str) -> None:
-    """Tell the sidecars that many of the policy's grants changed (``"<policy id> *"``): they
-    drop what they cached of its keys. Sent from the node of the policy's index
-    (``announce_keys.lua``), so a policy's bulk notices arrive in order."""
+async def announce(client: Client, policy_ref: str, changes: Changes | None = None) -> int:
+    """Tell the sidecars which of the policy's grants changed: one notice per key of
+    ``changes`` up to :data:`NOTICE_LIMIT`, else (or without ``changes``) one
+    ``"<policy id> *"``: they drop what they cached of those keys, or of all the policy's.
+    Sent from the node of the policy's index (``announce_keys.lua``), so they arrive in order.
+    Returns how many notices went out."""
     pid = keyschema.policy_id(policy_ref)
+    if changes is not None and changes.count == 0:
+        return 0
+    if changes is not None and changes.count <= NOTICE_LIMIT:
+        notices = [keyschema.keys_notice(pid, cid) for cid in changes.some]
+    else:
+        notices = [keyschema.keys_notice(pid)]
     s = scripts.announce_keys()
     try:
-        await client.redis.eval(s.source, 1, keyschema.grant_index_key(pid), keyschema.KEYS_CHANNEL,
-                                keyschema.keys_notice(pid))
+        await client.redis.eval(s.source, 1, keyschema.grant_index_key(pid), keyschema.KEYS_CHANNEL, *notices)
     except _FAILURES as exc:
         raise ConfigStoreError(f"cannot announce the API key grants of policy {policy_ref!r}: {exc}") from exc
+    return len(notices)
 
 
 async def count(client: Client, policy_ref: str) -> int:

@@ -8,10 +8,10 @@ Redis, in bounded memory, in an order that never leaves fewer valid keys than be
    was written (bad input changes nothing). The grants written next are what was checked,
    even if the file changes meanwhile.
 2. :meth:`Staged.write` writes the grants in pipelined batches (index entries first), then
-   announces ``"<policy id> *"``: every listed key now works with its new grant, and the keys
-   the file no longer lists still work.
+   announces the changed ones (:func:`sluice_core.grantstore.announce`): every listed key now
+   works with its new grant, and the keys the file no longer lists still work.
 3. :meth:`Staged.revoke_unlisted` pages through the policy's index (SSCAN) and revokes what
-   the staging set does not hold, then announces again.
+   the staging set does not hold, then announces those.
 4. The caller publishes the config document (without keys). A sidecar that still reads keys
    from the old document (embedded ``apiKeys``) switches to the grants at that moment, and by
    then they are complete: migrating an install with embedded keys never loses a key.
@@ -59,23 +59,23 @@ class Staged:
             client_id, expires_ms, value = line.decode("ascii").rstrip("\n").split("\t", 2)
             yield grantstore.GrantWrite(client_id, value, int(expires_ms))
 
-    async def write(self, client: Client) -> int:
-        """Step 2: write every staged grant; return how many."""
-        n = await grantstore.write(client, self.policy_ref, self._grants())
-        if n:
-            await grantstore.announce(client, self.policy_ref)
-        return n
+    async def write(self, client: Client) -> grantstore.Changes:
+        """Step 2: write every staged grant; return the keys whose grant is new or changed."""
+        changes = grantstore.Changes()
+        await grantstore.write(client, self.policy_ref, self._grants(), changes)
+        await grantstore.announce(client, self.policy_ref, changes)
+        return changes
 
     async def revoke_unlisted(self, client: Client) -> int:
         """Step 3: revoke every grant the policy's index lists and the file does not; return
         how many index entries went."""
         await self._check_staging(client)
         n = 0
+        changes = grantstore.Changes()
         async for page in grantstore.pages(client, self.policy_ref):
             n += await grantstore.revoke(client, self.policy_ref,
-                                         await grantstore.missing_from(client, self.staging_key, page))
-        if n:
-            await grantstore.announce(client, self.policy_ref)
+                                         await grantstore.missing_from(client, self.staging_key, page), changes)
+        await grantstore.announce(client, self.policy_ref, changes)
         return n
 
     async def _check_staging(self, client: Client) -> None:

@@ -104,13 +104,30 @@ async def test_put_and_revoke_keep_the_index(target: Target) -> None:
         assert await configstore.get_grant(client, policy_ref, raw) is None
 
 
-async def test_a_bulk_change_is_one_notice_per_policy(target: Target) -> None:
+async def test_a_bulk_change_announces_the_changed_keys_or_the_whole_policy(target: Target) -> None:
+    """Many keys changed: one "<policy id> *". A re-write that changes a few: one notice each
+    (sidecars keep what they cached of the others). Nothing changed: no notice."""
     policy_ref, salt = f"ns-{uuid.uuid4().hex[:8]}/api", uuid.uuid4().hex
+    pid = keyschema.policy_id(policy_ref)
+    ids = [keyschema.client_for_api_key(digest(i, salt)) for i in range(1_500)]
     async with configstore.connect(target.url) as client, _Listener(client) as listen:
-        await grantstore.write(client, policy_ref, grant_writes(salt, range(1_500)))
-        await grantstore.announce(client, policy_ref)
-        pid = keyschema.policy_id(policy_ref)
+        changes = grantstore.Changes()
+        await grantstore.write(client, policy_ref, grant_writes(salt, range(1_500)), changes)
+        assert changes.count == 1_500
+        assert await grantstore.announce(client, policy_ref, changes) == 1
         assert await listen.until_marker(keyschema.grant_index_key(pid)) == [keyschema.keys_notice(pid)]
+
+        again = grantstore.Changes()
+        moved = grantstore.GrantWrite(ids[1_200], grants.encode(stored(1_201)), stored(1_201).expires_ms)
+        writes = [moved if w.client_id == ids[1_200] else w for w in grant_writes(salt, range(1_500))]
+        await grantstore.write(client, policy_ref, writes, again)
+        await grantstore.revoke(client, policy_ref, [ids[3], ids[4], "k-not-granted"], again)
+        assert await grantstore.announce(client, policy_ref, again) == 3
+        assert await listen.until_marker(keyschema.grant_index_key(pid)) == [
+            keyschema.keys_notice(pid, c) for c in (ids[1_200], ids[3], ids[4])]
+
+        assert await grantstore.announce(client, policy_ref, grantstore.Changes()) == 0
+        assert await listen.until_marker(keyschema.grant_index_key(pid)) == []
 
 
 WRITES = ("set", "del", "sadd", "srem")
