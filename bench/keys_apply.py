@@ -2,9 +2,10 @@
 docs/benchmarks.md between the keys-apply markers.
 
 For each size, on a fresh local redis-server: the apply's wall time and peak RSS (the process's
-own, wait4), a re-apply of the same file with one key changed (what an edit costs), the
-config document's size in Redis, and Redis memory per key (grants and index: ``used_memory``
-before and after, once lazy frees are done; the index alone: ``MEMORY USAGE``). The baseline
+own, wait4, through a small launcher), a re-apply of the file less its first key plus a new one
+(what an edit costs), the config document's size in Redis, and Redis memory per key (grants and
+index: ``used_memory`` before and after, once lazy frees are done; the index alone: ``MEMORY
+USAGE``). The baseline
 is the previous release's ``sluice apply``, which embeds every key digest in the config document
 (the commit before the grants, run from a ``git archive`` copy), on the same file and Redis.
 It holds the whole file and the whole document in memory: 1M keys is not run there (it took

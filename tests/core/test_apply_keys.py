@@ -211,7 +211,7 @@ def test_apply_memory_does_not_grow_with_the_keys(fresh_redis: RedisServer, tmp_
     assert small.returncode == 0, small.stderr
     big = s.apply(s.keys_file("big.yaml", range(1_000_000)), timeout=600)
     assert big.returncode == 0, big.stderr
-    assert "1000000 granted (1000000 new or changed), 0 revoked" in big.stdout
+    assert "1000000 granted (990000 new or changed), 0 revoked" in big.stdout  # 10,000 were there
     assert len(s.index()) == 1_000_000
     grown_mb = (big.peak_rss_kb - small.peak_rss_kb) / 1024
     assert grown_mb < 15, f"peak RSS {small.peak_rss_kb // 1024} MB at 10k keys, {big.peak_rss_kb // 1024} MB at 1M"
