@@ -139,6 +139,7 @@ def main() -> int:
                          "the benchmark still runs; its figures are then meaningless)")
     args = ap.parse_args()
     started = time.monotonic()
+    load_before = os.getloadavg()[0]
     rows: list[Row] = []
     with tempfile.TemporaryDirectory(prefix="sluice-bench-keys-") as d:
         tmp = Path(d)
@@ -158,7 +159,9 @@ def main() -> int:
     lines = [BEGIN, "",
              f"Measured {time.strftime('%Y-%m-%d %H:%M', time.gmtime())} UTC on {os.cpu_count()} cores, "
              f"Python {platform.python_version()}, redis-server on loopback, a fresh one per row; "
-             f"{time.monotonic() - started:.0f} s in all. Command: `make bench` (`python -m bench.keys_apply`). "
+             f"{time.monotonic() - started:.0f} s in all, load average {load_before:.1f} before and "
+             f"{os.getloadavg()[0]:.1f} after (times are only as steady as the machine is quiet; RSS and "
+             "bytes do not depend on it). Command: `make bench` (`python -m bench.keys_apply`). "
              f"Before: `sluice apply` of commit {BASELINE_COMMIT} (keys embedded in the config document; "
              "not run at 1M keys). Re-apply: the same file less its first key plus a new one.", "",
              *table(rows), "", *ratios(rows), "", END]
