@@ -6,6 +6,7 @@ redis-server (single and 3-master Cluster), ``sluice apply`` as a subprocess."""
 from __future__ import annotations
 
 import json
+import subprocess
 import time
 import uuid
 from pathlib import Path
@@ -14,7 +15,7 @@ from typing import Any
 import pytest
 import redis
 import yaml
-from sluice_core import grants, keyschema
+from sluice_core import configdoc, configstore, grants, keyschema
 from sluice_core.apikeys import parse_grants
 from sluice_core.errors import PolicyErrors
 from sluice_core.keysfile import MAX_ERRORS, KeyEntry, KeysFile, default_key_id
@@ -30,6 +31,7 @@ from support.keys_files import (
     write_keys_file,
 )
 from support.redis_servers import RedisClusterProcs, RedisServer
+from support.store_calls import store_call
 
 TOPOLOGIES = ["redis_server", pytest.param("redis_cluster", marks=pytest.mark.cluster)]
 
@@ -161,6 +163,43 @@ def notices(s: Setup, sub: Any) -> list[str]:
             return out
         out.append(m["data"].decode())
     pytest.fail(f"no marker within 10 s; got {out}")
+
+
+def test_switching_from_embedded_keys_never_drops_a_kept_key(redis_server: RedisServer, tmp_path: Path) -> None:
+    """An install whose document embeds its keys (the previous `sluice apply`, the operator) runs
+    the new `sluice apply`: at every moment a key listed before and after works, read as a
+    sidecar reads it (the document's embedded keys while it has them for the policy, else the
+    grant). The document is read first, then the grant: the order that cannot see a grant
+    that is not written yet next to a document that needs it."""
+    s = Setup(redis_server, tmp_path)
+    policy = parse_policy(yaml.safe_load(POLICY.format(name="api", namespace=s.ns)))
+    embedded = {keyschema.hash_api_key(key(s.salt, i)): KeyGrant("pro") for i in range(3_000)}
+    store_call(s.url, configstore.publish, s.ns, configdoc.build_doc(s.ns, [policy], {"api": embedded}))
+    kept = list(range(500, 3_000, 50))
+    proc = subprocess.Popen(sluice_apply("-f", str(s.policy), "--redis", s.url, "--api-keys-file",
+                                         str(s.keys_file("b.yaml", range(300, 4_000)))),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    seen: set[str] = set()
+    try:
+        deadline = time.monotonic() + 120
+        while proc.poll() is None and time.monotonic() < deadline:
+            doc = json.loads(s.redis.hget(keyschema.config_key(s.ns), "doc"))
+            if "api" in doc["apiKeys"]:
+                seen.add("embedded")
+                missing = [i for i in kept if keyschema.hash_api_key(key(s.salt, i)) not in doc["apiKeys"]["api"]]
+            else:
+                seen.add("grants")
+                missing = [i for i in kept if s.grant(i) is None]
+            assert missing == [], f"kept keys {missing[:5]} did not work ({seen})"
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err
+    assert "embedded" in seen  # the loop ran before the switch (and after it, below)
+    assert "api" not in json.loads(s.redis.hget(keyschema.config_key(s.ns), "doc"))["apiKeys"]
+    assert all(s.grant(i) is not None for i in kept) and s.grant(299) is None and s.grant(3_999) is not None
 
 
 BAD = {
