@@ -176,7 +176,12 @@ def grant_index_key(policy_id_: str) -> str:
     re-apply revokes from and what tools count (SCARD) or list (SSCAN) without SCAN. It holds
     at least every key that has a grant (written before the grant, removed after it), so it
     may briefly list a key whose grant is gone (expired, or a write cut short): harmless.
-    Hash tag ``{<policy id>}``: one slot per policy, its own (not a client's)."""
+
+    A set of client ids rather than a hash to key ids: the grant holds the rest, and a set is
+    what SMISMEMBER compares a re-apply's staged keys with, a page at a time. About 64-76
+    bytes a key (a hashtable of 17-byte strings). Hash tag ``{<policy id>}``: one slot, so one
+    node of a Cluster holds a policy's whole index (~70 MB per million keys); spreading it over
+    several sets would make counting and listing several calls, for no need at that size."""
     return f"{PREFIX}:keys:{{{policy_id_}}}"
 
 
