@@ -17,11 +17,10 @@ from collections.abc import Mapping, Sequence
 from importlib.metadata import EntryPoint, entry_points
 from typing import Protocol, cast
 
-from sluice_core import configdoc, configstore
-from sluice_core.apikeys import load_grants_file
+from sluice_core import configdoc, configstore, keysapply
 from sluice_core.errors import PolicyErrors
 from sluice_core.lint import policy_warnings
-from sluice_core.model import CLUSTER_SCOPE, CompiledPolicy, KeyGrant
+from sluice_core.model import CLUSTER_SCOPE, CompiledPolicy
 from sluice_core.policyfile import load_documents, load_policies
 
 COMMANDS_GROUP = "sluice.commands"
@@ -67,15 +66,10 @@ def _cmd_check(args: argparse.Namespace) -> int:
 def _cmd_apply(args: argparse.Namespace) -> int:
     try:
         policies = load_policies(args.file, default_namespace=args.namespace)
-        grants: dict[str, dict[str, KeyGrant]] = {}
-        if args.api_keys_file:
-            if len(policies) != 1:
-                print("error: --api-keys-file needs exactly one policy in -f", file=sys.stderr)
-                return 1
-            grants[policies[0].name] = load_grants_file(args.api_keys_file, policies[0])
     except PolicyErrors as exc:
-        for e in exc.errors:
-            print(f"error: {e}", file=sys.stderr)
+        return _errors(exc)
+    if args.api_keys_file and len(policies) != 1:
+        print("error: --api-keys-file needs exactly one policy in -f", file=sys.stderr)
         return 1
     by_ns: dict[str, list[CompiledPolicy]] = {}
     for p in policies:
@@ -87,13 +81,13 @@ def _cmd_apply(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 1
 
-    async def publish_all() -> None:
+    async def apply_all() -> None:
         async with configstore.connect(args.redis) as client:
+            if args.api_keys_file:  # the grants before the document: see keysapply
+                await _apply_keys(client, policies[0], args.api_keys_file)
             for ns, items in sorted(by_ns.items()):
                 scopes = {p.name: scope for p in items} if ns == CLUSTER_SCOPE else None
-                doc = configdoc.build_doc(ns, items, {k: v for k, v in grants.items() if any(p.name == k for p in items)},
-                                          scopes)
-                version = await configstore.publish(client, ns, doc)
+                version = await configstore.publish(client, ns, configdoc.build_doc(ns, items, None, scopes))
                 names = ", ".join(p.name for p in items)
                 print(f"applied: namespace {ns}: {names} (config version {version})")
             # As the operator does: the cluster document always exists, so that a sidecar whose
@@ -102,11 +96,31 @@ def _cmd_apply(args: argparse.Namespace) -> int:
             await configstore.ensure(client, CLUSTER_SCOPE)
 
     try:
-        asyncio.run(publish_all())
+        asyncio.run(apply_all())
+    except PolicyErrors as exc:
+        return _errors(exc)
     except (configstore.ConfigStoreError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0
+
+
+async def _apply_keys(client: configstore.Client, policy: CompiledPolicy, path: str) -> None:
+    """The keys file becomes the policy's grants in Redis (the document carries no keys)."""
+    staged = await keysapply.stage(client, policy, path)
+    try:
+        changed = await staged.write(client)
+        revoked = await staged.revoke_unlisted(client)
+    finally:
+        await staged.discard(client)
+    print(f"keys: policy {policy.ref}: {staged.listed} granted ({changed.count} new or changed), {revoked} revoked"
+          + (f", {staged.expired} expired entries skipped" if staged.expired else ""))
+
+
+def _errors(exc: PolicyErrors) -> int:
+    for e in exc.errors:
+        print(f"error: {e}", file=sys.stderr)
+    return 1
 
 
 def build_parser(commands: Mapping[str, EntryPoint], *, with_help: bool = True) -> argparse.ArgumentParser:
@@ -121,7 +135,8 @@ def build_parser(commands: Mapping[str, EntryPoint], *, with_help: bool = True) 
     apply = sub.add_parser("apply", help="compile policies and write them to Redis, exactly as the operator does")
     apply.add_argument("-f", "--file", required=True, help="policy YAML file or directory")
     apply.add_argument("--redis", required=True, help="Redis URL (see README: redis://, rediss://, redis+sentinel://, redis+cluster://)")
-    apply.add_argument("--api-keys-file", help="YAML of API key -> tier for the policy")
+    apply.add_argument("--api-keys-file", help="YAML of API key -> tier for the policy: becomes its key grants in Redis "
+                       "(streamed, any size; keys it no longer lists are revoked; without it the grants stay)")
     apply.add_argument("--namespace", default="default", help="namespace for policies that name none")
     apply.add_argument("--cluster-namespaces", metavar="NS[,NS...]",
                        help="the namespaces the ClusterRateLimitPolicies in -f apply to (what the "

@@ -7,6 +7,11 @@ Shape (JSON, ``schema`` 1)::
      "policies": [<normalized RateLimitPolicy manifest>, ...],
      "apiKeys": {"<policy name>": {"<sha256 hex>": {"tier": "pro", "limit": {...}?}}}}
 
+``apiKeys`` embeds a policy's keys (the operator's key Secrets, and documents written by
+an earlier ``sluice apply``). ``sluice apply`` now writes ``"apiKeys": {}`` and the keys as
+grants in Redis (:mod:`sluice_core.keysapply`), so the document's size does not grow with them;
+the document is still read with its embedded keys (schema 1 unchanged).
+
 The cluster document (namespace ``_cluster``) holds the ClusterRateLimitPolicies and, since a
 sidecar cannot read namespace labels, the namespaces each one's ``namespaceSelector`` resolved
 to when the operator wrote it: ``"namespaces": {"<policy name>": ["shop", "billing"]}``.

@@ -161,23 +161,34 @@ async def drop_heartbeats(client: Client, namespace: str, pods: Sequence[bytes |
 async def put_grant(client: Client, policy_ref: str, key_sha256: bytes, stored: grants.StoredGrant) -> None:
     """Write one API key's grant under one policy (``namespace/name``, or a cluster policy's
     name) and announce it; with an expiry, Redis drops it then. The primitive every writer of
-    grants builds on: one key change is this one write and one notice."""
+    one grant builds on: one key change is this write, its entry in the policy's key index
+    (:func:`keyschema.grant_index_key`) and one notice, whatever the number of keys; many keys
+    at once: :mod:`sluice_core.grantstore`."""
     await _write_grant(client, policy_ref, key_sha256, grants.encode(stored), stored.expires_ms)
 
 
 async def revoke_grant(client: Client, policy_ref: str, key_sha256: bytes) -> None:
-    """Remove one API key's grant under one policy and announce it (a revoked key is refused
-    everywhere as soon as sidecars hear the notice)."""
+    """Remove one API key's grant under one policy (and its index entry, after it) and announce
+    it (a revoked key is refused everywhere as soon as sidecars hear the notice)."""
     await _write_grant(client, policy_ref, key_sha256, "", 0)
 
 
 async def _write_grant(client: Client, policy_ref: str, key_sha256: bytes, value: str, expires_ms: int) -> None:
     pid = keyschema.policy_id(policy_ref)
     client_id = keyschema.client_for_api_key(key_sha256)
+    key, index = keyschema.grant_key(pid, client_id), keyschema.grant_index_key(pid)
+    args = (value, str(expires_ms), keyschema.KEYS_CHANNEL, keyschema.keys_notice(pid, client_id), client_id)
     s = scripts.write_grant()
+    r = client.redis
     try:
-        await client.redis.eval(s.source, 1, keyschema.grant_key(pid, client_id), value, str(expires_ms),
-                                keyschema.KEYS_CHANNEL, keyschema.keys_notice(pid, client_id))
+        if not isinstance(r, redis.asyncio.RedisCluster):  # one call takes the grant and the index
+            await r.eval(s.source, 2, key, index, *args)
+        elif value:  # the index first: it must list every granted key (a re-apply revokes from it)
+            await r.sadd(index, client_id)
+            await r.eval(s.source, 1, key, *args)
+        else:  # the grant first: until it is gone, the index must still list it
+            await r.eval(s.source, 1, key, *args)
+            await r.srem(index, client_id)
     except _FAILURES as exc:
         what = "write" if value else "revoke"
         raise ConfigStoreError(f"cannot {what} an API key grant of policy {policy_ref!r}: {exc}") from exc

@@ -171,6 +171,27 @@ def grant_key(policy_id_: str, client_id: str) -> str:
     return client_tag_for(policy_id_, client_id) + ":g"
 
 
+def grant_index_key(policy_id_: str) -> str:
+    """Set of the client ids (``k<16 chars>``) of every API key granted under one policy: what a
+    re-apply revokes from and what tools count (SCARD) or list (SSCAN) without SCAN. It holds
+    at least every key that has a grant (written before the grant, removed after it), so it
+    may briefly list a key whose grant is gone (expired, or a write cut short): harmless.
+
+    A set of client ids rather than a hash to key ids: the grant holds the rest, and a set is
+    what SMISMEMBER compares a re-apply's staged keys with, a page at a time. About 64-76
+    bytes a key (a hashtable of 17-byte strings). Hash tag ``{<policy id>}``: one slot, so one
+    node of a Cluster holds a policy's whole index (~70 MB per million keys); spreading it over
+    several sets would make counting and listing several calls, for no need at that size."""
+    return f"{PREFIX}:keys:{{{policy_id_}}}"
+
+
+def grant_staging_key(policy_id_: str, run: str) -> str:
+    """A set private to one ``sluice apply`` run (``run``: random): the client ids its keys file
+    lists, beside :func:`grant_index_key` (same slot). It finds duplicates and, after the writes,
+    the index entries the file no longer lists; it has a TTL, so a run cut short leaves nothing."""
+    return f"{PREFIX}:keys:{{{policy_id_}}}:apply:{run}"
+
+
 def keys_notice(policy_id_: str, client_id: str = ALL_KEYS) -> str:
     """The :data:`KEYS_CHANNEL` message for one key's grant (or, by default, all of a policy's)."""
     return f"{policy_id_} {client_id}"

@@ -35,3 +35,7 @@ def drop_empty_config() -> Script:
 
 def write_grant() -> Script:
     return load("write_grant")
+
+
+def announce_keys() -> Script:
+    return load("announce_keys")
