@@ -25,6 +25,10 @@ class Metrics:
         # reason: timeout, unavailable, auth, oom, refused (stores/base.py), circuit_open
         self.store_errors = Counter("sluice_store_errors", "Decision-store failures",
                                     ["store", "reason"], registry=r)
+        # result: known, unknown (a cache miss of a policy whose keys live in Redis grants)
+        self.grant_resolves = Counter("sluice_grant_resolves",
+                                      "API keys resolved from their Redis grants (grant-cache misses)",
+                                      ["policy", "result"], registry=r)
         self.circuit_state = Gauge("sluice_circuit_state",
                                    "Decision-store circuit breaker: 0 closed, 1 open (probing Redis "
                                    "in the background)", registry=r)
