@@ -53,7 +53,8 @@ from sluice_sidecar.breaker import CircuitBreaker
 from sluice_sidecar.grantcache import GrantCache
 from sluice_sidecar.identify import PeerTrust, anonymous_client, api_key_from
 from sluice_sidecar.metrics import Metrics
-from sluice_sidecar.stores.base import DecisionStore, ResolveAsk, StoreUnavailable
+from sluice_sidecar.stores.base import DecisionStore, ResolveAsk, StoreUnavailable, tier_args
+from sluice_sidecar.transport.resp import Encoded
 
 log = logging.getLogger("sluice.limiter")
 
@@ -87,7 +88,7 @@ class Enforcement:
     version: int
     grant_cache_size: int = DEFAULT_GRANT_CACHE_SIZE
     cache: GrantCache[Bucket] | None = field(init=False, default=None)
-    tier_argv: tuple[str | int, ...] = field(init=False, default=())  # the resolve decision's tiers
+    tier_args: Encoded | None = field(init=False, default=None)  # the resolve decision's tiers
     _own: dict[tuple[str, Limit], Bucket] = field(init=False, default_factory=dict)
     policy_id: str = field(init=False)
     label: str = field(init=False)  # the policy label of its metrics
@@ -111,8 +112,7 @@ class Enforcement:
                       for r in p.rules if r.limit is not None}
         if self.grants is None:
             self.cache = GrantCache(self.grant_cache_size)
-            self.tier_argv = tuple(x for name, b in self.tiers.items()
-                                   for x in (name, b.suffix, *b.params))
+            self.tier_args = tier_args((name, b.suffix, *b.params) for name, b in self.tiers.items())
 
     def grant_bucket(self, grant: KeyGrant) -> Bucket | None:
         """The bucket a Redis grant names: its tier's, or its own limit's (one Bucket per
@@ -359,19 +359,22 @@ class Limiter:
     def _resolving(self, enforcement: Enforcement, client: str, rule_name: str, rule_b: Bucket | None,
                    cost: int, headers: MultiMapping[str], peer: str) -> _Resolve:
         """A key the cache does not know: resolve its grant (with the anonymous client's
-        default-tier buckets as the fallback for an unknown key, and to name a failure)."""
-        fallback = _buckets(enforcement, rule_name, rule_b, cost,
-                            enforcement.tiers[enforcement.policy.default_tier],
-                            anonymous_client(headers, peer, enforcement.peers))
+        default-tier buckets as the fallback for an unknown key, and to name a failure; where a
+        key is required they only name a failure: the key's own client stands in)."""
+        policy = enforcement.policy
+        fallback = _buckets(enforcement, rule_name, rule_b, cost, enforcement.tiers[policy.default_tier],
+                            client if policy.api_keys.required
+                            else anonymous_client(headers, peer, enforcement.peers))
         assert enforcement.cache is not None
         return _Resolve(enforcement, client, rule_name, rule_b, cost, fallback, enforcement.cache.epoch)
 
     def _ask_resolve(self, r: _Resolve, cost: int, with_fallback: bool) -> ResolveAsk:
         e, fb = r.enforcement, r.fallback
+        assert e.tier_args is not None
         tag = keyschema.client_tag_for(e.policy_id, r.client)
         rule_keys, rule_params = ((tag + r.rule_b.suffix,), r.rule_b.params) if r.rule_b else ((), ())
         return ResolveAsk(tag + ":g", cost, rule_keys, rule_params, fb.keys if with_fallback else (),
-                          fb.params if with_fallback else (), e.tier_argv)
+                          fb.params if with_fallback else (), e.tier_args)
 
     async def _resolve_and_decide(self, r: _Resolve) -> Outcome:
         """One policy, a key the cache does not know: resolve and decide in one call. An unknown
@@ -421,7 +424,7 @@ class Limiter:
                 bucket, expires_ms = e.grant_bucket(stored.grant), stored.expires_ms
         assert e.cache is not None
         e.cache.put(r.client, bucket, expires_ms, r.epoch)
-        self.metrics.grant_resolves.labels(e.label, "known" if bucket else "unknown").inc()
+        self.metrics.grant_resolved(e.label, "known" if bucket else "unknown")
         return bucket
 
     def forget_grants(self, policy_id: str | None, client: str | None) -> None:

@@ -62,6 +62,14 @@ class Metrics:
         self.client_connections = Gauge("sluice_client_connections", "Open client connections",
                                         registry=r)
         self._children: dict[tuple[str, str, str, str], object] = {}
+        self._resolve_children: dict[tuple[str, str], object] = {}
+
+    def grant_resolved(self, policy: str, result: str) -> None:
+        key = (policy, result)
+        child = self._resolve_children.get(key)
+        if child is None:
+            child = self._resolve_children[key] = self.grant_resolves.labels(policy, result)
+        child.inc()  # type: ignore[attr-defined]
 
     def decision(self, policy: str, tier: str, rule: str, decision: str) -> None:
         key = (policy, tier, rule, decision)

@@ -16,8 +16,9 @@ import pytest
 from sluice_core import grants, keyschema
 from sluice_core.model import KeyGrant, Limit
 from sluice_core.redisurl import parse_redis_url
-from sluice_sidecar.stores.base import ResolveAsk
+from sluice_sidecar.stores.base import ResolveAsk, tier_args
 from sluice_sidecar.stores.redis import RedisStore
+from sluice_sidecar.transport.resp import Encoded
 from support.grant_store import now_ms
 from support.redis_servers import RedisClusterProcs, RedisServer
 
@@ -27,10 +28,9 @@ RULE = Limit(2, 60_000_000, 2)
 OWN = Limit(7, 1_000_000, 4)  # 1 s / 7 is not whole: EM rounds up to 142,858 µs
 
 
-def tiers() -> tuple[str | int, ...]:
-    return tuple(x for name, lim in (("free", FREE), ("pro", PRO))
-                 for x in (name, keyschema.tier_suffix(name, lim.emission_us, lim.capacity_us),
-                           lim.emission_us, lim.capacity_us))
+def tiers() -> Encoded:
+    return tier_args((name, keyschema.tier_suffix(name, lim.emission_us, lim.capacity_us),
+                      lim.emission_us, lim.capacity_us) for name, lim in (("free", FREE), ("pro", PRO)))
 
 
 @pytest.fixture(params=["single", "cluster"])

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import NamedTuple, Protocol
 
 from sluice_core.gcra import Reply, Resolved
 
 from sluice_sidecar.transport.errors import OOM, REFUSED, UNAVAILABLE
+from sluice_sidecar.transport.resp import Encoded
 
 # Reasons (:mod:`sluice_sidecar.transport.errors`) that mean Redis answered at once: they cost
 # no waiting, so they do not open the breaker.
@@ -26,10 +28,17 @@ class StoreUnavailable(Exception):
         self.reason = reason
 
 
+def tier_args(tiers: Iterable[tuple[str, str, int, int]]) -> Encoded:
+    """The resolve decision's tier arguments: their count, then name, bucket suffix, EM, CAP
+    per tier."""
+    flat = [x for tier in tiers for x in tier]
+    return Encoded.of(len(flat) // 4, *flat)
+
+
 class ResolveAsk(NamedTuple):
     """A decision for an API key whose grant lives in Redis (``scripts/decide.lua``'s "resolve"
-    decision): the script reads the grant at ``grant_key``, picks the bucket from ``tiers``
-    (flattened: name, bucket suffix, EM, CAP per tier of the policy) or the key's own limit, and
+    decision): the script reads the grant at ``grant_key``, picks the bucket from ``tiers`` (the
+    policy's tiers, encoded once per policy load: :func:`tier_args`) or the key's own limit, and
     decides it with the ``rule_keys``; an unknown key takes the ``fallback_keys`` instead (none:
     nothing is decided or written)."""
 
@@ -39,7 +48,7 @@ class ResolveAsk(NamedTuple):
     rule_params: tuple[int, ...]
     fallback_keys: tuple[str, ...]
     fallback_params: tuple[int, ...]
-    tiers: tuple[str | int, ...]
+    tiers: Encoded
 
     @property
     def keys(self) -> tuple[str, ...]:

@@ -24,7 +24,7 @@ from sluice_core.redisurl import RedisTarget
 
 from sluice_sidecar.stores.base import ResolveAsk, StoreUnavailable
 from sluice_sidecar.transport.errors import TIMEOUT, UNAVAILABLE, TransportError
-from sluice_sidecar.transport.resp import ConnectionClosed, RedisReplyError, encode
+from sluice_sidecar.transport.resp import ConnectionClosed, RedisReplyError, encode, encode_mixed
 from sluice_sidecar.transport.topology import RETRYABLE, SLOTS, Addr, RedisNodes, key_slot
 
 PROBE_KEY = f"{keyschema.PREFIX}:probe"  # read by the probe (cost 0), never written; no bucket's name
@@ -97,7 +97,8 @@ class RedisStore:
 
     def _payload(self, group: list[Pending]) -> bytes:
         keys: list[str] = []
-        argv: list[int | str] = [len(group)]
+        argv: list[Any] = [len(group)]  # ints, and for resolve decisions str and Encoded
+        mixed = False
         for k, cost, params, _, ask in group:
             keys.extend(k)
             if ask is None:
@@ -105,8 +106,11 @@ class RedisStore:
                 argv.append(cost)
                 argv.extend(params)
             else:
+                mixed = True
                 argv.extend(("r", cost, len(ask.rule_keys), *ask.rule_params, len(ask.fallback_keys),
-                             *ask.fallback_params, len(ask.tiers) // 4, *ask.tiers))
+                             *ask.fallback_params, ask.tiers))
+        if mixed:
+            return encode_mixed(b"EVALSHA", self._sha, len(keys), *keys, *argv)
         return encode(b"EVALSHA", self._sha, len(keys), *keys, *argv)
 
     def _send(self, group: list[Pending]) -> None:
