@@ -38,6 +38,7 @@ bench: $(STAMP)
 	@command -v wrk >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get install -y -qq wrk >/dev/null; } || { echo "error: wrk is not installed (Debian: apt-get install wrk)" >&2; exit 1; }
 	$(BIN)/python -m bench.run --out docs/benchmarks.md
 	$(BIN)/python -m bench.transport --out docs/benchmarks.md
+	$(BIN)/python -m bench.keys_sidecar --out docs/benchmarks.md
 	$(BIN)/python -m bench.attacks --out docs/security.md
 
 clean:
