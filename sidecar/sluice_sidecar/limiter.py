@@ -368,13 +368,15 @@ class Limiter:
         assert enforcement.cache is not None
         return _Resolve(enforcement, client, rule_name, rule_b, cost, fallback, enforcement.cache.epoch)
 
-    def _ask_resolve(self, r: _Resolve, cost: int, with_fallback: bool) -> ResolveAsk:
-        e, fb = r.enforcement, r.fallback
+    @staticmethod
+    def _ask_resolve(r: _Resolve, cost: int) -> ResolveAsk:
+        """The resolve decision for ``r``'s key and rule bucket (no fallback buckets)."""
+        e = r.enforcement
         assert e.tier_args is not None
         tag = keyschema.client_tag_for(e.policy_id, r.client)
         rule_keys, rule_params = ((tag + r.rule_b.suffix,), r.rule_b.params) if r.rule_b else ((), ())
-        return ResolveAsk(tag + ":g", cost, rule_keys, rule_params, fb.keys if with_fallback else (),
-                          fb.params if with_fallback else (), e.tier_args)
+        return ResolveAsk(keyschema.grant_key(e.policy_id, r.client), cost, rule_keys, rule_params,
+                          (), (), e.tier_args)
 
     async def _resolve_and_decide(self, r: _Resolve) -> Outcome:
         """One policy, a key the cache does not know: resolve and decide in one call. An unknown
@@ -382,9 +384,10 @@ class Limiter:
         second call; with ``required`` it is refused (nothing was written)."""
         e, fb = r.enforcement, r.fallback
         required = e.policy.api_keys.required
-        grant_key = keyschema.grant_key(e.policy_id, r.client)
-        with_fallback = not required and self.store.atomic((grant_key, *fb.keys))
-        resolved = await self._resolve(self._ask_resolve(r, r.cost, with_fallback))
+        ask = self._ask_resolve(r, r.cost)
+        if not required and self.store.atomic((ask.grant_key, *fb.keys)):
+            ask = ask._replace(fallback_keys=fb.keys, fallback_params=fb.params)
+        resolved = await self._resolve(ask)
         if resolved is None:
             return self._finish(fb, None)
         tier_b = self._learn(r, resolved.grant)
@@ -400,7 +403,7 @@ class Limiter:
         """A pod under two policies: resolve the key first, reading only (cost 0: nothing is
         taken or written), then decide as for a cached key."""
         e = r.enforcement
-        resolved = await self._resolve(self._ask_resolve(r, 0, False))
+        resolved = await self._resolve(self._ask_resolve(r, 0))
         if resolved is None:
             return self._finish(r.fallback, None)
         tier_b = self._learn(r, resolved.grant)
@@ -474,9 +477,7 @@ class Limiter:
         try:
             resolved = await self.store.resolve(ask)
         except StoreUnavailable as exc:
-            breaker.failure(exc)
-            self.metrics.store_errors.labels(self.store.name, exc.reason).inc()
-            log.debug("decision store failed: %s", exc)
+            self._failed(exc)
             return None
         breaker.success()
         self._hist.observe(time.perf_counter() - started)
@@ -491,12 +492,15 @@ class Limiter:
         try:
             reply = await self.store.decide(keys, cost, params)
         except StoreUnavailable as exc:
-            # The breaker logs (at ERROR, once per change of reason) what switches limiting off.
-            breaker.failure(exc)
-            self.metrics.store_errors.labels(self.store.name, exc.reason).inc()
-            log.debug("decision store failed: %s", exc)
+            self._failed(exc)
             return None
         breaker.success()
         self._hist.observe(time.perf_counter() - started)
         return reply
+
+    def _failed(self, exc: StoreUnavailable) -> None:
+        # The breaker logs (at ERROR, once per change of reason) what switches limiting off.
+        self.breaker.failure(exc)
+        self.metrics.store_errors.labels(self.store.name, exc.reason).inc()
+        log.debug("decision store failed: %s", exc)
 

@@ -50,9 +50,11 @@ def measured_sidecar(redis: RedisServer, upstream: UpstreamProcess, ns: str, lab
     sidecar = SidecarProcess(upstream.url, "--redis", redis.url, "--namespace", ns, "--pod-labels",
                              str(labels), "--poll-interval-s", "60")
     start_bytes = sent_bytes(redis) - before
-    for key in keys * 50:
-        code, _ = http_get_key(sidecar, key)
-        assert code == 200
+    try:
+        assert [http_get_key(sidecar, key)[0] for key in keys * 50] == [200] * len(keys) * 50
+    except BaseException:
+        sidecar.close()
+        raise
     return sidecar, start_bytes, rss_kb(sidecar.proc.pid)
 
 
