@@ -389,7 +389,7 @@ class Limiter:
             ask = ask._replace(fallback_keys=fb.keys, fallback_params=fb.params)
         resolved = await self._resolve(ask)
         if resolved is None:
-            return self._finish(fb, None)
+            return self._unresolved(r)
         tier_b = self._learn(r, resolved.grant)
         if tier_b is not None and resolved.reply is not None:
             return self._finish(_buckets(e, r.rule_name, r.rule_b, r.cost, tier_b, r.client), resolved.reply)
@@ -405,13 +405,25 @@ class Limiter:
         e = r.enforcement
         resolved = await self._resolve(self._ask_resolve(r, 0))
         if resolved is None:
-            return self._finish(r.fallback, None)
+            return self._unresolved(r)
         tier_b = self._learn(r, resolved.grant)
         if tier_b is not None:
             return _buckets(e, r.rule_name, r.rule_b, r.cost, tier_b, r.client)
         if e.policy.api_keys.required:
             return self._unauthorized(e, r.rule_name, True)
         return r.fallback
+
+    def _unresolved(self, r: _Resolve) -> Outcome:
+        """The store could not resolve the key. Where a key is required, 503 whatever the
+        failure mode: a key that could not be checked is never forwarded (else a flood that
+        slows Redis down would get random keys past the requirement). Otherwise the policy's
+        failure mode answers, as for the anonymous client the key may turn out to be."""
+        e = r.enforcement
+        if not e.policy.api_keys.required:
+            return self._finish(r.fallback, None)
+        self.metrics.decision(e.label, "", r.rule_name, "failed_closed")
+        return refused(503, [("Retry-After", "1")], e.policy.name, rule=r.rule_name,
+                       detail="the rate limiter cannot check the API key right now")
 
     def _learn(self, r: _Resolve, value: str | None) -> Bucket | None:
         """The bucket a resolved grant names (None: an unknown key), cached."""

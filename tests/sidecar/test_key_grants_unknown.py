@@ -74,8 +74,10 @@ def test_random_keys_are_refused_and_write_nothing(server: RedisServer | RedisCl
     put_key(server.url, policy.ref, good, "pro")
     labels = tmp_path / "labels"
     labels.write_text('app="web"\n')
+    # A generous Redis timeout: on a busy machine a 50 ms one may expire under the flood, and an
+    # unresolvable required key is then answered 503 (test_key_grants_failure.py).
     sidecar = SidecarProcess(upstream.url, "--redis", server.url, "--namespace", ns, "--pod-labels",
-                             str(labels), "--grant-cache-size", str(CACHE))
+                             str(labels), "--grant-cache-size", str(CACHE), "--redis-timeout-ms", "2000")
     try:
         before = all_keys(server)
         keys = [os.urandom(16).hex() for _ in range(FLOOD)]
