@@ -1,5 +1,5 @@
 """API keys resolved from their Redis grants (``sluice_core.grants``), by real sidecar processes
-in cluster mode, on a single Redis and a 3-master Cluster: a key created, changed (tier, own
+in cluster mode, on a single Redis, behind Sentinel and on a 3-master Cluster: a key created, changed (tier, own
 limit) or revoked in Redis takes effect through its change notice, expiry holds to the second, a
 grant naming a tier the policy lacks is an unknown key, an unknown key writes nothing to Redis,
 the grant cache stays within its size, and a notice missed while the subscription was down leaves
@@ -13,6 +13,7 @@ import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,7 @@ from sluice_core import configstore, keyschema
 from sluice_core.model import Limit
 from support.grant_store import key_policy, now_ms, publish_policies, put_key, raw_key, revoke_key
 from support.processes import SidecarProcess, UpstreamProcess, http_get, wait_until
-from support.redis_servers import RedisClusterProcs, RedisServer
+from support.redis_servers import RedisClusterProcs, RedisServer, sentinel_for
 from support.store_calls import store_call
 
 DEADLINE = 10.0  # polling deadlines: a notice takes milliseconds; this only bounds a failure
@@ -33,11 +34,35 @@ def upstream() -> Iterator[UpstreamProcess]:
     up.close()
 
 
-@pytest.fixture(params=["single", "cluster"])
-def server(request: pytest.FixtureRequest) -> RedisServer | RedisClusterProcs:
-    found: RedisServer | RedisClusterProcs = request.getfixturevalue(
-        "redis_server" if request.param == "single" else "redis_cluster")
-    return found
+@dataclass
+class ViaSentinel:
+    """A Redis reached through a Sentinel: ``url`` names the Sentinel, the nodes are the master."""
+
+    master: RedisServer
+    url: str
+
+    def __iter__(self) -> Iterator[RedisServer]:
+        yield self.master
+
+
+Server = RedisServer | RedisClusterProcs | ViaSentinel
+
+
+@pytest.fixture(params=["single", "sentinel", "cluster"])
+def server(request: pytest.FixtureRequest) -> Iterator[Server]:
+    if request.param != "sentinel":
+        yield request.getfixturevalue("redis_server" if request.param == "single" else "redis_cluster")
+        return
+    master = RedisServer()
+    try:
+        with sentinel_for(master) as port:
+            yield ViaSentinel(master, f"redis+sentinel://127.0.0.1:{port}/sluicemaster")
+    finally:
+        master.close()
+
+
+def nodes(server: Server) -> list[RedisServer]:
+    return [server] if isinstance(server, RedisServer) else list(server)
 
 
 @pytest.fixture
@@ -66,10 +91,9 @@ def status(sidecar: SidecarProcess, key: str | None) -> int:
     return call(sidecar, key)[0]
 
 
-def all_keys(server: RedisServer | RedisClusterProcs) -> set[bytes]:
-    nodes = list(server) if isinstance(server, RedisClusterProcs) else [server]
+def all_keys(server: Server) -> set[bytes]:
     out: set[bytes] = set()
-    for node in nodes:
+    for node in nodes(server):
         with node.client() as r:
             out.update(r.scan_iter(count=1000))
     return out
@@ -79,7 +103,7 @@ def new_namespace() -> str:
     return "kg-" + uuid.uuid4().hex[:8]
 
 
-def test_key_created_changed_and_revoked_take_effect(server: RedisServer | RedisClusterProcs,
+def test_key_created_changed_and_revoked_take_effect(server: Server,
                                                      upstream: UpstreamProcess, labels: Path) -> None:
     ns = new_namespace()
     policy = key_policy(ns, required=True)
@@ -104,7 +128,7 @@ def test_key_created_changed_and_revoked_take_effect(server: RedisServer | Redis
         sidecar.close()
 
 
-def test_expiry_holds_to_the_second(server: RedisServer | RedisClusterProcs, upstream: UpstreamProcess,
+def test_expiry_holds_to_the_second(server: Server, upstream: UpstreamProcess,
                                     labels: Path) -> None:
     ns = new_namespace()
     policy = key_policy(ns, required=True)
@@ -124,7 +148,7 @@ def test_expiry_holds_to_the_second(server: RedisServer | RedisClusterProcs, ups
 
 @pytest.mark.parametrize("required", [True, False])
 def test_grant_of_a_tier_the_policy_lacks_is_an_unknown_key(
-        server: RedisServer | RedisClusterProcs, upstream: UpstreamProcess, labels: Path,
+        server: Server, upstream: UpstreamProcess, labels: Path,
         required: bool) -> None:
     ns = new_namespace()
     policy = key_policy(ns, required=required)
@@ -145,7 +169,7 @@ def test_grant_of_a_tier_the_policy_lacks_is_an_unknown_key(
 
 
 def test_unknown_keys_write_nothing_and_fall_back_to_the_anonymous_client(
-        server: RedisServer | RedisClusterProcs, upstream: UpstreamProcess, labels: Path) -> None:
+        server: Server, upstream: UpstreamProcess, labels: Path) -> None:
     ns = new_namespace()
     policy = key_policy(ns, required=False, free=5)
     publish_policies(server.url, ns, policy)
@@ -162,7 +186,7 @@ def test_unknown_keys_write_nothing_and_fall_back_to_the_anonymous_client(
     assert created and all(k.decode().startswith(anonymous + ":t:free:") for k in created), created
 
 
-def test_grant_cache_stays_within_its_size(server: RedisServer | RedisClusterProcs,
+def test_grant_cache_stays_within_its_size(server: Server,
                                            upstream: UpstreamProcess, labels: Path) -> None:
     ns = new_namespace()
     policy = key_policy(ns, required=True)
@@ -188,7 +212,7 @@ def test_grant_cache_stays_within_its_size(server: RedisServer | RedisClusterPro
 
 
 def test_notice_missed_while_unsubscribed_leaves_no_stale_grant(
-        server: RedisServer | RedisClusterProcs, upstream: UpstreamProcess, labels: Path) -> None:
+        server: Server, upstream: UpstreamProcess, labels: Path) -> None:
     ns = new_namespace()
     policy = key_policy(ns, required=True)
     publish_policies(server.url, ns, policy)
@@ -202,7 +226,7 @@ def test_notice_missed_while_unsubscribed_leaves_no_stale_grant(
         assert store_call(server.url, _delete, grant) == 1
         assert status(sidecar, key) == 200  # the cache still holds it: the notice was missed
         # Drop the sidecar's subscription; once it is back, it forgets what it cached.
-        for node in list(server) if isinstance(server, RedisClusterProcs) else [server]:
+        for node in nodes(server):
             with node.client() as r:
                 r.execute_command("CLIENT", "KILL", "TYPE", "pubsub")
         wait_until(lambda: status(sidecar, key) == 401, DEADLINE, what="stale grant forgotten")
