@@ -9,7 +9,8 @@ requests during those changes (the stall), and the bytes Redis sends per key cha
 ``total_net_output_bytes``, the sidecar idle). The embedded mode at 1M keys is not run (a 100 MB
 document; at 100k it already shows the trend). Then the hot-path CPU per request (wrk, known
 keys): embedded grants, Redis grants cached (a hit), and Redis grants never cached (every
-request a resolve: ``--grant-cache-size 1``, 16 keys in turn). About 2 minutes on 2 cores.
+request a resolve: ``--grant-cache-size 1``, 16 keys in turn); and a flood of random unknown
+keys on a single Redis and a 3-master Cluster. About 3 minutes on 2 cores.
 
 Run alone: ``python -m bench.keys_sidecar [--seconds 8] [--out docs/benchmarks.md]``.
 """
@@ -41,7 +42,7 @@ from sluice_core import configdoc, configstore, grants, keyschema  # noqa: E402
 from sluice_core.model import KeyGrant  # noqa: E402
 from sluice_core.sidecar_settings import DEFAULT_GRANT_CACHE_SIZE  # noqa: E402
 from support.grant_store import fill_grants, key_policy, raw_key  # noqa: E402
-from support.redis_servers import RedisServer, pick_port  # noqa: E402
+from support.redis_servers import RedisClusterProcs, RedisServer, pick_port  # noqa: E402
 
 from bench.report import write_block  # noqa: E402
 from bench.run import cpu_ns, rss_mb, wait_http, wrk  # noqa: E402
@@ -83,13 +84,13 @@ class Bench:
         self.labels = tmp / "labels"
         self.labels.write_text('app="web"\n')
 
-    def sidecar(self, ns: str, *extra: str) -> tuple[str, str, subprocess.Popen[bytes], float]:
+    def sidecar(self, ns: str, *extra: str, redis_url: str = "") -> tuple[str, str, subprocess.Popen[bytes], float]:
         """A cluster-mode sidecar of ``ns``: (url, admin url, process, seconds to ready)."""
         port, admin = pick_port(), pick_port()
         started = time.perf_counter()
         p = subprocess.Popen([sys.executable, "-m", "sluice_core.cli", "sidecar", "--upstream", self.upstream,
                               "--listen", f"127.0.0.1:{port}", "--admin-listen", f"127.0.0.1:{admin}",
-                              "--redis", self.redis.url, "--namespace", ns, "--pod-labels", str(self.labels),
+                              "--redis", redis_url or self.redis.url, "--namespace", ns, "--pod-labels", str(self.labels),
                               "--poll-interval-s", "60", "--log-level", "warning", "--redis-timeout-ms", "1000",
                               *extra], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self.procs.append(p)
@@ -287,6 +288,46 @@ def hot_path(b: Bench, seconds: int) -> list[tuple[str, float, float, float]]:
     return [best[name] for name, _, _ in cases]
 
 
+RANDOM_KEYS = """
+init = function() math.randomseed(os.time()) end
+request = function()
+  local key = string.format("%08x%08x", math.random(0, 0x7fffffff), math.random(0, 0x7fffffff))
+  return wrk.format("GET", "/", {["X-API-Key"] = key})
+end
+"""
+
+
+def unknown_flood(b: Bench, seconds: int) -> list[tuple[str, float, float, float]]:
+    """A flood of random keys (each one new): (case, sidecar CPU µs/request, p50 ms, req/s)."""
+    script = b.tmp / "random.lua"
+    script.write_text(RANDOM_KEYS)
+    cluster = RedisClusterProcs(3)
+    out = []
+    try:
+        cases = []
+        for required in (True, False):
+            for where, url in (("single Redis", b.redis.url), ("Redis Cluster", cluster.url)):
+                ns = f"bench-u-{required}-{where[-7:].strip()}".lower().replace(" ", "")
+                policy = key_policy(ns, required=required, free=10**9)
+                asyncio.run(publish(url, ns, configdoc.build_doc(ns, [policy])))
+                calls = "1 call" if required or where == "single Redis" else "2 calls"
+                cases.append((f"Redis grants, required: {str(required).lower()}, {where} ({calls})", ns, url))
+        ns = "bench-u-embedded"
+        policy = key_policy(ns, required=False, free=10**9)
+        asyncio.run(publish(b.redis.url, ns, configdoc.build_doc(ns, [policy], {policy.name: {}})))
+        cases.append(("embedded grants (before), required: false, single Redis (1 call)", ns, b.redis.url))
+        for name, ns, url in cases:
+            sidecar_url, _, p, _ = b.sidecar(ns, redis_url=url)
+            wrk(sidecar_url, 1, 50, script)  # warm-up
+            cpu = cpu_ns(p.pid)
+            r = wrk(sidecar_url, seconds, 50, script)
+            out.append((name, (cpu_ns(p.pid) - cpu) / 1000 / r.requests, r.p50, r.rps))
+            b.stop(p)
+    finally:
+        cluster.close()
+    return out
+
+
 def grant_cache_bytes(n: int = 100_000) -> tuple[float, float]:
     """Bytes of sidecar memory per cached key, known (a tier grant) and unknown (tracemalloc;
     the client id is counted: the cache keeps it)."""
@@ -308,8 +349,8 @@ def grant_cache_bytes(n: int = 100_000) -> tuple[float, float]:
     return out[0], out[1]
 
 
-def table(rows: list[Row], hot: list[tuple[str, float, float, float]], per_entry: tuple[float, float],
-          seconds: int, took: float) -> str:
+def table(rows: list[Row], hot: list[tuple[str, float, float, float]], flood: list[tuple[str, float, float, float]],
+          per_entry: tuple[float, float], seconds: int, took: float) -> str:
     lines = [BEGIN, "", "### API keys in a cluster-mode sidecar (issue #13)", "",
              f"Measured {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC on {os.cpu_count()} cores, Python "
              f"{platform.python_version()}, one redis-server, one sidecar at a time; {CHANGES} key changes "
@@ -330,6 +371,12 @@ def table(rows: list[Row], hot: list[tuple[str, float, float, float]], per_entry
               "| case | sidecar CPU µs/request | ratio | Redis CPU µs/request | req/s |", "|---|---:|---:|---:|---:|"]
     for name, cpu, rcpu, rps in hot:
         lines.append(f"| {name} | {cpu:.0f} | {cpu / base:.2f}× | {rcpu:.1f} | {rps:.0f} |")
+    lines += ["", f"A flood of random API keys, each one new (wrk -t1 -c50 -d{seconds}s; nothing is "
+              "written to Redis for them; with `required: false` each request falls back to the anonymous "
+              "client, whose bucket a Cluster keeps in another slot than the key's grant: a second call):", "",
+              "| case | sidecar CPU µs/request | p50 ms | req/s |", "|---|---:|---:|---:|"]
+    for name, cpu, p50, rps in flood:
+        lines.append(f"| {name} | {cpu:.0f} | {p50:.2f} | {rps:.0f} |")
     known, unknown = per_entry
     size = DEFAULT_GRANT_CACHE_SIZE
     lines += ["", f"Grant cache (tracemalloc, 100,000 entries, client ids included): about **{known:.0f} bytes "
@@ -363,6 +410,8 @@ def main() -> int:
                 rows.append(measure_embedded(b, n))
         print("hot path ...", flush=True)
         hot = hot_path(b, args.seconds)
+        print("a flood of random keys ...", flush=True)
+        flood = unknown_flood(b, max(3, args.seconds // 2))
         per_entry = grant_cache_bytes()
     finally:
         b.close()
@@ -370,7 +419,7 @@ def main() -> int:
         up.wait()
         redis.close()
         shutil.rmtree(tmp, ignore_errors=True)
-    block = table(rows, hot, per_entry, args.seconds, time.monotonic() - began)
+    block = table(rows, hot, flood, per_entry, args.seconds, time.monotonic() - began)
     print(block)
     write_block(Path(args.out), BEGIN, END, block)
     return 0

@@ -25,6 +25,9 @@ from support.redis_servers import RedisClusterProcs, RedisServer, sentinel_for
 from support.store_calls import store_call
 
 DEADLINE = 10.0  # polling deadlines: a notice takes milliseconds; this only bounds a failure
+# What is tested here is what a decision means, not Redis's speed: on a busy 2-core machine the
+# default 50 ms may expire, and the failure mode would answer instead (test_key_grants_failure.py).
+REDIS_TIMEOUT_MS = 2000
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +78,7 @@ def labels(tmp_path: Path) -> Path:
 def start(upstream: UpstreamProcess, url: str, ns: str, labels: Path, *extra: str) -> SidecarProcess:
     # Polling slowed to 60 s: only the notices can make a change take effect within the deadlines.
     return SidecarProcess(upstream.url, "--redis", url, "--namespace", ns, "--pod-labels", str(labels),
-                          "--poll-interval-s", "60", *extra)
+                          "--poll-interval-s", "60", "--redis-timeout-ms", str(REDIS_TIMEOUT_MS), *extra)
 
 
 def call(sidecar: SidecarProcess, key: str | None, path: str = "/api") -> tuple[int, dict[str, str]]:

@@ -88,7 +88,8 @@ def test_revoked_under_load_is_refused_everywhere_and_others_keep_flowing(
     labels = tmp_path / "labels"
     labels.write_text('app="web"\n')
     sidecars = [SidecarProcess(upstream.url, "--redis", server.url, "--namespace", ns, "--pod-labels",
-                               str(labels), "--poll-interval-s", "60") for _ in range(2)]
+                               str(labels), "--poll-interval-s", "60", "--redis-timeout-ms", "2000")
+                for _ in range(2)]
     try:
         after, other = asyncio.run(_load_and_revoke(
             [s.url for s in sidecars], revoked, others, lambda: revoke_key(server.url, policy.ref, revoked)))

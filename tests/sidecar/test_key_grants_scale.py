@@ -48,7 +48,7 @@ def measured_sidecar(redis: RedisServer, upstream: UpstreamProcess, ns: str, lab
     start, its RSS in kB)."""
     before = sent_bytes(redis)
     sidecar = SidecarProcess(upstream.url, "--redis", redis.url, "--namespace", ns, "--pod-labels",
-                             str(labels), "--poll-interval-s", "60")
+                             str(labels), "--poll-interval-s", "60", "--redis-timeout-ms", "2000")
     start_bytes = sent_bytes(redis) - before
     try:
         assert [http_get_key(sidecar, key)[0] for key in keys * 50] == [200] * len(keys) * 50

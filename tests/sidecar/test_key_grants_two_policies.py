@@ -66,7 +66,7 @@ def test_keys_of_both_policies_resolve_from_redis(server: RedisServer | RedisClu
     labels = tmp_path / "labels"
     labels.write_text('app="web"\n')
     sidecar = SidecarProcess(upstream.url, "--redis", server.url, "--namespace", ns, "--pod-labels",
-                             str(labels), "--poll-interval-s", "60")
+                             str(labels), "--poll-interval-s", "60", "--redis-timeout-ms", "2000")
     try:
         first, headers = call(sidecar, both)
         assert first == 200
