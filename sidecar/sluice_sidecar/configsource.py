@@ -211,6 +211,11 @@ class RedisSource:
         self._sub: RespConnection | None = None
         self._heartbeat_error: str | None = None  # the reason the last heartbeat failed
 
+    @property
+    def subscribed(self) -> bool:
+        """Is the change-notice subscription up (and the grant cache emptied since it came)?"""
+        return self._sub is not None and not self._sub.closed
+
     async def _command(self, key: str, *args: Any) -> Any:
         """Run one command on the node that owns ``key`` (cluster-aware)."""
         conn = await self.nodes.for_key(key)
@@ -325,12 +330,13 @@ class RedisSource:
         backoff = 0.1
         while True:
             try:
-                conn = self._sub = await self.nodes.subscribe(
+                conn = await self.nodes.subscribe(
                     (keyschema.CONFIG_CHANNEL, keyschema.KEYS_CHANNEL), self._on_message)
                 backoff = 0.1
                 self._wake.set()  # anything published while we were away: check now
                 if self.keys_changed is not None:
                     self.keys_changed(None, None)  # and forget every cached grant, likewise
+                self._sub = conn
                 await conn.lost
             except TransportError as exc:
                 log.debug("config subscription failed: %s", exc)

@@ -149,7 +149,9 @@ class Sidecar:
             "config": {"loaded": self.loaded, "version": policy.version if policy else 0,
                        "policyRef": policy.policy.ref if policy else None,
                        "clusterVersion": cluster_policy.version if cluster_policy else 0,
-                       "clusterPolicyRef": cluster_policy.policy.name if cluster_policy else None},
+                       "clusterPolicyRef": cluster_policy.policy.name if cluster_policy else None,
+                       # cluster mode: is the change-notice subscription up (config and keys)?
+                       "notices": self.source.subscribed if isinstance(self.source, RedisSource) else None},
             # error: why decisions fail now (timeout, unavailable, auth, oom, refused), or None.
             "store": {"kind": self.store.name, "circuit": self.breaker.state.name.lower(),
                       "error": self.breaker.reason},

@@ -15,6 +15,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sluice_core import configstore, keyschema
@@ -76,9 +77,23 @@ def labels(tmp_path: Path) -> Path:
 
 
 def start(upstream: UpstreamProcess, url: str, ns: str, labels: Path, *extra: str) -> SidecarProcess:
-    # Polling slowed to 60 s: only the notices can make a change take effect within the deadlines.
-    return SidecarProcess(upstream.url, "--redis", url, "--namespace", ns, "--pod-labels", str(labels),
-                          "--poll-interval-s", "60", "--redis-timeout-ms", str(REDIS_TIMEOUT_MS), *extra)
+    """A sidecar of ``ns``, once its change-notice subscription is up: then it has emptied its
+    grant cache, as it does whenever it (re)subscribes, and nothing it caches later is dropped
+    but by a notice. Polling slowed to 60 s: only the notices can make a change take effect
+    within the deadlines."""
+    sidecar = SidecarProcess(upstream.url, "--redis", url, "--namespace", ns, "--pod-labels", str(labels),
+                             "--poll-interval-s", "60", "--redis-timeout-ms", str(REDIS_TIMEOUT_MS), *extra)
+    try:
+        wait_until(lambda: _readyz(sidecar)["config"]["notices"], DEADLINE, what="the sidecar subscribed")
+    except BaseException:
+        sidecar.close()
+        raise
+    return sidecar
+
+
+def _readyz(sidecar: SidecarProcess) -> dict[str, Any]:
+    result: dict[str, Any] = json.loads(http_get(sidecar.admin + "/readyz")[1])
+    return result
 
 
 def call(sidecar: SidecarProcess, key: str | None, path: str = "/api") -> tuple[int, dict[str, str]]:
