@@ -297,6 +297,10 @@ end
 """
 
 
+def flood_seconds(seconds: int) -> int:
+    return max(3, seconds // 2)
+
+
 def unknown_flood(b: Bench, seconds: int) -> list[tuple[str, float, float, float]]:
     """A flood of random keys (each one new): (case, sidecar CPU µs/request, p50 ms, req/s)."""
     script = b.tmp / "random.lua"
@@ -371,7 +375,7 @@ def table(rows: list[Row], hot: list[tuple[str, float, float, float]], flood: li
               "| case | sidecar CPU µs/request | ratio | Redis CPU µs/request | req/s |", "|---|---:|---:|---:|---:|"]
     for name, cpu, rcpu, rps in hot:
         lines.append(f"| {name} | {cpu:.0f} | {cpu / base:.2f}× | {rcpu:.1f} | {rps:.0f} |")
-    lines += ["", f"A flood of random API keys, each one new (wrk -t1 -c50 -d{seconds}s; nothing is "
+    lines += ["", f"A flood of random API keys, each one new (wrk -t1 -c50 -d{flood_seconds(seconds)}s; nothing is "
               "written to Redis for them; with `required: false` each request falls back to the anonymous "
               "client, whose bucket a Cluster keeps in another slot than the key's grant: a second call):", "",
               "| case | sidecar CPU µs/request | p50 ms | req/s |", "|---|---:|---:|---:|"]
@@ -411,7 +415,7 @@ def main() -> int:
         print("hot path ...", flush=True)
         hot = hot_path(b, args.seconds)
         print("a flood of random keys ...", flush=True)
-        flood = unknown_flood(b, max(3, args.seconds // 2))
+        flood = unknown_flood(b, flood_seconds(args.seconds))
         per_entry = grant_cache_bytes()
     finally:
         b.close()
