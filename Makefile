@@ -39,6 +39,7 @@ bench: $(STAMP)
 	$(BIN)/python -m bench.run --out docs/benchmarks.md
 	$(BIN)/python -m bench.transport --out docs/benchmarks.md
 	$(BIN)/python -m bench.keys_apply --out docs/benchmarks.md
+	$(BIN)/python -m bench.keys_sidecar --out docs/benchmarks.md
 	$(BIN)/python -m bench.attacks --out docs/security.md
 
 clean:

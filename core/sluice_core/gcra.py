@@ -27,6 +27,16 @@ class Reply(NamedTuple):
     debts: Sequence[int]  # per bucket, in the order asked for: TAT − now, µs (0: full)
 
 
+class Resolved(NamedTuple):
+    """The decision script's reply for one "resolve" decision (an API key resolved from its
+    Redis grant in the same call): the grant's stored value (:mod:`sluice_core.grants`), None
+    for an unknown key; and the decision over the buckets it took (the key's, or the fallback
+    buckets of an unknown key), None when an unknown key had none to fall back to."""
+
+    grant: str | None
+    reply: Reply | None
+
+
 class BucketState(NamedTuple):
     """One bucket after a decision (before it, when the decision was a refusal)."""
 

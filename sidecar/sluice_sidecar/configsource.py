@@ -29,6 +29,7 @@ from sluice_core.configdoc import NamespaceConfig, load_doc
 from sluice_core.errors import PolicyErrors
 from sluice_core.model import CLUSTER_SCOPE, CompiledPolicy, KeyGrant
 from sluice_core.policyfile import load_policies
+from sluice_core.sidecar_settings import DEFAULT_GRANT_CACHE_SIZE
 
 from sluice_sidecar.labels import read_labels
 from sluice_sidecar.limiter import Enforcement
@@ -38,8 +39,12 @@ from sluice_sidecar.transport.resp import RespConnection, encode
 from sluice_sidecar.transport.topology import RedisNodes
 
 log = logging.getLogger("sluice.config")
+_KEYS_CHANNEL = keyschema.KEYS_CHANNEL.encode()
 Apply = Callable[[Enforcement | None, Enforcement | None], None]
 """Called with the pod's namespace policy and its cluster policy (either may be None)."""
+KeysChanged = Callable[[str | None, str | None], None]
+"""Called with ``(policy id, client id)`` of a keys-changed notice: one key's grant changed;
+``(policy id, None)``: many of that policy's; ``(None, None)``: notices may have been missed."""
 
 
 class NoConfig(Exception):
@@ -185,8 +190,12 @@ def select_cluster_policy(config: NamespaceConfig | None, namespace: str,
 class RedisSource:
     def __init__(self, nodes: RedisNodes, namespace: str, metrics: Metrics, apply: Apply, *,
                  labels_path: str | None, pod_name: str | None = None,
-                 poll_interval: float, heartbeat_interval: float = 10.0) -> None:
+                 poll_interval: float, heartbeat_interval: float = 10.0,
+                 keys_changed: KeysChanged | None = None,
+                 grant_cache_size: int = DEFAULT_GRANT_CACHE_SIZE) -> None:
         self.nodes = nodes
+        self.keys_changed = keys_changed
+        self.grant_cache_size = grant_cache_size
         self.namespace = namespace
         self.metrics = metrics
         self.apply = apply
@@ -201,6 +210,11 @@ class RedisSource:
         self._tasks: list[asyncio.Task[None]] = []
         self._sub: RespConnection | None = None
         self._heartbeat_error: str | None = None  # the reason the last heartbeat failed
+
+    @property
+    def subscribed(self) -> bool:
+        """Is the change-notice subscription up (and the grant cache emptied since it came)?"""
+        return self._sub is not None and not self._sub.closed
 
     async def _command(self, key: str, *args: Any) -> Any:
         """Run one command on the node that owns ``key`` (cluster-aware)."""
@@ -271,11 +285,13 @@ class RedisSource:
                         "config version %s)", self.namespace, ns_version, cluster_version)
             self.apply(None, None)
             return True
+        # A document that embeds no apiKeys for the policy: its keys are Redis grants (None).
         self.apply(
-            Enforcement(policy, ns_config.grants.get(policy.name, {}), ns_version)
+            Enforcement(policy, ns_config.grants.get(policy.name), ns_version, self.grant_cache_size)
             if policy and ns_config else None,
-            Enforcement(cluster_policy, cluster_config.grants.get(cluster_policy.name, {}),
-                        cluster_version) if cluster_policy and cluster_config else None)
+            Enforcement(cluster_policy, cluster_config.grants.get(cluster_policy.name),
+                        cluster_version, self.grant_cache_size)
+            if cluster_policy and cluster_config else None)
         self.metrics.config_reloads.labels("ok").inc()
         for doc in (self._policy_doc, self._cluster_policy_doc):
             if doc.version:
@@ -300,19 +316,27 @@ class RedisSource:
             await self.check()
 
     def _on_message(self, reply: Any) -> None:
-        # ["message", channel, "<namespace> <version>"]
-        if isinstance(reply, list) and len(reply) == 3 and reply[0] == b"message":
-            ns, _, _ = reply[2].decode(errors="replace").partition(" ")
-            if ns in (self.namespace, CLUSTER_SCOPE):
-                self._wake.set()
+        # ["message", channel, "<namespace> <version>" | "<policy id> <client id>"]
+        if not (isinstance(reply, list) and len(reply) == 3 and reply[0] == b"message"):
+            return
+        first, _, second = reply[2].decode(errors="replace").partition(" ")
+        if reply[1] == _KEYS_CHANNEL:
+            if self.keys_changed is not None:
+                self.keys_changed(first, None if second == keyschema.ALL_KEYS else second)
+        elif first in (self.namespace, CLUSTER_SCOPE):
+            self._wake.set()
 
     async def _subscribe(self) -> None:
         backoff = 0.1
         while True:
             try:
-                conn = self._sub = await self.nodes.subscribe(keyschema.CONFIG_CHANNEL, self._on_message)
+                conn = await self.nodes.subscribe(
+                    (keyschema.CONFIG_CHANNEL, keyschema.KEYS_CHANNEL), self._on_message)
                 backoff = 0.1
                 self._wake.set()  # anything published while we were away: check now
+                if self.keys_changed is not None:
+                    self.keys_changed(None, None)  # and forget every cached grant, likewise
+                self._sub = conn
                 await conn.lost
             except TransportError as exc:
                 log.debug("config subscription failed: %s", exc)

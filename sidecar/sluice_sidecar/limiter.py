@@ -14,6 +14,15 @@ locally never drains the budget it shares with other services; when the shared b
 refuses, a third call gives the namespace policy its tokens back (a refund: exact once it has
 run; in between, the client's own budget is held for one round trip).
 A shadow policy is always asked on its own, so that it never holds the other back.
+
+API keys: a policy loaded with its grants (standalone ``--api-keys-file``, or a config document
+that embeds ``apiKeys`` for it) looks a key up in memory. A policy whose document embeds none
+has its keys resolved from their Redis grants (:mod:`sluice_core.grants`): a key the policy's
+:class:`~sluice_sidecar.grantcache.GrantCache` knows takes the ordinary path; any other is a
+"resolve" decision, which reads the grant, picks the bucket and decides in the same script call
+(an unknown key writes nothing; where the store can take the anonymous fallback buckets in that
+call too, they are decided there, else in a second call). A pod under two policies resolves a
+missed key first, reading only (cost 0), and then decides as above.
 """
 
 from __future__ import annotations
@@ -25,8 +34,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from multidict import MultiMapping
+from sluice_core import grants as stored_grants
 from sluice_core import keyschema
-from sluice_core.gcra import Reply, expand
+from sluice_core.gcra import Reply, Resolved, expand
 from sluice_core.model import (
     CompiledPolicy,
     FailureMode,
@@ -36,12 +46,15 @@ from sluice_core.model import (
     Mode,
     Source,
 )
+from sluice_core.sidecar_settings import DEFAULT_GRANT_CACHE_SIZE
 
 from sluice_sidecar import headers as hdr
 from sluice_sidecar.breaker import CircuitBreaker
+from sluice_sidecar.grantcache import GrantCache
 from sluice_sidecar.identify import PeerTrust, anonymous_client, api_key_from
 from sluice_sidecar.metrics import Metrics
-from sluice_sidecar.stores.base import DecisionStore, StoreUnavailable
+from sluice_sidecar.stores.base import DecisionStore, ResolveAsk, StoreUnavailable, tier_args
+from sluice_sidecar.transport.resp import Encoded
 
 log = logging.getLogger("sluice.limiter")
 
@@ -67,11 +80,16 @@ def _bucket(name: str, limit: Limit, prefix: str, suffix: Callable[[str, int, in
 
 @dataclass
 class Enforcement:
-    """One loaded policy with its API-key grants, ready for the hot path."""
+    """One loaded policy with its API-key grants, ready for the hot path. ``grants`` None: the
+    keys are resolved from their Redis grants (and cached, at most ``grant_cache_size``)."""
 
     policy: CompiledPolicy
-    grants: Mapping[str, KeyGrant]
+    grants: Mapping[str, KeyGrant] | None
     version: int
+    grant_cache_size: int = DEFAULT_GRANT_CACHE_SIZE
+    cache: GrantCache[Bucket] | None = field(init=False, default=None)
+    tier_args: Encoded | None = field(init=False, default=None)  # the resolve decision's tiers
+    _own: dict[tuple[str, Limit], Bucket] = field(init=False, default_factory=dict)
     policy_id: str = field(init=False)
     label: str = field(init=False)  # the policy label of its metrics
     _prefix: str = field(init=False, default="")
@@ -92,6 +110,24 @@ class Enforcement:
                       for t in p.tiers.values()}
         self.rules = {r.name: _bucket(r.name, r.limit, self._prefix, keyschema.rule_suffix)
                       for r in p.rules if r.limit is not None}
+        if self.grants is None:
+            self.cache = GrantCache(self.grant_cache_size)
+            self.tier_args = tier_args((name, b.suffix, *b.params) for name, b in self.tiers.items())
+
+    def grant_bucket(self, grant: KeyGrant) -> Bucket | None:
+        """The bucket a Redis grant names: its tier's, or its own limit's (one Bucket per
+        distinct limit, shared by every key that has it); None for a tier the policy no longer
+        has (the key is unknown to it)."""
+        tier_b = self.tiers.get(grant.tier)
+        if tier_b is None or grant.limit is None:
+            return tier_b
+        own = (grant.tier, grant.limit)
+        b = self._own.get(own)
+        if b is None:
+            if len(self._own) >= 4096:  # distinct own limits are few; bound them anyway
+                self._own.clear()
+            b = self._own[own] = _bucket(grant.tier, grant.limit, self._prefix, keyschema.tier_suffix)
+        return b
 
     def key_bucket(self, digest: str, grant: KeyGrant) -> Bucket:
         """A per-key limit override: the tier's bucket name, the key's own numbers."""
@@ -116,6 +152,31 @@ class _Plan:
     names: tuple[str, ...]
     limits: tuple[Limit, ...]
     policy_value: str
+
+
+def _buckets(enforcement: Enforcement, rule_name: str, rule_b: Bucket | None, cost: int,
+             tier_b: Bucket, client: str) -> _Plan:
+    """The plan taking ``cost`` from ``client``'s ``tier_b`` bucket and its rule's."""
+    tag = keyschema.client_tag_for(enforcement.policy_id, client)
+    if rule_b is None:
+        return _Plan(enforcement, rule_name, tier_b, cost, (tag + tier_b.suffix,), tier_b.params,
+                     (tier_b.shown,), (tier_b.limit,), tier_b.policy_item)
+    return _Plan(enforcement, rule_name, tier_b, cost, (tag + tier_b.suffix, tag + rule_b.suffix),
+                 tier_b.params + rule_b.params, (tier_b.shown, rule_b.shown),
+                 (tier_b.limit, rule_b.limit), f"{tier_b.policy_item}, {rule_b.policy_item}")
+
+
+@dataclass(frozen=True, slots=True)
+class _Resolve:
+    """One policy's part of a request whose API key must be resolved from its Redis grant."""
+
+    enforcement: Enforcement
+    client: str  # the key's client id
+    rule_name: str
+    rule_b: Bucket | None
+    cost: int
+    fallback: _Plan  # the anonymous client's default-tier buckets (an unknown key, a failure)
+    epoch: int  # the cache's epoch when the resolve was planned (GrantCache.put)
 
 
 def _scaled(plan: _Plan) -> tuple[int, ...]:
@@ -175,9 +236,18 @@ class Limiter:
                 self.metrics.decision("", "", "", "unconfigured")
                 return FORWARD_PLAIN
             plan = self._plan(one, method, path, headers, peer)
-            return plan if isinstance(plan, Outcome) else await self._decide_one(plan)
-        return await self._decide_both(self._plan(policy, method, path, headers, peer),
-                                       self._plan(cluster_policy, method, path, headers, peer))
+            if isinstance(plan, _Plan):
+                return await self._decide_one(plan)
+            return await self._resolve_and_decide(plan) if isinstance(plan, _Resolve) else plan
+        first = self._plan(policy, method, path, headers, peer)
+        second = self._plan(cluster_policy, method, path, headers, peer)
+        if isinstance(first, _Resolve):
+            first = await self._settle(first)
+        if isinstance(second, _Resolve):
+            if isinstance(first, Outcome) and not first.forward:
+                return first  # refused by the namespace's policy: no need to know the key
+            second = await self._settle(second)
+        return await self._decide_both(first, second)
 
     async def _decide_both(self, first: _Plan | Outcome, second: _Plan | Outcome) -> Outcome:
         """A pod under its namespace's policy and a cluster policy: the request must pass both."""
@@ -233,49 +303,154 @@ class Limiter:
         return self._finish(plan, await self._ask(plan.keys, plan.cost, plan.params))
 
     def _plan(self, enforcement: Enforcement, method: str, path: str, headers: MultiMapping[str],
-              peer: str) -> _Plan | Outcome:
+              peer: str) -> _Plan | _Resolve | Outcome:
         """Who the client is and which buckets the request takes from; or the answer already
-        (a skipped route, a missing or unknown required key)."""
+        (a skipped route, a missing or unknown required key); or, for a key whose grant must be
+        read from Redis first, what to resolve."""
         policy = enforcement.policy
         rule = policy.match_rule(method, path)
         rule_name = rule.name if rule is not None else ""
         if rule is not None and rule.skip:
             self.metrics.decision(enforcement.label, "", rule_name, "skipped")
             return FORWARD_PLAIN
+        cost = rule.cost if rule is not None else 1
+        rule_b = enforcement.rules.get(rule_name) if rule is not None else None
 
-        ident = policy.identify
-        digest = client = None
-        grant: KeyGrant | None = None
-        if Source.API_KEY in ident.order:
+        keyed = False
+        client = ""
+        tier_b: Bucket | None = None
+        if Source.API_KEY in policy.identify.order:
             key = api_key_from(headers, policy.api_keys.header)
             if key is not None:
+                keyed = True
                 raw = hashlib.sha256(key.encode("utf-8", "surrogateescape")).digest()
-                digest = raw.hex()
-                grant = enforcement.grants.get(digest)
-                if grant is not None:
+                grants = enforcement.grants
+                if grants is None:  # resolved from Redis grants, through the cache
                     client = keyschema.client_for_api_key(raw)
-        if grant is None and policy.api_keys.required:
-            self.metrics.decision(enforcement.label, "", rule_name, "unauthorized")
-            return refused(401, [("WWW-Authenticate", f'ApiKey header="{policy.api_keys.header}"')],
-                           policy.name, detail="a valid API key is required" if digest is None
-                           else "the API key is not known")
-        if grant is not None and client is not None:
-            tier_b = enforcement.key_bucket(digest or "", grant) if grant.limit is not None else enforcement.tiers[grant.tier]
-        else:
+                    assert enforcement.cache is not None
+                    hit = enforcement.cache.get(client)
+                    if hit is None:
+                        return self._resolving(enforcement, client, rule_name, rule_b, cost, headers, peer)
+                    tier_b = hit if isinstance(hit, Bucket) else None  # or UNKNOWN
+                else:
+                    digest = raw.hex()
+                    grant = grants.get(digest)
+                    if grant is not None:
+                        client = keyschema.client_for_api_key(raw)
+                        tier_b = (enforcement.key_bucket(digest, grant) if grant.limit is not None
+                                  else enforcement.tiers[grant.tier])
+        if tier_b is None:
+            if policy.api_keys.required:
+                return self._unauthorized(enforcement, rule_name, keyed)
             # Unknown keys are not identities: an attacker rotating random keys would otherwise
             # get a fresh bucket per key (and flood Redis with keys).
             client = anonymous_client(headers, peer, enforcement.peers)
             tier_b = enforcement.tiers[policy.default_tier]
+        return _buckets(enforcement, rule_name, rule_b, cost, tier_b, client)
 
-        tag = keyschema.client_tag_for(enforcement.policy_id, client)
-        cost = rule.cost if rule is not None else 1
-        rule_b = enforcement.rules.get(rule_name) if rule is not None else None
-        if rule_b is None:
-            return _Plan(enforcement, rule_name, tier_b, cost, (tag + tier_b.suffix,), tier_b.params,
-                         (tier_b.shown,), (tier_b.limit,), tier_b.policy_item)
-        return _Plan(enforcement, rule_name, tier_b, cost, (tag + tier_b.suffix, tag + rule_b.suffix),
-                     tier_b.params + rule_b.params, (tier_b.shown, rule_b.shown),
-                     (tier_b.limit, rule_b.limit), f"{tier_b.policy_item}, {rule_b.policy_item}")
+    def _unauthorized(self, enforcement: Enforcement, rule_name: str, keyed: bool) -> Outcome:
+        """401: the policy requires a key, and none (``keyed`` False) or an unknown one came."""
+        policy = enforcement.policy
+        self.metrics.decision(enforcement.label, "", rule_name, "unauthorized")
+        return refused(401, [("WWW-Authenticate", f'ApiKey header="{policy.api_keys.header}"')],
+                       policy.name, detail="the API key is not known" if keyed
+                       else "a valid API key is required")
+
+    def _resolving(self, enforcement: Enforcement, client: str, rule_name: str, rule_b: Bucket | None,
+                   cost: int, headers: MultiMapping[str], peer: str) -> _Resolve:
+        """A key the cache does not know: resolve its grant (with the anonymous client's
+        default-tier buckets as the fallback for an unknown key, and to name a failure; where a
+        key is required they only name a failure: the key's own client stands in)."""
+        policy = enforcement.policy
+        fallback = _buckets(enforcement, rule_name, rule_b, cost, enforcement.tiers[policy.default_tier],
+                            client if policy.api_keys.required
+                            else anonymous_client(headers, peer, enforcement.peers))
+        assert enforcement.cache is not None
+        return _Resolve(enforcement, client, rule_name, rule_b, cost, fallback, enforcement.cache.epoch)
+
+    @staticmethod
+    def _ask_resolve(r: _Resolve, cost: int) -> ResolveAsk:
+        """The resolve decision for ``r``'s key and rule bucket (no fallback buckets)."""
+        e = r.enforcement
+        assert e.tier_args is not None
+        tag = keyschema.client_tag_for(e.policy_id, r.client)
+        rule_keys, rule_params = ((tag + r.rule_b.suffix,), r.rule_b.params) if r.rule_b else ((), ())
+        return ResolveAsk(keyschema.grant_key(e.policy_id, r.client), cost, rule_keys, rule_params,
+                          (), (), e.tier_args)
+
+    async def _resolve_and_decide(self, r: _Resolve) -> Outcome:
+        """One policy, a key the cache does not know: resolve and decide in one call. An unknown
+        key takes the fallback buckets in that call where the store can (one node), else in a
+        second call; with ``required`` it is refused (nothing was written)."""
+        e, fb = r.enforcement, r.fallback
+        required = e.policy.api_keys.required
+        ask = self._ask_resolve(r, r.cost)
+        if not required and self.store.atomic((ask.grant_key, *fb.keys)):
+            ask = ask._replace(fallback_keys=fb.keys, fallback_params=fb.params)
+        resolved = await self._resolve(ask)
+        if resolved is None:
+            return self._unresolved(r)
+        tier_b = self._learn(r, resolved.grant)
+        if tier_b is not None and resolved.reply is not None:
+            return self._finish(_buckets(e, r.rule_name, r.rule_b, r.cost, tier_b, r.client), resolved.reply)
+        if required:
+            return self._unauthorized(e, r.rule_name, True)
+        if resolved.grant is None and resolved.reply is not None:
+            return self._finish(fb, resolved.reply)  # decided in the same call
+        return await self._decide_one(fb)
+
+    async def _settle(self, r: _Resolve) -> _Plan | Outcome:
+        """A pod under two policies: resolve the key first, reading only (cost 0: nothing is
+        taken or written), then decide as for a cached key."""
+        e = r.enforcement
+        resolved = await self._resolve(self._ask_resolve(r, 0))
+        if resolved is None:
+            return self._unresolved(r)
+        tier_b = self._learn(r, resolved.grant)
+        if tier_b is not None:
+            return _buckets(e, r.rule_name, r.rule_b, r.cost, tier_b, r.client)
+        if e.policy.api_keys.required:
+            return self._unauthorized(e, r.rule_name, True)
+        return r.fallback
+
+    def _unresolved(self, r: _Resolve) -> Outcome:
+        """The store could not resolve the key. Where a key is required, 503 whatever the
+        failure mode: a key that could not be checked is never forwarded (else a flood that
+        slows Redis down would get random keys past the requirement). Otherwise the policy's
+        failure mode answers, as for the anonymous client the key may turn out to be."""
+        e = r.enforcement
+        if not e.policy.api_keys.required:
+            return self._finish(r.fallback, None)
+        self.metrics.decision(e.label, "", r.rule_name, "failed_closed")
+        return refused(503, [("Retry-After", "1")], e.policy.name, rule=r.rule_name,
+                       detail="the rate limiter cannot check the API key right now")
+
+    def _learn(self, r: _Resolve, value: str | None) -> Bucket | None:
+        """The bucket a resolved grant names (None: an unknown key), cached."""
+        e = r.enforcement
+        bucket, expires_ms = None, 0
+        if value is not None:
+            try:
+                stored = stored_grants.decode(value)
+            except ValueError as exc:  # says what is wrong, never the value
+                log.warning("an API key grant of %s is unreadable; the key counts as unknown: %s",
+                            e.policy.ref, exc)
+            else:
+                bucket, expires_ms = e.grant_bucket(stored.grant), stored.expires_ms
+        assert e.cache is not None
+        e.cache.put(r.client, bucket, expires_ms, r.epoch)
+        self.metrics.grant_resolved(e.label, "known" if bucket else "unknown")
+        return bucket
+
+    def forget_grants(self, policy_id: str | None, client: str | None) -> None:
+        """A keys-changed notice: drop one key's cached grant (``client``) or all of a policy's
+        (None); ``policy_id`` None: of every policy (the notices may have been missed)."""
+        for e in (self.policy, self.cluster_policy):
+            if e is not None and e.cache is not None and policy_id in (None, e.policy_id):
+                if client is None:
+                    e.cache.clear()
+                else:
+                    e.cache.drop(client)
 
     def _finish(self, plan: _Plan, reply: Reply | None) -> Outcome:
         """The answer for one policy from the store's reply (None: it could not decide)."""
@@ -304,6 +479,22 @@ class Limiter:
         return refused(429, out_headers, policy.name, tier_b.name, rule_name,
                        f"the {limiting} limit is used up; retry after {retry_after} s")
 
+    async def _resolve(self, ask: ResolveAsk) -> Resolved | None:
+        """:meth:`_ask` for a "resolve" decision."""
+        breaker = self.breaker
+        if not breaker.allow():
+            self.metrics.store_errors.labels(self.store.name, "circuit_open").inc()
+            return None
+        started = time.perf_counter()
+        try:
+            resolved = await self.store.resolve(ask)
+        except StoreUnavailable as exc:
+            self._failed(exc)
+            return None
+        breaker.success()
+        self._hist.observe(time.perf_counter() - started)
+        return resolved
+
     async def _ask(self, keys: tuple[str, ...], cost: int, params: tuple[int, ...]) -> Reply | None:
         breaker = self.breaker
         if not breaker.allow():
@@ -313,12 +504,15 @@ class Limiter:
         try:
             reply = await self.store.decide(keys, cost, params)
         except StoreUnavailable as exc:
-            # The breaker logs (at ERROR, once per change of reason) what switches limiting off.
-            breaker.failure(exc)
-            self.metrics.store_errors.labels(self.store.name, exc.reason).inc()
-            log.debug("decision store failed: %s", exc)
+            self._failed(exc)
             return None
         breaker.success()
         self._hist.observe(time.perf_counter() - started)
         return reply
+
+    def _failed(self, exc: StoreUnavailable) -> None:
+        # The breaker logs (at ERROR, once per change of reason) what switches limiting off.
+        self.breaker.failure(exc)
+        self.metrics.store_errors.labels(self.store.name, exc.reason).inc()
+        log.debug("decision store failed: %s", exc)
 

@@ -25,6 +25,10 @@ class Metrics:
         # reason: timeout, unavailable, auth, oom, refused (stores/base.py), circuit_open
         self.store_errors = Counter("sluice_store_errors", "Decision-store failures",
                                     ["store", "reason"], registry=r)
+        # result: known, unknown (a cache miss of a policy whose keys live in Redis grants)
+        self.grant_resolves = Counter("sluice_grant_resolves",
+                                      "API keys resolved from their Redis grants (grant-cache misses)",
+                                      ["policy", "result"], registry=r)
         self.circuit_state = Gauge("sluice_circuit_state",
                                    "Decision-store circuit breaker: 0 closed, 1 open (probing Redis "
                                    "in the background)", registry=r)
@@ -58,6 +62,14 @@ class Metrics:
         self.client_connections = Gauge("sluice_client_connections", "Open client connections",
                                         registry=r)
         self._children: dict[tuple[str, str, str, str], object] = {}
+        self._resolve_children: dict[tuple[str, str], object] = {}
+
+    def grant_resolved(self, policy: str, result: str) -> None:
+        key = (policy, result)
+        child = self._resolve_children.get(key)
+        if child is None:
+            child = self._resolve_children[key] = self.grant_resolves.labels(policy, result)
+        child.inc()  # type: ignore[attr-defined]
 
     def decision(self, policy: str, tier: str, rule: str, decision: str) -> None:
         key = (policy, tier, rule, decision)

@@ -78,7 +78,9 @@ class Sidecar:
             assert isinstance(self.store, RedisStore) and settings.namespace
             self.source = RedisSource(self.store.nodes, settings.namespace, self.metrics, self._apply,
                                       labels_path=settings.pod_labels, pod_name=settings.pod_name,
-                                      poll_interval=settings.poll_interval_s)
+                                      poll_interval=settings.poll_interval_s,
+                                      keys_changed=self.limiter.forget_grants,
+                                      grant_cache_size=settings.grant_cache_size)
         self.loaded = False
         # Requests being decided or proxied: what --max-inflight-requests caps, and what
         # sluice_inflight_requests shows (one counter, read at scrape time).
@@ -147,7 +149,9 @@ class Sidecar:
             "config": {"loaded": self.loaded, "version": policy.version if policy else 0,
                        "policyRef": policy.policy.ref if policy else None,
                        "clusterVersion": cluster_policy.version if cluster_policy else 0,
-                       "clusterPolicyRef": cluster_policy.policy.name if cluster_policy else None},
+                       "clusterPolicyRef": cluster_policy.policy.name if cluster_policy else None,
+                       # cluster mode: is the change-notice subscription up (config and keys)?
+                       "notices": self.source.subscribed if isinstance(self.source, RedisSource) else None},
             # error: why decisions fail now (timeout, unavailable, auth, oom, refused), or None.
             "store": {"kind": self.store.name, "circuit": self.breaker.state.name.lower(),
                       "error": self.breaker.reason},
@@ -165,10 +169,10 @@ class Sidecar:
 
         if policy is not None:
             body["policy"] = to_manifest(policy.policy)
-            body["apiKeys"] = len(policy.grants)  # how many, never which
+            body["apiKeys"] = _keys_summary(policy)  # how many, never which
         if cluster_policy is not None:
             body["clusterPolicy"] = to_manifest(cluster_policy.policy)
-            body["clusterApiKeys"] = len(cluster_policy.grants)
+            body["clusterApiKeys"] = _keys_summary(cluster_policy)
         return web.json_response(body, dumps=lambda o: json.dumps(o, indent=2))
 
     # Lifecycle --------------------------------------------------------------------------
@@ -240,6 +244,14 @@ class Sidecar:
         await self.proxy.close()
         await self.breaker.close()
         await self.store.close()
+
+
+def _keys_summary(e: Enforcement) -> int | dict[str, Any]:
+    """The number of API keys loaded with the policy; for keys resolved from Redis grants, how
+    many the grant cache holds (known and unknown)."""
+    if e.grants is not None:
+        return len(e.grants)
+    return {"source": "redis", "cached": len(e.cache) if e.cache is not None else 0}
 
 
 def _bound_port(runner: web.BaseRunner) -> int:

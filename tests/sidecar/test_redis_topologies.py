@@ -20,7 +20,7 @@ from sluice_core.parse import parse_policy
 from sluice_core.redisurl import parse_redis_url
 from sluice_sidecar.stores.redis import RedisStore
 from support.polling import poll
-from support.redis_servers import RedisServer, pick_port
+from support.redis_servers import RedisServer, pick_port, sentinel_for
 
 LIMIT = Limit(requests=2, period_us=3_600_000_000, burst=2)
 PARAMS = (LIMIT.emission_us, LIMIT.capacity_us)
@@ -108,29 +108,11 @@ async def test_tls_wrong_password_is_unavailable_and_secret_free(tls_redis: tupl
 @pytest.fixture
 def sentinel() -> Iterator[tuple[RedisServer, int]]:
     master = RedisServer()
-    d = Path(tempfile.mkdtemp(prefix="sluice-sentinel-"))
-    port = pick_port()
-    conf = d / "sentinel.conf"
-    conf.write_text(f"port {port}\nbind 127.0.0.1\nsentinel monitor sluicemaster 127.0.0.1 {master.port} 1\n"
-                    "sentinel down-after-milliseconds sluicemaster 5000\n")
-    proc = subprocess.Popen(["redis-server", str(conf), "--sentinel"], cwd=d,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-    def knows_master() -> bool:
-        try:
-            with socket.create_connection(("127.0.0.1", port), 0.5) as s:
-                s.sendall(b"SENTINEL get-master-addr-by-name sluicemaster\r\n")
-                return str(master.port).encode() in s.recv(256)
-        except OSError:
-            return False
     try:
-        poll(knows_master, "sentinel", 15, interval=0.02)
-        yield master, port
+        with sentinel_for(master) as port:
+            yield master, port
     finally:
-        proc.kill()
-        proc.wait(5)
         master.close()
-        shutil.rmtree(d, ignore_errors=True)
 
 
 async def test_sentinel(sentinel: tuple[RedisServer, int]) -> None:

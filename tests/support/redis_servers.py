@@ -392,6 +392,39 @@ class RedisClusterProcs:
         return iter(self.nodes)
 
 
+@contextlib.contextmanager
+def sentinel_for(master: RedisServer, name: str = "sluicemaster") -> Iterator[int]:
+    """A redis-server in Sentinel mode monitoring ``master`` as ``name``; yields its port once
+    it knows the master (``redis+sentinel://127.0.0.1:<port>/<name>``)."""
+    d = Path(tempfile.mkdtemp(prefix="sluice-sentinel-"))
+    port = pick_port()
+    conf = d / "sentinel.conf"
+    conf.write_text(f"port {port}\nbind 127.0.0.1\nsentinel monitor {name} 127.0.0.1 {master.port} 1\n"
+                    f"sentinel down-after-milliseconds {name} 5000\n")
+    proc = subprocess.Popen([SERVER_BIN, str(conf), "--sentinel"], cwd=d, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, preexec_fn=death_signal_preexec())
+
+    def knows_master() -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", port), 0.5) as s:
+                s.sendall(f"SENTINEL get-master-addr-by-name {name}\r\n".encode())
+                return str(master.port).encode() in s.recv(256)
+        except OSError:
+            return False
+
+    try:
+        deadline = time.monotonic() + START_TIMEOUT
+        while not knows_master():
+            if time.monotonic() > deadline or proc.poll() is not None:
+                raise RedisStartError(f"sentinel on port {port} did not come to know its master")
+            time.sleep(0.02)
+        yield port
+    finally:
+        proc.kill()
+        proc.wait(5)
+        shutil.rmtree(d, ignore_errors=True)
+
+
 def _kill_all() -> None:
     with _LIVE_LOCK:
         live = list(_LIVE)

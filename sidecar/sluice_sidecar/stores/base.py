@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Protocol
+from collections.abc import Iterable
+from typing import NamedTuple, Protocol
 
-from sluice_core.gcra import Reply
+from sluice_core.gcra import Reply, Resolved
 
 from sluice_sidecar.transport.errors import OOM, REFUSED, UNAVAILABLE
+from sluice_sidecar.transport.resp import Encoded
 
 # Reasons (:mod:`sluice_sidecar.transport.errors`) that mean Redis answered at once: they cost
 # no waiting, so they do not open the breaker.
@@ -26,6 +28,33 @@ class StoreUnavailable(Exception):
         self.reason = reason
 
 
+def tier_args(tiers: Iterable[tuple[str, str, int, int]]) -> Encoded:
+    """The resolve decision's tier arguments: their count, then name, bucket suffix, EM, CAP
+    per tier."""
+    flat = [x for tier in tiers for x in tier]
+    return Encoded.of(len(flat) // 4, *flat)
+
+
+class ResolveAsk(NamedTuple):
+    """A decision for an API key whose grant lives in Redis (``scripts/decide.lua``'s "resolve"
+    decision): the script reads the grant at ``grant_key``, picks the bucket from ``tiers`` (the
+    policy's tiers, encoded once per policy load: :func:`tier_args`) or the key's own limit, and
+    decides it with the ``rule_keys``; an unknown key takes the ``fallback_keys`` instead (none:
+    nothing is decided or written)."""
+
+    grant_key: str
+    cost: int
+    rule_keys: tuple[str, ...]
+    rule_params: tuple[int, ...]
+    fallback_keys: tuple[str, ...]
+    fallback_params: tuple[int, ...]
+    tiers: Encoded
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        return (self.grant_key, *self.rule_keys, *self.fallback_keys)
+
+
 class DecisionStore(Protocol):
     """Check and take tokens from every bucket of one request, atomically.
 
@@ -38,6 +67,10 @@ class DecisionStore(Protocol):
     name: str
 
     async def decide(self, keys: tuple[str, ...], cost: int, params: tuple[int, ...]) -> Reply: ...
+
+    async def resolve(self, ask: ResolveAsk) -> Resolved:
+        """Resolve an API key from its Redis grant and decide in the same atomic call."""
+        ...
 
     def atomic(self, keys: tuple[str, ...]) -> bool:
         """Can one :meth:`decide` take all of ``keys`` (whatever their hash tags)?"""

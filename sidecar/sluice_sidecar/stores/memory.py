@@ -11,8 +11,10 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 
-from sluice_core.gcra import Reply
+from sluice_core.gcra import Reply, Resolved
 from sluice_core.sidecar_settings import DEFAULT_MAX_BUCKETS
+
+from sluice_sidecar.stores.base import ResolveAsk
 
 
 def _now_us() -> int:
@@ -36,6 +38,12 @@ class MemoryStore:
 
     async def decide(self, keys: tuple[str, ...], cost: int, params: tuple[int, ...]) -> Reply:
         return self.decide_now(keys, cost, params)
+
+    async def resolve(self, ask: ResolveAsk) -> Resolved:
+        """No grants live here (standalone mode keeps its keys in memory): every key is unknown."""
+        if not ask.fallback_keys:
+            return Resolved(None, None)
+        return Resolved(None, self.decide_now(ask.fallback_keys, ask.cost, ask.fallback_params))
 
     def atomic(self, keys: tuple[str, ...]) -> bool:
         return True

@@ -19,19 +19,20 @@ from collections.abc import Coroutine
 from typing import Any
 
 from sluice_core import keyschema, scripts
-from sluice_core.gcra import Reply
+from sluice_core.gcra import Reply, Resolved
 from sluice_core.redisurl import RedisTarget
 
-from sluice_sidecar.stores.base import StoreUnavailable
+from sluice_sidecar.stores.base import ResolveAsk, StoreUnavailable
 from sluice_sidecar.transport.errors import TIMEOUT, UNAVAILABLE, TransportError
-from sluice_sidecar.transport.resp import ConnectionClosed, RedisReplyError, encode
+from sluice_sidecar.transport.resp import ConnectionClosed, RedisReplyError, encode, encode_mixed
 from sluice_sidecar.transport.topology import RETRYABLE, SLOTS, Addr, RedisNodes, key_slot
 
 PROBE_KEY = f"{keyschema.PREFIX}:probe"  # read by the probe (cost 0), never written; no bucket's name
 PROBE_EM_US = 1_000_000
 
 
-Pending = tuple[tuple[str, ...], int, tuple[int, ...], "asyncio.Future[Reply]"]
+Pending = tuple[tuple[str, ...], int, tuple[int, ...], "asyncio.Future[Any]", ResolveAsk | None]
+"""keys, cost, params, the caller's future, and for a "resolve" decision what it asks."""
 
 
 class RedisStore:
@@ -58,7 +59,18 @@ class RedisStore:
     async def decide(self, keys: tuple[str, ...], cost: int, params: tuple[int, ...]) -> Reply:
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[Reply] = loop.create_future()
-        self._pending.append((keys, cost, params, fut))
+        self._pending.append((keys, cost, params, fut, None))
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            loop.call_soon(self._flush)
+        return await fut
+
+    async def resolve(self, ask: ResolveAsk) -> Resolved:
+        """Batched with the decisions of the same loop turn (same slot on a Cluster: the
+        grant key's, which its buckets share)."""
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[Resolved] = loop.create_future()
+        self._pending.append((ask.keys, ask.cost, (), fut, ask))
         if not self._flush_scheduled:
             self._flush_scheduled = True
             loop.call_soon(self._flush)
@@ -85,12 +97,20 @@ class RedisStore:
 
     def _payload(self, group: list[Pending]) -> bytes:
         keys: list[str] = []
-        argv: list[int] = [len(group)]
-        for k, cost, params, _ in group:
+        argv: list[Any] = [len(group)]  # ints, and for resolve decisions str and Encoded
+        mixed = False
+        for k, cost, params, _, ask in group:
             keys.extend(k)
-            argv.append(len(k))
-            argv.append(cost)
-            argv.extend(params)
+            if ask is None:
+                argv.append(len(k))
+                argv.append(cost)
+                argv.extend(params)
+            else:
+                mixed = True
+                argv.extend(("r", cost, len(ask.rule_keys), *ask.rule_params, len(ask.fallback_keys),
+                             *ask.fallback_params, ask.tiers))
+        if mixed:
+            return encode_mixed(b"EVALSHA", self._sha, len(keys), *keys, *argv)
         return encode(b"EVALSHA", self._sha, len(keys), *keys, *argv)
 
     def _send(self, group: list[Pending]) -> None:
@@ -134,9 +154,12 @@ class RedisStore:
         self._distribute(group, reply)
 
     @staticmethod
-    def _distribute(group: list[Pending], reply: list[int]) -> None:
+    def _distribute(group: list[Pending], reply: list[Any]) -> None:
         at = 0
-        for keys, _, _, fut in group:
+        for keys, _, _, fut, ask in group:
+            if ask is not None:
+                at = _resolved(ask, reply, at, fut)
+                continue
             n = len(keys)
             if not fut.done():
                 fut.set_result(Reply(reply[at] == 1, reply[at + 1:at + 1 + n]))
@@ -144,7 +167,7 @@ class RedisStore:
 
     def _fail(self, group: list[Pending], exc: BaseException) -> None:
         err = self._wrap(exc)
-        for _, _, _, fut in group:
+        for _, _, _, fut, _ in group:
             if not fut.done():
                 fut.set_exception(err)
 
@@ -203,3 +226,16 @@ class RedisStore:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)  # their callers have heard back
         await self.nodes.close()
+
+
+def _resolved(ask: ResolveAsk, reply: list[Any], at: int, fut: asyncio.Future[Any]) -> int:
+    """Hand a "resolve" decision's share of the script's reply (from ``at``) to its caller;
+    returns where the next decision's share starts."""
+    value = reply[at]
+    at += 1
+    # A known key decided its own bucket and its rules; an unknown one its fallback buckets.
+    n = 1 + len(ask.rule_keys) if value else len(ask.fallback_keys)
+    decided = Reply(reply[at] == 1, reply[at + 1:at + 1 + n]) if n else None
+    if not fut.done():
+        fut.set_result(Resolved(value.decode("utf-8", "replace") if value else None, decided))
+    return at + 1 + n if n else at

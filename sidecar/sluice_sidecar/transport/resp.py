@@ -14,7 +14,7 @@ import asyncio
 import collections
 import ssl
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import hiredis
 
@@ -46,6 +46,33 @@ def encode(*args: bytes | str | int) -> bytes:
         b = a if isinstance(a, bytes) else str(a).encode()
         out.append(b"$%d\r\n%s\r\n" % (len(b), b))
     return b"".join(out)
+
+
+def encode_mixed(*args: bytes | str | int | Encoded) -> bytes:
+    """:func:`encode`, where an :class:`Encoded` argument stands for the arguments it holds."""
+    out = [b""]
+    n = 0
+    for a in args:
+        if isinstance(a, Encoded):
+            out.append(a.data)
+            n += a.n
+            continue
+        b = a if isinstance(a, bytes) else str(a).encode()
+        out.append(b"$%d\r\n%s\r\n" % (len(b), b))
+        n += 1
+    out[0] = b"*%d\r\n" % n
+    return b"".join(out)
+
+
+class Encoded(NamedTuple):
+    """Arguments encoded once and sent in many commands (a policy's tiers in every resolve)."""
+
+    n: int  # how many arguments
+    data: bytes
+
+    @classmethod
+    def of(cls, *args: bytes | str | int) -> Encoded:
+        return cls(len(args), encode(*args).split(b"\r\n", 1)[1])
 
 
 def _expire_one(fut: asyncio.Future[Any]) -> None:

@@ -264,8 +264,9 @@ class RedisNodes:
             log.warning("cluster slot map refresh failed: %s", exc)
 
     # Pub/sub -------------------------------------------------------------------------------
-    async def subscribe(self, channel: str, on_message: Callable[[Any], None]) -> RespConnection:
-        """A connection of its own subscribed to ``channel``, every message handed to
+    async def subscribe(self, channels: tuple[str, ...], on_message: Callable[[Any], None]) -> RespConnection:
+        """A connection of its own subscribed to ``channels`` (one SUBSCRIBE: Redis subscribes
+        to all of them before it answers), every message handed to
         ``on_message``; its ``lost`` future says when it is gone (the caller subscribes again).
         On a Cluster any node will do (a message published on one reaches every node's
         subscribers): the configured ones first, then the slot map's; else the primary."""
@@ -283,7 +284,8 @@ class RedisNodes:
                 last = exc
                 continue
             try:
-                await conn.call("SUBSCRIBE", channel)
+                await conn.call("SUBSCRIBE", *channels)  # the first channel's confirmation;
+                # the others' arrive as pushes (not "message": ignored by on_message)
             except BaseException:
                 conn.close()
                 raise

@@ -1,0 +1,105 @@
+"""The sidecar's bounded cache of API-key grants resolved from Redis, one per enforced policy.
+
+A policy whose config document embeds no ``apiKeys`` has its keys resolved from their Redis
+grants by the decision script (a "resolve" decision, ``scripts/decide.lua``), in the call that
+decides the request. What it learnt is kept here, so that the next request of a known key takes
+the ordinary hot path (one dictionary look-up, no extra Redis work) and a repeated unknown key
+costs no resolve at all:
+
+- a known key maps to the bucket its grant names (tier or own limit) and the grant's expiry: an
+  entry is never used past it (then the key is resolved again, and Redis has dropped it);
+- an unknown key maps to :data:`UNKNOWN`. Unknown keys live in a table of their own, so a flood
+  of random keys cannot push the known ones out.
+
+Both tables are LRU, bounded by ``size`` entries each. Entries are dropped by the keys-changed
+notices (:data:`sluice_core.keyschema.KEYS_CHANNEL`): one key's, or all of a policy's; and the
+whole cache is emptied when the notices may have been missed (the subscription was lost and is
+back) or the policy was reloaded (a new :class:`~sluice_sidecar.limiter.Enforcement` starts
+empty).
+
+A resolve in flight when a notice arrives may carry the grant as it was before the change: its
+answer still serves the request that asked (it was read after the change was written, or before
+the notice could be sent), but it is not cached. ``epoch`` counts the drops; a resolve records it
+when it is sent and :meth:`GrantCache.put` refuses an answer from an older epoch.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from typing import Final, Generic, TypeVar
+
+B = TypeVar("B")
+
+
+class _Unknown:
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "UNKNOWN"
+
+
+UNKNOWN: Final = _Unknown()
+"""What :meth:`GrantCache.get` returns for a key known to have no grant."""
+
+
+class GrantCache(Generic[B]):
+    """Client id (``k`` + 16 characters, :func:`~sluice_core.keyschema.client_for_api_key`) to
+    the bucket of its grant (``B``), or :data:`UNKNOWN`."""
+
+    __slots__ = ("_known", "_unknown", "epoch", "size")
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.epoch = 0  # drops so far (see the module docstring)
+        # client -> (bucket, expires unix ms; 0: never). OrderedDict: LRU order, O(1) at both ends.
+        self._known: OrderedDict[str, tuple[B, int]] = OrderedDict()
+        self._unknown: OrderedDict[str, None] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._known) + len(self._unknown)
+
+    def get(self, client: str) -> B | _Unknown | None:
+        """The cached bucket of ``client``'s grant, :data:`UNKNOWN`, or None: not cached (or
+        its grant has expired)."""
+        hit = self._known.get(client)
+        if hit is not None:
+            bucket, expires_ms = hit
+            if expires_ms and time.time() * 1000 >= expires_ms:
+                del self._known[client]
+                return None
+            self._known.move_to_end(client)
+            return bucket
+        if client in self._unknown:
+            self._unknown.move_to_end(client)
+            return UNKNOWN
+        return None
+
+    def put(self, client: str, bucket: B | None, expires_ms: int, epoch: int) -> None:
+        """Remember what a resolve sent at ``epoch`` found (``bucket`` None: an unknown key)."""
+        if epoch != self.epoch:
+            return  # a notice came in meanwhile: this answer may predate it
+        table: OrderedDict[str, tuple[B, int]] | OrderedDict[str, None]
+        if bucket is None:
+            self._known.pop(client, None)
+            table = self._unknown
+            self._unknown[client] = None
+        else:
+            self._unknown.pop(client, None)
+            table = self._known
+            self._known[client] = (bucket, expires_ms)
+        table.move_to_end(client)
+        if len(table) > self.size:
+            table.popitem(last=False)
+
+    def drop(self, client: str) -> None:
+        """One key's grant was written or removed."""
+        self.epoch += 1
+        self._known.pop(client, None)
+        self._unknown.pop(client, None)
+
+    def clear(self) -> None:
+        """Many grants changed, or notices may have been missed."""
+        self.epoch += 1
+        self._known.clear()
+        self._unknown.clear()

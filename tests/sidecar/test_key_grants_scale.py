@@ -1,0 +1,108 @@
+"""A million API keys in Redis cost a sidecar nothing it would not pay without them: one
+namespace's policy has 1,000,000 grants in Redis, another's none; a real sidecar process of each
+starts, serves its keys, and sees one key change. Their memory (RSS) is the same within a few MB,
+and Redis sends each the same bytes at start-up and for a key change: nothing that grows with
+the number of keys. (Times are measured by bench/keys_sidecar.py, not asserted here.)"""
+
+from __future__ import annotations
+
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from support.grant_store import fill_grants, key_policy, publish_policies, put_key, revoke_key
+from support.processes import SidecarProcess, UpstreamProcess, wait_until
+from support.redis_servers import RedisServer
+
+KEYS = 1_000_000
+RSS_SLACK_KB = 4 * 1024  # two processes doing the same work differ by less than this
+BYTES_SLACK = 2048  # the same commands, and replies that differ only in names and numbers
+
+
+@pytest.fixture(scope="module")
+def upstream() -> Iterator[UpstreamProcess]:
+    up = UpstreamProcess()
+    yield up
+    up.close()
+
+
+def rss_kb(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+def sent_bytes(redis: RedisServer) -> int:
+    """What Redis has sent to all its clients so far."""
+    with redis.client() as r:
+        return int(r.info("stats")["total_net_output_bytes"])
+
+
+def measured_sidecar(redis: RedisServer, upstream: UpstreamProcess, ns: str, labels: Path,
+                     keys: list[str]) -> tuple[SidecarProcess, int, int]:
+    """A sidecar of ``ns`` started and warmed up with ``keys``: (sidecar, bytes Redis sent it to
+    start, its RSS in kB)."""
+    before = sent_bytes(redis)
+    sidecar = SidecarProcess(upstream.url, "--redis", redis.url, "--namespace", ns, "--pod-labels",
+                             str(labels), "--poll-interval-s", "60", "--redis-timeout-ms", "2000")
+    start_bytes = sent_bytes(redis) - before
+    try:
+        assert [http_get_key(sidecar, key)[0] for key in keys * 50] == [200] * len(keys) * 50
+    except BaseException:
+        sidecar.close()
+        raise
+    return sidecar, start_bytes, rss_kb(sidecar.proc.pid)
+
+
+def http_get_key(sidecar: SidecarProcess, key: str) -> tuple[int, bytes]:
+    req = urllib.request.Request(sidecar.url + "/api", headers={"X-API-Key": key})
+    try:
+        with urllib.request.urlopen(req, timeout=5) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+@pytest.mark.slow
+def test_a_million_keys_cost_a_sidecar_nothing(fresh_redis: RedisServer, upstream: UpstreamProcess,
+                                               tmp_path: Path) -> None:
+    labels = tmp_path / "labels"
+    labels.write_text('app="web"\n')
+    few, many = "few-" + uuid.uuid4().hex[:6], "many-" + uuid.uuid4().hex[:6]
+    keys = [f"key-{i}-{uuid.uuid4().hex}" for i in range(20)]
+    for ns in (few, many):
+        policy = key_policy(ns, required=True, pro=1_000_000)
+        publish_policies(fresh_redis.url, ns, policy)
+        for key in keys:
+            put_key(fresh_redis.url, policy.ref, key, "pro")
+    fill_grants(fresh_redis.url, key_policy(many).ref, KEYS, "pro")
+    with fresh_redis.client() as r:
+        assert r.dbsize() >= KEYS
+
+    small, small_bytes, small_rss = measured_sidecar(fresh_redis, upstream, few, labels, keys)
+    try:
+        big, big_bytes, big_rss = measured_sidecar(fresh_redis, upstream, many, labels, keys)
+        try:
+            assert abs(big_rss - small_rss) < RSS_SLACK_KB, (small_rss, big_rss)
+            assert abs(big_bytes - small_bytes) < BYTES_SLACK, (small_bytes, big_bytes)
+            # One key change: a notice naming the key, to every sidecar; a revoked key is refused.
+            before = sent_bytes(fresh_redis)
+            revoke_key(fresh_redis.url, key_policy(many).ref, keys[0])
+            wait_until(lambda: http_get_key(big, keys[0])[0] == 401, 10, what="revoked key refused")
+            assert sent_bytes(fresh_redis) - before < 64 * 1024  # a notice and a few replies
+        finally:
+            big.close()
+    finally:
+        small.close()
+
+
+def test_fill_grants_writes_what_it_says(fresh_redis: RedisServer) -> None:
+    fill_grants(fresh_redis.url, "ns/api", 1234, "pro", chunk=500)
+    with fresh_redis.client() as r:
+        assert r.dbsize() == 1234
+        key = next(iter(r.scan_iter(count=10)))
+        assert key.decode().endswith("}:g") and r.get(key).startswith(b"1|pro|")
