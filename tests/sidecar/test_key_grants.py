@@ -9,26 +9,19 @@ sidecar resolve keys from Redis."""
 from __future__ import annotations
 
 import json
-import urllib.error
-import urllib.request
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
 from sluice_core import configstore, keyschema
 from sluice_core.model import Limit
 from support.grant_store import key_policy, now_ms, publish_policies, put_key, raw_key, revoke_key
+from support.key_sidecar import DEADLINE, call, start, status
 from support.processes import SidecarProcess, UpstreamProcess, http_get, wait_until
 from support.redis_servers import RedisClusterProcs, RedisServer, sentinel_for
 from support.store_calls import store_call
-
-DEADLINE = 10.0  # polling deadlines: a notice takes milliseconds; this only bounds a failure
-# What is tested here is what a decision means, not Redis's speed: on a busy 2-core machine the
-# default 50 ms may expire, and the failure mode would answer instead (test_key_grants_failure.py).
-REDIS_TIMEOUT_MS = 2000
 
 
 @pytest.fixture(scope="module")
@@ -74,39 +67,6 @@ def labels(tmp_path: Path) -> Path:
     f = tmp_path / "labels"
     f.write_text('app="web"\n')
     return f
-
-
-def start(upstream: UpstreamProcess, url: str, ns: str, labels: Path, *extra: str) -> SidecarProcess:
-    """A sidecar of ``ns``, once its change-notice subscription is up: then it has emptied its
-    grant cache, as it does whenever it (re)subscribes, and nothing it caches later is dropped
-    but by a notice. Polling slowed to 60 s: only the notices can make a change take effect
-    within the deadlines."""
-    sidecar = SidecarProcess(upstream.url, "--redis", url, "--namespace", ns, "--pod-labels", str(labels),
-                             "--poll-interval-s", "60", "--redis-timeout-ms", str(REDIS_TIMEOUT_MS), *extra)
-    try:
-        wait_until(lambda: _readyz(sidecar)["config"]["notices"], DEADLINE, what="the sidecar subscribed")
-    except BaseException:
-        sidecar.close()
-        raise
-    return sidecar
-
-
-def _readyz(sidecar: SidecarProcess) -> dict[str, Any]:
-    result: dict[str, Any] = json.loads(http_get(sidecar.admin + "/readyz")[1])
-    return result
-
-
-def call(sidecar: SidecarProcess, key: str | None, path: str = "/api") -> tuple[int, dict[str, str]]:
-    req = urllib.request.Request(sidecar.url + path, headers={"X-API-Key": key} if key else {})
-    try:
-        with urllib.request.urlopen(req, timeout=5) as r:
-            return r.status, dict(r.headers)
-    except urllib.error.HTTPError as e:
-        return e.code, dict(e.headers)
-
-
-def status(sidecar: SidecarProcess, key: str | None) -> int:
-    return call(sidecar, key)[0]
 
 
 def all_keys(server: Server) -> set[bytes]:
