@@ -27,7 +27,7 @@ from typing import Any, TypeVar
 import redis.asyncio
 
 from sluice_core import keyschema, scripts
-from sluice_core.configstore import _FAILURES, Client, ConfigStoreError
+from sluice_core.configstore import REDIS_FAILURES, Client, ConfigStoreError
 
 BATCH = 1000
 """Keys per pipeline: big enough that round trips do not dominate (1,000 grants are ~100 kB on
@@ -94,7 +94,7 @@ async def write(client: Client, policy_ref: str, items: Iterable[GrantWrite], ch
                 for g, old in zip(chunk, replaced, strict=True):
                     if old is None or _text(old) != g.value:
                         changes.add(g.client_id)
-    except _FAILURES as exc:
+    except REDIS_FAILURES as exc:
         raise ConfigStoreError(f"cannot write API key grants of policy {policy_ref!r} "
                                f"({n} written): {exc}") from exc
     return n
@@ -119,7 +119,7 @@ async def revoke(client: Client, policy_ref: str, client_ids: Iterable[str], cha
                 for cid, there in zip(chunk, deleted, strict=True):
                     if there:
                         changes.add(cid)
-    except _FAILURES as exc:
+    except REDIS_FAILURES as exc:
         raise ConfigStoreError(f"cannot revoke API key grants of policy {policy_ref!r} "
                                f"({n} revoked): {exc}") from exc
     return n
@@ -141,7 +141,7 @@ async def announce(client: Client, policy_ref: str, changes: Changes | None = No
     s = scripts.announce_keys()
     try:
         await client.redis.eval(s.source, 1, keyschema.grant_index_key(pid), keyschema.KEYS_CHANNEL, *notices)
-    except _FAILURES as exc:
+    except REDIS_FAILURES as exc:
         raise ConfigStoreError(f"cannot announce the API key grants of policy {policy_ref!r}: {exc}") from exc
     return len(notices)
 
@@ -151,7 +151,7 @@ async def count(client: Client, policy_ref: str) -> int:
     grant is gone: see the module docstring)."""
     try:
         return int(await client.redis.scard(keyschema.grant_index_key(keyschema.policy_id(policy_ref))))
-    except _FAILURES as exc:
+    except REDIS_FAILURES as exc:
         raise ConfigStoreError(f"cannot count the API keys of policy {policy_ref!r}: {exc}") from exc
 
 
@@ -163,7 +163,7 @@ async def pages(client: Client, policy_ref: str, *, batch: int = BATCH) -> Async
     while True:
         try:
             cursor, found = await client.redis.sscan(index, cursor, count=batch)
-        except _FAILURES as exc:
+        except REDIS_FAILURES as exc:
             raise ConfigStoreError(f"cannot list the API keys of policy {policy_ref!r}: {exc}") from exc
         if found:
             yield [_text(m) for m in found]
@@ -181,6 +181,6 @@ async def missing_from(client: Client, key: str, members: Sequence[str]) -> list
         return []
     try:
         found = await client.redis.smismember(key, list(members))
-    except _FAILURES as exc:
+    except REDIS_FAILURES as exc:
         raise ConfigStoreError(f"cannot read the API key set {key!r}: {exc}") from exc
     return [m for m, there in zip(members, found, strict=True) if not there]

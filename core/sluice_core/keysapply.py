@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import IO
 
 from sluice_core import grants, grantstore, keyschema
-from sluice_core.configstore import _FAILURES, Client, ConfigStoreError
+from sluice_core.configstore import REDIS_FAILURES, Client, ConfigStoreError
 from sluice_core.errors import PolicyErrors
 from sluice_core.keysfile import KeyEntry, KeysFile
 from sluice_core.model import CompiledPolicy
@@ -83,7 +83,7 @@ class Staged:
         try:
             held = await client.redis.scard(self.staging_key)
             await client.redis.pexpire(self.staging_key, STAGING_TTL_MS)
-        except _FAILURES as exc:
+        except REDIS_FAILURES as exc:
             raise ConfigStoreError(f"cannot read the staged keys of policy {self.policy_ref!r}: {exc}") from exc
         if held != self.listed:
             raise ConfigStoreError(f"Redis lost the keys staged for policy {self.policy_ref!r} "
@@ -91,7 +91,7 @@ class Staged:
 
     async def discard(self, client: Client) -> None:
         self.spool.close()
-        with contextlib.suppress(*_FAILURES):  # else its TTL removes it
+        with contextlib.suppress(*REDIS_FAILURES):  # else its TTL removes it
             await client.redis.unlink(self.staging_key)  # freed in the background, whatever its size
 
 
@@ -128,7 +128,7 @@ async def _stage_chunk(client: Client, staged: Staged, entries: list[KeyEntry]) 
         before = await client.redis.smismember(staged.staging_key, ids)
         await client.redis.sadd(staged.staging_key, *ids)
         await client.redis.pexpire(staged.staging_key, STAGING_TTL_MS)
-    except _FAILURES as exc:
+    except REDIS_FAILURES as exc:
         raise ConfigStoreError(f"cannot stage the keys of policy {staged.policy_ref!r}: {exc}") from exc
     seen: set[str] = set()
     dups: list[KeyEntry] = []
