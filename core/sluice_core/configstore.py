@@ -162,7 +162,8 @@ async def drop_heartbeats(client: Client, namespace: str, pods: Sequence[bytes |
 
 async def put_grant(client: Client, policy_ref: str, key_sha256: bytes, stored: grants.StoredGrant) -> None:
     """Write one API key's grant under one policy (``namespace/name``, or a cluster policy's
-    name) and announce it; with an expiry, Redis drops it then. The primitive every writer of
+    name) and announce it. No TTL: the value carries the expiry (the decision script refuses an
+    expired grant; ``sluice apply`` prunes them). The primitive every writer of
     one grant builds on: one key change is this write, its entry in the policy's key index
     (:func:`keyschema.grant_index_key`) and one notice, whatever the number of keys; many keys
     at once: :mod:`sluice_core.grantstore`."""
@@ -176,21 +177,24 @@ async def revoke_grant(client: Client, policy_ref: str, key_sha256: bytes) -> No
 
 
 async def _write_grant(client: Client, policy_ref: str, key_sha256: bytes, value: str, expires_ms: int) -> None:
+    # expires_ms: the value carries it; the grant has no TTL (write_grant.lua says why).
+    del expires_ms
     pid = keyschema.policy_id(policy_ref)
     client_id = keyschema.client_for_api_key(key_sha256)
     key, index = keyschema.grant_key(pid, client_id), keyschema.grant_index_key(pid)
-    args = (value, str(expires_ms), keyschema.KEYS_CHANNEL, keyschema.keys_notice(pid, client_id), client_id)
-    s = scripts.write_grant()
+    lease, touched = keyschema.grant_lease_key(pid), keyschema.grant_touched_key(pid)
+    args = (value, keyschema.KEYS_CHANNEL, keyschema.keys_notice(pid, client_id), client_id)
+    s, note = scripts.write_grant(), scripts.note_grant()
     r = client.redis
     try:
         if not isinstance(r, redis.asyncio.RedisCluster):  # one call takes the grant and the index
-            await r.eval(s.source, 2, key, index, *args)
+            await r.eval(s.source, 4, key, index, lease, touched, *args)
         elif value:  # the index first: it must list every granted key (a re-apply revokes from it)
-            await r.sadd(index, client_id)
+            await r.eval(note.source, 3, index, lease, touched, "add", client_id)
             await r.eval(s.source, 1, key, *args)
         else:  # the grant first: until it is gone, the index must still list it
             await r.eval(s.source, 1, key, *args)
-            await r.srem(index, client_id)
+            await r.eval(note.source, 3, index, lease, touched, "rem", client_id)
     except REDIS_FAILURES as exc:
         what = "write" if value else "revoke"
         raise ConfigStoreError(f"cannot {what} an API key grant of policy {policy_ref!r}: {exc}") from exc
