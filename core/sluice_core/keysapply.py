@@ -22,9 +22,10 @@ One run of a policy's keys at a time: :func:`stage` takes the policy's lease
 every batch; another run fails fast (:class:`LeaseHeld`). Each revocation page is decided in
 one script call (``unlisted_keys.lua``) that first checks the lease is still this run's and its
 staging set is still there: a lost lease or set stops the run before it revokes anything more.
-A key written or revoked one at a time during the run (``configstore.put_grant`` /
-``revoke_grant``) lands in the run's touched set and is kept. Left: a single write that lands
-between a page's decision and its revocation (a few milliseconds) is revoked with the page.
+A key written one at a time during the run (``configstore.put_grant``) lands in the run's
+touched set and is not revoked by it. Left: a single write that lands between a page's
+decision and its deletes (a few milliseconds) is revoked with the page; a key revoked alone
+during a run whose file lists it may be written again by the run.
 The staging and touched sets have no TTL; the run deletes them at its end (success or not) and
 the next run of the policy sweeps what a killed run left.
 """
