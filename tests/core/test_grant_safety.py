@@ -19,7 +19,7 @@ from sluice_core.model import KeyGrant
 from sluice_core.parse import parse_policy
 from support.key_notices import KeyNotices
 from support.keys_files import POLICY, write_keys_file
-from support.redis_servers import RedisServer
+from support.redis_servers import RedisClusterProcs, RedisServer
 
 
 def digest(i: int, salt: str) -> bytes:
@@ -63,8 +63,8 @@ async def test_no_grant_is_evicted_under_volatile_ttl_and_bucket_churn() -> None
 class Run:
     """One policy's ``sluice apply`` steps, in process (keysapply), against one Redis."""
 
-    def __init__(self, server: RedisServer, tmp_path: Path) -> None:
-        self.server, self.tmp = server, tmp_path
+    def __init__(self, tmp_path: Path) -> None:
+        self.tmp = tmp_path
         self.ns, self.salt = f"gs-{uuid.uuid4().hex[:8]}", uuid.uuid4().hex[:8]
         self.policy = parse_policy(yaml.safe_load(POLICY.format(name="api", namespace=self.ns)))
         self.ref = self.policy.ref
@@ -86,7 +86,7 @@ async def test_a_staging_set_lost_mid_apply_stops_the_revocations(redis_server: 
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """The staging set disappears after the first index page (an eviction, a FLUSH, another
     tool): every later page would look unlisted. The run stops: no listed key is revoked."""
-    run = Run(redis_server, tmp_path)
+    run = Run(tmp_path)
     pages = grantstore.pages
 
     async def losing_after_first_page(client: configstore.Client, ref: str, *,
@@ -106,6 +106,9 @@ async def test_a_staging_set_lost_mid_apply_stops_the_revocations(redis_server: 
         with pytest.raises(configstore.ConfigStoreError, match="lost the keys staged"):
             await run.apply(client, run.file("b.yaml", range(3_000)))  # revokes nothing, when whole
         assert await grantstore.count(client, run.ref) == 3_000
+        # The run that stopped released its lease and dropped its sets: nothing left but the index.
+        left = {k async for k in client.redis.scan_iter(match=f"{keyschema.grant_index_key(run.pid)}*")}
+        assert left == {keyschema.grant_index_key(run.pid).encode()}
         for i in (0, 1_500, 2_999):
             assert await configstore.get_grant(client, run.ref, hashlib.sha256(
                 f"sk-{run.salt}-{i:08d}".encode()).digest()) is not None
@@ -159,13 +162,17 @@ async def test_a_revoke_that_fails_half_way_announces_and_so_does_its_retry(fres
         assert await grantstore.count(client, policy_ref) == 0
 
 
-async def test_one_apply_of_a_policys_keys_at_a_time(redis_server: RedisServer, tmp_path: Path) -> None:
+@pytest.mark.parametrize("topology", ["redis_server", pytest.param("redis_cluster", marks=pytest.mark.cluster)])
+async def test_one_apply_of_a_policys_keys_at_a_time(topology: str, request: pytest.FixtureRequest,
+                                                     tmp_path: Path) -> None:
     """A second run of the same policy fails fast, naming the policy and when the lease ends; a
-    key written alone during the first run is kept by it; a run killed half-way (its lease
-    expired) blocks nothing and the next run sweeps what it left."""
-    run = Run(redis_server, tmp_path)
+    key written alone during the first run is kept by it (on a Cluster, through the index's
+    slot); a run killed half-way (its lease expired) blocks nothing and the next run sweeps what
+    it left."""
+    server: RedisServer | RedisClusterProcs = request.getfixturevalue(topology)
+    run = Run(tmp_path)
     lone, lone_revoked = digest(1, "alone"), digest(2, "alone")
-    async with configstore.connect(redis_server.url) as client:
+    async with configstore.connect(server.url) as client:
         await configstore.put_grant(client, run.ref, lone_revoked, grants.StoredGrant(KeyGrant("pro"), "b"))
         first = await keysapply.stage(client, run.policy, run.file("a.yaml", range(1_500)))
         try:
