@@ -17,7 +17,6 @@ no ``id`` or ``expiresAt``, which the baseline does not read.
 
 from __future__ import annotations
 
-import argparse
 import os
 import platform
 import subprocess
@@ -34,7 +33,7 @@ from support.keys_files import POLICY, Measured, run_measured, write_keys_file  
 from support.polling import poll  # noqa: E402
 from support.redis_servers import RedisServer  # noqa: E402
 
-from bench.report import write_block  # noqa: E402
+from bench.report import scaled_args, write_block  # noqa: E402
 
 BEGIN, END = "<!-- bench-keys-apply:begin -->", "<!-- bench-keys-apply:end -->"
 BASELINE_COMMIT = "a046dce"  # the grants contract, before `sluice apply` wrote grants
@@ -132,12 +131,7 @@ def baseline_copy(tmp: Path) -> Path:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--out", default=str(ROOT / "docs" / "benchmarks.md"))
-    ap.add_argument("--scale", type=int, default=1,
-                    help="divide the key counts by this (the test suite runs it with 1000 to check that "
-                         "the benchmark still runs; its figures are then meaningless)")
-    args = ap.parse_args()
+    args = scaled_args(__doc__, ROOT / "docs" / "benchmarks.md", "the key counts", 1000)
     started = time.monotonic()
     load_before = os.getloadavg()[0]
     rows: list[Row] = []

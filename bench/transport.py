@@ -12,7 +12,6 @@ with a native core counts its threads too), divided by the calls. The servers ru
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import os
@@ -31,7 +30,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from support.redis_servers import RedisServer, pick_port  # noqa: E402
 
-from bench.report import write_block  # noqa: E402
+from bench.report import scaled_args, write_block  # noqa: E402
 
 BEGIN, END = "<!-- bench-transport:begin -->", "<!-- bench-transport:end -->"
 CALLERS = 50
@@ -195,12 +194,7 @@ def table(title: str, figures: dict[str, tuple[float, float] | str]) -> list[str
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--out", default=str(ROOT / "docs" / "benchmarks.md"))
-    ap.add_argument("--scale", type=int, default=1,
-                    help="divide the number of calls by this (the test suite runs it with 100 to "
-                         "check that the benchmark still runs; its figures are then meaningless)")
-    args = ap.parse_args()
+    args = scaled_args(__doc__, ROOT / "docs" / "benchmarks.md", "the number of calls", 100)
     started = time.monotonic()
     redis = RedisServer()
     port = pick_port()

@@ -24,7 +24,9 @@ from sluice_core.redisurl import RedisTarget, Topology, parse_redis_url
 
 # A Cluster client that cannot reach any node raises RedisClusterException, which is no
 # RedisError: both mean "Redis did not answer".
-_FAILURES = (RedisError, RedisClusterException)
+REDIS_FAILURES = (RedisError, RedisClusterException)
+"""What a failed Redis call raises: every writer of the config store catches these (and wraps
+them in :class:`ConfigStoreError`)."""
 
 
 class ConfigStoreError(RuntimeError):
@@ -87,7 +89,7 @@ async def publish(client: Client, namespace: str, doc: str, *, min_version: int 
     try:
         v = await client.redis.eval(s.source, 1, keyschema.config_key(namespace), doc,
                                     str(min_version), keyschema.CONFIG_CHANNEL, namespace)
-    except _FAILURES as exc:
+    except REDIS_FAILURES as exc:
         raise ConfigStoreError(f"cannot write config for namespace {namespace!r}: {exc}") from exc
     return int(v)
 
@@ -100,7 +102,7 @@ async def ensure(client: Client, namespace: str, *, min_version: int = 0) -> int
         v = await client.redis.eval(s.source, 1, keyschema.config_key(namespace),
                                     placeholder_doc(namespace), str(min_version),
                                     keyschema.CONFIG_CHANNEL, namespace, "missing")
-    except _FAILURES as exc:
+    except REDIS_FAILURES as exc:
         raise ConfigStoreError(f"cannot create config for namespace {namespace!r}: {exc}") from exc
     return int(v)
 
@@ -109,7 +111,7 @@ async def exists(client: Client, namespace: str) -> bool:
     """Does Redis hold a document for the namespace?"""
     try:
         return bool(await client.redis.hexists(keyschema.config_key(namespace), "doc"))
-    except _FAILURES as exc:
+    except REDIS_FAILURES as exc:
         raise ConfigStoreError(f"cannot read config for namespace {namespace!r}: {exc}") from exc
 
 
@@ -120,7 +122,7 @@ async def drop_if_empty(client: Client, namespace: str) -> bool:
     try:
         return bool(await client.redis.eval(s.source, 1, keyschema.config_key(namespace),
                                             build_doc(namespace, [])))
-    except _FAILURES as exc:
+    except REDIS_FAILURES as exc:
         raise ConfigStoreError(f"cannot remove config of namespace {namespace!r}: {exc}") from exc
 
 
@@ -128,7 +130,7 @@ async def read_raw(client: Client, namespace: str) -> tuple[int, str] | None:
     """The stored ``(version, JSON document)``, unparsed; None when there is none."""
     try:
         version, doc = await client.redis.hmget(keyschema.config_key(namespace), ["version", "doc"])
-    except _FAILURES as exc:
+    except REDIS_FAILURES as exc:
         raise ConfigStoreError(f"cannot read config for namespace {namespace!r}: {exc}") from exc
     if version is None or doc is None:
         return None
@@ -144,7 +146,7 @@ async def heartbeats(client: Client, namespace: str) -> dict[bytes | str, bytes 
     """The namespace's sidecar heartbeats: pod name -> value (:func:`keyschema.parse_heartbeat`)."""
     try:
         return await client.redis.hgetall(keyschema.heartbeat_key(namespace))
-    except _FAILURES as exc:
+    except REDIS_FAILURES as exc:
         raise ConfigStoreError(f"cannot read heartbeats of namespace {namespace!r}: {exc}") from exc
 
 
@@ -154,13 +156,14 @@ async def drop_heartbeats(client: Client, namespace: str, pods: Sequence[bytes |
         return
     try:
         await client.redis.hdel(keyschema.heartbeat_key(namespace), *pods)
-    except _FAILURES as exc:
+    except REDIS_FAILURES as exc:
         raise ConfigStoreError(f"cannot prune heartbeats of namespace {namespace!r}: {exc}") from exc
 
 
 async def put_grant(client: Client, policy_ref: str, key_sha256: bytes, stored: grants.StoredGrant) -> None:
     """Write one API key's grant under one policy (``namespace/name``, or a cluster policy's
-    name) and announce it; with an expiry, Redis drops it then. The primitive every writer of
+    name) and announce it. No TTL: the value carries the expiry (the decision script refuses an
+    expired grant; ``sluice apply`` prunes them). The primitive every writer of
     one grant builds on: one key change is this write, its entry in the policy's key index
     (:func:`keyschema.grant_index_key`) and one notice, whatever the number of keys; many keys
     at once: :mod:`sluice_core.grantstore`."""
@@ -174,22 +177,25 @@ async def revoke_grant(client: Client, policy_ref: str, key_sha256: bytes) -> No
 
 
 async def _write_grant(client: Client, policy_ref: str, key_sha256: bytes, value: str, expires_ms: int) -> None:
+    # expires_ms: the value carries it; the grant has no TTL (write_grant.lua says why).
+    del expires_ms
     pid = keyschema.policy_id(policy_ref)
     client_id = keyschema.client_for_api_key(key_sha256)
     key, index = keyschema.grant_key(pid, client_id), keyschema.grant_index_key(pid)
-    args = (value, str(expires_ms), keyschema.KEYS_CHANNEL, keyschema.keys_notice(pid, client_id), client_id)
-    s = scripts.write_grant()
+    lease, touched = keyschema.grant_lease_key(pid), keyschema.grant_touched_key(pid)
+    args = (value, keyschema.KEYS_CHANNEL, keyschema.keys_notice(pid, client_id), client_id)
+    s, note = scripts.write_grant(), scripts.note_grant()
     r = client.redis
     try:
         if not isinstance(r, redis.asyncio.RedisCluster):  # one call takes the grant and the index
-            await r.eval(s.source, 2, key, index, *args)
+            await r.eval(s.source, 4, key, index, lease, touched, *args)
         elif value:  # the index first: it must list every granted key (a re-apply revokes from it)
-            await r.sadd(index, client_id)
+            await r.eval(note.source, 3, index, lease, touched, "add", client_id)
             await r.eval(s.source, 1, key, *args)
         else:  # the grant first: until it is gone, the index must still list it
             await r.eval(s.source, 1, key, *args)
-            await r.srem(index, client_id)
-    except _FAILURES as exc:
+            await r.eval(note.source, 3, index, lease, touched, "rem", client_id)
+    except REDIS_FAILURES as exc:
         what = "write" if value else "revoke"
         raise ConfigStoreError(f"cannot {what} an API key grant of policy {policy_ref!r}: {exc}") from exc
 
@@ -199,7 +205,7 @@ async def get_grant(client: Client, policy_ref: str, key_sha256: bytes) -> grant
     key = keyschema.grant_key(keyschema.policy_id(policy_ref), keyschema.client_for_api_key(key_sha256))
     try:
         value = await client.redis.get(key)
-    except _FAILURES as exc:
+    except REDIS_FAILURES as exc:
         raise ConfigStoreError(f"cannot read an API key grant of policy {policy_ref!r}: {exc}") from exc
     return grants.decode(value) if value is not None else None
 
@@ -219,7 +225,7 @@ async def memory_settings(client: Client) -> list[tuple[int, str]]:
         except (ResponseError, KeyError):
             found = _per_node(await r.info("memory", **kwargs))
             return [(int(i["maxmemory"]), str(i["maxmemory_policy"])) for i in found]
-    except (*_FAILURES, KeyError, ValueError) as exc:
+    except (*REDIS_FAILURES, KeyError, ValueError) as exc:
         raise ConfigStoreError(f"cannot read the memory settings: {exc}") from exc
 
 

@@ -6,28 +6,32 @@ Every write keeps the policy's grant index (:func:`~sluice_core.keyschema.grant_
 superset of its grants: a batch's index entries are added before its grants are written, and
 removed after its grants are deleted. A run cut short therefore leaves at most index entries
 without a grant (the next run prunes them), never a grant the index does not list, which no
-re-apply could revoke.
+re-apply could revoke. Grants have no TTL (``write_grant.lua`` says why).
 
-The writes send no notice; :func:`announce` sends them once per phase, from what the writes
-found changed (``SET … GET`` returns the value it replaced, ``DEL`` whether there was one): a
-notice per changed key up to :data:`NOTICE_LIMIT`, so a re-apply that changes one key drops
+Each batch is announced as soon as it is written (:func:`announce`), from what it changed
+(``SET … GET`` returns the value it replaced; a revocation changes every key it removes from
+the index, with a grant or not: a retry after a failure between the two must still announce):
+a notice per changed key up to :data:`NOTICE_LIMIT`, so a re-apply that changes one key drops
 one key from the sidecars' caches, and beyond it one ``"<policy id> *"``, where a notice per
-key would wake every sidecar once per key. A Cluster pipeline cannot carry PUBLISH, so the
-notices are a call of their own. One key's change stays
+key would wake every sidecar once per key. A change reaches the sidecars a batch after it is
+written, not at the end of a run of a million keys. A batch that fails part-way is announced
+as ``"<policy id> *"`` (best effort: what it changed is unknown). A Cluster pipeline cannot
+carry PUBLISH, so the notices are a call of their own. One key's change stays
 :func:`sluice_core.configstore.put_grant`: O(1) writes and one notice.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
-from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import redis.asyncio
 
 from sluice_core import keyschema, scripts
-from sluice_core.configstore import _FAILURES, Client, ConfigStoreError
+from sluice_core.configstore import REDIS_FAILURES, Client, ConfigStoreError
 
 BATCH = 1000
 """Keys per pipeline: big enough that round trips do not dominate (1,000 grants are ~100 kB on
@@ -52,6 +56,10 @@ class Changes:
         if len(self.some) <= NOTICE_LIMIT:
             self.some.append(client_id)
 
+    def merge(self, other: Changes) -> None:
+        self.count += other.count
+        self.some.extend(other.some[:NOTICE_LIMIT + 1 - len(self.some)])
+
 
 @dataclass(frozen=True, slots=True)
 class GrantWrite:
@@ -75,54 +83,81 @@ def _pipeline(client: Client) -> Any:
     return r.pipeline() if isinstance(r, redis.asyncio.RedisCluster) else r.pipeline(transaction=False)
 
 
+Hook = Callable[[], Awaitable[None]]
+"""Called before each batch (``sluice apply`` renews its lease there, and stops when lost)."""
+
+
 async def write(client: Client, policy_ref: str, items: Iterable[GrantWrite], changes: Changes | None = None, *,
-                batch: int = BATCH) -> int:
-    """Write these grants (and their index entries), ``batch`` at a time; return how many, and
-    add to ``changes`` the keys whose grant is new or differs. No notice: :func:`announce`."""
+                batch: int = BATCH, before_batch: Hook | None = None) -> int:
+    """Write these grants (and their index entries), ``batch`` at a time, and announce each
+    batch's changed keys; return how many, and add to ``changes`` the keys whose grant is new
+    or differs."""
     pid = keyschema.policy_id(policy_ref)
     index = keyschema.grant_index_key(pid)
     n = 0
-    try:
+    async with _announced_on_failure(client, policy_ref, "write", lambda: n):
         for chunk in chunks(items, batch):
+            if before_batch is not None:
+                await before_batch()
             await client.redis.sadd(index, *(g.client_id for g in chunk))  # the index first
             pipe = _pipeline(client)
             for g in chunk:
-                pipe.set(keyschema.grant_key(pid, g.client_id), g.value, pxat=g.expires_ms or None, get=True)
+                pipe.set(keyschema.grant_key(pid, g.client_id), g.value, get=True)
             replaced = await pipe.execute()
             n += len(chunk)
-            if changes is not None:
-                for g, old in zip(chunk, replaced, strict=True):
-                    if old is None or _text(old) != g.value:
-                        changes.add(g.client_id)
-    except _FAILURES as exc:
-        raise ConfigStoreError(f"cannot write API key grants of policy {policy_ref!r} "
-                               f"({n} written): {exc}") from exc
+            done = Changes()
+            for g, old in zip(chunk, replaced, strict=True):
+                if old is None or _text(old) != g.value:
+                    done.add(g.client_id)
+            await _announce_batch(client, policy_ref, done, changes)
     return n
 
 
 async def revoke(client: Client, policy_ref: str, client_ids: Iterable[str], changes: Changes | None = None, *,
                  batch: int = BATCH) -> int:
-    """Remove these keys' grants (then their index entries), ``batch`` at a time; return how
-    many, and add to ``changes`` the keys that had a grant. No notice: :func:`announce`."""
+    """Remove these keys' grants (then their index entries), ``batch`` at a time, and announce
+    each batch's changed keys; return how many, and add to ``changes`` the keys that had a grant
+    or an index entry."""
     pid = keyschema.policy_id(policy_ref)
     index = keyschema.grant_index_key(pid)
     n = 0
-    try:
+    async with _announced_on_failure(client, policy_ref, "revoke", lambda: n):
         for chunk in chunks(client_ids, batch):
+            listed = await client.redis.smismember(index, chunk)
             pipe = _pipeline(client)
             for cid in chunk:
                 pipe.delete(keyschema.grant_key(pid, cid))
             deleted = await pipe.execute()
             await client.redis.srem(index, *chunk)  # the grants are gone: now the index entries
             n += len(chunk)
-            if changes is not None:
-                for cid, there in zip(chunk, deleted, strict=True):
-                    if there:
-                        changes.add(cid)
-    except _FAILURES as exc:
-        raise ConfigStoreError(f"cannot revoke API key grants of policy {policy_ref!r} "
-                               f"({n} revoked): {exc}") from exc
+            done = Changes()
+            for cid, there, had in zip(chunk, deleted, listed, strict=True):
+                if there or had:
+                    done.add(cid)
+            await _announce_batch(client, policy_ref, done, changes)
     return n
+
+
+@contextlib.asynccontextmanager
+async def _announced_on_failure(client: Client, policy_ref: str, what: str,
+                                done: Callable[[], int]) -> AsyncIterator[None]:
+    """A batch that fails part-way changed an unknown part of its keys: tell the sidecars to
+    drop all they cached of the policy (best effort; the failure is what the caller hears)."""
+    try:
+        yield
+    except BaseException as exc:
+        with contextlib.suppress(ConfigStoreError):
+            await announce(client, policy_ref)
+        if isinstance(exc, REDIS_FAILURES):
+            raise ConfigStoreError(f"cannot {what} API key grants of policy {policy_ref!r} "
+                                   f"({done()} done): {exc}") from exc
+        raise
+
+
+async def _announce_batch(client: Client, policy_ref: str, done: Changes, changes: Changes | None) -> None:
+    await announce(client, policy_ref, done)
+    if changes is not None:
+        changes.merge(done)
 
 
 async def announce(client: Client, policy_ref: str, changes: Changes | None = None) -> int:
@@ -141,7 +176,7 @@ async def announce(client: Client, policy_ref: str, changes: Changes | None = No
     s = scripts.announce_keys()
     try:
         await client.redis.eval(s.source, 1, keyschema.grant_index_key(pid), keyschema.KEYS_CHANNEL, *notices)
-    except _FAILURES as exc:
+    except REDIS_FAILURES as exc:
         raise ConfigStoreError(f"cannot announce the API key grants of policy {policy_ref!r}: {exc}") from exc
     return len(notices)
 
@@ -151,7 +186,7 @@ async def count(client: Client, policy_ref: str) -> int:
     grant is gone: see the module docstring)."""
     try:
         return int(await client.redis.scard(keyschema.grant_index_key(keyschema.policy_id(policy_ref))))
-    except _FAILURES as exc:
+    except REDIS_FAILURES as exc:
         raise ConfigStoreError(f"cannot count the API keys of policy {policy_ref!r}: {exc}") from exc
 
 
@@ -163,7 +198,7 @@ async def pages(client: Client, policy_ref: str, *, batch: int = BATCH) -> Async
     while True:
         try:
             cursor, found = await client.redis.sscan(index, cursor, count=batch)
-        except _FAILURES as exc:
+        except REDIS_FAILURES as exc:
             raise ConfigStoreError(f"cannot list the API keys of policy {policy_ref!r}: {exc}") from exc
         if found:
             yield [_text(m) for m in found]
@@ -173,14 +208,3 @@ async def pages(client: Client, policy_ref: str, *, batch: int = BATCH) -> Async
 
 def _text(member: bytes | str) -> str:
     return member.decode() if isinstance(member, bytes) else member
-
-
-async def missing_from(client: Client, key: str, members: Sequence[str]) -> list[str]:
-    """Those of ``members`` the set ``key`` does not hold (one SMISMEMBER)."""
-    if not members:
-        return []
-    try:
-        found = await client.redis.smismember(key, list(members))
-    except _FAILURES as exc:
-        raise ConfigStoreError(f"cannot read the API key set {key!r}: {exc}") from exc
-    return [m for m, there in zip(members, found, strict=True) if not there]

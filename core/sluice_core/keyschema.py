@@ -185,11 +185,26 @@ def grant_index_key(policy_id_: str) -> str:
     return f"{PREFIX}:keys:{{{policy_id_}}}"
 
 
-def grant_staging_key(policy_id_: str, run: str) -> str:
-    """A set private to one ``sluice apply`` run (``run``: random): the client ids its keys file
-    lists, beside :func:`grant_index_key` (same slot). It finds duplicates and, after the writes,
-    the index entries the file no longer lists; it has a TTL, so a run cut short leaves nothing."""
-    return f"{PREFIX}:keys:{{{policy_id_}}}:apply:{run}"
+def grant_staging_key(policy_id_: str) -> str:
+    """The set of the client ids the running ``sluice apply`` of one policy's keys lists (and a
+    marker member ``!<run>`` naming the run), beside :func:`grant_index_key` (same slot). It
+    finds duplicates and, after the writes, the index entries the file no longer lists. No TTL
+    (an eviction policy must not drop it mid-run: every key would look unlisted): the run
+    deletes it at its end, and the next run of the policy sweeps one a dead run left."""
+    return f"{PREFIX}:keys:{{{policy_id_}}}:apply"
+
+
+def grant_lease_key(policy_id_: str) -> str:
+    """The lease of the one run that may apply a policy's keys (its run id, ``SET NX PX``,
+    renewed at every batch), same slot as :func:`grant_index_key`."""
+    return f"{PREFIX}:keys:{{{policy_id_}}}:lease"
+
+
+def grant_touched_key(policy_id_: str) -> str:
+    """The client ids written or revoked one at a time (``configstore.put_grant`` /
+    ``revoke_grant``) while a run holds :func:`grant_lease_key`: that run keeps them, whatever
+    its keys file says. No TTL; dropped with the staging set."""
+    return f"{PREFIX}:keys:{{{policy_id_}}}:touched"
 
 
 def keys_notice(policy_id_: str, client_id: str = ALL_KEYS) -> str:

@@ -39,3 +39,15 @@ def write_grant() -> Script:
 
 def announce_keys() -> Script:
     return load("announce_keys")
+
+
+def apply_lease() -> Script:
+    return load("apply_lease")
+
+
+def unlisted_keys() -> Script:
+    return load("unlisted_keys")
+
+
+def note_grant() -> Script:
+    return load("note_grant")

@@ -5,19 +5,16 @@ and Sentinel."""
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
-import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
-import redis.asyncio
 from sluice_core import configstore, grants, grantstore, keyschema
 from sluice_core.model import KeyGrant, Limit
-from support.redis_servers import RedisClusterProcs, RedisServer
-from support.sentinel import started_sentinel
+from support.key_notices import KeyNotices
+from support.redis_servers import RedisClusterProcs, RedisServer, sentinel_for
 
 TOPOLOGIES = ["single", pytest.param("cluster", marks=pytest.mark.cluster), "sentinel"]
 
@@ -30,8 +27,8 @@ class Target:
 
 @pytest.fixture(scope="module")
 def sentinel_target() -> Iterator[Target]:
-    with started_sentinel() as (master, url):
-        yield Target(url, [master])
+    with RedisServer() as master, sentinel_for(master) as port:
+        yield Target(f"redis+sentinel://127.0.0.1:{port}/sluicemaster", [master])
 
 
 @pytest.fixture(params=TOPOLOGIES)
@@ -78,7 +75,8 @@ async def test_bulk_write_and_revoke_keep_the_index(target: Target) -> None:
         for i in (0, 1, 3, 5, 999, 1000, 2499):
             assert await configstore.get_grant(client, policy_ref, digest(i, salt)) == stored(i)
         pid = keyschema.policy_id(policy_ref)
-        assert await client.redis.pexpiretime(keyschema.grant_key(pid, ids[5])) == stored(5).expires_ms
+        # No TTL, even with an expiry: the value carries it (an eviction policy must not take it).
+        assert await client.redis.pexpiretime(keyschema.grant_key(pid, ids[5])) == -1
         assert await client.redis.pexpiretime(keyschema.grant_key(pid, ids[1])) == -1
 
         gone = ids[500:1700]  # across batch boundaries
@@ -105,29 +103,30 @@ async def test_put_and_revoke_keep_the_index(target: Target) -> None:
 
 
 async def test_a_bulk_change_announces_the_changed_keys_or_the_whole_policy(target: Target) -> None:
-    """Many keys changed: one "<policy id> *". A re-write that changes a few: one notice each
-    (sidecars keep what they cached of the others). Nothing changed: no notice."""
+    """Each batch as it lands: many keys changed, one "<policy id> *". A re-write that changes a
+    few: one notice each (sidecars keep what they cached of the others). Nothing changed: no
+    notice."""
     policy_ref, salt = f"ns-{uuid.uuid4().hex[:8]}/api", uuid.uuid4().hex
     pid = keyschema.policy_id(policy_ref)
     ids = [keyschema.client_for_api_key(digest(i, salt)) for i in range(1_500)]
-    async with configstore.connect(target.url) as client, _Listener(client) as listen:
-        changes = grantstore.Changes()
-        await grantstore.write(client, policy_ref, grant_writes(salt, range(1_500)), changes)
-        assert changes.count == 1_500
-        assert await grantstore.announce(client, policy_ref, changes) == 1
-        assert await listen.until_marker(keyschema.grant_index_key(pid)) == [keyschema.keys_notice(pid)]
+    with KeyNotices(target.nodes) as listen:
+        async with configstore.connect(target.url) as client:
+            changes = grantstore.Changes()
+            await grantstore.write(client, policy_ref, grant_writes(salt, range(1_500)), changes, batch=1_000)
+            assert changes.count == 1_500
+            assert listen.until_marker(keyschema.grant_index_key(pid)) == [keyschema.keys_notice(pid)] * 2
 
-        again = grantstore.Changes()
-        moved = grantstore.GrantWrite(ids[1_200], grants.encode(stored(1_201)), stored(1_201).expires_ms)
-        writes = [moved if w.client_id == ids[1_200] else w for w in grant_writes(salt, range(1_500))]
-        await grantstore.write(client, policy_ref, writes, again)
-        await grantstore.revoke(client, policy_ref, [ids[3], ids[4], "k-not-granted"], again)
-        assert await grantstore.announce(client, policy_ref, again) == 3
-        assert await listen.until_marker(keyschema.grant_index_key(pid)) == [
-            keyschema.keys_notice(pid, c) for c in (ids[1_200], ids[3], ids[4])]
+            again = grantstore.Changes()
+            moved = grantstore.GrantWrite(ids[1_200], grants.encode(stored(1_201)), stored(1_201).expires_ms)
+            writes = [moved if w.client_id == ids[1_200] else w for w in grant_writes(salt, range(1_500))]
+            await grantstore.write(client, policy_ref, writes, again)
+            await grantstore.revoke(client, policy_ref, [ids[3], ids[4], "k-not-granted"], again)
+            assert again.count == 3
+            assert listen.until_marker(keyschema.grant_index_key(pid)) == [
+                keyschema.keys_notice(pid, c) for c in (ids[1_200], ids[3], ids[4])]
 
-        assert await grantstore.announce(client, policy_ref, grantstore.Changes()) == 0
-        assert await listen.until_marker(keyschema.grant_index_key(pid)) == []
+            assert await grantstore.announce(client, policy_ref, grantstore.Changes()) == 0
+            assert listen.until_marker(keyschema.grant_index_key(pid)) == []
 
 
 WRITES = ("set", "del", "sadd", "srem")
@@ -141,7 +140,7 @@ async def test_one_key_change_is_one_write_and_one_notice(topology: str, request
     policy_ref, salt = f"ns-{uuid.uuid4().hex[:8]}/api", uuid.uuid4().hex
     async with configstore.connect(server.url) as client:
         await grantstore.write(client, policy_ref, grant_writes(salt, range(1_000)))
-        async with _Listener(client) as listen:
+        with KeyNotices(nodes) as listen:
             for action in ("put", "revoke"):
                 for node in nodes:
                     node.client().config_resetstat()
@@ -155,7 +154,7 @@ async def test_one_key_change_is_one_write_and_one_notice(topology: str, request
                     else {"set": 0, "del": 1, "sadd": 0, "srem": 1})
                 assert calls["publish"] == 1
                 pid, cid = keyschema.policy_id(policy_ref), keyschema.client_for_api_key(digest(7, salt))
-                notices = await listen.until_marker(keyschema.grant_key(pid, cid))
+                notices = listen.until_marker(keyschema.grant_key(pid, cid))
                 assert notices == [keyschema.keys_notice(pid, cid)]
 
 
@@ -168,40 +167,3 @@ def _calls(nodes: list[RedisServer]) -> dict[str, int]:
             cmd = name.removeprefix("cmdstat_")
             out[cmd] = out.get(cmd, 0) + int(stat["calls"])
     return out
-
-
-class _Listener:
-    """The keys-changed channel, read up to a marker this test publishes after its action (so
-    "exactly these notices" needs no waiting for messages that may never come)."""
-
-    def __init__(self, client: configstore.Client) -> None:
-        self.client = client
-        self.sub: redis.asyncio.client.PubSub | None = None
-
-    async def __aenter__(self) -> _Listener:
-        await self.client.redis.initialize()  # a Cluster client picks a pub/sub node from its slot map
-        self.sub = self.client.redis.pubsub()
-        await self.sub.subscribe(keyschema.KEYS_CHANNEL)
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        assert self.sub is not None
-        await self.sub.aclose()
-
-    async def until_marker(self, route_key: str) -> list[str]:
-        """``route_key``: a key on the node the notices came from (on a Cluster, messages
-        published on different nodes may overtake each other)."""
-        assert self.sub is not None
-        marker = f"marker {uuid.uuid4().hex} {time.monotonic()}"
-        await self.client.redis.eval("return redis.call('PUBLISH', ARGV[1], ARGV[2])", 1, route_key,
-                                     keyschema.KEYS_CHANNEL, marker)
-        out: list[str] = []
-        async with asyncio.timeout(10):
-            while True:
-                m = await self.sub.get_message(ignore_subscribe_messages=True, timeout=1.0)
-                if m is None:
-                    continue
-                text = m["data"].decode()
-                if text == marker:
-                    return out
-                out.append(text)
