@@ -76,12 +76,17 @@ class Setup:
         return {m.decode() for m in self.redis.smembers(keyschema.grant_index_key(self.pid))}
 
     def snapshot(self) -> dict[str, Any]:
-        """Every key of every node with its value (DUMP) and expiry: what "nothing changed" compares."""
+        """Every key of this policy and namespace (grants and buckets in its hash tags, its key
+        index, staging set, lease, its config document) with its value (DUMP) and expiry: what
+        "nothing changed" compares. Only these: the session's Redis also holds other tests'
+        buckets, which expire whenever their TTL says."""
         out: dict[str, Any] = {}
+        patterns = (f"sl:{{{self.pid}:*", f"sluice:keys:{{{self.pid}}}*", keyschema.config_key(self.ns))
         for node in self.nodes:
             c = node.client()
-            for k in c.scan_iter(count=1000):
-                out[k.decode()] = (c.dump(k), c.pexpiretime(k))
+            for pattern in patterns:
+                for k in c.scan_iter(match=pattern, count=1000):
+                    out[k.decode()] = (c.dump(k), c.pexpiretime(k))
         return out
 
 
