@@ -11,7 +11,10 @@ costs no resolve at all:
 - an unknown key maps to :data:`UNKNOWN`. Unknown keys live in a table of their own, so a flood
   of random keys cannot push the known ones out.
 
-Both tables are LRU, bounded by ``size`` entries each. Entries are dropped by the keys-changed
+Both tables are LRU, bounded by ``size`` entries each, and no entry is used longer than
+``max_age_s`` after it was resolved (then the key is resolved again): a revocation whose notice
+was lost (a pub/sub connection dropped silently, a Cluster node that stopped relaying) still
+lands within it. Entries are dropped by the keys-changed
 notices (:data:`sluice_core.keyschema.KEYS_CHANNEL`): one key's, or all of a policy's; and the
 whole cache is emptied when the notices may have been missed (the subscription was lost and is
 back) or the policy was reloaded (a new :class:`~sluice_sidecar.limiter.Enforcement` starts
@@ -29,17 +32,21 @@ import time
 from collections import OrderedDict
 from typing import Final, Generic, TypeVar
 
+from sluice_core.sidecar_settings import DEFAULT_GRANT_CACHE_MAX_AGE_S
+
 B = TypeVar("B")
 
 
-class _Unknown:
+class Unknown:
+    """The type of :data:`UNKNOWN` (one instance)."""
+
     __slots__ = ()
 
     def __repr__(self) -> str:
         return "UNKNOWN"
 
 
-UNKNOWN: Final = _Unknown()
+UNKNOWN: Final = Unknown()
 """What :meth:`GrantCache.get` returns for a key known to have no grant."""
 
 
@@ -47,30 +54,36 @@ class GrantCache(Generic[B]):
     """Client id (``k`` + 16 characters, :func:`~sluice_core.keyschema.client_for_api_key`) to
     the bucket of its grant (``B``), or :data:`UNKNOWN`."""
 
-    __slots__ = ("_known", "_unknown", "epoch", "size")
+    __slots__ = ("_known", "_unknown", "epoch", "max_age_s", "size")
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int, max_age_s: float = DEFAULT_GRANT_CACHE_MAX_AGE_S) -> None:
         self.size = size
+        self.max_age_s = max_age_s
         self.epoch = 0  # drops so far (see the module docstring)
-        # client -> (bucket, expires unix ms; 0: never). OrderedDict: LRU order, O(1) at both ends.
-        self._known: OrderedDict[str, tuple[B, int]] = OrderedDict()
-        self._unknown: OrderedDict[str, None] = OrderedDict()
+        # client -> (bucket, expires unix ms (0: never), stale at (monotonic s)). OrderedDict:
+        # LRU order, O(1) at both ends.
+        self._known: OrderedDict[str, tuple[B, int, float]] = OrderedDict()
+        self._unknown: OrderedDict[str, float] = OrderedDict()  # client -> stale at
 
     def __len__(self) -> int:
         return len(self._known) + len(self._unknown)
 
-    def get(self, client: str) -> B | _Unknown | None:
-        """The cached bucket of ``client``'s grant, :data:`UNKNOWN`, or None: not cached (or
-        its grant has expired)."""
+    def get(self, client: str) -> B | Unknown | None:
+        """The cached bucket of ``client``'s grant, :data:`UNKNOWN`, or None: not cached, its
+        grant has expired, or the entry is older than ``max_age_s``."""
         hit = self._known.get(client)
         if hit is not None:
-            bucket, expires_ms = hit
-            if expires_ms and time.time() * 1000 >= expires_ms:
+            bucket, expires_ms, stale_at = hit
+            if time.monotonic() >= stale_at or (expires_ms and time.time() * 1000 >= expires_ms):
                 del self._known[client]
                 return None
             self._known.move_to_end(client)
             return bucket
-        if client in self._unknown:
+        stale = self._unknown.get(client)
+        if stale is not None:
+            if time.monotonic() >= stale:
+                del self._unknown[client]
+                return None
             self._unknown.move_to_end(client)
             return UNKNOWN
         return None
@@ -79,15 +92,16 @@ class GrantCache(Generic[B]):
         """Remember what a resolve sent at ``epoch`` found (``bucket`` None: an unknown key)."""
         if epoch != self.epoch:
             return  # a notice came in meanwhile: this answer may predate it
-        table: OrderedDict[str, tuple[B, int]] | OrderedDict[str, None]
+        stale_at = time.monotonic() + self.max_age_s
+        table: OrderedDict[str, tuple[B, int, float]] | OrderedDict[str, float]
         if bucket is None:
             self._known.pop(client, None)
             table = self._unknown
-            self._unknown[client] = None
+            self._unknown[client] = stale_at
         else:
             self._unknown.pop(client, None)
             table = self._known
-            self._known[client] = (bucket, expires_ms)
+            self._known[client] = (bucket, expires_ms, stale_at)
         table.move_to_end(client)
         if len(table) > self.size:
             table.popitem(last=False)

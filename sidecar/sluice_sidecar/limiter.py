@@ -46,7 +46,7 @@ from sluice_core.model import (
     Mode,
     Source,
 )
-from sluice_core.sidecar_settings import DEFAULT_GRANT_CACHE_SIZE
+from sluice_core.sidecar_settings import DEFAULT_GRANT_CACHE_MAX_AGE_S, DEFAULT_GRANT_CACHE_SIZE
 
 from sluice_sidecar import headers as hdr
 from sluice_sidecar.breaker import CircuitBreaker
@@ -87,6 +87,7 @@ class Enforcement:
     grants: Mapping[str, KeyGrant] | None
     version: int
     grant_cache_size: int = DEFAULT_GRANT_CACHE_SIZE
+    grant_cache_max_age_s: float = DEFAULT_GRANT_CACHE_MAX_AGE_S
     cache: GrantCache[Bucket] | None = field(init=False, default=None)
     tier_args: Encoded | None = field(init=False, default=None)  # the resolve decision's tiers
     _own: dict[tuple[str, Limit], Bucket] = field(init=False, default_factory=dict)
@@ -111,7 +112,7 @@ class Enforcement:
         self.rules = {r.name: _bucket(r.name, r.limit, self._prefix, keyschema.rule_suffix)
                       for r in p.rules if r.limit is not None}
         if self.grants is None:
-            self.cache = GrantCache(self.grant_cache_size)
+            self.cache = GrantCache(self.grant_cache_size, self.grant_cache_max_age_s)
             self.tier_args = tier_args((name, b.suffix, *b.params) for name, b in self.tiers.items())
 
     def grant_bucket(self, grant: KeyGrant) -> Bucket | None:
@@ -219,6 +220,9 @@ class Limiter:
         self.store = store
         self.metrics = metrics
         self.breaker = breaker
+        # Are the keys-changed notices heard? While they may not be (the subscription is down
+        # or not up yet), no grant is taken from a cache or put in one: every key is resolved.
+        self.notices = True
         self.policy: Enforcement | None = None  # the namespace's RateLimitPolicy
         self.cluster_policy: Enforcement | None = None  # a ClusterRateLimitPolicy's shared budget
         self._hist = metrics.decision_seconds.labels(store.name)
@@ -328,7 +332,7 @@ class Limiter:
                 if grants is None:  # resolved from Redis grants, through the cache
                     client = keyschema.client_for_api_key(raw)
                     assert enforcement.cache is not None
-                    hit = enforcement.cache.get(client)
+                    hit = enforcement.cache.get(client) if self.notices else None
                     if hit is None:
                         return self._resolving(enforcement, client, rule_name, rule_b, cost, headers, peer)
                     tier_b = hit if isinstance(hit, Bucket) else None  # or UNKNOWN
@@ -438,9 +442,16 @@ class Limiter:
             else:
                 bucket, expires_ms = e.grant_bucket(stored.grant), stored.expires_ms
         assert e.cache is not None
-        e.cache.put(r.client, bucket, expires_ms, r.epoch)
+        if self.notices:
+            e.cache.put(r.client, bucket, expires_ms, r.epoch)
         self.metrics.grant_resolved(e.label, "known" if bucket else "unknown")
         return bucket
+
+    def notices_up(self, up: bool) -> None:
+        """The keys-changed notices are heard again (``up``), or may not be: forget every cached
+        grant either way, and cache none while they are not."""
+        self.notices = up
+        self.forget_grants(None, None)
 
     def forget_grants(self, policy_id: str | None, client: str | None) -> None:
         """A keys-changed notice: drop one key's cached grant (``client``) or all of a policy's

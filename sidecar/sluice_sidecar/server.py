@@ -80,7 +80,10 @@ class Sidecar:
                                       labels_path=settings.pod_labels, pod_name=settings.pod_name,
                                       poll_interval=settings.poll_interval_s,
                                       keys_changed=self.limiter.forget_grants,
-                                      grant_cache_size=settings.grant_cache_size)
+                                      grant_cache_size=settings.grant_cache_size,
+                                      grant_cache_max_age_s=settings.grant_cache_max_age_s,
+                                      notices_up=self.limiter.notices_up)
+            self.limiter.notices = False  # until the change-notice subscription is up
         self.loaded = False
         # Requests being decided or proxied: what --max-inflight-requests caps, and what
         # sluice_inflight_requests shows (one counter, read at scrape time).

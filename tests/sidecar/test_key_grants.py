@@ -196,7 +196,8 @@ def test_notice_missed_while_unsubscribed_leaves_no_stale_grant(
     publish_policies(server.url, ns, policy)
     key = "key-" + uuid.uuid4().hex
     put_key(server.url, policy.ref, key, "pro")
-    sidecar = start(upstream, server.url, ns, labels)
+    # Cached for an hour: only the resubscription can make the sidecar forget it.
+    sidecar = start(upstream, server.url, ns, labels, "--grant-cache-max-age-s", "3600")
     try:
         assert status(sidecar, key) == 200  # cached
         # Revoked without a notice: as if it was published while the sidecar was not listening.
@@ -207,6 +208,55 @@ def test_notice_missed_while_unsubscribed_leaves_no_stale_grant(
         for node in nodes(server):
             with node.client() as r:
                 r.execute_command("CLIENT", "KILL", "TYPE", "pubsub")
+        wait_until(lambda: status(sidecar, key) == 401, DEADLINE, what="stale grant forgotten")
+    finally:
+        sidecar.close()
+
+
+def _revoke_silently(server: Server, policy_ref: str, key: str) -> None:
+    """Delete a key's grant and announce nothing: a notice lost on the way."""
+    grant = keyschema.grant_key(keyschema.policy_id(policy_ref), keyschema.client_for_api_key(raw_key(key)))
+    assert store_call(server.url, _delete, grant) == 1
+
+
+@pytest.mark.parametrize("required", [True, False])
+def test_revocation_whose_notice_is_lost_lands_within_the_max_age(
+        server: Server, upstream: UpstreamProcess, labels: Path, required: bool) -> None:
+    ns = new_namespace()
+    policy = key_policy(ns, required=required)
+    publish_policies(server.url, ns, policy)
+    key = "key-" + uuid.uuid4().hex
+    put_key(server.url, policy.ref, key, "pro")
+    sidecar = start(upstream, server.url, ns, labels)  # the default max age: 1 s
+    try:
+        assert '"pro"' in call(sidecar, key)[1]["RateLimit-Policy"]  # cached
+        _revoke_silently(server, policy.ref, key)
+        # The subscription is fine; only the max age can end the cached grant.
+        if required:
+            wait_until(lambda: status(sidecar, key) == 401, DEADLINE, what="revoked key refused")
+        else:
+            wait_until(lambda: '"pro"' not in call(sidecar, key)[1].get("RateLimit-Policy", ""),
+                       DEADLINE, what="revoked key on the anonymous fallback")
+    finally:
+        sidecar.close()
+
+
+def test_a_silent_subscription_is_dropped_and_the_cache_with_it(
+        server: Server, upstream: UpstreamProcess, labels: Path) -> None:
+    """A subscription that stops answering (here: Redis paused) counts as lost once its PING
+    goes unanswered: the sidecar subscribes again and forgets what it cached."""
+    ns = new_namespace()
+    policy = key_policy(ns, required=True)
+    publish_policies(server.url, ns, policy)
+    key = "key-" + uuid.uuid4().hex
+    put_key(server.url, policy.ref, key, "pro")
+    sidecar = start(upstream, server.url, ns, labels, "--grant-cache-max-age-s", "3600")
+    try:
+        assert status(sidecar, key) == 200  # cached for an hour
+        _revoke_silently(server, policy.ref, key)
+        for node in nodes(server):  # nothing answers for 3 s; no connection is closed
+            with node.client() as r:
+                r.execute_command("CLIENT", "PAUSE", "3000", "ALL")
         wait_until(lambda: status(sidecar, key) == 401, DEADLINE, what="stale grant forgotten")
     finally:
         sidecar.close()
