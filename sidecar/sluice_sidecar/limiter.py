@@ -113,7 +113,8 @@ class Enforcement:
                       for r in p.rules if r.limit is not None}
         if self.grants is None:
             self.cache = GrantCache(self.grant_cache_size, self.grant_cache_max_age_s)
-            self.tier_args = tier_args((name, b.suffix, *b.params) for name, b in self.tiers.items())
+            self.tier_args = tier_args(stored_grants.policy_tag(p.ref),
+                                       ((name, b.suffix, *b.params) for name, b in self.tiers.items()))
 
     def grant_bucket(self, grant: KeyGrant) -> Bucket | None:
         """The bucket a Redis grant names: its tier's, or its own limit's (one Bucket per
@@ -435,7 +436,7 @@ class Limiter:
         bucket, expires_ms = None, 0
         if value is not None:
             try:
-                stored = stored_grants.decode(value)
+                stored = stored_grants.decode(value, e.policy.ref)
             except ValueError as exc:  # says what is wrong, never the value
                 log.warning("an API key grant of %s is unreadable; the key counts as unknown: %s",
                             e.policy.ref, exc)
