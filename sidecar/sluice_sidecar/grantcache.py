@@ -14,7 +14,8 @@ costs no resolve at all:
 Both tables are LRU, bounded by ``size`` entries each, and no entry is used longer than
 ``max_age_s`` after it was resolved (then the key is resolved again): a revocation whose notice
 was lost (a pub/sub connection dropped silently, a Cluster node that stopped relaying) still
-lands within it. Entries are dropped by the keys-changed
+lands within it. An entry past that age is kept (until LRU or a notice drops it) as the last
+good state: while Redis cannot resolve the key, it still says whether the key was known. Entries are dropped by the keys-changed
 notices (:data:`sluice_core.keyschema.KEYS_CHANNEL`): one key's, or all of a policy's; and the
 whole cache is emptied when the notices may have been missed (the subscription was lost and is
 back) or the policy was reloaded (a new :class:`~sluice_sidecar.limiter.Enforcement` starts
@@ -70,23 +71,33 @@ class GrantCache(Generic[B]):
 
     def get(self, client: str) -> B | Unknown | None:
         """The cached bucket of ``client``'s grant, :data:`UNKNOWN`, or None: not cached, its
-        grant has expired, or the entry is older than ``max_age_s``."""
+        grant has expired, or the entry is older than ``max_age_s`` (kept for :meth:`last`)."""
         hit = self._known.get(client)
         if hit is not None:
             bucket, expires_ms, stale_at = hit
-            if time.monotonic() >= stale_at or (expires_ms and time.time() * 1000 >= expires_ms):
+            if expires_ms and time.time() * 1000 >= expires_ms:
                 del self._known[client]
+                return None
+            if time.monotonic() >= stale_at:
                 return None
             self._known.move_to_end(client)
             return bucket
         stale = self._unknown.get(client)
         if stale is not None:
             if time.monotonic() >= stale:
-                del self._unknown[client]
                 return None
             self._unknown.move_to_end(client)
             return UNKNOWN
         return None
+
+    def last(self, client: str) -> B | Unknown | None:
+        """What was last learnt of ``client``, however old (never past its grant's expiry): the
+        last good state, for when Redis cannot resolve the key now."""
+        hit = self._known.get(client)
+        if hit is not None:
+            bucket, expires_ms, _ = hit
+            return None if expires_ms and time.time() * 1000 >= expires_ms else bucket
+        return UNKNOWN if client in self._unknown else None
 
     def put(self, client: str, bucket: B | None, expires_ms: int, epoch: int) -> None:
         """Remember what a resolve sent at ``epoch`` found (``bucket`` None: an unknown key)."""

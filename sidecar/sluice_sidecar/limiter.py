@@ -46,7 +46,11 @@ from sluice_core.model import (
     Mode,
     Source,
 )
-from sluice_core.sidecar_settings import DEFAULT_GRANT_CACHE_MAX_AGE_S, DEFAULT_GRANT_CACHE_SIZE
+from sluice_core.sidecar_settings import (
+    DEFAULT_GRANT_CACHE_MAX_AGE_S,
+    DEFAULT_GRANT_CACHE_SIZE,
+    DEFAULT_MAX_KEY_RESOLVES,
+)
 
 from sluice_sidecar import headers as hdr
 from sluice_sidecar.breaker import CircuitBreaker
@@ -222,8 +226,13 @@ class Limiter:
         self.metrics = metrics
         self.breaker = breaker
         # Are the keys-changed notices heard? While they may not be (the subscription is down
-        # or not up yet), no grant is taken from a cache or put in one: every key is resolved.
+        # or not up yet), no grant is taken from a cache: every key is resolved.
         self.notices = True
+        # Grant-cache misses being resolved at once, and the cap (--max-key-resolves): beyond it
+        # a miss is answered without Redis, so a flood of random keys asks Redis at most this
+        # much beyond the ordinary decisions.
+        self.resolving = 0
+        self.max_resolves = DEFAULT_MAX_KEY_RESOLVES
         self.policy: Enforcement | None = None  # the namespace's RateLimitPolicy
         self.cluster_policy: Enforcement | None = None  # a ClusterRateLimitPolicy's shared budget
         self._hist = metrics.decision_seconds.labels(store.name)
@@ -389,6 +398,8 @@ class Limiter:
         second call; with ``required`` it is refused (nothing was written)."""
         e, fb = r.enforcement, r.fallback
         required = e.policy.api_keys.required
+        if self.resolving >= self.max_resolves:
+            return self._busy(r) if required else await self._decide_one(fb)
         ask = self._ask_resolve(r, r.cost)
         if not required and self.store.atomic((ask.grant_key, *fb.keys)):
             ask = ask._replace(fallback_keys=fb.keys, fallback_params=fb.params)
@@ -408,6 +419,8 @@ class Limiter:
         """A pod under two policies: resolve the key first, reading only (cost 0: nothing is
         taken or written), then decide as for a cached key."""
         e = r.enforcement
+        if self.resolving >= self.max_resolves:
+            return self._busy(r) if e.policy.api_keys.required else r.fallback
         resolved = await self._resolve(self._ask_resolve(r, 0))
         if resolved is None:
             return self._unresolved(r)
@@ -418,14 +431,28 @@ class Limiter:
             return self._unauthorized(e, r.rule_name, True)
         return r.fallback
 
+    def _busy(self, r: _Resolve) -> Outcome:
+        """A required key not cached while --max-key-resolves are in flight: 503, not asked."""
+        e = r.enforcement
+        self.metrics.decision(e.label, "", r.rule_name, "failed_closed")
+        return refused(503, [("Retry-After", "1")], e.policy.name, rule=r.rule_name,
+                       detail="the rate limiter is checking too many API keys right now")
+
     def _unresolved(self, r: _Resolve) -> Outcome:
-        """The store could not resolve the key. Where a key is required, 503 whatever the
+        """The store could not resolve the key. One the cache knew, however long ago, counts as
+        it was then (the last good state). Otherwise, where a key is required, 503 whatever the
         failure mode: a key that could not be checked is never forwarded (else a flood that
         slows Redis down would get random keys past the requirement). Otherwise the policy's
         failure mode answers, as for the anonymous client the key may turn out to be."""
         e = r.enforcement
+        assert e.cache is not None
+        last = e.cache.last(r.client)  # the last good state: a key known before stays known
+        if isinstance(last, Bucket):
+            return self._finish(_buckets(e, r.rule_name, r.rule_b, r.cost, last, r.client), None)
         if not e.policy.api_keys.required:
             return self._finish(r.fallback, None)
+        if last is not None:
+            return self._unauthorized(e, r.rule_name, True)
         self.metrics.decision(e.label, "", r.rule_name, "failed_closed")
         return refused(503, [("Retry-After", "1")], e.policy.name, rule=r.rule_name,
                        detail="the rate limiter cannot check the API key right now")
@@ -443,16 +470,15 @@ class Limiter:
             else:
                 bucket, expires_ms = e.grant_bucket(stored.grant), stored.expires_ms
         assert e.cache is not None
-        if self.notices:
-            e.cache.put(r.client, bucket, expires_ms, r.epoch)
+        e.cache.put(r.client, bucket, expires_ms, r.epoch)
         self.metrics.grant_resolved(e.label, "known" if bucket else "unknown")
         return bucket
 
     def notices_up(self, up: bool) -> None:
-        """The keys-changed notices are heard again (``up``), or may not be: forget every cached
-        grant either way, and cache none while they are not."""
+        """The keys-changed notices are heard (``up``; the caches were emptied as the
+        subscription came) or may not be: then every key is resolved, the caches serving only
+        as the last good state when Redis cannot resolve it."""
         self.notices = up
-        self.forget_grants(None, None)
 
     def forget_grants(self, policy_id: str | None, client: str | None) -> None:
         """A keys-changed notice: drop one key's cached grant (``client``) or all of a policy's
@@ -498,11 +524,19 @@ class Limiter:
             self.metrics.store_errors.labels(self.store.name, "circuit_open").inc()
             return None
         started = time.perf_counter()
+        self.resolving += 1
         try:
             resolved = await self.store.resolve(ask)
         except StoreUnavailable as exc:
-            self._failed(exc)
+            # Counted, but kept out of the breaker: which keys miss the cache is the client's
+            # choice, so a flood of random keys that slows Redis down would otherwise open it
+            # and switch limiting off for every request (failure mode open). A Redis that is
+            # really away fails the ordinary decisions too, and they open it.
+            self.metrics.store_errors.labels(self.store.name, exc.reason).inc()
+            log.debug("API key resolve failed: %s", exc)
             return None
+        finally:
+            self.resolving -= 1
         breaker.success()
         self._hist.observe(time.perf_counter() - started)
         return resolved

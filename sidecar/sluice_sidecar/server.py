@@ -65,6 +65,7 @@ class Sidecar:
                                       on_probe=lambda ok: self.metrics.store_probes.labels(
                                           "ok" if ok else "failed").inc())
         self.limiter = Limiter(self.store, self.metrics, self.breaker)
+        self.limiter.max_resolves = settings.max_key_resolves
         self.proxy = Proxy(settings.upstream, self.metrics,
                            connect_timeout=settings.upstream_connect_timeout_s,
                            read_timeout=settings.upstream_timeout_s,
