@@ -23,8 +23,11 @@ empty).
 
 A resolve in flight when a notice arrives may carry the grant as it was before the change: its
 answer still serves the request that asked (it was read after the change was written, or before
-the notice could be sent), but it is not cached. ``epoch`` counts the drops; a resolve records it
-when it is sent and :meth:`GrantCache.put` refuses an answer from an older epoch.
+the notice could be sent), but it is not cached. A resolve takes a :meth:`GrantCache.ticket`
+when it is sent: the cache's ``epoch`` (whole-cache drops) and the drops of its own key, counted
+in a small bounded map (one key's notices do not void the resolves of the others; when the map
+overflows, the oldest count is forgotten and the epoch moves on, voiding every ticket: safe,
+and rare); :meth:`GrantCache.put` refuses an answer whose ticket is no longer current.
 """
 
 from __future__ import annotations
@@ -36,6 +39,8 @@ from typing import Final, Generic, TypeVar
 from sluice_core.sidecar_settings import DEFAULT_GRANT_CACHE_MAX_AGE_S
 
 B = TypeVar("B")
+Ticket = tuple[int, int]  # (epoch, the key's drops): see the module docstring
+MAX_DROPS = 4096  # keys whose drops are counted (recent notices); more: the epoch moves on
 
 
 class Unknown:
@@ -55,12 +60,13 @@ class GrantCache(Generic[B]):
     """Client id (``k`` + 16 characters, :func:`~sluice_core.keyschema.client_for_api_key`) to
     the bucket of its grant (``B``), or :data:`UNKNOWN`."""
 
-    __slots__ = ("_known", "_unknown", "epoch", "max_age_s", "size")
+    __slots__ = ("_drops", "_known", "_unknown", "epoch", "max_age_s", "size")
 
     def __init__(self, size: int, max_age_s: float = DEFAULT_GRANT_CACHE_MAX_AGE_S) -> None:
         self.size = size
         self.max_age_s = max_age_s
-        self.epoch = 0  # drops so far (see the module docstring)
+        self.epoch = 0  # whole-cache drops so far (see the module docstring)
+        self._drops: OrderedDict[str, int] = OrderedDict()  # client -> its drops (recent ones)
         # client -> (bucket, expires unix ms (0: never), stale at (monotonic s)). OrderedDict:
         # LRU order, O(1) at both ends.
         self._known: OrderedDict[str, tuple[B, int, float]] = OrderedDict()
@@ -99,9 +105,13 @@ class GrantCache(Generic[B]):
             return None if expires_ms and time.time() * 1000 >= expires_ms else bucket
         return UNKNOWN if client in self._unknown else None
 
-    def put(self, client: str, bucket: B | None, expires_ms: int, epoch: int) -> None:
-        """Remember what a resolve sent at ``epoch`` found (``bucket`` None: an unknown key)."""
-        if epoch != self.epoch:
+    def ticket(self, client: str) -> Ticket:
+        """What a resolve of ``client`` records when it is sent, for :meth:`put`."""
+        return self.epoch, self._drops.get(client, 0)
+
+    def put(self, client: str, bucket: B | None, expires_ms: int, ticket: Ticket) -> None:
+        """Remember what a resolve sent with ``ticket`` found (``bucket`` None: an unknown key)."""
+        if ticket != self.ticket(client):
             return  # a notice came in meanwhile: this answer may predate it
         stale_at = time.monotonic() + self.max_age_s
         table: OrderedDict[str, tuple[B, int, float]] | OrderedDict[str, float]
@@ -119,12 +129,17 @@ class GrantCache(Generic[B]):
 
     def drop(self, client: str) -> None:
         """One key's grant was written or removed."""
-        self.epoch += 1
+        self._drops[client] = self._drops.get(client, 0) + 1
+        self._drops.move_to_end(client)
+        if len(self._drops) > MAX_DROPS:
+            self._drops.popitem(last=False)
+            self.epoch += 1  # that key's count restarts at 0: void every ticket instead
         self._known.pop(client, None)
         self._unknown.pop(client, None)
 
     def clear(self) -> None:
         """Many grants changed, or notices may have been missed."""
         self.epoch += 1
+        self._drops.clear()
         self._known.clear()
         self._unknown.clear()

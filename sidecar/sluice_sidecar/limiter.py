@@ -54,7 +54,7 @@ from sluice_core.sidecar_settings import (
 
 from sluice_sidecar import headers as hdr
 from sluice_sidecar.breaker import CircuitBreaker
-from sluice_sidecar.grantcache import GrantCache
+from sluice_sidecar.grantcache import GrantCache, Ticket
 from sluice_sidecar.identify import PeerTrust, anonymous_client, api_key_from
 from sluice_sidecar.metrics import Metrics
 from sluice_sidecar.stores.base import DecisionStore, ResolveAsk, StoreUnavailable, tier_args
@@ -182,7 +182,7 @@ class _Resolve:
     rule_b: Bucket | None
     cost: int
     fallback: _Plan  # the anonymous client's default-tier buckets (an unknown key, a failure)
-    epoch: int  # the cache's epoch when the resolve was planned (GrantCache.put)
+    ticket: Ticket  # the cache's ticket for the key when the resolve was planned (GrantCache.put)
 
 
 def _scaled(plan: _Plan) -> tuple[int, ...]:
@@ -380,7 +380,7 @@ class Limiter:
                             client if policy.api_keys.required
                             else anonymous_client(headers, peer, enforcement.peers))
         assert enforcement.cache is not None
-        return _Resolve(enforcement, client, rule_name, rule_b, cost, fallback, enforcement.cache.epoch)
+        return _Resolve(enforcement, client, rule_name, rule_b, cost, fallback, enforcement.cache.ticket(client))
 
     @staticmethod
     def _ask_resolve(r: _Resolve, cost: int) -> ResolveAsk:
@@ -470,7 +470,7 @@ class Limiter:
             else:
                 bucket, expires_ms = e.grant_bucket(stored.grant), stored.expires_ms
         assert e.cache is not None
-        e.cache.put(r.client, bucket, expires_ms, r.epoch)
+        e.cache.put(r.client, bucket, expires_ms, r.ticket)
         self.metrics.grant_resolved(e.label, "known" if bucket else "unknown")
         return bucket
 
