@@ -219,6 +219,9 @@ class RedisSource:
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._sub: RespConnection | None = None
+        # What was applied last (namespace policy, cluster policy): a reload carries their grant
+        # caches over where it can (Enforcement.carry_cache).
+        self._enforced: tuple[Enforcement | None, Enforcement | None] = (None, None)
         self._heartbeat_error: str | None = None  # the reason the last heartbeat failed
 
     @property
@@ -293,16 +296,22 @@ class RedisSource:
             self.metrics.config_reloads.labels("no_policy").inc()
             log.warning("no policy selects this pod (namespace %s, config version %s, cluster "
                         "config version %s)", self.namespace, ns_version, cluster_version)
+            self._enforced = (None, None)
             self.apply(None, None)
             return True
         # A document that embeds no apiKeys for the policy: its keys are Redis grants (None).
-        self.apply(
+        enforced = (
             Enforcement(policy, ns_config.grants.get(policy.name), ns_version, self.grant_cache_size,
                         self.grant_cache_max_age_s)
             if policy and ns_config else None,
             Enforcement(cluster_policy, cluster_config.grants.get(cluster_policy.name),
                         cluster_version, self.grant_cache_size, self.grant_cache_max_age_s)
             if cluster_policy and cluster_config else None)
+        for new, old in zip(enforced, self._enforced, strict=True):
+            if new is not None:
+                new.carry_cache(old)
+        self._enforced = enforced
+        self.apply(*enforced)
         self.metrics.config_reloads.labels("ok").inc()
         for doc in (self._policy_doc, self._cluster_policy_doc):
             if doc.version:

@@ -15,11 +15,11 @@ Both tables are LRU, bounded by ``size`` entries each, and no entry is used long
 ``max_age_s`` after it was resolved (then the key is resolved again): a revocation whose notice
 was lost (a pub/sub connection dropped silently, a Cluster node that stopped relaying) still
 lands within it. An entry past that age is kept (until LRU or a notice drops it) as the last
-good state: while Redis cannot resolve the key, it still says whether the key was known. Entries are dropped by the keys-changed
-notices (:data:`sluice_core.keyschema.KEYS_CHANNEL`): one key's, or all of a policy's; and the
+good state: while Redis cannot resolve the key, it still says whether the key was known.
+Entries are dropped by the keys-changed notices (:data:`sluice_core.keyschema.KEYS_CHANNEL`): one key's, or all of a policy's; and the
 whole cache is emptied when the notices may have been missed (the subscription was lost and is
-back) or the policy was reloaded (a new :class:`~sluice_sidecar.limiter.Enforcement` starts
-empty).
+back) or the policy was reloaded with other tiers (a reload that keeps the policy's ref, tiers
+and key source carries the cache over: ``Enforcement.carry_cache``).
 
 A resolve in flight when a notice arrives may carry the grant as it was before the change: its
 answer still serves the request that asked (it was read after the change was written, or before

@@ -100,7 +100,6 @@ class Enforcement:
     _prefix: str = field(init=False, default="")
     tiers: dict[str, Bucket] = field(init=False)
     rules: dict[str, Bucket] = field(init=False)
-    _key_buckets: dict[str, Bucket] = field(init=False, default_factory=dict)
     peers: PeerTrust = field(init=False)
 
     def __post_init__(self) -> None:
@@ -135,14 +134,14 @@ class Enforcement:
             b = self._own[own] = _bucket(grant.tier, grant.limit, self._prefix, keyschema.tier_suffix)
         return b
 
-    def key_bucket(self, digest: str, grant: KeyGrant) -> Bucket:
-        """A per-key limit override: the tier's bucket name, the key's own numbers."""
-        b = self._key_buckets.get(digest)
-        if b is None:
-            assert grant.limit is not None
-            b = self._key_buckets[digest] = _bucket(grant.tier, grant.limit, self._prefix,
-                                                    keyschema.tier_suffix)
-        return b
+    def carry_cache(self, old: Enforcement | None) -> None:
+        """Take over ``old``'s grant cache when it still holds: the same policy (ref), the same
+        tiers and keys in Redis grants both times. A reload for anything else (a rule, a
+        selector, another policy of the namespace or a cluster policy scoped elsewhere) then
+        leaves the cache as it was, instead of every sidecar re-resolving its hot keys at once."""
+        if (old is not None and old.cache is not None and self.cache is not None
+                and old.policy.ref == self.policy.ref and old.policy.tiers == self.policy.tiers):
+            self.cache = old.cache
 
 
 @dataclass(frozen=True, slots=True)
@@ -351,8 +350,7 @@ class Limiter:
                     grant = grants.get(digest)
                     if grant is not None:
                         client = keyschema.client_for_api_key(raw)
-                        tier_b = (enforcement.key_bucket(digest, grant) if grant.limit is not None
-                                  else enforcement.tiers[grant.tier])
+                        tier_b = enforcement.grant_bucket(grant)
         if tier_b is None:
             if policy.api_keys.required:
                 return self._unauthorized(enforcement, rule_name, keyed)

@@ -213,6 +213,30 @@ def test_notice_missed_while_unsubscribed_leaves_no_stale_grant(
         sidecar.close()
 
 
+def test_a_reload_that_keeps_the_policy_keeps_its_grant_cache(
+        redis_server: RedisServer, upstream: UpstreamProcess, labels: Path) -> None:
+    """A new config version that changes nothing of the policy's ref, tiers and key source (here:
+    a rule added) keeps the cached grants: no key is resolved again."""
+    ns = new_namespace()
+    policy = key_policy(ns, required=True)
+    publish_policies(redis_server.url, ns, policy)
+    key = "key-" + uuid.uuid4().hex
+    put_key(redis_server.url, policy.ref, key, "pro")
+    sidecar = start(upstream, redis_server.url, ns, labels, "--grant-cache-max-age-s", "3600")
+    try:
+        assert [status(sidecar, key) for _ in range(2)] == [200, 200]
+        assert sidecar.metric("sluice_grant_resolves_total", result="known") == 1
+        ruled = key_policy(ns, required=True, rule={"name": "health", "match": {"path": {"prefix": "/healthz"}},
+                                                  "skip": True})
+        version = publish_policies(redis_server.url, ns, ruled)
+        wait_until(lambda: sidecar.metric("sluice_config_version", namespace=ns) == version, DEADLINE,
+                   what="the new config loaded")
+        assert status(sidecar, key) == 200
+        assert sidecar.metric("sluice_grant_resolves_total", result="known") == 1
+    finally:
+        sidecar.close()
+
+
 def _revoke_silently(server: Server, policy_ref: str, key: str) -> None:
     """Delete a key's grant and announce nothing: a notice lost on the way."""
     grant = keyschema.grant_key(keyschema.policy_id(policy_ref), keyschema.client_for_api_key(raw_key(key)))
