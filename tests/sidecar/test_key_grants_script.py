@@ -34,13 +34,6 @@ def tiers(policy_ref: str) -> Encoded:
                        lim.emission_us, lim.capacity_us) for name, lim in (("free", FREE), ("pro", PRO))])
 
 
-@pytest.fixture(params=["single", "cluster"])
-def server(request: pytest.FixtureRequest) -> RedisServer | RedisClusterProcs:
-    found: RedisServer | RedisClusterProcs = request.getfixturevalue(
-        "redis_server" if request.param == "single" else "redis_cluster")
-    return found
-
-
 @pytest.fixture
 async def store(server: RedisServer | RedisClusterProcs) -> AsyncIterator[RedisStore]:
     s = RedisStore(parse_redis_url(server.url), timeout=2.0, connect_timeout=2.0)

@@ -9,41 +9,18 @@ import asyncio
 import os
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import aiohttp
 import pytest
 from support.grant_store import key_policy, publish_policies, put_key
-from support.key_sidecar import start
+from support.key_sidecar import all_keys, start
 from support.processes import UpstreamProcess
 from support.redis_servers import RedisClusterProcs, RedisServer
 
 FLOOD = 100_000
 CACHE = 1_000
 RUN_LIMIT = 300.0  # the flood stops by itself after this long
-
-
-@pytest.fixture(scope="module")
-def upstream() -> Iterator[UpstreamProcess]:
-    up = UpstreamProcess()
-    yield up
-    up.close()
-
-
-@pytest.fixture(params=["single", "cluster"])
-def server(request: pytest.FixtureRequest) -> RedisServer | RedisClusterProcs:
-    found: RedisServer | RedisClusterProcs = request.getfixturevalue(
-        "redis_server" if request.param == "single" else "redis_cluster")
-    return found
-
-
-def all_keys(server: RedisServer | RedisClusterProcs) -> set[bytes]:
-    out: set[bytes] = set()
-    for node in list(server) if isinstance(server, RedisClusterProcs) else [server]:
-        with node.client() as r:
-            out.update(r.scan_iter(count=10_000))
-    return out
 
 
 async def flood(url: str, keys: list[str], workers: int = 32) -> dict[int, int]:
@@ -68,19 +45,17 @@ async def flood(url: str, keys: list[str], workers: int = 32) -> dict[int, int]:
 @pytest.mark.slow
 @pytest.mark.parametrize("required", [True, False])
 def test_random_keys_are_refused_and_write_nothing(server: RedisServer | RedisClusterProcs,
-                                                  upstream: UpstreamProcess, tmp_path: Path,
+                                                  upstream_process: UpstreamProcess, labels: Path,
                                                   required: bool) -> None:
     ns = "ku-" + uuid.uuid4().hex[:8]
     policy = key_policy(ns, required=required)
     publish_policies(server.url, ns, policy)
     good = "good-" + uuid.uuid4().hex
     put_key(server.url, policy.ref, good, "pro")
-    labels = tmp_path / "labels"
-    labels.write_text('app="web"\n')
     # support.key_sidecar's generous Redis timeout: at the default 50 ms, on this 2-core machine
     # shared with other test runs, ~0.15 % of the resolves expired under the flood (503, as
     # test_key_grants_failure.py checks); those no longer open the circuit breaker.
-    sidecar = start(upstream, server.url, ns, labels, "--grant-cache-size", str(CACHE))
+    sidecar = start(upstream_process, server.url, ns, labels, "--grant-cache-size", str(CACHE))
     try:
         before = all_keys(server)
         keys = [os.urandom(16).hex() for _ in range(FLOOD)]
