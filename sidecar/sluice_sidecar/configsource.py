@@ -31,8 +31,8 @@ from sluice_core.model import CLUSTER_SCOPE, CompiledPolicy, KeyGrant
 from sluice_core.policyfile import load_policies
 from sluice_core.sidecar_settings import DEFAULT_GRANT_CACHE_MAX_AGE_S, DEFAULT_GRANT_CACHE_SIZE
 
+from sluice_sidecar.enforcement import Enforcement
 from sluice_sidecar.labels import read_labels
-from sluice_sidecar.limiter import Enforcement
 from sluice_sidecar.metrics import Metrics
 from sluice_sidecar.transport.errors import TransportError
 from sluice_sidecar.transport.resp import RespConnection, encode

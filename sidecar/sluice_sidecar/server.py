@@ -15,8 +15,9 @@ from sluice_core.sidecar_settings import SidecarSettings
 from sluice_sidecar.breaker import CircuitBreaker, State
 from sluice_sidecar.configsource import FileSource, NoConfig, RedisSource, one_line
 from sluice_sidecar.connections import DataServer
+from sluice_sidecar.enforcement import Enforcement, Outcome
 from sluice_sidecar.labels import read_labels
-from sluice_sidecar.limiter import Enforcement, Limiter, Outcome
+from sluice_sidecar.limiter import Limiter
 from sluice_sidecar.metrics import BatchCollector, Metrics
 from sluice_sidecar.problem import (
     API_KEY_REQUIRED,
