@@ -346,7 +346,7 @@ def grant_cache_bytes(n: int = 100_000) -> tuple[float, float]:
         tracemalloc.start()
         before = tracemalloc.get_traced_memory()[0]
         for c in clients:
-            cache.put(c, bucket, 1_900_000_000_000, 0)
+            cache.put(c, bucket, 1_900_000_000_000, cache.ticket(c))
         used = tracemalloc.get_traced_memory()[0] - before
         tracemalloc.stop()
         out.append((used + sum(sys.getsizeof(c) for c in clients)) / n)

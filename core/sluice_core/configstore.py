@@ -167,7 +167,7 @@ async def put_grant(client: Client, policy_ref: str, key_sha256: bytes, stored: 
     one grant builds on: one key change is this write, its entry in the policy's key index
     (:func:`keyschema.grant_index_key`) and one notice, whatever the number of keys; many keys
     at once: :mod:`sluice_core.grantstore`."""
-    await _write_grant(client, policy_ref, key_sha256, grants.encode(stored), stored.expires_ms)
+    await _write_grant(client, policy_ref, key_sha256, grants.encode(stored, policy_ref), stored.expires_ms)
 
 
 async def revoke_grant(client: Client, policy_ref: str, key_sha256: bytes) -> None:
@@ -207,7 +207,7 @@ async def get_grant(client: Client, policy_ref: str, key_sha256: bytes) -> grant
         value = await client.redis.get(key)
     except REDIS_FAILURES as exc:
         raise ConfigStoreError(f"cannot read an API key grant of policy {policy_ref!r}: {exc}") from exc
-    return grants.decode(value) if value is not None else None
+    return grants.decode(value, policy_ref) if value is not None else None
 
 
 async def memory_settings(client: Client) -> list[tuple[int, str]]:

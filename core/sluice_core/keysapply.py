@@ -191,6 +191,6 @@ async def _stage_chunk(client: Client, staged: Staged, entries: list[KeyEntry]) 
             dups.append(e)
             continue
         seen.add(cid)
-        staged.spool.write(f"{cid}\t{e.stored.expires_ms}\t{grants.encode(e.stored)}\n".encode("ascii"))
+        staged.spool.write(f"{cid}\t{e.stored.expires_ms}\t{grants.encode(e.stored, staged.policy_ref)}\n".encode("ascii"))
     staged.listed += len(seen)
     return dups

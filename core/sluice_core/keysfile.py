@@ -204,7 +204,7 @@ class KeysFile:
             expires_ms = _expiry(c, f"{p}.expiresAt", spec.get("expiresAt"))
             stored = grants.StoredGrant(grant, key_id if isinstance(key_id, str) else "", expires_ms)
             try:
-                grants.encode(stored)
+                grants.encode(stored, self.policy.ref)
             except ValueError as exc:
                 c.fail(f"{p}.id", str(exc))
         for e in c.errors:

@@ -25,6 +25,20 @@ sidecar's default 128 MiB limit beside its ~53 MiB process, whatever the number 
 A key that dropped out costs nothing but a little CPU: its next request resolves it in the
 decision call it makes anyway (measured: about 8 µs of sidecar CPU a request)."""
 
+DEFAULT_MAX_KEY_RESOLVES = 64
+"""Grant-cache misses in Redis at once, per sidecar: what a flood of random API keys can make
+a sidecar ask of Redis beyond its ordinary decisions (each resolve is one script call, batched
+with the others of its event-loop turn). A quarter of the default --max-inflight-requests, so
+keys that resolve never hold every request slot, and well above what a sidecar's real keys
+need at once (a known key is cached after its first resolve)."""
+
+DEFAULT_GRANT_CACHE_MAX_AGE_S = 1.0
+"""How long a cached grant (or a key cached as unknown) is trusted without a fresh read: the
+bound on a revocation whose change notice was lost (a silently dropped pub/sub connection, a
+partitioned Cluster node), the issue's "within a second". Its cost: each hot key is resolved
+again once a second per sidecar, a resolve decision in place of the ordinary one (the same one
+round trip; the script also reads the grant, and the sidecar decodes it)."""
+
 
 @settings_form(env_prefix="SLUICE_")
 class SidecarSettings:
@@ -113,4 +127,14 @@ class SidecarSettings:
         help="cluster mode, a policy whose keys live in Redis grants: most API keys cached per policy, "
              "known ones and as many unknown ones (least recently used dropped past it; a dropped key "
              "is resolved again in its next decision call)", positive=True)
+    max_key_resolves: int = setting(
+        default=DEFAULT_MAX_KEY_RESOLVES,
+        help="cluster mode, a policy whose keys live in Redis grants: API keys being resolved from Redis at "
+             "once at most (grant-cache misses); one more is answered without Redis: `503` "
+             "(`Retry-After: 1`) where a key is required, else as the anonymous client", positive=True)
+    grant_cache_max_age_s: float = setting(
+        default=DEFAULT_GRANT_CACHE_MAX_AGE_S,
+        help="cluster mode, a policy whose keys live in Redis grants: a cached grant (or unknown key) is "
+             "read again from Redis after this long, so a revocation whose change notice was lost "
+             "still lands within it", positive=True)
     log_level: str = setting(default="info", help="`debug`, `info`, `warning` or `error`", choices=LOG_LEVELS)

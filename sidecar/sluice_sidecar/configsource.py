@@ -29,10 +29,10 @@ from sluice_core.configdoc import NamespaceConfig, load_doc
 from sluice_core.errors import PolicyErrors
 from sluice_core.model import CLUSTER_SCOPE, CompiledPolicy, KeyGrant
 from sluice_core.policyfile import load_policies
-from sluice_core.sidecar_settings import DEFAULT_GRANT_CACHE_SIZE
+from sluice_core.sidecar_settings import DEFAULT_GRANT_CACHE_MAX_AGE_S, DEFAULT_GRANT_CACHE_SIZE
 
+from sluice_sidecar.enforcement import Enforcement
 from sluice_sidecar.labels import read_labels
-from sluice_sidecar.limiter import Enforcement
 from sluice_sidecar.metrics import Metrics
 from sluice_sidecar.transport.errors import TransportError
 from sluice_sidecar.transport.resp import RespConnection, encode
@@ -45,6 +45,12 @@ Apply = Callable[[Enforcement | None, Enforcement | None], None]
 KeysChanged = Callable[[str | None, str | None], None]
 """Called with ``(policy id, client id)`` of a keys-changed notice: one key's grant changed;
 ``(policy id, None)``: many of that policy's; ``(None, None)``: notices may have been missed."""
+NoticesUp = Callable[[bool], None]  # the change notices are (True) or may not be (False) heard
+# The subscription is checked with a PING this often; no answer within the timeout counts as a
+# lost connection. Without it a connection dropped silently (a NAT or conntrack entry expired, a
+# partitioned Cluster node that no longer relays PUBLISH) looks subscribed while no notice comes.
+SUBSCRIPTION_PING_S = 1.0
+SUBSCRIPTION_PING_TIMEOUT_S = 1.0
 
 
 class NoConfig(Exception):
@@ -192,10 +198,14 @@ class RedisSource:
                  labels_path: str | None, pod_name: str | None = None,
                  poll_interval: float, heartbeat_interval: float = 10.0,
                  keys_changed: KeysChanged | None = None,
-                 grant_cache_size: int = DEFAULT_GRANT_CACHE_SIZE) -> None:
+                 grant_cache_size: int = DEFAULT_GRANT_CACHE_SIZE,
+                 grant_cache_max_age_s: float = DEFAULT_GRANT_CACHE_MAX_AGE_S,
+                 notices_up: NoticesUp | None = None) -> None:
         self.nodes = nodes
         self.keys_changed = keys_changed
+        self.notices_up = notices_up
         self.grant_cache_size = grant_cache_size
+        self.grant_cache_max_age_s = grant_cache_max_age_s
         self.namespace = namespace
         self.metrics = metrics
         self.apply = apply
@@ -209,6 +219,9 @@ class RedisSource:
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._sub: RespConnection | None = None
+        # What was applied last (namespace policy, cluster policy): a reload carries their grant
+        # caches over where it can (Enforcement.carry_cache).
+        self._enforced: tuple[Enforcement | None, Enforcement | None] = (None, None)
         self._heartbeat_error: str | None = None  # the reason the last heartbeat failed
 
     @property
@@ -283,15 +296,22 @@ class RedisSource:
             self.metrics.config_reloads.labels("no_policy").inc()
             log.warning("no policy selects this pod (namespace %s, config version %s, cluster "
                         "config version %s)", self.namespace, ns_version, cluster_version)
+            self._enforced = (None, None)
             self.apply(None, None)
             return True
         # A document that embeds no apiKeys for the policy: its keys are Redis grants (None).
-        self.apply(
-            Enforcement(policy, ns_config.grants.get(policy.name), ns_version, self.grant_cache_size)
+        enforced = (
+            Enforcement(policy, ns_config.grants.get(policy.name), ns_version, self.grant_cache_size,
+                        self.grant_cache_max_age_s)
             if policy and ns_config else None,
             Enforcement(cluster_policy, cluster_config.grants.get(cluster_policy.name),
-                        cluster_version, self.grant_cache_size)
+                        cluster_version, self.grant_cache_size, self.grant_cache_max_age_s)
             if cluster_policy and cluster_config else None)
+        for new, old in zip(enforced, self._enforced, strict=True):
+            if new is not None:
+                new.carry_cache(old)
+        self._enforced = enforced
+        self.apply(*enforced)
         self.metrics.config_reloads.labels("ok").inc()
         for doc in (self._policy_doc, self._cluster_policy_doc):
             if doc.version:
@@ -337,13 +357,34 @@ class RedisSource:
                 if self.keys_changed is not None:
                     self.keys_changed(None, None)  # and forget every cached grant, likewise
                 self._sub = conn
-                await conn.lost
+                if self.notices_up is not None:
+                    self.notices_up(True)
+                await self._watch(conn)
             except TransportError as exc:
                 log.debug("config subscription failed: %s", exc)
             except Exception:  # never let the subscription loop die
                 log.exception("config subscription crashed")
+            if self.notices_up is not None:
+                self.notices_up(False)  # until subscribed again: no grant is cached
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 5.0)
+
+    @staticmethod
+    async def _watch(conn: RespConnection) -> None:
+        """Until ``conn`` is lost: PING it every SUBSCRIPTION_PING_S; a PING unanswered within
+        SUBSCRIPTION_PING_TIMEOUT_S drops it (the caller subscribes again)."""
+        while not conn.closed:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(SUBSCRIPTION_PING_S):
+                    await asyncio.shield(conn.lost)
+            if conn.closed:
+                return
+            try:
+                await conn.call("PING", timeout=SUBSCRIPTION_PING_TIMEOUT_S)
+            except TransportError as exc:
+                log.warning("change-notice subscription silent (%s); subscribing again", exc)
+                conn.abort(exc)
+                return
 
     async def _heartbeat(self) -> None:
         """Report the config version this pod enforces (field = pod name in the namespace's

@@ -15,8 +15,9 @@ from sluice_core.sidecar_settings import SidecarSettings
 from sluice_sidecar.breaker import CircuitBreaker, State
 from sluice_sidecar.configsource import FileSource, NoConfig, RedisSource, one_line
 from sluice_sidecar.connections import DataServer
+from sluice_sidecar.enforcement import Enforcement, Outcome
 from sluice_sidecar.labels import read_labels
-from sluice_sidecar.limiter import Enforcement, Limiter, Outcome
+from sluice_sidecar.limiter import Limiter
 from sluice_sidecar.metrics import BatchCollector, Metrics
 from sluice_sidecar.problem import (
     API_KEY_REQUIRED,
@@ -65,6 +66,7 @@ class Sidecar:
                                       on_probe=lambda ok: self.metrics.store_probes.labels(
                                           "ok" if ok else "failed").inc())
         self.limiter = Limiter(self.store, self.metrics, self.breaker)
+        self.limiter.max_resolves = settings.max_key_resolves
         self.proxy = Proxy(settings.upstream, self.metrics,
                            connect_timeout=settings.upstream_connect_timeout_s,
                            read_timeout=settings.upstream_timeout_s,
@@ -80,7 +82,10 @@ class Sidecar:
                                       labels_path=settings.pod_labels, pod_name=settings.pod_name,
                                       poll_interval=settings.poll_interval_s,
                                       keys_changed=self.limiter.forget_grants,
-                                      grant_cache_size=settings.grant_cache_size)
+                                      grant_cache_size=settings.grant_cache_size,
+                                      grant_cache_max_age_s=settings.grant_cache_max_age_s,
+                                      notices_up=self.limiter.notices_up)
+            self.limiter.notices = False  # until the change-notice subscription is up
         self.loaded = False
         # Requests being decided or proxied: what --max-inflight-requests caps, and what
         # sluice_inflight_requests shows (one counter, read at scrape time).

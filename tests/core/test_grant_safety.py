@@ -26,10 +26,10 @@ def digest(i: int, salt: str) -> bytes:
     return hashlib.sha256(f"{salt}-{i}".encode()).digest()
 
 
-def writes(salt: str, ids: range, expires_ms: int = 0) -> Iterator[grantstore.GrantWrite]:
+def writes(salt: str, ids: range, policy_ref: str, expires_ms: int = 0) -> Iterator[grantstore.GrantWrite]:
     for i in ids:
         s = grants.StoredGrant(KeyGrant("pro"), f"key-{i}", expires_ms)
-        yield grantstore.GrantWrite(keyschema.client_for_api_key(digest(i, salt)), grants.encode(s), expires_ms)
+        yield grantstore.GrantWrite(keyschema.client_for_api_key(digest(i, salt)), grants.encode(s, policy_ref), expires_ms)
 
 
 async def test_no_grant_is_evicted_under_volatile_ttl_and_bucket_churn() -> None:
@@ -40,7 +40,7 @@ async def test_no_grant_is_evicted_under_volatile_ttl_and_bucket_churn() -> None
         pid = keyschema.policy_id(policy_ref)
         soon = int(time.time() * 1000) + 3_600_000  # an hour: sooner than any bucket's day
         async with configstore.connect(server.url) as client:
-            await grantstore.write(client, policy_ref, writes(salt, range(5_000), soon))
+            await grantstore.write(client, policy_ref, writes(salt, range(5_000), policy_ref, soon))
             await configstore.put_grant(client, policy_ref, digest(9_999, salt),
                                         grants.StoredGrant(KeyGrant("pro"), "alone", soon))
         r = server.client()
@@ -127,7 +127,7 @@ async def test_a_bulk_write_that_fails_half_way_still_announces(fresh_redis: Red
     pid = keyschema.policy_id(policy_ref)
 
     def refusing_after(n: int) -> Iterator[grantstore.GrantWrite]:
-        for i, w in enumerate(writes(salt, range(200))):
+        for i, w in enumerate(writes(salt, range(200), policy_ref)):
             if i == n:
                 fresh_redis.execute("ACL", "SETUSER", "writer", "-set")
             yield w
@@ -149,7 +149,7 @@ async def test_a_revoke_that_fails_half_way_announces_and_so_does_its_retry(fres
     pid = keyschema.policy_id(policy_ref)
     ids = [keyschema.client_for_api_key(digest(i, salt)) for i in range(3)]
     async with configstore.connect(url) as client:
-        await grantstore.write(client, policy_ref, writes(salt, range(3)))
+        await grantstore.write(client, policy_ref, writes(salt, range(3), policy_ref))
         with KeyNotices([fresh_redis]) as notices:
             fresh_redis.execute("ACL", "SETUSER", "writer", "-srem")
             with pytest.raises(configstore.ConfigStoreError, match="cannot revoke"):

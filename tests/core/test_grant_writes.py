@@ -54,10 +54,10 @@ def stored(i: int) -> grants.StoredGrant:
     return grants.StoredGrant(KeyGrant("pro" if i % 2 else "free", limit), f"key-{i}", expires)
 
 
-def grant_writes(salt: str, ids: range) -> Iterator[grantstore.GrantWrite]:
+def grant_writes(salt: str, ids: range, policy_ref: str) -> Iterator[grantstore.GrantWrite]:
     for i in ids:
         s = stored(i)
-        yield grantstore.GrantWrite(keyschema.client_for_api_key(digest(i, salt)), grants.encode(s), s.expires_ms)
+        yield grantstore.GrantWrite(keyschema.client_for_api_key(digest(i, salt)), grants.encode(s, policy_ref), s.expires_ms)
 
 
 async def index_members(client: configstore.Client, policy_ref: str) -> set[str]:
@@ -68,7 +68,7 @@ async def test_bulk_write_and_revoke_keep_the_index(target: Target) -> None:
     policy_ref, salt = f"ns-{uuid.uuid4().hex[:8]}/api", uuid.uuid4().hex
     n = 2_500  # three batches of 1,000: the last one partial
     async with configstore.connect(target.url) as client:
-        assert await grantstore.write(client, policy_ref, grant_writes(salt, range(n))) == n
+        assert await grantstore.write(client, policy_ref, grant_writes(salt, range(n), policy_ref)) == n
         assert await grantstore.count(client, policy_ref) == n
         ids = [keyschema.client_for_api_key(digest(i, salt)) for i in range(n)]
         assert await index_members(client, policy_ref) == set(ids)
@@ -112,13 +112,13 @@ async def test_a_bulk_change_announces_the_changed_keys_or_the_whole_policy(targ
     with KeyNotices(target.nodes) as listen:
         async with configstore.connect(target.url) as client:
             changes = grantstore.Changes()
-            await grantstore.write(client, policy_ref, grant_writes(salt, range(1_500)), changes, batch=1_000)
+            await grantstore.write(client, policy_ref, grant_writes(salt, range(1_500), policy_ref), changes, batch=1_000)
             assert changes.count == 1_500
             assert listen.until_marker(keyschema.grant_index_key(pid)) == [keyschema.keys_notice(pid)] * 2
 
             again = grantstore.Changes()
-            moved = grantstore.GrantWrite(ids[1_200], grants.encode(stored(1_201)), stored(1_201).expires_ms)
-            writes = [moved if w.client_id == ids[1_200] else w for w in grant_writes(salt, range(1_500))]
+            moved = grantstore.GrantWrite(ids[1_200], grants.encode(stored(1_201), policy_ref), stored(1_201).expires_ms)
+            writes = [moved if w.client_id == ids[1_200] else w for w in grant_writes(salt, range(1_500), policy_ref)]
             await grantstore.write(client, policy_ref, writes, again)
             await grantstore.revoke(client, policy_ref, [ids[3], ids[4], "k-not-granted"], again)
             assert again.count == 3
@@ -139,7 +139,7 @@ async def test_one_key_change_is_one_write_and_one_notice(topology: str, request
     nodes = server.nodes if isinstance(server, RedisClusterProcs) else [server]
     policy_ref, salt = f"ns-{uuid.uuid4().hex[:8]}/api", uuid.uuid4().hex
     async with configstore.connect(server.url) as client:
-        await grantstore.write(client, policy_ref, grant_writes(salt, range(1_000)))
+        await grantstore.write(client, policy_ref, grant_writes(salt, range(1_000), policy_ref))
         with KeyNotices(nodes) as listen:
             for action in ("put", "revoke"):
                 for node in nodes:

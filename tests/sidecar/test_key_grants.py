@@ -18,17 +18,10 @@ import pytest
 from sluice_core import configstore, keyschema
 from sluice_core.model import Limit
 from support.grant_store import key_policy, now_ms, publish_policies, put_key, raw_key, revoke_key
-from support.key_sidecar import DEADLINE, call, start, status
+from support.key_sidecar import DEADLINE, all_keys, call, start, status
 from support.processes import SidecarProcess, UpstreamProcess, http_get, wait_until
 from support.redis_servers import RedisClusterProcs, RedisServer, sentinel_for
 from support.store_calls import store_call
-
-
-@pytest.fixture(scope="module")
-def upstream() -> Iterator[UpstreamProcess]:
-    up = UpstreamProcess()
-    yield up
-    up.close()
 
 
 @dataclass
@@ -62,32 +55,17 @@ def nodes(server: Server) -> list[RedisServer]:
     return [server] if isinstance(server, RedisServer) else list(server)
 
 
-@pytest.fixture
-def labels(tmp_path: Path) -> Path:
-    f = tmp_path / "labels"
-    f.write_text('app="web"\n')
-    return f
-
-
-def all_keys(server: Server) -> set[bytes]:
-    out: set[bytes] = set()
-    for node in nodes(server):
-        with node.client() as r:
-            out.update(r.scan_iter(count=1000))
-    return out
-
-
 def new_namespace() -> str:
     return "kg-" + uuid.uuid4().hex[:8]
 
 
 def test_key_created_changed_and_revoked_take_effect(server: Server,
-                                                     upstream: UpstreamProcess, labels: Path) -> None:
+                                                     upstream_process: UpstreamProcess, labels: Path) -> None:
     ns = new_namespace()
     policy = key_policy(ns, required=True)
     publish_policies(server.url, ns, policy)
     key = "key-" + uuid.uuid4().hex
-    sidecar = start(upstream, server.url, ns, labels)
+    sidecar = start(upstream_process, server.url, ns, labels)
     try:
         assert status(sidecar, key) == 401  # unknown (and now cached as unknown)
         put_key(server.url, policy.ref, key, "pro")  # its notice drops the negative entry
@@ -106,13 +84,13 @@ def test_key_created_changed_and_revoked_take_effect(server: Server,
         sidecar.close()
 
 
-def test_expiry_holds_to_the_second(server: Server, upstream: UpstreamProcess,
+def test_expiry_holds_to_the_second(server: Server, upstream_process: UpstreamProcess,
                                     labels: Path) -> None:
     ns = new_namespace()
     policy = key_policy(ns, required=True)
     publish_policies(server.url, ns, policy)
     key = "key-" + uuid.uuid4().hex
-    sidecar = start(upstream, server.url, ns, labels)
+    sidecar = start(upstream_process, server.url, ns, labels)
     try:
         expires = now_ms() + 3000  # room for a slow machine before the first request
         put_key(server.url, policy.ref, key, "pro", expires_ms=expires)
@@ -126,7 +104,7 @@ def test_expiry_holds_to_the_second(server: Server, upstream: UpstreamProcess,
 
 @pytest.mark.parametrize("required", [True, False])
 def test_grant_of_a_tier_the_policy_lacks_is_an_unknown_key(
-        server: Server, upstream: UpstreamProcess, labels: Path,
+        server: Server, upstream_process: UpstreamProcess, labels: Path,
         required: bool) -> None:
     ns = new_namespace()
     policy = key_policy(ns, required=required)
@@ -134,7 +112,7 @@ def test_grant_of_a_tier_the_policy_lacks_is_an_unknown_key(
     key, good = "key-" + uuid.uuid4().hex, "good-" + uuid.uuid4().hex
     put_key(server.url, policy.ref, key, "gold")
     put_key(server.url, policy.ref, good, "pro")
-    sidecar = start(upstream, server.url, ns, labels)
+    sidecar = start(upstream_process, server.url, ns, labels)
     try:
         assert '"pro";q=1000' in call(sidecar, good)[1]["RateLimit-Policy"]  # a tier it has
         got, headers = call(sidecar, key)
@@ -147,11 +125,11 @@ def test_grant_of_a_tier_the_policy_lacks_is_an_unknown_key(
 
 
 def test_unknown_keys_write_nothing_and_fall_back_to_the_anonymous_client(
-        server: Server, upstream: UpstreamProcess, labels: Path) -> None:
+        server: Server, upstream_process: UpstreamProcess, labels: Path) -> None:
     ns = new_namespace()
     policy = key_policy(ns, required=False, free=5)
     publish_policies(server.url, ns, policy)
-    sidecar = start(upstream, server.url, ns, labels)
+    sidecar = start(upstream_process, server.url, ns, labels)
     try:
         before = all_keys(server)
         got = [status(sidecar, "random-" + uuid.uuid4().hex) for _ in range(8)]
@@ -165,14 +143,14 @@ def test_unknown_keys_write_nothing_and_fall_back_to_the_anonymous_client(
 
 
 def test_grant_cache_stays_within_its_size(server: Server,
-                                           upstream: UpstreamProcess, labels: Path) -> None:
+                                           upstream_process: UpstreamProcess, labels: Path) -> None:
     ns = new_namespace()
     policy = key_policy(ns, required=True)
     publish_policies(server.url, ns, policy)
     keys = [f"key-{i}-{uuid.uuid4().hex}" for i in range(60)]
     for key in keys:
         put_key(server.url, policy.ref, key, "pro")
-    sidecar = start(upstream, server.url, ns, labels, "--grant-cache-size", "20")
+    sidecar = start(upstream_process, server.url, ns, labels, "--grant-cache-size", "20")
     try:
         assert [status(sidecar, k) for k in keys] == [200] * 60
         assert [status(sidecar, "nope-" + uuid.uuid4().hex) for _ in range(60)] == [401] * 60
@@ -190,13 +168,14 @@ def test_grant_cache_stays_within_its_size(server: Server,
 
 
 def test_notice_missed_while_unsubscribed_leaves_no_stale_grant(
-        server: Server, upstream: UpstreamProcess, labels: Path) -> None:
+        server: Server, upstream_process: UpstreamProcess, labels: Path) -> None:
     ns = new_namespace()
     policy = key_policy(ns, required=True)
     publish_policies(server.url, ns, policy)
     key = "key-" + uuid.uuid4().hex
     put_key(server.url, policy.ref, key, "pro")
-    sidecar = start(upstream, server.url, ns, labels)
+    # Cached for an hour: only the resubscription can make the sidecar forget it.
+    sidecar = start(upstream_process, server.url, ns, labels, "--grant-cache-max-age-s", "3600")
     try:
         assert status(sidecar, key) == 200  # cached
         # Revoked without a notice: as if it was published while the sidecar was not listening.
@@ -207,6 +186,79 @@ def test_notice_missed_while_unsubscribed_leaves_no_stale_grant(
         for node in nodes(server):
             with node.client() as r:
                 r.execute_command("CLIENT", "KILL", "TYPE", "pubsub")
+        wait_until(lambda: status(sidecar, key) == 401, DEADLINE, what="stale grant forgotten")
+    finally:
+        sidecar.close()
+
+
+def test_a_reload_that_keeps_the_policy_keeps_its_grant_cache(
+        redis_server: RedisServer, upstream_process: UpstreamProcess, labels: Path) -> None:
+    """A new config version that changes nothing of the policy's ref, tiers and key source (here:
+    a rule added) keeps the cached grants: no key is resolved again."""
+    ns = new_namespace()
+    policy = key_policy(ns, required=True)
+    publish_policies(redis_server.url, ns, policy)
+    key = "key-" + uuid.uuid4().hex
+    put_key(redis_server.url, policy.ref, key, "pro")
+    sidecar = start(upstream_process, redis_server.url, ns, labels, "--grant-cache-max-age-s", "3600")
+    try:
+        assert [status(sidecar, key) for _ in range(2)] == [200, 200]
+        assert sidecar.metric("sluice_grant_resolves_total", result="known") == 1
+        ruled = key_policy(ns, required=True, rule={"name": "health", "match": {"path": {"prefix": "/healthz"}},
+                                                  "skip": True})
+        version = publish_policies(redis_server.url, ns, ruled)
+        wait_until(lambda: sidecar.metric("sluice_config_version", namespace=ns) == version, DEADLINE,
+                   what="the new config loaded")
+        assert status(sidecar, key) == 200
+        assert sidecar.metric("sluice_grant_resolves_total", result="known") == 1
+    finally:
+        sidecar.close()
+
+
+def _revoke_silently(server: Server, policy_ref: str, key: str) -> None:
+    """Delete a key's grant and announce nothing: a notice lost on the way."""
+    grant = keyschema.grant_key(keyschema.policy_id(policy_ref), keyschema.client_for_api_key(raw_key(key)))
+    assert store_call(server.url, _delete, grant) == 1
+
+
+@pytest.mark.parametrize("required", [True, False])
+def test_revocation_whose_notice_is_lost_lands_within_the_max_age(
+        server: Server, upstream_process: UpstreamProcess, labels: Path, required: bool) -> None:
+    ns = new_namespace()
+    policy = key_policy(ns, required=required)
+    publish_policies(server.url, ns, policy)
+    key = "key-" + uuid.uuid4().hex
+    put_key(server.url, policy.ref, key, "pro")
+    sidecar = start(upstream_process, server.url, ns, labels)  # the default max age: 1 s
+    try:
+        assert '"pro"' in call(sidecar, key)[1]["RateLimit-Policy"]  # cached
+        _revoke_silently(server, policy.ref, key)
+        # The subscription is fine; only the max age can end the cached grant.
+        if required:
+            wait_until(lambda: status(sidecar, key) == 401, DEADLINE, what="revoked key refused")
+        else:
+            wait_until(lambda: '"pro"' not in call(sidecar, key)[1].get("RateLimit-Policy", ""),
+                       DEADLINE, what="revoked key on the anonymous fallback")
+    finally:
+        sidecar.close()
+
+
+def test_a_silent_subscription_is_dropped_and_the_cache_with_it(
+        server: Server, upstream_process: UpstreamProcess, labels: Path) -> None:
+    """A subscription that stops answering (here: Redis paused) counts as lost once its PING
+    goes unanswered: the sidecar subscribes again and forgets what it cached."""
+    ns = new_namespace()
+    policy = key_policy(ns, required=True)
+    publish_policies(server.url, ns, policy)
+    key = "key-" + uuid.uuid4().hex
+    put_key(server.url, policy.ref, key, "pro")
+    sidecar = start(upstream_process, server.url, ns, labels, "--grant-cache-max-age-s", "3600")
+    try:
+        assert status(sidecar, key) == 200  # cached for an hour
+        _revoke_silently(server, policy.ref, key)
+        for node in nodes(server):  # nothing answers for 3 s; no connection is closed
+            with node.client() as r:
+                r.execute_command("CLIENT", "PAUSE", "3000", "ALL")
         wait_until(lambda: status(sidecar, key) == 401, DEADLINE, what="stale grant forgotten")
     finally:
         sidecar.close()

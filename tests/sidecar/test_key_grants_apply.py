@@ -8,21 +8,12 @@ from __future__ import annotations
 import json
 import subprocess
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
 from support.key_sidecar import DEADLINE, call, start, status
 from support.keys_files import POLICY, sluice_apply
 from support.processes import SidecarProcess, UpstreamProcess, http_get, wait_until
 from support.redis_servers import RedisServer
-
-
-@pytest.fixture(scope="module")
-def upstream() -> Iterator[UpstreamProcess]:
-    up = UpstreamProcess()
-    yield up
-    up.close()
 
 
 def apply(redis_server: RedisServer, policy: Path, keys: Path) -> None:
@@ -31,8 +22,8 @@ def apply(redis_server: RedisServer, policy: Path, keys: Path) -> None:
     assert done.returncode == 0, done.stderr
 
 
-def test_applied_keys_work_and_a_reapply_revokes_the_dropped_one(redis_server: RedisServer, upstream: UpstreamProcess,
-                                                                 tmp_path: Path) -> None:
+def test_applied_keys_work_and_a_reapply_revokes_the_dropped_one(redis_server: RedisServer, upstream_process: UpstreamProcess,
+                                                                 tmp_path: Path, labels: Path) -> None:
     ns = "ka-" + uuid.uuid4().hex[:8]
     policy = tmp_path / "policy.yaml"
     policy.write_text(POLICY.format(name="api", namespace=ns).replace(
@@ -41,9 +32,7 @@ def test_applied_keys_work_and_a_reapply_revokes_the_dropped_one(redis_server: R
     keys = tmp_path / "keys.yaml"
     keys.write_text(f'keys:\n  "{kept}": pro\n  "{dropped}": free\n')
     apply(redis_server, policy, keys)
-    labels = tmp_path / "labels"
-    labels.write_text('app="web"\n')
-    sidecar: SidecarProcess = start(upstream, redis_server.url, ns, labels)
+    sidecar: SidecarProcess = start(upstream_process, redis_server.url, ns, labels)
     try:
         assert status(sidecar, kept) == 200
         # Served from Redis grants, not from keys embedded in the document.

@@ -9,35 +9,17 @@ from __future__ import annotations
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import pytest
 from support.grant_store import key_policy, publish_policies, put_key
-from support.processes import SidecarProcess, UpstreamProcess
+from support.key_sidecar import start, status
+from support.processes import SidecarProcess, UpstreamProcess, wait_until
 from support.redis_servers import RedisServer
 
 
-@pytest.fixture(scope="module")
-def upstream() -> Iterator[UpstreamProcess]:
-    up = UpstreamProcess()
-    yield up
-    up.close()
-
-
-def status(sidecar: SidecarProcess, key: str) -> int:
-    req = urllib.request.Request(sidecar.url + "/api", headers={"X-API-Key": key})
-    try:
-        with urllib.request.urlopen(req, timeout=10) as r:
-            return int(r.status)
-    except urllib.error.HTTPError as e:
-        return int(e.code)
-
-
-def test_unresolvable_keys_while_redis_is_away(fresh_redis: RedisServer, upstream: UpstreamProcess,
-                                               tmp_path: Path) -> None:
-    labels = tmp_path / "labels"
-    labels.write_text('app="web"\n')
+def test_unresolvable_keys_while_redis_is_away(fresh_redis: RedisServer, upstream_process: UpstreamProcess,
+                                               labels: Path) -> None:
     known = "known-" + uuid.uuid4().hex
     sidecars: dict[bool, SidecarProcess] = {}
     try:
@@ -47,9 +29,7 @@ def test_unresolvable_keys_while_redis_is_away(fresh_redis: RedisServer, upstrea
             assert policy.failure_mode.value == "open"
             publish_policies(fresh_redis.url, ns, policy)
             put_key(fresh_redis.url, policy.ref, known, "pro")
-            sidecars[required] = SidecarProcess(
-                upstream.url, "--redis", fresh_redis.url, "--namespace", ns, "--pod-labels", str(labels),
-                "--poll-interval-s", "60", "--redis-timeout-ms", "100")
+            sidecars[required] = start(upstream_process, fresh_redis.url, ns, labels, "--redis-timeout-ms", "100")
             assert status(sidecars[required], known) == 200  # cached
         fresh_redis.pause()
         try:
@@ -62,3 +42,40 @@ def test_unresolvable_keys_while_redis_is_away(fresh_redis: RedisServer, upstrea
     finally:
         for s in sidecars.values():
             s.close()
+
+
+def _body(sidecar: SidecarProcess, key: str) -> tuple[int, str]:
+    req = urllib.request.Request(sidecar.url + "/api", headers={"X-API-Key": key})
+    try:
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return int(r.status), r.read().decode()
+    except urllib.error.HTTPError as e:
+        return int(e.code), e.read().decode()
+
+
+def test_resolves_beyond_the_cap_are_answered_without_redis(
+        fresh_redis: RedisServer, upstream_process: UpstreamProcess, labels: Path) -> None:
+    """--max-key-resolves 1: while one random key's resolve hangs (Redis paused), another
+    required key is answered at once, without Redis: 503."""
+    ns = f"kc-{uuid.uuid4().hex[:6]}"
+    policy = key_policy(ns, required=True)
+    publish_policies(fresh_redis.url, ns, policy)
+    sidecar = start(upstream_process, fresh_redis.url, ns, labels, "--redis-timeout-ms", "5000",
+                    "--max-key-resolves", "1")
+    try:
+        assert status(sidecar, "warm-" + uuid.uuid4().hex) == 401
+        fresh_redis.pause()
+        try:
+            with ThreadPoolExecutor(1) as pool:
+                hanging = pool.submit(status, sidecar, "random-" + uuid.uuid4().hex)
+                wait_until(lambda: sidecar.metric("sluice_inflight_requests") == 1, 5,
+                           what="the first resolve in flight")
+                code, body = _body(sidecar, "random-" + uuid.uuid4().hex)
+                assert code == 503 and "too many API keys" in body
+                assert not hanging.done()  # answered while the first still waits for Redis
+                fresh_redis.resume()
+                assert hanging.result(timeout=10) == 401
+        finally:
+            fresh_redis.resume()
+    finally:
+        sidecar.close()

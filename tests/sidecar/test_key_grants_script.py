@@ -28,16 +28,10 @@ RULE = Limit(2, 60_000_000, 2)
 OWN = Limit(7, 1_000_000, 4)  # 1 s / 7 is not whole: EM rounds up to 142,858 µs
 
 
-def tiers() -> Encoded:
-    return tier_args((name, keyschema.tier_suffix(name, lim.emission_us, lim.capacity_us),
-                      lim.emission_us, lim.capacity_us) for name, lim in (("free", FREE), ("pro", PRO)))
-
-
-@pytest.fixture(params=["single", "cluster"])
-def server(request: pytest.FixtureRequest) -> RedisServer | RedisClusterProcs:
-    found: RedisServer | RedisClusterProcs = request.getfixturevalue(
-        "redis_server" if request.param == "single" else "redis_cluster")
-    return found
+def tiers(policy_ref: str) -> Encoded:
+    return tier_args(grants.policy_tag(policy_ref),
+                     [(name, keyschema.tier_suffix(name, lim.emission_us, lim.capacity_us),
+                       lim.emission_us, lim.capacity_us) for name, lim in (("free", FREE), ("pro", PRO))])
 
 
 @pytest.fixture
@@ -51,7 +45,8 @@ class Key:
     """One API key of a fresh policy: its grant key, client tag and bucket keys."""
 
     def __init__(self) -> None:
-        self.pid = keyschema.policy_id(f"gs-{uuid.uuid4().hex[:8]}/api")
+        self.ref = f"gs-{uuid.uuid4().hex[:8]}/api"
+        self.pid = keyschema.policy_id(self.ref)
         self.client = keyschema.client_for_api_key(hashlib.sha256(uuid.uuid4().bytes).digest())
         self.tag = keyschema.client_tag_for(self.pid, self.client)
         self.grant = keyschema.grant_key(self.pid, self.client)
@@ -61,7 +56,10 @@ class Key:
         rk = (self.rule,) if rule else ()
         rp = (RULE.emission_us, RULE.capacity_us) if rule else ()
         fp = tuple(x for _ in fallback for x in (FREE.emission_us, FREE.capacity_us))
-        return ResolveAsk(self.grant, cost, rk, rp, fallback, fp, tiers())
+        return ResolveAsk(self.grant, cost, rk, rp, fallback, fp, tiers(self.ref))
+
+    def value(self, tier: str, limit: Limit | None = None, expires_ms: int = 0) -> str:
+        return grants.encode(grants.StoredGrant(KeyGrant(tier, limit), "k1", expires_ms), self.ref)
 
     def bucket(self, tier: str, lim: Limit) -> str:
         return keyschema.tier_bucket_key(self.tag, tier, lim.emission_us, lim.capacity_us)
@@ -78,13 +76,9 @@ async def get(store: RedisStore, key: str) -> bytes | None:
     return value
 
 
-def value(tier: str, limit: Limit | None = None, expires_ms: int = 0) -> str:
-    return grants.encode(grants.StoredGrant(KeyGrant(tier, limit), "k1", expires_ms))
-
-
 async def test_known_key_takes_its_tier_and_rule(store: RedisStore) -> None:
     k = Key()
-    v = value("pro")
+    v = k.value("pro")
     await write(store, k.grant, v)
     got = await store.resolve(k.ask(2, rule=True))
     assert got.grant == v
@@ -95,7 +89,7 @@ async def test_known_key_takes_its_tier_and_rule(store: RedisStore) -> None:
 
 async def test_own_limit_is_exact(store: RedisStore) -> None:
     k = Key()
-    await write(store, k.grant, value("pro", OWN))
+    await write(store, k.grant, k.value("pro", OWN))
     em = -(-OWN.period_us // OWN.requests)
     assert em == OWN.emission_us == 142_858
     replies = [await store.resolve(k.ask()) for _ in range(5)]
@@ -110,9 +104,9 @@ async def test_own_limit_is_exact(store: RedisStore) -> None:
 async def test_unknown_key_writes_nothing(store: RedisStore, case: str) -> None:
     k = Key()
     if case == "expired":
-        await write(store, k.grant, value("pro", expires_ms=now_ms() - 1))
+        await write(store, k.grant, k.value("pro", expires_ms=now_ms() - 1))
     elif case == "gone tier":
-        await write(store, k.grant, value("gold"))
+        await write(store, k.grant, k.value("gold"))
     elif case == "damaged":
         await write(store, k.grant, "2|pro|||||0|k1")
     got = await store.resolve(k.ask(1, rule=True))
@@ -120,6 +114,37 @@ async def test_unknown_key_writes_nothing(store: RedisStore, case: str) -> None:
     for tier, lim in (("free", FREE), ("pro", PRO), ("gold", PRO)):
         assert await get(store, k.bucket(tier, lim)) is None
     assert await get(store, k.rule) is None
+
+
+async def test_grant_of_a_colliding_policy_is_an_unknown_key(store: RedisStore) -> None:
+    """A grant at this policy's grant key (the same 36-bit policy id) written for another
+    policy ref: its value carries that ref's tag, not this one's."""
+    k = Key()
+    other = grants.encode(grants.StoredGrant(KeyGrant("pro"), "k1"), k.ref + "-grinder")
+    await write(store, k.grant, other)
+    assert await store.resolve(k.ask(1, rule=True)) == (None, None)
+    assert await get(store, k.bucket("pro", PRO)) is None and await get(store, k.rule) is None
+    with pytest.raises(ValueError, match="another policy"):
+        grants.decode(other, k.ref)
+
+
+@pytest.mark.parametrize("number", ["0x10", "1e3", " 5", "5 ", "1_000", "+5", "-5", "5.0", "1" * 16, ""])
+@pytest.mark.parametrize("field", [2, 3, 4, 6])  # requests, period, burst, expiry
+async def test_a_number_either_side_would_misread_is_refused_by_both(
+        store: RedisStore, field: int, number: str) -> None:
+    """One rule for a grant's numbers in the script and in grants.decode: a value one would take
+    and the other not would charge a key twice (the script decides it as known, the sidecar then
+    as unknown) or take a bucket the sidecar does not know."""
+    k = Key()
+    parts = k.value("pro", OWN, expires_ms=now_ms() + 3_600_000).split("|")
+    parts[field] = number
+    bad = "|".join(parts)
+    assert await store.resolve(k.ask(1, rule=True)) == (None, None)  # missing: the baseline
+    await write(store, k.grant, bad)
+    assert await store.resolve(k.ask(1, rule=True)) == (None, None)
+    assert await get(store, k.rule) is None
+    with pytest.raises(ValueError, match="grant value"):
+        grants.decode(bad, k.ref)
 
 
 async def test_unknown_key_decides_its_fallback_in_the_same_call(store: RedisStore) -> None:
@@ -136,7 +161,7 @@ async def test_unknown_key_decides_its_fallback_in_the_same_call(store: RedisSto
 
 async def test_resolves_batch_with_ordinary_decisions(store: RedisStore) -> None:
     k = Key()
-    await write(store, k.grant, value("free"))
+    await write(store, k.grant, k.value("free"))
     bucket = k.bucket("free", FREE)
     params = (FREE.emission_us, FREE.capacity_us)
     batches = store.batches

@@ -7,47 +7,21 @@ either policy takes effect through its notice."""
 
 from __future__ import annotations
 
-import urllib.error
-import urllib.request
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
 from sluice_core import configdoc, configstore
 from sluice_core.model import CLUSTER_SCOPE
 from sluice_core.parse import parse_policy
 from support.grant_store import key_policy, publish_policies, put_key, revoke_key
-from support.processes import SidecarProcess, UpstreamProcess, wait_until
+from support.key_sidecar import call, start
+from support.processes import UpstreamProcess, wait_until
 from support.redis_servers import RedisClusterProcs, RedisServer
 from support.store_calls import store_call
 
 
-@pytest.fixture(scope="module")
-def upstream() -> Iterator[UpstreamProcess]:
-    up = UpstreamProcess()
-    yield up
-    up.close()
-
-
-@pytest.fixture(params=["single", "cluster"])
-def server(request: pytest.FixtureRequest) -> RedisServer | RedisClusterProcs:
-    found: RedisServer | RedisClusterProcs = request.getfixturevalue(
-        "redis_server" if request.param == "single" else "redis_cluster")
-    return found
-
-
-def call(sidecar: SidecarProcess, key: str) -> tuple[int, dict[str, str]]:
-    req = urllib.request.Request(sidecar.url + "/api", headers={"X-API-Key": key})
-    try:
-        with urllib.request.urlopen(req, timeout=5) as r:
-            return r.status, dict(r.headers)
-    except urllib.error.HTTPError as e:
-        return e.code, dict(e.headers)
-
-
 def test_keys_of_both_policies_resolve_from_redis(server: RedisServer | RedisClusterProcs,
-                                                  upstream: UpstreamProcess, tmp_path: Path) -> None:
+                                                  upstream_process: UpstreamProcess, labels: Path) -> None:
     tag = uuid.uuid4().hex[:6]
     ns = f"k2-{tag}"
     local = key_policy(ns, required=True, pro=5)
@@ -63,10 +37,7 @@ def test_keys_of_both_policies_resolve_from_redis(server: RedisServer | RedisClu
     for key in (both, local_only):
         put_key(server.url, local.ref, key, "pro")
     put_key(server.url, shared.ref, both, "free")
-    labels = tmp_path / "labels"
-    labels.write_text('app="web"\n')
-    sidecar = SidecarProcess(upstream.url, "--redis", server.url, "--namespace", ns, "--pod-labels",
-                             str(labels), "--poll-interval-s", "60", "--redis-timeout-ms", "2000")
+    sidecar = start(upstream_process, server.url, ns, labels)
     try:
         first, headers = call(sidecar, both)
         assert first == 200

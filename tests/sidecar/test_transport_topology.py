@@ -15,7 +15,7 @@ from sluice_core.parse import parse_policy
 from sluice_core.redisurl import parse_redis_url
 from sluice_core.yamltext import load
 from sluice_sidecar.configsource import RedisSource
-from sluice_sidecar.limiter import Enforcement
+from sluice_sidecar.enforcement import Enforcement
 from sluice_sidecar.metrics import Metrics
 from sluice_sidecar.stores.redis import RedisStore
 from support.redis_servers import RedisClusterProcs, RedisServer, pick_port

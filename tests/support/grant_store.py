@@ -73,7 +73,7 @@ def fill_grants(url: str, policy_ref: str, n: int, tier: str, *, chunk: int = 50
     r: Any = redis.Redis.from_url(url)
     try:
         prefix = keyschema.client_tag_for(keyschema.policy_id(policy_ref), "")[:-1]  # "sl:{<pid>:"
-        value = grants.encode(grants.StoredGrant(KeyGrant(tier), "bulk"))
+        value = grants.encode(grants.StoredGrant(KeyGrant(tier), "bulk"), policy_ref)
         script = r.register_script(_FILL)
         for first in range(0, n, chunk):
             script(keys=[], args=[min(chunk, n - first), first, prefix, value])

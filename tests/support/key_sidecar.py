@@ -6,10 +6,12 @@ from __future__ import annotations
 import json
 import urllib.error
 import urllib.request
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from support.processes import SidecarProcess, UpstreamProcess, http_get, wait_until
+from support.redis_servers import RedisServer
 
 DEADLINE = 10.0  # polling deadlines: a notice takes milliseconds; this only bounds a failure
 # What is tested here is what a decision means, not Redis's speed: on a busy 2-core machine the
@@ -48,3 +50,12 @@ def call(sidecar: SidecarProcess, key: str | None, path: str = "/api") -> tuple[
 
 def status(sidecar: SidecarProcess, key: str | None) -> int:
     return call(sidecar, key)[0]
+
+
+def all_keys(server: Iterable[RedisServer] | RedisServer) -> set[bytes]:
+    """Every key in Redis, on every node of ``server`` (a Cluster, a Sentinel's master)."""
+    out: set[bytes] = set()
+    for node in [server] if isinstance(server, RedisServer) else list(server):
+        with node.client() as r:
+            out.update(r.scan_iter(count=10_000))
+    return out

@@ -24,11 +24,14 @@
 -- A "resolve" decision (an API key whose grant the sidecar has not cached; keys resolved from
 -- Redis grants, sluice_core.grants) is marked by "r" in place of n:
 --   KEYS:  the grant key (sluice_core.keyschema.grant_key), its m rule buckets, then f fallback
---          buckets (the anonymous client's, for an unknown key; only where they share a node)
---   ARGV:  "r", cost, m, m x (EM, CAP), f, f x (EM, CAP), t, t x (tier name, bucket suffix, EM,
---          CAP): the policy's tiers
---   Reply: the grant value ("" for an unknown key: none, expired, unreadable, or naming a tier
---          the policy no longer has), then as above over the buckets decided: the key's tier
+--          buckets (the anonymous client's, for an unknown key; only where one call can take
+--          them with the grant: any key on one node, the grant's slot on a Cluster)
+--   ARGV:  "r", cost, m, m x (EM, CAP), f, f x (EM, CAP), the policy tag (sluice_core.grants
+--          .policy_tag: 128 bits of the policy ref's SHA-256), t, t x (tier name, bucket suffix,
+--          EM, CAP): the policy's tiers
+--   Reply: the grant value ("" for an unknown key: none, expired, unreadable, written for
+--          another policy (its tag differs: a policy id collision), or naming a tier the policy
+--          no longer has), then as above over the buckets decided: the key's tier
 --          bucket (or its own-limit bucket, "<tag>:t:<tier>:<limit tag>", EM = ceil(period /
 --          requests), CAP = burst * EM) and its rule buckets; for an unknown key the fallback
 --          buckets (nothing more when f = 0). An unknown key writes nothing.
@@ -83,23 +86,32 @@ local function judge(bk, ko, bp, po, n, cost)
   end
 end
 
+-- A grant's number field: 1 to 15 ASCII digits (below 2^53), as sluice_core.grants.decode reads
+-- it; nil otherwise (tonumber alone would take "0x10", "1e3", " 5").
+local function digits(s)
+  if #s > 15 or not string.find(s, '^%d+$') then return nil end
+  return tonumber(s)
+end
+
 -- The bucket a stored grant names (key, EM, CAP), or nil for an unknown key. Tiers are ARGV
--- [tp .. tp + 4t - 1]: name, suffix, EM, CAP each.
-local function grant_bucket(gkey, value, tp, t)
+-- [tp .. tp + 4t - 1]: name, suffix, EM, CAP each; ptag the policy's tag.
+local function grant_bucket(gkey, value, ptag, tp, t)
   if not value then return nil end
-  local tier, req, per, burst, ltag, exp = string.match(value,
-    '^1|([^|]+)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|(%d+)|')
-  if not tier then return nil end
-  local expires = tonumber(exp)
+  local tier, req, per, burst, ltag, exp, gtag = string.match(value,
+    '^2|([^|]+)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|')
+  if not tier or gtag ~= ptag then return nil end
+  local expires = digits(exp)
+  if not expires then return nil end
   if expires ~= 0 and expires * 1000 <= now then return nil end  -- Redis drops it then, too
   for i = 0, t - 1 do
     local at = tp + 4 * i
     if ARGV[at] == tier then
       local tag = string.sub(gkey, 1, -3)  -- the grant key less ":g": the client's hash tag
-      if req == '' then
+      if req == '' then  -- no own limit: all four fields empty
+        if per ~= '' or burst ~= '' or ltag ~= '' then return nil end
         return tag .. ARGV[at + 1], ARGV[at + 2], ARGV[at + 3]
       end
-      local r, p, b = tonumber(req), tonumber(per), tonumber(burst)
+      local r, p, b = digits(req), digits(per), digits(burst)
       if not (r and p and b) or r < 1 or p < 1 or b < 1 then return nil end
       local em = math.floor(p / r)   -- ceil(p / r), exactly (products stay below 2^53)
       while em * r < p do em = em + 1 end
@@ -117,10 +129,11 @@ for _ = 1, tonumber(ARGV[1]) do
     local rp = a + 3
     local f = tonumber(ARGV[rp + 2 * m])
     local fp = rp + 2 * m + 1
-    local t = tonumber(ARGV[fp + 2 * f])
-    local tp = fp + 2 * f + 1
+    local ptag = ARGV[fp + 2 * f]
+    local t = tonumber(ARGV[fp + 2 * f + 1])
+    local tp = fp + 2 * f + 2
     local gkey = KEYS[k]
-    local bkey, em, cap = grant_bucket(gkey, stored[k], tp, t)
+    local bkey, em, cap = grant_bucket(gkey, stored[k], ptag, tp, t)
     no = no + 1
     if bkey then
       out[no] = stored[k]

@@ -28,11 +28,12 @@ class StoreUnavailable(Exception):
         self.reason = reason
 
 
-def tier_args(tiers: Iterable[tuple[str, str, int, int]]) -> Encoded:
-    """The resolve decision's tier arguments: their count, then name, bucket suffix, EM, CAP
-    per tier."""
+def tier_args(policy_tag: str, tiers: Iterable[tuple[str, str, int, int]]) -> Encoded:
+    """The resolve decision's policy arguments: the policy's tag (:func:`sluice_core.grants
+    .policy_tag`: a grant with another is not this policy's), the tiers' count, then name,
+    bucket suffix, EM, CAP per tier."""
     flat = [x for tier in tiers for x in tier]
-    return Encoded.of(len(flat) // 4, *flat)
+    return Encoded.of(policy_tag, len(flat) // 4, *flat)
 
 
 class ResolveAsk(NamedTuple):

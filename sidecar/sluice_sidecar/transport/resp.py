@@ -80,6 +80,12 @@ def _expire_one(fut: asyncio.Future[Any]) -> None:
         fut.set_exception(TransportError("redis did not answer in time", TIMEOUT))
 
 
+def _is_message(reply: Any) -> bool:
+    """A published message: on a subscribed connection it may arrive while a PING waits for
+    its answer, and must reach ``on_push`` rather than that PING."""
+    return isinstance(reply, list) and len(reply) == 3 and reply[0] == b"message"
+
+
 class RespConnection(asyncio.Protocol):
     """One connection; ``send()`` returns a future for the reply. In push mode (pub/sub) every
     reply after the subscription goes to ``on_push`` instead."""
@@ -117,7 +123,7 @@ class RespConnection(asyncio.Protocol):
                 return
             if reply is False:
                 return
-            if waiters:
+            if waiters and not (self._on_push is not None and _is_message(reply)):
                 fut = waiters.popleft()
                 if not fut.done():
                     if isinstance(reply, RedisReplyError):
