@@ -63,7 +63,7 @@ def test_random_keys_are_refused_and_write_nothing(server: RedisServer | RedisCl
         after = all_keys(server)
         if required:
             assert counts == {401: FLOOD}
-            assert after == before  # not one key written
+            assert not after - before  # not one key written (others may expire meanwhile)
         else:
             # As the anonymous client (this test's one address): its default-tier bucket, one
             # key in Redis, and nothing else.
