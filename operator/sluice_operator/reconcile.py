@@ -37,6 +37,7 @@ from sluice_operator.metrics import OperatorMetrics
 from sluice_operator.redischeck import MemoryPolicyCheck
 
 log = logging.getLogger("sluice.operator")
+RECONCILE_CONCURRENCY = 16
 
 
 @dataclass
@@ -96,6 +97,10 @@ class Reconciler:
         self.changed = asyncio.Event()  # set by every successful reconcile (for the resync task)
         self._epoch: int | None = None  # the count of our writes Redis holds; None: not known
         self._epoch_lock = asyncio.Lock()
+        # At start-up every policy's handler reconciles at once: a thousand at a time would
+        # only queue for Redis connections (redis-py's pool refuses beyond 100), each holding
+        # its parsed policies meanwhile.
+        self._running = asyncio.Semaphore(RECONCILE_CONCURRENCY)
 
     async def close(self) -> None:
         """Close the Redis client (at the operator's exit, in the loop that used it)."""
@@ -114,8 +119,9 @@ class Reconciler:
                 result = recent.results.get(reuse.policy) if recent else None
                 if recent is not None and result is not None and result.generation == reuse.generation:
                     return recent
-            started = time.perf_counter()
-            out = await self._reconcile(namespace, policies, secrets, namespace_labels or {})
+            async with self._running:
+                started = time.perf_counter()
+                out = await self._reconcile(namespace, policies, secrets, namespace_labels or {})
             m = self.metrics
             m.reconcile_seconds.observe(time.perf_counter() - started)
             if out.redis_error:

@@ -20,6 +20,7 @@ from sluice_core import configstore
 from sluice_core.model import CLUSTER_SCOPE
 
 from sluice_operator.heartbeats import HeartbeatView
+from sluice_operator.memtrim import trim
 from sluice_operator.reconcile import NamespaceOutcome, Reconciler
 from sluice_operator.status import status_update
 
@@ -105,6 +106,7 @@ class Resync:
 
     async def sweep(self) -> None:
         self.reconciler.metrics.resyncs.inc()
+        trim()  # what bursts of work since the last interval freed (start-up's above all)
         await self.reconciler.memory_check.run()
         if not await self.reconciler.intact():
             log.warning("Redis lost config this operator wrote (flushed, restarted empty, restored "
