@@ -103,6 +103,9 @@ class PeeringGate:
 
         if self._api is None:
             self._api = client.CustomObjectsApi(self._api_client())
-        obj: dict[str, Any] = self._api.get_cluster_custom_object("kopf.dev", "v1", "clusterkopfpeerings", self.name)
-        return dict(obj.get("status") or {})
+        # list by name, not get: list is a verb the operator has for kopf anyway (the chart's RBAC)
+        found: dict[str, Any] = self._api.list_cluster_custom_object(
+            "kopf.dev", "v1", "clusterkopfpeerings", field_selector=f"metadata.name={self.name}")
+        items = found.get("items") or [{}]
+        return dict(items[0].get("status") or {})
 
