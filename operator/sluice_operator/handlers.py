@@ -13,6 +13,7 @@ from typing import Any
 import kopf
 from sluice_core.model import CLUSTER_SCOPE
 
+from sluice_operator.coalesce import Coalescer
 from sluice_operator.heartbeats import HeartbeatView
 from sluice_operator.keysecrets import CLUSTER_POLICY_LABEL, POLICY_LABEL
 from sluice_operator.kube import default_api_client
@@ -68,11 +69,13 @@ def build_registry(settings: OperatorSettings, reconciler: Reconciler,
     def key_secrets_by_ns(namespace: str | None, body: kopf.Body, **_: Any) -> dict[str, Any]:
         return {namespace or "": secret_view(body)}
 
+    coalescer: Coalescer[NamespaceOutcome] = Coalescer()  # a burst of events for one namespace: two reconciles, not one each
+
     async def reconcile(namespace: str, idx: Mapping[str, Any], reuse: Reuse | None = None) -> NamespaceOutcome:
         """Reconcile one namespace's document (or ``_cluster``'s) from kopf's indexes, which
         every handler receives among its keyword arguments; then, if Redis lost everything (no
         cluster document), put everything back."""
-        outcome = await reconcile_scope(namespace, idx, reuse)
+        outcome = await coalescer.run(namespace, lambda: reconcile_scope(namespace, idx, reuse))
         if not outcome.redis_error and not await reconciler.cluster_doc_exists():
             log.warning("Redis has no cluster config document (lost or new): writing every config")
             await restore_all(idx)
@@ -258,6 +261,7 @@ def build_registry(settings: OperatorSettings, reconciler: Reconciler,
         async def namespace_changed(type: str | None, name: str, labels: kopf.Labels, **kwargs: Any) -> None:
             if type == "DELETED":
                 await reconciler.forget(name)
+                coalescer.forget(name)
             if label_changes.changed(type, name, labels) and kwargs["cluster_policies"].get(CLUSTER_SCOPE):
                 log.info("namespace %s: %s, re-resolving cluster policies", name,
                          "deleted" if type == "DELETED" else "labels changed")
