@@ -278,8 +278,12 @@ def measure_keys(variant: Variant, keys: int, workdir: Path, limit_s: float) -> 
             t = time.monotonic()
             create(cp, [key_secret(ns, keys)])
             digest = hashlib.sha256(f"bench-key-{keys}".encode()).hexdigest()
-            wait_for(lambda: digest in (r.hget(f"sluice:cfg:{{{ns}}}", "doc") or b"").decode(),
-                     "the new key in the document", timeout=120, interval=0.002)
+            try:
+                wait_for(lambda: digest in (r.hget(f"sluice:cfg:{{{ns}}}", "doc") or b"").decode(),
+                         "the new key in the document", timeout=120, interval=0.002)
+            except TimeoutError:
+                fig.unfinished = "the new key not in Redis after 120 s"
+                return fig
             fig.new_key_ms = (time.monotonic() - t) * 1000
         finally:
             op.stop()
