@@ -75,7 +75,10 @@ def build_registry(settings: OperatorSettings, reconciler: Reconciler,
         """Reconcile one namespace's document (or ``_cluster``'s) from kopf's indexes, which
         every handler receives among its keyword arguments; then, if Redis lost everything (no
         cluster document), put everything back."""
-        outcome = await coalescer.run(namespace, lambda: reconcile_scope(namespace, idx, reuse))
+        if reuse is None:  # a run shared with a request that would take a recent outcome is not fresh
+            outcome = await coalescer.run(namespace, lambda: reconcile_scope(namespace, idx))
+        else:
+            outcome = await reconcile_scope(namespace, idx, reuse)
         if not outcome.redis_error and not await reconciler.cluster_doc_exists():
             log.warning("Redis has no cluster config document (lost or new): writing every config")
             await restore_all(idx)
