@@ -360,7 +360,9 @@ def test_an_idle_operator_writes_nothing(k8s: ControlPlane, fresh_redis: Any) ->
             patched, called, swept = patches_of_policies(k8s) - patches, redis_calls() - calls, resyncs() - start
             assert patched == 0, f"{patched} PATCHes of policies while nothing changed"
             assert {ns: op.rlp(ns, "api")["metadata"]["resourceVersion"] for ns in namespaces} == versions
-            assert called / swept < len(namespaces) / 2, (called, swept)
+            # about six an interval (epoch, EXISTS, heartbeats read and pruned, memory settings),
+            # where every namespace cost a document and a heartbeat read before
+            assert called / swept < len(namespaces), (called, swept)
         finally:  # while the operator runs: it removes the finalizers
             for ns in namespaces:
                 k8s.kubectl("delete", "rlp", "--all", "-n", ns, "--timeout=30s", check=False)
