@@ -41,6 +41,7 @@ bench: $(STAMP)
 	$(BIN)/python -m bench.keys_apply --out docs/benchmarks.md
 	$(BIN)/python -m bench.keys_sidecar --out docs/benchmarks.md
 	$(BIN)/python -m bench.attacks --out docs/security.md
+	$(BIN)/python -m bench.operator_scale --out docs/benchmarks.md  # 9 min; + --keys 10000: 12 more
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

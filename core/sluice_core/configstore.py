@@ -235,3 +235,65 @@ def _per_node(reply: Mapping[Any, Any]) -> list[Mapping[str, Any]]:
     if values and all(isinstance(v, Mapping) for v in values):
         return values
     return [reply]
+
+
+# ---------------------------------------------------------------------------------------------
+# What an idle operator asks every interval: a few commands, however many namespaces it serves.
+
+
+async def fresh_heartbeats(client: Client, since: float) -> list[tuple[bytes | str, float]]:
+    """Every sidecar heartbeat newer than ``since`` (unix s), all namespaces at once:
+    ``(member, time)`` (:func:`keyschema.parse_heartbeat_member`)."""
+    try:
+        entries = await client.redis.zrangebyscore(
+            keyschema.HEARTBEATS_KEY, f"({since:.0f}", "+inf", withscores=True)
+    except REDIS_FAILURES as exc:
+        raise ConfigStoreError(f"cannot read heartbeats: {exc}") from exc
+    return [(entry[0], float(entry[1])) for entry in entries if isinstance(entry, (tuple, list))]
+
+
+async def prune_heartbeats(client: Client, before: float) -> int:
+    """Remove the heartbeats older than ``before`` (their sidecars are gone, or have moved on to
+    another state); how many went."""
+    try:
+        return int(await client.redis.zremrangebyscore(keyschema.HEARTBEATS_KEY, "-inf", f"({before:.0f}"))
+    except REDIS_FAILURES as exc:
+        raise ConfigStoreError(f"cannot prune heartbeats: {exc}") from exc
+
+
+async def bump_epoch(client: Client, scope: str) -> int:
+    """Count one more config write by the operator serving ``scope``; the new count."""
+    try:
+        return int(await client.redis.hincrby(keyschema.OPERATOR_EPOCH_KEY, scope, 1))
+    except REDIS_FAILURES as exc:
+        raise ConfigStoreError(f"cannot write the operator's epoch: {exc}") from exc
+
+
+async def epoch(client: Client, scope: str) -> int | None:
+    """The count :func:`bump_epoch` left (None: none, Redis lost it)."""
+    try:
+        value = await client.redis.hget(keyschema.OPERATOR_EPOCH_KEY, scope)
+    except REDIS_FAILURES as exc:
+        raise ConfigStoreError(f"cannot read the operator's epoch: {exc}") from exc
+    return None if value is None else int(value)
+
+
+async def missing_configs(client: Client, namespaces: Sequence[str], chunk: int = 1000) -> list[str]:
+    """Which of ``namespaces`` have no config document. On one Redis one EXISTS counts a
+    thousand at a time; only when some are missing are they looked at one by one. A Cluster
+    client pipelines (one round trip per node)."""
+    keys = [keyschema.config_key(ns) for ns in namespaces]
+    try:
+        if not isinstance(client.redis, redis.asyncio.RedisCluster):
+            found = 0
+            for start in range(0, len(keys), chunk):
+                found += int(await client.redis.exists(*keys[start:start + chunk]))
+            if found == len(keys):
+                return []
+        pipe = client.redis.pipeline()
+        for key in keys:
+            pipe.exists(key)
+        there = await pipe.execute()
+    except REDIS_FAILURES as exc:
+        raise ConfigStoreError(f"cannot check the config documents: {exc}") from exc
+    return [ns for ns, n in zip(namespaces, there, strict=True) if not n]

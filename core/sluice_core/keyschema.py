@@ -38,9 +38,22 @@ def config_key(namespace: str) -> str:
 
 def heartbeat_key(namespace: str) -> str:
     """Hash of sidecar heartbeats for one namespace: field = pod name, value = a
-    :class:`Heartbeat`. The operator counts fresh entries per version and policy (the
-    ``Enforced`` condition) and prunes stale ones; the key itself has a TTL."""
+    :class:`Heartbeat`, written by sidecars from before :data:`HEARTBEATS_KEY` (the operator
+    still counts and prunes them during a rolling upgrade); the key itself has a TTL."""
     return f"{PREFIX}:hb:{{{namespace}}}"
+
+
+HEARTBEATS_KEY = f"{PREFIX}:hbs"
+"""Sorted set of every sidecar's heartbeat, all namespaces: member = :func:`heartbeat_member`
+(what the sidecar enforces, without the time), score = the unix time of its last beat. The
+operator reads the fresh ones in one command an interval, however many namespaces it serves,
+and prunes the stale ones; a sidecar whose state changes adds a new member (the old one goes
+stale). Sidecars from before it wrote the per-namespace hash (:func:`heartbeat_key`) instead."""
+
+OPERATOR_EPOCH_KEY = f"{PREFIX}:epoch"
+"""Hash, field = an operator's scope (its ``--namespace`` patterns, ``*`` when cluster-wide),
+value = a counter the operator increments after each config write and compares every interval:
+missing or not what it wrote, Redis lost or rolled back (an older snapshot) what it wrote."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,20 +65,37 @@ class Heartbeat:
     ``clusterPolicyRef``). Here the key names the namespace, so ``policy_ref`` holds the
     namespace's policy's name alone.
 
-    Stored as ``"<version> <unix s> <policy> <cluster version> <cluster policy>"``; policy names
-    are Kubernetes names, so never contain spaces. The fields are positional: renaming an
-    attribute here changes nothing stored, so sidecars and operators of different releases
-    read each other's heartbeats (a rolling upgrade)."""
+    Stored as ``"<version> <unix s> <policy> <cluster version> <cluster policy> <capabilities>"``;
+    policy names are Kubernetes names, so never contain spaces. The fields are positional:
+    renaming an attribute here changes nothing stored, so sidecars and operators of different
+    releases read each other's heartbeats (a rolling upgrade). ``capabilities`` (comma-separated,
+    ``-``: none) is what the sidecar can do that an operator may need to know before relying on
+    it; ``None`` marks a sidecar from before the field (five fields, in the per-namespace hash).
+    The operator relies on a capability only once every sidecar it counts has it."""
 
     version: int
     at: float
     policy_ref: str | None = None
     cluster_version: int = 0
     cluster_policy_ref: str | None = None
+    capabilities: frozenset[str] | None = None
+
+    def state(self) -> str:
+        """Everything but the time."""
+        text = f"{self.version} {self.policy_ref or '-'} {self.cluster_version} {self.cluster_policy_ref or '-'}"
+        if self.capabilities is not None:
+            text += " " + (",".join(sorted(self.capabilities)) or "-")
+        return text
 
     def encode(self) -> str:
-        return (f"{self.version} {self.at:.0f} {self.policy_ref or '-'} "
-                f"{self.cluster_version} {self.cluster_policy_ref or '-'}")
+        version, rest = self.state().split(" ", 1)
+        return f"{version} {self.at:.0f} {rest}"
+
+
+CAPABILITY_REDIS_GRANTS = "grants"
+"""A heartbeat capability: the sidecar resolves API keys from their Redis grants
+(:mod:`sluice_core.grants`) when its config document embeds none, so an operator may stop
+embedding keys in a namespace's document once every sidecar counted there says so."""
 
 
 def parse_heartbeat(value: bytes | str) -> Heartbeat:
@@ -80,7 +110,23 @@ def parse_heartbeat(value: bytes | str) -> Heartbeat:
     def name(i: int) -> str | None:
         return parts[i] if len(parts) > i and parts[i] != "-" else None
 
-    return Heartbeat(version, at, name(2), cluster_version, name(4))
+    caps = None if len(parts) <= 5 else frozenset(c for c in parts[5].split(",") if c and c != "-")
+    return Heartbeat(version, at, name(2), cluster_version, name(4), caps)
+
+
+def heartbeat_member(namespace: str, pod: str, beat: Heartbeat) -> str:
+    """A sidecar's member of :data:`HEARTBEATS_KEY`: ``"<namespace> <pod> <state>"``."""
+    return f"{namespace} {pod} {beat.state()}"
+
+
+def parse_heartbeat_member(member: bytes | str, at: float) -> tuple[str, str, Heartbeat] | None:
+    """``(namespace, pod, heartbeat at time at)`` of a :func:`heartbeat_member`; None if malformed."""
+    parts = (member.decode(errors="replace") if isinstance(member, bytes) else member).split(" ", 3)
+    if len(parts) < 4:
+        return None
+    ns, pod, version, rest = parts
+    beat = parse_heartbeat(f"{version} {at:.0f} {rest}")
+    return (ns, pod, beat) if beat.at else None
 
 
 def hash_api_key(key: str) -> str:

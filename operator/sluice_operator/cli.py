@@ -69,19 +69,38 @@ def run(args: argparse.Namespace) -> int:
     metrics = OperatorMetrics()
     host, port = settingsform.split_host_port(settings.metrics_listen)
     start_http_server(port, addr=host, registry=metrics.registry)
-    registry = build_registry(settings, Reconciler(configstore.connect(settings.redis), metrics))
+    reconciler = Reconciler(configstore.connect(settings.redis), metrics, scope=operator_scope(settings))
+    peering: dict[str, Any] = {}
+    gate = None
+    if settings.peering:
+        from kopf._core.engines.peering import detect_own_id
+
+        from sluice_operator.kube import default_api_client
+        from sluice_operator.peering import PeeringGate, peering_priority
+
+        # The resync task asks kopf's question (is this replica the active one?) with kopf's
+        # identity and priority for this replica, so both are chosen here.
+        peering = {"identity": detect_own_id(manual=False), "priority": peering_priority()}
+        gate = PeeringGate(settings.peering, peering["identity"], peering["priority"], default_api_client)
+    registry = build_registry(settings, reconciler, gate=gate)
     # A registry of our own has no login handler: use the kubernetes client's credentials
     # (in-cluster ServiceAccount, else the kubeconfig).
     kopf.on.login(registry=registry)(kopf.login_via_client)
     if settings.peering:
-        from sluice_operator.peering import configure_peering, peering_priority
+        from sluice_operator.peering import configure_peering
 
         configure_peering(registry, settings.peering, settings.peering_lifetime_s)
     asyncio.run(kopf.operator(
         registry=registry, clusterwide=not settings.namespaces, namespaces=list(settings.namespaces),
         standalone=settings.peering is None, peering_name=settings.peering,
-        priority=peering_priority() if settings.peering else None, liveness_endpoint=settings.liveness))
+        liveness_endpoint=settings.liveness, **peering))
     return 0
+
+
+def operator_scope(settings: OperatorSettings) -> str:
+    """What this operator serves, naming the count of its writes in Redis: operators restricted
+    to different namespaces keep their own counts (replicas of one operator share theirs)."""
+    return " ".join(settings.namespaces) or "*"
 
 
 def check_cluster_keys_namespace(settings: OperatorSettings) -> None:

@@ -1,22 +1,26 @@
 """kopf wiring: indexes of policies and key Secrets per namespace, handlers that reconcile a
-namespace through :class:`~sluice_operator.reconcile.Reconciler`, a resync timer, key expiry."""
+namespace through :class:`~sluice_operator.reconcile.Reconciler`, and one resync task for all
+policies (:mod:`sluice_operator.resync`: Redis checked, heartbeats read, keys expired)."""
 
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
+import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import kopf
 from sluice_core.model import CLUSTER_SCOPE
 
+from sluice_operator.coalesce import Coalescer
+from sluice_operator.heartbeats import HeartbeatView
 from sluice_operator.keysecrets import CLUSTER_POLICY_LABEL, POLICY_LABEL
 from sluice_operator.kube import default_api_client
 from sluice_operator.reconcile import NamespaceOutcome, Reconciler, Reuse
+from sluice_operator.resync import Gate, Hooks, Resync, Standalone
 from sluice_operator.settings import OperatorSettings
-from sluice_operator.status import policy_status, status_update
+from sluice_operator.status import status_update
 from sluice_operator.webhooks import serve_webhooks
 
 GROUP, VERSION, PLURAL = "sluice.dev", "v1alpha1", "ratelimitpolicies"
@@ -26,9 +30,11 @@ log = logging.getLogger("sluice.operator")
 
 
 def build_registry(settings: OperatorSettings, reconciler: Reconciler,
-                   api_client: Callable[[], Any] | None = None) -> kopf.OperatorRegistry:
+                   api_client: Callable[[], Any] | None = None, gate: Gate | None = None) -> kopf.OperatorRegistry:
     """``api_client``: a factory of kubernetes ``ApiClient`` for what kopf does not do itself
-    (webhook configurations, namespace labels); default: in-cluster config, else kubeconfig."""
+    (webhook configurations, namespace labels, status writes of the resync); default:
+    in-cluster config, else kubeconfig. ``gate``: whether this replica is the active one
+    (:class:`~sluice_operator.peering.PeeringGate`); default: always (standalone)."""
     registry = kopf.OperatorRegistry()
     make_api = api_client or default_api_client
 
@@ -56,19 +62,25 @@ def build_registry(settings: OperatorSettings, reconciler: Reconciler,
 
     @kopf.index(GROUP, VERSION, PLURAL, id="policies_by_ns", registry=registry)
     def policies_by_ns(namespace: str | None, body: kopf.Body, **_: Any) -> dict[str, Any]:
-        return {namespace or "": dict(body)}
+        return {namespace or "": policy_view(body)}
 
     @kopf.index("v1", "secrets", labels={POLICY_LABEL: kopf.PRESENT}, id="key_secrets_by_ns",
                 registry=registry)
     def key_secrets_by_ns(namespace: str | None, body: kopf.Body, **_: Any) -> dict[str, Any]:
-        return {namespace or "": dict(body)}
+        return {namespace or "": secret_view(body)}
+
+    coalescer: Coalescer[NamespaceOutcome] = Coalescer()  # a burst of events for one namespace: two reconciles, not one each
 
     async def reconcile(namespace: str, idx: Mapping[str, Any], reuse: Reuse | None = None) -> NamespaceOutcome:
         """Reconcile one namespace's document (or ``_cluster``'s) from kopf's indexes, which
         every handler receives among its keyword arguments; then, if Redis lost everything (no
         cluster document), put everything back."""
-        outcome = await reconcile_scope(namespace, idx, reuse)
+        if reuse is None:  # a run shared with a request that would take a recent outcome is not fresh
+            outcome = await coalescer.run(namespace, lambda: reconcile_scope(namespace, idx))
+        else:
+            outcome = await reconcile_scope(namespace, idx, reuse)
         if not outcome.redis_error and not await reconciler.cluster_doc_exists():
+            log.warning("Redis has no cluster config document (lost or new): writing every config")
             await restore_all(idx)
         return outcome
 
@@ -76,34 +88,44 @@ def build_registry(settings: OperatorSettings, reconciler: Reconciler,
         """Every namespace's config this replica serves, then the cluster document (its own, or
         the empty placeholder): in that order, so that a pod started meanwhile finds its
         namespace's policy before the placeholder that tells "no namespace policy" from "lost"."""
-        log.warning("Redis has no cluster config document (lost or new): writing every config")
         for namespace in sorted(ns for ns, store in idx["policies_by_ns"].items() if ns and store):
-            await reconcile_scope(namespace, idx)
+            await refresh_statuses(namespace, await reconcile_scope(namespace, idx), idx)
         if "cluster_policies" in idx and idx["cluster_policies"].get(CLUSTER_SCOPE):
-            await reconcile_scope(CLUSTER_SCOPE, idx)
+            await refresh_statuses(CLUSTER_SCOPE, await reconcile_scope(CLUSTER_SCOPE, idx), idx)
         await reconciler.ensure_cluster_doc()
 
     @kopf.on.startup(registry=registry)
-    async def cluster_document(memo: kopf.Memo, **idx: Any) -> None:
+    async def start_resync(memo: kopf.Memo, **idx: Any) -> None:
         """The cluster document always exists (a sidecar whose namespace has no document then
-        knows it is under no namespace policy, not that Redis lost it): created now if missing,
-        and checked every resync interval while this replica knows no policy (no resync timer
-        runs then; with policies, their reconciles restore it, after the policies)."""
+        knows it is under no namespace policy, not that Redis lost it): created now if missing.
+        Writes are counted from here; then one task resyncs every policy
+        (:class:`~sluice_operator.resync.Resync`), from kopf's live indexes."""
+        await reconciler.start_counting()
         await reconciler.ensure_cluster_doc()
 
-        async def keep() -> None:
-            while True:
-                await asyncio.sleep(settings.resync_interval_s)
-                if not any(idx.get(name) for name in ("policies_by_ns", "cluster_policies")):
-                    await reconciler.ensure_cluster_doc()
+        def served() -> dict[str, Sequence[Mapping[str, Any]]]:
+            scopes: dict[str, Sequence[Mapping[str, Any]]] = {
+                ns: list(store) for ns, store in idx["policies_by_ns"].items() if ns and store}
+            if idx.get("cluster_policies") and idx["cluster_policies"].get(CLUSTER_SCOPE):
+                scopes[CLUSTER_SCOPE] = list(idx["cluster_policies"][CLUSTER_SCOPE])
+            return scopes
 
-        memo["cluster_document"] = asyncio.create_task(keep())
+        async def reconcile_and_report(scope: str) -> None:
+            await refresh_statuses(scope, await reconcile(scope, idx), idx)
+
+        hooks = Hooks(served=served, restore=lambda: restore_all(idx), reconcile=reconcile_and_report,
+                      write_status=write_status)
+        resync = Resync(settings.resync_interval_s, reconciler,
+                        HeartbeatView(reconciler.redis, settings.heartbeat_stale_s), gate or Standalone(), hooks)
+        memo["resync"] = asyncio.create_task(resync.run(), name="sluice resync")
 
     @kopf.on.cleanup(registry=registry)
-    async def stop_cluster_document(memo: kopf.Memo, **_: Any) -> None:
-        task = memo.get("cluster_document")
+    async def stop_resync(memo: kopf.Memo, **_: Any) -> None:
+        task = memo.get("resync")
         if task is not None:
             task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):  # its errors were logged
+                await task
 
     async def reconcile_scope(namespace: str, idx: Mapping[str, Any], reuse: Reuse | None = None) -> NamespaceOutcome:
         if namespace == CLUSTER_SCOPE:
@@ -115,10 +137,12 @@ def build_registry(settings: OperatorSettings, reconciler: Reconciler,
         return await reconciler.reconcile(namespace, list(idx["policies_by_ns"].get(namespace, [])),
                                           list(idx["key_secrets_by_ns"].get(namespace, [])), reuse=reuse)
 
-    def report(body: kopf.Body, name: str, outcome: NamespaceOutcome, patch: kopf.Patch,
-               enforced: int | None) -> None:
+    def report(body: kopf.Body, name: str, outcome: NamespaceOutcome, patch: kopf.Patch) -> None:
         result = outcome.results.get(name)
-        patch.status.update(policy_status(body, result, outcome, enforced))
+        status = status_update(body, result, outcome)
+        if status is not None:  # kopf would send any non-empty patch, also one that changes nothing
+            patch.status.update(status)
+            reconciler.metrics.status_writes.inc()
         if result is not None and not result.accepted:
             kopf.warn(body, reason="InvalidPolicy", message=result.message[:1000])
         if outcome.redis_error:
@@ -154,28 +178,20 @@ def build_registry(settings: OperatorSettings, reconciler: Reconciler,
             if name == skip or result is None or meta.get("deletionTimestamp"):
                 continue
             status = status_update(body, result, outcome)
-            if status is None:
-                continue
-            try:
-                await asyncio.to_thread(patch_status, scope, name, status)
-            except Exception as exc:  # gone meanwhile, API server unreachable: the resync fixes it
-                log.warning("cannot update the status of %s/%s: %s", scope, name, exc)
+            if status is not None:
+                await write_status(scope, name, status)
 
-    # A namespace's policies each have a resync timer; what one of them reconciled or read less
-    # than half an interval ago stands for the others (Redis is still checked every interval).
+    async def write_status(scope: str, name: str, status: dict[str, Any]) -> None:
+        """A failed write is logged: the policy's next event or reconcile writes it again."""
+        reconciler.metrics.status_writes.inc()
+        try:
+            await asyncio.to_thread(patch_status, scope, name, status)
+        except Exception as exc:  # gone meanwhile, API server unreachable
+            log.warning("cannot update the status of %s/%s: %s", scope, name, exc)
+
+    # At start-up every policy of a namespace resumes at once: what one of them reconciled less
+    # than half an interval ago stands for the others.
     shared_s = settings.resync_interval_s / 2
-
-    async def enforced(namespace: str, name: str, outcome: NamespaceOutcome) -> int | None:
-        """How many sidecars enforce this policy at the version just programmed."""
-        if not (outcome.programmed and outcome.version):
-            return None
-        if namespace != CLUSTER_SCOPE:
-            return await reconciler.enforced([namespace], name, outcome.version,
-                                             stale_s=settings.heartbeat_stale_s, max_age=shared_s)
-        result = outcome.results.get(name)
-        return await reconciler.enforced(result.scope or [] if result else [], name, outcome.version,
-                                         cluster=True, stale_s=settings.heartbeat_stale_s,
-                                         max_age=shared_s)
 
     def policy_handlers(plural: str, suffix: str) -> None:
         """Handlers of one policy kind: namespaced policies go to their namespace's document,
@@ -192,7 +208,7 @@ def build_registry(settings: OperatorSettings, reconciler: Reconciler,
             outcome = await reconcile(namespace or CLUSTER_SCOPE, kwargs, reuse)
             if outcome.pushed:  # a new config version: the namespace's other policies show it
                 await refresh_statuses(namespace or CLUSTER_SCOPE, outcome, kwargs, skip=name)
-            report(body, name, outcome, patch, None)
+            report(body, name, outcome, patch)
 
         @kopf.on.delete(GROUP, VERSION, plural, id="policy-delete" + suffix, registry=registry)
         async def policy_deleted(namespace: str | None, **kwargs: Any) -> None:
@@ -201,38 +217,6 @@ def build_registry(settings: OperatorSettings, reconciler: Reconciler,
                 raise kopf.TemporaryError(f"Redis: {outcome.redis_error}", delay=5)
             if outcome.pushed:
                 await refresh_statuses(namespace or CLUSTER_SCOPE, outcome, kwargs)
-
-        @kopf.timer(GROUP, VERSION, plural, id="resync" + suffix, interval=settings.resync_interval_s,
-                    registry=registry)
-        async def resync(namespace: str | None, name: str, body: kopf.Body, patch: kopf.Patch,
-                         **kwargs: Any) -> None:
-            """Redis is volatile: put back lost config, and report how many sidecars enforce it."""
-            scope = namespace or CLUSTER_SCOPE
-            await reconciler.memory_check.run(max_age=shared_s)  # once per interval, all policies
-            outcome = await reconcile(scope, kwargs, Reuse(name, body.metadata.get("generation"), shared_s))
-            report(body, name, outcome, patch, await enforced(scope, name, outcome))
-
-        @kopf.daemon(GROUP, VERSION, plural, id="key-expiry" + suffix, cancellation_timeout=1.0,
-                     registry=registry)
-        async def key_expiry(namespace: str | None, name: str, stopped: kopf.DaemonStopped,
-                             **kwargs: Any) -> None:
-            """Expired keys stop working within a second, not at the next resync: wake up when
-            the policy's first key expires (or a reconcile finds a new first one) and reconcile.
-            A kopf daemon rather than a task of our own, so that kopf stops it while peering
-            pauses this replica: a paused replica must not write from its frozen view."""
-            scope = namespace or CLUSTER_SCOPE
-            when: dt.datetime | None = None
-            while not stopped:
-                reconciled = reconciler.reconciled(scope)
-                outcome = reconciler.latest(scope)
-                if outcome is not None:  # None after a failed reconcile: the last deadline holds
-                    result = outcome.results.get(name)
-                    when = result.next_expiry if result else None
-                delay = None if when is None else (when - dt.datetime.now(dt.UTC)).total_seconds()
-                if delay is not None and delay <= 0:
-                    await refresh_statuses(scope, await reconcile(scope, kwargs), kwargs)
-                    delay = 1.0  # the key is gone now, or Redis failed: then try again shortly
-                await _first_of(reconciled.wait(), stopped.wait(), timeout=delay)
 
     policy_handlers(PLURAL, "")
 
@@ -250,7 +234,7 @@ def build_registry(settings: OperatorSettings, reconciler: Reconciler,
         # namespaces never fight over them (or their finalizers).
         @kopf.index(GROUP, VERSION, CLUSTER_PLURAL, id="cluster_policies", registry=registry)
         def cluster_policies(body: kopf.Body, **_: Any) -> dict[str, Any]:
-            return {CLUSTER_SCOPE: dict(body)}
+            return {CLUSTER_SCOPE: policy_view(body)}
 
         def in_keys_namespace(namespace: str | None, **_: Any) -> bool:
             return namespace == settings.cluster_keys_namespace
@@ -258,7 +242,7 @@ def build_registry(settings: OperatorSettings, reconciler: Reconciler,
         @kopf.index("v1", "secrets", labels={CLUSTER_POLICY_LABEL: kopf.PRESENT}, when=in_keys_namespace,
                     id="cluster_key_secrets", registry=registry)
         def cluster_key_secrets(body: kopf.Body, **_: Any) -> dict[str, Any]:
-            return {CLUSTER_SCOPE: dict(body)}
+            return {CLUSTER_SCOPE: secret_view(body)}
 
         @kopf.index("v1", "namespaces", id="namespace_labels", registry=registry)
         def namespace_labels(name: str, labels: kopf.Labels, **_: Any) -> dict[str, Any]:
@@ -280,6 +264,7 @@ def build_registry(settings: OperatorSettings, reconciler: Reconciler,
         async def namespace_changed(type: str | None, name: str, labels: kopf.Labels, **kwargs: Any) -> None:
             if type == "DELETED":
                 await reconciler.forget(name)
+                coalescer.forget(name)
             if label_changes.changed(type, name, labels) and kwargs["cluster_policies"].get(CLUSTER_SCOPE):
                 log.info("namespace %s: %s, re-resolving cluster policies", name,
                          "deleted" if type == "DELETED" else "labels changed")
@@ -317,11 +302,19 @@ class LabelChanges:
         return now != before
 
 
-async def _first_of(*waits: Awaitable[Any], timeout: float | None) -> None:
-    """Until one of ``waits`` is done or ``timeout`` seconds have passed."""
-    tasks = [asyncio.ensure_future(w) for w in waits]
-    try:
-        await asyncio.wait(tasks, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for task in tasks:
-            task.cancel()
+def policy_view(body: Mapping[str, Any]) -> dict[str, Any]:
+    """What the indexes keep of a policy: what reconciles and status writes read, not the
+    whole object (managed fields, annotations: most of its bytes, times a thousand)."""
+    meta = body.get("metadata", {})
+    view = {k: body[k] for k in ("apiVersion", "kind", "spec", "status") if body.get(k) is not None}
+    view["metadata"] = {k: meta[k] for k in ("name", "namespace", "generation", "deletionTimestamp") if k in meta}
+    return view
+
+
+def secret_view(body: Mapping[str, Any]) -> dict[str, Any]:
+    """What the indexes keep of a key Secret: its name, its policy label, its fields."""
+    meta = body.get("metadata", {})
+    labels = meta.get("labels") or {}
+    return {"metadata": {"name": meta.get("name"), "deletionTimestamp": meta.get("deletionTimestamp"),
+                         "labels": {k: labels[k] for k in (POLICY_LABEL, CLUSTER_POLICY_LABEL) if k in labels}},
+            "data": dict(body.get("data") or {})}

@@ -25,6 +25,13 @@ class OperatorMetrics:
             registry=r)
         self.pushes = Counter("sluice_operator_config_pushes", "Config documents written to Redis",
                               registry=r)
+        self.resyncs = Counter("sluice_operator_resyncs",
+                               "Resync intervals run: Redis checked, heartbeats read", registry=r)
+        self.restores = Counter("sluice_operator_restores",
+                                "Times Redis had lost config and every namespace was reconciled again",
+                                registry=r)
+        self.status_writes = Counter("sluice_operator_status_writes",
+                                     "Policy status writes (only when the status changes)", registry=r)
         # (namespace, policy) -> (accepted, programmed): the policies-by-condition gauge
         self.states: dict[tuple[str, str], tuple[bool, bool]] = {}
         r.register(_PolicyStates(self))

@@ -59,3 +59,53 @@ def _check_peering_object(name: str) -> None:
         missing = "the ClusterKopfPeering object does not exist"
     log.error("peering %r: %s; this replica stays paused until it exists (apiVersion: "
               "kopf.dev/v1, kind: ClusterKopfPeering, metadata.name: %s)", name, missing, name)
+
+
+class PeeringGate:
+    """Is this replica the active one? What the operator's own resync task asks before it
+    writes: kopf pauses its handlers, timers and daemons on a replica that is not, but not a
+    task of ours, and a paused replica's view of the cluster is frozen (its watches stop).
+
+    kopf's rule, read from the ClusterKopfPeering's status: active while no live peer has the
+    same or a higher priority. Read at most once per ``max_age_s`` (one GET an interval)."""
+
+    def __init__(self, name: str, identity: str, priority: int, api_client: Any,
+                 max_age_s: float = 5.0) -> None:
+        self.name, self.identity, self.priority = name, identity, priority
+        self._api_client = api_client
+        self._api: Any = None  # made at the first read, in a thread (it may read a kubeconfig)
+        self._max_age_s = max_age_s
+        self._checked: tuple[float, bool] | None = None
+
+    async def active(self) -> bool:
+        if self._checked and time.monotonic() - self._checked[0] < self._max_age_s:
+            return self._checked[1]
+        try:
+            status = await asyncio.to_thread(self._status)
+        except Exception as exc:  # unreadable: not active (kopf pauses on its own failures too)
+            logging.getLogger("sluice.operator").warning("cannot read the ClusterKopfPeering %r: %s",
+                                                         self.name, exc)
+            status = {}
+        self._checked = (time.monotonic(), self.decide(status))
+        return self._checked[1]
+
+    def decide(self, status: dict[str, Any]) -> bool:
+        from kopf._core.engines.peering import Identity, Peer
+
+        if self.identity not in status:
+            return False  # not announced yet: kopf has not resumed this replica either
+        peers = [Peer(identity=Identity(k), **v) for k, v in status.items()
+                 if k != self.identity and isinstance(v, dict)]
+        return not any(p.priority >= self.priority for p in peers if not p.is_dead)
+
+    def _status(self) -> dict[str, Any]:
+        from kubernetes import client
+
+        if self._api is None:
+            self._api = client.CustomObjectsApi(self._api_client())
+        # list by name, not get: list is a verb the operator has for kopf anyway (the chart's RBAC)
+        found: dict[str, Any] = self._api.list_cluster_custom_object(
+            "kopf.dev", "v1", "clusterkopfpeerings", field_selector=f"metadata.name={self.name}")
+        items = found.get("items") or [{}]
+        return dict(items[0].get("status") or {})
+

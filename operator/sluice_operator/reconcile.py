@@ -7,7 +7,9 @@ Rules it keeps:
 - An invalid policy never replaces a good one: the last good compiled version of that policy
   stays in the document (also after an operator restart: it is recovered from Redis).
 - Versions only rise: a re-push after Redis lost the config continues from the last version.
-- Redis is written only when the document changed or is missing, so the timer is cheap.
+- Redis is written only when the document changed or is missing.
+- Each write is counted in Redis (:data:`~sluice_core.keyschema.OPERATOR_EPOCH_KEY`), so that
+  one read an interval tells whether Redis still holds what was written (:meth:`Reconciler.intact`).
 
 ClusterRateLimitPolicies are reconciled the same way into the document of the pseudo-namespace
 ``_cluster``, with each policy's namespaceSelector resolved to the namespaces it selects now
@@ -21,11 +23,11 @@ import datetime as dt
 import logging
 import math
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sluice_core import configdoc, configstore, keyschema
+from sluice_core import configdoc, configstore
 from sluice_core.errors import PolicyError, PolicyErrors
 from sluice_core.model import CLUSTER_SCOPE, CompiledPolicy, KeyGrant, Selector
 from sluice_core.parse import parse_policy
@@ -35,6 +37,7 @@ from sluice_operator.metrics import OperatorMetrics
 from sluice_operator.redischeck import MemoryPolicyCheck
 
 log = logging.getLogger("sluice.operator")
+RECONCILE_CONCURRENCY = 16
 
 
 @dataclass
@@ -77,16 +80,27 @@ class Reuse:
 
 
 class Reconciler:
-    def __init__(self, redis_client: configstore.Client, metrics: OperatorMetrics | None = None) -> None:
+    """``scope`` names what this operator serves (its ``--namespace`` patterns, ``*``: the whole
+    cluster) in the count of its writes kept in Redis."""
+
+    def __init__(self, redis_client: configstore.Client, metrics: OperatorMetrics | None = None, *,
+                 scope: str = "*") -> None:
         self.redis = redis_client  # the Reconciler's own: close() closes it
         self.metrics = metrics or OperatorMetrics()
         self.memory_check = MemoryPolicyCheck(redis_client, self.metrics)  # Redis's eviction policy
+        self.scope = scope
         self._last_good: dict[str, dict[str, CompiledPolicy]] = {}
         self._known_version: dict[str, int] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._latest: dict[str, tuple[float, NamespaceOutcome]] = {}  # namespace -> (when, outcome)
-        self._beats: dict[str, tuple[float, list[keyschema.Heartbeat]]] = {}
-        self._notices: dict[str, asyncio.Event] = {}
+        self._expiry: dict[str, dt.datetime] = {}  # namespace -> when its first key expires
+        self.changed = asyncio.Event()  # set by every successful reconcile (for the resync task)
+        self._epoch: int | None = None  # the count of our writes Redis holds; None: not known
+        self._epoch_lock = asyncio.Lock()
+        # At start-up every policy's handler reconciles at once: a thousand at a time would
+        # only queue for Redis connections (redis-py's pool refuses beyond 100), each holding
+        # its parsed policies meanwhile.
+        self._running = asyncio.Semaphore(RECONCILE_CONCURRENCY)
 
     async def close(self) -> None:
         """Close the Redis client (at the operator's exit, in the loop that used it)."""
@@ -105,8 +119,9 @@ class Reconciler:
                 result = recent.results.get(reuse.policy) if recent else None
                 if recent is not None and result is not None and result.generation == reuse.generation:
                     return recent
-            started = time.perf_counter()
-            out = await self._reconcile(namespace, policies, secrets, namespace_labels or {})
+            async with self._running:
+                started = time.perf_counter()
+                out = await self._reconcile(namespace, policies, secrets, namespace_labels or {})
             m = self.metrics
             m.reconcile_seconds.observe(time.perf_counter() - started)
             if out.redis_error:
@@ -123,9 +138,12 @@ class Reconciler:
                 self._latest.pop(namespace, None)
             else:
                 self._latest[namespace] = (time.monotonic(), out)
-                notice = self._notices.pop(namespace, None)
-                if notice is not None:
-                    notice.set()
+                expiries = [r.next_expiry for r in out.results.values() if r.next_expiry]
+                if expiries:
+                    self._expiry[namespace] = min(expiries)
+                else:
+                    self._expiry.pop(namespace, None)
+                self.changed.set()
             return out
 
     async def forget(self, namespace: str) -> None:
@@ -142,7 +160,7 @@ class Reconciler:
                 dropped = False
             if dropped:
                 log.info("namespace %s deleted: its empty config document removed", namespace)
-            for kept in (self._last_good, self._known_version, self._latest, self._beats, self._notices):
+            for kept in (self._last_good, self._known_version, self._latest, self._expiry):
                 kept.pop(namespace, None)
 
     async def cluster_doc_exists(self) -> bool:
@@ -166,13 +184,52 @@ class Reconciler:
                 return False
             if version:
                 self._known_version[CLUSTER_SCOPE] = version
+                await self.count_write()
                 log.info("cluster config document was missing: created empty, version %s", version)
             return bool(version)
 
-    def reconciled(self, namespace: str) -> asyncio.Event:
-        """An event set by the namespace's next successful reconcile (for waiters on what it
-        finds, e.g. when keys expire)."""
-        return self._notices.setdefault(namespace, asyncio.Event())
+    async def count_write(self) -> None:
+        """Count one more write in Redis. The count must rise by one from what this replica
+        knows: otherwise Redis lost it (missing: restarted empty, flushed; lower: an older
+        snapshot restored), and :meth:`intact` says so at the next check."""
+        async with self._epoch_lock:
+            try:
+                value = await configstore.bump_epoch(self.redis, self.scope)
+            except configstore.ConfigStoreError as exc:
+                log.warning("cannot count a config write in Redis: %s", exc)
+                self._epoch = None
+                return
+            self._epoch = value if self._epoch is not None and value == self._epoch + 1 else None
+
+    async def start_counting(self) -> bool:
+        """Take the count from here (at start-up, and before re-writing everything): what
+        was written before is checked by the reconciles that follow. False if Redis failed."""
+        async with self._epoch_lock:
+            try:
+                self._epoch = await configstore.bump_epoch(self.redis, self.scope)
+            except configstore.ConfigStoreError as exc:
+                log.warning("cannot count config writes in Redis: %s", exc)
+                self._epoch = None
+                return False
+            return True
+
+    async def intact(self) -> bool:
+        """Does Redis still hold every config document this replica wrote? Two reads however
+        many namespaces it serves: the count of its writes, and the documents' existence (one
+        EXISTS per thousand). False also when Redis does not answer (then nothing is lost for
+        sure, but the next check that gets an answer must look at everything)."""
+        try:
+            if self._epoch is None or await configstore.epoch(self.redis, self.scope) != self._epoch:
+                return False
+            return not await configstore.missing_configs(self.redis, sorted(self._known_version))
+        except configstore.ConfigStoreError as exc:
+            log.warning("cannot check the config in Redis: %s", exc)
+            self._epoch = None
+            return False
+
+    def next_expiries(self) -> dict[str, dt.datetime]:
+        """Namespace -> when its first key expires (only those with expiring keys)."""
+        return dict(self._expiry)
 
     def latest(self, namespace: str, *, max_age: float = math.inf) -> NamespaceOutcome | None:
         """The outcome of the namespace's last reconcile if it succeeded less than ``max_age``
@@ -246,6 +303,7 @@ class Reconciler:
                 floor = max(self._known_version.get(namespace, 0), stored[0] if stored else 0) + 1
                 out.version = await configstore.publish(self.redis, namespace, doc, min_version=floor)
                 out.pushed = True
+                await self.count_write()
                 log.info("namespace %s: config version %s (%s)", namespace, out.version,
                          ", ".join(sorted(live)) or "no policies")
             self._known_version[namespace] = out.version
@@ -262,45 +320,6 @@ class Reconciler:
             return
         self._last_good[namespace] = {p.name: p for p in cfg.policies}
         self._known_version[namespace] = stored[0]
-
-    async def enforced(self, namespaces: Iterable[str], policy: str, version: int, *,
-                       cluster: bool = False, stale_s: float, max_age: float = 0.0) -> int:
-        """How many sidecars of ``namespaces`` recently reported enforcing ``policy`` at
-        ``version`` (of their namespace's document, or of the cluster document). A namespace's
-        heartbeats read less than ``max_age`` seconds ago are not read again."""
-        count = 0
-        for ns in namespaces:
-            for beat in await self._heartbeats(ns, stale_s, max_age):
-                if (cluster and beat.cluster_version == version and beat.cluster_policy_ref == policy) or (not cluster and beat.version == version and beat.policy_ref == policy):
-                    count += 1
-        return count
-
-    async def _heartbeats(self, namespace: str, stale_s: float, max_age: float) -> list[keyschema.Heartbeat]:
-        """The fresh heartbeats of one namespace; stale entries are pruned."""
-        read = self._beats.get(namespace)
-        if read is not None and time.monotonic() - read[0] <= max_age:
-            return read[1]
-        try:
-            entries = await configstore.heartbeats(self.redis, namespace)
-        except configstore.ConfigStoreError as exc:
-            log.warning("cannot read heartbeats of %s: %s", namespace, exc)
-            return []
-        now = time.time()
-        stale = []
-        fresh = []
-        for pod, value in entries.items():
-            beat = keyschema.parse_heartbeat(value)
-            if now - beat.at > stale_s:
-                stale.append(pod)
-            else:
-                fresh.append(beat)
-        if stale:
-            try:
-                await configstore.drop_heartbeats(self.redis, namespace, stale)
-            except configstore.ConfigStoreError as exc:
-                log.debug("cannot prune heartbeats of %s: %s", namespace, exc)
-        self._beats[namespace] = (time.monotonic(), fresh)
-        return fresh
 
 
 def resolve_namespaces(policy: CompiledPolicy, namespace_labels: Mapping[str, Mapping[str, str]]) -> list[str]:

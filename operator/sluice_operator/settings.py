@@ -54,7 +54,7 @@ class OperatorSettings:
     redis: str = setting(help="Redis URL the sidecars read (`redis://`, `rediss://`, `redis+sentinel://`, "
                               "`redis+cluster://`)", parse=redis_url, chart="redis.url")
     resync_interval_s: float = setting(
-        default=30.0, help="timer: re-push config that Redis lost or that differs, refresh status (`Enforced`)",
+        default=30.0, help="how often Redis is checked for config it lost (then re-pushed) and sidecars are counted (status `Enforced`)",
         positive=True, chart="operator.resyncIntervalSeconds")
     namespaces: tuple[str, ...] = setting(
         default=(), help="watch only this namespace (repeatable, shell patterns; `!PATTERN` excludes)",

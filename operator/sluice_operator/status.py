@@ -60,13 +60,22 @@ def policy_status(body: Mapping[str, Any], result: PolicyResult | None, outcome:
     return status
 
 
-def status_update(body: Mapping[str, Any], result: PolicyResult, outcome: NamespaceOutcome) -> dict[str, Any] | None:
-    """The status a reconcile calls for when none of the policy's own handlers ran for it (a key
-    Secret changed or expired, a namespace was relabelled, another policy of the namespace
-    changed), or None when the status already says so. The count of enforcing sidecars carries
-    over while the config version stays; a new version has none confirmed yet (its next resync
-    counts them), as after a spec update."""
+CARRY = -1
+"""``enforced`` for :func:`status_update`: keep the count the status shows (see there)."""
+
+
+def status_update(body: Mapping[str, Any], result: PolicyResult | None, outcome: NamespaceOutcome,
+                  enforced: int | None = CARRY) -> dict[str, Any] | None:
+    """The status a reconcile calls for, or None when the status already says so: kopf would
+    merge-patch any non-empty patch, and a write that changes nothing still costs the API server
+    a write and every watcher an event (a thousand policies, every interval).
+
+    ``enforced``: how many sidecars enforce the policy at the outcome's version, when counted;
+    by default the count the status shows carries over while the config version stays, and a
+    new version has none confirmed yet (the next resync counts them), as after a spec update."""
     old = dict(body.get("status") or {})
-    kept = old.get("enforcedSidecars") if old.get("configVersion") == outcome.version else None
-    new = policy_status(body, result, outcome, kept if isinstance(kept, int) else None)
+    if enforced == CARRY:
+        kept = old.get("enforcedSidecars") if old.get("configVersion") == outcome.version else None
+        enforced = kept if isinstance(kept, int) else None
+    new = policy_status(body, result, outcome, enforced)
     return None if all(old.get(k) == v for k, v in new.items()) else new

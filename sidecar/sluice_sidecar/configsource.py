@@ -53,6 +53,11 @@ SUBSCRIPTION_PING_S = 1.0
 SUBSCRIPTION_PING_TIMEOUT_S = 1.0
 
 
+CAPABILITIES: frozenset[str] = frozenset({keyschema.CAPABILITY_REDIS_GRANTS})
+"""What this sidecar can do that the operator may need to know before relying on it (the
+heartbeat's ``capabilities``): it resolves API keys from Redis grants."""
+
+
 class NoConfig(Exception):
     """A config could not be loaded: ``what`` names the flag, the message the file and why."""
 
@@ -215,7 +220,7 @@ class RedisSource:
         self.heartbeat_interval = heartbeat_interval
         self._policy_doc = _Doc(namespace)  # the namespace's RateLimitPolicies
         self._cluster_policy_doc = _Doc(CLUSTER_SCOPE)  # every ClusterRateLimitPolicy
-        self.enforcing = keyschema.Heartbeat(0, 0.0)  # what the heartbeat reports
+        self.enforcing = keyschema.Heartbeat(0, 0.0, capabilities=CAPABILITIES)  # what the heartbeat reports
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._sub: RespConnection | None = None
@@ -291,7 +296,7 @@ class RedisSource:
         cluster_policy = select_cluster_policy(cluster_config, self.namespace, labels)
         self.enforcing = keyschema.Heartbeat(
             ns_version, 0.0, policy.name if policy else None,
-            cluster_version, cluster_policy.name if cluster_policy else None)
+            cluster_version, cluster_policy.name if cluster_policy else None, CAPABILITIES)
         if policy is None and cluster_policy is None:
             self.metrics.config_reloads.labels("no_policy").inc()
             log.warning("no policy selects this pod (namespace %s, config version %s, cluster "
@@ -387,20 +392,27 @@ class RedisSource:
                 return
 
     async def _heartbeat(self) -> None:
-        """Report the config version this pod enforces (field = pod name in the namespace's
-        heartbeat hash), so the operator can say how many sidecars run each version."""
+        """Report the config version this pod enforces, so the operator can say how many
+        sidecars run each version: in the one sorted set of all namespaces that the operator
+        reads in one command an interval (keyschema.HEARTBEATS_KEY)."""
         assert self.pod_name
-        key = keyschema.heartbeat_key(self.namespace)
         ttl_ms = int(self.heartbeat_interval * 3 * 1000)
+        beats = 0
         while True:
             try:
-                conn = await self.nodes.for_key(key)
-                beat = dataclasses.replace(self.enforcing, at=time.time())
-                # Both written at once; both awaited, so a refused HSET (an ACL, OOM, a
+                now = time.time()
+                beat = dataclasses.replace(self.enforcing, at=now)
+                member = keyschema.heartbeat_member(self.namespace, self.pod_name, beat)
+                glob = await self.nodes.for_key(keyschema.HEARTBEATS_KEY)
+                # All written at once; all awaited, so a refused write (an ACL, OOM, a
                 # READONLY replica) is reported here rather than left in a future nobody reads.
-                hset = conn.send(encode("HSET", key, self.pod_name, beat.encode()))
-                pexpire = conn.send(encode("PEXPIRE", key, ttl_ms))
-                for result in await asyncio.gather(hset, pexpire, return_exceptions=True):
+                sent = [glob.send(encode("ZADD", keyschema.HEARTBEATS_KEY, f"{now:.0f}", member)),
+                        glob.send(encode("PEXPIRE", keyschema.HEARTBEATS_KEY, ttl_ms))]
+                if beats % 16 == 0:  # stale members, should no operator run to prune them
+                    sent.append(glob.send(encode("ZREMRANGEBYSCORE", keyschema.HEARTBEATS_KEY, "-inf",
+                                                 f"({now - ttl_ms / 1000:.0f}")))
+                beats += 1
+                for result in await asyncio.gather(*sent, return_exceptions=True):
                     if isinstance(result, BaseException):
                         raise result
             except TransportError as exc:

@@ -235,10 +235,10 @@ def test_one_replica_reconciles_the_other_waits(pair: Pair) -> None:
     pair.cp.kubectl("apply", "-f", "-", input=policy_manifest("api", ns))
     pair.wait(lambda: programmed(pair.cp, "rlp", "api", ns), f"rlp {ns}/api Programmed")
     # programmed once: one config version in Redis, written by the older replica only; the
-    # resync timer (1 s) keeps reconciling in the older replica and never in the younger one
-    start = older.counter("sluice_operator_reconciles")
-    pair.wait(lambda: older.counter("sluice_operator_reconciles") >= start + 2,
-              "two more reconciles by the active replica (resync timer)")
+    # resync (1 s) keeps running in the older replica and never in the younger one
+    start = older.counter("sluice_operator_resyncs")
+    pair.wait(lambda: older.counter("sluice_operator_resyncs") >= start + 2,
+              "two more resyncs by the active replica")
     cfg = store_call(pair.redis_url, configstore.read, ns)
     assert cfg is not None and cfg.version == 1, cfg
     assert older.counter("sluice_operator_config_pushes") >= 1
@@ -246,6 +246,7 @@ def test_one_replica_reconciles_the_other_waits(pair: Pair) -> None:
         replica.check_alive()
     assert younger.counter("sluice_operator_reconciles") == 0, pair.diagnose()
     assert younger.counter("sluice_operator_config_pushes") == 0, pair.diagnose()
+    assert younger.counter("sluice_operator_resyncs") == 0, pair.diagnose()
     assert RESUMING not in younger.log(), pair.diagnose()
     assert "Handler 'policy'" not in younger.log(), pair.diagnose()
 

@@ -212,6 +212,24 @@ async def test_flushall_config_is_back_with_a_higher_version(env: Env) -> None:
     assert [p.name for p in back.policies] == ["api"]
 
 
+async def test_a_redis_rolled_back_to_an_older_snapshot_gets_the_current_config(env: Env) -> None:
+    """What a Redis restored from an older snapshot looks like: the document of an earlier
+    version, and the operator's count of its writes from then. The resync sees the count is
+    not the one it wrote (it no longer reads every document) and writes the current config."""
+    await env.create(env.rlp_path(), policy("api", env.ns, requests=10))
+    first = await eventually(env.config, "config in Redis")
+    old_doc = env.redis.hget(keyschema.config_key(env.ns), "doc")
+    old_epoch = int(env.redis.hget(keyschema.OPERATOR_EPOCH_KEY, "*"))
+    await env.patch(env.rlp_path("api"), {"spec": policy("api", env.ns, requests=20)["spec"]})
+    await eventually(lambda: env.config_that(lambda c: c.policies[0].tiers["free"].limit.requests == 20),
+                     "the edit in Redis")
+    env.redis.hset(keyschema.config_key(env.ns), mapping={"doc": old_doc, "version": first.version})
+    env.redis.hset(keyschema.OPERATOR_EPOCH_KEY, "*", old_epoch)
+    back = await eventually(lambda: env.config_that(lambda c: c.policies[0].tiers["free"].limit.requests == 20),
+                            "the current config written again")
+    assert back.version > first.version
+
+
 async def test_key_secret_lifecycle(env: Env) -> None:
     await env.create(env.rlp_path(), policy("api", env.ns))
     await eventually(env.config, "config in Redis")

@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 from sluice_core import configstore, keyschema
+from sluice_operator.heartbeats import HeartbeatView
 from sluice_operator.reconcile import Reconciler
 from support.redis_servers import RedisServer, pick_port
 from support.sidecar_harness import policy_doc
@@ -39,15 +40,24 @@ async def test_the_operator_reaches_redis_without_a_thread(fresh_redis: RedisSer
     ns = "nt-" + uuid.uuid4().hex[:8]
     async with configstore.connect(fresh_redis.url) as client:
         reconciler = Reconciler(client)
+        assert await reconciler.start_counting()
         assert await reconciler.ensure_cluster_doc()
         assert await reconciler.cluster_doc_exists()
         out = await reconciler.reconcile(ns, [policy_doc("api", ns)], [])
         assert out.programmed and out.pushed and not out.redis_error, out
-        key = keyschema.heartbeat_key(ns)
+        assert await reconciler.intact()
+        key = keyschema.heartbeat_key(ns)  # a sidecar of an older release, and a gone one
         fresh_redis.execute("HSET", key, "web-0", keyschema.Heartbeat(out.version, time.time(), "api").encode(),
                             "web-1", keyschema.Heartbeat(out.version, 0.0, "api").encode())
-        assert await reconciler.enforced([ns], "api", out.version, stale_s=30) == 1
-        assert fresh_redis.execute("HKEYS", key) == [b"web-0"]  # the stale one pruned
+        beat = keyschema.Heartbeat(out.version, 0.0, "api", capabilities=frozenset())
+        fresh_redis.execute("ZADD", keyschema.HEARTBEATS_KEY, str(int(time.time())),
+                            keyschema.heartbeat_member(ns, "web-2", beat),
+                            "1", keyschema.heartbeat_member(ns, "web-3", beat))
+        beats = HeartbeatView(client, stale_s=30)
+        await beats.refresh([ns])
+        assert beats.count([ns], "api", out.version) == 2
+        assert fresh_redis.execute("HKEYS", key) == [b"web-0"]  # the stale ones pruned
+        assert fresh_redis.execute("ZCARD", keyschema.HEARTBEATS_KEY) == 1
         assert await reconciler.memory_check.run() is None  # no maxmemory: safe
         await reconciler.reconcile(ns, [], [])  # its last policy deleted: an empty document
         await reconciler.forget(ns)
@@ -93,7 +103,9 @@ async def test_an_unreachable_cluster_is_a_redis_error_not_a_crash(no_threads: N
         # Our wording (configstore's), not redis-py's, which may change in any release.
         assert out.redis_error and out.redis_error.startswith(f"cannot read config for namespace {ns!r}: "), out
         assert not await reconciler.ensure_cluster_doc()
-        assert await reconciler.enforced([ns], "api", 1, stale_s=30) == 0
+        with pytest.raises(configstore.ConfigStoreError):
+            await HeartbeatView(client, stale_s=30).refresh([ns])
+        assert not await reconciler.intact()
         assert await reconciler.memory_check.run() is None
         with pytest.raises(configstore.ConfigStoreError):
             await configstore.read(client, ns)

@@ -160,6 +160,14 @@ def test_heartbeats_keep_their_stored_form_across_releases() -> None:
             == keyschema.Heartbeat(7, 1700000000.0, None, 3, None))
     got = keyschema.parse_heartbeat(b"7 1700000000 web")  # no cluster fields
     assert (got.policy_ref, got.cluster_version, got.cluster_policy_ref) == ("web", 0, None)
+    # a sixth field, capabilities: an older operator reads the first five, as before
+    caps = keyschema.Heartbeat(7, 1700000000.0, "web", 3, "budget", frozenset({"b", "a"}))
+    assert caps.encode() == "7 1700000000 web 3 budget a,b"
+    assert keyschema.parse_heartbeat(caps.encode()) == caps
+    assert keyschema.parse_heartbeat(b"7 1700000000 web 3 budget -").capabilities == frozenset()
+    assert keyschema.parse_heartbeat(b"7 1700000000 web 3 budget").capabilities is None
+    member = keyschema.heartbeat_member("ns", "web-0", caps)
+    assert keyschema.parse_heartbeat_member(member, 1700000000.0) == ("ns", "web-0", caps)
 
 
 async def test_scope_changes_reload_and_heartbeat_reports_the_cluster_policy(
@@ -170,11 +178,15 @@ async def test_scope_changes_reload_and_heartbeat_reports_the_cluster_policy(
     sc = await sidecar_in(a)
     assert f'"{budget.name}/free"' in (await get(http, sc))[1]["RateLimit-Policy"]
 
-    async def heartbeat() -> bytes | str | None:  # written by a background task of the sidecar
+    async def heartbeat() -> keyschema.Heartbeat | None:  # written by a background task of the sidecar
         async with configstore.connect(redis_url) as client:
-            return (await configstore.heartbeats(client, a)).get(f"web-{a}".encode())
+            for member, at in await configstore.fresh_heartbeats(client, 0):
+                parsed = keyschema.parse_heartbeat_member(member, at)
+                if parsed and parsed[:2] == (a, f"web-{a}"):
+                    return parsed[2]
+        return None
 
-    beat = keyschema.parse_heartbeat(await wait_for(heartbeat, timeout=10, what="the heartbeat"))
+    beat = await wait_for(heartbeat, timeout=10, what="the heartbeat")
     assert (beat.cluster_version, beat.cluster_policy_ref, beat.policy_ref) == (v1, budget.name, None)
 
     # The namespace leaves the policy's scope (its labels changed): the sidecar stops applying it.

@@ -57,11 +57,11 @@ async def test_change_notices_reach_a_cluster_sidecar_whose_first_node_is_down(
 
 async def test_a_refused_heartbeat_leaves_no_unretrieved_error(
         fresh_redis: RedisServer, caplog: pytest.LogCaptureFixture) -> None:
-    """The heartbeat's HSET and PEXPIRE go out together; a refused HSET (here an ACL that
+    """The heartbeat's ZADD and PEXPIRE go out together; a refused ZADD (here an ACL that
     forbids it) is an error the heartbeat handles, not a future nobody awaited (asyncio then
     logs "Future exception was never retrieved" at garbage collection, as an ERROR). It is
     said: counted every time, one WARNING line for the reason (not one per heartbeat)."""
-    fresh_redis.execute("ACL", "SETUSER", "default", "on", "nopass", "~*", "&*", "+@all", "-hset")
+    fresh_redis.execute("ACL", "SETUSER", "default", "on", "nopass", "~*", "&*", "+@all", "-zadd")
     ns = f"t{uuid.uuid4().hex[:10]}"
     store = RedisStore(parse_redis_url(fresh_redis.url), timeout=1.0, connect_timeout=0.5)
     metrics = Metrics()

@@ -12,7 +12,7 @@ CRD_NAMES = ("ratelimitpolicies.sluice.dev", "clusterratelimitpolicies.sluice.de
 
 def established(cp: ControlPlane, name: str) -> bool:
     crd = cp.kubectl_json("get", "crd", name)
-    conds = {c["type"]: c["status"] for c in crd.get("status", {}).get("conditions", [])}
+    conds = {c["type"]: c["status"] for c in (crd.get("status") or {}).get("conditions") or []}
     return conds.get("Established") == "True" and conds.get("NamesAccepted") == "True"
 
 

@@ -1,0 +1,96 @@
+"""Which sidecars enforce what: every namespace's fresh heartbeats, read in one command an
+interval however many namespaces and policies the operator serves (the ``Enforced`` condition).
+
+Sidecars from before the global heartbeat set wrote one hash per namespace instead. During a
+rolling upgrade they still count: the first refresh scans every served namespace's hash, and
+later refreshes read again only the hashes where an old sidecar was found, plus a full scan every
+:data:`LEGACY_RESCAN` refreshes, until a full scan finds no old sidecar at all; then the hashes
+are never read again (a later old sidecar is counted after the operator's next restart)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable
+
+from sluice_core import configstore, keyschema
+
+log = logging.getLogger("sluice.operator")
+LEGACY_RESCAN = 20
+
+
+class HeartbeatView:
+    def __init__(self, redis_client: configstore.Client, stale_s: float) -> None:
+        self.redis = redis_client
+        self.stale_s = stale_s
+        self._pods: dict[str, dict[str, keyschema.Heartbeat]] = {}  # namespace -> pod -> newest
+        self._legacy: set[str] = set()  # namespaces where sidecars of an older release beat
+        self._refreshes = 0
+        self._upgraded = False  # a full scan found no old sidecar: hashes are no longer read
+
+    async def refresh(self, namespaces: Iterable[str]) -> None:
+        """Read what changed: the fresh heartbeats, old sidecars' ones, stale ones pruned.
+        ``namespaces``: those served (where old sidecars may beat). A failed read keeps what
+        was known and raises :class:`~sluice_core.configstore.ConfigStoreError`."""
+        now = time.time()
+        pods: dict[str, dict[str, keyschema.Heartbeat]] = {}
+        for member, at in await configstore.fresh_heartbeats(self.redis, now - self.stale_s):
+            parsed = keyschema.parse_heartbeat_member(member, at)
+            if parsed is None:
+                continue
+            ns, pod, beat = parsed
+            seen = pods.setdefault(ns, {})
+            if pod not in seen or seen[pod].at <= beat.at:  # a pod's state changed: its newest
+                seen[pod] = beat
+        await configstore.prune_heartbeats(self.redis, now - self.stale_s)
+        if not self._upgraded:
+            await self._read_legacy(pods, namespaces, now)
+        self._refreshes += 1
+        self._pods = pods
+
+    async def _read_legacy(self, pods: dict[str, dict[str, keyschema.Heartbeat]],
+                           namespaces: Iterable[str], now: float) -> None:
+        full = self._refreshes % LEGACY_RESCAN == 0
+        found: set[str] = set()
+        for ns in sorted(set(namespaces)) if full else sorted(self._legacy):
+            entries = await configstore.heartbeats(self.redis, ns)
+            stale = []
+            for pod, value in entries.items():
+                beat = keyschema.parse_heartbeat(value)
+                if now - beat.at > self.stale_s:
+                    stale.append(pod)
+                    continue
+                found.add(ns)
+                name = pod.decode(errors="replace") if isinstance(pod, bytes) else pod
+                pods.setdefault(ns, {}).setdefault(name, beat)
+            if stale:
+                await configstore.drop_heartbeats(self.redis, ns, stale)
+        self._legacy = found
+        if full and not found:
+            self._upgraded = True
+            log.info("no sidecar of an older release reports any more: per-namespace heartbeats "
+                     "are no longer read")
+
+    def count(self, namespaces: Iterable[str], policy: str, version: int, *, cluster: bool = False) -> int:
+        """How many sidecars of ``namespaces`` enforce ``policy`` at ``version`` (of their
+        namespace's document, or of the cluster document)."""
+        n = 0
+        for ns in namespaces:
+            for beat in self._pods.get(ns, {}).values():
+                if cluster:
+                    n += beat.cluster_version == version and beat.cluster_policy_ref == policy
+                else:
+                    n += beat.version == version and beat.policy_ref == policy
+        return n
+
+    def capabilities(self, namespace: str) -> frozenset[str] | None:
+        """What every fresh sidecar of the namespace can do (None: one of them is of a release
+        from before capabilities were reported, or none reports)."""
+        beats = list(self._pods.get(namespace, {}).values())
+        if not beats or any(b.capabilities is None for b in beats):
+            return None
+        return frozenset.intersection(*(b.capabilities or frozenset() for b in beats))
+
+    def forget(self, namespace: str) -> None:
+        self._pods.pop(namespace, None)
+        self._legacy.discard(namespace)

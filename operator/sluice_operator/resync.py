@@ -1,0 +1,142 @@
+"""One task for every policy, instead of a kopf timer and a daemon per policy (two tasks each,
+all started at once at start-up, 0.8 MB a policy): every interval it checks that Redis still
+holds what was written, re-writing everything only when it does not, reads the sidecars'
+heartbeats and writes the status of the policies whose ``Enforced`` count changed; between
+intervals it wakes when a namespace's first key expires.
+
+Idle, an interval costs a handful of Redis commands and no API write, however many policies."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from sluice_core import configstore
+from sluice_core.model import CLUSTER_SCOPE
+
+from sluice_operator.heartbeats import HeartbeatView
+from sluice_operator.memtrim import trim
+from sluice_operator.reconcile import NamespaceOutcome, Reconciler
+from sluice_operator.status import status_update
+
+log = logging.getLogger("sluice.operator")
+RETRY_S = 1.0  # after a failed expiry reconcile (Redis away)
+
+
+class Gate(Protocol):
+    """Is this replica the active one (:class:`~sluice_operator.peering.PeeringGate`)?"""
+
+    async def active(self) -> bool: ...
+
+
+class Standalone:
+    """The gate of a replica without peering: always active."""
+
+    async def active(self) -> bool:
+        return True
+
+
+@dataclass
+class Hooks:
+    """What the resync task needs of the kopf wiring (handlers.py)."""
+
+    served: Callable[[], Mapping[str, Sequence[Mapping[str, Any]]]]
+    """scope (namespace, or ``_cluster``) -> its policies' bodies, as the indexes hold them"""
+    restore: Callable[[], Awaitable[None]]
+    """reconcile every scope again (Redis lost what was written)"""
+    reconcile: Callable[[str], Awaitable[None]]
+    """reconcile one scope and write its policies' statuses (a key expired)"""
+    write_status: Callable[[str, str, dict[str, Any]], Awaitable[None]]
+    """(scope, policy name, status)"""
+
+
+class Resync:
+    def __init__(self, interval_s: float, reconciler: Reconciler, heartbeats: HeartbeatView,
+                 gate: Gate, hooks: Hooks) -> None:
+        self.interval_s = interval_s
+        self.reconciler = reconciler
+        self.heartbeats = heartbeats
+        self.gate = gate
+        self.hooks = hooks
+
+    async def run(self) -> None:
+        next_sweep = time.monotonic() + self.interval_s
+        retry_at = 0.0
+        while True:
+            self.reconciler.changed.clear()
+            try:
+                if not await self.gate.active():
+                    retry_at = time.monotonic() + RETRY_S  # look again then, not in a loop
+                else:
+                    if time.monotonic() >= retry_at and not await self.expire():
+                        retry_at = time.monotonic() + RETRY_S
+                    if time.monotonic() >= next_sweep:
+                        await self.sweep()
+            except Exception:  # a bug must not end the resync of every policy: said, then retried
+                log.exception("resync failed")
+                retry_at = time.monotonic() + RETRY_S
+            if time.monotonic() >= next_sweep:
+                next_sweep = time.monotonic() + self.interval_s
+            delay = next_sweep - time.monotonic()
+            first = min(self.reconciler.next_expiries().values(), default=None)
+            if first is not None:
+                until = max((first - dt.datetime.now(dt.UTC)).total_seconds(), retry_at - time.monotonic(), 0.0)
+                delay = min(delay, until)
+            try:  # a reconcile may have found an earlier expiry: then look again
+                async with asyncio.timeout(max(delay, 0.0)):
+                    await self.reconciler.changed.wait()
+            except TimeoutError:
+                pass
+
+    async def expire(self) -> bool:
+        """Reconcile the namespaces whose first key has expired; False if one failed."""
+        now = dt.datetime.now(dt.UTC)
+        ok = True
+        for scope, when in sorted(self.reconciler.next_expiries().items(), key=lambda kv: kv[1]):
+            if when <= now:
+                await self.hooks.reconcile(scope)
+                latest = self.reconciler.next_expiries().get(scope)
+                ok = ok and not (latest is not None and latest <= now)
+        return ok
+
+    async def sweep(self) -> None:
+        self.reconciler.metrics.resyncs.inc()
+        trim()  # what bursts of work since the last interval freed (start-up's above all)
+        await self.reconciler.memory_check.run()
+        if not await self.reconciler.intact():
+            log.warning("Redis lost config this operator wrote (flushed, restarted empty, restored "
+                        "from an older snapshot, or unreachable): reconciling every namespace again")
+            self.reconciler.metrics.restores.inc()
+            if await self.reconciler.start_counting():
+                await self.hooks.restore()
+        served = self.hooks.served()
+        try:
+            await self.heartbeats.refresh(ns for ns in served if ns != CLUSTER_SCOPE)
+        except configstore.ConfigStoreError as exc:
+            log.warning("cannot read heartbeats: %s", exc)
+            return
+        for scope, bodies in served.items():
+            outcome = self.reconciler.latest(scope)
+            if outcome is not None and outcome.programmed and outcome.version:
+                await self._enforced(scope, bodies, outcome)
+
+    async def _enforced(self, scope: str, bodies: Sequence[Mapping[str, Any]], outcome: NamespaceOutcome) -> None:
+        """Write the status of the scope's policies whose count of enforcing sidecars changed."""
+        for body in bodies:
+            meta = body.get("metadata", {})
+            name = str(meta.get("name"))
+            result = outcome.results.get(name)
+            if result is None or meta.get("deletionTimestamp"):
+                continue
+            if scope == CLUSTER_SCOPE:
+                count = self.heartbeats.count(result.scope or [], name, outcome.version, cluster=True)
+            else:
+                count = self.heartbeats.count([scope], name, outcome.version)
+            status = status_update(body, result, outcome, count)
+            if status is not None:
+                await self.hooks.write_status(scope, name, status)
