@@ -188,6 +188,8 @@ async def test_scope_changes_reload_and_heartbeat_reports_the_cluster_policy(
 
     beat = await wait_for(heartbeat, timeout=10, what="the heartbeat")
     assert (beat.cluster_version, beat.cluster_policy_ref, beat.policy_ref) == (v1, budget.name, None)
+    # It says it resolves API keys from Redis grants (what lets an operator stop embedding them).
+    assert beat.capabilities == {keyschema.CAPABILITY_REDIS_GRANTS}
 
     # The namespace leaves the policy's scope (its labels changed): the sidecar stops applying it.
     await publish(CLUSTER_SCOPE, [budget], scopes={budget.name: [b]})
