@@ -33,7 +33,7 @@ lint: $(STAMP)
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 
-bench: $(STAMP)
+bench: $(STAMP) setup-k8s
 	@hack/ensure-redis.sh
 	@command -v wrk >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get install -y -qq wrk >/dev/null; } || { echo "error: wrk is not installed (Debian: apt-get install wrk)" >&2; exit 1; }
 	$(BIN)/python -m bench.run --out docs/benchmarks.md
