@@ -66,6 +66,10 @@ def test_helm_lint(values: list[str]) -> None:
     ("sidecar.resources.claims[0].name=x", "claims"),
     ("sidecar.redisTimeoutMs=0", "/sidecar/redisTimeoutMs"),
     ("sidecar.breakerThreshold=-1", "/sidecar/breakerThreshold"),
+    ("sidecar.grantCacheSize=0", "/sidecar/grantCacheSize"),
+    ("sidecar.grantCacheMaxAgeSeconds=0", "/sidecar/grantCacheMaxAgeSeconds"),
+    ("sidecar.maxKeyResolves=1.5", "/sidecar/maxKeyResolves"),
+    ("sidecar.env.SLUICE_GRANT_CACHE_SIZE=5", "SLUICE_GRANT_CACHE_SIZE"),
     ("sidecar.logLevel=trace", "/sidecar/logLevel"),
     ("sidecar.port=65536", "/sidecar/port"),
     ("sidecar.defaultPortName=Web", "/sidecar/defaultPortName"),
@@ -135,6 +139,7 @@ def test_sidecar_values_reach_the_operator_as_flags_it_accepts(
                       "limits": {"cpu": "1", "memory": "256Mi"}},
         "redisTimeoutMs": 20, "redisConnectTimeoutMs": 1_000_000,  # not 1e+06
         "breakerThreshold": 3, "breakerCooldownSeconds": 0.5, "logLevel": "warning",
+        "grantCacheSize": 2_000_000, "grantCacheMaxAgeSeconds": 0.25, "maxKeyResolves": 16,
         "maxRequestHeaderBytes": 32768, "maxHeaders": 50, "headerTimeoutSeconds": 2.5,
         "keepaliveTimeoutSeconds": 30, "clientTimeoutSeconds": 20, "maxConnections": 4096,
         "maxConnectionsPerClient": 128, "maxInflightRequests": 1_000_000,
@@ -155,6 +160,9 @@ def test_sidecar_values_reach_the_operator_as_flags_it_accepts(
         "--sidecar-breaker-threshold=3",
         "--sidecar-breaker-cooldown-s=0.5",
         "--sidecar-log-level=warning",
+        "--sidecar-grant-cache-size=2000000",
+        "--sidecar-grant-cache-max-age-s=0.25",
+        "--sidecar-max-key-resolves=16",
         "--sidecar-max-request-header-bytes=32768",
         "--sidecar-max-headers=50",
         "--sidecar-header-timeout-s=2.5",
@@ -175,6 +183,7 @@ def test_sidecar_values_reach_the_operator_as_flags_it_accepts(
         image="reg.example/sluice-sidecar:2", image_pull_policy="Always",
         redis_url="redis://redis:6379", redis_timeout_ms=20, redis_connect_timeout_ms=1_000_000,
         breaker_threshold=3, breaker_cooldown_s=0.5, log_level="warning",
+        grant_cache_size=2_000_000, grant_cache_max_age_s=0.25, max_key_resolves=16,
         client_limits={"max_request_header_bytes": 32768, "max_headers": 50,
                        "header_timeout_s": 2.5, "keepalive_timeout_s": 30.0, "client_timeout_s": 20.0,
                        "max_connections": 4096, "max_connections_per_client": 128,
@@ -188,6 +197,8 @@ def test_sidecar_values_reach_the_operator_as_flags_it_accepts(
     assert env["SLUICE_REDIS_CONNECT_TIMEOUT_MS"] == "1000000"
     assert env["SLUICE_MAX_INFLIGHT_REQUESTS"] == "1000000"
     assert env["SLUICE_HEADER_TIMEOUT_S"] == "2.5"
+    assert env["SLUICE_GRANT_CACHE_SIZE"] == "2000000"
+    assert env["SLUICE_GRANT_CACHE_MAX_AGE_S"] == "0.25"
     assert env["HTTP_PROXY"] == tricky
 
 

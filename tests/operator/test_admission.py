@@ -346,7 +346,8 @@ def test_pod_without_annotations_or_volumes() -> None:
 
 def test_redis_url_from_secret_and_tuning_env() -> None:
     settings = InjectionSettings(redis_url=None, redis_url_secret=("sluice-redis", "url"),
-                                 breaker_threshold=3, log_level="debug",
+                                 breaker_threshold=3, log_level="debug", grant_cache_size=500,
+                                 grant_cache_max_age_s=0.5, max_key_resolves=8,
                                  extra_env={"SLUICE_DRAIN_S": "2"})
     _, out = mutate(pod_from(DEPLOYMENT), settings)
     side = container(out, SIDECAR_NAME)
@@ -355,6 +356,9 @@ def test_redis_url_from_secret_and_tuning_env() -> None:
     assert env["SLUICE_REDIS"]["valueFrom"] == {"secretKeyRef": {"name": "sluice-redis", "key": "url"}}
     assert env["SLUICE_BREAKER_THRESHOLD"]["value"] == "3"
     assert env["SLUICE_LOG_LEVEL"]["value"] == "debug"
+    assert env["SLUICE_GRANT_CACHE_SIZE"]["value"] == "500"
+    assert env["SLUICE_GRANT_CACHE_MAX_AGE_S"]["value"] == "0.5"
+    assert env["SLUICE_MAX_KEY_RESOLVES"]["value"] == "8"
     assert env["SLUICE_DRAIN_S"]["value"] == "2"
 
 

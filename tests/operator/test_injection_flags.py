@@ -44,6 +44,9 @@ FULL_ARGV = [
     "--sidecar-breaker-threshold", "3",
     "--sidecar-breaker-cooldown-s", "0.5",
     "--sidecar-log-level", "DEBUG",
+    "--sidecar-grant-cache-size", "5000",
+    "--sidecar-grant-cache-max-age-s", "0.25",
+    "--sidecar-max-key-resolves", "16",
     "--sidecar-max-request-header-bytes", "32768",
     "--sidecar-max-headers", "50",
     "--sidecar-header-timeout-s", "2.5",
@@ -128,12 +131,15 @@ def test_every_flag_reaches_the_injected_container() -> None:
     env = env_of(c)
     assert {k: env[k] for k in ("SLUICE_REDIS_TIMEOUT_MS", "SLUICE_REDIS_CONNECT_TIMEOUT_MS",
                                 "SLUICE_BREAKER_THRESHOLD", "SLUICE_BREAKER_COOLDOWN_S",
-                                "SLUICE_LOG_LEVEL")} == {
+                                "SLUICE_LOG_LEVEL", "SLUICE_GRANT_CACHE_SIZE",
+                                "SLUICE_GRANT_CACHE_MAX_AGE_S", "SLUICE_MAX_KEY_RESOLVES")} == {
         "SLUICE_REDIS_TIMEOUT_MS": "20", "SLUICE_REDIS_CONNECT_TIMEOUT_MS": "250",
         "SLUICE_BREAKER_THRESHOLD": "3", "SLUICE_BREAKER_COOLDOWN_S": "0.5",
-        "SLUICE_LOG_LEVEL": "debug"}
+        "SLUICE_LOG_LEVEL": "debug", "SLUICE_GRANT_CACHE_SIZE": "5000",
+        "SLUICE_GRANT_CACHE_MAX_AGE_S": "0.25", "SLUICE_MAX_KEY_RESOLVES": "16"}
     assert {k: env[k] for k in env if k.startswith(("SLUICE_MAX_", "SLUICE_HEADER_", "SLUICE_KEEPALIVE_",
                                                     "SLUICE_CLIENT_"))
+            and k != "SLUICE_MAX_KEY_RESOLVES"  # a tuned one, above
             } == {"SLUICE_MAX_REQUEST_HEADER_BYTES": "32768", "SLUICE_MAX_HEADERS": "50",
                   "SLUICE_HEADER_TIMEOUT_S": "2.5", "SLUICE_KEEPALIVE_TIMEOUT_S": "30.0",
                   "SLUICE_CLIENT_TIMEOUT_S": "20.0",
@@ -175,7 +181,8 @@ def test_sidecar_defaults_left_unset_pass_no_env_var() -> None:
                  "SLUICE_MAX_CONNECTIONS_PER_CLIENT",
                  "SLUICE_MAX_INFLIGHT_REQUESTS", "SLUICE_MAX_REQUEST_HEADER_BYTES",
                  "SLUICE_MAX_HEADERS", "SLUICE_HEADER_TIMEOUT_S", "SLUICE_KEEPALIVE_TIMEOUT_S",
-                 "SLUICE_CLIENT_TIMEOUT_S"):
+                 "SLUICE_CLIENT_TIMEOUT_S", "SLUICE_GRANT_CACHE_SIZE", "SLUICE_GRANT_CACHE_MAX_AGE_S",
+                 "SLUICE_MAX_KEY_RESOLVES"):
         assert name not in env
 
 
@@ -268,6 +275,13 @@ def test_redis_flags_moved_with_their_behaviour(monkeypatch: pytest.MonkeyPatch)
     (["--sidecar-breaker-cooldown-s", "nan"], "--sidecar-breaker-cooldown-s", "must be greater than 0"),
     (["--sidecar-breaker-cooldown-s", "soon"], "--sidecar-breaker-cooldown-s",
      "expected a positive number, got 'soon'"),
+    (["--sidecar-grant-cache-size", "0"], "--sidecar-grant-cache-size", "must be greater than 0"),
+    (["--sidecar-grant-cache-max-age-s", "0"], "--sidecar-grant-cache-max-age-s",
+     "must be greater than 0"),
+    (["--sidecar-max-key-resolves", "1.5"], "--sidecar-max-key-resolves",
+     "expected a positive integer, got '1.5'"),
+    (["--sidecar-env", "SLUICE_GRANT_CACHE_SIZE=5"], "--sidecar-env",
+     "SLUICE_GRANT_CACHE_SIZE cannot be set here: use --sidecar-grant-cache-size"),
     (["--sidecar-max-connections", "0"], "--sidecar-max-connections", "must be greater than 0"),
     (["--sidecar-max-request-header-bytes", "16k"], "--sidecar-max-request-header-bytes",
      "expected a positive integer, got '16k'"),
@@ -367,7 +381,7 @@ def test_every_flag_says_its_env_var_and_its_default() -> None:
     parser = argparse.ArgumentParser()
     settingsform.add_arguments(parser, InjectionSettings)
     flags = [a for a in parser._actions if a.option_strings and a.dest != "help"]
-    assert len(flags) == 23
+    assert len(flags) == 26
     for action in flags:
         (flag,) = action.option_strings
         assert flag.startswith("--sidecar-")
@@ -385,6 +399,9 @@ def test_the_sidecar_defaults_quoted_in_the_help_are_the_sidecars() -> None:
                         ("--sidecar-breaker-threshold", sidecar.breaker_threshold),
                         ("--sidecar-breaker-cooldown-s", sidecar.breaker_cooldown_s),
                         ("--sidecar-log-level", sidecar.log_level),
+                        ("--sidecar-grant-cache-size", sidecar.grant_cache_size),
+                        ("--sidecar-grant-cache-max-age-s", sidecar.grant_cache_max_age_s),
+                        ("--sidecar-max-key-resolves", sidecar.max_key_resolves),
                         *((f"--sidecar-{name.replace('_', '-')}", getattr(sidecar, name))
                           for name in injection.CLIENT_LIMITS)):
         assert f"(default: the sidecar's, {value})" in helps[flag], flag

@@ -2,9 +2,9 @@
 
 Every flag also reads ``SLUICE_OPERATOR_<FLAG>`` (``--sidecar-port`` ->
 ``SLUICE_OPERATOR_SIDECAR_PORT``); the command line wins, and an empty value means the default.
-The sidecar's own settings the injector passes on (timeouts, breaker, log level, client limits)
-take their help, check and environment variable from the sidecar's schema in the core
-(``sluice_core.sidecar_settings``); left unset, no variable is written and the sidecar's
+The sidecar's own settings the injector passes on (timeouts, breaker, log level, grant cache,
+client limits) take their help, check and environment variable from the sidecar's schema in the
+core (``sluice_core.sidecar_settings``); left unset, no variable is written and the sidecar's
 default applies. A bad value stops the operator at start with ``sluice operator: --flag:
 reason``, rather than letting it inject containers the API server refuses.
 """
@@ -23,7 +23,7 @@ from sluice_operator.injection import values
 
 PULL_POLICIES = ("Always", "IfNotPresent", "Never")
 TUNED = ("redis_timeout_ms", "redis_connect_timeout_ms", "breaker_threshold", "breaker_cooldown_s",
-         "log_level")
+         "log_level", "grant_cache_size", "grant_cache_max_age_s", "max_key_resolves")
 """Sidecar settings with a field of their own here (passed as the sidecar's variables)."""
 CLIENT_LIMITS = ("max_request_header_bytes", "max_headers", "header_timeout_s", "keepalive_timeout_s",
                  "client_timeout_s", "max_connections", "max_connections_per_client",
@@ -100,6 +100,9 @@ class InjectionSettings:
     breaker_threshold: int | None = _tuned("breaker_threshold")
     breaker_cooldown_s: float | None = _tuned("breaker_cooldown_s")
     log_level: str | None = _tuned("log_level", fold_case=True)
+    grant_cache_size: int | None = _tuned("grant_cache_size")
+    grant_cache_max_age_s: float | None = _tuned("grant_cache_max_age_s")
+    max_key_resolves: int | None = _tuned("max_key_resolves")
     client_limits: Mapping[str, int | float] = setting(
         default_factory=dict, help="the sidecar's client-side limits by setting name",
         parts=tuple((name, _tuning(name)) for name in CLIENT_LIMITS))
