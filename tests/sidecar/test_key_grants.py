@@ -13,10 +13,11 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sluice_core import configstore, keyschema
-from sluice_core.model import Limit
+from sluice_core.model import CompiledPolicy, Limit
 from support.grant_store import key_policy, now_ms, publish_policies, put_key, raw_key, revoke_key
 from support.key_sidecar import DEADLINE, all_keys, call, start, status
 from support.processes import SidecarProcess, UpstreamProcess, http_get, wait_until
@@ -55,15 +56,18 @@ def nodes(server: Server) -> list[RedisServer]:
     return [server] if isinstance(server, RedisServer) else list(server)
 
 
-def new_namespace() -> str:
-    return "kg-" + uuid.uuid4().hex[:8]
+def published(url: str, **options: Any) -> tuple[str, CompiledPolicy]:
+    """A new namespace whose config document holds one :func:`key_policy` (with ``options``)
+    and no embedded keys, written to Redis: its keys are resolved from grants."""
+    ns = "kg-" + uuid.uuid4().hex[:8]
+    policy = key_policy(ns, **options)
+    publish_policies(url, ns, policy)
+    return ns, policy
 
 
 def test_key_created_changed_and_revoked_take_effect(server: Server,
                                                      upstream_process: UpstreamProcess, labels: Path) -> None:
-    ns = new_namespace()
-    policy = key_policy(ns, required=True)
-    publish_policies(server.url, ns, policy)
+    ns, policy = published(server.url, required=True)
     key = "key-" + uuid.uuid4().hex
     sidecar = start(upstream_process, server.url, ns, labels)
     try:
@@ -86,9 +90,7 @@ def test_key_created_changed_and_revoked_take_effect(server: Server,
 
 def test_expiry_holds_to_the_second(server: Server, upstream_process: UpstreamProcess,
                                     labels: Path) -> None:
-    ns = new_namespace()
-    policy = key_policy(ns, required=True)
-    publish_policies(server.url, ns, policy)
+    ns, policy = published(server.url, required=True)
     key = "key-" + uuid.uuid4().hex
     sidecar = start(upstream_process, server.url, ns, labels)
     try:
@@ -110,9 +112,7 @@ def test_expiry_holds_to_the_second(server: Server, upstream_process: UpstreamPr
 def test_grant_of_a_tier_the_policy_lacks_is_an_unknown_key(
         server: Server, upstream_process: UpstreamProcess, labels: Path,
         required: bool) -> None:
-    ns = new_namespace()
-    policy = key_policy(ns, required=required)
-    publish_policies(server.url, ns, policy)
+    ns, policy = published(server.url, required=required)
     key, good = "key-" + uuid.uuid4().hex, "good-" + uuid.uuid4().hex
     put_key(server.url, policy.ref, key, "gold")
     put_key(server.url, policy.ref, good, "pro")
@@ -130,9 +130,7 @@ def test_grant_of_a_tier_the_policy_lacks_is_an_unknown_key(
 
 def test_unknown_keys_write_nothing_and_fall_back_to_the_anonymous_client(
         server: Server, upstream_process: UpstreamProcess, labels: Path) -> None:
-    ns = new_namespace()
-    policy = key_policy(ns, required=False, free=5)
-    publish_policies(server.url, ns, policy)
+    ns, policy = published(server.url, required=False, free=5)
     sidecar = start(upstream_process, server.url, ns, labels)
     try:
         before = all_keys(server)
@@ -148,9 +146,7 @@ def test_unknown_keys_write_nothing_and_fall_back_to_the_anonymous_client(
 
 def test_grant_cache_stays_within_its_size(server: Server,
                                            upstream_process: UpstreamProcess, labels: Path) -> None:
-    ns = new_namespace()
-    policy = key_policy(ns, required=True)
-    publish_policies(server.url, ns, policy)
+    ns, policy = published(server.url, required=True)
     keys = [f"key-{i}-{uuid.uuid4().hex}" for i in range(60)]
     for key in keys:
         put_key(server.url, policy.ref, key, "pro")
@@ -173,9 +169,7 @@ def test_grant_cache_stays_within_its_size(server: Server,
 
 def test_notice_missed_while_unsubscribed_leaves_no_stale_grant(
         server: Server, upstream_process: UpstreamProcess, labels: Path) -> None:
-    ns = new_namespace()
-    policy = key_policy(ns, required=True)
-    publish_policies(server.url, ns, policy)
+    ns, policy = published(server.url, required=True)
     key = "key-" + uuid.uuid4().hex
     put_key(server.url, policy.ref, key, "pro")
     # Cached for an hour: only the resubscription can make the sidecar forget it.
@@ -199,9 +193,7 @@ def test_a_reload_that_keeps_the_policy_keeps_its_grant_cache(
         redis_server: RedisServer, upstream_process: UpstreamProcess, labels: Path) -> None:
     """A new config version that changes nothing of the policy's ref, tiers and key source (here:
     a rule added) keeps the cached grants: no key is resolved again."""
-    ns = new_namespace()
-    policy = key_policy(ns, required=True)
-    publish_policies(redis_server.url, ns, policy)
+    ns, policy = published(redis_server.url, required=True)
     key = "key-" + uuid.uuid4().hex
     put_key(redis_server.url, policy.ref, key, "pro")
     sidecar = start(upstream_process, redis_server.url, ns, labels, "--grant-cache-max-age-s", "3600")
@@ -228,9 +220,7 @@ def _revoke_silently(server: Server, policy_ref: str, key: str) -> None:
 @pytest.mark.parametrize("required", [True, False])
 def test_revocation_whose_notice_is_lost_lands_within_the_max_age(
         server: Server, upstream_process: UpstreamProcess, labels: Path, required: bool) -> None:
-    ns = new_namespace()
-    policy = key_policy(ns, required=required)
-    publish_policies(server.url, ns, policy)
+    ns, policy = published(server.url, required=required)
     key = "key-" + uuid.uuid4().hex
     put_key(server.url, policy.ref, key, "pro")
     sidecar = start(upstream_process, server.url, ns, labels)  # the default max age: 1 s
@@ -251,9 +241,7 @@ def test_a_silent_subscription_is_dropped_and_the_cache_with_it(
         server: Server, upstream_process: UpstreamProcess, labels: Path) -> None:
     """A subscription that stops answering (here: Redis paused) counts as lost once its PING
     goes unanswered: the sidecar subscribes again and forgets what it cached."""
-    ns = new_namespace()
-    policy = key_policy(ns, required=True)
-    publish_policies(server.url, ns, policy)
+    ns, policy = published(server.url, required=True)
     key = "key-" + uuid.uuid4().hex
     put_key(server.url, policy.ref, key, "pro")
     sidecar = start(upstream_process, server.url, ns, labels, "--grant-cache-max-age-s", "3600")
