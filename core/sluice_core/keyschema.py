@@ -50,6 +50,11 @@ operator reads the fresh ones in one command an interval, however many namespace
 and prunes the stale ones; a sidecar whose state changes adds a new member (the old one goes
 stale). Sidecars from before it wrote the per-namespace hash (:func:`heartbeat_key`) instead."""
 
+USAGE_STREAM_KEY = f"{PREFIX}:{{usage}}:windows"
+"""Stream of usage windows (:mod:`sluice_core.usage`): one entry per sidecar per flush window,
+appended with ``XADD ... MAXLEN ~`` (so a collector that is down never fills Redis), read by
+``sluice analytics`` with a consumer group. The hash tag puts it in one slot of a Redis Cluster."""
+
 OPERATOR_EPOCH_KEY = f"{PREFIX}:epoch"
 """Hash, field = an operator's scope (its ``--namespace`` patterns, ``*`` when cluster-wide),
 value = a counter the operator increments after each config write and compares every interval:
