@@ -88,3 +88,47 @@ async def stored_histogram(engine: AsyncEngine, table: str = "minute") -> Counte
     async with engine.connect() as conn:
         row = (await conn.execute(q)).one()
     return Counter({i: int(v) for i, v in enumerate(row) if v})
+
+
+def xadd_sync(redis: Any, windows: Iterable[UsageWindow], key: str = keyschema.USAGE_STREAM_KEY) -> None:
+    """:func:`xadd` with a blocking client (tests that run the collector as a process)."""
+    pipe = redis.pipeline(transaction=False)
+    for w in windows:
+        pipe.xadd(key, usage.encode(w), maxlen=1_000_000, approximate=True)
+    pipe.execute()
+
+
+class StoredView:
+    """The database of a collector process, read from a test that does not run an event loop."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+
+    def _run(self, read: Any) -> Any:
+        import asyncio
+
+        from sluice_analytics import database
+
+        async def go() -> Any:
+            engine = database.connect(self.url)
+            try:
+                return await read(engine)
+            finally:
+                await engine.dispose()
+
+        return asyncio.run(go())
+
+    def totals(self, table: str = "minute") -> Counter[TotalKey]:
+        return self._run(lambda e: stored_totals(e, table))
+
+    def applied(self) -> int:
+        from sluice_analytics.schema import usage_applied
+
+        async def count(engine: AsyncEngine) -> int:
+            try:
+                async with engine.connect() as conn:
+                    return int((await conn.execute(select(func.count()).select_from(usage_applied))).scalar() or 0)
+            except Exception:  # not migrated yet, or the database is down: nothing applied seen
+                return -1
+
+        return self._run(count)
