@@ -6,16 +6,16 @@ entry it has not applied (unacknowledged entries stay pending and are read again
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy.ext.asyncio import AsyncEngine
-
 from sluice_core.configstore import REDIS_FAILURES
 from sluice_core.usage import UsageFormatError, UsageWindow, decode
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from sluice_analytics import crashpoints, rollup, store
 from sluice_analytics.metrics import AnalyticsMetrics
@@ -161,7 +161,5 @@ class Collector:
 
 
 async def _sleep(stop: asyncio.Event, seconds: float) -> None:
-    try:
+    with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(stop.wait(), seconds)
-    except TimeoutError:
-        pass

@@ -98,7 +98,7 @@ async def roll_up(engine: AsyncEngine, target: str, *, now_s: float, delay_s: fl
 
 async def _delete_oldest(engine: AsyncEngine, table: str, cutoff: int) -> bool:
     """Delete the oldest period of ``table`` if it starts before ``cutoff``; whether it did."""
-    t = ROLLUPS[table] if table in ROLLUPS else usage_applied
+    t = ROLLUPS.get(table, usage_applied)
     col = t.c.ts if table in ROLLUPS else t.c.end_s
     async with engine.begin() as conn:
         oldest = (await conn.execute(select(func.min(col)))).scalar()

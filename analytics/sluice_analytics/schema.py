@@ -21,9 +21,8 @@ rolled up.
 
 from __future__ import annotations
 
-from sqlalchemy import BigInteger, Column, Index, Integer, MetaData, String, Table
-
 from sluice_core.usage import HISTOGRAM_BUCKETS, MAX_TEXT
+from sqlalchemy import BigInteger, Column, Index, Integer, MetaData, String, Table
 
 metadata = MetaData()
 

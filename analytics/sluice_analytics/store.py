@@ -19,11 +19,10 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from sluice_core.usage import UsageWindow
 from sqlalchemy import ColumnElement, Table, case, func, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
-
-from sluice_core.usage import UsageWindow
 
 from sluice_analytics import crashpoints
 from sluice_analytics.schema import (

@@ -22,12 +22,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from redis.exceptions import ResponseError
-
 from sluice_core import keyschema
 from sluice_core.configstore import Client
 
 REJECTED_MAXLEN = 10_000
-Entry = tuple[str, dict[bytes, bytes]]
+Fields = dict[bytes | str, bytes | str]
+Entry = tuple[str, Fields]
 
 
 @dataclass
@@ -119,10 +119,10 @@ class UsageStream:
         if ids:
             await self.redis.xack(self.key, self.group, *ids)
 
-    async def reject(self, entry_id: str, fields: dict[bytes, bytes], reason: str) -> None:
+    async def reject(self, entry_id: str, fields: Fields, reason: str) -> None:
         """Keep a bad entry aside (bounded stream) and acknowledge it, in one transaction."""
         kept: dict[Any, Any] = {b"id": entry_id.encode(), b"reason": reason.encode()[:1024]}
-        kept.update({b"f:" + k: v for k, v in fields.items()})
+        kept.update({b"f:" + (k if isinstance(k, bytes) else k.encode()): v for k, v in fields.items()})
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.xadd(keyschema.USAGE_REJECTED_KEY, kept, maxlen=REJECTED_MAXLEN, approximate=True)
             pipe.xack(self.key, self.group, entry_id)

@@ -7,10 +7,9 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
+from sluice_analytics import database, migrate
 from sqlalchemy.ext.asyncio import AsyncEngine
 from support.postgres import PostgresNotInstalled, PostgresServer
-
-from sluice_analytics import database, migrate
 
 
 def _started() -> PostgresServer:

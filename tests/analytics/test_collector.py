@@ -9,14 +9,13 @@ import time
 from collections.abc import Iterator
 
 import pytest
+from sluice_core import keyschema
 from support.analytics_process import CollectorProcess
 from support.polling import poll
 from support.postgres import PostgresServer
 from support.processes import http_get
 from support.redis_servers import RedisServer
 from support.usage_windows import StoredView, Writer, xadd_sync
-
-from sluice_core import keyschema
 
 pytestmark = pytest.mark.slow
 RECENT_MS = int(time.time() * 1000) - 600_000  # windows from the last minutes (older ones are stale)

@@ -5,12 +5,11 @@ from __future__ import annotations
 
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
+from sluice_analytics import database, migrate, store
+from sluice_analytics.schema import metadata
 from sqlalchemy import inspect
 from sqlalchemy.engine import Connection
 from support.usage_windows import Writer, stored_totals
-
-from sluice_analytics import database, migrate, store
-from sluice_analytics.schema import metadata
 
 NOW = 1_790_000_000 + 3600
 

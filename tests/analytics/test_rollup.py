@@ -4,12 +4,11 @@ period not rolled up yet), the applied-windows record is pruned by age."""
 
 from __future__ import annotations
 
+from sluice_analytics import rollup, store
+from sluice_analytics.schema import ROLLUPS, usage_applied
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 from support.usage_windows import Writer, stored_histogram, stored_totals
-
-from sluice_analytics import rollup, store
-from sluice_analytics.schema import ROLLUPS, usage_applied
 
 DAY = 86400
 T0 = 1_790_000_000 // DAY * DAY  # a midnight

@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import asyncio
 
+from sluice_analytics import database, rollup, store
+from sluice_analytics.schema import usage_minute
+from sluice_core.usage import UsageRow, UsageWindow
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 from support.usage_windows import Writer, stored_histogram, stored_totals
-
-from sluice_core.usage import UsageRow, UsageWindow
-from sluice_analytics import database, rollup, store
-from sluice_analytics.schema import usage_minute
 
 NOW = 1_790_000_000 + 3600 * 6
 KEEP = 3600 * 48

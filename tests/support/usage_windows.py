@@ -9,12 +9,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import func, select
-from sqlalchemy.ext.asyncio import AsyncEngine
-
+from sluice_analytics.schema import HISTOGRAM, ROLLUPS
 from sluice_core import keyschema, usage
 from sluice_core.usage import OUTCOMES, UsageRow, UsageWindow
-from sluice_analytics.schema import HISTOGRAM, ROLLUPS
+from sqlalchemy import func, select
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 TotalKey = tuple[str, str, str]  # (namespace, client, outcome)
 

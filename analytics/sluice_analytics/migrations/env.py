@@ -4,9 +4,8 @@ on a connection it passes in (``config.attributes["connection"]``), inside its t
 from __future__ import annotations
 
 from alembic import context
-from sqlalchemy import text
-
 from sluice_analytics.schema import metadata
+from sqlalchemy import text
 
 MIGRATION_LOCK = 0x51_0CE_A7A  # PostgreSQL advisory lock: replicas starting together migrate one at a time
 
