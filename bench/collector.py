@@ -31,12 +31,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
-from sqlalchemy import func, select, text  # noqa: E402
-from support.postgres import PostgresServer  # noqa: E402
-from support.redis_servers import RedisServer  # noqa: E402
-from support.usage_windows import Writer, xadd  # noqa: E402
-
-from bench.report import scaled_args, write_block  # noqa: E402
 from sluice_analytics import database, migrate, store  # noqa: E402
 from sluice_analytics.collector import Collector  # noqa: E402
 from sluice_analytics.metrics import AnalyticsMetrics  # noqa: E402
@@ -45,6 +39,12 @@ from sluice_analytics.settings import AnalyticsSettings  # noqa: E402
 from sluice_analytics.stream import UsageStream  # noqa: E402
 from sluice_core import configstore, keyschema  # noqa: E402
 from sluice_core.usage import UsageRow, UsageWindow  # noqa: E402
+from sqlalchemy import func, select, text  # noqa: E402
+from support.postgres import PostgresServer  # noqa: E402
+from support.redis_servers import RedisServer  # noqa: E402
+from support.usage_windows import Writer, xadd  # noqa: E402
+
+from bench.report import scaled_args, write_block  # noqa: E402
 
 BEGIN, END = "<!-- bench-collector:begin -->", "<!-- bench-collector:end -->"
 WINDOWS = 3000  # per store
