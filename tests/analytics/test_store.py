@@ -4,6 +4,7 @@ skipped, late windows reaching the rolled-up tables, concurrent writers without 
 from __future__ import annotations
 
 import asyncio
+import random
 
 from sluice_analytics import database, rollup, store
 from sluice_analytics.schema import usage_minute
@@ -68,18 +69,19 @@ async def test_a_late_window_reaches_the_rolled_up_tables(engine: AsyncEngine) -
 
 
 async def test_concurrent_writers_on_the_same_keys_are_exact(engine: AsyncEngine, database_url: str) -> None:
-    """Four connections apply overlapping batches (same keys, in different orders, with shared
-    duplicates) at once: no deadlock, every window once."""
-    writer = Writer(sources=8, clients=5)  # few clients: every batch touches the same rows
-    windows = writer.windows(10)
+    """Four connections apply overlapping batches at once: the same minute and clients (every
+    batch upserts the same rows, each worker's windows in its own order) and shared windows
+    (duplicates across workers). No deadlock, every window once."""
+    writer = Writer(sources=8, clients=5)
+    windows = writer.windows(10, start_ms=(NOW - 600) * 1000)  # all in one minute
     engines = [database.connect(database_url) for _ in range(4)]
     try:
         async def worker(i: int) -> int:
             mine = windows[i::2] + windows[(i + 1) % 4::4]  # overlaps: duplicates across workers
+            random.Random(i).shuffle(mine)
             applied = 0
-            for k in range(0, len(mine), 7):
-                batch = mine[k:k + 7][::-1 if i % 2 else 1]
-                applied += (await store.apply(engines[i], batch, now_s=NOW, keep_applied_s=KEEP,
+            for k in range(0, len(mine), 10):
+                applied += (await store.apply(engines[i], mine[k:k + 10], now_s=NOW, keep_applied_s=KEEP,
                                               crash=never)).windows
             return applied
 
