@@ -80,6 +80,7 @@ class Collector:
                 continue
             except REDIS_FAILURES as exc:
                 self.metrics.redis_errors.inc()
+                self.stream.retry_pending()  # what was read and not acknowledged: read again
                 self._failed("redis", exc)
             except DB_FAILURES as exc:
                 self.metrics.db_errors.inc()
@@ -106,9 +107,9 @@ class Collector:
                 ids.append(entry_id)
             except UsageFormatError as exc:
                 # The reason names the field; the entry itself is kept aside, not logged.
+                await self.stream.reject(entry_id, fields, str(exc))
                 log.warning("usage entry %s set aside: %s", entry_id, exc)
                 self.metrics.bad.inc()
-                await self.stream.reject(entry_id, fields, str(exc))
         if windows:
             started = time.perf_counter()
             applied = await store.apply(self.engine, windows, now_s=self.clock(),

@@ -6,15 +6,18 @@ from __future__ import annotations
 
 import signal
 import time
+import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
+from redis.cluster import RedisCluster
 from sluice_core import keyschema
 from support.analytics_process import CollectorProcess
 from support.polling import poll
 from support.postgres import PostgresServer
 from support.processes import http_get
-from support.redis_servers import RedisServer
+from support.redis_servers import RedisClusterProcs, RedisServer
 from support.usage_windows import StoredView, Writer, xadd_sync
 
 pytestmark = pytest.mark.slow
@@ -156,3 +159,22 @@ def test_postgresql_stopped_and_started_loses_nothing(fresh_redis: RedisServer, 
     assert view.totals() == writer.totals
     assert c.metric("sluice_analytics_windows_stale_total") == 0
     poll(lambda: http_get(f"http://127.0.0.1:{c.port}/healthz")[0] == 200, "/healthz to recover")
+
+
+def test_a_redis_cluster_stream_is_stored_exactly(redis_cluster: RedisClusterProcs, tmp_path: Path,
+                                                  collectors: list[CollectorProcess]) -> None:
+    """On a 3-master Cluster (the stream and the rejected stream share a hash tag, one slot)."""
+    url = f"sqlite:///{tmp_path / 'usage.db'}"
+    ns = f"cl{uuid.uuid4().hex[:8]}"  # the session's cluster is shared: only this namespace counts
+    writer = Writer(namespace=ns, sources=4, start_ms=RECENT_MS)
+    r = RedisCluster(host="127.0.0.1", port=redis_cluster.ports[0])
+    xadd_sync(r, writer.windows(5))
+    bad_id = r.xadd(keyschema.USAGE_STREAM_KEY, {"v": "1", "w": "[]"})
+    collectors.append(c := CollectorProcess(redis_cluster.url, url, consumer=f"c-{ns}"))
+    xadd_sync(r, writer.windows(5))
+    view = StoredView(url)
+    poll(lambda: {k: v for k, v in view.totals().items() if k[0] == ns} == writer.totals,
+         "the cluster's windows stored", timeout=60, diagnose=c.log_tail)
+    poll(lambda: any(f[b"id"] == bad_id for _, f in r.xrange(keyschema.USAGE_REJECTED_KEY)),
+         "the bad entry set aside")
+    r.close()
