@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from sqlalchemy import Column, func, literal, select, update
+from sqlalchemy import func, literal, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from sluice_analytics.schema import (
@@ -77,8 +77,7 @@ async def roll_up(engine: AsyncEngine, target: str, *, now_s: float, delay_s: fl
         if until <= start:
             return 0
         bucket = (source.c.ts - source.c.ts % period).label("ts")
-        sums: list[Column[int] | object] = [
-            (func.max(source.c[c]) if c in MAXES else func.sum(source.c[c])).label(c) for c in COUNTERS]
+        sums = [(func.max(source.c[c]) if c in MAXES else func.sum(source.c[c])).label(c) for c in COUNTERS]
         rows = (select(bucket, *(source.c[k] for k in KEY[1:]), *sums)
                 .where(source.c.ts >= start, source.c.ts < until)
                 .group_by(bucket, *(source.c[k] for k in KEY[1:])))
