@@ -1,5 +1,5 @@
 # Sluice: `make demo` runs the sidecar on the embedded example, `make test` runs the suite.
-# Both set up what they need first (virtualenv, Python packages, redis-server).
+# Both set up what they need first (virtualenv, Python packages, redis-server, postgresql).
 SHELL := /bin/bash
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -23,23 +23,27 @@ demo: $(STAMP)
 
 test: $(STAMP) setup-k8s
 	@hack/ensure-redis.sh
+	@hack/ensure-postgres.sh
 	$(BIN)/pytest -q -p no:cacheprovider
 
 test-fast: $(STAMP)
+	@hack/ensure-postgres.sh
 	$(BIN)/pytest -q -x -m "not slow and not cluster and not k8s"
 
 lint: $(STAMP)
-	$(BIN)/ruff check core sidecar operator tests bench hack
+	$(BIN)/ruff check core sidecar operator analytics tests bench hack
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 
 bench: $(STAMP) setup-k8s
 	@hack/ensure-redis.sh
+	@hack/ensure-postgres.sh
 	@command -v wrk >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get install -y -qq wrk >/dev/null; } || { echo "error: wrk is not installed (Debian: apt-get install wrk)" >&2; exit 1; }
 	$(BIN)/python -m bench.run --out docs/benchmarks.md
 	$(BIN)/python -m bench.transport --out docs/benchmarks.md
 	$(BIN)/python -m bench.keys_apply --out docs/benchmarks.md
 	$(BIN)/python -m bench.keys_sidecar --out docs/benchmarks.md
+	$(BIN)/python -m bench.collector --out docs/benchmarks.md
 	$(BIN)/python -m bench.attacks --out docs/security.md
 	$(BIN)/python -m bench.operator_scale --out docs/benchmarks.md  # 9 min; + --keys 10000: 12 more
 

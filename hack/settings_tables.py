@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from sluice_analytics.settings import AnalyticsSettings
 from sluice_core.settingsform import reference_rows
 from sluice_core.sidecar_settings import SidecarSettings
 from sluice_operator.injection.settings import RESERVED_ENV, InjectionSettings
@@ -22,6 +23,7 @@ TABLES: dict[str, tuple[type, tuple[str, ...]]] = {
     "sidecar": (SidecarSettings, ("flag", "env", "default", "meaning")),
     "operator": (OperatorSettings, ("flag", "env", "chart", "default", "meaning")),
     "injector": (InjectionSettings, ("flag", "env", "chart", "default", "meaning")),
+    "analytics": (AnalyticsSettings, ("flag", "env", "default", "meaning")),
 }
 
 

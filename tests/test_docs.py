@@ -12,6 +12,8 @@ from typing import Any
 
 import pytest
 import yaml
+from sluice_analytics import cli as analytics_cli
+from sluice_analytics.metrics import AnalyticsMetrics
 from sluice_core.settingsform import Flag, flags
 from sluice_operator import cli as operator_cli
 from sluice_operator.injection.settings import RESERVED_ENV, InjectionSettings
@@ -44,12 +46,18 @@ def test_every_metric_is_documented() -> None:
     assert documented, "the metrics table is missing"
 
 
+def test_every_collector_metric_is_documented() -> None:
+    for metric in AnalyticsMetrics().registry.collect():
+        name = metric.name + "_total" if metric.type == "counter" else metric.name
+        assert f"`{name}`" in README, name
+
+
 def test_the_commands_take_only_flags_their_tables_document() -> None:
     """The parsers of ``sluice sidecar`` and ``sluice operator`` add no flag beside the settings
     forms (whose README tables the test below checks)."""
     tables = settings_tables()
     documented = {row.split("`")[1] for name in tables.TABLES for row in tables.table(name)[2:]}
-    for add in (add_arguments, operator_cli.add_arguments):
+    for add in (add_arguments, operator_cli.add_arguments, analytics_cli.add_arguments):
         parser = argparse.ArgumentParser()
         add(parser)
         taken = {o for a in parser._actions for o in a.option_strings if o.startswith("--") and o != "--help"}
@@ -68,7 +76,7 @@ def settings_tables() -> Any:
     return module
 
 
-@pytest.mark.parametrize("name", ["sidecar", "operator", "injector"])
+@pytest.mark.parametrize("name", ["sidecar", "operator", "injector", "analytics"])
 def test_readme_settings_tables_are_the_dataclasses(name: str) -> None:
     tables = settings_tables()
     found = tables.marked(name).search(README)

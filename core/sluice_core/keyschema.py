@@ -54,6 +54,11 @@ USAGE_STREAM_KEY = f"{PREFIX}:{{usage}}:windows"
 """Stream of usage windows (:mod:`sluice_core.usage`): one entry per sidecar per flush window,
 appended with ``XADD ... MAXLEN ~`` (so a collector that is down never fills Redis), read by
 ``sluice analytics`` with a consumer group. The hash tag puts it in one slot of a Redis Cluster."""
+USAGE_GROUP = "sluice-analytics"
+"""The consumer group of ``sluice analytics`` on :data:`USAGE_STREAM_KEY` (every replica joins it)."""
+USAGE_REJECTED_KEY = f"{PREFIX}:{{usage}}:rejected"
+"""Stream where ``sluice analytics`` keeps aside the entries it could not decode (the entry's
+fields, its id and the reason), ``MAXLEN ~`` bounded; same hash tag as the windows."""
 
 OPERATOR_EPOCH_KEY = f"{PREFIX}:epoch"
 """Hash, field = an operator's scope (its ``--namespace`` patterns, ``*`` when cluster-wide),

@@ -65,7 +65,7 @@ def test_the_installed_metadata_registers_the_commands_pyproject_declares() -> N
     declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["entry-points"][COMMANDS_GROUP]
     installed = installed_commands()
     assert {name: ep.value for name, ep in installed.items()} == declared, "stale install: make setup"
-    assert set(declared) == {"sidecar", "demo", "operator", "keys", "services"}
+    assert set(declared) == {"sidecar", "demo", "operator", "keys", "services", "analytics"}
     for name, entry_point in installed.items():
         command = load_command(entry_point)
         assert command.HELP and "\n" not in command.HELP, name

@@ -1,0 +1,83 @@
+"""``sluice analytics``: the usage collector (``run``, the default), ``migrate`` (bring the
+schema to the current revision and exit) and ``rollup`` (one rollup and retention pass)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+
+from sluice_core import configstore, settingsform
+
+from sluice_analytics import database, migrate
+from sluice_analytics.collector import Collector
+from sluice_analytics.metrics import AnalyticsMetrics
+from sluice_analytics.server import serve
+from sluice_analytics.settings import AnalyticsSettings
+from sluice_analytics.stream import UsageStream
+
+HELP = "collect usage windows from Redis into SQL rollups (SQLite or PostgreSQL)"
+log = logging.getLogger("sluice.analytics")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("action", nargs="?", choices=("run", "migrate", "rollup"), default="run",
+                        help="run the collector (default; migrates first), only migrate, or run "
+                             "one rollup and retention pass")
+    settingsform.add_arguments(parser, AnalyticsSettings)
+
+
+def settings_from_args(args: argparse.Namespace) -> AnalyticsSettings:
+    try:
+        return settingsform.load(AnalyticsSettings, args, settingsform.EXPECTED)
+    except settingsform.SettingError as exc:
+        raise SystemExit(f"sluice analytics: {exc}") from None
+
+
+def run(args: argparse.Namespace) -> int:
+    settings = settings_from_args(args)
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return asyncio.run(_main(settings, args.action))
+
+
+async def _main(settings: AnalyticsSettings, action: str) -> int:
+    engine = database.connect(settings.database)
+    try:
+        before = await migrate.current(engine)
+        await migrate.upgrade(engine)
+        after = await migrate.current(engine)
+        if before != after:
+            log.info("database %s migrated from %s to %s", database.shown(settings.database), before, after)
+        if action == "migrate":
+            return 0
+        async with configstore.connect(settings.redis) as client:
+            stream = UsageStream(client, settings.consumer_name(), block_ms=settings.block_ms,
+                                 claim_idle_s=settings.claim_idle_s)
+            collector = Collector(settings, engine, stream, AnalyticsMetrics())
+            if action == "rollup":
+                result = await collector.rollup_once()
+                print(f"rolled up {result.rolled}, deleted {result.deleted}")
+                return 0
+            await _serve(settings, collector)
+        return 0
+    finally:
+        await engine.dispose()
+
+
+async def _serve(settings: AnalyticsSettings, collector: Collector) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    host, port = settingsform.split_host_port(settings.listen)
+    runner, bound = await serve(collector, host, port, stale_s=max(30.0, settings.block_ms / 1000 * 5))
+    log.info("sluice analytics: consumer %s, database %s, /metrics and /healthz on %s:%d",
+             collector.stream.consumer, database.shown(settings.database), host, bound)
+    try:
+        with contextlib.suppress(Exception):
+            await collector.stream.ensure_group()  # else the first read makes it (Redis may be away)
+        await collector.run(stop)
+    finally:
+        await runner.cleanup()

@@ -1,0 +1,33 @@
+"""The collector's own Prometheus metrics (served on ``--listen``, ``/metrics``)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+
+class AnalyticsMetrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = r = registry or CollectorRegistry()
+        self.lag_entries = Gauge("sluice_analytics_stream_lag_entries",
+                                 "Usage windows in the stream not yet applied (undelivered + pending)",
+                                 registry=r)
+        self.lag_seconds = Gauge("sluice_analytics_stream_lag_seconds",
+                                 "Age of the oldest usage window not yet applied", registry=r)
+        self.windows = Counter("sluice_analytics_windows_applied", "Usage windows applied", registry=r)
+        self.requests = Counter("sluice_analytics_requests_applied",
+                                "Decisions the applied windows represent", registry=r)
+        self.rows = Counter("sluice_analytics_rows_upserted", "Rollup rows upserted", registry=r)
+        self.duplicates = Counter("sluice_analytics_duplicates_skipped",
+                                  "Windows read again after being applied (skipped)", registry=r)
+        self.stale = Counter("sluice_analytics_windows_stale",
+                             "Windows refused: older than --keep-applied-h (they might count twice)",
+                             registry=r)
+        self.bad = Counter("sluice_analytics_bad_entries",
+                           "Stream entries that are no usage window (set aside, acknowledged)", registry=r)
+        self.db_errors = Counter("sluice_analytics_db_errors",
+                                 "Batches or rollup runs the database failed (retried)", registry=r)
+        self.redis_errors = Counter("sluice_analytics_redis_errors", "Redis calls that failed (retried)",
+                                    registry=r)
+        self.batch_seconds = Histogram("sluice_analytics_batch_seconds",
+                                       "Time to apply one batch (one SQL transaction)", registry=r)
+        self.rollup_runs = Counter("sluice_analytics_rollup_runs", "Rollup and retention runs", registry=r)

@@ -1,0 +1,73 @@
+"""Settings of ``sluice analytics``: every flag also reads ``SLUICE_ANALYTICS_<FLAG>``."""
+
+from __future__ import annotations
+
+import os
+
+from sluice_core.redisurl import parse_redis_url
+from sluice_core.settingsform import LOG_LEVELS, setting, settings_form, split_host_port
+
+
+def _redis_url(text: str) -> str:
+    parse_redis_url(text)  # ValueError names what is wrong, never the password
+    return text
+
+
+def database_url(text: str) -> str:
+    """``sqlite:///PATH`` or ``postgresql://USER:PASSWORD@HOST:PORT/DB``, checked, kept as text
+    (the async driver is chosen by :mod:`sluice_analytics.database`)."""
+    scheme = text.partition("://")[0].lower()
+    if scheme not in ("sqlite", "postgresql", "postgres"):
+        raise ValueError("expected sqlite:///PATH or postgresql://USER:PASSWORD@HOST:PORT/DB")
+    if scheme == "sqlite" and not text.startswith("sqlite:///"):
+        raise ValueError("a SQLite URL is sqlite:///PATH (three slashes, then the file's path)")
+    return text
+
+
+def _host_port(text: str) -> str:
+    split_host_port(text)
+    return text
+
+
+@settings_form(env_prefix="SLUICE_ANALYTICS_")
+class AnalyticsSettings:
+    """Documented in README.md ("Usage collector"), whose table is made from these fields."""
+
+    redis: str = setting(help="Redis URL the sidecars write usage windows to (`redis://`, `rediss://`, "
+                              "`redis+sentinel://`, `redis+cluster://`)", parse=_redis_url)
+    database: str = setting(
+        default="sqlite:///sluice-usage.db",
+        help="where the rollups are kept: `sqlite:///PATH` (one file, one replica or a few on one "
+             "host) or `postgresql://USER:PASSWORD@HOST:PORT/DB` (production, any number of replicas)",
+        parse=database_url)
+    consumer: str = setting(
+        default="", help="this replica's consumer name in the group (stable across restarts of one "
+                         "replica, so it re-reads what it left unacknowledged at once)",
+        shown="the host name")
+    batch: int = setting(default=200, help="stream entries (windows) read and applied per SQL transaction",
+                         positive=True)
+    block_ms: int = setting(default=2000, help="how long one read waits for new entries", positive=True)
+    claim_idle_s: float = setting(
+        default=60.0, help="take over entries another replica left unacknowledged this long (it died)",
+        positive=True)
+    rollup_interval_s: float = setting(default=60.0, help="how often the rollup and retention job runs",
+                                       positive=True)
+    rollup_delay_s: float = setting(
+        default=120.0, help="an hour (a day) is rolled up this long after it ends; a window arriving "
+                            "later is added to the rolled-up tables directly", positive=True)
+    keep_minutes_h: float = setting(default=48.0, help="retention of the per-minute table, hours",
+                                    positive=True)
+    keep_hours_d: float = setting(default=90.0, help="retention of the per-hour table, days", positive=True)
+    keep_days_d: float = setting(default=400.0, help="retention of the per-day table, days", positive=True)
+    keep_applied_h: float = setting(
+        default=48.0, help="how long applied windows are remembered (duplicates caught); a window "
+                           "ending longer ago than this is refused as stale and counted", positive=True)
+    delete_batch: int = setting(default=50, help="retention deletes at most this many periods per run, "
+                                                 "one transaction each", positive=True)
+    listen: str = setting(default="0.0.0.0:9092", help="HOST:PORT for `/metrics` and `/healthz`",
+                          parse=_host_port, metavar="HOST:PORT")
+    log_level: str = setting(default="info", help="`debug`, `info`, `warning` or `error`",
+                             choices=LOG_LEVELS, fold_case=True)
+
+    def consumer_name(self) -> str:
+        return self.consumer or os.uname().nodename

@@ -1,0 +1,58 @@
+"""The usage stream's consumer group against a real Redis: own pending entries first, entries
+another consumer left idle claimed, trimmed entries acknowledged, the lag in entries and age."""
+
+from __future__ import annotations
+
+import uuid
+
+from sluice_analytics.stream import UsageStream
+from sluice_core import configstore
+from support.redis_servers import RedisServer
+
+
+def _stream(server: RedisServer, key: str, consumer: str, idle_s: float = 60) -> UsageStream:
+    return UsageStream(configstore.connect(server.url), consumer, block_ms=10, claim_idle_s=idle_s, key=key)
+
+
+async def test_lag_counts_undelivered_and_pending_entries(redis_server: RedisServer) -> None:
+    key = f"test:{{usage}}:{uuid.uuid4().hex}"
+    s = _stream(redis_server, key, "a")
+    try:
+        await s.ensure_group()
+        assert (await s.lag()).entries == 0
+        for i in range(5):
+            await s.redis.xadd(key, {"n": str(i)})
+        lag = await s.lag()
+        assert lag.entries == 5 and lag.seconds >= 0
+        s._own_pending = False
+        got = await s.read(2)
+        assert len(got) == 2
+        assert (await s.lag()).entries == 5  # 3 undelivered + 2 pending
+        await s.ack([i for i, _ in got])
+        assert (await s.lag()).entries == 3
+    finally:
+        await s.client.aclose()
+
+
+async def test_pending_entries_are_read_again_then_claimed(redis_server: RedisServer) -> None:
+    key = f"test:{{usage}}:{uuid.uuid4().hex}"
+    a, b = _stream(redis_server, key, "a"), _stream(redis_server, key, "b", idle_s=0.0001)  # min idle 0 ms: claims at once
+    try:
+        await a.ensure_group()
+        ids = [await a.redis.xadd(key, {"n": str(i)}) for i in range(3)]
+        first = await a.read(10)  # nothing pending yet: new entries
+        assert [i for i, _ in first] == [i.decode() for i in ids]
+        again = _stream(redis_server, key, "a")  # "a" restarted: its pending entries first
+        assert [i for i, _ in await again.read(10)] == [i.decode() for i in ids]
+        await again.client.aclose()
+        b._own_pending = False  # "a" died: "b" claims its entries once idle
+        assert [i for i, _ in await b.read(10)] == [i.decode() for i in ids]
+        await a.redis.xtrim(key, maxlen=0)  # trimmed while pending: acknowledged, not returned
+        c = _stream(redis_server, key, "c", idle_s=0.0001)  # min idle 0 ms: claims at once
+        c._own_pending = False
+        assert await c.read(10) == []
+        assert (await c.redis.xpending(key, "sluice-analytics"))["pending"] == 0
+        await c.client.aclose()
+    finally:
+        await a.client.aclose()
+        await b.client.aclose()
