@@ -15,7 +15,7 @@ from sluice_core.model import CLUSTER_SCOPE
 
 from sluice_operator.coalesce import Coalescer
 from sluice_operator.heartbeats import HeartbeatView
-from sluice_operator.keysecrets import CLUSTER_POLICY_LABEL, POLICY_LABEL
+from sluice_operator.keysecrets import CLUSTER_POLICY_LABEL, POLICY_LABEL, SecretKey, read_secret
 from sluice_operator.kube import default_api_client
 from sluice_operator.reconcile import NamespaceOutcome, Reconciler, Reuse
 from sluice_operator.resync import Gate, Hooks, Resync, Standalone
@@ -26,6 +26,7 @@ from sluice_operator.webhooks import serve_webhooks
 GROUP, VERSION, PLURAL = "sluice.dev", "v1alpha1", "ratelimitpolicies"
 CLUSTER_PLURAL = "clusterratelimitpolicies"
 FINALIZER = "sluice.dev/config"
+KEY_STATUS_DELAY_S = 0.5
 log = logging.getLogger("sluice.operator")
 
 
@@ -67,7 +68,11 @@ def build_registry(settings: OperatorSettings, reconciler: Reconciler,
     @kopf.index("v1", "secrets", labels={POLICY_LABEL: kopf.PRESENT}, id="key_secrets_by_ns",
                 registry=registry)
     def key_secrets_by_ns(namespace: str | None, body: kopf.Body, **_: Any) -> dict[str, Any]:
-        return {namespace or "": secret_view(body)}
+        # Kept for its record (a few hundred bytes, no key, no data), and because kopf runs no
+        # handler before its indexes hold every object: a policy's first judgement of its keys
+        # (which revokes what no Secret backs) sees them all.
+        key = read_secret(body, POLICY_LABEL)
+        return {namespace or "": key} if key is not None else {}
 
     coalescer: Coalescer[NamespaceOutcome] = Coalescer()  # a burst of events for one namespace: two reconciles, not one each
 
@@ -88,6 +93,7 @@ def build_registry(settings: OperatorSettings, reconciler: Reconciler,
         """Every namespace's config this replica serves, then the cluster document (its own, or
         the empty placeholder): in that order, so that a pod started meanwhile finds its
         namespace's policy before the placeholder that tells "no namespace policy" from "lost"."""
+        reconciler.keys.forget_synced()  # and every policy's key grants, in full
         for namespace in sorted(ns for ns, store in idx["policies_by_ns"].items() if ns and store):
             await refresh_statuses(namespace, await reconcile_scope(namespace, idx), idx)
         if "cluster_policies" in idx and idx["cluster_policies"].get(CLUSTER_SCOPE):
@@ -102,6 +108,8 @@ def build_registry(settings: OperatorSettings, reconciler: Reconciler,
         (:class:`~sluice_operator.resync.Resync`), from kopf's live indexes."""
         await reconciler.start_counting()
         await reconciler.ensure_cluster_doc()
+        sidecars = HeartbeatView(reconciler.redis, settings.heartbeat_stale_s)
+        reconciler.grants_ready = sidecars.grants_ready  # whether documents may stop embedding keys
 
         def served() -> dict[str, Sequence[Mapping[str, Any]]]:
             scopes: dict[str, Sequence[Mapping[str, Any]]] = {
@@ -115,17 +123,16 @@ def build_registry(settings: OperatorSettings, reconciler: Reconciler,
 
         hooks = Hooks(served=served, restore=lambda: restore_all(idx), reconcile=reconcile_and_report,
                       write_status=write_status)
-        resync = Resync(settings.resync_interval_s, reconciler,
-                        HeartbeatView(reconciler.redis, settings.heartbeat_stale_s), gate or Standalone(), hooks)
+        resync = Resync(settings.resync_interval_s, reconciler, sidecars, gate or Standalone(), hooks)
         memo["resync"] = asyncio.create_task(resync.run(), name="sluice resync")
 
     @kopf.on.cleanup(registry=registry)
     async def stop_resync(memo: kopf.Memo, **_: Any) -> None:
-        task = memo.get("resync")
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):  # its errors were logged
-                await task
+        for task in [memo.get("resync"), *key_statuses.values()]:
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):  # its errors were logged
+                    await task
 
     async def reconcile_scope(namespace: str, idx: Mapping[str, Any], reuse: Reuse | None = None) -> NamespaceOutcome:
         if namespace == CLUSTER_SCOPE:
@@ -220,15 +227,51 @@ def build_registry(settings: OperatorSettings, reconciler: Reconciler,
 
     policy_handlers(PLURAL, "")
 
-    @kopf.on.event("v1", "secrets", labels={POLICY_LABEL: kopf.PRESENT}, id="key-secret",
-                   registry=registry)
-    async def key_secret_changed(namespace: str | None, **kwargs: Any) -> None:
-        if namespace and kwargs["policies_by_ns"].get(namespace):
-            # The config reaches Redis now; so must the policies' status (keys, key problems,
-            # config version), not one resync interval later.
-            await refresh_statuses(namespace, await reconcile(namespace, kwargs), kwargs)
+    key_statuses: dict[str, asyncio.Task[None]] = {}  # scope -> its pending status write
 
-    if settings.cluster_policies or (settings.cluster_policies is None and not settings.namespaces):
+    def statuses_soon(scope: str, idx: Mapping[str, Any]) -> None:
+        """Write the scope's policies' status (keys, key problems) once a burst of key Secret
+        events is over: a few writes a second at most, not one per Secret, and none that
+        changes nothing."""
+        if scope in key_statuses:
+            return
+
+        async def write() -> None:
+            await asyncio.sleep(KEY_STATUS_DELAY_S)  # debounce: the events of the burst land meanwhile
+            key_statuses.pop(scope, None)
+            outcome = reconciler.latest(scope)
+            if outcome is not None:
+                await refresh_statuses(scope, outcome, idx)
+
+        key_statuses[scope] = asyncio.create_task(write(), name=f"sluice key status {scope}")
+
+    async def key_event(scope: str, key_id: str, key: SecretKey | None, idx: Mapping[str, Any]) -> None:
+        """One key Secret's grant written or revoked: O(1) Redis writes, whatever the number of
+        keys. While the scope's document still embeds keys (sidecars of an older release), it is
+        reconciled too, as before grants."""
+        if key is None and not reconciler.keys.knows(scope, key_id):
+            return  # not a key Secret, and never was one here
+        await reconciler.key_changed(scope, key_id, key)
+        if reconciler.embeds_keys(scope):
+            await refresh_statuses(scope, await reconcile(scope, idx), idx)
+        else:
+            statuses_soon(scope, idx)
+
+    serves_cluster = settings.cluster_policies or (settings.cluster_policies is None and not settings.namespaces)
+
+    # Every Secret, not only labelled ones: a Secret whose label is removed must lose its grant,
+    # and kopf does not report an object that no longer matches a handler's filter.
+    @kopf.on.event("v1", "secrets", id="key-secret", registry=registry)
+    async def key_secret_changed(namespace: str | None, name: str, type: str | None, body: kopf.Body,
+                                 **kwargs: Any) -> None:
+        ns = namespace or ""
+        gone = type == "DELETED"
+        await key_event(ns, f"{ns}/{name}", None if gone else read_secret(body, POLICY_LABEL), kwargs)
+        if serves_cluster and ns == settings.cluster_keys_namespace:
+            await key_event(CLUSTER_SCOPE, f"{ns}/{name}",
+                            None if gone else read_secret(body, CLUSTER_POLICY_LABEL), kwargs)
+
+    if serves_cluster:
         # ClusterRateLimitPolicies need every namespace's labels (their namespaceSelector); by
         # default only a cluster-wide operator serves them, so that operators restricted to some
         # namespaces never fight over them (or their finalizers).
@@ -242,19 +285,14 @@ def build_registry(settings: OperatorSettings, reconciler: Reconciler,
         @kopf.index("v1", "secrets", labels={CLUSTER_POLICY_LABEL: kopf.PRESENT}, when=in_keys_namespace,
                     id="cluster_key_secrets", registry=registry)
         def cluster_key_secrets(body: kopf.Body, **_: Any) -> dict[str, Any]:
-            return {CLUSTER_SCOPE: secret_view(body)}
+            key = read_secret(body, CLUSTER_POLICY_LABEL)
+            return {CLUSTER_SCOPE: key} if key is not None else {}
 
         @kopf.index("v1", "namespaces", id="namespace_labels", registry=registry)
         def namespace_labels(name: str, labels: kopf.Labels, **_: Any) -> dict[str, Any]:
             return {name: dict(labels)}
 
         policy_handlers(CLUSTER_PLURAL, "-cluster")
-
-        @kopf.on.event("v1", "secrets", labels={CLUSTER_POLICY_LABEL: kopf.PRESENT}, when=in_keys_namespace,
-                       id="cluster-key-secret", registry=registry)
-        async def cluster_key_secret_changed(**kwargs: Any) -> None:
-            if kwargs["cluster_policies"].get(CLUSTER_SCOPE):
-                await refresh_statuses(CLUSTER_SCOPE, await reconcile(CLUSTER_SCOPE, kwargs), kwargs)
 
         # Namespaces are watched only here (an operator serving cluster policies needs their
         # labels): a deleted one is forgotten, a relabelled one may change a policy's scope.
@@ -309,12 +347,3 @@ def policy_view(body: Mapping[str, Any]) -> dict[str, Any]:
     view = {k: body[k] for k in ("apiVersion", "kind", "spec", "status") if body.get(k) is not None}
     view["metadata"] = {k: meta[k] for k in ("name", "namespace", "generation", "deletionTimestamp") if k in meta}
     return view
-
-
-def secret_view(body: Mapping[str, Any]) -> dict[str, Any]:
-    """What the indexes keep of a key Secret: its name, its policy label, its fields."""
-    meta = body.get("metadata", {})
-    labels = meta.get("labels") or {}
-    return {"metadata": {"name": meta.get("name"), "deletionTimestamp": meta.get("deletionTimestamp"),
-                         "labels": {k: labels[k] for k in (POLICY_LABEL, CLUSTER_POLICY_LABEL) if k in labels}},
-            "data": dict(body.get("data") or {})}
