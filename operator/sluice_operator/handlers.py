@@ -15,10 +15,11 @@ from sluice_core.model import CLUSTER_SCOPE
 
 from sluice_operator.coalesce import Coalescer
 from sluice_operator.heartbeats import HeartbeatView
-from sluice_operator.keysecrets import CLUSTER_POLICY_LABEL, POLICY_LABEL, SecretKey, read_secret
+from sluice_operator.keysecrets import CLUSTER_POLICY_LABEL, POLICY_LABEL, SecretKey
 from sluice_operator.kube import default_api_client
 from sluice_operator.reconcile import NamespaceOutcome, Reconciler, Reuse
 from sluice_operator.resync import Gate, Hooks, Resync, Standalone
+from sluice_operator.secretwatch import KeySecretWatch, served
 from sluice_operator.settings import OperatorSettings
 from sluice_operator.status import status_update
 from sluice_operator.webhooks import serve_webhooks
@@ -65,14 +66,32 @@ def build_registry(settings: OperatorSettings, reconciler: Reconciler,
     def policies_by_ns(namespace: str | None, body: kopf.Body, **_: Any) -> dict[str, Any]:
         return {namespace or "": policy_view(body)}
 
-    @kopf.index("v1", "secrets", labels={POLICY_LABEL: kopf.PRESENT}, id="key_secrets_by_ns",
-                registry=registry)
-    def key_secrets_by_ns(namespace: str | None, body: kopf.Body, **_: Any) -> dict[str, Any]:
-        # Kept for its record (a few hundred bytes, no key, no data), and because kopf runs no
-        # handler before its indexes hold every object: a policy's first judgement of its keys
-        # (which revokes what no Secret backs) sees them all.
-        key = read_secret(body, POLICY_LABEL)
-        return {namespace or "": key} if key is not None else {}
+    # Key Secrets: listed and watched by the operator itself, filtered by label in the API
+    # server (secretwatch.py says why not kopf). Their events carry no kopf kwargs: the handlers
+    # reach kopf's live indexes through what the start-up handler received.
+    serves_cluster = settings.cluster_policies or (settings.cluster_policies is None and not settings.namespaces)
+    indexes: dict[str, Any] = {}
+
+    async def key_changed(scope: str, key_id: str, key: SecretKey | None) -> None:
+        await key_event(scope, key_id, key, indexes)
+
+    watches = {"": KeySecretWatch(make_api, POLICY_LABEL,
+                                  lambda ns: ns if served(ns, settings.namespaces) else None, key_changed)}
+    if serves_cluster:
+        keys_ns = settings.cluster_keys_namespace
+        watches[CLUSTER_SCOPE] = KeySecretWatch(make_api, CLUSTER_POLICY_LABEL,
+                                                lambda ns: CLUSTER_SCOPE if ns == keys_ns else None,
+                                                key_changed, namespace=keys_ns)
+    reconciler.keys_listed = [w.listed for w in watches.values()]
+
+    def key_records(scope: str) -> list[SecretKey]:
+        return watches[CLUSTER_SCOPE if scope == CLUSTER_SCOPE else ""].keys(scope)
+
+    @kopf.on.startup(registry=registry)
+    async def start_key_watches(memo: kopf.Memo, **idx: Any) -> None:
+        indexes.update(idx)
+        memo["key_watches"] = [asyncio.create_task(w.run(), name=f"sluice key Secrets {w.label}")
+                               for w in watches.values()]
 
     coalescer: Coalescer[NamespaceOutcome] = Coalescer()  # a burst of events for one namespace: two reconciles, not one each
 
@@ -128,7 +147,7 @@ def build_registry(settings: OperatorSettings, reconciler: Reconciler,
 
     @kopf.on.cleanup(registry=registry)
     async def stop_resync(memo: kopf.Memo, **_: Any) -> None:
-        for task in [memo.get("resync"), *key_statuses.values()]:
+        for task in [memo.get("resync"), *memo.get("key_watches", []), *key_statuses.values()]:
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):  # its errors were logged
@@ -140,9 +159,9 @@ def build_registry(settings: OperatorSettings, reconciler: Reconciler,
                 name: next(iter(store), {}) for name, store in idx["namespace_labels"].items()}
             return await reconciler.reconcile(
                 CLUSTER_SCOPE, list(idx["cluster_policies"].get(CLUSTER_SCOPE, [])),
-                list(idx["cluster_key_secrets"].get(CLUSTER_SCOPE, [])), labels, reuse=reuse)
+                key_records(CLUSTER_SCOPE), labels, reuse=reuse)
         return await reconciler.reconcile(namespace, list(idx["policies_by_ns"].get(namespace, [])),
-                                          list(idx["key_secrets_by_ns"].get(namespace, [])), reuse=reuse)
+                                          key_records(namespace), reuse=reuse)
 
     def report(body: kopf.Body, name: str, outcome: NamespaceOutcome, patch: kopf.Patch) -> None:
         result = outcome.results.get(name)
@@ -257,20 +276,6 @@ def build_registry(settings: OperatorSettings, reconciler: Reconciler,
         else:
             statuses_soon(scope, idx)
 
-    serves_cluster = settings.cluster_policies or (settings.cluster_policies is None and not settings.namespaces)
-
-    # Every Secret, not only labelled ones: a Secret whose label is removed must lose its grant,
-    # and kopf does not report an object that no longer matches a handler's filter.
-    @kopf.on.event("v1", "secrets", id="key-secret", registry=registry)
-    async def key_secret_changed(namespace: str | None, name: str, type: str | None, body: kopf.Body,
-                                 **kwargs: Any) -> None:
-        ns = namespace or ""
-        gone = type == "DELETED"
-        await key_event(ns, f"{ns}/{name}", None if gone else read_secret(body, POLICY_LABEL), kwargs)
-        if serves_cluster and ns == settings.cluster_keys_namespace:
-            await key_event(CLUSTER_SCOPE, f"{ns}/{name}",
-                            None if gone else read_secret(body, CLUSTER_POLICY_LABEL), kwargs)
-
     if serves_cluster:
         # ClusterRateLimitPolicies need every namespace's labels (their namespaceSelector); by
         # default only a cluster-wide operator serves them, so that operators restricted to some
@@ -278,15 +283,6 @@ def build_registry(settings: OperatorSettings, reconciler: Reconciler,
         @kopf.index(GROUP, VERSION, CLUSTER_PLURAL, id="cluster_policies", registry=registry)
         def cluster_policies(body: kopf.Body, **_: Any) -> dict[str, Any]:
             return {CLUSTER_SCOPE: policy_view(body)}
-
-        def in_keys_namespace(namespace: str | None, **_: Any) -> bool:
-            return namespace == settings.cluster_keys_namespace
-
-        @kopf.index("v1", "secrets", labels={CLUSTER_POLICY_LABEL: kopf.PRESENT}, when=in_keys_namespace,
-                    id="cluster_key_secrets", registry=registry)
-        def cluster_key_secrets(body: kopf.Body, **_: Any) -> dict[str, Any]:
-            key = read_secret(body, CLUSTER_POLICY_LABEL)
-            return {CLUSTER_SCOPE: key} if key is not None else {}
 
         @kopf.index("v1", "namespaces", id="namespace_labels", registry=registry)
         def namespace_labels(name: str, labels: kopf.Labels, **_: Any) -> dict[str, Any]:

@@ -39,6 +39,7 @@ from sluice_operator.redischeck import MemoryPolicyCheck
 
 log = logging.getLogger("sluice.operator")
 RECONCILE_CONCURRENCY = 16
+KEYS_LISTED_WAIT_S = 10.0
 
 
 @dataclass
@@ -106,6 +107,9 @@ class Reconciler:
         # reads keys from Redis grants; None: not known yet (no heartbeats read since the start).
         # Set by handlers.py to its HeartbeatView's.
         self.grants_ready: Callable[[str | None], bool | None] = lambda _namespace: None
+        # Set once each key Secret listing is complete (handlers.py's watches; none: nothing to
+        # wait for): a policy's keys are judged only from a complete listing.
+        self.keys_listed: list[asyncio.Event] = []
         self._embedded: dict[str, bool] = {}  # scope -> whether its document in Redis embeds keys
 
     async def close(self) -> None:
@@ -362,7 +366,15 @@ class Reconciler:
     async def _sync_keys(self, namespace: str, live: Mapping[str, CompiledPolicy], secrets: Sequence[SecretKey],
                          out: NamespaceOutcome) -> dict[str, Mapping[str, KeyGrant]] | None:
         """Each live policy's key grants in Redis as its Secrets say; the keys the document
-        embeds (None: none, sidecars read the grants)."""
+        embeds (None: none, sidecars read the grants). Not before the Secrets are listed: the
+        document stays as it is meanwhile (a Redis error for the status, retried)."""
+        if live and not all(e.is_set() for e in self.keys_listed):
+            try:
+                async with asyncio.timeout(KEYS_LISTED_WAIT_S):
+                    for listed in self.keys_listed:
+                        await listed.wait()
+            except TimeoutError:
+                raise configstore.ConfigStoreError("key Secrets not listed yet (API server?)") from None
         for name, policy in live.items():
             await self.keys.sync_policy(namespace, policy, secrets)
             out.results[name].keys = self.keys.count(namespace, name)
