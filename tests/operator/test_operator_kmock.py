@@ -504,3 +504,19 @@ async def test_the_operator_closes_its_redis_connections_when_it_stops(kmock: An
 
     await eventually(lambda: connected() == 1, "the operator's connections closed")
     assert env.reconciler is not None
+
+
+async def test_grants_lost_from_redis_are_written_again(env: Env) -> None:
+    """Redis lost everything (here: the document and the grant): the resync writes the config
+    and, in full, the key grants again."""
+    await env.create(env.rlp_path(), policy("api", env.ns))
+    await eventually(env.config, "config in Redis")
+    await env.create(env.secret_path(), key_secret("k1", env.ns, "api", "sk-lost-1", "pro"))
+    await eventually(lambda: env.grant("sk-lost-1"), "grant")
+    pid = keyschema.policy_id(f"{env.ns}/api")
+    raw = bytes.fromhex(keyschema.hash_api_key("sk-lost-1"))
+    env.redis.delete(keyschema.config_key(env.ns), keyschema.grant_key(pid, keyschema.client_for_api_key(raw)),
+                     keyschema.grant_index_key(pid))
+    back = await eventually(lambda: env.grant("sk-lost-1"), "grant written again")
+    assert back.key_id == f"{env.ns}/k1"
+    assert await env.config() is not None
