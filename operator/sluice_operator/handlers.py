@@ -159,9 +159,9 @@ def build_registry(settings: OperatorSettings, reconciler: Reconciler,
                 name: next(iter(store), {}) for name, store in idx["namespace_labels"].items()}
             return await reconciler.reconcile(
                 CLUSTER_SCOPE, list(idx["cluster_policies"].get(CLUSTER_SCOPE, [])),
-                key_records(CLUSTER_SCOPE), labels, reuse=reuse)
+                lambda: key_records(CLUSTER_SCOPE), labels, reuse=reuse)
         return await reconciler.reconcile(namespace, list(idx["policies_by_ns"].get(namespace, [])),
-                                          key_records(namespace), reuse=reuse)
+                                          lambda: key_records(namespace), reuse=reuse)
 
     def report(body: kopf.Body, name: str, outcome: NamespaceOutcome, patch: kopf.Patch) -> None:
         result = outcome.results.get(name)

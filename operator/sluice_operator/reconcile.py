@@ -38,6 +38,8 @@ from sluice_operator.metrics import OperatorMetrics
 from sluice_operator.redischeck import MemoryPolicyCheck
 
 log = logging.getLogger("sluice.operator")
+Keys = Sequence[SecretKey] | Callable[[], Sequence[SecretKey]]
+"""A scope's key Secrets, or how to read them (handlers.py: only once they are listed)."""
 RECONCILE_CONCURRENCY = 16
 KEYS_LISTED_WAIT_S = 10.0
 
@@ -117,7 +119,7 @@ class Reconciler:
         await self.redis.aclose()
 
     async def reconcile(self, namespace: str, policies: Sequence[Mapping[str, Any]],
-                        secrets: Sequence[SecretKey],
+                        secrets: Keys,
                         namespace_labels: Mapping[str, Mapping[str, str]] | None = None, *,
                         reuse: Reuse | None = None) -> NamespaceOutcome:
         """``namespace_labels`` (name -> labels of every namespace) is needed for ``_cluster``.
@@ -290,7 +292,7 @@ class Reconciler:
         return entry[1]
 
     async def _reconcile(self, namespace: str, policies: Sequence[Mapping[str, Any]],
-                         secrets: Sequence[SecretKey],
+                         secrets: Keys,
                          namespace_labels: Mapping[str, Mapping[str, str]]) -> NamespaceOutcome:
         out = NamespaceOutcome(namespace)
         stored: tuple[int, str] | None = None
@@ -363,7 +365,7 @@ class Reconciler:
             out.redis_error = str(exc)
         return out
 
-    async def _sync_keys(self, namespace: str, live: Mapping[str, CompiledPolicy], secrets: Sequence[SecretKey],
+    async def _sync_keys(self, namespace: str, live: Mapping[str, CompiledPolicy], keys: Keys,
                          out: NamespaceOutcome) -> dict[str, Mapping[str, KeyGrant]] | None:
         """Each live policy's key grants in Redis as its Secrets say; the keys the document
         embeds (None: none, sidecars read the grants). Not before the Secrets are listed: the
@@ -375,6 +377,7 @@ class Reconciler:
                         await listed.wait()
             except TimeoutError:
                 raise configstore.ConfigStoreError("key Secrets not listed yet (API server?)") from None
+        secrets = keys() if callable(keys) else keys  # read once listed: never a partial listing
         for name, policy in live.items():
             await self.keys.sync_policy(namespace, policy, secrets)
             out.results[name].keys = self.keys.count(namespace, name)

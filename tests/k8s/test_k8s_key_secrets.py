@@ -207,27 +207,35 @@ def test_one_secret_change_touches_one_grant(operator: Operator, namespace: str)
 def test_a_restarted_operator_makes_redis_match_the_secrets(k8s: ControlPlane, redis_server: Any) -> None:
     """Secrets changed while no operator ran: once one starts, a Secret deleted meanwhile has no
     grant, one created meanwhile has its grant, and a key that never changed was never missing
-    (a client polls Redis for it throughout the start-up)."""
+    (polled in Redis throughout the start-up). 1,200 Secrets: the listing takes three pages, and
+    the unchanged key is on the last (a policy judged from a partial listing would revoke it)."""
     ns = f"sluice-krestart-{uuid.uuid4().hex[:6]}"
     k8s.kubectl("create", "namespace", ns)
     kept, dropped, added = new_key(), new_key(), new_key()
+    filler = [f"sk-filler-{ns}-{i}" for i in range(1197)]
     try:
         with running_operator(k8s, redis_server, "sluice-krestart-*") as op:
-            k8s.kubectl("apply", "-f", "-", input=policy_yaml("api", ns) + "---\n"
-                        + secret_yaml("kept", ns, kept, "pro") + "---\n" + secret_yaml("dropped", ns, dropped, "pro"))
-            poll(lambda: grant(op, ns, kept) and grant(op, ns, dropped), "both grants")
+            k8s.kubectl("apply", "-f", "-", input=policy_yaml("api", ns))
+            for start in range(0, len(filler), 400):
+                k8s.kubectl("apply", "-f", "-", input="---\n".join(
+                    secret_yaml(f"k-{i:04d}", ns, filler[i], "free") for i in range(start, min(start + 400, len(filler)))))
+            k8s.kubectl("apply", "-f", "-", input=secret_yaml("zz-kept", ns, kept, "pro") + "---\n"
+                        + secret_yaml("dropped", ns, dropped, "pro"))
+            poll(lambda: len(grants_snapshot(op, ns)) == len(filler) + 2, "every grant", timeout=120)
         k8s.kubectl("delete", "secret", "dropped", "-n", ns)
         k8s.kubectl("apply", "-f", "-", input=secret_yaml("added", ns, added, "free"))
         with running_operator(k8s, redis_server, "sluice-krestart-*") as op:
             missing = []
+
             def settled() -> bool:
                 if grant(op, ns, kept) is None:
                     missing.append(time.monotonic())
                 return grant(op, ns, dropped) is None and grant(op, ns, added) is not None
-            poll(settled, "Redis as the Secrets say", interval=0.02)
+
+            poll(settled, "Redis as the Secrets say", interval=0.02, timeout=60)
             assert not missing, "the unchanged key was missing for a moment"
             assert {g.decode() for g in grants_snapshot(op, ns)} == {
-                keyschema.client_for_api_key(bytes.fromhex(keyschema.hash_api_key(k))) for k in (kept, added)}
+                keyschema.client_for_api_key(bytes.fromhex(keyschema.hash_api_key(k))) for k in [kept, added, *filler]}
             k8s.kubectl("delete", "rlp", "--all", "-n", ns, "--timeout=30s", check=False)
     finally:
         k8s.kubectl("delete", "namespace", ns, "--wait=false", "--ignore-not-found")
