@@ -39,6 +39,7 @@ def build_registry(settings: OperatorSettings, reconciler: Reconciler,
     (:class:`~sluice_operator.peering.PeeringGate`); default: always (standalone)."""
     registry = kopf.OperatorRegistry()
     make_api = api_client or default_api_client
+    active = gate or Standalone()
 
     @kopf.on.startup(registry=registry)
     async def start_webhooks(memo: kopf.Memo, **_: Any) -> None:
@@ -142,7 +143,7 @@ def build_registry(settings: OperatorSettings, reconciler: Reconciler,
 
         hooks = Hooks(served=served, restore=lambda: restore_all(idx), reconcile=reconcile_and_report,
                       write_status=write_status)
-        resync = Resync(settings.resync_interval_s, reconciler, sidecars, gate or Standalone(), hooks)
+        resync = Resync(settings.resync_interval_s, reconciler, sidecars, active, hooks)
         memo["resync"] = asyncio.create_task(resync.run(), name="sluice resync")
 
     @kopf.on.cleanup(registry=registry)
@@ -270,6 +271,13 @@ def build_registry(settings: OperatorSettings, reconciler: Reconciler,
         reconciled too, as before grants."""
         if key is None and not reconciler.keys.knows(scope, key_id):
             return  # not a key Secret, and never was one here
+        if not await active.active():
+            return  # another replica writes; this one's first reconcile as the leader judges in full
+        if key is not None and not reconciler.keys.judged(scope, key.policy) and reconciler.serves(scope, key.policy):
+            # Its policy's keys were never judged here (a replica that just took over, a failed
+            # write): judged in full now, this key with them.
+            await refresh_statuses(scope, await reconcile(scope, idx), idx)
+            return
         await reconciler.key_changed(scope, key_id, key)
         if reconciler.embeds_keys(scope):
             await refresh_statuses(scope, await reconcile(scope, idx), idx)

@@ -91,6 +91,10 @@ class KeyGrants:
             heapq.heappop(heap)  # revoked or changed since: stale
         return 0
 
+    def judged(self, scope: str, policy: str) -> bool:
+        """Have the policy's keys been judged in full since the start (or the last loss)?"""
+        return (scope, policy) in self._synced
+
     def knows(self, scope: str, key_id: str) -> bool:
         """Has the Secret a grant in Redis, or a problem shown, here?"""
         return key_id in self._granted.get(scope, {}) or key_id in self._problems.get(scope, {})

@@ -161,6 +161,10 @@ class Reconciler:
             self._expiry[scope] = first
         self.changed.set()  # the resync task looks again at when to wake
 
+    def serves(self, scope: str, policy: str) -> bool:
+        """Is the policy in the scope's config (its last good version)?"""
+        return policy in self._last_good.get(scope, {})
+
     def embeds_keys(self, scope: str) -> bool:
         """Does the scope's document carry its policies' keys (``apiKeys``) besides their Redis
         grants? While a fresh sidecar there cannot read grants (a release from before them), or,
