@@ -15,11 +15,10 @@ from sluice_core.model import CLUSTER_SCOPE
 
 from sluice_operator.coalesce import Coalescer
 from sluice_operator.heartbeats import HeartbeatView
-from sluice_operator.keysecrets import CLUSTER_POLICY_LABEL, POLICY_LABEL, SecretKey
+from sluice_operator.keyevents import KeyEvents
 from sluice_operator.kube import default_api_client
 from sluice_operator.reconcile import NamespaceOutcome, Reconciler, Reuse
 from sluice_operator.resync import Gate, Hooks, Resync, Standalone
-from sluice_operator.secretwatch import KeySecretWatch, served
 from sluice_operator.settings import OperatorSettings
 from sluice_operator.status import status_update
 from sluice_operator.webhooks import serve_webhooks
@@ -27,7 +26,6 @@ from sluice_operator.webhooks import serve_webhooks
 GROUP, VERSION, PLURAL = "sluice.dev", "v1alpha1", "ratelimitpolicies"
 CLUSTER_PLURAL = "clusterratelimitpolicies"
 FINALIZER = "sluice.dev/config"
-KEY_STATUS_DELAY_S = 0.5
 log = logging.getLogger("sluice.operator")
 
 
@@ -67,32 +65,15 @@ def build_registry(settings: OperatorSettings, reconciler: Reconciler,
     def policies_by_ns(namespace: str | None, body: kopf.Body, **_: Any) -> dict[str, Any]:
         return {namespace or "": policy_view(body)}
 
-    # Key Secrets: listed and watched by the operator itself, filtered by label in the API
-    # server (secretwatch.py says why not kopf). Their events carry no kopf kwargs: the handlers
-    # reach kopf's live indexes through what the start-up handler received.
+    # Key Secrets: listed and watched by the operator itself (secretwatch.py says why not kopf),
+    # each event its key's grant (keyevents.py).
     serves_cluster = settings.cluster_policies or (settings.cluster_policies is None and not settings.namespaces)
-    indexes: dict[str, Any] = {}
-
-    async def key_changed(scope: str, key_id: str, key: SecretKey | None) -> None:
-        await key_event(scope, key_id, key, indexes)
-
-    watches = {"": KeySecretWatch(make_api, POLICY_LABEL,
-                                  lambda ns: ns if served(ns, settings.namespaces) else None, key_changed)}
-    if serves_cluster:
-        keys_ns = settings.cluster_keys_namespace
-        watches[CLUSTER_SCOPE] = KeySecretWatch(make_api, CLUSTER_POLICY_LABEL,
-                                                lambda ns: CLUSTER_SCOPE if ns == keys_ns else None,
-                                                key_changed, namespace=keys_ns)
-    reconciler.keys_listed = [w.listed for w in watches.values()]
-
-    def key_records(scope: str) -> list[SecretKey]:
-        return watches[CLUSTER_SCOPE if scope == CLUSTER_SCOPE else ""].keys(scope)
+    keys = KeyEvents(settings, reconciler, make_api, active, lambda scope, idx: reconcile(scope, idx),
+                     lambda scope, outcome, idx: refresh_statuses(scope, outcome, idx), cluster_keys=serves_cluster)
 
     @kopf.on.startup(registry=registry)
-    async def start_key_watches(memo: kopf.Memo, **idx: Any) -> None:
-        indexes.update(idx)
-        memo["key_watches"] = [asyncio.create_task(w.run(), name=f"sluice key Secrets {w.label}")
-                               for w in watches.values()]
+    async def start_key_watches(**idx: Any) -> None:
+        keys.start(idx)
 
     coalescer: Coalescer[NamespaceOutcome] = Coalescer()  # a burst of events for one namespace: two reconciles, not one each
 
@@ -148,11 +129,12 @@ def build_registry(settings: OperatorSettings, reconciler: Reconciler,
 
     @kopf.on.cleanup(registry=registry)
     async def stop_resync(memo: kopf.Memo, **_: Any) -> None:
-        for task in [memo.get("resync"), *memo.get("key_watches", []), *key_statuses.values()]:
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):  # its errors were logged
-                    await task
+        task = memo.get("resync")
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):  # its errors were logged
+                await task
+        await keys.stop()
 
     async def reconcile_scope(namespace: str, idx: Mapping[str, Any], reuse: Reuse | None = None) -> NamespaceOutcome:
         if namespace == CLUSTER_SCOPE:
@@ -160,9 +142,9 @@ def build_registry(settings: OperatorSettings, reconciler: Reconciler,
                 name: next(iter(store), {}) for name, store in idx["namespace_labels"].items()}
             return await reconciler.reconcile(
                 CLUSTER_SCOPE, list(idx["cluster_policies"].get(CLUSTER_SCOPE, [])),
-                lambda: key_records(CLUSTER_SCOPE), labels, reuse=reuse)
+                lambda: keys.records(CLUSTER_SCOPE), labels, reuse=reuse)
         return await reconciler.reconcile(namespace, list(idx["policies_by_ns"].get(namespace, [])),
-                                          lambda: key_records(namespace), reuse=reuse)
+                                          lambda: keys.records(namespace), reuse=reuse)
 
     def report(body: kopf.Body, name: str, outcome: NamespaceOutcome, patch: kopf.Patch) -> None:
         result = outcome.results.get(name)
@@ -246,43 +228,6 @@ def build_registry(settings: OperatorSettings, reconciler: Reconciler,
                 await refresh_statuses(namespace or CLUSTER_SCOPE, outcome, kwargs)
 
     policy_handlers(PLURAL, "")
-
-    key_statuses: dict[str, asyncio.Task[None]] = {}  # scope -> its pending status write
-
-    def statuses_soon(scope: str, idx: Mapping[str, Any]) -> None:
-        """Write the scope's policies' status (keys, key problems) once a burst of key Secret
-        events is over: a few writes a second at most, not one per Secret, and none that
-        changes nothing."""
-        if scope in key_statuses:
-            return
-
-        async def write() -> None:
-            await asyncio.sleep(KEY_STATUS_DELAY_S)  # debounce: the events of the burst land meanwhile
-            key_statuses.pop(scope, None)
-            outcome = reconciler.latest(scope)
-            if outcome is not None:
-                await refresh_statuses(scope, outcome, idx)
-
-        key_statuses[scope] = asyncio.create_task(write(), name=f"sluice key status {scope}")
-
-    async def key_event(scope: str, key_id: str, key: SecretKey | None, idx: Mapping[str, Any]) -> None:
-        """One key Secret's grant written or revoked: O(1) Redis writes, whatever the number of
-        keys. While the scope's document still embeds keys (sidecars of an older release), it is
-        reconciled too, as before grants."""
-        if key is None and not reconciler.keys.knows(scope, key_id):
-            return  # not a key Secret, and never was one here
-        if not await active.active():
-            return  # another replica writes; this one's first reconcile as the leader judges in full
-        if key is not None and not reconciler.keys.judged(scope, key.policy) and reconciler.serves(scope, key.policy):
-            # Its policy's keys were never judged here (a replica that just took over, a failed
-            # write): judged in full now, this key with them.
-            await refresh_statuses(scope, await reconcile(scope, idx), idx)
-            return
-        await reconciler.key_changed(scope, key_id, key)
-        if reconciler.embeds_keys(scope):
-            await refresh_statuses(scope, await reconcile(scope, idx), idx)
-        else:
-            statuses_soon(scope, idx)
 
     if serves_cluster:
         # ClusterRateLimitPolicies need every namespace's labels (their namespaceSelector); by
