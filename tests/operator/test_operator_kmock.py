@@ -519,4 +519,4 @@ async def test_grants_lost_from_redis_are_written_again(env: Env) -> None:
                      keyschema.grant_index_key(pid))
     back = await eventually(lambda: env.grant("sk-lost-1"), "grant written again")
     assert back.key_id == f"{env.ns}/k1"
-    assert await env.config() is not None
+    await eventually(env.config, "the document written again (after the grants)")
