@@ -70,7 +70,10 @@ class KeyEvents:
         if key is None and not r.keys.knows(scope, key_id):
             return  # not a key Secret here, and never was one
         if not await self.gate.active():
-            return  # another replica writes; this one's first reconcile as the leader judges in full
+            # Not the active replica (or not yet: kopf's peering decides at start-up): nothing
+            # written now; once it is, the resync judges the scope's keys in full.
+            r.rejudge_keys(scope)
+            return
         if key is not None and not r.keys.judged(scope, key.policy) and r.serves(scope, key.policy):
             # Its policy's keys were never judged here (a replica that just took over, a failed
             # write): judged in full now, this key with them.

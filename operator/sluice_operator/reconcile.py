@@ -161,6 +161,15 @@ class Reconciler:
             self._expiry[scope] = first
         self.changed.set()  # the resync task looks again at when to wake
 
+    def rejudge_keys(self, scope: str) -> None:
+        """A key event of the scope could not be written (Redis failed, or this replica was not
+        the active one then): the resync reconciles the scope at once, as for an expired key
+        (retried every second while it fails, and only on the active replica), and its
+        policies' keys are judged in full."""
+        self.keys.unsync(scope)
+        self._expiry[scope] = dt.datetime.now(dt.UTC)
+        self.changed.set()
+
     def serves(self, scope: str, policy: str) -> bool:
         """Is the policy in the scope's config (its last good version)?"""
         return policy in self._last_good.get(scope, {})
@@ -188,9 +197,7 @@ class Reconciler:
             # kopf does not retry an event handler: the resync reconciles the scope at once (as
             # for an expired key), retried every second, and judges its keys in full.
             log.warning("key Secret %s: %s (the resync writes its scope's keys again)", key_id, exc)
-            self.keys.unsync(scope)
-            self._expiry[scope] = dt.datetime.now(dt.UTC)
-            self.changed.set()
+            self.rejudge_keys(scope)
             return set()
         latest = self._latest.get(scope)
         for name in touched:

@@ -100,7 +100,8 @@ class KeySecretWatch:
             if cfg.cert_file:
                 context.load_cert_chain(cfg.cert_file, cfg.key_file)
         headers = {"Accept": "application/json"}
-        token = cfg.get_api_key_with_prefix("authorization")  # refreshed by in-cluster config's hook
+        # as the client's own auth_settings: refreshed by the in-cluster config's hook
+        token = cfg.get_api_key_with_prefix("BearerToken", alias="authorization")
         if token:
             headers["Authorization"] = token
         path = f"/api/v1/namespaces/{self.namespace}/secrets" if self.namespace else "/api/v1/secrets"
