@@ -11,8 +11,11 @@ working tree, each on a fresh control plane and Redis, side by side in one run:
 - edit to Redis: a spec change applied through the API until its new config version is in Redis
   (median of 11).
 
-``--keys N`` adds the key-Secrets case: one namespace, one policy, N key Secrets; RSS and the
-time from creating one more Secret to its key in the config document.
+``--keys N`` adds the key-Secrets case: one namespace, one policy, N key Secrets created before
+the operator starts: start-up to all N keys in Redis (embedded in the document before grants,
+as grants after), RSS 5 s later, and the time from creating one more Secret to its key in Redis, and from creating another to its key
+working in a cluster-mode sidecar of the namespace (the policy requires keys).
+``--sizes ""`` runs the key-Secrets case alone.
 
 Run time: about 9 min at the default sizes (100, 1,000; ``--sizes 100``: 2 min), 8 more with
 ``--keys 10000``. Figures
@@ -24,7 +27,6 @@ from __future__ import annotations
 import argparse
 import base64
 import contextlib
-import hashlib
 import json
 import os
 import re
@@ -35,6 +37,8 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
+import urllib.request
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -46,8 +50,10 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 import redis  # noqa: E402
 import yaml  # noqa: E402
+from sluice_core import keyschema  # noqa: E402
 from support.control_plane import ControlPlane  # noqa: E402
 from support.crds import apply_crds  # noqa: E402
+from support.processes import SidecarProcess, UpstreamProcess  # noqa: E402
 from support.redis_servers import RedisServer, pick_port  # noqa: E402
 
 from bench.report import write_block  # noqa: E402
@@ -67,6 +73,14 @@ def policy(ns: str, requests: int = 100) -> dict[str, Any]:
             "metadata": {"name": "api", "namespace": ns},
             "spec": {"tiers": [{"name": "free", "requests": requests, "period": "1m"},
                                {"name": "pro", "requests": 1000, "period": "1m"}]}}
+
+
+def key_policy(ns: str) -> dict[str, Any]:
+    """:func:`policy` with required API keys, for the pods labelled ``app: web``."""
+    doc = policy(ns)
+    doc["spec"].update(selector={"matchLabels": {"app": "web"}}, identify={"order": ["apiKey", "ip"]},
+                       apiKeys={"header": "X-API-Key", "required": True})
+    return doc
 
 
 def key_secret(ns: str, i: int) -> dict[str, Any]:
@@ -258,6 +272,10 @@ class KeyFigures:
     startup_s: float = 0.0
     rss_mb: float = 0.0
     new_key_ms: float = 0.0
+    new_key_sidecar_ms: float = 0.0
+    burst: int = 0  # key Secrets created at once while the operator runs
+    burst_s: float = 0.0  # from the first creation to all of them in Redis
+    burst_status_writes: int = 0  # status PATCHes meanwhile
     unfinished: str = ""  # what did not happen within its time limit
 
 
@@ -265,14 +283,14 @@ def measure_keys(variant: Variant, keys: int, workdir: Path, limit_s: float) -> 
     fig = KeyFigures(variant.name, keys)
     ns = "scale-keys"
     with cluster() as (cp, server, r):
-        create(cp, [{"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}}, policy(ns)])
+        create(cp, [{"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}}, key_policy(ns)])
         create(cp, [key_secret(ns, i) for i in range(keys)], chunk=1000)
         op = Operator(variant, cp, server.url, workdir)
         try:
             try:
-                wait_for(lambda: _keys_in_doc(r, ns) >= keys, f"{keys} keys in the document", timeout=limit_s)
+                wait_for(lambda: _keys_in_redis(r, ns) >= keys, f"{keys} keys in Redis", timeout=limit_s)
             except TimeoutError:
-                fig.unfinished = f"not all keys in Redis after {limit_s:.0f} s ({_keys_in_doc(r, ns):,})"
+                fig.unfinished = f"not all keys in Redis after {limit_s:.0f} s ({_keys_in_redis(r, ns):,})"
                 fig.rss_mb = rss_mb(op.proc.pid)
                 return fig
             fig.startup_s = time.monotonic() - op.started
@@ -280,22 +298,65 @@ def measure_keys(variant: Variant, keys: int, workdir: Path, limit_s: float) -> 
             fig.rss_mb = rss_mb(op.proc.pid)
             t = time.monotonic()
             create(cp, [key_secret(ns, keys)])
-            digest = hashlib.sha256(f"bench-key-{keys}".encode()).hexdigest()
             try:
-                wait_for(lambda: digest in (r.hget(f"sluice:cfg:{{{ns}}}", "doc") or b"").decode(),
-                         "the new key in the document", timeout=120, interval=0.002)
+                wait_for(lambda: _key_in_redis(r, ns, f"bench-key-{keys}"), "the new key in Redis",
+                         timeout=120, interval=0.002)
             except TimeoutError:
                 fig.unfinished = "the new key not in Redis after 120 s"
                 return fig
             fig.new_key_ms = (time.monotonic() - t) * 1000
+            fig.new_key_sidecar_ms = new_key_in_sidecar(cp, server.url, ns, keys + 1, workdir)
+            fig.burst = max(keys // 10, 1)
+            patches0, t = api_requests(cp)[("PATCH", "ratelimitpolicies")], time.monotonic()
+            create(cp, [key_secret(ns, i) for i in range(keys + 2, keys + 2 + fig.burst)], chunk=1000)
+            wait_for(lambda: _keys_in_redis(r, ns) >= keys + 2 + fig.burst, "the burst in Redis", timeout=limit_s)
+            fig.burst_s = time.monotonic() - t
+            time.sleep(2)  # the last coalesced status write
+            fig.burst_status_writes = api_requests(cp)[("PATCH", "ratelimitpolicies")] - patches0
         finally:
             op.stop()
     return fig
 
 
-def _keys_in_doc(r: redis.Redis, ns: str) -> int:
-    doc = r.hget(f"sluice:cfg:{{{ns}}}", "doc")
-    return doc.count(b'"tier"') if doc else 0
+def new_key_in_sidecar(cp: ControlPlane, redis_url: str, ns: str, i: int, workdir: Path) -> float:
+    """ms from creating key Secret ``i`` to a cluster-mode sidecar of ``ns`` answering 200 with
+    its key (asked every 2 ms; before, 401)."""
+    labels = workdir / "labels"
+    labels.write_text('app="web"\n')
+    up = UpstreamProcess()
+    sidecar = SidecarProcess(up.url, "--redis", redis_url, "--namespace", ns, "--pod-labels", str(labels))
+    try:
+        def answer() -> int:
+            req = urllib.request.Request(sidecar.url + "/", headers={"X-API-Key": f"bench-key-{i}"})
+            try:
+                with urllib.request.urlopen(req, timeout=5) as r:
+                    return int(r.status)
+            except urllib.error.HTTPError as e:
+                return int(e.code)
+
+        assert answer() == 401, "the key works before its Secret exists"
+        t = time.monotonic()
+        create(cp, [key_secret(ns, i)])
+        wait_for(lambda: answer() == 200, "the new key in the sidecar", timeout=120, interval=0.002)
+        return (time.monotonic() - t) * 1000
+    finally:
+        sidecar.close()
+        up.close()
+
+
+def _keys_in_redis(r: redis.Redis, ns: str) -> int:
+    """Keys embedded in the document (before grants), or the policy's grants."""
+    doc = r.hget(keyschema.config_key(ns), "doc")
+    embedded = doc.count(b'"tier"') if doc else 0
+    return max(embedded, int(r.scard(keyschema.grant_index_key(keyschema.policy_id(f"{ns}/api")))))
+
+
+def _key_in_redis(r: redis.Redis, ns: str, api_key: str) -> bool:
+    digest = keyschema.hash_api_key(api_key)
+    if digest in (r.hget(keyschema.config_key(ns), "doc") or b"").decode():
+        return True
+    grant = keyschema.grant_key(keyschema.policy_id(f"{ns}/api"), keyschema.client_for_api_key(bytes.fromhex(digest)))
+    return bool(r.exists(grant))
 
 
 def variants(baseline: str, workdir: Path) -> list[Variant]:
@@ -326,10 +387,13 @@ def table(figs: list[Figures]) -> str:
 
 
 def key_table(figs: list[KeyFigures]) -> str:
-    rows = ["| key Secrets | code | start-up to all keys in Redis | RSS | one more Secret to its key in Redis |",
-            "| ---: | --- | ---: | ---: | ---: |"]
+    rows = ["| key Secrets | code | start-up to all keys in Redis | RSS | one more Secret to its key in Redis "
+            "| ... and working in a sidecar | a burst of more Secrets: all in Redis, status writes |",
+            "| ---: | --- | ---: | ---: | ---: | ---: | --- |"]
     rows += [f"| {f.keys:,} | {f.variant} | {f.unfinished or f'{f.startup_s:.1f} s'} | {f.rss_mb:.0f} MB | "
-             f"{'–' if f.unfinished else f'{f.new_key_ms:.0f} ms'} |" for f in figs]
+             f"{'–' if f.unfinished else f'{f.new_key_ms:.0f} ms'} | "
+             f"{f'{f.new_key_sidecar_ms:.0f} ms' if f.new_key_sidecar_ms else '–'} | "
+             f"{f'{f.burst:,}: {f.burst_s:.1f} s, {f.burst_status_writes} PATCHes' if f.burst else '–'} |" for f in figs]
     return "\n".join(rows)
 
 

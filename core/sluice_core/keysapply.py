@@ -36,7 +36,7 @@ import contextlib
 import secrets
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -145,10 +145,32 @@ def _text(member: bytes | str) -> str:
 async def stage(client: Client, policy: CompiledPolicy, path: str | Path, *, now_ms: int | None = None) -> Staged:
     """Step 1: check the whole keys file and stage it; :class:`PolicyErrors` (nothing written
     but the staging set, dropped again) when any entry is wrong."""
+    reader = KeysFile(path, policy)
+    staged = await stage_entries(client, policy.ref, reader, reader.fail, now_ms=now_ms)
+    if reader.error_count:
+        await staged.discard(client)
+        raise PolicyErrors(reader.all_errors())
+    return staged
+
+
+async def stage_grants(client: Client, policy_ref: str, entries: Iterable[tuple[bytes, grants.StoredGrant]]) -> Staged:
+    """Step 1 for grants already checked (the operator's key Secrets: every one of them, after
+    a restart or a Redis loss, so that Redis matches them); ``entries``: (raw SHA-256, grant),
+    each key once."""
+    def duplicate(where: str, reason: str) -> None:
+        raise ValueError(f"{where}: {reason}")  # the caller's keys are distinct: a bug if not
+
+    return await stage_entries(client, policy_ref,
+                               (KeyEntry(i, digest, g) for i, (digest, g) in enumerate(entries)), duplicate)
+
+
+async def stage_entries(client: Client, policy_ref: str, entries: Iterable[KeyEntry],
+                        duplicate: Callable[[str, str], None], *, now_ms: int | None = None) -> Staged:
+    """Take the policy's lease and stage ``entries`` (expired ones skipped); ``duplicate`` hears
+    of an entry whose key an earlier one has."""
     now = int(time.time() * 1000) if now_ms is None else now_ms
     run = f"{int(time.time())}-{secrets.token_hex(6)}"
-    reader = KeysFile(path, policy)
-    staged = Staged(policy.ref, keyschema.grant_staging_key(keyschema.policy_id(policy.ref)),
+    staged = Staged(policy_ref, keyschema.grant_staging_key(keyschema.policy_id(policy_ref)),
                     tempfile.TemporaryFile(prefix="sluice-keys-"))  # noqa: SIM115 (Staged.discard closes it)
     # (mode 0600 and unlinked at once: digests only, but nobody else's business)
     try:
@@ -158,18 +180,15 @@ async def stage(client: Client, policy: CompiledPolicy, path: str | Path, *, now
         except ConfigStoreError:
             staged.run = ""  # not ours: nothing to release
             raise
-        for chunk in grantstore.chunks(reader):
+        for chunk in grantstore.chunks(entries):
             await staged._lease(client, "renew")
             live = [e for e in chunk if e.stored.live(now)]
             staged.expired += len(chunk) - len(live)
             for e in await _stage_chunk(client, staged, live):
-                reader.fail(f"keys[{e.index}]", "the same key is listed twice (an earlier entry has it)")
+                duplicate(f"keys[{e.index}]", "the same key is listed twice (an earlier entry has it)")
     except BaseException:
         await staged.discard(client)
         raise
-    if reader.error_count:
-        await staged.discard(client)
-        raise PolicyErrors(reader.all_errors())
     return staged
 
 

@@ -15,7 +15,7 @@ from sluice_core.model import CLUSTER_SCOPE
 
 from sluice_operator.coalesce import Coalescer
 from sluice_operator.heartbeats import HeartbeatView
-from sluice_operator.keysecrets import CLUSTER_POLICY_LABEL, POLICY_LABEL
+from sluice_operator.keyevents import KeyEvents
 from sluice_operator.kube import default_api_client
 from sluice_operator.reconcile import NamespaceOutcome, Reconciler, Reuse
 from sluice_operator.resync import Gate, Hooks, Resync, Standalone
@@ -37,6 +37,7 @@ def build_registry(settings: OperatorSettings, reconciler: Reconciler,
     (:class:`~sluice_operator.peering.PeeringGate`); default: always (standalone)."""
     registry = kopf.OperatorRegistry()
     make_api = api_client or default_api_client
+    active = gate or Standalone()
 
     @kopf.on.startup(registry=registry)
     async def start_webhooks(memo: kopf.Memo, **_: Any) -> None:
@@ -64,10 +65,15 @@ def build_registry(settings: OperatorSettings, reconciler: Reconciler,
     def policies_by_ns(namespace: str | None, body: kopf.Body, **_: Any) -> dict[str, Any]:
         return {namespace or "": policy_view(body)}
 
-    @kopf.index("v1", "secrets", labels={POLICY_LABEL: kopf.PRESENT}, id="key_secrets_by_ns",
-                registry=registry)
-    def key_secrets_by_ns(namespace: str | None, body: kopf.Body, **_: Any) -> dict[str, Any]:
-        return {namespace or "": secret_view(body)}
+    # Key Secrets: listed and watched by the operator itself (secretwatch.py says why not kopf),
+    # each event its key's grant (keyevents.py).
+    serves_cluster = settings.cluster_policies or (settings.cluster_policies is None and not settings.namespaces)
+    keys = KeyEvents(settings, reconciler, make_api, active, lambda scope, idx: reconcile(scope, idx),
+                     lambda scope, outcome, idx: refresh_statuses(scope, outcome, idx), cluster_keys=serves_cluster)
+
+    @kopf.on.startup(registry=registry)
+    async def start_key_watches(**idx: Any) -> None:
+        keys.start(idx)
 
     coalescer: Coalescer[NamespaceOutcome] = Coalescer()  # a burst of events for one namespace: two reconciles, not one each
 
@@ -88,6 +94,7 @@ def build_registry(settings: OperatorSettings, reconciler: Reconciler,
         """Every namespace's config this replica serves, then the cluster document (its own, or
         the empty placeholder): in that order, so that a pod started meanwhile finds its
         namespace's policy before the placeholder that tells "no namespace policy" from "lost"."""
+        reconciler.keys.forget_synced()  # and every policy's key grants, in full
         for namespace in sorted(ns for ns, store in idx["policies_by_ns"].items() if ns and store):
             await refresh_statuses(namespace, await reconcile_scope(namespace, idx), idx)
         if "cluster_policies" in idx and idx["cluster_policies"].get(CLUSTER_SCOPE):
@@ -102,6 +109,8 @@ def build_registry(settings: OperatorSettings, reconciler: Reconciler,
         (:class:`~sluice_operator.resync.Resync`), from kopf's live indexes."""
         await reconciler.start_counting()
         await reconciler.ensure_cluster_doc()
+        sidecars = HeartbeatView(reconciler.redis, settings.heartbeat_stale_s)
+        reconciler.grants_ready = sidecars.grants_ready  # whether documents may stop embedding keys
 
         def served() -> dict[str, Sequence[Mapping[str, Any]]]:
             scopes: dict[str, Sequence[Mapping[str, Any]]] = {
@@ -115,8 +124,7 @@ def build_registry(settings: OperatorSettings, reconciler: Reconciler,
 
         hooks = Hooks(served=served, restore=lambda: restore_all(idx), reconcile=reconcile_and_report,
                       write_status=write_status)
-        resync = Resync(settings.resync_interval_s, reconciler,
-                        HeartbeatView(reconciler.redis, settings.heartbeat_stale_s), gate or Standalone(), hooks)
+        resync = Resync(settings.resync_interval_s, reconciler, sidecars, active, hooks)
         memo["resync"] = asyncio.create_task(resync.run(), name="sluice resync")
 
     @kopf.on.cleanup(registry=registry)
@@ -126,6 +134,7 @@ def build_registry(settings: OperatorSettings, reconciler: Reconciler,
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):  # its errors were logged
                 await task
+        await keys.stop()
 
     async def reconcile_scope(namespace: str, idx: Mapping[str, Any], reuse: Reuse | None = None) -> NamespaceOutcome:
         if namespace == CLUSTER_SCOPE:
@@ -133,9 +142,9 @@ def build_registry(settings: OperatorSettings, reconciler: Reconciler,
                 name: next(iter(store), {}) for name, store in idx["namespace_labels"].items()}
             return await reconciler.reconcile(
                 CLUSTER_SCOPE, list(idx["cluster_policies"].get(CLUSTER_SCOPE, [])),
-                list(idx["cluster_key_secrets"].get(CLUSTER_SCOPE, [])), labels, reuse=reuse)
+                lambda: keys.records(CLUSTER_SCOPE), labels, reuse=reuse)
         return await reconciler.reconcile(namespace, list(idx["policies_by_ns"].get(namespace, [])),
-                                          list(idx["key_secrets_by_ns"].get(namespace, [])), reuse=reuse)
+                                          lambda: keys.records(namespace), reuse=reuse)
 
     def report(body: kopf.Body, name: str, outcome: NamespaceOutcome, patch: kopf.Patch) -> None:
         result = outcome.results.get(name)
@@ -220,15 +229,7 @@ def build_registry(settings: OperatorSettings, reconciler: Reconciler,
 
     policy_handlers(PLURAL, "")
 
-    @kopf.on.event("v1", "secrets", labels={POLICY_LABEL: kopf.PRESENT}, id="key-secret",
-                   registry=registry)
-    async def key_secret_changed(namespace: str | None, **kwargs: Any) -> None:
-        if namespace and kwargs["policies_by_ns"].get(namespace):
-            # The config reaches Redis now; so must the policies' status (keys, key problems,
-            # config version), not one resync interval later.
-            await refresh_statuses(namespace, await reconcile(namespace, kwargs), kwargs)
-
-    if settings.cluster_policies or (settings.cluster_policies is None and not settings.namespaces):
+    if serves_cluster:
         # ClusterRateLimitPolicies need every namespace's labels (their namespaceSelector); by
         # default only a cluster-wide operator serves them, so that operators restricted to some
         # namespaces never fight over them (or their finalizers).
@@ -236,25 +237,11 @@ def build_registry(settings: OperatorSettings, reconciler: Reconciler,
         def cluster_policies(body: kopf.Body, **_: Any) -> dict[str, Any]:
             return {CLUSTER_SCOPE: policy_view(body)}
 
-        def in_keys_namespace(namespace: str | None, **_: Any) -> bool:
-            return namespace == settings.cluster_keys_namespace
-
-        @kopf.index("v1", "secrets", labels={CLUSTER_POLICY_LABEL: kopf.PRESENT}, when=in_keys_namespace,
-                    id="cluster_key_secrets", registry=registry)
-        def cluster_key_secrets(body: kopf.Body, **_: Any) -> dict[str, Any]:
-            return {CLUSTER_SCOPE: secret_view(body)}
-
         @kopf.index("v1", "namespaces", id="namespace_labels", registry=registry)
         def namespace_labels(name: str, labels: kopf.Labels, **_: Any) -> dict[str, Any]:
             return {name: dict(labels)}
 
         policy_handlers(CLUSTER_PLURAL, "-cluster")
-
-        @kopf.on.event("v1", "secrets", labels={CLUSTER_POLICY_LABEL: kopf.PRESENT}, when=in_keys_namespace,
-                       id="cluster-key-secret", registry=registry)
-        async def cluster_key_secret_changed(**kwargs: Any) -> None:
-            if kwargs["cluster_policies"].get(CLUSTER_SCOPE):
-                await refresh_statuses(CLUSTER_SCOPE, await reconcile(CLUSTER_SCOPE, kwargs), kwargs)
 
         # Namespaces are watched only here (an operator serving cluster policies needs their
         # labels): a deleted one is forgotten, a relabelled one may change a policy's scope.
@@ -309,12 +296,3 @@ def policy_view(body: Mapping[str, Any]) -> dict[str, Any]:
     view = {k: body[k] for k in ("apiVersion", "kind", "spec", "status") if body.get(k) is not None}
     view["metadata"] = {k: meta[k] for k in ("name", "namespace", "generation", "deletionTimestamp") if k in meta}
     return view
-
-
-def secret_view(body: Mapping[str, Any]) -> dict[str, Any]:
-    """What the indexes keep of a key Secret: its name, its policy label, its fields."""
-    meta = body.get("metadata", {})
-    labels = meta.get("labels") or {}
-    return {"metadata": {"name": meta.get("name"), "deletionTimestamp": meta.get("deletionTimestamp"),
-                         "labels": {k: labels[k] for k in (POLICY_LABEL, CLUSTER_POLICY_LABEL) if k in labels}},
-            "data": dict(body.get("data") or {})}

@@ -91,6 +91,16 @@ class HeartbeatView:
             return None
         return frozenset.intersection(*(b.capabilities or frozenset() for b in beats))
 
+    def grants_ready(self, namespace: str | None) -> bool | None:
+        """Does every fresh sidecar of the namespace (None: of every namespace) read API keys
+        from Redis grants (true also where none beats)? None until heartbeats were first read
+        (at start-up: the operator cannot tell an upgraded namespace from one it has not seen)."""
+        if not self._refreshes:
+            return None
+        pods = self._pods.values() if namespace is None else [self._pods.get(namespace, {})]
+        return all(b.capabilities is not None and keyschema.CAPABILITY_REDIS_GRANTS in b.capabilities
+                   for beats in pods for b in beats.values())
+
     def forget(self, namespace: str) -> None:
         self._pods.pop(namespace, None)
         self._legacy.discard(namespace)

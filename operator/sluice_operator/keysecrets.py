@@ -18,12 +18,14 @@ from __future__ import annotations
 import base64
 import binascii
 import datetime as dt
+import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from sluice_core.grants import MAX_KEY_ID, StoredGrant
 from sluice_core.keyschema import hash_api_key
-from sluice_core.model import CompiledPolicy, KeyGrant
+from sluice_core.model import CompiledPolicy, KeyGrant, Limit
 from sluice_core.parse import parse_limit_text
 
 POLICY_LABEL = "sluice.dev/policy"
@@ -52,50 +54,105 @@ def _field(data: Mapping[str, Any], name: str) -> str | None:
         return None
 
 
+@dataclass(frozen=True, slots=True)
+class SecretKey:
+    """What the operator keeps of one key Secret: never the key (its SHA-256, 32 bytes), never
+    the Secret's data or body. What a grant needs is here, so that a policy's Secrets can be
+    judged again (a tier renamed, the policy created after them, Redis restored) without
+    reading them again; everything else is dropped at once."""
+
+    key_id: str  # "<namespace>/<secret name>": the grant's key id, and how status names it
+    policy: str  # the label's value: the policy (name) the key is for
+    digest: bytes | None = None  # raw SHA-256 of data.key; None: no usable key (problem says why)
+    tier: str | None = None
+    limit: Limit | None = None
+    expires_ms: int = 0  # unix ms; 0: never
+    disabled: bool = False
+    problem: str | None = None  # what makes the Secret unusable whatever the policy
+
+    @property
+    def secret(self) -> str:
+        return self.key_id.split("/", 1)[-1]
+
+
+def read_secret(body: Mapping[str, Any], label: str) -> SecretKey | None:
+    """The Secret's key as :class:`SecretKey` (None: it has no ``label``, or is being deleted)."""
+    meta = body.get("metadata", {})
+    policy = (meta.get("labels") or {}).get(label)
+    if not policy or meta.get("deletionTimestamp"):
+        return None
+    key_id = f"{meta.get('namespace') or ''}/{meta.get('name') or '?'}"
+    if len(key_id) > MAX_KEY_ID:
+        return SecretKey(key_id[:MAX_KEY_ID], policy, problem=f"namespace/name is longer than {MAX_KEY_ID} "
+                         "characters (a grant's key id)")
+    data = body.get("data") or {}
+    policy = sys.intern(str(policy))  # thousands of Secrets name a few policies and tiers
+    if (_field(data, "disabled") or "").strip().lower() == "true":
+        return SecretKey(key_id, policy, disabled=True)
+    key, tier = _field(data, "key"), _field(data, "tier")
+    if not key:
+        return SecretKey(key_id, policy, problem="data.key is missing or not valid base64 UTF-8")
+    digest = bytes.fromhex(hash_api_key(key))
+    tier = sys.intern(tier) if tier is not None else None
+    expires_ms = 0
+    expires = _field(data, "expiresAt")
+    if expires:
+        try:
+            at = dt.datetime.fromisoformat(expires.strip().replace("Z", "+00:00"))
+        except ValueError:
+            return SecretKey(key_id, policy, digest, tier,
+                             problem=f"data.expiresAt must be an RFC 3339 time, got {expires!r}")
+        if at.tzinfo is None:
+            at = at.replace(tzinfo=dt.UTC)
+        expires_ms = max(int(at.timestamp() * 1000), 1)
+    limit = None
+    limit_text = _field(data, "limit")
+    if limit_text:
+        try:
+            limit = parse_limit_text(limit_text)
+        except ValueError as exc:
+            return SecretKey(key_id, policy, digest, tier, expires_ms=expires_ms, problem=f"data.limit: {exc}")
+    return SecretKey(key_id, policy, digest, tier, limit, expires_ms)
+
+
+def judge(key: SecretKey, policy: CompiledPolicy, now_ms: int) -> tuple[StoredGrant | None, str | None]:
+    """The grant the key gets under ``policy`` now (None: none), or why it cannot have one."""
+    if key.disabled:
+        return None, None
+    if key.problem or key.digest is None:
+        return None, key.problem or "data.key is missing"
+    if key.tier not in policy.tiers:
+        return None, (f"data.tier must name a tier of policy {policy.name} "
+                      f"({', '.join(policy.tiers)}), got {key.tier!r}")
+    if key.expires_ms and key.expires_ms <= now_ms:
+        return None, None
+    return StoredGrant(KeyGrant(tier=key.tier, limit=key.limit), key.key_id, key.expires_ms), None
+
+
 def grants_for(policy: CompiledPolicy, secrets: Iterable[Mapping[str, Any]], *,
                now: dt.datetime | None = None) -> tuple[dict[str, KeyGrant], list[KeyProblem], dt.datetime | None]:
-    """The policy's live grants, the Secrets that could not be used (never echoing a key), and
-    the soonest future expiry (when the grants must be rebuilt)."""
+    """The policy's live grants (hex digest -> grant), the Secrets that could not be used (never
+    echoing a key), and the soonest future expiry: what a document that embeds keys holds."""
     now = now or dt.datetime.now(dt.UTC)
+    keys = (read_secret(s, label_for(policy)) for s in secrets)
+    return embedded_grants(policy, [k for k in keys if k is not None], int(now.timestamp() * 1000))
+
+
+def embedded_grants(policy: CompiledPolicy, keys: Iterable[SecretKey], now_ms: int
+                    ) -> tuple[dict[str, KeyGrant], list[KeyProblem], dt.datetime | None]:
+    """:func:`grants_for` of keys already read."""
     grants: dict[str, KeyGrant] = {}
     problems: list[KeyProblem] = []
-    next_expiry: dt.datetime | None = None
-    label = label_for(policy)
-    for secret in secrets:
-        meta = secret.get("metadata", {})
-        name = str(meta.get("name", "?"))
-        if meta.get("labels", {}).get(label) != policy.name or meta.get("deletionTimestamp"):
+    first = 0
+    for key in keys:
+        if key.policy != policy.name:
             continue
-        data = secret.get("data") or {}
-        if (_field(data, "disabled") or "").strip().lower() == "true":
+        stored, problem = judge(key, policy, now_ms)
+        if problem:
+            problems.append(KeyProblem(key.secret, problem))
+        if stored is None or key.digest is None:
             continue
-        key, tier = _field(data, "key"), _field(data, "tier")
-        if not key:
-            problems.append(KeyProblem(name, "data.key is missing or not valid base64 UTF-8"))
-            continue
-        if tier not in policy.tiers:
-            problems.append(KeyProblem(name, f"data.tier must name a tier of policy {policy.name} "
-                                             f"({', '.join(policy.tiers)}), got {tier!r}"))
-            continue
-        expires = _field(data, "expiresAt")
-        if expires:
-            try:
-                at = dt.datetime.fromisoformat(expires.strip().replace("Z", "+00:00"))
-            except ValueError:
-                problems.append(KeyProblem(name, f"data.expiresAt must be an RFC 3339 time, got {expires!r}"))
-                continue
-            if at.tzinfo is None:
-                at = at.replace(tzinfo=dt.UTC)
-            if at <= now:
-                continue
-            next_expiry = at if next_expiry is None else min(next_expiry, at)
-        limit = None
-        limit_text = _field(data, "limit")
-        if limit_text:
-            try:
-                limit = parse_limit_text(limit_text)
-            except ValueError as exc:
-                problems.append(KeyProblem(name, f"data.limit: {exc}"))
-                continue
-        grants[hash_api_key(key)] = KeyGrant(tier=tier, limit=limit)
-    return grants, problems, next_expiry
+        grants[key.digest.hex()] = stored.grant
+        if stored.expires_ms and (not first or stored.expires_ms < first):
+            first = stored.expires_ms
+    return grants, problems, dt.datetime.fromtimestamp(first / 1000, dt.UTC) if first else None

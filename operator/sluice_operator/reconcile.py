@@ -23,7 +23,7 @@ import datetime as dt
 import logging
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,12 +32,16 @@ from sluice_core.errors import PolicyError, PolicyErrors
 from sluice_core.model import CLUSTER_SCOPE, CompiledPolicy, KeyGrant, Selector
 from sluice_core.parse import parse_policy
 
-from sluice_operator.keysecrets import KeyProblem, grants_for
+from sluice_operator.keygrants import KeyGrants
+from sluice_operator.keysecrets import KeyProblem, SecretKey, embedded_grants
 from sluice_operator.metrics import OperatorMetrics
 from sluice_operator.redischeck import MemoryPolicyCheck
 
 log = logging.getLogger("sluice.operator")
+Keys = Sequence[SecretKey] | Callable[[], Sequence[SecretKey]]
+"""A scope's key Secrets, or how to read them (handlers.py: only once they are listed)."""
 RECONCILE_CONCURRENCY = 16
+KEYS_LISTED_WAIT_S = 10.0
 
 
 @dataclass
@@ -51,7 +55,6 @@ class PolicyResult:
     keys: int = 0
     scope: list[str] | None = None  # cluster policies: the namespaces it selects now
     generation: int | None = None  # metadata.generation of the spec this result is about
-    next_expiry: dt.datetime | None = None  # when the first of its keys expires
 
     @property
     def message(self) -> str:
@@ -101,13 +104,22 @@ class Reconciler:
         # only queue for Redis connections (redis-py's pool refuses beyond 100), each holding
         # its parsed policies meanwhile.
         self._running = asyncio.Semaphore(RECONCILE_CONCURRENCY)
+        self.keys = KeyGrants(redis_client)  # key Secrets as Redis grants, one Secret at a time
+        # Whether every fresh sidecar of a namespace (None: of any namespace, for ``_cluster``)
+        # reads keys from Redis grants; None: not known yet (no heartbeats read since the start).
+        # Set by handlers.py to its HeartbeatView's.
+        self.grants_ready: Callable[[str | None], bool | None] = lambda _namespace: None
+        # Set once each key Secret listing is complete (handlers.py's watches; none: nothing to
+        # wait for): a policy's keys are judged only from a complete listing.
+        self.keys_listed: list[asyncio.Event] = []
+        self._embedded: dict[str, bool] = {}  # scope -> whether its document in Redis embeds keys
 
     async def close(self) -> None:
         """Close the Redis client (at the operator's exit, in the loop that used it)."""
         await self.redis.aclose()
 
     async def reconcile(self, namespace: str, policies: Sequence[Mapping[str, Any]],
-                        secrets: Sequence[Mapping[str, Any]],
+                        secrets: Keys,
                         namespace_labels: Mapping[str, Mapping[str, str]] | None = None, *,
                         reuse: Reuse | None = None) -> NamespaceOutcome:
         """``namespace_labels`` (name -> labels of every namespace) is needed for ``_cluster``.
@@ -138,13 +150,63 @@ class Reconciler:
                 self._latest.pop(namespace, None)
             else:
                 self._latest[namespace] = (time.monotonic(), out)
-                expiries = [r.next_expiry for r in out.results.values() if r.next_expiry]
-                if expiries:
-                    self._expiry[namespace] = min(expiries)
-                else:
-                    self._expiry.pop(namespace, None)
-                self.changed.set()
+                self._note_expiry(namespace)
             return out
+
+    def _note_expiry(self, scope: str) -> None:
+        first = self.keys.next_expiry(scope)
+        if first is None:
+            self._expiry.pop(scope, None)
+        else:
+            self._expiry[scope] = first
+        self.changed.set()  # the resync task looks again at when to wake
+
+    def rejudge_keys(self, scope: str) -> None:
+        """A key event of the scope could not be written (Redis failed, or this replica was not
+        the active one then): the resync reconciles the scope at once, as for an expired key
+        (retried every second while it fails, and only on the active replica), and its
+        policies' keys are judged in full."""
+        self.keys.unsync(scope)
+        self._expiry[scope] = dt.datetime.now(dt.UTC)
+        self.changed.set()
+
+    def serves(self, scope: str, policy: str) -> bool:
+        """Is the policy in the scope's config (its last good version)?"""
+        return policy in self._last_good.get(scope, {})
+
+    def embeds_keys(self, scope: str) -> bool:
+        """Does the scope's document carry its policies' keys (``apiKeys``) besides their Redis
+        grants? While a fresh sidecar there cannot read grants (a release from before them), or,
+        until heartbeats are read, as the document in Redis does."""
+        ready = self.grants_ready(None if scope == CLUSTER_SCOPE else scope)
+        if ready is None:
+            return self._embedded.get(scope, False)
+        return not ready
+
+    def embedding_changes(self, scope: str) -> bool:
+        """Would the scope's document now embed keys where it does not, or the reverse?"""
+        return scope in self._embedded and self._embedded[scope] != self.embeds_keys(scope)
+
+    async def key_changed(self, scope: str, key_id: str, key: SecretKey | None) -> set[str]:
+        """One key Secret changed (``key`` None: gone): its grant written or revoked, and the
+        scope's last outcome updated (keys, key problems) for the status. Returns the policies
+        it touched."""
+        try:
+            touched = await self.keys.secret_changed(scope, key_id, key, self._last_good.get(scope, {}))
+        except configstore.ConfigStoreError as exc:
+            # kopf does not retry an event handler: the resync reconciles the scope at once (as
+            # for an expired key), retried every second, and judges its keys in full.
+            log.warning("key Secret %s: %s (the resync writes its scope's keys again)", key_id, exc)
+            self.rejudge_keys(scope)
+            return set()
+        latest = self._latest.get(scope)
+        for name in touched:
+            result = latest[1].results.get(name) if latest else None
+            if result is not None:
+                result.keys = self.keys.count(scope, name)
+                result.key_problems = self.keys.problems(scope, name)
+        self._note_expiry(scope)
+        return touched
 
     async def forget(self, namespace: str) -> None:
         """The namespace is gone: drop what is kept of it here, and its config document from
@@ -160,8 +222,9 @@ class Reconciler:
                 dropped = False
             if dropped:
                 log.info("namespace %s deleted: its empty config document removed", namespace)
-            for kept in (self._last_good, self._known_version, self._latest, self._expiry):
+            for kept in (self._last_good, self._known_version, self._latest, self._expiry, self._embedded):
                 kept.pop(namespace, None)
+            self.keys.forget(namespace)
 
     async def cluster_doc_exists(self) -> bool:
         """Does Redis hold the cluster document? Missing: Redis lost everything (or is new);
@@ -240,7 +303,7 @@ class Reconciler:
         return entry[1]
 
     async def _reconcile(self, namespace: str, policies: Sequence[Mapping[str, Any]],
-                         secrets: Sequence[Mapping[str, Any]],
+                         secrets: Keys,
                          namespace_labels: Mapping[str, Mapping[str, str]]) -> NamespaceOutcome:
         out = NamespaceOutcome(namespace)
         stored: tuple[int, str] | None = None
@@ -276,20 +339,18 @@ class Reconciler:
             out.results[name] = result
         if out.redis_error:
             return out
+        gone = sorted(set(self._last_good.get(namespace, {})) - set(live))
         self._last_good[namespace] = live
-        grants: dict[str, Mapping[str, KeyGrant]] = {}
-        for name, policy in live.items():
-            table, problems, expiry = grants_for(policy, secrets)
-            grants[name] = table
-            out.results[name].key_problems = problems
-            out.results[name].keys = len(table)
-            out.results[name].next_expiry = expiry
         scopes: dict[str, list[str]] | None = None
         if namespace == CLUSTER_SCOPE:
             scopes = {name: resolve_namespaces(policy, namespace_labels) for name, policy in live.items()}
             for name, names in scopes.items():
                 out.results[name].scope = names
         try:
+            # Grants first: a sidecar that sees a new policy, or a document without embedded
+            # keys, finds its keys in Redis already.
+            grants = await self._sync_keys(namespace, live, secrets, out)
+            embed = grants is not None
             # The last policy gone leaves an empty document, not none: a missing document means
             # Redis lost it (sidecars then keep their last good config), an empty one means
             # "enforce nothing here" and they stop limiting.
@@ -304,13 +365,39 @@ class Reconciler:
                 out.version = await configstore.publish(self.redis, namespace, doc, min_version=floor)
                 out.pushed = True
                 await self.count_write()
-                log.info("namespace %s: config version %s (%s)", namespace, out.version,
-                         ", ".join(sorted(live)) or "no policies")
+                log.info("namespace %s: config version %s (%s%s)", namespace, out.version,
+                         ", ".join(sorted(live)) or "no policies", "; keys embedded" if embed else "")
+            self._embedded[namespace] = embed
             self._known_version[namespace] = out.version
             out.programmed = True
+            for name in gone:  # out of the document first: then nothing looks their keys up
+                await self.keys.policy_gone(namespace, name)
         except configstore.ConfigStoreError as exc:
             out.redis_error = str(exc)
         return out
+
+    async def _sync_keys(self, namespace: str, live: Mapping[str, CompiledPolicy], keys: Keys,
+                         out: NamespaceOutcome) -> dict[str, Mapping[str, KeyGrant]] | None:
+        """Each live policy's key grants in Redis as its Secrets say; the keys the document
+        embeds (None: none, sidecars read the grants). Not before the Secrets are listed: the
+        document stays as it is meanwhile (a Redis error for the status, retried)."""
+        if live and not all(e.is_set() for e in self.keys_listed):
+            try:
+                async with asyncio.timeout(KEYS_LISTED_WAIT_S):
+                    for listed in self.keys_listed:
+                        await listed.wait()
+            except TimeoutError:
+                raise configstore.ConfigStoreError("key Secrets not listed yet (API server?)") from None
+        secrets = keys() if callable(keys) else keys  # read once listed: never a partial listing
+        for name, policy in live.items():
+            await self.keys.sync_policy(namespace, policy, secrets)
+            out.results[name].keys = self.keys.count(namespace, name)
+            out.results[name].key_problems = self.keys.problems(namespace, name)
+        if not self.embeds_keys(namespace):
+            return None
+        # Sidecars of an older release read keys from the document: the old cost, O(keys).
+        now_ms = time.time_ns() // 1_000_000
+        return {name: embedded_grants(policy, secrets, now_ms)[0] for name, policy in live.items()}
 
     def _recover(self, namespace: str, stored: tuple[int, str]) -> None:
         """After a restart: what Redis serves is the last good config of every policy."""
@@ -319,6 +406,7 @@ class Reconciler:
         except PolicyErrors:
             return
         self._last_good[namespace] = {p.name: p for p in cfg.policies}
+        self._embedded[namespace] = bool(cfg.grants)  # an older operator's document embeds them
         self._known_version[namespace] = stored[0]
 
 

@@ -120,6 +120,9 @@ class Resync:
         except configstore.ConfigStoreError as exc:
             log.warning("cannot read heartbeats: %s", exc)
             return
+        for scope in served:  # a namespace whose sidecars all read grants now: keys leave its document
+            if self.reconciler.embedding_changes(scope):
+                await self.hooks.reconcile(scope)
         for scope, bodies in served.items():
             outcome = self.reconciler.latest(scope)
             if outcome is not None and outcome.programmed and outcome.version:

@@ -472,7 +472,7 @@ def test_operator_runs_under_the_chart_rbac(release: Release, redis_server: Any,
         wait(lambda: programmed(cp, "rlp", "api", ns), "status Programmed=True")
         assert "sluice.dev/config" in (rlp("api", ns) or {})["metadata"]["finalizers"]
 
-        # API-key Secret (list/watch secrets) -> its hash in Redis, never the key
+        # API-key Secret (list/watch secrets) -> its grant in Redis, never the key
         key = f"sk-chart-{uuid.uuid4().hex}"
         cp.kubectl("apply", "-f", "-", input=yaml.safe_dump({
             "apiVersion": "v1", "kind": "Secret",
@@ -485,8 +485,10 @@ def test_operator_runs_under_the_chart_rbac(release: Release, redis_server: Any,
         def doc() -> str:
             raw = redis.hget(keyschema.config_key(ns), "doc")
             return raw.decode() if raw else ""
-        wait(lambda: digest in doc(), "the key's hash in Redis")
-        assert key not in doc()
+        stored = wait(lambda: store_call(redis_server.url, configstore.get_grant, f"{ns}/api",
+                                         bytes.fromhex(digest)), "the key's grant in Redis")
+        assert stored.key_id == f"{ns}/client-1" and stored.grant.tier == "pro"
+        assert key not in doc() and digest not in doc()  # a grant, not embedded in the document
         # ... and the policy's status follows through the operator's own client (status patch
         # under the chart RBAC; a 403 would be logged and fail assert_no_permission_errors)
         wait(lambda: ((rlp("api", ns) or {}).get("status") or {}).get("keys") == 1, "status keys: 1")

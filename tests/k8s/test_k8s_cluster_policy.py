@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 import yaml
-from sluice_core import keyschema
+from sluice_core import configstore, keyschema
 from sluice_core.model import CLUSTER_SCOPE
 from sluice_operator.handlers import FINALIZER
 from support.control_plane import ControlPlane, table
@@ -30,6 +30,7 @@ from support.operator_thread import Operator, running_operator
 from support.polling import poll
 from support.processes import SidecarProcess, UpstreamProcess, http_get
 from support.sluice_objects import condition, policy_manifest, programmed
+from support.store_calls import store_call
 
 pytestmark = pytest.mark.k8s
 
@@ -127,11 +128,18 @@ def test_cluster_policy_lifecycle(operator: Operator, namespaces: dict[str, str]
 
     # Keys: only Secrets in the cluster-keys namespace grant; the same Secret elsewhere does not.
     apply(cp, key_secret_yaml("partner-key", namespaces["keys"], name, key))
-    apply(cp, key_secret_yaml("sneaky-key", a, name, "sneaky-" + uuid.uuid4().hex))
-    digest = keyschema.hash_api_key(key)
-    cfg = poll(lambda: (cfg := operator.config(CLUSTER_SCOPE)) and cfg.grants.get(name) and cfg,
-               "the key grant")
-    assert set(cfg.grants[name]) == {digest}
+    sneaky = "sneaky-" + uuid.uuid4().hex
+    apply(cp, key_secret_yaml("sneaky-key", a, name, sneaky))
+    ref = f"{CLUSTER_SCOPE}/{name}"
+
+    def granted(api_key: str) -> Any:
+        return store_call(operator.settings.redis, configstore.get_grant, ref,
+                          bytes.fromhex(keyschema.hash_api_key(api_key)))
+
+    stored = poll(lambda: granted(key), "the key grant in Redis")
+    assert stored.key_id == f"{namespaces['keys']}/partner-key"
+    assert granted(sneaky) is None
+    assert name not in operator.config(CLUSTER_SCOPE).grants  # no sidecar lacks grants: none embedded
 
     # A real sidecar in a: enforces the shared budget with the key, and the status counts it.
     labels = tmp_path / "labels"
@@ -165,7 +173,7 @@ def test_cluster_policy_lifecycle(operator: Operator, namespaces: dict[str, str]
          "c in the scope")
     poll(lambda: crlp_status(operator, name).get("namespaces") == 3, "status.namespaces 3")
     # Reconciled again since both Secrets exist: still only the keys namespace's key.
-    assert set(operator.config(CLUSTER_SCOPE).grants[name]) == {digest}
+    assert granted(key) is not None and granted(sneaky) is None
 
     # An update only the parser refuses (a Python regex): the last good version keeps serving.
     good = operator.config(CLUSTER_SCOPE)

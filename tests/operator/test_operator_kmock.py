@@ -79,6 +79,11 @@ class Env:
     async def config(self) -> Any:
         return await configstore.read(self.store, self.ns)
 
+    async def grant(self, api_key: str, policy_name: str = "api") -> Any:
+        """The key's grant in Redis under the namespace's policy (None: none)."""
+        return await configstore.get_grant(self.store, f"{self.ns}/{policy_name}",
+                                           bytes.fromhex(keyschema.hash_api_key(api_key)))
+
     async def config_that(self, ok: Callable[[Any], bool]) -> Any:
         """The namespace's config if there is one and ``ok`` holds for it, else None."""
         cfg = await self.config()
@@ -234,53 +239,54 @@ async def test_a_redis_rolled_back_to_an_older_snapshot_gets_the_current_config(
 async def test_key_secret_lifecycle(env: Env) -> None:
     await env.create(env.rlp_path(), policy("api", env.ns))
     await eventually(env.config, "config in Redis")
-    digest = keyschema.hash_api_key("sk-live-123")
     await env.create(env.secret_path(), key_secret("k1", env.ns, "api", "sk-live-123", "pro"))
-    cfg = await eventually(lambda: env.config_that(lambda c: digest in c.grants.get("api", {})), "grant")
-    assert cfg.grants["api"][digest].tier == "pro"
-    assert "sk-live-123" not in env.redis.hget(keyschema.config_key(env.ns), "doc").decode()
+    stored = await eventually(lambda: env.grant("sk-live-123"), "grant")
+    assert stored.grant.tier == "pro" and stored.key_id == f"{env.ns}/k1"
+    cfg = await env.config()
+    assert "api" not in cfg.grants  # no sidecar lacks grants here: the document carries no keys
     # revoke without deleting
     await env.patch(env.secret_path("k1"), {"data": {"disabled": base64.b64encode(b"true").decode()}})
-    await eventually(lambda: env.config_that(lambda c: digest not in c.grants.get("api", {})), "revocation")
+    await eventually(lambda: _none(env.grant("sk-live-123")), "revocation")
     # an expiring key disappears when it expires
     soon = __import__("datetime").datetime.now(__import__("datetime").UTC) + __import__("datetime").timedelta(seconds=2)
-    d2 = keyschema.hash_api_key("sk-temp")
     await env.create(env.secret_path(), key_secret("k2", env.ns, "api", "sk-temp", "free",
                                                    expiresAt=soon.isoformat()))
-    await eventually(lambda: env.config_that(lambda c: d2 in c.grants.get("api", {})), "temporary grant")
-    await eventually(lambda: env.config_that(lambda c: d2 not in c.grants.get("api", {})), "expiry", timeout=10)
+    await eventually(lambda: env.grant("sk-temp"), "temporary grant")
+    await eventually(lambda: _none(env.grant("sk-temp")), "expiry", timeout=10)
+
+
+async def _none(value: Any) -> bool:
+    return await value is None
 
 
 async def test_an_expiring_key_goes_when_it_expires_not_at_the_resync(kmock: Any, redis_server: Any) -> None:
-    """A key-expiry daemon per policy wakes when its first key expires (here the resync timer
-    is 5 minutes away), and again when a reconcile finds an earlier one."""
+    """The resync task wakes when the first key expires (here its interval is 5 minutes), and
+    again when a Secret event brings an earlier one."""
     import datetime as dt
 
     async with running_operator(kmock, redis_server, resync_interval_s=300.0) as env:
         await env.create(env.rlp_path(), policy("api", env.ns))
         await eventually(env.config, "config in Redis")
         later = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=60)
-        d_later, d_sooner = keyschema.hash_api_key("sk-later"), keyschema.hash_api_key("sk-sooner")
         await env.create(env.secret_path(), key_secret("later", env.ns, "api", "sk-later", "free",
                                                        expiresAt=later.isoformat()))
-        await eventually(lambda: env.config_that(lambda c: d_later in c.grants.get("api", {})), "the later key")
-        # a second key that expires sooner: the daemon, asleep until `later`, must wake for it.
+        await eventually(lambda: env.grant("sk-later"), "the later key")
+        # a second key that expires sooner: the resync, asleep until `later`, must wake for it.
         # Its expiry is taken just before it is created (an expired key is skipped, never
-        # granted); the upper bound is far below the 300 s resync, so only the daemon removes it.
+        # granted); the upper bound is far below the 300 s resync, so only the wake removes it.
         sooner = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=5)
         await env.create(env.secret_path(), key_secret("sooner", env.ns, "api", "sk-sooner", "free",
                                                        expiresAt=sooner.isoformat()))
-        await eventually(lambda: env.config_that(lambda c: d_sooner in c.grants.get("api", {})), "the sooner key")
-        await eventually(lambda: env.config_that(lambda c: d_sooner not in c.grants.get("api", {})), "expiry",
-                         timeout=35)
+        await eventually(lambda: env.grant("sk-sooner"), "the sooner key")
+        await eventually(lambda: _none(env.grant("sk-sooner")), "expiry", timeout=35)
         gone = dt.datetime.now(dt.UTC)
         assert sooner <= gone < sooner + dt.timedelta(seconds=30), (sooner, gone)
-        assert d_later in (await env.config()).grants["api"]
+        assert await env.grant("sk-later") is not None
 
 
 async def test_key_secret_changes_reach_the_policy_status_before_the_resync(kmock: Any, redis_server: Any) -> None:
     """A key Secret added, unusable, revoked or expired: the policy's status (keys, key
-    problems, config version) follows within seconds, not at the resync 5 minutes away."""
+    problems) follows within seconds, not at the resync 5 minutes away."""
     import datetime as dt
 
     async with running_operator(kmock, redis_server, resync_interval_s=300.0) as env:
@@ -288,13 +294,9 @@ async def test_key_secret_changes_reach_the_policy_status_before_the_resync(kmoc
         await eventually(lambda: condition(env.status("api"), "Programmed"), "first status")
         assert env.status("api")["keys"] == 0
 
-        def status_at(version: int, keys: int) -> dict[str, Any] | None:
-            s = env.status("api")
-            return s if s.get("configVersion") == version and s.get("keys") == keys else None
-
         await env.create(env.secret_path(), key_secret("k1", env.ns, "api", "sk-status-1", "pro"))
-        cfg = await eventually(lambda: env.config_that(lambda c: bool(c.grants.get("api"))), "grant in Redis")
-        await eventually(lambda: status_at(cfg.version, 1), "status keys: 1", timeout=5)
+        await eventually(lambda: env.grant("sk-status-1"), "grant in Redis")
+        await eventually(lambda: env.status("api").get("keys") == 1, "status keys: 1", timeout=5)
 
         await env.create(env.secret_path(), key_secret("k2", env.ns, "api", "sk-status-2", "platinum"))
         await eventually(lambda: "k2" in condition(env.status("api"), "Accepted")["message"],
@@ -309,8 +311,8 @@ async def test_key_secret_changes_reach_the_policy_status_before_the_resync(kmoc
                          timeout=15)
 
         await env.patch(env.secret_path("k1"), {"data": {"disabled": base64.b64encode(b"true").decode()}})
-        cfg = await eventually(lambda: env.config_that(lambda c: not c.grants.get("api")), "revocation")
-        await eventually(lambda: status_at(cfg.version, 0), "status keys: 0", timeout=5)
+        await eventually(lambda: _none(env.grant("sk-status-1")), "revocation")
+        await eventually(lambda: env.status("api").get("keys") == 0, "status keys: 0", timeout=5)
 
 
 async def test_contract_operator_to_sidecar_process_to_status(env: Env, tmp_path: Any) -> None:
@@ -502,3 +504,19 @@ async def test_the_operator_closes_its_redis_connections_when_it_stops(kmock: An
 
     await eventually(lambda: connected() == 1, "the operator's connections closed")
     assert env.reconciler is not None
+
+
+async def test_grants_lost_from_redis_are_written_again(env: Env) -> None:
+    """Redis lost everything (here: the document and the grant): the resync writes the config
+    and, in full, the key grants again."""
+    await env.create(env.rlp_path(), policy("api", env.ns))
+    await eventually(env.config, "config in Redis")
+    await env.create(env.secret_path(), key_secret("k1", env.ns, "api", "sk-lost-1", "pro"))
+    await eventually(lambda: env.grant("sk-lost-1"), "grant")
+    pid = keyschema.policy_id(f"{env.ns}/api")
+    raw = bytes.fromhex(keyschema.hash_api_key("sk-lost-1"))
+    env.redis.delete(keyschema.config_key(env.ns), keyschema.grant_key(pid, keyschema.client_for_api_key(raw)),
+                     keyschema.grant_index_key(pid))
+    back = await eventually(lambda: env.grant("sk-lost-1"), "grant written again")
+    assert back.key_id == f"{env.ns}/k1"
+    await eventually(env.config, "the document written again (after the grants)")

@@ -1,0 +1,101 @@
+"""Key Secret events into grants and statuses: the watches of the key Secrets
+(:mod:`sluice_operator.secretwatch`), each event one grant written or revoked
+(:meth:`Reconciler.key_changed`), the policies' status (keys, key problems) written once a burst
+is over. The kopf wiring (handlers.py) hands in how to reconcile a scope and write its
+statuses; the watches' events carry no kopf kwargs, so kopf's live indexes are taken from the
+start-up handler's (:meth:`KeyEvents.start`)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+from sluice_core.model import CLUSTER_SCOPE
+
+from sluice_operator.keysecrets import CLUSTER_POLICY_LABEL, POLICY_LABEL, SecretKey
+from sluice_operator.reconcile import NamespaceOutcome, Reconciler
+from sluice_operator.resync import Gate
+from sluice_operator.secretwatch import KeySecretWatch, served
+from sluice_operator.settings import OperatorSettings
+
+STATUS_DELAY_S = 0.5
+"""A burst of key events writes its policies' status once this long after its first event:
+at most two writes a second per scope, not one per Secret."""
+
+Reconcile = Callable[[str, Mapping[str, Any]], Awaitable[NamespaceOutcome]]
+WriteStatuses = Callable[[str, NamespaceOutcome, Mapping[str, Any]], Awaitable[None]]
+
+
+class KeyEvents:
+    def __init__(self, settings: OperatorSettings, reconciler: Reconciler, api_client: Callable[[], Any],
+                 gate: Gate, reconcile: Reconcile, write_statuses: WriteStatuses, *, cluster_keys: bool) -> None:
+        self.reconciler = reconciler
+        self.gate = gate
+        self.reconcile = reconcile
+        self.write_statuses = write_statuses
+        self.indexes: dict[str, Any] = {}
+        self.watches = {"": KeySecretWatch(api_client, POLICY_LABEL,
+                                           lambda ns: ns if served(ns, settings.namespaces) else None, self.changed)}
+        if cluster_keys:
+            keys_ns = settings.cluster_keys_namespace
+            self.watches[CLUSTER_SCOPE] = KeySecretWatch(
+                api_client, CLUSTER_POLICY_LABEL, lambda ns: CLUSTER_SCOPE if ns == keys_ns else None,
+                self.changed, namespace=keys_ns)
+        reconciler.keys_listed = [w.listed for w in self.watches.values()]
+        self._tasks: list[asyncio.Task[None]] = []
+        self._statuses: dict[str, asyncio.Task[None]] = {}  # scope -> its pending status write
+
+    def records(self, scope: str) -> list[SecretKey]:
+        """The scope's key Secrets (complete once :attr:`KeySecretWatch.listed`)."""
+        return self.watches[CLUSTER_SCOPE if scope == CLUSTER_SCOPE else ""].keys(scope)
+
+    def start(self, indexes: Mapping[str, Any]) -> None:
+        self.indexes.update(indexes)
+        self._tasks = [asyncio.create_task(w.run(), name=f"sluice key Secrets {w.label}")
+                       for w in self.watches.values()]
+
+    async def stop(self) -> None:
+        for task in [*self._tasks, *self._statuses.values()]:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):  # its errors were logged
+                await task
+
+    async def changed(self, scope: str, key_id: str, key: SecretKey | None) -> None:
+        """One key Secret's grant written or revoked: O(1) Redis writes, whatever the number of
+        keys. While the scope's document still embeds keys (sidecars of an older release), it is
+        reconciled too, as before grants."""
+        r = self.reconciler
+        if key is None and not r.keys.knows(scope, key_id):
+            return  # not a key Secret here, and never was one
+        if not await self.gate.active():
+            # Not the active replica (or not yet: kopf's peering decides at start-up): nothing
+            # written now; once it is, the resync judges the scope's keys in full.
+            r.rejudge_keys(scope)
+            return
+        if key is not None and not r.keys.judged(scope, key.policy) and r.serves(scope, key.policy):
+            # Its policy's keys were never judged here (a replica that just took over, a failed
+            # write): judged in full now, this key with them.
+            await self.write_statuses(scope, await self.reconcile(scope, self.indexes), self.indexes)
+            return
+        await r.key_changed(scope, key_id, key)
+        if r.embeds_keys(scope):
+            await self.write_statuses(scope, await self.reconcile(scope, self.indexes), self.indexes)
+        else:
+            self._statuses_soon(scope)
+
+    def _statuses_soon(self, scope: str) -> None:
+        """Write the scope's policies' status (keys, key problems) once the burst is over; none
+        that changes nothing (the status writer compares)."""
+        if scope in self._statuses:
+            return
+
+        async def write() -> None:
+            await asyncio.sleep(STATUS_DELAY_S)  # debounce: the burst's other events land meanwhile
+            self._statuses.pop(scope, None)
+            outcome = self.reconciler.latest(scope)
+            if outcome is not None:
+                await self.write_statuses(scope, outcome, self.indexes)
+
+        self._statuses[scope] = asyncio.create_task(write(), name=f"sluice key status {scope}")
