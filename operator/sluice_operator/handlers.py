@@ -26,6 +26,7 @@ from sluice_operator.webhooks import serve_webhooks
 GROUP, VERSION, PLURAL = "sluice.dev", "v1alpha1", "ratelimitpolicies"
 CLUSTER_PLURAL = "clusterratelimitpolicies"
 FINALIZER = "sluice.dev/config"
+STATUS_TIMEOUT_S = 10.0  # a status write of ours (kubernetes client, in a thread)
 log = logging.getLogger("sluice.operator")
 
 
@@ -155,13 +156,14 @@ def build_registry(settings: OperatorSettings, reconciler: Reconciler,
 
         if not custom_api:
             custom_api.append(client.CustomObjectsApi(make_api()))
+        # Bounded: a thread stuck in a call that never answers would hold up the operator's
+        # exit (asyncio.run waits for its executor's threads), cancelled or not.
         api, body = custom_api[0], {"status": status}
+        opts: dict[str, Any] = {"_content_type": "application/merge-patch+json", "_request_timeout": STATUS_TIMEOUT_S}
         if scope == CLUSTER_SCOPE:
-            api.patch_cluster_custom_object_status(GROUP, VERSION, CLUSTER_PLURAL, name, body,
-                                                   _content_type="application/merge-patch+json")
+            api.patch_cluster_custom_object_status(GROUP, VERSION, CLUSTER_PLURAL, name, body, **opts)
         else:
-            api.patch_namespaced_custom_object_status(GROUP, VERSION, scope, PLURAL, name, body,
-                                                      _content_type="application/merge-patch+json")
+            api.patch_namespaced_custom_object_status(GROUP, VERSION, scope, PLURAL, name, body, **opts)
 
     async def refresh_statuses(scope: str, outcome: NamespaceOutcome, idx: Mapping[str, Any],
                                skip: str | None = None) -> None:
