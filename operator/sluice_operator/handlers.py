@@ -14,7 +14,9 @@ import kopf
 from sluice_core.model import CLUSTER_SCOPE
 
 from sluice_operator.coalesce import Coalescer
+from sluice_operator.diffbase import MemoryDiffBase
 from sluice_operator.heartbeats import HeartbeatView
+from sluice_operator.indexwait import quiet_index_wait
 from sluice_operator.keysecrets import CLUSTER_POLICY_LABEL, POLICY_LABEL
 from sluice_operator.kube import default_api_client
 from sluice_operator.reconcile import NamespaceOutcome, Reconciler, Reuse
@@ -36,6 +38,7 @@ def build_registry(settings: OperatorSettings, reconciler: Reconciler,
     (webhook configurations, namespace labels, status writes of the resync); default:
     in-cluster config, else kubeconfig. ``gate``: whether this replica is the active one
     (:class:`~sluice_operator.peering.PeeringGate`); default: always (standalone)."""
+    quiet_index_wait()  # kopf's start-up wait for its indexes: N wake-ups, not N²
     registry = kopf.OperatorRegistry()
     make_api = api_client or default_api_client
 
@@ -56,9 +59,12 @@ def build_registry(settings: OperatorSettings, reconciler: Reconciler,
         """Warn at once when Redis would refuse decisions or evict config once full."""
         await reconciler.memory_check.run()
 
+    handled = MemoryDiffBase()  # the last handled spec of each policy: no annotation PATCH per policy
+
     @kopf.on.startup(registry=registry)
     def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
         settings.persistence.finalizer = FINALIZER
+        settings.persistence.diffbase_storage = handled
         settings.posting.level = logging.WARNING
 
     @kopf.index(GROUP, VERSION, PLURAL, id="policies_by_ns", registry=registry)
@@ -213,7 +219,8 @@ def build_registry(settings: OperatorSettings, reconciler: Reconciler,
             report(body, name, outcome, patch)
 
         @kopf.on.delete(GROUP, VERSION, plural, id="policy-delete" + suffix, registry=registry)
-        async def policy_deleted(namespace: str | None, **kwargs: Any) -> None:
+        async def policy_deleted(namespace: str | None, uid: str | None, **kwargs: Any) -> None:
+            handled.forget(uid)
             outcome = await reconcile(namespace or CLUSTER_SCOPE, kwargs)
             if outcome.redis_error:  # keep the finalizer until Redis no longer serves the policy
                 raise kopf.TemporaryError(f"Redis: {outcome.redis_error}", delay=5)
