@@ -201,14 +201,20 @@ class Reconciler:
         async with self._epoch_lock:
             try:
                 value = await configstore.bump_epoch(self.redis, self.scope)
-                counted = self._epoch is not None and value == self._epoch + 1
-                if counted and written is not None:
-                    counted = (await configstore.stored_version(self.redis, written[0]) or 0) >= written[1]
             except configstore.ConfigStoreError as exc:
                 log.warning("cannot count a config write in Redis: %s", exc)
                 self._epoch = None
                 return
+            counted = self._epoch is not None and value == self._epoch + 1
             self._epoch = value if counted else None
+        if counted and written is not None:  # outside the lock: the writes of a start-up queue on it
+            try:
+                kept = (await configstore.stored_version(self.redis, written[0]) or 0) >= written[1]
+            except configstore.ConfigStoreError as exc:
+                log.warning("cannot read back a config write: %s", exc)
+                kept = False
+            if not kept:
+                self._epoch = None  # whatever was counted since: the next check restores
 
     async def start_counting(self) -> bool:
         """Take the count from here (at start-up, and before re-writing everything): what
