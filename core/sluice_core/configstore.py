@@ -107,6 +107,15 @@ async def ensure(client: Client, namespace: str, *, min_version: int = 0) -> int
     return int(v)
 
 
+async def stored_version(client: Client, namespace: str) -> int | None:
+    """The version of the namespace's document (None: there is none)."""
+    try:
+        value = await client.redis.hget(keyschema.config_key(namespace), "version")
+    except REDIS_FAILURES as exc:
+        raise ConfigStoreError(f"cannot read config for namespace {namespace!r}: {exc}") from exc
+    return None if value is None else int(value)
+
+
 async def exists(client: Client, namespace: str) -> bool:
     """Does Redis hold a document for the namespace?"""
     try:

@@ -85,7 +85,12 @@ def run(args: argparse.Namespace) -> int:
     registry = build_registry(settings, reconciler, gate=gate)
     # A registry of our own has no login handler: use the kubernetes client's credentials
     # (in-cluster ServiceAccount, else the kubeconfig).
-    kopf.on.login(registry=registry)(kopf.login_via_client)
+    if settings.namespaces:
+        kopf.on.login(registry=registry)(kopf.login_via_client)
+    else:  # cluster-wide: a bounded pool of API connections (see kubelogin)
+        from sluice_operator.kubelogin import login_pooled
+
+        kopf.on.login(registry=registry)(login_pooled)
     if settings.peering:
         from sluice_operator.peering import configure_peering
 

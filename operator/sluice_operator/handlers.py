@@ -14,7 +14,9 @@ import kopf
 from sluice_core.model import CLUSTER_SCOPE
 
 from sluice_operator.coalesce import Coalescer
+from sluice_operator.diffbase import MemoryDiffBase
 from sluice_operator.heartbeats import HeartbeatView
+from sluice_operator.indexwait import quiet_index_wait
 from sluice_operator.keyevents import KeyEvents
 from sluice_operator.kube import default_api_client
 from sluice_operator.reconcile import NamespaceOutcome, Reconciler, Reuse
@@ -26,6 +28,7 @@ from sluice_operator.webhooks import serve_webhooks
 GROUP, VERSION, PLURAL = "sluice.dev", "v1alpha1", "ratelimitpolicies"
 CLUSTER_PLURAL = "clusterratelimitpolicies"
 FINALIZER = "sluice.dev/config"
+STATUS_TIMEOUT_S = 10.0  # a status write of ours (kubernetes client, in a thread)
 log = logging.getLogger("sluice.operator")
 
 
@@ -35,6 +38,7 @@ def build_registry(settings: OperatorSettings, reconciler: Reconciler,
     (webhook configurations, namespace labels, status writes of the resync); default:
     in-cluster config, else kubeconfig. ``gate``: whether this replica is the active one
     (:class:`~sluice_operator.peering.PeeringGate`); default: always (standalone)."""
+    quiet_index_wait()  # kopf's start-up wait for its indexes: N wake-ups, not N²
     registry = kopf.OperatorRegistry()
     make_api = api_client or default_api_client
     active = gate or Standalone()
@@ -56,9 +60,12 @@ def build_registry(settings: OperatorSettings, reconciler: Reconciler,
         """Warn at once when Redis would refuse decisions or evict config once full."""
         await reconciler.memory_check.run()
 
+    handled = MemoryDiffBase()  # the last handled spec of each policy: no annotation PATCH per policy
+
     @kopf.on.startup(registry=registry)
     def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
         settings.persistence.finalizer = FINALIZER
+        settings.persistence.diffbase_storage = handled
         settings.posting.level = logging.WARNING
 
     @kopf.index(GROUP, VERSION, PLURAL, id="policies_by_ns", registry=registry)
@@ -164,13 +171,14 @@ def build_registry(settings: OperatorSettings, reconciler: Reconciler,
 
         if not custom_api:
             custom_api.append(client.CustomObjectsApi(make_api()))
+        # Bounded: a thread stuck in a call that never answers would hold up the operator's
+        # exit (asyncio.run waits for its executor's threads), cancelled or not.
         api, body = custom_api[0], {"status": status}
+        opts: dict[str, Any] = {"_content_type": "application/merge-patch+json", "_request_timeout": STATUS_TIMEOUT_S}
         if scope == CLUSTER_SCOPE:
-            api.patch_cluster_custom_object_status(GROUP, VERSION, CLUSTER_PLURAL, name, body,
-                                                   _content_type="application/merge-patch+json")
+            api.patch_cluster_custom_object_status(GROUP, VERSION, CLUSTER_PLURAL, name, body, **opts)
         else:
-            api.patch_namespaced_custom_object_status(GROUP, VERSION, scope, PLURAL, name, body,
-                                                      _content_type="application/merge-patch+json")
+            api.patch_namespaced_custom_object_status(GROUP, VERSION, scope, PLURAL, name, body, **opts)
 
     async def refresh_statuses(scope: str, outcome: NamespaceOutcome, idx: Mapping[str, Any],
                                skip: str | None = None) -> None:
@@ -220,7 +228,8 @@ def build_registry(settings: OperatorSettings, reconciler: Reconciler,
             report(body, name, outcome, patch)
 
         @kopf.on.delete(GROUP, VERSION, plural, id="policy-delete" + suffix, registry=registry)
-        async def policy_deleted(namespace: str | None, **kwargs: Any) -> None:
+        async def policy_deleted(namespace: str | None, uid: str | None, **kwargs: Any) -> None:
+            handled.forget(uid)
             outcome = await reconcile(namespace or CLUSTER_SCOPE, kwargs)
             if outcome.redis_error:  # keep the finalizer until Redis no longer serves the policy
                 raise kopf.TemporaryError(f"Redis: {outcome.redis_error}", delay=5)

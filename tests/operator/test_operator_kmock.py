@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import faulthandler
 import inspect
 import threading
 import uuid
@@ -18,8 +19,9 @@ import kopf
 import pytest
 from kubernetes import client as k8s_client
 from prometheus_client import generate_latest
-from sluice_core import configstore, keyschema
+from sluice_core import configdoc, configstore, keyschema
 from sluice_core.model import CLUSTER_SCOPE
+from sluice_core.parse import parse_policy
 from sluice_operator.handlers import build_registry
 from sluice_operator.metrics import OperatorMetrics
 from sluice_operator.reconcile import Reconciler
@@ -131,7 +133,9 @@ async def running_operator(kmock: Any, redis_server: Any, **settings_kw: Any) ->
     metrics = OperatorMetrics()
     url = str(kmock.url).rstrip("/")
     # The operator's client is used and closed (kopf's cleanup) in the operator's loop.
-    reconciler = Reconciler(configstore.connect(redis_server.url), metrics)
+    # Its own count of writes: the session's Redis is shared, and an operator of another test
+    # counting under the same scope would look like a Redis that lost writes (or hide a loss).
+    reconciler = Reconciler(configstore.connect(redis_server.url), metrics, scope=f"test-{uuid.uuid4().hex[:8]}")
     registry = build_registry(settings, reconciler,
                               api_client=lambda: k8s_client.ApiClient(k8s_client.Configuration(host=url)))
 
@@ -155,6 +159,9 @@ async def running_operator(kmock: Any, redis_server: Any, **settings_kw: Any) ->
     finally:
         stop.set()
         await asyncio.to_thread(thread.join, 20)
+        if thread.is_alive():  # say where it hangs; a live operator would disturb later tests
+            faulthandler.dump_traceback(all_threads=True)
+            raise AssertionError("the operator thread did not stop within 20 s (stacks on stderr)")
 
 
 @pytest.fixture
@@ -217,7 +224,6 @@ async def test_flushall_config_is_back_with_a_higher_version(env: Env) -> None:
     assert [p.name for p in back.policies] == ["api"]
 
 
-@pytest.mark.skip(reason="quarantined: in 1 of 3 full-suite runs the restore after a detected rollback did not rewrite the config within 15 s and the operator thread then did not stop within 20 s (a hang in the restore path under load, not yet diagnosed; passes alone 20/20). Issue #13 follow-up.")
 async def test_a_redis_rolled_back_to_an_older_snapshot_gets_the_current_config(env: Env) -> None:
     """What a Redis restored from an older snapshot looks like: the document of an earlier
     version, and the operator's count of its writes from then. The resync sees the count is
@@ -225,15 +231,37 @@ async def test_a_redis_rolled_back_to_an_older_snapshot_gets_the_current_config(
     await env.create(env.rlp_path(), policy("api", env.ns, requests=10))
     first = await eventually(env.config, "config in Redis")
     old_doc = env.redis.hget(keyschema.config_key(env.ns), "doc")
-    old_epoch = int(env.redis.hget(keyschema.OPERATOR_EPOCH_KEY, "*"))
+    old_epoch = int(env.redis.hget(keyschema.OPERATOR_EPOCH_KEY, env.reconciler.scope))
     await env.patch(env.rlp_path("api"), {"spec": policy("api", env.ns, requests=20)["spec"]})
     await eventually(lambda: env.config_that(lambda c: c.policies[0].tiers["free"].limit.requests == 20),
                      "the edit in Redis")
     env.redis.hset(keyschema.config_key(env.ns), mapping={"doc": old_doc, "version": first.version})
-    env.redis.hset(keyschema.OPERATOR_EPOCH_KEY, "*", old_epoch)
+    env.redis.hset(keyschema.OPERATOR_EPOCH_KEY, env.reconciler.scope, old_epoch)
     back = await eventually(lambda: env.config_that(lambda c: c.policies[0].tiers["free"].limit.requests == 20),
                             "the current config written again")
     assert back.version > first.version
+
+
+async def test_a_snapshot_restored_between_a_write_and_its_count_is_noticed(redis_server: Any) -> None:
+    """The rollback test's race, made to happen: the config written, an older snapshot (its
+    document and its count of writes) restored, then the write counted. The count rises by one
+    from the snapshot's, so only reading back what was written tells the loss."""
+    ns = "snap-" + uuid.uuid4().hex[:8]
+    async with configstore.connect(redis_server.url) as client:
+        reconciler = Reconciler(client, scope=f"test-{uuid.uuid4().hex[:8]}")
+        await reconciler.start_counting()
+        first = await reconciler.reconcile(ns, [policy("api", ns, requests=10)], [])
+        assert await reconciler.intact()
+        key = keyschema.config_key(ns)
+        snapshot = (await client.redis.hgetall(key),
+                    await client.redis.hget(keyschema.OPERATOR_EPOCH_KEY, reconciler.scope))
+        edited = {**policy("api", ns, requests=20), "metadata": {"name": "api", "namespace": ns}}
+        doc = configdoc.build_doc(ns, [parse_policy(edited, default_namespace=ns)])
+        version = await configstore.publish(client, ns, doc, min_version=first.version + 1)  # the write...
+        await client.redis.hset(key, mapping=snapshot[0])  # ...the snapshot restored...
+        await client.redis.hset(keyschema.OPERATOR_EPOCH_KEY, reconciler.scope, snapshot[1])
+        await reconciler.count_write((ns, version))  # ...and the write counted
+        assert not await reconciler.intact()
 
 
 async def test_key_secret_lifecycle(env: Env) -> None:
