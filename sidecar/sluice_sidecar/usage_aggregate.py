@@ -27,10 +27,11 @@ from __future__ import annotations
 
 import ipaddress
 import time
+from bisect import bisect_left
 from typing import Any
 
 from sluice_core import usage
-from sluice_core.usage import OTHER, UsageRow, UsageWindow, latency_bucket
+from sluice_core.usage import LATENCY_BOUNDS_US, OTHER, UsageRow, UsageWindow
 
 from sluice_sidecar.usage_note import UsageNote
 
@@ -39,6 +40,8 @@ MAX_SEGMENT = 64  # a longer path segment is an id, whatever it holds
 _HEX = frozenset("0123456789abcdefABCDEF")
 _STATUS = {1: "2xx", 2: "2xx", 3: "3xx", 4: "4xx", 5: "5xx"}  # 1xx cannot end a request: as 2xx
 _MAX_TRUNCATED = 4096  # IPv6 clients whose /48 is remembered (then the table starts over)
+_MAX_CACHED = 4096  # clients' and paths' names remembered (then the table starts over)
+_MAX_CACHED_PATH = 256  # longer paths are named anew each time: the cache stays under ~1.5 MiB
 
 
 def _is_id(seg: str) -> bool:
@@ -77,6 +80,8 @@ class UsageAggregator:
         self.max_rows = max_rows
         self.dropped = 0  # requests not counted at all (every row taken): all windows so far
         self._truncated: dict[str, str] = {}  # an IPv6 client -> its /48
+        self._names: dict[tuple[str, str, bool], str] = {}  # (client, key id, truncate) -> name
+        self._paths: dict[str, str] = {}  # path -> endpoint
         self._start_ms = int(time.time() * 1000)
         self._rows: dict[tuple[str, str, str, str, str, str], UsageRow] = {}
         self._clients: set[str] = set()
@@ -111,12 +116,21 @@ class UsageAggregator:
         return net
 
     def record(self, note: UsageNote, path: str) -> None:
-        """Count one finished request (``path``: as sent, without its query)."""
+        """Count one finished request (``path``: as sent, without its query). The hot part of
+        usage counting: names come from bounded caches (a client or path seen before costs a
+        dictionary look-up), the histogram bucket from :func:`bisect.bisect_left` (C)."""
         status = status_class(note.status)
         latency = note.latency_us if note.status else -1
+        names = self._names
         for d in note.decisions:
-            client = self.client_of(d.client, d.key_id, d.truncate_ips) if d.client else ANONYMOUS
-            endpoint = d.rule or endpoint_of(path)
+            if d.client:
+                raw = (d.client, d.key_id, d.truncate_ips)
+                client = names.get(raw)
+                if client is None:
+                    client = self._name(raw)
+            else:
+                client = ANONYMOUS
+            endpoint = d.rule or self._endpoint(path)
             if client not in self._clients:
                 if len(self._clients) < self.max_clients:
                     self._clients.add(client)
@@ -129,8 +143,7 @@ class UsageAggregator:
                 else:
                     endpoint = OTHER
                     self._folded_endpoints += 1
-            policy = d.policy if d.outcome != "skipped" else ""
-            key = (policy, client, d.tier, endpoint, d.outcome, status)
+            key = (d.policy if d.outcome != "skipped" else "", client, d.tier, endpoint, d.outcome, status)
             row = self._rows.get(key)
             if row is None:
                 row = self._new_row(key)
@@ -145,8 +158,28 @@ class UsageAggregator:
                 row.latency_count += 1
                 if latency > row.latency_max_us:
                     row.latency_max_us = latency
-                b = latency_bucket(latency)
-                row.histogram[b] = row.histogram.get(b, 0) + 1
+                b = bisect_left(LATENCY_BOUNDS_US, latency)  # == usage.latency_bucket, in C
+                hist = row.histogram
+                hist[b] = hist.get(b, 0) + 1
+
+    def _name(self, raw: tuple[str, str, bool]) -> str:
+        """:meth:`client_of`, remembered (at most :data:`_MAX_CACHED` clients, then anew)."""
+        name = self.client_of(*raw)
+        if len(self._names) >= _MAX_CACHED:
+            self._names.clear()
+        self._names[raw] = name
+        return name
+
+    def _endpoint(self, path: str) -> str:
+        """:func:`endpoint_of`, remembered for short paths (a long one is never kept)."""
+        e = self._paths.get(path)
+        if e is None:
+            e = endpoint_of(path)
+            if len(path) <= _MAX_CACHED_PATH:
+                if len(self._paths) >= _MAX_CACHED:
+                    self._paths.clear()
+                self._paths[path] = e
+        return e
 
     def _new_row(self, key: tuple[str, str, str, str, str, str]) -> UsageRow | None:
         """A row for a key not seen this window; past half of ``max_rows`` the key's client and

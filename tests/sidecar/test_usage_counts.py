@@ -139,3 +139,10 @@ async def test_usage_of_the_memory_store_is_at_the_admin_port(sidecars: Factory,
                     ("key:team-a", "/a/:id", "allowed", "2xx"): 1}
     assert body["current"]["fields"] == list(usage.ROW_FIELDS)
     assert b"sk-secret-key-1" not in r.body
+
+
+@given(st.integers(min_value=0, max_value=10**12))
+def test_the_aggregators_bucket_is_the_contracts(latency_us: int) -> None:
+    a = UsageAggregator(max_clients=1, max_endpoints=1)
+    a.record(_note("i10.0.0.1", latency_us=latency_us), "/x")
+    assert a.take("s", 0, "ns").rows[0].histogram == {usage.latency_bucket(latency_us): 1}

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from sluice_core.keyschema import USAGE_STREAM_KEY
+
 from support.processes import SidecarProcess, UpstreamProcess, http_get, wait_until
 from support.redis_servers import RedisServer
 
