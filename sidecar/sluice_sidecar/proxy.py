@@ -198,6 +198,8 @@ class Proxy:
                 up.body_now()  # nothing follows a HEAD response; frees the connection
             elif first is not None:
                 sent = len(first)
+                if note is not None:
+                    note.bytes_out = sent
                 await stream.write(first)
                 first = None  # not held while the client is slow (the transport has it)
                 protocol, writer = request.protocol, request.writer

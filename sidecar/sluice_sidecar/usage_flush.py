@@ -84,7 +84,10 @@ class UsageFlusher:
         while True:
             now = time.time()
             await asyncio.sleep(self.window_s - now % self.window_s)
-            await self.flush()
+            try:
+                await self.flush()
+            except Exception:  # a bug must not end usage counting for the life of the process
+                log.exception("usage window flush failed")
 
     def current(self) -> UsageWindow:
         return self.aggregator.peek(self.source, self.seq, self.namespace)

@@ -5,6 +5,7 @@ client names, and the bounds (clients, endpoints, rows) whatever the traffic; th
 from __future__ import annotations
 
 import json
+from collections.abc import AsyncIterator
 
 import aiohttp
 from hypothesis import given
@@ -146,3 +147,22 @@ def test_the_aggregators_bucket_is_the_contracts(latency_us: int) -> None:
     a = UsageAggregator(max_clients=1, max_endpoints=1)
     a.record(_note("i10.0.0.1", latency_us=latency_us), "/x")
     assert a.take("s", 0, "ns").rows[0].histogram == {usage.latency_bucket(latency_us): 1}
+
+
+async def test_bytes_are_counted_for_streamed_bodies_both_ways(sidecars: Factory, http: aiohttp.ClientSession) -> None:
+    sc = await sidecars(policy_doc(), usage_window_s=3600.0)
+    async with http.get(sc.url + "/__stream/200000") as r:  # relayed in 64 KiB chunks
+        assert r.status == 200 and len(await r.read()) == 200_000
+
+    async def chunks() -> AsyncIterator[bytes]:
+        for _ in range(10):
+            yield b"x" * 10_000
+
+    async with http.post(sc.url + "/echo", data=chunks()) as r:  # chunked: no Content-Length
+        assert r.status == 200
+        echoed = await r.read()
+    body = json.loads((await call(http, "GET", sc.admin_url + "/usage")).body)
+    fields = body["current"]["fields"]
+    rows = {row[fields.index("endpoint")]: dict(zip(fields, row, strict=True)) for row in body["current"]["rows"]}
+    assert rows["/__stream/:id"]["bytes_out"] == 200_000 and rows["/__stream/:id"]["bytes_in"] == 0
+    assert rows["/echo"]["bytes_in"] == 100_000 and rows["/echo"]["bytes_out"] == len(echoed)
