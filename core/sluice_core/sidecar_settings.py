@@ -52,7 +52,7 @@ class SidecarSettings:
 
     upstream: str = setting(help="the app, `http://HOST:PORT` — the only address ever contacted")
     listen: str = setting(default="0.0.0.0:8080", help="HOST:PORT for client traffic")
-    admin_listen: str = setting(default="0.0.0.0:9090", help="HOST:PORT for `/metrics`, `/healthz`, `/readyz`, `/admin/config`")
+    admin_listen: str = setting(default="0.0.0.0:9090", help="HOST:PORT for `/metrics`, `/healthz`, `/readyz`, `/admin/config`, `/usage`")
     redis: str | None = setting(
         default=None, help="Redis URL shared by all replicas (`redis://`, `rediss://`, `redis+sentinel://`, "
               "`redis+cluster://`, see URLs below); without it buckets live in this process's memory",
