@@ -163,7 +163,7 @@ class SidecarSettings:
         default=6, help="usage analytics: a window Redis did not take is sent again with the next windows this "
                         "many times, then dropped (`sluice_usage_dropped_windows_total`)", positive=True)
     usage_redis: str | None = setting(
-        default=None, help="usage analytics with the in-memory store: the Redis URL the windows go to; without "
-                           "it (and without `--redis`) usage is only at the admin port's `/usage`",
+        default=None, help="usage analytics: the Redis URL the windows go to, for the in-memory store (or another "
+                           "Redis than `--redis`); without it and `--redis`, usage is only at the admin port's `/usage`",
         shown="– (`--redis`, else `/usage` only)")
     log_level: str = setting(default="info", help="`debug`, `info`, `warning` or `error`", choices=LOG_LEVELS)
