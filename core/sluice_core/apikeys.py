@@ -8,9 +8,9 @@ In standalone mode the grants come from a YAML file (``--api-keys-file``)::
       "sk_free_7Qa...": {tier: free, limit: {requests: 10, period: 1m}}
       "sk_ent_9Zb...": {tier: pro, id: acme-prod, expiresAt: "2027-01-31T00:00:00Z"}
 
-``id`` (the key's name in usage reports) and ``expiresAt`` are read by ``sluice apply``
-(:mod:`sluice_core.keysfile`); the sidecar's standalone mode refuses ``expiresAt`` (it would not
-enforce it) and ignores ``id``.
+``id`` (the key's name in usage reports; a short digest when not given) and ``expiresAt`` are
+read by ``sluice apply`` (:mod:`sluice_core.keysfile`); the sidecar's standalone mode refuses
+``expiresAt`` (it would not enforce it) and reports the key's usage under its ``id``.
 
 In a cluster the operator builds the same grants from Kubernetes Secrets.
 """
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ import yaml
 
 from sluice_core import yamltext
 from sluice_core.errors import PolicyError, PolicyErrors
+from sluice_core.grants import MAX_KEY_ID, valid_key_id
 from sluice_core.keyschema import hash_api_key
 from sluice_core.model import CompiledPolicy, KeyGrant
 from sluice_core.parse import DocumentChecker, parse_limit
@@ -68,7 +70,7 @@ def check_entry(c: DocumentChecker, p: str, raw_key: Any, value: Any, policy: Co
 def parse_grants(doc: Any, policy: CompiledPolicy, *, source: str = "") -> dict[str, KeyGrant]:
     """Validate a keys document against the policy's tiers; return ``{sha256 hex: grant}``
     (the sidecar's standalone mode, which holds the whole file; ``sluice apply`` streams it:
-    :mod:`sluice_core.keysfile`). An entry's ``id`` is accepted and not used here."""
+    :mod:`sluice_core.keysfile`). An entry's ``id`` names the key in usage reports."""
     c = DocumentChecker(source)
     grants: dict[str, KeyGrant] = {}
     top = c.mapping(doc, "(keys file)", required=True)
@@ -78,9 +80,13 @@ def parse_grants(doc: Any, policy: CompiledPolicy, *, source: str = "") -> dict[
         entry = check_entry(c, p, raw_key, value, policy, fields=frozenset({"id"}))
         if entry is None:
             continue
-        if entry[0] in grants:
+        digest, grant, spec = entry
+        if digest in grants:
             c.fail(p, "the same key is listed twice")
-        grants[entry[0]] = entry[1]
+        key_id = spec.get("id", "")  # not given: the sidecar reports grants.default_key_id
+        if key_id and not valid_key_id(key_id):
+            c.fail(f"{p}.id", f"must be 1-{MAX_KEY_ID} printable ASCII characters without spaces")
+        grants[digest] = replace(grant, key_id=str(key_id))
     if c.errors:
         raise PolicyErrors(c.errors)
     return grants

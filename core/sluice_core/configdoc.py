@@ -5,7 +5,10 @@ Shape (JSON, ``schema`` 1)::
 
     {"schema": 1, "namespace": "shop",
      "policies": [<normalized RateLimitPolicy manifest>, ...],
-     "apiKeys": {"<policy name>": {"<sha256 hex>": {"tier": "pro", "limit": {...}?}}}}
+     "apiKeys": {"<policy name>": {"<sha256 hex>": {"tier": "pro", "limit": {...}?, "id": "..."?}}}}
+
+An ``apiKeys`` entry's optional ``id`` names the key in usage reports (a Secret's name, a keys
+file's ``id``); without it the sidecar reports a short digest (:func:`grants.default_key_id`).
 
 ``apiKeys`` embeds a policy's keys (the operator's key Secrets, and documents written by
 an earlier ``sluice apply``). ``sluice apply`` now writes ``"apiKeys": {}`` and the keys as
@@ -34,6 +37,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sluice_core.errors import PolicyError, PolicyErrors
+from sluice_core.grants import MAX_KEY_ID, valid_key_id
 from sluice_core.manifest import limit_to_dict, to_manifest
 from sluice_core.model import CompiledPolicy, KeyGrant
 from sluice_core.parse import DocumentChecker, parse_limit, parse_policy
@@ -57,7 +61,8 @@ def build_doc(namespace: str, policies: list[CompiledPolicy],
     keys: dict[str, dict[str, Any]] = {}
     for policy_name, table in (grants or {}).items():
         keys[policy_name] = {
-            digest: {"tier": g.tier, **({"limit": limit_to_dict(g.limit)} if g.limit else {})}
+            digest: {"tier": g.tier, **({"limit": limit_to_dict(g.limit)} if g.limit else {}),
+                     **({"id": g.key_id} if g.key_id else {})}
             for digest, g in sorted(table.items())
         }
     doc = {
@@ -106,7 +111,11 @@ def load_doc(text: str | bytes, version: int) -> NamespaceConfig:
                 c.fail(f"{p}.tier", "must name a tier of the policy")
                 continue
             limit = parse_limit(c, g["limit"], f"{p}.limit") if isinstance(g.get("limit"), dict) else None
-            out[digest] = KeyGrant(tier=g["tier"], limit=limit)
+            key_id = g.get("id", "")
+            if key_id and not valid_key_id(key_id):
+                c.fail(f"{p}.id", f"must be 1-{MAX_KEY_ID} printable ASCII characters without spaces")
+                continue
+            out[digest] = KeyGrant(tier=g["tier"], limit=limit, key_id=key_id)
         grants[policy_name] = out
     scopes: dict[str, frozenset[str]] = {}
     for policy_name, names in (c.mapping(doc.get("namespaces"), "namespaces") or {}).items():

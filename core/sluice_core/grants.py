@@ -46,6 +46,16 @@ _NUMBER = re.compile(r"[0-9]{1,15}")  # as decide.lua's %d+ with its length chec
 POLICY_TAG_CHARS = 22  # base64url of 128 bits
 
 
+def default_key_id(digest_hex: str) -> str:
+    """How a key given without an ``id`` is named: a short prefix of its SHA-256 digest."""
+    return f"sha256:{digest_hex[:16]}"
+
+
+def valid_key_id(key_id: object) -> bool:
+    """Can ``key_id`` name a key (stored in a grant, a config document, a usage report)?"""
+    return isinstance(key_id, str) and _KEY_ID.fullmatch(key_id) is not None
+
+
 def policy_tag(policy_ref: str) -> str:
     """The policy a grant belongs to, as its value names it: base64url (no padding) of the
     first 128 bits of SHA-256 of the ref (``namespace/name``, a cluster policy's name)."""
@@ -68,7 +78,7 @@ class StoredGrant:
 def encode(stored: StoredGrant, policy_ref: str) -> str:
     """The Redis value of a grant under ``policy_ref``; ValueError for a key id that cannot be
     stored."""
-    if not _KEY_ID.fullmatch(stored.key_id):
+    if not valid_key_id(stored.key_id):
         raise ValueError(f"key id must be 1-{MAX_KEY_ID} printable ASCII characters without spaces")
     g = stored.grant
     if g.limit is None:

@@ -48,6 +48,7 @@ from yaml.events import (
 from sluice_core import grants
 from sluice_core.apikeys import check_entry
 from sluice_core.errors import PolicyError
+from sluice_core.grants import default_key_id
 from sluice_core.model import CompiledPolicy
 from sluice_core.parse import DocumentChecker
 from sluice_core.yamltext import describe
@@ -101,10 +102,6 @@ class _Events:
 
 def _line(event: Event) -> int:
     return event.start_mark.line + 1 if event.start_mark is not None else 0
-
-
-def default_key_id(digest_hex: str) -> str:
-    return f"sha256:{digest_hex[:16]}"
 
 
 class KeysFile:

@@ -16,6 +16,7 @@ from sluice_core.model import (
     HeaderFrom,
     Limit,
     Selector,
+    Usage,
 )
 
 
@@ -69,6 +70,8 @@ def to_manifest(p: CompiledPolicy) -> dict[str, Any]:
     spec: dict[str, Any] = {}
     if p.namespace_selector is not None:
         spec["namespaceSelector"] = selector_to_dict(p.namespace_selector)
+    if p.usage != Usage():  # only when set, as identify.headerFrom: older sidecars read the rest
+        spec["usage"] = {"truncateIPs": p.usage.truncate_ips}
     return {
         "apiVersion": API_VERSION,
         "kind": CLUSTER_KIND if p.cluster_scoped else KIND,

@@ -222,6 +222,13 @@ class ApiKeys:
 
 
 @dataclass(frozen=True, slots=True)
+class Usage:
+    """``spec.usage``: how usage analytics report the policy's clients."""
+
+    truncate_ips: bool = False  # an IP client as its /24 (IPv4) or /48 (IPv6), for privacy
+
+
+@dataclass(frozen=True, slots=True)
 class CompiledPolicy:
     namespace: str
     name: str
@@ -236,6 +243,7 @@ class CompiledPolicy:
     headers: HeaderStyle
     cluster_scoped: bool = False
     namespace_selector: Selector | None = None  # cluster-scoped only: which namespaces' pods
+    usage: Usage = Usage()  # spec.usage: how usage analytics report the policy's clients
 
     @property
     def ref(self) -> str:
@@ -260,3 +268,6 @@ class KeyGrant:
 
     tier: str
     limit: Limit | None = None  # per-key override of the tier's bucket
+    # How usage reports name the key (a Secret's name, a keys file's ``id``); never the key.
+    # Empty: not given (usage then names it by a short digest). Not part of what it grants.
+    key_id: str = field(default="", compare=False)

@@ -36,6 +36,7 @@ from sluice_core.model import (
     Selector,
     Source,
     Tier,
+    Usage,
 )
 from sluice_core.paths import (
     MAX_REGEX_RULES,
@@ -63,7 +64,7 @@ MAX_PATH = 2048
 
 _SPEC_FIELDS = {
     "selector", "namespaceSelector", "identify", "apiKeys", "tiers", "defaultTier", "rules",
-    "failureMode", "mode", "headers",
+    "failureMode", "mode", "headers", "usage",
 }
 
 
@@ -205,13 +206,24 @@ def _parse(c: DocumentChecker, doc: Any, default_namespace: str) -> CompiledPoli
     failure_mode = c.enum(spec.get("failureMode"), "spec.failureMode", FailureMode, FailureMode.OPEN)
     mode = c.enum(spec.get("mode"), "spec.mode", Mode, Mode.ENFORCE)
     headers = c.enum(spec.get("headers"), "spec.headers", HeaderStyle, HeaderStyle.DRAFT)
+    usage = _usage(c, spec.get("usage"))
     if c.errors or name is None or not tiers or not isinstance(default_tier, str):
         return None
     return CompiledPolicy(
         namespace=namespace, name=name, selector=selector, identify=identify, api_keys=api_keys,
         tiers=tiers, default_tier=default_tier, rules=rules, failure_mode=failure_mode, mode=mode,
         headers=headers, cluster_scoped=cluster_scoped, namespace_selector=namespace_selector,
+        usage=usage,
     )
+
+
+def _usage(c: DocumentChecker, value: Any) -> Usage:
+    """``spec.usage``: how the sidecars report this policy's traffic (usage analytics)."""
+    m = c.mapping(value, "spec.usage")
+    if m is None:
+        return Usage()
+    c.unknown(m, "spec.usage", {"truncateIPs"})
+    return Usage(truncate_ips=c.boolean(m.get("truncateIPs"), "spec.usage.truncateIPs", False))
 
 
 def _selector(c: DocumentChecker, value: Any, path: str) -> Selector:

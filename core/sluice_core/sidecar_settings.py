@@ -39,6 +39,12 @@ partitioned Cluster node), the issue's "within a second". Its cost: each hot key
 again once a second per sidecar, a resolve decision in place of the ordinary one (the same one
 round trip; the script also reads the grant, and the sidecar decodes it)."""
 
+DEFAULT_USAGE_MAX_CLIENTS = 1_000
+DEFAULT_USAGE_MAX_ENDPOINTS = 100
+"""Usage analytics, per sidecar and flush window: clients and endpoints counted by name at most
+(the rest fold into ``(other)``, counted). The rows of a window are also bounded by
+``sluice_core.usage.MAX_ROWS`` whatever these are; about 400 bytes a row in memory."""
+
 
 @settings_form(env_prefix="SLUICE_")
 class SidecarSettings:
@@ -46,7 +52,7 @@ class SidecarSettings:
 
     upstream: str = setting(help="the app, `http://HOST:PORT` — the only address ever contacted")
     listen: str = setting(default="0.0.0.0:8080", help="HOST:PORT for client traffic")
-    admin_listen: str = setting(default="0.0.0.0:9090", help="HOST:PORT for `/metrics`, `/healthz`, `/readyz`, `/admin/config`")
+    admin_listen: str = setting(default="0.0.0.0:9090", help="HOST:PORT for `/metrics`, `/healthz`, `/readyz`, `/admin/config`, `/usage`")
     redis: str | None = setting(
         default=None, help="Redis URL shared by all replicas (`redis://`, `rediss://`, `redis+sentinel://`, "
               "`redis+cluster://`, see URLs below); without it buckets live in this process's memory",
@@ -137,4 +143,27 @@ class SidecarSettings:
         help="cluster mode, a policy whose keys live in Redis grants: a cached grant (or unknown key) is "
              "read again from Redis after this long, so a revocation whose change notice was lost "
              "still lands within it", positive=True)
+    usage: str = setting(
+        default="on", help="usage analytics: `on` counts every decision per policy, client, tier, endpoint, "
+                           "outcome and upstream status class, one stream entry per window; `off` counts nothing",
+        choices=("on", "off"))
+    usage_window_s: float = setting(
+        default=10.0, help="usage analytics: the flush window; at its end one `XADD` of what it counted to "
+                           "`sluice:{usage}:windows`", positive=True)
+    usage_max_clients: int = setting(
+        default=DEFAULT_USAGE_MAX_CLIENTS, help="usage analytics: clients counted by name per window at most; "
+                                                "the rest fold into `(other)` (counted as folded)", positive=True)
+    usage_max_endpoints: int = setting(
+        default=DEFAULT_USAGE_MAX_ENDPOINTS, help="usage analytics: endpoints counted by name per window at most; "
+                                                  "the rest fold into `(other)`", positive=True)
+    usage_stream_maxlen: int = setting(
+        default=100_000, help="usage analytics: the stream keeps about this many entries (`XADD ... MAXLEN ~`), "
+                              "so a collector that is down never fills Redis", positive=True)
+    usage_retries: int = setting(
+        default=6, help="usage analytics: a window Redis did not take is sent again with the next windows this "
+                        "many times, then dropped (`sluice_usage_dropped_windows_total`)", positive=True)
+    usage_redis: str | None = setting(
+        default=None, help="usage analytics: the Redis URL the windows go to, for the in-memory store (or another "
+                           "Redis than `--redis`); without it and `--redis`, usage is only at the admin port's `/usage`",
+        shown="– (`--redis`, else `/usage` only)")
     log_level: str = setting(default="info", help="`debug`, `info`, `warning` or `error`", choices=LOG_LEVELS)

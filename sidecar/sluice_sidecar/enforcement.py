@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from sluice_core import grants as stored_grants
 from sluice_core import keyschema
@@ -38,6 +39,14 @@ def _bucket(name: str, limit: Limit, prefix: str, suffix: Callable[[str, int, in
                   hdr.policy_item(prefix + name, limit))
 
 
+class Granted(NamedTuple):
+    """What the grant cache holds for a known API key: its bucket, and its id (usage reports
+    name the key by it, never by the key)."""
+
+    bucket: Bucket
+    key_id: str
+
+
 @dataclass
 class Enforcement:
     """One loaded policy with its API-key grants, ready for the hot path. ``grants`` None: the
@@ -48,7 +57,7 @@ class Enforcement:
     version: int
     grant_cache_size: int = DEFAULT_GRANT_CACHE_SIZE
     grant_cache_max_age_s: float = DEFAULT_GRANT_CACHE_MAX_AGE_S
-    cache: GrantCache[Bucket] | None = field(init=False, default=None)
+    cache: GrantCache[Granted] | None = field(init=False, default=None)
     tier_args: Encoded | None = field(init=False, default=None)  # the resolve decision's tiers
     _own: dict[tuple[str, Limit], Bucket] = field(init=False, default_factory=dict)
     policy_id: str = field(init=False)
@@ -56,6 +65,7 @@ class Enforcement:
     _prefix: str = field(init=False, default="")
     tiers: dict[str, Bucket] = field(init=False)
     rules: dict[str, Bucket] = field(init=False)
+    usage_ref: str = field(init=False)  # the policy as usage reports name it (usage.UsageRow.policy)
     peers: PeerTrust = field(init=False)
 
     def __post_init__(self) -> None:
@@ -66,6 +76,7 @@ class Enforcement:
         # distinct names in its headers even when both have a "free" tier.
         self._prefix = f"{p.name}/" if p.cluster_scoped else ""
         self.label = p.ref if p.cluster_scoped else p.name
+        self.usage_ref = p.name if p.cluster_scoped else p.ref
         self.tiers = {t.name: _bucket(t.name, t.limit, self._prefix, keyschema.tier_suffix)
                       for t in p.tiers.values()}
         self.rules = {r.name: _bucket(r.name, r.limit, self._prefix, keyschema.rule_suffix)
@@ -113,18 +124,21 @@ class Plan:
     names: tuple[str, ...]
     limits: tuple[Limit, ...]
     policy_value: str
+    client: str  # the bucket client id (keyschema)
+    key_id: str  # an API key's id for usage reports, "" for other clients
 
 
 def plan_buckets(enforcement: Enforcement, rule_name: str, rule_b: Bucket | None, cost: int,
-             tier_b: Bucket, client: str) -> Plan:
-    """The plan taking ``cost`` from ``client``'s ``tier_b`` bucket and its rule's."""
+             tier_b: Bucket, client: str, key_id: str = "") -> Plan:
+    """The plan taking ``cost`` from ``client``'s ``tier_b`` bucket and its rule's (``key_id``:
+    an API key client's id, for usage reports)."""
     tag = keyschema.client_tag_for(enforcement.policy_id, client)
     if rule_b is None:
         return Plan(enforcement, rule_name, tier_b, cost, (tag + tier_b.suffix,), tier_b.params,
-                     (tier_b.shown,), (tier_b.limit,), tier_b.policy_item)
+                     (tier_b.shown,), (tier_b.limit,), tier_b.policy_item, client, key_id)
     return Plan(enforcement, rule_name, tier_b, cost, (tag + tier_b.suffix, tag + rule_b.suffix),
                  tier_b.params + rule_b.params, (tier_b.shown, rule_b.shown),
-                 (tier_b.limit, rule_b.limit), f"{tier_b.policy_item}, {rule_b.policy_item}")
+                 (tier_b.limit, rule_b.limit), f"{tier_b.policy_item}, {rule_b.policy_item}", client, key_id)
 
 
 @dataclass(slots=True)

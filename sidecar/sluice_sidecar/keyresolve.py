@@ -16,11 +16,20 @@ from sluice_core import keyschema
 from sluice_core.gcra import Reply, Resolved
 
 from sluice_sidecar.breaker import CircuitBreaker
-from sluice_sidecar.enforcement import Bucket, Enforcement, Outcome, Plan, plan_buckets, refused
+from sluice_sidecar.enforcement import (
+    Bucket,
+    Enforcement,
+    Granted,
+    Outcome,
+    Plan,
+    plan_buckets,
+    refused,
+)
 from sluice_sidecar.grantcache import Ticket
 from sluice_sidecar.identify import anonymous_client
 from sluice_sidecar.metrics import Metrics
 from sluice_sidecar.stores.base import DecisionStore, ResolveAsk, StoreUnavailable
+from sluice_sidecar.usage_note import CURRENT, Decided
 
 log = logging.getLogger("sluice.limiter")
 
@@ -56,6 +65,27 @@ class KeyResolving:
 
     def _unauthorized(self, enforcement: Enforcement, rule_name: str, keyed: bool) -> Outcome:
         raise NotImplementedError
+
+    def _count(self, e: Enforcement, tier: str, rule: str, outcome: str) -> None:
+        """A decision without buckets (skipped, unauthorized, failed closed before asking):
+        counted in Prometheus and, when usage is on, in the request's note (client unnamed)."""
+        self.metrics.decision(e.label, tier, rule, outcome)
+        self._note(e.usage_ref, e.policy.usage.truncate_ips, tier, rule, outcome)
+
+    def _counted(self, plan: Plan, outcome: str, tokens: int) -> None:
+        """A decision over ``plan``'s buckets: counted as :meth:`_count` does, with its client."""
+        e = plan.enforcement
+        self.metrics.decision(e.label, plan.tier_b.name, plan.rule_name, outcome)
+        note = CURRENT.get()
+        if note is not None:
+            note.decisions.append(Decided(e.usage_ref, e.policy.usage.truncate_ips, plan.client, plan.key_id,
+                                          plan.tier_b.name, plan.rule_name, outcome, tokens))
+
+    @staticmethod
+    def _note(policy: str, truncate_ips: bool, tier: str, rule: str, outcome: str) -> None:
+        note = CURRENT.get()
+        if note is not None:
+            note.decisions.append(Decided(policy, truncate_ips, "", "", tier, rule, outcome, 0))
 
     def _resolving(self, enforcement: Enforcement, client: str, rule_name: str, rule_b: Bucket | None,
                    cost: int, headers: MultiMapping[str], peer: str) -> Resolve:
@@ -93,9 +123,10 @@ class KeyResolving:
         resolved = await self._resolve(ask)
         if resolved is None:
             return self._unresolved(r)
-        tier_b = self._learn(r, resolved.grant)
-        if tier_b is not None and resolved.reply is not None:
-            return self._finish(plan_buckets(e, r.rule_name, r.rule_b, r.cost, tier_b, r.client), resolved.reply)
+        granted = self._learn(r, resolved.grant)
+        if granted is not None and resolved.reply is not None:
+            return self._finish(plan_buckets(e, r.rule_name, r.rule_b, r.cost, granted.bucket, r.client,
+                                             granted.key_id), resolved.reply)
         if required:
             return self._unauthorized(e, r.rule_name, True)
         if resolved.grant is None and resolved.reply is not None:
@@ -111,9 +142,9 @@ class KeyResolving:
         resolved = await self._resolve(self._ask_resolve(r, 0))
         if resolved is None:
             return self._unresolved(r)
-        tier_b = self._learn(r, resolved.grant)
-        if tier_b is not None:
-            return plan_buckets(e, r.rule_name, r.rule_b, r.cost, tier_b, r.client)
+        granted = self._learn(r, resolved.grant)
+        if granted is not None:
+            return plan_buckets(e, r.rule_name, r.rule_b, r.cost, granted.bucket, r.client, granted.key_id)
         if e.policy.api_keys.required:
             return self._unauthorized(e, r.rule_name, True)
         return r.fallback
@@ -121,7 +152,7 @@ class KeyResolving:
     def _busy(self, r: Resolve) -> Outcome:
         """A required key not cached while --max-key-resolves are in flight: 503, not asked."""
         e = r.enforcement
-        self.metrics.decision(e.label, "", r.rule_name, "failed_closed")
+        self._count(e, "", r.rule_name, "failed_closed")
         return refused(503, [("Retry-After", "1")], e.policy.name, rule=r.rule_name,
                        detail="the rate limiter is checking too many API keys right now")
 
@@ -134,20 +165,21 @@ class KeyResolving:
         e = r.enforcement
         assert e.cache is not None
         last = e.cache.last(r.client)  # the last good state: a key known before stays known
-        if isinstance(last, Bucket):
-            return self._finish(plan_buckets(e, r.rule_name, r.rule_b, r.cost, last, r.client), None)
+        if isinstance(last, Granted):
+            return self._finish(plan_buckets(e, r.rule_name, r.rule_b, r.cost, last.bucket, r.client,
+                                             last.key_id), None)
         if not e.policy.api_keys.required:
             return self._finish(r.fallback, None)
         if last is not None:
             return self._unauthorized(e, r.rule_name, True)
-        self.metrics.decision(e.label, "", r.rule_name, "failed_closed")
+        self._count(e, "", r.rule_name, "failed_closed")
         return refused(503, [("Retry-After", "1")], e.policy.name, rule=r.rule_name,
                        detail="the rate limiter cannot check the API key right now")
 
-    def _learn(self, r: Resolve, value: str | None) -> Bucket | None:
-        """The bucket a resolved grant names (None: an unknown key), cached."""
+    def _learn(self, r: Resolve, value: str | None) -> Granted | None:
+        """The bucket a resolved grant names and the key's id (None: an unknown key), cached."""
         e = r.enforcement
-        bucket, expires_ms = None, 0
+        granted, expires_ms = None, 0
         if value is not None:
             try:
                 stored = stored_grants.decode(value, e.policy.ref)
@@ -155,11 +187,13 @@ class KeyResolving:
                 log.warning("an API key grant of %s is unreadable; the key counts as unknown: %s",
                             e.policy.ref, exc)
             else:
-                bucket, expires_ms = e.grant_bucket(stored.grant), stored.expires_ms
+                bucket = e.grant_bucket(stored.grant)
+                granted = Granted(bucket, stored.key_id) if bucket is not None else None
+                expires_ms = stored.expires_ms
         assert e.cache is not None
-        e.cache.put(r.client, bucket, expires_ms, r.ticket)
-        self.metrics.grant_resolved(e.label, "known" if bucket else "unknown")
-        return bucket
+        e.cache.put(r.client, granted, expires_ms, r.ticket)
+        self.metrics.grant_resolved(e.label, "known" if granted else "unknown")
+        return granted
 
     async def _resolve(self, ask: ResolveAsk) -> Resolved | None:
         """:meth:`_ask` for a "resolve" decision."""

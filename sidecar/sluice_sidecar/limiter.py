@@ -34,6 +34,7 @@ import time
 from multidict import MultiMapping
 from sluice_core import keyschema
 from sluice_core.gcra import Reply, expand
+from sluice_core.grants import default_key_id
 from sluice_core.model import (
     FailureMode,
     HeaderStyle,
@@ -50,6 +51,7 @@ from sluice_sidecar.enforcement import (
     FORWARD_PLAIN,
     Bucket,
     Enforcement,
+    Granted,
     Outcome,
     Plan,
     forwarded,
@@ -98,6 +100,7 @@ class Limiter(KeyResolving):
             one = policy or cluster_policy
             if one is None:
                 self.metrics.decision("", "", "", "unconfigured")
+                self._note("", False, "", "", "skipped")
                 return FORWARD_PLAIN
             plan = self._plan(one, method, path, headers, peer)
             if isinstance(plan, Plan):
@@ -175,13 +178,13 @@ class Limiter(KeyResolving):
         rule = policy.match_rule(method, path)
         rule_name = rule.name if rule is not None else ""
         if rule is not None and rule.skip:
-            self.metrics.decision(enforcement.label, "", rule_name, "skipped")
+            self._count(enforcement, "", rule_name, "skipped")
             return FORWARD_PLAIN
         cost = rule.cost if rule is not None else 1
         rule_b = enforcement.rules.get(rule_name) if rule is not None else None
 
         keyed = False
-        client = ""
+        client = key_id = ""
         tier_b: Bucket | None = None
         if Source.API_KEY in policy.identify.order:
             key = api_key_from(headers, policy.api_keys.header)
@@ -195,26 +198,28 @@ class Limiter(KeyResolving):
                     hit = enforcement.cache.get(client) if self.notices else None
                     if hit is None:
                         return self._resolving(enforcement, client, rule_name, rule_b, cost, headers, peer)
-                    tier_b = hit if isinstance(hit, Bucket) else None  # or UNKNOWN
+                    if isinstance(hit, Granted):  # else UNKNOWN
+                        tier_b, key_id = hit
                 else:
                     digest = raw.hex()
                     grant = grants.get(digest)
                     if grant is not None:
                         client = keyschema.client_for_api_key(raw)
                         tier_b = enforcement.grant_bucket(grant)
+                        key_id = grant.key_id or default_key_id(digest)
         if tier_b is None:
             if policy.api_keys.required:
                 return self._unauthorized(enforcement, rule_name, keyed)
             # Unknown keys are not identities: an attacker rotating random keys would otherwise
             # get a fresh bucket per key (and flood Redis with keys).
-            client = anonymous_client(headers, peer, enforcement.peers)
+            client, key_id = anonymous_client(headers, peer, enforcement.peers), ""
             tier_b = enforcement.tiers[policy.default_tier]
-        return plan_buckets(enforcement, rule_name, rule_b, cost, tier_b, client)
+        return plan_buckets(enforcement, rule_name, rule_b, cost, tier_b, client, key_id)
 
     def _unauthorized(self, enforcement: Enforcement, rule_name: str, keyed: bool) -> Outcome:
         """401: the policy requires a key, and none (``keyed`` False) or an unknown one came."""
         policy = enforcement.policy
-        self.metrics.decision(enforcement.label, "", rule_name, "unauthorized")
+        self._count(enforcement, "", rule_name, "unauthorized")
         return refused(401, [("WWW-Authenticate", f'ApiKey header="{policy.api_keys.header}"')],
                        policy.name, detail="the API key is not known" if keyed
                        else "a valid API key is required")
@@ -241,21 +246,21 @@ class Limiter(KeyResolving):
         policy = enforcement.policy
         if reply is None:  # store unavailable
             if policy.failure_mode is FailureMode.CLOSED and policy.mode is Mode.ENFORCE:
-                self.metrics.decision(enforcement.label, tier_b.name, rule_name, "failed_closed")
+                self._counted(plan, "failed_closed", 0)
                 return refused(503, [("Retry-After", "1")], policy.name, tier_b.name, rule_name,
                                "the rate limiter cannot decide right now")
-            self.metrics.decision(enforcement.label, tier_b.name, rule_name, "failed_open")
+            self._counted(plan, "failed_open", 0)
             return FORWARD_PLAIN
         decision = expand(reply, plan.cost, plan.params)
         out_headers = hdr.build(policy.headers, plan.names, plan.limits, plan.policy_value, decision,
                                 plan.cost)
         if decision.allowed:
-            self.metrics.decision(enforcement.label, tier_b.name, rule_name, "allowed")
+            self._counted(plan, "allowed", plan.cost)
             return forwarded(out_headers)
         if policy.mode is Mode.SHADOW:
-            self.metrics.decision(enforcement.label, tier_b.name, rule_name, "shadow_limited")
+            self._counted(plan, "shadow_limited", 0)
             return forwarded(out_headers if policy.headers is not HeaderStyle.NONE else [])
-        self.metrics.decision(enforcement.label, tier_b.name, rule_name, "limited")
+        self._counted(plan, "limited", 0)
         retry_after = hdr.retry_after(decision)
         out_headers.append(("Retry-After", retry_after))
         limiting = plan.names[decision.short_bucket(plan.cost) or 0]

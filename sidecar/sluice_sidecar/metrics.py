@@ -61,6 +61,15 @@ class Metrics:
             ["reason"], registry=r)
         self.client_connections = Gauge("sluice_client_connections", "Open client connections",
                                         registry=r)
+        # Usage analytics (usage_flush.py): windows written to the usage stream, windows dropped
+        # after their retries (or cut short at shutdown), XADD failures by the transport's reason.
+        self.usage_windows = Counter("sluice_usage_windows", "Usage windows written to the usage stream",
+                                     registry=r)
+        self.usage_dropped_windows = Counter(
+            "sluice_usage_dropped_windows", "Usage windows dropped: Redis did not take them within their retries",
+            registry=r)
+        self.usage_errors = Counter("sluice_usage_errors", "Usage window writes Redis did not take",
+                                    ["reason"], registry=r)
         self._children: dict[tuple[str, str, str, str], object] = {}
         self._resolve_children: dict[tuple[str, str], object] = {}
 

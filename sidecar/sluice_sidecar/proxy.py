@@ -13,7 +13,8 @@ a URL, so this is not an open proxy.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+import time
+from collections.abc import AsyncIterator, Mapping
 
 from aiohttp import web
 from multidict import CIMultiDict
@@ -24,6 +25,7 @@ from sluice_sidecar.metrics import Metrics
 from sluice_sidecar.problem import problem
 from sluice_sidecar.transport.errors import PROTOCOL, TIMEOUT, UNAVAILABLE, TransportError
 from sluice_sidecar.transport.httppool import CHUNK, UpstreamPool, UpstreamResponse
+from sluice_sidecar.usage_note import UsageNote
 
 log = logging.getLogger("sluice.proxy")
 
@@ -123,9 +125,11 @@ class Proxy:
         return "\r\n".join(lines).encode("utf-8", "surrogateescape")
 
     async def forward(self, request: web.BaseRequest, peer: str,
-                      rate_headers: list[tuple[str, str]], *, trusted_peer: bool = False) -> web.StreamResponse:
+                      rate_headers: list[tuple[str, str]], *, trusted_peer: bool = False,
+                      note: UsageNote | None = None) -> web.StreamResponse:
         """Send ``request`` to the upstream and relay the answer. The caller has checked that
-        the target is origin-form (:func:`origin_form`)."""
+        the target is origin-form (:func:`origin_form`). ``note``: usage analytics' record of
+        the request, given the upstream's status, latency (to its response head) and bytes."""
         assert self.pool is not None
         length = request.content_length
         has_body = request.body_exists
@@ -135,6 +139,12 @@ class Proxy:
             # The limiter said yes: now invite the body (a refused client never sends it).
             await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         body = client_body(request.content, CHUNK, self.client_timeout) if has_body else None
+        if note is not None and body is not None:
+            if chunked:  # counted as it streams (rare; with a length, the length is the count)
+                body = _counted(body, note)
+            else:
+                note.bytes_in = length or 0
+        started = time.perf_counter()
         try:
             up = await self.pool.request(request.method, head, body, chunked)
         except TransportError as exc:
@@ -154,13 +164,18 @@ class Proxy:
         headers: CIMultiDict[str] = CIMultiDict([(k, v) for k, v in up.headers if k.lower() not in drop])
         for k, v in rate_headers:
             headers.add(k, v)
+        if note is not None:
+            note.status = up.status
+            note.latency_us = int((time.perf_counter() - started) * 1_000_000)
         if up.complete and request.method != "HEAD":
             data = up.body_now()
+            if note is not None:
+                note.bytes_out = len(data)
             return web.Response(status=up.status, reason=up.reason, headers=headers, body=data or None)
-        return await self._stream(request, up, headers, rate_headers)
+        return await self._stream(request, up, headers, rate_headers, note)
 
     async def _stream(self, request: web.BaseRequest, up: UpstreamResponse, headers: CIMultiDict[str],
-                      rate_headers: list[tuple[str, str]]) -> web.StreamResponse:
+                      rate_headers: list[tuple[str, str]], note: UsageNote | None) -> web.StreamResponse:
         """Relay a response whose body is still arriving (or a HEAD answer)."""
         chunks = up.iter_body(self.read_timeout)
         first: bytes | None = None
@@ -171,6 +186,8 @@ class Proxy:
                 first = await anext(chunks, None)
             except TransportError as exc:
                 up.discard()
+                if note is not None:
+                    note.status = 0  # answered 502/504 here: the upstream's answer never came
                 return self._failed(request, exc, rate_headers)
         stream = web.StreamResponse(status=up.status, reason=up.reason, headers=headers)
         if up.content_length is not None:
@@ -180,10 +197,16 @@ class Proxy:
             if request.method == "HEAD":
                 up.body_now()  # nothing follows a HEAD response; frees the connection
             elif first is not None:
+                sent = len(first)
+                if note is not None:
+                    note.bytes_out = sent
                 await stream.write(first)
                 first = None  # not held while the client is slow (the transport has it)
                 protocol, writer = request.protocol, request.writer
                 async for chunk in chunks:
+                    sent += len(chunk)
+                    if note is not None:
+                        note.bytes_out = sent
                     await stream.write(chunk)
                     # aiohttp drains only every 64 KiB it has written, so a stalled client
                     # would hold two chunks past the transport's high-water mark; waiting here
@@ -222,6 +245,13 @@ class Proxy:
             return problem(502, "Bad Gateway", "the upstream refused the connection", headers=rate_headers)
         log.info("upstream error on %s %r: %s", request.method, loggable_target(request), exc)
         return problem(502, "Bad Gateway", "the upstream connection failed", headers=rate_headers)
+
+
+async def _counted(body: AsyncIterator[bytes], note: UsageNote) -> AsyncIterator[bytes]:
+    """``body`` as sent upstream, its bytes counted in ``note`` (usage analytics)."""
+    async for chunk in body:
+        note.bytes_in += len(chunk)
+        yield chunk
 
 
 def _drop_client(request: web.BaseRequest) -> None:

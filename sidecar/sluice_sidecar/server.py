@@ -31,6 +31,10 @@ from sluice_sidecar.settings import split_hostport
 from sluice_sidecar.stores.base import DecisionStore
 from sluice_sidecar.stores.memory import MemoryStore
 from sluice_sidecar.stores.redis import RedisStore
+from sluice_sidecar.transport.topology import RedisNodes
+from sluice_sidecar.usage_aggregate import UsageAggregator, window_json
+from sluice_sidecar.usage_flush import SEND_TIMEOUT_S, UsageFlusher, new_source
+from sluice_sidecar.usage_note import CURRENT, UsageNote
 
 log = logging.getLogger("sluice.sidecar")
 
@@ -93,14 +97,36 @@ class Sidecar:
         self._max_inflight = settings.max_inflight_requests
         self.metrics.inflight.set_function(lambda: self._inflight)
         self._runners: list[web.BaseRunner] = []
+        self.usage: UsageAggregator | None = None
+        self.usage_flusher: UsageFlusher | None = None
+        if settings.usage == "on":
+            self._usage_setup(settings)
         self.data_port = 0
         self.admin_port = 0
+
+    def _usage_setup(self, s: SidecarSettings) -> None:
+        """Usage analytics: the aggregator, and the window writer with its own connection to the
+        decision store's Redis, else to ``--usage-redis``, else to nowhere (``/usage`` only)."""
+        url = s.usage_redis or s.redis
+        nodes = None
+        if url:
+            try:
+                target = parse_redis_url(url)
+            except ValueError as exc:  # never echoes the URL
+                raise StartupError("--usage-redis" if s.usage_redis else "--redis", str(exc)) from None
+            nodes = RedisNodes(target, timeout=SEND_TIMEOUT_S, connect_timeout=s.redis_connect_timeout_ms / 1000)
+        self.usage = UsageAggregator(max_clients=s.usage_max_clients, max_endpoints=s.usage_max_endpoints)
+        self.usage_flusher = UsageFlusher(self.usage, nodes, self.metrics, namespace=s.namespace or "",
+                                          source=new_source(s.pod_name), window_s=s.usage_window_s,
+                                          maxlen=s.usage_stream_maxlen, retries=s.usage_retries)
 
     def _apply(self, policy: Enforcement | None, cluster_policy: Enforcement | None) -> None:
         self.limiter.policy = policy
         self.limiter.cluster_policy = cluster_policy
         self.loaded = True
         self.metrics.config_loaded.set(1)
+        if self.usage_flusher is not None and not self.settings.namespace and policy is not None:
+            self.usage_flusher.namespace = policy.policy.namespace  # standalone: the policy's
 
     def _breaker_changed(self, state: State) -> None:
         # The gauge only: the breaker logs each change itself (rate-limited, with the reason).
@@ -127,22 +153,40 @@ class Sidecar:
             return problem(503, "Service Unavailable", "too many requests in progress; retry shortly",
                            type_=OVERLOADED, headers=[("Retry-After", "1")])
         self._inflight += 1
+        note = None
+        if self.usage is not None:
+            # The limiter writes its decisions into the request's note (usage_note.CURRENT).
+            note = UsageNote()
+            CURRENT.set(note)
+        path = request.rel_url.raw_path
         try:
             # Rules see the path as sent and normalise it themselves (sluice_core.paths); the
             # request is forwarded unchanged.
-            outcome = await self.limiter.decide(request.method, request.rel_url.raw_path, request.headers, peer)
+            outcome = await self.limiter.decide(request.method, path, request.headers, peer)
             if outcome.forward:
                 # The verdict is looked up only when a header it governs is present (rare).
                 trusted = proxy_headers_in(request.headers) and self.limiter.trusts(peer)
-                return await self.proxy.forward(request, peer, outcome.headers, trusted_peer=trusted)
+                return await self.proxy.forward(request, peer, outcome.headers, trusted_peer=trusted, note=note)
             return refusal(outcome)
         finally:
             self._inflight -= 1
+            if note is not None and self.usage is not None:
+                self.usage.record(note, path)
 
     # Admin ------------------------------------------------------------------------------
     async def _metrics(self, request: web.Request) -> web.Response:
         body = generate_latest(self.metrics.registry)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def _usage(self, request: web.Request) -> web.Response:
+        """Usage analytics of this process: the window being counted and the last one taken, as
+        the stream entry's JSON (clients by key id, header digest or address: no key material)."""
+        f = self.usage_flusher
+        if f is None:
+            return web.json_response({"usage": "off"}, status=404)
+        body = {"source": f.source, "windowSeconds": f.window_s, "stream": f.nodes is not None,
+                "pending": len(f.pending), "current": window_json(f.current()), "last": window_json(f.last)}
+        return web.json_response(body, dumps=lambda o: json.dumps(o, indent=2))
 
     async def _healthz(self, request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
@@ -204,6 +248,7 @@ class Sidecar:
         admin.router.add_get("/healthz", self._healthz)
         admin.router.add_get("/readyz", self._readyz)
         admin.router.add_get("/admin/config", self._config)
+        admin.router.add_get("/usage", self._usage)
         admin_runner = web.AppRunner(admin, access_log=None)
         self.admin_port = await self._bind(admin_runner, f"--admin-listen {s.admin_listen}", ahost, aport)
         if isinstance(self.source, FileSource):
@@ -222,6 +267,8 @@ class Sidecar:
                  s.upstream, ahost, self.admin_port, self.store.name)
         if isinstance(self.store, RedisStore):  # say a wrong password now, not at the first request
             self.breaker.start()
+        if self.usage_flusher is not None:
+            self.usage_flusher.start()
 
     async def _bind(self, runner: web.BaseRunner, what: str, host: str, port: int, **kw: Any) -> int:
         """Set up ``runner`` and listen on host:port; the bound port (for port 0)."""
@@ -245,6 +292,8 @@ class Sidecar:
         for runner in self._runners:
             await runner.cleanup()
         self._runners = []
+        if self.usage_flusher is not None:  # after the last request: the partial window goes too
+            await self.usage_flusher.close()
         await self.source.close()
         await self.proxy.close()
         await self.breaker.close()

@@ -40,3 +40,13 @@ def test_the_collector_benchmark_runs(tmp_path: Path) -> None:
     text = out.read_text()
     for row in ("| SQLite | 200 |", "| PostgreSQL | 1 (baseline) |", "| PostgreSQL | "):
         assert row in text, f"{row} missing from\n{text}"
+
+
+def test_the_usage_benchmark_runs(tmp_path: Path) -> None:
+    out = tmp_path / "benchmarks.md"
+    res = subprocess.run([sys.executable, "-m", "bench.usage_sidecar", "--seconds", "1", "--rounds", "1",
+                          "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
+    assert res.returncode == 0, res.stderr[-3000:]
+    text = out.read_text()
+    for row in ("| proxy CPU per request |", "| Redis commands per request caused by usage (`cmdstat_xadd`) |"):
+        assert row in text, f"{row} missing from\n{text}"

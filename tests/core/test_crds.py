@@ -548,7 +548,7 @@ MAXIMAL: Json = {
             {"name": "b", "match": {"path": {"prefix": "/b"}}, "skip": True},
             {"name": "c", "match": {"path": {"regex": "/c/.*"}}, "cost": 1},
         ],
-        "failureMode": "closed", "mode": "shadow", "headers": "both",
+        "failureMode": "closed", "mode": "shadow", "headers": "both", "usage": {"truncateIPs": True},
     },
     "status": {},
 }

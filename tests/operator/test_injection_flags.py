@@ -47,6 +47,12 @@ FULL_ARGV = [
     "--sidecar-grant-cache-size", "5000",
     "--sidecar-grant-cache-max-age-s", "0.25",
     "--sidecar-max-key-resolves", "16",
+    "--sidecar-usage", "off",
+    "--sidecar-usage-window-s", "5",
+    "--sidecar-usage-max-clients", "2000",
+    "--sidecar-usage-max-endpoints", "50",
+    "--sidecar-usage-stream-maxlen", "5000",
+    "--sidecar-usage-retries", "3",
     "--sidecar-max-request-header-bytes", "32768",
     "--sidecar-max-headers", "50",
     "--sidecar-header-timeout-s", "2.5",
@@ -280,6 +286,10 @@ def test_redis_flags_moved_with_their_behaviour(monkeypatch: pytest.MonkeyPatch)
      "must be greater than 0"),
     (["--sidecar-max-key-resolves", "1.5"], "--sidecar-max-key-resolves",
      "expected a positive integer, got '1.5'"),
+    (["--sidecar-usage", "maybe"], "--sidecar-usage", "expected one of on, off, got 'maybe'"),
+    (["--sidecar-usage-window-s", "0"], "--sidecar-usage-window-s", "must be greater than 0"),
+    (["--sidecar-env", "SLUICE_USAGE_RETRIES=5"], "--sidecar-env",
+     "SLUICE_USAGE_RETRIES cannot be set here: use --sidecar-usage-retries"),
     (["--sidecar-env", "SLUICE_GRANT_CACHE_SIZE=5"], "--sidecar-env",
      "SLUICE_GRANT_CACHE_SIZE cannot be set here: use --sidecar-grant-cache-size"),
     (["--sidecar-max-connections", "0"], "--sidecar-max-connections", "must be greater than 0"),
@@ -381,7 +391,7 @@ def test_every_flag_says_its_env_var_and_its_default() -> None:
     parser = argparse.ArgumentParser()
     settingsform.add_arguments(parser, InjectionSettings)
     flags = [a for a in parser._actions if a.option_strings and a.dest != "help"]
-    assert len(flags) == 26
+    assert len(flags) == 32
     for action in flags:
         (flag,) = action.option_strings
         assert flag.startswith("--sidecar-")

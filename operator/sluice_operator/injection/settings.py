@@ -3,7 +3,7 @@
 Every flag also reads ``SLUICE_OPERATOR_<FLAG>`` (``--sidecar-port`` ->
 ``SLUICE_OPERATOR_SIDECAR_PORT``); the command line wins, and an empty value means the default.
 The sidecar's own settings the injector passes on (timeouts, breaker, log level, grant cache,
-client limits) take their help, check and environment variable from the sidecar's schema in the
+usage analytics, client limits) take their help, check and environment variable from the sidecar's schema in the
 core (``sluice_core.sidecar_settings``); left unset, no variable is written and the sidecar's
 default applies. A bad value stops the operator at start with ``sluice operator: --flag:
 reason``, rather than letting it inject containers the API server refuses.
@@ -23,7 +23,9 @@ from sluice_operator.injection import values
 
 PULL_POLICIES = ("Always", "IfNotPresent", "Never")
 TUNED = ("redis_timeout_ms", "redis_connect_timeout_ms", "breaker_threshold", "breaker_cooldown_s",
-         "log_level", "grant_cache_size", "grant_cache_max_age_s", "max_key_resolves")
+         "log_level", "grant_cache_size", "grant_cache_max_age_s", "max_key_resolves",
+         "usage", "usage_window_s", "usage_max_clients", "usage_max_endpoints", "usage_stream_maxlen",
+         "usage_retries")
 """Sidecar settings with a field of their own here (passed as the sidecar's variables)."""
 CLIENT_LIMITS = ("max_request_header_bytes", "max_headers", "header_timeout_s", "keepalive_timeout_s",
                  "client_timeout_s", "max_connections", "max_connections_per_client",
@@ -39,22 +41,24 @@ _DEFAULT_RESOURCES = {
 }
 
 
-def _tuning(name: str, *, passed: bool = False, fold_case: bool = False) -> Doc:
+def _tuning(name: str, *, passed: bool = False, fold_case: bool = False, chart: str | None = None) -> Doc:
     """The Doc of the sidecar setting ``name`` as an injector flag. ``passed``: the injector
-    writes the sidecar's default itself (the flag shows it), else unset means the sidecar's."""
+    writes the sidecar's default itself (the flag shows it), else unset means the sidecar's.
+    ``chart``: its value's name under ``sidecar.`` (default: the setting's name in camelCase)."""
     sidecar = _SIDECAR[name]
-    chart = "".join(w.capitalize() for w in name.removesuffix("_s").split("_"))
-    chart += "Seconds" if name.endswith("_s") else ""
+    if chart is None:
+        chart = "".join(w.capitalize() for w in name.removesuffix("_s").split("_"))
+        chart += "Seconds" if name.endswith("_s") else ""
     return Doc(help=f"the sidecar's `{sidecar.env}`: {sidecar.doc.help}", kind=sidecar.kind,
                positive=sidecar.doc.positive, choices=sidecar.doc.choices, fold_case=fold_case,
                shown=None if passed else f"the sidecar's, {sidecar.default}",
                metavar="SECONDS" if name.endswith("_s") else "MS" if name.endswith("_ms")
-               else "LEVEL" if sidecar.doc.choices else "N",
+               else "LEVEL" if name == "log_level" else "MODE" if sidecar.doc.choices else "N",
                chart="sidecar." + chart[0].lower() + chart[1:])
 
 
-def _tuned(name: str, *, passed: bool = False, fold_case: bool = False) -> Any:
-    return documented(_tuning(name, passed=passed, fold_case=fold_case),
+def _tuned(name: str, *, passed: bool = False, fold_case: bool = False, chart: str | None = None) -> Any:
+    return documented(_tuning(name, passed=passed, fold_case=fold_case, chart=chart),
                       default=_SIDECAR[name].default if passed else None)
 
 
@@ -103,6 +107,12 @@ class InjectionSettings:
     grant_cache_size: int | None = _tuned("grant_cache_size")
     grant_cache_max_age_s: float | None = _tuned("grant_cache_max_age_s")
     max_key_resolves: int | None = _tuned("max_key_resolves")
+    usage: str | None = _tuned("usage", chart="Usage.mode")
+    usage_window_s: float | None = _tuned("usage_window_s", chart="Usage.windowSeconds")
+    usage_max_clients: int | None = _tuned("usage_max_clients", chart="Usage.maxClients")
+    usage_max_endpoints: int | None = _tuned("usage_max_endpoints", chart="Usage.maxEndpoints")
+    usage_stream_maxlen: int | None = _tuned("usage_stream_maxlen", chart="Usage.streamMaxLen")
+    usage_retries: int | None = _tuned("usage_retries", chart="Usage.retries")
     client_limits: Mapping[str, int | float] = setting(
         default_factory=dict, help="the sidecar's client-side limits by setting name",
         parts=tuple((name, _tuning(name)) for name in CLIENT_LIMITS))

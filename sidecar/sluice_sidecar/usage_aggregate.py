@@ -1,0 +1,234 @@
+"""Usage analytics: one flush window's counts, in memory and bounded whatever the traffic.
+
+Each finished request's :class:`~sluice_sidecar.usage_note.UsageNote` becomes one dictionary
+update per decision in it (:meth:`UsageAggregator.record`): its row, keyed by (policy, client,
+tier, endpoint, outcome, upstream status class) as :class:`sluice_core.usage.UsageRow`, gains a
+request, its tokens, its upstream latency (sum, count, max, histogram bucket) and its bytes.
+At the window's end :meth:`UsageAggregator.take` hands the rows over as a
+:class:`~sluice_core.usage.UsageWindow` and starts the next window empty.
+
+Bounds, per window: at most ``max_clients`` clients and ``max_endpoints`` endpoints are counted
+by name; a request of another client (endpoint) is counted under :data:`~sluice_core.usage.OTHER`
+and in ``folded_clients`` (``folded_endpoints``). Rows are at most half of
+:data:`~sluice_core.usage.MAX_ROWS` before a new key folds both its client and its endpoint (the
+keys left, policy x tier x outcome x status, are few: the other half is their room); should even
+that fill, the request is not counted (``dropped``). So memory is bounded by the settings, never
+by the traffic: a flood of random clients or paths costs a set look-up each.
+
+Names (``sluice_core.usage``: printable ASCII, at most 256 characters): a client is ``key:<key
+id>`` (an API key, by the id of its grant or keys-file entry, never by the key), ``header:<16
+characters of its digest>``, ``ip:<address>`` (an IPv6 client as the network its buckets use;
+with the policy's ``spec.usage.truncateIPs`` an IPv4 address as its /24 and an IPv6 one as its
+/48), ``anonymous`` where the request met no bucket. An endpoint is the matched rule's name, else
+the path by :func:`endpoint_of`.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import time
+from bisect import bisect_left
+from typing import Any
+
+from sluice_core import usage
+from sluice_core.usage import LATENCY_BOUNDS_US, OTHER, UsageRow, UsageWindow
+
+from sluice_sidecar.usage_note import UsageNote
+
+ANONYMOUS = "anonymous"
+MAX_SEGMENT = 64  # a longer path segment is an id, whatever it holds
+_HEX = frozenset("0123456789abcdefABCDEF")
+_STATUS = {1: "2xx", 2: "2xx", 3: "3xx", 4: "4xx", 5: "5xx"}  # 1xx cannot end a request: as 2xx
+_MAX_TRUNCATED = 4096  # IPv6 clients whose /48 is remembered (then the table starts over)
+_MAX_CACHED = 4096  # clients' and paths' names remembered (then the table starts over)
+_MAX_CACHED_PATH = 256  # longer paths are named anew each time: the cache stays under ~1.5 MiB
+
+
+def _is_id(seg: str) -> bool:
+    """Does a path segment name one object (a number, a UUID, long hex) or look hostile (long,
+    not printable ASCII)? Linear in the segment, no regular expression on attacker input."""
+    n = len(seg)
+    if n > MAX_SEGMENT or not seg.isascii() or not seg.isprintable():
+        return True
+    if seg.isdigit():
+        return True
+    if n == 36 and seg[8] == seg[13] == seg[18] == seg[23] == "-":
+        return _HEX.issuperset(seg.replace("-", ""))  # the four dashes, 32 hex digits
+    return n >= 16 and _HEX.issuperset(seg)
+
+
+def endpoint_of(path: str) -> str:
+    """A request no rule matched, as its endpoint: the path (as sent, without its query) cut to
+    its first two segments, each segment that names an id written ``:id`` (``/users/42/orders``
+    -> ``/users/:id``). Splits at most three times, so a path of any length costs the same."""
+    parts = path.split("/", 3)
+    out = [":id" if _is_id(seg) else seg for seg in parts[1:3]]
+    return "/" + "/".join(out)
+
+
+def status_class(status: int) -> str:
+    """The upstream's answer as :data:`sluice_core.usage.STATUS_CLASSES` (0: none)."""
+    return _STATUS.get(status // 100, "none") if status else "none"
+
+
+class UsageAggregator:
+    """The current window's rows; see the module docstring for the bounds."""
+
+    def __init__(self, *, max_clients: int, max_endpoints: int, max_rows: int = usage.MAX_ROWS) -> None:
+        self.max_clients = max_clients
+        self.max_endpoints = max_endpoints
+        self.max_rows = max_rows
+        self.dropped = 0  # requests not counted at all (every row taken): all windows so far
+        self._truncated: dict[str, str] = {}  # an IPv6 client -> its /48
+        self._names: dict[tuple[str, str, bool], str] = {}  # (client, key id, truncate) -> name
+        self._paths: dict[str, str] = {}  # path -> endpoint
+        self._start_ms = int(time.time() * 1000)
+        self._rows: dict[tuple[str, str, str, str, str, str], UsageRow] = {}
+        self._clients: set[str] = set()
+        self._endpoints: set[str] = set()
+        self._folded_clients = 0
+        self._folded_endpoints = 0
+
+    def client_of(self, client: str, key_id: str, truncate_ips: bool) -> str:
+        """A bucket client id (:mod:`sluice_core.keyschema`) as usage names it."""
+        kind = client[:1]
+        if kind == "k":
+            return f"key:{key_id}"[: usage.MAX_TEXT]
+        if kind == "h":
+            return "header:" + client[1:]
+        if kind == "i":
+            return "ip:" + (self._truncate(client[1:]) if truncate_ips else client[1:])
+        return ANONYMOUS
+
+    def _truncate(self, ip: str) -> str:
+        if ":" not in ip:  # IPv4: the common case, no parsing
+            head, dot, _ = ip.rpartition(".")
+            return f"{head}.0/24" if dot else ip
+        net = self._truncated.get(ip)
+        if net is None:
+            try:  # an IPv6 client is already its network ("2001:db8:1:2::/64")
+                net = str(ipaddress.ip_network(ip, strict=False).supernet(new_prefix=48))
+            except ValueError:
+                net = ip
+            if len(self._truncated) >= _MAX_TRUNCATED:
+                self._truncated.clear()
+            self._truncated[ip] = net
+        return net
+
+    def record(self, note: UsageNote, path: str) -> None:
+        """Count one finished request (``path``: as sent, without its query). The hot part of
+        usage counting: names come from bounded caches (a client or path seen before costs a
+        dictionary look-up), the histogram bucket from :func:`bisect.bisect_left` (C)."""
+        status = status_class(note.status)
+        latency = note.latency_us if note.status else -1
+        names = self._names
+        for d in note.decisions:
+            if d.client:
+                raw = (d.client, d.key_id, d.truncate_ips)
+                client = names.get(raw)
+                if client is None:
+                    client = self._name(raw)
+            else:
+                client = ANONYMOUS
+            endpoint = d.rule or self._endpoint(path)
+            if client not in self._clients:
+                if len(self._clients) < self.max_clients:
+                    self._clients.add(client)
+                else:
+                    client = OTHER
+                    self._folded_clients += 1
+            if endpoint not in self._endpoints:
+                if len(self._endpoints) < self.max_endpoints:
+                    self._endpoints.add(endpoint)
+                else:
+                    endpoint = OTHER
+                    self._folded_endpoints += 1
+            key = (d.policy if d.outcome != "skipped" else "", client, d.tier, endpoint, d.outcome, status)
+            row = self._rows.get(key)
+            if row is None:
+                row = self._new_row(key)
+                if row is None:
+                    continue
+            row.requests += 1
+            row.tokens += d.tokens
+            row.bytes_in += note.bytes_in
+            row.bytes_out += note.bytes_out
+            if latency >= 0:
+                row.latency_sum_us += latency
+                row.latency_count += 1
+                if latency > row.latency_max_us:
+                    row.latency_max_us = latency
+                b = bisect_left(LATENCY_BOUNDS_US, latency)  # == usage.latency_bucket, in C
+                hist = row.histogram
+                hist[b] = hist.get(b, 0) + 1
+
+    def _name(self, raw: tuple[str, str, bool]) -> str:
+        """:meth:`client_of`, remembered (at most :data:`_MAX_CACHED` clients, then anew)."""
+        name = self.client_of(*raw)
+        if len(self._names) >= _MAX_CACHED:
+            self._names.clear()
+        self._names[raw] = name
+        return name
+
+    def _endpoint(self, path: str) -> str:
+        """:func:`endpoint_of`, remembered for short paths (a long one is never kept)."""
+        e = self._paths.get(path)
+        if e is None:
+            e = endpoint_of(path)
+            if len(path) <= _MAX_CACHED_PATH:
+                if len(self._paths) >= _MAX_CACHED:
+                    self._paths.clear()
+                self._paths[path] = e
+        return e
+
+    def _new_row(self, key: tuple[str, str, str, str, str, str]) -> UsageRow | None:
+        """A row for a key not seen this window; past half of ``max_rows`` the key's client and
+        endpoint fold (counted), and past ``max_rows`` the request is dropped (None)."""
+        rows = self._rows
+        if len(rows) >= self.max_rows // 2:
+            policy, client, tier, endpoint, outcome, status = key
+            if client != OTHER:
+                self._folded_clients += 1
+            if endpoint != OTHER:
+                self._folded_endpoints += 1
+            key = (policy, OTHER, tier, OTHER, outcome, status)
+            row = rows.get(key)
+            if row is not None:
+                return row
+            if len(rows) >= self.max_rows:
+                self.dropped += 1
+                return None
+        row = rows[key] = UsageRow(*key)
+        return row
+
+    def take(self, source: str, seq: int, namespace: str) -> UsageWindow:
+        """The window so far (ending now), and a new empty one started."""
+        now_ms = int(time.time() * 1000)
+        window = self.peek(source, seq, namespace, now_ms)
+        self._start_ms = now_ms
+        self._rows = {}
+        self._clients = set()
+        self._endpoints = set()
+        self._folded_clients = self._folded_endpoints = 0
+        return window
+
+    def peek(self, source: str, seq: int, namespace: str, now_ms: int | None = None) -> UsageWindow:
+        """The window so far, left in place (rows shared: read it before the next request)."""
+        end = int(time.time() * 1000) if now_ms is None else now_ms
+        return UsageWindow(source, seq, namespace, self._start_ms, max(end, self._start_ms),
+                           list(self._rows.values()), self._folded_clients, self._folded_endpoints)
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+
+def window_json(window: UsageWindow | None) -> dict[str, Any] | None:
+    """A window as the admin port's ``/usage`` shows it: the stream entry's JSON (names and
+    counts only: a key by its id, never the key)."""
+    if window is None:
+        return None
+    import json
+
+    body: dict[str, Any] = json.loads(usage.encode(window)["w"])
+    body["fields"] = list(usage.ROW_FIELDS)
+    return body
