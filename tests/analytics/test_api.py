@@ -9,39 +9,20 @@ import io
 import time
 from collections import Counter
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import TestClient
 from sluice_analytics import rollup, store
-from sluice_analytics.api import ApiContext, routes
+from sluice_analytics.api import ApiContext
 from sluice_analytics.auth import TokenFile
 from sluice_core.usage import UsageWindow
 from sqlalchemy.ext.asyncio import AsyncEngine
+from support.analytics_api import AUTH, TOKEN, api_client
 from support.usage_windows import Writer
 
 T0 = 1_789_948_800  # 2026-09-21T00:00:00Z: a whole day, so the day table can serve the range
-TOKEN = "t0ps3cret-analytics-token"
-AUTH = {"Authorization": f"Bearer {TOKEN}"}
-
-
-async def api_client(ctx: ApiContext) -> TestClient[web.Request, web.Application]:
-    app = web.Application()
-    app.add_routes(routes(ctx))
-    client: TestClient[web.Request, web.Application] = TestClient(TestServer(app))
-    await client.start_server()
-    return client
-
-
-@pytest.fixture
-def token_file(tmp_path: Path) -> str:
-    path = tmp_path / "token"
-    path.write_text(TOKEN + "\n")
-    return str(path)
-
-
 @pytest.fixture
 async def api(engine: AsyncEngine, token_file: str) -> AsyncIterator[TestClient[web.Request, web.Application]]:
     client = await api_client(ApiContext(engine, TokenFile(token_file)))
