@@ -6,6 +6,7 @@ reset leaves an Event on the policy."""
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -59,10 +60,12 @@ def cluster(control_plane: ControlPlane) -> Any:
         tokens[who] = control_plane.kubectl("-n", ns, "create", "token", who).stdout.strip()
     for who, verb, sub in (("viewer", "get", "usage"), ("admin", "update", "buckets")):
         # RBAC is read by the API server from its informer: wait until the bindings count.
-        poll(lambda: control_plane.kubectl(
-            "auth", "can-i", verb, "ratelimitpolicies.sluice.dev", f"--subresource={sub}", "-n", ns,
-            f"--as=system:serviceaccount:{ns}:{who}", check=False).stdout.strip() == "yes",
-            f"{who} may {verb} {sub}")
+        review = json.dumps({"apiVersion": "authorization.k8s.io/v1", "kind": "SubjectAccessReview", "spec": {
+            "user": f"system:serviceaccount:{ns}:{who}", "resourceAttributes": {
+                "group": "sluice.dev", "resource": "ratelimitpolicies", "subresource": sub,
+                "verb": verb, "namespace": ns}}})
+        poll(lambda r=review: json.loads(control_plane.kubectl("create", "-f", "-", "-o", "json", input=r).stdout)
+             ["status"].get("allowed"), f"the {who} binding")
     try:
         yield ns, tokens
     finally:
