@@ -11,14 +11,18 @@ from sluice_core.usage import OUTCOMES
 from sluice_analytics.queries import BY, MAX_LIMIT, MAX_LIMITED_MINUTES
 
 
+TEXT = {"type": "string", "maxLength": 256, "pattern": "^[^\\x00-\\x1f]*$"}
+"""A name as stored: at most 256 characters, no control characters."""
+
+
 def _p(name: str, description: str, *, required: bool = False, where: str = "query",
        schema: dict[str, Any] | None = None) -> dict[str, Any]:
     return {"name": name, "in": where, "required": required, "description": description,
-            "schema": schema or {"type": "string"}}
+            "schema": schema or TEXT}
 
 
 NS = _p("namespace", "the namespace whose usage is asked (reads are authorised on it, or on the policy)",
-        required=True, schema={"type": "string", "minLength": 1, "maxLength": 256})
+        required=True, schema={**TEXT, "minLength": 1})
 POLICY = _p("policy", "a policy: NAME, NAMESPACE/NAME or _cluster/NAME")
 START = _p("start", "unix seconds or RFC 3339 with a zone; default: end - 1 h (moved down to a whole minute)")
 END = _p("end", "unix seconds or RFC 3339 with a zone; default: now (moved up to a whole minute)")
