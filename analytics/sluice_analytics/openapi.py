@@ -10,7 +10,6 @@ from sluice_core.usage import OUTCOMES
 
 from sluice_analytics.queries import BY, MAX_LIMIT, MAX_LIMITED_MINUTES
 
-
 TEXT = {"type": "string", "maxLength": 256, "pattern": "^[^\\x00-\\x1f]*$"}
 """A name as stored: at most 256 characters, no control characters."""
 
