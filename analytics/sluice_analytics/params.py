@@ -3,7 +3,8 @@
 bounded (:mod:`sluice_analytics.queries`).
 
 Times are unix seconds or RFC 3339 with a zone (``2026-11-29T06:00:00Z``); a range is moved out
-to whole minutes (``start`` down, ``end`` up), the finest rollup. Steps and windows take
+to whole minutes (``start`` down, ``end`` up), the finest rollup, or to whole hours (days) when
+it is too long to read at minutes (hours). Steps and windows take
 ``90``, ``30s``, ``5m``, ``1h``, ``1d``.
 """
 
@@ -30,6 +31,7 @@ from sluice_analytics.queries import (
 from sluice_analytics.schema import PERIODS
 
 MAX_REPORT_DAYS = 400
+MAX_RANGE_DAYS = 401
 DEFAULT_RANGE_S = 3600
 _DURATION = re.compile(r"^([0-9]{1,9})([smhd]?)$")
 _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -96,20 +98,22 @@ def duration(name: str, value: str, *, least: int, most: int) -> int:
 
 
 def time_range(query: Mapping[str, str], now: float | None = None) -> Range:
-    """``start`` / ``end`` (default: the last hour), moved out to whole minutes, bounded."""
+    """``start`` / ``end`` (default: the last hour), moved out to whole minutes, or to whole
+    hours / days when the range is too long to read at minutes / hours (at most
+    :data:`MAX_PERIODS` periods of the table read); at most :data:`MAX_RANGE_DAYS` days."""
     now_s = int(time.time() if now is None else now)
     end = instant("end", query["end"]) if query.get("end") else now_s
     start = instant("start", query["start"]) if query.get("start") else end - DEFAULT_RANGE_S
-    start -= start % 60
-    end += -end % 60
     if end <= start:
         raise ParamError("end", "must be after start")
-    table = table_for(start, end)
-    if (end - start) // PERIODS[table] > MAX_PERIODS:
-        raise ParamError("start", f"range too large: at most {MAX_PERIODS} periods of the table read "
-                                  "(48 h at minutes; align start and end to whole hours for up to 120 "
-                                  "days, to whole days (UTC) for more)")
-    return Range(start, end)
+    if end - start > MAX_RANGE_DAYS * 86400:
+        raise ParamError("start", f"range too large: at most {MAX_RANGE_DAYS} days (the day table's retention)")
+    for name in ("minute", "hour", "day"):
+        p = PERIODS[name]
+        s, e = start - start % p, end + -end % p
+        if (e - s) // PERIODS[table_for(s, e)] <= MAX_PERIODS:
+            return Range(s, e)
+    raise AssertionError("unreachable: 400 days are fewer than MAX_PERIODS days")
 
 
 def step(query: Mapping[str, str], rng: Range) -> tuple[Range, int]:
@@ -127,7 +131,11 @@ def step(query: Mapping[str, str], rng: Range) -> tuple[Range, int]:
         least = -(-span // MAX_POINTS)
         raise ParamError("step", f"too small for the range: at most {MAX_POINTS} points (at least "
                                  f"{-(-least // 60) * 60} s here)")
-    return Range(rng.start, rng.start + points * s), s
+    out = Range(rng.start, rng.start + points * s)
+    if span // PERIODS[table_for(out.start, out.end, s)] > MAX_PERIODS:
+        raise ParamError("step", f"a whole number of hours (days) for this range: at minutes it would "
+                                 f"read more than {MAX_PERIODS} periods")
+    return out, s
 
 
 def limit(query: Mapping[str, str], default: int = 10) -> int:

@@ -72,10 +72,10 @@ class AnalyticsSettings:
              "or `kubernetes` (TokenReview + SubjectAccessReview on the policy)")
     api_token_file: str = setting(
         default="", help="file holding the API's bearer token (`--api-auth token`); without it every "
-                         "API call is refused (401)", metavar="PATH")
+                         "API call is refused (401)", metavar="PATH", shown="none")
     kubeconfig: str = setting(
-        default="", help="kubeconfig for `--api-auth kubernetes` (reviews, Events); default: the "
-                         "pod's in-cluster account", metavar="PATH")
+        default="", help="kubeconfig for `--api-auth kubernetes` (reviews, Events)", metavar="PATH",
+        shown="the pod's in-cluster account")
     log_level: str = setting(default="info", help="`debug`, `info`, `warning` or `error`",
                              choices=LOG_LEVELS, fold_case=True)
 

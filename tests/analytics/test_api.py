@@ -123,7 +123,8 @@ BAD = [
     ("/v1/top", {"start": "yesterday"}, "start"),
     ("/v1/top", {"end": "2026-09-22T00:00:00"}, "end"),
     ("/v1/top", {"start": T0 + 600, "end": T0}, "end"),
-    ("/v1/top", {"start": T0 + 60, "end": T0 + 60 + 100 * 86400}, "start"),
+    ("/v1/top", {"start": T0 + 60, "end": T0 + 60 + 500 * 86400}, "start"),
+    ("/v1/series", {"start": T0 + 60, "end": T0 + 60 + 49 * 3600, "step": "3m"}, "step"),  # 1,000 points, 3,000 minutes
     ("/v1/top", {"start": T0, "end": T0 + 3000 * 86400}, "start"),
     ("/v1/top", {"by": "bytes"}, "by"),
     ("/v1/top", {"limit": "0"}, "limit"),
