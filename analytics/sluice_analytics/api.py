@@ -20,6 +20,7 @@ from typing import Any
 
 from aiohttp import web
 from sluice_core import buckets, configstore
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from sluice_analytics import params, queries
@@ -160,7 +161,7 @@ def routes(ctx: ApiContext) -> list[web.RouteDef]:
 
     handlers: list[tuple[str, str, Handler]] = [
         ("GET", "/v1/series", series), ("GET", "/v1/top", top), ("GET", "/v1/endpoints", endpoints),
-        ("GET", "/v1/limited", limited), ("GET", "/v1/clients/{client}", client),
+        ("GET", "/v1/limited", limited), ("GET", "/v1/clients/{client:.+}", client),
         ("GET", "/v1/report.csv", report), ("GET", "/v1/buckets", bucket), ("DELETE", "/v1/buckets", bucket)]
     out = [web.route(m, p, _errors(h)) for m, p, h in handlers]
     spec_body = document()
@@ -203,5 +204,8 @@ def _errors(handler: Handler) -> Handler:
         except configstore.ConfigStoreError:
             log.warning("api: Redis failed on %s", request.path, exc_info=True)
             return problem(503, "Service Unavailable", "Redis could not be reached")
+        except SQLAlchemyError as exc:
+            log.warning("api: the database failed on %s: %s", request.path, type(exc).__name__)
+            return problem(503, "Service Unavailable", "the usage database could not be read")
 
     return wrapped

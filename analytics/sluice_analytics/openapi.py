@@ -31,13 +31,18 @@ ENDPOINT = _p("endpoint", "a rule's name or a normalised path")
 
 PROBLEM = {"description": "a problem (RFC 9457): 400 names the parameter in `param`",
            "content": {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}}}
-ERRORS = {"400": PROBLEM, "401": PROBLEM, "403": PROBLEM}
+ERRORS = {"400": PROBLEM, "401": PROBLEM, "403": PROBLEM, "503": PROBLEM}
 
 
 def _get(summary: str, parameters: list[dict[str, Any]], schema: dict[str, Any],
          media: str = "application/json") -> dict[str, Any]:
     return {"summary": summary, "parameters": parameters,
             "responses": {"200": {"description": "OK", "content": {media: {"schema": schema}}}, **ERRORS}}
+
+
+def _with_404(op: dict[str, Any]) -> dict[str, Any]:
+    """An operation that names a policy: 404 when no config in Redis holds it."""
+    return {**op, "responses": {**op["responses"], "404": PROBLEM}}
 
 
 def _obj(**props: Any) -> dict[str, Any]:
@@ -103,10 +108,10 @@ def document() -> dict[str, Any]:
                     schema={"type": "string", "format": "date"})],
                 STR, media="text/csv")},
             "/v1/buckets": {
-                "get": _get("a client's buckets under a policy, live from Redis", bucket_params,
-                            _obj(policy=STR, client=STR, buckets={"type": "array", "items": bucket})),
-                "delete": {**_get("reset a client's buckets under a policy (audited)", bucket_params,
-                                  _obj(policy=STR, client=STR, deleted=INT)),
+                "get": _with_404(_get("a client's buckets under a policy, live from Redis", bucket_params,
+                                      _obj(policy=STR, client=STR, buckets={"type": "array", "items": bucket}))),
+                "delete": {**_with_404(_get("reset a client's buckets under a policy (audited)", bucket_params,
+                                            _obj(policy=STR, client=STR, deleted=INT))),
                            "description": "needs update on ratelimitpolicies/buckets"}},
         },
     }

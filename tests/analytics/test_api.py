@@ -77,6 +77,7 @@ async def test_usage_answers_are_exact(engine: AsyncEngine, api: TestClient[web.
     endpoints = await get(api, "/v1/endpoints", **rng)
     assert {e["endpoint"]: e["requests"] for e in endpoints["endpoints"]} == expect(ws, lambda w, r: r.endpoint)
 
+    assert (await get(api, "/v1/clients/ip:2001:db8::%2F64", **rng))["requests"] == 0  # a "/" in the id
     one = await get(api, "/v1/clients/key:c3", **rng)
     assert one["outcomes"] == dict(expect(ws, lambda w, r: r.outcome if r.client == "key:c3" else None)
                                    - Counter({None: 10**12}))
