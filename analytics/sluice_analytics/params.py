@@ -52,6 +52,12 @@ class Range:
     end: int
 
 
+def _digits(value: str) -> bool:
+    """ASCII digits only: ``str.isdigit`` also accepts "²" and other scripts' digits, some of
+    which ``int`` refuses."""
+    return value.isascii() and value.isdigit()
+
+
 def only(query: Mapping[str, str], allowed: Iterable[str]) -> None:
     """Refuse unknown parameters (a typo must not silently widen a query)."""
     known = set(allowed)
@@ -72,7 +78,7 @@ def text(query: Mapping[str, str], name: str, *, required: bool = False) -> str 
 
 
 def instant(name: str, value: str) -> int:
-    if value.isdigit() and len(value) <= 12:
+    if _digits(value) and len(value) <= 12:
         t = int(value)
     else:
         try:
@@ -142,7 +148,7 @@ def limit(query: Mapping[str, str], default: int = 10) -> int:
     value = query.get("limit")
     if not value:
         return default
-    if not value.isdigit() or not 1 <= int(value) <= MAX_LIMIT:
+    if not _digits(value) or len(value) > 6 or not 1 <= int(value) <= MAX_LIMIT:
         raise ParamError("limit", f"an integer from 1 to {MAX_LIMIT}")
     return int(value)
 
@@ -156,7 +162,7 @@ def by(query: Mapping[str, str]) -> str:
 
 def minutes(query: Mapping[str, str]) -> int:
     value = query.get("minutes") or "5"
-    if not value.isdigit() or not 1 <= int(value) <= MAX_LIMITED_MINUTES:
+    if not _digits(value) or len(value) > 6 or not 1 <= int(value) <= MAX_LIMITED_MINUTES:
         raise ParamError("minutes", f"an integer from 1 to {MAX_LIMITED_MINUTES}")
     return int(value)
 

@@ -81,9 +81,9 @@ def _range(p: argparse.ArgumentParser) -> None:
 
 def _seconds(text: str) -> int:
     units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-    if text[-1:] in units and text[:-1].isdigit():
+    if text[-1:] in units and text[:-1].isascii() and text[:-1].isdigit():
         return int(text[:-1]) * units[text[-1]]
-    if text.isdigit():
+    if text.isascii() and text.isdigit():
         return int(text)
     raise SystemExit(f"sluice usage: --since: expected 30m, 6h, 7d, not {text!r}")
 
@@ -124,7 +124,7 @@ def _query(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
     q: dict[str, Any] = {"namespace": args.namespace, "policy": args.policy}
     if args.action in ("top", "series"):
         end = args.end or str(int(time.time()))
-        start = args.start or (str(int(end) - _seconds(args.since)) if end.isdigit() else None)
+        start = args.start or (str(int(end) - _seconds(args.since)) if end.isascii() and end.isdigit() else None)
         q.update(start=start, end=end)
     if args.action == "top":
         return "/v1/top", q | {"by": args.by, "limit": args.limit}

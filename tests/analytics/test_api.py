@@ -130,6 +130,9 @@ BAD = [
     ("/v1/top", {"by": "bytes"}, "by"),
     ("/v1/top", {"limit": "0"}, "limit"),
     ("/v1/top", {"limit": "100000"}, "limit"),
+    ("/v1/top", {"limit": "\u00b2"}, "limit"),  # a digit to str.isdigit, not to int()
+    ("/v1/top", {"start": "\u00b9\u00b2"}, "start"),
+    ("/v1/limited", {"minutes": "\u0663"}, "minutes"),
     ("/v1/top", {"colour": "red"}, "colour"),
     ("/v1/top", {"namespace": ""}, "namespace"),
     ("/v1/top", {"policy": "other/x"}, "policy"),

@@ -43,7 +43,9 @@ async def setup(tmp_path: Path, engine: AsyncEngine, token_file: str,
     doc = the_policy(name)
     async with configstore.connect(redis_server.url) as redis:
         await configstore.publish(redis, "default", configdoc.build_doc("default", [parse_policy(doc)]))
-        sc = await start_sidecar(tmp_path, doc, upstream=upstream, redis=redis_server.url)
+        # A generous Redis timeout: on a loaded machine the default 50 ms could fail a decision
+        # open, and the buckets would not hold what the test counts.
+        sc = await start_sidecar(tmp_path, doc, upstream=upstream, redis=redis_server.url, redis_timeout_ms=5000)
         api = await api_client(ApiContext(engine, TokenFile(token_file), redis))
         async with aiohttp.ClientSession() as http:
             yield {"name": name, "sidecar": sc, "api": api, "http": http, "redis": redis,
