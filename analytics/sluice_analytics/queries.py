@@ -19,7 +19,17 @@ from dataclasses import dataclass
 from typing import Any
 
 from sluice_core.usage import quantile_us
-from sqlalchemy import ColumnElement, Select, and_, case, func, literal, select, union_all
+from sqlalchemy import (
+    BigInteger,
+    ColumnElement,
+    Select,
+    and_,
+    case,
+    func,
+    literal,
+    select,
+    union_all,
+)
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from sluice_analytics.schema import HISTOGRAM, PERIODS, ROLLUPS, usage_minute, usage_rollups
@@ -97,7 +107,7 @@ def _limited(r: Any) -> ColumnElement[Any]:
 async def series(engine: AsyncEngine, flt: Filter, start: int, end: int, step: int) -> dict[str, Any]:
     table = table_for(start, end, step)
     r = _rows(flt, slices(table, start, end, await marks(engine)))
-    point = literal(start) + (r.c.ts - start) // step * step
+    point = literal(start, BigInteger) + (r.c.ts - start) // step * step  # BIGINT: past 2038 too
     q = (select(point.label("t"), r.c.outcome, func.sum(r.c.requests), func.sum(r.c.tokens))
          .group_by(point, r.c.outcome).order_by(point, r.c.outcome))
     async with engine.connect() as conn:

@@ -172,3 +172,10 @@ async def test_the_token_file_guards_every_call(engine: AsyncEngine, api: TestCl
         assert (await off.get("/v1/top", params=q, headers=AUTH)).status == 401
     finally:
         await off.close()
+
+
+async def test_times_past_2038(api: TestClient[web.Request, web.Application]) -> None:
+    """Unix seconds past 2^31 (PostgreSQL would refuse them as INTEGER parameters)."""
+    t = 4_102_444_800  # 2100-01-01
+    series = await get(api, "/v1/series", namespace="shop", start=t, end=t + 3600, step=60)
+    assert len(series["points"]) == 60 and all(p["requests"] == 0 for p in series["points"])
