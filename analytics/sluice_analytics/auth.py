@@ -24,6 +24,7 @@ import hmac
 import ssl
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -103,11 +104,13 @@ class TokenFile:
 
 @dataclass(frozen=True)
 class ApiServer:
-    """Where and how to reach the Kubernetes API (from :func:`load_api_server`)."""
+    """Where and how to reach the Kubernetes API (from :func:`load_api_server`). ``token``
+    is asked at every call: in a pod the client's loader re-reads the projected token, which
+    the kubelet rotates."""
 
     host: str
     ssl: ssl.SSLContext | bool
-    headers: dict[str, str]
+    token: Callable[[], str | None]
 
 
 def load_api_server(kubeconfig: str | None) -> ApiServer:
@@ -124,11 +127,13 @@ def load_api_server(kubeconfig: str | None) -> ApiServer:
         ctx = ssl.create_default_context(cafile=cfg.ssl_ca_cert)
         if cfg.cert_file:
             ctx.load_cert_chain(cfg.cert_file, cfg.key_file)
-    headers = {}
-    token = cfg.get_api_key_with_prefix("authorization") or cfg.get_api_key_with_prefix("BearerToken")
-    if token:
-        headers["Authorization"] = token if token.lower().startswith("bearer ") else f"Bearer {token}"
-    return ApiServer(cfg.host.rstrip("/"), ctx, headers)
+    def token() -> str | None:
+        value = cfg.get_api_key_with_prefix("authorization") or cfg.get_api_key_with_prefix("BearerToken")
+        if not value:
+            return None
+        return str(value) if str(value).lower().startswith("bearer ") else f"Bearer {value}"
+
+    return ApiServer(cfg.host.rstrip("/"), ctx, token)
 
 
 class KubernetesAuth:
@@ -145,7 +150,7 @@ class KubernetesAuth:
     def session(self) -> aiohttp.ClientSession:
         if self._session is None:
             self._session = aiohttp.ClientSession(
-                headers=self.server.headers, timeout=aiohttp.ClientTimeout(total=REVIEW_TIMEOUT_S),
+                timeout=aiohttp.ClientTimeout(total=REVIEW_TIMEOUT_S),
                 connector=aiohttp.TCPConnector(ssl=self.server.ssl))
         return self._session
 
@@ -155,7 +160,9 @@ class KubernetesAuth:
 
     async def post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
         try:
-            async with self.session().post(self.server.host + path, json=body) as resp:
+            auth = self.server.token()
+            headers = {"Authorization": auth} if auth else {}
+            async with self.session().post(self.server.host + path, json=body, headers=headers) as resp:
                 if resp.status >= 300:
                     raise Denied(503, f"the Kubernetes API answered {resp.status} to a review")
                 return dict(await resp.json())
