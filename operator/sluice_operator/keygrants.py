@@ -303,7 +303,12 @@ class KeyGrants:
         gone = [(key_id, g) for key_id, g in granted.items()
                 if g.policy == name and (key_id not in wanted or wanted[key_id][0] != g.digest)]
         if gone:
-            await grantstore.revoke(self.redis, ref, [keyschema.client_for_api_key(g.digest) for _, g in gone])
+            # A key another Secret now holds is written over below, not revoked first (no
+            # moment without it).
+            held = {digest for digest, _ in wanted.values()}
+            revoked = [keyschema.client_for_api_key(g.digest) for _, g in gone if g.digest not in held]
+            if revoked:
+                await grantstore.revoke(self.redis, ref, revoked)
             for key_id, g in gone:
                 self._drop(scope, key_id, g)
         writes: list[tuple[str, Granted, grantstore.GrantWrite]] = []
