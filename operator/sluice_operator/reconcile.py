@@ -405,7 +405,7 @@ class Reconciler:
                 raise configstore.ConfigStoreError("key Secrets not listed yet (API server?)") from None
         secrets = keys() if callable(keys) else keys  # read once listed: never a partial listing
         for name, policy in live.items():
-            await self.keys.sync_policy(namespace, policy, secrets)
+            await self.keys.sync_policy(namespace, policy, keys)  # read under its lock
             out.results[name].keys = self.keys.count(namespace, name)
             out.results[name].key_problems = self.keys.problems(namespace, name)
         if not self.embeds_keys(namespace):
