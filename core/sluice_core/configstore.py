@@ -159,6 +159,21 @@ async def heartbeats(client: Client, namespace: str) -> dict[bytes | str, bytes 
         raise ConfigStoreError(f"cannot read heartbeats of namespace {namespace!r}: {exc}") from exc
 
 
+async def legacy_heartbeat_namespaces(client: Client, namespaces: Sequence[str]) -> list[str]:
+    """Which of ``namespaces`` have a per-namespace heartbeat hash (sidecars of the oldest
+    releases write one; it expires with them): one pipelined EXISTS each."""
+    if not namespaces:
+        return []
+    try:
+        pipe = client.redis.pipeline(transaction=False)
+        for ns in namespaces:
+            pipe.exists(keyschema.heartbeat_key(ns))
+        there = await pipe.execute()
+    except REDIS_FAILURES as exc:
+        raise ConfigStoreError(f"cannot look for per-namespace heartbeats: {exc}") from exc
+    return [ns for ns, n in zip(namespaces, there, strict=True) if n]
+
+
 async def drop_heartbeats(client: Client, namespace: str, pods: Sequence[bytes | str]) -> None:
     """Remove the heartbeats of these pods (stale ones: their sidecars are gone)."""
     if not pods:

@@ -41,6 +41,7 @@ def build_registry(settings: OperatorSettings, reconciler: Reconciler,
     quiet_index_wait()  # kopf's start-up wait for its indexes: N wake-ups, not N²
     registry = kopf.OperatorRegistry()
     make_api = api_client or default_api_client
+    reconciler.embed_keys = settings.embed_keys
     active = gate or Standalone()
 
     @kopf.on.startup(registry=registry)

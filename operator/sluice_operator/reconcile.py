@@ -42,9 +42,6 @@ Keys = Sequence[SecretKey] | Callable[[], Sequence[SecretKey]]
 """A scope's key Secrets, or how to read them (handlers.py: only once they are listed)."""
 RECONCILE_CONCURRENCY = 16
 KEYS_LISTED_WAIT_S = 10.0
-EMBED_KEYS = ("auto", "always", "never")
-"""``--embed-keys``: whether documents carry their policies' keys besides the grants (see
-:meth:`Reconciler.embeds_keys`)."""
 
 
 class KeysNotListed(Exception):
