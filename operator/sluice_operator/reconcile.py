@@ -162,6 +162,7 @@ class Reconciler:
             if out.redis_error:
                 m.redis_errors.inc()
             m.reconciles.labels("redis_error" if out.redis_error else
+                                "keys_not_listed" if out.keys_error else
                                 "invalid" if any(not r.accepted for r in out.results.values()) else "ok").inc()
             if out.pushed:
                 m.pushes.inc()
