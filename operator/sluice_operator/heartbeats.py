@@ -3,8 +3,8 @@ interval however many namespaces and policies the operator serves (the ``Enforce
 
 Sidecars from before the global heartbeat set wrote one hash per namespace instead. They
 still count, at any time (a rollback, an old Deployment pinned to an old image): every refresh
-looks for the served namespaces' hashes (one pipelined EXISTS each; a hash expires with its
-sidecars) and reads those that exist."""
+looks for the served namespaces' hashes (one EXISTS a thousand namespaces; a hash expires with
+its sidecars) and reads those that exist."""
 
 from __future__ import annotations
 
