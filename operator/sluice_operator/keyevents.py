@@ -18,7 +18,7 @@ from sluice_core.model import CLUSTER_SCOPE
 from sluice_operator.keysecrets import CLUSTER_POLICY_LABEL, POLICY_LABEL, SecretKey
 from sluice_operator.reconcile import NamespaceOutcome, Reconciler
 from sluice_operator.resync import Gate
-from sluice_operator.secretwatch import KeySecretWatch, served
+from sluice_operator.secretwatch import KeySecretWatch, named_namespaces, served
 from sluice_operator.settings import OperatorSettings
 
 log = logging.getLogger("sluice.operator")
@@ -42,8 +42,11 @@ class KeyEvents:
         self.reconcile = reconcile
         self.write_statuses = write_statuses
         self.indexes: dict[str, Any] = {}
-        self.watches = {"": KeySecretWatch(api_client, POLICY_LABEL,
-                                           lambda ns: ns if served(ns, settings.namespaces) else None, self.changed)}
+        # Namespaces given by name: one watch each (namespaced RBAC is enough); else one for all.
+        names = named_namespaces(settings.namespaces)
+        self.watches = {ns: KeySecretWatch(api_client, POLICY_LABEL,
+                                           lambda ns: ns if served(ns, settings.namespaces) else None, self.changed,
+                                           namespace=ns or None) for ns in (names or [""])}
         if cluster_keys:
             keys_ns = settings.cluster_keys_namespace
             self.watches[CLUSTER_SCOPE] = KeySecretWatch(
@@ -57,7 +60,8 @@ class KeyEvents:
 
     def records(self, scope: str) -> list[SecretKey]:
         """The scope's key Secrets (complete once :attr:`KeySecretWatch.listed`)."""
-        return self.watches[CLUSTER_SCOPE if scope == CLUSTER_SCOPE else ""].keys(scope)
+        watch = self.watches.get(scope) or self.watches.get("")
+        return watch.keys(scope) if watch is not None else []
 
     def start(self, indexes: Mapping[str, Any]) -> None:
         self.indexes.update(indexes)
