@@ -119,6 +119,9 @@ class Collector:
             crashpoints.reach("after_commit")
             await self.stream.ack(ids)
             self._count(applied)
+            # Acknowledged is not deleted: drop what every group is done with, so the stream
+            # in the buckets' Redis holds only what is unconsumed (stream.py says why MINID).
+            self.metrics.trimmed.inc(await self.stream.trim())
         if self.health.error:
             log.info("usage collector recovered: %s", self.health.error)
             self.health.error = ""

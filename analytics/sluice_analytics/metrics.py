@@ -22,6 +22,9 @@ class AnalyticsMetrics:
         self.stale = Counter("sluice_analytics_windows_stale",
                              "Windows refused: older than --keep-applied-h (they might count twice)",
                              registry=r)
+        self.trimmed = Counter("sluice_analytics_stream_trimmed",
+                               "Stream entries removed once every consumer group acknowledged them",
+                               registry=r)
         self.bad = Counter("sluice_analytics_bad_entries",
                            "Stream entries that are no usage window (set aside, acknowledged)", registry=r)
         self.db_errors = Counter("sluice_analytics_db_errors",

@@ -13,6 +13,14 @@ name. What it reads, in this order:
 An entry is acknowledged (``XACK``) only after its batch committed. The group is created with
 ``MKSTREAM`` from the stream's start, and again whenever Redis says it is gone (a Redis
 restarted without persistence).
+
+``XACK`` deletes nothing: after each acknowledged batch, :meth:`UsageStream.trim` removes the
+entries every consumer group is done with (``scripts/trim_usage.lua``: ``XTRIM MINID`` to the
+oldest entry any group still has pending, with any consumer, or has not yet been delivered).
+So with a live collector the stream holds only what is unconsumed, whatever
+``--usage-stream-maxlen`` allows; a dead replica's pending entries stay until claimed and
+acknowledged; another group on the stream keeps what it has not read. ``XDEL`` of the
+acknowledged ids would be simpler but would take entries from under any other group.
 """
 
 from __future__ import annotations
@@ -22,7 +30,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from redis.exceptions import ResponseError
-from sluice_core import keyschema
+from sluice_core import keyschema, scripts
 from sluice_core.configstore import Client
 
 REJECTED_MAXLEN = 10_000
@@ -118,6 +126,11 @@ class UsageStream:
     async def ack(self, ids: list[str]) -> None:
         if ids:
             await self.redis.xack(self.key, self.group, *ids)
+
+    async def trim(self) -> int:
+        """Remove the entries every group has acknowledged; the number removed."""
+        s = scripts.trim_usage()
+        return int(await self.redis.eval(s.source, 1, self.key))
 
     async def reject(self, entry_id: str, fields: Fields, reason: str) -> None:
         """Keep a bad entry aside (bounded stream) and acknowledge it, in one transaction."""

@@ -51,3 +51,7 @@ def unlisted_keys() -> Script:
 
 def note_grant() -> Script:
     return load("note_grant")
+
+
+def trim_usage() -> Script:
+    return load("trim_usage")

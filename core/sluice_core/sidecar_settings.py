@@ -157,8 +157,12 @@ class SidecarSettings:
         default=DEFAULT_USAGE_MAX_ENDPOINTS, help="usage analytics: endpoints counted by name per window at most; "
                                                   "the rest fold into `(other)`", positive=True)
     usage_stream_maxlen: int = setting(
-        default=100_000, help="usage analytics: the stream keeps about this many entries (`XADD ... MAXLEN ~`), "
-                              "so a collector that is down never fills Redis", positive=True)
+        # 1,000: the stream's bound for when no collector trims it (a live one keeps only what
+        # is unconsumed). Measured (bench/usage_stream_size.py): ~17 KB a window at 100 clients,
+        # ~165 KB at 1,000: 17 MB and 165 MB; 100,000 was 1.7 and 16 GB beside the buckets.
+        default=1_000, help="usage analytics: the stream keeps about this many entries (`XADD ... MAXLEN ~`), "
+                            "so a collector that is down never fills Redis (sizing: README, usage analytics)",
+        positive=True)
     usage_retries: int = setting(
         default=6, help="usage analytics: a window Redis did not take is sent again with the next windows this "
                         "many times, then dropped (`sluice_usage_dropped_windows_total`)", positive=True)

@@ -178,3 +178,83 @@ def test_a_redis_cluster_stream_is_stored_exactly(redis_cluster: RedisClusterPro
     poll(lambda: any(f[b"id"] == bad_id for _, f in r.xrange(keyschema.USAGE_REJECTED_KEY)),
          "the bad entry set aside")
     r.close()
+
+
+def _xlen(redis: RedisServer) -> int:
+    return int(redis.client().xlen(keyschema.USAGE_STREAM_KEY))
+
+
+def test_the_stream_keeps_only_what_is_unconsumed(fresh_redis: RedisServer, tmp_path: Path,
+                                                  collectors: list[CollectorProcess]) -> None:
+    """XACK deletes nothing: the collector trims what it applied, so the stream (in the buckets'
+    Redis) does not sit at --usage-stream-maxlen with windows already stored."""
+    url = f"sqlite:///{tmp_path / 'usage.db'}"  # the trim is the stream's; one store is enough
+    writer = Writer(sources=6, start_ms=RECENT_MS)
+    r = fresh_redis.client()
+    collectors.append(c := CollectorProcess(fresh_redis.url, url))
+    for _ in range(4):
+        xadd_sync(r, writer.windows(5))
+    view = StoredView(url)
+    _all_applied(view, fresh_redis, 6 * 5 * 4)
+    poll(lambda: _xlen(fresh_redis) == 0, "the applied windows trimmed", diagnose=lambda: f"XLEN {_xlen(fresh_redis)}")
+    poll(lambda: c.metric("sluice_analytics_stream_trimmed_total") == 120, "the trim counted")
+    c.stop()
+    xadd_sync(r, writer.windows(3))  # the collector is down: these wait in the stream
+    assert _xlen(fresh_redis) == 18
+    collectors.append(CollectorProcess(fresh_redis.url, url))
+    _all_applied(view, fresh_redis, 138)
+    poll(lambda: _xlen(fresh_redis) == 0, "the windows written while down trimmed once applied")
+    assert view.totals() == writer.totals
+
+
+def test_a_dead_replicas_pending_entries_are_not_trimmed_before_they_are_applied(
+        fresh_redis: RedisServer, tmp_path: Path, collectors: list[CollectorProcess]) -> None:
+    url = f"sqlite:///{tmp_path / 'usage.db'}"
+    writer = Writer(sources=4, start_ms=RECENT_MS)
+    r = fresh_redis.client()
+    xadd_sync(r, writer.windows(10))  # 40 windows: batches of 20
+    dying = CollectorProcess(fresh_redis.url, url, consumer="gone", crash_at="before_commit:2")
+    assert dying.wait_died() == -signal.SIGKILL  # batch 1 applied (and trimmed), batch 2 held
+    assert r.xpending(keyschema.USAGE_STREAM_KEY, keyschema.USAGE_GROUP)["pending"] == 20
+    xadd_sync(r, writer.windows(5))  # 20 more
+    view = StoredView(url)
+    collectors.append(c := CollectorProcess(fresh_redis.url, url, consumer="live", claim_idle_s=3600))
+    poll(lambda: view.applied() == 40, "the new windows applied by the live replica")
+    poll(lambda: c.metric("sluice_analytics_windows_applied_total") == 20, "and acknowledged")
+    # The dead replica's 20 are the oldest the group needs: they and everything after stay.
+    poll(lambda: _xlen(fresh_redis) <= 40, "the first batch trimmed",
+         diagnose=lambda: f"XLEN {_xlen(fresh_redis)}")
+    assert _xlen(fresh_redis) == 40
+    pending = r.xpending_range(keyschema.USAGE_STREAM_KEY, keyschema.USAGE_GROUP, "-", "+", 100)
+    assert {p["consumer"] for p in pending} == {b"gone"} and len(pending) == 20
+    held = {p["message_id"] for p in pending}
+    assert held <= {i for i, _ in r.xrange(keyschema.USAGE_STREAM_KEY)}  # with their fields
+    c.stop()
+    collectors.append(CollectorProcess(fresh_redis.url, url, consumer="claimer", claim_idle_s=1))
+    _all_applied(view, fresh_redis, 60)
+    poll(lambda: _xlen(fresh_redis) == 0, "the claimed windows trimmed once applied")
+    assert view.totals() == writer.totals
+
+
+def test_another_consumer_group_is_not_robbed(fresh_redis: RedisServer, tmp_path: Path,
+                                              collectors: list[CollectorProcess]) -> None:
+    """Another group reading the same stream keeps what it has not read (and acknowledged)."""
+    url = f"sqlite:///{tmp_path / 'usage.db'}"
+    key, group = keyschema.USAGE_STREAM_KEY, "an-exporter"
+    writer = Writer(sources=2, start_ms=RECENT_MS)
+    r = fresh_redis.client()
+    r.xgroup_create(key, group, id="0", mkstream=True)
+    xadd_sync(r, writer.windows(10))  # 20
+    collectors.append(CollectorProcess(fresh_redis.url, url))
+    view = StoredView(url)
+    _all_applied(view, fresh_redis, 20)
+    assert _xlen(fresh_redis) == 20  # all applied by the collector; none read by the exporter
+    got = r.xreadgroup(group, "e1", {key: ">"}, count=10)[0][1]
+    r.xack(key, group, *[i for i, _ in got])
+    xadd_sync(r, writer.windows(2))  # 4 more: the collector applies them, then trims
+    _all_applied(view, fresh_redis, 24)
+    poll(lambda: _xlen(fresh_redis) == 14, "the entries both groups are done with trimmed",
+         diagnose=lambda: f"XLEN {_xlen(fresh_redis)}")
+    rest = r.xreadgroup(group, "e1", {key: ">"}, count=100)[0][1]
+    assert len(rest) == 14 and all(fields for _, fields in rest)
+    assert view.totals() == writer.totals

@@ -56,3 +56,38 @@ async def test_pending_entries_are_read_again_then_claimed(redis_server: RedisSe
     finally:
         await a.client.aclose()
         await b.client.aclose()
+
+
+async def test_trim_removes_only_what_every_group_acknowledged(redis_server: RedisServer) -> None:
+    """Entries pending with any consumer (a dead one's too), or not yet delivered to some
+    group, stay; what every group acknowledged goes."""
+    key = f"test:{{usage}}:{uuid.uuid4().hex}"
+    a, b = _stream(redis_server, key, "a"), _stream(redis_server, key, "b")
+    other = UsageStream(configstore.connect(redis_server.url), "x", block_ms=10, claim_idle_s=60, key=key,
+                        group="another-reader")
+    try:
+        assert await a.trim() == 0  # no stream yet
+        ids = [(await a.redis.xadd(key, {"n": str(i)})).decode() for i in range(10)]
+        assert await a.trim() == 0  # no group: only MAXLEN bounds it
+        await a.ensure_group()
+        await other.ensure_group()
+        for s in (a, b, other):
+            s._own_pending = False
+        held_by_b = await b.read(3)  # b "dies" holding 0..2
+        mine = await a.read(5)  # a applies 3..7
+        await a.ack([i for i, _ in mine])
+        assert await a.trim() == 0  # 0..2 pending with b; and the other group read nothing
+        await other.ack([i for i, _ in await other.read(10)])  # the other group is done with all 10
+        assert await a.trim() == 0  # b's pending entries are still the oldest needed
+        await b.ack([i for i, _ in held_by_b])  # claimed and applied, here by b itself
+        assert await a.trim() == 8  # 0..7 acknowledged by both groups; 8, 9 never delivered to ours
+        assert [i.decode() for i, _ in await a.redis.xrange(key)] == ids[8:]
+        await a.ack([i for i, _ in await a.read(10)])
+        assert await a.trim() == 2
+        assert await a.redis.xlen(key) == 0
+        assert (await a.lag()).entries == 0
+        await a.redis.xadd(key, {"n": "10"})  # new entries after an emptied stream still come
+        assert [f for _, f in await a.read(10)] == [{b"n": b"10"}]
+    finally:
+        for s in (a, b, other):
+            await s.client.aclose()

@@ -598,11 +598,13 @@ def scenarios(quick_flags: tuple[str, ...] = QUICK_TIMEOUTS) -> list[Scenario]:
         Scenario("identity-header-churn", "a new X-User-Id on every request from an untrusted peer",
                  identity_header_churn,
                  policy(identify={"order": ["apiKey", "header", "ip"], "header": "X-User-Id"})),
-        # Usage off: this is about buckets in a full Redis. With usage on, each window's XADD
-        # (~80 KB at 1,000 clients) lands in this 2 MB Redis, and the stream, which has no TTL,
-        # is never evicted under volatile-ttl: the buckets are squeezed out until decisions time
-        # out (seen: failed_open in 1 run of 3 at 10 s windows, every run at 1 s). Sizing Redis
-        # for the stream (or --usage-redis) is the operator's part: README, usage analytics.
+        # Usage off: this is about buckets in a full Redis. Before the collector trimmed the
+        # usage stream, its windows piled up in this 2 MB Redis (no TTL, never evicted under
+        # volatile-ttl) and squeezed the buckets out (failed_open in 1 run of 3 at 10 s windows,
+        # every run at 1 s). With the trim and a collector beside it the stream stays empty, but
+        # 15 s runs here fail open with usage off as well (3 of 5 on the shared machine), so the
+        # scenario cannot tell usage's effect apart; numbers and the remaining cost (each ~165 KB
+        # window evicts as much at once when it lands): docs/security.md. README: --usage-redis.
         Scenario("identity-churn-redis", "distinct clients without end against a full Redis (volatile-ttl)",
                  identity_churn_redis, policy(identify=trusted_proxy), flags=("--usage", "off"),
                  redis_args=("--maxmemory", "2mb", "--maxmemory-policy", "volatile-ttl")),
