@@ -108,12 +108,7 @@ class Resync:
         self.reconciler.metrics.resyncs.inc()
         trim()  # what bursts of work since the last interval freed (start-up's above all)
         await self.reconciler.memory_check.run()
-        if not await self.reconciler.intact():
-            log.warning("Redis lost config this operator wrote (flushed, restarted empty, restored "
-                        "from an older snapshot, or unreachable): reconciling every namespace again")
-            self.reconciler.metrics.restores.inc()
-            if await self.reconciler.start_counting():
-                await self.hooks.restore()
+        await self.check_redis()
         served = self.hooks.served()
         try:
             await self.heartbeats.refresh(ns for ns in served if ns != CLUSTER_SCOPE)
@@ -127,6 +122,29 @@ class Resync:
             outcome = self.reconciler.latest(scope)
             if outcome is not None and outcome.programmed and outcome.version:
                 await self._enforced(scope, bodies, outcome)
+
+    async def check_redis(self) -> None:
+        """Put back what Redis lost: everything when the count of writes says so (every
+        document, every policy's grants judged in full), only the scopes whose key index is gone
+        otherwise. Redis not answering is no loss: checked again at the next interval."""
+        r = self.reconciler
+        state = await r.intact()
+        if state is None:
+            return
+        if not state:
+            log.warning("Redis lost config or key grants this operator wrote (flushed, restarted empty, "
+                        "restored from an older snapshot, failed over with a lag) or another replica "
+                        "wrote too: reconciling every namespace again")
+            r.metrics.restores.inc()
+            if await r.start_counting():
+                await self.hooks.restore()
+            return
+        for scope in await r.lost_grants() or []:
+            log.warning("Redis lost the key grants of a policy of %s (its key index is gone): "
+                        "writing its keys again", scope)
+            r.metrics.restores.inc()
+            r.keys.unsync(scope)
+            await self.hooks.reconcile(scope)
 
     async def _enforced(self, scope: str, bodies: Sequence[Mapping[str, Any]], outcome: NamespaceOutcome) -> None:
         """Write the status of the scope's policies whose count of enforcing sidecars changed."""
