@@ -270,10 +270,11 @@ async def prune_heartbeats(client: Client, before: float) -> int:
         raise ConfigStoreError(f"cannot prune heartbeats: {exc}") from exc
 
 
-async def bump_epoch(client: Client, scope: str) -> int:
-    """Count one more config write by the operator serving ``scope``; the new count."""
+async def bump_epoch(client: Client, scope: str, by: int = 1) -> int:
+    """Count one more config write by the operator serving ``scope``; the new count (``by=0``:
+    the count as it is, 0 created where there is none)."""
     try:
-        return int(await client.redis.hincrby(keyschema.OPERATOR_EPOCH_KEY, scope, 1))
+        return int(await client.redis.hincrby(keyschema.OPERATOR_EPOCH_KEY, scope, by))
     except REDIS_FAILURES as exc:
         raise ConfigStoreError(f"cannot write the operator's epoch: {exc}") from exc
 

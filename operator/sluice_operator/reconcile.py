@@ -292,10 +292,12 @@ class Reconciler:
 
     async def start_counting(self) -> bool:
         """Take the count from here (at start-up, and before re-writing everything): what
-        was written before is checked by the reconciles that follow. False if Redis failed."""
+        was written before is checked by the reconciles that follow. False if Redis failed.
+        Read, not raised: a replica that starts (a rolling update's new pod, passive) must not
+        make the active one see a write it did not make and rewrite every grant."""
         async with self._epoch_lock:
             try:
-                self._epoch = await configstore.bump_epoch(self.redis, self.scope)
+                self._epoch = await configstore.bump_epoch(self.redis, self.scope, by=0)
             except configstore.ConfigStoreError as exc:
                 log.warning("cannot count config writes in Redis: %s", exc)
                 self._epoch = None

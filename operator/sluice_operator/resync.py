@@ -26,6 +26,11 @@ from sluice_operator.status import status_update
 
 log = logging.getLogger("sluice.operator")
 RETRY_S = 1.0  # after a failed expiry reconcile (Redis away)
+REDIS_CHECK_S = 5.0
+"""Between sweeps, how often Redis is checked for what it lost (:meth:`Resync.check_redis`: the
+count of writes, one EXISTS per thousand documents and per thousand key indexes): after a
+flush, sidecars that read grants refuse every required key until the grants are back, so the
+loss is looked for sooner than at the next sweep."""
 
 
 class Gate(Protocol):
@@ -57,8 +62,9 @@ class Hooks:
 
 class Resync:
     def __init__(self, interval_s: float, reconciler: Reconciler, heartbeats: HeartbeatView,
-                 gate: Gate, hooks: Hooks) -> None:
+                 gate: Gate, hooks: Hooks, check_s: float = REDIS_CHECK_S) -> None:
         self.interval_s = interval_s
+        self.check_s = min(check_s, interval_s)
         self.reconciler = reconciler
         self.heartbeats = heartbeats
         self.gate = gate
@@ -66,6 +72,7 @@ class Resync:
 
     async def run(self) -> None:
         next_sweep = time.monotonic() + self.interval_s
+        next_check = time.monotonic() + self.check_s
         retry_at = 0.0
         while True:
             self.reconciler.changed.clear()
@@ -77,12 +84,16 @@ class Resync:
                         retry_at = time.monotonic() + RETRY_S
                     if time.monotonic() >= next_sweep:
                         await self.sweep()
+                    elif time.monotonic() >= next_check:
+                        await self.check_redis()
             except Exception:  # a bug must not end the resync of every policy: said, then retried
                 log.exception("resync failed")
                 retry_at = time.monotonic() + RETRY_S
             if time.monotonic() >= next_sweep:
                 next_sweep = time.monotonic() + self.interval_s
-            delay = next_sweep - time.monotonic()
+            if time.monotonic() >= next_check:
+                next_check = time.monotonic() + self.check_s
+            delay = min(next_sweep, next_check) - time.monotonic()
             first = min(self.reconciler.next_expiries().values(), default=None)
             if first is not None:
                 until = max((first - dt.datetime.now(dt.UTC)).total_seconds(), retry_at - time.monotonic(), 0.0)

@@ -6,7 +6,9 @@ rewritten)."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import contextlib
 import shutil
 import uuid
 from collections.abc import AsyncIterator, Mapping, Sequence
@@ -21,6 +23,7 @@ from sluice_operator.keysecrets import POLICY_LABEL, SecretKey, read_secret
 from sluice_operator.reconcile import Reconciler
 from sluice_operator.resync import Hooks, Resync, Standalone
 from support.redis_servers import RedisServer
+from support.sidecar_harness import wait_for
 
 
 def policy_body(ns: str) -> dict[str, Any]:
@@ -173,3 +176,40 @@ async def test_a_redis_that_does_not_answer_the_check_costs_no_rewrite(fresh_red
         assert op.restores == 0
         assert await op.reconciler.intact()
         assert op.reconciler.keys.judged("blip", "api")
+
+
+async def test_a_replica_that_starts_does_not_make_the_active_one_rewrite_everything(
+        redis_server: RedisServer) -> None:
+    """A rolling update starts a new replica (passive) beside the active one: taking the count
+    reads it, so the active one's next check finds the count it wrote."""
+    ns, scope = f"start-{uuid.uuid4().hex[:8]}", f"test-{uuid.uuid4().hex[:8]}"
+    async with _operator(redis_server.url, ns, scope) as active:
+        active.keys = [secret(ns, "k0", f"sk-{ns}")]
+        await active.reconcile()
+        async with _operator(redis_server.url, ns, scope):
+            await active.resync().sweep()
+        assert active.restores == 0
+
+
+async def test_a_flushed_redis_gets_its_grants_back_before_the_next_sweep(fresh_redis: RedisServer) -> None:
+    """FLUSHALL (or a restart without persistence): required keys are refused until their grants
+    are back, so the resync looks for the loss between sweeps (here an interval of 5 minutes;
+    it checks every REDIS_CHECK_S)."""
+    async with _operator(fresh_redis.url, "flush", "test") as op:
+        key = secret("flush", "k0", "sk-flush")
+        op.keys = [key]
+        await op.reconcile()
+        r = op.reconciler
+        served: Mapping[str, Sequence[Mapping[str, Any]]] = {op.ns: [policy_body(op.ns)]}
+        resync = Resync(300.0, r, HeartbeatView(r.redis, 60.0), Standalone(),
+                        Hooks(served=lambda: served, restore=op.restore, reconcile=op.reconcile,
+                              write_status=_no_status))
+        task = asyncio.create_task(resync.run())
+        try:
+            fresh_redis.execute("FLUSHALL")
+            await wait_for(lambda: op.granted(key), timeout=15.0, what="the grant written again")
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        assert op.restores == 1
