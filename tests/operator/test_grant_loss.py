@@ -16,13 +16,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
+from redis.crc import key_slot
 from sluice_core import configstore, keyschema
 from sluice_operator.heartbeats import HeartbeatView
 from sluice_operator.keygrants import policy_ref
 from sluice_operator.keysecrets import POLICY_LABEL, SecretKey, read_secret
 from sluice_operator.reconcile import Reconciler
 from sluice_operator.resync import Hooks, Resync, Standalone
-from support.redis_servers import RedisServer
+from support.redis_servers import RedisClusterProcs, RedisServer
 from support.sidecar_harness import wait_for
 
 
@@ -213,3 +214,34 @@ async def test_a_flushed_redis_gets_its_grants_back_before_the_next_sweep(fresh_
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         assert op.restores == 1
+
+
+@pytest.mark.cluster
+async def test_a_cluster_node_restarted_empty_gets_its_policys_keys_back() -> None:
+    """A 3-master Cluster of this test's own: the node that holds the policy's key index (and
+    neither the count of writes nor the namespace's document) restarts empty, with its slots.
+    The count and the document cannot tell; the index's absence does."""
+    with RedisClusterProcs(3) as cluster:
+        owners = cluster.slot_owners()
+
+        def node_of(key: str) -> int:
+            return owners[key_slot(key.encode())]
+
+        ns = next(ns for ns in (f"node-{i}" for i in range(1000))
+                  if node_of(keyschema.grant_index_key(keyschema.policy_id(policy_ref(ns, "api"))))
+                  not in {node_of(keyschema.OPERATOR_EPOCH_KEY), node_of(keyschema.config_key(ns))})
+        async with _operator(cluster.url, ns, "test") as op:
+            op.keys = [secret(ns, f"k{i}", f"sk-{ns}-{i}") for i in range(5)]
+            await op.reconcile()
+            pid = keyschema.policy_id(op.ref)
+            node = cluster.node_by_port(node_of(keyschema.grant_index_key(pid)))
+            node.restart()  # empty (no persistence), its slots kept (nodes.conf)
+            cluster.wait_ok()
+            resync = op.resync()
+
+            async def all_back() -> bool:
+                await resync.sweep()  # the first command after the restart may fail: then the next
+                return all([await op.granted(k) for k in op.keys])
+
+            await wait_for(all_back, timeout=20.0, what="the lost node's grants written again")
+            assert op.restores == 0  # only the scope judged again, not everything
