@@ -8,8 +8,9 @@ Rules it keeps:
   stays in the document (also after an operator restart: it is recovered from Redis).
 - Versions only rise: a re-push after Redis lost the config continues from the last version.
 - Redis is written only when the document changed or is missing.
-- Each write is counted in Redis (:data:`~sluice_core.keyschema.OPERATOR_EPOCH_KEY`), so that
-  one read an interval tells whether Redis still holds what was written (:meth:`Reconciler.intact`).
+- Each write is counted in Redis (:data:`~sluice_core.keyschema.OPERATOR_EPOCH_KEY`), key grant
+  writes too, so that one read an interval tells whether Redis still holds what was written
+  (:meth:`Reconciler.intact`; :meth:`Reconciler.lost_grants` for a key index gone).
 
 ClusterRateLimitPolicies are reconciled the same way into the document of the pseudo-namespace
 ``_cluster``, with each policy's namespaceSelector resolved to the namespaces it selects now

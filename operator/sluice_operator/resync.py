@@ -1,6 +1,7 @@
 """One task for every policy, instead of a kopf timer and a daemon per policy (two tasks each,
-all started at once at start-up, 0.8 MB a policy): every interval it checks that Redis still
-holds what was written, re-writing everything only when it does not, reads the sidecars'
+all started at once at start-up, 0.8 MB a policy): every interval (and every
+:data:`REDIS_CHECK_S` between) it checks that Redis still holds what was written, re-writing
+everything only when it does not (a policy's keys only when only its key index is gone), reads the sidecars'
 heartbeats and writes the status of the policies whose ``Enforced`` count changed; between
 intervals it wakes when a namespace's first key expires.
 
