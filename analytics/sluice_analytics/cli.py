@@ -12,6 +12,8 @@ import signal
 from sluice_core import configstore, settingsform
 
 from sluice_analytics import database, migrate
+from sluice_analytics.api import ApiContext
+from sluice_analytics.auth import Authorizer, KubernetesAuth, TokenFile, load_api_server
 from sluice_analytics.collector import Collector
 from sluice_analytics.metrics import AnalyticsMetrics
 from sluice_analytics.server import serve
@@ -60,19 +62,31 @@ async def _main(settings: AnalyticsSettings, action: str) -> int:
                 result = await collector.rollup_once()
                 print(f"rolled up {result.rolled}, deleted {result.deleted}")
                 return 0
-            await _serve(settings, collector)
+            await _serve(settings, collector, ApiContext(engine, authorizer(settings), client))
         return 0
     finally:
         await engine.dispose()
 
 
-async def _serve(settings: AnalyticsSettings, collector: Collector) -> None:
+def authorizer(settings: AnalyticsSettings) -> Authorizer:
+    try:
+        if settings.api_auth == "kubernetes":
+            return KubernetesAuth(load_api_server(settings.kubeconfig or None))
+        auth = TokenFile(settings.api_token_file or None)
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"sluice analytics: API auth: {exc}") from None
+    if not settings.api_token_file:
+        log.warning("sluice analytics: no --api-token-file: every API call is refused (401)")
+    return auth
+
+
+async def _serve(settings: AnalyticsSettings, collector: Collector, api: ApiContext) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     host, port = settingsform.split_host_port(settings.listen)
-    runner, bound = await serve(collector, host, port, stale_s=max(30.0, settings.block_ms / 1000 * 5))
+    runner, bound = await serve(collector, host, port, stale_s=max(30.0, settings.block_ms / 1000 * 5), api=api)
     log.info("sluice analytics: consumer %s, database %s, /metrics and /healthz on %s:%d",
              collector.stream.consumer, database.shown(settings.database), host, bound)
     try:
@@ -81,3 +95,4 @@ async def _serve(settings: AnalyticsSettings, collector: Collector) -> None:
         await collector.run(stop)
     finally:
         await runner.cleanup()
+        await api.auth.close()

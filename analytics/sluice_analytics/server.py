@@ -1,4 +1,9 @@
-"""``/metrics`` and ``/healthz`` of ``sluice analytics`` (aiohttp, on ``--listen``).
+"""``/metrics`` and ``/healthz`` of ``sluice analytics`` (aiohttp, on ``--listen``), and the API
+(``/openapi.json``, ``/v1/...``: :mod:`sluice_analytics.api`) on the same port.
+
+One port rather than a second listener: one Service, one port to probe and scrape, nothing more to
+configure; the API authenticates every call itself, and ``/metrics`` / ``/healthz`` carry no
+client data (as before).
 
 ``/healthz`` is 200 while the collector talks to Redis (a read, even an empty one, within the
 last ``stale_s``) and no failure is outstanding; otherwise 503 with the reason: a liveness
@@ -11,10 +16,11 @@ import time
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from sluice_analytics.api import ApiContext, routes
 from sluice_analytics.collector import Collector
 
 
-def app(collector: Collector, *, stale_s: float) -> web.Application:
+def app(collector: Collector, *, stale_s: float, api: ApiContext | None = None) -> web.Application:
     async def metrics(_request: web.Request) -> web.Response:
         return web.Response(body=generate_latest(collector.metrics.registry),
                             headers={"Content-Type": CONTENT_TYPE_LATEST})
@@ -32,12 +38,15 @@ def app(collector: Collector, *, stale_s: float) -> web.Application:
     application = web.Application()
     application.router.add_get("/metrics", metrics)
     application.router.add_get("/healthz", healthz)
+    if api is not None:
+        application.add_routes(routes(api))
     return application
 
 
-async def serve(collector: Collector, host: str, port: int, *, stale_s: float) -> tuple[web.AppRunner, int]:
+async def serve(collector: Collector, host: str, port: int, *, stale_s: float,
+                api: ApiContext | None = None) -> tuple[web.AppRunner, int]:
     """Start serving; the runner (to clean up) and the bound port (``port`` 0: any free one)."""
-    runner = web.AppRunner(app(collector, stale_s=stale_s), access_log=None)
+    runner = web.AppRunner(app(collector, stale_s=stale_s, api=api), access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, host, port, reuse_address=True)
     await site.start()

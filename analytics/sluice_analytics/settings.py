@@ -64,8 +64,18 @@ class AnalyticsSettings:
                            "ending longer ago than this is refused as stale and counted", positive=True)
     delete_batch: int = setting(default=50, help="retention deletes at most this many periods per run, "
                                                  "one transaction each", positive=True)
-    listen: str = setting(default="0.0.0.0:9092", help="HOST:PORT for `/metrics` and `/healthz`",
+    listen: str = setting(default="0.0.0.0:9092", help="HOST:PORT for `/metrics`, `/healthz`, `/openapi.json` and the API (`/v1/...`)",
                           parse=_host_port, metavar="HOST:PORT")
+    api_auth: str = setting(
+        default="token", choices=("token", "kubernetes"),
+        help="who may call the API (`/v1/...`): `token` (one bearer token from `--api-token-file`) "
+             "or `kubernetes` (TokenReview + SubjectAccessReview on the policy)")
+    api_token_file: str = setting(
+        default="", help="file holding the API's bearer token (`--api-auth token`); without it every "
+                         "API call is refused (401)", metavar="PATH", shown="none")
+    kubeconfig: str = setting(
+        default="", help="kubeconfig for `--api-auth kubernetes` (reviews, Events)", metavar="PATH",
+        shown="the pod's in-cluster account")
     log_level: str = setting(default="info", help="`debug`, `info`, `warning` or `error`",
                              choices=LOG_LEVELS, fold_case=True)
 

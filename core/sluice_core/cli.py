@@ -1,6 +1,7 @@
 """The ``sluice`` command.
 
-``check`` and ``apply`` live here (they only need the policy core). The sidecar, the demo, the
+``check`` and ``apply`` live here (they only need the policy core), and ``usage`` / ``bucket``
+(:mod:`sluice_core.usagecli`: an HTTP client of the analytics API, and Redis). The sidecar, the demo, the
 operator, ``keys`` and ``services`` register themselves as entry points of the
 ``sluice.commands`` group (pyproject.toml); each names a module with ``HELP``,
 ``add_arguments(parser)`` and ``run(args) -> int``. They are read from the installed package
@@ -17,7 +18,7 @@ from collections.abc import Mapping, Sequence
 from importlib.metadata import EntryPoint, entry_points
 from typing import Protocol, cast
 
-from sluice_core import configdoc, configstore, keysapply
+from sluice_core import configdoc, configstore, keysapply, usagecli
 from sluice_core.errors import PolicyErrors
 from sluice_core.lint import policy_warnings
 from sluice_core.model import CLUSTER_SCOPE, CompiledPolicy
@@ -142,6 +143,7 @@ def build_parser(commands: Mapping[str, EntryPoint], *, with_help: bool = True) 
                        help="the namespaces the ClusterRateLimitPolicies in -f apply to (what the "
                             "operator resolves their namespaceSelector to)")
     apply.set_defaults(func=_cmd_apply)
+    usagecli.add_parsers(sub)
     for name, entry_point in commands.items():
         sub.add_parser(name, help=load_command(entry_point).HELP if with_help else None, add_help=False)
     if not commands:

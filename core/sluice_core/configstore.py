@@ -159,6 +159,29 @@ async def heartbeats(client: Client, namespace: str) -> dict[bytes | str, bytes 
         raise ConfigStoreError(f"cannot read heartbeats of namespace {namespace!r}: {exc}") from exc
 
 
+async def legacy_heartbeat_namespaces(client: Client, namespaces: Sequence[str], chunk: int = 1000) -> list[str]:
+    """Which of ``namespaces`` have a per-namespace heartbeat hash (sidecars of the oldest
+    releases write one; it expires with them). As :func:`missing_configs`: on one Redis one
+    EXISTS counts a thousand at a time, and only when some exist are they looked at one by one."""
+    if not namespaces:
+        return []
+    keys = [keyschema.heartbeat_key(ns) for ns in namespaces]
+    try:
+        if not isinstance(client.redis, redis.asyncio.RedisCluster):
+            found = 0
+            for start in range(0, len(keys), chunk):
+                found += int(await client.redis.exists(*keys[start:start + chunk]))
+            if not found:
+                return []
+        pipe = client.redis.pipeline(transaction=False)
+        for ns in namespaces:
+            pipe.exists(keyschema.heartbeat_key(ns))
+        there = await pipe.execute()
+    except REDIS_FAILURES as exc:
+        raise ConfigStoreError(f"cannot look for per-namespace heartbeats: {exc}") from exc
+    return [ns for ns, n in zip(namespaces, there, strict=True) if n]
+
+
 async def drop_heartbeats(client: Client, namespace: str, pods: Sequence[bytes | str]) -> None:
     """Remove the heartbeats of these pods (stale ones: their sidecars are gone)."""
     if not pods:

@@ -41,6 +41,7 @@ def build_registry(settings: OperatorSettings, reconciler: Reconciler,
     quiet_index_wait()  # kopf's start-up wait for its indexes: N wake-ups, not N²
     registry = kopf.OperatorRegistry()
     make_api = api_client or default_api_client
+    reconciler.embed_keys = settings.embed_keys
     active = gate or Standalone()
 
     @kopf.on.startup(registry=registry)
@@ -84,15 +85,18 @@ def build_registry(settings: OperatorSettings, reconciler: Reconciler,
 
     coalescer: Coalescer[NamespaceOutcome] = Coalescer()  # a burst of events for one namespace: two reconciles, not one each
 
-    async def reconcile(namespace: str, idx: Mapping[str, Any], reuse: Reuse | None = None) -> NamespaceOutcome:
+    async def reconcile(namespace: str, idx: Mapping[str, Any], reuse: Reuse | None = None, *,
+                        complete: bool = False) -> NamespaceOutcome:
         """Reconcile one namespace's document (or ``_cluster``'s) from kopf's indexes, which
         every handler receives among its keyword arguments; then, if Redis lost everything (no
-        cluster document), put everything back."""
+        cluster document), put everything back. ``complete``: called from a kopf handler (kopf
+        runs them only once its indexes are filled; the resync and the key Secret watches may
+        run on a replica whose kopf has not filled them yet: ``Reconciler.reconcile``)."""
         if reuse is None:  # a run shared with a request that would take a recent outcome is not fresh
-            outcome = await coalescer.run(namespace, lambda: reconcile_scope(namespace, idx))
+            outcome = await coalescer.run(namespace, lambda: reconcile_scope(namespace, idx, complete=complete))
         else:
-            outcome = await reconcile_scope(namespace, idx, reuse)
-        if not outcome.redis_error and not await reconciler.cluster_doc_exists():
+            outcome = await reconcile_scope(namespace, idx, reuse, complete=complete)
+        if not outcome.failed and not await reconciler.cluster_doc_exists():
             log.warning("Redis has no cluster config document (lost or new): writing every config")
             await restore_all(idx)
         return outcome
@@ -143,15 +147,16 @@ def build_registry(settings: OperatorSettings, reconciler: Reconciler,
                 await task
         await keys.stop()
 
-    async def reconcile_scope(namespace: str, idx: Mapping[str, Any], reuse: Reuse | None = None) -> NamespaceOutcome:
+    async def reconcile_scope(namespace: str, idx: Mapping[str, Any], reuse: Reuse | None = None, *,
+                              complete: bool = False) -> NamespaceOutcome:
         if namespace == CLUSTER_SCOPE:
             labels: dict[str, Mapping[str, str]] = {
                 name: next(iter(store), {}) for name, store in idx["namespace_labels"].items()}
             return await reconciler.reconcile(
                 CLUSTER_SCOPE, list(idx["cluster_policies"].get(CLUSTER_SCOPE, [])),
-                lambda: keys.records(CLUSTER_SCOPE), labels, reuse=reuse)
+                lambda: keys.records(CLUSTER_SCOPE), labels, reuse=reuse, complete=complete)
         return await reconciler.reconcile(namespace, list(idx["policies_by_ns"].get(namespace, [])),
-                                          lambda: keys.records(namespace), reuse=reuse)
+                                          lambda: keys.records(namespace), reuse=reuse, complete=complete)
 
     def report(body: kopf.Body, name: str, outcome: NamespaceOutcome, patch: kopf.Patch) -> None:
         result = outcome.results.get(name)
@@ -163,6 +168,8 @@ def build_registry(settings: OperatorSettings, reconciler: Reconciler,
             kopf.warn(body, reason="InvalidPolicy", message=result.message[:1000])
         if outcome.redis_error:
             raise kopf.TemporaryError(f"Redis: {outcome.redis_error}", delay=5)
+        if outcome.keys_error:
+            raise kopf.TemporaryError(outcome.keys_error, delay=5)
 
     custom_api: list[Any] = []  # one client, made when first needed
 
@@ -185,7 +192,7 @@ def build_registry(settings: OperatorSettings, reconciler: Reconciler,
         """Patch the status of the scope's policies that a reconcile none of their own handlers
         ran for has changed (keys, key problems, config version, namespaces), now rather than at
         their next resync. A failed write is logged; that resync still corrects it."""
-        if outcome.redis_error:
+        if outcome.failed:
             return  # their own handlers report it, with a retry
         index = idx["cluster_policies"] if scope == CLUSTER_SCOPE else idx["policies_by_ns"]
         for body in list(index.get(scope, [])):
@@ -222,17 +229,18 @@ def build_registry(settings: OperatorSettings, reconciler: Reconciler,
             # At start-up every policy resumes (and its timer fires) at once: one reconcile of
             # the namespace serves them all. A create or update always reconciles.
             reuse = Reuse(name, body.metadata.get("generation"), shared_s) if reason == "resume" else None
-            outcome = await reconcile(namespace or CLUSTER_SCOPE, kwargs, reuse)
+            outcome = await reconcile(namespace or CLUSTER_SCOPE, kwargs, reuse, complete=True)
             if outcome.pushed:  # a new config version: the namespace's other policies show it
                 await refresh_statuses(namespace or CLUSTER_SCOPE, outcome, kwargs, skip=name)
             report(body, name, outcome, patch)
 
         @kopf.on.delete(GROUP, VERSION, plural, id="policy-delete" + suffix, registry=registry)
-        async def policy_deleted(namespace: str | None, uid: str | None, **kwargs: Any) -> None:
+        async def policy_deleted(namespace: str | None, name: str, uid: str | None, **kwargs: Any) -> None:
             handled.forget(uid)
-            outcome = await reconcile(namespace or CLUSTER_SCOPE, kwargs)
-            if outcome.redis_error:  # keep the finalizer until Redis no longer serves the policy
-                raise kopf.TemporaryError(f"Redis: {outcome.redis_error}", delay=5)
+            reconciler.deleting(namespace or CLUSTER_SCOPE, name)
+            outcome = await reconcile(namespace or CLUSTER_SCOPE, kwargs, complete=True)
+            if outcome.failed:  # keep the finalizer until Redis no longer serves the policy
+                raise kopf.TemporaryError(f"Redis: {outcome.failed}", delay=5)
             if outcome.pushed:
                 await refresh_statuses(namespace or CLUSTER_SCOPE, outcome, kwargs)
 
@@ -264,7 +272,7 @@ def build_registry(settings: OperatorSettings, reconciler: Reconciler,
             if label_changes.changed(type, name, labels) and kwargs["cluster_policies"].get(CLUSTER_SCOPE):
                 log.info("namespace %s: %s, re-resolving cluster policies", name,
                          "deleted" if type == "DELETED" else "labels changed")
-                await refresh_statuses(CLUSTER_SCOPE, await reconcile(CLUSTER_SCOPE, kwargs), kwargs)
+                await refresh_statuses(CLUSTER_SCOPE, await reconcile(CLUSTER_SCOPE, kwargs, complete=True), kwargs)
 
     # Registered last, so it runs after the other cleanup handlers (kopf runs them in order,
     # once every handler, timer and daemon has stopped): nothing uses Redis after it.

@@ -1,11 +1,10 @@
 """Which sidecars enforce what: every namespace's fresh heartbeats, read in one command an
 interval however many namespaces and policies the operator serves (the ``Enforced`` condition).
 
-Sidecars from before the global heartbeat set wrote one hash per namespace instead. During a
-rolling upgrade they still count: the first refresh scans every served namespace's hash, and
-later refreshes read again only the hashes where an old sidecar was found, plus a full scan every
-:data:`LEGACY_RESCAN` refreshes, until a full scan finds no old sidecar at all; then the hashes
-are never read again (a later old sidecar is counted after the operator's next restart)."""
+Sidecars from before the global heartbeat set wrote one hash per namespace instead. They
+still count, at any time (a rollback, an old Deployment pinned to an old image): every refresh
+looks for the served namespaces' hashes (one EXISTS a thousand namespaces; a hash expires with
+its sidecars) and reads those that exist."""
 
 from __future__ import annotations
 
@@ -16,7 +15,6 @@ from collections.abc import Iterable
 from sluice_core import configstore, keyschema
 
 log = logging.getLogger("sluice.operator")
-LEGACY_RESCAN = 20
 
 
 class HeartbeatView:
@@ -26,7 +24,6 @@ class HeartbeatView:
         self._pods: dict[str, dict[str, keyschema.Heartbeat]] = {}  # namespace -> pod -> newest
         self._legacy: set[str] = set()  # namespaces where sidecars of an older release beat
         self._refreshes = 0
-        self._upgraded = False  # a full scan found no old sidecar: hashes are no longer read
 
     async def refresh(self, namespaces: Iterable[str]) -> None:
         """Read what changed: the fresh heartbeats, old sidecars' ones, stale ones pruned.
@@ -43,16 +40,14 @@ class HeartbeatView:
             if pod not in seen or seen[pod].at <= beat.at:  # a pod's state changed: its newest
                 seen[pod] = beat
         await configstore.prune_heartbeats(self.redis, now - self.stale_s)
-        if not self._upgraded:
-            await self._read_legacy(pods, namespaces, now)
+        await self._read_legacy(pods, namespaces, now)
         self._refreshes += 1
         self._pods = pods
 
     async def _read_legacy(self, pods: dict[str, dict[str, keyschema.Heartbeat]],
                            namespaces: Iterable[str], now: float) -> None:
-        full = self._refreshes % LEGACY_RESCAN == 0
         found: set[str] = set()
-        for ns in sorted(set(namespaces)) if full else sorted(self._legacy):
+        for ns in await configstore.legacy_heartbeat_namespaces(self.redis, sorted(set(namespaces))):
             entries = await configstore.heartbeats(self.redis, ns)
             stale = []
             for pod, value in entries.items():
@@ -65,11 +60,9 @@ class HeartbeatView:
                 pods.setdefault(ns, {}).setdefault(name, beat)
             if stale:
                 await configstore.drop_heartbeats(self.redis, ns, stale)
+        if found - self._legacy:
+            log.info("sidecars of an older release (per-namespace heartbeats) in %s", ", ".join(sorted(found - self._legacy)))
         self._legacy = found
-        if full and not found:
-            self._upgraded = True
-            log.info("no sidecar of an older release reports any more: per-namespace heartbeats "
-                     "are no longer read")
 
     def count(self, namespaces: Iterable[str], policy: str, version: int, *, cluster: bool = False) -> int:
         """How many sidecars of ``namespaces`` enforce ``policy`` at ``version`` (of their
@@ -93,13 +86,19 @@ class HeartbeatView:
 
     def grants_ready(self, namespace: str | None) -> bool | None:
         """Does every fresh sidecar of the namespace (None: of every namespace) read API keys
-        from Redis grants (true also where none beats)? None until heartbeats were first read
-        (at start-up: the operator cannot tell an upgraded namespace from one it has not seen)."""
+        from Redis grants? Only positive evidence says so: True when at least one beats and
+        each one that does reports the ``grants`` capability; False when one does not (an older
+        release, a per-namespace heartbeat); None when there is no evidence: heartbeats not
+        read yet, or no sidecar beats there (none running, all restarting, or sidecars that
+        send none: cluster mode without ``--pod-name``)."""
         if not self._refreshes:
             return None
         pods = self._pods.values() if namespace is None else [self._pods.get(namespace, {})]
+        beats = [b for by_pod in pods for b in by_pod.values()]
+        if not beats:
+            return None
         return all(b.capabilities is not None and keyschema.CAPABILITY_REDIS_GRANTS in b.capabilities
-                   for beats in pods for b in beats.values())
+                   for b in beats)
 
     def forget(self, namespace: str) -> None:
         self._pods.pop(namespace, None)

@@ -12,8 +12,9 @@ A policy's first judgement after the operator started, or after Redis lost what 
 every grant in the policy's index that no Secret backs revoked, under the policy's keys lease
 (:mod:`sluice_core.keysapply`, the machinery of ``sluice apply``: a concurrent run of it fails
 fast instead of interleaving). Until then single Secret events write nothing for that policy:
-its first judgement writes them all, from a complete listing (kopf runs no handler before its
-indexes hold every Secret)."""
+its first judgement writes them all, from a complete listing. A judgement reads the Secrets
+under the scope's lock, which every event takes too: an event either is in what it read, or
+waits for it and applies to what it wrote."""
 
 from __future__ import annotations
 
@@ -72,6 +73,10 @@ class KeyGrants:
         self._owners: dict[tuple[str, str], dict[bytes, str]] = {}  # (scope, policy) -> digest -> key id
         self._problems: dict[str, dict[str, tuple[str, str]]] = {}  # scope -> key id -> (policy, reason)
         self._synced: dict[tuple[str, str], frozenset[str]] = {}  # (scope, policy) -> tiers judged with
+        self._judged_with: dict[tuple[str, str], CompiledPolicy] = {}  # (scope, policy) -> its version judged
+        # scope -> key id -> record of a Secret refused for holding a key another Secret of its
+        # policy holds: the first of them takes the key over when that Secret lets it go.
+        self._dups: dict[str, dict[str, SecretKey]] = {}
         self._expiries: dict[str, list[tuple[int, str]]] = {}  # scope -> heap of (expires ms, key id)
         self._locks: dict[str, asyncio.Lock] = {}
         # Every grant write and revocation is counted with the config writes (reconcile.py sets
@@ -129,29 +134,35 @@ class KeyGrants:
             del self._synced[key]
 
     def forget(self, scope: str) -> None:
-        for kept in (self._granted, self._problems, self._expiries):
+        for kept in (self._granted, self._problems, self._expiries, self._dups):
             kept.pop(scope, None)
-        for key in [k for k in (*self._owners, *self._synced) if k[0] == scope]:
+        for key in [k for k in (*self._owners, *self._synced, *self._judged_with) if k[0] == scope]:
             self._owners.pop(key, None)
             self._synced.pop(key, None)
+            self._judged_with.pop(key, None)
 
     # -- one Secret ------------------------------------------------------------------------------
 
     async def secret_changed(self, scope: str, key_id: str, key: SecretKey | None,
                              live: Mapping[str, CompiledPolicy]) -> set[str]:
         """A Secret was created, changed, relabelled or deleted (``key`` None): write or revoke
-        its grant. Returns the policies whose keys or key problems may have changed."""
+        its grant. Returns the policies whose keys or key problems changed (none: the event
+        changed nothing, as for a Secret reported again after a watch gap).
+
+        Under the scope's lock, as a policy's judgement (:meth:`sync_policy`), which reads the
+        Secrets under it: an event that lands while a judgement runs is applied after it, to
+        what it wrote (a judgement's older listing never wins over a later event)."""
         async with self._locks.setdefault(scope, asyncio.Lock()):
             touched: set[str] = set()
-            before = self._problems.setdefault(scope, {}).pop(key_id, None)
-            if before is not None:
-                touched.add(before[0])
+            problems = self._problems.setdefault(scope, {})
+            before = problems.pop(key_id, None)
+            self._dups.get(scope, {}).pop(key_id, None)
             want = self._judge(scope, key, live.get(key.policy) if key else None, _now_ms())
-            if key is not None:
-                touched.add(key.policy)
+            after = problems.get(key_id)
+            touched.update(entry[0] for entry in (before, after) if entry is not None and before != after)
             old = self._granted.get(scope, {}).get(key_id)
             if old is not None and (want is None or key is None or (old.policy, old.digest) != (key.policy, key.digest)):
-                await self._revoke_one(scope, key_id, old)
+                await self._release(scope, key_id, old, live.get(old.policy))
                 touched.add(old.policy)
                 old = None
             if want is not None and key is not None and key.digest is not None:
@@ -164,6 +175,7 @@ class KeyGrants:
                     written, encoded = key.digest, grants.encode(want, ref)
                     await self.counted(lambda: configstore.grant_is(self.redis, ref, written, encoded))
                     self._note(scope, key_id, Granted(key.policy, key.digest, value, want.expires_ms))
+                    touched.add(key.policy)
             return touched
 
     def _judge(self, scope: str, key: SecretKey | None, policy: CompiledPolicy | None,
@@ -175,16 +187,53 @@ class KeyGrants:
         if want is not None and key.digest is not None:
             owner = self._owners.get((scope, key.policy), {}).get(key.digest)
             if owner is not None and owner != key.key_id:
-                want, problem = None, f"the same key as Secret {owner.split('/', 1)[-1]}"
+                want, problem = None, _same_key(owner)
+                self._dups.setdefault(scope, {})[key.key_id] = key
         if problem:
             self._problems.setdefault(scope, {})[key.key_id] = (key.policy, problem)
         return want
 
-    async def _revoke_one(self, scope: str, key_id: str, old: Granted) -> None:
+    async def _release(self, scope: str, key_id: str, old: Granted, policy: CompiledPolicy | None) -> None:
+        """``key_id`` no longer holds ``old``: the next Secret of the policy with the same key
+        (a duplicate refused so far) takes the grant over, written over it (no moment without
+        it); none: revoked."""
+        policy = policy or self._judged_with.get((scope, old.policy))
+        heir = self._heir(scope, old, policy) if (scope, old.policy) in self._synced and policy else None
         ref = policy_ref(scope, old.policy)
-        await configstore.revoke_grant(self.redis, ref, old.digest)
-        await self.counted(lambda: configstore.grant_is(self.redis, ref, old.digest, None))
+        if heir is None:
+            await configstore.revoke_grant(self.redis, ref, old.digest)
+            await self.counted(lambda: configstore.grant_is(self.redis, ref, old.digest, None))
+            self._drop(scope, key_id, old)
+            return
+        await configstore.put_grant(self.redis, ref, old.digest, heir[1])
+        encoded = grants.encode(heir[1], ref)
+        await self.counted(lambda: configstore.grant_is(self.redis, ref, old.digest, encoded))
         self._drop(scope, key_id, old)
+        self._dups[scope].pop(heir[0], None)
+        self._problems.setdefault(scope, {}).pop(heir[0], None)
+        self._note(scope, heir[0], Granted(old.policy, old.digest, hash(grants.encode(heir[1], ref)), heir[1].expires_ms))
+        for other, record in self._dups[scope].items():  # the others now name their new holder
+            if (record.policy, record.digest) == (old.policy, old.digest):
+                self._problems[scope][other] = (old.policy, _same_key(heir[0]))
+
+    def _heir(self, scope: str, old: Granted, policy: CompiledPolicy) -> tuple[str, grants.StoredGrant] | None:
+        """The first refused duplicate of ``old``'s key that can hold it now, and its grant;
+        those that no longer can (expired, changed) are no longer duplicates."""
+        dups = self._dups.get(scope, {})
+        problems = self._problems.setdefault(scope, {})
+        now = _now_ms()
+        for key_id, record in list(dups.items()):
+            if (record.policy, record.digest) != (old.policy, old.digest):
+                continue
+            want, problem = judge(record, policy, now)
+            if want is not None:
+                return key_id, want
+            del dups[key_id]
+            if problem:
+                problems[key_id] = (record.policy, problem)
+            else:
+                problems.pop(key_id, None)
+        return None
 
     def _note(self, scope: str, key_id: str, g: Granted) -> None:
         self._granted.setdefault(scope, {})[key_id] = g
@@ -200,11 +249,15 @@ class KeyGrants:
 
     # -- one policy ------------------------------------------------------------------------------
 
-    async def sync_policy(self, scope: str, policy: CompiledPolicy, keys: Iterable[SecretKey]) -> None:
+    async def sync_policy(self, scope: str, policy: CompiledPolicy,
+                          keys: Iterable[SecretKey] | Callable[[], Iterable[SecretKey]]) -> None:
         """Judge the policy's Secrets again and write what changed: after the policy changed
         (its tiers), when one of its keys expired, and in full (:meth:`forget_synced`) after a
         start or a Redis loss. Nothing to do (no Redis command, no pass over the keys) when its
-        tiers are those it was last judged with and no key of the scope has expired."""
+        tiers are those it was last judged with and no key of the scope has expired.
+
+        ``keys`` (how to read the Secrets) is read under the scope's lock: an event for a
+        Secret changed after that read waits for this judgement, then applies to what it wrote."""
         async with self._locks.setdefault(scope, asyncio.Lock()):
             now = _now_ms()
             tiers = frozenset(policy.tiers)
@@ -215,24 +268,41 @@ class KeyGrants:
             problems = self._problems.setdefault(scope, {})
             for key_id in [k for k, (p, _) in problems.items() if p == policy.name]:
                 del problems[key_id]
+            dups = self._dups.setdefault(scope, {})
+            for key_id in [k for k, d in dups.items() if d.policy == policy.name]:
+                del dups[key_id]
+            holding = self._owners.get((scope, policy.name), {})
+            mine = [k for k in (keys() if callable(keys) else keys) if k.policy == policy.name]
+            # A Secret that holds its key keeps it: a duplicate listed first does not take it over.
+            mine.sort(key=lambda k: k.digest is None or holding.get(k.digest) != k.key_id)
             owners: dict[bytes, str] = {}
             wanted: dict[str, tuple[bytes, grants.StoredGrant]] = {}
-            for key in keys:
-                if key.policy != policy.name:
-                    continue
+            for key in mine:
                 want, problem = judge(key, policy, now)
                 if want is not None and key.digest is not None and key.digest in owners:
-                    want, problem = None, f"the same key as Secret {owners[key.digest].split('/', 1)[-1]}"
+                    want, problem = None, _same_key(owners[key.digest])
+                    dups[key.key_id] = key
                 if problem:
                     problems[key.key_id] = (policy.name, problem)
                 if want is not None and key.digest is not None:
                     owners[key.digest] = key.key_id
                     wanted[key.key_id] = (key.digest, want)
+            await self._release_moved(scope, policy.name, wanted)
             if done is None:
                 await self._replace(scope, policy.ref, wanted)
             else:
                 await self._update(scope, policy.ref, policy.name, wanted)
             self._synced[(scope, policy.name)] = tiers
+            self._judged_with[(scope, policy.name)] = policy
+
+    async def _release_moved(self, scope: str, name: str, wanted: Mapping[str, tuple[bytes, grants.StoredGrant]]) -> None:
+        """Secrets of the policy whose grant is under another policy still (relabelled; their
+        event comes after this judgement): that grant is let go first, else nothing would."""
+        granted = self._granted.get(scope, {})
+        for key_id in wanted:
+            old = granted.get(key_id)
+            if old is not None and old.policy != name:
+                await self._release(scope, key_id, old, None)
 
     async def _replace(self, scope: str, ref: str, wanted: Mapping[str, tuple[bytes, grants.StoredGrant]]) -> None:
         """Redis holds exactly ``wanted`` for the policy: written, and every other key of its
@@ -256,7 +326,12 @@ class KeyGrants:
         gone = [(key_id, g) for key_id, g in granted.items()
                 if g.policy == name and (key_id not in wanted or wanted[key_id][0] != g.digest)]
         if gone:
-            await grantstore.revoke(self.redis, ref, [keyschema.client_for_api_key(g.digest) for _, g in gone])
+            # A key another Secret now holds is written over below, not revoked first (no
+            # moment without it).
+            held = {digest for digest, _ in wanted.values()}
+            revoked = [keyschema.client_for_api_key(g.digest) for _, g in gone if g.digest not in held]
+            if revoked:
+                await grantstore.revoke(self.redis, ref, revoked)
             for key_id, g in gone:
                 self._drop(scope, key_id, g)
         writes: list[tuple[str, Granted, grantstore.GrantWrite]] = []
@@ -282,6 +357,10 @@ class KeyGrants:
             await self.counted(None)
             self._forget_policy(scope, name)
             self._synced.pop((scope, name), None)
+            self._judged_with.pop((scope, name), None)
+            dups = self._dups.get(scope, {})
+            for key_id in [k for k, d in dups.items() if d.policy == name]:
+                del dups[key_id]
             problems = self._problems.get(scope, {})
             for key_id in [k for k, (p, _) in problems.items() if p == name]:
                 del problems[key_id]
@@ -291,3 +370,7 @@ class KeyGrants:
         for key_id in [k for k, g in granted.items() if g.policy == name]:
             del granted[key_id]
         self._owners.pop((scope, name), None)
+
+
+def _same_key(owner: str) -> str:
+    return f"the same key as Secret {owner.split('/', 1)[-1]}"

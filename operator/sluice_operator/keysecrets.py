@@ -126,7 +126,8 @@ def judge(key: SecretKey, policy: CompiledPolicy, now_ms: int) -> tuple[StoredGr
                       f"({', '.join(policy.tiers)}), got {key.tier!r}")
     if key.expires_ms and key.expires_ms <= now_ms:
         return None, None
-    return StoredGrant(KeyGrant(tier=key.tier, limit=key.limit), key.key_id, key.expires_ms), None
+    # key_id in the KeyGrant too: a document that embeds keys names them, as the grants do
+    return StoredGrant(KeyGrant(tier=key.tier, limit=key.limit, key_id=key.key_id), key.key_id, key.expires_ms), None
 
 
 def grants_for(policy: CompiledPolicy, secrets: Iterable[Mapping[str, Any]], *,

@@ -30,7 +30,7 @@ from typing import Any
 
 from sluice_core import configdoc, configstore
 from sluice_core.errors import PolicyError, PolicyErrors
-from sluice_core.model import CLUSTER_SCOPE, CompiledPolicy, KeyGrant, Selector
+from sluice_core.model import CLUSTER_SCOPE, CompiledPolicy, KeyGrant, Selector, Source
 from sluice_core.parse import parse_policy
 
 from sluice_operator.keygrants import KeyGrants, policy_ref
@@ -43,6 +43,11 @@ Keys = Sequence[SecretKey] | Callable[[], Sequence[SecretKey]]
 """A scope's key Secrets, or how to read them (handlers.py: only once they are listed)."""
 RECONCILE_CONCURRENCY = 16
 KEYS_LISTED_WAIT_S = 10.0
+
+
+class KeysNotListed(Exception):
+    """The key Secrets are not listed yet (API server slow, RBAC): a policy that identifies
+    clients by API key is not judged from a partial listing (its own status reason)."""
 
 
 @dataclass
@@ -68,8 +73,14 @@ class NamespaceOutcome:
     version: int = 0
     programmed: bool = False
     redis_error: str | None = None
+    keys_error: str | None = None  # the key Secrets are not listed (nothing written)
     results: dict[str, PolicyResult] = field(default_factory=dict)
     pushed: bool = False
+
+    @property
+    def failed(self) -> str | None:
+        """Why nothing was written (then retried), or None."""
+        return self.redis_error or self.keys_error
 
 
 @dataclass(frozen=True)
@@ -115,6 +126,11 @@ class Reconciler:
         # wait for): a policy's keys are judged only from a complete listing.
         self.keys_listed: list[asyncio.Event] = []
         self._embedded: dict[str, bool] = {}  # scope -> whether its document in Redis embeds keys
+        self.embed_keys = "auto"  # --embed-keys: "always"/"never" overrule the heartbeats
+        # Policies a delete handler is removing (scope -> names): with policies marked deleted
+        # in the index, the only ones that may leave a document unless the caller's index is
+        # known complete (see _reconcile).
+        self._leaving: dict[str, set[str]] = {}
 
     async def close(self) -> None:
         """Close the Redis client (at the operator's exit, in the loop that used it)."""
@@ -123,10 +139,17 @@ class Reconciler:
     async def reconcile(self, namespace: str, policies: Sequence[Mapping[str, Any]],
                         secrets: Keys,
                         namespace_labels: Mapping[str, Mapping[str, str]] | None = None, *,
-                        reuse: Reuse | None = None) -> NamespaceOutcome:
+                        reuse: Reuse | None = None, complete: bool = False) -> NamespaceOutcome:
         """``namespace_labels`` (name -> labels of every namespace) is needed for ``_cluster``.
         With ``reuse``, a recent enough outcome is returned instead; checked under the lock, so
-        timers queued behind one reconcile (all of them fire at start-up) take its outcome."""
+        timers queued behind one reconcile (all of them fire at start-up) take its outcome.
+
+        ``complete``: ``policies`` is known to be every policy of the scope (kopf's index, as
+        its handlers get it: kopf runs none before its indexes are filled). Otherwise (a resync
+        or key event on a replica that just became active: kopf fills nothing while paused) a
+        policy the document serves leaves it only when marked deleted (a ``deletionTimestamp``,
+        or :meth:`deleting`), never because it is missing: a missing one may be unlisted yet,
+        and leaving would empty the document and revoke its keys' grants."""
         async with self._locks.setdefault(namespace, asyncio.Lock()):
             if reuse is not None:
                 recent = self.latest(namespace, max_age=reuse.max_age)
@@ -135,12 +158,13 @@ class Reconciler:
                     return recent
             async with self._running:
                 started = time.perf_counter()
-                out = await self._reconcile(namespace, policies, secrets, namespace_labels or {})
+                out = await self._reconcile(namespace, policies, secrets, namespace_labels or {}, complete)
             m = self.metrics
             m.reconcile_seconds.observe(time.perf_counter() - started)
             if out.redis_error:
                 m.redis_errors.inc()
             m.reconciles.labels("redis_error" if out.redis_error else
+                                "keys_not_listed" if out.keys_error else
                                 "invalid" if any(not r.accepted for r in out.results.values()) else "ok").inc()
             if out.pushed:
                 m.pushes.inc()
@@ -148,7 +172,7 @@ class Reconciler:
                 del m.states[key]
             for name, r in out.results.items():
                 m.states[(namespace, name)] = (r.accepted, r.serving and out.programmed)
-            if out.redis_error:
+            if out.failed:
                 self._latest.pop(namespace, None)
             else:
                 self._latest[namespace] = (time.monotonic(), out)
@@ -167,10 +191,23 @@ class Reconciler:
         """A key event of the scope could not be written (Redis failed, or this replica was not
         the active one then): the resync reconciles the scope at once, as for an expired key
         (retried every second while it fails, and only on the active replica), and its
-        policies' keys are judged in full."""
+        policies' keys are judged in full. Only a scope this replica has reconciled: on one
+        that has not (a passive replica's), its policies' handlers judge them in full once
+        kopf has filled its index, and a reconcile before that would be from an empty one."""
         self.keys.unsync(scope)
-        self._expiry[scope] = dt.datetime.now(dt.UTC)
-        self.changed.set()
+        if scope in self._last_good:
+            self._expiry[scope] = dt.datetime.now(dt.UTC)
+            self.changed.set()
+
+    def drop_expiry(self, scope: str) -> None:
+        """The resync will not reconcile this scope (not in kopf's index): its next reconcile
+        notes its first expiry again."""
+        self._expiry.pop(scope, None)
+
+    def deleting(self, scope: str, policy: str) -> None:
+        """A delete handler removes the policy: its next reconcile takes it out of the
+        document (and revokes its grants) whatever the index it is given holds."""
+        self._leaving.setdefault(scope, set()).add(policy)
 
     def serves(self, scope: str, policy: str) -> bool:
         """Is the policy in the scope's config (its last good version)?"""
@@ -178,8 +215,13 @@ class Reconciler:
 
     def embeds_keys(self, scope: str) -> bool:
         """Does the scope's document carry its policies' keys (``apiKeys``) besides their Redis
-        grants? While a fresh sidecar there cannot read grants (a release from before them), or,
-        until heartbeats are read, as the document in Redis does."""
+        grants? ``--embed-keys always``/``never`` say so for every scope. ``auto``: while a fresh
+        sidecar there cannot read grants (a release from before them); not once every one of
+        at least one fresh sidecar can; with no evidence either way (no heartbeat at all, or
+        none read yet), as the document in Redis does (one an earlier operator wrote with keys
+        keeps them; a new one has none: README "Upgrading" says why)."""
+        if self.embed_keys != "auto":
+            return self.embed_keys == "always"
         ready = self.grants_ready(None if scope == CLUSTER_SCOPE else scope)
         if ready is None:
             return self._embedded.get(scope, False)
@@ -224,7 +266,8 @@ class Reconciler:
                 dropped = False
             if dropped:
                 log.info("namespace %s deleted: its empty config document removed", namespace)
-            for kept in (self._last_good, self._known_version, self._latest, self._expiry, self._embedded):
+            for kept in (self._last_good, self._known_version, self._latest, self._expiry, self._embedded,
+                         self._leaving):
                 kept.pop(namespace, None)
             self.keys.forget(namespace)
 
@@ -347,8 +390,8 @@ class Reconciler:
         return entry[1]
 
     async def _reconcile(self, namespace: str, policies: Sequence[Mapping[str, Any]],
-                         secrets: Keys,
-                         namespace_labels: Mapping[str, Mapping[str, str]]) -> NamespaceOutcome:
+                         secrets: Keys, namespace_labels: Mapping[str, Mapping[str, str]],
+                         complete: bool) -> NamespaceOutcome:
         out = NamespaceOutcome(namespace)
         stored: tuple[int, str] | None = None
         try:
@@ -359,28 +402,7 @@ class Reconciler:
             out.redis_error = str(exc)
         if namespace not in self._last_good and stored is not None:
             self._recover(namespace, stored)
-        last_good = dict(self._last_good.get(namespace, {}))  # this reconcile's working copy
-        live: dict[str, CompiledPolicy] = {}
-        for body in policies:
-            meta = body.get("metadata", {})
-            name = str(meta.get("name", ""))
-            if meta.get("deletionTimestamp"):
-                continue  # being deleted: leaves the config now
-            generation = meta.get("generation")
-            result = PolicyResult(name, accepted=True,
-                                  generation=generation if isinstance(generation, int) else None)
-            try:
-                compiled = parse_policy(_as_document(body), source=f"{namespace}/{name}",
-                                        default_namespace=namespace)
-                last_good[name] = compiled
-            except PolicyErrors as exc:
-                result.accepted = False
-                result.errors = exc.errors
-            if name in last_good:
-                live[name] = last_good[name]
-                result.serving = True
-                result.tiers = len(last_good[name].tiers)
-            out.results[name] = result
+        live, listed = self._live(namespace, policies, out, complete)
         if out.redis_error:
             return out
         gone = sorted(set(self._last_good.get(namespace, {})) - set(live))
@@ -393,7 +415,11 @@ class Reconciler:
         try:
             # Grants first: a sidecar that sees a new policy, or a document without embedded
             # keys, finds its keys in Redis already.
-            grants = await self._sync_keys(namespace, live, secrets, out)
+            try:
+                grants = await self._sync_keys(namespace, live, secrets, out)
+            except KeysNotListed as exc:
+                out.keys_error = str(exc)
+                return out
             embed = grants is not None
             # The last policy gone leaves an empty document, not none: a missing document means
             # Redis lost it (sidecars then keep their last good config), an empty one means
@@ -416,30 +442,64 @@ class Reconciler:
             out.programmed = True
             for name in gone:  # out of the document first: then nothing looks their keys up
                 await self.keys.policy_gone(namespace, name)
+                self._leaving.get(namespace, set()).discard(name)
+            self._leaving.get(namespace, set()).difference_update(listed & set(live))  # re-created
         except configstore.ConfigStoreError as exc:
             out.redis_error = str(exc)
         return out
+
+    def _live(self, namespace: str, policies: Sequence[Mapping[str, Any]], out: NamespaceOutcome,
+              complete: bool) -> tuple[dict[str, CompiledPolicy], set[str]]:
+        """The policies the document serves (each one's last good version; their results in
+        ``out``), and the names ``policies`` lists."""
+        last_good = dict(self._last_good.get(namespace, {}))  # this reconcile's working copy
+        live: dict[str, CompiledPolicy] = {}
+        listed: set[str] = set()
+        for body in policies:
+            meta = body.get("metadata", {})
+            name = str(meta.get("name", ""))
+            listed.add(name)
+            if meta.get("deletionTimestamp"):
+                continue  # being deleted: leaves the config now
+            out.results[name] = _judge_policy(namespace, body, last_good)
+            if name in last_good:
+                live[name] = last_good[name]
+        if not complete:  # see reconcile(): missing from the index is no evidence of deletion
+            leaving = self._leaving.get(namespace, set())
+            for name, policy in last_good.items():
+                if name not in listed and name not in leaving:
+                    live[name] = policy
+        return live, listed
 
     async def _sync_keys(self, namespace: str, live: Mapping[str, CompiledPolicy], keys: Keys,
                          out: NamespaceOutcome) -> dict[str, Mapping[str, KeyGrant]] | None:
         """Each live policy's key grants in Redis as its Secrets say; the keys the document
         embeds (None: none, sidecars read the grants). Not before the Secrets are listed: the
-        document stays as it is meanwhile (a Redis error for the status, retried)."""
-        if live and not all(e.is_set() for e in self.keys_listed):
-            try:
-                async with asyncio.timeout(KEYS_LISTED_WAIT_S):
-                    for listed in self.keys_listed:
-                        await listed.wait()
-            except TimeoutError:
-                raise configstore.ConfigStoreError("key Secrets not listed yet (API server?)") from None
-        secrets = keys() if callable(keys) else keys  # read once listed: never a partial listing
+        document stays as it is meanwhile (:class:`KeysNotListed`, retried). Policies that do not
+        identify clients by API key never wait: they are judged once the listing is there."""
+        if not all(e.is_set() for e in self.keys_listed):
+            if any(Source.API_KEY in p.identify.order for p in live.values()):
+                try:
+                    async with asyncio.timeout(KEYS_LISTED_WAIT_S):
+                        for listed in self.keys_listed:
+                            await listed.wait()
+                except TimeoutError:
+                    raise KeysNotListed("key Secrets not listed yet (API server slow or refusing: "
+                                        "see the operator's log)") from None
+            elif self.embeds_keys(namespace):
+                return {name: {} for name in live}  # no key is looked up: nothing to embed
+            else:
+                return None  # judged by a reconcile once listed (nothing looks their keys up)
         for name, policy in live.items():
-            await self.keys.sync_policy(namespace, policy, secrets)
-            out.results[name].keys = self.keys.count(namespace, name)
-            out.results[name].key_problems = self.keys.problems(namespace, name)
+            await self.keys.sync_policy(namespace, policy, keys)  # read under its lock
+            result = out.results.get(name)  # none: kept though not listed (see reconcile())
+            if result is not None:
+                result.keys = self.keys.count(namespace, name)
+                result.key_problems = self.keys.problems(namespace, name)
         if not self.embeds_keys(namespace):
             return None
         # Sidecars of an older release read keys from the document: the old cost, O(keys).
+        secrets = keys() if callable(keys) else keys  # read once listed: never a partial listing
         now_ms = time.time_ns() // 1_000_000
         return {name: embedded_grants(policy, secrets, now_ms)[0] for name, policy in live.items()}
 
@@ -452,6 +512,23 @@ class Reconciler:
         self._last_good[namespace] = {p.name: p for p in cfg.policies}
         self._embedded[namespace] = bool(cfg.grants)  # an older operator's document embeds them
         self._known_version[namespace] = stored[0]
+
+
+def _judge_policy(namespace: str, body: Mapping[str, Any], last_good: dict[str, CompiledPolicy]) -> PolicyResult:
+    """Validate one policy; a valid one becomes its ``last_good`` version."""
+    meta = body.get("metadata", {})
+    name = str(meta.get("name", ""))
+    generation = meta.get("generation")
+    result = PolicyResult(name, accepted=True, generation=generation if isinstance(generation, int) else None)
+    try:
+        last_good[name] = parse_policy(_as_document(body), source=f"{namespace}/{name}", default_namespace=namespace)
+    except PolicyErrors as exc:
+        result.accepted = False
+        result.errors = exc.errors
+    if name in last_good:
+        result.serving = True
+        result.tiers = len(last_good[name].tiers)
+    return result
 
 
 def resolve_namespaces(policy: CompiledPolicy, namespace_labels: Mapping[str, Mapping[str, str]]) -> list[str]:

@@ -106,11 +106,16 @@ class Resync:
                 pass
 
     async def expire(self) -> bool:
-        """Reconcile the namespaces whose first key has expired; False if one failed."""
+        """Reconcile the namespaces whose first key has expired; False if one failed. Only
+        scopes kopf's index serves: on a replica that just became active it may not be filled
+        yet (their policies' handlers reconcile them once it is)."""
         now = dt.datetime.now(dt.UTC)
         ok = True
+        served = self.hooks.served()
         for scope, when in sorted(self.reconciler.next_expiries().items(), key=lambda kv: kv[1]):
-            if when <= now:
+            if when <= now and scope not in served:
+                self.reconciler.drop_expiry(scope)
+            elif when <= now:
                 await self.hooks.reconcile(scope)
                 latest = self.reconciler.next_expiries().get(scope)
                 ok = ok and not (latest is not None and latest <= now)

@@ -5,8 +5,16 @@ Why not kopf (measured, ``python -m bench.operator_scale --keys 10000``): kopf w
 Secret of the watched namespaces, labelled or not, keeps a per-object memory for each (~0.9 KB)
 and, while its indexes fill at start-up, a per-object readiness toggle whose every change wakes
 every waiting object's worker: quadratic, so 10,000 key Secrets kept an operator busy for
-minutes before its first handler ran. Here a start-up is one paginated list (500 at a time) of
-the labelled Secrets only, and each later event costs O(1).
+minutes before its first handler ran. Here a start-up is one paginated list of the labelled
+Secrets only, and each later event costs O(1). A page is :data:`PAGE` Secrets: a Secret may be
+up to 1 MiB (1.5 MB as JSON), so a page of 500 could be 750 MB in the operator's memory (anyone
+who may create Secrets in one served namespace could crash it at every listing); each Secret's
+body is dropped as soon as it is read, and one whose data is absurdly large is refused (a key
+problem in its policy's status), never held.
+
+An operator restricted to namespaces given by name (``--namespace shop``, no patterns) lists and
+watches each one's Secrets (RBAC: a Role per namespace suffices); with patterns, all Secrets of
+the cluster carrying the label (RBAC: cluster-wide ``list``/``watch``).
 
 What is kept per Secret is its :class:`~sluice_operator.keysecrets.SecretKey` record (no key,
 no data). :attr:`KeySecretWatch.listed` is set once the first listing is complete: a policy's
@@ -21,6 +29,7 @@ import contextlib
 import fnmatch
 import json
 import logging
+import re
 import ssl
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any
@@ -32,7 +41,14 @@ from sluice_core.grants import MAX_KEY_ID
 from sluice_operator.keysecrets import SecretKey, read_secret
 
 log = logging.getLogger("sluice.operator")
-PAGE = 500
+PAGE = 50  # Secrets a page: at most ~75 MB of JSON, however large the Secrets
+READ_FIELDS = ("key", "tier", "limit", "expiresAt", "disabled")
+MAX_FIELD = 4096
+"""Base64 characters of one field the operator reads (a generated key is ~60): a larger one is a
+key problem, not a key."""
+MAX_DATA = 65536
+"""Base64 characters of a key Secret's whole data: a larger Secret is a key problem."""
+NAMESPACE_NAME = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
 WATCH_S = 300  # the API server ends a watch after this; it is renewed from where it ended
 RETRY_S = (1.0, 30.0)  # back-off after a failure: first, most
 OnChange = Callable[[str, str, SecretKey | None], Awaitable[None]]
@@ -50,6 +66,29 @@ def served(namespace: str, patterns: Iterable[str]) -> bool:
     if include and not any(fnmatch.fnmatchcase(namespace, p) for p in include):
         return False
     return not any(fnmatch.fnmatchcase(namespace, p[1:]) for p in pats if p.startswith("!"))
+
+
+def named_namespaces(patterns: Iterable[str]) -> list[str] | None:
+    """The namespaces ``--namespace`` names, when every one is a plain name (then each is listed
+    and watched on its own); None with any pattern, exclusion, or none (the whole cluster)."""
+    pats = list(patterns)
+    if not pats or not all(NAMESPACE_NAME.fullmatch(p) for p in pats):
+        return None
+    return sorted(set(pats))
+
+
+def oversized(body: Mapping[str, Any]) -> str | None:
+    """What makes a key Secret's data absurdly large (a problem), or None."""
+    data = body.get("data") or {}
+    if not isinstance(data, Mapping):
+        return None
+    for name in READ_FIELDS:
+        value = data.get(name)
+        if isinstance(value, str) and len(value) > MAX_FIELD:
+            return f"data.{name} is larger than {MAX_FIELD} base64 characters"
+    if sum(len(v) for v in data.values() if isinstance(v, str)) > MAX_DATA:
+        return f"its data is larger than {MAX_DATA} base64 characters"
+    return None
 
 
 class KeySecretWatch:
@@ -121,8 +160,10 @@ class KeySecretWatch:
                 if r.status != 200:
                     raise RuntimeError(f"listing Secrets: HTTP {r.status}: {(await r.text())[:200]}")
                 page = await r.json()
-            for body in page.get("items") or []:
-                key = self._put("ADDED", body)
+            items = page.pop("items", None) or []
+            items.reverse()
+            while items:  # each body dropped once read: a page's data never held whole twice
+                key = self._put("ADDED", items.pop())
                 if key is not None:
                     seen.setdefault(key[0], set()).add(key[1])
             meta = page.get("metadata") or {}
@@ -184,6 +225,9 @@ class KeySecretWatch:
             return None
         key = None if kind == "DELETED" else read_secret(body, self.label)
         key_id = f"{meta.get('namespace') or ''}/{meta.get('name') or '?'}"[:MAX_KEY_ID]
+        problem = oversized(body) if key is not None else None
+        if key is not None and problem is not None:
+            key = SecretKey(key.key_id, key.policy, problem=problem)
         kept = self.records.setdefault(scope, {})
         if key is None:
             kept.pop(key_id, None)

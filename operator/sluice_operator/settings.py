@@ -15,6 +15,8 @@ CLUSTER_KEYS_NAMESPACE = "sluice-system"
 """Default namespace of the key Secrets of ClusterRateLimitPolicies (``--cluster-keys-namespace``,
 ``SLUICE_OPERATOR_CLUSTER_KEYS_NAMESPACE``); ``sluice keys --cluster-policy`` follows it."""
 CLUSTER_POLICIES = {"auto": None, "on": True, "off": False}
+EMBED_KEYS = ("auto", "always", "never")
+"""``--embed-keys`` (:meth:`sluice_operator.reconcile.Reconciler.embeds_keys`)."""
 OPERATOR_LOG_LEVELS = (*LOG_LEVELS, "critical")
 """The operator's ``--log-level`` (the chart's ``operator.logLevel`` allows these, any case);
 the sidecar has no ``critical``."""
@@ -101,6 +103,12 @@ class OperatorSettings:
     log_level: str = setting(default="info", help="`debug`, `info`, `warning`, `error` or `critical`",
                              choices=OPERATOR_LOG_LEVELS,
                              fold_case=True, chart="operator.logLevel")
+    embed_keys: str = setting(
+        default="auto", help="whether config documents also carry their policies' API keys (what sidecars "
+              "from before Redis grants read): `auto` while a sidecar's heartbeat says it cannot read grants, "
+              "and as the document already does where no sidecar beats; `always` for sidecars that send no "
+              "heartbeat (cluster mode without `--pod-name`) or before rolling sidecars back; `never` once "
+              "every sidecar reads grants", choices=EMBED_KEYS, chart="operator.embedKeys")
     heartbeat_stale_s: float = 30.0
     """A sidecar heartbeat older than this no longer counts as enforcing."""
     webhook_cert_check_s: float = 3600.0

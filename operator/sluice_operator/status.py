@@ -40,6 +40,8 @@ def policy_status(body: Mapping[str, Any], result: PolicyResult | None, outcome:
         conds.append(condition(previous, "Accepted", False, "Invalid", result.message + serving, generation))
     if outcome.redis_error:
         conds.append(condition(previous, "Programmed", False, "RedisUnavailable", outcome.redis_error, generation))
+    elif outcome.keys_error:
+        conds.append(condition(previous, "Programmed", False, "KeySecretsNotListed", outcome.keys_error, generation))
     elif result.serving and outcome.programmed:
         conds.append(condition(previous, "Programmed", True, "InRedis",
                                f"config version {outcome.version} in Redis", generation))

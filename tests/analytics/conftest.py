@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from sluice_analytics import database, migrate
 from sqlalchemy.ext.asyncio import AsyncEngine
+from support.analytics_api import TOKEN
 from support.postgres import PostgresNotInstalled, PostgresServer
 
 
@@ -56,3 +57,10 @@ async def engine(database_url: str) -> AsyncIterator[AsyncEngine]:
     await migrate.upgrade(eng)
     yield eng
     await eng.dispose()
+
+
+@pytest.fixture
+def token_file(tmp_path: Path) -> str:
+    path = tmp_path / "token"
+    path.write_text(TOKEN + "\n")
+    return str(path)

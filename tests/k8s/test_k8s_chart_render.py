@@ -277,7 +277,8 @@ def test_rendered_manifests_validate(values: list[str]) -> None:
             pytest.fail(f"{doc['kind']} {doc['metadata']['name']} is invalid for Kubernetes "
                         f"{version}: {exc}")
     kinds = sorted(d["kind"] for d in docs)
-    expected = ["ClusterRole", "ClusterRoleBinding", "CustomResourceDefinition",
+    expected = ["ClusterRole", "ClusterRole", "ClusterRole",  # the operator's; usage viewer and admin
+                "ClusterRoleBinding", "CustomResourceDefinition",
                 "CustomResourceDefinition", "CustomResourceDefinition", "Deployment",
                 "ServiceAccount", "ClusterKopfPeering"]
     if "webhook.enabled=false" not in values:
@@ -291,7 +292,7 @@ def test_rendered_manifests_validate(values: list[str]) -> None:
 def test_deployment_wiring() -> None:
     docs = render("--set", "redis.url=redis://r.example:6379", "--set",
                   "operator.resyncIntervalSeconds=7", namespace="ops")
-    by_kind = {d["kind"]: d for d in docs}
+    by_kind = operator_objects(docs)
     dep, svc = by_kind["Deployment"], by_kind["Service"]
     pod = dep["spec"]["template"]["spec"]
     (c,) = pod["containers"]
@@ -322,6 +323,25 @@ def test_deployment_wiring() -> None:
             assert "*" not in rule[field], f"wildcard in {rule}"
 
 
+def operator_objects(docs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The chart's objects by kind, without the usage ClusterRoles (for people, not the operator)."""
+    return {d["kind"]: d for d in docs if not d["metadata"]["name"].endswith(USAGE_ROLES)}
+
+
+USAGE_ROLES = ("-usage-viewer", "-usage-admin")
+
+
+def test_usage_cluster_roles() -> None:
+    """The analytics API's SubjectAccessReviews: reads ``get`` ``…/usage``, resets ``update``
+    ``…/buckets``; the viewer may not reset."""
+    roles = {d["metadata"]["name"]: d for d in render() if d["kind"] == "ClusterRole"}
+    viewer, admin = roles["sluice-usage-viewer"]["rules"], roles["sluice-usage-admin"]["rules"]
+    assert [(r["resources"], r["verbs"]) for r in viewer] == [
+        (["ratelimitpolicies/usage", "clusterratelimitpolicies/usage"], ["get"])]
+    assert (["ratelimitpolicies/buckets", "clusterratelimitpolicies/buckets"], ["update"]) in [
+        (r["resources"], r["verbs"]) for r in admin]
+
+
 WEBHOOK_KINDS = ("ValidatingWebhookConfiguration", "MutatingWebhookConfiguration")
 
 
@@ -334,7 +354,7 @@ def test_rendered_webhook_configurations_are_the_operators() -> None:
     exactly what the operator builds for the chart's Service (webhook_config.validating() and
     mutating()), but for the caBundle the operator fills in and the labels: they cannot drift."""
     docs = render(namespace="ops")
-    by_kind = {d["kind"]: d for d in docs}
+    by_kind = operator_objects(docs)
     svc = by_kind["Service"]
     name, (port,) = svc["metadata"]["name"], svc["spec"]["ports"]
     # the Service the operator is told about (--webhook-service NS/NAME:PORT) is this one
@@ -360,7 +380,7 @@ def test_high_availability_wiring() -> None:
     """Two replicas peering through the chart's ClusterKopfPeering, sharing the certificate
     Secret, spread over nodes, a PodDisruptionBudget; RBAC names the same objects."""
     docs = render("--set", "peering.lifetimeSeconds=15", namespace="ops")
-    by_kind = {d["kind"]: d for d in docs}
+    by_kind = operator_objects(docs)
     dep, full = by_kind["Deployment"], "sluice"  # release "sluice" contains the chart name
     pod = dep["spec"]["template"]["spec"]
     (c,) = pod["containers"]
@@ -404,7 +424,7 @@ def test_high_availability_wiring() -> None:
                   ".nodeSelectorTerms[0].matchExpressions[0].key=pool",
                   "--set", "affinity.nodeAffinity.requiredDuringSchedulingIgnoredDuringExecution"
                   ".nodeSelectorTerms[0].matchExpressions[0].operator=Exists")
-    by_kind = {d["kind"]: d for d in docs}
+    by_kind = operator_objects(docs)
     pod = by_kind["Deployment"]["spec"]["template"]["spec"]
     assert "--peering=team-sluice" in pod["containers"][0]["args"]
     assert by_kind["ClusterKopfPeering"]["metadata"]["name"] == "team-sluice"

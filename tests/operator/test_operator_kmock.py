@@ -477,7 +477,7 @@ async def test_a_deleted_namespace_leaves_nothing_behind(redis_server: Any) -> N
     async with configstore.connect(redis_server.url) as client:
         reconciler = Reconciler(client)
         await reconciler.reconcile(ns, [policy("api", ns)], [])
-        await reconciler.reconcile(ns, [], [])  # its last policy deleted: an empty document
+        await reconciler.reconcile(ns, [], [], complete=True)  # its last policy deleted: an empty document
         assert not (await configstore.read(client, ns)).policies
         await reconciler.forget(ns)
         assert not await client.redis.exists(keyschema.config_key(ns))

@@ -59,7 +59,7 @@ async def test_the_operator_reaches_redis_without_a_thread(fresh_redis: RedisSer
         assert fresh_redis.execute("HKEYS", key) == [b"web-0"]  # the stale ones pruned
         assert fresh_redis.execute("ZCARD", keyschema.HEARTBEATS_KEY) == 1
         assert await reconciler.memory_check.run() is None  # no maxmemory: safe
-        await reconciler.reconcile(ns, [], [])  # its last policy deleted: an empty document
+        await reconciler.reconcile(ns, [], [], complete=True)  # its last policy deleted: an empty document
         await reconciler.forget(ns)
         assert not fresh_redis.execute("EXISTS", keyschema.config_key(ns))
 
