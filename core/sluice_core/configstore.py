@@ -293,10 +293,11 @@ async def prune_heartbeats(client: Client, before: float) -> int:
         raise ConfigStoreError(f"cannot prune heartbeats: {exc}") from exc
 
 
-async def bump_epoch(client: Client, scope: str) -> int:
-    """Count one more config write by the operator serving ``scope``; the new count."""
+async def bump_epoch(client: Client, scope: str, by: int = 1) -> int:
+    """Count one more config write by the operator serving ``scope``; the new count (``by=0``:
+    the count as it is, 0 created where there is none)."""
     try:
-        return int(await client.redis.hincrby(keyschema.OPERATOR_EPOCH_KEY, scope, 1))
+        return int(await client.redis.hincrby(keyschema.OPERATOR_EPOCH_KEY, scope, by))
     except REDIS_FAILURES as exc:
         raise ConfigStoreError(f"cannot write the operator's epoch: {exc}") from exc
 
@@ -316,16 +317,47 @@ async def missing_configs(client: Client, namespaces: Sequence[str], chunk: int 
     client pipelines (one round trip per node)."""
     keys = [keyschema.config_key(ns) for ns in namespaces]
     try:
-        if not isinstance(client.redis, redis.asyncio.RedisCluster):
-            found = 0
-            for start in range(0, len(keys), chunk):
-                found += int(await client.redis.exists(*keys[start:start + chunk]))
-            if found == len(keys):
-                return []
-        pipe = client.redis.pipeline()
-        for key in keys:
-            pipe.exists(key)
-        there = await pipe.execute()
+        there = await _there(client, keys, chunk)
     except REDIS_FAILURES as exc:
         raise ConfigStoreError(f"cannot check the config documents: {exc}") from exc
     return [ns for ns, n in zip(namespaces, there, strict=True) if not n]
+
+
+async def missing_grant_indexes(client: Client, policy_refs: Sequence[str], chunk: int = 1000) -> list[str]:
+    """Which of these policies have no key index (:func:`keyschema.grant_index_key`), as
+    :func:`missing_configs` counts: for policies that have keys, the index gone means Redis
+    lost their grants (a Cluster node restarted empty, a flush), whatever the count of writes
+    on the node that holds it says."""
+    keys = [keyschema.grant_index_key(keyschema.policy_id(ref)) for ref in policy_refs]
+    try:
+        there = await _there(client, keys, chunk)
+    except REDIS_FAILURES as exc:
+        raise ConfigStoreError(f"cannot check the API key indexes: {exc}") from exc
+    return [ref for ref, n in zip(policy_refs, there, strict=True) if not n]
+
+
+async def grant_is(client: Client, policy_ref: str, key_sha256: bytes, value: str | None) -> bool:
+    """Does Redis hold this encoded grant (``value``; None: no grant) for the key? The read-back
+    of a counted grant write (the operator's :meth:`Reconciler.count_write`)."""
+    key = keyschema.grant_key(keyschema.policy_id(policy_ref), keyschema.client_for_api_key(key_sha256))
+    try:
+        held = await client.redis.get(key)
+    except REDIS_FAILURES as exc:
+        raise ConfigStoreError(f"cannot read an API key grant of policy {policy_ref!r}: {exc}") from exc
+    if held is None or value is None:
+        return held is None and value is None
+    return (held.decode() if isinstance(held, bytes) else str(held)) == value
+
+
+async def _there(client: Client, keys: Sequence[str], chunk: int) -> list[int]:
+    """EXISTS of each key (1 or 0): one EXISTS per ``chunk`` keys when all are there."""
+    if not isinstance(client.redis, redis.asyncio.RedisCluster):
+        found = 0
+        for start in range(0, len(keys), chunk):
+            found += int(await client.redis.exists(*keys[start:start + chunk]))
+        if found == len(keys):
+            return [1] * len(keys)
+    pipe = client.redis.pipeline()
+    for key in keys:
+        pipe.exists(key)
+    return [int(n) for n in await pipe.execute()]

@@ -23,7 +23,7 @@ import datetime as dt
 import heapq
 import logging
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 from sluice_core import configstore, grants, grantstore, keysapply, keyschema
@@ -53,6 +53,16 @@ def _now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
+ReadBack = Callable[[], Awaitable[bool]]
+"""Does Redis still hold what a write just made (read after it is counted)?"""
+Counter = Callable[[ReadBack | None], Awaitable[None]]
+"""Counts one grant write in Redis (:meth:`Reconciler.count_write`), with its read-back if any."""
+
+
+async def _uncounted(_check: ReadBack | None) -> None:
+    return None
+
+
 class KeyGrants:
     """Per scope (a namespace, or ``_cluster``): which Secrets' grants are in Redis, the
     Secrets that cannot be used (for the status), and when the first grant expires."""
@@ -69,6 +79,9 @@ class KeyGrants:
         self._dups: dict[str, dict[str, SecretKey]] = {}
         self._expiries: dict[str, list[tuple[int, str]]] = {}  # scope -> heap of (expires ms, key id)
         self._locks: dict[str, asyncio.Lock] = {}
+        # Every grant write and revocation is counted with the config writes (reconcile.py sets
+        # it): a Redis that lost one (a failover, an older snapshot) is noticed as for a document.
+        self.counted: Counter = _uncounted
 
     # -- what the status shows -----------------------------------------------------------------
 
@@ -99,6 +112,10 @@ class KeyGrants:
     def judged(self, scope: str, policy: str) -> bool:
         """Have the policy's keys been judged in full since the start (or the last loss)?"""
         return (scope, policy) in self._synced
+
+    def with_keys(self) -> list[tuple[str, str]]:
+        """(scope, policy) of every policy with grants written here: its key index must exist."""
+        return [k for k, owners in self._owners.items() if owners]
 
     def knows(self, scope: str, key_id: str) -> bool:
         """Has the Secret a grant in Redis, or a problem shown, here?"""
@@ -155,6 +172,8 @@ class KeyGrants:
                 value = hash(grants.encode(want, ref))
                 if old is None or old.value != value:
                     await configstore.put_grant(self.redis, ref, key.digest, want)
+                    written, encoded = key.digest, grants.encode(want, ref)
+                    await self.counted(lambda: configstore.grant_is(self.redis, ref, written, encoded))
                     self._note(scope, key_id, Granted(key.policy, key.digest, value, want.expires_ms))
                     touched.add(key.policy)
             return touched
@@ -183,9 +202,12 @@ class KeyGrants:
         ref = policy_ref(scope, old.policy)
         if heir is None:
             await configstore.revoke_grant(self.redis, ref, old.digest)
+            await self.counted(lambda: configstore.grant_is(self.redis, ref, old.digest, None))
             self._drop(scope, key_id, old)
             return
         await configstore.put_grant(self.redis, ref, old.digest, heir[1])
+        encoded = grants.encode(heir[1], ref)
+        await self.counted(lambda: configstore.grant_is(self.redis, ref, old.digest, encoded))
         self._drop(scope, key_id, old)
         self._dups[scope].pop(heir[0], None)
         self._problems.setdefault(scope, {}).pop(heir[0], None)
@@ -291,6 +313,7 @@ class KeyGrants:
             revoked = await staged.revoke_unlisted(self.redis)
         finally:
             await staged.discard(self.redis)
+        await self.counted(None)
         name = ref.split("/", 1)[1]
         self._forget_policy(scope, name)
         for key_id, (digest, want) in wanted.items():
@@ -322,6 +345,8 @@ class KeyGrants:
             await grantstore.write(self.redis, ref, (w for _, _, w in writes))
             for key_id, g, _ in writes:
                 self._note(scope, key_id, g)
+        if gone or writes:
+            await self.counted(None)
 
     async def policy_gone(self, scope: str, name: str) -> None:
         """The policy left the config: revoke every grant its index lists."""
@@ -329,6 +354,7 @@ class KeyGrants:
             ref = policy_ref(scope, name)
             async for page in grantstore.pages(self.redis, ref):
                 await grantstore.revoke(self.redis, ref, page)
+            await self.counted(None)
             self._forget_policy(scope, name)
             self._synced.pop((scope, name), None)
             self._judged_with.pop((scope, name), None)

@@ -8,8 +8,9 @@ Rules it keeps:
   stays in the document (also after an operator restart: it is recovered from Redis).
 - Versions only rise: a re-push after Redis lost the config continues from the last version.
 - Redis is written only when the document changed or is missing.
-- Each write is counted in Redis (:data:`~sluice_core.keyschema.OPERATOR_EPOCH_KEY`), so that
-  one read an interval tells whether Redis still holds what was written (:meth:`Reconciler.intact`).
+- Each write is counted in Redis (:data:`~sluice_core.keyschema.OPERATOR_EPOCH_KEY`), key grant
+  writes too, so that one read an interval tells whether Redis still holds what was written
+  (:meth:`Reconciler.intact`; :meth:`Reconciler.lost_grants` for a key index gone).
 
 ClusterRateLimitPolicies are reconciled the same way into the document of the pseudo-namespace
 ``_cluster``, with each policy's namespaceSelector resolved to the namespaces it selects now
@@ -23,7 +24,7 @@ import datetime as dt
 import logging
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,7 +33,7 @@ from sluice_core.errors import PolicyError, PolicyErrors
 from sluice_core.model import CLUSTER_SCOPE, CompiledPolicy, KeyGrant, Selector, Source
 from sluice_core.parse import parse_policy
 
-from sluice_operator.keygrants import KeyGrants
+from sluice_operator.keygrants import KeyGrants, policy_ref
 from sluice_operator.keysecrets import KeyProblem, SecretKey, embedded_grants
 from sluice_operator.metrics import OperatorMetrics
 from sluice_operator.redischeck import MemoryPolicyCheck
@@ -116,6 +117,7 @@ class Reconciler:
         # its parsed policies meanwhile.
         self._running = asyncio.Semaphore(RECONCILE_CONCURRENCY)
         self.keys = KeyGrants(redis_client)  # key Secrets as Redis grants, one Secret at a time
+        self.keys.counted = lambda check: self.count_write(kept=check)  # grant writes count too
         # Whether every fresh sidecar of a namespace (None: of any namespace, for ``_cluster``)
         # reads keys from Redis grants; None: not known yet (no heartbeats read since the start).
         # Set by handlers.py to its HeartbeatView's.
@@ -294,12 +296,16 @@ class Reconciler:
                 log.info("cluster config document was missing: created empty, version %s", version)
             return bool(version)
 
-    async def count_write(self, written: tuple[str, int] | None = None) -> None:
-        """Count one more write in Redis. The count must rise by one from what this replica
+    async def count_write(self, written: tuple[str, int] | None = None, *,
+                          kept: Callable[[], Awaitable[bool]] | None = None) -> None:
+        """Count one more write in Redis (a config document, or a key grant written or revoked:
+        :attr:`KeyGrants.counted`). The count must rise by one from what this replica
         knows: otherwise Redis lost it (missing: restarted empty, flushed; lower: an older
-        snapshot restored), and :meth:`intact` says so at the next check.
+        snapshot restored), or another replica wrote too (a leader change: its late write may
+        undo this one's judgement), and :meth:`intact` says so at the next check.
 
-        ``written``: the (namespace, version) just published, read back after the count. The
+        ``written``: the (namespace, version) just published, read back after the count
+        (``kept``: any other read-back, e.g. a grant's value). The
         write and its count are two commands: an older snapshot restored between them holds
         the count from before the write, which this count then raises by exactly one, as if
         nothing were lost (the rolled-back document went unnoticed for good; the quarantined
@@ -313,40 +319,63 @@ class Reconciler:
                 return
             counted = self._epoch is not None and value == self._epoch + 1
             self._epoch = value if counted else None
-        if counted and written is not None:  # outside the lock: the writes of a start-up queue on it
+        if written is not None:
+            namespace, version = written
+            kept = lambda: self._holds(namespace, version)  # noqa: E731
+        if counted and kept is not None:  # outside the lock: the writes of a start-up queue on it
             try:
-                kept = (await configstore.stored_version(self.redis, written[0]) or 0) >= written[1]
+                held = await kept()
             except configstore.ConfigStoreError as exc:
-                log.warning("cannot read back a config write: %s", exc)
-                kept = False
-            if not kept:
+                log.warning("cannot read back a write: %s", exc)
+                held = False
+            if not held:
                 self._epoch = None  # whatever was counted since: the next check restores
+
+    async def _holds(self, namespace: str, version: int) -> bool:
+        return (await configstore.stored_version(self.redis, namespace) or 0) >= version
 
     async def start_counting(self) -> bool:
         """Take the count from here (at start-up, and before re-writing everything): what
-        was written before is checked by the reconciles that follow. False if Redis failed."""
+        was written before is checked by the reconciles that follow. False if Redis failed.
+        Read, not raised: a replica that starts (a rolling update's new pod, passive) must not
+        make the active one see a write it did not make and rewrite every grant."""
         async with self._epoch_lock:
             try:
-                self._epoch = await configstore.bump_epoch(self.redis, self.scope)
+                self._epoch = await configstore.bump_epoch(self.redis, self.scope, by=0)
             except configstore.ConfigStoreError as exc:
                 log.warning("cannot count config writes in Redis: %s", exc)
                 self._epoch = None
                 return False
             return True
 
-    async def intact(self) -> bool:
-        """Does Redis still hold every config document this replica wrote? Two reads however
-        many namespaces it serves: the count of its writes, and the documents' existence (one
-        EXISTS per thousand). False also when Redis does not answer (then nothing is lost for
-        sure, but the next check that gets an answer must look at everything)."""
+    async def intact(self) -> bool | None:
+        """Does Redis still hold every config document and key grant this replica wrote? Two
+        reads however many namespaces it serves: the count of its writes, and the documents'
+        existence (one EXISTS per thousand). None when Redis does not answer: nothing is known
+        lost, and the count stays what it was, so the next check that gets an answer tells
+        (a blip must not cost a rewrite of every grant)."""
+        if self._epoch is None:
+            return False
         try:
-            if self._epoch is None or await configstore.epoch(self.redis, self.scope) != self._epoch:
+            if await configstore.epoch(self.redis, self.scope) != self._epoch:
                 return False
             return not await configstore.missing_configs(self.redis, sorted(self._known_version))
         except configstore.ConfigStoreError as exc:
-            log.warning("cannot check the config in Redis: %s", exc)
-            self._epoch = None
-            return False
+            log.warning("cannot check the config in Redis (checked again next interval): %s", exc)
+            return None
+
+    async def lost_grants(self) -> list[str] | None:
+        """The scopes with a policy whose key index is gone although it has keys granted here:
+        Redis lost its grants where the count of writes cannot tell (a Cluster node restarted
+        empty holds the index, not the count). One EXISTS per thousand policies; None when
+        Redis does not answer."""
+        held = {policy_ref(scope, name): scope for scope, name in self.keys.with_keys()}
+        try:
+            missing = await configstore.missing_grant_indexes(self.redis, sorted(held))
+        except configstore.ConfigStoreError as exc:
+            log.warning("cannot check the key grants in Redis (checked again next interval): %s", exc)
+            return None
+        return sorted({held[ref] for ref in missing})
 
     def next_expiries(self) -> dict[str, dt.datetime]:
         """Namespace -> when its first key expires (only those with expiring keys)."""

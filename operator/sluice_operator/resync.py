@@ -1,6 +1,7 @@
 """One task for every policy, instead of a kopf timer and a daemon per policy (two tasks each,
-all started at once at start-up, 0.8 MB a policy): every interval it checks that Redis still
-holds what was written, re-writing everything only when it does not, reads the sidecars'
+all started at once at start-up, 0.8 MB a policy): every interval (and every
+:data:`REDIS_CHECK_S` between) it checks that Redis still holds what was written, re-writing
+everything only when it does not (a policy's keys only when only its key index is gone), reads the sidecars'
 heartbeats and writes the status of the policies whose ``Enforced`` count changed; between
 intervals it wakes when a namespace's first key expires.
 
@@ -26,6 +27,11 @@ from sluice_operator.status import status_update
 
 log = logging.getLogger("sluice.operator")
 RETRY_S = 1.0  # after a failed expiry reconcile (Redis away)
+REDIS_CHECK_S = 5.0
+"""Between sweeps, how often Redis is checked for what it lost (:meth:`Resync.check_redis`: the
+count of writes, one EXISTS per thousand documents and per thousand key indexes): after a
+flush, sidecars that read grants refuse every required key until the grants are back, so the
+loss is looked for sooner than at the next sweep."""
 
 
 class Gate(Protocol):
@@ -57,8 +63,9 @@ class Hooks:
 
 class Resync:
     def __init__(self, interval_s: float, reconciler: Reconciler, heartbeats: HeartbeatView,
-                 gate: Gate, hooks: Hooks) -> None:
+                 gate: Gate, hooks: Hooks, check_s: float = REDIS_CHECK_S) -> None:
         self.interval_s = interval_s
+        self.check_s = min(check_s, interval_s)
         self.reconciler = reconciler
         self.heartbeats = heartbeats
         self.gate = gate
@@ -66,6 +73,7 @@ class Resync:
 
     async def run(self) -> None:
         next_sweep = time.monotonic() + self.interval_s
+        next_check = time.monotonic() + self.check_s
         retry_at = 0.0
         while True:
             self.reconciler.changed.clear()
@@ -77,12 +85,16 @@ class Resync:
                         retry_at = time.monotonic() + RETRY_S
                     if time.monotonic() >= next_sweep:
                         await self.sweep()
+                    elif time.monotonic() >= next_check:
+                        await self.check_redis()
             except Exception:  # a bug must not end the resync of every policy: said, then retried
                 log.exception("resync failed")
                 retry_at = time.monotonic() + RETRY_S
             if time.monotonic() >= next_sweep:
                 next_sweep = time.monotonic() + self.interval_s
-            delay = next_sweep - time.monotonic()
+            if time.monotonic() >= next_check:
+                next_check = time.monotonic() + self.check_s
+            delay = min(next_sweep, next_check) - time.monotonic()
             first = min(self.reconciler.next_expiries().values(), default=None)
             if first is not None:
                 until = max((first - dt.datetime.now(dt.UTC)).total_seconds(), retry_at - time.monotonic(), 0.0)
@@ -113,12 +125,7 @@ class Resync:
         self.reconciler.metrics.resyncs.inc()
         trim()  # what bursts of work since the last interval freed (start-up's above all)
         await self.reconciler.memory_check.run()
-        if not await self.reconciler.intact():
-            log.warning("Redis lost config this operator wrote (flushed, restarted empty, restored "
-                        "from an older snapshot, or unreachable): reconciling every namespace again")
-            self.reconciler.metrics.restores.inc()
-            if await self.reconciler.start_counting():
-                await self.hooks.restore()
+        await self.check_redis()
         served = self.hooks.served()
         try:
             await self.heartbeats.refresh(ns for ns in served if ns != CLUSTER_SCOPE)
@@ -132,6 +139,29 @@ class Resync:
             outcome = self.reconciler.latest(scope)
             if outcome is not None and outcome.programmed and outcome.version:
                 await self._enforced(scope, bodies, outcome)
+
+    async def check_redis(self) -> None:
+        """Put back what Redis lost: everything when the count of writes says so (every
+        document, every policy's grants judged in full), only the scopes whose key index is gone
+        otherwise. Redis not answering is no loss: checked again at the next interval."""
+        r = self.reconciler
+        state = await r.intact()
+        if state is None:
+            return
+        if not state:
+            log.warning("Redis lost config or key grants this operator wrote (flushed, restarted empty, "
+                        "restored from an older snapshot, failed over with a lag) or another replica "
+                        "wrote too: reconciling every namespace again")
+            r.metrics.restores.inc()
+            if await r.start_counting():
+                await self.hooks.restore()
+            return
+        for scope in await r.lost_grants() or []:
+            log.warning("Redis lost the key grants of a policy of %s (its key index is gone): "
+                        "writing its keys again", scope)
+            r.metrics.restores.inc()
+            r.keys.unsync(scope)
+            await self.hooks.reconcile(scope)
 
     async def _enforced(self, scope: str, bodies: Sequence[Mapping[str, Any]], outcome: NamespaceOutcome) -> None:
         """Write the status of the scope's policies whose count of enforcing sidecars changed."""
