@@ -25,7 +25,7 @@ from support.crds import apply_crds
 from support.operator_thread import Operator, running_operator
 from support.polling import poll
 from support.processes import SidecarProcess, UpstreamProcess
-from support.sluice_objects import condition
+from support.sluice_objects import condition, served_namespace
 from support.store_calls import store_call
 
 pytestmark = pytest.mark.k8s
@@ -45,13 +45,8 @@ def operator(k8s: ControlPlane, redis_server: Any) -> Iterator[Operator]:
 
 @pytest.fixture
 def namespace(k8s: ControlPlane, operator: Operator) -> Iterator[str]:
-    ns = f"{NS_PREFIX}-{uuid.uuid4().hex[:6]}"
-    k8s.kubectl("create", "namespace", ns)
-    try:
+    with served_namespace(k8s, NS_PREFIX) as ns:
         yield ns
-    finally:
-        k8s.kubectl("delete", "rlp", "--all", "-n", ns, "--timeout=30s", check=False)
-        k8s.kubectl("delete", "namespace", ns, "--wait=false", "--ignore-not-found")
 
 
 @pytest.fixture(scope="module")

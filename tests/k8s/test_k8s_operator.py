@@ -37,7 +37,12 @@ from support.operator_thread import Operator, running_operator
 from support.paths import ROOT
 from support.polling import poll
 from support.redis_servers import pick_port
-from support.sluice_objects import condition, delete_webhook_configurations, programmed
+from support.sluice_objects import (
+    condition,
+    delete_webhook_configurations,
+    programmed,
+    served_namespace,
+)
 
 pytestmark = pytest.mark.k8s
 
@@ -67,13 +72,8 @@ def k8s(control_plane: ControlPlane) -> ControlPlane:
 def namespace(k8s: ControlPlane) -> Iterator[str]:
     """A namespace the operator serves. Its policies are deleted while the operator still runs
     (so their finalizers are removed), then the namespace goes, without waiting."""
-    ns = f"{NS_PREFIX}-{uuid.uuid4().hex[:6]}"
-    k8s.kubectl("create", "namespace", ns)
-    try:
+    with served_namespace(k8s, NS_PREFIX) as ns:
         yield ns
-    finally:
-        k8s.kubectl("delete", "rlp", "--all", "-n", ns, "--timeout=30s", check=False)
-        k8s.kubectl("delete", "namespace", ns, "--wait=false", "--ignore-not-found")
 
 
 @pytest.fixture(scope="class")

@@ -4,8 +4,10 @@ minimal RateLimitPolicy to apply."""
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import Sequence
+import uuid
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import yaml
@@ -19,6 +21,20 @@ WEBHOOK_CONFIGS = (("validatingwebhookconfiguration", VALIDATING_NAME),
 
 # requests a minute of each tier policy_manifest knows
 TIER_REQUESTS = {"free": 10, "pro": 100}
+
+
+@contextlib.contextmanager
+def served_namespace(cp: ControlPlane, prefix: str) -> Iterator[str]:
+    """A fresh namespace ``<prefix>-<random>`` (an operator serving ``<prefix>-*`` serves it).
+    At the end its policies are deleted while the operator still runs (so their finalizers are
+    removed), then the namespace goes, without waiting."""
+    ns = f"{prefix}-{uuid.uuid4().hex[:6]}"
+    cp.kubectl("create", "namespace", ns)
+    try:
+        yield ns
+    finally:
+        cp.kubectl("delete", "rlp", "--all", "-n", ns, "--timeout=30s", check=False)
+        cp.kubectl("delete", "namespace", ns, "--wait=false", "--ignore-not-found")
 
 
 def delete_webhook_configurations(cp: ControlPlane, *, check: bool = True) -> None:
