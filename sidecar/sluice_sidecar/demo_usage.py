@@ -10,19 +10,40 @@ in-memory store usage stays on the sidecar's admin port (``/usage``).
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import importlib.util
 import os
 import secrets
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 # The demo's windows: short, so the tour's traffic is in the API a second or two later.
 DEMO_USAGE_WINDOW_S = 1.0
+
+
+def _exit_with_parent() -> Callable[[], None] | None:
+    """On Linux, a ``preexec_fn`` that has the kernel SIGTERM the collector when the demo dies
+    without stopping it (``kill -9``), so it is never left behind; elsewhere None. Forked from
+    the main thread only: the signal follows the thread that forked."""
+    if not sys.platform.startswith("linux") or threading.current_thread() is not threading.main_thread():
+        return None
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+    def preexec() -> None:
+        prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
+
+    return preexec
 
 
 def available() -> bool:
@@ -49,7 +70,7 @@ class DemoCollector:
                 "--block-ms", "500", "--log-level", "warning"]
         with self.log.open("ab") as out:
             self.proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL)
+                                         stdin=subprocess.DEVNULL, preexec_fn=_exit_with_parent())
 
     def wait_ready(self, timeout: float = 30.0) -> None:
         """Until ``/healthz`` answers (migrations run first); the log's tail if it died."""
