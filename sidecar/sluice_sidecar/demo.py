@@ -2,9 +2,10 @@
 
 Starts a small demo upstream, a local ``redis-server`` when one is installed (else the
 in-memory store), and the sidecar with the example policy (free / pro / enterprise tiers, a
-strict ``POST /api/expensive`` rule, an unlimited ``/healthz``). It then shows 200s turning
-into 429s for each tier, prints the curl commands to try it yourself, and serves until Ctrl-C
-(or ``--duration`` seconds).
+strict ``POST /api/expensive`` rule, an unlimited ``/healthz``). With Redis it also starts the
+usage collector (``sluice analytics`` on SQLite, :mod:`sluice_sidecar.demo_usage`). It then
+shows 200s turning into 429s for each tier, prints the curl commands to try it yourself and the
+commands that show the traffic per client, and serves until Ctrl-C (or ``--duration`` seconds).
 """
 
 from __future__ import annotations
@@ -23,8 +24,10 @@ from pathlib import Path
 
 import aiohttp
 from aiohttp import web
+from sluice_core.policyfile import load_policies
 from sluice_core.sidecar_settings import SidecarSettings
 
+from sluice_sidecar import demo_usage
 from sluice_sidecar.cli import setup_event_loop
 from sluice_sidecar.server import Sidecar
 
@@ -38,6 +41,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="auto: a local redis-server when installed, else memory")
     parser.add_argument("--duration", type=float, default=0, help="stop after this many seconds (0: run until Ctrl-C)")
     parser.add_argument("--no-tour", action="store_true", help="skip the scripted tour")
+    parser.add_argument("--analytics-port", type=int, default=9092,
+                        help="the usage collector's API port, with Redis (0: any free port)")
 
 
 def _free_port(preferred: int) -> int:
@@ -129,12 +134,18 @@ async def _main(args: argparse.Namespace) -> int:
     policy = Path(str(examples.joinpath("public-api.yaml")))
     keys = Path(str(examples.joinpath("demo-keys.yaml")))
     up = await _upstream(upstream_port)
+    redis_url = f"redis://127.0.0.1:{redis.port}" if redis else None
     settings = SidecarSettings(
         upstream=f"http://127.0.0.1:{upstream_port}", listen=f"127.0.0.1:{port}",
-        admin_listen=f"127.0.0.1:{admin_port}", redis=f"redis://127.0.0.1:{redis.port}" if redis else None,
-        policy_file=str(policy), api_keys_file=str(keys), drain_s=0)
+        admin_listen=f"127.0.0.1:{admin_port}", redis=redis_url,
+        policy_file=str(policy), api_keys_file=str(keys), drain_s=0,
+        usage_window_s=demo_usage.DEMO_USAGE_WINDOW_S)
     sidecar = Sidecar(settings)
+    collector: demo_usage.DemoCollector | None = None
     try:
+        if redis_url and demo_usage.available():
+            collector = demo_usage.DemoCollector(redis_url, _free_port(args.analytics_port))
+            await asyncio.to_thread(collector.wait_ready)
         await sidecar.start()
         base = f"http://127.0.0.1:{sidecar.data_port}"
         store = f"redis-server on 127.0.0.1:{redis.port}" if redis else "in-memory store (redis-server not installed)"
@@ -151,8 +162,9 @@ Try it yourself (buckets refill: free 1 token / 2 s, pro 100 / min, enterprise 1
   curl -i -X POST -H 'X-API-Key: demo-pro-key' {base}/api/expensive   # strict rule, cost 2
   curl -i {base}/healthz                                          # skipped: never limited
   curl -s http://127.0.0.1:{sidecar.admin_port}/metrics | grep sluice_decisions
-  curl -s http://127.0.0.1:{sidecar.admin_port}/admin/config
-Serving {f'for {args.duration:.0f} s' if args.duration else 'until Ctrl-C'}.""", flush=True)
+  curl -s http://127.0.0.1:{sidecar.admin_port}/admin/config""")
+        print(_usage_text(collector, sidecar.admin_port, load_policies(policy)[0].namespace))
+        print(f"Serving {f'for {args.duration:.0f} s' if args.duration else 'until Ctrl-C'}.", flush=True)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         import signal
@@ -163,11 +175,22 @@ Serving {f'for {args.duration:.0f} s' if args.duration else 'until Ctrl-C'}.""",
                 await stop.wait()
         print("\nstopping:", json.dumps(sidecar.components()))
     finally:
-        await sidecar.stop()
+        await sidecar.stop()  # its last partial window goes to the stream first
+        if collector:
+            collector.stop()
         await up.cleanup()
         if redis:
             redis.stop()
     return 0
+
+
+def _usage_text(collector: demo_usage.DemoCollector | None, admin_port: int, namespace: str) -> str:
+    if collector is not None:
+        return demo_usage.instructions(collector, namespace)
+    why = "no Redis for the usage stream" if demo_usage.available() else "sluice_analytics is not installed"
+    return f"""
+Usage per client ({why}: this process only, the window being counted and the last one):
+  curl -s http://127.0.0.1:{admin_port}/usage"""
 
 
 def run(args: argparse.Namespace) -> int:
