@@ -49,7 +49,9 @@ def test_the_examples_fit_together() -> None:
 
 def test_the_examples_are_valid_kubernetes() -> None:
     version = k8s_version()
-    for kind, doc in load().items():
+    docs = load()
+    assert {"Deployment", "Service", "Secret"} <= set(docs)
+    for kind, doc in docs.items():
         if kind != "RateLimitPolicy":
             kubernetes_validate.validate(doc, version, strict=True)
 
