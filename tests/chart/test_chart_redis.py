@@ -190,3 +190,19 @@ def test_external_redis_from_a_secret() -> None:
     assert analytics["SLUICE_ANALYTICS_REDIS"] == secret_ref("my-redis", "uri")
     res = helm("template", "sluice", str(CHART), *EXTERNAL, check=False)
     assert res.returncode != 0 and "externalRedis.url is required" in res.stderr, res.stderr
+
+
+def test_a_long_release_name_still_makes_a_valid_statefulset() -> None:
+    """A StatefulSet's name leaves room for the controller-revision-hash label (52 characters);
+    the sidecars' Secret name follows it."""
+    name = "a" * 53
+    out = helm("template", name, str(CHART), "--namespace", NS,
+               "--set", "sidecar.redisSecret.namespaces={shop}").stdout
+    docs = [d for d in yaml.safe_load_all(out) if d]
+    (sts,) = [d for d in docs if d["kind"] == "StatefulSet"]
+    assert len(sts["metadata"]["name"]) <= 52
+    assert find(docs, "Service", sts["metadata"]["name"])
+    args = container(next(d for d in docs if d["kind"] == "Deployment"
+                          and d["metadata"]["name"].endswith("-operator")))["args"]
+    (copy,) = [d for d in docs if d["kind"] == "Secret" and d["metadata"]["namespace"] == "shop"]
+    assert f"--sidecar-redis-secret={copy['metadata']['name']}/url" in args

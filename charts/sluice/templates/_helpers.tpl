@@ -67,9 +67,10 @@ app.kubernetes.io/part-of: sluice
 {{- end -}}
 
 {{/* The in-chart Redis (redis.enabled): its StatefulSet, Service, ConfigMap and the Secret
-with its generated password and URL all carry this name. */}}
+with its generated password and URL all carry this name; at most 52 characters, as a
+StatefulSet's name must leave room for its controller-revision-hash label. */}}
 {{- define "sluice.redisName" -}}
-{{- printf "%s-redis" (include "sluice.fullname" . | trunc 57 | trimSuffix "-") -}}
+{{- printf "%s-redis" (include "sluice.fullname" . | trunc 46 | trimSuffix "-") -}}
 {{- end -}}
 
 {{/* The in-chart Redis's URL without its password: a Service name that resolves from every
