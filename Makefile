@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup setup-k8s demo test test-fast lint typecheck bench clean
+.PHONY: setup setup-k8s setup-tools demo test test-fast lint typecheck bench clean
 
 $(STAMP): pyproject.toml hack/bootstrap.sh hack/constraints.txt
 	@hack/bootstrap.sh $(VENV)
@@ -17,11 +17,16 @@ setup: $(STAMP)
 setup-k8s:
 	@hack/k8s/build.sh
 
+# checkov in its own virtualenv (.venv-tools), for the chart's scan in the suite
+# (tests/chart/test_chart_checkov.py); pinned in hack/tools-constraints.txt.
+setup-tools:
+	@hack/tools.sh
+
 demo: $(STAMP)
 	@hack/ensure-redis.sh --optional
 	$(BIN)/sluice demo
 
-test: $(STAMP) setup-k8s
+test: $(STAMP) setup-k8s setup-tools
 	@hack/ensure-redis.sh
 	@hack/ensure-postgres.sh
 	$(BIN)/pytest -q -p no:cacheprovider
@@ -50,4 +55,4 @@ bench: $(STAMP) setup-k8s
 	$(BIN)/python -m bench.operator_scale --out docs/benchmarks.md  # 9 min; + --keys 10000: 12 more
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) .venv-tools .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -234,3 +234,33 @@ def test_the_reserved_env_names_are_listed_where_sidecar_env_is_described() -> N
         "README.md's list of the variables --sidecar-env refuses is stale (run python hack/settings_tables.py)"
     named = set(re.findall(r"\b(?:SLUICE_[A-Z_]+|POD_NAME(?:SPACE)?)\b", values_comments()["sidecar.env"]))
     assert named == set(RESERVED_ENV), f"values.yaml's sidecar.env comment differs in {named ^ set(RESERVED_ENV)}"
+
+
+def value_paths(node: Any, prefix: str = "") -> Iterator[str]:
+    """values.yaml's values as dotted paths; a map of free-form entries (env, resources, labels,
+    selectors) is one value."""
+    free = {"env", "resources", "podLabels", "podAnnotations", "nodeSelector", "affinity", "global"}
+    for key, value in node.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict) and value and key not in free:
+            yield from value_paths(value, path + ".")
+        else:
+            yield path
+
+
+def test_the_chart_readme_and_schema_describe_every_value() -> None:
+    """Every value of values.yaml has a row in charts/sluice/README.md's table and a schema entry
+    (with a description where it is new to this table's checks), so none is undocumented."""
+    rows = {value for line in (CHART / "README.md").read_text().splitlines() if line.startswith("| `")
+            for value in re.findall(r"`([a-zA-Z.]+)`", line.split("|")[1])}
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    paths = list(value_paths(values))
+    assert "redis.persistence.storageClass" in paths and "networkPolicy.webhookFrom" in paths
+    missing = [p for p in paths if p not in rows and p.split(".")[0] not in
+               ("podLabels", "podAnnotations", "nodeSelector", "tolerations")]
+    assert not missing, f"charts/sluice/README.md's values table lacks {missing}"
+    for path in paths:
+        node = schema_of(path)  # KeyError: values.schema.json lacks it
+        top = path.split(".")[0]
+        if top in ("redis", "externalRedis", "analytics", "networkPolicy"):
+            assert node.get("description") or "enum" in node, f"values.schema.json: {path} has no description"

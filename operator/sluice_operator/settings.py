@@ -54,7 +54,7 @@ class OperatorSettings:
     without ``setting`` are not flags: the command line derives them, tests set them."""
 
     redis: str = setting(help="Redis URL the sidecars read (`redis://`, `rediss://`, `redis+sentinel://`, "
-                              "`redis+cluster://`)", parse=redis_url, chart="redis.url")
+                              "`redis+cluster://`)", parse=redis_url, chart="externalRedis.url")
     resync_interval_s: float = setting(
         default=30.0, help="how often Redis is checked for config it lost (then re-pushed) and sidecars are counted (status `Enforced`)",
         positive=True, chart="operator.resyncIntervalSeconds")

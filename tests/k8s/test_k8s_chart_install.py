@@ -136,7 +136,9 @@ def release(control_plane: ControlPlane, tmp_path_factory: pytest.TempPathFactor
     name, ns = f"sl-{suffix}", f"sluice-chart-{suffix}"
     cp.kubectl("create", "namespace", ns)
     helm("install", name, str(CHART), "--kubeconfig", str(cp.kubeconfig), "--namespace", ns,
-         "--wait=false", "--set", "redis.url=redis://redis.example:6379")
+         "--wait=false", "--set", "redis.enabled=false",
+         "--set", "externalRedis.url=redis://redis.example:6379",
+         "--set", "analytics.enabled=false")  # the operator's objects only (its own test file)
     fullname = f"{name}-sluice"
     try:
         token = cp.kubectl("create", "token", fullname, "-n", ns, "--duration=1h").stdout.strip()

@@ -54,7 +54,7 @@ def test_helm_lint(values: list[str]) -> None:
 
 
 @pytest.mark.parametrize(("setting", "complaint"), [
-    ("redis.url=http://redis:6379", "/redis/url"),
+    ("externalRedis.url=http://redis:6379", "/externalRedis/url"),
     ("operator.resyncIntervalSeconds=0", "/operator/resyncIntervalSeconds"),
     ("image.pullPolicy=Sometimes", "/image/pullPolicy"),
     ("webhook.enabld=true", "enabld"),
@@ -91,11 +91,11 @@ def test_a_redis_password_never_lands_in_injected_pod_specs() -> None:
     """With the operator's URL from a Secret, the chart will not hand that URL (password and all)
     to the injector, which would write it into every pod spec: it asks for a Secret of the
     sidecars' own, or an explicit URL."""
-    res = helm("template", "sluice", str(CHART), "--set", "redis.existingSecret=redis-url", check=False)
+    external = ("--set", "redis.enabled=false", "--set", "externalRedis.existingSecret=redis-url")
+    res = helm("template", "sluice", str(CHART), *external, check=False)
     assert res.returncode != 0 and "sidecar.redisSecret.name" in res.stderr, res.stderr
-    docs = render("--set", "redis.existingSecret=redis-url", "--set", "sidecar.redisSecret.name=sluice-redis")
-    (dep,) = [d for d in docs if d["kind"] == "Deployment"]
-    args = dep["spec"]["template"]["spec"]["containers"][0]["args"]
+    docs = render(*external, "--set", "sidecar.redisSecret.name=sluice-redis")
+    args = operator_container(docs)["args"]
     assert "--sidecar-redis-secret=sluice-redis/url" in args
     assert not any(a.startswith("--sidecar-redis=") for a in args)
 
@@ -104,8 +104,13 @@ def test_a_redis_password_never_lands_in_injected_pod_specs() -> None:
 # sidecar.* values -> --sidecar-* operator args -> the operator's own parser
 
 
+EXTERNAL_REDIS = ("--set", "redis.enabled=false", "--set", "externalRedis.url=redis://redis:6379")
+"""The operator's Redis URL as a plain value (the in-chart Redis's comes from its Secret)."""
+
+
 def operator_container(docs: list[dict[str, Any]]) -> dict[str, Any]:
-    (dep,) = [d for d in docs if d["kind"] == "Deployment"]
+    (dep,) = [d for d in docs if d["kind"] == "Deployment"
+              and d["metadata"]["name"].endswith("-operator")]
     (c,) = dep["spec"]["template"]["spec"]["containers"]
     return dict(c)
 
@@ -152,7 +157,7 @@ def test_sidecar_values_reach_the_operator_as_flags_it_accepts(
         "env": {"SLUICE_UPSTREAM_TIMEOUT_S": "30", "HTTP_PROXY": tricky}}}
     path = tmp_path / "values.yaml"
     path.write_text(yaml.safe_dump(values))
-    docs = render("-f", str(path))
+    docs = render("-f", str(path), *EXTERNAL_REDIS)
     args = operator_container(docs)["args"]
     sidecar_args = [a for a in args if a.startswith("--sidecar-")]
     assert sidecar_args == [
@@ -224,16 +229,16 @@ def test_default_sidecar_values_are_the_operator_defaults(monkeypatch: pytest.Mo
 
     image = yaml.safe_load((CHART / "Chart.yaml").read_text())["appVersion"]
     expected = replace(InjectionSettings(), image=f"sluice:{image}", redis_url="redis://redis:6379")
-    assert injection_from_chart(render(), monkeypatch) == expected
+    assert injection_from_chart(render(*EXTERNAL_REDIS), monkeypatch) == expected
     keys = ("imagePullPolicy", "resources", "redisTimeoutMs", "port", "adminPort",
             "defaultPortName", "runAsUser")
-    docs = render(*[a for k in keys for a in ("--set", f"sidecar.{k}=null")])
+    docs = render(*EXTERNAL_REDIS, *[a for k in keys for a in ("--set", f"sidecar.{k}=null")])
     sidecar_args = [a for a in operator_container(docs)["args"] if a.startswith("--sidecar-")]
     assert sidecar_args == [f"--sidecar-image=sluice:{image}"]
     assert injection_from_chart(docs, monkeypatch) == expected
     # requests and limits dropped: an explicit "no resources"
     docs = render("--set", "sidecar.resources.requests=null", "--set", "sidecar.resources.limits=null",
-                  "--set", "sidecar.runAsUser=image")
+                  "--set", "sidecar.runAsUser=image", *EXTERNAL_REDIS)
     assert "--sidecar-resources={}" in operator_container(docs)["args"]
     settings = injection_from_chart(docs, monkeypatch)
     assert settings.resources == {} and settings.run_as_user is None
@@ -243,7 +248,7 @@ def test_a_value_the_schema_passes_but_the_operator_refuses_fails_at_start(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """A request above its limit passes the schema (it has no arithmetic); the operator then
     exits at start naming the flag, before it injects a single pod."""
-    docs = render("--set", "sidecar.resources.limits.memory=32Mi")
+    docs = render("--set", "sidecar.resources.limits.memory=32Mi", *EXTERNAL_REDIS)
     with pytest.raises(SystemExit, match=r"^sluice operator: --sidecar-resources: requests.memory "
                                          r"\(64Mi\) is above limits.memory \(32Mi\)"):
         injection_from_chart(docs, monkeypatch)
@@ -258,11 +263,16 @@ def test_the_schema_refuses_the_env_vars_the_operator_refuses() -> None:
 
 
 @pytest.mark.parametrize("values", [[], ["--set", "webhook.enabled=false"],
-                                    ["--set", "redis.existingSecret=redis-url",
+                                    ["--set", "redis.enabled=false",
+                                     "--set", "externalRedis.existingSecret=redis-url",
                                      "--set", "sidecar.image=reg/sidecar:1",
                                      "--set", "sidecar.redisUrl=redis://other:6379"],
-                                    ["--set", "replicaCount=1"]],
-                         ids=["default", "no-webhook", "secret-url", "one-replica"])
+                                    ["--set", "replicaCount=1"],
+                                    ["--set", "analytics.enabled=false",
+                                     "--set", "networkPolicy.enabled=false",
+                                     "--set", "redis.persistence.enabled=true",
+                                     "--set", "sidecar.redisSecret.namespaces={shop,web}"]],
+                         ids=["default", "no-webhook", "secret-url", "one-replica", "operator-only"])
 def test_rendered_manifests_validate(values: list[str]) -> None:
     docs = render(*values)
     version = k8s_version()
@@ -286,12 +296,21 @@ def test_rendered_manifests_validate(values: list[str]) -> None:
                      "ValidatingWebhookConfiguration", "MutatingWebhookConfiguration"]
     if "replicaCount=1" not in values:
         expected.append("PodDisruptionBudget")
+    if "networkPolicy.enabled=false" not in values:
+        expected.append("NetworkPolicy")  # the operator's
+    if "redis.enabled=false" not in values:  # its password Secret, + one per sidecar namespace
+        expected += ["StatefulSet", "Service", "ConfigMap", "Secret"]
+        expected += ["Secret"] * (2 if "sidecar.redisSecret.namespaces={shop,web}" in values else 0)
+        expected += [] if "networkPolicy.enabled=false" in values else ["NetworkPolicy"]
+    if "analytics.enabled=false" not in values:  # + its ServiceAccount's ClusterRole(Binding)
+        expected += ["Deployment", "Service", "ServiceAccount", "ClusterRole",
+                     "ClusterRoleBinding", "PersistentVolumeClaim", "NetworkPolicy"]
     assert kinds == sorted(expected)
 
 
 def test_deployment_wiring() -> None:
-    docs = render("--set", "redis.url=redis://r.example:6379", "--set",
-                  "operator.resyncIntervalSeconds=7", namespace="ops")
+    docs = render("--set", "redis.enabled=false", "--set", "externalRedis.url=redis://r.example:6379",
+                  "--set", "operator.resyncIntervalSeconds=7", namespace="ops")
     by_kind = operator_objects(docs)
     dep, svc = by_kind["Deployment"], by_kind["Service"]
     pod = dep["spec"]["template"]["spec"]
@@ -324,8 +343,11 @@ def test_deployment_wiring() -> None:
 
 
 def operator_objects(docs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """The chart's objects by kind, without the usage ClusterRoles (for people, not the operator)."""
-    return {d["kind"]: d for d in docs if not d["metadata"]["name"].endswith(USAGE_ROLES)}
+    """The operator's objects by kind: not the usage ClusterRoles (for people), not Redis's or the
+    collector's (their component label)."""
+    return {d["kind"]: d for d in docs if not d["metadata"]["name"].endswith(USAGE_ROLES)
+            and (d["metadata"].get("labels") or {}).get("app.kubernetes.io/component",
+                                                          "operator") == "operator"}
 
 
 USAGE_ROLES = ("-usage-viewer", "-usage-admin")

@@ -48,3 +48,25 @@ def operator_webhook_configurations(endpoint: Endpoint, ca_pem: bytes) -> dict[s
     return {"ValidatingWebhookConfiguration": webhook_config.validating(endpoint, ca_pem),
             "MutatingWebhookConfiguration": webhook_config.mutating(endpoint, ca_pem,
                                                                     skip_namespaces=skip)}
+
+
+def find(docs: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
+    """The one rendered object of ``kind`` named ``name`` (fails the test when missing)."""
+    found = [d for d in docs if d["kind"] == kind and d["metadata"]["name"] == name]
+    assert len(found) == 1, f"{kind} {name}: {len(found)} rendered"
+    return found[0]
+
+
+def container(workload: dict[str, Any]) -> dict[str, Any]:
+    """The one container of a Deployment's or StatefulSet's pod template."""
+    (c,) = workload["spec"]["template"]["spec"]["containers"]
+    return dict(c)
+
+
+def env_of(c: dict[str, Any]) -> dict[str, Any]:
+    """A container's env by name: the value, or the valueFrom object."""
+    return {e["name"]: e.get("value", e.get("valueFrom")) for e in c.get("env", [])}
+
+
+def secret_ref(name: str, key: str) -> dict[str, Any]:
+    return {"secretKeyRef": {"name": name, "key": key}}

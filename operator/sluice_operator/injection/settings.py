@@ -88,7 +88,7 @@ class InjectionSettings:
         default=None, help="injected sidecars read their Redis URL (`SLUICE_REDIS`) from key KEY of Secret NAME "
               "in their own namespace, so a password never appears in a pod spec; takes precedence "
               "over `--sidecar-redis`. The chart requires this, or an explicit `sidecar.redisUrl`, "
-              "when `redis.existingSecret` is set",
+              "when `externalRedis.existingSecret` is set",
         flag="redis-secret", parse=values.secret_key_ref, metavar="NAME/KEY", chart="sidecar.redisSecret")
     resources: Mapping[str, Any] = setting(
         default_factory=lambda: {k: dict(v) for k, v in _DEFAULT_RESOURCES.items()},
