@@ -224,3 +224,52 @@ async def test_addresses_the_collector_must_not_call_are_refused(
         await task
     assert receiver.got == []
     assert sent(metrics, "delivered") == 0
+
+
+async def test_traffic_through_a_sidecar_reaches_the_webhook_through_the_collector(
+        redis_server: Any, receiver: Receiver, tmp_path: Any) -> None:
+    """The whole path with real processes: requests through a sidecar, its usage windows, the
+    collector's rollup and detection, the signed POST. 85 anonymous requests of 100 an hour."""
+    from support.analytics_process import CollectorProcess
+    from support.processes import SidecarProcess, UpstreamProcess, http_get
+
+    ns = "ns-" + uuid.uuid4().hex[:8]
+    manifest = policy(ns, receiver.url)
+    manifest["spec"]["identify"] = {"order": ["ip"]}
+    async with configstore.connect(redis_server.url) as client:
+        await configstore.publish(client, ns, build_doc(ns, [parse_policy(manifest)]))
+    labels = tmp_path / "labels"
+    labels.write_text('app="web"\n')
+    secret = tmp_path / "secret"
+    secret.write_bytes(SECRET + b"\n")
+    up = await asyncio.to_thread(UpstreamProcess)
+    sidecar = await asyncio.to_thread(SidecarProcess, up.url, "--redis", redis_server.url, "--namespace", ns,
+                                      "--pod-labels", str(labels), "--usage-window-s", "0.5")
+    collector = await asyncio.to_thread(
+        CollectorProcess, redis_server.url, f"sqlite:///{tmp_path / 'usage.db'}",
+        extra=("--alerts-interval-s", "0.5", "--alert-webhook-loopback", "allow",
+               "--alert-webhook-secret-file", str(secret)))
+    try:
+        codes = [(await asyncio.to_thread(http_get, sidecar.url + "/"))[0] for _ in range(85)]
+        assert codes == [200] * 85
+
+        async def posted() -> bool:
+            return bool(receiver.got)
+
+        await wait_for(posted, timeout=30, what="the near-limit webhook")
+        headers, body = receiver.got[0]
+        assert headers["X-Sluice-Signature"] == "sha256=" + hmac.new(SECRET, body, hashlib.sha256).hexdigest()
+        doc = json.loads(body)
+        assert (doc["namespace"], doc["policy"], doc["client"], doc["tier"]) == (ns, "api", "ip:127.0.0.1", "free")
+        assert doc["used"] >= 80 and doc["allowance"] == 100
+        # Five more requests: counted, but the hour's alert was sent.
+        for _ in range(5):
+            await asyncio.to_thread(http_get, sidecar.url + "/")
+        await wait_for(lambda: asyncio.to_thread(lambda: collector.metric("sluice_analytics_requests_applied_total") >= 90),
+                       timeout=30, what="the five applied")
+        assert len(receiver.got) == 1
+        assert collector.metric("sluice_analytics_near_limit_alerts_total") == 1
+    finally:
+        collector.stop()
+        sidecar.close()
+        up.close()
