@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml hack/bootstrap.sh hack/constraints.txt
 
 setup: $(STAMP)
 
-# etcd, kube-apiserver, kube-controller-manager, kubectl, helm built from Go modules into
+# etcd, kube-apiserver, kube-controller-manager, kubectl, helm, promtool built from Go modules into
 # ${SLUICE_CACHE:-~/.cache/sluice}/bin for the k8s tests; a no-op once built (hack/k8s/NOTES.md).
 setup-k8s:
 	@hack/k8s/build.sh

@@ -220,7 +220,7 @@ class KubernetesAuth:
                               + (f" of {access.policy}" if access.policy else f" in namespace {access.namespace}"))
         return name
 
-    async def event(self, access: Access, reason: str, message: str) -> None:
+    async def event(self, access: Access, reason: str, message: str, *, kind: str = "Normal") -> None:
         """A Kubernetes Event on the policy (the reset's audit record); failures are the caller's
         to log, the reset having happened."""
         ns, _, name = (access.policy or "").rpartition("/")
@@ -232,7 +232,7 @@ class KubernetesAuth:
                 "involvedObject": {"apiVersion": f"{GROUP}/v1alpha1",
                                    "kind": "ClusterRateLimitPolicy" if cluster else "RateLimitPolicy",
                                    "name": name, **({} if cluster else {"namespace": ns})},
-                "reason": reason, "message": message, "type": "Normal",
+                "reason": reason, "message": message, "type": kind,
                 "source": {"component": "sluice-analytics"},
                 "firstTimestamp": now, "lastTimestamp": now, "count": 1}
         await self.post(f"/api/v1/namespaces/{event_ns}/events", body)

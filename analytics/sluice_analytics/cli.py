@@ -8,17 +8,27 @@ import asyncio
 import contextlib
 import logging
 import signal
+from collections.abc import Awaitable, Callable
 
 from sluice_core import configstore, settingsform
 
 from sluice_analytics import database, migrate
 from sluice_analytics.api import ApiContext
-from sluice_analytics.auth import Authorizer, KubernetesAuth, TokenFile, load_api_server
+from sluice_analytics.auth import (
+    Access,
+    Authorizer,
+    Denied,
+    KubernetesAuth,
+    TokenFile,
+    load_api_server,
+)
 from sluice_analytics.collector import Collector
 from sluice_analytics.metrics import AnalyticsMetrics
+from sluice_analytics.nearlimit import Crossing, NearLimitAlerts
 from sluice_analytics.server import serve
 from sluice_analytics.settings import AnalyticsSettings
 from sluice_analytics.stream import UsageStream
+from sluice_analytics.webhooks import WebhookSender
 
 HELP = "collect usage windows from Redis into SQL rollups (SQLite or PostgreSQL)"
 log = logging.getLogger("sluice.analytics")
@@ -57,15 +67,49 @@ async def _main(settings: AnalyticsSettings, action: str) -> int:
         async with configstore.connect(settings.redis) as client:
             stream = UsageStream(client, settings.consumer_name(), block_ms=settings.block_ms,
                                  claim_idle_s=settings.claim_idle_s)
-            collector = Collector(settings, engine, stream, AnalyticsMetrics())
+            metrics = AnalyticsMetrics()
+            auth = authorizer(settings) if action != "rollup" else None
+            sender = WebhookSender(metrics, timeout_s=settings.alert_webhook_timeout_s,
+                                   attempts=settings.alert_webhook_attempts, secret=_secret(settings),
+                                   to_loopback=settings.alert_webhook_loopback == "allow")
+            deliver = [sender.deliver, *([_event_on_policy(auth)] if isinstance(auth, KubernetesAuth) else [])]
+            collector = Collector(settings, engine, stream, metrics, side_loops=[sender.run],
+                                  near_limit=NearLimitAlerts(engine, client, deliver))
             if action == "rollup":
                 result = await collector.rollup_once()
                 print(f"rolled up {result.rolled}, deleted {result.deleted}")
                 return 0
-            await _serve(settings, collector, ApiContext(engine, authorizer(settings), client))
+            assert auth is not None
+            await _serve(settings, collector, ApiContext(engine, auth, client))
         return 0
     finally:
         await engine.dispose()
+
+
+def _secret(settings: AnalyticsSettings) -> bytes | None:
+    if not settings.alert_webhook_secret_file:
+        return None
+    try:
+        with open(settings.alert_webhook_secret_file, "rb") as f:
+            secret = f.read().strip()
+    except OSError as exc:
+        raise SystemExit(f"sluice analytics: --alert-webhook-secret-file: {exc.strerror}") from None
+    if not secret:
+        raise SystemExit("sluice analytics: --alert-webhook-secret-file is empty")
+    return secret
+
+
+def _event_on_policy(auth: KubernetesAuth) -> Callable[[Crossing], Awaitable[None]]:
+    """Deliver a near-limit alert as a Warning Event on its policy (cluster mode)."""
+
+    async def deliver(c: Crossing) -> None:
+        ref = f"{c.namespace}/{c.name}"
+        try:
+            await auth.event(Access("get", "usage", c.namespace, ref), "NearLimit", c.message(), kind="Warning")
+        except Denied as exc:  # best effort: the alert is recorded, its webhook queued
+            log.warning("near-limit alert: the Event on %s could not be written: %s", ref, exc.detail)
+
+    return deliver
 
 
 def authorizer(settings: AnalyticsSettings) -> Authorizer:

@@ -9,8 +9,9 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from sluice_core.configstore import REDIS_FAILURES
 from sluice_core.usage import UsageFormatError, UsageWindow, decode
@@ -19,6 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from sluice_analytics import crashpoints, rollup, store
 from sluice_analytics.metrics import AnalyticsMetrics
+from sluice_analytics.nearlimit import NearLimitAlerts
 from sluice_analytics.settings import AnalyticsSettings
 from sluice_analytics.stream import UsageStream
 
@@ -51,9 +53,13 @@ class Backoff:
 
 class Collector:
     def __init__(self, settings: AnalyticsSettings, engine: AsyncEngine, stream: UsageStream,
-                 metrics: AnalyticsMetrics, *, clock: Callable[[], float] = time.time) -> None:
+                 metrics: AnalyticsMetrics, *, clock: Callable[[], float] = time.time,
+                 near_limit: NearLimitAlerts | None = None,
+                 side_loops: Sequence[Callable[[asyncio.Event], Coroutine[Any, Any, None]]] = ()) -> None:
         self.settings, self.engine, self.stream, self.metrics = settings, engine, stream, metrics
         self.clock = clock
+        self.near_limit = near_limit
+        self.side_loops = list(side_loops)  # e.g. the webhook sender's: stopped with the rest
         self.health = Health()
         self.retention = rollup.Retention(
             keep_s={"minute": settings.keep_minutes_h * 3600, "hour": settings.keep_hours_d * 86400,
@@ -62,7 +68,8 @@ class Collector:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Every loop until ``stop`` is set; a batch in flight finishes first."""
-        loops = [asyncio.create_task(loop(stop)) for loop in (self._consume, self._rollups, self._lag)]
+        loops = [asyncio.create_task(loop(stop)) for loop in
+                 (self._consume, self._rollups, self._lag, self._alerts, *self.side_loops)]
         try:
             await stop.wait()
             await asyncio.wait(loops, timeout=self.settings.block_ms / 1000 + 10)
@@ -152,6 +159,20 @@ class Collector:
                 log.error("rollup and retention run failed (next in %.0f s): %s",
                           self.settings.rollup_interval_s, exc)
             await _sleep(stop, self.settings.rollup_interval_s)
+
+    async def _alerts(self, stop: asyncio.Event) -> None:
+        """Near-limit alerts, once an interval (none without a detector)."""
+        while self.near_limit is not None and not stop.is_set():
+            try:
+                self.metrics.near_limit.inc(len(await self.near_limit.run_once(self.clock())))
+            except DB_FAILURES as exc:
+                self.metrics.db_errors.inc()
+                log.error("near-limit alerts: the database failed (next in %.0f s): %s",
+                          self.settings.alerts_interval_s, exc)
+            except REDIS_FAILURES as exc:
+                self.metrics.redis_errors.inc()
+                log.error("near-limit alerts: Redis failed (next in %.0f s): %s", self.settings.alerts_interval_s, exc)
+            await _sleep(stop, self.settings.alerts_interval_s)
 
     async def _lag(self, stop: asyncio.Event) -> None:
         while not stop.is_set():

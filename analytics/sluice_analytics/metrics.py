@@ -34,3 +34,10 @@ class AnalyticsMetrics:
         self.batch_seconds = Histogram("sluice_analytics_batch_seconds",
                                        "Time to apply one batch (one SQL transaction)", registry=r)
         self.rollup_runs = Counter("sluice_analytics_rollup_runs", "Rollup and retention runs", registry=r)
+        self.near_limit = Counter("sluice_analytics_near_limit_alerts",
+                                  "Near-limit alerts sent (once per policy, alert, client and period)", registry=r)
+        # result: delivered, status (the receiver answered non-2xx), failed (no answer: timeout,
+        # connection), refused (the URL's address is one the collector must not call), dropped
+        # (the delivery queue was full)
+        self.webhooks = Counter("sluice_analytics_alert_webhooks", "Near-limit alert webhook deliveries by result",
+                                ["result"], registry=r)

@@ -74,3 +74,18 @@ for _name, _t in ROLLUPS.items():
     Index(f"ix_usage_{_name}_client_ts", _t.c.client, _t.c.ts)
     Index(f"ix_usage_{_name}_endpoint_ts", _t.c.namespace, _t.c.endpoint, _t.c.ts)
 Index("ix_usage_minute_outcome_ts", usage_minute.c.outcome, usage_minute.c.ts)
+
+usage_alerts = Table(
+    "usage_alerts", metadata,
+    # One row per near-limit alert sent: (policy, alert, client, period) is the deduplication,
+    # so two collector replicas detecting the same crossing send it once (the insert that wins).
+    Column("policy", String(MAX_TEXT), primary_key=True),
+    Column("alert", String(63), primary_key=True),
+    Column("client", String(MAX_TEXT), primary_key=True),
+    Column("period_start", BigInteger, primary_key=True, autoincrement=False),
+    Column("tier", String(MAX_TEXT), nullable=False),
+    Column("used", BigInteger, nullable=False),
+    Column("allowance", BigInteger, nullable=False),
+    Column("sent_at", BigInteger, nullable=False),
+    Index("ix_usage_alerts_period_start", "period_start"),
+)

@@ -76,6 +76,21 @@ class AnalyticsSettings:
     kubeconfig: str = setting(
         default="", help="kubeconfig for `--api-auth kubernetes` (reviews, Events)", metavar="PATH",
         shown="the pod's in-cluster account")
+    alerts_interval_s: float = setting(
+        default=60.0, help="how often near-limit alerts (policies' `spec.alerts`) are looked for",
+        positive=True)
+    alert_webhook_secret_file: str = setting(
+        default="", help="file holding the secret that signs near-limit webhook bodies "
+                         "(`X-Sluice-Signature: sha256=<HMAC>`)", metavar="PATH", shown="none: unsigned")
+    alert_webhook_timeout_s: float = setting(default=5.0, help="timeout of one webhook attempt",
+                                             positive=True)
+    alert_webhook_attempts: int = setting(
+        default=4, help="attempts per near-limit webhook (1 s, then twice as long, between them); a "
+                        "receiver's 4xx but 429 ends them", positive=True)
+    alert_webhook_loopback: str = setting(
+        default="refuse", choices=("refuse", "allow"),
+        help="`allow` lets near-limit webhooks reach loopback addresses (a relay on the same host); "
+             "link-local (cloud metadata), multicast and reserved addresses are always refused")
     log_level: str = setting(default="info", help="`debug`, `info`, `warning` or `error`",
                              choices=LOG_LEVELS, fold_case=True)
 

@@ -12,6 +12,7 @@ from sluice_core.model import (
     API_VERSION,
     CLUSTER_KIND,
     KIND,
+    Alert,
     CompiledPolicy,
     HeaderFrom,
     Limit,
@@ -72,6 +73,8 @@ def to_manifest(p: CompiledPolicy) -> dict[str, Any]:
         spec["namespaceSelector"] = selector_to_dict(p.namespace_selector)
     if p.usage != Usage():  # only when set, as identify.headerFrom: older sidecars read the rest
         spec["usage"] = {"truncateIPs": p.usage.truncate_ips}
+    if p.alerts:  # as usage: only when set
+        spec["alerts"] = [alert_to_dict(a) for a in p.alerts]
     return {
         "apiVersion": API_VERSION,
         "kind": CLUSTER_KIND if p.cluster_scoped else KIND,
@@ -89,3 +92,12 @@ def to_manifest(p: CompiledPolicy) -> dict[str, Any]:
             "headers": p.headers.value,
         },
     }
+
+
+def alert_to_dict(a: Alert) -> dict[str, Any]:
+    out: dict[str, Any] = {"name": a.name, "percent": a.percent, "period": a.period.value}
+    if a.tiers is not None:
+        out["tiers"] = sorted(a.tiers)
+    if a.webhook is not None:
+        out["webhook"] = {"url": a.webhook}
+    return out

@@ -228,6 +228,30 @@ class Usage:
     truncate_ips: bool = False  # an IP client as its /24 (IPv4) or /48 (IPv6), for privacy
 
 
+class AlertPeriod(StrEnum):
+    """The allowance a near-limit alert measures against: a calendar hour or day, in UTC."""
+
+    HOUR = "hour"
+    DAY = "day"
+
+    @property
+    def seconds(self) -> int:
+        return 3600 if self is AlertPeriod.HOUR else 86400
+
+
+@dataclass(frozen=True, slots=True)
+class Alert:
+    """``spec.alerts[]``: tell someone when a client has used ``percent`` of its tier's
+    allowance for the current ``period`` (the tier's rate times the period). The usage
+    collector detects it (never the request path), once per client and period."""
+
+    name: str
+    percent: int  # 1..100
+    period: AlertPeriod
+    tiers: frozenset[str] | None = None  # None: every tier
+    webhook: str | None = None  # an http(s) URL the collector POSTs the alert to
+
+
 @dataclass(frozen=True, slots=True)
 class CompiledPolicy:
     namespace: str
@@ -244,6 +268,7 @@ class CompiledPolicy:
     cluster_scoped: bool = False
     namespace_selector: Selector | None = None  # cluster-scoped only: which namespaces' pods
     usage: Usage = Usage()  # spec.usage: how usage analytics report the policy's clients
+    alerts: tuple[Alert, ...] = ()  # spec.alerts: near-limit alerts (the usage collector's)
 
     @property
     def ref(self) -> str:

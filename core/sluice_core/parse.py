@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import urllib.parse
 from collections.abc import Mapping
 from typing import Any
 
@@ -21,6 +22,8 @@ from sluice_core.model import (
     CLUSTER_SCOPE,
     IPV6_PREFIX_MIN,
     KIND,
+    Alert,
+    AlertPeriod,
     ApiKeys,
     CompiledPolicy,
     FailureMode,
@@ -64,8 +67,10 @@ MAX_PATH = 2048
 
 _SPEC_FIELDS = {
     "selector", "namespaceSelector", "identify", "apiKeys", "tiers", "defaultTier", "rules",
-    "failureMode", "mode", "headers", "usage",
+    "failureMode", "mode", "headers", "usage", "alerts",
 }
+MAX_ALERTS = 16
+MAX_WEBHOOK_URL = 2048
 
 
 class DocumentChecker:
@@ -207,13 +212,14 @@ def _parse(c: DocumentChecker, doc: Any, default_namespace: str) -> CompiledPoli
     mode = c.enum(spec.get("mode"), "spec.mode", Mode, Mode.ENFORCE)
     headers = c.enum(spec.get("headers"), "spec.headers", HeaderStyle, HeaderStyle.DRAFT)
     usage = _usage(c, spec.get("usage"))
+    alerts = _alerts(c, spec.get("alerts"), tiers)
     if c.errors or name is None or not tiers or not isinstance(default_tier, str):
         return None
     return CompiledPolicy(
         namespace=namespace, name=name, selector=selector, identify=identify, api_keys=api_keys,
         tiers=tiers, default_tier=default_tier, rules=rules, failure_mode=failure_mode, mode=mode,
         headers=headers, cluster_scoped=cluster_scoped, namespace_selector=namespace_selector,
-        usage=usage,
+        usage=usage, alerts=alerts,
     )
 
 
@@ -224,6 +230,65 @@ def _usage(c: DocumentChecker, value: Any) -> Usage:
         return Usage()
     c.unknown(m, "spec.usage", {"truncateIPs"})
     return Usage(truncate_ips=c.boolean(m.get("truncateIPs"), "spec.usage.truncateIPs", False))
+
+
+def _alerts(c: DocumentChecker, value: Any, tiers: Mapping[str, Tier]) -> tuple[Alert, ...]:
+    """``spec.alerts``: near-limit alerts, detected by the usage collector."""
+    items = c.seq(value, "spec.alerts") or []
+    if len(items) > MAX_ALERTS:
+        c.fail("spec.alerts", f"must have at most {MAX_ALERTS} alerts, got {len(items)}")
+        return ()
+    out: list[Alert] = []
+    for i, item in enumerate(items):
+        p = f"spec.alerts[{i}]"
+        m = c.mapping(item, p, required=True)
+        if m is None:
+            continue
+        c.unknown(m, p, {"name", "percent", "period", "tiers", "webhook"})
+        name = c.string(m.get("name"), f"{p}.name", pattern=_NAME, what="a lowercase RFC 1123 label")
+        if name is not None and any(a.name == name for a in out):
+            c.fail(f"{p}.name", f"duplicate alert name {name!r}")
+        percent = m.get("percent")
+        if isinstance(percent, bool) or not isinstance(percent, int) or not 1 <= percent <= 100:
+            c.fail(f"{p}.percent", f"must be a whole number from 1 to 100 (a share of the allowance), got {percent!r}")
+        period = c.enum(m.get("period"), f"{p}.period", AlertPeriod, None)
+        if period is None and "period" not in m:
+            c.fail(f"{p}.period", "is required: hour or day")
+        alert_tiers: frozenset[str] | None = None
+        if "tiers" in m:
+            names = c.seq(m.get("tiers"), f"{p}.tiers") or []
+            unknown = [t for t in names if t not in tiers]
+            if not names:
+                c.fail(f"{p}.tiers", "must name at least one tier (leave it out for every tier)")
+            elif unknown and tiers:
+                c.fail(f"{p}.tiers", f"must name declared tiers ({', '.join(tiers)}), got {unknown!r}")
+            alert_tiers = frozenset(t for t in names if isinstance(t, str))
+        webhook = _webhook(c, m.get("webhook"), f"{p}.webhook")
+        if c.errors or name is None or period is None or not isinstance(percent, int):
+            continue
+        out.append(Alert(name=name, percent=percent, period=period, tiers=alert_tiers, webhook=webhook))
+    return tuple(out)
+
+
+def _webhook(c: DocumentChecker, value: Any, path: str) -> str | None:
+    m = c.mapping(value, path)
+    if m is None:
+        return None
+    c.unknown(m, path, {"url"})
+    url = c.string(m.get("url"), f"{path}.url")
+    if url is None:
+        c.fail(f"{path}.url", "is required")
+        return None
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        c.fail(f"{path}.url", "must be an http:// or https:// URL with a host")
+    elif len(url) > MAX_WEBHOOK_URL or any(ch.isspace() or ord(ch) < 32 for ch in url):
+        c.fail(f"{path}.url", f"must be at most {MAX_WEBHOOK_URL} characters, without spaces or control characters")
+    elif parts.username or parts.password:
+        c.fail(f"{path}.url", "must not carry credentials (they would show in the policy and the config document)")
+    else:
+        return url
+    return None
 
 
 def _selector(c: DocumentChecker, value: Any, path: str) -> Selector:

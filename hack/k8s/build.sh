@@ -3,7 +3,7 @@
 # kubectl), etcd and helm from Go modules, into ${SLUICE_CACHE:-~/.cache/sluice}/bin.
 #
 # Usage: hack/k8s/build.sh [component...]
-#   components: kube-apiserver kube-controller-manager kubectl etcd helm (default: all)
+#   components: kube-apiserver kube-controller-manager kubectl etcd helm promtool (default: all)
 #
 # Idempotent: every binary has a stamp file (bin/.stamps/<name>) holding the
 # version, Go version and build flags it was built with; a binary whose stamp
@@ -44,7 +44,7 @@ export GOFLAGS="-modcacherw"   # deterministic; also makes the cache rm -rf-able
 export CGO_ENABLED=0           # static binaries, like the upstream release builds
 unset GOBIN GOOS GOARCH
 
-ALL_COMPONENTS=(kube-apiserver kube-controller-manager kubectl etcd helm)
+ALL_COMPONENTS=(kube-apiserver kube-controller-manager kubectl etcd helm promtool)
 
 log() { printf '[build %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 die() { log "ERROR: $*"; exit 1; }
@@ -116,6 +116,7 @@ stamp_for() { # component -> the stamp text it should have
     kube-*|kubectl) printf 'k8s.io/kubernetes %s staging %s tags %s' "${KUBERNETES_VERSION}" "${STAGING_VERSION}" "${KUBE_TAGS}" ;;
     etcd) printf 'go.etcd.io/etcd/server/v3 %s' "${ETCD_VERSION}" ;;
     helm) printf 'helm.sh/helm/v3 %s' "${HELM_VERSION}" ;;
+    promtool) printf 'github.com/prometheus/prometheus %s' "${PROMETHEUS_VERSION}" ;;
   esac
   printf ' | %s %s cgo=0 trimpath -s -w | recipe 1\n' "${GO_VERSION}" "${GO_PLATFORM}"
 }
@@ -244,6 +245,18 @@ build_helm() {
   rm -rf "${tmpbin}"
 }
 
+# --- promtool ----------------------------------------------------------------
+# For `promtool test rules` on the chart's alerts (tests/observability). Its go.mod has no
+# replace directives, so `go install module@version` builds it as released.
+build_promtool() {
+  local tmpbin="${BIN}/.promtool-tmp"
+  rm -rf "${tmpbin}"
+  GOBIN="${tmpbin}" go install -trimpath -ldflags "-s -w" \
+    "github.com/prometheus/prometheus/cmd/promtool@${PROMETHEUS_VERSION}"
+  mv -f "${tmpbin}/promtool" "${BIN}/promtool"
+  rm -rf "${tmpbin}"
+}
+
 # --- main ----------------------------------------------------------------------
 
 if [[ ${#STEP[@]} -gt 0 ]]; then
@@ -257,7 +270,7 @@ for c in "${COMPONENTS[@]}"; do
   [[ " ${ALL_COMPONENTS[*]} " == *" ${c} "* ]] || die "unknown component '${c}' (known: ${ALL_COMPONENTS[*]})"
 done
 
-log "cache ${SLUICE_CACHE}; ${GO_VERSION} ${GO_PLATFORM}; kubernetes ${KUBERNETES_VERSION} (staging ${STAGING_VERSION}), etcd ${ETCD_VERSION}, helm ${HELM_VERSION}"
+log "cache ${SLUICE_CACHE}; ${GO_VERSION} ${GO_PLATFORM}; kubernetes ${KUBERNETES_VERSION} (staging ${STAGING_VERSION}), etcd ${ETCD_VERSION}, helm ${HELM_VERSION}, prometheus ${PROMETHEUS_VERSION}"
 
 TODO=()
 for c in "${COMPONENTS[@]}"; do
@@ -289,6 +302,9 @@ for c in "${TODO[@]}"; do
       ;;
     helm)
       if timed helm "${LOGS}/helm.log" build_helm; then ok=1; else ok=0; fi
+      ;;
+    promtool)
+      if timed promtool "${LOGS}/promtool.log" build_promtool; then ok=1; else ok=0; fi
       ;;
   esac
   if [[ ${ok} == 1 ]]; then

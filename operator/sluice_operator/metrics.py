@@ -34,7 +34,11 @@ class OperatorMetrics:
                                      "Policy status writes (only when the status changes)", registry=r)
         # (namespace, policy) -> (accepted, programmed): the policies-by-condition gauge
         self.states: dict[tuple[str, str], tuple[bool, bool]] = {}
+        # namespace -> sidecars there reporting an older config version than the operator wrote
+        # (resync.py, every interval); only namespaces with some, so the series stay few
+        self.sidecars_behind: dict[str, int] = {}
         r.register(_PolicyStates(self))
+        r.register(_SidecarsBehind(self))
 
 
 class _PolicyStates(Collector):
@@ -49,4 +53,17 @@ class _PolicyStates(Collector):
             true = sum(1 for s in states if s[idx])
             g.add_metric([cond, "True"], true)
             g.add_metric([cond, "False"], len(states) - true)
+        yield g
+
+
+class _SidecarsBehind(Collector):
+    def __init__(self, metrics: OperatorMetrics) -> None:
+        self._m = metrics
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        g = GaugeMetricFamily("sluice_operator_sidecars_behind",
+                              "Sidecars whose heartbeat reports an older config version than the operator "
+                              "wrote (namespaces with none are not listed)", labels=["namespace"])
+        for ns, n in sorted(self._m.sidecars_behind.items()):
+            g.add_metric([ns], n)
         yield g

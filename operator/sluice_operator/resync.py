@@ -135,10 +135,22 @@ class Resync:
         for scope in served:  # a namespace whose sidecars all read grants now: keys leave its document
             if self.reconciler.embedding_changes(scope):
                 await self.hooks.reconcile(scope)
+        behind: dict[str, int] = {}
         for scope, bodies in served.items():
             outcome = self.reconciler.latest(scope)
             if outcome is not None and outcome.programmed and outcome.version:
                 await self._enforced(scope, bodies, outcome)
+                for ns, n in self._behind(scope, outcome).items():
+                    behind[ns] = behind.get(ns, 0) + n
+        self.reconciler.metrics.sidecars_behind = behind
+
+    def _behind(self, scope: str, outcome: NamespaceOutcome) -> dict[str, int]:
+        """The scope's sidecars that report an older version than the one written: a namespace's,
+        or for the cluster document those of every namespace a cluster policy covers."""
+        if scope != CLUSTER_SCOPE:
+            return self.heartbeats.behind([scope], outcome.version)
+        covered = {ns for r in outcome.results.values() for ns in (r.scope or [])}
+        return self.heartbeats.behind(sorted(covered), outcome.version, cluster=True)
 
     async def check_redis(self) -> None:
         """Put back what Redis lost: everything when the count of writes says so (every

@@ -20,10 +20,10 @@ async def test_upgrade_from_the_previous_revision_keeps_the_data(database_url: s
         await migrate.upgrade(engine, "0001")
         assert await migrate.current(engine) == "0001"
         writer = Writer()
-        # A collector of revision 0001 wrote these (its tables are the same; 0002 adds an index).
+        # A collector of revision 0001 wrote these (its tables are the same; 0002 adds an index, 0003 the alerts table).
         await store.apply(engine, writer.windows(3), now_s=NOW, keep_applied_s=3600)
         await migrate.upgrade(engine)
-        assert await migrate.current(engine) == migrate.head() == "0002"
+        assert await migrate.current(engine) == migrate.head() == "0003"
         assert await stored_totals(engine) == writer.totals
         more = writer.windows(2)
         await store.apply(engine, more, now_s=NOW, keep_applied_s=3600)

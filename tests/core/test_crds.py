@@ -549,6 +549,8 @@ MAXIMAL: Json = {
             {"name": "c", "match": {"path": {"regex": "/c/.*"}}, "cost": 1},
         ],
         "failureMode": "closed", "mode": "shadow", "headers": "both", "usage": {"truncateIPs": True},
+        "alerts": [{"name": "hourly", "percent": 80, "period": "hour", "tiers": ["free"],
+                    "webhook": {"url": "https://hooks.example.com/sluice"}}],
     },
     "status": {},
 }

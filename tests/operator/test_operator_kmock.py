@@ -8,6 +8,7 @@ import base64
 import contextlib
 import faulthandler
 import inspect
+import signal
 import threading
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -19,6 +20,7 @@ import kopf
 import pytest
 from kubernetes import client as k8s_client
 from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
 from sluice_core import configdoc, configstore, keyschema
 from sluice_core.model import CLUSTER_SCOPE
 from sluice_core.parse import parse_policy
@@ -548,3 +550,42 @@ async def test_grants_lost_from_redis_are_written_again(env: Env) -> None:
     back = await eventually(lambda: env.grant("sk-lost-1"), "grant written again")
     assert back.key_id == f"{env.ns}/k1"
     await eventually(env.config, "the document written again (after the grants)")
+
+
+async def test_a_sidecar_stuck_on_an_old_config_is_counted_behind_until_it_catches_up(
+        env: Env, tmp_path: Any) -> None:
+    """``sluice_operator_sidecars_behind`` (the SluicePolicyNotEnforced alert): a real sidecar
+    frozen (SIGSTOP) keeps its last heartbeat, fresh and at the old version, while the policy
+    changes; it is counted behind until, thawed, it reloads and beats the new version."""
+    from support.processes import SidecarProcess, UpstreamProcess
+
+    def behind() -> float | None:
+        text = generate_latest(env.metrics.registry).decode()
+        for fam in text_string_to_metric_families(text):
+            if fam.name == "sluice_operator_sidecars_behind":
+                return sum(s.value for s in fam.samples if s.labels.get("namespace") == env.ns)
+        raise AssertionError("sluice_operator_sidecars_behind is not exported")
+
+    await env.create(env.rlp_path(), policy("api", env.ns, requests=2))
+    first = (await eventually(env.config, "config in Redis")).version
+    labels = tmp_path / "labels"
+    labels.write_text('app="web"\n')
+    up = await asyncio.to_thread(UpstreamProcess)
+    url = env.redis.connection_pool.connection_kwargs
+    sidecar = await asyncio.to_thread(
+        SidecarProcess, up.url, "--redis", f"redis://{url['host']}:{url['port']}",
+        "--namespace", env.ns, "--pod-labels", str(labels), "--pod-name", "web-0")
+    try:
+        await eventually(lambda: env.status("api").get("enforcedSidecars") == 1, "Enforced: 1")
+        assert behind() == 0
+        sidecar.proc.send_signal(signal.SIGSTOP)
+        await env.patch(env.rlp_path("api"), {"metadata": {"generation": 2},
+                                              "spec": {"tiers": [{"name": "free", "requests": 5, "period": "1m"}]}})
+        await eventually(lambda: env.config_that(lambda c: c.version > first), "new version")
+        await eventually(lambda: behind() == 1, "the frozen sidecar counted behind")
+        sidecar.proc.send_signal(signal.SIGCONT)
+        await eventually(lambda: behind() == 0, "the thawed sidecar no longer behind")
+    finally:
+        sidecar.proc.send_signal(signal.SIGCONT)
+        await asyncio.to_thread(sidecar.close)
+        await asyncio.to_thread(up.close)

@@ -1,0 +1,275 @@
+"""Near-limit alerts (#11 §3): a client past a share of its tier's hourly or daily allowance is
+found in the real store (SQLite and PostgreSQL), recorded once per client and period even with
+two collector replicas, and POSTed to a real HTTP receiver: signed, retried on 5xx, never sent
+to an address the collector must not call."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import json
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+from aiohttp import web
+from prometheus_client import generate_latest
+from sluice_analytics import store
+from sluice_analytics.metrics import AnalyticsMetrics
+from sluice_analytics.nearlimit import Crossing, NearLimitAlerts
+from sluice_analytics.webhooks import WebhookSender
+from sluice_core import configstore
+from sluice_core.configdoc import build_doc
+from sluice_core.parse import parse_policy
+from sluice_core.usage import UsageRow, UsageWindow
+from sqlalchemy.ext.asyncio import AsyncEngine
+from support.sidecar_harness import wait_for
+
+HOUR = 1_790_002_800  # the start of a UTC hour (a multiple of 3600)
+NOW = HOUR + 1800
+SECRET = b"webhook-signing-secret"
+
+
+def policy(ns: str, webhook: str | None) -> dict[str, Any]:
+    alert: dict[str, Any] = {"name": "hourly-80", "percent": 80, "period": "hour", "tiers": ["free"]}
+    if webhook:
+        alert["webhook"] = {"url": webhook}
+    return {"apiVersion": "sluice.dev/v1alpha1", "kind": "RateLimitPolicy",
+            "metadata": {"name": "api", "namespace": ns},
+            "spec": {"tiers": [{"name": "free", "requests": 100, "period": "1h"},
+                               {"name": "pro", "requests": 1000, "period": "1m"}],
+                     "alerts": [alert, {"name": "daily-half", "percent": 50, "period": "day"}]}}
+
+
+def window(ns: str, seq: int, start_s: int, used: dict[tuple[str, str], int]) -> UsageWindow:
+    """One sidecar's window in which each (client, tier) took ``tokens`` tokens, one each."""
+    rows = [UsageRow(policy=f"{ns}/api", client=client, tier=tier, endpoint="/", outcome="allowed",
+                     status="2xx", requests=n, tokens=n) for (client, tier), n in used.items()]
+    return UsageWindow(source=f"pod-{ns}/run1", seq=seq, namespace=ns, start_ms=start_s * 1000,
+                       end_ms=(start_s + 10) * 1000, rows=rows)
+
+
+@dataclass
+class Receiver:
+    """A real HTTP server on loopback taking webhook POSTs; answers the queued statuses first."""
+
+    url: str = ""
+    answers: list[int] = field(default_factory=list)
+    got: list[tuple[dict[str, str], bytes]] = field(default_factory=list)
+
+    async def handle(self, request: web.Request) -> web.Response:
+        self.got.append((dict(request.headers), await request.read()))
+        return web.Response(status=self.answers.pop(0) if self.answers else 200)
+
+
+@pytest.fixture
+async def receiver() -> AsyncIterator[Receiver]:
+    rec = Receiver()
+    app = web.Application()
+    app.router.add_post("/hook/{token}", rec.handle)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    rec.url = f"http://127.0.0.1:{port}/hook/s3cret-token"
+    yield rec
+    await runner.cleanup()
+
+
+@pytest.fixture
+async def redis_client(redis_server: Any) -> AsyncIterator[configstore.Client]:
+    async with configstore.connect(redis_server.url) as client:
+        yield client
+
+
+async def setup(engine: AsyncEngine, client: configstore.Client, webhook: str | None,
+                used: dict[tuple[str, str], int]) -> str:
+    ns = "ns-" + uuid.uuid4().hex[:8]
+    await configstore.publish(client, ns, build_doc(ns, [parse_policy(policy(ns, webhook))]))
+    await store.apply(engine, [window(ns, 0, NOW - 60, used)], now_s=NOW, keep_applied_s=86400)
+    return ns
+
+
+def sent(metrics: AnalyticsMetrics, result: str) -> float:
+    for line in generate_latest(metrics.registry).decode().splitlines():
+        if line.startswith(f'sluice_analytics_alert_webhooks_total{{result="{result}"}}'):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+async def test_a_client_past_the_share_is_alerted_once_per_period(
+        engine: AsyncEngine, redis_client: configstore.Client) -> None:
+    ns = await setup(engine, redis_client, None, {
+        ("alice", "free"): 85,  # 85 of 100 an hour: past 80 %
+        ("bob", "free"): 79,  # not yet
+        ("carol", "pro"): 900,  # 900 of 60,000 an hour: the hourly alert watches free only
+        ("(other)", "free"): 500,  # folded clients are nobody in particular
+    })
+    delivered: list[Crossing] = []
+
+    async def deliver(c: Crossing) -> None:
+        delivered.append(c)
+
+    alerts = NearLimitAlerts(engine, redis_client, [deliver])
+    first = await alerts.run_once(NOW)
+    assert [(c.alert.name, c.client, c.tier, c.used, c.allowance, c.period_start) for c in first] == [
+        ("hourly-80", "alice", "free", 85, 100, HOUR)]
+    assert delivered == first
+    assert first[0].namespace == ns and "alice" in first[0].message()
+    assert await alerts.run_once(NOW + 60) == []  # the same hour: not again
+
+    # bob crosses later in the hour: his alert, alice's not again
+    await store.apply(engine, [window(ns, 1, NOW + 100, {("bob", "free"): 5, ("alice", "free"): 5})],
+                      now_s=NOW + 120, keep_applied_s=86400)
+    assert [c.client for c in await alerts.run_once(NOW + 120)] == ["bob"]
+    # The next hour starts from nothing: alice must use 80 again.
+    await store.apply(engine, [window(ns, 2, HOUR + 3600 + 10, {("alice", "free"): 80})],
+                      now_s=HOUR + 3700, keep_applied_s=86400)
+    again = await alerts.run_once(HOUR + 3700)
+    assert [(c.client, c.period_start) for c in again] == [("alice", HOUR + 3600)]
+
+
+async def test_two_replicas_detecting_at_once_send_it_once(
+        engine: AsyncEngine, redis_client: configstore.Client) -> None:
+    await setup(engine, redis_client, None, {(f"c{i}", "free"): 90 for i in range(20)})
+
+    async def nothing(_: Crossing) -> None:
+        return None
+
+    a = NearLimitAlerts(engine, redis_client, [nothing])
+    b = NearLimitAlerts(engine, redis_client, [nothing])
+    got_a, got_b = await asyncio.gather(a.run_once(NOW), b.run_once(NOW))
+    clients = sorted(c.client for c in got_a + got_b)
+    assert clients == sorted(f"c{i}" for i in range(20))  # each exactly once between them
+
+
+async def test_the_webhook_gets_a_signed_body_after_retrying_a_failing_receiver(
+        engine: AsyncEngine, redis_client: configstore.Client, receiver: Receiver) -> None:
+    await setup(engine, redis_client, receiver.url, {("alice", "free"): 99})
+    receiver.answers = [503, 502]  # two failures, then 200
+    metrics = AnalyticsMetrics()
+    sender = WebhookSender(metrics, timeout_s=5, attempts=4, secret=SECRET, to_loopback=True, backoff_s=0.05)
+    stop = asyncio.Event()
+    task = asyncio.create_task(sender.run(stop))
+    try:
+        await NearLimitAlerts(engine, redis_client, [sender.deliver]).run_once(NOW)
+
+        async def delivered() -> bool:
+            return sent(metrics, "delivered") == 1
+
+        await wait_for(delivered, timeout=15, what="the webhook delivered")
+    finally:
+        stop.set()
+        await task
+    assert len(receiver.got) == 3
+    headers, body = receiver.got[-1]
+    expected = "sha256=" + hmac.new(SECRET, body, hashlib.sha256).hexdigest()
+    assert headers["X-Sluice-Signature"] == expected
+    doc = json.loads(body)
+    assert doc["client"] == "alice" and doc["used"] == 99 and doc["allowance"] == 100
+    assert doc["alert"] == "hourly-80" and doc["period"] == "hour" and doc["periodStart"] == HOUR
+
+
+async def test_a_refusing_receiver_is_not_asked_again(
+        engine: AsyncEngine, redis_client: configstore.Client, receiver: Receiver) -> None:
+    await setup(engine, redis_client, receiver.url, {("alice", "free"): 99})
+    receiver.answers = [400]
+    metrics = AnalyticsMetrics()
+    sender = WebhookSender(metrics, timeout_s=5, attempts=4, secret=None, to_loopback=True, backoff_s=0.05)
+    stop = asyncio.Event()
+    task = asyncio.create_task(sender.run(stop))
+    try:
+        await NearLimitAlerts(engine, redis_client, [sender.deliver]).run_once(NOW)
+
+        async def answered() -> bool:
+            return sent(metrics, "status") == 1
+
+        await wait_for(answered, timeout=15, what="the refusal counted")
+    finally:
+        stop.set()
+        await task
+    assert len(receiver.got) == 1
+    assert "X-Sluice-Signature" not in receiver.got[0][0]
+
+
+@pytest.mark.parametrize("url", [
+    "http://169.254.169.254/latest/meta-data/",  # a cloud metadata service: link-local
+    "http://[fe80::1]/hook",
+    "http://0.0.0.0:9/hook",
+    "LOOPBACK",  # the receiver itself, with loopback refused (the default)
+    "http://localhost:{port}/hook/x",  # a name resolving to loopback
+])
+async def test_addresses_the_collector_must_not_call_are_refused(
+        engine: AsyncEngine, redis_client: configstore.Client, receiver: Receiver, url: str) -> None:
+    port = receiver.url.split(":")[2].split("/")[0]
+    url = receiver.url if url == "LOOPBACK" else url.format(port=port)
+    await setup(engine, redis_client, url, {("alice", "free"): 99})
+    metrics = AnalyticsMetrics()
+    sender = WebhookSender(metrics, timeout_s=2, attempts=2, secret=None, to_loopback=False, backoff_s=0.05)
+    stop = asyncio.Event()
+    task = asyncio.create_task(sender.run(stop))
+    try:
+        await NearLimitAlerts(engine, redis_client, [sender.deliver]).run_once(NOW)
+
+        async def counted() -> bool:
+            return sent(metrics, "refused") == 1
+
+        await wait_for(counted, timeout=15, what="the webhook refused")
+    finally:
+        stop.set()
+        await task
+    assert receiver.got == []
+    assert sent(metrics, "delivered") == 0
+
+
+async def test_traffic_through_a_sidecar_reaches_the_webhook_through_the_collector(
+        redis_server: Any, receiver: Receiver, tmp_path: Any) -> None:
+    """The whole path with real processes: requests through a sidecar, its usage windows, the
+    collector's rollup and detection, the signed POST. 85 anonymous requests of 100 an hour."""
+    from support.analytics_process import CollectorProcess
+    from support.processes import SidecarProcess, UpstreamProcess, http_get
+
+    ns = "ns-" + uuid.uuid4().hex[:8]
+    manifest = policy(ns, receiver.url)
+    manifest["spec"]["identify"] = {"order": ["ip"]}
+    async with configstore.connect(redis_server.url) as client:
+        await configstore.publish(client, ns, build_doc(ns, [parse_policy(manifest)]))
+    labels = tmp_path / "labels"
+    labels.write_text('app="web"\n')
+    secret = tmp_path / "secret"
+    secret.write_bytes(SECRET + b"\n")
+    up = await asyncio.to_thread(UpstreamProcess)
+    sidecar = await asyncio.to_thread(SidecarProcess, up.url, "--redis", redis_server.url, "--namespace", ns,
+                                      "--pod-labels", str(labels), "--usage-window-s", "0.5")
+    collector = await asyncio.to_thread(
+        CollectorProcess, redis_server.url, f"sqlite:///{tmp_path / 'usage.db'}",
+        extra=("--alerts-interval-s", "0.5", "--alert-webhook-loopback", "allow",
+               "--alert-webhook-secret-file", str(secret)))
+    try:
+        codes = [(await asyncio.to_thread(http_get, sidecar.url + "/"))[0] for _ in range(85)]
+        assert codes == [200] * 85
+
+        async def posted() -> bool:
+            return bool(receiver.got)
+
+        await wait_for(posted, timeout=30, what="the near-limit webhook")
+        headers, body = receiver.got[0]
+        assert headers["X-Sluice-Signature"] == "sha256=" + hmac.new(SECRET, body, hashlib.sha256).hexdigest()
+        doc = json.loads(body)
+        assert (doc["namespace"], doc["policy"], doc["client"], doc["tier"]) == (ns, "api", "ip:127.0.0.1", "free")
+        assert doc["used"] >= 80 and doc["allowance"] == 100
+        # Five more requests: counted, but the hour's alert was sent.
+        for _ in range(5):
+            await asyncio.to_thread(http_get, sidecar.url + "/")
+        await wait_for(lambda: asyncio.to_thread(lambda: collector.metric("sluice_analytics_requests_applied_total") >= 90),
+                       timeout=30, what="the five applied")
+        assert len(receiver.got) == 1
+        assert collector.metric("sluice_analytics_near_limit_alerts_total") == 1
+    finally:
+        collector.stop()
+        sidecar.close()
+        up.close()
