@@ -370,7 +370,7 @@ def test_printer_columns(kind: str) -> None:
         ("Requests/1h", "integer", ".status.usage.requestsLastHour"),
         ("Limited/1h", "integer", ".status.usage.limitedLastHour"),
         ("Age", "date", ".metadata.creationTimestamp"),
-        ("Top-Limited", "string", ".status.usage.topLimited[*].client"),  # -o wide (priority 1)
+        ("Most-Limited", "string", ".status.usage.topLimited[0].client"),  # -o wide (priority 1)
     ]
     schema = root_schema(kind)
     paths = {p for p, _ in walk(schema)}
