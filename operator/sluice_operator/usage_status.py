@@ -57,6 +57,8 @@ class UsageStatus:
                     for scope, bodies in served.items() for body in bodies
                     if not body.get("metadata", {}).get("deletionTimestamp")}
         self._written = {k: v for k, v in self._written.items() if k in policies}
+        if not policies:
+            return 0
         refs = [usage_ref(scope, name) for scope, name in policies]
         try:
             summary = await usagesummary.read(self.redis, refs)
