@@ -102,8 +102,7 @@ async def own_limit(client: configstore.Client, policy: CompiledPolicy, client_i
     config = await configstore.read(client, policy.namespace)
     embedded = config.grants.get(policy.name) if config is not None else None
     if embedded is not None:
-        grant = next((g for digest, g in embedded.items()
-                      if keyschema.client_for_api_key(bytes.fromhex(digest)) == client_id_), None)
+        grant = next((g for digest, g in embedded.items() if _key_client(digest) == client_id_), None)
     else:
         try:
             stored = await configstore.get_grant_of(client, policy.ref, client_id_)
@@ -116,6 +115,15 @@ async def own_limit(client: configstore.Client, policy: CompiledPolicy, client_i
     key = keyschema.tier_bucket_key(keyschema.client_tag(policy.ref, client_id_), grant.tier,
                                     lim.emission_us, lim.capacity_us)
     return BucketKey("own", grant.tier, key, lim)
+
+
+def _key_client(digest: str) -> str | None:
+    """The client id of an embedded key's digest (None for one that is not 64 hex digits)."""
+    try:
+        raw = bytes.fromhex(digest)
+    except ValueError:
+        return None
+    return keyschema.client_for_api_key(raw) if len(raw) == 32 else None
 
 
 async def client_buckets(client: configstore.Client, policy: CompiledPolicy, client_id_: str) -> list[BucketKey]:
