@@ -96,3 +96,19 @@ async def wait_gone(client: configstore.Client) -> None:
         return not await client.redis.exists(keyschema.USAGE_SUMMARY_KEY)
 
     await wait_for(gone, what="the summary expired")
+
+
+async def test_a_cluster_policy_is_found_by_its_name(fresh_redis: RedisServer) -> None:
+    """Usage names a ClusterRateLimitPolicy by its name alone (its sidecars' namespaces vary)."""
+    writes: list[tuple[str, str, dict[str, Any]]] = []
+
+    async def write(scope: str, name: str, status: dict[str, Any]) -> None:
+        writes.append((scope, name, status))
+
+    async with configstore.connect(fresh_redis.url) as client:
+        await usagesummary.write(client, {"partners": usagesummary.PolicySummary(7, 1, (("key:acme", 1),)),
+                                          "shop/partners": usagesummary.PolicySummary(99, 0, ())}, at=1)
+        view = UsageStatus(client, clock=Clock())
+        assert await view.sweep({"_cluster": [{"metadata": {"name": "partners"}}]}, write) == 1
+    assert writes == [("_cluster", "partners", {"usage": {"requestsLastHour": 7, "limitedLastHour": 1,
+                                                          "topLimited": [{"client": "key:acme", "limited": 1}]}})]
