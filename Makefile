@@ -51,6 +51,7 @@ bench: $(STAMP) setup-k8s
 	$(BIN)/python -m bench.collector --out docs/benchmarks.md
 	$(BIN)/python -m bench.usage_sidecar --out docs/benchmarks.md
 	$(BIN)/python -m bench.usage_stream_size --out docs/benchmarks.md
+	$(BIN)/python -m bench.usage_summary --out docs/benchmarks.md
 	$(BIN)/python -m bench.attacks --out docs/security.md
 	$(BIN)/python -m bench.operator_scale --out docs/benchmarks.md  # 9 min; + --keys 10000: 12 more
 

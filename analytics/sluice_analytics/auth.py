@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import ssl
 import time
 from collections import OrderedDict
@@ -28,14 +29,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
+from urllib.parse import quote
 
 import aiohttp
 from sluice_core.model import CLUSTER_SCOPE
 
 GROUP = "sluice.dev"
+VERSION = "v1alpha1"
 CACHE_TTL_S = 10.0
 CACHE_SIZE = 4096
 REVIEW_TIMEOUT_S = 5.0
+log = logging.getLogger("sluice.analytics")
 
 
 class Denied(Exception):
@@ -220,18 +224,41 @@ class KubernetesAuth:
                               + (f" of {access.policy}" if access.policy else f" in namespace {access.namespace}"))
         return name
 
+    async def get(self, path: str) -> dict[str, Any]:
+        """A GET with the collector's own credentials; :class:`Denied` (503) when it fails."""
+        try:
+            auth = self.server.token()
+            headers = {"Authorization": auth} if auth else {}
+            async with self.session().get(self.server.host + path, headers=headers) as resp:
+                if resp.status >= 300:
+                    raise Denied(503, f"the Kubernetes API answered {resp.status} to a read")
+                return dict(await resp.json())
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            raise Denied(503, f"the Kubernetes API could not be asked ({type(exc).__name__})") from None
+
     async def event(self, access: Access, reason: str, message: str, *, kind: str = "Normal") -> None:
         """A Kubernetes Event on the policy (the reset's audit record); failures are the caller's
-        to log, the reset having happened."""
+        to log, the reset having happened. The policy is read first for its uid: ``kubectl
+        describe`` lists the Events whose involvedObject names the object's uid, and a uid
+        also tells this policy from one deleted and created again under the same name."""
         ns, _, name = (access.policy or "").rpartition("/")
         cluster = ns == CLUSTER_SCOPE
         event_ns = "default" if cluster else ns
+        plural = "clusterratelimitpolicies" if cluster else "ratelimitpolicies"
+        where = "" if cluster else f"/namespaces/{quote(ns, safe='')}"
+        try:
+            policy = await self.get(f"/apis/{GROUP}/{VERSION}{where}/{plural}/{quote(name, safe='')}")
+            uid = {"uid": str(policy["metadata"]["uid"])}
+        except (Denied, KeyError, TypeError) as exc:  # not readable (RBAC?): named by name only
+            log.warning("the Event on %s names no uid: the policy could not be read (%s)", access.policy,
+                        exc.detail if isinstance(exc, Denied) else "no metadata.uid")
+            uid = {}
         now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         body = {"apiVersion": "v1", "kind": "Event",
                 "metadata": {"generateName": f"{name}.", "namespace": event_ns},
-                "involvedObject": {"apiVersion": f"{GROUP}/v1alpha1",
+                "involvedObject": {"apiVersion": f"{GROUP}/{VERSION}",
                                    "kind": "ClusterRateLimitPolicy" if cluster else "RateLimitPolicy",
-                                   "name": name, **({} if cluster else {"namespace": ns})},
+                                   "name": name, **uid, **({} if cluster else {"namespace": ns})},
                 "reason": reason, "message": message, "type": kind,
                 "source": {"component": "sluice-analytics"},
                 "firstTimestamp": now, "lastTimestamp": now, "count": 1}

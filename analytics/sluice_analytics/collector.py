@@ -1,5 +1,5 @@
 """The collector's loops: read a batch, apply it in one transaction, acknowledge it; the rollup
-and retention job; the lag gauge. A failure of Redis or of the database is counted, logged
+and retention job; the lag gauge; the usage summary for the policies' status. A failure of Redis or of the database is counted, logged
 once per change, and retried with back-off: the loop never ends on one and never skips an
 entry it has not applied (unacknowledged entries stay pending and are read again)."""
 
@@ -13,12 +13,13 @@ from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sluice_core.configstore import REDIS_FAILURES
+from sluice_core import usagesummary
+from sluice_core.configstore import REDIS_FAILURES, ConfigStoreError
 from sluice_core.usage import UsageFormatError, UsageWindow, decode
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from sluice_analytics import crashpoints, rollup, store
+from sluice_analytics import crashpoints, rollup, store, summary
 from sluice_analytics.metrics import AnalyticsMetrics
 from sluice_analytics.nearlimit import NearLimitAlerts
 from sluice_analytics.settings import AnalyticsSettings
@@ -69,7 +70,7 @@ class Collector:
     async def run(self, stop: asyncio.Event) -> None:
         """Every loop until ``stop`` is set; a batch in flight finishes first."""
         loops = [asyncio.create_task(loop(stop)) for loop in
-                 (self._consume, self._rollups, self._lag, self._alerts, *self.side_loops)]
+                 (self._consume, self._rollups, self._lag, self._summaries, self._alerts, *self.side_loops)]
         try:
             await stop.wait()
             await asyncio.wait(loops, timeout=self.settings.block_ms / 1000 + 10)
@@ -173,6 +174,32 @@ class Collector:
                 self.metrics.redis_errors.inc()
                 log.error("near-limit alerts: Redis failed (next in %.0f s): %s", self.settings.alerts_interval_s, exc)
             await _sleep(stop, self.settings.alerts_interval_s)
+
+    async def summarise_once(self) -> int | None:
+        """Write each policy's last hour to Redis (:mod:`sluice_core.usagesummary`) if no other
+        replica did this interval; how many policies (None: another replica's turn)."""
+        interval = self.settings.summary_interval_s
+        if not await usagesummary.claim(self.stream.client, self.stream.consumer, interval):
+            return None
+        now = self.clock()
+        policies = await summary.compute(self.engine, now)
+        # Three intervals (at least the default's), so a late write never lets it lapse.
+        ttl = max(usagesummary.TTL_S, 3 * interval)
+        written = await usagesummary.write(self.stream.client, policies, at=int(now), ttl_s=ttl)
+        self.metrics.summaries.inc()
+        return written
+
+    async def _summaries(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            try:
+                await self.summarise_once()
+            except (*REDIS_FAILURES, ConfigStoreError) as exc:
+                self.metrics.redis_errors.inc()
+                log.warning("usage summary not written (next in %.0f s): %s", self.settings.summary_interval_s, exc)
+            except DB_FAILURES as exc:
+                self.metrics.db_errors.inc()
+                log.warning("usage summary not computed (next in %.0f s): %s", self.settings.summary_interval_s, exc)
+            await _sleep(stop, self.settings.summary_interval_s)
 
     async def _lag(self, stop: asyncio.Event) -> None:
         while not stop.is_set():

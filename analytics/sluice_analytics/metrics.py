@@ -33,6 +33,8 @@ class AnalyticsMetrics:
                                     registry=r)
         self.batch_seconds = Histogram("sluice_analytics_batch_seconds",
                                        "Time to apply one batch (one SQL transaction)", registry=r)
+        self.summaries = Counter("sluice_analytics_summaries_written",
+                                 "Usage summaries written to Redis for the policies' status.usage", registry=r)
         self.rollup_runs = Counter("sluice_analytics_rollup_runs", "Rollup and retention runs", registry=r)
         self.near_limit = Counter("sluice_analytics_near_limit_alerts",
                                   "Near-limit alerts sent (once per policy, alert, client and period)", registry=r)

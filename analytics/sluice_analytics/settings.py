@@ -62,6 +62,10 @@ class AnalyticsSettings:
     keep_applied_h: float = setting(
         default=48.0, help="how long applied windows are remembered (duplicates caught); a window "
                            "ending longer ago than this is refused as stale and counted", positive=True)
+    summary_interval_s: float = setting(
+        default=60.0, help="how often each policy's last hour (requests, limited, the most limited "
+                           "clients) is written to Redis for the operator's `status.usage` (one "
+                           "replica per interval; kept three intervals)", positive=True)
     delete_batch: int = setting(default=50, help="retention deletes at most this many periods per run, "
                                                  "one transaction each", positive=True)
     listen: str = setting(default="0.0.0.0:9092", help="HOST:PORT for `/metrics`, `/healthz`, `/openapi.json` and the API (`/v1/...`)",

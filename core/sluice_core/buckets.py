@@ -9,8 +9,10 @@ takes nothing, writes nothing) so the stored TAT format and Redis's clock are in
 exactly one place; :func:`sluice_core.gcra.expand` turns the debts into tokens and times.
 
 Never logged here: a client id is a digest or an address, but callers decide what to print.
-A key's own-limit bucket (an API key granted a limit of its own) is not listed: its numbers
-live in the key's grant, which this module does not read.
+An API key granted a limit of its own (``limit`` on its Secret or keys-file entry) takes that
+bucket instead of its tier's: its numbers live in the key's grant, so for a key client
+(``k…``) the grant is read too (in Redis beside the buckets, else the config document's
+embedded keys) and the bucket listed as kind ``own``, named by its tier.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from dataclasses import dataclass
 from redis.exceptions import RedisError
 
 from sluice_core import configstore, gcra, keyschema, scripts
-from sluice_core.model import CLUSTER_SCOPE, CompiledPolicy, Limit
+from sluice_core.model import CLUSTER_SCOPE, CompiledPolicy, KeyGrant, Limit
 
 
 class BucketError(LookupError):
@@ -29,8 +31,8 @@ class BucketError(LookupError):
 
 @dataclass(frozen=True)
 class BucketKey:
-    kind: str  # "tier" | "rule"
-    name: str  # the tier's or rule's name
+    kind: str  # "tier" | "rule" | "own" (an API key's own limit)
+    name: str  # the tier's or rule's name (an own limit: its tier's)
     key: str
     limit: Limit
 
@@ -88,6 +90,48 @@ def bucket_keys(policy: CompiledPolicy, client: str) -> list[BucketKey]:
     return out
 
 
+async def own_limit(client: configstore.Client, policy: CompiledPolicy, client_id_: str) -> BucketKey | None:
+    """The own-limit bucket of an API key client (``k…``) under ``policy``, if its grant gives
+    it one. The grant is found where the sidecars find it: in the policy's config document when
+    that embeds the policy's keys (a digest whose client id is ``client_id_``), else in Redis
+    beside the buckets (one GET in the client's slot). None for any other client, a key without
+    a grant, or a grant of its tier's bucket."""
+    if not client_id_.startswith("k"):
+        return None
+    grant: KeyGrant | None = None
+    config = await configstore.read(client, policy.namespace)
+    embedded = config.grants.get(policy.name) if config is not None else None
+    if embedded is not None:
+        grant = next((g for digest, g in embedded.items() if _key_client(digest) == client_id_), None)
+    else:
+        try:
+            stored = await configstore.get_grant_of(client, policy.ref, client_id_)
+        except ValueError:  # damaged, or written for another policy: the sidecars ignore it too
+            stored = None
+        grant = stored.grant if stored is not None else None
+    if grant is None or grant.limit is None:
+        return None
+    lim = grant.limit
+    key = keyschema.tier_bucket_key(keyschema.client_tag(policy.ref, client_id_), grant.tier,
+                                    lim.emission_us, lim.capacity_us)
+    return BucketKey("own", grant.tier, key, lim)
+
+
+def _key_client(digest: str) -> str | None:
+    """The client id of an embedded key's digest (None for one that is not 64 hex digits)."""
+    try:
+        raw = bytes.fromhex(digest)
+    except ValueError:
+        return None
+    return keyschema.client_for_api_key(raw) if len(raw) == 32 else None
+
+
+async def client_buckets(client: configstore.Client, policy: CompiledPolicy, client_id_: str) -> list[BucketKey]:
+    """:func:`bucket_keys`, and an API key's own-limit bucket (:func:`own_limit`) first."""
+    own = await own_limit(client, policy, client_id_)
+    return ([own] if own is not None else []) + bucket_keys(policy, client_id_)
+
+
 async def find_policy(client: configstore.Client, namespace: str, name: str) -> CompiledPolicy:
     """The policy as the sidecars run it (the namespace's config document in Redis); for a
     ClusterRateLimitPolicy pass the namespace ``_cluster``."""
@@ -101,7 +145,7 @@ async def find_policy(client: configstore.Client, namespace: str, name: str) -> 
 
 async def read(client: configstore.Client, policy: CompiledPolicy, client_id_: str) -> list[BucketView]:
     """The client's buckets now, read by the decision script at cost 0 (writes nothing)."""
-    keys = bucket_keys(policy, client_id_)
+    keys = await client_buckets(client, policy, client_id_)
     if not keys:
         return []
     params = [v for k in keys for v in (k.limit.emission_us, k.limit.capacity_us)]
@@ -120,8 +164,9 @@ async def read(client: configstore.Client, policy: CompiledPolicy, client_id_: s
 
 async def reset(client: configstore.Client, policy: CompiledPolicy, client_id_: str) -> int:
     """Delete the client's buckets under ``policy`` (a missing key is a full bucket); the number
-    of keys that existed. One ``DEL``: the keys share one hash tag, so one slot."""
-    keys = bucket_keys(policy, client_id_)
+    of keys that existed. One ``DEL``: the keys share one hash tag, so one slot. The key's grant
+    is not touched: only what it has used."""
+    keys = await client_buckets(client, policy, client_id_)
     if not keys:
         return 0
     try:

@@ -234,7 +234,12 @@ async def _write_grant(client: Client, policy_ref: str, key_sha256: bytes, value
 
 async def get_grant(client: Client, policy_ref: str, key_sha256: bytes) -> grants.StoredGrant | None:
     """One API key's stored grant under one policy (None: no such key), for tools and tests."""
-    key = keyschema.grant_key(keyschema.policy_id(policy_ref), keyschema.client_for_api_key(key_sha256))
+    return await get_grant_of(client, policy_ref, keyschema.client_for_api_key(key_sha256))
+
+
+async def get_grant_of(client: Client, policy_ref: str, client_id: str) -> grants.StoredGrant | None:
+    """:func:`get_grant` by the key's client id (``k…``), as bucket tools know a key."""
+    key = keyschema.grant_key(keyschema.policy_id(policy_ref), client_id)
     try:
         value = await client.redis.get(key)
     except REDIS_FAILURES as exc:

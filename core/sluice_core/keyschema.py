@@ -60,6 +60,15 @@ USAGE_REJECTED_KEY = f"{PREFIX}:{{usage}}:rejected"
 """Stream where ``sluice analytics`` keeps aside the entries it could not decode (the entry's
 fields, its id and the reason), ``MAXLEN ~`` bounded; same hash tag as the windows."""
 
+USAGE_SUMMARY_KEY = f"{PREFIX}:{{usage}}:summary"
+"""Hash of the usage summary (:mod:`sluice_core.usagesummary`): field ``@`` says when it was
+computed, each other field is a policy (its usage ref: ``namespace/name``, a cluster policy's
+name) -> the JSON of its last hour. Written whole by ``sluice analytics`` (at most once a
+:data:`~sluice_core.usagesummary.INTERVAL_S`, with a TTL: a stopped collector's summary
+expires), read by the operator for ``status.usage`` (one HMGET a thousand policies an interval)."""
+USAGE_SUMMARY_LOCK_KEY = f"{PREFIX}:{{usage}}:summary:lock"
+"""The collector replica that writes the summary this interval (its consumer name, ``SET NX PX``)."""
+
 OPERATOR_EPOCH_KEY = f"{PREFIX}:epoch"
 """Hash, field = an operator's scope (its ``--namespace`` patterns, ``*`` when cluster-wide),
 value = a counter the operator increments after each config write and compares every interval:

@@ -55,3 +55,7 @@ def note_grant() -> Script:
 
 def trim_usage() -> Script:
     return load("trim_usage")
+
+
+def write_usage_summary() -> Script:
+    return load("write_usage_summary")

@@ -23,6 +23,7 @@ from sluice_operator.reconcile import NamespaceOutcome, Reconciler, Reuse
 from sluice_operator.resync import Gate, Hooks, Resync, Standalone
 from sluice_operator.settings import OperatorSettings
 from sluice_operator.status import status_update
+from sluice_operator.usage_status import UsageStatus
 from sluice_operator.webhooks import serve_webhooks
 
 GROUP, VERSION, PLURAL = "sluice.dev", "v1alpha1", "ratelimitpolicies"
@@ -135,7 +136,8 @@ def build_registry(settings: OperatorSettings, reconciler: Reconciler,
 
         hooks = Hooks(served=served, restore=lambda: restore_all(idx), reconcile=reconcile_and_report,
                       write_status=write_status)
-        resync = Resync(settings.resync_interval_s, reconciler, sidecars, active, hooks)
+        usage = UsageStatus(reconciler.redis, settings.usage_status_min_s)  # status.usage from the collector's summary
+        resync = Resync(settings.resync_interval_s, reconciler, sidecars, active, hooks, usage=usage)
         memo["resync"] = asyncio.create_task(resync.run(), name="sluice resync")
 
     @kopf.on.cleanup(registry=registry)

@@ -2,8 +2,9 @@
 all started at once at start-up, 0.8 MB a policy): every interval (and every
 :data:`REDIS_CHECK_S` between) it checks that Redis still holds what was written, re-writing
 everything only when it does not (a policy's keys only when only its key index is gone), reads the sidecars'
-heartbeats and writes the status of the policies whose ``Enforced`` count changed; between
-intervals it wakes when a namespace's first key expires.
+heartbeats and writes the status of the policies whose ``Enforced`` count changed (and whose
+usage summary changed: :mod:`sluice_operator.usage_status`); between intervals it wakes when a
+namespace's first key expires.
 
 Idle, an interval costs a handful of Redis commands and no API write, however many policies."""
 
@@ -24,6 +25,7 @@ from sluice_operator.heartbeats import HeartbeatView
 from sluice_operator.memtrim import trim
 from sluice_operator.reconcile import NamespaceOutcome, Reconciler
 from sluice_operator.status import status_update
+from sluice_operator.usage_status import UsageStatus
 
 log = logging.getLogger("sluice.operator")
 RETRY_S = 1.0  # after a failed expiry reconcile (Redis away)
@@ -63,7 +65,8 @@ class Hooks:
 
 class Resync:
     def __init__(self, interval_s: float, reconciler: Reconciler, heartbeats: HeartbeatView,
-                 gate: Gate, hooks: Hooks, check_s: float = REDIS_CHECK_S) -> None:
+                 gate: Gate, hooks: Hooks, check_s: float = REDIS_CHECK_S, usage: UsageStatus | None = None) -> None:
+        self.usage = usage
         self.interval_s = interval_s
         self.check_s = min(check_s, interval_s)
         self.reconciler = reconciler
@@ -127,6 +130,8 @@ class Resync:
         await self.reconciler.memory_check.run()
         await self.check_redis()
         served = self.hooks.served()
+        if self.usage is not None:
+            await self.usage.sweep(served, self.hooks.write_status)
         try:
             await self.heartbeats.refresh(ns for ns in served if ns != CLUSTER_SCOPE)
         except configstore.ConfigStoreError as exc:

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import field
 
 from sluice_core.settingsform import LOG_LEVELS, setting, settings_form, split_host_port
+from sluice_core.usagesummary import INTERVAL_S
 
 from sluice_operator.injection.settings import InjectionSettings
 from sluice_operator.injection.values import port, redis_url
@@ -111,6 +112,9 @@ class OperatorSettings:
               "every sidecar reads grants", choices=EMBED_KEYS, chart="operator.embedKeys")
     heartbeat_stale_s: float = 30.0
     """A sidecar heartbeat older than this no longer counts as enforcing."""
+    usage_status_min_s: float = INTERVAL_S
+    """The least time between two writes of one policy's ``status.usage`` (the interval at which
+    the collector writes its summary)."""
     webhook_cert_check_s: float = 3600.0
     """How often the served certificate is looked at again (renewed or rotated files are then
     served to new connections without a restart)."""

@@ -12,7 +12,8 @@ their hash tags (clients, policy ids) land in different slots, so they are two c
 the namespace's policy first, the shared budget only if it admitted, so a client refused
 locally never drains the budget it shares with other services; when the shared budget then
 refuses, a third call gives the namespace policy its tokens back (a refund: exact once it has
-run; in between, the client's own budget is held for one round trip).
+run; in between, the client's own budget is held for one round trip), and the request counts
+(metrics, usage) under the refusing policy only, as it does after one atomic call.
 A shadow policy is always asked on its own, so that it never holds the other back.
 
 API keys: a policy loaded with its grants (standalone ``--api-keys-file``, or a config document
@@ -133,18 +134,22 @@ class Limiter(KeyResolving):
             return await self._decide_atomically(first, second, keys)
         # Two calls (different Redis Cluster slots, or a shadow policy, which must not hold the
         # other back): the namespace's policy first, the shared budget only if it admitted.
+        # The first decision is counted once the second is known: a request the shared budget
+        # refuses counts under the policy that refused it only, as in one atomic call.
         reply = await self._ask(first.keys, first.cost, first.params)
-        one = self._finish(first, reply)
+        one, said, taken = self._judge(first, reply)
         if not one.forward:
+            self._counted(first, said, taken)
             return one
         two = await self._decide_one(second)
-        if not two.forward:
-            if reply is not None and reply.allowed:
-                # Refused after all: give the first policy its tokens back (a refund cannot be
-                # refused; if Redis cannot take it, those tokens stay spent).
-                await self._ask(first.keys, -first.cost, first.params)
+        if not two.forward and reply is not None and reply.allowed:
+            # Refused after all: give the first policy its tokens back (a refund cannot be
+            # refused; if Redis cannot take it, those tokens stay spent) and withdraw its
+            # "allowed" (shadow_limited or failed_open stand: nothing was taken to give back).
+            await self._ask(first.keys, -first.cost, first.params)
             return two
-        return forwarded(hdr.merge(one.headers, two.headers))
+        self._counted(first, said, taken)
+        return two if not two.forward else forwarded(hdr.merge(one.headers, two.headers))
 
     async def _decide_atomically(self, first: Plan, second: Plan, keys: tuple[str, ...]) -> Outcome:
         """Both policies' buckets in one script call, all-or-nothing. Each bucket's cost is
@@ -241,31 +246,33 @@ class Limiter(KeyResolving):
                     e.cache.drop(client)
 
     def _finish(self, plan: Plan, reply: Reply | None) -> Outcome:
-        """The answer for one policy from the store's reply (None: it could not decide)."""
+        """The answer for one policy from the store's reply (None: it could not decide), counted."""
+        outcome, said, taken = self._judge(plan, reply)
+        self._counted(plan, said, taken)
+        return outcome
+
+    @staticmethod
+    def _judge(plan: Plan, reply: Reply | None) -> tuple[Outcome, str, int]:
+        """:meth:`_finish` before counting: the answer, its usage outcome and the tokens taken."""
         enforcement, tier_b, rule_name = plan.enforcement, plan.tier_b, plan.rule_name
         policy = enforcement.policy
         if reply is None:  # store unavailable
             if policy.failure_mode is FailureMode.CLOSED and policy.mode is Mode.ENFORCE:
-                self._counted(plan, "failed_closed", 0)
                 return refused(503, [("Retry-After", "1")], policy.name, tier_b.name, rule_name,
-                               "the rate limiter cannot decide right now")
-            self._counted(plan, "failed_open", 0)
-            return FORWARD_PLAIN
+                               "the rate limiter cannot decide right now"), "failed_closed", 0
+            return FORWARD_PLAIN, "failed_open", 0
         decision = expand(reply, plan.cost, plan.params)
         out_headers = hdr.build(policy.headers, plan.names, plan.limits, plan.policy_value, decision,
                                 plan.cost)
         if decision.allowed:
-            self._counted(plan, "allowed", plan.cost)
-            return forwarded(out_headers)
+            return forwarded(out_headers), "allowed", plan.cost
         if policy.mode is Mode.SHADOW:
-            self._counted(plan, "shadow_limited", 0)
-            return forwarded(out_headers if policy.headers is not HeaderStyle.NONE else [])
-        self._counted(plan, "limited", 0)
+            return forwarded(out_headers if policy.headers is not HeaderStyle.NONE else []), "shadow_limited", 0
         retry_after = hdr.retry_after(decision)
         out_headers.append(("Retry-After", retry_after))
         limiting = plan.names[decision.short_bucket(plan.cost) or 0]
         return refused(429, out_headers, policy.name, tier_b.name, rule_name,
-                       f"the {limiting} limit is used up; retry after {retry_after} s")
+                       f"the {limiting} limit is used up; retry after {retry_after} s"), "limited", 0
 
     async def _ask(self, keys: tuple[str, ...], cost: int, params: tuple[int, ...]) -> Reply | None:
         breaker = self.breaker

@@ -50,3 +50,13 @@ def test_the_usage_benchmark_runs(tmp_path: Path) -> None:
     text = out.read_text()
     for row in ("| proxy CPU per request |", "| Redis commands per request caused by usage (`cmdstat_xadd`) |"):
         assert row in text, f"{row} missing from\n{text}"
+
+
+def test_the_usage_summary_benchmark_runs(tmp_path: Path) -> None:
+    out = tmp_path / "benchmarks.md"
+    res = subprocess.run([sys.executable, "-m", "bench.usage_summary", "--scale", "50", "--out", str(out)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
+    assert res.returncode == 0, res.stderr[-3000:]
+    text = out.read_text()
+    for row in ("| baseline: `/v1/top?by=limited`", "| the summary of every policy", "bytes a policy"):
+        assert row in text, f"{row} missing from\n{text}"

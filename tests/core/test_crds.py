@@ -32,6 +32,7 @@ import kubernetes_validate
 import pytest
 import yaml
 from sluice_core import parse as parse_module
+from sluice_core import usagesummary
 from sluice_core.duration import parse_duration_us
 from sluice_core.errors import PolicyErrors
 from sluice_core.parse import parse_policy
@@ -366,7 +367,10 @@ def test_printer_columns(kind: str) -> None:
         *([("Namespaces", "integer", ".status.namespaces")] if cluster else []),
         ("Programmed", "string", '.status.conditions[?(@.type=="Programmed")].status'),
         ("Enforced", "integer", ".status.enforcedSidecars"),
+        ("Requests/1h", "integer", ".status.usage.requestsLastHour"),
+        ("Limited/1h", "integer", ".status.usage.limitedLastHour"),
         ("Age", "date", ".metadata.creationTimestamp"),
+        ("Most-Limited", "string", ".status.usage.topLimited[0].client"),  # -o wide (priority 1)
     ]
     schema = root_schema(kind)
     paths = {p for p, _ in walk(schema)}
@@ -375,8 +379,16 @@ def test_printer_columns(kind: str) -> None:
     status = schema["properties"]["status"]["properties"]
     assert {k: status[k]["type"] for k in status} == {
         "conditions": "array", "observedGeneration": "integer", "configVersion": "integer",
-        "enforcedSidecars": "integer", "tiers": "integer", "keys": "integer",
+        "enforcedSidecars": "integer", "tiers": "integer", "keys": "integer", "usage": "object",
         **({"namespaces": "integer"} if cluster else {})}
+    usage = status["usage"]["properties"]
+    assert set(usage) == {"requestsLastHour", "limitedLastHour", "topLimited"}
+    assert usage["topLimited"]["maxItems"] == usagesummary.TOP
+    client = usage["topLimited"]["items"]["properties"]["client"]
+    assert client["maxLength"] == usagesummary.MAX_CLIENT
+    # The CRD's pattern admits exactly the alphabet the operator reduces client ids to.
+    allowed = {chr(c) for c in range(32, 127) if re.fullmatch(client["pattern"], chr(c))}
+    assert allowed == set(usagesummary.CLIENT_CHARS)
     condition = status["conditions"]["items"]
     assert set(condition["properties"]) == {"type", "status", "reason", "message",
                                             "lastTransitionTime", "observedGeneration"}

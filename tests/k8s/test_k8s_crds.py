@@ -143,14 +143,16 @@ def test_good_examples_apply_and_print_columns(k8s: ControlPlane) -> None:
 
         out = k8s.kubectl("get", "rlp", "-A").stdout
         header = out.splitlines()[0].split()
-        assert header == ["NAMESPACE", "NAME", "MODE", "TIERS", "PROGRAMMED", "ENFORCED", "AGE"]
+        assert header == ["NAMESPACE", "NAME", "MODE", "TIERS", "PROGRAMMED", "ENFORCED", "REQUESTS/1H",
+                          "LIMITED/1H", "AGE"]
         rows = {r["NAME"]: r for r in table(out)}
         assert {d["metadata"]["name"] for _, d in docs if d["kind"] == "RateLimitPolicy"} <= set(
             rows), out
         # no operator runs, so no status columns yet
         assert rows["public-api"] == {"NAMESPACE": "shop", "NAME": "public-api",
                                       "MODE": "enforce", "TIERS": "", "PROGRAMMED": "",
-                                      "ENFORCED": "", "AGE": rows["public-api"]["AGE"]}, out
+                                      "ENFORCED": "", "REQUESTS/1H": "", "LIMITED/1H": "",
+                                      "AGE": rows["public-api"]["AGE"]}, out
         assert rows["orders-internal"]["NAMESPACE"] == "shop"
         # partner-api (keys-required.yaml) sets no mode: MODE comes from the schema's default
         assert "mode" not in next(d for _, d in docs if d["metadata"]["name"] == "partner-api")[
@@ -159,7 +161,7 @@ def test_good_examples_apply_and_print_columns(k8s: ControlPlane) -> None:
 
         crlp = k8s.kubectl("get", "crlp").stdout
         assert crlp.splitlines()[0].split() == ["NAME", "MODE", "TIERS", "NAMESPACES", "PROGRAMMED",
-                                                "ENFORCED", "AGE"], crlp
+                                                "ENFORCED", "REQUESTS/1H", "LIMITED/1H", "AGE"], crlp
         assert [r["NAME"] for r in table(crlp)] == ["shared-partner-budget"]
 
         # Applying again changes nothing (kubectl may still print "configured": a JSON merge

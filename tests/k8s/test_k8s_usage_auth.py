@@ -25,6 +25,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from support.analytics_api import api_client
 from support.chart import render
 from support.control_plane import ControlPlane
+from support.crds import apply_crds
 from support.polling import poll
 from support.redis_servers import RedisServer
 from support.sidecar_harness import policy_doc
@@ -77,6 +78,8 @@ async def api(cluster: Any, control_plane: ControlPlane, engine: AsyncEngine,
               redis_server: RedisServer) -> AsyncIterator[TestClient[web.Request, web.Application]]:
     ns, _ = cluster
     doc = policy_doc("api", ns, tiers=[{"name": "free", "requests": 5, "period": "1h"}])
+    apply_crds(control_plane)
+    control_plane.kubectl("apply", "-f", "-", input=json.dumps(doc))  # what the reset's Event names
     auth = KubernetesAuth(load_api_server(str(control_plane.kubeconfig)))
     async with configstore.connect(redis_server.url) as redis:
         await configstore.publish(redis, ns, configdoc.build_doc(ns, [parse_policy(doc)]))
@@ -115,5 +118,10 @@ async def test_kubernetes_auth(api: TestClient[web.Request, web.Application], cl
     items = control_plane.kubectl_json("-n", ns, "get", "events", "--field-selector", "involvedObject.name=api")["items"]
     (found,) = [e for e in items if e["reason"] == "BucketReset"]
     assert found["involvedObject"]["kind"] == "RateLimitPolicy"
+    # Named by uid too: `kubectl describe` lists an object's Events by its uid.
+    policy = control_plane.kubectl_json("-n", ns, "get", "rlp", "api")
+    assert found["involvedObject"]["uid"] == policy["metadata"]["uid"]
+    described = control_plane.kubectl("-n", ns, "describe", "rlp", "api").stdout
+    assert "BucketReset" in described
     assert f"system:serviceaccount:{ns}:admin" in found["message"]
     assert "10.1.2.3" not in found["message"]
