@@ -46,7 +46,7 @@ from bench.report import write_block  # noqa: E402
 
 BEGIN, END = "<!-- bench-image:begin -->", "<!-- bench-image:end -->"
 MB = 1_000_000
-VENV_SLUICE = ROOT / ".venv" / "bin" / "sluice"
+VENV_SLUICE = Path(sys.executable).parent / "sluice"  # the virtualenv running the benchmark
 
 
 def tree_bytes(path: Path) -> int:

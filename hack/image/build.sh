@@ -72,6 +72,7 @@ inputs_hash() {
   local extra=$1; shift
   {
     printf '%s\n' "$extra"
+    [[ $# -gt 0 ]] || return 0
     find "$@" -type f -not -path '*/__pycache__/*' -not -path '*.egg-info/*' -not -name '*.pyc' \
       -print0 | LC_ALL=C sort -z | xargs -0 sha256sum
   } | sha256sum | cut -d' ' -f1
@@ -79,24 +80,28 @@ inputs_hash() {
 fresh() { [[ -f "$2" && -f "${STAMPS}/$1" && "$(cat "${STAMPS}/$1")" = "$3" ]]; }
 has_image() { bah inspect --type image "$1" >/dev/null 2>&1; }
 
+# How every root filesystem is made (mmdebstrap options beyond the packages). The stamps hash
+# these settings, not this whole script: editing its other parts rebuilds nothing.
+ROOTFS_OPTS=(--variant=essential --hook-dir=/usr/share/mmdebstrap/hooks/merged-usr
+  --dpkgopt='path-exclude=/usr/share/doc/*' --dpkgopt='path-include=/usr/share/doc/*/copyright'
+  --dpkgopt='path-exclude=/usr/share/man/*' --dpkgopt='path-exclude=/usr/share/info/*'
+  --dpkgopt='path-exclude=/usr/share/locale/*'
+  --customize-hook='rm -rf "$1"/var/cache/debconf/*-old "$1"/var/log/* "$1"/var/lib/apt/lists/*')
+ROOTFS_ENV=(--env PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin --env LANG=C.UTF-8)
+
 # A Debian root filesystem with PACKAGES, made by mmdebstrap straight into a scratch working
-# container, committed as IMAGE (one layer). Extra arguments go to mmdebstrap.
+# container (printed; the caller configures and commits it: one layer). Extra arguments go to
+# mmdebstrap.
 debian_rootfs_image() {
   local image=$1 packages=$2; shift 2
   local ctr mnt
   ctr="$(bah from scratch)"
   mnt="$(bah mount "$ctr")"
-  mmdebstrap --quiet --variant=essential --include="$packages" \
-    --hook-dir=/usr/share/mmdebstrap/hooks/merged-usr \
-    --dpkgopt='path-exclude=/usr/share/doc/*' --dpkgopt='path-include=/usr/share/doc/*/copyright' \
-    --dpkgopt='path-exclude=/usr/share/man/*' --dpkgopt='path-exclude=/usr/share/info/*' \
-    --dpkgopt='path-exclude=/usr/share/locale/*' \
-    --customize-hook='rm -rf "$1"/var/cache/debconf/*-old "$1"/var/log/* "$1"/var/lib/apt/lists/*' \
-    "$@" "$SUITE" "$mnt" >"${OUT}/logs/${image##*/}.log" 2>&1 \
+  mmdebstrap --quiet "${ROOTFS_OPTS[@]}" --include="$packages" "$@" "$SUITE" "$mnt" \
+    >"${OUT}/logs/${image##*/}.log" 2>&1 \
     || die "mmdebstrap failed: $(tail -n 20 "${OUT}/logs/${image##*/}.log")"
   bah umount "$ctr" >/dev/null
-  bah config --env PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
-    --env LANG=C.UTF-8 "$ctr"
+  bah config "${ROOTFS_ENV[@]}" "$ctr"
   printf '%s\n' "$ctr"
 }
 
@@ -106,7 +111,7 @@ PEP668_HOOK='rm -f "$1"/usr/lib/python3*/EXTERNALLY-MANAGED'
 
 python_bases() {
   local key
-  key="$(inputs_hash "$SUITE $RUN_PACKAGES $BUILD_PACKAGES" "${HERE}/build.sh")"
+  key="$(inputs_hash "$SUITE $RUN_PACKAGES $BUILD_PACKAGES ${ROOTFS_OPTS[*]} ${ROOTFS_ENV[*]} $PEP668_HOOK")"
   if [[ -f "${STAMPS}/bases" && "$(cat "${STAMPS}/bases")" = "$key" ]] \
       && has_image "$RUN_BASE" && has_image "$BUILD_BASE"; then
     return
@@ -136,7 +141,7 @@ sluice_image() {
   local archive="${OUT}/sluice.oci.tar" base=${SLUICE_BASE_IMAGE:-} key
   key="$(cd "$ROOT" && inputs_hash "${base:-$(cat "${STAMPS}/bases")} $SLUICE_IMAGE" \
     Dockerfile .dockerignore pyproject.toml hack/constraints.txt core sidecar operator analytics \
-    hack/image/build.sh hack/image/oci_archive.py)"
+    hack/image/oci_archive.py)"
   if fresh sluice "$archive" "$key"; then log "sluice image up to date: ${archive}"; return; fi
   local args=(--pull=never --build-arg "BASE_IMAGE=${RUN_BASE}" --build-arg "BUILD_IMAGE=${BUILD_BASE}")
   [[ -n "$base" ]] && args=(--pull=true --build-arg "BASE_IMAGE=${base}" --build-arg "BUILD_IMAGE=${base}")
@@ -151,21 +156,25 @@ sluice_image() {
 
 # The Redis image: Debian's redis-server as uid/gid 999 on the same kind of root filesystem.
 # The user is written before redis-server's maintainer scripts run, so they keep it.
-redis_image() {
-  local archive="${OUT}/sluice-redis.oci.tar" key ctr
-  key="$(inputs_hash "$SUITE $REDIS_PACKAGES $REDIS_IMAGE" "${HERE}/build.sh" "${HERE}/oci_archive.py")"
-  if fresh redis "$archive" "$key"; then log "redis image up to date: ${archive}"; return; fi
-  log "making ${REDIS_IMAGE} from Debian ${SUITE}: ${REDIS_PACKAGES}"
-  local user_hook="echo 'redis:x:${REDIS_UID}:${REDIS_UID}::/var/lib/redis:/usr/sbin/nologin' >>\"\$1\"/etc/passwd
+REDIS_USER_HOOK="echo 'redis:x:${REDIS_UID}:${REDIS_UID}::/var/lib/redis:/usr/sbin/nologin' >>\"\$1\"/etc/passwd
 echo 'redis:x:${REDIS_UID}:' >>\"\$1\"/etc/group
 echo 'redis:*:19000:0:99999:7:::' >>\"\$1\"/etc/shadow"
-  ctr="$(debian_rootfs_image "$REDIS_IMAGE" "$REDIS_PACKAGES" --essential-hook="$user_hook" \
-    --customize-hook="mkdir -m 0750 \"\$1\"/data && chown ${REDIS_UID}:${REDIS_UID} \"\$1\"/data")"
-  # No config file: redis-server's defaults, the data directory as working directory (where
-  # it writes dumps), and protected mode off as in the official image: the chart sets a
-  # password and NetworkPolicies.
-  bah config --user "${REDIS_UID}:${REDIS_UID}" --workingdir /data --port 6379 \
-    --entrypoint '["redis-server"]' --cmd '["--protected-mode", "no"]' "$ctr"
+REDIS_DATA_HOOK="mkdir -m 0750 \"\$1\"/data && chown ${REDIS_UID}:${REDIS_UID} \"\$1\"/data"
+# No config file: redis-server's defaults, the data directory as working directory (where it
+# writes dumps), and protected mode off as in the official image: the chart sets a password
+# and NetworkPolicies.
+REDIS_CONFIG=(--user "${REDIS_UID}:${REDIS_UID}" --workingdir /data --port 6379
+  --entrypoint '["redis-server"]' --cmd '["--protected-mode", "no"]')
+
+redis_image() {
+  local archive="${OUT}/sluice-redis.oci.tar" key ctr
+  key="$(inputs_hash "$SUITE $REDIS_PACKAGES $REDIS_IMAGE ${ROOTFS_OPTS[*]} ${ROOTFS_ENV[*]} \
+    $REDIS_USER_HOOK $REDIS_DATA_HOOK ${REDIS_CONFIG[*]}" "${HERE}/oci_archive.py")"
+  if fresh redis "$archive" "$key"; then log "redis image up to date: ${archive}"; return; fi
+  log "making ${REDIS_IMAGE} from Debian ${SUITE}: ${REDIS_PACKAGES}"
+  ctr="$(debian_rootfs_image "$REDIS_IMAGE" "$REDIS_PACKAGES" --essential-hook="$REDIS_USER_HOOK" \
+    --customize-hook="$REDIS_DATA_HOOK")"
+  bah config "${REDIS_CONFIG[@]}" "$ctr"
   bah commit --rm -q "$ctr" "$REDIS_IMAGE" >/dev/null
   push_archive "$REDIS_IMAGE" "$archive"
   printf '%s\n' "$key" >"${STAMPS}/redis"
@@ -173,6 +182,10 @@ echo 'redis:*:19000:0:99999:7:::' >>\"\$1\"/etc/shadow"
 }
 
 mkdir -p "$STAMPS" "${OUT}/logs"
+# One build at a time (make image and the image tests may start together): they share
+# buildah's storage and the stamps.
+exec 9>"${OUT}/.lock"
+flock 9
 case "${1:-all}" in
   all) [[ -n "${SLUICE_BASE_IMAGE:-}" ]] || python_bases; sluice_image; redis_image ;;
   sluice) [[ -n "${SLUICE_BASE_IMAGE:-}" ]] || python_bases; sluice_image ;;

@@ -88,6 +88,22 @@ def test_the_runtime_finds_its_tls_roots_and_native_modules(sluice: tuple[Image,
     assert int(res.stdout) > 50  # Debian's ca-certificates: ~140 roots; the host's extra CA not among them
 
 
+def test_the_build_hosts_extra_roots_stay_out_of_the_image(sluice: tuple[Image, Path]) -> None:
+    # the build mounts the host's CA store for pip (a TLS-inspecting proxy's CA may be in it);
+    # the image must trust Debian's roots only, never a build machine's
+    _, rootfs = sluice
+    shipped = set()
+    for crt in (rootfs / "usr/share/ca-certificates").rglob("*.crt"):
+        shipped |= pem_blocks(crt.read_text())
+    bundle = pem_blocks((rootfs / "etc/ssl/certs/ca-certificates.crt").read_text())
+    assert bundle and bundle <= shipped, f"{len(bundle - shipped)} roots not from Debian's ca-certificates"
+
+
+def pem_blocks(text: str) -> set[str]:
+    return {"".join(block.split()) for block in re.findall(
+        r"-----BEGIN CERTIFICATE-----(.+?)-----END CERTIFICATE-----", text, re.S)}
+
+
 def test_installed_packages_are_the_tested_pins(sluice: tuple[Image, Path]) -> None:
     _, rootfs = sluice
     pins = {}
