@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup setup-k8s setup-tools demo test test-fast lint typecheck bench clean
+.PHONY: setup setup-k8s setup-tools image image-clean demo test test-fast lint typecheck bench clean
 
 $(STAMP): pyproject.toml hack/bootstrap.sh hack/constraints.txt
 	@hack/bootstrap.sh $(VENV)
@@ -22,11 +22,21 @@ setup-k8s:
 setup-tools:
 	@hack/tools.sh
 
+# Sluice's image (the Dockerfile) and a Redis image as OCI archives in
+# ${SLUICE_CACHE:-~/.cache/sluice}/images, built without a registry or a Docker engine (mmdebstrap,
+# buildah; as root, installed from Debian's packages); a no-op once built (hack/image/build.sh).
+# The suite checks them (tests/image) and the one-node cluster imports them.
+image:
+	@hack/image/build.sh
+
+image-clean:
+	@hack/image/build.sh clean
+
 demo: $(STAMP)
 	@hack/ensure-redis.sh --optional
 	$(BIN)/sluice demo
 
-test: $(STAMP) setup-k8s setup-tools
+test: $(STAMP) setup-k8s setup-tools image
 	@hack/ensure-redis.sh
 	@hack/ensure-postgres.sh
 	$(BIN)/pytest -q -p no:cacheprovider
@@ -52,6 +62,7 @@ bench: $(STAMP) setup-k8s
 	$(BIN)/python -m bench.usage_sidecar --out docs/benchmarks.md
 	$(BIN)/python -m bench.usage_stream_size --out docs/benchmarks.md
 	$(BIN)/python -m bench.usage_summary --out docs/benchmarks.md
+	$(BIN)/python -m bench.image --out docs/benchmarks.md
 	$(BIN)/python -m bench.attacks --out docs/security.md
 	$(BIN)/python -m bench.operator_scale --out docs/benchmarks.md  # 9 min; + --keys 10000: 12 more
 
