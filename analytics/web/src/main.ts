@@ -230,6 +230,9 @@ function bucketSummary(buckets: Bucket[]): string {
 
 async function renderConsumers(a: Api, consumers: Consumer[]): Promise<void> {
   const policy = bucketPolicy();
+  byId("consumers-note").textContent = policy
+    ? `buckets now under ${policy.ref}`
+    : "choose a policy to see their buckets now";
   const live = await Promise.all(
     consumers.map(async (c) => {
       const who = bucketClient(c.client);
@@ -263,6 +266,14 @@ async function renderConsumers(a: Api, consumers: Consumer[]): Promise<void> {
   );
 }
 
+function period(s: number | undefined): string {
+  if (s === undefined) return "?";
+  for (const [unit, n] of [["d", 86400], ["h", 3600], ["min", 60]] as const) {
+    if (s >= n && s % n === 0) return s === n ? unit : `${s / n} ${unit}`;
+  }
+  return `${s} s`;
+}
+
 function renderPolicies(body: Policies): void {
   const src = body.source === "status" ? "from the policies' status" : "from the sidecars' heartbeats";
   byId("policies-source").textContent = body.sidecars === null ? src : `${src}, ${body.sidecars} sidecars beating`;
@@ -279,7 +290,7 @@ function renderPolicies(body: Policies): void {
         "ul",
         { class: "tiers" },
         ...p.tiers.map((t) =>
-          h("li", {}, `${t.name}${t.name === p.default_tier ? " (default)" : ""}: ${t.requests ?? "?"} / ${t.period ?? `${t.period_s ?? "?"} s`}`),
+          h("li", {}, `${t.name}${t.name === p.default_tier ? " (default)" : ""}: ${t.requests ?? "?"} per ${t.period ?? period(t.period_s)}`),
         ),
       ),
     ),
