@@ -141,8 +141,17 @@ function base(): { namespace: string; policy: string } {
   return { namespace: view.namespace, policy: view.policy };
 }
 
+// A failure here (the collector's account may not list policies) costs the policy cards only.
 async function loadPolicies(a: Api): Promise<void> {
-  const body = await a.get<Policies>("v1/policies", { namespace: view.namespace });
+  let body: Policies;
+  try {
+    body = await a.get<Policies>("v1/policies", { namespace: view.namespace });
+  } catch (e) {
+    if (!(e instanceof ApiError) || e.status === 401) throw e;
+    const why = `Policies could not be read: ${e.detail}`;
+    show(byId("policies"), h("p", { class: "error" }, why), why);
+    return;
+  }
   policies = body.policies;
   syncFilters();
   renderPolicies(body);
