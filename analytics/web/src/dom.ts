@@ -69,3 +69,8 @@ export function clock(t: number, withDate: boolean): string {
   const time = d.toLocaleTimeString("en-GB", { hour: "2-digit", minute: "2-digit" });
   return withDate ? `${d.toLocaleDateString("en-CA")} ${time}` : time;
 }
+
+export function cards(dl: HTMLElement, items: [string, string][]): void {
+  const row = h("div", { class: "cardrow" }, ...items.map(([k, v]) => h("div", { class: "card" }, h("dt", {}, k), h("dd", {}, v))));
+  show(dl, row, JSON.stringify(items));
+}
