@@ -1,16 +1,31 @@
 # Sluice: `make demo` runs the sidecar on the embedded example, `make test` runs the suite.
-# Both set up what they need first (virtualenv, Python packages, redis-server, postgresql).
+# Both set up what they need first (virtualenv, Python packages, redis-server, postgresql; for
+# the tests also node packages and Debian's chromium: the dashboard's build and browser tests).
 SHELL := /bin/bash
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup setup-k8s setup-tools image image-clean demo test test-fast lint typecheck bench clean
+WEB := analytics/web
+WEB_DEPS := $(WEB)/node_modules/.package-lock.json
+
+.PHONY: setup setup-k8s setup-tools image image-clean demo test test-fast lint typecheck bench clean dashboard
 
 $(STAMP): pyproject.toml hack/bootstrap.sh hack/constraints.txt
 	@hack/bootstrap.sh $(VENV)
 
-setup: $(STAMP)
+setup: $(STAMP) $(WEB_DEPS)
+
+# The dashboard's node packages (analytics/web, pinned by its package-lock), installed again
+# when the lock changes; no install scripts run (esbuild and biome come as per-platform packages).
+$(WEB_DEPS): $(WEB)/package-lock.json
+	@hack/ensure-node.sh
+	cd $(WEB) && npm ci --ignore-scripts --no-audit --no-fund
+
+# After a change in analytics/web: check it and rebuild the bundle in
+# analytics/sluice_analytics/static (committed; tests/analytics/test_dashboard_build.py).
+dashboard: $(WEB_DEPS)
+	cd $(WEB) && npm run --silent check && npm run --silent build
 
 # etcd, kube-apiserver, kube-controller-manager, kubectl, helm, promtool built from Go modules into
 # ${SLUICE_CACHE:-~/.cache/sluice}/bin for the k8s tests; a no-op once built (hack/k8s/NOTES.md).
@@ -36,19 +51,21 @@ demo: $(STAMP)
 	@hack/ensure-redis.sh --optional
 	$(BIN)/sluice demo
 
-test: $(STAMP) setup-k8s setup-tools image
+test: $(STAMP) $(WEB_DEPS) setup-k8s setup-tools image
 	@hack/ensure-redis.sh
 	@hack/ensure-postgres.sh
+	@hack/ensure-chromium.sh
 	$(BIN)/pytest -q -p no:cacheprovider
 
 test-fast: $(STAMP)
 	@hack/ensure-postgres.sh
 	$(BIN)/pytest -q -x -m "not slow and not cluster and not k8s"
 
-lint: $(STAMP)
+lint: $(STAMP) $(WEB_DEPS)
 	$(BIN)/ruff check core sidecar operator analytics tests bench hack
 	$(BIN)/mypy
 	$(BIN)/lint-imports
+	cd $(WEB) && npm run --silent check
 
 bench: $(STAMP) setup-k8s
 	@hack/ensure-redis.sh
@@ -67,4 +84,4 @@ bench: $(STAMP) setup-k8s
 	$(BIN)/python -m bench.operator_scale --out docs/benchmarks.md  # 9 min; + --keys 10000: 12 more
 
 clean:
-	rm -rf $(VENV) .venv-tools .pytest_cache .mypy_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) .venv-tools .pytest_cache .mypy_cache .ruff_cache .hypothesis $(WEB)/node_modules

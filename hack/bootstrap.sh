@@ -30,6 +30,8 @@ if ! "$VENV/bin/python" -m pip --version >/dev/null 2>&1; then
   "$PYTHON" -m venv "$VENV"
 fi
 echo "==> installing Sluice and its tools into $VENV"
+# Playwright (the dashboard's browser tests) drives Debian's chromium: never a downloaded browser.
+export PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1
 "$VENV/bin/python" -m pip install -q --disable-pip-version-check -U pip
 "$VENV/bin/python" -m pip install -q --disable-pip-version-check -c hack/constraints.txt -e ".[dev,bench]"
 touch "$VENV/.installed"

@@ -107,6 +107,19 @@ def document() -> dict[str, Any]:
                  _p("to", "last day (included), YYYY-MM-DD; at most 400 days", required=True,
                     schema={"type": "string", "format": "date"})],
                 STR, media="text/csv")},
+            "/v1/overview": {"get": _get(
+                "the dashboard's cards: totals of a range and the top consumers with their tiers",
+                [NS, POLICY, ENDPOINT, START, END, LIMIT],
+                _obj(start=INT, end=INT, requests=INT, tokens=INT, outcomes=OUTCOME_MAP,
+                     statuses={"type": "object", "additionalProperties": INT}, success=INT, clients=INT,
+                     latency_avg_us=NINT, latency_p95_us=NINT, consumers={"type": "array", "items": _obj(
+                         client=STR, requests=INT, limited=INT, tokens=INT,
+                         tiers={"type": "array", "items": STR})}))},
+            "/v1/policies": {"get": _get(
+                "the dashboard's policy cards: mode, tiers, Accepted / Programmed / Enforced, sidecars",
+                [NS], _obj(namespace=STR, source=STR, sidecars=NINT, truncated={"type": "boolean"},
+                           policies={"type": "array", "items": {"type": "object", "required": [
+                               "ref", "mode", "accepted", "programmed", "enforced", "may_reset"]}}))},
             "/v1/buckets": {
                 "get": _with_404(_get("a client's buckets under a policy, live from Redis", bucket_params,
                                       _obj(policy=STR, client=STR, buckets={"type": "array", "items": bucket}))),

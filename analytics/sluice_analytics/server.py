@@ -16,6 +16,7 @@ import time
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from sluice_analytics import dashboard
 from sluice_analytics.api import ApiContext, routes
 from sluice_analytics.collector import Collector
 
@@ -40,6 +41,7 @@ def app(collector: Collector, *, stale_s: float, api: ApiContext | None = None) 
     application.router.add_get("/healthz", healthz)
     if api is not None:
         application.add_routes(routes(api))
+        application.add_routes(dashboard.routes(api))  # the page at / and its two reads
     return application
 
 

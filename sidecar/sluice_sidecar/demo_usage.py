@@ -112,6 +112,8 @@ def instructions(c: DemoCollector, namespace: str) -> str:
     cli = f"{sluice_command()} usage top --namespace {namespace} --url {c.url} --token-file {c.token_file}"
     auth = f"-H \"Authorization: Bearer $(cat {c.token_file})\""
     return f"""
+Dashboard: {c.url}/?namespace={namespace}  (sign in with the token in {c.token_file})
+
 Usage per client (sluice analytics on {c.url}, SQLite {c.database}; windows of {DEMO_USAGE_WINDOW_S:.0f} s):
   {cli}
   {cli} --by limited

@@ -78,6 +78,10 @@ def test_the_demo_shows_the_tour_per_client_through_the_collector() -> None:
             got = _api(f"{url}/v1/clients/{client}?namespace=default", token_file)
             assert isinstance(got, dict)
             assert got["outcomes"] == {o: n for o, n in (("allowed", s[200]), ("limited", s[429])) if n}, client
+        page = next(line.split()[1] for line in lines if line.startswith("Dashboard: "))
+        assert page == f"{url}/?namespace=default"
+        with urllib.request.urlopen(page, timeout=5) as r:  # the page itself; its numbers: test_dashboard_browser.py
+            assert r.status == 200 and r.headers["Content-Type"].startswith("text/html")
         demo.send_signal(signal.SIGINT)  # Ctrl-C
         assert demo.wait(30) == 0
     finally:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
-from sluice_analytics import database, migrate, store
+from sluice_analytics import dashboard, database, migrate, store
 from sluice_analytics.api import ApiContext, routes
 from sluice_analytics.auth import TokenFile
 from sluice_core import configdoc, configstore
@@ -64,7 +64,9 @@ class ServerThread:
             doc = policy_doc("api", "shop")
             await configstore.publish(redis, "shop", configdoc.build_doc("shop", [parse_policy(doc)]))
             app = web.Application()
-            app.add_routes(routes(ApiContext(engine, TokenFile(token_file), redis)))
+            ctx = ApiContext(engine, TokenFile(token_file), redis)
+            app.add_routes(routes(ctx))
+            app.add_routes(dashboard.routes(ctx))
             runner = web.AppRunner(app)
             await runner.setup()
             site = web.TCPSite(runner, "127.0.0.1", 0)
