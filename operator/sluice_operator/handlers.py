@@ -45,10 +45,18 @@ def build_registry(settings: OperatorSettings, reconciler: Reconciler,
     active = gate or Standalone()
 
     @kopf.on.startup(registry=registry)
-    async def start_webhooks(memo: kopf.Memo, **_: Any) -> None:
+    async def start_webhooks(memo: kopf.Memo, **idx: Any) -> None:
         if not settings.webhook_listen:
             return
-        memo["webhooks"] = await serve_webhooks(settings, make_api())
+
+        def policies(namespace: str) -> list[Mapping[str, Any]]:
+            """The namespace's policies and every cluster policy, from kopf's live indexes."""
+            found = list(idx["policies_by_ns"].get(namespace, []))
+            if "cluster_policies" in idx:
+                found += list(idx["cluster_policies"].get(CLUSTER_SCOPE, []))
+            return found
+
+        memo["webhooks"] = await serve_webhooks(settings, make_api(), policies)
 
     @kopf.on.cleanup(registry=registry)
     async def stop_webhooks(memo: kopf.Memo, **_: Any) -> None:
