@@ -62,8 +62,8 @@ class SidecarSettings:
     without_config: str = setting(
         default="refuse", help="before a config has ever loaded: `refuse` (standalone: exit at start; cluster mode: "
                   "answer 503, `/readyz` 503) or `unlimited` (proxy every request unlimited, counted "
-                  "`unconfigured`, `/readyz` 200: the injector's choice for a pod no policy selects or "
-                  "whose policies all fail open)",
+                  "`unconfigured`; `/readyz` 200 in cluster mode, where the injector chooses it for a pod "
+                  "no policy selects or whose policies all fail open, 503 in standalone mode)",
         choices=("refuse", "unlimited"))
     namespace: str | None = setting(default=None, help="cluster mode: read this namespace's compiled config from Redis")
     pod_labels: str | None = setting(

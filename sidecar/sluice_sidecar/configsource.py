@@ -228,6 +228,7 @@ class RedisSource:
         # caches over where it can (Enforcement.carry_cache).
         self._enforced: tuple[Enforcement | None, Enforcement | None] = (None, None)
         self._heartbeat_error: str | None = None  # the reason the last heartbeat failed
+        self._said_waiting = False
 
     @property
     def subscribed(self) -> bool:
@@ -283,6 +284,7 @@ class RedisSource:
                 log.error("config %s version %s is invalid (keeping the last good one): %s",
                           doc.namespace, doc.version, exc)
         if not changed:
+            self._say_waiting()
             return False
         try:
             labels = read_labels(self.labels_path) if self.labels_path else None
@@ -325,6 +327,16 @@ class RedisSource:
             f"{p.ref} (config version {v})" for p, v in ((policy, ns_version),
                                                         (cluster_policy, cluster_version)) if p))
         return True
+
+    def _say_waiting(self) -> None:
+        """Once: Redis answers but holds neither this namespace's document nor the cluster one,
+        so no config can load (a pod here otherwise waits in silence)."""
+        if self._said_waiting or self._policy_doc.config or self._cluster_policy_doc.config:
+            return
+        self._said_waiting = True
+        log.warning("no config yet: Redis holds no document for namespace %s and no cluster document "
+                    "(written by the operator, or `sluice apply`, connected to this Redis); until one "
+                    "comes, --without-config applies", self.namespace)
 
     async def start(self) -> None:
         await self.check()

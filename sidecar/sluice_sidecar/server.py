@@ -218,10 +218,12 @@ class Sidecar:
         }
 
     def ready(self) -> bool:
-        """Serving as designed: a config is loaded, or none is needed to serve (``--without-config
-        unlimited``: the injector's choice for a pod no policy selects or whose policies all fail
-        open, so that a Redis outage does not hold up its rollout); and not draining."""
-        return (self.loaded or self.settings.without_config == "unlimited") and not self.draining
+        """Serving as designed, and not draining: a config is loaded, or, in cluster mode, none
+        is needed to serve (``--without-config unlimited``: the injector's choice for a pod no
+        policy selects or whose policies all fail open, so that a Redis outage does not hold up
+        its rollout). A standalone policy file that cannot be loaded is a mistake to show: 503."""
+        unneeded = self.settings.without_config == "unlimited" and isinstance(self.source, RedisSource)
+        return (self.loaded or unneeded) and not self.draining
 
     async def _readyz(self, request: web.Request) -> web.Response:
         ready = self.ready()

@@ -63,7 +63,7 @@ def sidecar_without_redis(upstream: UpstreamProcess, labels: Path, port: int, ns
                           without_config: str) -> SidecarProcess:
     sidecar = SidecarProcess(upstream.url, "--redis", f"redis://127.0.0.1:{port}", "--namespace", ns,
                              "--pod-labels", str(labels), "--pod-name", "web-1", "--poll-interval-s", "0.2",
-                             "--without-config", without_config, wait_ready=False)
+                             "--without-config", without_config, "--redis-timeout-ms", "2000", wait_ready=False)
     wait_until(lambda: http_get(sidecar.admin + "/healthz")[0] == 200, 20, what="sidecar up")
     return sidecar
 

@@ -1,0 +1,79 @@
+"""With the operator away (uninstalled, being reinstalled, restarting) nothing may get stuck
+(#12, defect 4), against the real API server:
+
+- the validating webhook configuration, as the operator writes it (failing closed), is not
+  called for updates that change no spec: labels, finalizer removals and the deletion of a
+  policy go through while nobody serves it; a spec change is still refused;
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterator
+
+import pytest
+from sluice_operator.handlers import FINALIZER
+from sluice_operator.webhook_config import VALIDATING_NAME, Endpoint, validating
+from support.control_plane import ControlPlane
+from support.crds import apply_crds
+from support.polling import poll
+from support.redis_servers import pick_port
+from support.sluice_objects import policy_manifest
+
+pytestmark = pytest.mark.k8s
+
+
+@pytest.fixture(scope="module")
+def k8s(control_plane: ControlPlane) -> ControlPlane:
+    return apply_crds(control_plane)
+
+
+@pytest.fixture
+def namespace(k8s: ControlPlane) -> Iterator[str]:
+    ns = f"sluice-away-{uuid.uuid4().hex[:6]}"
+    k8s.kubectl("create", "namespace", ns)
+    try:
+        yield ns
+    finally:
+        k8s.kubectl("delete", "namespace", ns, "--wait=false", "--ignore-not-found")
+
+
+@pytest.fixture
+def webhook_cleanup(k8s: ControlPlane) -> Iterator[None]:
+    """Whatever the test leaves, the validating configuration goes (failing closed, nobody
+    serving it, it would refuse every later policy write of the session)."""
+    try:
+        yield
+    finally:
+        k8s.kubectl("delete", "validatingwebhookconfiguration", VALIDATING_NAME, "--ignore-not-found")
+
+
+def test_updates_that_change_no_spec_pass_while_no_operator_serves_the_webhook(
+        k8s: ControlPlane, namespace: str, webhook_cleanup: None) -> None:
+    ns = namespace
+    # Stored with the operator's finalizer, as a policy is when `helm uninstall` takes the
+    # operator away; then the configuration the operator writes, pointing at nobody.
+    k8s.kubectl("apply", "-f", "-", input=policy_manifest("kept", ns))
+    k8s.kubectl("patch", "rlp", "kept", "-n", ns, "--type=merge",
+                "-p", json.dumps({"metadata": {"finalizers": [FINALIZER]}}))
+    manifest = validating(Endpoint(url=f"https://127.0.0.1:{pick_port()}"), b"")
+    k8s.kubectl("apply", "-f", "-", input=json.dumps(manifest))
+
+    # The API server takes a configuration up a moment after it is written: a spec change
+    # refused (nobody serves the webhook, which fails closed) says it is in force.
+    def spec_change_refused() -> bool:
+        res = k8s.kubectl("patch", "rlp", "kept", "-n", ns, "--type=merge", "-p", json.dumps(
+            {"spec": {"tiers": [{"name": "free", "requests": 11, "period": "1m"}]}}), check=False)
+        return res.returncode != 0 and "policies.sluice.dev" in res.stderr
+
+    poll(spec_change_refused, "the webhook configuration in force")
+
+    res = k8s.kubectl("label", "rlp", "kept", "-n", ns, "team=payments", check=False)
+    assert res.returncode == 0, res.stderr
+    # deleted: the object waits for its finalizer; removing it is a metadata-only update
+    k8s.kubectl("delete", "rlp", "kept", "-n", ns, "--wait=false")
+    res = k8s.kubectl("patch", "rlp", "kept", "-n", ns, "--type=json",
+                      "-p", json.dumps([{"op": "remove", "path": "/metadata/finalizers"}]), check=False)
+    assert res.returncode == 0, res.stderr
+    poll(lambda: k8s.kubectl("get", "rlp", "kept", "-n", ns, check=False).returncode != 0, "the policy gone")
