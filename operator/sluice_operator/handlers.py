@@ -28,6 +28,11 @@ from sluice_operator.webhooks import serve_webhooks
 GROUP, VERSION, PLURAL = "sluice.dev", "v1alpha1", "ratelimitpolicies"
 CLUSTER_PLURAL = "clusterratelimitpolicies"
 FINALIZER = "sluice.dev/config"
+"""kopf's finalizer name. No handler needs it any more (a deletion is handled from its watch
+event): kopf removes it from policies that still carry it (those of earlier releases). A
+finalizer that outlives the operator leaves policies, and namespaces with them, stuck in
+Terminating after ``helm uninstall`` (#12, defect 4)."""
+DELETE_RETRY_S = 5.0  # a deletion whose reconcile failed (Redis away) is tried again this often
 STATUS_TIMEOUT_S = 10.0  # a status write of ours (kubernetes client, in a thread)
 log = logging.getLogger("sluice.operator")
 
@@ -70,6 +75,14 @@ def build_registry(settings: OperatorSettings, reconciler: Reconciler,
         await reconciler.memory_check.run()
 
     handled = MemoryDiffBase()  # the last handled spec of each policy: no annotation PATCH per policy
+
+    retries: dict[str, asyncio.Task[None]] = {}  # scope -> the task retrying its deletion reconcile
+
+    @kopf.on.cleanup(registry=registry)
+    async def stop_retries(**_: Any) -> None:
+        for task in list(retries.values()):
+            task.cancel()
+        await asyncio.gather(*retries.values(), return_exceptions=True)
 
     @kopf.on.startup(registry=registry)
     def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
@@ -242,15 +255,34 @@ def build_registry(settings: OperatorSettings, reconciler: Reconciler,
                 await refresh_statuses(namespace or CLUSTER_SCOPE, outcome, kwargs, skip=name)
             report(body, name, outcome, patch)
 
-        @kopf.on.delete(GROUP, VERSION, plural, id="policy-delete" + suffix, registry=registry)
-        async def policy_deleted(namespace: str | None, name: str, uid: str | None, **kwargs: Any) -> None:
+        @kopf.on.event(GROUP, VERSION, plural, id="policy-delete" + suffix, registry=registry)
+        async def policy_deleted(type: str | None, namespace: str | None, name: str, uid: str | None,
+                                 **kwargs: Any) -> None:
+            """The policy is gone (no finalizer holds it: see FINALIZER); kopf's index no longer
+            has it, so the scope's document is written without it."""
+            if type != "DELETED":
+                return
             handled.forget(uid)
-            reconciler.deleting(namespace or CLUSTER_SCOPE, name)
-            outcome = await reconcile(namespace or CLUSTER_SCOPE, kwargs, complete=True)
-            if outcome.failed:  # keep the finalizer until Redis no longer serves the policy
-                raise kopf.TemporaryError(f"Redis: {outcome.failed}", delay=5)
-            if outcome.pushed:
-                await refresh_statuses(namespace or CLUSTER_SCOPE, outcome, kwargs)
+            scope = namespace or CLUSTER_SCOPE
+            reconciler.deleting(scope, name)
+            outcome = await reconcile(scope, kwargs, complete=True)
+            if outcome.failed and scope not in retries:  # Redis away: until it takes the write
+                retries[scope] = asyncio.create_task(retry_deletion(scope, kwargs), name=f"sluice delete {scope}")
+            elif outcome.pushed:
+                await refresh_statuses(scope, outcome, kwargs)
+
+    async def retry_deletion(scope: str, idx: Mapping[str, Any]) -> None:
+        try:
+            while True:
+                await asyncio.sleep(DELETE_RETRY_S)
+                outcome = await reconcile(scope, idx, complete=True)
+                if not outcome.failed:
+                    await refresh_statuses(scope, outcome, idx)
+                    return
+                log.warning("policy deleted in %s: Redis still serves it (%s); trying again in %.0f s",
+                            scope, outcome.failed, DELETE_RETRY_S)
+        finally:
+            retries.pop(scope, None)
 
     policy_handlers(PLURAL, "")
 

@@ -157,7 +157,8 @@ class TestWithoutWebhooks:
         assert accepted is not None and accepted["status"] == "True", obj["status"]
         assert obj["status"]["configVersion"] == operator.config(ns).version
         assert obj["status"]["observedGeneration"] == obj["metadata"]["generation"] == 1
-        assert FINALIZER in obj["metadata"]["finalizers"]
+        # no finalizer: one that outlives the operator (helm uninstall) leaves policies stuck
+        assert FINALIZER not in (obj["metadata"].get("finalizers") or [])
 
         rows = {r["NAME"]: r for r in table(cp.kubectl("get", "rlp", "-n", ns).stdout)}
         assert rows["api"]["PROGRAMMED"] == "True", rows
@@ -170,7 +171,7 @@ class TestWithoutWebhooks:
                     "new config version")
         assert cfg2.policies[0].tiers["free"].limit.requests == 20
 
-        # delete: kubectl waits until the finalizer is removed and the object is gone
+        # delete: gone at once; the operator takes it out of Redis from the watch event
         res = cp.kubectl("delete", "rlp", "api", "-n", ns, "--timeout=30s")
         assert "deleted" in res.stdout, res
         assert operator.rlp(ns, "api") is None
@@ -397,17 +398,18 @@ def test_an_idle_operator_writes_nothing(k8s: ControlPlane, fresh_redis: Any) ->
             # about six an interval (epoch, EXISTS, heartbeats read and pruned, memory settings),
             # where every namespace cost a document and a heartbeat read before
             assert called / swept < len(namespaces), (called, swept)
-        finally:  # while the operator runs: it removes the finalizers
+        finally:
             for ns in namespaces:
                 k8s.kubectl("delete", "rlp", "--all", "-n", ns, "--timeout=30s", check=False)
     for ns in namespaces:
         k8s.kubectl("delete", "namespace", ns, "--wait=false", "--ignore-not-found")
 
 
-def test_a_new_policy_costs_two_patches_its_finalizer_and_its_status(k8s: ControlPlane, fresh_redis: Any) -> None:
+def test_a_new_policy_costs_one_patch_its_status(k8s: ControlPlane, fresh_redis: Any) -> None:
     """kopf also wrote the spec it last handled into an annotation of each policy: a third PATCH
     and watch event per new policy (1,000 at a start-up with 1,000 fresh policies). It stays in
-    the operator's memory now; an update is still told from a creation."""
+    the operator's memory now; an update is still told from a creation. No finalizer either
+    (#12, defect 4): the status is the one write."""
     prefix = f"{NS_PREFIX}-new-{uuid.uuid4().hex[:4]}"
     namespaces = [f"{prefix}-{i}" for i in range(4)]
     for ns in namespaces:
@@ -418,14 +420,14 @@ def test_a_new_policy_costs_two_patches_its_finalizer_and_its_status(k8s: Contro
         try:
             poll(lambda: all(programmed(k8s, "rlp", "api", ns) for ns in namespaces), "all Programmed")
             patched = patches_of_policies(k8s) - before
-            assert patched <= 2 * len(namespaces), patched  # three each before
+            assert patched <= len(namespaces), patched  # three each before, then two
             for ns in namespaces:
                 annotations = (op.rlp(ns, "api") or {})["metadata"].get("annotations") or {}
                 assert "kopf.zalando.org/last-handled-configuration" not in annotations
             version = op.config(namespaces[0]).version
             k8s.kubectl("apply", "-f", "-", input=policy_yaml("api", namespaces[0], requests=20))
             poll(lambda: op.config(namespaces[0]).version > version, "the update in Redis")
-        finally:  # while the operator runs: it removes the finalizers
+        finally:
             for ns in namespaces:
                 k8s.kubectl("delete", "rlp", "--all", "-n", ns, "--timeout=30s", check=False)
     for ns in namespaces:

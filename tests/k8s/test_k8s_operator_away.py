@@ -4,6 +4,8 @@
 - the validating webhook configuration, as the operator writes it (failing closed), is not
   called for updates that change no spec: labels, finalizer removals and the deletion of a
   policy go through while nobody serves it; a spec change is still refused;
+- policies carry no finalizer of the operator: after it is gone, deleting a policy or its
+  namespace is not held up.
 """
 
 from __future__ import annotations
@@ -11,17 +13,21 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Iterator
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 from sluice_operator.handlers import FINALIZER
 from sluice_operator.webhook_config import VALIDATING_NAME, Endpoint, validating
 from support.control_plane import ControlPlane
 from support.crds import apply_crds
+from support.operator_thread import running_operator
 from support.polling import poll
 from support.redis_servers import pick_port
-from support.sluice_objects import policy_manifest
+from support.sluice_objects import policy_manifest, programmed
 
 pytestmark = pytest.mark.k8s
+NO_POLICIES = SimpleNamespace(policies=())
 
 
 @pytest.fixture(scope="module")
@@ -77,3 +83,28 @@ def test_updates_that_change_no_spec_pass_while_no_operator_serves_the_webhook(
                       "-p", json.dumps([{"op": "remove", "path": "/metadata/finalizers"}]), check=False)
     assert res.returncode == 0, res.stderr
     poll(lambda: k8s.kubectl("get", "rlp", "kept", "-n", ns, check=False).returncode != 0, "the policy gone")
+
+
+def test_uninstall_leaves_no_namespace_stuck(k8s: ControlPlane, redis_server: Any) -> None:
+    """The operator served a policy, then went (helm uninstall): its namespace, and a policy
+    deleted meanwhile, go at once; nothing waits for a finalizer nobody will remove."""
+    ns = f"sluice-away-{uuid.uuid4().hex[:6]}"
+    k8s.kubectl("create", "namespace", ns)
+    try:
+        with running_operator(k8s, redis_server, ns) as op:
+            for name in ("api", "other"):
+                k8s.kubectl("apply", "-f", "-", input=policy_manifest(name, ns))
+                poll(lambda name=name: programmed(k8s, "rlp", name, ns), f"{name} Programmed")
+            poll(lambda: {p.name for p in (op.config(ns) or NO_POLICIES).policies} == {"api", "other"},
+                 "both in Redis")
+            # kopf has removed the finalizer of an earlier release's policies by now, or never added it
+            assert not any(FINALIZER in (op.rlp(ns, n) or {})["metadata"].get("finalizers", []) for n in ("api", "other"))
+        res = k8s.kubectl("delete", "rlp", "other", "-n", ns, "--timeout=20s", check=False)
+        assert res.returncode == 0, res.stderr
+        k8s.kubectl("delete", "namespace", ns, "--wait=false")
+        poll(lambda: k8s.kubectl("get", "namespace", ns, check=False).returncode != 0,
+             f"namespace {ns} gone", timeout=60)
+    finally:
+        k8s.kubectl("patch", "rlp", "api", "-n", ns, "--type=merge", "-p", '{"metadata":{"finalizers":null}}',
+                    check=False)
+        k8s.kubectl("delete", "namespace", ns, "--wait=false", "--ignore-not-found")
