@@ -97,14 +97,15 @@ def mutating(endpoint: Endpoint, ca_pem: bytes, *, skip_namespaces: tuple[str, .
     }
 
 
-def apply(api_client: Any, manifests: list[dict[str, Any]]) -> None:
+def apply(api_client: Any, manifests: list[dict[str, Any]]) -> dict[str, str]:
     """Create the configurations, or, when they exist (the chart's, or an earlier run's), merge
     patch them: ``webhooks`` replaced, labels added, every other label and annotation kept
-    (blocking: run it in a thread)."""
+    (blocking: run it in a thread). Returns their uids by name."""
     from kubernetes import client
     from kubernetes.client.exceptions import ApiException
 
     api = client.AdmissionregistrationV1Api(api_client)
+    uids: dict[str, str] = {}
     for m in manifests:
         name = m["metadata"]["name"]
         create: Any
@@ -114,8 +115,10 @@ def apply(api_client: Any, manifests: list[dict[str, Any]]) -> None:
         else:
             create, patch = api.create_mutating_webhook_configuration, api.patch_mutating_webhook_configuration
         try:
-            create(m)
+            written = create(m)
         except ApiException as exc:
             if exc.status != 409:
                 raise
-            patch(name, m, _content_type="application/merge-patch+json")
+            written = patch(name, m, _content_type="application/merge-patch+json")
+        uids[name] = str(written.metadata.uid)
+    return uids

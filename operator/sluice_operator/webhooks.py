@@ -16,7 +16,7 @@ from sluice_core.settingsform import split_host_port
 
 from sluice_operator import webhook_config
 from sluice_operator.certs import CertBundle, ensure_certificates, provided_bundle
-from sluice_operator.certstore import ensure_shared_certificates
+from sluice_operator.certstore import ensure_shared_certificates, owned_by_configuration
 from sluice_operator.pod_admission import PolicyLookup
 from sluice_operator.settings import OperatorSettings
 from sluice_operator.webhook_server import WebhookServer
@@ -99,9 +99,14 @@ async def register(settings: OperatorSettings, api_client: Any, ca_pem: bytes) -
     manifests = [webhook_config.validating(settings.webhook_endpoint, ca_pem),
                  webhook_config.mutating(settings.webhook_endpoint, ca_pem,
                                          skip_namespaces=settings.skip_namespaces)]
-    await asyncio.to_thread(webhook_config.apply, api_client, manifests)
+    uids = await asyncio.to_thread(webhook_config.apply, api_client, manifests)
     log.info("webhook configurations %s and %s point at the operator",
              webhook_config.VALIDATING_NAME, webhook_config.MUTATING_NAME)
+    if settings.webhook_cert_secret and uids.get(webhook_config.VALIDATING_NAME):
+        # The Secret goes with the configuration that carries its CA (helm uninstall deletes
+        # the chart's): the garbage collector removes it then (#12, defect 5).
+        await asyncio.to_thread(owned_by_configuration, api_client, settings.webhook_cert_secret,
+                                uids[webhook_config.VALIDATING_NAME])
 
 
 async def keep_certificates_current(settings: OperatorSettings, api_client: Any, server: WebhookServer,

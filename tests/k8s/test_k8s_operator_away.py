@@ -5,7 +5,8 @@
   called for updates that change no spec: labels, finalizer removals and the deletion of a
   policy go through while nobody serves it; a spec change is still refused;
 - policies carry no finalizer of the operator: after it is gone, deleting a policy or its
-  namespace is not held up.
+  namespace is not held up;
+- the operator's certificate Secret goes with the webhook configuration Helm deletes.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -24,7 +26,7 @@ from support.crds import apply_crds
 from support.operator_thread import running_operator
 from support.polling import poll
 from support.redis_servers import pick_port
-from support.sluice_objects import policy_manifest, programmed
+from support.sluice_objects import delete_webhook_configurations, policy_manifest, programmed
 
 pytestmark = pytest.mark.k8s
 NO_POLICIES = SimpleNamespace(policies=())
@@ -107,4 +109,35 @@ def test_uninstall_leaves_no_namespace_stuck(k8s: ControlPlane, redis_server: An
     finally:
         k8s.kubectl("patch", "rlp", "api", "-n", ns, "--type=merge", "-p", '{"metadata":{"finalizers":null}}',
                     check=False)
+        k8s.kubectl("delete", "namespace", ns, "--wait=false", "--ignore-not-found")
+
+
+def test_the_webhook_certificate_secret_goes_with_the_webhook_configuration(
+        k8s: ControlPlane, redis_server: Any, tmp_path: Path) -> None:
+    """The operator's shared certificate Secret (Helm does not know it) is owned by the
+    validating configuration (which Helm deletes): the garbage collector removes it too."""
+    ns = f"sluice-away-{uuid.uuid4().hex[:6]}"
+    k8s.kubectl("create", "namespace", ns)
+    port = pick_port()
+    try:
+        with running_operator(k8s, redis_server, ns, webhook_listen=f"127.0.0.1:{port}",
+                              webhook_endpoint=Endpoint(url=f"https://127.0.0.1:{port}"),
+                              webhook_dns_names=("localhost",), webhook_ips=("127.0.0.1",),
+                              webhook_cert_dir=str(tmp_path / "certs"), webhook_provided_cert_dir=None,
+                              webhook_cert_secret=f"{ns}/sluice-webhook-tls"):
+            uid = poll(lambda: k8s.kubectl_json("get", "validatingwebhookconfiguration", VALIDATING_NAME)
+                       ["metadata"]["uid"], "the validating configuration")
+
+            def owners() -> list[dict[str, Any]]:
+                res = k8s.kubectl("get", "secret", "sluice-webhook-tls", "-n", ns, "-o", "json", check=False)
+                return list(json.loads(res.stdout)["metadata"].get("ownerReferences") or []) if res.returncode == 0 else []
+
+            (owner,) = poll(owners, "the Secret owned")
+            assert (owner["kind"], owner["name"], owner["uid"]) == ("ValidatingWebhookConfiguration", VALIDATING_NAME, uid)
+        # helm uninstall: the chart's configurations go, and with them the Secret
+        delete_webhook_configurations(k8s)
+        poll(lambda: k8s.kubectl("get", "secret", "sluice-webhook-tls", "-n", ns, check=False).returncode != 0,
+             "the Secret garbage-collected", timeout=60)
+    finally:
+        delete_webhook_configurations(k8s, check=False)
         k8s.kubectl("delete", "namespace", ns, "--wait=false", "--ignore-not-found")
