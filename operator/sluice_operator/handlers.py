@@ -21,6 +21,7 @@ from sluice_operator.keyevents import KeyEvents
 from sluice_operator.kube import default_api_client
 from sluice_operator.reconcile import NamespaceOutcome, Reconciler, Reuse
 from sluice_operator.resync import Gate, Hooks, Resync, Standalone
+from sluice_operator.secretwatch import served as served_ns
 from sluice_operator.settings import OperatorSettings
 from sluice_operator.status import status_update
 from sluice_operator.webhooks import serve_webhooks
@@ -154,8 +155,21 @@ def build_registry(settings: OperatorSettings, reconciler: Reconciler,
         async def reconcile_and_report(scope: str) -> None:
             await refresh_statuses(scope, await reconcile(scope, idx), idx)
 
+        async def deleted_meanwhile(scope: str, name: str) -> None:
+            """A policy sidecars still enforce that kopf's index lacks: deleted while no
+            operator ran (no finalizer holds a deletion), or not listed yet. Only the API
+            server's 404 takes it out of the document."""
+            ours = serves_cluster if scope == CLUSTER_SCOPE else served_ns(scope, settings.namespaces)
+            if not ours:
+                return
+            if await asyncio.to_thread(policy_exists, scope, name):
+                return
+            log.info("policy %s/%s was deleted while no operator ran: taking it out of Redis", scope, name)
+            reconciler.deleting(scope, name)
+            await refresh_statuses(scope, await reconcile(scope, idx), idx)
+
         hooks = Hooks(served=served, restore=lambda: restore_all(idx), reconcile=reconcile_and_report,
-                      write_status=write_status)
+                      write_status=write_status, deleted_meanwhile=deleted_meanwhile)
         resync = Resync(settings.resync_interval_s, reconciler, sidecars, active, hooks)
         memo["resync"] = asyncio.create_task(resync.run(), name="sluice resync")
 
@@ -207,6 +221,25 @@ def build_registry(settings: OperatorSettings, reconciler: Reconciler,
             api.patch_cluster_custom_object_status(GROUP, VERSION, CLUSTER_PLURAL, name, body, **opts)
         else:
             api.patch_namespaced_custom_object_status(GROUP, VERSION, scope, PLURAL, name, body, **opts)
+
+    def policy_exists(scope: str, name: str) -> bool:
+        """Is the policy there (True also when the API server cannot say)?"""
+        from kubernetes import client
+        from kubernetes.client.exceptions import ApiException
+
+        if not custom_api:
+            custom_api.append(client.CustomObjectsApi(make_api()))
+        api, opts = custom_api[0], {"_request_timeout": STATUS_TIMEOUT_S}
+        try:
+            if scope == CLUSTER_SCOPE:
+                api.get_cluster_custom_object(GROUP, VERSION, CLUSTER_PLURAL, name, **opts)
+            else:
+                api.get_namespaced_custom_object(GROUP, VERSION, scope, PLURAL, name, **opts)
+        except ApiException as exc:
+            return bool(exc.status != 404)
+        except Exception:
+            return True
+        return True
 
     async def refresh_statuses(scope: str, outcome: NamespaceOutcome, idx: Mapping[str, Any],
                                skip: str | None = None) -> None:

@@ -59,6 +59,9 @@ class Hooks:
     """reconcile one scope and write its policies' statuses (a key expired)"""
     write_status: Callable[[str, str, dict[str, Any]], Awaitable[None]]
     """(scope, policy name, status)"""
+    deleted_meanwhile: Callable[[str, str], Awaitable[None]] | None = None
+    """(scope, policy name) that sidecars still enforce but kopf's index does not hold: taken
+    out of Redis if the API server confirms it is gone (deleted while no operator ran)"""
 
 
 class Resync:
@@ -134,6 +137,10 @@ class Resync:
         except configstore.ConfigStoreError as exc:
             log.warning("cannot read heartbeats: %s", exc)
             return
+        if self.hooks.deleted_meanwhile is not None:
+            for scope, name in sorted(self.heartbeats.enforced_refs()):
+                if name not in {str(b.get("metadata", {}).get("name")) for b in served.get(scope, ())}:
+                    await self.hooks.deleted_meanwhile(scope, name)
         for scope in served:  # a namespace whose sidecars all read grants now: keys leave its document
             if self.reconciler.embedding_changes(scope):
                 await self.hooks.reconcile(scope)

@@ -6,6 +6,7 @@
   policy go through while nobody serves it; a spec change is still refused;
 - policies carry no finalizer of the operator: after it is gone, deleting a policy or its
   namespace is not held up;
+- a policy deleted while no operator ran leaves Redis when one returns;
 - the operator's certificate Secret goes with the webhook configuration Helm deletes.
 """
 
@@ -25,6 +26,7 @@ from support.control_plane import ControlPlane
 from support.crds import apply_crds
 from support.operator_thread import running_operator
 from support.polling import poll
+from support.processes import SidecarProcess, UpstreamProcess, http_get
 from support.redis_servers import pick_port
 from support.sluice_objects import delete_webhook_configurations, policy_manifest, programmed
 
@@ -140,4 +142,38 @@ def test_the_webhook_certificate_secret_goes_with_the_webhook_configuration(
              "the Secret garbage-collected", timeout=60)
     finally:
         delete_webhook_configurations(k8s, check=False)
+        k8s.kubectl("delete", "namespace", ns, "--wait=false", "--ignore-not-found")
+
+
+def test_a_policy_deleted_while_no_operator_ran_leaves_redis_when_one_returns(
+        k8s: ControlPlane, redis_server: Any, tmp_path: Path) -> None:
+    """Nothing holds a deletion now, so one can happen while no operator runs. A sidecar still
+    enforcing the policy says so in its heartbeat; the returning operator, whose index lacks
+    the policy, asks the API server and takes it out of Redis on its 404."""
+    ns = f"sluice-away-{uuid.uuid4().hex[:6]}"
+    k8s.kubectl("create", "namespace", ns)
+    labels = tmp_path / "labels"
+    labels.write_text('app="web"\n')
+    up = UpstreamProcess()
+    sidecar = SidecarProcess(up.url, "--redis", redis_server.url, "--namespace", ns, "--pod-labels", str(labels),
+                             "--pod-name", "web-1", "--poll-interval-s", "0.5", wait_ready=False)
+
+    def enforcing() -> Any:
+        try:
+            return json.loads(http_get(sidecar.admin + "/readyz")[1])["config"]["policyRef"]
+        except OSError:
+            return "(not up yet)"
+
+    try:
+        with running_operator(k8s, redis_server, ns, resync_interval_s=1.0):
+            k8s.kubectl("apply", "-f", "-", input=policy_manifest("api", ns))
+            poll(lambda: enforcing() == f"{ns}/api", "the sidecar enforcing api")
+        k8s.kubectl("delete", "rlp", "api", "-n", ns, "--timeout=20s")  # no operator: nothing to wait for
+        assert enforcing() == f"{ns}/api"  # Redis still serves it
+        with running_operator(k8s, redis_server, ns, resync_interval_s=1.0) as op:
+            poll(lambda: (c := op.config(ns)) is not None and not c.policies, "the policy out of Redis")
+            poll(lambda: enforcing() is None, "the sidecar enforcing nothing")
+    finally:
+        sidecar.close()
+        up.close()
         k8s.kubectl("delete", "namespace", ns, "--wait=false", "--ignore-not-found")
