@@ -223,23 +223,22 @@ def build_registry(settings: OperatorSettings, reconciler: Reconciler,
             api.patch_namespaced_custom_object_status(GROUP, VERSION, scope, PLURAL, name, body, **opts)
 
     def policy_exists(scope: str, name: str) -> bool:
-        """Is the policy there (True also when the API server cannot say)?"""
+        """Is the policy there (True also when the API server cannot say)? A list by name: the
+        operator's role lists and watches policies, it does not get them."""
         from kubernetes import client
-        from kubernetes.client.exceptions import ApiException
 
         if not custom_api:
             custom_api.append(client.CustomObjectsApi(make_api()))
-        api, opts = custom_api[0], {"_request_timeout": STATUS_TIMEOUT_S}
+        api = custom_api[0]
+        opts = {"field_selector": f"metadata.name={name}", "_request_timeout": STATUS_TIMEOUT_S}
         try:
             if scope == CLUSTER_SCOPE:
-                api.get_cluster_custom_object(GROUP, VERSION, CLUSTER_PLURAL, name, **opts)
+                found = api.list_cluster_custom_object(GROUP, VERSION, CLUSTER_PLURAL, **opts)
             else:
-                api.get_namespaced_custom_object(GROUP, VERSION, scope, PLURAL, name, **opts)
-        except ApiException as exc:
-            return bool(exc.status != 404)
+                found = api.list_namespaced_custom_object(GROUP, VERSION, scope, PLURAL, **opts)
         except Exception:
             return True
-        return True
+        return bool(found.get("items"))
 
     async def refresh_statuses(scope: str, outcome: NamespaceOutcome, idx: Mapping[str, Any],
                                skip: str | None = None) -> None:
