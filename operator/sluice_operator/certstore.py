@@ -106,17 +106,14 @@ def ensure_shared_certificates(
 OWNER_KIND = ("admissionregistration.k8s.io/v1", "ValidatingWebhookConfiguration")
 
 
-def owned_by_configuration(api_client: Any, secret: str, uid: str) -> bool:
-    """Make the ValidatingWebhookConfiguration (``webhook_config.VALIDATING_NAME``, ``uid``) the
-    owner of the Secret, so that the garbage collector deletes the Secret with it: the Secret
+def owned_by_configuration(api_client: Any, secret: str, owner: str, uid: str) -> bool:
+    """Make the ValidatingWebhookConfiguration ``owner`` (with ``uid``) the owner of the Secret, so that the garbage collector deletes the Secret with it: the Secret
     is the operator's (Helm does not know it) and used to outlive ``helm uninstall``. True when
     it was written; nothing when it already is (a GET), or the Secret is not there (yet).
     Blocking: run it in a thread. An update with the read ``resourceVersion``: a replica that
     renews the certificate meanwhile wins, and the next call sets the owner again."""
     from kubernetes import client
     from kubernetes.client.exceptions import ApiException
-
-    from sluice_operator.webhook_config import VALIDATING_NAME
 
     namespace, name = parse_secret_ref(secret)
     api = client.CoreV1Api(api_client)
@@ -127,8 +124,8 @@ def owned_by_configuration(api_client: Any, secret: str, uid: str) -> bool:
     if any(r.uid == uid for r in refs):
         return False
     api_version, kind = OWNER_KIND
-    refs = [r for r in refs if not (r.kind == kind and r.name == VALIDATING_NAME)]  # an earlier install's
-    refs.append(client.V1OwnerReference(api_version=api_version, kind=kind, name=VALIDATING_NAME, uid=uid))
+    refs = [r for r in refs if not (r.kind == kind and r.name == owner)]  # an earlier install's
+    refs.append(client.V1OwnerReference(api_version=api_version, kind=kind, name=owner, uid=uid))
     stored.metadata.owner_references = refs
     try:
         api.replace_namespaced_secret(name, namespace, stored)
@@ -137,7 +134,7 @@ def owned_by_configuration(api_client: Any, secret: str, uid: str) -> bool:
             raise
         log.info("Secret %s changed while its owner was set: set again at the next check", secret)
         return False
-    log.info("Secret %s now goes with ValidatingWebhookConfiguration %s", secret, VALIDATING_NAME)
+    log.info("Secret %s now goes with ValidatingWebhookConfiguration %s", secret, owner)
     return True
 
 

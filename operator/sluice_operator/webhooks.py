@@ -106,7 +106,7 @@ async def register(settings: OperatorSettings, api_client: Any, ca_pem: bytes) -
         # The Secret goes with the configuration that carries its CA (helm uninstall deletes
         # the chart's): the garbage collector removes it then (#12, defect 5).
         await asyncio.to_thread(owned_by_configuration, api_client, settings.webhook_cert_secret,
-                                uids[webhook_config.VALIDATING_NAME])
+                                webhook_config.VALIDATING_NAME, uids[webhook_config.VALIDATING_NAME])
 
 
 async def keep_certificates_current(settings: OperatorSettings, api_client: Any, server: WebhookServer,
