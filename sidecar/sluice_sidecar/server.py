@@ -137,6 +137,14 @@ class Sidecar:
 
     # Data path ----------------------------------------------------------------------------
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        response = await self._handle(request)
+        if self.draining and not response.prepared:
+            # `Connection: close`: a keep-alive client reconnects, through the Service, to a
+            # pod that is not going away (this one stops accepting after --drain-s).
+            response.force_close()
+        return response
+
+    async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
         peername = request.transport.get_extra_info("peername") if request.transport else None
         peer = peername[0] if peername else "0.0.0.0"
         if not origin_form(request):  # checked first: a refused target takes no token
@@ -169,15 +177,10 @@ class Sidecar:
             if outcome.forward:
                 # The verdict is looked up only when a header it governs is present (rare).
                 trusted = proxy_headers_in(request.headers) and self.limiter.trusts(peer)
-                response = await self.proxy.forward(request, peer, outcome.headers, trusted_peer=trusted,
-                                                    note=note, close=self.draining)
-            else:
-                response = refusal(outcome)
-            if self.draining and not response.prepared:
-                # `Connection: close`: a keep-alive client reconnects, through the Service, to a
-                # pod that is not going away (this one stops accepting after --drain-s).
-                response.force_close()
-            return response
+                # close: a streamed answer's head is written in there
+                return await self.proxy.forward(request, peer, outcome.headers, trusted_peer=trusted,
+                                                note=note, close=self.draining)
+            return refusal(outcome)
         finally:
             self._inflight -= 1
             if note is not None and self.usage is not None:
