@@ -61,8 +61,9 @@ class SidecarSettings:
     api_keys_file: str | None = setting(default=None, help="standalone mode: YAML of API key -> tier for the policy")
     without_config: str = setting(
         default="refuse", help="before a config has ever loaded: `refuse` (standalone: exit at start; cluster mode: "
-                  "answer 503) or `unlimited` (proxy every request unlimited, counted `unconfigured`); "
-                  "`/readyz` is 503 either way",
+                  "answer 503, `/readyz` 503) or `unlimited` (proxy every request unlimited, counted "
+                  "`unconfigured`; `/readyz` 200 in cluster mode, where the injector chooses it for a pod "
+                  "no policy selects or whose policies all fail open, 503 in standalone mode)",
         choices=("refuse", "unlimited"))
     namespace: str | None = setting(default=None, help="cluster mode: read this namespace's compiled config from Redis")
     pod_labels: str | None = setting(
@@ -91,6 +92,11 @@ class SidecarSettings:
         positive=True)
     drain_s: float = setting(default=5.0, help="after SIGTERM, report not-ready and keep serving this long before closing")
     shutdown_timeout_s: float = setting(default=30.0, help="then wait at most this long for in-flight requests")
+    drain_token: str | None = setting(
+        default=None, help="enables `GET /drain` on the admin port for callers sending it as `X-Sluice-Drain-Token`: "
+              "the same drain as SIGTERM, answered once no new connection is accepted and in-flight "
+              "requests are done (the injector's preStop hook on the app container, so the app stops "
+              "only after the sidecar stopped sending it requests)", shown="– (`/drain` off)")
     max_header_bytes: int = setting(
         default=8190, help="longest request line / header field accepted (longer → 431, connection closed)", positive=True)
     max_request_header_bytes: int = setting(

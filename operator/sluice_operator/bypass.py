@@ -44,15 +44,21 @@ def check_services(policy_obj: Mapping[str, Any], pods: list[Mapping[str, Any]],
             if isinstance(target, int) or (isinstance(target, str) and target.isdigit()):
                 findings.append(Finding(name, label, f"bypasses the sidecar: numeric targetPort {target}"))
                 continue
-            owners = {c.get("name") for p in targets for c in p.get("spec", {}).get("containers") or []
+            owners = {c.get("name") for p in targets for c in _containers(p)
                       for cp in c.get("ports") or [] if cp.get("name") == target}
             if SIDECAR_NAME in owners:
                 findings.append(Finding(name, label, "ok"))
-            elif not any(c.get("name") == SIDECAR_NAME for p in targets for c in p.get("spec", {}).get("containers") or []):
+            elif not any(c.get("name") == SIDECAR_NAME for p in targets for c in _containers(p)):
                 findings.append(Finding(name, label, "pods are not injected (no sidecar)"))
             else:
                 findings.append(Finding(name, label, f"bypasses the sidecar: targetPort {target} is the app's port"))
     return findings
+
+
+def _containers(pod: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The pod's containers and init containers: a native sidecar is one of the latter."""
+    spec = pod.get("spec", {})
+    return [*(spec.get("containers") or []), *(spec.get("initContainers") or [])]
 
 
 HELP = "list the Services that reach a policy's pods without the sidecar"  # one line in `sluice --help`

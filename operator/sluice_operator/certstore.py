@@ -103,6 +103,41 @@ def ensure_shared_certificates(
     raise RuntimeError(f"Secret {secret} kept changing: gave up after {ATTEMPTS} attempts")
 
 
+OWNER_KIND = ("admissionregistration.k8s.io/v1", "ValidatingWebhookConfiguration")
+
+
+def owned_by_configuration(api_client: Any, secret: str, owner: str, uid: str) -> bool:
+    """Make the ValidatingWebhookConfiguration ``owner`` (with ``uid``) the owner of the Secret, so that the garbage collector deletes the Secret with it: the Secret
+    is the operator's (Helm does not know it) and used to outlive ``helm uninstall``. True when
+    it was written; nothing when it already is (a GET), or the Secret is not there (yet).
+    Blocking: run it in a thread. An update with the read ``resourceVersion``: a replica that
+    renews the certificate meanwhile wins, and the next call sets the owner again."""
+    from kubernetes import client
+    from kubernetes.client.exceptions import ApiException
+
+    namespace, name = parse_secret_ref(secret)
+    api = client.CoreV1Api(api_client)
+    stored = _read(api, namespace, name)
+    if stored is None:
+        return False
+    refs = list(stored.metadata.owner_references or [])
+    if any(r.uid == uid for r in refs):
+        return False
+    api_version, kind = OWNER_KIND
+    refs = [r for r in refs if not (r.kind == kind and r.name == owner)]  # an earlier install's
+    refs.append(client.V1OwnerReference(api_version=api_version, kind=kind, name=owner, uid=uid))
+    stored.metadata.owner_references = refs
+    try:
+        api.replace_namespaced_secret(name, namespace, stored)
+    except ApiException as exc:
+        if exc.status != 409:
+            raise
+        log.info("Secret %s changed while its owner was set: set again at the next check", secret)
+        return False
+    log.info("Secret %s now goes with ValidatingWebhookConfiguration %s", secret, owner)
+    return True
+
+
 def _read(api: Any, namespace: str, name: str) -> Any:
     from kubernetes.client.exceptions import ApiException
 
@@ -128,7 +163,7 @@ def _material(secret: Any) -> CertMaterial:
 
 
 def _body(namespace: str, name: str, material: CertMaterial, stored: Any) -> Any:
-    """The Secret to write; on a replace, the stored one's labels, annotations, type and
+    """The Secret to write; on a replace, the stored one's labels, annotations, owners, type and
     resourceVersion are kept (the type is immutable, the version makes the write conditional)."""
     from kubernetes import client
 
@@ -139,6 +174,7 @@ def _body(namespace: str, name: str, material: CertMaterial, stored: Any) -> Any
         meta.labels = {**(sm.labels or {}), **MANAGED_BY}
         meta.annotations = dict(sm.annotations) if sm.annotations else None
         meta.resource_version = sm.resource_version
+        meta.owner_references = sm.owner_references  # the configuration it goes with (owned_by_configuration)
         secret_type = stored.type or secret_type
     data: dict[str, bytes | str] = {k: base64.b64encode(v).decode() for k, v in (
         (CERT_FILE, material.cert), (KEY_FILE, material.key),

@@ -21,6 +21,7 @@ from sluice_operator.keyevents import KeyEvents
 from sluice_operator.kube import default_api_client
 from sluice_operator.reconcile import NamespaceOutcome, Reconciler, Reuse
 from sluice_operator.resync import Gate, Hooks, Resync, Standalone
+from sluice_operator.secretwatch import served as served_ns
 from sluice_operator.settings import OperatorSettings
 from sluice_operator.status import status_update
 from sluice_operator.usage_status import UsageStatus
@@ -29,6 +30,11 @@ from sluice_operator.webhooks import serve_webhooks
 GROUP, VERSION, PLURAL = "sluice.dev", "v1alpha1", "ratelimitpolicies"
 CLUSTER_PLURAL = "clusterratelimitpolicies"
 FINALIZER = "sluice.dev/config"
+"""kopf's finalizer name. No handler needs it any more (a deletion is handled from its watch
+event): kopf removes it from policies that still carry it (those of earlier releases). A
+finalizer that outlives the operator leaves policies, and namespaces with them, stuck in
+Terminating after ``helm uninstall`` (#12, defect 4)."""
+DELETE_RETRY_S = 5.0  # a deletion whose reconcile failed (Redis away) is tried again this often
 STATUS_TIMEOUT_S = 10.0  # a status write of ours (kubernetes client, in a thread)
 log = logging.getLogger("sluice.operator")
 
@@ -46,10 +52,18 @@ def build_registry(settings: OperatorSettings, reconciler: Reconciler,
     active = gate or Standalone()
 
     @kopf.on.startup(registry=registry)
-    async def start_webhooks(memo: kopf.Memo, **_: Any) -> None:
+    async def start_webhooks(memo: kopf.Memo, **idx: Any) -> None:
         if not settings.webhook_listen:
             return
-        memo["webhooks"] = await serve_webhooks(settings, make_api())
+
+        def policies(namespace: str) -> list[Mapping[str, Any]]:
+            """The namespace's policies and every cluster policy, from kopf's live indexes."""
+            found = list(idx["policies_by_ns"].get(namespace, []))
+            if "cluster_policies" in idx:
+                found += list(idx["cluster_policies"].get(CLUSTER_SCOPE, []))
+            return found
+
+        memo["webhooks"] = await serve_webhooks(settings, make_api(), policies)
 
     @kopf.on.cleanup(registry=registry)
     async def stop_webhooks(memo: kopf.Memo, **_: Any) -> None:
@@ -63,6 +77,14 @@ def build_registry(settings: OperatorSettings, reconciler: Reconciler,
         await reconciler.memory_check.run()
 
     handled = MemoryDiffBase()  # the last handled spec of each policy: no annotation PATCH per policy
+
+    retries: dict[str, asyncio.Task[None]] = {}  # scope -> the task retrying its deletion reconcile
+
+    @kopf.on.cleanup(registry=registry)
+    async def stop_retries(**_: Any) -> None:
+        for task in list(retries.values()):
+            task.cancel()
+        await asyncio.gather(*retries.values(), return_exceptions=True)
 
     @kopf.on.startup(registry=registry)
     def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
@@ -134,8 +156,21 @@ def build_registry(settings: OperatorSettings, reconciler: Reconciler,
         async def reconcile_and_report(scope: str) -> None:
             await refresh_statuses(scope, await reconcile(scope, idx), idx)
 
+        async def deleted_meanwhile(scope: str, name: str) -> None:
+            """A policy sidecars still enforce that kopf's index lacks: deleted while no
+            operator ran (no finalizer holds a deletion), or not listed yet. Only the API
+            server's 404 takes it out of the document."""
+            ours = serves_cluster if scope == CLUSTER_SCOPE else served_ns(scope, settings.namespaces)
+            if not ours:
+                return
+            if await asyncio.to_thread(policy_exists, scope, name):
+                return
+            log.info("policy %s/%s was deleted while no operator ran: taking it out of Redis", scope, name)
+            reconciler.deleting(scope, name)
+            await refresh_statuses(scope, await reconcile(scope, idx), idx)
+
         hooks = Hooks(served=served, restore=lambda: restore_all(idx), reconcile=reconcile_and_report,
-                      write_status=write_status)
+                      write_status=write_status, deleted_meanwhile=deleted_meanwhile)
         usage = UsageStatus(reconciler.redis, settings.usage_status_min_s)  # status.usage from the collector's summary
         resync = Resync(settings.resync_interval_s, reconciler, sidecars, active, hooks, usage=usage)
         memo["resync"] = asyncio.create_task(resync.run(), name="sluice resync")
@@ -189,6 +224,24 @@ def build_registry(settings: OperatorSettings, reconciler: Reconciler,
         else:
             api.patch_namespaced_custom_object_status(GROUP, VERSION, scope, PLURAL, name, body, **opts)
 
+    def policy_exists(scope: str, name: str) -> bool:
+        """Is the policy there (True also when the API server cannot say)? A list by name: the
+        operator's role lists and watches policies, it does not get them."""
+        from kubernetes import client
+
+        if not custom_api:
+            custom_api.append(client.CustomObjectsApi(make_api()))
+        api = custom_api[0]
+        opts = {"field_selector": f"metadata.name={name}", "_request_timeout": STATUS_TIMEOUT_S}
+        try:
+            if scope == CLUSTER_SCOPE:
+                found = api.list_cluster_custom_object(GROUP, VERSION, CLUSTER_PLURAL, **opts)
+            else:
+                found = api.list_namespaced_custom_object(GROUP, VERSION, scope, PLURAL, **opts)
+        except Exception:
+            return True
+        return bool(found.get("items"))
+
     async def refresh_statuses(scope: str, outcome: NamespaceOutcome, idx: Mapping[str, Any],
                                skip: str | None = None) -> None:
         """Patch the status of the scope's policies that a reconcile none of their own handlers
@@ -236,15 +289,34 @@ def build_registry(settings: OperatorSettings, reconciler: Reconciler,
                 await refresh_statuses(namespace or CLUSTER_SCOPE, outcome, kwargs, skip=name)
             report(body, name, outcome, patch)
 
-        @kopf.on.delete(GROUP, VERSION, plural, id="policy-delete" + suffix, registry=registry)
-        async def policy_deleted(namespace: str | None, name: str, uid: str | None, **kwargs: Any) -> None:
+        @kopf.on.event(GROUP, VERSION, plural, id="policy-delete" + suffix, registry=registry)
+        async def policy_deleted(type: str | None, namespace: str | None, name: str, uid: str | None,
+                                 **kwargs: Any) -> None:
+            """The policy is gone (no finalizer holds it: see FINALIZER); kopf's index no longer
+            has it, so the scope's document is written without it."""
+            if type != "DELETED":
+                return
             handled.forget(uid)
-            reconciler.deleting(namespace or CLUSTER_SCOPE, name)
-            outcome = await reconcile(namespace or CLUSTER_SCOPE, kwargs, complete=True)
-            if outcome.failed:  # keep the finalizer until Redis no longer serves the policy
-                raise kopf.TemporaryError(f"Redis: {outcome.failed}", delay=5)
-            if outcome.pushed:
-                await refresh_statuses(namespace or CLUSTER_SCOPE, outcome, kwargs)
+            scope = namespace or CLUSTER_SCOPE
+            reconciler.deleting(scope, name)
+            outcome = await reconcile(scope, kwargs, complete=True)
+            if outcome.failed and scope not in retries:  # Redis away: until it takes the write
+                retries[scope] = asyncio.create_task(retry_deletion(scope, kwargs), name=f"sluice delete {scope}")
+            elif outcome.pushed:
+                await refresh_statuses(scope, outcome, kwargs)
+
+    async def retry_deletion(scope: str, idx: Mapping[str, Any]) -> None:
+        try:
+            while True:
+                await asyncio.sleep(DELETE_RETRY_S)
+                outcome = await reconcile(scope, idx, complete=True)
+                if not outcome.failed:
+                    await refresh_statuses(scope, outcome, idx)
+                    return
+                log.warning("policy deleted in %s: Redis still serves it (%s); trying again in %.0f s",
+                            scope, outcome.failed, DELETE_RETRY_S)
+        finally:
+            retries.pop(scope, None)
 
     policy_handlers(PLURAL, "")
 

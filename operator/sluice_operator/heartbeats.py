@@ -13,6 +13,7 @@ import time
 from collections.abc import Iterable
 
 from sluice_core import configstore, keyschema
+from sluice_core.model import CLUSTER_SCOPE
 
 log = logging.getLogger("sluice.operator")
 
@@ -89,6 +90,18 @@ class HeartbeatView:
             if n:
                 out[ns] = n
         return out
+
+    def enforced_refs(self) -> set[tuple[str, str]]:
+        """(scope, policy name) of what fresh sidecars say they enforce: namespace policies
+        under their namespace, cluster policies under ``_cluster``."""
+        refs: set[tuple[str, str]] = set()
+        for ns, by_pod in self._pods.items():
+            for beat in by_pod.values():
+                if beat.policy_ref:
+                    refs.add((ns, beat.policy_ref))
+                if beat.cluster_policy_ref:
+                    refs.add((CLUSTER_SCOPE, beat.cluster_policy_ref))
+        return refs
 
     def capabilities(self, namespace: str) -> frozenset[str] | None:
         """What every fresh sidecar of the namespace can do (None: one of them is of a release

@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import base64
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from sluice_operator.admission_review import answer, review_request
+from sluice_operator.injection.failmode import REFUSE, without_config
 from sluice_operator.injection.names import INJECT_LABEL
 from sluice_operator.injection.plan import plan_injection
 from sluice_operator.injection.settings import InjectionSettings
@@ -17,11 +18,17 @@ from sluice_operator.objects import nested
 
 NamespaceLabels = Callable[[str], Mapping[str, str] | None]
 """Looks up a namespace's labels (None: unknown). Injected so tests need no cluster."""
+PolicyLookup = Callable[[str], Iterable[Mapping[str, Any]]]
+"""The policies that may select a pod of a namespace: its RateLimitPolicies and every
+ClusterRateLimitPolicy (kopf's indexes, in the operator)."""
 
 
 def mutate_pod(review: Any, settings: InjectionSettings,
-               namespace_labels: NamespaceLabels | None = None) -> dict[str, Any]:
-    """Inject the sidecar into a pod CREATE; always allowed (problems become warnings)."""
+               namespace_labels: NamespaceLabels | None = None,
+               policies: PolicyLookup | None = None) -> dict[str, Any]:
+    """Inject the sidecar into a pod CREATE; always allowed (problems become warnings).
+    ``policies``: what decides the sidecar's behaviour before its first config
+    (:mod:`~sluice_operator.injection.failmode`); without it, ``refuse``."""
     request = review_request(review)
     uid = request["uid"]
     pod = request.get("object")
@@ -32,7 +39,12 @@ def mutate_pod(review: Any, settings: InjectionSettings,
         wanted, why_not = _wants_injection(pod, namespace, namespace_labels)
         if not wanted:
             return answer(uid, True, warnings=[why_not] if why_not else [])
-        patch, warnings = plan_injection(pod, settings)
+        before_config = REFUSE
+        if policies is not None:
+            labels = nested(pod, "metadata", "labels")
+            before_config = without_config(labels if isinstance(labels, Mapping) else {}, namespace,
+                                           policies(namespace), _known_labels(namespace, namespace_labels))
+        patch, warnings = plan_injection(pod, settings, without_config=before_config)
     except Exception as exc:  # never block a pod because of a bug or an odd manifest
         return answer(uid, True, warnings=[f"sluice: sidecar not injected: internal error: {exc!r}"])
     if not patch:
@@ -60,6 +72,16 @@ def _pod_choice(pod: Any) -> bool | None:
     labels = nested(pod, "metadata", "labels")
     own = labels.get(INJECT_LABEL) if isinstance(labels, Mapping) else None
     return {"true": True, "false": False}.get(own) if isinstance(own, str) else None
+
+
+def _known_labels(namespace: str, namespace_labels: NamespaceLabels | None) -> Mapping[str, str] | None:
+    """The namespace's labels if they were read for this review (else None: unknown)."""
+    if namespace_labels is None:
+        return None
+    try:
+        return namespace_labels(namespace)
+    except Exception:  # unknown: cluster policies then count whatever their namespaceSelector
+        return None
 
 
 def _pod_namespace(request: Mapping[str, Any], pod: Mapping[str, Any]) -> str:

@@ -41,6 +41,9 @@ from sluice_operator.redischeck import MemoryPolicyCheck
 log = logging.getLogger("sluice.operator")
 Keys = Sequence[SecretKey] | Callable[[], Sequence[SecretKey]]
 """A scope's key Secrets, or how to read them (handlers.py: only once they are listed)."""
+RECOUNT_AFTER_S = (1.0, 3.0, 10.0)
+"""After a new config version: when its sidecars are counted again (seconds); the later ones
+for sidecars that were busy or had a Redis blip when they reloaded."""
 RECONCILE_CONCURRENCY = 16
 KEYS_LISTED_WAIT_S = 10.0
 
@@ -131,6 +134,10 @@ class Reconciler:
         # in the index, the only ones that may leave a document unless the caller's index is
         # known complete (see _reconcile).
         self._leaving: dict[str, set[str]] = {}
+        # Scopes that got a new config version -> when the resync counts their sidecars again
+        # (monotonic): a sidecar reloads within milliseconds and beats at once, so `Enforced`
+        # comes back within a second or so, not at the next sweep (#12, defect 5).
+        self.recounts: dict[str, list[float]] = {}
 
     async def close(self) -> None:
         """Close the Redis client (at the operator's exit, in the loop that used it)."""
@@ -168,6 +175,9 @@ class Reconciler:
                                 "invalid" if any(not r.accepted for r in out.results.values()) else "ok").inc()
             if out.pushed:
                 m.pushes.inc()
+                now = time.monotonic()
+                self.recounts[namespace] = [now + delay for delay in RECOUNT_AFTER_S]
+                self.changed.set()
             for key in [k for k in m.states if k[0] == namespace]:
                 del m.states[key]
             for name, r in out.results.items():

@@ -2,6 +2,9 @@
 
 - ``sluice-policies`` (Validating): RateLimitPolicy / ClusterRateLimitPolicy CREATE and UPDATE
   go to ``/validate-policy``; ``failurePolicy: Fail`` — a policy nobody validated is not admitted.
+  Updates that change no spec (labels, annotations, finalizers, a policy being deleted) are not
+  even sent (:data:`SPEC_CHANGED`): with the operator away (an uninstall, a reinstall, a
+  restart) its own finalizer removals, and anyone's label edits, must not be refused.
 - ``sluice-injector`` (Mutating): Pod CREATE goes to ``/mutate-pod``; ``failurePolicy: Ignore``
   and a short timeout — injection must never stop a workload from starting. Pods labelled
   ``sluice.dev/inject: "false"`` and the system namespaces are not even sent.
@@ -28,6 +31,13 @@ VALIDATING_NAME = "sluice-policies"
 MUTATING_NAME = "sluice-injector"
 # The operator's mark on the configurations it keeps current (not Helm's managed-by label).
 LABELS = {"sluice.dev/managed-by": "operator"}
+SPEC_CHANGED = {
+    "name": "spec-changed",
+    "expression": "request.operation != 'UPDATE' || (!has(object.metadata.deletionTimestamp) && "
+                  "(!has(object.spec) || !has(oldObject.spec) || object.spec != oldObject.spec))",
+}
+"""The validating webhook's matchCondition (CEL, Kubernetes 1.28+; the handler checks the same:
+policy_admission): CREATE, and UPDATE that changes the spec of a policy not being deleted."""
 
 
 @dataclass(frozen=True)
@@ -59,6 +69,7 @@ def validating(endpoint: Endpoint, ca_pem: bytes) -> dict[str, Any]:
             "name": "policies.sluice.dev",
             "admissionReviewVersions": ["v1"], "sideEffects": "None", "failurePolicy": "Fail",
             "timeoutSeconds": 5, "matchPolicy": "Equivalent",
+            "matchConditions": [dict(SPEC_CHANGED)],
             "clientConfig": endpoint.client_config("/validate-policy", ca_pem),
             "rules": [{"apiGroups": ["sluice.dev"], "apiVersions": ["v1alpha1"],
                        "operations": ["CREATE", "UPDATE"],
@@ -86,14 +97,15 @@ def mutating(endpoint: Endpoint, ca_pem: bytes, *, skip_namespaces: tuple[str, .
     }
 
 
-def apply(api_client: Any, manifests: list[dict[str, Any]]) -> None:
+def apply(api_client: Any, manifests: list[dict[str, Any]]) -> dict[str, str]:
     """Create the configurations, or, when they exist (the chart's, or an earlier run's), merge
     patch them: ``webhooks`` replaced, labels added, every other label and annotation kept
-    (blocking: run it in a thread)."""
+    (blocking: run it in a thread). Returns their uids by name."""
     from kubernetes import client
     from kubernetes.client.exceptions import ApiException
 
     api = client.AdmissionregistrationV1Api(api_client)
+    uids: dict[str, str] = {}
     for m in manifests:
         name = m["metadata"]["name"]
         create: Any
@@ -103,8 +115,10 @@ def apply(api_client: Any, manifests: list[dict[str, Any]]) -> None:
         else:
             create, patch = api.create_mutating_webhook_configuration, api.patch_mutating_webhook_configuration
         try:
-            create(m)
+            written = create(m)
         except ApiException as exc:
             if exc.status != 409:
                 raise
-            patch(name, m, _content_type="application/merge-patch+json")
+            written = patch(name, m, _content_type="application/merge-patch+json")
+        uids[name] = str(written.metadata.uid)
+    return uids

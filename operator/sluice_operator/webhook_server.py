@@ -27,7 +27,7 @@ from aiohttp import web
 
 from sluice_operator.admission_review import ReviewError, error_review
 from sluice_operator.injection.settings import InjectionSettings
-from sluice_operator.pod_admission import mutate_pod, namespace_to_look_up
+from sluice_operator.pod_admission import PolicyLookup, mutate_pod, namespace_to_look_up
 from sluice_operator.policy_admission import review_policy
 
 log = logging.getLogger(__name__)
@@ -45,6 +45,7 @@ class WebhookServer:
         *,
         injection: InjectionSettings | None = None,
         namespace_labels: NamespaceLookup | None = None,
+        policies: PolicyLookup | None = None,
         host: str = "0.0.0.0",
         port: int = 8443,
         max_body_bytes: int = MAX_BODY_BYTES,
@@ -55,6 +56,7 @@ class WebhookServer:
         self.key_file = key_file
         self.injection = injection or InjectionSettings()
         self.namespace_labels = namespace_labels
+        self.policies = policies
         self.host = host
         self.port = port
         self.max_body_bytes = max_body_bytes
@@ -163,7 +165,7 @@ class WebhookServer:
 
         try:
             answer = mutate_pod(review, self.injection,
-                                lookup if self.namespace_labels is not None else None)
+                                lookup if self.namespace_labels is not None else None, self.policies)
         except ReviewError as exc:
             raise web.HTTPBadRequest(text=str(exc)) from None
         except Exception as exc:  # the mutating webhook never blocks a pod

@@ -6,7 +6,9 @@ webhooks, the paused ones (kopf peering) included: admission does not wait for a
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -14,11 +16,35 @@ from sluice_core.settingsform import split_host_port
 
 from sluice_operator import webhook_config
 from sluice_operator.certs import CertBundle, ensure_certificates, provided_bundle
-from sluice_operator.certstore import ensure_shared_certificates
+from sluice_operator.certstore import ensure_shared_certificates, owned_by_configuration
+from sluice_operator.pod_admission import PolicyLookup
 from sluice_operator.settings import OperatorSettings
 from sluice_operator.webhook_server import WebhookServer
 
 log = logging.getLogger("sluice.operator")
+NATIVE_SIDECARS_SINCE = (1, 29)
+"""Native sidecars (init containers with ``restartPolicy: Always``): beta and on by default
+from Kubernetes 1.29, GA in 1.33. Older API servers drop the field (the sidecar would then be
+an init container that never ends, and the pod would never start), so they get an ordinary one."""
+
+
+def native_sidecars(api_client: Any) -> bool:
+    """Does the API server take native sidecars? From its version (blocking: run it in a
+    thread); False when it cannot be read (the ordinary container works everywhere)."""
+    from kubernetes import client
+
+    try:
+        info = client.VersionApi(api_client).get_code()
+        major = int(re.sub(r"\D.*", "", info.major) or 0)
+        minor = int(re.sub(r"\D.*", "", info.minor) or 0)
+    except Exception as exc:
+        log.warning("cannot read the API server's version (%s): injecting the sidecar as an ordinary "
+                    "container", exc)
+        return False
+    native = (major, minor) >= NATIVE_SIDECARS_SINCE
+    log.info("API server %s.%s: injecting the sidecar as %s", major, minor,
+             "a native sidecar (init container, restartPolicy Always)" if native else "an ordinary container")
+    return native
 
 
 async def current_certificates(settings: OperatorSettings, api_client: Any) -> CertBundle:
@@ -35,9 +61,12 @@ async def current_certificates(settings: OperatorSettings, api_client: Any) -> C
         provided_dir=settings.webhook_provided_cert_dir)
 
 
-async def serve_webhooks(settings: OperatorSettings, api_client: Any) -> WebhookServer:
+async def serve_webhooks(settings: OperatorSettings, api_client: Any,
+                         policies: PolicyLookup | None = None) -> WebhookServer:
     """Certificates, the HTTPS server, the webhook configurations carrying the CA bundle, and a
-    task that keeps the served certificate current (see :func:`keep_certificates_current`)."""
+    task that keeps the served certificate current (see :func:`keep_certificates_current`).
+    ``policies``: those that may select a pod of a namespace (kopf's indexes), which decide
+    what its sidecar does before its first config."""
     bundle = await current_certificates(settings, api_client)
     log.info("webhook certificate: %s (%s)", bundle.cert_path, bundle.mode)
 
@@ -53,8 +82,10 @@ async def serve_webhooks(settings: OperatorSettings, api_client: Any) -> Webhook
 
     assert settings.webhook_listen  # the webhooks start only when it is set (handlers.py)
     host, port = split_host_port(settings.webhook_listen)
-    server = WebhookServer(bundle.cert_path, bundle.key_path, injection=settings.injection,
-                           namespace_labels=namespace_labels_async, host=host, port=port)
+    injection = dataclasses.replace(settings.injection,
+                                    native_sidecar=await asyncio.to_thread(native_sidecars, api_client))
+    server = WebhookServer(bundle.cert_path, bundle.key_path, injection=injection,
+                           namespace_labels=namespace_labels_async, policies=policies, host=host, port=port)
     await server.start()
     await register(settings, api_client, bundle.ca_pem)
     server.run_while_serving(keep_certificates_current(settings, api_client, server, bundle))
@@ -68,9 +99,14 @@ async def register(settings: OperatorSettings, api_client: Any, ca_pem: bytes) -
     manifests = [webhook_config.validating(settings.webhook_endpoint, ca_pem),
                  webhook_config.mutating(settings.webhook_endpoint, ca_pem,
                                          skip_namespaces=settings.skip_namespaces)]
-    await asyncio.to_thread(webhook_config.apply, api_client, manifests)
+    uids = await asyncio.to_thread(webhook_config.apply, api_client, manifests)
     log.info("webhook configurations %s and %s point at the operator",
              webhook_config.VALIDATING_NAME, webhook_config.MUTATING_NAME)
+    if settings.webhook_cert_secret and uids.get(webhook_config.VALIDATING_NAME):
+        # The Secret goes with the configuration that carries its CA (helm uninstall deletes
+        # the chart's): the garbage collector removes it then (#12, defect 5).
+        await asyncio.to_thread(owned_by_configuration, api_client, settings.webhook_cert_secret,
+                                webhook_config.VALIDATING_NAME, uids[webhook_config.VALIDATING_NAME])
 
 
 async def keep_certificates_current(settings: OperatorSettings, api_client: Any, server: WebhookServer,

@@ -43,7 +43,8 @@ async def serve(settings: SidecarSettings) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
-    await sidecar.drain()
+    await sidecar.drain()  # at once if the app's preStop hook (GET /drain) already drained it
+    await sidecar.stop()
     return 0
 
 

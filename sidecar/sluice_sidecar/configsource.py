@@ -51,6 +51,8 @@ NoticesUp = Callable[[bool], None]  # the change notices are (True) or may not b
 # partitioned Cluster node that no longer relays PUBLISH) looks subscribed while no notice comes.
 SUBSCRIPTION_PING_S = 1.0
 SUBSCRIPTION_PING_TIMEOUT_S = 1.0
+MEMBERS_KEPT = 8  # heartbeat members remembered for withdrawal (a state change writes a new one)
+WITHDRAW_TIMEOUT_S = 1.0
 
 
 CAPABILITIES: frozenset[str] = frozenset({keyschema.CAPABILITY_REDIS_GRANTS})
@@ -228,6 +230,11 @@ class RedisSource:
         # caches over where it can (Enforcement.carry_cache).
         self._enforced: tuple[Enforcement | None, Enforcement | None] = (None, None)
         self._heartbeat_error: str | None = None  # the reason the last heartbeat failed
+        self._said_waiting = False
+        self._beat_now = asyncio.Event()  # a new config applied: report it now, not at the next beat
+        # Heartbeat members this pod wrote (one per state it reported), removed when it stops:
+        # a pod that is gone must not count as enforcing until its beat goes stale (#12, defect 5).
+        self._members: list[str] = []
 
     @property
     def subscribed(self) -> bool:
@@ -283,6 +290,7 @@ class RedisSource:
                 log.error("config %s version %s is invalid (keeping the last good one): %s",
                           doc.namespace, doc.version, exc)
         if not changed:
+            self._say_waiting()
             return False
         try:
             labels = read_labels(self.labels_path) if self.labels_path else None
@@ -297,6 +305,7 @@ class RedisSource:
         self.enforcing = keyschema.Heartbeat(
             ns_version, 0.0, policy.name if policy else None,
             cluster_version, cluster_policy.name if cluster_policy else None, CAPABILITIES)
+        self._beat_now.set()
         if policy is None and cluster_policy is None:
             self.metrics.config_reloads.labels("no_policy").inc()
             log.warning("no policy selects this pod (namespace %s, config version %s, cluster "
@@ -325,6 +334,16 @@ class RedisSource:
             f"{p.ref} (config version {v})" for p, v in ((policy, ns_version),
                                                         (cluster_policy, cluster_version)) if p))
         return True
+
+    def _say_waiting(self) -> None:
+        """Once: Redis answers but holds neither this namespace's document nor the cluster one,
+        so no config can load (a pod here otherwise waits in silence)."""
+        if self._said_waiting or self._policy_doc.config or self._cluster_policy_doc.config:
+            return
+        self._said_waiting = True
+        log.warning("no config yet: Redis holds no document for namespace %s and no cluster document "
+                    "(written by the operator, or `sluice apply`, connected to this Redis); until one "
+                    "comes, --without-config applies", self.namespace)
 
     async def start(self) -> None:
         await self.check()
@@ -412,6 +431,8 @@ class RedisSource:
                     sent.append(glob.send(encode("ZREMRANGEBYSCORE", keyschema.HEARTBEATS_KEY, "-inf",
                                                  f"({now - ttl_ms / 1000:.0f}")))
                 beats += 1
+                if member not in self._members:
+                    self._members = [*self._members[-(MEMBERS_KEPT - 1):], member]
                 for result in await asyncio.gather(*sent, return_exceptions=True):
                     if isinstance(result, BaseException):
                         raise result
@@ -421,7 +442,10 @@ class RedisSource:
                 if self._heartbeat_error is not None:
                     log.info("heartbeat written again; the operator counts this pod")
                     self._heartbeat_error = None
-            await asyncio.sleep(self.heartbeat_interval)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.heartbeat_interval):
+                    await self._beat_now.wait()
+            self._beat_now.clear()
 
     def _heartbeat_failed(self, exc: TransportError) -> None:
         """Counted every time; logged once per change of reason (as the breaker does): without
@@ -440,5 +464,20 @@ class RedisSource:
                 await t
         if self._sub is not None:
             self._sub.close()
+        await self._withdraw_heartbeat()
+
+    async def _withdraw_heartbeat(self) -> None:
+        """This pod stops enforcing: its heartbeat goes, so the operator's count (``Enforced``)
+        drops at its next count rather than when the beat goes stale. Bounded: a Redis that does
+        not answer must not hold up the pod's exit (the beat then goes stale as before)."""
+        if not self._members:
+            return
+        try:
+            async with asyncio.timeout(WITHDRAW_TIMEOUT_S):
+                glob = await self.nodes.for_key(keyschema.HEARTBEATS_KEY)
+                await glob.call("ZREM", keyschema.HEARTBEATS_KEY, *self._members)
+        except (TransportError, TimeoutError) as exc:
+            log.info("heartbeat not withdrawn (%s): it goes stale instead", exc)
+        self._members = []
 
 

@@ -126,9 +126,10 @@ class Proxy:
 
     async def forward(self, request: web.BaseRequest, peer: str,
                       rate_headers: list[tuple[str, str]], *, trusted_peer: bool = False,
-                      note: UsageNote | None = None) -> web.StreamResponse:
+                      note: UsageNote | None = None, close: bool = False) -> web.StreamResponse:
         """Send ``request`` to the upstream and relay the answer. The caller has checked that
-        the target is origin-form (:func:`origin_form`). ``note``: usage analytics' record of
+        the target is origin-form (:func:`origin_form`). ``close``: answer with ``Connection:
+        close`` (draining; a streamed answer's head is written here). ``note``: usage analytics' record of
         the request, given the upstream's status, latency (to its response head) and bytes."""
         assert self.pool is not None
         length = request.content_length
@@ -172,10 +173,11 @@ class Proxy:
             if note is not None:
                 note.bytes_out = len(data)
             return web.Response(status=up.status, reason=up.reason, headers=headers, body=data or None)
-        return await self._stream(request, up, headers, rate_headers, note)
+        return await self._stream(request, up, headers, rate_headers, note, close)
 
     async def _stream(self, request: web.BaseRequest, up: UpstreamResponse, headers: CIMultiDict[str],
-                      rate_headers: list[tuple[str, str]], note: UsageNote | None) -> web.StreamResponse:
+                      rate_headers: list[tuple[str, str]], note: UsageNote | None,
+                      close: bool) -> web.StreamResponse:
         """Relay a response whose body is still arriving (or a HEAD answer)."""
         chunks = up.iter_body(self.read_timeout)
         first: bytes | None = None
@@ -192,6 +194,8 @@ class Proxy:
         stream = web.StreamResponse(status=up.status, reason=up.reason, headers=headers)
         if up.content_length is not None:
             stream.content_length = up.content_length
+        if close:
+            stream.force_close()
         try:
             await stream.prepare(request)
             if request.method == "HEAD":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import logging
 from typing import Any
@@ -97,6 +98,8 @@ class Sidecar:
         self._max_inflight = settings.max_inflight_requests
         self.metrics.inflight.set_function(lambda: self._inflight)
         self._runners: list[web.BaseRunner] = []
+        self._data_runner: web.BaseRunner | None = None
+        self._drained: asyncio.Task[None] | None = None  # the drain, once begun (SIGTERM or /drain)
         self.usage: UsageAggregator | None = None
         self.usage_flusher: UsageFlusher | None = None
         if settings.usage == "on":
@@ -134,6 +137,14 @@ class Sidecar:
 
     # Data path ----------------------------------------------------------------------------
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        response = await self._handle(request)
+        if self.draining and not response.prepared:
+            # `Connection: close`: a keep-alive client reconnects, through the Service, to a
+            # pod that is not going away (this one stops accepting after --drain-s).
+            response.force_close()
+        return response
+
+    async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
         peername = request.transport.get_extra_info("peername") if request.transport else None
         peer = peername[0] if peername else "0.0.0.0"
         if not origin_form(request):  # checked first: a refused target takes no token
@@ -166,7 +177,9 @@ class Sidecar:
             if outcome.forward:
                 # The verdict is looked up only when a header it governs is present (rare).
                 trusted = proxy_headers_in(request.headers) and self.limiter.trusts(peer)
-                return await self.proxy.forward(request, peer, outcome.headers, trusted_peer=trusted, note=note)
+                # close: a streamed answer's head is written in there
+                return await self.proxy.forward(request, peer, outcome.headers, trusted_peer=trusted,
+                                                note=note, close=self.draining)
             return refusal(outcome)
         finally:
             self._inflight -= 1
@@ -207,8 +220,16 @@ class Sidecar:
             "draining": self.draining,
         }
 
+    def ready(self) -> bool:
+        """Serving as designed, and not draining: a config is loaded, or, in cluster mode, none
+        is needed to serve (``--without-config unlimited``: the injector's choice for a pod no
+        policy selects or whose policies all fail open, so that a Redis outage does not hold up
+        its rollout). A standalone policy file that cannot be loaded is a mistake to show: 503."""
+        unneeded = self.settings.without_config == "unlimited" and isinstance(self.source, RedisSource)
+        return (self.loaded or unneeded) and not self.draining
+
     async def _readyz(self, request: web.Request) -> web.Response:
-        ready = self.loaded and not self.draining
+        ready = self.ready()
         return web.json_response({"ready": ready, **self.components()}, status=200 if ready else 503)
 
     async def _config(self, request: web.Request) -> web.Response:
@@ -243,12 +264,14 @@ class Sidecar:
                           handler_cancellation=True, access_log=None)
         runner = web.ServerRunner(data, shutdown_timeout=s.shutdown_timeout_s, access_log=None)
         self.data_port = await self._bind(runner, f"--listen {s.listen}", host, port, backlog=1024)
+        self._data_runner = runner
         admin = web.Application()
         admin.router.add_get("/metrics", self._metrics)
         admin.router.add_get("/healthz", self._healthz)
         admin.router.add_get("/readyz", self._readyz)
         admin.router.add_get("/admin/config", self._config)
         admin.router.add_get("/usage", self._usage)
+        admin.router.add_get("/drain", self._drain_request)
         admin_runner = web.AppRunner(admin, access_log=None)
         self.admin_port = await self._bind(admin_runner, f"--admin-listen {s.admin_listen}", ahost, aport)
         if isinstance(self.source, FileSource):
@@ -280,13 +303,38 @@ class Sidecar:
             raise StartupError(what, exc.strerror or str(exc)) from None
         return _bound_port(runner)
 
-    async def drain(self) -> None:
-        """SIGTERM: report not ready so the endpoint is removed, keep serving for ``drain_s``,
-        then stop accepting and let in-flight requests finish."""
+    async def drain(self, why: str = "SIGTERM") -> None:
+        """Report not ready so the endpoint is removed, keep serving for ``drain_s`` (every
+        response with ``Connection: close``), then stop accepting and let in-flight requests
+        finish. Once, however many times it is asked (SIGTERM and ``/drain`` both come in a
+        pod's termination when the sidecar is not a native sidecar)."""
+        if self._drained is None:
+            self._drained = asyncio.create_task(self._drain(why))
+        await asyncio.shield(self._drained)
+
+    async def _drain(self, why: str) -> None:
         self.draining = True
-        log.info("draining: not ready, serving for %.1f s more", self.settings.drain_s)
+        log.info("draining (%s): not ready, serving for %.1f s more", why, self.settings.drain_s)
         await asyncio.sleep(self.settings.drain_s)
-        await self.stop()
+        runner, self._data_runner = self._data_runner, None
+        if runner is not None:  # closes the listener, then waits for in-flight requests
+            self._runners.remove(runner)
+            await runner.cleanup()
+        log.info("drained: no longer accepting connections")
+
+    async def _drain_request(self, request: web.Request) -> web.Response:
+        """``GET /drain`` with the ``X-Sluice-Drain-Token`` of ``--drain-token`` (the app's preStop
+        hook): drain, then answer, so the kubelet stops the app only after this sidecar stopped
+        sending it requests. Without the token it is refused: anyone who can reach the admin port
+        could otherwise take the pod out of service."""
+        token = self.settings.drain_token
+        given = request.headers.get("X-Sluice-Drain-Token", "")
+        if not token:
+            return web.json_response({"drain": "off"}, status=404)
+        if not hmac.compare_digest(given.encode(), token.encode()):
+            return web.json_response({"drain": "refused"}, status=403)
+        await self.drain("preStop hook")
+        return web.json_response({"drained": True})
 
     async def stop(self) -> None:
         for runner in self._runners:

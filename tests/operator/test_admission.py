@@ -172,9 +172,12 @@ def test_injects_sidecar_in_front_of_named_port_and_repoints_probes() -> None:
     assert app["readinessProbe"] == {"httpGet": {"path": "/ready", "port": 8000}, "periodSeconds": 5}
     assert app["livenessProbe"]["httpGet"] == {"path": "/live", "port": 8000}
     assert app["startupProbe"]["tcpSocket"] == {"port": 8000}
-    assert {k: v for k, v in app.items() if "Probe" not in k and k != "ports"} == \
+    assert {k: v for k, v in app.items() if "Probe" not in k and k not in ("ports", "lifecycle")} == \
         {k: v for k, v in pod["spec"]["containers"][0].items() if "Probe" not in k and k != "ports"}
     assert container(out, "log-shipper") == pod["spec"]["containers"][1]
+    # the app stops only once the sidecar has drained (GET /drain with this pod's token)
+    hook = app["lifecycle"]["preStop"]["httpGet"]
+    assert (hook["path"], hook["port"]) == ("/drain", 15090)
 
     side = container(out, SIDECAR_NAME)
     assert side["image"] == "registry.example/sluice:0.1.0"
@@ -194,6 +197,9 @@ def test_injects_sidecar_in_front_of_named_port_and_repoints_probes() -> None:
     assert env["POD_NAME"]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.name"}}
     assert env["POD_NAMESPACE"]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.namespace"}}
     assert env["SLUICE_REDIS_TIMEOUT_MS"]["value"] == "50"
+    assert hook["httpHeaders"] == [{"name": "X-Sluice-Drain-Token", "value": env["SLUICE_DRAIN_TOKEN"]["value"]}]
+    assert len(env["SLUICE_DRAIN_TOKEN"]["value"]) >= 24
+    assert env["SLUICE_WITHOUT_CONFIG"]["value"] == "refuse"  # no policy lookup given here
     assert side["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "sluice-admin"}
     assert side["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "sluice-admin"}
     assert side["volumeMounts"] == [{"name": "sluice-podinfo", "mountPath": "/etc/sluice/podinfo",

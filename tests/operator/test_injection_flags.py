@@ -345,7 +345,7 @@ def test_the_refused_names_are_exactly_what_the_injector_sets() -> None:
     """Every env var the injected container gets from the settings is refused in --sidecar-env,
     and nothing else is."""
     full = replace(settings(*FULL_ARGV), extra_env={}, redis_url_secret=("s", "k"))
-    env = set(env_of(sidecar_container(full, "http", 15080, 15090, 8000)))
+    env = set(env_of(sidecar_container(full, "http", 15080, 15090, 8000, drain_token="t")))
     # wiring passed as arguments: their SLUICE_* env var would be a second, conflicting source
     args = {"SLUICE_UPSTREAM", "SLUICE_LISTEN", "SLUICE_ADMIN_LISTEN", "SLUICE_NAMESPACE",
             "SLUICE_POD_LABELS", "SLUICE_POD_NAME", "SLUICE_REDIS"}
@@ -363,7 +363,8 @@ def test_the_variables_written_into_the_pod_are_the_sidecar_schemas() -> None:
     sidecar_envs = {f.env for f in flags(SidecarSettings)}
     env = env_of(sidecar_container(s, "http", 15080, 15090, 8000))
     tuning = {k: v for k, v in env.items() if k in sidecar_envs and k not in {
-        "SLUICE_UPSTREAM_TIMEOUT_S", "SLUICE_REDIS"}}  # the --sidecar-env entry; the Secret's URL
+        "SLUICE_UPSTREAM_TIMEOUT_S", "SLUICE_REDIS",  # the --sidecar-env entry; the Secret's URL
+        "SLUICE_WITHOUT_CONFIG"}}  # per pod (injection.failmode), not a setting
     assert s.sidecar_env() == tuning
     assert set(s.sidecar_env()) <= sidecar_envs
     assert len(s.sidecar_env()) == len(injection.TUNED) + len(injection.CLIENT_LIMITS)

@@ -175,6 +175,8 @@ def test_with_both_documents_missing_the_sidecar_waits_until_the_cluster_documen
         wait_until(lambda: http_get(sidecar.admin + "/healthz")[0] == 200, 20, what="sidecar up")
         assert http_get(sidecar.admin + "/readyz")[0] == 503
         assert statuses(sidecar.url, 2) == [503, 503]
+        # and says why, once (a pod used to wait here in silence: #12, defect 1)
+        assert sidecar.output().count(f"no config yet: Redis holds no document for namespace {ns}") == 1
         apply(tmp_path, url, policy_yaml("elsewhere"))
         sidecar.wait_ready()
         assert statuses(sidecar.url, 2) == [200, 200]

@@ -17,12 +17,17 @@ from sluice_operator.injection.names import (
 from sluice_operator.injection.settings import SIDECAR_REDIS_ENV, InjectionSettings
 
 _FLAG = {f.field: f.name for f in flags(SidecarSettings) if f.key is None}
+_SIDECAR_ENV = {f.field: f.env for f in flags(SidecarSettings) if f.key is None}
 """The sidecar's flags by setting (``pod_labels`` -> ``--pod-labels``): its schema's names."""
 
 
 def sidecar_container(settings: InjectionSettings, port_name: str, port: int, admin_port: int,
-                      app_port: int) -> dict[str, Any]:
-    """The injected container: cluster-mode sidecar in front of ``127.0.0.1:<app_port>``."""
+                      app_port: int, *, drain_token: str | None = None,
+                      without_config: str = "refuse") -> dict[str, Any]:
+    """The injected container: cluster-mode sidecar in front of ``127.0.0.1:<app_port>``; a
+    native sidecar (``restartPolicy: Always``, for ``initContainers``) when the settings say so.
+    ``drain_token``: what the app's preStop hook sends to ``/drain``; ``without_config``: the
+    sidecar's ``--without-config`` (:func:`sluice_operator.injection.failmode.without_config`)."""
     wiring = {"upstream": f"http://127.0.0.1:{app_port}", "listen": f"0.0.0.0:{port}",
               "admin_listen": f"0.0.0.0:{admin_port}"}
     if settings.redis_url_secret is None and settings.redis_url:
@@ -32,12 +37,12 @@ def sidecar_container(settings: InjectionSettings, port_name: str, port: int, ad
     args = ["sidecar"]
     for name, value in wiring.items():
         args += [_FLAG[name], value]
-    return {
+    container: dict[str, Any] = {
         "name": SIDECAR_NAME,
         "image": settings.image,
         "imagePullPolicy": settings.image_pull_policy,
         "args": args,
-        "env": _env(settings),
+        "env": _env(settings, drain_token, without_config),
         "ports": [{"name": port_name, "containerPort": port, "protocol": "TCP"},
                   {"name": ADMIN_PORT_NAME, "containerPort": admin_port, "protocol": "TCP"}],
         "readinessProbe": {"httpGet": {"path": "/readyz", "port": ADMIN_PORT_NAME},
@@ -48,14 +53,21 @@ def sidecar_container(settings: InjectionSettings, port_name: str, port: int, ad
         "securityContext": _security_context(settings),
         "volumeMounts": [{"name": PODINFO_VOLUME, "mountPath": PODINFO_MOUNT, "readOnly": True}],
     }
+    if settings.native_sidecar:
+        container["restartPolicy"] = "Always"
+    return container
 
 
-def _env(settings: InjectionSettings) -> list[dict[str, Any]]:
-    """The pod's identity, the Redis URL from a Secret, and the tuning as ``SLUICE_*``."""
+def _env(settings: InjectionSettings, drain_token: str | None, without_config: str) -> list[dict[str, Any]]:
+    """The pod's identity, the drain token, what to do before a config, the Redis URL from a
+    Secret, and the tuning as ``SLUICE_*``."""
     env: list[dict[str, Any]] = [
         {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
         {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+        {"name": _SIDECAR_ENV["without_config"], "value": without_config},
     ]
+    if drain_token is not None:
+        env.append({"name": _SIDECAR_ENV["drain_token"], "value": drain_token})
     if settings.redis_url_secret is not None:
         secret, key = settings.redis_url_secret
         env.append({"name": SIDECAR_REDIS_ENV,

@@ -10,3 +10,5 @@ SIDECAR_NAME = "sluice-sidecar"
 PODINFO_VOLUME = "sluice-podinfo"
 PODINFO_MOUNT = "/etc/sluice/podinfo"
 ADMIN_PORT_NAME = "sluice-admin"
+DRAIN_PATH = "/drain"  # the sidecar's admin endpoint the app's preStop hook calls
+DRAIN_TOKEN_HEADER = "X-Sluice-Drain-Token"

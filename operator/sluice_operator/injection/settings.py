@@ -140,6 +140,12 @@ class InjectionSettings:
         flag="env", parse=_extra_env, repeatable=True,
         metavar="NAME=VALUE", chart="sidecar.env")
 
+    native_sidecar: bool = False
+    """Inject the sidecar as a native sidecar (an init container with ``restartPolicy:
+    Always``: started before the app, stopped after it) rather than as one more container.
+    Not a flag: the operator sets it from the API server's version when it starts its webhooks
+    (:func:`sluice_operator.webhooks.native_sidecars`; on by default from Kubernetes 1.29)."""
+
     def sidecar_env(self) -> dict[str, str]:
         """The sidecar's variables these settings write into the container (unset: none)."""
         tuning: dict[str, Any] = {name: getattr(self, name) for name in TUNED}
@@ -163,6 +169,8 @@ def _reserved() -> dict[str, str]:
         env["namespace"]: f"{injector} (the pod's namespace)",
         env["pod_labels"]: f"{injector} (the downward-API labels file)",
         env["pod_name"]: f"{injector} (the pod's name)",
+        env["drain_token"]: f"{injector} (a random token per pod, also in the app's preStop hook)",
+        env["without_config"]: f"{injector} (per pod, from the failure mode of the policies selecting it)",
         **{env[name]: f"use {flag[name]}" for name in (*TUNED, *CLIENT_LIMITS)},
         env["policy_file"]: f"{cluster_mode} (its namespace's config from Redis)",
         env["api_keys_file"]: f"{cluster_mode} (API keys from key Secrets)",
