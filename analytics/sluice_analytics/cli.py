@@ -28,7 +28,7 @@ from sluice_analytics.nearlimit import Crossing, NearLimitAlerts
 from sluice_analytics.server import serve
 from sluice_analytics.settings import AnalyticsSettings
 from sluice_analytics.stream import UsageStream
-from sluice_analytics.webhooks import WebhookSender
+from sluice_analytics.webhooks import QueuedDelivery, WebhookSender, parse_allow
 
 HELP = "collect usage windows from Redis into SQL rollups (SQLite or PostgreSQL)"
 log = logging.getLogger("sluice.analytics")
@@ -71,10 +71,16 @@ async def _main(settings: AnalyticsSettings, action: str) -> int:
             auth = authorizer(settings) if action != "rollup" else None
             sender = WebhookSender(metrics, timeout_s=settings.alert_webhook_timeout_s,
                                    attempts=settings.alert_webhook_attempts, secret=_secret(settings),
-                                   to_loopback=settings.alert_webhook_loopback == "allow")
-            deliver = [sender.deliver, *([_event_on_policy(auth)] if isinstance(auth, KubernetesAuth) else [])]
-            collector = Collector(settings, engine, stream, metrics, side_loops=[sender.run],
-                                  near_limit=NearLimitAlerts(engine, client, deliver))
+                                   allow=parse_allow(settings.alert_webhook_allow))
+            deliver: list[Callable[[Crossing], Awaitable[None]]] = [sender.deliver]
+            loops = [sender.run]
+            if isinstance(auth, KubernetesAuth):
+                events = QueuedDelivery(_event_on_policy(auth), metrics, "event")
+                deliver.append(events.deliver)
+                loops.append(events.run)
+            collector = Collector(settings, engine, stream, metrics, side_loops=loops,
+                                  near_limit=NearLimitAlerts(engine, client, deliver,
+                                                             max_per_period=settings.alert_max_per_period))
             if action == "rollup":
                 result = await collector.rollup_once()
                 print(f"rolled up {result.rolled}, deleted {result.deleted}")

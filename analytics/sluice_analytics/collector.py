@@ -164,16 +164,21 @@ class Collector:
     async def _alerts(self, stop: asyncio.Event) -> None:
         """Near-limit alerts, once an interval (none without a detector)."""
         while self.near_limit is not None and not stop.is_set():
+            every = self.settings.alerts_interval_s
             try:
+                before = self.near_limit.suppressed
                 self.metrics.near_limit.inc(len(await self.near_limit.run_once(self.clock())))
+                self.metrics.near_limit_suppressed.inc(self.near_limit.suppressed - before)
+                self.metrics.near_limit_passes.inc()
             except DB_FAILURES as exc:
                 self.metrics.db_errors.inc()
-                log.error("near-limit alerts: the database failed (next in %.0f s): %s",
-                          self.settings.alerts_interval_s, exc)
-            except REDIS_FAILURES as exc:
+                log.error("near-limit alerts: the database failed (next in %.0f s): %s", every, exc)
+            except (*REDIS_FAILURES, ConfigStoreError) as exc:
                 self.metrics.redis_errors.inc()
-                log.error("near-limit alerts: Redis failed (next in %.0f s): %s", self.settings.alerts_interval_s, exc)
-            await _sleep(stop, self.settings.alerts_interval_s)
+                log.error("near-limit alerts: Redis failed (next in %.0f s): %s", every, exc)
+            except Exception:  # a bug must not end the alerts for the collector's life: said, retried
+                log.exception("near-limit alerts failed (next in %.0f s)", every)
+            await _sleep(stop, every)
 
     async def summarise_once(self) -> int | None:
         """Write each policy's last hour to Redis (:mod:`sluice_core.usagesummary`) if no other

@@ -38,8 +38,17 @@ class AnalyticsMetrics:
         self.rollup_runs = Counter("sluice_analytics_rollup_runs", "Rollup and retention runs", registry=r)
         self.near_limit = Counter("sluice_analytics_near_limit_alerts",
                                   "Near-limit alerts sent (once per policy, alert, client and period)", registry=r)
+        self.near_limit_suppressed = Counter(
+            "sluice_analytics_near_limit_suppressed",
+            "Near-limit crossings not sent: past --alert-max-per-period clients of their alert and period",
+            registry=r)
+        self.near_limit_dropped = Counter("sluice_analytics_near_limit_dropped",
+                                          "Near-limit deliveries dropped: their queue was full", ["what"],
+                                          registry=r)
+        self.near_limit_passes = Counter("sluice_analytics_near_limit_passes",
+                                         "Near-limit detection passes completed", registry=r)
         # result: delivered, status (the receiver answered non-2xx), failed (no answer: timeout,
         # connection), refused (the URL's address is one the collector must not call), dropped
-        # (the delivery queue was full)
+        # (the host's or the whole delivery queue was full)
         self.webhooks = Counter("sluice_analytics_alert_webhooks", "Near-limit alert webhook deliveries by result",
                                 ["result"], registry=r)

@@ -1,6 +1,7 @@
 """Near-limit alerts (a policy's ``spec.alerts``): which clients have used a share of their
 tier's allowance for the current calendar hour or day, detected from the per-minute rollup once
-an interval, each sent once per (policy, alert, client, period).
+an interval, each sent once per (policy, alert, client, period), at most
+:data:`MAX_PER_PERIOD` clients per (policy, alert, period).
 
 The allowance of a tier for a period is its rate times the period: ``requests`` per ``period``
 scaled to 1 h or 24 h (the burst is not counted: it is a one-off head start, not a budget). What
@@ -27,8 +28,10 @@ from dataclasses import dataclass
 
 from sluice_core import configstore
 from sluice_core.configdoc import NamespaceConfig
+from sluice_core.errors import PolicyErrors
 from sluice_core.model import CLUSTER_SCOPE, Alert, CompiledPolicy, Tier
 from sluice_core.usage import OTHER
+from sluice_core.usagesummary import display_client
 from sqlalchemy import delete, func, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -37,6 +40,7 @@ from sluice_analytics.store import insert_for
 
 log = logging.getLogger("sluice.analytics")
 KEEP_SENT_S = 2 * 86400  # a sent alert is remembered while its period (a day at most) can recur
+MAX_PER_PERIOD = 100  # clients alerted per (policy, alert, period) at most; the rest are counted
 
 
 @dataclass(frozen=True)
@@ -63,7 +67,9 @@ class Crossing:
 
     def message(self) -> str:
         share = f"{100 * self.used / self.allowance:.0f}%" if self.allowance else "all"
-        return (f"client {self.client} (tier {self.tier}) used {self.used} of {self.allowance} tokens "
+        # The client id is the attacker's to choose (a header hash, an address, a key file's id):
+        # shown as the policy status shows it, bounded and in a safe alphabet.
+        return (f"client {display_client(self.client)} (tier {self.tier}) used {self.used} of {self.allowance} tokens "
                 f"({share}) of its {self.alert.period.value}ly allowance in the {self.alert.period.value} "
                 f"from {_utc(self.period_start)} (alert {self.alert.name}: {self.alert.percent}%)")
 
@@ -102,7 +108,11 @@ async def policies_with_alerts(client: configstore.Client, active: Iterable[tupl
         scope = namespace if "/" in ref else CLUSTER_SCOPE
         wanted.add(ref)
         if scope not in docs:
-            docs[scope] = await configstore.read(client, scope)
+            try:
+                docs[scope] = await configstore.read(client, scope)
+            except PolicyErrors as exc:  # one unreadable document must not stop the others' alerts
+                log.warning("near-limit alerts: the config of %s cannot be read, skipped: %s", scope, exc)
+                docs[scope] = None
     out = []
     for doc in docs.values():
         for p in doc.policies if doc else ():
@@ -134,21 +144,42 @@ async def crossings(engine: AsyncEngine, policy: CompiledPolicy, now_s: float) -
     return found
 
 
-async def record(engine: AsyncEngine, found: Sequence[Crossing], now_s: float) -> list[Crossing]:
-    """Record ``found`` as sent; the ones no replica recorded before (to send now)."""
+@dataclass
+class Recorded:
+    new: list[Crossing]  # recorded now, to send
+    suppressed: int  # past the cap of their (policy, alert, period): recorded by no one, not sent
+
+
+async def record(engine: AsyncEngine, found: Sequence[Crossing], now_s: float,
+                 max_per_period: int = MAX_PER_PERIOD) -> Recorded:
+    """Record ``found`` as sent, at most ``max_per_period`` clients per (policy, alert, period)
+    (an alert at 1 % of an IP-identified tier would otherwise be one Event and one POST per
+    client an hour); the ones no replica recorded before are returned to send. The cap is
+    counted in the database, so it holds across replicas but for a race at its edge."""
+    out = Recorded([], 0)
     if not found:
-        return []
-    new = []
+        return out
+    groups: dict[tuple[str, str, int], list[Crossing]] = {}
+    for c in sorted(found, key=lambda c: (c.policy, c.alert.name, c.period_start, c.client)):
+        groups.setdefault((c.policy, c.alert.name, c.period_start), []).append(c)
     async with engine.begin() as conn:
-        for c in sorted(found, key=lambda c: (c.policy, c.alert.name, c.client, c.period_start)):
-            stmt = insert_for(conn, usage_alerts).values(
-                policy=c.policy, alert=c.alert.name, client=c.client, period_start=c.period_start,
-                tier=c.tier, used=c.used, allowance=c.allowance, sent_at=int(now_s),
-            ).on_conflict_do_nothing().returning(usage_alerts.c.client)
-            if (await conn.execute(stmt)).first() is not None:
-                new.append(c)
+        for (policy, alert, start), group in groups.items():
+            t = usage_alerts.c
+            sent = (await conn.execute(select(func.count()).select_from(usage_alerts).where(
+                t.policy == policy, t.alert == alert, t.period_start == start))).scalar_one()
+            for c in group:
+                if sent >= max_per_period:
+                    out.suppressed += 1
+                    continue
+                stmt = insert_for(conn, usage_alerts).values(
+                    policy=c.policy, alert=c.alert.name, client=c.client, period_start=c.period_start,
+                    tier=c.tier, used=c.used, allowance=c.allowance, sent_at=int(now_s),
+                ).on_conflict_do_nothing().returning(usage_alerts.c.client)
+                if (await conn.execute(stmt)).first() is not None:
+                    out.new.append(c)
+                    sent += 1
         await conn.execute(delete(usage_alerts).where(usage_alerts.c.period_start < int(now_s) - KEEP_SENT_S))
-    return new
+    return out
 
 
 Deliver = Callable[[Crossing], Awaitable[None]]
@@ -159,8 +190,11 @@ class NearLimitAlerts:
     new ones recorded and handed to every ``deliver`` (an Event, a webhook), which must not
     raise or block (they queue their own work)."""
 
-    def __init__(self, engine: AsyncEngine, redis: configstore.Client, deliver: Sequence[Deliver]) -> None:
+    def __init__(self, engine: AsyncEngine, redis: configstore.Client, deliver: Sequence[Deliver],
+                 *, max_per_period: int = MAX_PER_PERIOD) -> None:
         self.engine, self.redis, self.deliver = engine, redis, list(deliver)
+        self.max_per_period = max_per_period
+        self.suppressed = 0  # crossings past the cap, all passes
 
     async def run_once(self, now_s: float) -> list[Crossing]:
         day = int(now_s) - int(now_s) % 86400
@@ -168,12 +202,19 @@ class NearLimitAlerts:
         found: list[Crossing] = []
         for policy in policies:
             found += await crossings(self.engine, policy, now_s)
-        new = await record(self.engine, found, now_s)
-        for c in new:
+        recorded = await record(self.engine, found, now_s, self.max_per_period)
+        if recorded.suppressed:
+            self.suppressed += recorded.suppressed
+            log.warning("near-limit alerts: %d crossing(s) past %d clients per alert and period not sent",
+                        recorded.suppressed, self.max_per_period)
+        for c in recorded.new:
             log.info("near-limit alert %s on %s: %s", c.alert.name, c.policy, c.message())
             for deliver in self.deliver:
-                await deliver(c)
-        return new
+                try:
+                    await deliver(c)
+                except Exception:  # recorded already: one deliverer's bug must not lose the others
+                    log.exception("near-limit alert %s on %s: a delivery failed", c.alert.name, c.policy)
+        return recorded.new
 
 
 def _utc(unix_s: int) -> str:

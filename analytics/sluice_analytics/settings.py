@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 
 from sluice_core.redisurl import parse_redis_url
@@ -22,6 +23,33 @@ def database_url(text: str) -> str:
     if scheme == "sqlite" and not text.startswith("sqlite:///"):
         raise ValueError("a SQLite URL is sqlite:///PATH (three slashes, then the file's path)")
     return text
+
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def parse_allow(text: str) -> tuple[IPNetwork, ...]:
+    """``--alert-webhook-allow``: CIDRs (or addresses), comma-separated; ValueError names a bad one."""
+    nets: list[IPNetwork] = []
+    for part in (p.strip() for p in text.split(",")):
+        if part:
+            try:
+                nets.append(ipaddress.ip_network(part, strict=False))
+            except ValueError:
+                raise ValueError(f"{part!r} is not a CIDR or an IP address") from None
+    return tuple(nets)
+
+
+def _allow(text: str) -> str:
+    parse_allow(text)  # ValueError names the bad entry
+    return text
+
+
+def _at_least_a_day(text: str) -> float:
+    hours = float(text)
+    if not hours >= 24:
+        raise ValueError(f"must be at least 24 (hours), got {text}")
+    return hours
 
 
 def _host_port(text: str) -> str:
@@ -55,8 +83,9 @@ class AnalyticsSettings:
     rollup_delay_s: float = setting(
         default=120.0, help="an hour (a day) is rolled up this long after it ends; a window arriving "
                             "later is added to the rolled-up tables directly", positive=True)
-    keep_minutes_h: float = setting(default=48.0, help="retention of the per-minute table, hours",
-                                    positive=True)
+    keep_minutes_h: float = setting(
+        default=48.0, help="retention of the per-minute table, hours (at least 24: daily near-limit "
+                           "alerts and the usage summary read the day from it)", parse=_at_least_a_day)
     keep_hours_d: float = setting(default=90.0, help="retention of the per-hour table, days", positive=True)
     keep_days_d: float = setting(default=400.0, help="retention of the per-day table, days", positive=True)
     keep_applied_h: float = setting(
@@ -91,10 +120,15 @@ class AnalyticsSettings:
     alert_webhook_attempts: int = setting(
         default=4, help="attempts per near-limit webhook (1 s, then twice as long, between them); a "
                         "receiver's 4xx but 429 ends them", positive=True)
-    alert_webhook_loopback: str = setting(
-        default="refuse", choices=("refuse", "allow"),
-        help="`allow` lets near-limit webhooks reach loopback addresses (a relay on the same host); "
-             "link-local (cloud metadata), multicast and reserved addresses are always refused")
+    alert_webhook_allow: str = setting(
+        default="", metavar="CIDR[,CIDR...]", shown="none: only globally routable addresses",
+        help="near-limit webhooks may reach these networks too (a receiver in the cluster or on a "
+             "private network); otherwise every address that is not globally routable is refused "
+             "(private, shared, loopback, link-local, unique-local, reserved), after resolution",
+        parse=_allow)
+    alert_max_per_period: int = setting(
+        default=100, help="clients alerted per policy, alert and period at most; the rest are counted "
+                          "(`sluice_analytics_near_limit_suppressed_total`), not sent", positive=True)
     log_level: str = setting(default="info", help="`debug`, `info`, `warning` or `error`",
                              choices=LOG_LEVELS, fold_case=True)
 

@@ -279,8 +279,15 @@ def _webhook(c: DocumentChecker, value: Any, path: str) -> str | None:
     if url is None:
         c.fail(f"{path}.url", "is required")
         return None
-    parts = urllib.parse.urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
+    try:
+        parts = urllib.parse.urlsplit(url)
+        port = parts.port  # ValueError: not a number, or out of range
+    except ValueError as exc:
+        c.fail(f"{path}.url", f"is not a valid URL: {exc}")
+        return None
+    if port == 0:
+        c.fail(f"{path}.url", "must not name port 0")
+    elif parts.scheme not in ("http", "https") or not parts.hostname:
         c.fail(f"{path}.url", "must be an http:// or https:// URL with a host")
     elif len(url) > MAX_WEBHOOK_URL or any(ch.isspace() or ord(ch) < 32 for ch in url):
         c.fail(f"{path}.url", f"must be at most {MAX_WEBHOOK_URL} characters, without spaces or control characters")

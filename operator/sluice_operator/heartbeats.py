@@ -77,18 +77,18 @@ class HeartbeatView:
                     n += beat.version == version and beat.policy_ref == policy
         return n
 
-    def behind(self, namespaces: Iterable[str], version: int, *, cluster: bool = False) -> dict[str, int]:
-        """Per namespace, the fresh sidecars whose heartbeat reports an older version of the
-        namespace's document (or of the cluster document) than ``version``, the one written:
-        sidecars about to report the new one (a heartbeat interval after a push) or stuck on
-        an old one (the alert waits minutes for the first to pass). Namespaces with none are
-        left out, so the metric made of it stays small however many namespaces are served."""
-        out: dict[str, int] = {}
+    def behind(self, namespaces: Iterable[str], version: int, *, cluster: bool = False) -> dict[str, set[str]]:
+        """Per namespace, the fresh sidecars (pod names) whose heartbeat reports an older
+        version of the namespace's document (or of the cluster document) than ``version``, the
+        one written: sidecars about to report the new one (a heartbeat interval after a push)
+        or stuck on an old one (the alert waits minutes for the first to pass). Namespaces with
+        none are left out, so the metric made of it stays small however many are served."""
+        out: dict[str, set[str]] = {}
         for ns in namespaces:
-            n = sum(1 for b in self._pods.get(ns, {}).values()
-                    if (b.cluster_version if cluster else b.version) < version)
-            if n:
-                out[ns] = n
+            pods = {pod for pod, b in self._pods.get(ns, {}).items()
+                    if (b.cluster_version if cluster else b.version) < version}
+            if pods:
+                out[ns] = pods
         return out
 
     def enforced_refs(self) -> set[tuple[str, str]]:

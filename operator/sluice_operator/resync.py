@@ -86,6 +86,10 @@ class Resync:
             try:
                 if not await self.gate.active():
                     retry_at = time.monotonic() + RETRY_S  # look again then, not in a loop
+                    # A paused replica reports nothing it last saw as leader: its stale gauges
+                    # would keep alerts firing (or add to the leader's) after a handover.
+                    self.reconciler.metrics.sidecars_behind = {}
+                    self.reconciler.metrics.states.clear()
                 else:
                     if time.monotonic() >= retry_at and not await self.expire():
                         retry_at = time.monotonic() + RETRY_S
@@ -149,16 +153,16 @@ class Resync:
         for scope in served:  # a namespace whose sidecars all read grants now: keys leave its document
             if self.reconciler.embedding_changes(scope):
                 await self.hooks.reconcile(scope)
-        behind: dict[str, int] = {}
+        behind: dict[str, set[str]] = {}
         for scope, bodies in served.items():
             outcome = self.reconciler.latest(scope)
             if outcome is not None and outcome.programmed and outcome.version:
                 await self._enforced(scope, bodies, outcome)
-                for ns, n in self._behind(scope, outcome).items():
-                    behind[ns] = behind.get(ns, 0) + n
-        self.reconciler.metrics.sidecars_behind = behind
+                for ns, pods in self._behind(scope, outcome).items():
+                    behind.setdefault(ns, set()).update(pods)  # a pod behind on both documents: one
+        self.reconciler.metrics.sidecars_behind = {ns: len(pods) for ns, pods in behind.items()}
 
-    def _behind(self, scope: str, outcome: NamespaceOutcome) -> dict[str, int]:
+    def _behind(self, scope: str, outcome: NamespaceOutcome) -> dict[str, set[str]]:
         """The scope's sidecars that report an older version than the one written: a namespace's,
         or for the cluster document those of every namespace a cluster policy covers."""
         if scope != CLUSTER_SCOPE:

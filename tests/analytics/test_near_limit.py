@@ -20,8 +20,9 @@ from prometheus_client import generate_latest
 from sluice_analytics import store
 from sluice_analytics.metrics import AnalyticsMetrics
 from sluice_analytics.nearlimit import Crossing, NearLimitAlerts
+from sluice_analytics.settings import parse_allow
 from sluice_analytics.webhooks import WebhookSender
-from sluice_core import configstore
+from sluice_core import configstore, keyschema
 from sluice_core.configdoc import build_doc
 from sluice_core.parse import parse_policy
 from sluice_core.usage import UsageRow, UsageWindow
@@ -31,6 +32,7 @@ from support.sidecar_harness import wait_for
 HOUR = 1_790_002_800  # the start of a UTC hour (a multiple of 3600)
 NOW = HOUR + 1800
 SECRET = b"webhook-signing-secret"
+LOOPBACK = parse_allow("127.0.0.0/8")
 
 
 def policy(ns: str, webhook: str | None) -> dict[str, Any]:
@@ -152,7 +154,7 @@ async def test_the_webhook_gets_a_signed_body_after_retrying_a_failing_receiver(
     await setup(engine, redis_client, receiver.url, {("alice", "free"): 99})
     receiver.answers = [503, 502]  # two failures, then 200
     metrics = AnalyticsMetrics()
-    sender = WebhookSender(metrics, timeout_s=5, attempts=4, secret=SECRET, to_loopback=True, backoff_s=0.05)
+    sender = WebhookSender(metrics, timeout_s=5, attempts=4, secret=SECRET, allow=LOOPBACK, backoff_s=0.05)
     stop = asyncio.Event()
     task = asyncio.create_task(sender.run(stop))
     try:
@@ -179,7 +181,7 @@ async def test_a_refusing_receiver_is_not_asked_again(
     await setup(engine, redis_client, receiver.url, {("alice", "free"): 99})
     receiver.answers = [400]
     metrics = AnalyticsMetrics()
-    sender = WebhookSender(metrics, timeout_s=5, attempts=4, secret=None, to_loopback=True, backoff_s=0.05)
+    sender = WebhookSender(metrics, timeout_s=5, attempts=4, secret=None, allow=LOOPBACK, backoff_s=0.05)
     stop = asyncio.Event()
     task = asyncio.create_task(sender.run(stop))
     try:
@@ -198,9 +200,16 @@ async def test_a_refusing_receiver_is_not_asked_again(
 
 @pytest.mark.parametrize("url", [
     "http://169.254.169.254/latest/meta-data/",  # a cloud metadata service: link-local
+    "http://100.100.100.200/latest/meta-data/",  # another one, in the shared 100.64/10
+    "http://[fd00:ec2::254]/latest/meta-data/",  # and one at a unique-local IPv6 address
+    "http://10.0.0.1/hook",  # anything in the cluster or on a private network
+    "http://192.168.1.1/hook",
+    "http://[2002:a9fe:a9fe::1]/hook",  # 6to4 carrying 169.254.169.254
+    "http://[64:ff9b::a9fe:a9fe]/hook",  # NAT64 carrying it
+    "http://[::ffff:10.0.0.1]/hook",  # IPv4-mapped
     "http://[fe80::1]/hook",
     "http://0.0.0.0:9/hook",
-    "LOOPBACK",  # the receiver itself, with loopback refused (the default)
+    "LOOPBACK",  # the receiver itself: loopback is refused unless allowed
     "http://localhost:{port}/hook/x",  # a name resolving to loopback
 ])
 async def test_addresses_the_collector_must_not_call_are_refused(
@@ -209,7 +218,7 @@ async def test_addresses_the_collector_must_not_call_are_refused(
     url = receiver.url if url == "LOOPBACK" else url.format(port=port)
     await setup(engine, redis_client, url, {("alice", "free"): 99})
     metrics = AnalyticsMetrics()
-    sender = WebhookSender(metrics, timeout_s=2, attempts=2, secret=None, to_loopback=False, backoff_s=0.05)
+    sender = WebhookSender(metrics, timeout_s=2, attempts=2, secret=None, backoff_s=0.05)
     stop = asyncio.Event()
     task = asyncio.create_task(sender.run(stop))
     try:
@@ -247,7 +256,7 @@ async def test_traffic_through_a_sidecar_reaches_the_webhook_through_the_collect
                                       "--pod-labels", str(labels), "--usage-window-s", "0.5")
     collector = await asyncio.to_thread(
         CollectorProcess, redis_server.url, f"sqlite:///{tmp_path / 'usage.db'}",
-        extra=("--alerts-interval-s", "0.5", "--alert-webhook-loopback", "allow",
+        extra=("--alerts-interval-s", "0.5", "--alert-webhook-allow", "127.0.0.0/8",
                "--alert-webhook-secret-file", str(secret)))
     try:
         codes = [(await asyncio.to_thread(http_get, sidecar.url + "/"))[0] for _ in range(85)]
@@ -267,9 +276,140 @@ async def test_traffic_through_a_sidecar_reaches_the_webhook_through_the_collect
             await asyncio.to_thread(http_get, sidecar.url + "/")
         await wait_for(lambda: asyncio.to_thread(lambda: collector.metric("sluice_analytics_requests_applied_total") >= 90),
                        timeout=30, what="the five applied")
+        passes = collector.metric("sluice_analytics_near_limit_passes_total")
+        await wait_for(lambda: asyncio.to_thread(
+            lambda: collector.metric("sluice_analytics_near_limit_passes_total") >= passes + 2),
+            timeout=30, what="two more detection passes over the five")
         assert len(receiver.got) == 1
         assert collector.metric("sluice_analytics_near_limit_alerts_total") == 1
     finally:
         collector.stop()
         sidecar.close()
         up.close()
+
+
+async def test_past_the_cap_per_period_crossings_are_counted_not_sent(
+        engine: AsyncEngine, redis_client: configstore.Client) -> None:
+    """An alert at a low share of an IP-identified tier must not become one Event and one POST
+    per client an hour: at most ``max_per_period`` clients, across replicas."""
+    await setup(engine, redis_client, None, {(f"c{i:02d}", "free"): 90 for i in range(20)})
+
+    async def nothing(_: Crossing) -> None:
+        return None
+
+    a = NearLimitAlerts(engine, redis_client, [nothing], max_per_period=5)
+    assert len(await a.run_once(NOW)) == 5
+    assert a.suppressed == 15
+    b = NearLimitAlerts(engine, redis_client, [nothing], max_per_period=5)
+    assert await b.run_once(NOW + 60) == []  # another replica: the cap is in the database
+
+
+async def test_one_unreadable_document_does_not_stop_the_others(
+        engine: AsyncEngine, redis_client: configstore.Client, redis_server: Any) -> None:
+    good = await setup(engine, redis_client, None, {("alice", "free"): 90})
+    bad = await setup(engine, redis_client, None, {("bob", "free"): 90})
+    with redis_server.client() as r:  # a document this collector cannot parse (a newer schema)
+        r.hset(keyschema.config_key(bad), "doc", '{"schema": 99}')
+
+    async def nothing(_: Crossing) -> None:
+        return None
+
+    got = await NearLimitAlerts(engine, redis_client, [nothing]).run_once(NOW)
+    assert [(c.namespace, c.client) for c in got] == [(good, "alice")]
+
+
+async def test_a_failing_deliverer_does_not_lose_the_other_deliveries(
+        engine: AsyncEngine, redis_client: configstore.Client) -> None:
+    await setup(engine, redis_client, None, {("alice", "free"): 90, ("bob", "free"): 90})
+    seen: list[str] = []
+
+    async def broken(_: Crossing) -> None:
+        raise RuntimeError("a bug in one deliverer")
+
+    async def works(c: Crossing) -> None:
+        seen.append(c.client)
+
+    await NearLimitAlerts(engine, redis_client, [broken, works]).run_once(NOW)
+    assert sorted(seen) == ["alice", "bob"]
+
+
+async def test_the_detection_loop_survives_redis_failing(engine: AsyncEngine, tmp_path: Any) -> None:
+    """A Redis that does not answer ends a pass, not the alerts for the collector's life."""
+    from sluice_analytics.collector import Collector
+    from sluice_analytics.settings import AnalyticsSettings
+    from sluice_analytics.stream import UsageStream
+    from support.redis_servers import pick_port
+
+    await store.apply(engine, [window("shop", 0, NOW - 60, {("alice", "free"): 90})], now_s=NOW,
+                      keep_applied_s=86400)
+    metrics = AnalyticsMetrics()
+    async with configstore.connect(f"redis://127.0.0.1:{pick_port()}", timeout=0.2) as dead:
+        settings = AnalyticsSettings(redis="redis://127.0.0.1:1", alerts_interval_s=0.05)
+        collector = Collector(settings, engine, UsageStream(dead, "c1", block_ms=10, claim_idle_s=60), metrics,
+                              clock=lambda: NOW, near_limit=NearLimitAlerts(engine, dead, []))
+        stop = asyncio.Event()
+        task = asyncio.create_task(collector._alerts(stop))
+
+        async def failed_twice() -> bool:
+            return metrics.redis_errors._value.get() >= 2  # type: ignore[attr-defined]
+
+        try:
+            await wait_for(failed_twice, timeout=15, what="a second pass after a failed one")
+            assert not task.done()
+        finally:
+            stop.set()
+            await task
+
+
+def test_the_event_message_shows_the_client_as_status_does() -> None:
+    from sluice_core.model import Alert, AlertPeriod
+
+    alert = Alert(name="a", percent=80, period=AlertPeriod.HOUR)
+    c = Crossing("shop/api", "shop", "api", alert, "evil\x1b[31m\nclient " + "x" * 300, "free", 90, 100, HOUR)
+    text = c.message()
+    assert "\x1b" not in text and "\n" not in text and "x" * 100 not in text
+
+
+async def test_a_black_hole_receiver_does_not_hold_up_another_hosts_alerts(
+        engine: AsyncEngine, redis_client: configstore.Client, receiver: Receiver) -> None:
+    """Alerts queue per host and hosts take turns: a receiver that never answers costs its own
+    alerts' time, not another host's."""
+    held = asyncio.Event()
+    slow_calls = 0
+
+    async def black_hole(request: web.Request) -> web.Response:
+        nonlocal slow_calls
+        slow_calls += 1
+        await held.wait()
+        return web.Response(status=200)
+
+    app = web.Application()
+    app.router.add_post("/hook", black_hole)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.2", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    ns = await setup(engine, redis_client, f"http://127.0.0.2:{port}/hook",
+                     {(f"c{i}", "free"): 90 for i in range(6)})
+    metrics = AnalyticsMetrics()
+    sender = WebhookSender(metrics, timeout_s=30, attempts=1, secret=None, allow=LOOPBACK)
+    stop = asyncio.Event()
+    task = asyncio.create_task(sender.run(stop))
+    try:
+        await NearLimitAlerts(engine, redis_client, [sender.deliver]).run_once(NOW)  # six to the black hole
+        other = await setup(engine, redis_client, receiver.url, {("dave", "free"): 90})
+        await NearLimitAlerts(engine, redis_client, [sender.deliver]).run_once(NOW)  # one to the receiver
+
+        async def delivered() -> bool:
+            return bool(receiver.got)
+
+        await wait_for(delivered, timeout=15, what="the other host's alert")
+        assert json.loads(receiver.got[0][1])["namespace"] == other
+        assert slow_calls == 1  # one request at a time to the black hole
+    finally:
+        held.set()
+        stop.set()
+        await task
+        await runner.cleanup()
+    del ns
