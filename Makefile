@@ -5,30 +5,45 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup setup-k8s demo test test-fast lint typecheck bench clean
+.PHONY: setup setup-k8s setup-node node-up node-down demo test test-fast lint typecheck bench clean
 
 $(STAMP): pyproject.toml hack/bootstrap.sh hack/constraints.txt
 	@hack/bootstrap.sh $(VENV)
 
 setup: $(STAMP)
 
-# etcd, kube-apiserver, kube-controller-manager, kubectl, helm built from Go modules into
-# ${SLUICE_CACHE:-~/.cache/sluice}/bin for the k8s tests; a no-op once built (hack/k8s/NOTES.md).
+# etcd, kube-apiserver, kube-controller-manager, kubectl, helm, and for the one-node cluster
+# kubelet, kube-scheduler, kube-proxy, crictl, CoreDNS, built from Go modules into
+# ${SLUICE_CACHE:-~/.cache/sluice}/bin; a no-op once built (hack/k8s/NOTES.md).
 setup-k8s:
 	@hack/k8s/build.sh
+
+# The one-node cluster of the e2e tests (docs/real-node.md): Debian's containerd, runc, CNI
+# plugins (installed as root; otherwise a message naming what is missing) and the node's own
+# images (pause, CoreDNS, a busybox test image) as OCI archives; a no-op once done.
+setup-node: setup-k8s
+	@hack/node/ensure-deps.sh
+	@hack/node/images.sh
+
+# By hand: bring a node up in $(NODE_DIR) (prints the KUBECONFIG to export), tear it down.
+NODE_DIR ?= /tmp/sluice-node
+node-up: setup-node
+	@hack/node/up.sh $(NODE_DIR)
+node-down:
+	@hack/node/down.sh $(NODE_DIR)
 
 demo: $(STAMP)
 	@hack/ensure-redis.sh --optional
 	$(BIN)/sluice demo
 
-test: $(STAMP) setup-k8s
+test: $(STAMP) setup-k8s setup-node
 	@hack/ensure-redis.sh
 	@hack/ensure-postgres.sh
 	$(BIN)/pytest -q -p no:cacheprovider
 
 test-fast: $(STAMP)
 	@hack/ensure-postgres.sh
-	$(BIN)/pytest -q -x -m "not slow and not cluster and not k8s"
+	$(BIN)/pytest -q -x -m "not slow and not cluster and not k8s and not e2e"
 
 lint: $(STAMP)
 	$(BIN)/ruff check core sidecar operator analytics tests bench hack
