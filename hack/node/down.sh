@@ -120,7 +120,8 @@ clean_mounts() { # everything mounted under DIR, deepest first
 clean_cgroups() {
   [[ -f "${D}/host-state/cgroups" ]] || return 0
   local dir
-  for dir in $(comm -13 "${D}/host-state/cgroups" <(cgroup_dirs)); do
+  # Only the kubelet's (another program's new cgroup is not ours to remove).
+  for dir in $(comm -13 "${D}/host-state/cgroups" <(cgroup_dirs) | grep '/kubepods'); do
     find "${dir}" -depth -type d -exec rmdir {} \; 2>/dev/null
   done
 }
