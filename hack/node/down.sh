@@ -176,6 +176,7 @@ main() {
     printf '%s\n' "${left}" >&2
     return 1
   fi
+  [[ "$(cat "${CURRENT}" 2>/dev/null)" == "${D}" ]] && rm -f "${CURRENT}"
   if [[ ${KEEP_LOGS} == 1 ]]; then
     find "${D}" -mindepth 1 -maxdepth 1 ! -name logs -exec rm -rf {} +
   else

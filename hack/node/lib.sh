@@ -33,6 +33,9 @@ SYSCTLS=(net.ipv4.ip_forward net.ipv4.conf.all.route_localnet net.ipv4.conf.all.
 HOST_PATHS=(/var/lib/cni /etc/cni /opt/cni /opt/containerd /var/lib/containerd /run/containerd
             /var/lib/kubelet /var/log/pods /var/log/containers /etc/kubernetes /run/netns)
 
+# The node running on this machine (one at a time): its state directory, written by up.sh,
+# removed by down.sh; how a later bring-up (or tests/support/node.py) finds a node left behind.
+CURRENT=/run/sluice-node.dir
 # The caller sets D (the state directory) before sourcing this file.
 CONTAINERD_SOCK="${D}/run/containerd/containerd.sock"
 

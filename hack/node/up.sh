@@ -37,6 +37,9 @@ preflight() {
   for b in pause coredns busybox; do [[ -f "${IMAGES}/${b}.tar" ]] || missing+=("${IMAGES}/${b}.tar"); done
   [[ ${#missing[@]} -eq 0 ]] || die "missing ${missing[*]}: run 'make setup-node' (hack/node/images.sh)"
   [[ -d /sys/fs/cgroup/memory || -f /sys/fs/cgroup/cgroup.controllers ]] || die "no cgroup filesystem under /sys/fs/cgroup: the kubelet cannot run here"
+  if [[ -s "${CURRENT}" ]]; then
+    die "a node is already running on this machine (or was not torn down): hack/node/down.sh $(cat "${CURRENT}")"
+  fi
   if ip link show "${BRIDGE}" >/dev/null 2>&1; then
     die "the bridge ${BRIDGE} exists: a node is already running on this machine (or was not torn down: hack/node/down.sh DIR)"
   fi
@@ -232,6 +235,7 @@ start_dns() {
 main() {
   preflight
   mkdir -p "${D}"/{pids,logs,pki,etc,lib,run}
+  echo "${D}" >"${CURRENT}"
   pick_ports
   NODE_IP="$(node_ip)"
   [[ -n "${NODE_IP}" ]] || die "cannot tell this machine's IPv4 address (no default route?)"

@@ -34,6 +34,7 @@ from support.paths import ROOT
 
 HACK = ROOT / "hack" / "node"
 LOCK_PATH = Path("/run/lock/sluice-node.lock")
+CURRENT = Path("/run/sluice-node.dir")  # lib.sh's CURRENT: the state directory of the node up
 LOCK_WAIT = 900.0  # another session's e2e run on this machine
 UP_TIMEOUT = 240.0
 DOWN_TIMEOUT = 120.0
@@ -62,6 +63,12 @@ def _lib_output(function: str) -> list[str]:
     return subprocess.run(["bash", "-c", f'D=/nonexistent; source "$0"; {function} || true',
                            str(HACK / "lib.sh")], capture_output=True, text=True,
                           check=True).stdout.splitlines()
+
+
+def _running(pid: int) -> bool:
+    """Exists and is not a zombie (PID 1 may reap orphans late)."""
+    stat = _read(Path(f"/proc/{pid}/stat"))
+    return bool(stat) and stat.rpartition(") ")[2][:1] != "Z"
 
 
 def _read(path: Path) -> str:
@@ -204,21 +211,41 @@ class NodeSession:
         self.node: Node | None = None
         self.baseline: HostState | None = None
         self.timings: dict[str, float] = {}
+        self.failure: str | None = None
         self._lock: contextlib.ExitStack | None = None
         self._dirs: list[Path] = []
 
     def ensure_up(self) -> Node:
+        """The running node, brought up if needed. A bring-up that failed once is not retried in
+        the same session: every later test fails at once with the same report."""
         if self.node is not None:
             return self.node
+        if self.failure is not None:
+            raise NodeStartError(f"(as at the first bring-up of this session) {self.failure}")
         if os.geteuid() != 0:
-            raise NodeStartError(
+            self.failure = (
                 "the one-node cluster needs root (containerd, runc, iptables, network "
                 "namespaces, mounts): run the e2e tests as root (CI does), or deselect them "
                 "with -m 'not e2e'")
+            raise NodeStartError(self.failure)
         lock = contextlib.ExitStack()
-        lock.enter_context(_machine_lock())
+        try:
+            lock.enter_context(_machine_lock())
+            self._clean_up_after_a_dead_session()
+            self.node = self._bring_up()
+        except BaseException as exc:
+            lock.close()  # never keep the machine's node lock when there is no node
+            if isinstance(exc, NodeStartError | OSError | NodeTeardownError):
+                self.failure = str(exc)
+                raise NodeStartError(self.failure) from exc
+            raise
+        self._lock = lock
+        return self.node
+
+    def _bring_up(self) -> Node:
         directory = Path(tempfile.mkdtemp(prefix="sluice-node-"))
         self._dirs.append(directory)
+        (directory / "owner").write_text(f"pytest {os.getpid()}\n")
         if self.baseline is None:
             self.baseline = HostState.snapshot()
         t = time.monotonic()
@@ -233,12 +260,9 @@ class NodeSession:
             report = (f"hack/node/up.sh {directory} failed (exit {result.returncode}):\n"
                       f"{result.stderr}\n{log_tails(directory / 'logs')}")
             self._teardown(directory, keep_logs=True)
-            lock.close()
-            raise NodeStartError(report)
+            raise NodeStartError(f"{report}\n(logs kept in {directory / 'logs'})")
         self.timings["up"] = time.monotonic() - t
-        self._lock = lock
-        self.node = Node(directory)
-        return self.node
+        return Node(directory)
 
     def down(self, *, keep_logs: bool = False) -> str:
         """Tear the node down (down.sh); return its output. Raises NodeTeardownError if it
@@ -254,6 +278,17 @@ class NodeSession:
             if self._lock is not None:
                 self._lock.close()
                 self._lock = None
+
+    def _clean_up_after_a_dead_session(self) -> None:
+        """A node whose pytest session was killed (CI timeout, kill -9) would make every later
+        bring-up on this machine refuse to start: tear it down first. A node started by hand
+        (no owner file) is left alone; up.sh then says how to tear it down."""
+        if not CURRENT.exists():
+            return
+        directory = Path(CURRENT.read_text().strip())
+        owner = _read(directory / "owner").split()
+        if len(owner) == 2 and owner[0] == "pytest" and not _running(int(owner[1])):
+            self._teardown(directory, keep_logs=False)
 
     @property
     def node_dirs(self) -> tuple[Path, ...]:
