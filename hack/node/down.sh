@@ -28,7 +28,7 @@ stop_pid() { # NAME: SIGTERM, wait up to GRACE s, then SIGKILL; by the PID up.sh
   [[ -f "$f" ]] || return 0
   pid="$(cat "$f")"
   # Only the process we started: its command line still names our state directory or binary.
-  if running "${pid}" && cmdline "${pid}" | grep -qF -e "${D}" -e "$1"; then
+  if running "${pid}" && cmdline "${pid}" | grep -F -e "${D}" -e "$1" >/dev/null; then
     kill -TERM "${pid}" 2>/dev/null
     for ((i = 0; i < GRACE * 20; i++)); do running "${pid}" || break; sleep 0.05; done
     if running "${pid}"; then
@@ -93,7 +93,7 @@ clean_nft_tables() {
   while read -r family name; do
     # With -a every chain and rule line ends in "# handle N"; rules are the non-chain ones.
     nft -a list table "${family}" "${name}" 2>/dev/null | grep -F '# handle' |
-      grep -qvE '^\s*(table|chain) ' && continue
+      grep -vE '^\s*(table|chain) ' >/dev/null && continue
     nft delete table "${family}" "${name}" 2>/dev/null
   done < <(comm -13 "${D}/host-state/nft-tables" <(nft_tables))
 }

@@ -57,7 +57,7 @@ build pause "${work}/pause" -- --name "localhost/pause:${PAUSE_VERSION}" --user 
 
 # busybox: the e2e tests' web server and client (httpd, nc, nslookup, sh; its wget crashes).
 busybox=/bin/busybox
-[[ -x "${busybox}" ]] && "${busybox}" --list | grep -qx httpd || die "no static busybox with httpd at ${busybox}: run hack/node/ensure-deps.sh (as root) first (Debian: busybox-static)"
+[[ -x "${busybox}" ]] && "${busybox}" --list | grep -x httpd >/dev/null || die "no static busybox with httpd at ${busybox}: run hack/node/ensure-deps.sh (as root) first (Debian: busybox-static)"
 links=()
 for applet in sh ash cat echo env hostname httpd id ip kill ls mkdir nc nslookup ps sleep sort \
               test true false seq head tail wc grep; do
