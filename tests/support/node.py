@@ -257,8 +257,10 @@ class NodeSession:
             result = subprocess.CompletedProcess(
                 exc.cmd, -1, "", f"{stderr}\nup.sh timed out after {UP_TIMEOUT:.0f}s")
         if result.returncode != 0:
+            # up.sh prints the components' log tails itself, unless it was killed (timeout).
+            tails = log_tails(directory / "logs") if result.returncode < 0 else ""
             report = (f"hack/node/up.sh {directory} failed (exit {result.returncode}):\n"
-                      f"{result.stderr}\n{log_tails(directory / 'logs')}")
+                      f"{result.stderr}\n{tails}")
             self._teardown(directory, keep_logs=True)
             raise NodeStartError(f"{report}\n(logs kept in {directory / 'logs'})")
         self.timings["up"] = time.monotonic() - t
