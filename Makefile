@@ -50,7 +50,7 @@ lint: $(STAMP)
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 
-bench: $(STAMP) setup-k8s
+bench: $(STAMP) setup-k8s setup-node
 	@hack/ensure-redis.sh
 	@hack/ensure-postgres.sh
 	@command -v wrk >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get install -y -qq wrk >/dev/null; } || { echo "error: wrk is not installed (Debian: apt-get install wrk)" >&2; exit 1; }
@@ -62,6 +62,7 @@ bench: $(STAMP) setup-k8s
 	$(BIN)/python -m bench.usage_sidecar --out docs/benchmarks.md
 	$(BIN)/python -m bench.usage_stream_size --out docs/benchmarks.md
 	$(BIN)/python -m bench.attacks --out docs/security.md
+	$(BIN)/python -m bench.node_bringup --out docs/benchmarks.md
 	$(BIN)/python -m bench.operator_scale --out docs/benchmarks.md  # 9 min; + --keys 10000: 12 more
 
 clean:
