@@ -32,7 +32,8 @@ from support.node import NODE_EXES, NodeSession  # noqa: E402
 from bench.report import write_block  # noqa: E402
 
 BEGIN, END = "<!-- bench-node:begin -->", "<!-- bench-node:end -->"
-CONTAINER_EXES = frozenset({"httpd", "sleep"})  # the workload's processes below
+CONTAINER_EXES = frozenset({"httpd"})  # the workload's process below
+CLIENTS = frozenset({"kubectl"})  # they name the node's kubeconfig, but are not the cluster
 
 
 class RssSampler(threading.Thread):
@@ -51,7 +52,8 @@ class RssSampler(threading.Thread):
             try:
                 argv = Path(f"/proc/{pid}/cmdline").read_bytes()
                 exe = os.path.basename(argv.split(b"\0", 1)[0].decode())
-                if not (self.marker in argv or exe in NODE_EXES or exe in CONTAINER_EXES):
+                if exe in CLIENTS or not (self.marker in argv or exe in NODE_EXES
+                                          or exe in CONTAINER_EXES):
                     continue
                 status = Path(f"/proc/{pid}/status").read_text()
             except OSError:
