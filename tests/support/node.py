@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import shutil
 import subprocess
 import tempfile
 import time
@@ -256,6 +257,9 @@ class NodeSession:
             stderr = exc.stderr.decode() if isinstance(exc.stderr, bytes) else exc.stderr or ""
             result = subprocess.CompletedProcess(
                 exc.cmd, -1, "", f"{stderr}\nup.sh timed out after {UP_TIMEOUT:.0f}s")
+        except OSError as exc:  # up.sh missing or not executable: nothing was started
+            shutil.rmtree(directory, ignore_errors=True)
+            raise NodeStartError(f"cannot run hack/node/up.sh: {exc}") from exc
         if result.returncode != 0:
             # up.sh prints the components' log tails itself, unless it was killed (timeout).
             tails = log_tails(directory / "logs") if result.returncode < 0 else ""
