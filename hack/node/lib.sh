@@ -55,7 +55,9 @@ print_tails() { # the last lines of every component log, for a failed bring-up
     tail -n 25 "$f" >&2
   done
 }
-die() { log "ERROR: $*"; print_tails; exit 1; }
+# The log tails only once this run started something (a refused start must not show the logs
+# of the node that is already running in the same directory).
+die() { log "ERROR: $*"; if [[ -n "${STARTED:-}" ]]; then print_tails; fi; exit 1; }
 on_failure() {
   local rc=$? line=${BASH_LINENO[0]}
   log "ERROR: bring-up failed (exit ${rc}, up.sh line ${line}); tear down with: hack/node/down.sh ${D}"

@@ -234,6 +234,7 @@ start_dns() {
 
 main() {
   preflight
+  STARTED=1
   mkdir -p "${D}"/{pids,logs,pki,etc,lib,run}
   echo "${D}" >"${CURRENT}"
   pick_ports
