@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 WEB := analytics/web
 WEB_DEPS := $(WEB)/node_modules/.package-lock.json
 
-.PHONY: setup setup-k8s setup-tools image image-clean demo test test-fast lint typecheck bench clean dashboard
+.PHONY: setup setup-k8s setup-tools setup-node node-up node-down image image-clean demo test test-fast lint typecheck bench clean dashboard
 
 $(STAMP): pyproject.toml hack/bootstrap.sh hack/constraints.txt
 	@hack/bootstrap.sh $(VENV)
@@ -27,8 +27,9 @@ $(WEB_DEPS): $(WEB)/package-lock.json
 dashboard: $(WEB_DEPS)
 	cd $(WEB) && npm run --silent check && npm run --silent build
 
-# etcd, kube-apiserver, kube-controller-manager, kubectl, helm, promtool built from Go modules into
-# ${SLUICE_CACHE:-~/.cache/sluice}/bin for the k8s tests; a no-op once built (hack/k8s/NOTES.md).
+# etcd, kube-apiserver, kube-controller-manager, kubectl, helm, promtool, and for the one-node
+# cluster kubelet, kube-scheduler, kube-proxy, crictl, CoreDNS, built from Go modules into
+# ${SLUICE_CACHE:-~/.cache/sluice}/bin; a no-op once built (hack/k8s/NOTES.md).
 setup-k8s:
 	@hack/k8s/build.sh
 
@@ -47,11 +48,25 @@ image:
 image-clean:
 	@hack/image/build.sh clean
 
+# The one-node cluster of the e2e tests (docs/real-node.md): Debian's containerd, runc, CNI
+# plugins (installed as root; otherwise a message naming what is missing) and the node's own
+# images (pause, CoreDNS, a busybox test image) as OCI archives; a no-op once done.
+setup-node: setup-k8s
+	@hack/node/ensure-deps.sh
+	@hack/node/images.sh
+
+# By hand: bring a node up in $(NODE_DIR) (prints the KUBECONFIG to export), tear it down.
+NODE_DIR ?= /tmp/sluice-node
+node-up: setup-node
+	@hack/node/up.sh $(NODE_DIR)
+node-down:
+	@hack/node/down.sh $(NODE_DIR)
+
 demo: $(STAMP)
 	@hack/ensure-redis.sh --optional
 	$(BIN)/sluice demo
 
-test: $(STAMP) $(WEB_DEPS) setup-k8s setup-tools image
+test: $(STAMP) $(WEB_DEPS) setup-k8s setup-node setup-tools image
 	@hack/ensure-redis.sh
 	@hack/ensure-postgres.sh
 	@hack/ensure-chromium.sh
@@ -59,7 +74,7 @@ test: $(STAMP) $(WEB_DEPS) setup-k8s setup-tools image
 
 test-fast: $(STAMP)
 	@hack/ensure-postgres.sh
-	$(BIN)/pytest -q -x -m "not slow and not cluster and not k8s"
+	$(BIN)/pytest -q -x -m "not slow and not cluster and not k8s and not e2e"
 
 lint: $(STAMP) $(WEB_DEPS)
 	$(BIN)/ruff check core sidecar operator analytics tests bench hack
@@ -67,7 +82,7 @@ lint: $(STAMP) $(WEB_DEPS)
 	$(BIN)/lint-imports
 	cd $(WEB) && npm run --silent check
 
-bench: $(STAMP) setup-k8s
+bench: $(STAMP) setup-k8s setup-node
 	@hack/ensure-redis.sh
 	@hack/ensure-postgres.sh
 	@command -v wrk >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get install -y -qq wrk >/dev/null; } || { echo "error: wrk is not installed (Debian: apt-get install wrk)" >&2; exit 1; }
@@ -81,6 +96,7 @@ bench: $(STAMP) setup-k8s
 	$(BIN)/python -m bench.usage_summary --out docs/benchmarks.md
 	$(BIN)/python -m bench.image --out docs/benchmarks.md
 	$(BIN)/python -m bench.attacks --out docs/security.md
+	$(BIN)/python -m bench.node_bringup --out docs/benchmarks.md
 	$(BIN)/python -m bench.operator_scale --out docs/benchmarks.md  # 9 min; + --keys 10000: 12 more
 
 clean:

@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # Build a local Kubernetes control plane (kube-apiserver, kube-controller-manager,
-# kubectl), etcd and helm from Go modules, into ${SLUICE_CACHE:-~/.cache/sluice}/bin.
+# kubectl), etcd and helm, and the one-node cluster's node side (kubelet, kube-scheduler,
+# kube-proxy, crictl, CoreDNS; hack/node/) from Go modules, into
+# ${SLUICE_CACHE:-~/.cache/sluice}/bin.
 #
 # Usage: hack/k8s/build.sh [component...]
-#   components: kube-apiserver kube-controller-manager kubectl etcd helm promtool (default: all)
+#   components: kube-apiserver kube-controller-manager kubectl etcd helm promtool
+#               kubelet kube-scheduler kube-proxy crictl coredns (default: all)
 #
 # Idempotent: every binary has a stamp file (bin/.stamps/<name>) holding the
 # version, Go version and build flags it was built with; a binary whose stamp
@@ -44,7 +47,10 @@ export GOFLAGS="-modcacherw"   # deterministic; also makes the cache rm -rf-able
 export CGO_ENABLED=0           # static binaries, like the upstream release builds
 unset GOBIN GOOS GOARCH
 
-ALL_COMPONENTS=(kube-apiserver kube-controller-manager kubectl etcd helm promtool)
+ALL_COMPONENTS=(kube-apiserver kube-controller-manager kubectl etcd helm promtool
+                kubelet kube-scheduler kube-proxy crictl coredns)
+# The Kubernetes binaries built from the wrapper module of prepare_k8s_module.
+KUBE_CMDS=(kube-apiserver kube-controller-manager kubectl kubelet kube-scheduler kube-proxy)
 
 log() { printf '[build %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 die() { log "ERROR: $*"; exit 1; }
@@ -113,10 +119,12 @@ kube_ldflags() {
 stamp_for() { # component -> the stamp text it should have
   local c="$1"
   case "$c" in
-    kube-*|kubectl) printf 'k8s.io/kubernetes %s staging %s tags %s' "${KUBERNETES_VERSION}" "${STAGING_VERSION}" "${KUBE_TAGS}" ;;
+    kube-*|kubectl|kubelet) printf 'k8s.io/kubernetes %s staging %s tags %s' "${KUBERNETES_VERSION}" "${STAGING_VERSION}" "${KUBE_TAGS}" ;;
     etcd) printf 'go.etcd.io/etcd/server/v3 %s' "${ETCD_VERSION}" ;;
     helm) printf 'helm.sh/helm/v3 %s' "${HELM_VERSION}" ;;
     promtool) printf 'github.com/prometheus/prometheus %s' "${PROMETHEUS_VERSION}" ;;
+    crictl) printf 'sigs.k8s.io/cri-tools %s' "${CRICTL_VERSION}" ;;
+    coredns) printf 'github.com/coredns/coredns %s' "${COREDNS_VERSION}" ;;
   esac
   printf ' | %s %s cgo=0 trimpath -s -w | recipe 1\n' "${GO_VERSION}" "${GO_PLATFORM}"
 }
@@ -184,11 +192,11 @@ prepare_k8s_module() {
     echo ")"
     echo
     echo "tool ("
-    printf '\tk8s.io/kubernetes/cmd/%s\n' kube-apiserver kube-controller-manager kubectl
+    printf '\tk8s.io/kubernetes/cmd/%s\n' "${KUBE_CMDS[@]}"
     echo ")"
   } >"${dir}/go.mod"
   rm -f "${dir}/go.sum"
-  # tidy resolves the full requirement graph for the three tools (needs Go >= 1.24
+  # tidy resolves the full requirement graph for the tools (needs Go >= 1.24
   # for the tool directive) and writes go.sum.
   (cd "${dir}" && go mod tidy)
 }
@@ -257,6 +265,29 @@ build_promtool() {
   rm -rf "${tmpbin}"
 }
 
+# --- crictl, CoreDNS ------------------------------------------------------------
+# Both modules have no replace directives, so plain `go install mod@version` works (no
+# wrapper module). The -X flags are what their Makefiles set, so --version tells the truth.
+build_crictl() {
+  local tmpbin="${BIN}/.crictl-tmp"
+  rm -rf "${tmpbin}"
+  GOBIN="${tmpbin}" go install -trimpath \
+    -ldflags "-s -w -X sigs.k8s.io/cri-tools/pkg/version.Version=${CRICTL_VERSION}" \
+    "sigs.k8s.io/cri-tools/cmd/crictl@${CRICTL_VERSION}"
+  mv -f "${tmpbin}/crictl" "${BIN}/crictl"
+  rm -rf "${tmpbin}"
+}
+
+build_coredns() {
+  local tmpbin="${BIN}/.coredns-tmp"
+  rm -rf "${tmpbin}"
+  GOBIN="${tmpbin}" go install -trimpath \
+    -ldflags "-s -w -X github.com/coredns/coredns/coremain.GitCommit=${COREDNS_VERSION}" \
+    "github.com/coredns/coredns@${COREDNS_VERSION}"
+  mv -f "${tmpbin}/coredns" "${BIN}/coredns"
+  rm -rf "${tmpbin}"
+}
+
 # --- main ----------------------------------------------------------------------
 
 if [[ ${#STEP[@]} -gt 0 ]]; then
@@ -270,7 +301,7 @@ for c in "${COMPONENTS[@]}"; do
   [[ " ${ALL_COMPONENTS[*]} " == *" ${c} "* ]] || die "unknown component '${c}' (known: ${ALL_COMPONENTS[*]})"
 done
 
-log "cache ${SLUICE_CACHE}; ${GO_VERSION} ${GO_PLATFORM}; kubernetes ${KUBERNETES_VERSION} (staging ${STAGING_VERSION}), etcd ${ETCD_VERSION}, helm ${HELM_VERSION}, prometheus ${PROMETHEUS_VERSION}"
+log "cache ${SLUICE_CACHE}; ${GO_VERSION} ${GO_PLATFORM}; kubernetes ${KUBERNETES_VERSION} (staging ${STAGING_VERSION}), etcd ${ETCD_VERSION}, helm ${HELM_VERSION}, crictl ${CRICTL_VERSION}, coredns ${COREDNS_VERSION}, prometheus ${PROMETHEUS_VERSION}"
 
 TODO=()
 for c in "${COMPONENTS[@]}"; do
@@ -282,7 +313,7 @@ k8s_prepared=""
 TOTAL_START=${SECONDS}
 for c in "${TODO[@]}"; do
   case "$c" in
-    kube-apiserver|kube-controller-manager|kubectl)
+    kube-apiserver|kube-controller-manager|kubectl|kubelet|kube-scheduler|kube-proxy)
       if [[ -z "${k8s_prepared}" ]]; then
         if timed k8s-modules "${LOGS}/k8s-modules.log" prepare_k8s_module; then
           k8s_prepared=ok
@@ -300,11 +331,8 @@ for c in "${TODO[@]}"; do
       if timed etcd-modules "${LOGS}/etcd-modules.log" prepare_etcd_module &&
          timed etcd "${LOGS}/etcd.log" build_etcd; then ok=1; fi
       ;;
-    helm)
-      if timed helm "${LOGS}/helm.log" build_helm; then ok=1; else ok=0; fi
-      ;;
-    promtool)
-      if timed promtool "${LOGS}/promtool.log" build_promtool; then ok=1; else ok=0; fi
+    helm|crictl|coredns|promtool)
+      if timed "$c" "${LOGS}/${c}.log" "build_${c}"; then ok=1; else ok=0; fi
       ;;
   esac
   if [[ ${ok} == 1 ]]; then

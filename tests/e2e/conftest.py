@@ -1,0 +1,43 @@
+"""The e2e tests' one-node cluster (tests/support/node.py, brought up by hack/node/up.sh).
+
+``node_session`` (session) owns it: brought up by the first test that asks, torn down at the end
+of the session (a teardown that leaves anything behind is an error of the session). ``node``
+gives the running :class:`Node`; a bring-up that fails (or cannot run here: not root, a missing
+package or binary) fails the test with the reason and the components' log tails, never a skip.
+A failing e2e test gets the node's log tails in its report.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from support.node import Node, NodeSession, node_up
+
+_SESSION: list[NodeSession] = []
+_FAILED: list[str] = []
+
+
+@pytest.fixture(scope="session")
+def node_session() -> Iterator[NodeSession]:
+    session = NodeSession()
+    _SESSION.append(session)
+    try:
+        yield session
+    finally:
+        _SESSION.remove(session)
+        session.down(keep_logs=bool(_FAILED))
+
+
+@pytest.fixture
+def node(node_session: NodeSession) -> Node:
+    return node_up(node_session)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    outcome = yield
+    report = outcome.get_result()  # type: ignore[attr-defined]
+    if report.failed and _SESSION and _SESSION[0].node is not None:
+        _FAILED.append(item.nodeid)
+        report.sections.append(("one-node cluster logs", _SESSION[0].node.log_report()))
