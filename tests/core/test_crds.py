@@ -220,6 +220,10 @@ CEL_MIRRORS: dict[str, Mirror] = {
         lambda s: all(r.get("skip", False) or "cost" not in r
                       or all(r["cost"] <= _burst(t) for t in s["tiers"])
                       for r in s.get("rules", []))),
+    "spec.alerts[].tiers must name declared tiers in spec.tiers": Mirror(
+        "!has(self.alerts) || self.alerts.all(a, !has(a.tiers) || a.tiers.all(n, self.tiers.exists(t, "
+        "t.name == n)))",
+        lambda s: all(any(t["name"] == n for t in s["tiers"]) for a in s.get("alerts", []) for n in a.get("tiers", []))),
     "spec.tiers[].name must be unique": Mirror(
         "self.all(t, self.exists_one(u, u.name == t.name))",
         lambda a: _unique(a, lambda t: t["name"])),
