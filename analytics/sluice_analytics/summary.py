@@ -34,7 +34,8 @@ async def compute(engine: AsyncEngine, now_s: float) -> dict[str, PolicySummary]
     limited = func.sum(case((t.c.outcome == LIMITED, t.c.requests), else_=0))
     totals = (select(t.c.policy, requests, limited)
               .where(t.c.ts >= start, t.c.policy != "")
-              .group_by(t.c.policy).order_by(requests.desc(), t.c.policy).limit(MAX_POLICIES))
+              .group_by(t.c.policy).order_by(requests.desc(), t.c.policy)
+              .limit(MAX_POLICIES + 1))  # one more: the summary then says it is truncated
     per_client = (select(t.c.policy, t.c.client, func.sum(t.c.requests).label("n"))
                   .where(t.c.ts >= start, t.c.outcome == LIMITED, t.c.policy != "", t.c.client != OTHER)
                   .group_by(t.c.policy, t.c.client).subquery("c"))

@@ -9,11 +9,13 @@ reads the fields of the policies it serves in one HMGET a thousand, once per res
 
 The hash::
 
-    @              {"v": 1, "at": <unix s>, "window_s": 3600}
+    @              {"v": 1, "at": <unix s>, "window_s": 3600, "truncated": false}
     <policy ref>   {"requests": n, "limited": n, "top": [[<client>, <limited>], ...]}
 
 A policy is named as usage names it (``namespace/name``; a ClusterRateLimitPolicy by its name);
-one absent while ``@`` is there had no traffic in the window. ``top`` is at most :data:`TOP`
+one absent while ``@`` is there had no traffic in the window, unless ``truncated`` is true: more
+than :data:`MAX_POLICIES` policies had traffic and only the busiest are there, so an absent one
+is unknown (the operator then leaves its ``status.usage`` as it is, rather than show zeros). ``top`` is at most :data:`TOP`
 clients, the most limited first.
 
 A client id comes from requests: an API key's id (a Secret's name, a keys file's entry: whatever
@@ -48,7 +50,8 @@ CLIENT_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz01
 client form (``key:ns/name``, ``header:<base64url>``, ``ip:2001:db8::/48``, ``anonymous``),
 nothing a terminal, a shell or a YAML reader would treat specially. The CRDs' pattern says the same."""
 MAX_POLICIES = 10_000
-"""The most policies one summary holds (the busiest); about 200 bytes each."""
+"""The most policies one summary holds (the busiest); about 200 bytes each. The collector asks
+its database for one more, so that the summary can say it left some out (``truncated``)."""
 MAX_FIELD = 1024  # a stored value longer than this is not read
 MAX_COUNT = 2**53 - 1
 READ_CHUNK = 1000  # policies per HMGET
@@ -81,10 +84,12 @@ class PolicySummary:
 @dataclass(frozen=True, slots=True)
 class Summary:
     """What the operator reads: when the summary was computed, and the policies asked for that
-    it holds (a policy asked for and absent had no traffic in the window)."""
+    it holds (a policy asked for and absent had no traffic in the window, or, when
+    ``truncated``, is unknown: less busy than the :data:`MAX_POLICIES` it holds)."""
 
     at: int
     policies: dict[str, PolicySummary]
+    truncated: bool = False
 
 
 def decode(raw: bytes | str) -> PolicySummary:
@@ -131,10 +136,11 @@ async def claim(client: configstore.Client, holder: str, ttl_s: float) -> bool:
 
 async def write(client: configstore.Client, policies: Mapping[str, PolicySummary], *, at: int,
                 ttl_s: float = TTL_S) -> int:
-    """Replace the summary with ``policies`` (at most :data:`MAX_POLICIES`: the busiest), in
-    one script call; the number of policies written."""
+    """Replace the summary with ``policies`` (at most :data:`MAX_POLICIES`: the busiest; marked
+    ``truncated`` when there were more), in one script call; the number of policies written."""
     chosen = sorted(policies.items(), key=lambda kv: (-kv[1].requests, kv[0]))[:MAX_POLICIES]
-    meta = json.dumps({"v": ENCODING, "at": at, "window_s": WINDOW_S}, separators=(",", ":"))
+    meta = json.dumps({"v": ENCODING, "at": at, "window_s": WINDOW_S, "truncated": len(policies) > MAX_POLICIES},
+                      separators=(",", ":"))
     args: list[str] = [META, meta]
     for ref, summary in chosen:
         args += [ref, summary.encode()]
@@ -167,6 +173,8 @@ async def read(client: configstore.Client, refs: Sequence[str]) -> Summary | Non
         at = _count(head.get("at"))
     except ValueError:
         return None
+    # Absent: a writer from before the flag (absent meant no traffic). Anything but a bool: the safe side.
+    truncated = head.get("truncated", False) is not False
     out: dict[str, PolicySummary] = {}
     for ref, raw in zip(refs, found, strict=True):
         if raw is not None:
@@ -174,4 +182,4 @@ async def read(client: configstore.Client, refs: Sequence[str]) -> Summary | Non
                 out[ref] = decode(raw)
             except ValueError:
                 continue
-    return Summary(at, out)
+    return Summary(at, out, truncated)

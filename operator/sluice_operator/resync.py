@@ -2,11 +2,15 @@
 all started at once at start-up, 0.8 MB a policy): every interval (and every
 :data:`REDIS_CHECK_S` between) it checks that Redis still holds what was written, re-writing
 everything only when it does not (a policy's keys only when only its key index is gone), reads the sidecars'
-heartbeats and writes the status of the policies whose ``Enforced`` count changed (and whose
-usage summary changed: :mod:`sluice_operator.usage_status`); between intervals it wakes when a
-namespace's first key expires.
+heartbeats and writes the status of the policies whose ``Enforced`` count changed, then (after
+that, so it never delays it) of those whose usage summary visibly changed
+(:mod:`sluice_operator.usage_status`); between intervals it wakes when a namespace's first key
+expires.
 
-Idle, an interval costs a handful of Redis commands and no API write, however many policies."""
+An interval costs a handful of Redis commands, however many policies; its API writes are the
+statuses whose ``Enforced`` count changed, plus at most
+:data:`~sluice_operator.usage_status.MAX_WRITES` ``status.usage`` patches while a collector runs
+(none when no policy's rounded usage changed)."""
 
 from __future__ import annotations
 
@@ -139,8 +143,6 @@ class Resync:
         await self.reconciler.memory_check.run()
         await self.check_redis()
         served = self.hooks.served()
-        if self.usage is not None:
-            await self.usage.sweep(served, self.hooks.write_status)
         try:
             await self.heartbeats.refresh(ns for ns in served if ns != CLUSTER_SCOPE)
         except configstore.ConfigStoreError as exc:
@@ -161,6 +163,8 @@ class Resync:
                 for ns, pods in self._behind(scope, outcome).items():
                     behind.setdefault(ns, set()).update(pods)  # a pod behind on both documents: one
         self.reconciler.metrics.sidecars_behind = {ns: len(pods) for ns, pods in behind.items()}
+        if self.usage is not None:  # last: a sweep's usage patches never delay its Enforced ones
+            await self.usage.sweep(served, self.hooks.write_status)
 
     def _behind(self, scope: str, outcome: NamespaceOutcome) -> dict[str, set[str]]:
         """The scope's sidecars that report an older version than the one written: a namespace's,

@@ -1,11 +1,19 @@
 """``status.usage`` of each served policy: its last hour as ``sluice analytics`` summarised it
 (:mod:`sluice_core.usagesummary`), for ``kubectl get rlp``.
 
-Once per resync sweep: one HMGET a thousand policies (the summary's ``@`` field with them, so
-"no collector" costs that one command and nothing else), then a status patch for a policy only
-where what it shows differs, and never twice within ``min_interval_s`` for one policy. With no
-summary in Redis (no collector runs, or it stopped and its summary expired), a policy that still
-shows usage has it removed, once; the others are left alone.
+Once per resync sweep, after the sweep's ``Enforced`` work: one HMGET a thousand policies (the
+summary's ``@`` field with them, so "no collector" costs that one command and nothing else), then
+a status patch for a policy only where what it shows differs, never twice within
+``min_interval_s`` for one policy, and at most :data:`MAX_WRITES` patches a sweep, the least
+recently patched policies first (so none starves). With no summary in Redis (no collector runs,
+or it stopped and its summary expired), a policy that still shows usage has it removed, once; the
+others are left alone. A policy absent from a summary that says it is ``truncated`` (more
+policies had traffic than it holds) is left alone too: its usage is unknown, not zero.
+
+The counts are shown to two significant figures (:func:`shown_count`: 18,234 -> 18,000; below
+100 exact), so a busy policy's status changes when its traffic visibly does, or its most limited
+clients do, not every minute: a patch is an etcd write and a watch event to every watcher of
+policies, and the traffic of a thousand policies must not make a thousand of them a minute.
 
 The status (README, "Status of a policy")::
 
@@ -21,6 +29,7 @@ Client ids are bounded and reduced to a safe alphabet by the core as they are re
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
@@ -30,6 +39,12 @@ from sluice_core.model import CLUSTER_SCOPE
 
 log = logging.getLogger("sluice.operator")
 WriteStatus = Callable[[str, str, dict[str, Any]], Awaitable[None]]
+SHOWN_DIGITS = 2
+MAX_WRITES = 100
+"""The most ``status.usage`` patches one sweep makes (at 10-20 ms a patch, 1-2 s of the resync
+interval): with the default interval of 30 s, at most 200 a minute whatever the number of
+policies; beyond that, a policy's change is shown a sweep or more later."""
+Key = tuple[str, str]  # (scope, policy name)
 
 
 def usage_ref(scope: str, name: str) -> str:
@@ -37,18 +52,28 @@ def usage_ref(scope: str, name: str) -> str:
     return name if scope == CLUSTER_SCOPE else f"{scope}/{name}"
 
 
+def shown_count(n: int) -> int:
+    """``n`` to :data:`SHOWN_DIGITS` significant figures, half up (1,249 -> 1,200; 1,250 ->
+    1,300; 99 -> 99): what the status shows, so that it changes only when the traffic visibly does."""
+    if n < 10**SHOWN_DIGITS:
+        return n
+    step: int = 10 ** (len(str(n)) - SHOWN_DIGITS)
+    return (n + step // 2) // step * step
+
+
 def status_usage(summary: usagesummary.PolicySummary) -> dict[str, Any]:
-    return {"requestsLastHour": summary.requests, "limitedLastHour": summary.limited,
-            "topLimited": [{"client": c, "limited": n} for c, n in summary.top[:usagesummary.TOP]]}
+    return {"requestsLastHour": shown_count(summary.requests), "limitedLastHour": shown_count(summary.limited),
+            "topLimited": [{"client": c, "limited": shown_count(n)} for c, n in summary.top[:usagesummary.TOP]]}
 
 
 class UsageStatus:
     def __init__(self, redis_client: configstore.Client, min_interval_s: float = usagesummary.INTERVAL_S,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, max_writes: int = MAX_WRITES) -> None:
         self.redis = redis_client
         self.min_interval_s = min_interval_s
         self.clock = clock
-        self._written: dict[tuple[str, str], float] = {}  # (scope, name) -> when its usage was last patched
+        self.max_writes = max_writes
+        self._written: dict[Key, float] = {}  # (scope, name) -> when its usage was last patched
 
     async def sweep(self, served: Mapping[str, Sequence[Mapping[str, Any]]], write: WriteStatus) -> int:
         """Patch the ``status.usage`` of the served policies where it changed; how many.
@@ -65,18 +90,30 @@ class UsageStatus:
         except configstore.ConfigStoreError as exc:
             log.debug("usage summary not read: %s", exc)
             return 0
-        now, writes = self.clock(), 0
-        for (scope, name), body in policies.items():
-            shown = (body.get("status") or {}).get("usage")
-            if summary is None:
-                wanted = None
-            else:
-                found = summary.policies.get(usage_ref(scope, name), usagesummary.PolicySummary())
-                wanted = status_usage(found)
-            last = self._written.get((scope, name))
-            if shown == wanted or (last is not None and now - last < self.min_interval_s):
+        now = self.clock()
+        due: list[tuple[Key, dict[str, Any] | None]] = []
+        for key, body in policies.items():
+            last = self._written.get(key)
+            if last is not None and now - last < self.min_interval_s:
                 continue
-            self._written[(scope, name)] = now
-            await write(scope, name, {"usage": wanted})  # None: a merge patch removes it
-            writes += 1
-        return writes
+            wanted = _wanted(summary, usage_ref(*key))
+            if wanted is not _UNKNOWN and (body.get("status") or {}).get("usage") != wanted:
+                due.append((key, wanted))
+        due.sort(key=lambda d: (self._written.get(d[0], -math.inf), d[0]))  # least recently patched first
+        for key, wanted in due[:self.max_writes]:
+            self._written[key] = now
+            await write(*key, {"usage": wanted})  # None: a merge patch removes it
+        return min(len(due), self.max_writes)
+
+
+_UNKNOWN: dict[str, Any] = {}  # a truncated summary's absent policy: leave its status as it is
+
+
+def _wanted(summary: usagesummary.Summary | None, ref: str) -> dict[str, Any] | None:
+    """What ``status.usage`` should show: None (removed) without a summary."""
+    if summary is None:
+        return None
+    found = summary.policies.get(ref)
+    if found is None:
+        return _UNKNOWN if summary.truncated else status_usage(usagesummary.PolicySummary())
+    return status_usage(found)
