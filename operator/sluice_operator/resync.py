@@ -34,6 +34,7 @@ from sluice_operator.usage_status import UsageStatus
 log = logging.getLogger("sluice.operator")
 RETRY_S = 1.0  # after a failed expiry reconcile (Redis away)
 REDIS_CHECK_S = 5.0
+RECOUNT_COALESCE_S = 0.5  # a recount may come this much early, to share its heartbeat read
 """Between sweeps, how often Redis is checked for what it lost (:meth:`Resync.check_redis`: the
 count of writes, one EXISTS per thousand documents and per thousand key indexes): after a
 flush, sidecars that read grants refuse every required key until the grants are back, so the
@@ -179,7 +180,9 @@ class Resync:
         :attr:`Reconciler.recounts`), so that ``Enforced`` follows a policy edit in about a
         second instead of at the next sweep."""
         now, recounts = time.monotonic(), self.reconciler.recounts
-        due = [scope for scope, times in recounts.items() if times and times[0] <= now]
+        # Scopes due within RECOUNT_COALESCE_S go along: policies written in a burst (an apply of
+        # many, a restore) share one heartbeat read instead of one each.
+        due = [scope for scope, times in recounts.items() if times and times[0] <= now + RECOUNT_COALESCE_S]
         if not due:
             return
         for scope in due:

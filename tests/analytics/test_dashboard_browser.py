@@ -62,6 +62,7 @@ BATCH_REQUESTS = 4
 BATCH_LIMIT = 2
 OLD = 7  # key:old's allowed requests five hours ago
 WAIT_MS = 20_000  # expect()'s polling deadline: only bounds a failure
+expect.set_options(timeout=WAIT_MS)  # expect()'s own default is 5 s: less than one of the page's 5 s refreshes
 
 
 @dataclass

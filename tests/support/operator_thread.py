@@ -31,6 +31,7 @@ class Operator:
     redis: Any  # the test's own redis-py client (the operator's is in the operator's loop)
     settings: OperatorSettings
     metrics: OperatorMetrics
+    reconciler: Reconciler  # lives in the operator's loop: read only (e.g. its pending recounts)
 
     def config(self, ns: str) -> Any:
         return store_call(self.settings.redis, configstore.read, ns)
@@ -56,8 +57,9 @@ def running_operator(cp: ControlPlane, redis_server: Any, namespaces: str,
     settings_kw.setdefault("resync_interval_s", 2.0)
     settings = OperatorSettings(redis=redis_server.url, heartbeat_stale_s=30, **settings_kw)
     metrics = OperatorMetrics()
+    reconciler = Reconciler(configstore.connect(redis_server.url), metrics)  # closed at kopf's cleanup
     registry = build_registry(
-        settings, Reconciler(configstore.connect(redis_server.url), metrics),  # closed at kopf's cleanup
+        settings, reconciler,
         api_client=lambda: k8s_config.new_client_from_config(  # type: ignore[no-untyped-call]
             config_file=str(cp.kubeconfig)))
 
@@ -83,7 +85,7 @@ def running_operator(cp: ControlPlane, redis_server: Any, namespaces: str,
         poll(lambda: ready.is_set() or errors, "operator ready")
         assert not errors, f"the operator failed to start: {errors[0]!r}"
         with redis_server.client() as redis:
-            yield Operator(cp, redis, settings, metrics)
+            yield Operator(cp, redis, settings, metrics, reconciler)
     finally:
         stop.set()
         thread.join(20)
