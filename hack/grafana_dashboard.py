@@ -98,11 +98,14 @@ def rows() -> list[Row]:
                   unit="ops"),
         ]),
         Row("Config rollout", [
+            # The sidecars' scrape keeps the pod's namespace as `namespace` (honorLabels false:
+            # tenants run those pods), so the document's own label is exported_namespace.
             Panel("Config version skew",
-                  "Per namespace: the newest config version a sidecar enforces minus the oldest. "
+                  "Per config document (a namespace's, or _cluster), over the sidecars of the selected "
+                  "namespaces: the newest version a sidecar enforces minus the oldest. "
                   "Above 0 for long: some sidecars did not load the current config.",
-                  [(f'max by (namespace) (sluice_config_version{{{NS}}}) - '
-                    f'min by (namespace) (sluice_config_version{{{NS}}})', "{{namespace}}")]),
+                  [(f'max by (exported_namespace) (sluice_config_version{{{NS}}}) - '
+                    f'min by (exported_namespace) (sluice_config_version{{{NS}}})', "{{exported_namespace}}")]),
             Panel("Sidecars behind the operator",
                   "Sidecars whose heartbeat reports an older config version than the operator wrote "
                   "(only namespaces with some are listed).",

@@ -106,3 +106,13 @@ def test_collector_rbac_is_what_its_api_needs() -> None:
     # off: none of it
     docs = render("--set", "analytics.enabled=false", namespace=NS)
     assert not [d for d in docs if "analytics" in d["metadata"]["name"]]
+
+
+def test_uninstall_keeps_the_usage_history_unless_told() -> None:
+    """REVIEW15 M7: the SQLite PVC holds the history and the record of alerts already sent; an
+    uninstall and reinstall must not lose it silently (the k8s release test reinstalls onto it)."""
+    claim = find(render(namespace=NS), "PersistentVolumeClaim", "sluice-analytics")
+    assert claim["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    claim = find(render("--set", "analytics.persistence.keep=false", namespace=NS),
+                 "PersistentVolumeClaim", "sluice-analytics")
+    assert "helm.sh/resource-policy" not in (claim["metadata"].get("annotations") or {})

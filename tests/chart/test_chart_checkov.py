@@ -52,6 +52,9 @@ VALUE_SETS = {
                                 "--set", "analytics.replicaCount=2"],
     "redis-persistence": ["--set", "redis.persistence.enabled=true",
                           "--set", "sidecar.redisSecret.namespaces={shop}"],
+    # GitOps: the password from a Secret of yours, through Redis's init container
+    "gitops-redis-password": ["--set", "redis.auth.existingSecret=redis-pass",
+                              "--set", "monitoring.podMonitors.enabled=true"],
 }
 
 

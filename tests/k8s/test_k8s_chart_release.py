@@ -10,7 +10,9 @@ application namespace, as `helm install` with the defaults makes them.
   Events, reading policies) and nothing dangerous.
 - examples/ applies (the CRDs' schema on the API server) and the Deployment makes 2 pods.
 - The commands NOTES.txt prints run and succeed, as printed.
-- ``helm uninstall`` leaves no object of the release behind (CRDs stay, as Helm does).
+- Changing redis.persistence fails before anything is applied, naming the recreate step.
+- ``helm uninstall`` leaves no object of the release behind but its two data volumes (CRDs
+  stay, as Helm does); a reinstall takes the collector's back.
 
 The release has ``webhook.enabled=false``: no operator runs here, and a ``sluice-policies``
 (failurePolicy Fail) without one would refuse the example policy (tests/k8s/
@@ -194,8 +196,44 @@ def test_the_notes_commands_work(release: FullRelease) -> None:
         release.cp.kubectl("delete", "namespace", other, "--wait=false")
 
 
-def test_uninstall_leaves_nothing_of_the_release(release: FullRelease) -> None:
-    cp = release.cp
+def test_changing_redis_persistence_fails_first_and_names_the_step(release: FullRelease) -> None:
+    """REVIEW15 M7: volumeClaimTemplates cannot change. The upgrade fails before it applies
+    anything, with the command that makes it possible, and that command works as printed."""
+    cp, ns, sts_name = release.cp, release.namespace, f"{release.full}-redis"
+    before = cp.kubectl_json("get", "statefulset", sts_name, "-n", ns)
+    assert not before["spec"].get("volumeClaimTemplates")
+    res = release.helm("upgrade", release.name, str(CHART), "--reuse-values", "--wait=false",
+                       "--set", "redis.persistence.enabled=true", check=False)
+    assert res.returncode != 0
+    step = re.search(r"`(kubectl -n \S+ delete statefulset \S+ --cascade=orphan)`", res.stderr)
+    assert step, res.stderr
+    assert "updates to statefulset spec" not in res.stderr  # ours, before the API server's
+    assert cp.kubectl_json("get", "statefulset", sts_name, "-n", ns)["metadata"]["generation"] == \
+        before["metadata"]["generation"]
+    done = run_as_printed(release, step[1])
+    assert done.returncode == 0, done.stderr
+    release.helm("upgrade", release.name, str(CHART), "--reuse-values", "--wait=false",
+                 "--set", "redis.persistence.enabled=true")
+    after = cp.kubectl_json("get", "statefulset", sts_name, "-n", ns)
+    assert after["spec"]["volumeClaimTemplates"][0]["metadata"]["name"] == "data"
+    # the StatefulSet controller makes the claim (Pending here: no provisioner)
+    poll(lambda: cp.kubectl("get", "pvc", f"data-{sts_name}-0", "-n", ns, check=False).returncode == 0,
+         "the Redis pod's claim")
+    # a size in another spelling of the same quantity is no change; a bigger one is refused
+    same = release.helm("upgrade", release.name, str(CHART), "--reuse-values", "--wait=false",
+                        "--set", "redis.persistence.size=1024Mi", check=False)
+    assert same.returncode == 0, same.stderr
+    bigger = release.helm("upgrade", release.name, str(CHART), "--reuse-values", "--wait=false",
+                          "--set", "redis.persistence.size=2Gi", check=False)
+    assert bigger.returncode != 0 and f"patch pvc data-{sts_name}-0" in bigger.stderr, bigger.stderr
+
+
+def test_uninstall_leaves_only_the_kept_volumes(release: FullRelease) -> None:
+    """Everything of the release goes but the two claims that hold data: the collector's
+    SQLite (helm.sh/resource-policy: keep, REVIEW15 M7) and Redis's (a StatefulSet's claims
+    outlive it). A reinstall under the same name takes the collector's claim back."""
+    cp, ns = release.cp, release.namespace
+    claim = cp.kubectl_json("get", "pvc", f"{release.full}-analytics", "-n", ns)
     release.helm("uninstall", release.name)
     selector = f"app.kubernetes.io/instance={release.name}"
     kinds = ("deployments,statefulsets,replicasets,pods,services,secrets,configmaps,"
@@ -206,8 +244,59 @@ def test_uninstall_leaves_nothing_of_the_release(release: FullRelease) -> None:
         names = cp.kubectl("get", kinds, "-A", "-l", selector, "-o", "name").stdout.split()
         names += cp.kubectl("get", "clusterroles,clusterrolebindings,clusterkopfpeerings",
                             "-l", selector, "-o", "name").stdout.split()
-        return names
+        return sorted(names)
 
-    poll(lambda: not left(), "every object of the release gone")
+    kept = sorted([f"persistentvolumeclaim/{release.full}-analytics",
+                   f"persistentvolumeclaim/data-{release.full}-redis-0"])
+    poll(lambda: left() == kept, f"every object of the release gone but {kept}")
     for crd in ("ratelimitpolicies.sluice.dev", "clusterkopfpeerings.kopf.dev"):
         assert cp.kubectl_json("get", "crd", crd)["metadata"]["name"] == crd  # Helm keeps CRDs
+    release.helm("install", release.name, str(CHART), "--wait=false", "--set", "webhook.enabled=false")
+    again = cp.kubectl_json("get", "pvc", f"{release.full}-analytics", "-n", ns)
+    assert again["metadata"]["uid"] == claim["metadata"]["uid"]
+    release.helm("uninstall", release.name)
+    cp.kubectl("delete", "pvc", "--all", "-n", ns, "--wait=false")
+
+
+def test_a_gitops_password_secret_reaches_the_sidecars_and_rolls_its_readers(control_plane: ControlPlane) -> None:
+    """REVIEW15 M9, with an API server: redis.auth.existingSecret's resourceVersion (looked up
+    by helm install/upgrade) is what the pods' checksum carries, so a rotated password rolls
+    Redis, the operator and the collector; the NOTES command that gives an application
+    namespace the sidecars' URL Secret works as printed."""
+    cp, suffix = control_plane, uuid.uuid4().hex[:6]
+    rel = FullRelease(f"git-{suffix}", f"sluice-git-{suffix}", f"app-{suffix}", cp)
+    for ns in (rel.namespace, rel.app_namespace):
+        cp.kubectl("create", "namespace", ns)
+    try:
+        cp.kubectl("create", "secret", "generic", "redis-pass", "-n", rel.namespace,
+                   "--from-literal=redis.password=first-Pass_1")
+        values = ("--wait=false", "--set", "webhook.enabled=false", "--set", "redis.auth.existingSecret=redis-pass",
+                  "--set", "redis.auth.existingSecretKey=redis.password")
+        rel.helm("install", rel.name, str(CHART), *values)
+
+        def checksums() -> set[str]:
+            return {cp.kubectl_json("get", kind, f"{rel.full}-{name}", "-n", rel.namespace)["spec"]["template"]
+                    ["metadata"]["annotations"]["checksum/redis-auth"]
+                    for kind, name in [("statefulset", "redis"), ("deployment", "operator"),
+                                       ("deployment", "analytics")]}
+
+        version = cp.kubectl_json("get", "secret", "redis-pass", "-n", rel.namespace)["metadata"]["resourceVersion"]
+        assert checksums() == {version}
+        (create,) = [c for c in notes_commands(rel) if "create secret generic" in c]
+        res = run_as_printed(rel, create.replace(" default ", f" {rel.app_namespace} ")
+                             .replace("-n default", f"-n {rel.app_namespace}"))
+        assert res.returncode == 0, f"{create}\n{res.stderr}"
+        url = f"redis://:first-Pass_1@{rel.full}-redis.{rel.namespace}.svc:6379"
+        assert rel.secret(f"{rel.full}-redis-url", rel.app_namespace) == {"url": url}
+        # rotate: the next upgrade rolls every reader of the password
+        rotated = cp.kubectl("create", "secret", "generic", "redis-pass", "-n", rel.namespace,
+                             "--from-literal=redis.password=second-Pass_2", "--dry-run=client", "-o", "yaml").stdout
+        cp.kubectl("apply", "-f", "-", input=rotated)
+        new = cp.kubectl_json("get", "secret", "redis-pass", "-n", rel.namespace)["metadata"]["resourceVersion"]
+        assert new != version
+        rel.helm("upgrade", rel.name, str(CHART), *values)
+        assert checksums() == {new}
+    finally:
+        rel.helm("uninstall", rel.name, check=False)
+        for ns in (rel.namespace, rel.app_namespace):
+            cp.kubectl("delete", "namespace", ns, "--wait=false", "--ignore-not-found")

@@ -73,18 +73,113 @@ StatefulSet's name must leave room for its controller-revision-hash label. */}}
 {{- printf "%s-redis" (include "sluice.fullname" . | trunc 46 | trimSuffix "-") -}}
 {{- end -}}
 
+{{/* A StatefulSet's volumeClaimTemplates cannot change: an upgrade that turns
+redis.persistence on or off, or changes its size or StorageClass, would be refused by the API
+server halfway through the upgrade ("updates to statefulset spec for fields other than ... are
+forbidden"). Compared with the live StatefulSet (lookup: helm install/upgrade; `helm template`
+sees none, so GitOps tools get the API server's refusal instead), it fails first, naming the
+step that makes the change possible. */}}
+{{- define "sluice.redisPersistenceGuard" -}}
+{{- $name := include "sluice.redisName" . }}
+{{- $p := .Values.redis.persistence }}
+{{- $orphan := printf "kubectl -n %s delete statefulset %s --cascade=orphan" .Release.Namespace $name }}
+{{- with lookup "apps/v1" "StatefulSet" .Release.Namespace $name }}
+{{- $live := .spec.volumeClaimTemplates | default list }}
+{{- if ne (gt (len $live) 0) $p.enabled }}
+{{- fail (printf "redis.persistence.enabled changes to %v, which StatefulSet %s cannot take in place (its volumeClaimTemplates are immutable). Run `%s` (Redis keeps running), then this upgrade again: Redis restarts %s; the operator writes config and grants back within a resync, buckets start full. See the chart README, Redis." $p.enabled $name $orphan (ternary "on its new PVC, empty" (printf "without its PVC (data-%s-0 stays until you delete it)" $name) $p.enabled)) }}
+{{- end }}
+{{- if $p.enabled }}
+{{- $claim := (index $live 0).spec }}
+{{- if ne (default "" $claim.storageClassName) (default "" $p.storageClass) }}
+{{- fail (printf "redis.persistence.storageClass changes from %q to %q, which StatefulSet %s cannot take in place. Run `%s`, delete PVC data-%s-0 (its data goes), then this upgrade again. See the chart README, Redis." (default "" $claim.storageClassName) (default "" $p.storageClass) $name $orphan $name) }}
+{{- end }}
+{{- $was := include "sluice.quantityBytes" $claim.resources.requests.storage }}
+{{- $now := include "sluice.quantityBytes" $p.size }}
+{{- if and $was $now (ne $was $now) }}
+{{- fail (printf "redis.persistence.size changes from %s to %s, which StatefulSet %s cannot take in place. Grow PVC data-%s-0 itself where its StorageClass allows expansion (`kubectl -n %s patch pvc data-%s-0 -p '{\"spec\":{\"resources\":{\"requests\":{\"storage\":\"%s\"}}}}'`), run `%s`, then this upgrade again. See the chart README, Redis." $claim.resources.requests.storage $p.size $name $name $.Release.Namespace $name $p.size $orphan) }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- end -}}
+
+{{/* A storage quantity in bytes when it is an integer with a binary suffix (or none), else
+empty: the API server writes quantities back in its own form (1024Mi as 1Gi), so only these
+are compared; other forms are let through. */}}
+{{- define "sluice.quantityBytes" -}}
+{{- $q := toString . }}
+{{- if regexMatch "^[0-9]+(Ki|Mi|Gi|Ti|Pi)?$" $q }}
+{{- $n := regexFind "^[0-9]+" $q }}
+{{- $unit := trimPrefix $n $q }}
+{{- $f := get (dict "" 1 "Ki" 1024 "Mi" 1048576 "Gi" 1073741824 "Ti" 1099511627776 "Pi" 1125899906842624) $unit }}
+{{- mul (atoi $n) $f }}
+{{- end }}
+{{- end -}}
+
 {{/* The in-chart Redis's URL without its password: a Service name that resolves from every
 namespace (the injected sidecars run in the applications' ones). */}}
 {{- define "sluice.redisAddress" -}}
 {{- printf "%s.%s.svc:6379" (include "sluice.redisName" .) .Release.Namespace -}}
 {{- end -}}
 
+{{/* The in-chart Redis's password: the live Secret's (lookup, so upgrades keep it), else a
+new one, drawn once per render (memoised in .Values, which every template of the render shares)
+so the Secret and the checksums of the pods that read it agree. Not used with
+redis.auth.existingSecret. */}}
+{{- define "sluice.redisGeneratedPassword" -}}
+{{- $memo := .Values.redis }}
+{{- if not (hasKey $memo "__password") }}
+{{- $password := randAlphaNum 40 }}
+{{- with lookup "v1" "Secret" .Release.Namespace (include "sluice.redisName" .) }}
+{{- if and .data .data.password }}
+{{- $password = .data.password | b64dec }}
+{{- end }}
+{{- end }}
+{{- $_ := set $memo "__password" $password }}
+{{- end }}
+{{- get $memo "__password" }}
+{{- end -}}
+
+{{/* The Secret and key holding the in-chart Redis's password. */}}
+{{- define "sluice.redisPasswordSecret" -}}
+{{- .Values.redis.auth.existingSecret | default (include "sluice.redisName" .) -}}
+{{- end -}}
+{{- define "sluice.redisPasswordKey" -}}
+{{- if .Values.redis.auth.existingSecret }}{{ .Values.redis.auth.existingSecretKey }}{{ else }}password{{ end -}}
+{{- end -}}
+
+{{/* Pod annotation that changes when the in-chart Redis's password does, on Redis and on every
+pod that read it at start (the operator, the collector), so none keeps an old one. Generated:
+a hash of the password (40 random characters, no guessing from the hash). From
+redis.auth.existingSecret: that Secret's resourceVersion (a hash of a chosen password would
+let whoever reads pods guess it offline); `helm template` cannot look it up, hence "unknown"
+there: restart by hand after a rotation (chart README, Redis). */}}
+{{- define "sluice.redisAuthChecksum" -}}
+{{- if .Values.redis.enabled -}}
+checksum/redis-auth: {{ if .Values.redis.auth.existingSecret -}}
+{{ (lookup "v1" "Secret" .Release.Namespace .Values.redis.auth.existingSecret).metadata | default dict | dig "resourceVersion" "unknown" | quote }}
+{{- else -}}
+{{ include "sluice.redisGeneratedPassword" . | sha256sum | quote }}
+{{- end }}
+{{- end -}}
+{{- end -}}
+
 {{/* The env entry NAME = the Redis URL for a pod of the release namespace (the operator, the
 collector): from the in-chart Redis's Secret, from externalRedis.existingSecret, or
-externalRedis.url as a value. Called with (dict "ctx" $ "name" "SLUICE_OPERATOR_REDIS"). */}}
+externalRedis.url as a value. With redis.auth.existingSecret (a password only) the URL is
+built by the kubelet from the password's env entry ($(REDIS_PASSWORD) expansion), so it never
+lands in the pod spec. Called with (dict "ctx" $ "name" "SLUICE_OPERATOR_REDIS"). */}}
 {{- define "sluice.redisUrlEnv" -}}
+{{- if and .ctx.Values.redis.enabled .ctx.Values.redis.auth.existingSecret }}
+- name: REDIS_PASSWORD
+  valueFrom:
+    secretKeyRef:
+      name: {{ .ctx.Values.redis.auth.existingSecret }}
+      key: {{ .ctx.Values.redis.auth.existingSecretKey }}
+{{- end }}
 - name: {{ .name }}
-{{- if .ctx.Values.redis.enabled }}
+{{- if and .ctx.Values.redis.enabled .ctx.Values.redis.auth.existingSecret }}
+  value: {{ printf "redis://:$(REDIS_PASSWORD)@%s" (include "sluice.redisAddress" .ctx) | quote }}
+{{- else if .ctx.Values.redis.enabled }}
   valueFrom:
     secretKeyRef:
       name: {{ include "sluice.redisName" .ctx }}
