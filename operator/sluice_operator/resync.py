@@ -144,10 +144,7 @@ class Resync:
         await self.reconciler.memory_check.run()
         await self.check_redis()
         served = self.hooks.served()
-        try:
-            await self.heartbeats.refresh(ns for ns in served if ns != CLUSTER_SCOPE)
-        except configstore.ConfigStoreError as exc:
-            log.warning("cannot read heartbeats: %s", exc)
+        if not await self._read_heartbeats(served):
             return
         if self.hooks.deleted_meanwhile is not None:
             for scope, name in sorted(self.heartbeats.enforced_refs()):
@@ -166,6 +163,15 @@ class Resync:
         self.reconciler.metrics.sidecars_behind = {ns: len(pods) for ns, pods in behind.items()}
         if self.usage is not None:  # last: a sweep's usage patches never delay its Enforced ones
             await self.usage.sweep(served, self.hooks.write_status)
+
+    async def _read_heartbeats(self, served: Mapping[str, Any]) -> bool:
+        """Refresh the heartbeats of the served namespaces; False (said) when Redis did not answer."""
+        try:
+            await self.heartbeats.refresh(ns for ns in served if ns != CLUSTER_SCOPE)
+        except configstore.ConfigStoreError as exc:
+            log.warning("cannot read heartbeats: %s", exc)
+            return False
+        return True
 
     def _behind(self, scope: str, outcome: NamespaceOutcome) -> dict[str, set[str]]:
         """The scope's sidecars that report an older version than the one written: a namespace's,
@@ -190,10 +196,7 @@ class Resync:
             if not recounts[scope]:
                 del recounts[scope]
         served = self.hooks.served()
-        try:
-            await self.heartbeats.refresh(ns for ns in served if ns != CLUSTER_SCOPE)
-        except configstore.ConfigStoreError as exc:
-            log.warning("cannot read heartbeats: %s", exc)
+        if not await self._read_heartbeats(served):
             return
         for scope in due:
             outcome = self.reconciler.latest(scope)

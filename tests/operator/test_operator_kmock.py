@@ -345,13 +345,11 @@ async def test_key_secret_changes_reach_the_policy_status_before_the_resync(kmoc
         await eventually(lambda: env.status("api").get("keys") == 0, "status keys: 0", timeout=5)
 
 
-async def test_contract_operator_to_sidecar_process_to_status(env: Env, tmp_path: Any) -> None:
-    """The operator writes config -> a real sidecar process in cluster mode enforces it ->
-    the policy's status shows one sidecar enforcing that version."""
-    from support.processes import SidecarProcess, UpstreamProcess, http_get
+async def web_0(env: Env, tmp_path: Any) -> tuple[Any, Any]:
+    """An upstream and a real sidecar process of the test's namespace in cluster mode, pod
+    ``web-0`` labelled ``app=web`` (heartbeats on): close both."""
+    from support.processes import SidecarProcess, UpstreamProcess
 
-    await env.create(env.rlp_path(), policy("api", env.ns, requests=2))
-    cfg = await eventually(env.config, "config in Redis")
     labels = tmp_path / "labels"
     labels.write_text('app="web"\n')
     up = await asyncio.to_thread(UpstreamProcess)
@@ -359,6 +357,17 @@ async def test_contract_operator_to_sidecar_process_to_status(env: Env, tmp_path
     sidecar = await asyncio.to_thread(
         SidecarProcess, up.url, "--redis", f"redis://{url['host']}:{url['port']}",
         "--namespace", env.ns, "--pod-labels", str(labels), "--pod-name", "web-0")
+    return up, sidecar
+
+
+async def test_contract_operator_to_sidecar_process_to_status(env: Env, tmp_path: Any) -> None:
+    """The operator writes config -> a real sidecar process in cluster mode enforces it ->
+    the policy's status shows one sidecar enforcing that version."""
+    from support.processes import http_get
+
+    await env.create(env.rlp_path(), policy("api", env.ns, requests=2))
+    cfg = await eventually(env.config, "config in Redis")
+    up, sidecar = await web_0(env, tmp_path)
     try:
         codes = [(await asyncio.to_thread(http_get, sidecar.url + "/"))[0] for _ in range(3)]
         assert codes == [200, 200, 429]
@@ -557,8 +566,6 @@ async def test_a_sidecar_stuck_on_an_old_config_is_counted_behind_until_it_catch
     """``sluice_operator_sidecars_behind`` (the SluicePolicyNotEnforced alert): a real sidecar
     frozen (SIGSTOP) keeps its last heartbeat, fresh and at the old version, while the policy
     changes; it is counted behind until, thawed, it reloads and beats the new version."""
-    from support.processes import SidecarProcess, UpstreamProcess
-
     def behind() -> float | None:
         text = generate_latest(env.metrics.registry).decode()
         for fam in text_string_to_metric_families(text):
@@ -568,13 +575,7 @@ async def test_a_sidecar_stuck_on_an_old_config_is_counted_behind_until_it_catch
 
     await env.create(env.rlp_path(), policy("api", env.ns, requests=2))
     first = (await eventually(env.config, "config in Redis")).version
-    labels = tmp_path / "labels"
-    labels.write_text('app="web"\n')
-    up = await asyncio.to_thread(UpstreamProcess)
-    url = env.redis.connection_pool.connection_kwargs
-    sidecar = await asyncio.to_thread(
-        SidecarProcess, up.url, "--redis", f"redis://{url['host']}:{url['port']}",
-        "--namespace", env.ns, "--pod-labels", str(labels), "--pod-name", "web-0")
+    up, sidecar = await web_0(env, tmp_path)
     try:
         await eventually(lambda: env.status("api").get("enforcedSidecars") == 1, "Enforced: 1")
         assert behind() == 0
