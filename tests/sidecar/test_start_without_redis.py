@@ -14,10 +14,8 @@ import json
 import subprocess
 import sys
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
 from support.processes import SidecarProcess, UpstreamProcess, http_get, wait_until
 from support.redis_servers import RedisServer, pick_port
 
@@ -40,20 +38,6 @@ def statuses(url: str, n: int) -> list[int]:
     return [http_get(url + "/api")[0] for _ in range(n)]
 
 
-@pytest.fixture
-def upstream() -> Iterator[UpstreamProcess]:
-    up = UpstreamProcess()
-    yield up
-    up.close()
-
-
-@pytest.fixture
-def labels(tmp_path: Path) -> Path:
-    f = tmp_path / "labels"
-    f.write_text('app="web"\n')
-    return f
-
-
 def loaded_and_closed(sidecar: SidecarProcess) -> bool:
     state = json.loads(http_get(sidecar.admin + "/readyz")[1])
     return bool(state["config"]["loaded"]) and state["store"]["circuit"] == "closed"
@@ -69,9 +53,9 @@ def sidecar_without_redis(upstream: UpstreamProcess, labels: Path, port: int, ns
 
 
 def test_fail_open_pod_is_ready_and_forwards_while_redis_is_down(
-        upstream: UpstreamProcess, labels: Path, tmp_path: Path) -> None:
+        upstream_process: UpstreamProcess, labels: Path, tmp_path: Path) -> None:
     port, ns = pick_port(), "down-" + uuid.uuid4().hex[:8]
-    sidecar = sidecar_without_redis(upstream, labels, port, ns, "unlimited")
+    sidecar = sidecar_without_redis(upstream_process, labels, port, ns, "unlimited")
     try:
         sidecar.wait_ready()  # Redis is not there: ready all the same
         assert statuses(sidecar.url, 3) == [200, 200, 200]
@@ -85,9 +69,10 @@ def test_fail_open_pod_is_ready_and_forwards_while_redis_is_down(
         sidecar.close()
 
 
-def test_fail_closed_pod_waits_for_its_config(upstream: UpstreamProcess, labels: Path, tmp_path: Path) -> None:
+def test_fail_closed_pod_waits_for_its_config(upstream_process: UpstreamProcess, labels: Path,
+                                              tmp_path: Path) -> None:
     port, ns = pick_port(), "closed-" + uuid.uuid4().hex[:8]
-    sidecar = sidecar_without_redis(upstream, labels, port, ns, "refuse")
+    sidecar = sidecar_without_redis(upstream_process, labels, port, ns, "refuse")
     try:
         assert http_get(sidecar.admin + "/readyz")[0] == 503
         assert statuses(sidecar.url, 2) == [503, 503]
