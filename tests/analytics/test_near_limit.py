@@ -6,6 +6,7 @@ to an address the collector must not call."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
 import json
@@ -103,6 +104,18 @@ def sent(metrics: AnalyticsMetrics, result: str) -> float:
     return 0.0
 
 
+@contextlib.asynccontextmanager
+async def running(sender: WebhookSender) -> AsyncIterator[None]:
+    """The sender's delivery loop, stopped (and awaited) on the way out."""
+    stop = asyncio.Event()
+    task = asyncio.create_task(sender.run(stop))
+    try:
+        yield
+    finally:
+        stop.set()
+        await task
+
+
 async def test_a_client_past_the_share_is_alerted_once_per_period(
         engine: AsyncEngine, redis_client: configstore.Client) -> None:
     ns = await setup(engine, redis_client, None, {
@@ -155,18 +168,13 @@ async def test_the_webhook_gets_a_signed_body_after_retrying_a_failing_receiver(
     receiver.answers = [503, 502]  # two failures, then 200
     metrics = AnalyticsMetrics()
     sender = WebhookSender(metrics, timeout_s=5, attempts=4, secret=SECRET, allow=LOOPBACK, backoff_s=0.05)
-    stop = asyncio.Event()
-    task = asyncio.create_task(sender.run(stop))
-    try:
+    async with running(sender):
         await NearLimitAlerts(engine, redis_client, [sender.deliver]).run_once(NOW)
 
         async def delivered() -> bool:
             return sent(metrics, "delivered") == 1
 
         await wait_for(delivered, timeout=15, what="the webhook delivered")
-    finally:
-        stop.set()
-        await task
     assert len(receiver.got) == 3
     headers, body = receiver.got[-1]
     expected = "sha256=" + hmac.new(SECRET, body, hashlib.sha256).hexdigest()
@@ -182,18 +190,13 @@ async def test_a_refusing_receiver_is_not_asked_again(
     receiver.answers = [400]
     metrics = AnalyticsMetrics()
     sender = WebhookSender(metrics, timeout_s=5, attempts=4, secret=None, allow=LOOPBACK, backoff_s=0.05)
-    stop = asyncio.Event()
-    task = asyncio.create_task(sender.run(stop))
-    try:
+    async with running(sender):
         await NearLimitAlerts(engine, redis_client, [sender.deliver]).run_once(NOW)
 
         async def answered() -> bool:
             return sent(metrics, "status") == 1
 
         await wait_for(answered, timeout=15, what="the refusal counted")
-    finally:
-        stop.set()
-        await task
     assert len(receiver.got) == 1
     assert "X-Sluice-Signature" not in receiver.got[0][0]
 
@@ -219,18 +222,13 @@ async def test_addresses_the_collector_must_not_call_are_refused(
     await setup(engine, redis_client, url, {("alice", "free"): 99})
     metrics = AnalyticsMetrics()
     sender = WebhookSender(metrics, timeout_s=2, attempts=2, secret=None, backoff_s=0.05)
-    stop = asyncio.Event()
-    task = asyncio.create_task(sender.run(stop))
-    try:
+    async with running(sender):
         await NearLimitAlerts(engine, redis_client, [sender.deliver]).run_once(NOW)
 
         async def counted() -> bool:
             return sent(metrics, "refused") == 1
 
         await wait_for(counted, timeout=15, what="the webhook refused")
-    finally:
-        stop.set()
-        await task
     assert receiver.got == []
     assert sent(metrics, "delivered") == 0
 
