@@ -115,6 +115,11 @@ class AnalyticsSettings:
     alert_webhook_secret_file: str = setting(
         default="", help="file holding the secret that signs near-limit webhook bodies "
                          "(`X-Sluice-Signature: sha256=<HMAC>`)", metavar="PATH", shown="none: unsigned")
+    alert_webhook_secret_namespace: str = setting(
+        default="", metavar="NAMESPACE", shown="the pod's own namespace",
+        help="where the Secrets named by ClusterRateLimitPolicies' `webhook.secretRef` are (a "
+             "RateLimitPolicy's are in its own namespace); the collector reads them with "
+             "`--api-auth kubernetes` and needs `get` on each")
     alert_webhook_timeout_s: float = setting(default=5.0, help="timeout of one webhook attempt",
                                              positive=True)
     alert_webhook_attempts: int = setting(
