@@ -5,7 +5,10 @@ controller-manager):
 - a private Redis CA (``--sidecar-redis-ca-file``): a namespace created after the operator
   started gets ConfigMap ``sluice-redis-ca`` with its first injected pod (not with a dry run),
   and the pod mounts it into the sidecar, whose ``SLUICE_REDIS_CA_FILE`` names the file
-  (tests/operator/test_redis_ca.py runs a sidecar against a private-CA TLS Redis with it).
+  (tests/operator/test_redis_ca.py runs a sidecar against a private-CA TLS Redis with it);
+- the grace period: a pod that sets none gets Kubernetes' 30 s plus the sidecar's drain; one
+  whose own period is too short keeps it, with an admission warning (``kubectl`` prints it)
+  and, for a Deployment's pods, one Event on their ReplicaSet.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+import yaml
+from sluice_operator.injection.grace import DEFAULT_GRACE_S, sidecar_stop_s
 from sluice_operator.injection.names import REDIS_CA_CONFIGMAP, SIDECAR_NAME
 from sluice_operator.injection.settings import InjectionSettings
 from sluice_operator.webhook_config import MUTATING_NAME, Endpoint
@@ -27,11 +32,14 @@ from support.redis_servers import pick_port
 from support.sluice_objects import delete_webhook_configurations
 
 pytestmark = pytest.mark.k8s
+INJECTION = InjectionSettings()  # the grace period's arithmetic: the sidecar's defaults
 
 
-def pod(name: str, ns: str) -> dict[str, Any]:
+def pod(name: str, ns: str, grace: int | None = None) -> dict[str, Any]:
     spec: dict[str, Any] = {"containers": [{"name": "app", "image": "registry.invalid/demo:1",
                                              "ports": [{"name": "http", "containerPort": 8080}]}]}
+    if grace is not None:
+        spec["terminationGracePeriodSeconds"] = grace
     return {"apiVersion": "v1", "kind": "Pod", "spec": spec,
             "metadata": {"name": name, "namespace": ns, "labels": {"app": name, "sluice.dev/inject": "true"}}}
 
@@ -106,3 +114,41 @@ def test_a_new_namespace_gets_the_redis_ca_with_its_first_injected_pod(operator:
     app = stored["spec"]["containers"][0]
     assert all(v.get("configMap") is None for v in volumes.values()
                if v["name"] in {m["name"] for m in app.get("volumeMounts", [])})  # the app gets nothing
+
+
+def test_a_pod_without_a_grace_period_gets_room_for_the_drain(operator: Operator, namespace: str) -> None:
+    cp, ns = operator.cp, namespace
+    res = cp.kubectl("create", "-f", "-", input=json.dumps(pod("web", ns)))
+    assert "terminationGracePeriodSeconds" not in res.stderr
+    stored = cp.kubectl_json("-n", ns, "get", "pod", "web")
+    assert stored["spec"]["terminationGracePeriodSeconds"] == DEFAULT_GRACE_S + sidecar_stop_s(INJECTION) == 65
+
+
+def test_a_too_short_grace_period_is_kept_with_a_warning_and_an_event(operator: Operator, namespace: str) -> None:
+    cp, ns = operator.cp, namespace
+    res = cp.kubectl("create", "-f", "-", input=json.dumps(pod("quick", ns, grace=10)))
+    assert "Warning: sluice: terminationGracePeriodSeconds 10 is too short" in res.stderr, res.stderr
+    assert cp.kubectl_json("-n", ns, "get", "pod", "quick")["spec"]["terminationGracePeriodSeconds"] == 10
+    roomy = cp.kubectl("create", "-f", "-", input=json.dumps(pod("roomy", ns, grace=60)))
+    assert "terminationGracePeriodSeconds" not in roomy.stderr
+
+    # A Deployment's pods: the ReplicaSet controller creates them and drops the warning; its
+    # ReplicaSet gets one Event for both pods.
+    template = pod("api", ns, grace=10)
+    deploy = {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "api", "namespace": ns},
+              "spec": {"replicas": 2, "selector": {"matchLabels": {"app": "api"}},
+                       "template": {"metadata": {"labels": template["metadata"]["labels"]},
+                                    "spec": template["spec"]}}}
+    cp.kubectl("apply", "-f", "-", input=yaml.safe_dump(deploy))
+    poll(lambda: len(cp.kubectl_json("-n", ns, "get", "pods", "-l", "app=api")["items"]) == 2, "2 pods of api")
+
+    def events(kind: str = "ReplicaSet") -> list[dict[str, Any]]:
+        return [e for e in cp.kubectl_json("-n", ns, "get", "events")["items"]
+                if e["reason"] == "GracePeriodTooShort" and e["involvedObject"]["kind"] == kind]
+
+    assert [e["involvedObject"]["name"] for e in events("Pod")] == ["quick"]  # a pod of no owner: on itself
+
+    (event,) = poll(events, "the Event on the ReplicaSet")
+    assert event["involvedObject"]["kind"] == "ReplicaSet" and event["involvedObject"]["name"].startswith("api-")
+    assert event["type"] == "Warning" and "is too short" in event["message"]
+    assert len(events()) == 1  # both pods admitted already: one Event, not one per pod

@@ -28,6 +28,7 @@ from typing import Any
 
 from sluice_operator.injection.container import sidecar_container
 from sluice_operator.injection.failmode import REFUSE
+from sluice_operator.injection.grace import raised_grace, too_short
 from sluice_operator.injection.names import (
     DRAIN_PATH,
     DRAIN_TOKEN_HEADER,
@@ -86,6 +87,11 @@ def _plan(pod: PodView, settings: InjectionSettings, without_config: str) -> tup
     if settings.redis_ca_file:  # the ConfigMap the webhook server keeps (redisca.py)
         patch.append({"op": "add", "path": "/spec/volumes/-",
                       "value": {"name": REDIS_CA_VOLUME, "configMap": {"name": REDIS_CA_CONFIGMAP}}})
+    grace = raised_grace(pod.spec, settings)  # the drain comes before the app's own shutdown
+    if grace is not None:
+        patch.append(grace)
+    if short := too_short(pod.spec, settings):
+        warnings.append(short)
     if pod.spec.get("hostNetwork"):
         warnings.append(f"sluice: the pod uses hostNetwork: the sidecar listens on the node's ports "
                         f"{ports.listen} and {ports.admin}")
