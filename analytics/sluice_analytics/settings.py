@@ -91,6 +91,11 @@ class AnalyticsSettings:
     keep_applied_h: float = setting(
         default=48.0, help="how long applied windows are remembered (duplicates caught); a window "
                            "ending longer ago than this is refused as stale and counted", positive=True)
+    forget_consumers_idle_h: float = setting(
+        default=24.0, help="delete another replica's consumer from the group once it has had nothing "
+                           "pending and been idle this long, hours (each restarted pod joins under a new "
+                           "name; checked every `--rollup-interval-s`; never this replica's own)",
+        positive=True)
     summary_interval_s: float = setting(
         default=60.0, help="how often each policy's last hour (requests, limited, the most limited "
                            "clients) is written to Redis for the operator's `status.usage` (one "
