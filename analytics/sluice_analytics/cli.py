@@ -29,6 +29,7 @@ from sluice_analytics.server import serve
 from sluice_analytics.settings import AnalyticsSettings
 from sluice_analytics.stream import UsageStream
 from sluice_analytics.webhooks import QueuedDelivery, WebhookSender, parse_allow
+from sluice_analytics.webhooksecrets import WebhookSecrets, own_namespace
 
 HELP = "collect usage windows from Redis into SQL rollups (SQLite or PostgreSQL)"
 log = logging.getLogger("sluice.analytics")
@@ -69,9 +70,11 @@ async def _main(settings: AnalyticsSettings, action: str) -> int:
                                  claim_idle_s=settings.claim_idle_s)
             metrics = AnalyticsMetrics()
             auth = authorizer(settings) if action != "rollup" else None
+            secrets = WebhookSecrets(auth if isinstance(auth, KubernetesAuth) else None,
+                                     own_namespace(settings.alert_webhook_secret_namespace))
             sender = WebhookSender(metrics, timeout_s=settings.alert_webhook_timeout_s,
                                    attempts=settings.alert_webhook_attempts, secret=_secret(settings),
-                                   allow=parse_allow(settings.alert_webhook_allow))
+                                   allow=parse_allow(settings.alert_webhook_allow), secrets=secrets)
             deliver: list[Callable[[Crossing], Awaitable[None]]] = [sender.deliver]
             loops = [sender.run]
             if isinstance(auth, KubernetesAuth):

@@ -152,6 +152,7 @@ class Collector:
         return result
 
     async def _rollups(self, stop: asyncio.Event) -> None:
+        """Rollup and retention, and the group's gone consumers forgotten, once an interval."""
         while not stop.is_set():
             try:
                 await self.rollup_once()
@@ -159,7 +160,19 @@ class Collector:
                 self.metrics.db_errors.inc()
                 log.error("rollup and retention run failed (next in %.0f s): %s",
                           self.settings.rollup_interval_s, exc)
+            await self.forget_consumers_once()
             await _sleep(stop, self.settings.rollup_interval_s)
+
+    async def forget_consumers_once(self) -> list[str]:
+        try:
+            gone = await self.stream.forget_idle_consumers(self.settings.forget_consumers_idle_h * 3600)
+        except REDIS_FAILURES:
+            return []  # the consume loop counts and logs Redis failures; next interval
+        if gone:
+            self.metrics.consumers_forgotten.inc(len(gone))
+            log.info("forgot %d consumer(s) of the usage group, idle and with nothing pending: %s",
+                     len(gone), ", ".join(sorted(gone))[:500])
+        return gone
 
     async def _alerts(self, stop: asyncio.Event) -> None:
         """Near-limit alerts, once an interval (none without a detector)."""

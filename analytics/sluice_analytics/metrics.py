@@ -25,6 +25,10 @@ class AnalyticsMetrics:
         self.trimmed = Counter("sluice_analytics_stream_trimmed",
                                "Stream entries removed once every consumer group acknowledged them",
                                registry=r)
+        self.consumers_forgotten = Counter(
+            "sluice_analytics_consumers_forgotten",
+            "Consumers deleted from the usage group: nothing pending, idle past --forget-consumers-idle-h",
+            registry=r)
         self.bad = Counter("sluice_analytics_bad_entries",
                            "Stream entries that are no usage window (set aside, acknowledged)", registry=r)
         self.db_errors = Counter("sluice_analytics_db_errors",

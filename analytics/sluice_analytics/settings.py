@@ -91,6 +91,11 @@ class AnalyticsSettings:
     keep_applied_h: float = setting(
         default=48.0, help="how long applied windows are remembered (duplicates caught); a window "
                            "ending longer ago than this is refused as stale and counted", positive=True)
+    forget_consumers_idle_h: float = setting(
+        default=24.0, help="delete another replica's consumer from the group once it has had nothing "
+                           "pending and been idle this long, hours (each restarted pod joins under a new "
+                           "name; checked every `--rollup-interval-s`; never this replica's own)",
+        positive=True)
     summary_interval_s: float = setting(
         default=60.0, help="how often each policy's last hour (requests, limited, the most limited "
                            "clients) is written to Redis for the operator's `status.usage` (one "
@@ -115,6 +120,11 @@ class AnalyticsSettings:
     alert_webhook_secret_file: str = setting(
         default="", help="file holding the secret that signs near-limit webhook bodies "
                          "(`X-Sluice-Signature: sha256=<HMAC>`)", metavar="PATH", shown="none: unsigned")
+    alert_webhook_secret_namespace: str = setting(
+        default="", metavar="NAMESPACE", shown="the pod's own namespace",
+        help="where the Secrets named by ClusterRateLimitPolicies' `webhook.secretRef` are (a "
+             "RateLimitPolicy's are in its own namespace); the collector reads them with "
+             "`--api-auth kubernetes` and needs `get` on each")
     alert_webhook_timeout_s: float = setting(default=5.0, help="timeout of one webhook attempt",
                                              positive=True)
     alert_webhook_attempts: int = setting(

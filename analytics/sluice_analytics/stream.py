@@ -21,6 +21,12 @@ So with a live collector the stream holds only what is unconsumed, whatever
 ``--usage-stream-maxlen`` allows; a dead replica's pending entries stay until claimed and
 acknowledged; another group on the stream keeps what it has not read. ``XDEL`` of the
 acknowledged ids would be simpler but would take entries from under any other group.
+
+Consumers are forgotten too: each restarted collector pod joins under a new name, and a group
+keeps every consumer it ever had. :meth:`UsageStream.forget_idle_consumers` deletes the others
+that have nothing pending and were idle longer than ``--forget-consumers-idle-h`` (a live
+replica's reads keep it busy every ``block_ms``; one with pending entries waits for
+``XAUTOCLAIM`` to take them first).
 """
 
 from __future__ import annotations
@@ -131,6 +137,13 @@ class UsageStream:
         """Remove the entries every group has acknowledged; the number removed."""
         s = scripts.trim_usage()
         return int(await self.redis.eval(s.source, 1, self.key))
+
+    async def forget_idle_consumers(self, idle_s: float) -> list[str]:
+        """Delete the other consumers of the group with nothing pending that were idle longer
+        than ``idle_s`` (replicas gone for good; ``scripts/forget_consumers.lua``); their names."""
+        s = scripts.forget_consumers()
+        gone = await self.redis.eval(s.source, 1, self.key, self.group, str(int(idle_s * 1000)), self.consumer)
+        return [_text(n) for n in gone or []]
 
     async def reject(self, entry_id: str, fields: Fields, reason: str) -> None:
         """Keep a bad entry aside (bounded stream) and acknowledge it, in one transaction."""

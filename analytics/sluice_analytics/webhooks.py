@@ -1,4 +1,6 @@
-"""Near-limit alerts POSTed to a policy's ``spec.alerts[].webhook.url``, off the pipeline.
+"""Near-limit alerts POSTed to a policy's ``spec.alerts[].webhook``, off the pipeline: its ``url``,
+or the URL in the Secret its ``secretRef`` names (:mod:`sluice_analytics.webhooksecrets`, read
+when the alert is sent, and guarded like any other URL).
 
 A webhook URL is written by whoever may edit a policy, and the collector POSTs from inside the
 cluster: that is a server-side request forgery tool unless bounded. So:
@@ -13,11 +15,11 @@ cluster: that is a server-side request forgery tool unless bounded. So:
 * redirects are not followed, the response body is not read beyond its status, each attempt has
   a timeout, and the queues are bounded: a slow or dead receiver costs its own alerts (dropped,
   counted), never another receiver's, the collector's memory or its pipeline. Alerts queue per
-  receiving host, hosts are served in turn, at most one request per host at a time and
-  :data:`WORKERS` at once;
+  receiving host (per Secret for a ``secretRef``: its host is not known before it is read),
+  queues are served in turn, at most one request per queue at a time and :data:`WORKERS` at once;
 * the body is signed when the collector has a secret (``X-Sluice-Signature: sha256=<hex
-  HMAC-SHA256 of the body>``), so a receiver can tell a real alert from a forged one: the URL is
-  no secret (it sits in the policy and the config document);
+  HMAC-SHA256 of the body>``), so a receiver can tell a real alert from a forged one: a ``url``
+  is no secret (it sits in the policy and the config document), a ``secretRef``'s URL may be;
 * the log names a webhook by scheme and host only: a path may carry a token (a chat service's
   incoming-webhook URL).
 """
@@ -39,10 +41,12 @@ from collections.abc import Awaitable, Callable, Sequence
 import aiohttp
 from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.resolver import DefaultResolver
+from sluice_core.model import SecretKeyRef
 
 from sluice_analytics.metrics import AnalyticsMetrics
 from sluice_analytics.nearlimit import Crossing
 from sluice_analytics.settings import IPNetwork, parse_allow
+from sluice_analytics.webhooksecrets import SecretUnavailable, WebhookSecrets
 
 log = logging.getLogger("sluice.analytics")
 QUEUE = 1000  # alerts waiting for delivery at most, all hosts; one more is dropped (counted)
@@ -52,6 +56,7 @@ BACKOFF_S = 1.0  # before the second attempt; doubled before each next one
 NAT64 = (ipaddress.ip_network("64:ff9b::/96"), ipaddress.ip_network("64:ff9b:1::/48"))
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+Target = str | tuple[str, SecretKeyRef]  # a URL, or (namespace, ref) of a Secret holding one
 __all__ = ["AddressRefused", "QueuedDelivery", "WebhookSender", "parse_allow", "refused"]
 
 
@@ -113,32 +118,44 @@ def shown(url: str) -> str:
     return f"{parts.scheme}://{parts.netloc}"
 
 
+def shown_target(target: Target) -> str:
+    return shown(target) if isinstance(target, str) else WebhookSecrets.shown(*target)
+
+
 class WebhookSender:
     def __init__(self, metrics: AnalyticsMetrics, *, timeout_s: float, attempts: int,
-                 secret: bytes | None, allow: Sequence[IPNetwork] = (), backoff_s: float = BACKOFF_S) -> None:
+                 secret: bytes | None, allow: Sequence[IPNetwork] = (), backoff_s: float = BACKOFF_S,
+                 secrets: WebhookSecrets | None = None) -> None:
         self.metrics, self.backoff_s = metrics, backoff_s
         self.timeout_s, self.attempts, self.secret, self.allow = timeout_s, attempts, secret, tuple(allow)
-        self._queues: dict[str, deque[tuple[str, bytes]]] = {}  # host -> its alerts, oldest first
+        self.secrets = secrets or WebhookSecrets(None, "")
+        self._queues: dict[str, deque[tuple[Target, bytes]]] = {}  # host -> its alerts, oldest first
         self._ready: deque[str] = deque()  # hosts with alerts and no request in flight, in turn
         self._queued = 0
         self._wake = asyncio.Event()
 
     async def deliver(self, crossing: Crossing) -> None:
         """Queue the alert for its webhook, if the alert has one; never waits."""
-        url = crossing.alert.webhook
-        if not url:
+        webhook = crossing.alert.webhook
+        target: Target
+        if webhook is not None and webhook.secret_ref is not None:
+            target = (self.secrets.namespace_of(crossing.namespace), webhook.secret_ref)
+            host = "secret " + shown_target(target)  # not a host name: cannot clash with one
+        elif webhook is not None and webhook.url:
+            target = webhook.url
+            host = (urllib.parse.urlsplit(target).hostname or "").lower()
+        else:
             return
-        host = (urllib.parse.urlsplit(url).hostname or "").lower()
         queue = self._queues.setdefault(host, deque())
         if self._queued >= QUEUE or len(queue) >= PER_HOST:
             self.metrics.webhooks.labels("dropped").inc()
             log.warning("near-limit webhook queue full (%s): alert to %s dropped",
-                        "all hosts" if self._queued >= QUEUE else "this host", shown(url))
+                        "all hosts" if self._queued >= QUEUE else "this host", shown_target(target))
             return
         body = json.dumps(crossing.body(), separators=(",", ":"), sort_keys=True).encode()
         if not queue and host not in self._ready:
             self._ready.append(host)
-        queue.append((url, body))
+        queue.append((target, body))
         self._queued += 1
         self._wake.set()
 
@@ -158,17 +175,31 @@ class WebhookSender:
                 await self._wake.wait()
                 continue
             host = self._ready.popleft()  # busy until its request is done: out of the turn
-            url, body = self._queues[host].popleft()
+            target, body = self._queues[host].popleft()
             self._queued -= 1
             try:
-                await self.send(session, url, body, stop)
+                url = await self.url(target)
+                if url is not None:
+                    await self.send(session, url, body, stop)
             except Exception:  # a bug must not end a worker: said, the next alert is taken
-                log.exception("near-limit webhook to %s failed", shown(url))
+                log.exception("near-limit webhook to %s failed", shown_target(target))
             if self._queues[host]:
                 self._ready.append(host)
                 self._wake.set()
             else:
                 del self._queues[host]
+
+    async def url(self, target: Target) -> str | None:
+        """The URL to POST to: ``target`` itself, or read from its Secret (None: could not be,
+        counted as ``secret`` and logged by the Secret's name, never its value)."""
+        if isinstance(target, str):
+            return target
+        try:
+            return await self.secrets.url(*target)
+        except SecretUnavailable as exc:
+            self.metrics.webhooks.labels("secret").inc()
+            log.warning("near-limit webhook from %s not delivered (secret): %s", shown_target(target), exc)
+            return None
 
     async def send(self, session: aiohttp.ClientSession, url: str, body: bytes, stop: asyncio.Event) -> bool:
         """POST ``body`` to ``url`` with retries; True once a receiver answered 2xx."""

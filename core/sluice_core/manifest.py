@@ -98,6 +98,8 @@ def alert_to_dict(a: Alert) -> dict[str, Any]:
     out: dict[str, Any] = {"name": a.name, "percent": a.percent, "period": a.period.value}
     if a.tiers is not None:
         out["tiers"] = sorted(a.tiers)
-    if a.webhook is not None:
-        out["webhook"] = {"url": a.webhook}
+    if a.webhook is not None and a.webhook.secret_ref is not None:  # the ref, never what it holds
+        out["webhook"] = {"secretRef": {"name": a.webhook.secret_ref.name, "key": a.webhook.secret_ref.key}}
+    elif a.webhook is not None:
+        out["webhook"] = {"url": a.webhook.url}
     return out

@@ -240,6 +240,27 @@ class AlertPeriod(StrEnum):
 
 
 @dataclass(frozen=True, slots=True)
+class SecretKeyRef:
+    """One key of a Kubernetes Secret, named, never read, by the policy: the Secret of a
+    RateLimitPolicy is in the policy's namespace, the Secret of a ClusterRateLimitPolicy in the
+    usage collector's own namespace (a tenant cannot name another namespace's Secret)."""
+
+    name: str
+    key: str
+
+
+@dataclass(frozen=True, slots=True)
+class Webhook:
+    """``spec.alerts[].webhook``: where the collector POSTs an alert, exactly one of ``url``
+    (stored in the policy and every config document, so no secret) and ``secret_ref`` (a Secret
+    holding the URL, read by the collector when it sends: for URLs that carry a token, as chat
+    services' incoming webhooks do)."""
+
+    url: str | None = None
+    secret_ref: SecretKeyRef | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Alert:
     """``spec.alerts[]``: tell someone when a client has used ``percent`` of its tier's
     allowance for the current ``period`` (the tier's rate times the period). The usage
@@ -249,7 +270,7 @@ class Alert:
     percent: int  # 1..100
     period: AlertPeriod
     tiers: frozenset[str] | None = None  # None: every tier
-    webhook: str | None = None  # an http(s) URL the collector POSTs the alert to
+    webhook: Webhook | None = None  # where the collector POSTs the alert
 
 
 @dataclass(frozen=True, slots=True)

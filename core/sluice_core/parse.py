@@ -36,10 +36,12 @@ from sluice_core.model import (
     Mode,
     PathMatch,
     Rule,
+    SecretKeyRef,
     Selector,
     Source,
     Tier,
     Usage,
+    Webhook,
 )
 from sluice_core.paths import (
     MAX_REGEX_RULES,
@@ -55,6 +57,7 @@ from sluice_core.paths import (
 # Kubernetes object names (RFC 1123 subdomain), tier and rule names (RFC 1123 label).
 _DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
 _NAME = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
+_SECRET_KEY = re.compile(r"[-._a-zA-Z0-9]+")  # a Secret's data key, as Kubernetes allows it
 _HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # RFC 9110 token
 _LABEL_KEY = re.compile(r"([a-z0-9]([-a-z0-9.]*[a-z0-9])?/)?[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?")
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT"})
@@ -270,31 +273,55 @@ def _alerts(c: DocumentChecker, value: Any, tiers: Mapping[str, Tier]) -> tuple[
     return tuple(out)
 
 
-def _webhook(c: DocumentChecker, value: Any, path: str) -> str | None:
+def _webhook(c: DocumentChecker, value: Any, path: str) -> Webhook | None:
     m = c.mapping(value, path)
     if m is None:
         return None
-    c.unknown(m, path, {"url"})
+    c.unknown(m, path, {"url", "secretRef"})
+    if ("url" in m) == ("secretRef" in m):
+        c.fail(path, "must set exactly one of url and secretRef (a Secret holding the URL)")
+        return None
+    if "secretRef" in m:
+        ref = c.mapping(m.get("secretRef"), f"{path}.secretRef", required=True)
+        if ref is None:
+            return None
+        c.unknown(ref, f"{path}.secretRef", {"name", "key"})
+        name = c.string(ref.get("name"), f"{path}.secretRef.name", pattern=_DNS_SUBDOMAIN,
+                        what="a Secret's name (a lowercase RFC 1123 subdomain)")
+        key = c.string(ref.get("key"), f"{path}.secretRef.key", pattern=_SECRET_KEY,
+                       what="a Secret's key (letters, digits, '-', '_', '.')")
+        if name is None or key is None:
+            return None
+        if len(name) > 253 or len(key) > 253:
+            c.fail(f"{path}.secretRef", "name and key must be at most 253 characters each")
+            return None
+        return Webhook(secret_ref=SecretKeyRef(name, key))
     url = c.string(m.get("url"), f"{path}.url")
     if url is None:
-        c.fail(f"{path}.url", "is required")
         return None
+    problem = webhook_url_problem(url)
+    if problem:
+        c.fail(f"{path}.url", problem)
+        return None
+    return Webhook(url=url)
+
+
+def webhook_url_problem(url: str) -> str | None:
+    """Why ``url`` is no webhook URL (None: it is one). The parser checks a policy's
+    ``webhook.url`` with it, the collector the URL it read from a ``webhook.secretRef``."""
     try:
         parts = urllib.parse.urlsplit(url)
         port = parts.port  # ValueError: not a number, or out of range
     except ValueError as exc:
-        c.fail(f"{path}.url", f"is not a valid URL: {exc}")
-        return None
+        return f"is not a valid URL: {exc}"
     if port == 0:
-        c.fail(f"{path}.url", "must not name port 0")
-    elif parts.scheme not in ("http", "https") or not parts.hostname:
-        c.fail(f"{path}.url", "must be an http:// or https:// URL with a host")
-    elif len(url) > MAX_WEBHOOK_URL or any(ch.isspace() or ord(ch) < 32 for ch in url):
-        c.fail(f"{path}.url", f"must be at most {MAX_WEBHOOK_URL} characters, without spaces or control characters")
-    elif parts.username or parts.password:
-        c.fail(f"{path}.url", "must not carry credentials (they would show in the policy and the config document)")
-    else:
-        return url
+        return "must not name port 0"
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return "must be an http:// or https:// URL with a host"
+    if len(url) > MAX_WEBHOOK_URL or any(ch.isspace() or ord(ch) < 32 for ch in url):
+        return f"must be at most {MAX_WEBHOOK_URL} characters, without spaces or control characters"
+    if parts.username or parts.password:
+        return "must not carry credentials (they would show in the policy and the config document)"
     return None
 
 

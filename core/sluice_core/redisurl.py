@@ -15,6 +15,7 @@ piece of it. Errors name the position and the rule instead.
 
 from __future__ import annotations
 
+import dataclasses
 import ssl
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -59,6 +60,13 @@ class RedisTarget:
             ctx.check_hostname = False
             ctx.verify_mode = ssl.CERT_NONE
         return ctx
+
+
+def with_ca(target: RedisTarget, ca_file: str | None) -> RedisTarget:
+    """``target`` verified with ``ca_file`` when it is TLS and its URL named no CA of its own."""
+    if ca_file and target.tls and not target.ssl_ca_certs:
+        return dataclasses.replace(target, ssl_ca_certs=ca_file)
+    return target
 
 
 ENCODE_HINT = "a password containing / ? # @ must be percent-encoded (%2F %3F %23 %40)"

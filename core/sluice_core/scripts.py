@@ -57,5 +57,9 @@ def trim_usage() -> Script:
     return load("trim_usage")
 
 
+def forget_consumers() -> Script:
+    return load("forget_consumers")
+
+
 def write_usage_summary() -> Script:
     return load("write_usage_summary")

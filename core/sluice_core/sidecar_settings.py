@@ -57,6 +57,10 @@ class SidecarSettings:
         default=None, help="Redis URL shared by all replicas (`redis://`, `rediss://`, `redis+sentinel://`, "
               "`redis+cluster://`, see URLs below); without it buckets live in this process's memory",
         shown="– (in-memory store)")
+    redis_ca_file: str | None = setting(
+        default=None, help="CA bundle (PEM) that verifies a `rediss://` Redis whose URL names none "
+              "(`ssl_ca_certs`): a private CA. The injector sets it where the operator has one "
+              "(`--sidecar-redis-ca-file`)", shown="– (the system's CAs)", metavar="PATH")
     policy_file: str | None = setting(default=None, help="standalone mode: a RateLimitPolicy YAML file (re-read when it changes)")
     api_keys_file: str | None = setting(default=None, help="standalone mode: YAML of API key -> tier for the policy")
     without_config: str = setting(

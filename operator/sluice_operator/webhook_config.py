@@ -84,7 +84,8 @@ def mutating(endpoint: Endpoint, ca_pem: bytes, *, skip_namespaces: tuple[str, .
         "metadata": {"name": MUTATING_NAME, "labels": dict(LABELS)},
         "webhooks": [{
             "name": "inject.sluice.dev",
-            "admissionReviewVersions": ["v1"], "sideEffects": "None", "failurePolicy": "Ignore",
+            # NoneOnDryRun: it may write the Redis CA's ConfigMap (injection/redisca.py), never on a dry run
+            "admissionReviewVersions": ["v1"], "sideEffects": "NoneOnDryRun", "failurePolicy": "Ignore",
             "timeoutSeconds": 3, "reinvocationPolicy": "Never", "matchPolicy": "Equivalent",
             "clientConfig": endpoint.client_config("/mutate-pod", ca_pem),
             "rules": [{"apiGroups": [""], "apiVersions": ["v1"], "operations": ["CREATE"],

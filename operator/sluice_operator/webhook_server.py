@@ -26,6 +26,9 @@ from typing import Any
 from aiohttp import web
 
 from sluice_operator.admission_review import ReviewError, error_review
+from sluice_operator.injection.grace import too_short
+from sluice_operator.injection.ownerevents import OwnerEvents
+from sluice_operator.injection.redisca import RedisCaCopies
 from sluice_operator.injection.settings import InjectionSettings
 from sluice_operator.pod_admission import PolicyLookup, mutate_pod, namespace_to_look_up
 from sluice_operator.policy_admission import review_policy
@@ -46,6 +49,8 @@ class WebhookServer:
         injection: InjectionSettings | None = None,
         namespace_labels: NamespaceLookup | None = None,
         policies: PolicyLookup | None = None,
+        redis_ca: RedisCaCopies | None = None,
+        events: OwnerEvents | None = None,
         host: str = "0.0.0.0",
         port: int = 8443,
         max_body_bytes: int = MAX_BODY_BYTES,
@@ -57,6 +62,8 @@ class WebhookServer:
         self.injection = injection or InjectionSettings()
         self.namespace_labels = namespace_labels
         self.policies = policies
+        self.redis_ca = redis_ca
+        self.events = events
         self.host = host
         self.port = port
         self.max_body_bytes = max_body_bytes
@@ -172,7 +179,22 @@ class WebhookServer:
             log.exception("sidecar injection failed")
             uid = review["request"]["uid"]
             return web.json_response(error_review(uid, f"sluice: sidecar not injected: {exc!r}"))
+        await self._side_effects(review, answer)
         return web.json_response(answer)
+
+    async def _side_effects(self, review: Any, answer: dict[str, Any]) -> None:
+        """For an injected pod: the Redis CA's ConfigMap it mounts, made sure of in its namespace,
+        and an Event on its owner when its grace period is too short for the drain. Never on a
+        dry run (nothing is created then, and the webhook declares NoneOnDryRun)."""
+        response, request = answer["response"], review["request"]
+        if "patch" not in response or request.get("dryRun"):
+            return
+        pod = request.get("object") or {}
+        namespace = str(request.get("namespace") or (pod.get("metadata") or {}).get("namespace") or "default")
+        if self.redis_ca is not None and (warning := await self.redis_ca.ensure_within(namespace)):
+            response.setdefault("warnings", []).append(warning)
+        if self.events is not None and (short := too_short(pod.get("spec") or {}, self.injection)):
+            await self.events.warn(pod, namespace, "GracePeriodTooShort", short)
 
     async def _healthz(self, request: web.Request) -> web.Response:
         return web.Response(text="ok\n")

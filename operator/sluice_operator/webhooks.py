@@ -17,6 +17,8 @@ from sluice_core.settingsform import split_host_port
 from sluice_operator import webhook_config
 from sluice_operator.certs import CertBundle, ensure_certificates, provided_bundle
 from sluice_operator.certstore import ensure_shared_certificates, owned_by_configuration
+from sluice_operator.injection.ownerevents import OwnerEvents
+from sluice_operator.injection.redisca import RedisCaCopies
 from sluice_operator.pod_admission import PolicyLookup
 from sluice_operator.settings import OperatorSettings
 from sluice_operator.webhook_server import WebhookServer
@@ -84,8 +86,10 @@ async def serve_webhooks(settings: OperatorSettings, api_client: Any,
     host, port = split_host_port(settings.webhook_listen)
     injection = dataclasses.replace(settings.injection,
                                     native_sidecar=await asyncio.to_thread(native_sidecars, api_client))
+    redis_ca = RedisCaCopies(api_client, injection.redis_ca_file) if injection.redis_ca_file else None
     server = WebhookServer(bundle.cert_path, bundle.key_path, injection=injection,
-                           namespace_labels=namespace_labels_async, policies=policies, host=host, port=port)
+                           namespace_labels=namespace_labels_async, policies=policies, redis_ca=redis_ca,
+                           events=OwnerEvents(api_client), host=host, port=port)
     await server.start()
     await register(settings, api_client, bundle.ca_pem)
     server.run_while_serving(keep_certificates_current(settings, api_client, server, bundle))

@@ -10,7 +10,7 @@ from typing import Any
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from sluice_core.redisurl import parse_redis_url
+from sluice_core.redisurl import parse_redis_url, with_ca
 from sluice_core.sidecar_settings import SidecarSettings
 
 from sluice_sidecar.breaker import CircuitBreaker, State
@@ -55,7 +55,7 @@ class Sidecar:
         self.store: DecisionStore
         if settings.redis:
             try:
-                target = parse_redis_url(settings.redis)
+                target = with_ca(parse_redis_url(settings.redis), settings.redis_ca_file)
             except ValueError as exc:  # the message never echoes any part of the URL
                 raise StartupError("--redis", str(exc)) from None
             self.store = RedisStore(target, timeout=settings.redis_timeout_ms / 1000,
@@ -114,7 +114,7 @@ class Sidecar:
         nodes = None
         if url:
             try:
-                target = parse_redis_url(url)
+                target = with_ca(parse_redis_url(url), s.redis_ca_file)
             except ValueError as exc:  # never echoes the URL
                 raise StartupError("--usage-redis" if s.usage_redis else "--redis", str(exc)) from None
             nodes = RedisNodes(target, timeout=SEND_TIMEOUT_S, connect_timeout=s.redis_connect_timeout_ms / 1000)

@@ -6,18 +6,15 @@ to an address the collector must not call."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import hmac
 import json
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
 from aiohttp import web
-from prometheus_client import generate_latest
 from sluice_analytics import store
 from sluice_analytics.metrics import AnalyticsMetrics
 from sluice_analytics.nearlimit import Crossing, NearLimitAlerts
@@ -26,8 +23,8 @@ from sluice_analytics.webhooks import WebhookSender
 from sluice_core import configstore, keyschema
 from sluice_core.configdoc import build_doc
 from sluice_core.parse import parse_policy
-from sluice_core.usage import UsageRow, UsageWindow
 from sqlalchemy.ext.asyncio import AsyncEngine
+from support.near_limit import Receiver, receiving, running, sent, window
 from support.sidecar_harness import wait_for
 
 HOUR = 1_790_002_800  # the start of a UTC hour (a multiple of 3600)
@@ -47,40 +44,10 @@ def policy(ns: str, webhook: str | None) -> dict[str, Any]:
                      "alerts": [alert, {"name": "daily-half", "percent": 50, "period": "day"}]}}
 
 
-def window(ns: str, seq: int, start_s: int, used: dict[tuple[str, str], int]) -> UsageWindow:
-    """One sidecar's window in which each (client, tier) took ``tokens`` tokens, one each."""
-    rows = [UsageRow(policy=f"{ns}/api", client=client, tier=tier, endpoint="/", outcome="allowed",
-                     status="2xx", requests=n, tokens=n) for (client, tier), n in used.items()]
-    return UsageWindow(source=f"pod-{ns}/run1", seq=seq, namespace=ns, start_ms=start_s * 1000,
-                       end_ms=(start_s + 10) * 1000, rows=rows)
-
-
-@dataclass
-class Receiver:
-    """A real HTTP server on loopback taking webhook POSTs; answers the queued statuses first."""
-
-    url: str = ""
-    answers: list[int] = field(default_factory=list)
-    got: list[tuple[dict[str, str], bytes]] = field(default_factory=list)
-
-    async def handle(self, request: web.Request) -> web.Response:
-        self.got.append((dict(request.headers), await request.read()))
-        return web.Response(status=self.answers.pop(0) if self.answers else 200)
-
-
 @pytest.fixture
 async def receiver() -> AsyncIterator[Receiver]:
-    rec = Receiver()
-    app = web.Application()
-    app.router.add_post("/hook/{token}", rec.handle)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    rec.url = f"http://127.0.0.1:{port}/hook/s3cret-token"
-    yield rec
-    await runner.cleanup()
+    async with receiving() as rec:
+        yield rec
 
 
 @pytest.fixture
@@ -95,25 +62,6 @@ async def setup(engine: AsyncEngine, client: configstore.Client, webhook: str | 
     await configstore.publish(client, ns, build_doc(ns, [parse_policy(policy(ns, webhook))]))
     await store.apply(engine, [window(ns, 0, NOW - 60, used)], now_s=NOW, keep_applied_s=86400)
     return ns
-
-
-def sent(metrics: AnalyticsMetrics, result: str) -> float:
-    for line in generate_latest(metrics.registry).decode().splitlines():
-        if line.startswith(f'sluice_analytics_alert_webhooks_total{{result="{result}"}}'):
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
-
-
-@contextlib.asynccontextmanager
-async def running(sender: WebhookSender) -> AsyncIterator[None]:
-    """The sender's delivery loop, stopped (and awaited) on the way out."""
-    stop = asyncio.Event()
-    task = asyncio.create_task(sender.run(stop))
-    try:
-        yield
-    finally:
-        stop.set()
-        await task
 
 
 async def test_a_client_past_the_share_is_alerted_once_per_period(
@@ -411,3 +359,31 @@ async def test_a_black_hole_receiver_does_not_hold_up_another_hosts_alerts(
         await task
         await runner.cleanup()
     del ns
+
+
+async def test_a_secret_ref_webhook_without_kubernetes_is_counted_not_sent(
+        engine: AsyncEngine, redis_client: configstore.Client, receiver: Receiver,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Standalone (no Kubernetes API) a ``webhook.secretRef`` cannot be read: counted as
+    ``secret`` and logged by the Secret's name; the config document carries only the ref.
+    tests/k8s/test_k8s_webhook_secret.py reads a real Secret."""
+    ns = "ns-" + uuid.uuid4().hex[:8]
+    manifest = policy(ns, None)
+    manifest["spec"]["alerts"][0]["webhook"] = {"secretRef": {"name": "chat-hook", "key": "url"}}
+    await configstore.publish(redis_client, ns, build_doc(ns, [parse_policy(manifest)]))
+    await store.apply(engine, [window(ns, 0, NOW - 60, {("alice", "free"): 99})], now_s=NOW, keep_applied_s=86400)
+    stored = await configstore.read_raw(redis_client, ns)
+    assert stored is not None
+    doc = json.loads(stored[1])
+    assert doc["policies"][0]["spec"]["alerts"][0]["webhook"] == {"secretRef": {"name": "chat-hook", "key": "url"}}
+    metrics = AnalyticsMetrics()
+    sender = WebhookSender(metrics, timeout_s=2, attempts=1, secret=None, allow=LOOPBACK)
+    async with running(sender):
+        assert len(await NearLimitAlerts(engine, redis_client, [sender.deliver]).run_once(NOW)) == 1
+
+        async def counted() -> bool:
+            return sent(metrics, "secret") == 1
+
+        await wait_for(counted, timeout=15, what="the unreadable Secret counted")
+    assert receiver.got == []
+    assert f"Secret {ns}/chat-hook key url" in caplog.text and "--api-auth kubernetes" in caplog.text

@@ -4,10 +4,12 @@ another consumer left idle claimed, trimmed entries acknowledged, the lag in ent
 from __future__ import annotations
 
 import uuid
+from collections.abc import Awaitable, Callable
 
 from sluice_analytics.stream import UsageStream
 from sluice_core import configstore
 from support.redis_servers import RedisServer
+from support.sidecar_harness import wait_for
 
 
 def _stream(server: RedisServer, key: str, consumer: str, idle_s: float = 60) -> UsageStream:
@@ -91,3 +93,44 @@ async def test_trim_removes_only_what_every_group_acknowledged(redis_server: Red
     finally:
         for s in (a, b, other):
             await s.client.aclose()
+
+
+async def test_gone_consumers_with_nothing_pending_are_forgotten(redis_server: RedisServer) -> None:
+    """Each restarted collector pod joins the group under a new name: the ones idle past the
+    bound with nothing pending are deleted; one with pending entries (left for XAUTOCLAIM), a
+    busy one and the caller itself stay. (A live but quiet replica deleted with nothing pending
+    loses nothing: its next read joins the group again.)"""
+    key = f"test:{{usage}}:{uuid.uuid4().hex}"
+    bound_s = 3.0  # a busy consumer reads right before the forget: far under it even on a loaded machine
+    me, gone, holding, busy = (_stream(redis_server, key, name) for name in ("me", "gone", "holding", "busy"))
+    streams = (me, gone, holding, busy)
+    try:
+        assert await me.forget_idle_consumers(bound_s) == []  # no stream, no group: nothing
+        await me.ensure_group()
+        for s in streams:
+            s._own_pending = False
+        for s in (me, gone):  # read and acknowledged: nothing pending
+            await me.redis.xadd(key, {"n": s.consumer})
+            await s.ack([i for i, _ in await s.read(10)])
+        await me.redis.xadd(key, {"n": "held"})
+        assert len(await holding.read(10)) == 1  # died holding an unacknowledged entry
+
+        async def idle_ms() -> dict[str, int]:
+            return {c["name"].decode(): int(c["idle"]) for c in await me.redis.xinfo_consumers(key, "sluice-analytics")}
+
+        await wait_for(lambda: _all_past(idle_ms, ("me", "gone", "holding"), bound_s * 1000),
+                       timeout=30, what="three consumers idle past the bound")
+        await me.redis.xadd(key, {"n": "busy"})
+        await busy.ack([i for i, _ in await busy.read(10)])  # a live replica, reading now
+        assert await me.forget_idle_consumers(bound_s) == ["gone"]
+        assert set(await idle_ms()) == {"me", "holding", "busy"}
+        assert (await me.redis.xpending(key, "sluice-analytics"))["pending"] == 1  # holding's entry kept
+        assert await me.forget_idle_consumers(bound_s) == []
+    finally:
+        for s in streams:
+            await s.client.aclose()
+
+
+async def _all_past(idle_ms: Callable[[], Awaitable[dict[str, int]]], names: tuple[str, ...], bound_ms: float) -> bool:
+    idle = await idle_ms()
+    return all(idle.get(n, 0) > bound_ms for n in names)

@@ -224,6 +224,9 @@ CEL_MIRRORS: dict[str, Mirror] = {
         "!has(self.alerts) || self.alerts.all(a, !has(a.tiers) || a.tiers.all(n, self.tiers.exists(t, "
         "t.name == n)))",
         lambda s: all(any(t["name"] == n for t in s["tiers"]) for a in s.get("alerts", []) for n in a.get("tiers", []))),
+    "spec.alerts[].webhook must set exactly one of url and secretRef": Mirror(
+        "has(self.url) != has(self.secretRef)",
+        lambda w: ("url" in w) != ("secretRef" in w)),
     "spec.tiers[].name must be unique": Mirror(
         "self.all(t, self.exists_one(u, u.name == t.name))",
         lambda a: _unique(a, lambda t: t["name"])),
@@ -499,14 +502,16 @@ def test_patterns_are_parse_patterns() -> None:
         "name": parse_module._NAME, "defaultTier": parse_module._NAME,
         "header": parse_module._HEADER_NAME, "key": parse_module._LABEL_KEY,
     }
+    secret_ref = "spec.alerts[].webhook.secretRef"  # a Secret's name and key, not a label's
+    by_path = {f"{secret_ref}.name": parse_module._DNS_SUBDOMAIN, f"{secret_ref}.key": parse_module._SECRET_KEY}
     for kind in CRDS:
         for path, node in walk(root_schema(kind)):
-            leaf = path.rsplit(".", 1)[-1]
-            if leaf in expected and "pattern" in node:
-                assert node["pattern"] == f"^{expected[leaf].pattern}$", path
+            want = by_path.get(path) or expected.get(path.rsplit(".", 1)[-1])
+            if want is not None and "pattern" in node:
+                assert node["pattern"] == f"^{want.pattern}$", path
     checked = {p for p, n in walk(root_schema("RateLimitPolicy")) if "pattern" in n}
     assert {"spec.tiers[].name", "spec.rules[].name", "spec.defaultTier", "spec.identify.header",
-            "spec.apiKeys.header", "spec.selector.matchExpressions[].key"} <= checked
+            "spec.apiKeys.header", "spec.selector.matchExpressions[].key", *by_path} <= checked
 
 
 @pytest.mark.parametrize("period", ["500ms", "1s", "1m", "1h", "1d", "1h30m", " 2s ", "60", "0.5",
@@ -566,7 +571,9 @@ MAXIMAL: Json = {
         ],
         "failureMode": "closed", "mode": "shadow", "headers": "both", "usage": {"truncateIPs": True},
         "alerts": [{"name": "hourly", "percent": 80, "period": "hour", "tiers": ["free"],
-                    "webhook": {"url": "https://hooks.example.com/sluice"}}],
+                    "webhook": {"url": "https://hooks.example.com/sluice"}},
+                   {"name": "daily", "percent": 90, "period": "day",
+                    "webhook": {"secretRef": {"name": "chat-hook", "key": "url"}}}],
     },
     "status": {},
 }

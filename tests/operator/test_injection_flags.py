@@ -344,7 +344,7 @@ def test_env_vars_the_injector_sets_are_refused(name: str) -> None:
 def test_the_refused_names_are_exactly_what_the_injector_sets() -> None:
     """Every env var the injected container gets from the settings is refused in --sidecar-env,
     and nothing else is."""
-    full = replace(settings(*FULL_ARGV), extra_env={}, redis_url_secret=("s", "k"))
+    full = replace(settings(*FULL_ARGV), extra_env={}, redis_url_secret=("s", "k"), redis_ca_file="/ca.crt")
     env = set(env_of(sidecar_container(full, "http", 15080, 15090, 8000, drain_token="t")))
     # wiring passed as arguments: their SLUICE_* env var would be a second, conflicting source
     args = {"SLUICE_UPSTREAM", "SLUICE_LISTEN", "SLUICE_ADMIN_LISTEN", "SLUICE_NAMESPACE",
@@ -392,7 +392,7 @@ def test_every_flag_says_its_env_var_and_its_default() -> None:
     parser = argparse.ArgumentParser()
     settingsform.add_arguments(parser, InjectionSettings)
     flags = [a for a in parser._actions if a.option_strings and a.dest != "help"]
-    assert len(flags) == 32
+    assert len(flags) == 33
     for action in flags:
         (flag,) = action.option_strings
         assert flag.startswith("--sidecar-")

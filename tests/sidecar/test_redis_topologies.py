@@ -4,14 +4,8 @@ store and cluster-mode tests."""
 
 from __future__ import annotations
 
-import shutil
-import socket
-import ssl
-import subprocess
-import tempfile
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 from sluice_core import configdoc, configstore, keyschema
@@ -19,8 +13,8 @@ from sluice_core.model import Limit
 from sluice_core.parse import parse_policy
 from sluice_core.redisurl import parse_redis_url
 from sluice_sidecar.stores.redis import RedisStore
-from support.polling import poll
-from support.redis_servers import RedisServer, pick_port, sentinel_for
+from support.redis_servers import RedisServer, sentinel_for
+from support.tls_redis import tls_redis_server
 
 LIMIT = Limit(requests=2, period_us=3_600_000_000, burst=2)
 PARAMS = (LIMIT.emission_us, LIMIT.capacity_us)
@@ -50,41 +44,8 @@ async def exercise(url: str) -> None:
 
 @pytest.fixture
 def tls_redis() -> Iterator[tuple[str, int]]:
-    if not shutil.which("openssl"):
-        pytest.fail("openssl is needed to make test certificates (Debian: apt-get install openssl)")
-    d = Path(tempfile.mkdtemp(prefix="sluice-tls-"))
-    def run(*cmd: str) -> None:
-        subprocess.run(cmd, cwd=d, check=True, capture_output=True)
-    run("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out",
-        "ca.pem", "-days", "1", "-subj", "/CN=sluice-test-ca")
-    run("openssl", "req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out",
-        "server.csr", "-subj", "/CN=127.0.0.1")
-    (d / "ext").write_text("subjectAltName=IP:127.0.0.1\n")
-    run("openssl", "x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
-        "-CAcreateserial", "-out", "server.pem", "-days", "1", "-extfile", "ext")
-    port = pick_port()
-    proc = subprocess.Popen(
-        ["redis-server", "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1",
-         "--tls-cert-file", "server.pem", "--tls-key-file", "server.key",
-         "--tls-ca-cert-file", "ca.pem", "--tls-auth-clients", "no", "--requirepass", "s3cret",
-         "--save", "", "--appendonly", "no"], cwd=d, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    ctx = ssl.create_default_context(cafile=str(d / "ca.pem"))
-
-    def up() -> bool:
-        try:
-            with socket.create_connection(("127.0.0.1", port), 0.5) as raw, \
-                    ctx.wrap_socket(raw, server_hostname="127.0.0.1") as s:
-                s.sendall(b"PING\r\n")
-                return s.recv(64).startswith(b"-NOAUTH")
-        except OSError:
-            return False
-    try:
-        poll(up, "TLS redis-server", 15, interval=0.02)
-        yield str(d / "ca.pem"), port
-    finally:
-        proc.kill()
-        proc.wait(5)
-        shutil.rmtree(d, ignore_errors=True)
+    with tls_redis_server() as server:
+        yield server
 
 
 async def test_tls_with_password(tls_redis: tuple[str, int]) -> None:

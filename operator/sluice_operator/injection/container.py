@@ -12,6 +12,9 @@ from sluice_operator.injection.names import (
     ADMIN_PORT_NAME,
     PODINFO_MOUNT,
     PODINFO_VOLUME,
+    REDIS_CA_KEY,
+    REDIS_CA_MOUNT,
+    REDIS_CA_VOLUME,
     SIDECAR_NAME,
 )
 from sluice_operator.injection.settings import SIDECAR_REDIS_ENV, InjectionSettings
@@ -53,6 +56,8 @@ def sidecar_container(settings: InjectionSettings, port_name: str, port: int, ad
         "securityContext": _security_context(settings),
         "volumeMounts": [{"name": PODINFO_VOLUME, "mountPath": PODINFO_MOUNT, "readOnly": True}],
     }
+    if settings.redis_ca_file:  # the operator's copy of the CA in the pod's namespace (plan.py)
+        container["volumeMounts"].append({"name": REDIS_CA_VOLUME, "mountPath": REDIS_CA_MOUNT, "readOnly": True})
     if settings.native_sidecar:
         container["restartPolicy"] = "Always"
     return container
@@ -72,6 +77,8 @@ def _env(settings: InjectionSettings, drain_token: str | None, without_config: s
         secret, key = settings.redis_url_secret
         env.append({"name": SIDECAR_REDIS_ENV,
                     "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}})
+    if settings.redis_ca_file:
+        env.append({"name": _SIDECAR_ENV["redis_ca_file"], "value": f"{REDIS_CA_MOUNT}/{REDIS_CA_KEY}"})
     env += [{"name": k, "value": v} for k, v in settings.sidecar_env().items()]
     env += [{"name": k, "value": v} for k, v in settings.extra_env.items()]
     return env

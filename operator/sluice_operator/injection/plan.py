@@ -28,12 +28,15 @@ from typing import Any
 
 from sluice_operator.injection.container import sidecar_container
 from sluice_operator.injection.failmode import REFUSE
+from sluice_operator.injection.grace import raised_grace, too_short
 from sluice_operator.injection.names import (
     DRAIN_PATH,
     DRAIN_TOKEN_HEADER,
     INJECTED_ANNOTATION,
     PODINFO_VOLUME,
     PORT_ANNOTATION,
+    REDIS_CA_CONFIGMAP,
+    REDIS_CA_VOLUME,
 )
 from sluice_operator.injection.pod import NotInjected, PodView, is_injected
 from sluice_operator.injection.ports import find_app_port, pick_ports
@@ -57,8 +60,9 @@ def plan_injection(pod: Mapping[str, Any], settings: InjectionSettings, *,
 
 def _plan(pod: PodView, settings: InjectionSettings, without_config: str) -> tuple[Patch, list[str]]:
     app, warnings = find_app_port(pod, pod.annotations.get(PORT_ANNOTATION) or settings.default_port_name)
-    if pod.has_volume(PODINFO_VOLUME):
-        raise NotInjected(f"the pod already has a volume named {PODINFO_VOLUME!r}")
+    for volume in (PODINFO_VOLUME, *((REDIS_CA_VOLUME,) if settings.redis_ca_file else ())):
+        if pod.has_volume(volume):
+            raise NotInjected(f"the pod already has a volume named {volume!r}")
     ports = pick_ports(pod, app, settings)
     patch = [_mark_injected(pod),
              {"op": "replace", "path": f"/spec/containers/{app.container}/ports/{app.index}/name",
@@ -78,7 +82,16 @@ def _plan(pod: PodView, settings: InjectionSettings, without_config: str) -> tup
                         "SIGTERM (make the hook wait a few seconds, or requests may fail while the pod stops)")
     else:
         patch.append(hook)
-    patch.append(_add_podinfo_volume(pod))
+    patch.append(_add_volume(pod, {"name": PODINFO_VOLUME, "downwardAPI": {"items": [
+        {"path": "labels", "fieldRef": {"fieldPath": "metadata.labels"}}]}}))  # policy selectors
+    if settings.redis_ca_file:  # the ConfigMap the webhook server keeps (redisca.py)
+        patch.append({"op": "add", "path": "/spec/volumes/-",
+                      "value": {"name": REDIS_CA_VOLUME, "configMap": {"name": REDIS_CA_CONFIGMAP}}})
+    grace = raised_grace(pod.spec, settings)  # the drain comes before the app's own shutdown
+    if grace is not None:
+        patch.append(grace)
+    if short := too_short(pod.spec, settings):
+        warnings.append(short)
     if pod.spec.get("hostNetwork"):
         warnings.append(f"sluice: the pod uses hostNetwork: the sidecar listens on the node's ports "
                         f"{ports.listen} and {ports.admin}")
@@ -116,10 +129,8 @@ def _mark_injected(pod: PodView) -> dict[str, Any]:
     return {"op": "add", "path": "/metadata/annotations", "value": {INJECTED_ANNOTATION: "true"}}
 
 
-def _add_podinfo_volume(pod: PodView) -> dict[str, Any]:
-    """The downward-API volume the sidecar reads the pod's labels from (policy selectors)."""
-    volume = {"name": PODINFO_VOLUME, "downwardAPI": {"items": [
-        {"path": "labels", "fieldRef": {"fieldPath": "metadata.labels"}}]}}
+def _add_volume(pod: PodView, volume: dict[str, Any]) -> dict[str, Any]:
+    """The first volume the patch adds (the list may not exist yet)."""
     if isinstance(pod.spec.get("volumes"), list):
         return {"op": "add", "path": "/spec/volumes/-", "value": volume}
     return {"op": "add", "path": "/spec/volumes", "value": [volume]}

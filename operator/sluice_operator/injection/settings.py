@@ -90,6 +90,12 @@ class InjectionSettings:
               "over `--sidecar-redis`. The chart requires this, or an explicit `sidecar.redisUrl`, "
               "when `externalRedis.existingSecret` is set",
         flag="redis-secret", parse=values.secret_key_ref, metavar="NAME/KEY", chart="sidecar.redisSecret")
+    redis_ca_file: str | None = setting(
+        default=None, help="CA bundle (PEM) of a `rediss://` Redis with a private CA, as the operator has it "
+              "mounted: copied into ConfigMap `sluice-redis-ca` of each namespace a sidecar is injected "
+              "into (when the pod is admitted), mounted into the sidecar and named by its "
+              "`SLUICE_REDIS_CA_FILE`", shown="none: the image's CAs", metavar="PATH",
+        chart="externalRedis.tls.caSecret")
     resources: Mapping[str, Any] = setting(
         default_factory=lambda: {k: dict(v) for k, v in _DEFAULT_RESOURCES.items()},
         help="the container's resources: a JSON object with `requests` and/or `limits`, each mapping "
@@ -163,6 +169,7 @@ def _reserved() -> dict[str, str]:
         "POD_NAME": f"{injector} (the pod's name, downward API)",
         "POD_NAMESPACE": f"{injector} (the pod's namespace, downward API)",
         env["redis"]: f"use {flag['redis_url']} or {flag['redis_url_secret']}",
+        env["redis_ca_file"]: f"use {flag['redis_ca_file']}",
         env["upstream"]: f"{injector} (the app container's port)",
         env["listen"]: f"use {flag['sidecar_port']}",
         env["admin_listen"]: f"use {flag['admin_port']}",
