@@ -16,6 +16,7 @@ import inspect
 import json
 import subprocess
 import time
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -107,6 +108,16 @@ def metric_total(text: str, name: str, **labels: str) -> float:
     return total
 
 
+def decision_counts(text: str) -> Counter[str]:
+    """A sidecar's ``sluice_decisions_total`` by outcome (allowed, limited, failed_open, ...)."""
+    counts: Counter[str] = Counter()
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name == "sluice_decisions_total":
+                counts[s.labels["decision"]] += int(s.value)
+    return counts
+
+
 @dataclass
 class Release:
     node: Node
@@ -185,6 +196,10 @@ def install_values(shop: str, bare: str) -> list[str]:
         "--set", f"sidecar.redisSecret.namespaces={{{shop},{bare}}}",
         # A resync re-pushes what a restarted (empty) Redis lost: the tests wait for it.
         "--set", "operator.resyncIntervalSeconds=5",
+        # A decision slower than the sidecar's Redis timeout fails open (50 ms by default): on
+        # two cores shared with other test sessions Redis is sometimes slower, and the tests
+        # count exactly what the shared bucket admits.
+        "--set", "sidecar.redisTimeoutMs=1000",
         # Usage windows of 1 s so the collector sees the tests' clients within seconds.
         "--set", "sidecar.usage.windowSeconds=1",
     ]
