@@ -162,12 +162,11 @@ main() {
   remove_pods
   local c
   for c in "${STOP_ORDER[@]}"; do stop_pid "$c"; done
-  kill_leftovers
-  clean_iptables
-  clean_nft_tables
-  clean_network
-  clean_mounts
-  clean_cgroups
+  kill_leftovers; step "leftover processes killed"
+  clean_iptables; clean_nft_tables; step "iptables and nftables cleaned"
+  clean_network; step "network cleaned"
+  clean_mounts; step "mounts removed"
+  clean_cgroups; step "cgroups removed"
   restore_host
   local left
   left="$(leftovers)"

@@ -7,6 +7,10 @@ set -E -o pipefail
 SLUICE_CACHE="${SLUICE_CACHE:-${HOME}/.cache/sluice}"
 BIN="${SLUICE_CACHE}/bin"
 IMAGES="${SLUICE_CACHE}/images/node"
+# Sluice's own images (`make image`, hack/image/build.sh): imported when present, for the e2e
+# tests of the chart (docker.io/library/sluice:<version>, docker.io/library/sluice-redis:<version>).
+APP_IMAGES_DIR="${SLUICE_CACHE}/images"
+APP_IMAGES=(sluice.oci.tar sluice-redis.oci.tar)
 CNI_BIN="${SLUICE_CNI_BIN:-/usr/lib/cni}"       # Debian's containernetworking-plugins
 NODE_BINARIES=(etcd kube-apiserver kube-controller-manager kube-scheduler kubelet kube-proxy kubectl crictl)
 

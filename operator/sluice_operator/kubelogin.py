@@ -35,8 +35,25 @@ def pooled_session(info: kopf.ConnectionInfo, limit: int = API_CONNECTIONS) -> k
                                priority=info.priority, expiration=info.expiration, aiohttp_session=session)
 
 
+_last: list[tuple[kopf.ConnectionInfo, kopf.AiohttpSession]] = []
+"""The credentials of the last login and the session made for them."""
+
+
 async def login_pooled(**kwargs: Any) -> kopf.AiohttpSession | None:
     """The kubernetes client's credentials (in-cluster ServiceAccount, else the kubeconfig), as
-    ``kopf.login_via_client`` reads them, in a bounded session."""
+    ``kopf.login_via_client`` reads them, in a bounded session.
+
+    Equal credentials get the same session: kopf keeps credentials that an API call rejected
+    (401) out of its vault by comparing them with the rejected ones, and a new session object
+    would make the same token look new. A token that stays invalid (the ServiceAccount deleted:
+    `helm uninstall` removes it while the replicas stop) was re-logged-in and retried in a loop
+    of ~40 logins a second until the SIGKILL; now kopf gives up on it (LoginError), as with
+    ``kopf.login_via_client``, and a rotated token (the kubelet rewrites the file) is new."""
     info = kopf.login_via_client(**kwargs)
-    return pooled_session(info) if info is not None else None
+    if info is None:
+        return None
+    if _last and _last[0][0] == info:
+        return _last[0][1]
+    session = pooled_session(info)
+    _last[:] = [(info, session)]
+    return session

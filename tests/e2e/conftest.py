@@ -4,7 +4,8 @@
 of the session (a teardown that leaves anything behind is an error of the session). ``node``
 gives the running :class:`Node`; a bring-up that fails (or cannot run here: not root, a missing
 package or binary) fails the test with the reason and the components' log tails, never a skip.
-A failing e2e test gets the node's log tails in its report.
+A failing e2e test gets the node's log tails in its report, and one using the Sluice install
+(``release``, tests/e2e/test_e2e_node_sluice.py) the state and logs of Sluice's and the app's Pods.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
+from support.e2e_sluice import Release
 from support.node import Node, NodeSession, node_up
 
 _SESSION: list[NodeSession] = []
@@ -41,3 +43,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     if report.failed and _SESSION and _SESSION[0].node is not None:
         _FAILED.append(item.nodeid)
         report.sections.append(("one-node cluster logs", _SESSION[0].node.log_report()))
+        release = getattr(item, "funcargs", {}).get("release")
+        if isinstance(release, Release) and release.installed:
+            # The state, events and logs of Sluice's Pods and the app's (kubectl describe/logs).
+            report.sections.append(("Sluice's Pods", release.diagnose()))
