@@ -34,14 +34,22 @@ COPY core core
 COPY sidecar sidecar
 COPY operator operator
 COPY analytics analytics
-# kubernetes ships a second, asyncio copy of its client (~40 MB) that nothing here imports
-# (Sluice and kopf use the synchronous one): not in the image. Bytecode is compiled here and
-# checked by nothing at import: the non-root user cannot write __pycache__, and the files never
-# change inside the image; start-up reads these instead of compiling every module again.
+COPY hack/image/bytecode.py /tmp/bytecode.py
+# What no process in the image reads, left out (issue #12 §1, the image under 150 MB):
+# kubernetes' second, asyncio copy of its client (~40 MB; Sluice and kopf use the synchronous
+# one), the packages' own test suites, type stubs, Cython/C sources and headers, pip's RECORD
+# (the image has no pip to uninstall with); symbols of the extension modules (strip).
+# Bytecode (hack/image/bytecode.py): the image's user cannot write __pycache__, so it is made
+# here; the installed packages keep only their bytecode, Sluice's packages their source too.
 RUN python3 -m pip --python /opt/sluice/bin/python install -q --no-compile --no-deps . \
-    && rm -rf /opt/sluice/lib/python3*/site-packages/kubernetes/aio \
+    && cd /opt/sluice/lib/python3*/site-packages \
+    && rm -rf kubernetes/aio greenlet/tests websocket/tests aiosqlite/tests certifi/tests \
+    && find kubernetes -type f \( -name '*_test.py' -o -name 'test_*.py' \) -delete \
+    && find . -type f \( -name '*.pyi' -o -name '*.pyx' -o -name '*.pxd' -o -name '*.pxi' \
+         -o -name '*.c' -o -name '*.cpp' -o -name '*.h' -o -name '*.hpp' -o -path '*.dist-info/RECORD' \) -delete \
     && find /opt/sluice -name '*.so' -exec strip --strip-unneeded {} + \
-    && /opt/sluice/bin/python -m compileall -q --invalidation-mode unchecked-hash /opt/sluice/lib
+    && /opt/sluice/bin/python -X no_debug_ranges /tmp/bytecode.py "$PWD" --no-docstrings kubernetes \
+         --keep-source sluice_core sluice_sidecar sluice_operator sluice_analytics
 
 FROM ${BASE_IMAGE}
 # The user the chart and the injector run the containers as (65532, not root).

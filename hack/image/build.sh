@@ -108,19 +108,42 @@ debian_rootfs_image() {
 # Debian's Python is externally managed (PEP 668): pip refuses to install anything unless
 # this marker is gone. Only the bases lose it; it concerns pip, which the final image lacks.
 PEP668_HOOK='rm -f "$1"/usr/lib/python3*/EXTERNALLY-MANAGED'
+# The runtime base only: what no process of the final image runs or reads (issue #12 §1, the
+# image under 150 MB), removed before the base is committed, so no layer carries it. Perl
+# (~7.5 MB): only maintainer scripts and debconf use it, and nothing is installed into the
+# image (dpkg records the purge; debconf's dependency on it is left broken on purpose).
+# glibc's gconv modules (~8 MB): iconv for other charsets; Python decodes with its own codecs,
+# and UTF-8 is built into glibc. The openssl command (Python links libssl, the operator makes
+# its certificates with cryptography). dpkg's md5sums and debconf's database: integrity and
+# questions for package operations that never happen here (dpkg's status and file lists stay:
+# vulnerability scanners read them). Python's test support, pydoc's topic data, turtle and the
+# test extension modules: nothing Sluice or its packages import (tests/image imports every
+# module Sluice names in the image itself). Then the standard library becomes bytecode only,
+# as the virtualenv's packages do (hack/image/bytecode.py: ~10 MB of source).
+RUN_TRIM_HOOK='set -e
+chroot "$1" dpkg --purge --force-remove-essential --force-depends perl-base >/dev/null
+rm -rf "$1"/usr/lib/*/gconv "$1"/usr/bin/openssl "$1"/var/cache/debconf/* "$1"/var/lib/dpkg/info/*.md5sums
+cd "$1"/usr/lib/python3.[0-9]*
+rm -rf test pydoc_data turtle.py __pycache__/turtle.* lib-dynload/_test* lib-dynload/_ctypes_test.* \
+  lib-dynload/xxlimited* lib-dynload/_xxtestfuzz.*
+chroot "$1" python3 -B -X no_debug_ranges - "/usr/lib/${PWD##*/}" <"$SLUICE_BYTECODE_PY"'
+# the hooks run in mmdebstrap's environment; the script's path stays out of the stamp's key
+export SLUICE_BYTECODE_PY="${HERE}/bytecode.py"
 
 python_bases() {
   local key
-  key="$(inputs_hash "$SUITE $RUN_PACKAGES $BUILD_PACKAGES ${ROOTFS_OPTS[*]} ${ROOTFS_ENV[*]} $PEP668_HOOK")"
+  key="$(inputs_hash "$SUITE $RUN_PACKAGES $BUILD_PACKAGES ${ROOTFS_OPTS[*]} ${ROOTFS_ENV[*]} $PEP668_HOOK $RUN_TRIM_HOOK" \
+    "$SLUICE_BYTECODE_PY")"
   if [[ -f "${STAMPS}/bases" && "$(cat "${STAMPS}/bases")" = "$key" ]] \
       && has_image "$RUN_BASE" && has_image "$BUILD_BASE"; then
     return
   fi
-  local image packages ctr
+  local image packages ctr hooks
   for image in "$RUN_BASE" "$BUILD_BASE"; do
-    packages=$RUN_PACKAGES; [[ "$image" = "$BUILD_BASE" ]] && packages=$BUILD_PACKAGES
+    packages=$RUN_PACKAGES hooks=(--customize-hook="$PEP668_HOOK" --customize-hook="$RUN_TRIM_HOOK")
+    [[ "$image" = "$BUILD_BASE" ]] && packages=$BUILD_PACKAGES hooks=(--customize-hook="$PEP668_HOOK")
     log "making ${image} from Debian ${SUITE}: ${packages}"
-    ctr="$(debian_rootfs_image "$image" "$packages" --customize-hook="$PEP668_HOOK")"
+    ctr="$(debian_rootfs_image "$image" "$packages" "${hooks[@]}")"
     bah config --cmd python3 "$ctr"
     bah commit --rm -q "$ctr" "$image" >/dev/null
   done
@@ -141,7 +164,7 @@ sluice_image() {
   local archive="${OUT}/sluice.oci.tar" base=${SLUICE_BASE_IMAGE:-} key
   key="$(cd "$ROOT" && inputs_hash "${base:-$(cat "${STAMPS}/bases")} $SLUICE_IMAGE" \
     Dockerfile .dockerignore pyproject.toml hack/constraints.txt core sidecar operator analytics \
-    hack/image/oci_archive.py)"
+    hack/image/oci_archive.py hack/image/bytecode.py)"
   if fresh sluice "$archive" "$key"; then log "sluice image up to date: ${archive}"; return; fi
   local args=(--pull=never --build-arg "BASE_IMAGE=${RUN_BASE}" --build-arg "BUILD_IMAGE=${BUILD_BASE}")
   [[ -n "$base" ]] && args=(--pull=true --build-arg "BASE_IMAGE=${base}" --build-arg "BUILD_IMAGE=${base}")

@@ -8,6 +8,7 @@ so a process in it reaches loopback servers of the test).
 - :func:`read_image`: an archive's name, config and layer sizes.
 - :func:`unpack`: the root filesystem, into a directory.
 - :func:`rootfs_command`: the argv that runs a command in it as a user, with the image's env.
+- :func:`tree_bytes`: how big an unpacked root filesystem (or a part of it) is.
 """
 
 from __future__ import annotations
@@ -156,6 +157,19 @@ def unpack(archive: Path, dest: Path) -> Image:
             with tarfile.open(fileobj=stream, mode="r|") as layer_tar:
                 _apply_layer(root, layer_tar)
     return image
+
+
+def tree_bytes(path: Path) -> int:
+    """File sizes under ``path`` (symlinks and hard links counted once, as a layer stores them)."""
+    seen: set[int] = set()
+    total = 0
+    for dirpath, _dirs, files in os.walk(path):
+        for name in files:
+            st = os.lstat(os.path.join(dirpath, name))
+            if st.st_ino not in seen:
+                seen.add(st.st_ino)
+                total += st.st_size
+    return total
 
 
 def user_ids(image: Image) -> tuple[int, int]:
