@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import inspect
 import signal
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -27,7 +26,7 @@ from sluice_operator.metrics import OperatorMetrics
 from sluice_operator.reconcile import Reconciler
 from sluice_operator.settings import OperatorSettings
 from support.operator_thread import OperatorThread
-from support.sidecar_harness import wait_for
+from support.polling import eventually, wait_for
 
 RLP = "sluice.dev/v1alpha1/ratelimitpolicies"
 
@@ -95,24 +94,6 @@ class Env:
     def status(self, name: str) -> dict[str, Any]:
         obj = self.k8s.objects[RLP, self.ns, name]
         return dict(obj.get("status") or {})
-
-
-async def eventually(probe: Callable[[], Any], what: str, timeout: float = 15.0) -> Any:
-    """Poll ``probe`` (which may return an awaitable) until it returns something true."""
-    deadline = asyncio.get_running_loop().time() + timeout
-    last: Any = None
-    while asyncio.get_running_loop().time() < deadline:
-        try:
-            last = probe()
-            if inspect.isawaitable(last):
-                last = await last
-        except (KeyError, LookupError) as exc:
-            last = exc
-        else:
-            if last:
-                return last
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}; last: {last!r}")
 
 
 def condition(status: dict[str, Any], type_: str) -> dict[str, Any] | None:

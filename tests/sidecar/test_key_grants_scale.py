@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 from support.grant_store import fill_grants, key_policy, publish_policies, put_key, revoke_key
 from support.key_sidecar import start, status
-from support.processes import SidecarProcess, UpstreamProcess, wait_until
+from support.polling import wait_until
+from support.processes import SidecarProcess, UpstreamProcess
 from support.redis_servers import RedisServer
 
 KEYS = 1_000_000

@@ -16,9 +16,10 @@ from typing import Any
 
 import aiohttp
 import pytest
-from support.processes import SidecarProcess, UpstreamProcess, http_get, wait_until
+from support.polling import wait_for, wait_until
+from support.processes import SidecarProcess, UpstreamProcess, http_get
 from support.redis_servers import RedisServer
-from support.sidecar_harness import RunningSidecar, Upstream, policy_doc, start_sidecar, wait_for
+from support.sidecar_harness import RunningSidecar, Upstream, policy_doc, start_sidecar
 
 PASSWORD = "not-the-password-7f3a"
 CHURN_S = 60.0  # bound of every churn loop (they end much sooner)

@@ -17,7 +17,8 @@ import pytest
 from sluice_core import keyschema
 from support.grant_store import key_policy, publish_policies, put_key
 from support.key_sidecar import call, start
-from support.processes import SidecarProcess, UpstreamProcess, http_get, wait_until
+from support.polling import wait_until
+from support.processes import SidecarProcess, UpstreamProcess, http_get
 from support.redis_servers import RedisClusterProcs, RedisServer
 from support.usage_stream import raw_entries, requests_by_key, totals, usage_of, windows
 
