@@ -60,6 +60,13 @@ class DelayingRelay:
         self._ready.set()
         async with server:
             await self._stop.wait()
+        # The relayed connections end with the relay (the loop is its own): left pending, they
+        # were destroyed at some later garbage collection, in whatever test ran then, their
+        # pumps closing writers on a closed loop (an unraisable error that failed that test).
+        clients = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for task in clients:
+            task.cancel()
+        await asyncio.gather(*clients, return_exceptions=True)
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -80,12 +87,17 @@ class DelayingRelay:
             finally:
                 dst.close()
 
-        await asyncio.gather(pump(reader, r_writer, False), pump(r_reader, writer, True))
+        try:
+            await asyncio.gather(pump(reader, r_writer, False), pump(r_reader, writer, True))
+        except asyncio.CancelledError:
+            return  # the relay stops (ended, not cancelled: asyncio 3.11 logs a cancelled one)
 
     def close(self) -> None:
         if self._stop is not None:
             self._loop.call_soon_threadsafe(self._stop.set)
         self._thread.join(10)
+        if not self._thread.is_alive():
+            self._loop.close()
 
 
 def test_a_redis_slower_than_the_decision_timeout_keeps_the_breaker_open(
