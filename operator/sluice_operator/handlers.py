@@ -5,7 +5,6 @@ policies (:mod:`sluice_operator.resync`: Redis checked, heartbeats read, keys ex
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -24,6 +23,7 @@ from sluice_operator.resync import Gate, Hooks, Resync, Standalone
 from sluice_operator.secretwatch import served as served_ns
 from sluice_operator.settings import OperatorSettings
 from sluice_operator.status import status_update
+from sluice_operator.taskstop import stop_tasks
 from sluice_operator.usage_status import UsageStatus
 from sluice_operator.webhooks import serve_webhooks
 
@@ -82,9 +82,7 @@ def build_registry(settings: OperatorSettings, reconciler: Reconciler,
 
     @kopf.on.cleanup(registry=registry)
     async def stop_retries(**_: Any) -> None:
-        for task in list(retries.values()):
-            task.cancel()
-        await asyncio.gather(*retries.values(), return_exceptions=True)
+        await stop_tasks(list(retries.values()))
 
     @kopf.on.startup(registry=registry)
     def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
@@ -179,9 +177,7 @@ def build_registry(settings: OperatorSettings, reconciler: Reconciler,
     async def stop_resync(memo: kopf.Memo, **_: Any) -> None:
         task = memo.get("resync")
         if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):  # its errors were logged
-                await task
+            await stop_tasks([task])
         await keys.stop()
 
     async def reconcile_scope(namespace: str, idx: Mapping[str, Any], reuse: Reuse | None = None, *,

@@ -8,7 +8,6 @@ start-up handler's (:meth:`KeyEvents.start`)."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
@@ -20,6 +19,7 @@ from sluice_operator.reconcile import NamespaceOutcome, Reconciler
 from sluice_operator.resync import Gate
 from sluice_operator.secretwatch import KeySecretWatch, named_namespaces, served
 from sluice_operator.settings import OperatorSettings
+from sluice_operator.taskstop import stop_tasks
 
 log = logging.getLogger("sluice.operator")
 
@@ -69,16 +69,12 @@ class KeyEvents:
                        for w in self.watches.values()]
 
     async def stop(self) -> None:
-        for task in [*self._tasks, *self._statuses.values(), *self._reconciles.values()]:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):  # its errors were logged
-                await task
+        await stop_tasks([*self._tasks, *self._statuses.values(), *self._reconciles.values()])
 
     async def settled(self) -> None:
         """Wait until no scope's reconcile is pending (its tasks' errors were logged)."""
         while self._reconciles:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await next(iter(self._reconciles.values()))  # out of the map when done
+            await asyncio.wait(list(self._reconciles.values()))  # out of the map when done
 
     async def changed(self, scope: str, key_id: str, key: SecretKey | None) -> None:
         """One key Secret's grant written or revoked: O(1) Redis writes, whatever the number of

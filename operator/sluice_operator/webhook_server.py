@@ -14,7 +14,6 @@ gets 400, a body larger than ``max_body_bytes`` 413 (the API server sends at mos
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import ssl
@@ -32,6 +31,7 @@ from sluice_operator.injection.redisca import RedisCaCopies
 from sluice_operator.injection.settings import InjectionSettings
 from sluice_operator.pod_admission import PolicyLookup, mutate_pod, namespace_to_look_up
 from sluice_operator.policy_admission import review_policy
+from sluice_operator.taskstop import stop_tasks
 
 log = logging.getLogger(__name__)
 
@@ -110,11 +110,7 @@ class WebhookServer:
         self._tasks.append(asyncio.create_task(coro))
 
     async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await stop_tasks(self._tasks)
         self._tasks.clear()
         if self._runner is not None:
             await self._runner.cleanup()

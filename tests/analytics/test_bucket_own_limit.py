@@ -23,7 +23,8 @@ from sluice_core import cli, configdoc, configstore, grants, keyschema
 from sluice_core.model import KeyGrant, Limit
 from support.analytics_api import AUTH, api_client
 from support.grant_store import key_policy, raw_key
-from support.sidecar_harness import Upstream, start_sidecar, wait_for
+from support.polling import wait_for
+from support.sidecar_harness import Upstream, start_sidecar
 
 pytestmark = pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 HOUR_US = 3_600_000_000

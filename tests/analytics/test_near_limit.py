@@ -25,7 +25,7 @@ from sluice_core.configdoc import build_doc
 from sluice_core.parse import parse_policy
 from sqlalchemy.ext.asyncio import AsyncEngine
 from support.near_limit import Receiver, receiving, running, sent, window
-from support.sidecar_harness import wait_for
+from support.polling import wait_for
 
 HOUR = 1_790_002_800  # the start of a UTC hour (a multiple of 3600)
 NOW = HOUR + 1800

@@ -8,8 +8,8 @@ from collections.abc import Awaitable, Callable
 
 from sluice_analytics.stream import UsageStream
 from sluice_core import configstore
+from support.polling import wait_for
 from support.redis_servers import RedisServer
-from support.sidecar_harness import wait_for
 
 
 def _stream(server: RedisServer, key: str, consumer: str, idle_s: float = 60) -> UsageStream:

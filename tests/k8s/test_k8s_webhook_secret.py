@@ -34,9 +34,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from support.chart import render
 from support.control_plane import ControlPlane
 from support.near_limit import Receiver, receiving, running, sent, window
-from support.polling import poll
+from support.polling import poll, wait_for
 from support.redis_servers import RedisServer
-from support.sidecar_harness import wait_for
 
 pytestmark = pytest.mark.k8s
 

@@ -23,8 +23,8 @@ from sluice_operator.keygrants import policy_ref
 from sluice_operator.keysecrets import POLICY_LABEL, SecretKey, read_secret
 from sluice_operator.reconcile import Reconciler
 from sluice_operator.resync import Hooks, Resync, Standalone
+from support.polling import wait_for
 from support.redis_servers import RedisClusterProcs, RedisServer
-from support.sidecar_harness import wait_for
 
 
 def policy_body(ns: str) -> dict[str, Any]:

@@ -26,7 +26,8 @@ from sluice_operator.heartbeats import HeartbeatView
 from sluice_operator.keysecrets import CLUSTER_POLICY_LABEL, POLICY_LABEL, SecretKey, read_secret
 from sluice_operator.reconcile import Reconciler
 from support import key_sidecar
-from support.processes import SidecarProcess, UpstreamProcess, wait_until
+from support.polling import wait_until
+from support.processes import SidecarProcess, UpstreamProcess
 
 KEYS = 12
 DEADLINE = 15.0

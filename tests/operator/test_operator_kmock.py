@@ -6,10 +6,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import faulthandler
-import inspect
 import signal
-import threading
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -28,7 +25,8 @@ from sluice_operator.handlers import build_registry
 from sluice_operator.metrics import OperatorMetrics
 from sluice_operator.reconcile import Reconciler
 from sluice_operator.settings import OperatorSettings
-from support.sidecar_harness import wait_for
+from support.operator_thread import OperatorThread
+from support.polling import eventually, wait_for
 
 RLP = "sluice.dev/v1alpha1/ratelimitpolicies"
 
@@ -98,24 +96,6 @@ class Env:
         return dict(obj.get("status") or {})
 
 
-async def eventually(probe: Callable[[], Any], what: str, timeout: float = 15.0) -> Any:
-    """Poll ``probe`` (which may return an awaitable) until it returns something true."""
-    deadline = asyncio.get_running_loop().time() + timeout
-    last: Any = None
-    while asyncio.get_running_loop().time() < deadline:
-        try:
-            last = probe()
-            if inspect.isawaitable(last):
-                last = await last
-        except (KeyError, LookupError) as exc:
-            last = exc
-        else:
-            if last:
-                return last
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}; last: {last!r}")
-
-
 def condition(status: dict[str, Any], type_: str) -> dict[str, Any] | None:
     return next((c for c in status.get("conditions", []) if c["type"] == type_), None)
 
@@ -145,25 +125,14 @@ async def running_operator(kmock: Any, redis_server: Any, **settings_kw: Any) ->
     def login(**_: Any) -> kopf.ConnectionInfo:
         return kopf.ConnectionInfo(server=url)
 
-    stop, ready = threading.Event(), threading.Event()
-
-    def run() -> None:
-        asyncio.run(kopf.operator(registry=registry, clusterwide=True, standalone=True,
-                                  stop_flag=stop, ready_flag=ready))
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    await eventually(ready.is_set, "operator ready")
+    operator = OperatorThread(registry=registry, clusterwide=True, standalone=True)
     try:
+        await eventually(operator.started, "operator ready")
         async with configstore.connect(redis_server.url) as store:
             with redis_server.client() as redis:
                 yield Env(kmock, redis, store, "ns-" + uuid.uuid4().hex[:8], metrics, reconciler)
     finally:
-        stop.set()
-        await asyncio.to_thread(thread.join, 20)
-        if thread.is_alive():  # say where it hangs; a live operator would disturb later tests
-            faulthandler.dump_traceback(all_threads=True)
-            raise AssertionError("the operator thread did not stop within 20 s (stacks on stderr)")
+        await asyncio.to_thread(operator.stop)  # fails the test if the operator does not stop
 
 
 @pytest.fixture

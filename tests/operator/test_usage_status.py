@@ -11,8 +11,8 @@ from typing import Any
 
 from sluice_core import configstore, keyschema, usagesummary
 from sluice_operator.usage_status import MAX_WRITES, UsageStatus
+from support.polling import wait_for
 from support.redis_servers import RedisServer
-from support.sidecar_harness import wait_for
 
 N = 2500
 

@@ -279,8 +279,8 @@ async def test_rotated_certificate_files_are_served_without_a_restart(tmp_path: 
     new certificate to new connections without being restarted."""
     from sluice_operator.settings import OperatorSettings
     from sluice_operator.webhooks import serve_webhooks
+    from support.polling import wait_for
     from support.redis_servers import pick_port
-    from support.sidecar_harness import wait_for
 
     mounted = tmp_path / "mounted"
     mounted.mkdir()

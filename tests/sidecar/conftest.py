@@ -1,5 +1,5 @@
-"""Fixtures of the key-grant tests (tests/sidecar/test_key_grants*.py), whose sidecars run as
-processes (support.key_sidecar): named apart from tests/conftest.py's in-process ``upstream``."""
+"""Fixtures of the sidecar tests whose sidecars run as processes (support.key_sidecar,
+support.processes): named apart from tests/conftest.py's in-process ``upstream``."""
 
 from __future__ import annotations
 
@@ -21,9 +21,10 @@ def upstream_process() -> Iterator[UpstreamProcess]:
 
 @pytest.fixture
 def labels(tmp_path: Path) -> Path:
-    """The pod labels file of a sidecar that the key-grant test policies select (``app: web``)."""
+    """The pod labels file of a sidecar that the test policies select (``app: web``), with a
+    label no selector names, as a Deployment's pods have."""
     f = tmp_path / "labels"
-    f.write_text('app="web"\n')
+    f.write_text('app="web"\npod-template-hash="abc123"\n')
     return f
 
 

@@ -9,21 +9,14 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from sluice_core import configstore, keyschema
 from sluice_core.model import CLUSTER_SCOPE
-from support.processes import SidecarProcess, UpstreamProcess, http_get, wait_until
+from support.polling import wait_until
+from support.processes import SidecarProcess, UpstreamProcess, http_get
 from support.store_calls import store_call
-
-
-@pytest.fixture(scope="module")
-def upstream() -> Iterator[UpstreamProcess]:
-    up = UpstreamProcess()
-    yield up
-    up.close()
 
 
 def policy_yaml(ns: str, *, requests: int = 3, mode: str = "enforce", app: str = "web") -> str:
@@ -56,23 +49,16 @@ def config_version(sidecar: SidecarProcess) -> int:
     return int(json.loads(http_get(sidecar.admin + "/admin/config")[1])["config"]["version"])
 
 
-@pytest.fixture
-def labels(tmp_path: Path) -> Path:
-    f = tmp_path / "labels"
-    f.write_text('app="web"\npod-template-hash="abc123"\n')
-    return f
-
-
 @pytest.mark.parametrize("topology", ["single", "cluster"])
 def test_apply_enforce_and_reload_on_change_notice(request: pytest.FixtureRequest, topology: str,
-                                                   upstream: UpstreamProcess, labels: Path,
+                                                   upstream_process: UpstreamProcess, labels: Path,
                                                    tmp_path: Path) -> None:
     server = request.getfixturevalue("redis_server" if topology == "single" else "redis_cluster")
     ns = "cm-" + uuid.uuid4().hex[:8]
     out = apply(tmp_path, server.url, policy_yaml(ns))
     assert f"applied: namespace {ns}: api (config version 1)" in out
     # Polling is slowed to 60 s: only the change notice can make the reload below happen in time.
-    sidecar = SidecarProcess(upstream.url, "--redis", server.url, "--namespace", ns,
+    sidecar = SidecarProcess(upstream_process.url, "--redis", server.url, "--namespace", ns,
                              "--pod-labels", str(labels), "--poll-interval-s", "60")
     try:
         assert statuses(sidecar.url, 4) == [200, 200, 200, 429]
@@ -87,12 +73,12 @@ def test_apply_enforce_and_reload_on_change_notice(request: pytest.FixtureReques
         sidecar.close()
 
 
-def test_polling_fallback_and_last_good_config(redis_server: object, upstream: UpstreamProcess,
+def test_polling_fallback_and_last_good_config(redis_server: object, upstream_process: UpstreamProcess,
                                                labels: Path, tmp_path: Path) -> None:
     url = redis_server.url  # type: ignore[attr-defined]
     ns = "pf-" + uuid.uuid4().hex[:8]
     apply(tmp_path, url, policy_yaml(ns, requests=2))
-    sidecar = SidecarProcess(upstream.url, "--redis", url, "--namespace", ns,
+    sidecar = SidecarProcess(upstream_process.url, "--redis", url, "--namespace", ns,
                              "--pod-labels", str(labels), "--poll-interval-s", "0.2")
     try:
         assert statuses(sidecar.url, 3) == [200, 200, 429]
@@ -120,12 +106,12 @@ def test_polling_fallback_and_last_good_config(redis_server: object, upstream: U
         sidecar.close()
 
 
-def test_no_matching_policy_means_not_limited(redis_server: object, upstream: UpstreamProcess,
+def test_no_matching_policy_means_not_limited(redis_server: object, upstream_process: UpstreamProcess,
                                               labels: Path, tmp_path: Path) -> None:
     url = redis_server.url  # type: ignore[attr-defined]
     ns = "nm-" + uuid.uuid4().hex[:8]
     apply(tmp_path, url, policy_yaml(ns, requests=1, app="other"))
-    sidecar = SidecarProcess(upstream.url, "--redis", url, "--namespace", ns, "--pod-labels", str(labels))
+    sidecar = SidecarProcess(upstream_process.url, "--redis", url, "--namespace", ns, "--pod-labels", str(labels))
     try:
         assert statuses(sidecar.url, 3) == [200, 200, 200]
         assert sidecar.metric("sluice_decisions_total", decision="unconfigured") == 3
@@ -144,7 +130,7 @@ spec:
 
 
 def test_a_namespace_without_a_policy_passes_unlimited_and_is_ready(fresh_redis: object,
-                                                                     upstream: UpstreamProcess,
+                                                                     upstream_process: UpstreamProcess,
                                                                      labels: Path, tmp_path: Path) -> None:
     """A pod injected into a namespace that never had a policy, with no cluster policy either:
     `sluice apply` (of another namespace) left the cluster document, empty, so the sidecar knows
@@ -154,7 +140,7 @@ def test_a_namespace_without_a_policy_passes_unlimited_and_is_ready(fresh_redis:
     stored = store_call(url, configstore.read, CLUSTER_SCOPE)
     assert stored is not None and stored.policies == () and stored.placeholder
     ns = "np-" + uuid.uuid4().hex[:8]
-    sidecar = SidecarProcess(upstream.url, "--redis", url, "--namespace", ns, "--pod-labels", str(labels))
+    sidecar = SidecarProcess(upstream_process.url, "--redis", url, "--namespace", ns, "--pod-labels", str(labels))
     try:  # ready: SidecarProcess waited for /readyz 200
         assert statuses(sidecar.url, 3) == [200, 200, 200]
         assert sidecar.metric("sluice_decisions_total", decision="unconfigured") == 3
@@ -164,12 +150,12 @@ def test_a_namespace_without_a_policy_passes_unlimited_and_is_ready(fresh_redis:
 
 
 def test_with_both_documents_missing_the_sidecar_waits_until_the_cluster_document_appears(
-        fresh_redis: object, upstream: UpstreamProcess, labels: Path, tmp_path: Path) -> None:
+        fresh_redis: object, upstream_process: UpstreamProcess, labels: Path, tmp_path: Path) -> None:
     """Redis holds no config at all (lost, or nothing was ever written): fail safe, 503, until
     the operator or `sluice apply` writes (here: a policy of another namespace), then ready."""
     url = fresh_redis.url  # type: ignore[attr-defined]
     ns = "nd-" + uuid.uuid4().hex[:8]
-    sidecar = SidecarProcess(upstream.url, "--redis", url, "--namespace", ns, "--pod-labels", str(labels),
+    sidecar = SidecarProcess(upstream_process.url, "--redis", url, "--namespace", ns, "--pod-labels", str(labels),
                              "--poll-interval-s", "0.2", wait_ready=False)
     try:
         wait_until(lambda: http_get(sidecar.admin + "/healthz")[0] == 200, 20, what="sidecar up")
@@ -186,7 +172,7 @@ def test_with_both_documents_missing_the_sidecar_waits_until_the_cluster_documen
 
 
 def test_a_placeholder_cluster_document_never_replaces_a_loaded_cluster_policy(
-        fresh_redis: object, upstream: UpstreamProcess, labels: Path, tmp_path: Path) -> None:
+        fresh_redis: object, upstream_process: UpstreamProcess, labels: Path, tmp_path: Path) -> None:
     """Redis lost the cluster document and the empty placeholder was created in its place (by
     an operator replica that serves no cluster policy, or start-up): a sidecar keeps enforcing
     the cluster policy it holds (missing = lost), until a real document replaces it."""
@@ -198,7 +184,7 @@ def test_a_placeholder_cluster_document_never_replaces_a_loaded_cluster_policy(
     r = subprocess.run([sys.executable, "-m", "sluice_core.cli", "apply", "-f", str(f), "--redis", url,
                         "--cluster-namespaces", ns], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
-    sidecar = SidecarProcess(upstream.url, "--redis", url, "--namespace", ns, "--pod-labels", str(labels),
+    sidecar = SidecarProcess(upstream_process.url, "--redis", url, "--namespace", ns, "--pod-labels", str(labels),
                              "--poll-interval-s", "0.2")
     try:
         assert statuses(sidecar.url, 3) == [200, 200, 429]

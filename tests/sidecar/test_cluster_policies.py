@@ -17,7 +17,8 @@ import pytest
 from sluice_core import configdoc, configstore, keyschema
 from sluice_core.model import CLUSTER_SCOPE, CompiledPolicy, KeyGrant
 from sluice_core.parse import parse_policy
-from support.sidecar_harness import RunningSidecar, Upstream, start_sidecar, wait_for
+from support.polling import wait_for
+from support.sidecar_harness import RunningSidecar, Upstream, start_sidecar
 from support.store_calls import store_call
 
 PARTNER_KEY = "partner-" + uuid.uuid4().hex

@@ -21,9 +21,10 @@ import pytest
 from sluice_core import keyschema
 from sluice_core.sidecar_settings import SidecarSettings
 from sluice_sidecar.stores.memory import MemoryStore
+from support.polling import wait_for
 from support.processes import SidecarProcess, UpstreamProcess
 from support.redis_servers import RedisServer
-from support.sidecar_harness import Upstream, wait_for
+from support.sidecar_harness import Upstream
 
 MEMORY_LIMIT = 128 * 2**20  # the injected sidecar's default memory limit
 POLICY = """
@@ -35,13 +36,6 @@ spec:
 """
 
 
-@pytest.fixture(scope="module")
-def upstream() -> Iterator[UpstreamProcess]:
-    up = UpstreamProcess()
-    yield up
-    up.close()
-
-
 @pytest.fixture
 async def stream_upstream() -> AsyncIterator[Upstream]:
     """The harness's upstream (in this process), for ``/__stream/<n>`` and a body it waits for."""
@@ -51,11 +45,11 @@ async def stream_upstream() -> AsyncIterator[Upstream]:
 
 
 @contextlib.contextmanager
-def sidecar(upstream: UpstreamProcess | Upstream, tmp_path: Path, policy_text: str = POLICY,
+def sidecar(upstream_process: UpstreamProcess | Upstream, tmp_path: Path, policy_text: str = POLICY,
             **env: str) -> Iterator[SidecarProcess]:
     policy = tmp_path / "policy.yaml"
     policy.write_text(policy_text)
-    sc = SidecarProcess(upstream.url, "--policy-file", str(policy), env=env)
+    sc = SidecarProcess(upstream_process.url, "--policy-file", str(policy), env=env)
     try:
         yield sc
     finally:
@@ -146,11 +140,11 @@ def head(target: str, fields: int, size: int) -> bytes:
 
 # ---------------------------------------------------------------------------------------------
 async def test_header_flood_is_refused_431_and_memory_stays_bounded(
-        upstream: UpstreamProcess, tmp_path: Path) -> None:
+        upstream_process: UpstreamProcess, tmp_path: Path) -> None:
     """150 requests of 100 fields x 8,000 bytes each (under the per-field limit) against an
     upstream that would hold them 30 s: each is answered 431 without reaching the upstream."""
     # the defaults, but one host plays every client
-    with sidecar(upstream, tmp_path, SLUICE_MAX_CONNECTIONS_PER_CLIENT="1000") as sc:
+    with sidecar(upstream_process, tmp_path, SLUICE_MAX_CONNECTIONS_PER_CLIENT="1000") as sc:
         flood = head("/slow?s=30", 100, 8000)
         with PeakRss(sc.proc.pid) as rss:
             answers = await gather_bounded([exchange(sc.port, flood) for _ in range(150)])
@@ -166,12 +160,12 @@ async def test_header_flood_is_refused_431_and_memory_stays_bounded(
 
 
 async def test_a_large_head_behind_another_request_in_the_same_read_is_refused(
-        upstream: UpstreamProcess, tmp_path: Path) -> None:
+        upstream_process: UpstreamProcess, tmp_path: Path) -> None:
     """Pipelined behind a small request (and behind one with a body), in one write: the large
     head is measured on its own, whether complete or not: 200 for the first, then 431."""
     big = head("/", 30, 8000)  # 240 KB, every field under the per-field limit
     post = b"POST / HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\n\r\nhello"
-    with sidecar(upstream, tmp_path) as sc:
+    with sidecar(upstream_process, tmp_path) as sc:
         for first in (b"GET / HTTP/1.1\r\nHost: t\r\n\r\n", post):
             for second in (big, big[:-2]):  # complete, and never completed
                 answer = await exchange(sc.port, first + second)
@@ -181,10 +175,10 @@ async def test_a_large_head_behind_another_request_in_the_same_read_is_refused(
 
 
 async def test_slowloris_connections_are_closed_after_the_header_timeout(
-        upstream: UpstreamProcess, tmp_path: Path) -> None:
+        upstream_process: UpstreamProcess, tmp_path: Path) -> None:
     """300 connections trickling a head a byte at a time and 100 that send nothing: all closed
     once the header timeout passes; an honest client is served meanwhile."""
-    with sidecar(upstream, tmp_path, SLUICE_HEADER_TIMEOUT_S="1",
+    with sidecar(upstream_process, tmp_path, SLUICE_HEADER_TIMEOUT_S="1",
                  SLUICE_MAX_CONNECTIONS_PER_CLIENT="1000") as sc:  # one host plays every client
         stop_at = time.monotonic() + 20  # every trickle loop ends by then
         closed_by_server = 0
@@ -222,11 +216,11 @@ async def test_slowloris_connections_are_closed_after_the_header_timeout(
 
 
 async def test_idle_flood_is_capped_then_closed_after_the_keepalive_timeout(
-        upstream: UpstreamProcess, tmp_path: Path) -> None:
+        upstream_process: UpstreamProcess, tmp_path: Path) -> None:
     """2,000 keep-alive clients each make one request and stay idle: never more than 500 are
     open (the cap), the others are refused 503 at once; the idle ones are closed after the
     keep-alive timeout (some may be before the flood ends, freeing places for later ones)."""
-    with sidecar(upstream, tmp_path, SLUICE_MAX_CONNECTIONS="500", SLUICE_KEEPALIVE_TIMEOUT_S="3",
+    with sidecar(upstream_process, tmp_path, SLUICE_MAX_CONNECTIONS="500", SLUICE_KEEPALIVE_TIMEOUT_S="3",
                  SLUICE_MAX_CONNECTIONS_PER_CLIENT="5000") as sc:  # one host plays every client
         streams: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
         statuses: list[int] = []
@@ -278,11 +272,11 @@ def refusals(sc: SidecarProcess) -> float:
     return sc.metric("sluice_overload_refusals_total")
 
 
-async def test_one_host_cannot_take_every_connection(upstream: UpstreamProcess, tmp_path: Path) -> None:
+async def test_one_host_cannot_take_every_connection(upstream_process: UpstreamProcess, tmp_path: Path) -> None:
     """150 one-byte connections from 127.0.0.1 (no request completes, no token is taken): 20
     are held (the per-client cap), the rest refused 503, so the global cap of 100 is never
     reached and a client at 127.0.0.2 is served."""
-    with sidecar(upstream, tmp_path, SLUICE_MAX_CONNECTIONS="100", SLUICE_MAX_CONNECTIONS_PER_CLIENT="20",
+    with sidecar(upstream_process, tmp_path, SLUICE_MAX_CONNECTIONS="100", SLUICE_MAX_CONNECTIONS_PER_CLIENT="20",
                  SLUICE_HEADER_TIMEOUT_S="60") as sc:
         held = await hold_one_byte(sc.port, 150, "127.0.0.1")
         try:
@@ -308,12 +302,12 @@ async def test_one_host_cannot_take_every_connection(upstream: UpstreamProcess, 
         assert status_of(await exchange(sc.port, b"GET / HTTP/1.0\r\n\r\n")) == 200
 
 
-async def test_trusted_proxies_are_exempt_from_the_per_client_cap(upstream: UpstreamProcess,
+async def test_trusted_proxies_are_exempt_from_the_per_client_cap(upstream_process: UpstreamProcess,
                                                                   tmp_path: Path) -> None:
     """Behind an ingress every connection comes from the ingress: the policy's trusted proxies
     (127.0.0.1 here) are not capped per client; another address (127.0.0.2) is."""
     trusting = POLICY + "  identify: {order: [ip], trustedProxies: [127.0.0.1/32]}\n"
-    with sidecar(upstream, tmp_path, trusting, SLUICE_MAX_CONNECTIONS_PER_CLIENT="5",
+    with sidecar(upstream_process, tmp_path, trusting, SLUICE_MAX_CONNECTIONS_PER_CLIENT="5",
                  SLUICE_HEADER_TIMEOUT_S="60") as sc:
         held = await hold_one_byte(sc.port, 12, "127.0.0.1")
         held += await hold_one_byte(sc.port, 12, "127.0.0.2")
@@ -327,12 +321,12 @@ async def test_trusted_proxies_are_exempt_from_the_per_client_cap(upstream: Upst
                 writer.close()
 
 
-async def test_the_first_byte_does_not_restart_the_head_clock(upstream: UpstreamProcess,
+async def test_the_first_byte_does_not_restart_the_head_clock(upstream_process: UpstreamProcess,
                                                              tmp_path: Path) -> None:
     """A connection that sends one byte just before the header timeout is closed when the
     timeout passes from the connection's opening (4 s), not a full timeout after that byte
     (7.5 s): one byte cannot hold a place twice as long."""
-    with sidecar(upstream, tmp_path, SLUICE_HEADER_TIMEOUT_S="4") as sc:
+    with sidecar(upstream_process, tmp_path, SLUICE_HEADER_TIMEOUT_S="4") as sc:
         reader, writer = await asyncio.open_connection("127.0.0.1", sc.port)
         try:
             await asyncio.sleep(3.5)  # the attack's pace: the byte comes late
@@ -346,8 +340,8 @@ async def test_the_first_byte_does_not_restart_the_head_clock(upstream: Upstream
 
 
 async def test_requests_in_flight_are_capped_without_taking_a_token(
-        upstream: UpstreamProcess, tmp_path: Path) -> None:
-    with sidecar(upstream, tmp_path, SLUICE_MAX_INFLIGHT_REQUESTS="4") as sc:
+        upstream_process: UpstreamProcess, tmp_path: Path) -> None:
+    with sidecar(upstream_process, tmp_path, SLUICE_MAX_INFLIGHT_REQUESTS="4") as sc:
         held = [await asyncio.open_connection("127.0.0.1", sc.port) for _ in range(4)]
         try:
             for _, writer in held:
@@ -368,13 +362,13 @@ async def test_requests_in_flight_are_capped_without_taking_a_token(
         assert status_of(await exchange(sc.port, b"GET / HTTP/1.0\r\n\r\n")) == 200
 
 
-async def test_the_inflight_gauge_counts_what_the_cap_counts(upstream: UpstreamProcess, tmp_path: Path,
+async def test_the_inflight_gauge_counts_what_the_cap_counts(upstream_process: UpstreamProcess, tmp_path: Path,
                                                             fresh_redis: RedisServer) -> None:
     """Requests waiting for their decision (Redis paused) are in flight as much as requests at
     the upstream: ``sluice_inflight_requests`` shows them, and the cap refuses the next one."""
     policy = tmp_path / "policy.yaml"
     policy.write_text(POLICY)
-    sc = SidecarProcess(upstream.url, "--policy-file", str(policy), "--redis", fresh_redis.url,
+    sc = SidecarProcess(upstream_process.url, "--policy-file", str(policy), "--redis", fresh_redis.url,
                         env={"SLUICE_MAX_INFLIGHT_REQUESTS": "3", "SLUICE_REDIS_TIMEOUT_MS": "30000"})
     held = []
     try:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import aiohttp
@@ -17,13 +16,6 @@ RATE = 40  # tokens per second
 BURST = 15
 DURATION = 2.5  # seconds of load (bounded)
 CLIENTS = 24
-
-
-@pytest.fixture(scope="module")
-def upstream() -> Iterator[UpstreamProcess]:
-    up = UpstreamProcess()
-    yield up
-    up.close()
 
 
 async def hammer(urls: list[str], key: str) -> tuple[int, int, float, float]:
@@ -57,7 +49,7 @@ async def hammer(urls: list[str], key: str) -> tuple[int, int, float, float]:
 @pytest.mark.slow
 @pytest.mark.parametrize("topology", ["single", "cluster"])
 async def test_two_sidecars_share_one_exact_limit(request: pytest.FixtureRequest, topology: str,
-                                                  upstream: UpstreamProcess, tmp_path: Path) -> None:
+                                                  upstream_process: UpstreamProcess, tmp_path: Path) -> None:
     server = request.getfixturevalue("redis_server" if topology == "single" else "redis_cluster")
     policy = tmp_path / "policy.yaml"
     policy.write_text(f"""
@@ -74,7 +66,7 @@ spec:
     keys.write_text(f"keys:\n  {key}: pro\n")
     args = ("--redis", server.url, "--policy-file", str(policy), "--api-keys-file", str(keys),
             "--redis-timeout-ms", "1000")
-    sidecars = [SidecarProcess(upstream.url, *args) for _ in range(2)]
+    sidecars = [SidecarProcess(upstream_process.url, *args) for _ in range(2)]
     try:
         admitted, refused, outer, inner = await hammer([s.url for s in sidecars], key)
     finally:

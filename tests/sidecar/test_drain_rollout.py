@@ -31,7 +31,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from support.processes import SidecarProcess, UpstreamProcess, http_get, wait_until
+from support.polling import wait_until
+from support.processes import SidecarProcess, UpstreamProcess, http_get
 
 TOKEN = "t0k3n-for-this-pod"
 # The app: answers 200, and exits the moment it gets SIGTERM (no graceful shutdown of its own).

@@ -20,7 +20,8 @@ from sluice_core import configstore, keyschema
 from sluice_core.model import CompiledPolicy, Limit
 from support.grant_store import key_policy, now_ms, publish_policies, put_key, raw_key, revoke_key
 from support.key_sidecar import DEADLINE, all_keys, call, start, status
-from support.processes import SidecarProcess, UpstreamProcess, http_get, wait_until
+from support.polling import wait_until
+from support.processes import SidecarProcess, UpstreamProcess, http_get
 from support.redis_servers import RedisClusterProcs, RedisServer, sentinel_for
 from support.store_calls import store_call
 

@@ -12,7 +12,8 @@ from pathlib import Path
 
 from support.key_sidecar import DEADLINE, call, start, status
 from support.keys_files import POLICY, sluice_apply
-from support.processes import SidecarProcess, UpstreamProcess, http_get, wait_until
+from support.polling import wait_until
+from support.processes import SidecarProcess, UpstreamProcess, http_get
 from support.redis_servers import RedisServer
 
 

@@ -14,7 +14,8 @@ from pathlib import Path
 
 from support.grant_store import key_policy, publish_policies, put_key
 from support.key_sidecar import start, status
-from support.processes import SidecarProcess, UpstreamProcess, wait_until
+from support.polling import wait_until
+from support.processes import SidecarProcess, UpstreamProcess
 from support.redis_servers import RedisServer
 
 

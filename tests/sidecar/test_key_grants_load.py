@@ -15,9 +15,9 @@ from pathlib import Path
 import aiohttp
 from support.grant_store import key_policy, publish_policies, put_key, revoke_key
 from support.key_sidecar import start
+from support.polling import wait_for
 from support.processes import UpstreamProcess
 from support.redis_servers import RedisClusterProcs, RedisServer
-from support.sidecar_harness import wait_for
 
 RUN_LIMIT = 20.0  # the load stops by itself after this long, whatever happens
 # The revoked key must be refused by every sidecar within this long of the revoke: a bound on a

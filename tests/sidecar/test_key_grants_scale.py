@@ -1,8 +1,9 @@
-"""A million API keys in Redis cost a sidecar nothing it would not pay without them: one
-namespace's policy has 1,000,000 grants in Redis, another's none; a real sidecar process of each
+"""Many API keys in Redis cost a sidecar nothing it would not pay without them: one namespace's
+policy has 200,000 grants in Redis (a sidecar that held them would take tens of MB more, and
+Redis would send it megabytes), another's none; a real sidecar process of each
 starts, serves its keys, and sees one key change. Their memory (RSS) is the same within a few MB,
 and Redis sends each the same bytes at start-up and for a key change: nothing that grows with
-the number of keys. (Times are measured by bench/keys_sidecar.py, not asserted here.)"""
+the number of keys. (Times, and a million keys, are bench/keys_sidecar.py's, not asserted here.)"""
 
 from __future__ import annotations
 
@@ -14,10 +15,11 @@ from pathlib import Path
 import pytest
 from support.grant_store import fill_grants, key_policy, publish_policies, put_key, revoke_key
 from support.key_sidecar import start, status
-from support.processes import SidecarProcess, UpstreamProcess, wait_until
+from support.polling import wait_until
+from support.processes import SidecarProcess, UpstreamProcess
 from support.redis_servers import RedisServer
 
-KEYS = 1_000_000
+KEYS = 200_000
 RSS_SLACK_KB = 4 * 1024  # two processes doing the same work differ by less than this
 BYTES_SLACK = 2048  # the same commands, and replies that differ only in names and numbers
 
@@ -53,7 +55,7 @@ def measured_sidecar(redis: RedisServer, upstream_process: UpstreamProcess, ns: 
 
 
 @pytest.mark.slow
-def test_a_million_keys_cost_a_sidecar_nothing(fresh_redis: RedisServer, upstream_process: UpstreamProcess,
+def test_many_keys_cost_a_sidecar_nothing(fresh_redis: RedisServer, upstream_process: UpstreamProcess,
                                                labels: Path, record_property: Callable[[str, object], None]) -> None:
     few, many = "few-" + uuid.uuid4().hex[:6], "many-" + uuid.uuid4().hex[:6]
     keys = [f"key-{i}-{uuid.uuid4().hex}" for i in range(20)]
@@ -71,7 +73,7 @@ def test_a_million_keys_cost_a_sidecar_nothing(fresh_redis: RedisServer, upstrea
         big, big_bytes, big_rss, big_start = measured_sidecar(fresh_redis, upstream_process, many, labels, keys)
         # Start-up, reported (the junit XML's properties), not asserted: times are the bench's.
         record_property("start_up_s_no_keys", round(small_start, 3))
-        record_property("start_up_s_million_keys", round(big_start, 3))
+        record_property("start_up_s_many_keys", round(big_start, 3))
         try:
             assert abs(big_rss - small_rss) < RSS_SLACK_KB, (small_rss, big_rss)
             assert abs(big_bytes - small_bytes) < BYTES_SLACK, (small_bytes, big_bytes)

@@ -15,7 +15,8 @@ from sluice_core.model import CLUSTER_SCOPE
 from sluice_core.parse import parse_policy
 from support.grant_store import key_policy, publish_policies, put_key, revoke_key
 from support.key_sidecar import call, start
-from support.processes import UpstreamProcess, wait_until
+from support.polling import wait_until
+from support.processes import UpstreamProcess
 from support.redis_servers import RedisClusterProcs, RedisServer
 from support.store_calls import store_call
 

@@ -22,6 +22,7 @@ from support.http_calls import (
     metric,
     metrics_text,
 )
+from support.polling import wait_stable
 from support.processes import SidecarProcess
 from support.sidecar_harness import (
     UTF8_VALUE,
@@ -29,7 +30,6 @@ from support.sidecar_harness import (
     Upstream,
     policy_doc,
     raw_request,
-    wait_stable,
     write_file,
 )
 

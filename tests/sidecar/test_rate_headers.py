@@ -16,10 +16,10 @@ from support.http_calls import (
     assert_problem,
     call,
 )
+from support.polling import wait_for
 from support.sidecar_harness import (
     Factory,
     policy_doc,
-    wait_for,
 )
 from support.structured_fields import check_ratelimit_headers, members, parse_list
 

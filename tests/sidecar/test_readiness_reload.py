@@ -19,11 +19,11 @@ from support.http_calls import (
     metric,
     metrics_text,
 )
+from support.polling import wait_for
 from support.sidecar_harness import (
     Factory,
     RunningSidecar,
     policy_doc,
-    wait_for,
 )
 from support.structured_fields import check_ratelimit_headers
 

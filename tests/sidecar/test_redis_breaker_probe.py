@@ -14,7 +14,6 @@ import asyncio
 import itertools
 import json
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -24,16 +23,10 @@ from sluice_sidecar.breaker import PROBE_INTERVAL_S, CircuitBreaker, State
 from sluice_sidecar.stores.base import StoreUnavailable
 from sluice_sidecar.stores.redis import RedisStore
 from sluice_sidecar.transport.errors import AUTH
-from support.processes import SidecarProcess, UpstreamProcess, http_get, wait_until
+from support.polling import wait_until
+from support.processes import SidecarProcess, UpstreamProcess, http_get
 from support.redis_servers import RedisClusterProcs, RedisServer
 from support.sidecar_harness import policy_doc
-
-
-@pytest.fixture(scope="module")
-def upstream() -> Iterator[UpstreamProcess]:
-    up = UpstreamProcess()
-    yield up
-    up.close()
 
 
 def policy(tmp_path: Path) -> Path:
@@ -67,6 +60,13 @@ class DelayingRelay:
         self._ready.set()
         async with server:
             await self._stop.wait()
+        # The relayed connections end with the relay (the loop is its own): left pending, they
+        # were destroyed at some later garbage collection, in whatever test ran then, their
+        # pumps closing writers on a closed loop (an unraisable error that failed that test).
+        clients = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for task in clients:
+            task.cancel()
+        await asyncio.gather(*clients, return_exceptions=True)
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -87,19 +87,24 @@ class DelayingRelay:
             finally:
                 dst.close()
 
-        await asyncio.gather(pump(reader, r_writer, False), pump(r_reader, writer, True))
+        try:
+            await asyncio.gather(pump(reader, r_writer, False), pump(r_reader, writer, True))
+        except asyncio.CancelledError:
+            return  # the relay stops (ended, not cancelled: asyncio 3.11 logs a cancelled one)
 
     def close(self) -> None:
         if self._stop is not None:
             self._loop.call_soon_threadsafe(self._stop.set)
         self._thread.join(10)
+        if not self._thread.is_alive():
+            self._loop.close()
 
 
 def test_a_redis_slower_than_the_decision_timeout_keeps_the_breaker_open(
-        upstream: UpstreamProcess, tmp_path: Path) -> None:
+        upstream_process: UpstreamProcess, tmp_path: Path) -> None:
     with RedisServer() as r:
         relay = DelayingRelay(r.port)
-        sidecar = SidecarProcess(upstream.url, "--redis", f"redis://127.0.0.1:{relay.port}",
+        sidecar = SidecarProcess(upstream_process.url, "--redis", f"redis://127.0.0.1:{relay.port}",
                                  "--policy-file", str(policy(tmp_path)), "--redis-timeout-ms", "50",
                                  "--redis-connect-timeout-ms", "2000", "--breaker-threshold", "3",
                                  "--breaker-cooldown-s", "0.2")
@@ -134,9 +139,9 @@ def test_a_redis_slower_than_the_decision_timeout_keeps_the_breaker_open(
             relay.close()
 
 
-def test_each_breaker_transition_is_one_log_line(upstream: UpstreamProcess, tmp_path: Path) -> None:
+def test_each_breaker_transition_is_one_log_line(upstream_process: UpstreamProcess, tmp_path: Path) -> None:
     with RedisServer() as r:
-        sidecar = SidecarProcess(upstream.url, "--redis", r.url, "--policy-file", str(policy(tmp_path)),
+        sidecar = SidecarProcess(upstream_process.url, "--redis", r.url, "--policy-file", str(policy(tmp_path)),
                                  "--breaker-threshold", "3", "--breaker-cooldown-s", "0.2")
         try:
             assert http_get(sidecar.url + "/a")[0] == 200
@@ -158,14 +163,14 @@ def test_each_breaker_transition_is_one_log_line(upstream: UpstreamProcess, tmp_
             sidecar.close()
 
 
-def test_one_slow_answer_at_start_does_not_open_the_breaker(upstream: UpstreamProcess,
+def test_one_slow_answer_at_start_does_not_open_the_breaker(upstream_process: UpstreamProcess,
                                                              tmp_path: Path) -> None:
     """A slow first answer (a cold Redis) is one failure towards the threshold, as for a
     decision; opening on it would answer every request by the failure mode for a cooldown."""
     with RedisServer() as r:
         relay = DelayingRelay(r.port)
         relay.delay = 0.3  # slower than the decision timeout, faster than the connect timeout
-        sidecar = SidecarProcess(upstream.url, "--redis", f"redis://127.0.0.1:{relay.port}",
+        sidecar = SidecarProcess(upstream_process.url, "--redis", f"redis://127.0.0.1:{relay.port}",
                                  "--policy-file", str(policy(tmp_path)), "--redis-timeout-ms", "50",
                                  "--redis-connect-timeout-ms", "2000", "--breaker-cooldown-s", "30")
         try:
@@ -185,10 +190,10 @@ def test_one_slow_answer_at_start_does_not_open_the_breaker(upstream: UpstreamPr
             relay.close()
 
 
-def test_a_wrong_password_is_said_at_start(upstream: UpstreamProcess, tmp_path: Path) -> None:
+def test_a_wrong_password_is_said_at_start(upstream_process: UpstreamProcess, tmp_path: Path) -> None:
     with RedisServer() as r:
         r.execute("CONFIG", "SET", "requirepass", "the-right-one")
-        sidecar = SidecarProcess(upstream.url, "--redis", f"redis://:not-it-4e1c@127.0.0.1:{r.port}",
+        sidecar = SidecarProcess(upstream_process.url, "--redis", f"redis://:not-it-4e1c@127.0.0.1:{r.port}",
                                  "--policy-file", str(policy(tmp_path)), "--breaker-cooldown-s", "0.2")
         try:  # ready (Redis may be fixed later), and not one client request is sent
             wait_until(lambda: "decision store failing" in sidecar.output(), 10,

@@ -4,18 +4,11 @@ time, fails open or closed as the policy says, counts it, and recovers without a
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from support.processes import SidecarProcess, UpstreamProcess, http_get, wait_until
-
-
-@pytest.fixture(scope="module")
-def upstream() -> Iterator[UpstreamProcess]:
-    up = UpstreamProcess()
-    yield up
-    up.close()
+from support.polling import wait_until
+from support.processes import SidecarProcess, UpstreamProcess, http_get
 
 
 def policy(tmp_path: Path, failure_mode: str) -> Path:
@@ -39,10 +32,10 @@ def timed(url: str) -> tuple[int, float]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize(("failure_mode", "while_down"), [("open", 200), ("closed", 503)])
-def test_redis_killed_then_restarted(fresh_redis: object, upstream: UpstreamProcess, tmp_path: Path,
+def test_redis_killed_then_restarted(fresh_redis: object, upstream_process: UpstreamProcess, tmp_path: Path,
                                      failure_mode: str, while_down: int) -> None:
     r = fresh_redis
-    sidecar = SidecarProcess(upstream.url, "--redis", r.url, "--policy-file",  # type: ignore[attr-defined]
+    sidecar = SidecarProcess(upstream_process.url, "--redis", r.url, "--policy-file",  # type: ignore[attr-defined]
                              str(policy(tmp_path, failure_mode)), "--redis-timeout-ms", "50",
                              "--breaker-cooldown-s", "0.5")
     try:
@@ -67,10 +60,10 @@ def test_redis_killed_then_restarted(fresh_redis: object, upstream: UpstreamProc
 
 
 @pytest.mark.slow
-def test_redis_stalled_answers_within_the_timeout(fresh_redis: object, upstream: UpstreamProcess,
+def test_redis_stalled_answers_within_the_timeout(fresh_redis: object, upstream_process: UpstreamProcess,
                                                   tmp_path: Path) -> None:
     r = fresh_redis
-    sidecar = SidecarProcess(upstream.url, "--redis", r.url, "--policy-file",  # type: ignore[attr-defined]
+    sidecar = SidecarProcess(upstream_process.url, "--redis", r.url, "--policy-file",  # type: ignore[attr-defined]
                              str(policy(tmp_path, "open")), "--redis-timeout-ms", "50",
                              "--breaker-threshold", "3", "--breaker-cooldown-s", "0.3")
     try:

@@ -5,21 +5,14 @@ decided by Redis again; no client request is spent (or refused) probing it."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from support.processes import SidecarProcess, UpstreamProcess, http_get, wait_until
+from support.polling import wait_until
+from support.processes import SidecarProcess, UpstreamProcess, http_get
 from support.redis_servers import RedisServer, ping
 
 FOLLOWING = 50  # requests in a row after the breaker closed: none may get a 503
-
-
-@pytest.fixture(scope="module")
-def upstream() -> Iterator[UpstreamProcess]:
-    up = UpstreamProcess()
-    yield up
-    up.close()
 
 
 def closed_policy(tmp_path: Path) -> Path:
@@ -45,10 +38,10 @@ def decisions(sidecar: SidecarProcess) -> float:
 
 
 @pytest.mark.parametrize("trouble", ["restart", "sigstop"])
-def test_recovered_redis_serves_the_next_request(fresh_redis: RedisServer, upstream: UpstreamProcess,
+def test_recovered_redis_serves_the_next_request(fresh_redis: RedisServer, upstream_process: UpstreamProcess,
                                                  tmp_path: Path, trouble: str) -> None:
     r = fresh_redis
-    sidecar = SidecarProcess(upstream.url, "--redis", r.url, "--policy-file", str(closed_policy(tmp_path)),
+    sidecar = SidecarProcess(upstream_process.url, "--redis", r.url, "--policy-file", str(closed_policy(tmp_path)),
                              "--redis-timeout-ms", "50", "--breaker-threshold", "3",
                              "--breaker-cooldown-s", "0.3")
     try:

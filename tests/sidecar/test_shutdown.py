@@ -7,7 +7,8 @@ import threading
 import time
 from pathlib import Path
 
-from support.processes import SidecarProcess, UpstreamProcess, http_get, wait_until
+from support.polling import wait_until
+from support.processes import SidecarProcess, UpstreamProcess, http_get
 
 
 def test_sigterm_drains_in_flight_requests(tmp_path: Path) -> None:

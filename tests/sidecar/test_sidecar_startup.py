@@ -15,8 +15,9 @@ import aiohttp
 import pytest
 from sluice_core import configdoc, configstore
 from sluice_core.parse import parse_policy
+from support.polling import wait_for
 from support.redis_servers import pick_port
-from support.sidecar_harness import Upstream, policy_doc, start_sidecar, wait_for, write_file
+from support.sidecar_harness import Upstream, policy_doc, start_sidecar, write_file
 
 
 def run_sidecar(*args: str) -> subprocess.CompletedProcess[str]:

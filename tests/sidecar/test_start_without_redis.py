@@ -16,7 +16,8 @@ import sys
 import uuid
 from pathlib import Path
 
-from support.processes import SidecarProcess, UpstreamProcess, http_get, wait_until
+from support.polling import wait_until
+from support.processes import SidecarProcess, UpstreamProcess, http_get
 from support.redis_servers import RedisServer, pick_port
 
 

@@ -16,28 +16,22 @@ from typing import Any
 
 import aiohttp
 import pytest
-from support.processes import SidecarProcess, UpstreamProcess, http_get, wait_until
+from support.polling import wait_for, wait_until
+from support.processes import SidecarProcess, UpstreamProcess, http_get
 from support.redis_servers import RedisServer
-from support.sidecar_harness import RunningSidecar, Upstream, policy_doc, start_sidecar, wait_for
+from support.sidecar_harness import RunningSidecar, Upstream, policy_doc, start_sidecar
 
 PASSWORD = "not-the-password-7f3a"
 CHURN_S = 60.0  # bound of every churn loop (they end much sooner)
 
 
-@pytest.fixture(scope="module")
-def upstream_proc() -> Iterator[UpstreamProcess]:
-    up = UpstreamProcess()
-    yield up
-    up.close()
-
-
-def test_wrong_password_is_one_error_line_with_the_reason(upstream_proc: UpstreamProcess,
+def test_wrong_password_is_one_error_line_with_the_reason(upstream_process: UpstreamProcess,
                                                            tmp_path: Path) -> None:
     with RedisServer() as r:
         r.execute("CONFIG", "SET", "requirepass", "the-right-one")  # after the harness's PING
         f = tmp_path / "policy.yaml"
         f.write_text(json.dumps(policy_doc(failureMode="open")))
-        sidecar = SidecarProcess(upstream_proc.url, "--redis", f"redis://:{PASSWORD}@127.0.0.1:{r.port}",
+        sidecar = SidecarProcess(upstream_process.url, "--redis", f"redis://:{PASSWORD}@127.0.0.1:{r.port}",
                                  "--policy-file", str(f), "--breaker-threshold", "3",
                                  "--breaker-cooldown-s", "0.1")
         try:

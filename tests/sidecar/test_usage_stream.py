@@ -17,7 +17,8 @@ import pytest
 from sluice_core import keyschema
 from support.grant_store import key_policy, publish_policies, put_key
 from support.key_sidecar import call, start
-from support.processes import SidecarProcess, UpstreamProcess, http_get, wait_until
+from support.polling import wait_until
+from support.processes import SidecarProcess, UpstreamProcess, http_get
 from support.redis_servers import RedisClusterProcs, RedisServer
 from support.usage_stream import raw_entries, requests_by_key, totals, usage_of, windows
 
@@ -76,12 +77,12 @@ def store(request: pytest.FixtureRequest) -> RedisServer | RedisClusterProcs:
     return found
 
 
-def test_a_known_mix_gives_exactly_its_rows_and_sigterm_sends_the_partial_window(
+def test_a_known_mix_gives_exactly_its_rows_and_sigterm_sends_the_partial_window(upstream_process: UpstreamProcess,
         store: RedisServer | RedisClusterProcs, tmp_path: Path) -> None:
     ns = "usage-" + uuid.uuid4().hex[:8]
-    up = UpstreamProcess()
     # An hour's window: only SIGTERM ends it (should the hour turn meanwhile, two windows: summed).
-    sidecar = SidecarProcess(up.url, *_files(tmp_path, ns), "--redis", store.url, "--usage-window-s", "3600",
+    sidecar = SidecarProcess(upstream_process.url, *_files(tmp_path, ns), "--redis", store.url,
+                             "--usage-window-s", "3600",
                              "--redis-timeout-ms", "2000")
     try:
         source = usage_of(sidecar)["source"]
@@ -90,7 +91,6 @@ def test_a_known_mix_gives_exactly_its_rows_and_sigterm_sends_the_partial_window
         assert sidecar.terminate() == 0
     finally:
         sidecar.close()
-        up.close()
     got = windows(store, source)
     assert [w.seq for w in got] in ([0], [0, 1]) and all(w.namespace == ns for w in got)
     ref = f"{ns}/shop"
@@ -114,17 +114,15 @@ def test_a_known_mix_gives_exactly_its_rows_and_sigterm_sends_the_partial_window
     assert hashlib.sha256(ALICE.encode()).hexdigest().encode() not in raw
 
 
-def test_usage_off_writes_nothing(redis_server: RedisServer, tmp_path: Path) -> None:
+def test_usage_off_writes_nothing(upstream_process: UpstreamProcess, redis_server: RedisServer, tmp_path: Path) -> None:
     ns = "usage-off-" + uuid.uuid4().hex[:8]
-    up = UpstreamProcess()
-    sidecar = SidecarProcess(up.url, *_files(tmp_path, ns), "--redis", redis_server.url, "--usage", "off")
+    sidecar = SidecarProcess(upstream_process.url, *_files(tmp_path, ns), "--redis", redis_server.url, "--usage", "off")
     try:
         assert http_get(sidecar.admin + "/usage")[0] == 404
         assert send(sidecar, "/users/1") == 200
         assert sidecar.terminate() == 0
     finally:
         sidecar.close()
-        up.close()
     assert not [f for _, f in raw_entries(redis_server) if ns.encode() in f[b"w"]]
 
 
@@ -163,10 +161,10 @@ def _flushed(sidecar: SidecarProcess) -> dict[str, Any] | None:
     return u if u["pending"] == 0 and not u["current"]["rows"] else None
 
 
-def test_redis_down_during_a_flush_then_back_the_window_arrives_once(fresh_redis: RedisServer,
-                                                                     tmp_path: Path) -> None:
-    up = UpstreamProcess()
-    sidecar = SidecarProcess(up.url, *_files(tmp_path, "usage-down"), "--redis", fresh_redis.url,
+def test_redis_down_during_a_flush_then_back_the_window_arrives_once(upstream_process: UpstreamProcess,
+                                                                    fresh_redis: RedisServer,
+                                                                    tmp_path: Path) -> None:
+    sidecar = SidecarProcess(upstream_process.url, *_files(tmp_path, "usage-down"), "--redis", fresh_redis.url,
                              "--usage-window-s", "1", "--usage-retries", "60", "--redis-timeout-ms", "2000")
     try:
         source = usage_of(sidecar)["source"]
@@ -183,17 +181,15 @@ def test_redis_down_during_a_flush_then_back_the_window_arrives_once(fresh_redis
         assert _usage_metric(sidecar, "sluice_usage_dropped_windows_total") == 0
     finally:
         sidecar.close()
-        up.close()
     got = windows(fresh_redis, source)
     seqs = [w.seq for w in got]
     assert len(seqs) == len(set(seqs)) >= 1  # each window once
     assert requests_by_key(got) == {("usage-down/shop", "ip:127.0.0.1", "free", "/items/:id", "failed_open", "2xx"): 5}
 
 
-def test_a_window_redis_does_not_take_within_its_retries_is_dropped_and_counted(
+def test_a_window_redis_does_not_take_within_its_retries_is_dropped_and_counted(upstream_process: UpstreamProcess,
         fresh_redis: RedisServer, tmp_path: Path) -> None:
-    up = UpstreamProcess()
-    sidecar = SidecarProcess(up.url, *_files(tmp_path, "usage-drop"), "--redis", fresh_redis.url,
+    sidecar = SidecarProcess(upstream_process.url, *_files(tmp_path, "usage-drop"), "--redis", fresh_redis.url,
                              "--usage-window-s", "1", "--usage-retries", "1", "--redis-timeout-ms", "2000")
     try:
         source = usage_of(sidecar)["source"]
@@ -208,14 +204,14 @@ def test_a_window_redis_does_not_take_within_its_retries_is_dropped_and_counted(
         dropped = _usage_metric(sidecar, "sluice_usage_dropped_windows_total")
     finally:
         sidecar.close()
-        up.close()
     seqs = [w.seq for w in windows(fresh_redis, source)]
     assert len(seqs) == len(set(seqs))
     # Every window taken since Redis went away was either written (once) or counted dropped.
     assert len(seqs) + dropped == done["current"]["seq"] - first
 
 
-def test_many_clients_fold_beyond_the_bounds_with_exact_counts(redis_server: RedisServer, tmp_path: Path) -> None:
+def test_many_clients_fold_beyond_the_bounds_with_exact_counts(upstream_process: UpstreamProcess,
+                                                               redis_server: RedisServer, tmp_path: Path) -> None:
     """Identity-header clients (believed from loopback), more than --usage-max-clients, over
     more paths than --usage-max-endpoints: the entry holds the bounds, the folded counts are
     exact, and no request is lost."""
@@ -227,8 +223,7 @@ spec:
   identify: {order: [header, ip], header: X-Client, headerFrom: trustedProxiesOrLoopback}
   tiers: [{name: free, requests: 100, period: 1h}]
 """)
-    up = UpstreamProcess()
-    sidecar = SidecarProcess(up.url, "--policy-file", str(policy), "--redis", redis_server.url,
+    sidecar = SidecarProcess(upstream_process.url, "--policy-file", str(policy), "--redis", redis_server.url,
                              "--usage-window-s", "3600", "--usage-max-clients", "10", "--usage-max-endpoints", "4")
     n = 60
     try:
@@ -240,7 +235,6 @@ spec:
         assert sidecar.terminate() == 0
     finally:
         sidecar.close()
-        up.close()
     got = windows(redis_server, source)
     assert sum(r.requests for w in got for r in w.rows) == n
     if len(got) == 1:  # (an hour boundary would split the bounds across two windows)

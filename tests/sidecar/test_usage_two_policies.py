@@ -13,7 +13,8 @@ import pytest
 from sluice_core import configdoc, configstore, keyschema
 from sluice_core.model import CLUSTER_SCOPE, KeyGrant
 from sluice_core.parse import parse_policy
-from support.sidecar_harness import Upstream, start_sidecar, wait_for
+from support.polling import wait_for
+from support.sidecar_harness import Upstream, start_sidecar
 
 
 @pytest.fixture(params=["single", "cluster"])

@@ -12,7 +12,8 @@ from typing import Any
 
 from sluice_core.keyschema import USAGE_STREAM_KEY
 
-from support.processes import SidecarProcess, UpstreamProcess, http_get, wait_until
+from support.polling import wait_until
+from support.processes import SidecarProcess, UpstreamProcess, http_get
 from support.redis_servers import RedisServer
 
 DEADLINE = 10.0  # polling deadlines: a notice takes milliseconds; this only bounds a failure

@@ -21,8 +21,7 @@
 - :func:`raw_request`: write bytes on a raw socket and parse the HTTP/1.1 answer, for what an
   HTTP client library would refuse to send (garbage, absolute-form targets, ``..`` paths).
 - :func:`policy_doc`: a RateLimitPolicy document with sensible defaults.
-- :func:`wait_for`: poll a condition with a deadline (no fixed sleeps as synchronisation);
-  :func:`wait_stable`: poll a counter until it stops moving (back-pressure reached).
+(Polling with a deadline: support/polling.py.)
 """
 
 from __future__ import annotations
@@ -32,7 +31,6 @@ import contextlib
 import json
 import os
 import re
-import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
@@ -48,36 +46,6 @@ T = TypeVar("T")
 Factory = Callable[..., Awaitable["RunningSidecar"]]  # the ``sidecars`` fixture (tests/conftest.py)
 CHUNK = 64 * 1024
 UTF8_VALUE = "caf\u00e9 \u20ac"
-
-
-# Polling -------------------------------------------------------------------------------------
-async def wait_for(probe: Callable[[], Awaitable[T | None]], *, timeout: float = 10.0,
-                   interval: float = 0.05, what: str = "condition") -> T:
-    """Call ``probe`` until it returns something truthy; return that, or fail after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        last = await probe()
-        if last:
-            return last
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.1f}s waiting for {what} (last: {last!r})")
-        await asyncio.sleep(interval)
-
-
-async def wait_stable(value: Callable[[], int], *, quiet: float = 0.5, timeout: float = 30.0,
-                      what: str = "a counter") -> int:
-    """Poll ``value`` until it has not changed for ``quiet`` seconds; return it."""
-    deadline = time.monotonic() + timeout
-    last, since = value(), time.monotonic()
-    while True:
-        await asyncio.sleep(0.02)
-        now, current = time.monotonic(), value()
-        if current != last:
-            last, since = current, now
-        elif now - since >= quiet:
-            return current
-        if now > deadline:
-            raise AssertionError(f"{what} kept changing for {timeout:.0f}s (now {current})")
 
 
 # Upstream ------------------------------------------------------------------------------------
