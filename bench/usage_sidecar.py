@@ -74,7 +74,7 @@ def usage_path_cost(n: int) -> float:
     """µs per request of everything usage adds to a request, as the server, limiter and proxy
     do it (one decision, a cached client and endpoint)."""
     from sluice_sidecar.usage_aggregate import UsageAggregator
-    from sluice_sidecar.usage_note import CURRENT, Decided, UsageNote
+    from sluice_sidecar.usage_note import CURRENT, UsageNote
 
     a = UsageAggregator(max_clients=1000, max_endpoints=100)
     paths = [f"/items/{i}/x" for i in range(64)]
@@ -84,8 +84,8 @@ def usage_path_cost(n: int) -> float:
         CURRENT.set(note)
         current = CURRENT.get()
         if current is not None:
-            current.decisions.append(Decided("shop/api", False, "kclient000000001", "key-1", "pro", "",
-                                             "allowed", 1))
+            current.decisions.append(("shop/api", False, "kclient000000001", "key-1", "pro", "",
+                                      "allowed", 1))
         started = time.perf_counter()
         note.status, note.latency_us = 200, int((time.perf_counter() - started) * 1_000_000)
         note.bytes_out = 11
@@ -96,14 +96,14 @@ def usage_path_cost(n: int) -> float:
 def record_cost(n: int) -> float:
     """µs per ``UsageAggregator.record`` of a typical request (cached client and endpoint)."""
     from sluice_sidecar.usage_aggregate import UsageAggregator
-    from sluice_sidecar.usage_note import Decided, UsageNote
+    from sluice_sidecar.usage_note import UsageNote
 
     a = UsageAggregator(max_clients=1000, max_endpoints=100)
     notes = []
     for i in range(64):
         note = UsageNote()
-        note.decisions.append(Decided("shop/api", False, f"kclient{i % 16:09d}", f"key-{i % 16}", "pro", "",
-                                      "allowed", 1))
+        note.decisions.append(("shop/api", False, f"kclient{i % 16:09d}", f"key-{i % 16}", "pro", "",
+                               "allowed", 1))
         note.status, note.latency_us, note.bytes_out = 200, 800 + i, 11
         notes.append(note)
     paths = [f"/items/{i}/x" for i in range(64)]
@@ -116,15 +116,15 @@ def record_cost(n: int) -> float:
 def flood_memory(clients: int) -> tuple[float, int]:
     """MiB the aggregator holds after ``clients`` distinct clients over 150 paths, and its rows."""
     from sluice_sidecar.usage_aggregate import UsageAggregator
-    from sluice_sidecar.usage_note import Decided, UsageNote
+    from sluice_sidecar.usage_note import UsageNote
 
     tracemalloc.start()
     before = tracemalloc.get_traced_memory()[0]
     a = UsageAggregator(max_clients=1000, max_endpoints=100)
     for i in range(clients):
         note = UsageNote()
-        note.decisions.append(Decided("shop/api", False, f"i10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}", "",
-                                      "free", "", "allowed", 1))
+        note.decisions.append(("shop/api", False, f"i10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}", "",
+                               "free", "", "allowed", 1))
         note.status, note.latency_us = 200, 500 + i % 5000
         a.record(note, f"/r{i % 150}/{i}")
     used = tracemalloc.get_traced_memory()[0] - before
