@@ -38,6 +38,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from support.redis_servers import RedisServer, pick_port  # noqa: E402
 
+from bench import usage_instructions  # noqa: E402
 from bench.report import write_block  # noqa: E402
 from bench.run import POLICY, Procs, cpu_ns, wait_http, wrk  # noqa: E402
 
@@ -54,15 +55,37 @@ end
 WINDOW_S = 1
 
 
+def _sidecar_args(upstream: str, port: int, admin: int, policy: Path, keys: Path, redis: RedisServer,
+                  usage: str, window_s: float = WINDOW_S) -> list[str]:
+    return ["--upstream", upstream, "--listen", f"127.0.0.1:{port}", "--admin-listen", f"127.0.0.1:{admin}",
+            "--policy-file", str(policy), "--api-keys-file", str(keys), "--redis", redis.url,
+            "--log-level", "warning", "--redis-timeout-ms", "1000", "--usage", usage,
+            "--usage-window-s", str(window_s)]
+
+
 def _sidecar(procs: Procs, upstream: str, policy: Path, keys: Path, redis: RedisServer, usage: str) -> tuple[str, int]:
     port, admin = pick_port(), pick_port()
-    p = procs.start(sys.executable, "-m", "sluice_core.cli", "sidecar", "--upstream", upstream,
-                    "--listen", f"127.0.0.1:{port}", "--admin-listen", f"127.0.0.1:{admin}",
-                    "--policy-file", str(policy), "--api-keys-file", str(keys), "--redis", redis.url,
-                    "--log-level", "warning", "--redis-timeout-ms", "1000",
-                    "--usage", usage, "--usage-window-s", str(WINDOW_S))
+    p = procs.start(sys.executable, "-m", "sluice_core.cli", "sidecar",
+                    *_sidecar_args(upstream, port, admin, policy, keys, redis, usage))
     wait_http(f"http://127.0.0.1:{admin}/readyz")
     return f"http://127.0.0.1:{port}/", p.pid
+
+
+def _instructions(upstream: str, policy: Path, keys: Path, redis: RedisServer, script: Path, rounds: int,
+                  seconds: float, work: Path) -> tuple[list[float], list[float]]:
+    """Instructions per request (callgrind), usage on and off, one sidecar run each per round,
+    the order swapped every round. No window ends while counting: under callgrind a window holds
+    ~50x fewer requests than at full speed, so its flush would weigh ~50x too much per request
+    (:func:`flush_cost` measures it apart)."""
+    on: list[float] = []
+    off: list[float] = []
+    for i in range(rounds):
+        for usage in ("on", "off") if i % 2 else ("off", "on"):
+            port, admin = pick_port(), pick_port()
+            args = _sidecar_args(upstream, port, admin, policy, keys, redis, usage, window_s=3600)
+            (on if usage == "on" else off).append(
+                usage_instructions.instructions_per_request(args, port, admin, script, seconds, work))
+    return on, off
 
 
 def _pair(on: tuple[str, int], off: tuple[str, int], seconds: float, script: Path) -> tuple[float, float, int]:
@@ -121,6 +144,26 @@ def record_cost(n: int) -> float:
     return (time.process_time() - start) / n * 1e6
 
 
+def flush_cost(n: int) -> float:
+    """µs of CPU to encode one window as the bench's sidecar ends it (16 clients, one endpoint),
+    once per window whatever the rate."""
+    from sluice_core import usage
+    from sluice_sidecar.usage_aggregate import UsageAggregator
+    from sluice_sidecar.usage_note import UsageNote
+
+    a = UsageAggregator(max_clients=1000, max_endpoints=100)
+    for i in range(1024):
+        note = UsageNote()
+        note.decisions.append(("shop/api", False, f"kclient{i % 16:09d}", f"key-{i % 16}", "pro", "", "allowed", 1))
+        note.status, note.latency_us, note.bytes_out = 200, 500 + i * 37 % 20_000, 11
+        a.record(note, f"/items/{i % 64}/x")
+    window = a.take("bench", 0, "ns")
+    start = time.process_time()
+    for _ in range(n):
+        usage.encode(window)
+    return (time.process_time() - start) / n * 1e6
+
+
 def flood_memory(clients: int) -> tuple[float, int]:
     """MiB the aggregator holds after ``clients`` distinct clients over 150 paths, and its rows."""
     from sluice_sidecar.usage_aggregate import UsageAggregator
@@ -140,10 +183,27 @@ def flood_memory(clients: int) -> tuple[float, int]:
     return used / 2**20, len(a)
 
 
+def _instruction_lines(on: list[float], off: list[float], rounds: int, seconds: int) -> tuple[str, str]:
+    """The table row and the note of the instruction counts (callgrind)."""
+    if not on:
+        why = "not measured (`--callgrind-rounds 0`)" if not rounds else "not measured: valgrind is not installed"
+        return f"| proxy instructions per request (callgrind) | – | – | – | ≤ 1.05× | {why} |", ""
+    ratio = statistics.median(a / b for a, b in zip(on, off, strict=True))
+    return (f"| proxy instructions per request (callgrind) | {statistics.median(off) / 1000:.0f} k | "
+            f"{statistics.median(on) / 1000:.0f} k | {ratio:.3f}× | ≤ 1.05× | {'yes' if ratio <= 1.05 else '**no**'} |",
+            f"Instructions (callgrind, {rounds} rounds of {seconds} s of wrk -c{usage_instructions.CONNECTIONS} "
+            f"load per sidecar, order swapped each round; unmoved by the machine's load): on "
+            f"{', '.join(f'{c / 1000:.1f}' for c in on)} k; off {', '.join(f'{c / 1000:.1f}' for c in off)} k "
+            "per request.")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--seconds", type=int, default=8)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--callgrind-rounds", type=int, default=2,
+                    help="rounds of instruction counts (callgrind; 0: none, as without valgrind)")
+    ap.add_argument("--callgrind-seconds", type=int, default=15)
     ap.add_argument("--out", default=str(ROOT / "docs" / "benchmarks.md"))
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="sluice-bench-usage-"))
@@ -178,16 +238,25 @@ def main() -> int:
             requests_on += n
             on_cpu.append(on)
             off_cpu.append(off)
+        ir_on: list[float] = []
+        ir_off: list[float] = []
+        if args.callgrind_rounds and usage_instructions.available():
+            print(f"counting instructions ({args.callgrind_rounds} rounds of {args.callgrind_seconds} s per sidecar, "
+                  "callgrind) ...", flush=True)
+            ir_on, ir_off = _instructions(upstream, policy, keys, redis, script, args.callgrind_rounds,
+                                          args.callgrind_seconds, tmp)
     finally:
         procs.close()
         redis.close()
     path_us = usage_path_cost(200_000)
     record_us = record_cost(200_000)
+    flush_us = flush_cost(2_000)
     flood_mib, flood_rows = flood_memory(50_000)
     on, off = statistics.median(on_cpu), statistics.median(off_cpu)
     ratios = [a / b for a, b in zip(on_cpu, off_cpu, strict=True)]
     ratio = statistics.median(ratios)
     windows = on_seconds / WINDOW_S
+    ir_row, ir_note = _instruction_lines(ir_on, ir_off, args.callgrind_rounds, args.callgrind_seconds)
     lines = [BEGIN, "",
              f"Measured {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC on {os.cpu_count()} cores, Python "
              f"{platform.python_version()}: one sidecar with usage counting on and one with `--usage off`, "
@@ -199,6 +268,7 @@ def main() -> int:
              "|---|---:|---:|---:|---|---|",
              f"| proxy CPU per request | {off:.0f} µs | {on:.0f} µs | {ratio:.3f}× | ≤ 1.05× | "
              f"{'yes' if ratio <= 1.05 else '**no**'} |",
+             ir_row,
              f"| usage's own path per request, in-process | – | {path_us:.2f} µs | "
              f"{1 + path_us / off:.3f}× of the off CPU | ≤ 1.05× | {'yes' if path_us / off <= 0.05 else '**no**'} |",
              f"| Redis commands per request caused by usage (`cmdstat_xadd`) | 0 | {xadds / max(1, requests_on):.2g} "
@@ -209,9 +279,12 @@ def main() -> int:
              "", f"The rounds: on {', '.join(f'{c:.0f}' for c in on_cpu)} µs; off {', '.join(f'{c:.0f}' for c in off_cpu)} µs; "
              f"on/off {', '.join(f'{a / b:.3f}' for a, b in zip(on_cpu, off_cpu, strict=True))} "
              f"(spread {min(ratios):.3f}–{max(ratios):.3f}).",
+             ir_note,
              f"In-process: the whole usage path of a request (note, context variable, decision, timing, "
              f"`record`) **{path_us:.2f} µs**; `record` alone **{record_us:.2f} µs** (one "
-             f"decision, known client and endpoint, path normalised); after 50,000 distinct clients over 150 "
+             f"decision, known client and endpoint, path normalised); a window's encoding at its end **{flush_us:.0f} µs** "
+             f"({WINDOW_S} s windows of the rounds above: {flush_us / max(1.0, requests_on / max(1.0, windows)):.3f} µs "
+             f"a request); after 50,000 distinct clients over 150 "
              f"paths in one window at the default bounds (1,000 clients, 100 endpoints) it holds "
              f"**{flood_mib:.1f} MiB** in {flood_rows:,} rows (tracemalloc).",
              "", END]
