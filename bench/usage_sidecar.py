@@ -201,7 +201,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--seconds", type=int, default=8)
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--callgrind-rounds", type=int, default=2,
+    ap.add_argument("--callgrind-rounds", type=int, default=3,
                     help="rounds of instruction counts (callgrind; 0: none, as without valgrind)")
     ap.add_argument("--callgrind-seconds", type=int, default=15)
     ap.add_argument("--out", default=str(ROOT / "docs" / "benchmarks.md"))
