@@ -86,6 +86,7 @@ bench: $(STAMP) setup-k8s setup-node
 	@hack/ensure-redis.sh
 	@hack/ensure-postgres.sh
 	@command -v wrk >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get install -y -qq wrk >/dev/null; } || { echo "error: wrk is not installed (Debian: apt-get install wrk)" >&2; exit 1; }
+	@command -v valgrind >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get -o DPkg::Lock::Timeout=600 install -y -qq valgrind >/dev/null; } || echo "note: valgrind is not installed: bench.usage_sidecar skips its instruction counts (Debian: apt-get install valgrind)" >&2
 	$(BIN)/python -m bench.run --out docs/benchmarks.md
 	$(BIN)/python -m bench.transport --out docs/benchmarks.md
 	$(BIN)/python -m bench.keys_apply --out docs/benchmarks.md

@@ -26,7 +26,7 @@ from sluice_core import scripts, usage  # noqa: E402
 from sluice_core.keyschema import USAGE_GROUP, USAGE_STREAM_KEY  # noqa: E402
 from sluice_core.sidecar_settings import SidecarSettings  # noqa: E402
 from sluice_sidecar.usage_aggregate import UsageAggregator  # noqa: E402
-from sluice_sidecar.usage_note import Decided, UsageNote  # noqa: E402
+from sluice_sidecar.usage_note import UsageNote  # noqa: E402
 from support.redis_servers import RedisServer  # noqa: E402
 
 from bench.report import write_block  # noqa: E402
@@ -43,8 +43,8 @@ def _window(clients: int, endpoints: int, seq: int, rng: random.Random) -> usage
             outcomes = ["allowed"] * 10 + (["limited"] * 3 if c % 10 == 0 else [])
             for outcome in outcomes:
                 note = UsageNote()
-                note.decisions.append(Decided("shop/api", False, f"k{c:06d}", f"customer-{c:06d}", "free",
-                                              f"rule-{e:02d}", outcome, 1 if outcome == "allowed" else 0))
+                note.decisions.append(("shop/api", False, f"k{c:06d}", f"customer-{c:06d}", "free",
+                                       f"rule-{e:02d}", outcome, 1 if outcome == "allowed" else 0))
                 if outcome == "allowed":
                     note.status, note.latency_us = 200, int(rng.lognormvariate(9, 1))
                     note.bytes_in, note.bytes_out = 120, rng.randrange(200, 20_000)

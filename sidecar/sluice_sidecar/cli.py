@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
 import signal
 import sys
@@ -38,6 +39,11 @@ async def serve(settings: SidecarSettings) -> int:
     except BaseException:
         await sidecar.stop()  # release the ports and connections already opened
         raise
+    # Everything made so far (modules, app, policies) lives as long as the process: frozen out
+    # of the collector's reach, a full collection walks only what requests made since. Measured
+    # (perf, usage on): the collector's share of CPU per request fell to a third. Here, not in
+    # Sidecar.start: a process that starts sidecars in-process (the tests) keeps its own heap.
+    gc.freeze()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

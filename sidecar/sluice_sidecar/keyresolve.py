@@ -29,7 +29,7 @@ from sluice_sidecar.grantcache import Ticket
 from sluice_sidecar.identify import anonymous_client
 from sluice_sidecar.metrics import Metrics
 from sluice_sidecar.stores.base import DecisionStore, ResolveAsk, StoreUnavailable
-from sluice_sidecar.usage_note import CURRENT, Decided
+from sluice_sidecar.usage_note import CURRENT
 
 log = logging.getLogger("sluice.limiter")
 
@@ -78,14 +78,14 @@ class KeyResolving:
         self.metrics.decision(e.label, plan.tier_b.name, plan.rule_name, outcome)
         note = CURRENT.get()
         if note is not None:
-            note.decisions.append(Decided(e.usage_ref, e.policy.usage.truncate_ips, plan.client, plan.key_id,
-                                          plan.tier_b.name, plan.rule_name, outcome, tokens))
+            note.decisions.append((e.usage_ref, e.policy.usage.truncate_ips, plan.client, plan.key_id,
+                                   plan.tier_b.name, plan.rule_name, outcome, tokens))
 
     @staticmethod
     def _note(policy: str, truncate_ips: bool, tier: str, rule: str, outcome: str) -> None:
         note = CURRENT.get()
         if note is not None:
-            note.decisions.append(Decided(policy, truncate_ips, "", "", tier, rule, outcome, 0))
+            note.decisions.append((policy, truncate_ips, "", "", tier, rule, outcome, 0))
 
     def _resolving(self, enforcement: Enforcement, client: str, rule_name: str, rule_b: Bucket | None,
                    cost: int, headers: MultiMapping[str], peer: str) -> Resolve:

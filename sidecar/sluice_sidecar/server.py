@@ -164,11 +164,11 @@ class Sidecar:
             return problem(503, "Service Unavailable", "too many requests in progress; retry shortly",
                            type_=OVERLOADED, headers=[("Retry-After", "1")])
         self._inflight += 1
-        note = None
+        note = token = None
         if self.usage is not None:
             # The limiter writes its decisions into the request's note (usage_note.CURRENT).
             note = UsageNote()
-            CURRENT.set(note)
+            token = CURRENT.set(note)
         path = request.rel_url.raw_path
         try:
             # Rules see the path as sent and normalise it themselves (sluice_core.paths); the
@@ -185,6 +185,12 @@ class Sidecar:
             self._inflight -= 1
             if note is not None and self.usage is not None:
                 self.usage.record(note, path)
+            if token is not None:
+                # The task's context lets go of the note: a finished task often lives on in a
+                # reference cycle until the garbage collector runs, and the note, its decisions
+                # and the context's HAMT would ride along, making each collection come sooner
+                # and take longer (perf: +4 % of the process's CPU in gc_collect_main).
+                CURRENT.reset(token)
 
     # Admin ------------------------------------------------------------------------------
     async def _metrics(self, request: web.Request) -> web.Response:

@@ -15,6 +15,11 @@ keys left, policy x tier x outcome x status, are few: the other half is their ro
 that fill, the request is not counted (``dropped``). So memory is bounded by the settings, never
 by the traffic: a flood of random clients or paths costs a set look-up each.
 
+Speed: ``record`` runs once per request, so a decision already counted this window (the same
+decision tuple, upstream status and rule or path: almost all of a steady traffic) goes straight
+to its row through one dictionary look-up (``_seen``, at most :data:`_MAX_CACHED` entries a
+window, never a folded or a long path's); naming, bounds and folding run for the others only.
+
 Names (``sluice_core.usage``: printable ASCII, at most 256 characters): a client is ``key:<key
 id>`` (an API key, by the id of its grant or keys-file entry, never by the key), ``header:<16
 characters of its digest>``, ``ip:<address>`` (an IPv6 client as the network its buckets use;
@@ -33,14 +38,14 @@ from typing import Any
 from sluice_core import usage
 from sluice_core.usage import LATENCY_BOUNDS_US, OTHER, UsageRow, UsageWindow
 
-from sluice_sidecar.usage_note import UsageNote
+from sluice_sidecar.usage_note import Decided, UsageNote
 
 ANONYMOUS = "anonymous"
 MAX_SEGMENT = 64  # a longer path segment is an id, whatever it holds
 _HEX = frozenset("0123456789abcdefABCDEF")
 _STATUS = {1: "2xx", 2: "2xx", 3: "3xx", 4: "4xx", 5: "5xx"}  # 1xx cannot end a request: as 2xx
 _MAX_TRUNCATED = 4096  # IPv6 clients whose /48 is remembered (then the table starts over)
-_MAX_CACHED = 4096  # clients' and paths' names remembered (then the table starts over)
+_MAX_CACHED = 4096  # clients' and paths' names remembered (then the table starts over), and rows in _seen
 _MAX_CACHED_PATH = 256  # longer paths are named anew each time: the cache stays under ~1.5 MiB
 
 
@@ -84,6 +89,8 @@ class UsageAggregator:
         self._paths: dict[str, str] = {}  # path -> endpoint
         self._start_ms = int(time.time() * 1000)
         self._rows: dict[tuple[str, str, str, str, str, str], UsageRow] = {}
+        # (decision, upstream status, rule or path) -> its row this window: see record()
+        self._seen: dict[tuple[Decided, int, str], UsageRow] = {}
         self._clients: set[str] = set()
         self._endpoints: set[str] = set()
         self._folded_clients = 0
@@ -117,43 +124,24 @@ class UsageAggregator:
 
     def record(self, note: UsageNote, path: str) -> None:
         """Count one finished request (``path``: as sent, without its query). The hot part of
-        usage counting: names come from bounded caches (a client or path seen before costs a
-        dictionary look-up), the histogram bucket from :func:`bisect.bisect_left` (C)."""
-        status = status_class(note.status)
-        latency = note.latency_us if note.status else -1
-        names = self._names
+        usage counting: a decision seen before this window (the same decision tuple, upstream
+        status and rule or path) finds its row in one dictionary look-up (``_seen``); only a new
+        one is named, bounded and folded (:meth:`_row`). The histogram bucket comes from
+        :func:`bisect.bisect_left` (C)."""
+        status = note.status
+        seen = self._seen
         for d in note.decisions:
-            if d.client:
-                raw = (d.client, d.key_id, d.truncate_ips)
-                client = names.get(raw)
-                if client is None:
-                    client = self._name(raw)
-            else:
-                client = ANONYMOUS
-            endpoint = d.rule or self._endpoint(path)
-            if client not in self._clients:
-                if len(self._clients) < self.max_clients:
-                    self._clients.add(client)
-                else:
-                    client = OTHER
-                    self._folded_clients += 1
-            if endpoint not in self._endpoints:
-                if len(self._endpoints) < self.max_endpoints:
-                    self._endpoints.add(endpoint)
-                else:
-                    endpoint = OTHER
-                    self._folded_endpoints += 1
-            key = (d.policy if d.outcome != "skipped" else "", client, d.tier, endpoint, d.outcome, status)
-            row = self._rows.get(key)
+            row = seen.get((d, status, d[5] or path))
             if row is None:
-                row = self._new_row(key)
+                row = self._row(d, status, path)
                 if row is None:
                     continue
             row.requests += 1
-            row.tokens += d.tokens
+            row.tokens += d[7]
             row.bytes_in += note.bytes_in
             row.bytes_out += note.bytes_out
-            if latency >= 0:
+            if status:  # the upstream answered: its latency is counted
+                latency = note.latency_us
                 row.latency_sum_us += latency
                 row.latency_count += 1
                 if latency > row.latency_max_us:
@@ -161,6 +149,40 @@ class UsageAggregator:
                 b = bisect_left(LATENCY_BOUNDS_US, latency)  # == usage.latency_bucket, in C
                 hist = row.histogram
                 hist[b] = hist.get(b, 0) + 1
+
+    def _row(self, d: Decided, status: int, path: str) -> UsageRow | None:
+        """The row of a decision not in ``_seen``: its client and endpoint named, each folded
+        past its bound (counted), the row made if new (None: dropped, every row taken). Kept in
+        ``_seen`` when nothing folded (a folded request comes here each time, so the folded
+        counts stay exact), for paths up to :data:`_MAX_CACHED_PATH` and at most
+        :data:`_MAX_CACHED` decisions a window."""
+        policy, truncate_ips, raw, key_id, tier, rule, outcome, _ = d
+        folded = False
+        client = ANONYMOUS
+        if raw:
+            client = self._names.get((raw, key_id, truncate_ips)) or self._name((raw, key_id, truncate_ips))
+        endpoint = rule or self._endpoint(path)
+        if client not in self._clients:
+            if len(self._clients) < self.max_clients:
+                self._clients.add(client)
+            else:
+                client, folded = OTHER, True
+                self._folded_clients += 1
+        if endpoint not in self._endpoints:
+            if len(self._endpoints) < self.max_endpoints:
+                self._endpoints.add(endpoint)
+            else:
+                endpoint, folded = OTHER, True
+                self._folded_endpoints += 1
+        key = (policy if outcome != "skipped" else "", client, tier, endpoint, outcome, status_class(status))
+        row = self._rows.get(key)
+        if row is None:
+            row = self._new_row(key)
+            if row is None or row.key != key:  # dropped, or folded into the (other) row
+                return row
+        if not folded and len(self._seen) < _MAX_CACHED and len(path) <= _MAX_CACHED_PATH:
+            self._seen[(d, status, rule or path)] = row
+        return row
 
     def _name(self, raw: tuple[str, str, bool]) -> str:
         """:meth:`client_of`, remembered (at most :data:`_MAX_CACHED` clients, then anew)."""
@@ -207,6 +229,7 @@ class UsageAggregator:
         window = self.peek(source, seq, namespace, now_ms)
         self._start_ms = now_ms
         self._rows = {}
+        self._seen = {}
         self._clients = set()
         self._endpoints = set()
         self._folded_clients = self._folded_endpoints = 0

@@ -14,7 +14,7 @@ from sluice_core import usage
 from sluice_core.manifest import to_manifest
 from sluice_core.parse import parse_policy
 from sluice_sidecar.usage_aggregate import MAX_SEGMENT, UsageAggregator, endpoint_of, status_class
-from sluice_sidecar.usage_note import Decided, UsageNote
+from sluice_sidecar.usage_note import UsageNote
 from support.http_calls import call
 from support.sidecar_harness import Factory, policy_doc
 
@@ -65,7 +65,7 @@ def test_client_names_never_carry_a_key_and_truncate_addresses_when_asked() -> N
 def _note(client: str, *, tier: str = "free", outcome: str = "allowed", status: int = 200,
           latency_us: int = 1000) -> UsageNote:
     note = UsageNote()
-    note.decisions.append(Decided("ns/p", False, client, "", tier, "", outcome, 1))
+    note.decisions.append(("ns/p", False, client, "", tier, "", outcome, 1))
     note.status, note.latency_us, note.bytes_in, note.bytes_out = status, latency_us, 10, 20
     return note
 
@@ -166,3 +166,26 @@ async def test_bytes_are_counted_for_streamed_bodies_both_ways(sidecars: Factory
     rows = {row[fields.index("endpoint")]: dict(zip(fields, row, strict=True)) for row in body["current"]["rows"]}
     assert rows["/__stream/:id"]["bytes_out"] == 200_000 and rows["/__stream/:id"]["bytes_in"] == 0
     assert rows["/echo"]["bytes_in"] == 100_000 and rows["/echo"]["bytes_out"] == len(echoed)
+
+
+def test_repeated_decisions_count_exactly_whether_named_or_folded() -> None:
+    """A decision seen before finds its row without being named again: the counts, the folded
+    counts and the windows stay what naming every request gives."""
+    a = UsageAggregator(max_clients=2, max_endpoints=2)
+    for _ in range(3):
+        for client in ("i10.0.0.1", "i10.0.0.2", "i10.0.0.3"):  # the third folds: over max_clients
+            for path in ("/a/1", "/a/2", "/b/1", "/c/1"):  # /c folds: over max_endpoints
+                a.record(_note(client), path)
+                a.record(_note(client, status=0, outcome="limited"), path)
+    w = a.take("src", 0, "ns")
+    counts = {(r.client, r.endpoint, r.status): r.requests for r in w.rows}
+    per_endpoint = {"/a/:id": 6, "/b/:id": 3, OTHER: 3}  # /a/1 and /a/2 are one endpoint
+    assert counts == {(c, e, s): n for c in ("ip:10.0.0.1", "ip:10.0.0.2", OTHER)
+                      for e, n in per_endpoint.items() for s in ("2xx", "none")}
+    assert (w.folded_clients, w.folded_endpoints) == (24, 18)
+    ok = next(r for r in w.rows if (r.client, r.endpoint, r.status) == ("ip:10.0.0.1", "/a/:id", "2xx"))
+    assert (ok.latency_count, ok.latency_sum_us, ok.tokens, ok.bytes_in, ok.bytes_out) == (6, 6_000, 6, 60, 120)
+    a.record(_note("i10.0.0.3"), "/c/1")  # the next window names anew: the third client fits now
+    a.record(_note("i10.0.0.1"), "/a/1")  # and counts in its own rows, not the last window's
+    assert [(r.client, r.endpoint, r.requests) for r in a.take("src", 1, "ns").rows] == \
+        [("ip:10.0.0.3", "/c/:id", 1), ("ip:10.0.0.1", "/a/:id", 1)]
