@@ -11,7 +11,7 @@ the same sidecar with ``--usage off``. Written into docs/benchmarks.md between t
 - Redis commands caused by usage: ``INFO commandstats`` ``cmdstat_xadd`` over the "on" rounds,
   per request and per window (``--usage-window-s 1`` here, so a round spans several windows):
   one XADD per window whatever the rate.
-- In-process: the whole usage path of one request (its note, the context variable, the
+- In-process: the whole usage path of one request (its note, the
   decision appended, the proxy's timing, ``UsageAggregator.record`` with a cached client and
   endpoint), ``record`` alone, and the aggregator's memory after
   50,000 distinct clients over 150 paths in one window at the default bounds (tracemalloc).
@@ -105,18 +105,15 @@ def usage_path_cost(n: int) -> float:
     """µs per request of everything usage adds to a request, as the server, limiter and proxy
     do it (one decision, a cached client and endpoint)."""
     from sluice_sidecar.usage_aggregate import UsageAggregator
-    from sluice_sidecar.usage_note import CURRENT, UsageNote
+    from sluice_sidecar.usage_note import UsageNote
 
     a = UsageAggregator(max_clients=1000, max_endpoints=100)
     paths = [f"/items/{i}/x" for i in range(64)]
     client = "kclient000000001"  # a variable: a tuple of constants would be built once, at compile time
     start = time.process_time()
     for i in range(n):
-        note = UsageNote()
-        CURRENT.set(note)
-        current = CURRENT.get()
-        if current is not None:
-            current.decisions.append(("shop/api", False, client, "key-1", "pro", "", "allowed", 1))
+        note = UsageNote()  # the server's, handed to the limiter and the proxy as an argument
+        note.decisions.append(("shop/api", False, client, "key-1", "pro", "", "allowed", 1))
         started = time.perf_counter_ns()  # as the proxy times the upstream
         note.status, note.latency_us = 200, (time.perf_counter_ns() - started) // 1000
         note.bytes_out = 11
@@ -280,7 +277,7 @@ def main() -> int:
              f"on/off {', '.join(f'{a / b:.3f}' for a, b in zip(on_cpu, off_cpu, strict=True))} "
              f"(spread {min(ratios):.3f}–{max(ratios):.3f}).",
              ir_note,
-             f"In-process: the whole usage path of a request (note, context variable, decision, timing, "
+             f"In-process: the whole usage path of a request (note, decision, timing, "
              f"`record`) **{path_us:.2f} µs**; `record` alone **{record_us:.2f} µs** (one "
              f"decision, known client and endpoint, path normalised); a window's encoding at its end **{flush_us:.0f} µs** "
              f"({WINDOW_S} s windows of the rounds above: {flush_us / max(1.0, requests_on / max(1.0, windows)):.3f} µs "

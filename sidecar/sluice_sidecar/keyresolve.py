@@ -29,7 +29,7 @@ from sluice_sidecar.grantcache import Ticket
 from sluice_sidecar.identify import anonymous_client
 from sluice_sidecar.metrics import Metrics
 from sluice_sidecar.stores.base import DecisionStore, ResolveAsk, StoreUnavailable
-from sluice_sidecar.usage_note import CURRENT
+from sluice_sidecar.usage_note import UsageNote
 
 log = logging.getLogger("sluice.limiter")
 
@@ -57,33 +57,32 @@ class KeyResolving:
     max_resolves: int
     _hist: Histogram
 
-    def _finish(self, plan: Plan, reply: Reply | None) -> Outcome:
+    def _finish(self, plan: Plan, reply: Reply | None, note: UsageNote | None) -> Outcome:
         raise NotImplementedError
 
-    async def _decide_one(self, plan: Plan) -> Outcome:
+    async def _decide_one(self, plan: Plan, note: UsageNote | None) -> Outcome:
         raise NotImplementedError
 
-    def _unauthorized(self, enforcement: Enforcement, rule_name: str, keyed: bool) -> Outcome:
+    def _unauthorized(self, enforcement: Enforcement, rule_name: str, keyed: bool,
+                      note: UsageNote | None) -> Outcome:
         raise NotImplementedError
 
-    def _count(self, e: Enforcement, tier: str, rule: str, outcome: str) -> None:
+    def _count(self, e: Enforcement, tier: str, rule: str, outcome: str, note: UsageNote | None) -> None:
         """A decision without buckets (skipped, unauthorized, failed closed before asking):
         counted in Prometheus and, when usage is on, in the request's note (client unnamed)."""
         self.metrics.decision(e.label, tier, rule, outcome)
-        self._note(e.usage_ref, e.policy.usage.truncate_ips, tier, rule, outcome)
+        self._note(note, e.usage_ref, e.policy.usage.truncate_ips, tier, rule, outcome)
 
-    def _counted(self, plan: Plan, outcome: str, tokens: int) -> None:
+    def _counted(self, plan: Plan, outcome: str, tokens: int, note: UsageNote | None) -> None:
         """A decision over ``plan``'s buckets: counted as :meth:`_count` does, with its client."""
         e = plan.enforcement
         self.metrics.decision(e.label, plan.tier_b.name, plan.rule_name, outcome)
-        note = CURRENT.get()
         if note is not None:
             note.decisions.append((e.usage_ref, e.policy.usage.truncate_ips, plan.client, plan.key_id,
                                    plan.tier_b.name, plan.rule_name, outcome, tokens))
 
     @staticmethod
-    def _note(policy: str, truncate_ips: bool, tier: str, rule: str, outcome: str) -> None:
-        note = CURRENT.get()
+    def _note(note: UsageNote | None, policy: str, truncate_ips: bool, tier: str, rule: str, outcome: str) -> None:
         if note is not None:
             note.decisions.append((policy, truncate_ips, "", "", tier, rule, outcome, 0))
 
@@ -109,54 +108,54 @@ class KeyResolving:
         return ResolveAsk(keyschema.grant_key(e.policy_id, r.client), cost, rule_keys, rule_params,
                           (), (), e.tier_args)
 
-    async def _resolve_and_decide(self, r: Resolve) -> Outcome:
+    async def _resolve_and_decide(self, r: Resolve, note: UsageNote | None) -> Outcome:
         """One policy, a key the cache does not know: resolve and decide in one call. An unknown
         key takes the fallback buckets in that call where the store can (one node), else in a
         second call; with ``required`` it is refused (nothing was written)."""
         e, fb = r.enforcement, r.fallback
         required = e.policy.api_keys.required
         if self.resolving >= self.max_resolves:
-            return self._busy(r) if required else await self._decide_one(fb)
+            return self._busy(r, note) if required else await self._decide_one(fb, note)
         ask = self._ask_resolve(r, r.cost)
         if not required and self.store.atomic((ask.grant_key, *fb.keys)):
             ask = ask._replace(fallback_keys=fb.keys, fallback_params=fb.params)
         resolved = await self._resolve(ask)
         if resolved is None:
-            return self._unresolved(r)
+            return self._unresolved(r, note)
         granted = self._learn(r, resolved.grant)
         if granted is not None and resolved.reply is not None:
             return self._finish(plan_buckets(e, r.rule_name, r.rule_b, r.cost, granted.bucket, r.client,
-                                             granted.key_id), resolved.reply)
+                                             granted.key_id), resolved.reply, note)
         if required:
-            return self._unauthorized(e, r.rule_name, True)
+            return self._unauthorized(e, r.rule_name, True, note)
         if resolved.grant is None and resolved.reply is not None:
-            return self._finish(fb, resolved.reply)  # decided in the same call
-        return await self._decide_one(fb)
+            return self._finish(fb, resolved.reply, note)  # decided in the same call
+        return await self._decide_one(fb, note)
 
-    async def _settle(self, r: Resolve) -> Plan | Outcome:
+    async def _settle(self, r: Resolve, note: UsageNote | None) -> Plan | Outcome:
         """A pod under two policies: resolve the key first, reading only (cost 0: nothing is
         taken or written), then decide as for a cached key."""
         e = r.enforcement
         if self.resolving >= self.max_resolves:
-            return self._busy(r) if e.policy.api_keys.required else r.fallback
+            return self._busy(r, note) if e.policy.api_keys.required else r.fallback
         resolved = await self._resolve(self._ask_resolve(r, 0))
         if resolved is None:
-            return self._unresolved(r)
+            return self._unresolved(r, note)
         granted = self._learn(r, resolved.grant)
         if granted is not None:
             return plan_buckets(e, r.rule_name, r.rule_b, r.cost, granted.bucket, r.client, granted.key_id)
         if e.policy.api_keys.required:
-            return self._unauthorized(e, r.rule_name, True)
+            return self._unauthorized(e, r.rule_name, True, note)
         return r.fallback
 
-    def _busy(self, r: Resolve) -> Outcome:
+    def _busy(self, r: Resolve, note: UsageNote | None) -> Outcome:
         """A required key not cached while --max-key-resolves are in flight: 503, not asked."""
         e = r.enforcement
-        self._count(e, "", r.rule_name, "failed_closed")
+        self._count(e, "", r.rule_name, "failed_closed", note)
         return refused(503, [("Retry-After", "1")], e.policy.name, rule=r.rule_name,
                        detail="the rate limiter is checking too many API keys right now")
 
-    def _unresolved(self, r: Resolve) -> Outcome:
+    def _unresolved(self, r: Resolve, note: UsageNote | None) -> Outcome:
         """The store could not resolve the key. One the cache knew, however long ago, counts as
         it was then (the last good state). Otherwise, where a key is required, 503 whatever the
         failure mode: a key that could not be checked is never forwarded (else a flood that
@@ -167,12 +166,12 @@ class KeyResolving:
         last = e.cache.last(r.client)  # the last good state: a key known before stays known
         if isinstance(last, Granted):
             return self._finish(plan_buckets(e, r.rule_name, r.rule_b, r.cost, last.bucket, r.client,
-                                             last.key_id), None)
+                                             last.key_id), None, note)
         if not e.policy.api_keys.required:
-            return self._finish(r.fallback, None)
+            return self._finish(r.fallback, None, note)
         if last is not None:
-            return self._unauthorized(e, r.rule_name, True)
-        self._count(e, "", r.rule_name, "failed_closed")
+            return self._unauthorized(e, r.rule_name, True, note)
+        self._count(e, "", r.rule_name, "failed_closed", note)
         return refused(503, [("Retry-After", "1")], e.policy.name, rule=r.rule_name,
                        detail="the rate limiter cannot check the API key right now")
 

@@ -63,6 +63,7 @@ from sluice_sidecar.identify import anonymous_client, api_key_from
 from sluice_sidecar.keyresolve import KeyResolving, Resolve
 from sluice_sidecar.metrics import Metrics
 from sluice_sidecar.stores.base import DecisionStore, StoreUnavailable
+from sluice_sidecar.usage_note import UsageNote
 
 log = logging.getLogger("sluice.limiter")
 
@@ -95,29 +96,33 @@ class Limiter(KeyResolving):
         first = self.policy or self.cluster_policy
         return first is not None and first.peers.verdict(peer)[0]
 
-    async def decide(self, method: str, path: str, headers: MultiMapping[str], peer: str) -> Outcome:
+    async def decide(self, method: str, path: str, headers: MultiMapping[str], peer: str,
+                     note: UsageNote | None = None) -> Outcome:
+        """The answer for a request; with ``note`` (usage on), each policy's decision is appended
+        to ``note.decisions`` where it is counted in Prometheus."""
         policy, cluster_policy = self.policy, self.cluster_policy
         if cluster_policy is None or policy is None:
             one = policy or cluster_policy
             if one is None:
                 self.metrics.decision("", "", "", "unconfigured")
-                self._note("", False, "", "", "skipped")
+                self._note(note, "", False, "", "", "skipped")
                 return FORWARD_PLAIN
-            plan = self._plan(one, method, path, headers, peer)
+            plan = self._plan(one, method, path, headers, peer, note)
             if isinstance(plan, Plan):
-                return await self._decide_one(plan)
-            return await self._resolve_and_decide(plan) if isinstance(plan, Resolve) else plan
-        first = self._plan(policy, method, path, headers, peer)
-        second = self._plan(cluster_policy, method, path, headers, peer)
+                return await self._decide_one(plan, note)
+            return await self._resolve_and_decide(plan, note) if isinstance(plan, Resolve) else plan
+        first = self._plan(policy, method, path, headers, peer, note)
+        second = self._plan(cluster_policy, method, path, headers, peer, note)
         if isinstance(first, Resolve):
-            first = await self._settle(first)
+            first = await self._settle(first, note)
         if isinstance(second, Resolve):
             if isinstance(first, Outcome) and not first.forward:
                 return first  # refused by the namespace's policy: no need to know the key
-            second = await self._settle(second)
-        return await self._decide_both(first, second)
+            second = await self._settle(second, note)
+        return await self._decide_both(first, second, note)
 
-    async def _decide_both(self, first: Plan | Outcome, second: Plan | Outcome) -> Outcome:
+    async def _decide_both(self, first: Plan | Outcome, second: Plan | Outcome,
+                           note: UsageNote | None) -> Outcome:
         """A pod under its namespace's policy and a cluster policy: the request must pass both."""
         if isinstance(first, Outcome) or isinstance(second, Outcome):
             if isinstance(first, Outcome) and not first.forward:
@@ -127,11 +132,11 @@ class Limiter(KeyResolving):
             plan = first if isinstance(first, Plan) else second
             if not isinstance(plan, Plan):
                 return FORWARD_PLAIN  # both skip
-            return await self._decide_one(plan)
+            return await self._decide_one(plan, note)
         keys = first.keys + second.keys
         shadow = Mode.SHADOW in (first.enforcement.policy.mode, second.enforcement.policy.mode)
         if not shadow and self.store.atomic(keys):
-            return await self._decide_atomically(first, second, keys)
+            return await self._decide_atomically(first, second, keys, note)
         # Two calls (different Redis Cluster slots, or a shadow policy, which must not hold the
         # other back): the namespace's policy first, the shared budget only if it admitted.
         # The first decision is counted once the second is known: a request the shared budget
@@ -139,43 +144,44 @@ class Limiter(KeyResolving):
         reply = await self._ask(first.keys, first.cost, first.params)
         one, said, taken = self._judge(first, reply)
         if not one.forward:
-            self._counted(first, said, taken)
+            self._counted(first, said, taken, note)
             return one
-        two = await self._decide_one(second)
+        two = await self._decide_one(second, note)
         if not two.forward and reply is not None and reply.allowed:
             # Refused after all: give the first policy its tokens back (a refund cannot be
             # refused; if Redis cannot take it, those tokens stay spent) and withdraw its
             # "allowed" (shadow_limited or failed_open stand: nothing was taken to give back).
             await self._ask(first.keys, -first.cost, first.params)
             return two
-        self._counted(first, said, taken)
+        self._counted(first, said, taken, note)
         return two if not two.forward else forwarded(hdr.merge(one.headers, two.headers))
 
-    async def _decide_atomically(self, first: Plan, second: Plan, keys: tuple[str, ...]) -> Outcome:
+    async def _decide_atomically(self, first: Plan, second: Plan, keys: tuple[str, ...],
+                                 note: UsageNote | None) -> Outcome:
         """Both policies' buckets in one script call, all-or-nothing. Each bucket's cost is
         folded into its EM (the script only ever uses cost x EM), so one call serves two costs;
         each policy's decision is then expanded from its debts with its own cost and EM."""
         params = _scaled(first) + _scaled(second)
         both = await self._ask(keys, 1, params)
         if both is None:
-            one, two = self._finish(first, None), self._finish(second, None)
+            one, two = self._finish(first, None, note), self._finish(second, None, note)
             return one if not one.forward else two if not two.forward else FORWARD_PLAIN
         allowed, debts = both
         n = len(first.keys)
         r1, r2 = Reply(allowed, debts[:n]), Reply(allowed, debts[n:])
         if allowed:
-            one, two = self._finish(first, r1), self._finish(second, r2)
+            one, two = self._finish(first, r1, note), self._finish(second, r2, note)
             return forwarded(hdr.merge(one.headers, two.headers))
         # Refused: by the first policy whose buckets lack room (the other took nothing either).
         if expand(r1, first.cost, first.params).short_bucket(first.cost) is not None:
-            return self._finish(first, r1)
-        return self._finish(second, r2)
+            return self._finish(first, r1, note)
+        return self._finish(second, r2, note)
 
-    async def _decide_one(self, plan: Plan) -> Outcome:
-        return self._finish(plan, await self._ask(plan.keys, plan.cost, plan.params))
+    async def _decide_one(self, plan: Plan, note: UsageNote | None) -> Outcome:
+        return self._finish(plan, await self._ask(plan.keys, plan.cost, plan.params), note)
 
     def _plan(self, enforcement: Enforcement, method: str, path: str, headers: MultiMapping[str],
-              peer: str) -> Plan | Resolve | Outcome:
+              peer: str, note: UsageNote | None) -> Plan | Resolve | Outcome:
         """Who the client is and which buckets the request takes from; or the answer already
         (a skipped route, a missing or unknown required key); or, for a key whose grant must be
         read from Redis first, what to resolve."""
@@ -183,7 +189,7 @@ class Limiter(KeyResolving):
         rule = policy.match_rule(method, path)
         rule_name = rule.name if rule is not None else ""
         if rule is not None and rule.skip:
-            self._count(enforcement, "", rule_name, "skipped")
+            self._count(enforcement, "", rule_name, "skipped", note)
             return FORWARD_PLAIN
         cost = rule.cost if rule is not None else 1
         rule_b = enforcement.rules.get(rule_name) if rule is not None else None
@@ -214,17 +220,18 @@ class Limiter(KeyResolving):
                         key_id = grant.key_id or default_key_id(digest)
         if tier_b is None:
             if policy.api_keys.required:
-                return self._unauthorized(enforcement, rule_name, keyed)
+                return self._unauthorized(enforcement, rule_name, keyed, note)
             # Unknown keys are not identities: an attacker rotating random keys would otherwise
             # get a fresh bucket per key (and flood Redis with keys).
             client, key_id = anonymous_client(headers, peer, enforcement.peers), ""
             tier_b = enforcement.tiers[policy.default_tier]
         return plan_buckets(enforcement, rule_name, rule_b, cost, tier_b, client, key_id)
 
-    def _unauthorized(self, enforcement: Enforcement, rule_name: str, keyed: bool) -> Outcome:
+    def _unauthorized(self, enforcement: Enforcement, rule_name: str, keyed: bool,
+                      note: UsageNote | None) -> Outcome:
         """401: the policy requires a key, and none (``keyed`` False) or an unknown one came."""
         policy = enforcement.policy
-        self._count(enforcement, "", rule_name, "unauthorized")
+        self._count(enforcement, "", rule_name, "unauthorized", note)
         return refused(401, [("WWW-Authenticate", f'ApiKey header="{policy.api_keys.header}"')],
                        policy.name, detail="the API key is not known" if keyed
                        else "a valid API key is required")
@@ -245,10 +252,10 @@ class Limiter(KeyResolving):
                 else:
                     e.cache.drop(client)
 
-    def _finish(self, plan: Plan, reply: Reply | None) -> Outcome:
+    def _finish(self, plan: Plan, reply: Reply | None, note: UsageNote | None) -> Outcome:
         """The answer for one policy from the store's reply (None: it could not decide), counted."""
         outcome, said, taken = self._judge(plan, reply)
-        self._counted(plan, said, taken)
+        self._counted(plan, said, taken, note)
         return outcome
 
     @staticmethod
