@@ -12,6 +12,7 @@ more streams than any fixed limit, which would then block every request)."""
 
 from __future__ import annotations
 
+import asyncio
 import warnings
 from typing import Any
 
@@ -35,8 +36,10 @@ def pooled_session(info: kopf.ConnectionInfo, limit: int = API_CONNECTIONS) -> k
                                priority=info.priority, expiration=info.expiration, aiohttp_session=session)
 
 
-_last: list[tuple[kopf.ConnectionInfo, kopf.AiohttpSession]] = []
-"""The credentials of the last login and the session made for them."""
+_last: list[tuple[asyncio.AbstractEventLoop, kopf.ConnectionInfo, kopf.AiohttpSession]] = []
+"""The event loop, credentials of the last login and the session made for them (a session
+belongs to its loop: an operator started again in the same process, as the tests do, logs in
+anew)."""
 
 
 async def login_pooled(**kwargs: Any) -> kopf.AiohttpSession | None:
@@ -52,8 +55,9 @@ async def login_pooled(**kwargs: Any) -> kopf.AiohttpSession | None:
     info = kopf.login_via_client(**kwargs)
     if info is None:
         return None
-    if _last and _last[0][0] == info:
-        return _last[0][1]
+    loop = asyncio.get_running_loop()
+    if _last and _last[0][0] is loop and _last[0][1] == info:
+        return _last[0][2]
     session = pooled_session(info)
-    _last[:] = [(info, session)]
+    _last[:] = [(loop, info, session)]
     return session
