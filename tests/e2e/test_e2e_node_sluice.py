@@ -203,18 +203,24 @@ def test_kubectl_get_rlp_shows_programmed_and_enforced_by_both(release: Release)
     assert status["enforcedSidecars"] == 2
 
 
-def test_policy_edit_enforced_by_both_replicas(release: Release) -> None:
-    """free 5/10 s → 7/10 s, and a tier `bulk` for the rollout test: each sidecar (asked on its
-    Pod IP) announces the new quota within seconds, and ENFORCED comes back to 2."""
-    t = time.monotonic()
+def _edit_free_quota(release: Release, requests: int, what: str, timeout: float) -> None:
+    """Set the `free` tier to ``requests``/10 s (keeping `pro` and the rollout's `bulk`) and wait
+    until each sidecar, asked on its Pod IP, announces it."""
     _policy_patch(release, {"tiers": [
-        {"name": "free", "requests": 7, "period": "10s"},
+        {"name": "free", "requests": requests, "period": "10s"},
         {"name": "pro", "requests": 100, "period": "1m", "burst": 20},
         {"name": "bulk", "requests": 100000, "period": "1s"}]})
     for pod in release.app_pods():
         ip = _pod_ip(pod)
-        poll(lambda ip=ip: _quota(get_or_none(ip, SIDECAR_PORT), "free") == "7",
-             f"{pod['metadata']['name']} to enforce free q=7", timeout=30)
+        poll(lambda ip=ip: _quota(get_or_none(ip, SIDECAR_PORT), "free") == str(requests),
+             f"{pod['metadata']['name']} {what}", timeout=timeout, diagnose=release.diagnose)
+
+
+def test_policy_edit_enforced_by_both_replicas(release: Release) -> None:
+    """free 5/10 s → 7/10 s, and a tier `bulk` for the rollout test: each sidecar (asked on its
+    Pod IP) announces the new quota within seconds, and ENFORCED comes back to 2."""
+    t = time.monotonic()
+    _edit_free_quota(release, 7, "to enforce free q=7", timeout=30)
     FIGURES["policy_edit_both_s"] = round(time.monotonic() - t, 2)
     poll(lambda: release.get_json("rlp", "-n", release.shop, APP)["status"]
          .get("enforcedSidecars") == 2, "ENFORCED = 2 after the edit", timeout=60)
@@ -413,15 +419,7 @@ def test_killed_leading_operator_replica_is_taken_over(release: Release) -> None
     assert leader in {p["metadata"]["name"] for p in component_pods(release, "operator")}
     release.kubectl("delete", "pod", "-n", SYSTEM_NS, leader, "--wait=true", timeout=90)
     t = time.monotonic()
-    _policy_patch(release, {"tiers": [
-        {"name": "free", "requests": 6, "period": "10s"},
-        {"name": "pro", "requests": 100, "period": "1m", "burst": 20},
-        {"name": "bulk", "requests": 100000, "period": "1s"}]})
-    for pod in release.app_pods():
-        ip = _pod_ip(pod)
-        poll(lambda ip=ip: _quota(get_or_none(ip, SIDECAR_PORT), "free") == "6",
-             f"{pod['metadata']['name']} to enforce the edit made after the leader died",
-             timeout=90, diagnose=release.diagnose)
+    _edit_free_quota(release, 6, "to enforce the edit made after the leader died", timeout=90)
     FIGURES["takeover_edit_s"] = round(time.monotonic() - t, 1)
 
 

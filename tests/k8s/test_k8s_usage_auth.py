@@ -9,14 +9,12 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 from aiohttp import web
 from aiohttp.test_utils import TestClient
-from sluice_analytics import database, migrate
 from sluice_analytics.api import ApiContext
 from sluice_analytics.auth import KubernetesAuth, load_api_server
 from sluice_core import configdoc, configstore
@@ -31,14 +29,6 @@ from support.redis_servers import RedisServer
 from support.sidecar_harness import policy_doc
 
 pytestmark = pytest.mark.k8s
-
-
-@pytest.fixture
-async def engine(tmp_path: Path) -> AsyncIterator[AsyncEngine]:
-    eng = database.connect(f"sqlite:///{tmp_path / 'usage.db'}")
-    await migrate.upgrade(eng)
-    yield eng
-    await eng.dispose()
 
 
 @pytest.fixture

@@ -8,11 +8,9 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
+from collections.abc import Iterator
 
 import pytest
-from sluice_analytics import database, migrate
 from sluice_analytics.collector import Collector
 from sluice_analytics.metrics import AnalyticsMetrics
 from sluice_analytics.settings import AnalyticsSettings
@@ -44,14 +42,6 @@ def operator(k8s: ControlPlane, fresh_redis: RedisServer) -> Iterator[Operator]:
     # once (the interval itself: tests/operator/test_usage_status.py).
     with running_operator(k8s, fresh_redis, f"{PREFIX}-*", resync_interval_s=0.5, usage_status_min_s=0.0) as op:
         yield op
-
-
-@pytest.fixture
-async def engine(tmp_path: Path) -> AsyncIterator[AsyncEngine]:
-    eng = database.connect(f"sqlite:///{tmp_path / 'usage.db'}")
-    await migrate.upgrade(eng)
-    yield eng
-    await eng.dispose()
 
 
 def resyncs(op: Operator) -> float:

@@ -14,12 +14,11 @@ import json
 import ssl
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
-from sluice_analytics import database, migrate, store
+from sluice_analytics import store
 from sluice_analytics.auth import ApiServer, KubernetesAuth
 from sluice_analytics.metrics import AnalyticsMetrics
 from sluice_analytics.nearlimit import NearLimitAlerts
@@ -41,14 +40,6 @@ pytestmark = pytest.mark.k8s
 
 HOUR = 1_790_002_800
 NOW = HOUR + 1800
-
-
-@pytest.fixture
-async def engine(tmp_path: Path) -> AsyncIterator[AsyncEngine]:
-    eng = database.connect(f"sqlite:///{tmp_path / 'usage.db'}")
-    await migrate.upgrade(eng)
-    yield eng
-    await eng.dispose()
 
 
 @pytest.fixture
