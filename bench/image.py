@@ -35,8 +35,10 @@ from support.oci_image import (  # noqa: E402
     Image,
     build_images,
     images_dir,
+    kill_process_group,
     read_image,
     rootfs_command,
+    start_process_group,
     tree_bytes,
     unpack,
     user_ids,
@@ -101,8 +103,8 @@ CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 def time_to_ready(argv: list[str], env: dict[str, str], admin_port: int, timeout: float = 30.0) -> Startup:
     """From exec to the first 200 from /readyz; the process is stopped after."""
     start = time.perf_counter()
-    proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
+    proc = start_process_group(argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE)
     try:
         while True:
             if proc.poll() is not None:
@@ -117,8 +119,7 @@ def time_to_ready(argv: list[str], env: dict[str, str], admin_port: int, timeout
                 raise RuntimeError(f"the sidecar was not ready within {timeout:.0f}s")
             time.sleep(0.005)
     finally:
-        proc.kill()
-        proc.wait(timeout=30)
+        kill_process_group(proc)  # unshare alone would leave the sidecar in the image running
 
 
 def sidecar_args(policy: Path, admin_port: int) -> list[str]:

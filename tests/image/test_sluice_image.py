@@ -30,8 +30,10 @@ from support.oci_image import (
     Image,
     build_images,
     images_dir,
+    kill_process_group,
     rootfs_command,
     run_in_rootfs,
+    start_process_group,
     tree_bytes,
     unpack,
     user_ids,
@@ -313,8 +315,8 @@ def test_the_sidecar_starts_and_enforces_from_the_image(sluice: tuple[Image, Pat
     uid, gid = user_ids(image)
     log = tmp_path / "sidecar.log"
     with log.open("wb") as out:
-        proc = subprocess.Popen(rootfs_command(rootfs, argv, uid=uid, gid=gid), env=image.env,
-                                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
+        proc = start_process_group(rootfs_command(rootfs, argv, uid=uid, gid=gid), env=image.env,
+                               stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
     try:
         def ready() -> bool:
             assert proc.poll() is None, f"the sidecar exited ({proc.returncode}):\n{log.read_text()[-3000:]}"
@@ -323,8 +325,7 @@ def test_the_sidecar_starts_and_enforces_from_the_image(sluice: tuple[Image, Pat
         statuses = [http_get(f"http://127.0.0.1:{port}/hello")[0] for _ in range(6)]
         assert statuses == [200] * 5 + [429], (statuses, log.read_text()[-3000:])
     finally:
-        proc.kill()  # unshare --kill-child takes the sidecar with it
-        proc.wait(timeout=30)
+        kill_process_group(proc)  # the sidecar and unshare, and checks that nothing is left
         upstream.close()
 
 
@@ -351,9 +352,9 @@ def test_the_operator_from_the_image_programs_a_policy_and_validates(
     log = tmp_path / "operator.log"
     uid, gid = user_ids(image)
     with log.open("wb") as out:
-        proc = subprocess.Popen(rootfs_command(rootfs, argv, uid=uid, gid=gid),
-                                env={**image.env, "KUBECONFIG": "/tmp/kube/config", "POD_ID": "image-test"},
-                                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
+        proc = start_process_group(rootfs_command(rootfs, argv, uid=uid, gid=gid),
+                               env={**image.env, "KUBECONFIG": "/tmp/kube/config", "POD_ID": "image-test"},
+                               stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
 
     def diagnose() -> str:
         return f"operator (exit {proc.poll()}):\n{log.read_text(errors='replace')[-4000:]}"
@@ -369,8 +370,7 @@ def test_the_operator_from_the_image_programs_a_policy_and_validates(
                  60, diagnose=diagnose)
         # the namespace's policies are gone (their finalizers removed by the running operator)
     finally:
-        proc.kill()  # unshare --kill-child takes the operator with it
-        proc.wait(timeout=30)
+        kill_process_group(proc)  # the operator and unshare, and checks that nothing is left
         delete_webhook_configurations(cp, check=False)
 
 

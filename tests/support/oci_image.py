@@ -13,12 +13,15 @@ so a process in it reaches loopback servers of the test).
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
 import os
 import shutil
+import signal
 import subprocess
 import tarfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -182,9 +185,44 @@ def user_ids(image: Image) -> tuple[int, int]:
 def rootfs_command(rootfs: Path, argv: list[str], *, uid: int, gid: int, workdir: str = "/") -> list[str]:
     """``argv`` run in ``rootfs`` as ``uid:gid`` from ``workdir``, in its own mount and PID
     namespaces with a fresh /proc; the caller passes the image's environment (its PATH finds
-    the entrypoint). unshare ignores SIGTERM while it waits; killing it kills the command."""
+    the entrypoint). Start a long-running one with :func:`start_process_group` and stop it with
+    :func:`kill_process_group`: killing unshare alone leaves the command running (``--kill-child``
+    sets a parent-death signal that ``--setuid``'s credential change clears)."""
     return ["unshare", "--mount", "--pid", "--fork", "--kill-child", "--mount-proc",
             f"--root={rootfs}", f"--wd={workdir}", f"--setuid={uid}", f"--setgid={gid}", "--", *argv]
+
+
+def start_process_group(cmd: list[str], **popen: Any) -> subprocess.Popen[bytes]:
+    """``cmd`` (e.g. a :func:`rootfs_command`) started in a process group of its own, so that
+    :func:`kill_process_group` reaches every process of it."""
+    return subprocess.Popen(cmd, start_new_session=True, **popen)
+
+
+def kill_process_group(proc: subprocess.Popen[bytes], deadline: float = 30.0) -> None:
+    """SIGKILL to ``proc``'s whole process group (for a :func:`rootfs_command`: unshare and the
+    command it runs in the image), then wait until none of the group is left; raises if one is."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=deadline)
+    end = time.monotonic() + deadline
+    while (left := _group_members(proc.pid)) and time.monotonic() < end:
+        time.sleep(0.05)  # PID 1 reaps the namespace's orphans on its own schedule
+    assert not left, f"processes of the image left running: {left}"
+
+
+def _group_members(pgid: int) -> list[int]:
+    """Live (not zombie) processes in process group ``pgid``."""
+    members = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rpartition(") ")[2].split()
+        except OSError:
+            continue
+        if fields[0] != "Z" and int(fields[2]) == pgid:
+            members.append(int(entry.name))
+    return members
 
 
 def run_in_rootfs(rootfs: Path, image: Image, argv: list[str], *, timeout: float = 60,
