@@ -27,6 +27,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from support.chart import CHART, helm
 from support.node import Node
 from support.paths import ROOT
+from support.polling import poll
 
 RELEASE = "sluice"
 SYSTEM_NS = "sluice-system"
@@ -247,8 +248,43 @@ def install(node: Node) -> Release:
     if done.returncode or ready.returncode:
         pytest.fail(f"the example app did not come up: {done.stderr}{ready.stderr}\n"
                     f"{release.diagnose()}", pytrace=False)
+    _wait_service_forwards(release)
     release.timings["app"] = time.monotonic() - t
     return release
+
+
+# A TCP connection through the ClusterIP and closed without a request: no token is taken.
+_CONNECT = """
+import socket, sys, time
+end = time.monotonic() + {timeout}
+while True:
+    try:
+        socket.create_connection(({ip!r}, 80), timeout=1).close()
+        sys.exit(0)
+    except OSError:
+        if time.monotonic() > end:
+            sys.exit(1)
+        time.sleep(0.1)
+"""
+
+
+def _wait_service_forwards(release: Release, timeout: float = 60.0) -> None:
+    """Until the app's EndpointSlice lists both replicas ready and a connection from the client
+    Pod through the ClusterIP is accepted: Pods Ready is not yet kube-proxy's rules (a burst sent
+    right after the rollout once got no answer at all)."""
+    def both_ready() -> bool:
+        slices = release.get_json("endpointslices", "-n", release.shop, "-l",
+                                  f"kubernetes.io/service-name={APP}")["items"]
+        return sum(bool(e.get("conditions", {}).get("ready")) for s in slices
+                   for e in s.get("endpoints") or []) == 2
+    poll(both_ready, "the app's EndpointSlice to list both replicas ready", timeout,
+         diagnose=release.diagnose)
+    res = release.kubectl("exec", "-n", release.shop, release.client_pod, "--", "python3", "-c",
+                          _CONNECT.format(ip=release.service_ip(), timeout=timeout), check=False,
+                          timeout=timeout + 30)
+    if res.returncode != 0:
+        pytest.fail(f"no connection through the app's ClusterIP from the client Pod within "
+                    f"{timeout:.0f}s: {res.stderr}\n{release.diagnose()}", pytrace=False)
 
 
 def uninstall(release: Release) -> subprocess.CompletedProcess[str]:
