@@ -36,10 +36,10 @@ from support.e2e_sluice import (
     get,
     get_or_none,
     install,
-    metric_total,
     pod_ready,
     uninstall,
 )
+from support.http_calls import metric
 from support.node import NodeSession, node_up
 from support.polling import poll
 
@@ -256,7 +256,7 @@ def test_new_key_secret_works_and_a_revoked_one_stops(release: Release) -> None:
 def test_sidecar_metrics_through_the_api_server_proxy(release: Release) -> None:
     for pod in release.app_pods():
         text = release.sidecar_metrics(pod["metadata"]["name"])
-        assert metric_total(text, "sluice_decisions_total", policy=APP) > 0
+        assert metric(text, "sluice_decisions_total", policy=APP) > 0
 
 
 def test_usage_of_the_test_clients_in_the_collector_api(release: Release) -> None:

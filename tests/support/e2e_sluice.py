@@ -99,16 +99,6 @@ def burst(host: str, port: int, count: int, path: str = "/",
             "inner": max(0.0, last - first)}
 
 
-def metric_total(text: str, name: str, **labels: str) -> float:
-    """The sum of a Prometheus counter's samples whose labels include ``labels``."""
-    total = 0.0
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
-                total += s.value
-    return total
-
-
 def decision_counts(text: str) -> Counter[str]:
     """A sidecar's ``sluice_decisions_total`` by outcome (allowed, limited, failed_open, ...)."""
     counts: Counter[str] = Counter()
