@@ -25,7 +25,7 @@ from support.control_plane import ControlPlane
 from support.crds import apply_crds
 from support.redis_servers import RedisServer
 from support.sidecar_harness import policy_doc
-from test_k8s_usage_auth import cluster, engine  # noqa: F401 (fixtures: the namespace and its three accounts)
+from test_k8s_usage_auth import cluster  # noqa: F401 (fixture: the namespace and its three accounts)
 
 pytestmark = pytest.mark.k8s
 
