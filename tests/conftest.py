@@ -53,6 +53,23 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.k8s)
 
 
+# With CI set, pytest's short summary prints each failure's whole message, and CI reports only
+# the last lines of the run: a diagnosis of many lines (logs, kubectl describe) would hide the
+# headline of every failure but the last. The summary keeps the first lines; the report above
+# it keeps everything.
+SUMMARY_LINES = 12
+SUMMARY_LINE_CHARS = 300
+
+
+def short_message(message: str) -> str:
+    lines = message.splitlines()
+    kept = [line if len(line) <= SUMMARY_LINE_CHARS else line[:SUMMARY_LINE_CHARS] + " ..."
+            for line in lines[:SUMMARY_LINES]]
+    if len(lines) > SUMMARY_LINES:
+        kept.append(f"... ({len(lines) - SUMMARY_LINES} more lines in the report above)")
+    return "\n".join(kept)
+
+
 @pytest.fixture(scope="session")
 def redis_server() -> Iterator[RedisServer]:
     """One redis-server for the whole session: use unique key prefixes; never stop it."""
@@ -127,6 +144,9 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
             and "control_plane" in getattr(item, "fixturenames", ())):
         _K8S_FAILED.append(item.nodeid)
         report.sections.append(("Kubernetes control plane logs", _CONTROL_PLANE[0].log_report()))
+    crash = getattr(report.longrepr, "reprcrash", None)
+    if report.failed and crash is not None:
+        crash.message = short_message(crash.message)
 
 
 def _not_garbage(record: logging.LogRecord) -> bool:

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-from support.e2e_sluice import Release
+from support.e2e_sluice import FAILURE_DETAILS, Release
 from support.node import Node, NodeSession, node_up
 
 _SESSION: list[NodeSession] = []
@@ -42,8 +42,13 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     report = outcome.get_result()  # type: ignore[attr-defined]
     if report.failed and _SESSION and _SESSION[0].node is not None:
         _FAILED.append(item.nodeid)
-        report.sections.append(("one-node cluster logs", _SESSION[0].node.log_report()))
+        # A module fixture's failure is re-raised for each test of the module: the node's logs
+        # once, with its first report (then with each test that fails on its own).
+        if len(_FAILED) == 1 or report.when == "call":
+            report.sections.append(("one-node cluster logs", _SESSION[0].node.log_report()))
         release = getattr(item, "funcargs", {}).get("release")
         if isinstance(release, Release) and release.installed:
             # The state, events and logs of Sluice's Pods and the app's (kubectl describe/logs).
             report.sections.append(("Sluice's Pods", release.diagnose()))
+        while FAILURE_DETAILS:  # an install that failed: its diagnosis, once
+            report.sections.append(("Sluice's Pods", FAILURE_DETAILS.pop(0)))

@@ -213,7 +213,7 @@ def _edit_free_quota(release: Release, requests: int, what: str, timeout: float)
     for pod in release.app_pods():
         ip = _pod_ip(pod)
         poll(lambda ip=ip: _quota(get_or_none(ip, SIDECAR_PORT), "free") == str(requests),
-             f"{pod['metadata']['name']} {what}", timeout=timeout, diagnose=release.diagnose)
+             f"{pod['metadata']['name']} {what}", timeout=timeout, diagnose=release.brief)
 
 
 def test_policy_edit_enforced_by_both_replicas(release: Release) -> None:
@@ -311,7 +311,7 @@ def test_pod_in_a_labelled_namespace_without_policy_becomes_ready(release: Relea
                     input=json.dumps(_web_pod("web", {"app": "web"})))
     pod = poll(lambda: _ready_injected(release, release.bare, "web"),
                "the injected Pod in a namespace without policy to be Ready", timeout=90,
-               diagnose=release.diagnose)
+               diagnose=release.brief)
     r = poll(lambda: get_or_none(_pod_ip(pod), SIDECAR_PORT), "its sidecar to answer")
     assert r.status == 200 and r.body == b"hi\n"
     assert "ratelimit" not in r.headers  # no policy: forwarded unlimited
@@ -381,7 +381,7 @@ def test_redis_down_fails_open_and_a_new_pod_becomes_ready(release: Release) -> 
                         input=json.dumps(_web_pod("during-outage", {"app": APP, "e2e": "outage"})))
         poll(lambda: _ready_injected(release, release.shop, "during-outage"),
              "a Pod created while Redis is down to be Ready (failureMode open)", timeout=90,
-             diagnose=release.diagnose)
+             diagnose=release.brief)
     finally:
         release.kubectl("scale", "statefulset", "-n", SYSTEM_NS, f"{RELEASE}-redis",
                         "--replicas=1")
@@ -389,7 +389,7 @@ def test_redis_down_fails_open_and_a_new_pod_becomes_ready(release: Release) -> 
                     f"{RELEASE}-redis-0", "--timeout=90s", timeout=120)
     t = time.monotonic()
     poll(lambda: _exhausted_from_host(release), "enforcement to resume with Redis back",
-         timeout=60, diagnose=release.diagnose)
+         timeout=60, diagnose=release.brief)
     # The Pod born during the outage enforces too once the operator re-pushed the config.
     outage_ip = _pod_ip(release.get_json("pod", "-n", release.shop, "during-outage"))
     poll(lambda: _quota(get_or_none(outage_ip, SIDECAR_PORT), "free") == "7",
@@ -403,9 +403,9 @@ def test_killed_redis_pod_is_brought_back_and_enforcement_resumes(release: Relea
     release.kubectl("delete", "pod", "-n", SYSTEM_NS, f"{RELEASE}-redis-0", "--wait=false")
     poll(lambda: any(p["metadata"]["uid"] != old_uid and pod_ready(p)
                      for p in component_pods(release, "redis")),
-         "the StatefulSet to bring Redis back", timeout=90, diagnose=release.diagnose)
+         "the StatefulSet to bring Redis back", timeout=90, diagnose=release.brief)
     poll(lambda: _exhausted_from_host(release), "enforcement to resume", timeout=60,
-         diagnose=release.diagnose)
+         diagnose=release.brief)
 
 
 def _leader(rel: Release) -> str:
@@ -458,4 +458,4 @@ def test_helm_uninstall_leaves_nothing_and_namespaces_delete(release: Release) -
     poll(lambda: not [ns for ns in (release.shop, release.bare) if release.kubectl(
         "get", "namespace", ns, check=False).returncode == 0],
          "the app namespaces to be deleted (none stuck Terminating)", timeout=90,
-         diagnose=release.diagnose)
+         diagnose=release.brief)

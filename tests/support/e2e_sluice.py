@@ -19,7 +19,7 @@ import time
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NoReturn
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -99,6 +99,32 @@ def burst(host: str, port: int, count: int, path: str = "/",
             "inner": max(0.0, last - first)}
 
 
+# The long diagnosis of an install that failed, for tests/e2e/conftest.py to report once (a
+# module fixture's failure is re-raised for each of the module's tests).
+FAILURE_DETAILS: list[str] = []
+
+
+def _pod_state(pod: Mapping[str, Any]) -> str:
+    status = pod.get("status", {})
+    statuses = [*status.get("initContainerStatuses", []), *status.get("containerStatuses", [])]
+    parts = [status.get("phase", "?"),
+             f"ready {sum(bool(c.get('ready')) for c in statuses)}/{len(statuses)}",
+             f"restarts {sum(int(c.get('restartCount', 0)) for c in statuses)}"]
+    for c in statuses:
+        waiting = c.get("state", {}).get("waiting")
+        ended = c.get("lastState", {}).get("terminated")
+        if waiting:
+            parts.append(f"{c['name']} waiting: {waiting.get('reason')} "
+                         f"{waiting.get('message', '')[:120]}".rstrip())
+        if ended:
+            parts.append(f"{c['name']} last ended: {ended.get('reason')} "
+                         f"(exit {ended.get('exitCode')})")
+    for cond in status.get("conditions", []):
+        if cond.get("status") != "True" and cond.get("message"):
+            parts.append(f"{cond['type']}: {cond['message'][:120]}")
+    return ", ".join(parts)
+
+
 def decision_counts(text: str) -> Counter[str]:
     """A sidecar's ``sluice_decisions_total`` by outcome (allowed, limited, failed_open, ...)."""
     counts: Counter[str] = Counter()
@@ -148,6 +174,36 @@ class Release:
         out = self.kubectl("exec", "-n", self.shop, self.client_pod, "--", "python3", "-c",
                            script, timeout=120).stdout
         return dict(json.loads(out))
+
+    def brief(self) -> str:
+        """A few lines that say what is wrong: each Pod of Sluice's and the app's (phase, ready
+        containers, restarts, why a container waits or last ended) and the newest Warning events.
+        It goes into the failure's headline, which CI's short summary shows (``diagnose`` is the
+        long form)."""
+        lines = []
+        for ns in (SYSTEM_NS, self.shop, self.bare):
+            res = self.kubectl("get", "pods", "-n", ns, "-o", "json", check=False)
+            if res.returncode != 0:
+                lines.append(f"{ns}: kubectl get pods failed: {res.stderr.strip()[:200]}")
+                continue
+            for pod in json.loads(res.stdout)["items"]:
+                lines.append(f"{ns}/{pod['metadata']['name']}: {_pod_state(pod)}")
+        res = self.kubectl("get", "events", "-A", "--field-selector", "type=Warning", "-o", "json",
+                           check=False)
+        if res.returncode == 0:
+            events = sorted(json.loads(res.stdout)["items"],
+                            key=lambda e: e.get("lastTimestamp") or e.get("eventTime") or "")
+            for e in events[-6:]:
+                obj = e.get("involvedObject", {})
+                lines.append(f"event {obj.get('namespace', '')}/{obj.get('name', '')}: "
+                             f"{e.get('reason')} x{e.get('count', 1)}: {e.get('message', '')[:200]}")
+        return "\n".join(lines)
+
+    def fail(self, headline: str) -> NoReturn:
+        """Fail with ``headline`` and :meth:`brief` as the message (what CI's summary shows) and
+        the whole :meth:`diagnose` in the report (tests/e2e/conftest.py adds it once)."""
+        FAILURE_DETAILS.append(self.diagnose())
+        pytest.fail(f"{headline.strip()}\n{self.brief()}", pytrace=False)
 
     def diagnose(self) -> str:
         """``kubectl get``/``describe`` and the logs of Sluice's Pods and the app's."""
@@ -213,16 +269,14 @@ def install(node: Node) -> Release:
                      *install_values(shop, bare), "--wait", f"--timeout={INSTALL_TIMEOUT:.0f}s",
                      check=False)
     if res.returncode != 0:
-        pytest.fail(f"helm install failed ({res.returncode}): {res.stderr}\n{release.diagnose()}",
-                    pytrace=False)
+        release.fail(f"helm install failed ({res.returncode}): {res.stderr}")
     # helm --wait covers the Deployments and the StatefulSet; say which Pod is not Ready.
     for selector in ("app.kubernetes.io/component=operator", "app.kubernetes.io/component=redis",
                      "app.kubernetes.io/component=analytics"):
         waited = node.kubectl("wait", "-n", SYSTEM_NS, "--for=condition=Ready", "pod",
                               "-l", selector, "--timeout=120s", check=False, timeout=150)
         if waited.returncode != 0:
-            pytest.fail(f"{selector} not Ready: {waited.stderr}\n{release.diagnose()}",
-                        pytrace=False)
+            release.fail(f"{selector} not Ready: {waited.stderr}")
     release.timings["install"] = time.monotonic() - t
     t = time.monotonic()
     node.kubectl("apply", "-n", shop, "-f", str(ROOT / "examples"))
@@ -236,8 +290,7 @@ def install(node: Node) -> Release:
     ready = node.kubectl("wait", "-n", shop, "--for=condition=Ready", f"pod/{release.client_pod}",
                          "--timeout=60s", check=False, timeout=90)
     if done.returncode or ready.returncode:
-        pytest.fail(f"the example app did not come up: {done.stderr}{ready.stderr}\n"
-                    f"{release.diagnose()}", pytrace=False)
+        release.fail(f"the example app did not come up: {done.stderr}{ready.stderr}")
     _wait_service_forwards(release)
     release.timings["app"] = time.monotonic() - t
     return release
@@ -267,14 +320,16 @@ def _wait_service_forwards(release: Release, timeout: float = 60.0) -> None:
                                   f"kubernetes.io/service-name={APP}")["items"]
         return sum(bool(e.get("conditions", {}).get("ready")) for s in slices
                    for e in s.get("endpoints") or []) == 2
-    poll(both_ready, "the app's EndpointSlice to list both replicas ready", timeout,
-         diagnose=release.diagnose)
+    try:
+        poll(both_ready, "the app's EndpointSlice to list both replicas ready", timeout)
+    except AssertionError as exc:
+        release.fail(str(exc))
     res = release.kubectl("exec", "-n", release.shop, release.client_pod, "--", "python3", "-c",
                           _CONNECT.format(ip=release.service_ip(), timeout=timeout), check=False,
                           timeout=timeout + 30)
     if res.returncode != 0:
-        pytest.fail(f"no connection through the app's ClusterIP from the client Pod within "
-                    f"{timeout:.0f}s: {res.stderr}\n{release.diagnose()}", pytrace=False)
+        release.fail(f"no connection through the app's ClusterIP from the client Pod within "
+                     f"{timeout:.0f}s: {res.stderr}")
 
 
 def uninstall(release: Release) -> subprocess.CompletedProcess[str]:
