@@ -201,10 +201,13 @@ async def test_cluster_mode_before_its_first_config(without_config: str, tmp_pat
             async with configstore.connect(url) as client:
                 await configstore.publish(client, ns, configdoc.build_doc(ns, [policy], None, None))
 
-            async def ready() -> bool:
-                return await status("/readyz", admin=True) == 200
+            async def loaded() -> bool:
+                # /readyz is 200 before the config with ``unlimited``: the loaded policy says it.
+                async with http.get(sc.admin_url + "/admin/config") as r:
+                    return "policy" in await r.json()
 
-            await wait_for(ready, timeout=10, what="the first config to load")
+            await wait_for(loaded, timeout=10, what="the first config to load")
+            assert await status("/readyz", admin=True) == 200
             assert [await status("/api"), await status("/api")] == [200, 429]
     finally:
         await sc.stop()
