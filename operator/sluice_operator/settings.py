@@ -89,6 +89,11 @@ class OperatorSettings:
         default=None, help="NAMESPACE/NAME[:PORT] of the Service in front of the webhooks: the operator then "
               "keeps the webhook configurations (with the CA bundle) up to date",
         parse=service_ref, metavar="NS/NAME[:PORT]")
+    webhook_configurations: str = setting(
+        default="create", help="`create`: create the webhook configurations when missing, else patch in the "
+              "CA bundle and endpoint (chart-less and local runs); `patch`: only patch them, waiting for "
+              "those a Helm release creates (the chart's: an operator that creates them races `helm "
+              "install`, which then fails with \"already exists\")", choices=("create", "patch"))
     webhook_url: str | None = setting(
         default=None, help="instead of a Service: the `https://` URL the API server calls (local runs)")
     webhook_cert_dir: str = setting(

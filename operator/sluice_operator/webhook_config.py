@@ -14,9 +14,12 @@ Both carry the CA bundle of the serving certificate (see :mod:`sluice_operator.c
 The Helm chart owns both objects (charts/sluice/templates/webhookconfigurations.yaml, the same
 webhooks without a caBundle; a test keeps them equal to what this module builds), so
 ``helm uninstall`` removes them. The operator creates them when they are missing (chart-less and
-local runs) and otherwise patches them: a JSON merge patch, which replaces ``webhooks`` as a
-whole (a strategic merge would merge ``clientConfig`` field by field, keeping a stale
-``service`` next to a new ``url``) and merges ``metadata.labels`` key by key, leaving Helm's
+local runs; ``--webhook-configurations=create``) and otherwise patches them. The chart's operator
+only patches (``patch``): one that creates races ``helm install``, which creates the Deployment
+before the configurations and then fails with "already exists" when the operator was quicker;
+and it must not bring them back while ``helm uninstall`` removes them. Patching is a JSON merge
+patch, which replaces ``webhooks`` as a whole (a strategic merge would merge ``clientConfig``
+field by field, keeping a stale ``service`` next to a new ``url``) and merges ``metadata.labels`` key by key, leaving Helm's
 ownership label and annotations alone. Hence the operator's own label key: it must never be
 ``app.kubernetes.io/managed-by``, which is Helm's (``Helm``) on the chart's objects.
 """
@@ -98,10 +101,12 @@ def mutating(endpoint: Endpoint, ca_pem: bytes, *, skip_namespaces: tuple[str, .
     }
 
 
-def apply(api_client: Any, manifests: list[dict[str, Any]]) -> dict[str, str]:
+def apply(api_client: Any, manifests: list[dict[str, Any]], *, create: bool = True) -> dict[str, str]:
     """Create the configurations, or, when they exist (the chart's, or an earlier run's), merge
     patch them: ``webhooks`` replaced, labels added, every other label and annotation kept
-    (blocking: run it in a thread). Returns their uids by name."""
+    (blocking: run it in a thread). Returns the uids by name of those written: with
+    ``create=False`` a missing configuration is left missing (and out of the result), for Helm
+    to create (``--webhook-configurations=patch``)."""
     from kubernetes import client
     from kubernetes.client.exceptions import ApiException
 
@@ -109,17 +114,25 @@ def apply(api_client: Any, manifests: list[dict[str, Any]]) -> dict[str, str]:
     uids: dict[str, str] = {}
     for m in manifests:
         name = m["metadata"]["name"]
-        create: Any
+        create_one: Any
         patch: Any
         if m["kind"] == "ValidatingWebhookConfiguration":
-            create, patch = api.create_validating_webhook_configuration, api.patch_validating_webhook_configuration
+            create_one, patch = api.create_validating_webhook_configuration, api.patch_validating_webhook_configuration
         else:
-            create, patch = api.create_mutating_webhook_configuration, api.patch_mutating_webhook_configuration
-        try:
-            written = create(m)
-        except ApiException as exc:
-            if exc.status != 409:
-                raise
-            written = patch(name, m, _content_type="application/merge-patch+json")
+            create_one, patch = api.create_mutating_webhook_configuration, api.patch_mutating_webhook_configuration
+        written = None
+        if create:
+            try:
+                written = create_one(m)
+            except ApiException as exc:
+                if exc.status != 409:  # 409: it exists, patch it
+                    raise
+        if written is None:
+            try:
+                written = patch(name, m, _content_type="application/merge-patch+json")
+            except ApiException as exc:
+                if create or exc.status != 404:
+                    raise
+                continue  # patch only, and not there (yet): Helm's to create
         uids[name] = str(written.metadata.uid)
     return uids

@@ -91,19 +91,29 @@ async def serve_webhooks(settings: OperatorSettings, api_client: Any,
                            namespace_labels=namespace_labels_async, policies=policies, redis_ca=redis_ca,
                            events=OwnerEvents(api_client), host=host, port=port)
     await server.start()
-    await register(settings, api_client, bundle.ca_pem)
-    server.run_while_serving(keep_certificates_current(settings, api_client, server, bundle))
+    registered = await register(settings, api_client, bundle.ca_pem)
+    if not registered:
+        log.info("webhook configurations %s and %s: waiting for the Helm release to create them "
+                 "(--webhook-configurations=patch)",
+                 webhook_config.VALIDATING_NAME, webhook_config.MUTATING_NAME)
+    server.run_while_serving(keep_certificates_current(settings, api_client, server, bundle,
+                                                       registered=registered))
     return server
 
 
-async def register(settings: OperatorSettings, api_client: Any, ca_pem: bytes) -> None:
-    """Create or update the webhook configurations with ``ca_pem`` as their caBundle."""
+async def register(settings: OperatorSettings, api_client: Any, ca_pem: bytes) -> bool:
+    """Create or update the webhook configurations with ``ca_pem`` as their caBundle; with
+    ``--webhook-configurations=patch`` only update those that exist. True when both were
+    written."""
     if settings.webhook_endpoint is None:
-        return
+        return True
     manifests = [webhook_config.validating(settings.webhook_endpoint, ca_pem),
                  webhook_config.mutating(settings.webhook_endpoint, ca_pem,
                                          skip_namespaces=settings.skip_namespaces)]
-    uids = await asyncio.to_thread(webhook_config.apply, api_client, manifests)
+    uids = await asyncio.to_thread(webhook_config.apply, api_client, manifests,
+                                   create=settings.webhook_configurations == "create")
+    if len(uids) < len(manifests):
+        return False
     log.info("webhook configurations %s and %s point at the operator",
              webhook_config.VALIDATING_NAME, webhook_config.MUTATING_NAME)
     if settings.webhook_cert_secret and uids.get(webhook_config.VALIDATING_NAME):
@@ -111,10 +121,26 @@ async def register(settings: OperatorSettings, api_client: Any, ca_pem: bytes) -
         # the chart's): the garbage collector removes it then (#12, defect 5).
         await asyncio.to_thread(owned_by_configuration, api_client, settings.webhook_cert_secret,
                                 webhook_config.VALIDATING_NAME, uids[webhook_config.VALIDATING_NAME])
+    return True
+
+
+async def _until_registered(settings: OperatorSettings, api_client: Any, ca_pem: bytes) -> None:
+    """Patch the configurations in as soon as Helm has created them: until then the API server
+    cannot call the webhooks (no CA bundle), and policies are refused. Helm creates them a
+    moment after the operator's Deployment, so the first tries come quickly."""
+    delay = 0.25
+    while True:
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 5.0)
+        try:
+            if await register(settings, api_client, ca_pem):
+                return
+        except Exception as exc:  # the API server away: try again
+            log.warning("cannot update the webhook configurations (trying again): %s", exc)
 
 
 async def keep_certificates_current(settings: OperatorSettings, api_client: Any, server: WebhookServer,
-                                    served: CertBundle) -> None:
+                                    served: CertBundle, *, registered: bool = True) -> None:
     """Every ``webhook_cert_check_s``: look at the certificate again and serve a new one to new
     connections without a restart; re-apply the webhook configurations with their CA bundle. cert-manager rotates its mounted files in place (well before
     expiry); a self-signed certificate is renewed 30 days ahead, by this replica or, through the
@@ -122,7 +148,9 @@ async def keep_certificates_current(settings: OperatorSettings, api_client: Any,
     the server switches: the API server never meets a certificate it does not trust."""
     # What is served, as read when it was loaded: the files may be rewritten in place.
     served_fp = _fingerprint(served)
-    registered = served.ca_pem  # the CA bundle the configurations carry (serve_webhooks set it)
+    if not registered:
+        await _until_registered(settings, api_client, served.ca_pem)
+    registered_ca = served.ca_pem  # the CA bundle the configurations carry (serve_webhooks set it)
     while True:
         await asyncio.sleep(settings.webhook_cert_check_s)
         try:
@@ -131,11 +159,11 @@ async def keep_certificates_current(settings: OperatorSettings, api_client: Any,
             if fp == served_fp:
                 # Put the bundle back should something have dropped it (kubectl replace, helm
                 # upgrade --force on the chart's configurations): policies are refused without it.
-                await register(settings, api_client, registered)
+                await register(settings, api_client, registered_ca)
                 continue
             if bundle.ca_pem != served.ca_pem:
-                registered = bundle.ca_pem + served.ca_pem
-                await register(settings, api_client, registered)
+                registered_ca = bundle.ca_pem + served.ca_pem
+                await register(settings, api_client, registered_ca)
             server.cert_file, server.key_file = bundle.cert_path, bundle.key_path
             server.reload_certificates()
             served, served_fp = bundle, fp

@@ -369,6 +369,7 @@ def chart_operator(release: Release, redis_url: str, workdir: Path, tag: str) ->
         ["--resync-interval-s", "2",
          "--webhook-listen", f"127.0.0.1:{port}",
          "--webhook-url", f"https://127.0.0.1:{port}",
+         "--webhook-configurations", "patch",
          "--webhook-cert-dir", str(workdir / f"certs-{tag}"),
          "--webhook-provided-cert-dir", str(workdir / "no-cert-manager"),
          "--peering", release.fullname,
@@ -564,6 +565,38 @@ def test_operator_runs_under_the_chart_rbac(release: Release, redis_server: Any,
                     cp.kubectl("patch", "rlp", obj["metadata"]["name"], "-n", n, "--type=merge",
                                "-p", '{"metadata":{"finalizers":null}}', check=False)
             cp.kubectl("delete", "namespace", n, "--wait=false", "--ignore-not-found")
+
+
+def test_the_charts_operator_leaves_creating_the_webhook_configurations_to_helm(
+        release: Release, redis_server: Any, tmp_path: Path) -> None:
+    """The chart runs the operator with ``--webhook-configurations=patch``: it patches its CA
+    into the configurations Helm creates and never creates them. One that did raced ``helm
+    install``, which creates the Deployment before the configurations and failed with "already
+    exists" when the operator was quicker (a CI run of the e2e suite, and 1 install in 12 on the
+    one-node cluster)."""
+    cp = release.cp
+    set_webhooks(release, True)  # the chart's RBAC for the certificate Secret comes with them
+    delete_webhook_configurations(cp)  # as before `helm install` has created them
+    op = chart_operator(release, redis_server.url, tmp_path, "patch-only")
+
+    def ca_bundles() -> list[str | None]:
+        objs = [webhook_configuration(cp, kind, n) for kind, n in WEBHOOK_CONFIGS]
+        return [o["webhooks"][0]["clientConfig"].get("caBundle") if o else None for o in objs]
+
+    try:
+        # it has looked for them (and found none), or, as before, created them
+        poll(lambda: op.check_alive() or "waiting for the Helm release" in op.log()
+             or any(ca_bundles()), "the operator's webhook registration", diagnose=op.report)
+        assert_gone(cp, "an operator started with --webhook-configurations=patch")
+        set_webhooks(release, True)  # Helm creates the missing ones (no "already exists")
+        poll(lambda: op.check_alive() or all(ca_bundles()),
+             "the operator's CA patched into the configurations Helm created", diagnose=op.report)
+        for kind, n in WEBHOOK_CONFIGS:
+            assert_helm_owned(webhook_configuration(cp, kind, n), release.name, release.namespace)
+    finally:
+        op.stop()
+        set_webhooks(release, False, check=False)  # as the test before this one leaves it
+        delete_webhook_configurations(cp, check=False)
 
 
 # ---------------------------------------------------------------------------------------------
