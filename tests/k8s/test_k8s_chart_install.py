@@ -221,8 +221,6 @@ ALLOWED: list[Access] = [
     ("watch", "", "namespaces", "", "", ""),
     ("list", "kopf.dev", "clusterkopfpeerings", "", "", ""),
     ("watch", "kopf.dev", "clusterkopfpeerings", "", "", ""),
-    ("create", "admissionregistration.k8s.io", "validatingwebhookconfigurations", "", "", ""),
-    ("create", "admissionregistration.k8s.io", "mutatingwebhookconfigurations", "", "", ""),
     ("patch", "admissionregistration.k8s.io", "validatingwebhookconfigurations", "", "",
      "sluice-policies"),
     ("patch", "admissionregistration.k8s.io", "mutatingwebhookconfigurations", "", "",
@@ -258,6 +256,10 @@ DENIED: list[Access] = [
      "ratelimitpolicies.sluice.dev"),
     ("delete", "apiextensions.k8s.io", "customresourcedefinitions", "", "",
      "ratelimitpolicies.sluice.dev"),
+    # --webhook-configurations=patch: Helm creates them (create cannot be limited by name, and a
+    # mutating webhook of one's own would see every Pod)
+    ("create", "admissionregistration.k8s.io", "validatingwebhookconfigurations", "", "", ""),
+    ("create", "admissionregistration.k8s.io", "mutatingwebhookconfigurations", "", "", ""),
     ("patch", "admissionregistration.k8s.io", "validatingwebhookconfigurations", "", "",
      "someone-elses"),
     ("delete", "admissionregistration.k8s.io", "validatingwebhookconfigurations", "", "",
