@@ -426,8 +426,10 @@ def test_killed_leading_operator_replica_is_taken_over(release: Release) -> None
 # (g) ------------------------------------------------------------------------------------------
 
 def test_helm_uninstall_leaves_nothing_and_namespaces_delete(release: Release) -> None:
+    t = time.monotonic()
     res = uninstall(release)
     assert res.returncode == 0, res.stderr
+    FIGURES["uninstall_s"] = round(time.monotonic() - t, 1)
     hooks = release.kubectl("get", "mutatingwebhookconfigurations,validatingwebhookconfigurations",
                             "-o", "name").stdout.split()
     assert [h for h in hooks if "sluice" in h] == []
@@ -449,6 +451,7 @@ def test_helm_uninstall_leaves_nothing_and_namespaces_delete(release: Release) -
 
     poll(lambda: not left(), "nothing of the release left after helm uninstall", timeout=60,
          diagnose=lambda: "\n".join(left()))
+    FIGURES["uninstall_all_gone_s"] = round(time.monotonic() - t, 1)
     assert release.get_json("pods", "-n", SYSTEM_NS)["items"] == []
     crds = release.kubectl("get", "crd", "-o", "name").stdout
     assert "ratelimitpolicies.sluice.dev" in crds  # CRDs stay, as Helm does
@@ -459,3 +462,4 @@ def test_helm_uninstall_leaves_nothing_and_namespaces_delete(release: Release) -
         "get", "namespace", ns, check=False).returncode == 0],
          "the app namespaces to be deleted (none stuck Terminating)", timeout=90,
          diagnose=release.brief)
+    FIGURES["namespaces_deleted_s"] = round(time.monotonic() - t, 1)
