@@ -24,6 +24,7 @@ from sluice_core import configstore, keyschema
 from sluice_core.configdoc import build_doc
 from sluice_core.parse import parse_policy
 from sqlalchemy.ext.asyncio import AsyncEngine
+from support.loopback_app import serving
 from support.near_limit import Receiver, receiving, running, sent, window
 from support.polling import wait_for
 
@@ -331,34 +332,28 @@ async def test_a_black_hole_receiver_does_not_hold_up_another_hosts_alerts(
 
     app = web.Application()
     app.router.add_post("/hook", black_hole)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.2", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    ns = await setup(engine, redis_client, f"http://127.0.0.2:{port}/hook",
-                     {(f"c{i}", "free"): 90 for i in range(6)})
-    metrics = AnalyticsMetrics()
-    sender = WebhookSender(metrics, timeout_s=30, attempts=1, secret=None, allow=LOOPBACK)
-    stop = asyncio.Event()
-    task = asyncio.create_task(sender.run(stop))
-    try:
-        await NearLimitAlerts(engine, redis_client, [sender.deliver]).run_once(NOW)  # six to the black hole
-        other = await setup(engine, redis_client, receiver.url, {("dave", "free"): 90})
-        await NearLimitAlerts(engine, redis_client, [sender.deliver]).run_once(NOW)  # one to the receiver
+    async with serving(app, "127.0.0.2") as url:
+        await setup(engine, redis_client, f"{url}/hook",
+                    {(f"c{i}", "free"): 90 for i in range(6)})
+        metrics = AnalyticsMetrics()
+        sender = WebhookSender(metrics, timeout_s=30, attempts=1, secret=None, allow=LOOPBACK)
+        stop = asyncio.Event()
+        task = asyncio.create_task(sender.run(stop))
+        try:
+            await NearLimitAlerts(engine, redis_client, [sender.deliver]).run_once(NOW)  # six to the black hole
+            other = await setup(engine, redis_client, receiver.url, {("dave", "free"): 90})
+            await NearLimitAlerts(engine, redis_client, [sender.deliver]).run_once(NOW)  # one to the receiver
 
-        async def delivered() -> bool:
-            return bool(receiver.got)
+            async def delivered() -> bool:
+                return bool(receiver.got)
 
-        await wait_for(delivered, timeout=15, what="the other host's alert")
-        assert json.loads(receiver.got[0][1])["namespace"] == other
-        assert slow_calls == 1  # one request at a time to the black hole
-    finally:
-        held.set()
-        stop.set()
-        await task
-        await runner.cleanup()
-    del ns
+            await wait_for(delivered, timeout=15, what="the other host's alert")
+            assert json.loads(receiver.got[0][1])["namespace"] == other
+            assert slow_calls == 1  # one request at a time to the black hole
+        finally:
+            held.set()
+            stop.set()
+            await task
 
 
 async def test_a_secret_ref_webhook_without_kubernetes_is_counted_not_sent(

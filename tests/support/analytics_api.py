@@ -18,6 +18,7 @@ from sluice_core import configdoc, configstore
 from sluice_core.parse import parse_policy
 from sluice_core.usage import UsageWindow
 
+from support.loopback_app import serving
 from support.sidecar_harness import policy_doc
 
 TOKEN = "t0ps3cret-analytics-token"
@@ -67,15 +68,9 @@ class ServerThread:
             ctx = ApiContext(engine, TokenFile(token_file), redis)
             app.add_routes(routes(ctx))
             app.add_routes(dashboard.routes(ctx))
-            runner = web.AppRunner(app)
-            await runner.setup()
-            site = web.TCPSite(runner, "127.0.0.1", 0)
-            await site.start()
-            port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-            self.url = f"http://127.0.0.1:{port}"
-            self.ready.set()
-            await self.stop.wait()
-            await runner.cleanup()
+            async with serving(app) as self.url:
+                self.ready.set()
+                await self.stop.wait()
         await engine.dispose()
 
     def close(self) -> None:

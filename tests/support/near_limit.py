@@ -14,6 +14,8 @@ from sluice_analytics.metrics import AnalyticsMetrics
 from sluice_analytics.webhooks import WebhookSender
 from sluice_core.usage import UsageRow, UsageWindow
 
+from support.loopback_app import serving
+
 
 def window(ns: str, seq: int, start_s: int, used: dict[tuple[str, str], int], policy: str = "") -> UsageWindow:
     """One sidecar's window in which each (client, tier) took ``tokens`` tokens, one each, of
@@ -43,16 +45,9 @@ async def receiving() -> AsyncIterator[Receiver]:
     rec = Receiver()
     app = web.Application()
     app.router.add_post("/hook/{token}", rec.handle)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    rec.url = f"http://127.0.0.1:{port}/hook/s3cret-token"
-    try:
+    async with serving(app) as url:
+        rec.url = f"{url}/hook/s3cret-token"
         yield rec
-    finally:
-        await runner.cleanup()
 
 
 def sent(metrics: AnalyticsMetrics, result: str) -> float:
