@@ -17,6 +17,8 @@ out; the requests are ``sluice_decisions_total`` read before and after from the 
 
 from __future__ import annotations
 
+import argparse
+import os
 import re
 import shutil
 import subprocess
@@ -25,6 +27,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+ROOT = Path(__file__).resolve().parents[1]
 CONNECTIONS = 16
 READY_TIMEOUT_S = 300.0  # start-up under valgrind on a busy machine
 
@@ -99,3 +102,50 @@ def instructions_per_request(sidecar_args: list[str], port: int, admin: int, scr
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def loop_instructions(func: str, n: int, work: Path) -> float:
+    """Instructions per iteration of ``bench.usage_sidecar.<func>(n)`` run in-process under
+    callgrind: the difference between runs of ``2n`` and ``n`` iterations, over ``n``."""
+    totals = []
+    for i, count in enumerate((n, 2 * n)):
+        out = work / f"callgrind.loop.{func}.{i}"
+        code = f"from bench.usage_sidecar import {func}; {func}({count})"
+        env = {**os.environ, "PYTHONHASHSEED": "0"}
+        subprocess.run(["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", sys.executable, "-c", code],
+                       cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        m = re.search(r"^totals:\s+(\d+)", out.read_text(errors="replace"), re.M)
+        assert m, f"no totals in {out}"
+        totals.append(int(m.group(1)))
+    return (totals[1] - totals[0]) / n
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("-n", type=int, default=20_000, help="iterations of the in-process loops")
+    ap.add_argument("--sidecar-rounds", type=int, default=0,
+                    help="rounds of whole-sidecar counts, usage on and off (minutes each)")
+    ap.add_argument("--sidecar-seconds", type=int, default=15)
+    args = ap.parse_args()
+    if not available():
+        print("valgrind is not installed (Debian: apt-get install valgrind)", file=sys.stderr)
+        return 1
+    import tempfile
+
+    work = Path(tempfile.mkdtemp(prefix="sluice-usage-instructions-"))
+    path = loop_instructions("usage_path_cost", args.n, work)
+    record = loop_instructions("record_cost", args.n, work)
+    print(f"usage path per request, in-process: {path:,.0f} instructions; record alone: {record:,.0f} "
+          f"(callgrind, PYTHONHASHSEED=0, {args.n:,} iterations, difference of two runs)")
+    if args.sidecar_rounds:
+        from bench import usage_sidecar
+
+        on, off = usage_sidecar.sidecar_instructions(args.sidecar_rounds, args.sidecar_seconds, work)
+        print(f"whole sidecar, instructions per request: on {', '.join(f'{c / 1000:.1f}' for c in on)} k; "
+              f"off {', '.join(f'{c / 1000:.1f}' for c in off)} k; on/off "
+              f"{', '.join(f'{a / b:.3f}' for a, b in zip(on, off, strict=True))}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -88,6 +88,31 @@ def _instructions(upstream: str, policy: Path, keys: Path, redis: RedisServer, s
     return on, off
 
 
+def _files(tmp: Path) -> tuple[Path, Path, Path]:
+    """The policy, the keys file and the wrk script, written into ``tmp``."""
+    policy, keys, script = tmp / "policy.yaml", tmp / "keys.yaml", tmp / "load.lua"
+    policy.write_text(POLICY)
+    keys.write_text("keys:\n" + "".join(f"  {k}: {{tier: pro, id: id-{k}}}\n" for k in KEYS))
+    script.write_text(WRK_SCRIPT % ", ".join(f'"{k}"' for k in KEYS))
+    return policy, keys, script
+
+
+def sidecar_instructions(rounds: int, seconds: float, work: Path) -> tuple[list[float], list[float]]:
+    """:func:`_instructions` with its own upstream and Redis (``python -m bench.usage_instructions``)."""
+    policy, keys, script = _files(work)
+    procs = Procs()
+    redis = RedisServer()
+    try:
+        up_port = pick_port()
+        procs.start(sys.executable, str(ROOT / "bench" / "upstream_app.py"), str(up_port))
+        upstream = f"http://127.0.0.1:{up_port}"
+        wait_http(upstream + "/")
+        return _instructions(upstream, policy, keys, redis, script, rounds, seconds, work)
+    finally:
+        procs.close()
+        redis.close()
+
+
 def _pair(on: tuple[str, int], off: tuple[str, int], seconds: float, script: Path) -> tuple[float, float, int]:
     """CPU µs per request of the "on" and the "off" sidecar, each loaded by its own wrk at the
     same time (so whatever else runs on the machine weighs on both alike), and the "on" one's
@@ -113,7 +138,7 @@ def usage_path_cost(n: int) -> float:
     start = time.process_time()
     for i in range(n):
         note = UsageNote()  # the server's, handed to the limiter and the proxy as an argument
-        note.decisions.append(("shop/api", False, client, "key-1", "pro", "", "allowed", 1))
+        note.append(("shop/api", False, client, "key-1", "pro", "", "allowed", 1))
         started = time.perf_counter_ns()  # as the proxy times the upstream
         note.status, note.latency_us = 200, (time.perf_counter_ns() - started) // 1000
         note.bytes_out = 11
@@ -130,7 +155,7 @@ def record_cost(n: int) -> float:
     notes = []
     for i in range(64):
         note = UsageNote()
-        note.decisions.append(("shop/api", False, f"kclient{i % 16:09d}", f"key-{i % 16}", "pro", "",
+        note.append(("shop/api", False, f"kclient{i % 16:09d}", f"key-{i % 16}", "pro", "",
                                "allowed", 1))
         note.status, note.latency_us, note.bytes_out = 200, 800 + i, 11
         notes.append(note)
@@ -151,7 +176,7 @@ def flush_cost(n: int) -> float:
     a = UsageAggregator(max_clients=1000, max_endpoints=100)
     for i in range(1024):
         note = UsageNote()
-        note.decisions.append(("shop/api", False, f"kclient{i % 16:09d}", f"key-{i % 16}", "pro", "", "allowed", 1))
+        note.append(("shop/api", False, f"kclient{i % 16:09d}", f"key-{i % 16}", "pro", "", "allowed", 1))
         note.status, note.latency_us, note.bytes_out = 200, 500 + i * 37 % 20_000, 11
         a.record(note, f"/items/{i % 64}/x")
     window = a.take("bench", 0, "ns")
@@ -171,7 +196,7 @@ def flood_memory(clients: int) -> tuple[float, int]:
     a = UsageAggregator(max_clients=1000, max_endpoints=100)
     for i in range(clients):
         note = UsageNote()
-        note.decisions.append(("shop/api", False, f"i10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}", "",
+        note.append(("shop/api", False, f"i10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}", "",
                                "free", "", "allowed", 1))
         note.status, note.latency_us = 200, 500 + i % 5000
         a.record(note, f"/r{i % 150}/{i}")
@@ -204,10 +229,7 @@ def main() -> int:
     ap.add_argument("--out", default=str(ROOT / "docs" / "benchmarks.md"))
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="sluice-bench-usage-"))
-    policy, keys, script = tmp / "policy.yaml", tmp / "keys.yaml", tmp / "load.lua"
-    policy.write_text(POLICY)
-    keys.write_text("keys:\n" + "".join(f"  {k}: {{tier: pro, id: id-{k}}}\n" for k in KEYS))
-    script.write_text(WRK_SCRIPT % ", ".join(f'"{k}"' for k in KEYS))
+    policy, keys, script = _files(tmp)
     procs = Procs()
     redis = RedisServer()
     on_cpu: list[float] = []

@@ -43,7 +43,7 @@ def _window(clients: int, endpoints: int, seq: int, rng: random.Random) -> usage
             outcomes = ["allowed"] * 10 + (["limited"] * 3 if c % 10 == 0 else [])
             for outcome in outcomes:
                 note = UsageNote()
-                note.decisions.append(("shop/api", False, f"k{c:06d}", f"customer-{c:06d}", "free",
+                note.append(("shop/api", False, f"k{c:06d}", f"customer-{c:06d}", "free",
                                        f"rule-{e:02d}", outcome, 1 if outcome == "allowed" else 0))
                 if outcome == "allowed":
                     note.status, note.latency_us = 200, int(rng.lognormvariate(9, 1))

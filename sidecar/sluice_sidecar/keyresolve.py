@@ -78,13 +78,13 @@ class KeyResolving:
         e = plan.enforcement
         self.metrics.decision(e.label, plan.tier_b.name, plan.rule_name, outcome)
         if note is not None:
-            note.decisions.append((e.usage_ref, e.policy.usage.truncate_ips, plan.client, plan.key_id,
+            note.append((e.usage_ref, e.policy.usage.truncate_ips, plan.client, plan.key_id,
                                    plan.tier_b.name, plan.rule_name, outcome, tokens))
 
     @staticmethod
     def _note(note: UsageNote | None, policy: str, truncate_ips: bool, tier: str, rule: str, outcome: str) -> None:
         if note is not None:
-            note.decisions.append((policy, truncate_ips, "", "", tier, rule, outcome, 0))
+            note.append((policy, truncate_ips, "", "", tier, rule, outcome, 0))
 
     def _resolving(self, enforcement: Enforcement, client: str, rule_name: str, rule_b: Bucket | None,
                    cost: int, headers: MultiMapping[str], peer: str) -> Resolve:

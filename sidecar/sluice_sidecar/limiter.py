@@ -99,7 +99,7 @@ class Limiter(KeyResolving):
     async def decide(self, method: str, path: str, headers: MultiMapping[str], peer: str,
                      note: UsageNote | None = None) -> Outcome:
         """The answer for a request; with ``note`` (usage on), each policy's decision is appended
-        to ``note.decisions`` where it is counted in Prometheus."""
+        to ``note`` where it is counted in Prometheus."""
         policy, cluster_policy = self.policy, self.cluster_policy
         if cluster_policy is None or policy is None:
             one = policy or cluster_policy

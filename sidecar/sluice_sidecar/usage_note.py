@@ -28,15 +28,22 @@ instructions against ~310). It is also, whole, part of the aggregator's look-up 
 (usage_aggregate.UsageAggregator.record)."""
 
 
-class UsageNote:
-    """One request's decisions and, when it was forwarded and answered, the upstream's part."""
+class UsageNote(list[Decided]):
+    """One request's decisions (the list's items) and, when it was forwarded and answered, the
+    upstream's part. A list itself rather than an object holding one: the note lives until the
+    request ends, across its awaits, and each object of that kind the garbage collector tracks
+    makes its young collections come sooner (bench.usage_sidecar: with usage on the sidecar ran
+    ~1.5x the young collections of ``--usage off``); one fewer per request."""
 
-    __slots__ = ("bytes_in", "bytes_out", "decisions", "latency_us", "status")
+    __slots__ = ("bytes_in", "bytes_out", "latency_us", "status")
 
     def __init__(self) -> None:
-        self.decisions: list[Decided] = []
         self.status = 0  # the upstream's status; 0: never answered (refused, unreachable)
         self.latency_us = 0  # until the upstream's response head
         self.bytes_in = 0  # request body bytes sent upstream
         self.bytes_out = 0  # response body bytes relayed
 
+    @property
+    def decisions(self) -> list[Decided]:
+        """The decisions: the note itself (``note.decisions.append(d)`` is ``note.append(d)``)."""
+        return self

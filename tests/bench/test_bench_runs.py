@@ -4,10 +4,12 @@ Each benchmark here runs briefly, its figures meaningless, into a scratch file."
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from support.paths import ROOT
 
 
@@ -63,3 +65,13 @@ def test_the_usage_summary_benchmark_runs(tmp_path: Path) -> None:
     text = out.read_text()
     for row in ("| baseline: `/v1/top?by=limited`", "| the summary of every policy", "bytes a policy"):
         assert row in text, f"{row} missing from\n{text}"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("valgrind") is None, reason="valgrind is not installed (make bench installs it)")
+def test_the_usage_instruction_count_runs() -> None:
+    # In-process only (the whole-sidecar rounds take minutes under valgrind), few iterations.
+    res = subprocess.run([sys.executable, "-m", "bench.usage_instructions", "-n", "200"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "usage path per request, in-process:" in res.stdout, res.stdout

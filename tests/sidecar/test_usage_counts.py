@@ -189,3 +189,72 @@ def test_repeated_decisions_count_exactly_whether_named_or_folded() -> None:
     a.record(_note("i10.0.0.1"), "/a/1")  # and counts in its own rows, not the last window's
     assert [(r.client, r.endpoint, r.requests) for r in a.take("src", 1, "ns").rows] == \
         [("ip:10.0.0.3", "/c/:id", 1), ("ip:10.0.0.1", "/a/:id", 1)]
+
+
+def _reference(requests: list[tuple[UsageNote, str]], max_clients: int, max_endpoints: int) -> list[usage.UsageRow]:
+    """The rows of one window counted the plain way: each request named, bounded and added to
+    its row on its own (what the aggregator's seen-decision shortcut must add up to)."""
+    names = UsageAggregator(max_clients=1, max_endpoints=1)
+    rows: dict[tuple[str, ...], usage.UsageRow] = {}
+    clients: set[str] = set()
+    endpoints: set[str] = set()
+    for note, path in requests:
+        for policy, truncate, raw, key_id, tier, rule, outcome, tokens in note:
+            client = names.client_of(raw, key_id, truncate) if raw else "anonymous"
+            endpoint = rule or endpoint_of(path)
+            if client not in clients and len(clients) >= max_clients:
+                client = OTHER
+            clients.add(client)
+            if endpoint not in endpoints and len(endpoints) >= max_endpoints:
+                endpoint = OTHER
+            endpoints.add(endpoint)
+            key = (policy, client, tier, endpoint, outcome, status_class(note.status))
+            row = rows.setdefault(key, usage.UsageRow(*key))
+            row.requests += 1
+            row.tokens += tokens
+            row.bytes_in += note.bytes_in
+            row.bytes_out += note.bytes_out
+            if note.status:
+                row.latency_sum_us += note.latency_us
+                row.latency_count += 1
+                row.latency_max_us = max(row.latency_max_us, note.latency_us)
+                b = usage.latency_bucket(note.latency_us)
+                row.histogram[b] = row.histogram.get(b, 0) + 1
+    return list(rows.values())
+
+
+_LATENCIES = st.one_of(st.sampled_from([0, 1, *usage.LATENCY_BOUNDS_US, *(b + 1 for b in usage.LATENCY_BOUNDS_US)]),
+                       st.integers(min_value=0, max_value=10**10))
+# (client, outcome, status, latency, its step between repeats, bytes in, bytes out, path, a second
+# decision, tokens, repeats): few clients, paths and statuses, so that decisions repeat
+_REQUEST = st.tuples(st.integers(0, 3), st.sampled_from(["allowed", "limited"]), st.sampled_from([0, 200, 999]),
+                     _LATENCIES, st.sampled_from([0, 1, 997, 10**6, 3 * 10**7]), st.integers(0, 5),
+                     st.integers(0, 10**6), st.sampled_from(["/a/1", "/b"]), st.booleans(), st.integers(0, 3),
+                     st.integers(1, 40))
+
+
+@given(st.lists(st.lists(_REQUEST, max_size=60), min_size=1, max_size=4))
+def test_windows_are_exact_however_requests_repeat_and_windows_end(windows: list[list[tuple]]) -> None:  # type: ignore[type-arg]
+    """Repeated decisions are added to their rows in batches (``_Pending``): whatever the mix
+    (histogram bounds, unanswered and odd statuses, two decisions a request, folded clients and
+    endpoints, batches cut anywhere), each window taken, and each look at the current one in
+    between, holds exactly what counting request by request gives."""
+    a = UsageAggregator(max_clients=3, max_endpoints=1)
+    for seq, requests in enumerate(windows):
+        made: list[tuple[UsageNote, str]] = []
+        for i, (client, outcome, status, latency, step, bytes_in, bytes_out, path, two, tokens, repeats) \
+                in enumerate(requests):
+            for k in range(repeats):
+                note = UsageNote()
+                note.append(("ns/p", False, f"i10.0.0.{client}", "", "free", "", outcome, tokens))
+                if two:
+                    note.append(("cp", False, f"i10.0.0.{client}", "", "", "r", outcome, 1))
+                note.status, note.latency_us = status, latency + k * step
+                note.bytes_in, note.bytes_out = bytes_in, bytes_out
+                a.record(note, path)
+                made.append((note, path))
+            if i == len(requests) // 2:  # a look in the middle changes nothing
+                assert a.peek("s", seq, "ns").rows == _reference(made, 3, 1)
+        w = a.take("s", seq, "ns")
+        assert w.rows == _reference(made, 3, 1)
+        assert usage.decode(usage.encode(w)) == w
