@@ -455,7 +455,12 @@ def test_helm_uninstall_leaves_nothing_and_namespaces_delete(release: Release) -
     assert release.get_json("pods", "-n", SYSTEM_NS)["items"] == []
     crds = release.kubectl("get", "crd", "-o", "name").stdout
     assert "ratelimitpolicies.sluice.dev" in crds  # CRDs stay, as Helm does
-    # Namespaces with policies (and the policies in them) go without an operator.
+    # Namespaces with policies (and the policies in them) go without an operator. Their Pods go
+    # first: the namespace controller looks again only after the longest grace period of the
+    # Pods it deleted (65 s, the injector's drain allowance), though they exit in seconds.
+    release.kubectl("delete", "deployments,pods", "--all", "-n", release.shop, "--wait=true",
+                    timeout=120)
+    assert release.kubectl("get", "rlp", "-n", release.shop, "-o", "name").stdout.strip()
     for ns in (release.shop, release.bare):
         release.kubectl("delete", "namespace", ns, "--wait=false")
     poll(lambda: not [ns for ns in (release.shop, release.bare) if release.kubectl(
