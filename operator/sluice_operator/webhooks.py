@@ -91,85 +91,104 @@ async def serve_webhooks(settings: OperatorSettings, api_client: Any,
                            namespace_labels=namespace_labels_async, policies=policies, redis_ca=redis_ca,
                            events=OwnerEvents(api_client), host=host, port=port)
     await server.start()
-    registered = await register(settings, api_client, bundle.ca_pem)
-    if not registered:
-        log.info("webhook configurations %s and %s: waiting for the Helm release to create them "
-                 "(--webhook-configurations=patch)",
-                 webhook_config.VALIDATING_NAME, webhook_config.MUTATING_NAME)
+    missing = await register(settings, api_client, bundle.ca_pem)
+    if missing:
+        _log_missing(missing)
     server.run_while_serving(keep_certificates_current(settings, api_client, server, bundle,
-                                                       registered=registered))
+                                                       missing=missing))
     return server
 
 
-async def register(settings: OperatorSettings, api_client: Any, ca_pem: bytes) -> bool:
+# While a configuration is missing (--webhook-configurations=patch, before the Helm release has
+# created it): the first tries come quickly, since Helm creates them a moment after the
+# operator's Deployment and policies are refused until the CA bundle is in; one that stays
+# missing (deleted by hand) is looked for every 10 s after a minute.
+_RETRY_FIRST_S = 0.25
+_RETRY_MAX_S = 1.0
+_RETRY_SLOW_S = 10.0
+_RETRY_SLOW_AFTER_S = 60.0
+
+
+def _log_missing(missing: tuple[str, ...]) -> None:
+    log.info("webhook configuration(s) %s missing: waiting for the Helm release to create them "
+             "(--webhook-configurations=patch)", ", ".join(missing))
+
+
+async def register(settings: OperatorSettings, api_client: Any, ca_pem: bytes) -> tuple[str, ...]:
     """Create or update the webhook configurations with ``ca_pem`` as their caBundle; with
-    ``--webhook-configurations=patch`` only update those that exist. True when both were
-    written."""
+    ``--webhook-configurations=patch`` only update those that exist. Returns the names of those
+    missing (none: both written)."""
     if settings.webhook_endpoint is None:
-        return True
+        return ()
     manifests = [webhook_config.validating(settings.webhook_endpoint, ca_pem),
                  webhook_config.mutating(settings.webhook_endpoint, ca_pem,
                                          skip_namespaces=settings.skip_namespaces)]
     uids = await asyncio.to_thread(webhook_config.apply, api_client, manifests,
                                    create=settings.webhook_configurations == "create")
-    if len(uids) < len(manifests):
-        return False
-    log.info("webhook configurations %s and %s point at the operator",
-             webhook_config.VALIDATING_NAME, webhook_config.MUTATING_NAME)
     if settings.webhook_cert_secret and uids.get(webhook_config.VALIDATING_NAME):
         # The Secret goes with the configuration that carries its CA (helm uninstall deletes
         # the chart's): the garbage collector removes it then (#12, defect 5).
         await asyncio.to_thread(owned_by_configuration, api_client, settings.webhook_cert_secret,
                                 webhook_config.VALIDATING_NAME, uids[webhook_config.VALIDATING_NAME])
-    return True
-
-
-async def _until_registered(settings: OperatorSettings, api_client: Any, ca_pem: bytes) -> None:
-    """Patch the configurations in as soon as Helm has created them: until then the API server
-    cannot call the webhooks (no CA bundle), and policies are refused. Helm creates them a
-    moment after the operator's Deployment, so the first tries come quickly."""
-    delay = 0.25
-    while True:
-        await asyncio.sleep(delay)
-        delay = min(delay * 2, 5.0)
-        try:
-            if await register(settings, api_client, ca_pem):
-                return
-        except Exception as exc:  # the API server away: try again
-            log.warning("cannot update the webhook configurations (trying again): %s", exc)
+    missing = tuple(m["metadata"]["name"] for m in manifests if m["metadata"]["name"] not in uids)
+    if not missing:
+        log.info("webhook configurations %s and %s point at the operator",
+                 webhook_config.VALIDATING_NAME, webhook_config.MUTATING_NAME)
+    return missing
 
 
 async def keep_certificates_current(settings: OperatorSettings, api_client: Any, server: WebhookServer,
-                                    served: CertBundle, *, registered: bool = True) -> None:
+                                    served: CertBundle, *, missing: tuple[str, ...] = ()) -> None:
     """Every ``webhook_cert_check_s``: look at the certificate again and serve a new one to new
-    connections without a restart; re-apply the webhook configurations with their CA bundle. cert-manager rotates its mounted files in place (well before
-    expiry); a self-signed certificate is renewed 30 days ahead, by this replica or, through the
-    shared Secret, by another. When the CA changes, the configurations first get both CAs, then
-    the server switches: the API server never meets a certificate it does not trust."""
+    connections without a restart; re-apply the webhook configurations with their CA bundle.
+    cert-manager rotates its mounted files in place (well before expiry); a self-signed
+    certificate is renewed 30 days ahead, by this replica or, through the shared Secret, by
+    another. When the CA changes, the configurations first get both CAs, then the server
+    switches: the API server never meets a certificate it does not trust. While a configuration
+    is ``missing`` (``--webhook-configurations=patch``), the configurations are re-applied every
+    second or less (see ``_RETRY_*``) until it is there, the certificate still looked at on
+    time."""
+    loop = asyncio.get_running_loop()
     # What is served, as read when it was loaded: the files may be rewritten in place.
     served_fp = _fingerprint(served)
-    if not registered:
-        await _until_registered(settings, api_client, served.ca_pem)
     registered_ca = served.ca_pem  # the CA bundle the configurations carry (serve_webhooks set it)
+    next_check = loop.time() + settings.webhook_cert_check_s
+    retry, missing_since = _RETRY_FIRST_S, loop.time()
+    failure = ""  # the last error logged: one warning per new error, not one per try
     while True:
-        await asyncio.sleep(settings.webhook_cert_check_s)
+        wait = next_check - loop.time()
+        if missing:
+            slow = loop.time() - missing_since > _RETRY_SLOW_AFTER_S
+            wait = min(wait, _RETRY_SLOW_S if slow else retry)
+            retry = min(retry * 2, _RETRY_MAX_S)
+        await asyncio.sleep(max(wait, 0.0))
         try:
-            bundle = await current_certificates(settings, api_client)
-            fp = _fingerprint(bundle)
-            if fp == served_fp:
-                # Put the bundle back should something have dropped it (kubectl replace, helm
-                # upgrade --force on the chart's configurations): policies are refused without it.
-                await register(settings, api_client, registered_ca)
-                continue
-            if bundle.ca_pem != served.ca_pem:
-                registered_ca = bundle.ca_pem + served.ca_pem
-                await register(settings, api_client, registered_ca)
-            server.cert_file, server.key_file = bundle.cert_path, bundle.key_path
-            server.reload_certificates()
-            served, served_fp = bundle, fp
-            log.info("webhook certificate reloaded: %s (%s)", bundle.cert_path, bundle.mode)
+            bundle = None
+            if loop.time() >= next_check:
+                next_check = loop.time() + settings.webhook_cert_check_s
+                bundle = await current_certificates(settings, api_client)
+                if _fingerprint(bundle) == served_fp:
+                    bundle = None
+                elif bundle.ca_pem != served.ca_pem:
+                    registered_ca = bundle.ca_pem + served.ca_pem
+            # Also puts the bundle back should something have dropped it (kubectl replace, helm
+            # upgrade --force on the chart's configurations): policies are refused without it.
+            now_missing = await register(settings, api_client, registered_ca)
+            if now_missing and now_missing != missing:
+                _log_missing(now_missing)
+                retry, missing_since = _RETRY_FIRST_S, loop.time()
+            missing = now_missing
+            if bundle is not None:
+                server.cert_file, server.key_file = bundle.cert_path, bundle.key_path
+                server.reload_certificates()
+                served, served_fp = bundle, _fingerprint(bundle)
+                log.info("webhook certificate reloaded: %s (%s)", bundle.cert_path, bundle.mode)
+            failure = ""
         except Exception as exc:  # keep serving the current one; try again next time
-            log.warning("cannot refresh the webhook certificate (keeping the current one): %s", exc)
+            if str(exc) != failure:
+                log.warning("cannot refresh the webhook certificate or configurations (keeping "
+                            "the current ones; trying again): %s", exc)
+            failure = str(exc)
 
 
 def _fingerprint(bundle: CertBundle) -> tuple[bytes, bytes, bytes]:

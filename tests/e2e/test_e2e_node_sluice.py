@@ -459,7 +459,7 @@ def test_helm_uninstall_leaves_nothing_and_namespaces_delete(release: Release) -
     # first: the namespace controller looks again only after the longest grace period of the
     # Pods it deleted (65 s, the injector's drain allowance), though they exit in seconds.
     release.kubectl("delete", "deployments,pods", "--all", "-n", release.shop, "--wait=true",
-                    timeout=120)
+                    "--cascade=foreground", timeout=120)  # no new Pod from a ReplicaSet meanwhile
     assert release.kubectl("get", "rlp", "-n", release.shop, "-o", "name").stdout.strip()
     for ns in (release.shop, release.bare):
         release.kubectl("delete", "namespace", ns, "--wait=false")

@@ -362,15 +362,20 @@ def test_rbac_denies_the_dangerous(release: Release) -> None:
 # the operator itself, under the chart's RBAC
 
 
-def chart_operator(release: Release, redis_url: str, workdir: Path, tag: str) -> OperatorProcess:
+def chart_operator(release: Release, redis_url: str, workdir: Path, tag: str, *,
+                   service: bool = False) -> OperatorProcess:
     """``sluice operator`` with the release's token as its only credentials, run as the chart
-    runs it: peering, the shared certificate Secret, cluster keys."""
+    runs it: peering, the shared certificate Secret, cluster keys. The API server calls its
+    webhooks at its loopback URL; with ``service``, the configurations name the release's
+    Service as the chart's do (``helm upgrade`` then merges Helm's and the operator's
+    ``clientConfig`` into a valid one; nothing can call the webhooks, no Pod serves them)."""
     port = pick_port()
+    endpoint = (["--webhook-service", f"{release.namespace}/{release.fullname}-webhook:443"]
+                if service else ["--webhook-url", f"https://127.0.0.1:{port}"])
     return OperatorProcess(
         f"operator-{tag}", release.kubeconfig, redis_url, workdir,
         ["--resync-interval-s", "2",
-         "--webhook-listen", f"127.0.0.1:{port}",
-         "--webhook-url", f"https://127.0.0.1:{port}",
+         "--webhook-listen", f"127.0.0.1:{port}", *endpoint,
          "--webhook-configurations", "patch",
          "--webhook-cert-dir", str(workdir / f"certs-{tag}"),
          "--webhook-provided-cert-dir", str(workdir / "no-cert-manager"),
@@ -569,27 +574,37 @@ def test_operator_runs_under_the_chart_rbac(release: Release, redis_server: Any,
             cp.kubectl("delete", "namespace", n, "--wait=false", "--ignore-not-found")
 
 
+@pytest.mark.parametrize("deleted", [WEBHOOK_CONFIGS, WEBHOOK_CONFIGS[1:]], ids=["both", "injector"])
 def test_the_charts_operator_leaves_creating_the_webhook_configurations_to_helm(
-        release: Release, redis_server: Any, tmp_path: Path) -> None:
+        release: Release, redis_server: Any, tmp_path: Path,
+        deleted: tuple[tuple[str, str], ...]) -> None:
     """The chart runs the operator with ``--webhook-configurations=patch``: it patches its CA
     into the configurations Helm creates and never creates them. One that did raced ``helm
     install``, which creates the Deployment before the configurations and failed with "already
     exists" when the operator was quicker (a CI run of the e2e suite, and 1 install in 12 on the
-    one-node cluster)."""
+    one-node cluster). With one of them there, that one gets the CA (and owns the certificate
+    Secret) at once while the operator waits for the other."""
     cp = release.cp
     set_webhooks(release, True)  # the chart's RBAC for the certificate Secret comes with them
-    delete_webhook_configurations(cp)  # as before `helm install` has created them
-    op = chart_operator(release, redis_server.url, tmp_path, "patch-only")
+    for kind, name in deleted:  # as before `helm install` (or a partial upgrade) has created them
+        cp.kubectl("delete", kind, name)
+    op = chart_operator(release, redis_server.url, tmp_path, "patch-only", service=True)
 
     def ca_bundles() -> list[str | None]:
         objs = [webhook_configuration(cp, kind, n) for kind, n in WEBHOOK_CONFIGS]
         return [o["webhooks"][0]["clientConfig"].get("caBundle") if o else None for o in objs]
 
     try:
-        # it has looked for them (and found none), or, as before, created them
-        poll(lambda: op.check_alive() or "waiting for the Helm release" in op.log()
-             or any(ca_bundles()), "the operator's webhook registration", diagnose=op.report)
-        assert_gone(cp, "an operator started with --webhook-configurations=patch")
+        # it has looked for them (and found some missing), or, as before, created them
+        poll(lambda: op.check_alive() or "missing: waiting for the Helm release" in op.log()
+             or all(ca_bundles()), "the operator's webhook registration", diagnose=op.report)
+        assert [b is None for b in ca_bundles()] == [c in deleted for c in WEBHOOK_CONFIGS], (
+            "an operator started with --webhook-configurations=patch created what Helm creates")
+        if len(deleted) == 1:  # the validating one is there: patched, and owns the Secret
+            secret = cp.kubectl_json("get", "secret", f"{release.fullname}-webhook-tls",
+                                     "-n", release.namespace)
+            owners = secret["metadata"].get("ownerReferences") or []
+            assert [o["name"] for o in owners] == [WEBHOOK_CONFIGS[0][1]], owners
         set_webhooks(release, True)  # Helm creates the missing ones (no "already exists")
         poll(lambda: op.check_alive() or all(ca_bundles()),
              "the operator's CA patched into the configurations Helm created", diagnose=op.report)

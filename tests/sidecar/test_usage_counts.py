@@ -258,3 +258,54 @@ def test_windows_are_exact_however_requests_repeat_and_windows_end(windows: list
         w = a.take("s", seq, "ns")
         assert w.rows == _reference(made, 3, 1)
         assert usage.decode(usage.encode(w)) == w
+
+
+def _note(client: int, outcome: str, tokens: int, latency: int, size: int) -> UsageNote:
+    note = UsageNote()
+    note.append(("ns/p", False, f"i10.0.0.{client}", "", "free", "", outcome, tokens))
+    note.status, note.latency_us, note.bytes_in, note.bytes_out = 200, latency, size, 2 * size
+    return note
+
+
+def test_decisions_past_the_fully_batched_ones_are_exact() -> None:
+    """Past ``_MAX_BATCHED`` decisions in a window a decision's requests are summed every
+    ``_SMALL_BATCH`` (what waits stays bounded): still exactly what counting request by request
+    gives. The tokens a request took are part of its decision: 1,299 decisions, one row."""
+    from sluice_sidecar import usage_aggregate
+
+    decisions = 1_299
+    assert usage_aggregate._MAX_BATCHED < decisions <= usage_aggregate._MAX_CACHED
+    a = UsageAggregator(max_clients=10, max_endpoints=10)
+    made: list[tuple[UsageNote, str]] = []
+    for tokens in range(1, decisions + 1):
+        for k in range(7):  # more than a small batch, less than a full one
+            note = _note(1, "allowed", tokens, 900 + 37 * k + tokens, k + tokens)
+            a.record(note, "/a")
+            made.append((note, "/a"))
+    assert a.take("s", 0, "ns").rows == _reference(made, 10, 10)
+
+
+def test_rows_past_the_row_bound_fold_then_drop_exactly() -> None:
+    """Past half of ``max_rows`` a new row's client and endpoint fold into ``(other)``; past
+    ``max_rows`` its requests are dropped and counted as dropped: with repeated decisions
+    batched, every request is in exactly one row or in ``dropped``."""
+    a = UsageAggregator(max_clients=100, max_endpoints=100, max_rows=4)
+    want: dict[tuple[str, str], int] = {}  # (client, outcome) -> requests, the plain rule
+    dropped = folded = 0
+    for rep in range(40):
+        for client in range(6):
+            for outcome in ("allowed", "limited", "failed_open"):
+                a.record(_note(client, outcome, 1, 1000 + rep, rep), "/a")
+                key = (f"ip:10.0.0.{client}", outcome)
+                if key not in want and len(want) >= 2:
+                    folded += 1  # each time: a folded request is never cached
+                    key = (usage.OTHER, outcome)
+                    if key not in want and len(want) >= 4:
+                        dropped += 1
+                        continue
+                want[key] = want.get(key, 0) + 1
+    w = a.take("s", 0, "ns")
+    assert {(r.client, r.outcome): r.requests for r in w.rows} == want
+    assert a.dropped == dropped and dropped > 0
+    assert w.folded_clients == w.folded_endpoints == folded
+    assert sum(want.values()) + dropped == 40 * 6 * 3

@@ -176,27 +176,32 @@ class Release:
         return dict(json.loads(out))
 
     def brief(self) -> str:
-        """A few lines that say what is wrong: each Pod of Sluice's and the app's (phase, ready
-        containers, restarts, why a container waits or last ended) and the newest Warning events.
-        It goes into the failure's headline, which CI's short summary shows (``diagnose`` is the
-        long form)."""
+        """A few lines that say what is wrong: the newest Warning events, then each Pod of
+        Sluice's and the app's that is not Ready (phase, ready containers, restarts, why a
+        container waits or last ended), then how many are Ready. It goes into the failure's
+        headline, of which CI's short summary keeps 12 lines (``diagnose`` is the long form)."""
         lines = []
+        res = self.kubectl("get", "events", "-A", "--field-selector", "type=Warning", "-o", "json",
+                           check=False)
+        if res.returncode == 0:
+            events = sorted(json.loads(res.stdout)["items"],
+                            key=lambda e: e.get("lastTimestamp") or e.get("eventTime") or "")
+            for e in events[-4:]:
+                obj = e.get("involvedObject", {})
+                lines.append(f"event {obj.get('namespace', '')}/{obj.get('name', '')}: "
+                             f"{e.get('reason')} x{e.get('count') or 1}: {e.get('message', '')[:200]}")
+        ready = 0
         for ns in (SYSTEM_NS, self.shop, self.bare):
             res = self.kubectl("get", "pods", "-n", ns, "-o", "json", check=False)
             if res.returncode != 0:
                 lines.append(f"{ns}: kubectl get pods failed: {res.stderr.strip()[:200]}")
                 continue
             for pod in json.loads(res.stdout)["items"]:
-                lines.append(f"{ns}/{pod['metadata']['name']}: {_pod_state(pod)}")
-        res = self.kubectl("get", "events", "-A", "--field-selector", "type=Warning", "-o", "json",
-                           check=False)
-        if res.returncode == 0:
-            events = sorted(json.loads(res.stdout)["items"],
-                            key=lambda e: e.get("lastTimestamp") or e.get("eventTime") or "")
-            for e in events[-6:]:
-                obj = e.get("involvedObject", {})
-                lines.append(f"event {obj.get('namespace', '')}/{obj.get('name', '')}: "
-                             f"{e.get('reason')} x{e.get('count', 1)}: {e.get('message', '')[:200]}")
+                if pod_ready(pod):
+                    ready += 1
+                else:
+                    lines.append(f"{ns}/{pod['metadata']['name']}: {_pod_state(pod)}")
+        lines.append(f"{ready} other Pod(s) Ready")
         return "\n".join(lines)
 
     def fail(self, headline: str) -> NoReturn:
