@@ -41,7 +41,7 @@ async def test_attack_is_contained(name: str) -> None:
     elif name == "idle-flood":
         assert out["still_open_at_end"] == 0, out
     elif name == "slow-read":
-        assert out["aborted"] == out["connections"], out
+        assert out["started"] > 0 and out["aborted"] >= out["started"], out
     elif name == "slow-body":
         assert out["statuses"] == {"408": out["connections"]}, out
         assert out["timed_out"] == out["connections"], out

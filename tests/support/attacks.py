@@ -487,9 +487,10 @@ async def slow_read(sidecar: SidecarProcess, seconds: float, report: Report, n: 
     deadline = time.monotonic() + seconds
     loop = asyncio.get_running_loop()
     cut_off = 0  # the client saw its connection end (a reset, or an end before 4 MiB)
+    started = 0  # the response began to arrive: the sidecar was sending to this reader
 
     async def one() -> None:
-        nonlocal cut_off
+        nonlocal cut_off, started
         sock = socket.socket()
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         sock.setblocking(False)
@@ -501,10 +502,12 @@ async def slow_read(sidecar: SidecarProcess, seconds: float, report: Report, n: 
             return
         try:
             writer.write(b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n")
+            first = True
             while time.monotonic() < deadline:
                 if await asyncio.wait_for(reader.read(1), max(0.1, deadline - time.monotonic())) == b"":
                     cut_off += 1
                     return
+                started, first = started + first, False
                 await _until(min(deadline, time.monotonic() + 1.0))  # the attack's pace
         except TimeoutError:
             pass
@@ -516,10 +519,13 @@ async def slow_read(sidecar: SidecarProcess, seconds: float, report: Report, n: 
     await asyncio.gather(*(one() for _ in range(n)))
     # What the sidecar did: an aborted connection may still have response bytes in flight to
     # a client reading this slowly, so its own count is the measure. Connections opened late
-    # in the attack get their client timeout after it: waited for, at most 10 s.
+    # in the attack get their client timeout after it: waited for, at most 10 s. Each reader the
+    # sidecar was sending to must be cut off; on a starved machine some connections get no byte
+    # before the attack ends (their client closes them: nothing left to cut off).
     aborted = await _settled(lambda: sidecar.metric("sluice_overload_refusals_total", reason="send_timeout"),
-                             n, 10.0)
-    report.outcome.update(connections=n, cut_off_seen_by_client=cut_off, aborted=aborted)
+                             started, 10.0)
+    report.outcome.update(connections=n, started=started, cut_off_seen_by_client=cut_off,
+                          aborted=aborted)
 
 
 async def _settled(value: Callable[[], float], target: float, seconds: float) -> float:
