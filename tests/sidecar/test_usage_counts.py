@@ -260,7 +260,7 @@ def test_windows_are_exact_however_requests_repeat_and_windows_end(windows: list
         assert usage.decode(usage.encode(w)) == w
 
 
-def _note(client: int, outcome: str, tokens: int, latency: int, size: int) -> UsageNote:
+def _sized_note(client: int, outcome: str, tokens: int, latency: int, size: int) -> UsageNote:
     note = UsageNote()
     note.append(("ns/p", False, f"i10.0.0.{client}", "", "free", "", outcome, tokens))
     note.status, note.latency_us, note.bytes_in, note.bytes_out = 200, latency, size, 2 * size
@@ -279,7 +279,7 @@ def test_decisions_past_the_fully_batched_ones_are_exact() -> None:
     made: list[tuple[UsageNote, str]] = []
     for tokens in range(1, decisions + 1):
         for k in range(7):  # more than a small batch, less than a full one
-            note = _note(1, "allowed", tokens, 900 + 37 * k + tokens, k + tokens)
+            note = _sized_note(1, "allowed", tokens, 900 + 37 * k + tokens, k + tokens)
             a.record(note, "/a")
             made.append((note, "/a"))
     assert a.take("s", 0, "ns").rows == _reference(made, 10, 10)
@@ -295,7 +295,7 @@ def test_rows_past_the_row_bound_fold_then_drop_exactly() -> None:
     for rep in range(40):
         for client in range(6):
             for outcome in ("allowed", "limited", "failed_open"):
-                a.record(_note(client, outcome, 1, 1000 + rep, rep), "/a")
+                a.record(_sized_note(client, outcome, 1, 1000 + rep, rep), "/a")
                 key = (f"ip:10.0.0.{client}", outcome)
                 if key not in want and len(want) >= 2:
                     folded += 1  # each time: a folded request is never cached
