@@ -80,8 +80,15 @@ def _split(before: dict[str, Counter[str]], after: dict[str, Counter[str]]) -> d
 
 
 def _policy_patch(rel: Release, spec: dict[str, Any]) -> None:
-    rel.kubectl("patch", "rlp", "-n", rel.shop, APP, "--type=merge", "-p",
-                json.dumps({"spec": spec}))
+    """``kubectl patch`` of the example policy. Right after an operator Pod is deleted the API
+    server's call to the validating webhook may still be routed to it (kube-proxy catching up):
+    that refusal is retried, as a user would, for at most 30 s."""
+    def patched() -> bool:
+        res = rel.kubectl("patch", "rlp", "-n", rel.shop, APP, "--type=merge", "-p",
+                          json.dumps({"spec": spec}), check=False)
+        assert res.returncode == 0 or "failed calling webhook" in res.stderr, res.stderr
+        return res.returncode == 0
+    poll(patched, "the policy patch admitted", timeout=30, interval=0.5, diagnose=rel.brief)
 
 
 def _pod_ip(pod: dict[str, Any]) -> str:
