@@ -30,6 +30,7 @@ from support.redis_servers import (
     RedisServer,
 )
 from support.sidecar_harness import Factory, RunningSidecar, Upstream, start_sidecar
+from support.summary import short_message
 
 T = TypeVar("T")
 
@@ -51,23 +52,6 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         # ... and tests using the real Kubernetes control plane the ``k8s`` marker.
         if "control_plane" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.k8s)
-
-
-# With CI set, pytest's short summary prints each failure's whole message, and CI reports only
-# the last lines of the run: a diagnosis of many lines (logs, kubectl describe) would hide the
-# headline of every failure but the last. The summary keeps the first lines; the report above
-# it keeps everything.
-SUMMARY_LINES = 12
-SUMMARY_LINE_CHARS = 300
-
-
-def short_message(message: str) -> str:
-    lines = message.splitlines()
-    kept = [line if len(line) <= SUMMARY_LINE_CHARS else line[:SUMMARY_LINE_CHARS] + " ..."
-            for line in lines[:SUMMARY_LINES]]
-    if len(lines) > SUMMARY_LINES:
-        kept.append(f"... ({len(lines) - SUMMARY_LINES} more lines in the report above)")
-    return "\n".join(kept)
 
 
 @pytest.fixture(scope="session")

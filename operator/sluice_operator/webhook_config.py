@@ -19,8 +19,8 @@ only patches (``patch``): one that creates races ``helm install``, which creates
 before the configurations and then fails with "already exists" when the operator was quicker;
 and it must not bring them back while ``helm uninstall`` removes them. Patching is a JSON merge
 patch, which replaces ``webhooks`` as a whole (a strategic merge would merge ``clientConfig``
-field by field, keeping a stale ``service`` next to a new ``url``) and merges ``metadata.labels`` key by key, leaving Helm's
-ownership label and annotations alone. Hence the operator's own label key: it must never be
+field by field, keeping a stale ``service`` next to a new ``url``) and merges
+``metadata.labels`` key by key, leaving Helm's ownership label and annotations alone. Hence the operator's own label key: it must never be
 ``app.kubernetes.io/managed-by``, which is Helm's (``Helm``) on the chart's objects.
 """
 

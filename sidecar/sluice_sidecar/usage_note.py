@@ -42,8 +42,3 @@ class UsageNote(list[Decided]):
         self.latency_us = 0  # until the upstream's response head
         self.bytes_in = 0  # request body bytes sent upstream
         self.bytes_out = 0  # response body bytes relayed
-
-    @property
-    def decisions(self) -> list[Decided]:
-        """The decisions: the note itself (``note.decisions.append(d)`` is ``note.append(d)``)."""
-        return self

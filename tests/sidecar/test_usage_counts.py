@@ -65,7 +65,7 @@ def test_client_names_never_carry_a_key_and_truncate_addresses_when_asked() -> N
 def _note(client: str, *, tier: str = "free", outcome: str = "allowed", status: int = 200,
           latency_us: int = 1000) -> UsageNote:
     note = UsageNote()
-    note.decisions.append(("ns/p", False, client, "", tier, "", outcome, 1))
+    note.append(("ns/p", False, client, "", tier, "", outcome, 1))
     note.status, note.latency_us, note.bytes_in, note.bytes_out = status, latency_us, 10, 20
     return note
 
